@@ -1,0 +1,260 @@
+//! The lighthouse's tokio shell: one UDP socket, the clock, the local API,
+//! around the sans-IO [`LighthouseCore`].
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tern_shared::config::LighthouseConfig;
+use tern_shared::identity::Identity;
+use tern_shared::mesh::{Mesh, MeshSettings};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UdpSocket, UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::proto::lighthouse::LighthouseCore;
+use crate::proto::registry::Registry;
+
+const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
+/// Most nodes one lighthouse keeps in its registry.
+const MAX_NODES: usize = 100_000;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn load_config(path: &Path) -> anyhow::Result<LighthouseConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    Ok(LighthouseConfig::parse(&text, path)?)
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    init_logging(&config.log.level);
+    runtime()?.block_on(serve(config))
+}
+
+async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
+    };
+    let identity = Identity::from_pem(
+        &read(&config.pki.ca, "CA file [pki] ca =")?,
+        &read(&config.pki.cert, "certificate [pki] cert =")?,
+        &read(&config.pki.key, "key [pki] key =")?,
+        unix_now(),
+    )
+    .context("checking the lighthouse's identity")?;
+    let cert = identity.cert.clone();
+    if !cert.has_group(tern_shared::cert::LIGHTHOUSE_GROUP) {
+        tracing::warn!(
+            "this certificate lacks the '{}' group: nodes will not use this lighthouse; sign it with --groups {}",
+            tern_shared::cert::LIGHTHOUSE_GROUP,
+            tern_shared::cert::LIGHTHOUSE_GROUP
+        );
+    }
+    let socket = UdpSocket::bind(config.listen.addr)
+        .await
+        .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
+    tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), listen = %socket.local_addr()?, "lighthouse up");
+
+    let now = Instant::now();
+    let settings = MeshSettings {
+        // Nodes keep their sessions alive by registering; no keepalives needed.
+        keepalive: None,
+        idle_timeout: config.registry.expiry * 4,
+        seed: seed(),
+        max_peers: MAX_NODES,
+        ..MeshSettings::default()
+    };
+    let mesh = Mesh::new(
+        identity.key.static_secret(),
+        &cert,
+        identity.ca,
+        settings,
+        now,
+        unix_now(),
+    );
+    let mut core = LighthouseCore::new(
+        mesh,
+        &cert,
+        Registry::new(config.registry.expiry, MAX_NODES),
+        now,
+    );
+
+    let (api_tx, mut api_rx) = mpsc::channel::<oneshot::Sender<serde_json::Value>>(16);
+    let socket_path = config
+        .api
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let _api = serve_api(&socket_path, api_tx)?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut buf = vec![0u8; 65_536];
+    let mut next_timer = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => match received {
+                Ok((n, from)) => core.handle_datagram(from, &buf[..n], Instant::now()),
+                Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
+            },
+            _ = tokio::time::sleep_until(next_timer) => {
+                let now = Instant::now();
+                core.handle_timeout(now);
+                next_timer = tokio::time::Instant::from_std(core.poll_timeout(now));
+            }
+            Some(reply) = api_rx.recv() => {
+                let _ = reply.send(serde_json::to_value(core.status(Instant::now())).unwrap_or_default());
+            }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+        }
+        while let Some(t) = core.poll_transmit() {
+            if let Err(e) = socket.send_to(&t.payload, t.dst).await {
+                tracing::debug!(error = %e, dst = %t.dst, "UDP send failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((std::process::id() as u64) << 32)
+}
+
+/// Serves `{"cmd":"status"}` lines on the Unix socket until dropped.
+struct ApiGuard {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_api(
+    path: &Path,
+    calls: mpsc::Sender<oneshot::Sender<serde_json::Value>>,
+) -> anyhow::Result<ApiGuard> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another daemon already serves the API socket {}; stop it or set [api] socket to another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale API socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let reply = if line.contains("\"status\"") {
+                        let (tx, rx) = oneshot::channel();
+                        calls.send(tx).await.ok();
+                        rx.await.unwrap_or_default()
+                    } else {
+                        serde_json::json!({"error": "unknown request; send {\"cmd\":\"status\"}"})
+                    };
+                    let mut bytes = serde_json::to_vec(&reply).unwrap_or_default();
+                    bytes.push(b'\n');
+                    if write.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(ApiGuard {
+        path: path.to_path_buf(),
+        task,
+    })
+}
+
+pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let path = match (socket, config) {
+        (Some(s), _) => s.to_path_buf(),
+        (None, Some(c)) => load_config(c)?
+            .api
+            .socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        (None, None) => PathBuf::from(DEFAULT_SOCKET),
+    };
+    let reply: serde_json::Value = runtime()?.block_on(async {
+        let stream = UnixStream::connect(&path).await.with_context(|| {
+            format!(
+                "connecting to the lighthouse's API socket {} (is it running?)",
+                path.display()
+            )
+        })?;
+        let (read, mut write) = stream.into_split();
+        write.write_all(b"{\"cmd\":\"status\"}\n").await?;
+        let line = BufReader::new(read)
+            .lines()
+            .next_line()
+            .await?
+            .context("the lighthouse closed the connection without answering")?;
+        anyhow::Ok(serde_json::from_str(&line)?)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    println!("lighthouse {} {}", reply["name"], reply["overlay_ip"]);
+    println!(
+        "  {:<16} {:<15} {:<22} {:>10}",
+        "NAME", "OVERLAY IP", "OBSERVED", "LAST SEEN"
+    );
+    for n in reply["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:<15} {:<22} {:>9}s",
+            n["name"].as_str().unwrap_or("-"),
+            n["overlay_ip"].as_str().unwrap_or("-"),
+            n["observed"].as_str().unwrap_or("-"),
+            n["last_seen_secs_ago"]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The lighthouse's sans-IO core: a mesh whose peers are the nodes that
+//! register with it, and the registry it answers queries from.
+//!
+//! Drive it like the mesh: [`LighthouseCore::handle_datagram`] for each UDP
+//! datagram, [`LighthouseCore::handle_timeout`] by
+//! [`LighthouseCore::poll_timeout`], then drain [`LighthouseCore::poll_transmit`].
+//! The only traffic it accepts inside sessions is control messages to its own
+//! overlay address; everything else is dropped and counted.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tern_shared::cert::VerifiedCert;
+use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT};
+use tern_shared::mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
+use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
+
+use super::registry::{RegisteredNode, Registry};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LighthouseCounters {
+    pub registrations: u64,
+    pub queries: u64,
+    pub queries_unanswered: u64,
+    pub punches: u64,
+    pub registry_full: u64,
+    pub non_control_drops: u64,
+    pub bad_control_messages: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LighthouseStatus {
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub nodes: Vec<RegisteredNode>,
+    pub peers: Vec<PeerStatus>,
+    pub mesh_counters: MeshCounters,
+    pub counters: LighthouseCounters,
+}
+
+pub struct LighthouseCore {
+    mesh: Mesh,
+    registry: Registry,
+    name: String,
+    overlay_ip: Ipv4Addr,
+    counters: LighthouseCounters,
+    scratch: Vec<u8>,
+    last_expiry: Instant,
+}
+
+impl LighthouseCore {
+    pub fn new(mesh: Mesh, own_cert: &VerifiedCert, registry: Registry, now: Instant) -> Self {
+        LighthouseCore {
+            mesh,
+            registry,
+            name: own_cert.name().to_string(),
+            overlay_ip: own_cert.overlay_ip(),
+            counters: LighthouseCounters::default(),
+            scratch: vec![0u8; 65_536],
+            last_expiry: now,
+        }
+    }
+
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if let Received::Packet { peer, packet } =
+            self.mesh.handle_datagram(from, datagram, &mut scratch, now)
+        {
+            self.handle_packet(peer, from, packet, now);
+        }
+        self.scratch = scratch;
+        while self.mesh.poll_event().is_some() {}
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.mesh.handle_timeout(now);
+        if now.saturating_duration_since(self.last_expiry) >= Duration::from_secs(1) {
+            self.last_expiry = now;
+            for (ip, peer) in self.registry.expire(now) {
+                tracing::info!(overlay_ip = %ip, "node silent; dropped from the registry");
+                self.mesh.remove_peer(peer);
+            }
+        }
+        while let Some(event) = self.mesh.poll_event() {
+            if let MeshEvent::PeerRemoved { overlay_ip, .. } = event {
+                self.registry.remove(overlay_ip);
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        self.mesh.poll_timeout(now)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.mesh.poll_transmit()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn status(&self, now: Instant) -> LighthouseStatus {
+        LighthouseStatus {
+            name: self.name.clone(),
+            overlay_ip: self.overlay_ip,
+            nodes: self.registry.nodes(now),
+            peers: self.mesh.peer_statuses(),
+            mesh_counters: self.mesh.counters().clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    fn handle_packet(&mut self, peer: PeerId, from: SocketAddr, packet: &[u8], now: Instant) {
+        let Some(cert) = self.mesh.peer_cert(peer).cloned() else {
+            return;
+        };
+        let Some(udp) = parse_udp_ipv4(packet).filter(|u| {
+            u.dst == self.overlay_ip && u.dst_port == CONTROL_PORT && u.src == cert.overlay_ip()
+        }) else {
+            self.counters.non_control_drops += 1;
+            return;
+        };
+        let msg = match ControlMessage::decode(udp.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.bad_control_messages += 1;
+                tracing::debug!(node = cert.name(), error = %e, "bad control message");
+                return;
+            }
+        };
+        let _span =
+            tracing::debug_span!("node", name = cert.name(), overlay_ip = %cert.overlay_ip())
+                .entered();
+        match msg {
+            ControlMessage::Register { id, local } => {
+                self.counters.registrations += 1;
+                match self.registry.register(
+                    cert.overlay_ip(),
+                    cert.name(),
+                    cert.encoded(),
+                    peer,
+                    from,
+                    &local,
+                    now,
+                ) {
+                    Ok(()) => {
+                        tracing::trace!(%from, ?local, "registered");
+                        self.reply(
+                            peer,
+                            &cert,
+                            &ControlMessage::RegisterAck { id, observed: from },
+                            now,
+                        );
+                    }
+                    Err(e) => {
+                        self.counters.registry_full += 1;
+                        tracing::warn!(error = %e, "registration refused");
+                    }
+                }
+            }
+            ControlMessage::Query { id, overlay_ip } => {
+                self.counters.queries += 1;
+                let answer = self.registry.lookup(overlay_ip);
+                if answer.is_none() {
+                    self.counters.queries_unanswered += 1;
+                }
+                let found = answer.is_some();
+                self.reply(
+                    peer,
+                    &cert,
+                    &ControlMessage::QueryReply {
+                        id,
+                        overlay_ip,
+                        peer: answer,
+                    },
+                    now,
+                );
+                if found {
+                    self.punch(overlay_ip, &cert, from, now);
+                }
+            }
+            ControlMessage::Deregister { .. } => {
+                tracing::info!("node left");
+                self.registry.remove(cert.overlay_ip());
+            }
+            ControlMessage::RegisterAck { .. }
+            | ControlMessage::QueryReply { .. }
+            | ControlMessage::Punch { .. } => {
+                self.counters.bad_control_messages += 1;
+            }
+        }
+    }
+
+    /// Tells the target of a query to send toward the asker now, with the
+    /// asker's certificate, so both NAT mappings open at once.
+    fn punch(
+        &mut self,
+        target_ip: Ipv4Addr,
+        asker: &VerifiedCert,
+        asker_observed: SocketAddr,
+        now: Instant,
+    ) {
+        let Some(target_peer) = self.registry.peer(target_ip) else {
+            return;
+        };
+        let Some(target_cert) = self.mesh.peer_cert(target_peer).cloned() else {
+            return;
+        };
+        let endpoints = self
+            .registry
+            .lookup(asker.overlay_ip())
+            .map(|i| i.endpoints)
+            .unwrap_or_else(|| vec![asker_observed]);
+        self.counters.punches += 1;
+        let msg = ControlMessage::Punch {
+            id: 0,
+            peer: PeerInfo {
+                cert: asker.encoded().to_vec(),
+                endpoints,
+            },
+        };
+        self.reply(target_peer, &target_cert, &msg, now);
+    }
+
+    fn reply(&mut self, peer: PeerId, to: &VerifiedCert, msg: &ControlMessage, now: Instant) {
+        let payload = match msg.encode() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "control message did not encode");
+                return;
+            }
+        };
+        let packet = build_udp_ipv4(
+            self.overlay_ip,
+            to.overlay_ip(),
+            CONTROL_PORT,
+            CONTROL_PORT,
+            &payload,
+        );
+        self.mesh.send_packet(peer, &packet, now);
+    }
+}

@@ -1,0 +1,4 @@
+//! Sans-IO cores of the lighthouse.
+
+pub mod lighthouse;
+pub mod registry;

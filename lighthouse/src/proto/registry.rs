@@ -1,0 +1,271 @@
+//! The registry of live nodes: soft state that nodes refresh by registering.
+//!
+//! Entries are keyed by the overlay address of the certificate that
+//! authenticated the registering session, never by anything a message says.
+//! After a restart it is empty and fills again as nodes re-register.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tern_shared::control::{PeerInfo, MAX_ENDPOINTS};
+use tern_shared::mesh::PeerId;
+
+/// Live nodes by overlay address. Drive with `register`, `lookup` and `expire(now)`.
+pub struct Registry {
+    entries: BTreeMap<Ipv4Addr, Entry>,
+    expiry: Duration,
+    max_entries: usize,
+}
+
+struct Entry {
+    name: String,
+    cert: Vec<u8>,
+    peer: PeerId,
+    observed: SocketAddr,
+    local: Vec<SocketAddr>,
+    registered: Instant,
+    last_seen: Instant,
+}
+
+/// One registered node, as the lighthouse's status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisteredNode {
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub observed: SocketAddr,
+    pub local: Vec<SocketAddr>,
+    pub registered_secs_ago: u64,
+    pub last_seen_secs_ago: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry full ({0} nodes)")]
+    Full(usize),
+}
+
+impl Registry {
+    pub fn new(expiry: Duration, max_entries: usize) -> Self {
+        Registry {
+            entries: BTreeMap::new(),
+            expiry,
+            max_entries,
+        }
+    }
+
+    /// Records (or refreshes) a node. `observed` is the address its session's
+    /// packets come from; `local` is what the node reports about itself.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &mut self,
+        overlay_ip: Ipv4Addr,
+        name: &str,
+        cert: &[u8],
+        peer: PeerId,
+        observed: SocketAddr,
+        local: &[SocketAddr],
+        now: Instant,
+    ) -> Result<(), RegistryError> {
+        if !self.entries.contains_key(&overlay_ip) && self.entries.len() >= self.max_entries {
+            return Err(RegistryError::Full(self.max_entries));
+        }
+        let local: Vec<SocketAddr> = local
+            .iter()
+            .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+            .take(MAX_ENDPOINTS)
+            .copied()
+            .collect();
+        let entry = self.entries.entry(overlay_ip).or_insert_with(|| Entry {
+            name: name.to_string(),
+            cert: cert.to_vec(),
+            peer,
+            observed,
+            local: Vec::new(),
+            registered: now,
+            last_seen: now,
+        });
+        if entry.cert != cert {
+            entry.cert = cert.to_vec();
+            entry.name = name.to_string();
+            entry.registered = now;
+        }
+        entry.peer = peer;
+        entry.observed = observed;
+        entry.local = local;
+        entry.last_seen = now;
+        Ok(())
+    }
+
+    /// Where the node is: the observed address first, then its local ones.
+    pub fn lookup(&self, overlay_ip: Ipv4Addr) -> Option<PeerInfo> {
+        let e = self.entries.get(&overlay_ip)?;
+        let mut endpoints = vec![e.observed];
+        for l in &e.local {
+            if !endpoints.contains(l) && endpoints.len() < MAX_ENDPOINTS {
+                endpoints.push(*l);
+            }
+        }
+        Some(PeerInfo {
+            cert: e.cert.clone(),
+            endpoints,
+        })
+    }
+
+    /// The mesh peer through which the node registered.
+    pub fn peer(&self, overlay_ip: Ipv4Addr) -> Option<PeerId> {
+        self.entries.get(&overlay_ip).map(|e| e.peer)
+    }
+
+    pub fn remove(&mut self, overlay_ip: Ipv4Addr) -> bool {
+        self.entries.remove(&overlay_ip).is_some()
+    }
+
+    /// Drops nodes silent for longer than the expiry; returns them.
+    pub fn expire(&mut self, now: Instant) -> Vec<(Ipv4Addr, PeerId)> {
+        let expiry = self.expiry;
+        let gone: Vec<(Ipv4Addr, PeerId)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| now.saturating_duration_since(e.last_seen) > expiry)
+            .map(|(ip, e)| (*ip, e.peer))
+            .collect();
+        for (ip, _) in &gone {
+            self.entries.remove(ip);
+        }
+        gone
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn nodes(&self, now: Instant) -> Vec<RegisteredNode> {
+        self.entries
+            .iter()
+            .map(|(ip, e)| RegisteredNode {
+                name: e.name.clone(),
+                overlay_ip: *ip,
+                observed: e.observed,
+                local: e.local.clone(),
+                registered_secs_ago: now.saturating_duration_since(e.registered).as_secs(),
+                last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn register_lookup_and_expire_on_a_fake_clock() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 10);
+        let ip = Ipv4Addr::new(100, 64, 0, 5);
+        r.register(
+            ip,
+            "a",
+            b"cert",
+            PeerId(1),
+            addr("198.18.0.2:4242"),
+            &[addr("198.18.1.2:4242"), addr("0.0.0.0:4242")],
+            t0,
+        )
+        .unwrap();
+        let info = r.lookup(ip).unwrap();
+        assert_eq!(info.cert, b"cert");
+        assert_eq!(
+            info.endpoints,
+            vec![addr("198.18.0.2:4242"), addr("198.18.1.2:4242")],
+            "observed first, unspecified dropped"
+        );
+        assert!(r.expire(t0 + Duration::from_secs(30)).is_empty());
+        // Re-registering refreshes.
+        r.register(
+            ip,
+            "a",
+            b"cert",
+            PeerId(1),
+            addr("198.18.0.9:4242"),
+            &[],
+            t0 + Duration::from_secs(20),
+        )
+        .unwrap();
+        assert!(r.expire(t0 + Duration::from_secs(45)).is_empty());
+        assert_eq!(
+            r.lookup(ip).unwrap().endpoints,
+            vec![addr("198.18.0.9:4242")],
+            "roamed"
+        );
+        assert_eq!(
+            r.expire(t0 + Duration::from_secs(51)),
+            vec![(ip, PeerId(1))]
+        );
+        assert!(r.lookup(ip).is_none());
+    }
+
+    #[test]
+    fn bounded() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 2);
+        for i in 0..2u8 {
+            r.register(
+                Ipv4Addr::new(100, 64, 0, i),
+                "n",
+                b"c",
+                PeerId(i as u32),
+                addr("198.18.0.2:1"),
+                &[],
+                t0,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            r.register(
+                Ipv4Addr::new(100, 64, 0, 9),
+                "n",
+                b"c",
+                PeerId(9),
+                addr("198.18.0.2:1"),
+                &[],
+                t0
+            ),
+            Err(RegistryError::Full(2))
+        );
+        // An existing node may still refresh.
+        assert!(r
+            .register(
+                Ipv4Addr::new(100, 64, 0, 1),
+                "n",
+                b"c",
+                PeerId(1),
+                addr("198.18.0.2:1"),
+                &[],
+                t0
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn endpoints_capped() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 2);
+        let many: Vec<SocketAddr> = (1..30).map(|p| addr(&format!("198.18.1.2:{p}"))).collect();
+        let ip = Ipv4Addr::new(100, 64, 0, 5);
+        r.register(ip, "n", b"c", PeerId(1), addr("198.18.0.2:1"), &many, t0)
+            .unwrap();
+        assert_eq!(r.lookup(ip).unwrap().endpoints.len(), MAX_ENDPOINTS);
+    }
+}

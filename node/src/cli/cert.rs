@@ -1,0 +1,455 @@
+//! `tern cert`: make a CA, node keys and node certificates; print and verify
+//! certificates. Everything here runs offline; the CA key never needs to touch
+//! a networked machine.
+
+use anyhow::{anyhow, bail, Context as _};
+use ipnet::{IpNet, Ipv4Net};
+use std::fs::{self, OpenOptions, Permissions};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tern_shared::cert::{self, CaPool, Cert, CertBody, CertKind, Fingerprint};
+use tern_shared::duration::{parse_duration, DurationError};
+use tern_shared::keys::{CaSecretKey, NodePublicKey, NodeSecretKey};
+
+const SECRET_MODE: u32 = 0o600;
+const PUBLIC_MODE: u32 = 0o644;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CertCommand {
+    /// Create a CA: an Ed25519 key and its self-signed certificate.
+    Ca(CaArgs),
+    /// Create a node key pair (X25519, also the node's WireGuard key).
+    Keygen(KeygenArgs),
+    /// Sign a node certificate with the CA.
+    Sign(SignArgs),
+    /// Print the certificates in a file.
+    Print(PrintArgs),
+    /// Verify a node certificate against a CA file; exit 1 if it is invalid.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CaArgs {
+    /// The CA's name, 1-64 characters from A-Z a-z 0-9 . _ -
+    #[arg(long)]
+    name: String,
+    /// How long the CA is valid, e.g. 8760h or 365d.
+    #[arg(long, default_value = "8760h", value_parser = parse_duration_arg)]
+    duration: Duration,
+    /// Overlay networks every node certificate must fall inside (default: any).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    ips: Vec<IpNet>,
+    /// The only groups node certificates may carry (default: any).
+    #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
+    groups: Vec<String>,
+    /// Where to write the CA certificate.
+    #[arg(long)]
+    out_crt: PathBuf,
+    /// Where to write the CA private key (mode 0600). Keep it offline.
+    #[arg(long)]
+    out_key: PathBuf,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the node private key (mode 0600).
+    #[arg(long)]
+    out_key: PathBuf,
+    /// Where to write the node public key, for `tern cert sign --in-pub`.
+    #[arg(long)]
+    out_pub: PathBuf,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("node_key").required(true).args(["in_pub", "out_key"])))]
+pub struct SignArgs {
+    /// The CA certificate (a file with several CAs is fine: the one matching --ca-key is used).
+    #[arg(long)]
+    ca_crt: PathBuf,
+    /// The CA private key.
+    #[arg(long)]
+    ca_key: PathBuf,
+    /// The node's name, 1-64 characters from A-Z a-z 0-9 . _ -
+    #[arg(long)]
+    name: String,
+    /// The node's overlay address with the mesh prefix, e.g. 100.64.0.5/10.
+    #[arg(long, value_name = "IP/PREFIX")]
+    ip: Ipv4Net,
+    /// Groups the node belongs to (firewall rules match on them).
+    #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
+    groups: Vec<String>,
+    /// Private subnets the node may route for the mesh.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    subnets: Vec<IpNet>,
+    /// How long the certificate is valid (default: until 1 second before the CA expires).
+    #[arg(long, value_parser = parse_duration_arg)]
+    duration: Option<Duration>,
+    /// The node's public key, from `tern cert keygen`.
+    #[arg(long)]
+    in_pub: Option<PathBuf>,
+    /// Generate the node key here (mode 0600) instead of reading --in-pub.
+    #[arg(long)]
+    out_key: Option<PathBuf>,
+    /// Where to write the node certificate.
+    #[arg(long)]
+    out_crt: PathBuf,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PrintArgs {
+    /// A certificate file; every certificate in it is printed.
+    file: PathBuf,
+    /// One JSON object per certificate, one per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// The trusted CA certificate(s).
+    #[arg(long)]
+    ca: PathBuf,
+    /// The node certificate to verify.
+    file: PathBuf,
+}
+
+pub fn run(cmd: CertCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CertCommand::Ca(args) => ca(args),
+        CertCommand::Keygen(args) => keygen(args),
+        CertCommand::Sign(args) => sign(args),
+        CertCommand::Print(args) => print(args),
+        CertCommand::Verify(args) => verify(args),
+    }
+}
+
+fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
+    check_outputs(&[&args.out_crt, &args.out_key], args.force)?;
+    let now = now_unix()?;
+    let not_after = now
+        .checked_add(whole_seconds(args.duration)?)
+        .ok_or_else(|| anyhow!("--duration is too long"))?;
+    let key = CaSecretKey::generate();
+    let body = CertBody {
+        kind: CertKind::Ca,
+        name: args.name,
+        ips: args.ips,
+        groups: args.groups,
+        subnets: Vec::new(),
+        not_before: now,
+        not_after,
+        public_key: key.public_bytes(),
+        issuer: Fingerprint::ZERO,
+    };
+    let cert = cert::self_sign_ca(body, &key).context("cannot create the CA")?;
+    write_file(&args.out_key, &key.to_pem(), SECRET_MODE, args.force)?;
+    write_file(&args.out_crt, &cert.to_pem(), PUBLIC_MODE, args.force)?;
+    println!(
+        "created CA {:?} valid until {}, fingerprint {}\n  certificate: {}\n  private key: {} (keep it offline)",
+        cert.body.name,
+        cert::format_unix_time(cert.body.not_after),
+        cert.fingerprint(),
+        args.out_crt.display(),
+        args.out_key.display(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<ExitCode> {
+    check_outputs(&[&args.out_key, &args.out_pub], args.force)?;
+    let key = NodeSecretKey::generate();
+    write_file(&args.out_key, &key.to_pem(), SECRET_MODE, args.force)?;
+    write_file(
+        &args.out_pub,
+        &key.public().to_pem(),
+        PUBLIC_MODE,
+        args.force,
+    )?;
+    println!(
+        "created node key {} and public key {}",
+        args.out_key.display(),
+        args.out_pub.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sign(args: SignArgs) -> anyhow::Result<ExitCode> {
+    let mut outputs = vec![args.out_crt.as_path()];
+    if let Some(out_key) = &args.out_key {
+        outputs.push(out_key);
+    }
+    check_outputs(&outputs, args.force)?;
+
+    let ca_key = CaSecretKey::from_pem(&read_text(&args.ca_key)?)
+        .with_context(|| format!("cannot load CA key {}", args.ca_key.display()))?;
+    let cas = Cert::all_from_pem(&read_text(&args.ca_crt)?)
+        .with_context(|| format!("cannot load CA certificate {}", args.ca_crt.display()))?;
+    let ca = cas
+        .into_iter()
+        .find(|c| c.body.kind == CertKind::Ca && c.body.public_key == ca_key.public_bytes())
+        .ok_or_else(|| {
+            anyhow!(
+                "the CA key {} does not belong to any CA certificate in {}; pass the matching --ca-crt and --ca-key",
+                args.ca_key.display(),
+                args.ca_crt.display()
+            )
+        })?;
+
+    let (public, new_key) = match &args.in_pub {
+        Some(path) => {
+            let public = NodePublicKey::from_pem(&read_text(path)?)
+                .with_context(|| format!("cannot load node public key {}", path.display()))?;
+            (public, None)
+        }
+        None => {
+            let key = NodeSecretKey::generate();
+            (key.public(), Some(key))
+        }
+    };
+
+    let now = now_unix()?;
+    let not_after = match args.duration {
+        Some(d) => now
+            .checked_add(whole_seconds(d)?)
+            .ok_or_else(|| anyhow!("--duration is too long"))?,
+        None => ca.body.not_after.saturating_sub(1),
+    };
+    let body = CertBody {
+        kind: CertKind::Node,
+        name: args.name,
+        ips: vec![IpNet::V4(args.ip)],
+        groups: args.groups,
+        subnets: args.subnets,
+        not_before: now,
+        not_after,
+        public_key: public.0,
+        issuer: Fingerprint::ZERO,
+    };
+    let cert = cert::sign_node(&ca, &ca_key, body, now).context("refusing to sign")?;
+
+    if let (Some(path), Some(key)) = (&args.out_key, &new_key) {
+        write_file(path, &key.to_pem(), SECRET_MODE, args.force)?;
+    }
+    write_file(&args.out_crt, &cert.to_pem(), PUBLIC_MODE, args.force)?;
+    println!(
+        "signed {:?} ({}) valid until {}, fingerprint {}\n  certificate: {}",
+        cert.body.name,
+        args.ip,
+        cert::format_unix_time(cert.body.not_after),
+        cert.fingerprint(),
+        args.out_crt.display(),
+    );
+    if let Some(path) = &args.out_key {
+        println!("  private key: {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print(args: PrintArgs) -> anyhow::Result<ExitCode> {
+    let certs = Cert::all_from_pem(&read_text(&args.file)?)
+        .with_context(|| format!("cannot read certificates from {}", args.file.display()))?;
+    let mut out = String::new();
+    for (i, cert) in certs.iter().enumerate() {
+        if args.json {
+            out.push_str(&serde_json::to_string(&cert_json(cert))?);
+            out.push('\n');
+        } else {
+            if i > 0 {
+                out.push('\n');
+            }
+            out.push_str(&cert_text(cert));
+        }
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let cas = Cert::all_from_pem(&read_text(&args.ca)?)
+        .with_context(|| format!("cannot load CA certificates from {}", args.ca.display()))?;
+    let pool = CaPool::new(cas)
+        .with_context(|| format!("cannot trust the CA certificates in {}", args.ca.display()))?;
+    let certs = match Cert::all_from_pem(&read_text(&args.file)?) {
+        Ok(certs) => certs,
+        Err(err) => {
+            eprintln!("invalid: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let now = now_unix()?;
+    let several = certs.len() > 1;
+    let mut all_valid = true;
+    for cert in &certs {
+        match pool.verify(cert, now) {
+            Ok(v) => println!(
+                "valid: {} ip={} groups={} subnets={} expires={} fingerprint={}",
+                v.name(),
+                v.overlay_net(),
+                join_or(v.groups().iter(), "-"),
+                join_or(v.subnets().iter(), "-"),
+                cert::format_unix_time(v.not_after()),
+                v.fingerprint(),
+            ),
+            Err(err) => {
+                all_valid = false;
+                if several {
+                    eprintln!("invalid: {}: {err}", cert.body.name);
+                } else {
+                    eprintln!("invalid: {err}");
+                }
+            }
+        }
+    }
+    Ok(if all_valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn cert_text(cert: &Cert) -> String {
+    let b = &cert.body;
+    let none = match b.kind {
+        CertKind::Ca => "(unconstrained)",
+        CertKind::Node => "(none)",
+    };
+    let issuer = if b.issuer == Fingerprint::ZERO {
+        "(self-signed)".to_string()
+    } else {
+        b.issuer.to_string()
+    };
+    format!(
+        "kind:        {}\n\
+         name:        {}\n\
+         ips:         {}\n\
+         groups:      {}\n\
+         subnets:     {}\n\
+         not before:  {}\n\
+         not after:   {}\n\
+         public key:  {}\n\
+         issuer:      {}\n\
+         fingerprint: {}\n",
+        b.kind,
+        b.name,
+        join_or(b.ips.iter(), none),
+        join_or(b.groups.iter(), none),
+        join_or(b.subnets.iter(), "(none)"),
+        cert::format_unix_time(b.not_before),
+        cert::format_unix_time(b.not_after),
+        hex(&b.public_key),
+        issuer,
+        cert.fingerprint(),
+    )
+}
+
+fn cert_json(cert: &Cert) -> serde_json::Value {
+    let b = &cert.body;
+    let strings = |items: &[IpNet]| items.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    serde_json::json!({
+        "kind": b.kind.to_string(),
+        "name": b.name,
+        "ips": strings(&b.ips),
+        "groups": b.groups,
+        "subnets": strings(&b.subnets),
+        "not_before": cert::format_unix_time(b.not_before),
+        "not_after": cert::format_unix_time(b.not_after),
+        "not_before_unix": b.not_before,
+        "not_after_unix": b.not_after,
+        "public_key": hex(&b.public_key),
+        "issuer": b.issuer.to_string(),
+        "fingerprint": cert.fingerprint().to_string(),
+    })
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, DurationError> {
+    parse_duration(s)
+}
+
+fn whole_seconds(d: Duration) -> anyhow::Result<u64> {
+    if d.as_secs() == 0 {
+        bail!("--duration must be at least 1s");
+    }
+    Ok(d.as_secs())
+}
+
+fn now_unix() -> anyhow::Result<u64> {
+    Ok(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the system clock is set before 1970")?
+        .as_secs())
+}
+
+fn join_or<T: std::fmt::Display>(items: impl Iterator<Item = T>, empty: &str) -> String {
+    let joined = items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    if joined.is_empty() {
+        empty.to_string()
+    } else {
+        joined
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Refuses before anything is written, so a refused command leaves no
+/// half-made set of files behind.
+fn check_outputs(paths: &[&Path], force: bool) -> anyhow::Result<()> {
+    for (i, path) in paths.iter().enumerate() {
+        if paths[..i].contains(path) {
+            bail!("{} is given as two different outputs", path.display());
+        }
+        if !force && path.symlink_metadata().is_ok() {
+            bail!(already_exists(path));
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path` with `mode` (refusing an existing file unless `force`) and
+/// writes `contents`. The mode is set before writing, so an overwritten
+/// world-readable file never holds a secret.
+fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> anyhow::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).mode(mode);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow!(already_exists(path))
+        } else {
+            anyhow!(err).context(format!("cannot create {}", path.display()))
+        }
+    })?;
+    file.set_permissions(Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn already_exists(path: &Path) -> String {
+    format!(
+        "{} already exists; pass --force to overwrite it",
+        path.display()
+    )
+}

@@ -1,0 +1,5 @@
+//! Command-line front ends. Each module parses its arguments with clap and
+//! turns errors into messages that say what is wrong and what to do.
+
+pub mod cert;
+pub mod daemon;

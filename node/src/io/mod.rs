@@ -1,0 +1,219 @@
+//! The node's tokio shell: the TUN device, the one UDP socket, the local API
+//! and the clock, around the sans-IO [`NodeCore`]. One task owns the core and
+//! waits on whichever comes first: a datagram, a packet from the TUN device,
+//! an API call, the next timer, or a signal to stop.
+
+pub mod api;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tern_shared::config::NodeConfig;
+use tern_shared::identity::Identity;
+use tern_shared::mesh::{Mesh, MeshSettings, OVERHEAD};
+use tokio::net::UdpSocket;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::proto::node::{LighthouseTarget, NodeCore};
+use api::{ApiCall, ApiRequest};
+
+/// Largest datagram or TUN packet handled.
+const BUF_LEN: usize = 65_536;
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads and parses a node config file.
+pub fn load_node_config(path: &Path) -> anyhow::Result<NodeConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    Ok(NodeConfig::parse(&text, path)?)
+}
+
+/// Reads the CA, certificate and key files named in `[pki]` and checks them
+/// against each other.
+pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Identity> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
+    };
+    let ca_text = read(ca, "CA file [pki] ca =")?;
+    let cert_text = read(cert, "certificate [pki] cert =")?;
+    let key_text = read(key, "key [pki] key =")?;
+    Identity::from_pem(&ca_text, &cert_text, &key_text, unix_now()).with_context(|| {
+        format!(
+            "checking identity (ca {}, cert {}, key {})",
+            ca.display(),
+            cert.display(),
+            key.display()
+        )
+    })
+}
+
+/// `tern up`: runs the node in the foreground until SIGINT or SIGTERM.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = load_node_config(config_path)?;
+    let identity = load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?;
+    let cert = identity.cert.clone();
+    let overlay = cert.overlay_net();
+    tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), "starting node");
+
+    let socket = UdpSocket::bind(config.listen.addr)
+        .await
+        .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
+    let listen = socket.local_addr()?;
+
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&config.tun.name)
+        .ipv4(overlay.addr(), overlay.prefix_len(), None)
+        .mtu(config.tun.mtu)
+        .build_async()
+        .with_context(|| {
+            format!(
+                "creating TUN device {:?} with {overlay}: this needs root or CAP_NET_ADMIN and /dev/net/tun",
+                config.tun.name
+            )
+        })?;
+    tracing::info!(device = %config.tun.name, address = %overlay, mtu = config.tun.mtu, %listen, "TUN device up");
+
+    let now = Instant::now();
+    let settings = MeshSettings {
+        keepalive: Some(config.peers.keepalive.as_secs().min(u16::MAX as u64) as u16),
+        idle_timeout: config.peers.idle_timeout,
+        seed: seed(),
+        ..MeshSettings::default()
+    };
+    let mesh = Mesh::new(
+        identity.key.static_secret(),
+        &cert,
+        identity.ca,
+        settings,
+        now,
+        unix_now(),
+    );
+    let targets: Vec<LighthouseTarget> = config
+        .lighthouses
+        .iter()
+        .map(|l| LighthouseTarget {
+            endpoint: l.endpoint,
+            name: l.name.clone(),
+        })
+        .collect();
+    let mut core = NodeCore::new(mesh, &cert, targets.clone(), now);
+    core.set_local_endpoints(local_endpoints(listen, &targets));
+
+    let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
+    let socket_path = api::socket_path(config.api.socket.as_deref(), &config.tun.name);
+    let _api_guard = api::serve(&socket_path, api_tx)?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut udp_buf = vec![0u8; BUF_LEN];
+    let mut tun_buf = vec![0u8; BUF_LEN];
+    let mut out_buf = vec![0u8; BUF_LEN + OVERHEAD];
+    let mut next_timer = tokio::time::Instant::now();
+
+    loop {
+        tokio::select! {
+            received = socket.recv_from(&mut udp_buf) => {
+                match received {
+                    Ok((n, from)) => {
+                        if let Some(packet) = core.handle_datagram(from, &udp_buf[..n], &mut out_buf, Instant::now()) {
+                            if let Err(e) = tun.send(packet).await {
+                                tracing::debug!(error = %e, "TUN write failed");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
+                }
+            }
+            read = tun.recv(&mut tun_buf) => {
+                match read {
+                    Ok(n) => {
+                        if let Some((dst, bytes)) = core.handle_tun_packet(&tun_buf[..n], &mut out_buf, Instant::now()) {
+                            if let Err(e) = socket.send_to(bytes, dst).await {
+                                tracing::debug!(error = %e, %dst, "UDP send failed");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "TUN read failed; stopping");
+                        break;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(next_timer) => {
+                let now = Instant::now();
+                core.handle_timeout(now);
+                let next = core.poll_timeout(now);
+                next_timer = tokio::time::Instant::from_std(next);
+            }
+            Some((request, reply)) = api_rx.recv() => {
+                let answer = match request {
+                    ApiRequest::Status => serde_json::to_value(core.status()).unwrap_or_default(),
+                };
+                let _ = reply.send(answer);
+            }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+        }
+        flush(&mut core, &socket).await;
+    }
+    core.shutdown(Instant::now());
+    flush(&mut core, &socket).await;
+    drop(tun);
+    tracing::info!("stopped; TUN device removed");
+    Ok(())
+}
+
+async fn flush(core: &mut NodeCore, socket: &UdpSocket) {
+    while let Some(t) = core.poll_transmit() {
+        if let Err(e) = socket.send_to(&t.payload, t.dst).await {
+            tracing::debug!(error = %e, dst = %t.dst, "UDP send failed");
+        }
+    }
+}
+
+/// The addresses other nodes on our own networks can reach us at: the
+/// listen address when it names one, else the source address the kernel
+/// would pick toward each lighthouse.
+fn local_endpoints(listen: SocketAddr, lighthouses: &[LighthouseTarget]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    if !listen.ip().is_unspecified() {
+        out.push(listen);
+        return out;
+    }
+    for lh in lighthouses {
+        let bind: SocketAddr = match lh.endpoint.ip() {
+            IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let Ok(probe) = StdUdpSocket::bind(bind) else {
+            continue;
+        };
+        if probe.connect(lh.endpoint).is_ok() {
+            if let Ok(local) = probe.local_addr() {
+                let e = SocketAddr::new(local.ip(), listen.port());
+                if !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Seed for session indexes: not secret, only distinct per run.
+pub fn seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((std::process::id() as u64) << 32)
+}

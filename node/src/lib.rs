@@ -1,0 +1,16 @@
+//! The Tern node: sans-IO cores in `proto`, the tokio shell in `io`, the
+//! command-line front ends in `cli`. The binary `tern` is a thin `main.rs`.
+
+pub mod cli;
+pub mod io;
+pub mod proto;
+
+/// Logs go to stderr; `RUST_LOG` overrides the config's level.
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,40 @@
+//! `tern`: the Tern node daemon and its command-line interface.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use tern_node::cli;
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "Tern overlay mesh node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create CAs, node keys and certificates; print and verify them.
+    #[command(subcommand)]
+    Cert(cli::cert::CertCommand),
+    /// Run the node in the foreground (needs root or CAP_NET_ADMIN for the TUN device).
+    Up(cli::daemon::UpArgs),
+    /// Show the running node's lighthouses and peers.
+    Status(cli::daemon::StatusArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Cert(cmd) => cli::cert::run(cmd),
+        Command::Up(args) => cli::daemon::up(args),
+        Command::Status(args) => cli::daemon::status(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

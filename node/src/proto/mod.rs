@@ -1,0 +1,3 @@
+//! Sans-IO cores of the node.
+
+pub mod node;

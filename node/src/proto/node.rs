@@ -1,0 +1,568 @@
+//! The node's sans-IO core: the mesh plus what a node adds to it — its
+//! lighthouse links (discover, register, detect a restart), lookups of
+//! unknown overlay addresses with the packets waiting on them, and the split
+//! between control traffic and packets for the TUN device.
+//!
+//! Drive it like [`Mesh`]: feed UDP datagrams to [`NodeCore::handle_datagram`],
+//! TUN packets to [`NodeCore::handle_tun_packet`], call
+//! [`NodeCore::handle_timeout`] by [`NodeCore::poll_timeout`], and drain
+//! [`NodeCore::poll_transmit`] after each.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use tern_shared::cert::{VerifiedCert, LIGHTHOUSE_GROUP};
+use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT, MAX_ENDPOINTS};
+use tern_shared::mesh::{
+    Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit,
+};
+use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
+
+/// How often a node re-registers with each lighthouse.
+pub const REGISTER_INTERVAL: Duration = Duration::from_secs(4);
+/// A lighthouse that acknowledged nothing for this long is presumed restarted
+/// or gone: its session is dropped and it is discovered anew.
+pub const LIGHTHOUSE_DEAD_AFTER: Duration = Duration::from_secs(9);
+/// A lookup is retried this often ...
+const QUERY_RETRY: Duration = Duration::from_secs(1);
+/// ... and given up after this long, dropping the packets that waited on it.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Packets held per unresolved overlay address, and unresolved addresses at once.
+const MAX_WAITING_PACKETS: usize = 32;
+const MAX_LOOKUPS: usize = 256;
+const HELLO_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A lighthouse this node was configured with.
+#[derive(Debug, Clone)]
+pub struct LighthouseTarget {
+    pub endpoint: SocketAddr,
+    /// Accept only a lighthouse certificate with this name.
+    pub name: Option<String>,
+}
+
+/// Counters the node adds to the mesh's.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeCounters {
+    pub no_route_drops: u64,
+    pub lookup_timeouts: u64,
+    pub lookup_queue_drops: u64,
+    pub lying_lighthouse_answers: u64,
+    pub not_for_us_drops: u64,
+    pub bad_control_messages: u64,
+}
+
+/// `tern status` for a node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub lighthouses: Vec<LighthouseStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub mesh_counters: MeshCounters,
+    pub node_counters: NodeCounters,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LighthouseStatus {
+    pub endpoint: SocketAddr,
+    pub name: Option<String>,
+    pub registered: bool,
+    /// Our address as this lighthouse sees it.
+    pub observed: Option<SocketAddr>,
+}
+
+pub struct NodeCore {
+    mesh: Mesh,
+    name: String,
+    overlay_ip: Ipv4Addr,
+    overlay_net: Ipv4Net,
+    links: Vec<LighthouseLink>,
+    lookups: HashMap<Ipv4Addr, Lookup>,
+    local_endpoints: Vec<SocketAddr>,
+    next_request: u32,
+    counters: NodeCounters,
+    transmits: VecDeque<Transmit>,
+}
+
+struct LighthouseLink {
+    target: LighthouseTarget,
+    state: LinkState,
+    observed: Option<SocketAddr>,
+}
+
+enum LinkState {
+    /// Sending hellos until the lighthouse answers with an acceptable certificate.
+    Discovering {
+        next_hello: Instant,
+        backoff: Duration,
+    },
+    /// Session set up (or being set up); registering periodically.
+    Up {
+        peer: PeerId,
+        overlay_ip: Ipv4Addr,
+        last_ack: Instant,
+        acked: bool,
+        next_register: Instant,
+    },
+}
+
+struct Lookup {
+    packets: VecDeque<Vec<u8>>,
+    started: Instant,
+    next_query: Instant,
+}
+
+impl NodeCore {
+    pub fn new(
+        mesh: Mesh,
+        own_cert: &VerifiedCert,
+        lighthouses: Vec<LighthouseTarget>,
+        now: Instant,
+    ) -> Self {
+        NodeCore {
+            name: own_cert.name().to_string(),
+            overlay_ip: own_cert.overlay_ip(),
+            overlay_net: own_cert.overlay_net(),
+            mesh,
+            links: lighthouses
+                .into_iter()
+                .map(|target| LighthouseLink {
+                    target,
+                    state: LinkState::Discovering {
+                        next_hello: now,
+                        backoff: Duration::from_millis(500),
+                    },
+                    observed: None,
+                })
+                .collect(),
+            lookups: HashMap::new(),
+            local_endpoints: Vec::new(),
+            next_request: 1,
+            counters: NodeCounters::default(),
+            transmits: VecDeque::new(),
+        }
+    }
+
+    pub fn overlay_ip(&self) -> Ipv4Addr {
+        self.overlay_ip
+    }
+
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// Local underlay addresses reported to lighthouses.
+    pub fn set_local_endpoints(&mut self, mut endpoints: Vec<SocketAddr>) {
+        endpoints.truncate(MAX_ENDPOINTS);
+        self.local_endpoints = endpoints;
+    }
+
+    /// A datagram from the UDP socket. Returns a packet for the TUN device.
+    pub fn handle_datagram<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Option<&'b [u8]> {
+        let received = self.mesh.handle_datagram(from, datagram, out, now);
+        self.drain_mesh_events(now);
+        let Received::Packet { peer, packet } = received else {
+            return None;
+        };
+        if let Some(udp) = parse_udp_ipv4(packet) {
+            if udp.dst_port == CONTROL_PORT && udp.dst == self.overlay_ip {
+                if self.mesh.peer_role(peer) == Some(PeerRole::Lighthouse) {
+                    let payload = udp.payload.to_vec();
+                    self.handle_control(peer, &payload, now);
+                } else {
+                    self.counters.bad_control_messages += 1;
+                }
+                return None;
+            }
+        }
+        match ipv4_addrs(packet) {
+            Some((_, dst)) if dst == self.overlay_ip => Some(packet),
+            _ => {
+                self.counters.not_for_us_drops += 1;
+                None
+            }
+        }
+    }
+
+    /// An IP packet read from the TUN device. Returns ciphertext and where to send it.
+    pub fn handle_tun_packet<'b>(
+        &mut self,
+        packet: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Option<(SocketAddr, &'b [u8])> {
+        let (_, dst) = ipv4_addrs(packet)?;
+        if let Some(peer) = self.mesh.peer_by_overlay(dst) {
+            return self.mesh.encapsulate(peer, packet, out, now);
+        }
+        if dst == self.overlay_ip || !self.overlay_net.contains(&dst) || dst.is_broadcast() {
+            self.counters.no_route_drops += 1;
+            return None;
+        }
+        self.wait_for_lookup(dst, packet, now);
+        None
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.mesh.handle_timeout(now);
+        self.drain_mesh_events(now);
+        for i in 0..self.links.len() {
+            self.drive_link(i, now);
+        }
+        self.drive_lookups(now);
+    }
+
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        self.mesh.poll_timeout(now)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits
+            .pop_front()
+            .or_else(|| self.mesh.poll_transmit())
+    }
+
+    /// Tells every lighthouse we are leaving, so peers stop being sent our way.
+    pub fn shutdown(&mut self, now: Instant) {
+        for i in 0..self.links.len() {
+            if let LinkState::Up {
+                peer, overlay_ip, ..
+            } = self.links[i].state
+            {
+                let id = self.request_id();
+                self.send_control(peer, overlay_ip, &ControlMessage::Deregister { id }, now);
+            }
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            name: self.name.clone(),
+            overlay_ip: self.overlay_ip,
+            lighthouses: self
+                .links
+                .iter()
+                .map(|l| LighthouseStatus {
+                    endpoint: l.target.endpoint,
+                    name: match l.state {
+                        LinkState::Up { peer, .. } => {
+                            self.mesh.peer_cert(peer).map(|c| c.name().to_string())
+                        }
+                        _ => l.target.name.clone(),
+                    },
+                    registered: matches!(l.state, LinkState::Up { acked: true, .. }),
+                    observed: l.observed,
+                })
+                .collect(),
+            peers: self.mesh.peer_statuses(),
+            mesh_counters: self.mesh.counters().clone(),
+            node_counters: self.counters.clone(),
+        }
+    }
+
+    fn wait_for_lookup(&mut self, dst: Ipv4Addr, packet: &[u8], now: Instant) {
+        if !self.lookups.contains_key(&dst) && self.lookups.len() >= MAX_LOOKUPS {
+            self.counters.lookup_queue_drops += 1;
+            return;
+        }
+        let lookup = self.lookups.entry(dst).or_insert_with(|| Lookup {
+            packets: VecDeque::new(),
+            started: now,
+            next_query: now,
+        });
+        if lookup.packets.len() >= MAX_WAITING_PACKETS {
+            lookup.packets.pop_front();
+            self.counters.lookup_queue_drops += 1;
+        }
+        lookup.packets.push_back(packet.to_vec());
+        if lookup.next_query <= now {
+            lookup.next_query = now + QUERY_RETRY;
+            self.send_query(dst, now);
+        }
+    }
+
+    fn send_query(&mut self, overlay_ip: Ipv4Addr, now: Instant) {
+        tracing::debug!(%overlay_ip, "asking lighthouses");
+        for i in 0..self.links.len() {
+            if let LinkState::Up {
+                peer,
+                overlay_ip: lh_ip,
+                ..
+            } = self.links[i].state
+            {
+                let id = self.request_id();
+                self.send_control(peer, lh_ip, &ControlMessage::Query { id, overlay_ip }, now);
+            }
+        }
+    }
+
+    fn drive_lookups(&mut self, now: Instant) {
+        let mut retry = Vec::new();
+        self.lookups.retain(|ip, l| {
+            if now.saturating_duration_since(l.started) >= LOOKUP_TIMEOUT {
+                tracing::info!(overlay_ip = %ip, "no lighthouse knows this address; dropping waiting packets");
+                self.counters.lookup_timeouts += 1;
+                return false;
+            }
+            if l.next_query <= now {
+                l.next_query = now + QUERY_RETRY;
+                retry.push(*ip);
+            }
+            true
+        });
+        for ip in retry {
+            self.send_query(ip, now);
+        }
+    }
+
+    fn drive_link(&mut self, i: usize, now: Instant) {
+        match self.links[i].state {
+            LinkState::Discovering {
+                next_hello,
+                backoff,
+            } => {
+                if next_hello <= now {
+                    let endpoint = self.links[i].target.endpoint;
+                    tracing::debug!(%endpoint, "hello to lighthouse");
+                    self.mesh.send_hello(endpoint, true);
+                    self.links[i].state = LinkState::Discovering {
+                        next_hello: now + backoff,
+                        backoff: (backoff * 2).min(HELLO_BACKOFF_MAX),
+                    };
+                }
+            }
+            LinkState::Up {
+                peer,
+                overlay_ip,
+                last_ack,
+                next_register,
+                ..
+            } => {
+                if now.saturating_duration_since(last_ack) >= LIGHTHOUSE_DEAD_AFTER {
+                    tracing::warn!(endpoint = %self.links[i].target.endpoint, "lighthouse stopped answering; reconnecting");
+                    self.links[i].state = LinkState::Discovering {
+                        next_hello: now,
+                        backoff: Duration::from_millis(500),
+                    };
+                    self.mesh.remove_peer(peer);
+                    self.drain_mesh_events(now);
+                    return;
+                }
+                if next_register <= now {
+                    if let LinkState::Up { next_register, .. } = &mut self.links[i].state {
+                        *next_register = now + REGISTER_INTERVAL;
+                    }
+                    let id = self.request_id();
+                    let local = self.local_endpoints.clone();
+                    self.send_control(
+                        peer,
+                        overlay_ip,
+                        &ControlMessage::Register { id, local },
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    fn drain_mesh_events(&mut self, now: Instant) {
+        while let Some(event) = self.mesh.poll_event() {
+            match event {
+                MeshEvent::HelloCert { from, cert } => self.maybe_lighthouse(from, cert, now),
+                MeshEvent::PeerRemoved { peer, .. } => {
+                    for link in &mut self.links {
+                        if matches!(link.state, LinkState::Up { peer: p, .. } if p == peer) {
+                            link.state = LinkState::Discovering {
+                                next_hello: now,
+                                backoff: Duration::from_millis(500),
+                            };
+                        }
+                    }
+                }
+                MeshEvent::PeerConnected { .. } => {}
+            }
+        }
+    }
+
+    /// A hello answered from a configured lighthouse endpoint: accept it as
+    /// that lighthouse only if its certificate carries the lighthouse group
+    /// (and the pinned name, when the config gives one).
+    fn maybe_lighthouse(&mut self, from: SocketAddr, cert: VerifiedCert, now: Instant) {
+        let Some(i) = self.links.iter().position(|l| {
+            l.target.endpoint == from && matches!(l.state, LinkState::Discovering { .. })
+        }) else {
+            return;
+        };
+        if !cert.has_group(LIGHTHOUSE_GROUP) {
+            tracing::warn!(endpoint = %from, name = cert.name(), "the node at a lighthouse endpoint has no '{LIGHTHOUSE_GROUP}' group in its certificate; not using it");
+            return;
+        }
+        if let Some(pin) = &self.links[i].target.name {
+            if pin != cert.name() {
+                tracing::warn!(endpoint = %from, expected = %pin, got = cert.name(), "lighthouse certificate name does not match the pinned name");
+                return;
+            }
+        }
+        let overlay_ip = cert.overlay_ip();
+        let name = cert.name().to_string();
+        let Some(peer) = self.mesh.add_peer(cert, &[from], PeerRole::Lighthouse, now) else {
+            return;
+        };
+        tracing::info!(endpoint = %from, lighthouse = %name, %overlay_ip, "lighthouse found");
+        self.links[i].state = LinkState::Up {
+            peer,
+            overlay_ip,
+            last_ack: now,
+            acked: false,
+            next_register: now,
+        };
+        self.drive_link(i, now);
+        // Lookups that waited for a lighthouse can go now.
+        let waiting: Vec<Ipv4Addr> = self.lookups.keys().copied().collect();
+        for ip in waiting {
+            let id = self.request_id();
+            self.send_control(
+                peer,
+                overlay_ip,
+                &ControlMessage::Query { id, overlay_ip: ip },
+                now,
+            );
+        }
+    }
+
+    fn handle_control(&mut self, from_peer: PeerId, payload: &[u8], now: Instant) {
+        let msg = match ControlMessage::decode(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.bad_control_messages += 1;
+                tracing::debug!(error = %e, "bad control message from lighthouse");
+                return;
+            }
+        };
+        match msg {
+            ControlMessage::RegisterAck { observed, .. } => {
+                for link in &mut self.links {
+                    if let LinkState::Up {
+                        peer,
+                        last_ack,
+                        acked,
+                        ..
+                    } = &mut link.state
+                    {
+                        if *peer == from_peer {
+                            if !*acked {
+                                tracing::info!(lighthouse = %link.target.endpoint, %observed, "registered with lighthouse");
+                            }
+                            *last_ack = now;
+                            *acked = true;
+                            link.observed = Some(observed);
+                        }
+                    }
+                }
+            }
+            ControlMessage::QueryReply {
+                overlay_ip, peer, ..
+            } => {
+                if let Some(info) = peer {
+                    self.handle_answer(overlay_ip, info, now);
+                }
+            }
+            ControlMessage::Punch { peer: info, .. } => {
+                // Verify now so the handshake that follows is answered, and
+                // send toward the asker so our side's NAT mapping opens.
+                match self.mesh.learn_cert(&info.cert, now) {
+                    Ok(cert) => {
+                        tracing::debug!(peer = cert.name(), endpoints = ?info.endpoints, "lighthouse asks us to punch");
+                        for e in info.endpoints.iter().take(MAX_ENDPOINTS) {
+                            self.mesh.send_hello(*e, false);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(reason = %e, "lighthouse relayed a certificate we do not accept")
+                    }
+                }
+            }
+            ControlMessage::Register { .. }
+            | ControlMessage::Query { .. }
+            | ControlMessage::Deregister { .. } => {
+                self.counters.bad_control_messages += 1;
+            }
+        }
+    }
+
+    /// A lighthouse's answer is a hint, never an identity: the certificate is
+    /// verified here against our own CAs and must carry the address we asked for.
+    fn handle_answer(&mut self, overlay_ip: Ipv4Addr, info: PeerInfo, now: Instant) {
+        if !self.lookups.contains_key(&overlay_ip)
+            && self.mesh.peer_by_overlay(overlay_ip).is_some()
+        {
+            return;
+        }
+        let cert = match self.mesh.learn_cert(&info.cert, now) {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.lying_lighthouse_answers += 1;
+                tracing::warn!(%overlay_ip, reason = %e, "lighthouse answered with a certificate we do not accept");
+                return;
+            }
+        };
+        if cert.overlay_ip() != overlay_ip {
+            self.counters.lying_lighthouse_answers += 1;
+            tracing::warn!(asked = %overlay_ip, got = %cert.overlay_ip(), name = cert.name(), "lighthouse answered with another node's certificate; ignored");
+            return;
+        }
+        let Some(peer) = self
+            .mesh
+            .add_peer(cert, &info.endpoints, PeerRole::Node, now)
+        else {
+            return;
+        };
+        match self.lookups.remove(&overlay_ip) {
+            Some(lookup) if !lookup.packets.is_empty() => {
+                for p in lookup.packets {
+                    self.mesh.send_packet(peer, &p, now);
+                }
+            }
+            _ => self.mesh.connect(peer, false),
+        }
+    }
+
+    fn send_control(
+        &mut self,
+        peer: PeerId,
+        lighthouse_ip: Ipv4Addr,
+        msg: &ControlMessage,
+        now: Instant,
+    ) {
+        let payload = match msg.encode() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "control message did not encode");
+                return;
+            }
+        };
+        let packet = build_udp_ipv4(
+            self.overlay_ip,
+            lighthouse_ip,
+            CONTROL_PORT,
+            CONTROL_PORT,
+            &payload,
+        );
+        self.mesh.send_packet(peer, &packet, now);
+    }
+
+    fn request_id(&mut self) -> u32 {
+        let id = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        id
+    }
+}

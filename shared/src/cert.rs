@@ -1,0 +1,1539 @@
+//! Tern certificates: the binary format, signing, and verification against a
+//! pool of trusted CAs.
+//!
+//! How to use it: the admin makes a CA with [`self_sign_ca`] and signs node
+//! certs with [`sign_node`]. A node builds a [`CaPool`] from the CA certs in
+//! its config and runs every peer's cert through [`CaPool::verify_bytes`]; the
+//! [`VerifiedCert`] it gets back is the only proof of identity the rest of the
+//! code accepts. Nothing here reads a clock: callers pass `now` in unix seconds.
+//!
+//! # Binary layout, version 1
+//!
+//! All integers are big-endian. `net` is `family: u8` (4 or 6), the address
+//! (4 or 16 bytes), `prefix_len: u8`. `str` is `len: u16` then UTF-8 bytes.
+//!
+//! | field        | encoding                                   |
+//! | ------------ | ------------------------------------------ |
+//! | magic        | 4 bytes `TRNC`                             |
+//! | version      | u8 = 1                                     |
+//! | kind         | u8: 1 = CA, 2 = node                       |
+//! | name         | str                                        |
+//! | ips          | u16 count, then `net` each                 |
+//! | groups       | u16 count, then `str` each                 |
+//! | subnets      | u16 count, then `net` each                 |
+//! | not_before   | u64 unix seconds                           |
+//! | not_after    | u64 unix seconds                           |
+//! | public_key   | 32 bytes                                   |
+//! | issuer       | 32 bytes (all zero for a self-signed CA)   |
+//! | signature    | 64 bytes Ed25519 over every byte above     |
+//!
+//! The encoding is canonical: [`Cert::decode`] accepts exactly the bytes
+//! [`Cert::encode`] produces, so the signed bytes are the body as sent, and
+//! the fingerprint is the SHA-256 of the whole encoding.
+//!
+//! Room to grow: the intermediate *issuer* cert (a lighthouse minting
+//! short-lived CI identities) will be kind 3 under version 2, which appends its
+//! extra constraints (name prefix, maximum lifetime) after `subnets`. A
+//! version-1 decoder refuses it with [`CertError::UnsupportedVersion`] rather
+//! than misreading it; a version-2 decoder keeps reading version 1.
+
+use crate::armor::{self, ArmorError};
+use crate::keys::CaSecretKey;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Encoded binary size cap. Signing refuses larger certs, decoding refuses
+/// larger inputs, so a peer cannot make us parse or store big blobs.
+pub const MAX_CERT_LEN: usize = 1024;
+/// Nodes in this group serve as lighthouses.
+pub const LIGHTHOUSE_GROUP: &str = "lighthouse";
+/// Armor label of a certificate; the kind is inside the body.
+pub const CERT_LABEL: &str = "TERN CERTIFICATE";
+/// The format version this code writes.
+pub const VERSION: u8 = 1;
+/// Longest name or group, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most overlay nets in one cert (a node has exactly one; a CA's constraints may list more).
+pub const MAX_IPS: usize = 8;
+/// Most groups in one cert.
+pub const MAX_GROUPS: usize = 16;
+/// Most routable subnets in one cert.
+pub const MAX_SUBNETS: usize = 16;
+
+const MAGIC: &[u8; 4] = b"TRNC";
+const SIGNATURE_LEN: usize = 64;
+const KIND_CA: u8 = 1;
+const KIND_NODE: u8 = 2;
+
+/// SHA-256 of a cert's full encoding (body and signature).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u8; 32]);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertKind {
+    /// A root CA: self-signed, its `ips` and `groups` constrain every cert under it.
+    Ca,
+    /// A node's identity.
+    Node,
+}
+
+/// What a cert says. See the module docs for the meaning of each field per kind.
+///
+/// For a CA: `ips` and `groups` are its constraints (empty = unconstrained),
+/// `subnets` is empty, `public_key` is its Ed25519 verifying key and `issuer`
+/// is all zero. For a node: `ips` is exactly one IPv4 net (the overlay address
+/// with the mesh prefix, e.g. `100.64.0.5/10`), `public_key` is its X25519 key
+/// and `issuer` the fingerprint of the CA that signed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertBody {
+    pub kind: CertKind,
+    pub name: String,
+    pub ips: Vec<IpNet>,
+    pub groups: Vec<String>,
+    pub subnets: Vec<IpNet>,
+    pub not_before: u64,
+    pub not_after: u64,
+    pub public_key: [u8; 32],
+    pub issuer: Fingerprint,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cert {
+    pub body: CertBody,
+    pub signature: [u8; 64],
+}
+
+/// Why a cert was refused, at decoding, signing or verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate is truncated: the data ends early; copy the whole certificate")]
+    Truncated,
+    #[error("certificate has {extra} unexpected bytes after its signature; copy exactly one certificate")]
+    TrailingBytes { extra: usize },
+    #[error("certificate is {len} bytes, more than the {max}-byte limit; use fewer groups, subnets or ips")]
+    TooLarge { len: usize, max: usize },
+    #[error("unsupported certificate format version {version} (this build reads version {VERSION}); upgrade tern")]
+    UnsupportedVersion { version: u8 },
+    #[error("unknown certificate kind {kind}; upgrade tern or check the certificate's origin")]
+    UnknownKind { kind: u8 },
+    #[error("malformed certificate field {field}: {reason}")]
+    Malformed { field: &'static str, reason: String },
+    #[error("bad certificate armor: {0}")]
+    Armor(#[from] ArmorError),
+    #[error("certificate signature does not verify: it was altered or not signed by the CA it names; re-sign it")]
+    BadSignature,
+    #[error("certificate was signed by unknown CA {issuer}: add that CA to the trusted CAs, or sign the certificate with a trusted CA")]
+    UnknownIssuer { issuer: Fingerprint },
+    #[error("certificate expired at {} (unix {not_after}); sign a new one", time(.not_after))]
+    Expired { not_after: u64 },
+    #[error("certificate is not valid before {} (unix {not_before}); wait, or check this machine's clock", time(.not_before))]
+    NotYetValid { not_before: u64 },
+    #[error("CA certificate {ca:?} expired at {} (unix {not_after}); make a new CA and re-sign its certificates", time(.not_after))]
+    CaExpired { ca: String, not_after: u64 },
+    #[error("CA certificate {ca:?} is not valid before {} (unix {not_before}); wait, or check this machine's clock", time(.not_before))]
+    CaNotYetValid { ca: String, not_before: u64 },
+    #[error("ip {ip} is outside the CA's allowed networks ({}); pick an address inside them", nets(.allowed))]
+    IpOutsideCa { ip: IpNet, allowed: Vec<IpNet> },
+    #[error("group {group:?} is not among the CA's allowed groups ({}); drop it or use a CA that allows it", .allowed.join(", "))]
+    GroupOutsideCa { group: String, allowed: Vec<String> },
+    #[error("subnet {subnet} is invalid: {reason}")]
+    SubnetInvalid { subnet: IpNet, reason: String },
+    #[error("expected a node certificate, found a CA certificate; pass the node's certificate")]
+    NotANodeCert,
+    #[error("expected a CA certificate, found a node certificate; pass the CA's certificate")]
+    NotACaCert,
+    #[error("the private key does not belong to this certificate; pass the key that was created with it")]
+    KeyMismatch,
+    #[error("invalid {field} {value:?}: use 1-{MAX_NAME_LEN} characters from A-Z a-z 0-9 . _ -")]
+    InvalidName { field: &'static str, value: String },
+    #[error("validity {} .. {} is outside the CA's validity {} .. {}; use a shorter duration or renew the CA", time(.not_before), time(.not_after), time(.ca_not_before), time(.ca_not_after))]
+    ValidityOutsideCa {
+        not_before: u64,
+        not_after: u64,
+        ca_not_before: u64,
+        ca_not_after: u64,
+    },
+}
+
+impl Cert {
+    /// The canonical binary form: body, then signature.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = encode_body(&self.body);
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    /// Strict decoding: refuses truncation, trailing bytes, inputs over
+    /// [`MAX_CERT_LEN`], bad lengths and prefixes, names outside the allowed
+    /// characters, unknown kinds and versions. It does not check the
+    /// signature or the kind-specific rules: that is [`CaPool::verify`]'s job.
+    pub fn decode(bytes: &[u8]) -> Result<Cert, CertError> {
+        if bytes.len() > MAX_CERT_LEN {
+            return Err(CertError::TooLarge {
+                len: bytes.len(),
+                max: MAX_CERT_LEN,
+            });
+        }
+        let mut r = Reader { buf: bytes, pos: 0 };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(malformed("magic", "not a Tern certificate"));
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(CertError::UnsupportedVersion { version });
+        }
+        let kind = match r.u8()? {
+            KIND_CA => CertKind::Ca,
+            KIND_NODE => CertKind::Node,
+            kind => return Err(CertError::UnknownKind { kind }),
+        };
+        let name = r.name("name")?;
+        let ips = r.nets("ips", MAX_IPS)?;
+        let group_count = r.count("groups", MAX_GROUPS)?;
+        let mut groups = Vec::with_capacity(group_count);
+        for _ in 0..group_count {
+            groups.push(r.name("group")?);
+        }
+        let subnets = r.nets("subnets", MAX_SUBNETS)?;
+        let not_before = r.u64()?;
+        let not_after = r.u64()?;
+        let public_key = r.array::<32>()?;
+        let issuer = Fingerprint(r.array::<32>()?);
+        let signature = r.array::<SIGNATURE_LEN>()?;
+        let extra = bytes.len() - r.pos;
+        if extra != 0 {
+            return Err(CertError::TrailingBytes { extra });
+        }
+        Ok(Cert {
+            body: CertBody {
+                kind,
+                name,
+                ips,
+                groups,
+                subnets,
+                not_before,
+                not_after,
+                public_key,
+                issuer,
+            },
+            signature,
+        })
+    }
+
+    pub fn to_pem(&self) -> String {
+        armor::encode(CERT_LABEL, &self.encode())
+    }
+
+    /// Exactly one armored certificate.
+    pub fn from_pem(text: &str) -> Result<Cert, CertError> {
+        Cert::decode(&armor::decode_one(text, CERT_LABEL)?)
+    }
+
+    /// One or more armored certificates (a CA file may hold several). Every
+    /// block must be a certificate.
+    pub fn all_from_pem(text: &str) -> Result<Vec<Cert>, CertError> {
+        let blocks = armor::decode_all(text)?;
+        if blocks.is_empty() {
+            return Err(ArmorError::NoBlock {
+                expected: CERT_LABEL.to_string(),
+            }
+            .into());
+        }
+        blocks
+            .into_iter()
+            .map(|(label, bytes)| {
+                if label != CERT_LABEL {
+                    return Err(ArmorError::WrongLabel {
+                        expected: CERT_LABEL.to_string(),
+                        found: label,
+                    }
+                    .into());
+                }
+                Cert::decode(&bytes)
+            })
+            .collect()
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.encode())
+    }
+
+    /// Checks that the cert is a CA with a valid self-signature and body, and
+    /// returns its verifying key.
+    fn check_ca(&self) -> Result<ed25519_dalek::VerifyingKey, CertError> {
+        if self.body.kind != CertKind::Ca {
+            return Err(CertError::NotACaCert);
+        }
+        self.body.validate()?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&self.body.public_key)
+            .map_err(|_| malformed("public_key", "not a valid Ed25519 public key"))?;
+        verify_signature(&key, &self.body, &self.signature)?;
+        Ok(key)
+    }
+}
+
+impl CertBody {
+    /// Kind-specific rules, checked when signing and when verifying:
+    /// names and groups well formed, groups sorted and de-duplicated,
+    /// `not_before <= not_after`; a CA's constraint nets have no host bits,
+    /// it routes no subnets and names no issuer; a node has exactly one IPv4
+    /// overlay net with a usable host address, and its subnets have no host bits.
+    pub fn validate(&self) -> Result<(), CertError> {
+        validate_name("name", &self.name)?;
+        if self.ips.len() > MAX_IPS {
+            return Err(malformed("ips", format!("more than {MAX_IPS} entries")));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(malformed(
+                "groups",
+                format!("more than {MAX_GROUPS} entries"),
+            ));
+        }
+        if self.subnets.len() > MAX_SUBNETS {
+            return Err(malformed(
+                "subnets",
+                format!("more than {MAX_SUBNETS} entries"),
+            ));
+        }
+        for group in &self.groups {
+            validate_name("group", group)?;
+        }
+        if self.groups.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(malformed("groups", "not sorted and de-duplicated"));
+        }
+        if self.not_before > self.not_after {
+            return Err(malformed("not_after", "earlier than not_before"));
+        }
+        match self.kind {
+            CertKind::Ca => {
+                for net in &self.ips {
+                    if net.trunc() != *net {
+                        return Err(malformed(
+                            "ips",
+                            format!(
+                                "constraint {net} has host bits set; did you mean {}?",
+                                net.trunc()
+                            ),
+                        ));
+                    }
+                }
+                if !self.subnets.is_empty() {
+                    return Err(malformed("subnets", "a CA certificate routes no subnets"));
+                }
+                if self.issuer != Fingerprint::ZERO {
+                    return Err(malformed(
+                        "issuer",
+                        "a self-signed CA names no issuer (all zero)",
+                    ));
+                }
+            }
+            CertKind::Node => {
+                self.node_net()?;
+                for subnet in &self.subnets {
+                    if subnet.trunc() != *subnet {
+                        return Err(CertError::SubnetInvalid {
+                            subnet: *subnet,
+                            reason: format!("host bits are set; did you mean {}?", subnet.trunc()),
+                        });
+                    }
+                }
+                if self.public_key == [0; 32] {
+                    return Err(malformed("public_key", "all zero"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A node's overlay net, checked.
+    fn node_net(&self) -> Result<Ipv4Net, CertError> {
+        let net = match self.ips.as_slice() {
+            [IpNet::V4(net)] => *net,
+            [IpNet::V6(_)] => {
+                return Err(malformed("ips", "a node's overlay address must be IPv4"));
+            }
+            _ => {
+                return Err(malformed(
+                    "ips",
+                    format!(
+                        "a node has exactly one overlay address, found {}",
+                        self.ips.len()
+                    ),
+                ));
+            }
+        };
+        if net.prefix_len() <= 30 && (net.addr() == net.network() || net.addr() == net.broadcast())
+        {
+            return Err(malformed(
+                "ips",
+                format!(
+                    "{net} is the network or broadcast address of its prefix; pick a host address"
+                ),
+            ));
+        }
+        Ok(net)
+    }
+}
+
+/// Self-signs a CA certificate. Checks that `body` is a valid CA body whose
+/// `public_key` is `key`'s; sorts and de-duplicates the groups.
+pub fn self_sign_ca(mut body: CertBody, key: &CaSecretKey) -> Result<Cert, CertError> {
+    if body.kind != CertKind::Ca {
+        return Err(CertError::NotACaCert);
+    }
+    if body.public_key != key.public_bytes() {
+        return Err(CertError::KeyMismatch);
+    }
+    canonicalize_groups(&mut body.groups);
+    body.validate()?;
+    sign_body(body, key)
+}
+
+/// Signs a node certificate under `ca`. Sorts and de-duplicates the groups,
+/// sets the issuer, and refuses (never clamps) anything the CA does not allow:
+/// an address outside its nets, a group outside its groups, a validity window
+/// outside its own. Also refuses when the CA is not valid at `now_unix`, when
+/// the cert would already be expired, and when `ca_key` is not the CA's key.
+pub fn sign_node(
+    ca: &Cert,
+    ca_key: &CaSecretKey,
+    mut body: CertBody,
+    now_unix: u64,
+) -> Result<Cert, CertError> {
+    ca.check_ca()?;
+    if ca.body.public_key != ca_key.public_bytes() {
+        return Err(CertError::KeyMismatch);
+    }
+    if body.kind != CertKind::Node {
+        return Err(CertError::NotANodeCert);
+    }
+    canonicalize_groups(&mut body.groups);
+    body.issuer = ca.fingerprint();
+    body.validate()?;
+    check_ca_time(&ca.body, now_unix)?;
+    if body.not_after < now_unix {
+        return Err(CertError::Expired {
+            not_after: body.not_after,
+        });
+    }
+    check_under_ca(&ca.body, &body)?;
+    sign_body(body, ca_key)
+}
+
+/// The CAs a node trusts, keyed by fingerprint.
+#[derive(Clone, Debug, Default)]
+pub struct CaPool {
+    cas: BTreeMap<Fingerprint, TrustedCa>,
+}
+
+#[derive(Clone, Debug)]
+struct TrustedCa {
+    cert: Cert,
+    key: ed25519_dalek::VerifyingKey,
+}
+
+impl CaPool {
+    /// Each cert must be a CA with a valid self-signature. Duplicates are
+    /// merged. Expiry is checked at verification time, not here.
+    pub fn new(cas: Vec<Cert>) -> Result<CaPool, CertError> {
+        let mut pool = CaPool::default();
+        for cert in cas {
+            let key = cert.check_ca()?;
+            pool.cas.insert(cert.fingerprint(), TrustedCa { cert, key });
+        }
+        Ok(pool)
+    }
+
+    /// Verifies a node certificate: kind, issuer in the pool, signature over
+    /// the exact body bytes, the body's rules, validity at `now_unix` (the
+    /// cert's and the CA's), and the CA's constraints.
+    pub fn verify(&self, cert: &Cert, now_unix: u64) -> Result<VerifiedCert, CertError> {
+        let encoded = cert.encode();
+        if encoded.len() > MAX_CERT_LEN {
+            return Err(CertError::TooLarge {
+                len: encoded.len(),
+                max: MAX_CERT_LEN,
+            });
+        }
+        self.verify_encoded(cert.clone(), encoded, now_unix)
+    }
+
+    /// Decodes and verifies bytes from the network.
+    pub fn verify_bytes(&self, bytes: &[u8], now_unix: u64) -> Result<VerifiedCert, CertError> {
+        let cert = Cert::decode(bytes)?;
+        self.verify_encoded(cert, bytes.to_vec(), now_unix)
+    }
+
+    pub fn fingerprints(&self) -> impl Iterator<Item = Fingerprint> + '_ {
+        self.cas.keys().copied()
+    }
+
+    /// The trusted CA cert with this fingerprint.
+    pub fn get(&self, fingerprint: &Fingerprint) -> Option<&Cert> {
+        self.cas.get(fingerprint).map(|ca| &ca.cert)
+    }
+
+    pub fn len(&self) -> usize {
+        self.cas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cas.is_empty()
+    }
+
+    /// `encoded` must be `cert`'s encoding.
+    fn verify_encoded(
+        &self,
+        cert: Cert,
+        encoded: Vec<u8>,
+        now_unix: u64,
+    ) -> Result<VerifiedCert, CertError> {
+        let body = &cert.body;
+        if body.kind != CertKind::Node {
+            return Err(CertError::NotANodeCert);
+        }
+        let ca = self.cas.get(&body.issuer).ok_or(CertError::UnknownIssuer {
+            issuer: body.issuer,
+        })?;
+        verify_signature(&ca.key, body, &cert.signature)?;
+        body.validate()?;
+        let overlay_net = body.node_net()?;
+        if now_unix < body.not_before {
+            return Err(CertError::NotYetValid {
+                not_before: body.not_before,
+            });
+        }
+        if now_unix > body.not_after {
+            return Err(CertError::Expired {
+                not_after: body.not_after,
+            });
+        }
+        check_ca_time(&ca.cert.body, now_unix)?;
+        check_under_ca(&ca.cert.body, body)?;
+        let fingerprint = Fingerprint::of(&encoded);
+        Ok(VerifiedCert(Arc::new(Verified {
+            cert,
+            encoded,
+            fingerprint,
+            overlay_net,
+        })))
+    }
+}
+
+/// A node certificate that passed [`CaPool::verify`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct VerifiedCert(Arc<Verified>);
+
+#[derive(Debug)]
+struct Verified {
+    cert: Cert,
+    encoded: Vec<u8>,
+    fingerprint: Fingerprint,
+    overlay_net: Ipv4Net,
+}
+
+impl VerifiedCert {
+    pub fn cert(&self) -> &Cert {
+        &self.0.cert
+    }
+
+    /// The exact bytes that were verified, for passing on to others.
+    pub fn encoded(&self) -> &[u8] {
+        &self.0.encoded
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.cert.body.name
+    }
+
+    pub fn overlay_ip(&self) -> Ipv4Addr {
+        self.0.overlay_net.addr()
+    }
+
+    /// The overlay address with the mesh prefix, e.g. `100.64.0.5/10`.
+    pub fn overlay_net(&self) -> Ipv4Net {
+        self.0.overlay_net
+    }
+
+    pub fn groups(&self) -> &[String] {
+        &self.0.cert.body.groups
+    }
+
+    pub fn has_group(&self, g: &str) -> bool {
+        self.0
+            .cert
+            .body
+            .groups
+            .binary_search_by(|x| x.as_str().cmp(g))
+            .is_ok()
+    }
+
+    pub fn subnets(&self) -> &[IpNet] {
+        &self.0.cert.body.subnets
+    }
+
+    /// The node's X25519 (WireGuard static) public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.0.cert.body.public_key
+    }
+
+    pub fn not_after(&self) -> u64 {
+        self.0.cert.body.not_after
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.0.fingerprint
+    }
+
+    pub fn issuer(&self) -> Fingerprint {
+        self.0.cert.body.issuer
+    }
+}
+
+impl Fingerprint {
+    /// The issuer of a self-signed CA.
+    pub const ZERO: Fingerprint = Fingerprint([0; 32]);
+
+    /// SHA-256 of `bytes`.
+    pub fn of(bytes: &[u8]) -> Fingerprint {
+        Fingerprint(Sha256::digest(bytes).into())
+    }
+
+    /// The first 8 hex digits, for logs.
+    pub fn short(&self) -> String {
+        armor::hex(&self.0[..4])
+    }
+}
+
+/// Lower-case hex.
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&armor::hex(&self.0))
+    }
+}
+
+/// Parses 64 hex digits, as [`Fingerprint`]'s `Display` writes them.
+impl FromStr for Fingerprint {
+    type Err = CertError;
+
+    fn from_str(s: &str) -> Result<Fingerprint, CertError> {
+        armor::unhex::<32>(s.trim())
+            .map(Fingerprint)
+            .ok_or_else(|| malformed("fingerprint", "expected 64 hex digits"))
+    }
+}
+
+impl fmt::Display for CertKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CertKind::Ca => "ca",
+            CertKind::Node => "node",
+        })
+    }
+}
+
+/// Formats unix seconds as RFC 3339 UTC, e.g. `2024-05-01T12:00:00Z`.
+pub fn format_unix_time(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
+/// calendar (Howard Hinnant's algorithm, for non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+fn time(secs: &u64) -> String {
+    format_unix_time(*secs)
+}
+
+fn nets(list: &[IpNet]) -> String {
+    list.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn malformed(field: &'static str, reason: impl Into<String>) -> CertError {
+    CertError::Malformed {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn validate_name(field: &'static str, value: &str) -> Result<(), CertError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_NAME_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CertError::InvalidName {
+            field,
+            value: value.to_string(),
+        })
+    }
+}
+
+fn canonicalize_groups(groups: &mut Vec<String>) {
+    groups.sort();
+    groups.dedup();
+}
+
+fn check_ca_time(ca: &CertBody, now_unix: u64) -> Result<(), CertError> {
+    if now_unix < ca.not_before {
+        return Err(CertError::CaNotYetValid {
+            ca: ca.name.clone(),
+            not_before: ca.not_before,
+        });
+    }
+    if now_unix > ca.not_after {
+        return Err(CertError::CaExpired {
+            ca: ca.name.clone(),
+            not_after: ca.not_after,
+        });
+    }
+    Ok(())
+}
+
+/// The node's validity window, address and groups must sit inside the CA's.
+fn check_under_ca(ca: &CertBody, node: &CertBody) -> Result<(), CertError> {
+    if node.not_before < ca.not_before || node.not_after > ca.not_after {
+        return Err(CertError::ValidityOutsideCa {
+            not_before: node.not_before,
+            not_after: node.not_after,
+            ca_not_before: ca.not_before,
+            ca_not_after: ca.not_after,
+        });
+    }
+    if !ca.ips.is_empty() {
+        for ip in &node.ips {
+            if !ca.ips.iter().any(|allowed| allowed.contains(ip)) {
+                return Err(CertError::IpOutsideCa {
+                    ip: *ip,
+                    allowed: ca.ips.clone(),
+                });
+            }
+        }
+    }
+    if !ca.groups.is_empty() {
+        for group in &node.groups {
+            if !ca.groups.contains(group) {
+                return Err(CertError::GroupOutsideCa {
+                    group: group.clone(),
+                    allowed: ca.groups.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sign_body(body: CertBody, key: &CaSecretKey) -> Result<Cert, CertError> {
+    let bytes = encode_body(&body);
+    let len = bytes.len() + SIGNATURE_LEN;
+    if len > MAX_CERT_LEN {
+        return Err(CertError::TooLarge {
+            len,
+            max: MAX_CERT_LEN,
+        });
+    }
+    let signature = key.sign(&bytes);
+    Ok(Cert { body, signature })
+}
+
+fn verify_signature(
+    key: &ed25519_dalek::VerifyingKey,
+    body: &CertBody,
+    signature: &[u8; 64],
+) -> Result<(), CertError> {
+    let signature = ed25519_dalek::Signature::from_bytes(signature);
+    key.verify_strict(&encode_body(body), &signature)
+        .map_err(|_| CertError::BadSignature)
+}
+
+/// The signed bytes. Lengths that do not fit a u16 saturate; such a body is
+/// far over [`MAX_CERT_LEN`], so signing and decoding refuse it anyway.
+fn encode_body(body: &CertBody) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(match body.kind {
+        CertKind::Ca => KIND_CA,
+        CertKind::Node => KIND_NODE,
+    });
+    put_str(&mut out, &body.name);
+    put_nets(&mut out, &body.ips);
+    put_u16(&mut out, body.groups.len());
+    for group in &body.groups {
+        put_str(&mut out, group);
+    }
+    put_nets(&mut out, &body.subnets);
+    out.extend_from_slice(&body.not_before.to_be_bytes());
+    out.extend_from_slice(&body.not_after.to_be_bytes());
+    out.extend_from_slice(&body.public_key);
+    out.extend_from_slice(&body.issuer.0);
+    out
+}
+
+fn put_u16(out: &mut Vec<u8>, n: usize) {
+    let n = u16::try_from(n).unwrap_or(u16::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u16(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_nets(out: &mut Vec<u8>, nets: &[IpNet]) {
+    put_u16(out, nets.len());
+    for net in nets {
+        match net {
+            IpNet::V4(n) => {
+                out.push(4);
+                out.extend_from_slice(&n.addr().octets());
+            }
+            IpNet::V6(n) => {
+                out.push(6);
+                out.extend_from_slice(&n.addr().octets());
+            }
+        }
+        out.push(net.prefix_len());
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CertError> {
+        let end = self.pos.checked_add(n).ok_or(CertError::Truncated)?;
+        let bytes = self.buf.get(self.pos..end).ok_or(CertError::Truncated)?;
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], CertError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, CertError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, CertError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, CertError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn count(&mut self, field: &'static str, max: usize) -> Result<usize, CertError> {
+        let n = usize::from(self.u16()?);
+        if n > max {
+            return Err(malformed(
+                field,
+                format!("{n} entries, at most {max} allowed"),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn name(&mut self, field: &'static str) -> Result<String, CertError> {
+        let len = usize::from(self.u16()?);
+        if len > MAX_NAME_LEN {
+            return Err(CertError::InvalidName {
+                field,
+                value: format!("<{len} bytes>"),
+            });
+        }
+        let bytes = self.take(len)?;
+        let value = std::str::from_utf8(bytes)
+            .map_err(|_| malformed(field, "not valid UTF-8"))?
+            .to_string();
+        validate_name(field, &value)?;
+        Ok(value)
+    }
+
+    fn nets(&mut self, field: &'static str, max: usize) -> Result<Vec<IpNet>, CertError> {
+        let n = self.count(field, max)?;
+        let mut nets = Vec::with_capacity(n);
+        for _ in 0..n {
+            let net = match self.u8()? {
+                4 => {
+                    let addr = Ipv4Addr::from(self.array::<4>()?);
+                    let prefix = self.u8()?;
+                    Ipv4Net::new(addr, prefix).map(IpNet::V4).map_err(|_| {
+                        malformed(field, format!("IPv4 prefix length {prefix} > 32"))
+                    })?
+                }
+                6 => {
+                    let addr = Ipv6Addr::from(self.array::<16>()?);
+                    let prefix = self.u8()?;
+                    Ipv6Net::new(addr, prefix).map(IpNet::V6).map_err(|_| {
+                        malformed(field, format!("IPv6 prefix length {prefix} > 128"))
+                    })?
+                }
+                family => {
+                    return Err(malformed(field, format!("unknown address family {family}")));
+                }
+            };
+            nets.push(net);
+        }
+        Ok(nets)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::keys::NodeSecretKey;
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_700_000_000;
+    const DAY: u64 = 86_400;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ca_body(key: &CaSecretKey, ips: &[&str], groups: &[&str]) -> CertBody {
+        CertBody {
+            kind: CertKind::Ca,
+            name: "test-ca".into(),
+            ips: ips.iter().map(|s| net(s)).collect(),
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            subnets: vec![],
+            not_before: NOW - DAY,
+            not_after: NOW + 365 * DAY,
+            public_key: key.public_bytes(),
+            issuer: Fingerprint::ZERO,
+        }
+    }
+
+    fn make_ca(ips: &[&str], groups: &[&str]) -> (Cert, CaSecretKey) {
+        let key = CaSecretKey::generate();
+        let ca = self_sign_ca(ca_body(&key, ips, groups), &key).unwrap();
+        (ca, key)
+    }
+
+    fn node_body(ip: &str, groups: &[&str]) -> CertBody {
+        CertBody {
+            kind: CertKind::Node,
+            name: "node-1".into(),
+            ips: vec![net(ip)],
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            subnets: vec![net("198.19.0.0/16")],
+            not_before: NOW - 60,
+            not_after: NOW + DAY,
+            public_key: NodeSecretKey::generate().public_bytes(),
+            issuer: Fingerprint::ZERO,
+        }
+    }
+
+    /// Signs without any of `sign_node`'s checks, to test what verification
+    /// does with certs a careless or hostile signer produced.
+    fn force_sign(ca: &Cert, key: &CaSecretKey, mut body: CertBody) -> Cert {
+        body.issuer = ca.fingerprint();
+        let signature = key.sign(&encode_body(&body));
+        Cert { body, signature }
+    }
+
+    fn pool(cas: &[&Cert]) -> CaPool {
+        CaPool::new(cas.iter().map(|c| (*c).clone()).collect()).unwrap()
+    }
+
+    #[test]
+    fn round_trips_binary_and_pem() {
+        let (ca, key) = make_ca(&["100.64.0.0/10"], &["ci", "db", "lighthouse"]);
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &["db", "ci"]), NOW).unwrap();
+        for cert in [&ca, &node] {
+            let bytes = cert.encode();
+            assert!(bytes.len() <= MAX_CERT_LEN);
+            assert_eq!(&Cert::decode(&bytes).unwrap(), cert);
+            let pem = cert.to_pem();
+            assert!(pem.starts_with("-----BEGIN TERN CERTIFICATE-----\n"));
+            assert_eq!(&Cert::from_pem(&pem).unwrap(), cert);
+        }
+        let both = format!("# CA bundle\n{}\n{}", ca.to_pem(), node.to_pem());
+        assert_eq!(Cert::all_from_pem(&both).unwrap(), vec![ca.clone(), node]);
+        assert!(matches!(
+            Cert::from_pem(&both),
+            Err(CertError::Armor(ArmorError::MultipleBlocks {
+                count: 2,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            Cert::all_from_pem(&key.to_pem()),
+            Err(CertError::Armor(ArmorError::WrongLabel { .. }))
+        ));
+    }
+
+    #[test]
+    fn verify_accepts_a_good_cert_and_exposes_its_fields() {
+        let (ca, key) = make_ca(&["100.64.0.0/10"], &[]);
+        let node = sign_node(
+            &ca,
+            &key,
+            node_body("100.64.0.5/10", &["db", "ci", "db"]),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(node.body.groups, vec!["ci".to_string(), "db".to_string()]);
+        assert_eq!(node.body.issuer, ca.fingerprint());
+        let v = pool(&[&ca]).verify_bytes(&node.encode(), NOW).unwrap();
+        assert_eq!(v.cert(), &node);
+        assert_eq!(v.encoded(), node.encode().as_slice());
+        assert_eq!(v.name(), "node-1");
+        assert_eq!(v.overlay_ip(), Ipv4Addr::new(100, 64, 0, 5));
+        assert_eq!(v.overlay_net(), "100.64.0.5/10".parse::<Ipv4Net>().unwrap());
+        assert!(v.has_group("db") && v.has_group("ci") && !v.has_group(LIGHTHOUSE_GROUP));
+        assert_eq!(v.subnets(), &[net("198.19.0.0/16")]);
+        assert_eq!(v.public_key(), node.body.public_key);
+        assert_eq!(v.not_after(), NOW + DAY);
+        assert_eq!(v.fingerprint(), node.fingerprint());
+        assert_eq!(v.issuer(), ca.fingerprint());
+        // Validity bounds are inclusive.
+        assert!(pool(&[&ca]).verify(&node, NOW - 60).is_ok());
+        assert!(pool(&[&ca]).verify(&node, NOW + DAY).is_ok());
+    }
+
+    #[test]
+    fn forged_signature_is_rejected() {
+        let (ca, key) = make_ca(&[], &[]);
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW).unwrap();
+        let pool = pool(&[&ca]);
+        let bytes = node.encode();
+        // Flip one bit of the body's public key: a different identity.
+        let mut forged = bytes.clone();
+        forged[bytes.len() - 64 - 32 - 32] ^= 1;
+        assert_eq!(
+            pool.verify_bytes(&forged, NOW).unwrap_err(),
+            CertError::BadSignature
+        );
+        // Swap the name for another valid one.
+        let mut renamed = node.clone();
+        renamed.body.name = "node-2".into();
+        assert_eq!(
+            pool.verify(&renamed, NOW).unwrap_err(),
+            CertError::BadSignature
+        );
+        // Damage the signature itself.
+        let mut bad_sig = bytes.clone();
+        *bad_sig.last_mut().unwrap() ^= 0x80;
+        assert_eq!(
+            pool.verify_bytes(&bad_sig, NOW).unwrap_err(),
+            CertError::BadSignature
+        );
+    }
+
+    #[test]
+    fn cert_from_another_ca_is_unknown_issuer() {
+        let (ca, key) = make_ca(&[], &[]);
+        let (other_ca, _) = make_ca(&[], &[]);
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW).unwrap();
+        assert_eq!(
+            pool(&[&other_ca]).verify(&node, NOW).unwrap_err(),
+            CertError::UnknownIssuer {
+                issuer: ca.fingerprint()
+            }
+        );
+        // Claiming the trusted CA as issuer does not help: the signature fails.
+        let (evil_ca, evil_key) = make_ca(&[], &[]);
+        let mut forged = force_sign(&evil_ca, &evil_key, node_body("100.64.0.5/10", &[]));
+        forged.body.issuer = other_ca.fingerprint();
+        assert_eq!(
+            pool(&[&other_ca]).verify(&forged, NOW).unwrap_err(),
+            CertError::BadSignature
+        );
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_are_rejected() {
+        let (ca, key) = make_ca(&[], &[]);
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW).unwrap();
+        let pool = pool(&[&ca]);
+        assert_eq!(
+            pool.verify(&node, NOW + DAY + 1).unwrap_err(),
+            CertError::Expired {
+                not_after: NOW + DAY
+            }
+        );
+        assert_eq!(
+            pool.verify(&node, NOW - 61).unwrap_err(),
+            CertError::NotYetValid {
+                not_before: NOW - 60
+            }
+        );
+        let msg = CertError::Expired { not_after: 0 }.to_string();
+        assert!(msg.contains("expired at 1970-01-01T00:00:00Z"), "{msg}");
+    }
+
+    #[test]
+    fn expired_ca_is_rejected() {
+        let key = CaSecretKey::generate();
+        let mut body = ca_body(&key, &[], &[]);
+        body.not_after = NOW + 100;
+        let ca = self_sign_ca(body, &key).unwrap();
+        assert!(matches!(
+            sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW + 101),
+            Err(CertError::CaExpired { not_after, .. }) if not_after == NOW + 100
+        ));
+        // A cert that outlives its CA (signed without the checks) is refused
+        // once the CA has expired.
+        let mut long = node_body("100.64.0.5/10", &[]);
+        long.not_after = NOW + 1000;
+        let cert = force_sign(&ca, &key, long);
+        assert!(matches!(
+            pool(&[&ca]).verify(&cert, NOW + 500),
+            Err(CertError::CaExpired { .. })
+        ));
+        assert!(matches!(
+            pool(&[&ca]).verify(&cert, NOW),
+            Err(CertError::ValidityOutsideCa { .. })
+        ));
+    }
+
+    #[test]
+    fn ip_outside_ca_constraint_is_rejected() {
+        let (ca, key) = make_ca(&["100.64.0.0/24"], &[]);
+        assert_eq!(
+            sign_node(&ca, &key, node_body("100.64.1.5/10", &[]), NOW).unwrap_err(),
+            CertError::IpOutsideCa {
+                ip: net("100.64.1.5/10"),
+                allowed: vec![net("100.64.0.0/24")]
+            }
+        );
+        // Inside the CA's net but with a wider prefix than the CA allows.
+        assert!(matches!(
+            sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW),
+            Err(CertError::IpOutsideCa { .. })
+        ));
+        assert!(sign_node(&ca, &key, node_body("100.64.0.5/24", &[]), NOW).is_ok());
+        let forced = force_sign(&ca, &key, node_body("100.64.1.5/24", &[]));
+        assert!(matches!(
+            pool(&[&ca]).verify(&forced, NOW),
+            Err(CertError::IpOutsideCa { ip, .. }) if ip == net("100.64.1.5/24")
+        ));
+    }
+
+    #[test]
+    fn group_outside_ca_constraint_is_rejected() {
+        let (ca, key) = make_ca(&[], &["ci", "db"]);
+        assert_eq!(
+            sign_node(&ca, &key, node_body("100.64.0.5/10", &["ci", "admin"]), NOW).unwrap_err(),
+            CertError::GroupOutsideCa {
+                group: "admin".into(),
+                allowed: vec!["ci".into(), "db".into()]
+            }
+        );
+        let forced = force_sign(&ca, &key, node_body("100.64.0.5/10", &["admin"]));
+        assert!(matches!(
+            pool(&[&ca]).verify(&forced, NOW),
+            Err(CertError::GroupOutsideCa { group, .. }) if group == "admin"
+        ));
+    }
+
+    #[test]
+    fn signing_refuses_what_the_ca_does_not_allow() {
+        let (ca, key) = make_ca(&[], &[]);
+        let mut long = node_body("100.64.0.5/10", &[]);
+        long.not_after = ca.body.not_after + 1;
+        assert!(matches!(
+            sign_node(&ca, &key, long, NOW),
+            Err(CertError::ValidityOutsideCa { .. })
+        ));
+        let mut early = node_body("100.64.0.5/10", &[]);
+        early.not_before = ca.body.not_before - 1;
+        assert!(matches!(
+            sign_node(&ca, &key, early, NOW),
+            Err(CertError::ValidityOutsideCa { .. })
+        ));
+        let mut stale = node_body("100.64.0.5/10", &[]);
+        stale.not_after = NOW - 1;
+        assert!(matches!(
+            sign_node(&ca, &key, stale, NOW),
+            Err(CertError::Expired { .. })
+        ));
+        let other = CaSecretKey::generate();
+        assert_eq!(
+            sign_node(&ca, &other, node_body("100.64.0.5/10", &[]), NOW).unwrap_err(),
+            CertError::KeyMismatch
+        );
+        assert_eq!(
+            self_sign_ca(ca_body(&key, &[], &[]), &other).unwrap_err(),
+            CertError::KeyMismatch
+        );
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW).unwrap();
+        assert_eq!(
+            sign_node(&node, &key, node_body("100.64.0.6/10", &[]), NOW).unwrap_err(),
+            CertError::NotACaCert
+        );
+        assert_eq!(
+            sign_node(&ca, &key, ca_body(&key, &[], &[]), NOW).unwrap_err(),
+            CertError::NotANodeCert
+        );
+    }
+
+    #[test]
+    fn body_rules_are_enforced_at_signing() {
+        let (ca, key) = make_ca(&[], &[]);
+        let sign = |body: CertBody| sign_node(&ca, &key, body, NOW).unwrap_err();
+        let mut b = node_body("100.64.0.5/10", &[]);
+        b.subnets = vec![net("198.19.4.20/16")];
+        assert!(matches!(sign(b), CertError::SubnetInvalid { .. }));
+        let mut b = node_body("100.64.0.5/10", &[]);
+        b.name = "bad name".into();
+        assert!(matches!(
+            sign(b),
+            CertError::InvalidName { field: "name", .. }
+        ));
+        let mut b = node_body("100.64.0.5/10", &[]);
+        b.name = "x".repeat(65);
+        assert!(matches!(sign(b), CertError::InvalidName { .. }));
+        assert!(matches!(
+            sign(node_body("100.64.0.5/10", &["ok", "no/slash"])),
+            CertError::InvalidName { field: "group", .. }
+        ));
+        assert!(matches!(
+            sign(node_body("fd00::5/64", &[])),
+            CertError::Malformed { field: "ips", .. }
+        ));
+        assert!(matches!(
+            sign(node_body("100.64.0.0/10", &[])),
+            CertError::Malformed { field: "ips", .. }
+        ));
+        let mut b = node_body("100.64.0.5/10", &[]);
+        b.ips.push(net("100.64.0.6/10"));
+        assert!(matches!(sign(b), CertError::Malformed { field: "ips", .. }));
+        let mut b = node_body("100.64.0.5/10", &[]);
+        b.not_before = b.not_after + 1;
+        assert!(matches!(
+            sign(b),
+            CertError::Malformed {
+                field: "not_after",
+                ..
+            }
+        ));
+        let mut b = node_body("100.64.0.5/10", &[]);
+        b.subnets = (0..=MAX_SUBNETS as u8)
+            .map(|i| net(&format!("10.{i}.0.0/16")))
+            .collect();
+        assert!(matches!(
+            sign(b),
+            CertError::Malformed {
+                field: "subnets",
+                ..
+            }
+        ));
+        // Under the count limits but over the size cap.
+        let mut b = node_body("100.64.0.5/10", &[]);
+        b.name = "n".repeat(MAX_NAME_LEN);
+        b.groups = (0..MAX_GROUPS)
+            .map(|i| format!("{i:02}{}", "g".repeat(62)))
+            .collect();
+        b.subnets = (0..MAX_SUBNETS as u16)
+            .map(|i| net(&format!("fd00:{i:x}::/32")))
+            .collect();
+        assert!(matches!(sign(b), CertError::TooLarge { .. }));
+        let mut ca_with_host_bits = ca_body(&key, &["100.64.0.1/10"], &[]);
+        assert!(matches!(
+            self_sign_ca(ca_with_host_bits.clone(), &key),
+            Err(CertError::Malformed { field: "ips", .. })
+        ));
+        ca_with_host_bits.ips.clear();
+        ca_with_host_bits.subnets = vec![net("10.0.0.0/8")];
+        assert!(matches!(
+            self_sign_ca(ca_with_host_bits, &key),
+            Err(CertError::Malformed {
+                field: "subnets",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn pool_takes_only_self_signed_cas_and_verifies_only_nodes() {
+        let (ca, key) = make_ca(&[], &[]);
+        let (ca2, _) = make_ca(&[], &[]);
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW).unwrap();
+        assert_eq!(
+            CaPool::new(vec![node.clone()]).unwrap_err(),
+            CertError::NotACaCert
+        );
+        let mut tampered = ca.clone();
+        tampered.body.name = "other-ca".into();
+        assert_eq!(
+            CaPool::new(vec![tampered]).unwrap_err(),
+            CertError::BadSignature
+        );
+        let p = pool(&[&ca, &ca2, &ca]);
+        assert_eq!(p.len(), 2);
+        let mut fps: Vec<_> = p.fingerprints().collect();
+        fps.sort();
+        let mut expected = vec![ca.fingerprint(), ca2.fingerprint()];
+        expected.sort();
+        assert_eq!(fps, expected);
+        assert_eq!(p.get(&ca.fingerprint()), Some(&ca));
+        assert_eq!(p.verify(&ca, NOW).unwrap_err(), CertError::NotANodeCert);
+    }
+
+    #[test]
+    fn truncated_at_every_length() {
+        let (ca, key) = make_ca(&["100.64.0.0/10"], &["ci"]);
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &["ci"]), NOW).unwrap();
+        for cert in [&ca, &node] {
+            let bytes = cert.encode();
+            for len in 0..bytes.len() {
+                assert_eq!(
+                    Cert::decode(&bytes[..len]),
+                    Err(CertError::Truncated),
+                    "len {len}"
+                );
+            }
+            assert_eq!(
+                pool(&[&ca])
+                    .verify_bytes(&bytes[..bytes.len() - 1], NOW)
+                    .unwrap_err(),
+                CertError::Truncated
+            );
+        }
+    }
+
+    #[test]
+    fn strict_decoding_names_the_problem() {
+        let (ca, key) = make_ca(&[], &[]);
+        let node = sign_node(&ca, &key, node_body("100.64.0.5/10", &[]), NOW).unwrap();
+        let bytes = node.encode();
+
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(
+            Cert::decode(&trailing),
+            Err(CertError::TrailingBytes { extra: 1 })
+        );
+
+        let huge = vec![0u8; MAX_CERT_LEN + 1];
+        assert_eq!(
+            Cert::decode(&huge),
+            Err(CertError::TooLarge {
+                len: MAX_CERT_LEN + 1,
+                max: MAX_CERT_LEN
+            })
+        );
+
+        assert!(matches!(
+            Cert::decode(b"garbage, not a certificate at all"),
+            Err(CertError::Malformed { field: "magic", .. })
+        ));
+        assert!(matches!(
+            Cert::from_pem("hello world\n"),
+            Err(CertError::Armor(ArmorError::NoBlock { .. }))
+        ));
+
+        let mut v2 = bytes.clone();
+        v2[4] = 2;
+        assert_eq!(
+            Cert::decode(&v2),
+            Err(CertError::UnsupportedVersion { version: 2 })
+        );
+
+        let mut kind = bytes.clone();
+        kind[5] = 3;
+        assert_eq!(Cert::decode(&kind), Err(CertError::UnknownKind { kind: 3 }));
+
+        // name "node-1" starts at 6 (u16 len) + 2.
+        let mut non_utf8 = bytes.clone();
+        non_utf8[8] = 0xff;
+        assert!(matches!(
+            Cert::decode(&non_utf8),
+            Err(CertError::Malformed { field: "name", .. })
+        ));
+        let mut control = bytes.clone();
+        control[8] = 0x1b;
+        assert!(matches!(
+            Cert::decode(&control),
+            Err(CertError::InvalidName { field: "name", .. })
+        ));
+
+        // ips: count at 14, family 16, addr 17..21, prefix 21.
+        assert_eq!(&bytes[14..17], &[0, 1, 4]);
+        let mut prefix = bytes.clone();
+        prefix[21] = 33;
+        assert!(matches!(
+            Cert::decode(&prefix),
+            Err(CertError::Malformed { field: "ips", .. })
+        ));
+        let mut family = bytes.clone();
+        family[16] = 5;
+        assert!(matches!(
+            Cert::decode(&family),
+            Err(CertError::Malformed { field: "ips", .. })
+        ));
+        let mut count = bytes.clone();
+        count[15] = 200;
+        assert!(matches!(
+            Cert::decode(&count),
+            Err(CertError::Malformed { field: "ips", .. })
+        ));
+    }
+
+    #[test]
+    fn fingerprint_text_round_trips() {
+        let (ca, _) = make_ca(&[], &[]);
+        let fp = ca.fingerprint();
+        let text = fp.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(text, text.to_lowercase());
+        assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
+        assert_eq!(fp.short(), text[..8]);
+        assert_eq!(fp, Fingerprint::of(&ca.encode()));
+        assert!("xyz".parse::<Fingerprint>().is_err());
+    }
+
+    #[test]
+    fn formats_unix_time_as_rfc3339() {
+        assert_eq!(format_unix_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_unix_time(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_unix_time(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(format_unix_time(4_107_542_399), "2100-02-28T23:59:59Z");
+        assert_eq!(format_unix_time(4_107_542_400), "2100-03-01T00:00:00Z");
+        let _ = format_unix_time(u64::MAX);
+    }
+
+    fn arb_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (any::<[u8; 4]>(), 0u8..=32)
+                .prop_map(|(a, p)| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), p).unwrap())),
+            (any::<[u8; 16]>(), 0u8..=128)
+                .prop_map(|(a, p)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), p).unwrap())),
+        ]
+    }
+
+    fn arb_body() -> impl Strategy<Value = CertBody> {
+        let name = "[A-Za-z0-9._-]{1,64}";
+        (
+            prop_oneof![Just(CertKind::Ca), Just(CertKind::Node)],
+            name,
+            proptest::collection::vec(arb_net(), 0..=4),
+            proptest::collection::btree_set("[a-z0-9._-]{1,20}", 0..=6),
+            proptest::collection::vec(arb_net(), 0..=6),
+            any::<u64>(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(
+                |(kind, name, ips, groups, subnets, a, b, public_key, issuer)| CertBody {
+                    kind,
+                    name,
+                    ips,
+                    groups: groups.into_iter().collect(),
+                    subnets,
+                    not_before: a.min(b),
+                    not_after: a.max(b),
+                    public_key,
+                    issuer: Fingerprint(issuer),
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1100)) {
+            let _ = Cert::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_near_valid(
+            flips in proptest::collection::vec((0usize..200, any::<u8>()), 1..4),
+            cut in 0usize..200,
+        ) {
+            let key = CaSecretKey::from_bytes([9; 32]);
+            let ca = self_sign_ca(ca_body(&key, &["100.64.0.0/10"], &["a", "b"]), &key).unwrap();
+            let mut bytes = ca.encode();
+            for (at, val) in flips {
+                let at = at % bytes.len();
+                bytes[at] = val;
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut % 8));
+            let _ = Cert::decode(&bytes);
+            let _ = CaPool::new(vec![ca]).unwrap().verify_bytes(&bytes, NOW);
+        }
+
+        #[test]
+        fn from_pem_never_panics(s in "\\PC*") {
+            let _ = Cert::from_pem(&s);
+            let _ = Cert::all_from_pem(&s);
+            let _ = armor::decode_all(&s);
+        }
+
+        #[test]
+        fn armored_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 1..1100)) {
+            let _ = Cert::from_pem(&armor::encode(CERT_LABEL, &bytes));
+        }
+
+        #[test]
+        fn arbitrary_bodies_round_trip(body in arb_body(), signature in any::<[u8; 32]>()) {
+            let mut sig = [0u8; 64];
+            sig[..32].copy_from_slice(&signature);
+            sig[32..].copy_from_slice(&signature);
+            let cert = Cert { body, signature: sig };
+            let bytes = cert.encode();
+            prop_assert!(bytes.len() <= MAX_CERT_LEN);
+            prop_assert_eq!(&Cert::decode(&bytes).unwrap(), &cert);
+            prop_assert_eq!(&Cert::from_pem(&cert.to_pem()).unwrap(), &cert);
+        }
+
+        #[test]
+        fn signed_node_certs_verify(
+            host in 1u32..(1 << 22) - 1,
+            groups in proptest::collection::vec("[a-z]{1,8}", 0..5),
+            lifetime in 0u64..(300 * DAY),
+        ) {
+            let key = CaSecretKey::from_bytes([3; 32]);
+            let ca = self_sign_ca(ca_body(&key, &["100.64.0.0/10"], &[]), &key).unwrap();
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + host);
+            let mut body = node_body(&format!("{ip}/10"), &[]);
+            body.groups = groups;
+            body.not_before = NOW;
+            body.not_after = NOW + lifetime;
+            let cert = sign_node(&ca, &key, body, NOW).unwrap();
+            let v = CaPool::new(vec![ca]).unwrap().verify_bytes(&cert.encode(), NOW).unwrap();
+            prop_assert_eq!(v.overlay_ip(), ip);
+            prop_assert!(v.groups().windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+}

@@ -1,0 +1,1421 @@
+//! Config types for the node (`tern`) and the lighthouse (`tern-lighthouse`).
+//!
+//! This module does no IO: a daemon reads its config file itself and hands the
+//! text to [`NodeConfig::parse`] or [`LighthouseConfig::parse`] together with the
+//! file's path. The path is used only to name the file in errors and to resolve
+//! relative paths inside the config (`pki.*`, `api.socket`) against the file's
+//! directory, so a config works the same whatever the daemon's working directory.
+//!
+//! The annotated examples in `config/node.toml` and `config/lighthouse.toml`
+//! document every key; tests in this module parse them so they never rot.
+//!
+//! Every table rejects unknown keys: a misspelt key is an error naming the key,
+//! the file and the line, never silently ignored.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::duration::parse_duration;
+
+/// UDP port both daemons listen on unless `listen.addr` says otherwise.
+pub const DEFAULT_PORT: u16 = 4242;
+/// Default `listen.addr`: every IPv4 address, port [`DEFAULT_PORT`].
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DEFAULT_PORT));
+/// Default `tun.name`.
+pub const DEFAULT_TUN_NAME: &str = "tern0";
+/// Default `tun.mtu`: 1500 minus the IPv6 + UDP + WireGuard overhead (80 bytes).
+pub const DEFAULT_MTU: u16 = 1420;
+/// Smallest accepted `tun.mtu` (the IPv4 minimum datagram size).
+pub const MIN_MTU: u16 = 576;
+/// Largest accepted `tun.mtu` (jumbo frames).
+pub const MAX_MTU: u16 = 9000;
+/// Longest interface name Linux accepts (`IFNAMSIZ` - 1).
+pub const MAX_TUN_NAME_LEN: usize = 15;
+/// Default `log.level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Accepted `log.level` values, quietest first.
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+/// Default `peers.keepalive`.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(25);
+/// Default `peers.idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `registry.expiry`.
+pub const DEFAULT_REGISTRY_EXPIRY: Duration = Duration::from_secs(30);
+
+/// Configuration of a node (`tern`).
+///
+/// A node may list zero lighthouses: the config is valid and the daemon starts,
+/// but such a node can neither find peers nor be found by them until a
+/// lighthouse is configured. Daemons should warn about it at startup.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// CA, certificate and key files (required).
+    pub pki: PkiConfig,
+    /// The UDP socket shared by WireGuard and control traffic.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Lighthouses to register with; the node registers with all of them.
+    #[serde(default)]
+    pub lighthouses: Vec<LighthouseEntry>,
+    /// The TUN device.
+    #[serde(default)]
+    pub tun: TunConfig,
+    /// The local API the CLI talks to.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Timers for peer sessions.
+    #[serde(default)]
+    pub peers: PeersConfig,
+}
+
+/// Configuration of a lighthouse (`tern-lighthouse`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LighthouseConfig {
+    /// CA, certificate and key files (required). The certificate must carry
+    /// the `lighthouse` group for nodes to talk control to it.
+    pub pki: PkiConfig,
+    /// The UDP socket nodes register at. Its port must not be 0: nodes need a
+    /// fixed endpoint in their own configs.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// The local API the CLI talks to.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The registry of live nodes.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// `[pki]`: where the daemon's identity lives. All keys are required; relative
+/// paths are resolved against the config file's directory by `parse`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// One or more trusted CA certificates (a file may hold several).
+    pub ca: PathBuf,
+    /// This daemon's certificate.
+    pub cert: PathBuf,
+    /// This daemon's private key.
+    pub key: PathBuf,
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// UDP address, shared by WireGuard and control traffic. Default
+    /// [`DEFAULT_LISTEN`] (`0.0.0.0:4242`).
+    pub addr: SocketAddr,
+}
+
+/// One `[[lighthouses]]` entry of a node config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LighthouseEntry {
+    /// The lighthouse's underlay UDP endpoint (required).
+    pub endpoint: SocketAddr,
+    /// Optional pin: when set, only a lighthouse certificate with exactly this
+    /// name is accepted at this endpoint.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `[tun]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunConfig {
+    /// Interface name: 1 to 15 characters from `A-Z a-z 0-9 _ . -`.
+    /// Default [`DEFAULT_TUN_NAME`].
+    pub name: String,
+    /// MTU of the TUN device in bytes, [`MIN_MTU`]..=[`MAX_MTU`].
+    /// Default [`DEFAULT_MTU`].
+    pub mtu: u16,
+}
+
+/// `[api]`: the local Unix-socket API.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Socket path; `None` lets the daemon use its built-in default. Relative
+    /// paths are resolved against the config file's directory.
+    pub socket: Option<PathBuf>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// One of [`LOG_LEVELS`], stored lower-case (the file may use any case).
+    /// Default [`DEFAULT_LOG_LEVEL`].
+    pub level: String,
+}
+
+/// `[peers]` of a node config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersConfig {
+    /// WireGuard persistent keepalive toward peers, whole seconds up to
+    /// 65535 s; zero disables it. Default [`DEFAULT_KEEPALIVE`].
+    #[serde(deserialize_with = "duration")]
+    pub keepalive: Duration,
+    /// A peer with no traffic for this long is forgotten. Must be positive.
+    /// Default [`DEFAULT_IDLE_TIMEOUT`].
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+/// `[registry]` of a lighthouse config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// A node that has not re-registered for this long is dropped from the
+    /// registry. Must be positive. Default [`DEFAULT_REGISTRY_EXPIRY`].
+    #[serde(deserialize_with = "duration")]
+    pub expiry: Duration,
+}
+
+/// A 1-based line and column (in characters) in a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub col: usize,
+}
+
+/// Why a config was refused. Every variant names the file; the message says
+/// what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The text is not valid TOML, or has a type error not tied to one key.
+    #[error("{}: invalid TOML: {message}", Place(file, at))]
+    Syntax {
+        file: PathBuf,
+        at: Option<Position>,
+        message: String,
+    },
+    /// A key the config does not know (often a typo).
+    #[error(
+        "{}: unknown key `{key}` ({expected}); remove it or correct its spelling",
+        Place(file, at)
+    )]
+    UnknownKey {
+        file: PathBuf,
+        at: Option<Position>,
+        /// Dotted path of the key, e.g. `tun.nmae`, as far as it could be told.
+        key: String,
+        /// What serde expected instead, e.g. "expected `name` or `mtu`".
+        expected: String,
+    },
+    /// A required key is absent.
+    #[error("{}: missing required key `{key}`; add it", file.display())]
+    Missing { file: PathBuf, key: String },
+    /// A key has a value of the wrong type or form (e.g. a bad duration).
+    #[error("{}: bad value for `{key}`: {message}", Place(file, at))]
+    BadValue {
+        file: PathBuf,
+        at: Option<Position>,
+        key: String,
+        message: String,
+    },
+    /// The TOML is well-formed but a value breaks a rule.
+    #[error("{}: invalid `{key}`: {message}", file.display())]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl NodeConfig {
+    /// Parses and validates a node config. `file` is the path the text was
+    /// read from: used in errors and to resolve relative paths, never read.
+    pub fn parse(text: &str, file: &Path) -> Result<NodeConfig, ConfigError> {
+        let mut config: NodeConfig = from_toml(text, file)?;
+        let base = base_dir(file);
+        config.pki.resolve(&base);
+        config.api.resolve(&base);
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
+        self.pki.validate(file)?;
+        for (i, entry) in self.lighthouses.iter().enumerate() {
+            entry.validate(file, i)?;
+            if let Some(first) = self.lighthouses[..i]
+                .iter()
+                .position(|e| e.endpoint == entry.endpoint)
+            {
+                return Err(invalid(
+                    file,
+                    format!("lighthouses[{i}].endpoint"),
+                    format!(
+                        "{} is listed twice (also lighthouses[{first}]); remove the duplicate entry",
+                        entry.endpoint
+                    ),
+                ));
+            }
+        }
+        self.tun.validate(file)?;
+        self.api.validate(file)?;
+        self.log.validate(file)?;
+        self.peers.validate(file)
+    }
+}
+
+impl LighthouseConfig {
+    /// Parses and validates a lighthouse config. `file` is the path the text
+    /// was read from: used in errors and to resolve relative paths, never read.
+    pub fn parse(text: &str, file: &Path) -> Result<LighthouseConfig, ConfigError> {
+        let mut config: LighthouseConfig = from_toml(text, file)?;
+        let base = base_dir(file);
+        config.pki.resolve(&base);
+        config.api.resolve(&base);
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
+        self.pki.validate(file)?;
+        if self.listen.addr.port() == 0 {
+            return Err(invalid(
+                file,
+                "listen.addr",
+                format!(
+                    "port 0 picks a random port, but nodes need a fixed lighthouse endpoint; \
+                     set a port, e.g. \"0.0.0.0:{DEFAULT_PORT}\""
+                ),
+            ));
+        }
+        self.api.validate(file)?;
+        self.log.validate(file)?;
+        self.registry.validate(file)
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            addr: DEFAULT_LISTEN,
+        }
+    }
+}
+
+impl Default for TunConfig {
+    fn default() -> Self {
+        TunConfig {
+            name: DEFAULT_TUN_NAME.to_string(),
+            mtu: DEFAULT_MTU,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: DEFAULT_LOG_LEVEL.to_string(),
+        }
+    }
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        PeersConfig {
+            keepalive: DEFAULT_KEEPALIVE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            expiry: DEFAULT_REGISTRY_EXPIRY,
+        }
+    }
+}
+
+impl PkiConfig {
+    fn resolve(&mut self, base: &Path) {
+        for path in [&mut self.ca, &mut self.cert, &mut self.key] {
+            *path = resolve(base, path);
+        }
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("pki.ca", &self.ca),
+            ("pki.cert", &self.cert),
+            ("pki.key", &self.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(file, key, "the path is empty; give a file path"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LighthouseEntry {
+    fn validate(&self, file: &Path, index: usize) -> Result<(), ConfigError> {
+        if self.endpoint.ip().is_unspecified() || self.endpoint.port() == 0 {
+            return Err(invalid(
+                file,
+                format!("lighthouses[{index}].endpoint"),
+                format!(
+                    "{} cannot be dialled; give the lighthouse's reachable address and port, \
+                     e.g. \"198.18.0.1:{DEFAULT_PORT}\"",
+                    self.endpoint
+                ),
+            ));
+        }
+        if let Some(name) = &self.name {
+            if name.trim().is_empty() {
+                return Err(invalid(
+                    file,
+                    format!("lighthouses[{index}].name"),
+                    "the name is empty; give the lighthouse certificate's name or remove the key",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TunConfig {
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let name = &self.name;
+        let len = name.chars().count();
+        if len == 0 || len > MAX_TUN_NAME_LEN {
+            return Err(invalid(
+                file,
+                "tun.name",
+                format!(
+                    "{name:?} has {len} characters; an interface name needs 1 to \
+                     {MAX_TUN_NAME_LEN}, e.g. \"{DEFAULT_TUN_NAME}\""
+                ),
+            ));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        {
+            return Err(invalid(
+                file,
+                "tun.name",
+                format!("{name:?} contains {bad:?}; use only letters, digits, '_', '.' and '-'"),
+            ));
+        }
+        if name == "." || name == ".." {
+            return Err(invalid(
+                file,
+                "tun.name",
+                format!("{name:?} is not a valid interface name; use e.g. \"{DEFAULT_TUN_NAME}\""),
+            ));
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return Err(invalid(
+                file,
+                "tun.mtu",
+                format!(
+                    "{} is out of range; use {MIN_MTU} to {MAX_MTU} bytes (default {DEFAULT_MTU})",
+                    self.mtu
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ApiConfig {
+    fn resolve(&mut self, base: &Path) {
+        if let Some(socket) = &mut self.socket {
+            *socket = resolve(base, socket);
+        }
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        match &self.socket {
+            Some(path) if path.as_os_str().is_empty() => Err(invalid(
+                file,
+                "api.socket",
+                "the path is empty; give a socket path or remove the key for the default",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl LogConfig {
+    fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
+        let level = self.level.to_ascii_lowercase();
+        if !LOG_LEVELS.contains(&level.as_str()) {
+            return Err(invalid(
+                file,
+                "log.level",
+                format!(
+                    "{:?} is not a level; use one of {}",
+                    self.level,
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
+        }
+        self.level = level;
+        Ok(())
+    }
+}
+
+impl PeersConfig {
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let keepalive = self.keepalive;
+        if keepalive.subsec_nanos() != 0 || keepalive.as_secs() > u64::from(u16::MAX) {
+            return Err(invalid(
+                file,
+                "peers.keepalive",
+                format!(
+                    "{} is not a whole number of seconds up to {}s (WireGuard's limit); \
+                     use e.g. \"25s\", or \"0s\" to disable",
+                    crate::duration::format_duration(keepalive),
+                    u16::MAX
+                ),
+            ));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(invalid(
+                file,
+                "peers.idle_timeout",
+                "must be longer than zero, e.g. \"5m\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RegistryConfig {
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if self.expiry.is_zero() {
+            return Err(invalid(
+                file,
+                "registry.expiry",
+                "must be longer than zero (nodes would be dropped at once), e.g. \"30s\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `serde(deserialize_with)` helper: a duration written as a string like
+/// `"25s"`, `"5m"` or `"1h30m"` (see [`parse_duration`]).
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration string such as \"25s\", \"5m\" or \"1h30m\"")
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Duration, E> {
+            parse_duration(s).map_err(E::custom)
+        }
+    }
+
+    deserializer.deserialize_str(DurationVisitor)
+}
+
+/// Deserializes `text` and turns toml's errors into [`ConfigError`]s that
+/// name the file, the position and, where it can be told, the dotted key.
+fn from_toml<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|err| classify(text, file, &err))
+}
+
+fn classify(text: &str, file: &Path, err: &toml::de::Error) -> ConfigError {
+    let file = file.to_path_buf();
+    // toml's messages may span lines ("invalid table header\nexpected …").
+    let message = err
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let span = err.span();
+    let at = span.as_ref().map(|s| position(text, s.start));
+
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((name, tail)) = rest.split_once('`') {
+            let expected = tail.trim_start_matches(',').trim().to_string();
+            let key = match &span {
+                Some(s) => key_path_at(text, s.start, name),
+                None => name.to_string(),
+            };
+            return ConfigError::UnknownKey {
+                file,
+                at,
+                key,
+                expected,
+            };
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        if let Some((name, _)) = rest.split_once('`') {
+            // toml points a missing field at the table that lacks it, or at an
+            // empty span for the top level.
+            let table = span
+                .filter(|s| !s.is_empty())
+                .and_then(|s| header_path_at_or_before(text, s.start));
+            let key = match table {
+                Some(table) => format!("{table}.{name}"),
+                None => name.to_string(),
+            };
+            return ConfigError::Missing { file, key };
+        }
+    }
+    let is_value_error = message.starts_with("invalid type")
+        || message.starts_with("invalid value")
+        || message.starts_with("invalid length")
+        || message.starts_with("unknown variant")
+        || message.starts_with("invalid socket address")
+        || message.starts_with("invalid IP address")
+        || message.starts_with("bad duration")
+        || message.starts_with("empty duration")
+        || message.starts_with("duration ");
+    if is_value_error {
+        if let Some(key) = span.and_then(|s| value_key_path_at(text, s.start)) {
+            let mut message = message;
+            if message.starts_with("invalid socket address") {
+                message.push_str(
+                    "; write address:port, e.g. \"198.18.0.1:4242\" or \"[2001:db8::1]:4242\"",
+                );
+            }
+            if message.ends_with("expected a sequence") && key == "lighthouses" {
+                message.push_str("; write each entry as [[lighthouses]] (double brackets)");
+            }
+            return ConfigError::BadValue {
+                file,
+                at,
+                key,
+                message,
+            };
+        }
+    }
+    ConfigError::Syntax { file, at, message }
+}
+
+fn invalid(file: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_path_buf(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn base_dir(file: &Path) -> PathBuf {
+    file.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() || path.as_os_str().is_empty() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+/// Formats `file:line:col` (or just `file` without a position).
+struct Place<'a>(&'a PathBuf, &'a Option<Position>);
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            Some(p) => write!(f, "{}:{}:{}", self.0.display(), p.line, p.col),
+            None => write!(f, "{}", self.0.display()),
+        }
+    }
+}
+
+/// Converts a byte offset (clamped to the text) into a 1-based line and a
+/// 1-based column counted in characters.
+fn position(text: &str, offset: usize) -> Position {
+    let bytes = text.as_bytes();
+    let before = &bytes[..offset.min(bytes.len())];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    // Count characters, i.e. bytes that do not continue a UTF-8 sequence.
+    let col = before[line_start..]
+        .iter()
+        .filter(|&&b| b & 0xC0 != 0x80)
+        .count()
+        + 1;
+    Position { line, col }
+}
+
+/// The line containing byte `offset`: (start offset, text).
+fn line_at(text: &str, offset: usize) -> (usize, &str) {
+    let offset = offset.min(text.len());
+    let start = text.as_bytes()[..offset]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let end = text.as_bytes()[start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(text.len(), |i| start + i);
+    (start, text.get(start..end).unwrap_or(""))
+}
+
+/// The dotted path of the table header (`[a.b]` or `[[a]]`) governing the
+/// line that holds byte `offset`, including that line itself if it is a header.
+fn header_path_at_or_before(text: &str, offset: usize) -> Option<&str> {
+    let (start, line) = line_at(text, offset);
+    let end = (start + line.len()).min(text.len());
+    let upto = text.get(..end)?;
+    upto.lines().rev().find_map(|l| {
+        let l = l.trim();
+        if !l.starts_with('[') {
+            return None;
+        }
+        let inner = l.trim_start_matches('[').split(']').next().unwrap_or("");
+        Some(inner.trim())
+    })
+}
+
+/// Best-effort dotted path of an unknown key named `name` whose span starts at
+/// `offset`: the governing table header plus any dotted prefix on the line.
+/// Falls back to the bare name when the layout is not the plain
+/// `[table]` / `key = value` kind (inline tables, quoted keys).
+fn key_path_at(text: &str, offset: usize, name: &str) -> String {
+    let (start, _) = line_at(text, offset);
+    let prefix = text.get(start..offset.min(text.len())).unwrap_or("").trim();
+    let mut parts: Vec<&str> = Vec::new();
+    if let Some(inner) = prefix.strip_prefix('[') {
+        // The unknown name is part of a table header such as `[tunnel]`.
+        parts.extend(dotted(inner.trim_start_matches('[')));
+    } else {
+        if let Some(header) = header_path_at_or_before(text, offset) {
+            parts.extend(dotted(header));
+        }
+        parts.extend(dotted(prefix));
+    }
+    if parts.iter().all(|p| is_bare_key(p)) {
+        parts.push(name);
+        parts.join(".")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Best-effort dotted path of the key whose value starts at byte `offset`.
+fn value_key_path_at(text: &str, offset: usize) -> Option<String> {
+    let (start, line) = line_at(text, offset);
+    if line.trim_start().starts_with('[') {
+        // toml points at the header of a table whose type is wrong.
+        return header_path_at_or_before(text, offset)
+            .filter(|h| dotted(h).all(is_bare_key))
+            .map(str::to_string);
+    }
+    let upto = text.get(start..offset.min(text.len()))?;
+    let (key, _) = upto.split_once('=')?;
+    let mut parts: Vec<&str> = header_path_at_or_before(text, start)
+        .map(dotted)
+        .into_iter()
+        .flatten()
+        .collect();
+    let own: Vec<&str> = dotted(key).collect();
+    if own.is_empty() {
+        return None;
+    }
+    parts.extend(own);
+    if parts.iter().all(|p| is_bare_key(p)) {
+        Some(parts.join("."))
+    } else {
+        None
+    }
+}
+
+/// The non-empty segments of a dotted key, trimmed.
+fn dotted(key: &str) -> impl Iterator<Item = &str> {
+    key.split('.').map(str::trim).filter(|p| !p.is_empty())
+}
+
+fn is_bare_key(part: &str) -> bool {
+    !part.is_empty()
+        && part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MINIMAL_NODE: &str = "[pki]\nca = \"ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\n";
+
+    fn file() -> PathBuf {
+        PathBuf::from("/etc/tern/node.toml")
+    }
+
+    fn node(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(text, &file())
+    }
+
+    fn lighthouse(text: &str) -> Result<LighthouseConfig, ConfigError> {
+        LighthouseConfig::parse(text, Path::new("/etc/tern/lighthouse.toml"))
+    }
+
+    fn node_with(extra: &str) -> Result<NodeConfig, ConfigError> {
+        node(&format!("{MINIMAL_NODE}{extra}"))
+    }
+
+    fn invalid_key(result: Result<NodeConfig, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected ConfigError::Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn node_defaults() {
+        let config = node(MINIMAL_NODE).unwrap();
+        assert_eq!(config.listen.addr, "0.0.0.0:4242".parse().unwrap());
+        assert!(config.lighthouses.is_empty());
+        assert_eq!(config.tun.name, "tern0");
+        assert_eq!(config.tun.mtu, 1420);
+        assert_eq!(config.api.socket, None);
+        assert_eq!(config.log.level, "info");
+        assert_eq!(config.peers.keepalive, Duration::from_secs(25));
+        assert_eq!(config.peers.idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn lighthouse_defaults() {
+        let config = lighthouse(MINIMAL_NODE).unwrap();
+        assert_eq!(config.listen, ListenConfig::default());
+        assert_eq!(config.api, ApiConfig::default());
+        assert_eq!(config.log.level, "info");
+        assert_eq!(config.registry.expiry, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn node_every_key() {
+        let text = r#"
+            [pki]
+            ca = "/pki/ca.crt"
+            cert = "/pki/node.crt"
+            key = "/pki/node.key"
+            [listen]
+            addr = "198.18.1.5:5000"
+            [[lighthouses]]
+            endpoint = "198.18.0.1:4242"
+            name = "lh-1"
+            [[lighthouses]]
+            endpoint = "198.18.0.3:4242"
+            [tun]
+            name = "ci.tun-0_a"
+            mtu = 1280
+            [api]
+            socket = "/run/tern/api.sock"
+            [log]
+            level = "DEBUG"
+            [peers]
+            keepalive = "0s"
+            idle_timeout = "1h30m"
+        "#;
+        let config = node(text).unwrap();
+        assert_eq!(
+            config,
+            NodeConfig {
+                pki: PkiConfig {
+                    ca: "/pki/ca.crt".into(),
+                    cert: "/pki/node.crt".into(),
+                    key: "/pki/node.key".into(),
+                },
+                listen: ListenConfig {
+                    addr: "198.18.1.5:5000".parse().unwrap()
+                },
+                lighthouses: vec![
+                    LighthouseEntry {
+                        endpoint: "198.18.0.1:4242".parse().unwrap(),
+                        name: Some("lh-1".into()),
+                    },
+                    LighthouseEntry {
+                        endpoint: "198.18.0.3:4242".parse().unwrap(),
+                        name: None,
+                    },
+                ],
+                tun: TunConfig {
+                    name: "ci.tun-0_a".into(),
+                    mtu: 1280
+                },
+                api: ApiConfig {
+                    socket: Some("/run/tern/api.sock".into())
+                },
+                log: LogConfig {
+                    level: "debug".into()
+                },
+                peers: PeersConfig {
+                    keepalive: Duration::ZERO,
+                    idle_timeout: Duration::from_secs(5400),
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn lighthouse_every_key() {
+        let text = r#"
+            [pki]
+            ca = "ca.crt"
+            cert = "lh.crt"
+            key = "lh.key"
+            [listen]
+            addr = "198.18.0.1:4242"
+            [api]
+            socket = "run/lh.sock"
+            [log]
+            level = "trace"
+            [registry]
+            expiry = "45s"
+        "#;
+        let config = lighthouse(text).unwrap();
+        assert_eq!(config.pki.cert, PathBuf::from("/etc/tern/lh.crt"));
+        assert_eq!(config.listen.addr, "198.18.0.1:4242".parse().unwrap());
+        assert_eq!(
+            config.api.socket,
+            Some(PathBuf::from("/etc/tern/run/lh.sock"))
+        );
+        assert_eq!(config.log.level, "trace");
+        assert_eq!(config.registry.expiry, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_key_file_and_line() {
+        let err = node(&format!("{MINIMAL_NODE}colour = \"blue\"\n")).unwrap_err();
+        match &err {
+            ConfigError::UnknownKey {
+                file: f, at, key, ..
+            } => {
+                assert_eq!(f, &file());
+                // After the keys of [pki], TOML puts `colour` inside [pki].
+                assert_eq!(*at, Some(Position { line: 5, col: 1 }));
+                assert_eq!(key, "pki.colour");
+            }
+            other => panic!("expected UnknownKey, got {other:?}"),
+        }
+
+        let err = node(&format!("colour = \"blue\"\n{MINIMAL_NODE}")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/etc/tern/node.toml:1:1"), "{text}");
+        assert!(text.contains("unknown key `colour`"), "{text}");
+        assert!(text.contains("`pki`"), "lists the expected keys: {text}");
+    }
+
+    #[test]
+    fn unknown_key_in_table_names_key_file_and_line() {
+        let err = node_with("[tun]\nname = \"tern0\"\n  nmae = \"x\"\n").unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::UnknownKey {
+                file: file(),
+                at: Some(Position { line: 7, col: 3 }),
+                key: "tun.nmae".into(),
+                expected: "expected `name` or `mtu`".into(),
+            }
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("/etc/tern/node.toml:7:3: unknown key `tun.nmae`"),
+            "{text}"
+        );
+
+        let err =
+            node_with("[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\nport = 1\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key, at: Some(Position { line: 7, .. }), .. } if key == "lighthouses.port"),
+            "{err:?}"
+        );
+
+        let err = lighthouse(&format!("{MINIMAL_NODE}[registry]\nexpire = \"1m\"\n")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key, .. } if key == "registry.expire"),
+            "{err:?}"
+        );
+
+        // A whole unknown table, and a dotted key.
+        let err = node_with("[tunnel]\nmtu = 1400\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key, .. } if key == "tunnel"),
+            "{err:?}"
+        );
+        let err = node(&format!("tun.colour = 1\n{MINIMAL_NODE}")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key, .. } if key == "tun.colour"),
+            "{err:?}"
+        );
+
+        // Node-only tables are unknown to the lighthouse and vice versa.
+        let err = lighthouse(&format!("{MINIMAL_NODE}[tun]\nmtu = 1400\n")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key, .. } if key == "tun"),
+            "{err:?}"
+        );
+        let err = node_with("[registry]\nexpiry = \"1m\"\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key, .. } if key == "registry"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let err = node("[pki]\nca = \"a\"\nkey = \"k\"\n").unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::Missing {
+                file: file(),
+                key: "pki.cert".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "/etc/tern/node.toml: missing required key `pki.cert`; add it"
+        );
+        let err = node("[tun]\nmtu = 1400\n").unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::Missing {
+                file: file(),
+                key: "pki".into()
+            }
+        );
+        let err = node_with("[[lighthouses]]\nname = \"lh\"\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Missing { key, .. } if key == "lighthouses.endpoint"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let err = node_with("[peers]\nkeepalive = \"25 seconds\"\n").unwrap_err();
+        match &err {
+            ConfigError::BadValue {
+                at, key, message, ..
+            } => {
+                assert_eq!(*at, Some(Position { line: 6, col: 13 }));
+                assert_eq!(key, "peers.keepalive");
+                assert!(message.contains("bad duration"), "{message}");
+            }
+            other => panic!("expected BadValue, got {other:?}"),
+        }
+        assert!(err.to_string().contains("node.toml:6:13"), "{err}");
+
+        // A bare number has no unit: refused with a hint at the string form.
+        let err = node_with("[peers]\nidle_timeout = 300\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadValue { key, message, .. }
+                if key == "peers.idle_timeout" && message.contains("\"25s\"")),
+            "{err:?}"
+        );
+        let err = lighthouse(&format!("{MINIMAL_NODE}[registry]\nexpiry = \"\"\n")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadValue { key, .. } if key == "registry.expiry"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = node_with("[listen]\naddr = \"198.18.0.1\"\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadValue { key, message, .. }
+                if key == "listen.addr" && message.contains("address:port")),
+            "{err:?}"
+        );
+        let err = node_with("[tun]\nmtu = \"big\"\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadValue { key, .. } if key == "tun.mtu"),
+            "{err:?}"
+        );
+        let err = node_with("[tun]\nmtu = 70000\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadValue { key, .. } if key == "tun.mtu"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn single_bracket_lighthouses_gets_a_hint() {
+        let err = node_with("[lighthouses]\nendpoint = \"198.18.0.1:4242\"\n").unwrap_err();
+        match &err {
+            ConfigError::BadValue {
+                key, message, at, ..
+            } => {
+                assert_eq!(key, "lighthouses");
+                assert_eq!(*at, Some(Position { line: 5, col: 1 }));
+                assert!(message.contains("[[lighthouses]]"), "{message}");
+            }
+            other => panic!("expected BadValue, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn syntax_errors_carry_the_position() {
+        let err = node("[pki\n").unwrap_err();
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+        assert!(
+            matches!(
+                &err,
+                ConfigError::Syntax {
+                    at: Some(Position { line: 1, .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = node(&format!("{MINIMAL_NODE}ca = \"again\"\n")).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::Syntax {
+                    at: Some(Position { line: 5, .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("/etc/tern/node.toml:5:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let text = format!("{MINIMAL_NODE}[api]\nsocket = \"../run/tern.sock\"\n");
+        let config = NodeConfig::parse(&text, Path::new("/etc/tern/node.toml")).unwrap();
+        assert_eq!(config.pki.ca, PathBuf::from("/etc/tern/ca.crt"));
+        assert_eq!(config.pki.cert, PathBuf::from("/etc/tern/node.crt"));
+        assert_eq!(config.pki.key, PathBuf::from("/etc/tern/node.key"));
+        assert_eq!(
+            config.api.socket,
+            Some(PathBuf::from("/etc/tern/../run/tern.sock"))
+        );
+
+        let config = NodeConfig::parse(&text, Path::new("conf/node.toml")).unwrap();
+        assert_eq!(config.pki.ca, PathBuf::from("conf/ca.crt"));
+
+        // A bare file name has an empty parent: paths stay relative to the
+        // working directory, which is also the file's directory.
+        let config = NodeConfig::parse(&text, Path::new("node.toml")).unwrap();
+        assert_eq!(config.pki.ca, PathBuf::from("ca.crt"));
+    }
+
+    #[test]
+    fn absolute_paths_are_kept() {
+        let text = "[pki]\nca = \"/srv/pki/ca.crt\"\ncert = \"/srv/pki/n.crt\"\n\
+                    key = \"/srv/pki/n.key\"\n[api]\nsocket = \"/run/t.sock\"\n";
+        let config = NodeConfig::parse(text, Path::new("/etc/tern/node.toml")).unwrap();
+        assert_eq!(config.pki.ca, PathBuf::from("/srv/pki/ca.crt"));
+        assert_eq!(config.pki.cert, PathBuf::from("/srv/pki/n.crt"));
+        assert_eq!(config.pki.key, PathBuf::from("/srv/pki/n.key"));
+        assert_eq!(config.api.socket, Some(PathBuf::from("/run/t.sock")));
+    }
+
+    #[test]
+    fn tun_name_rules() {
+        for good in ["t", "tern0", "a.b-c_d", "123456789012345"] {
+            let config = node_with(&format!("[tun]\nname = \"{good}\"\n")).unwrap();
+            assert_eq!(config.tun.name, good);
+        }
+        for bad in [
+            "",
+            "1234567890123456",
+            "tern 0",
+            "tern/0",
+            "tern:0",
+            "tërn",
+            ".",
+            "..",
+        ] {
+            let key = invalid_key(node_with(&format!("[tun]\nname = \"{bad}\"\n")));
+            assert_eq!(key, "tun.name", "{bad:?}");
+        }
+        let err = node_with("[tun]\nname = \"tern/0\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/etc/tern/node.toml: invalid `tun.name`: \"tern/0\" contains '/'; \
+             use only letters, digits, '_', '.' and '-'"
+        );
+    }
+
+    #[test]
+    fn mtu_range() {
+        for good in [576, 1280, 1420, 9000] {
+            assert_eq!(
+                node_with(&format!("[tun]\nmtu = {good}\n"))
+                    .unwrap()
+                    .tun
+                    .mtu,
+                good
+            );
+        }
+        for bad in [0, 575, 9001, 65535] {
+            assert_eq!(
+                invalid_key(node_with(&format!("[tun]\nmtu = {bad}\n"))),
+                "tun.mtu"
+            );
+        }
+    }
+
+    #[test]
+    fn log_level() {
+        for good in LOG_LEVELS {
+            assert_eq!(
+                node_with(&format!("[log]\nlevel = \"{good}\"\n"))
+                    .unwrap()
+                    .log
+                    .level,
+                good
+            );
+        }
+        let err = node_with("[log]\nlevel = \"verbose\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("use one of error, warn, info, debug, trace"),
+            "{err}"
+        );
+        assert_eq!(invalid_key(node_with("[log]\nlevel = \"\"\n")), "log.level");
+    }
+
+    #[test]
+    fn lighthouse_entries() {
+        let two = "[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\n\
+                   [[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\nname = \"lh\"\n";
+        let err = node_with(two).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::Invalid {
+                file: file(),
+                key: "lighthouses[1].endpoint".into(),
+                message: "198.18.0.1:4242 is listed twice (also lighthouses[0]); \
+                          remove the duplicate entry"
+                    .into(),
+            }
+        );
+        let distinct = "[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\n\
+                        [[lighthouses]]\nendpoint = \"198.18.0.1:4243\"\n";
+        assert_eq!(node_with(distinct).unwrap().lighthouses.len(), 2);
+
+        for bad in ["0.0.0.0:4242", "198.18.0.1:0", "[::]:4242"] {
+            let text = format!("[[lighthouses]]\nendpoint = \"{bad}\"\n");
+            assert_eq!(
+                invalid_key(node_with(&text)),
+                "lighthouses[0].endpoint",
+                "{bad}"
+            );
+        }
+        let text = "[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\nname = \" \"\n";
+        assert_eq!(invalid_key(node_with(text)), "lighthouses[0].name");
+
+        let v6 = "[[lighthouses]]\nendpoint = \"[2001:db8::1]:4242\"\n";
+        assert_eq!(
+            node_with(v6).unwrap().lighthouses[0].endpoint,
+            "[2001:db8::1]:4242".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn duration_rules() {
+        assert_eq!(
+            invalid_key(node_with("[peers]\nkeepalive = \"1500ms\"\n")),
+            "peers.keepalive"
+        );
+        assert_eq!(
+            invalid_key(node_with("[peers]\nkeepalive = \"65536s\"\n")),
+            "peers.keepalive"
+        );
+        assert_eq!(
+            node_with("[peers]\nkeepalive = \"65535s\"\n")
+                .unwrap()
+                .peers
+                .keepalive,
+            Duration::from_secs(65535)
+        );
+        assert_eq!(
+            invalid_key(node_with("[peers]\nidle_timeout = \"0s\"\n")),
+            "peers.idle_timeout"
+        );
+        let err = lighthouse(&format!("{MINIMAL_NODE}[registry]\nexpiry = \"0s\"\n")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "registry.expiry"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn lighthouse_needs_a_fixed_port() {
+        let err =
+            lighthouse(&format!("{MINIMAL_NODE}[listen]\naddr = \"0.0.0.0:0\"\n")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "listen.addr"),
+            "{err:?}"
+        );
+        // A node may use an ephemeral port: the lighthouse reports what it sees.
+        let config = node_with("[listen]\naddr = \"0.0.0.0:0\"\n").unwrap();
+        assert_eq!(config.listen.addr.port(), 0);
+    }
+
+    #[test]
+    fn empty_paths_are_refused() {
+        let text = "[pki]\nca = \"\"\ncert = \"n.crt\"\nkey = \"n.key\"\n";
+        assert_eq!(invalid_key(node(text)), "pki.ca");
+        assert_eq!(
+            invalid_key(node_with("[api]\nsocket = \"\"\n")),
+            "api.socket"
+        );
+    }
+
+    #[test]
+    fn positions_count_characters() {
+        let text = "a\nbé = 1\n";
+        assert_eq!(position(text, 0), Position { line: 1, col: 1 });
+        assert_eq!(position(text, 2), Position { line: 2, col: 1 });
+        // "é" is two bytes but one column.
+        assert_eq!(position(text, 5), Position { line: 2, col: 3 });
+        assert_eq!(position(text, 6), Position { line: 2, col: 4 });
+        assert_eq!(position(text, 999), Position { line: 3, col: 1 });
+    }
+
+    #[test]
+    fn example_node_config_parses() {
+        let text = include_str!("../../config/node.toml");
+        let config = NodeConfig::parse(text, Path::new("/etc/tern/node.toml")).unwrap();
+        assert_eq!(config.pki.ca, PathBuf::from("/etc/tern/ca.crt"));
+        assert_eq!(config.pki.cert, PathBuf::from("/etc/tern/node.crt"));
+        assert_eq!(config.pki.key, PathBuf::from("/etc/tern/node.key"));
+        assert_eq!(config.listen.addr, "0.0.0.0:4242".parse().unwrap());
+        assert_eq!(
+            config.lighthouses[0].endpoint,
+            "198.18.0.1:4242".parse().unwrap()
+        );
+        assert_eq!(config.tun, TunConfig::default());
+        assert_eq!(config.log, LogConfig::default());
+        assert_eq!(config.peers, PeersConfig::default());
+        assert!(config.api.socket.is_some());
+    }
+
+    #[test]
+    fn example_lighthouse_config_parses() {
+        let text = include_str!("../../config/lighthouse.toml");
+        let config = LighthouseConfig::parse(text, Path::new("/etc/tern/lighthouse.toml")).unwrap();
+        assert_eq!(config.pki.ca, PathBuf::from("/etc/tern/ca.crt"));
+        assert_eq!(config.listen.addr.port(), DEFAULT_PORT);
+        assert_eq!(config.log, LogConfig::default());
+        assert_eq!(config.registry, RegistryConfig::default());
+        assert!(config.api.socket.is_some());
+    }
+
+    /// Every key of the node example is a key the node knows, and vice
+    /// versa: the examples must document every key (see STYLE.md).
+    #[test]
+    fn examples_document_every_key() {
+        let node_text = include_str!("../../config/node.toml");
+        for key in [
+            "[pki]",
+            "ca =",
+            "cert =",
+            "key =",
+            "[listen]",
+            "addr =",
+            "[[lighthouses]]",
+            "endpoint =",
+            "name =",
+            "[tun]",
+            "mtu =",
+            "[api]",
+            "socket =",
+            "[log]",
+            "level =",
+            "[peers]",
+            "keepalive =",
+            "idle_timeout =",
+        ] {
+            assert!(
+                node_text.lines().any(|l| l.trim_start().starts_with(key)),
+                "config/node.toml lacks {key}"
+            );
+        }
+        let lh_text = include_str!("../../config/lighthouse.toml");
+        for key in [
+            "[pki]",
+            "ca =",
+            "cert =",
+            "key =",
+            "[listen]",
+            "addr =",
+            "[api]",
+            "socket =",
+            "[log]",
+            "level =",
+            "[registry]",
+            "expiry =",
+        ] {
+            assert!(
+                lh_text.lines().any(|l| l.trim_start().starts_with(key)),
+                "config/lighthouse.toml lacks {key}"
+            );
+        }
+    }
+
+    /// Fragments of plausible config text, to reach deeper than random bytes.
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("[pki]\n".to_string()),
+            Just("[tun]\n".to_string()),
+            Just("[peers]\n".to_string()),
+            Just("[registry]\n".to_string()),
+            Just("[[lighthouses]]\n".to_string()),
+            Just("ca = \"ca.crt\"\ncert = \"c\"\nkey = \"k\"\n".to_string()),
+            Just("endpoint = \"198.18.0.1:4242\"\n".to_string()),
+            "[a-z_.]{1,12} = \"[ -~]{0,12}\"\n",
+            "[a-z_.]{1,12} = [0-9]{1,6}\n",
+            "[a-z_]{1,12} = \\{ [a-z]{1,5} = [0-9]{1,3} \\}\n",
+            "\\PC{0,20}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(text in "\\PC*") {
+            let _ = NodeConfig::parse(&text, Path::new("x/node.toml"));
+            let _ = LighthouseConfig::parse(&text, Path::new("x/lighthouse.toml"));
+        }
+
+        #[test]
+        fn parse_never_panics_on_config_like_text(parts in proptest::collection::vec(fragment(), 0..12)) {
+            let text = parts.concat();
+            let _ = NodeConfig::parse(&text, Path::new("node.toml"));
+            let _ = LighthouseConfig::parse(&text, Path::new("lighthouse.toml"));
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Control messages between a node and a lighthouse.
+//!
+//! They travel inside the WireGuard session with the lighthouse, as UDP
+//! datagrams between the two overlay addresses on [`CONTROL_PORT`], so they
+//! inherit the session's mutual authentication, encryption and replay
+//! protection. The daemons intercept them; they never reach a TUN device.
+//! Identity never comes from a message's contents: the lighthouse files a
+//! registration under the overlay address of the certificate that
+//! authenticated the session.
+//!
+//! Layout: `u8 type`, `u32 request id`, then the body. Requests are retried
+//! by the node; replies echo the request id.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use crate::cert::MAX_CERT_LEN;
+use crate::codec::{put_blob16, put_socket_addr, Reader};
+
+/// UDP port on overlay addresses where daemons exchange control messages.
+pub const CONTROL_PORT: u16 = 4243;
+/// Largest control message accepted or produced.
+pub const MAX_CONTROL_LEN: usize = 1400;
+/// Most endpoints one node may report or one answer may carry.
+pub const MAX_ENDPOINTS: usize = 8;
+
+/// Where a node can be reached, and with which certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The node's certificate, binary encoding. The receiver verifies it itself.
+    pub cert: Vec<u8>,
+    /// Candidate underlay endpoints, the observed public address first.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// Node → lighthouse: "I am here; these are my local addresses."
+    Register { id: u32, local: Vec<SocketAddr> },
+    /// Lighthouse → node: registration accepted; the address it came from.
+    RegisterAck { id: u32, observed: SocketAddr },
+    /// Node → lighthouse: "where is this overlay address?"
+    Query { id: u32, overlay_ip: Ipv4Addr },
+    /// Lighthouse → node: the answer (`None`: not registered here).
+    QueryReply {
+        id: u32,
+        overlay_ip: Ipv4Addr,
+        peer: Option<PeerInfo>,
+    },
+    /// Lighthouse → node: another node is about to connect; send toward it
+    /// now so both sides' NAT mappings open.
+    Punch { id: u32, peer: PeerInfo },
+    /// Node → lighthouse: leaving now; forget me.
+    Deregister { id: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("control message longer than {MAX_CONTROL_LEN} bytes")]
+    TooLong,
+    #[error("control message truncated or malformed")]
+    Malformed,
+    #[error("unknown control message type {0}")]
+    UnknownType(u8),
+    #[error("control message lists more than {MAX_ENDPOINTS} endpoints")]
+    TooManyEndpoints,
+}
+
+const T_REGISTER: u8 = 1;
+const T_REGISTER_ACK: u8 = 2;
+const T_QUERY: u8 = 3;
+const T_QUERY_REPLY: u8 = 4;
+const T_PUNCH: u8 = 5;
+const T_DEREGISTER: u8 = 6;
+
+impl ControlMessage {
+    pub fn id(&self) -> u32 {
+        match self {
+            ControlMessage::Register { id, .. }
+            | ControlMessage::RegisterAck { id, .. }
+            | ControlMessage::Query { id, .. }
+            | ControlMessage::QueryReply { id, .. }
+            | ControlMessage::Punch { id, .. }
+            | ControlMessage::Deregister { id } => *id,
+        }
+    }
+
+    /// Encodes the message. Endpoint lists are cut to [`MAX_ENDPOINTS`] and
+    /// certificates longer than [`MAX_CERT_LEN`] refused, so every encoded
+    /// message decodes.
+    pub fn encode(&self) -> Result<Vec<u8>, ControlError> {
+        let mut out = Vec::with_capacity(64);
+        let (ty, id) = match self {
+            ControlMessage::Register { id, .. } => (T_REGISTER, id),
+            ControlMessage::RegisterAck { id, .. } => (T_REGISTER_ACK, id),
+            ControlMessage::Query { id, .. } => (T_QUERY, id),
+            ControlMessage::QueryReply { id, .. } => (T_QUERY_REPLY, id),
+            ControlMessage::Punch { id, .. } => (T_PUNCH, id),
+            ControlMessage::Deregister { id } => (T_DEREGISTER, id),
+        };
+        out.push(ty);
+        out.extend_from_slice(&id.to_be_bytes());
+        match self {
+            ControlMessage::Register { local, .. } => put_endpoints(&mut out, local)?,
+            ControlMessage::RegisterAck { observed, .. } => put_socket_addr(&mut out, observed),
+            ControlMessage::Query { overlay_ip, .. } => out.extend_from_slice(&overlay_ip.octets()),
+            ControlMessage::QueryReply {
+                overlay_ip, peer, ..
+            } => {
+                out.extend_from_slice(&overlay_ip.octets());
+                match peer {
+                    None => out.push(0),
+                    Some(p) => {
+                        out.push(1);
+                        put_peer(&mut out, p)?;
+                    }
+                }
+            }
+            ControlMessage::Punch { peer, .. } => put_peer(&mut out, peer)?,
+            ControlMessage::Deregister { .. } => {}
+        }
+        if out.len() > MAX_CONTROL_LEN {
+            return Err(ControlError::TooLong);
+        }
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ControlMessage, ControlError> {
+        if bytes.len() > MAX_CONTROL_LEN {
+            return Err(ControlError::TooLong);
+        }
+        let mut r = Reader::new(bytes);
+        let ty = r.u8().ok_or(ControlError::Malformed)?;
+        let id = r.u32().ok_or(ControlError::Malformed)?;
+        let msg = match ty {
+            T_REGISTER => ControlMessage::Register {
+                id,
+                local: read_endpoints(&mut r)?,
+            },
+            T_REGISTER_ACK => ControlMessage::RegisterAck {
+                id,
+                observed: r.socket_addr().ok_or(ControlError::Malformed)?,
+            },
+            T_QUERY => ControlMessage::Query {
+                id,
+                overlay_ip: r.ipv4().ok_or(ControlError::Malformed)?,
+            },
+            T_QUERY_REPLY => {
+                let overlay_ip = r.ipv4().ok_or(ControlError::Malformed)?;
+                let peer = match r.u8() {
+                    Some(0) => None,
+                    Some(1) => Some(read_peer(&mut r)?),
+                    _ => return Err(ControlError::Malformed),
+                };
+                ControlMessage::QueryReply {
+                    id,
+                    overlay_ip,
+                    peer,
+                }
+            }
+            T_PUNCH => ControlMessage::Punch {
+                id,
+                peer: read_peer(&mut r)?,
+            },
+            T_DEREGISTER => ControlMessage::Deregister { id },
+            other => return Err(ControlError::UnknownType(other)),
+        };
+        if !r.is_empty() {
+            return Err(ControlError::Malformed);
+        }
+        Ok(msg)
+    }
+}
+
+fn put_endpoints(out: &mut Vec<u8>, endpoints: &[SocketAddr]) -> Result<(), ControlError> {
+    if endpoints.len() > MAX_ENDPOINTS {
+        return Err(ControlError::TooManyEndpoints);
+    }
+    out.push(endpoints.len() as u8);
+    for e in endpoints {
+        put_socket_addr(out, e);
+    }
+    Ok(())
+}
+
+fn put_peer(out: &mut Vec<u8>, peer: &PeerInfo) -> Result<(), ControlError> {
+    if peer.cert.len() > MAX_CERT_LEN {
+        return Err(ControlError::TooLong);
+    }
+    put_blob16(out, &peer.cert);
+    put_endpoints(out, &peer.endpoints)
+}
+
+fn read_endpoints(r: &mut Reader<'_>) -> Result<Vec<SocketAddr>, ControlError> {
+    let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+    if n > MAX_ENDPOINTS {
+        return Err(ControlError::TooManyEndpoints);
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(r.socket_addr().ok_or(ControlError::Malformed)?);
+    }
+    Ok(out)
+}
+
+fn read_peer(r: &mut Reader<'_>) -> Result<PeerInfo, ControlError> {
+    let cert = r
+        .blob16(MAX_CERT_LEN)
+        .ok_or(ControlError::Malformed)?
+        .to_vec();
+    Ok(PeerInfo {
+        cert,
+        endpoints: read_endpoints(r)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_peer() -> PeerInfo {
+        PeerInfo {
+            cert: vec![7; 300],
+            endpoints: vec![
+                "198.18.0.2:4242".parse().unwrap_or_else(|_| unreachable!()),
+                "[2001:db8::1]:5000"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let ip = Ipv4Addr::new(100, 64, 0, 7);
+        let msgs = vec![
+            ControlMessage::Register {
+                id: 1,
+                local: sample_peer().endpoints,
+            },
+            ControlMessage::RegisterAck {
+                id: 2,
+                observed: sample_peer().endpoints[0],
+            },
+            ControlMessage::Query {
+                id: 3,
+                overlay_ip: ip,
+            },
+            ControlMessage::QueryReply {
+                id: 4,
+                overlay_ip: ip,
+                peer: Some(sample_peer()),
+            },
+            ControlMessage::QueryReply {
+                id: 5,
+                overlay_ip: ip,
+                peer: None,
+            },
+            ControlMessage::Punch {
+                id: 6,
+                peer: sample_peer(),
+            },
+            ControlMessage::Deregister { id: 7 },
+        ];
+        for m in msgs {
+            let bytes = m.encode().unwrap_or_else(|e| panic!("{m:?}: {e}"));
+            assert_eq!(ControlMessage::decode(&bytes), Ok(m));
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced_both_ways() {
+        let too_many = ControlMessage::Register {
+            id: 1,
+            local: vec![sample_peer().endpoints[0]; MAX_ENDPOINTS + 1],
+        };
+        assert_eq!(too_many.encode(), Err(ControlError::TooManyEndpoints));
+        let big_cert = ControlMessage::Punch {
+            id: 1,
+            peer: PeerInfo {
+                cert: vec![0; MAX_CERT_LEN + 1],
+                endpoints: vec![],
+            },
+        };
+        assert_eq!(big_cert.encode(), Err(ControlError::TooLong));
+        assert_eq!(
+            ControlMessage::decode(&[9, 0, 0, 0, 1]),
+            Err(ControlError::UnknownType(9))
+        );
+        assert_eq!(
+            ControlMessage::decode(&[3, 0, 0]),
+            Err(ControlError::Malformed)
+        );
+        assert_eq!(
+            ControlMessage::decode(&[6, 0, 0, 0, 1, 0]),
+            Err(ControlError::Malformed),
+            "trailing bytes"
+        );
+        assert_eq!(
+            ControlMessage::decode(&vec![1; MAX_CONTROL_LEN + 1]),
+            Err(ControlError::TooLong)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let _ = ControlMessage::decode(&bytes);
+        }
+
+        #[test]
+        fn typed_garbage_never_panics(ty in 0u8..8, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut bytes = vec![ty, 0, 0, 0, 1];
+            bytes.extend(rest);
+            let _ = ControlMessage::decode(&bytes);
+        }
+    }
+}

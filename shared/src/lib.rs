@@ -1,0 +1,21 @@
+//! `tern-shared`: everything the node and the lighthouse agree on.
+//!
+//! Certificates and keys, the wire formats on the shared UDP socket, the
+//! control protocol spoken inside WireGuard sessions with a lighthouse,
+//! config types, and the sans-IO mesh core (peer table and sessions) that both
+//! daemons drive. Nothing here opens a file or a socket or reads a clock:
+//! callers pass bytes and time in.
+
+pub mod armor;
+pub mod cert;
+pub mod config;
+pub mod control;
+pub mod duration;
+pub mod identity;
+pub mod keys;
+pub mod mesh;
+pub mod packet;
+pub mod testing;
+pub mod wire;
+
+mod codec;

@@ -1,0 +1,1233 @@
+//! The sans-IO mesh core: the peer table, one WireGuard session per peer, and
+//! the certificate exchange that comes before each handshake.
+//!
+//! Both daemons drive it the same way:
+//! - a datagram from the UDP socket → [`Mesh::handle_datagram`]; a decrypted,
+//!   source-checked IP packet may come back in the caller's buffer;
+//! - an IP packet for a peer → [`Mesh::encapsulate`], which returns the
+//!   ciphertext and where to send it, also in the caller's buffer;
+//! - at least every [`TIMER_TICK`] → [`Mesh::handle_timeout`];
+//! - after each of those, drain [`Mesh::poll_transmit`] (handshakes, hellos,
+//!   keepalives: the rare, owned packets) and [`Mesh::poll_event`].
+//!
+//! The data path (transport packets both ways) allocates nothing and takes no
+//! lock: it writes into the buffer the caller lends it.
+//!
+//! Identity: a peer exists only for a certificate this core verified itself
+//! against its own CAs, and a handshake is answered only when its static key
+//! (revealed by `parse_handshake_anon`) is the key in such a certificate.
+//! Certificates arrive in hellos or from the caller (a lighthouse's answer);
+//! either way they are verified here, so nobody else is trusted for identity.
+//!
+//! boringtun's `Tunn` reads its own clock for WireGuard's timers; those are
+//! treated as opaque. Our own timers (certificate expiry, idle peers, rate
+//! buckets) run on the `now` passed in, so they test deterministically.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use serde::Serialize;
+
+use crate::cert::{CaPool, CertError, VerifiedCert};
+use crate::wire::{classify, DatagramKind, Hello};
+
+/// How often [`Mesh::handle_timeout`] must run at the latest.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Room a caller's output buffer needs beyond the packet it carries.
+pub const OVERHEAD: usize = 32;
+/// Smallest output buffer any call accepts (a handshake initiation is 148 bytes).
+pub const MIN_BUFFER: usize = 256;
+
+/// Handshakes accepted per second across all peers before cookies are demanded.
+const HANDSHAKE_RATE_LIMIT: u64 = 500;
+/// Hellos verified or answered per second (each costs an Ed25519 verification).
+const HELLO_RATE: u32 = 100;
+
+/// A peer's slot in the table. It is also the upper 24 bits of the WireGuard
+/// session index, so an incoming transport packet finds its peer in one lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PeerId(pub u32);
+
+/// What a peer is to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRole {
+    /// An ordinary node: forgotten when idle or expired, met again on demand.
+    Node,
+    /// A lighthouse this node registers with: kept by its owner, never idled out.
+    Lighthouse,
+}
+
+/// Tunables, from the daemon's config.
+#[derive(Debug, Clone)]
+pub struct MeshSettings {
+    /// WireGuard persistent keepalive toward peers, seconds (None: off).
+    pub keepalive: Option<u16>,
+    /// A node peer with no data either way this long is forgotten.
+    pub idle_timeout: Duration,
+    /// Verified-but-unused certificates kept (from hellos and lighthouse answers).
+    pub max_known_certs: usize,
+    /// Upper bound on the peer table.
+    pub max_peers: usize,
+    /// Seed for session indexes.
+    pub seed: u64,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings {
+            keepalive: Some(25),
+            idle_timeout: Duration::from_secs(300),
+            max_known_certs: 1024,
+            max_peers: 65_536,
+            seed: 0,
+        }
+    }
+}
+
+/// A packet for the network that the core built on its own (hello, handshake,
+/// keepalive, cookie reply). Rare, so it owns its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Something the owner may act on.
+#[derive(Debug, Clone)]
+pub enum MeshEvent {
+    /// A hello from `from` carried a certificate that verified.
+    HelloCert {
+        from: SocketAddr,
+        cert: VerifiedCert,
+    },
+    /// A WireGuard session with the peer is up.
+    PeerConnected { peer: PeerId },
+    /// The peer is gone from the table.
+    PeerRemoved {
+        peer: PeerId,
+        overlay_ip: Ipv4Addr,
+        reason: RemoveReason,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoveReason {
+    CertExpired,
+    Idle,
+    SessionExpired,
+    Replaced,
+    Requested,
+}
+
+/// What [`Mesh::handle_datagram`] produced for the caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'b> {
+    /// Nothing to deliver (a handshake, hello, keepalive, or a drop).
+    Nothing,
+    /// A decrypted IPv4 packet whose inner source the peer's cert allows.
+    Packet { peer: PeerId, packet: &'b [u8] },
+}
+
+/// Drop and error counters, for `tern status` and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MeshCounters {
+    pub unknown_datagrams: u64,
+    pub malformed_hellos: u64,
+    pub rate_limited: u64,
+    pub rejected_certs: u64,
+    pub unknown_handshake_keys: u64,
+    pub unknown_session_index: u64,
+    pub wireguard_errors: u64,
+    /// Decrypted packets whose inner source the sender's cert does not allow.
+    pub spoofed_source_drops: u64,
+    pub non_ipv4_drops: u64,
+    pub expired_peers: u64,
+}
+
+/// One peer as `tern status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub id: PeerId,
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub role: PeerRole,
+    pub endpoint: Option<SocketAddr>,
+    pub candidates: Vec<SocketAddr>,
+    pub groups: Vec<String>,
+    /// Seconds since the last completed handshake (None: no session yet).
+    pub last_handshake_secs: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub spoofed_source_drops: u64,
+    pub cert_not_after: u64,
+}
+
+/// The peer table and every session in it. See the module docs for how to drive it.
+pub struct Mesh {
+    secret: StaticSecret,
+    public: PublicKey,
+    own_hello: Vec<u8>,
+    ca: CaPool,
+    settings: MeshSettings,
+    peers: HashMap<u32, Peer>,
+    by_overlay: HashMap<Ipv4Addr, u32>,
+    by_key: HashMap<[u8; 32], u32>,
+    known_certs: HashMap<[u8; 32], KnownCert>,
+    next_index: u32,
+    rate_limiter: Arc<RateLimiter>,
+    hello_bucket: TokenBucket,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<MeshEvent>,
+    counters: MeshCounters,
+    clock_origin: (Instant, u64),
+    last_second: Instant,
+    scratch: Vec<u8>,
+}
+
+struct Peer {
+    id: PeerId,
+    cert: VerifiedCert,
+    tunn: Tunn,
+    role: PeerRole,
+    endpoint: Option<SocketAddr>,
+    candidates: Vec<SocketAddr>,
+    connected: bool,
+    last_data: Instant,
+    spoofed_source_drops: u64,
+}
+
+struct KnownCert {
+    cert: VerifiedCert,
+    learned: Instant,
+}
+
+impl Mesh {
+    /// `own_cert` is this daemon's certificate (already verified by its owner);
+    /// `unix_now` is wall-clock seconds at `now`, for certificate validity.
+    pub fn new(
+        secret: StaticSecret,
+        own_cert: &VerifiedCert,
+        ca: CaPool,
+        settings: MeshSettings,
+        now: Instant,
+        unix_now: u64,
+    ) -> Mesh {
+        let public = PublicKey::from(&secret);
+        let own_hello = Hello {
+            wants_reply: false,
+            cert: own_cert.encoded(),
+        }
+        .encode();
+        Mesh {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            own_hello,
+            ca,
+            next_index: (settings.seed as u32) & 0x00ff_ffff,
+            settings,
+            peers: HashMap::new(),
+            by_overlay: HashMap::new(),
+            by_key: HashMap::new(),
+            known_certs: HashMap::new(),
+            hello_bucket: TokenBucket::new(HELLO_RATE, now),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: MeshCounters::default(),
+            clock_origin: (now, unix_now),
+            last_second: now,
+            scratch: vec![0u8; 2048],
+        }
+    }
+
+    /// Wall-clock seconds at `now`, derived from the origin given at construction.
+    pub fn unix_time(&self, now: Instant) -> u64 {
+        let (origin, unix) = self.clock_origin;
+        unix + now.saturating_duration_since(origin).as_secs()
+    }
+
+    /// The CAs this mesh trusts.
+    pub fn ca(&self) -> &CaPool {
+        &self.ca
+    }
+
+    /// Verifies a certificate from anywhere (a lighthouse answer, a punch
+    /// request) against our own CAs and remembers it, so the handshake its
+    /// owner sends is answered.
+    pub fn learn_cert(&mut self, bytes: &[u8], now: Instant) -> Result<VerifiedCert, CertError> {
+        let cert = self
+            .ca
+            .verify_bytes(bytes, self.unix_time(now))
+            .inspect_err(|_| self.counters.rejected_certs += 1)?;
+        self.remember(cert.clone(), now);
+        Ok(cert)
+    }
+
+    /// Adds (or refreshes) a peer for a certificate verified by this mesh. An
+    /// existing peer with the same key keeps its session and gains the
+    /// candidates; a peer with the same overlay address but another key is
+    /// replaced (the CA signed both; the newer identity wins).
+    pub fn add_peer(
+        &mut self,
+        cert: VerifiedCert,
+        candidates: &[SocketAddr],
+        role: PeerRole,
+        now: Instant,
+    ) -> Option<PeerId> {
+        let key = cert.public_key();
+        if key == self.public.to_bytes() {
+            return None;
+        }
+        if let Some(&idx) = self.by_key.get(&key) {
+            let peer = self.peers.get_mut(&idx)?;
+            for c in candidates {
+                if !peer.candidates.contains(c) && peer.candidates.len() < 16 {
+                    peer.candidates.push(*c);
+                }
+            }
+            if role == PeerRole::Lighthouse {
+                peer.role = role;
+            }
+            return Some(peer.id);
+        }
+        if let Some(&old) = self.by_overlay.get(&cert.overlay_ip()) {
+            self.remove_index(old, RemoveReason::Replaced);
+        }
+        if self.peers.len() >= self.settings.max_peers {
+            self.evict_one_idle_peer();
+        }
+        let idx = self.allocate_index()?;
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(key),
+            None,
+            self.settings.keepalive.filter(|k| *k > 0),
+            idx,
+            Some(self.rate_limiter.clone()),
+        );
+        let mut unique = Vec::with_capacity(candidates.len());
+        for c in candidates.iter().take(16) {
+            if !unique.contains(c) {
+                unique.push(*c);
+            }
+        }
+        tracing::debug!(peer = cert.name(), overlay_ip = %cert.overlay_ip(), ?unique, "peer added");
+        self.by_overlay.insert(cert.overlay_ip(), idx);
+        self.by_key.insert(key, idx);
+        self.known_certs.remove(&key);
+        self.peers.insert(
+            idx,
+            Peer {
+                id: PeerId(idx),
+                cert,
+                tunn,
+                role,
+                endpoint: None,
+                candidates: unique,
+                connected: false,
+                last_data: now,
+                spoofed_source_drops: 0,
+            },
+        );
+        Some(PeerId(idx))
+    }
+
+    /// Starts a handshake with the peer now unless one is under way or a
+    /// session is up.
+    pub fn connect(&mut self, peer: PeerId, force: bool) {
+        let Some(p) = self.peers.get_mut(&peer.0) else {
+            return;
+        };
+        if let TunnResult::WriteToNetwork(init) =
+            p.tunn.format_handshake_initiation(&mut self.scratch, force)
+        {
+            let init = init.to_vec();
+            self.send_handshake(peer.0, &init);
+        }
+    }
+
+    /// Sends our certificate to `dst`, asking for theirs when `wants_reply`.
+    pub fn send_hello(&mut self, dst: SocketAddr, wants_reply: bool) {
+        let mut payload = self.own_hello.clone();
+        if wants_reply {
+            payload[1] |= 0x01;
+        }
+        self.transmits.push_back(Transmit { dst, payload });
+    }
+
+    pub fn peer_by_overlay(&self, ip: Ipv4Addr) -> Option<PeerId> {
+        self.by_overlay.get(&ip).map(|&i| PeerId(i))
+    }
+
+    pub fn peer_cert(&self, peer: PeerId) -> Option<&VerifiedCert> {
+        self.peers.get(&peer.0).map(|p| &p.cert)
+    }
+
+    pub fn peer_endpoint(&self, peer: PeerId) -> Option<SocketAddr> {
+        self.peers.get(&peer.0).and_then(|p| p.endpoint)
+    }
+
+    pub fn peer_role(&self, peer: PeerId) -> Option<PeerRole> {
+        self.peers.get(&peer.0).map(|p| p.role)
+    }
+
+    /// Whether the peer has a WireGuard session up.
+    pub fn is_connected(&self, peer: PeerId) -> bool {
+        self.peers.get(&peer.0).is_some_and(|p| p.connected)
+    }
+
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        self.remove_index(peer.0, RemoveReason::Requested);
+    }
+
+    pub fn counters(&self) -> &MeshCounters {
+        &self.counters
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Every peer, ordered by overlay address.
+    pub fn peer_statuses(&self) -> Vec<PeerStatus> {
+        let mut out: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .map(|p| {
+                let (last, tx, rx, _, _) = p.tunn.stats();
+                PeerStatus {
+                    id: p.id,
+                    name: p.cert.name().to_string(),
+                    overlay_ip: p.cert.overlay_ip(),
+                    role: p.role,
+                    endpoint: p.endpoint,
+                    candidates: p.candidates.clone(),
+                    groups: p.cert.groups().to_vec(),
+                    last_handshake_secs: last.map(|d| d.as_secs_f64()),
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                    spoofed_source_drops: p.spoofed_source_drops,
+                    cert_not_after: p.cert.not_after(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|s| s.overlay_ip);
+        out
+    }
+
+    /// Encrypts one IP packet for `peer` into `out` (at least
+    /// `packet.len() + OVERHEAD` and [`MIN_BUFFER`] bytes). Returns the
+    /// ciphertext and its destination; `None` when the packet was queued
+    /// behind a handshake (see [`Mesh::poll_transmit`]) or dropped.
+    pub fn encapsulate<'b>(
+        &mut self,
+        peer: PeerId,
+        packet: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Option<(SocketAddr, &'b [u8])> {
+        let p = self.peers.get_mut(&peer.0)?;
+        if !packet.is_empty() {
+            p.last_data = now;
+        }
+        let endpoint = p.endpoint;
+        match p.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(bytes) => {
+                if bytes.first() == Some(&1) {
+                    let init = bytes.to_vec();
+                    self.send_handshake(peer.0, &init);
+                    None
+                } else {
+                    endpoint.map(|e| (e, &*bytes))
+                }
+            }
+            TunnResult::Err(e) => {
+                self.counters.wireguard_errors += 1;
+                tracing::trace!(error = ?e, "encapsulate failed");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Encrypts a packet built on the control path (a control message, a
+    /// queued packet) and queues it for [`Mesh::poll_transmit`]. Allocates;
+    /// the data path uses [`Mesh::encapsulate`] instead.
+    pub fn send_packet(&mut self, peer: PeerId, packet: &[u8], now: Instant) {
+        let mut buf = vec![0u8; packet.len() + OVERHEAD + MIN_BUFFER];
+        if let Some((dst, bytes)) = self.encapsulate(peer, packet, &mut buf, now) {
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: bytes.to_vec(),
+            });
+        }
+    }
+
+    /// Handles one datagram from the UDP socket. A decrypted packet lands in
+    /// `out` (as large as the largest datagram).
+    pub fn handle_datagram<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Received<'b> {
+        match classify(datagram) {
+            DatagramKind::WireGuard => self.handle_wireguard(from, datagram, out, now),
+            DatagramKind::Hello => {
+                self.handle_hello(from, datagram, now);
+                Received::Nothing
+            }
+            DatagramKind::Unknown => {
+                self.counters.unknown_datagrams += 1;
+                tracing::trace!(%from, "dropped datagram of unknown type");
+                Received::Nothing
+            }
+        }
+    }
+
+    /// Runs timers: WireGuard's (handshake retries, rekeys, keepalives) and
+    /// ours (certificate expiry, idle peers, rate buckets).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_second) >= Duration::from_secs(1) {
+            self.last_second = now;
+            self.rate_limiter.reset_count();
+            self.expire_certs(now);
+        }
+        let mut expired = Vec::new();
+        let indexes: Vec<u32> = self.peers.keys().copied().collect();
+        for idx in indexes {
+            let Some(p) = self.peers.get_mut(&idx) else {
+                continue;
+            };
+            match p.tunn.update_timers(&mut self.scratch) {
+                TunnResult::WriteToNetwork(bytes) => {
+                    let bytes = bytes.to_vec();
+                    if bytes.first() == Some(&1) {
+                        self.send_handshake(idx, &bytes);
+                    } else if let Some(dst) = p.endpoint {
+                        self.transmits.push_back(Transmit {
+                            dst,
+                            payload: bytes,
+                        });
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    if p.role == PeerRole::Node {
+                        expired.push((idx, RemoveReason::SessionExpired));
+                    } else {
+                        p.connected = false;
+                    }
+                }
+                _ => {}
+            }
+            if let Some(p) = self.peers.get(&idx) {
+                if p.role == PeerRole::Node
+                    && now.saturating_duration_since(p.last_data) >= self.settings.idle_timeout
+                {
+                    expired.push((idx, RemoveReason::Idle));
+                }
+            }
+        }
+        for (idx, reason) in expired {
+            self.remove_index(idx, reason);
+        }
+    }
+
+    /// When [`Mesh::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        now + TIMER_TICK
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<MeshEvent> {
+        self.events.pop_front()
+    }
+
+    fn handle_wireguard<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Received<'b> {
+        let idx = if datagram[0] == 1 {
+            match self.accept_initiation(from, datagram, now) {
+                Some(idx) => idx,
+                None => return Received::Nothing,
+            }
+        } else {
+            // Our session index: bytes 8..12 of a handshake response (after
+            // the sender's), bytes 4..8 of a cookie reply or transport packet.
+            let at = if datagram[0] == 2 { 8 } else { 4 };
+            let Some(receiver) = datagram.get(at..at + 4) else {
+                self.counters.wireguard_errors += 1;
+                return Received::Nothing;
+            };
+            let receiver = u32::from_le_bytes([receiver[0], receiver[1], receiver[2], receiver[3]]);
+            let idx = receiver >> 8;
+            if !self.peers.contains_key(&idx) {
+                self.counters.unknown_session_index += 1;
+                tracing::trace!(%from, "no session for index");
+                return Received::Nothing;
+            }
+            idx
+        };
+        self.decapsulate(idx, from, datagram, out, now)
+    }
+
+    /// Checks a handshake initiation's MACs and rate limit, reveals the
+    /// initiator's static key, and finds (or creates) the peer whose verified
+    /// certificate carries that key. Unknown keys get a hello asking for the
+    /// certificate, never a handshake response.
+    fn accept_initiation(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Option<u32> {
+        let mut cookie = [0u8; 64];
+        let init = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(Packet::HandshakeInit(init)) => init,
+            Ok(_) => return None,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: reply.to_vec(),
+                });
+                return None;
+            }
+            Err(_) => {
+                self.counters.wireguard_errors += 1;
+                return None;
+            }
+        };
+        let half = match parse_handshake_anon(&self.secret, &self.public, &init) {
+            Ok(half) => half,
+            Err(e) => {
+                self.counters.wireguard_errors += 1;
+                tracing::trace!(%from, error = ?e, "handshake initiation did not open");
+                return None;
+            }
+        };
+        let key = half.peer_static_public;
+        if let Some(&idx) = self.by_key.get(&key) {
+            return Some(idx);
+        }
+        let unix = self.unix_time(now);
+        let known = self
+            .known_certs
+            .get(&key)
+            .filter(|k| k.cert.not_after() >= unix)
+            .map(|k| k.cert.clone());
+        match known {
+            Some(cert) => self
+                .add_peer(cert, &[from], PeerRole::Node, now)
+                .map(|p| p.0),
+            None => {
+                self.counters.unknown_handshake_keys += 1;
+                tracing::debug!(%from, "handshake from a key with no verified certificate; asking for it");
+                if self.hello_bucket.take(now) {
+                    self.send_hello(from, true);
+                } else {
+                    self.counters.rate_limited += 1;
+                }
+                None
+            }
+        }
+    }
+
+    fn decapsulate<'b>(
+        &mut self,
+        idx: u32,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Received<'b> {
+        let Some(p) = self.peers.get_mut(&idx) else {
+            return Received::Nothing;
+        };
+        let result = p.tunn.decapsulate(Some(from.ip()), datagram, out);
+        if !matches!(result, TunnResult::Err(_)) && p.endpoint != Some(from) {
+            // Authenticated by the session: the peer is now reachable here (roaming).
+            if p.endpoint.is_some() {
+                tracing::info!(peer = p.cert.name(), old = ?p.endpoint, new = %from, "peer endpoint moved");
+            }
+            p.endpoint = Some(from);
+        }
+        match result {
+            TunnResult::Done => {
+                self.note_connected(idx);
+                Received::Nothing
+            }
+            TunnResult::Err(e) => {
+                self.counters.wireguard_errors += 1;
+                tracing::trace!(peer = p.cert.name(), error = ?e, "decapsulate failed");
+                Received::Nothing
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: reply.to_vec(),
+                });
+                self.flush_queued(idx);
+                self.note_connected(idx);
+                Received::Nothing
+            }
+            TunnResult::WriteToTunnelV4(packet, src) => {
+                p.last_data = now;
+                let allowed = src == p.cert.overlay_ip()
+                    || p.cert
+                        .subnets()
+                        .iter()
+                        .any(|n| n.contains(&IpAddr::V4(src)));
+                if !allowed {
+                    p.spoofed_source_drops += 1;
+                    self.counters.spoofed_source_drops += 1;
+                    tracing::debug!(peer = p.cert.name(), inner_source = %src, "dropped packet: inner source not in the peer's certificate");
+                    return Received::Nothing;
+                }
+                let connected = p.connected;
+                if !connected {
+                    self.note_connected(idx);
+                }
+                Received::Packet {
+                    peer: PeerId(idx),
+                    packet,
+                }
+            }
+            TunnResult::WriteToTunnelV6(..) => {
+                self.counters.non_ipv4_drops += 1;
+                Received::Nothing
+            }
+        }
+    }
+
+    /// After a handshake completes, boringtun releases the packets it queued;
+    /// they go to the endpoint that just answered.
+    fn flush_queued(&mut self, idx: u32) {
+        let Some(p) = self.peers.get_mut(&idx) else {
+            return;
+        };
+        let Some(dst) = p.endpoint else {
+            return;
+        };
+        for _ in 0..512 {
+            match p.tunn.decapsulate(None, &[], &mut self.scratch) {
+                TunnResult::WriteToNetwork(bytes) => self.transmits.push_back(Transmit {
+                    dst,
+                    payload: bytes.to_vec(),
+                }),
+                _ => break,
+            }
+        }
+    }
+
+    fn note_connected(&mut self, idx: u32) {
+        if let Some(p) = self.peers.get_mut(&idx) {
+            if !p.connected && p.tunn.time_since_last_handshake().is_some() {
+                p.connected = true;
+                tracing::info!(peer = p.cert.name(), overlay_ip = %p.cert.overlay_ip(), endpoint = ?p.endpoint, "tunnel up");
+                self.events
+                    .push_back(MeshEvent::PeerConnected { peer: p.id });
+            }
+        }
+    }
+
+    fn handle_hello(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let hello = match Hello::decode(datagram) {
+            Ok(h) => h,
+            Err(e) => {
+                self.counters.malformed_hellos += 1;
+                tracing::trace!(%from, error = %e, "malformed hello");
+                return;
+            }
+        };
+        if !self.hello_bucket.take(now) {
+            self.counters.rate_limited += 1;
+            return;
+        }
+        let cert = match self.ca.verify_bytes(hello.cert, self.unix_time(now)) {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.rejected_certs += 1;
+                tracing::debug!(%from, reason = %e, "hello with a certificate we do not accept");
+                return;
+            }
+        };
+        let key = cert.public_key();
+        if key == self.public.to_bytes() {
+            return;
+        }
+        if hello.wants_reply {
+            self.send_hello(from, false);
+        }
+        match self.by_key.get(&key).copied() {
+            Some(idx) => {
+                // The peer may have restarted and lost our certificate, or it
+                // asked for ours because our handshake reached it first: retry now.
+                let connected = self.peers.get(&idx).is_some_and(|p| p.connected);
+                if !connected {
+                    if let Some(p) = self.peers.get_mut(&idx) {
+                        if !p.candidates.contains(&from) && p.candidates.len() < 16 {
+                            p.candidates.push(from);
+                        }
+                    }
+                    self.connect(PeerId(idx), true);
+                }
+            }
+            None => self.remember(cert.clone(), now),
+        }
+        self.events.push_back(MeshEvent::HelloCert { from, cert });
+    }
+
+    fn remember(&mut self, cert: VerifiedCert, now: Instant) {
+        let key = cert.public_key();
+        if self.by_key.contains_key(&key) {
+            return;
+        }
+        if self.known_certs.len() >= self.settings.max_known_certs
+            && !self.known_certs.contains_key(&key)
+        {
+            // Bounded: forget the oldest. Rare (only when the table is full).
+            if let Some(oldest) = self
+                .known_certs
+                .iter()
+                .min_by_key(|(_, k)| k.learned)
+                .map(|(k, _)| *k)
+            {
+                self.known_certs.remove(&oldest);
+            }
+        }
+        self.known_certs
+            .insert(key, KnownCert { cert, learned: now });
+    }
+
+    fn send_handshake(&mut self, idx: u32, init: &[u8]) {
+        let Some(p) = self.peers.get(&idx) else {
+            return;
+        };
+        let mut targets: Vec<SocketAddr> = p.endpoint.into_iter().collect();
+        for c in &p.candidates {
+            if !targets.contains(c) {
+                targets.push(*c);
+            }
+        }
+        for dst in targets {
+            // Our certificate goes first so the responder can verify it
+            // before the handshake names our key.
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: self.own_hello.clone(),
+            });
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: init.to_vec(),
+            });
+        }
+    }
+
+    fn expire_certs(&mut self, now: Instant) {
+        let unix = self.unix_time(now);
+        let expired: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.cert.not_after() < unix)
+            .map(|(i, _)| *i)
+            .collect();
+        for idx in expired {
+            self.counters.expired_peers += 1;
+            self.remove_index(idx, RemoveReason::CertExpired);
+        }
+        self.known_certs.retain(|_, k| k.cert.not_after() >= unix);
+    }
+
+    fn remove_index(&mut self, idx: u32, reason: RemoveReason) {
+        let Some(p) = self.peers.remove(&idx) else {
+            return;
+        };
+        let ip = p.cert.overlay_ip();
+        if self.by_overlay.get(&ip) == Some(&idx) {
+            self.by_overlay.remove(&ip);
+        }
+        if self.by_key.get(&p.cert.public_key()) == Some(&idx) {
+            self.by_key.remove(&p.cert.public_key());
+        }
+        tracing::info!(peer = p.cert.name(), overlay_ip = %ip, ?reason, "peer removed");
+        self.events.push_back(MeshEvent::PeerRemoved {
+            peer: p.id,
+            overlay_ip: ip,
+            reason,
+        });
+    }
+
+    fn evict_one_idle_peer(&mut self) {
+        if let Some(idx) = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.role == PeerRole::Node)
+            .min_by_key(|(_, p)| p.last_data)
+            .map(|(i, _)| *i)
+        {
+            self.remove_index(idx, RemoveReason::Idle);
+        }
+    }
+
+    fn allocate_index(&mut self) -> Option<u32> {
+        for _ in 0..0x0100_0000u32 {
+            let idx = self.next_index;
+            self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+            if !self.peers.contains_key(&idx) {
+                return Some(idx);
+            }
+        }
+        None
+    }
+}
+
+/// A token bucket refilled continuously at `rate` per second, `rate` deep.
+struct TokenBucket {
+    rate: u32,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, now: Instant) -> Self {
+        TokenBucket {
+            rate,
+            tokens: rate as f64,
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.rate as f64);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::packet::build_udp_ipv4;
+    use crate::testing::{TestCa, TestNode, TEST_NOW};
+
+    const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
+    const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 6);
+
+    struct Side {
+        mesh: Mesh,
+        addr: SocketAddr,
+        cert: VerifiedCert,
+        delivered: Vec<Vec<u8>>,
+    }
+
+    fn side(node: &TestNode, pool: CaPool, addr: &str, now: Instant) -> Side {
+        let cert = node.verified(&pool);
+        Side {
+            mesh: Mesh::new(
+                node.key.static_secret(),
+                &cert,
+                pool,
+                // Distinct index ranges per side, as in real life.
+                MeshSettings {
+                    seed: addr.len() as u64 * 7919
+                        + addr.as_bytes()[addr.len() - 6] as u64 * 104_729,
+                    ..MeshSettings::default()
+                },
+                now,
+                TEST_NOW,
+            ),
+            addr: addr.parse().unwrap(),
+            cert,
+            delivered: Vec::new(),
+        }
+    }
+
+    /// Moves queued transmits between the two sides until both are quiet.
+    /// `drop_first` drops the first datagram of that kind seen (by first byte).
+    fn exchange(a: &mut Side, b: &mut Side, now: Instant, mut drop_first: Option<u8>) {
+        for _ in 0..100 {
+            let moved_ab = pump(a, b, now, &mut drop_first);
+            let moved_ba = pump(b, a, now, &mut drop_first);
+            if !moved_ab && !moved_ba {
+                return;
+            }
+        }
+        panic!("exchange did not settle");
+    }
+
+    fn pump(src: &mut Side, dst: &mut Side, now: Instant, drop_first: &mut Option<u8>) -> bool {
+        let mut buf = vec![0u8; 4096];
+        let mut moved = false;
+        while let Some(t) = src.mesh.poll_transmit() {
+            moved = true;
+            if t.dst != dst.addr {
+                continue;
+            }
+            if drop_first.is_some_and(|k| t.payload.first() == Some(&k)) {
+                *drop_first = None;
+                continue;
+            }
+            if let Received::Packet { packet, .. } = dst
+                .mesh
+                .handle_datagram(src.addr, &t.payload, &mut buf, now)
+            {
+                dst.delivered.push(packet.to_vec());
+            }
+        }
+        moved
+    }
+
+    fn setup(a_subnets: &[&str]) -> (Side, Side, Instant) {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let na = ca.node("a", "100.64.0.5/10", &["ci"], a_subnets, 86_400);
+        let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let now = Instant::now();
+        (
+            side(&na, ca.pool(), "198.18.0.2:4242", now),
+            side(&nb, ca.pool(), "198.18.0.3:4242", now),
+            now,
+        )
+    }
+
+    fn connect(a: &mut Side, b: &mut Side, now: Instant) -> PeerId {
+        let pb = a
+            .mesh
+            .add_peer(b.cert.clone(), &[b.addr], PeerRole::Node, now)
+            .unwrap();
+        let mut out = vec![0u8; 4096];
+        let first = build_udp_ipv4(A_IP, B_IP, 1000, 2000, b"first");
+        assert!(
+            a.mesh.encapsulate(pb, &first, &mut out, now).is_none(),
+            "queued behind the handshake"
+        );
+        exchange(a, b, now, None);
+        assert_eq!(
+            b.delivered,
+            vec![first],
+            "queued packet arrives once the handshake completes"
+        );
+        b.delivered.clear();
+        pb
+    }
+
+    fn send(a: &mut Side, b: &mut Side, peer: PeerId, packet: &[u8], now: Instant) {
+        let mut out = vec![0u8; 4096];
+        let (dst, bytes) = a
+            .mesh
+            .encapsulate(peer, packet, &mut out, now)
+            .expect("session up");
+        assert_eq!(dst, b.addr);
+        let bytes = bytes.to_vec();
+        let mut buf = vec![0u8; 4096];
+        if let Received::Packet { packet, .. } =
+            b.mesh.handle_datagram(a.addr, &bytes, &mut buf, now)
+        {
+            b.delivered.push(packet.to_vec());
+        }
+    }
+
+    #[test]
+    fn hello_then_handshake_then_data_both_ways() {
+        let (mut a, mut b, now) = setup(&[]);
+        let pb = connect(&mut a, &mut b, now);
+        assert!(a.mesh.is_connected(pb));
+        let pa = b
+            .mesh
+            .peer_by_overlay(A_IP)
+            .expect("b learned a from the handshake");
+        assert_eq!(b.mesh.peer_endpoint(pa), Some(a.addr));
+        let reply = build_udp_ipv4(B_IP, A_IP, 2000, 1000, b"reply");
+        send(&mut b, &mut a, pa, &reply, now);
+        assert_eq!(a.delivered, vec![reply]);
+        let status = a.mesh.peer_statuses();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].name, "b");
+        assert!(status[0].last_handshake_secs.is_some());
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped_and_counted() {
+        let (mut a, mut b, now) = setup(&[]);
+        let pb = connect(&mut a, &mut b, now);
+        let spoofed = build_udp_ipv4(Ipv4Addr::new(100, 64, 0, 99), B_IP, 1, 2, b"spoof");
+        send(&mut a, &mut b, pb, &spoofed, now);
+        assert!(b.delivered.is_empty());
+        assert_eq!(b.mesh.counters().spoofed_source_drops, 1);
+        assert_eq!(b.mesh.peer_statuses()[0].spoofed_source_drops, 1);
+    }
+
+    #[test]
+    fn source_inside_a_cert_subnet_is_accepted() {
+        let (mut a, mut b, now) = setup(&["198.19.0.0/24"]);
+        let pb = connect(&mut a, &mut b, now);
+        let routed = build_udp_ipv4(Ipv4Addr::new(198, 19, 0, 10), B_IP, 1, 2, b"routed");
+        send(&mut a, &mut b, pb, &routed, now);
+        assert_eq!(b.delivered, vec![routed]);
+        assert_eq!(b.mesh.counters().spoofed_source_drops, 0);
+    }
+
+    #[test]
+    fn peer_from_another_ca_gets_no_handshake_response() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let other = TestCa::new("other", &[], &[]);
+        let na = other.node("a", "100.64.0.5/10", &[], &[], 86_400);
+        let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let now = Instant::now();
+        // a trusts both CAs (so it accepts b), b trusts only its own.
+        let both = CaPool::new(vec![ca.cert.clone(), other.cert.clone()]).unwrap();
+        let mut a = side(&na, both, "198.18.0.2:4242", now);
+        let mut b = side(&nb, ca.pool(), "198.18.0.3:4242", now);
+        let pb = a
+            .mesh
+            .add_peer(b.cert.clone(), &[b.addr], PeerRole::Node, now)
+            .unwrap();
+        let mut out = vec![0u8; 4096];
+        a.mesh
+            .encapsulate(pb, &build_udp_ipv4(A_IP, B_IP, 1, 2, b"x"), &mut out, now);
+        exchange(&mut a, &mut b, now, None);
+        assert!(!a.mesh.is_connected(pb));
+        assert_eq!(b.mesh.peer_count(), 0);
+        assert!(b.delivered.is_empty());
+        assert!(b.mesh.counters().rejected_certs >= 1);
+        assert!(b.mesh.counters().unknown_handshake_keys >= 1);
+    }
+
+    #[test]
+    fn handshake_before_certificate_asks_for_it_and_recovers() {
+        let (mut a, mut b, now) = setup(&[]);
+        let pb = a
+            .mesh
+            .add_peer(b.cert.clone(), &[b.addr], PeerRole::Node, now)
+            .unwrap();
+        let mut out = vec![0u8; 4096];
+        let first = build_udp_ipv4(A_IP, B_IP, 1, 2, b"first");
+        a.mesh.encapsulate(pb, &first, &mut out, now);
+        exchange(&mut a, &mut b, now, Some(crate::wire::TYPE_HELLO));
+        assert!(
+            a.mesh.is_connected(pb),
+            "b asked for the cert, a resent its handshake"
+        );
+        assert_eq!(b.delivered, vec![first]);
+    }
+
+    #[test]
+    fn expired_peer_is_disconnected_on_the_fake_clock() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let na = ca.node("a", "100.64.0.5/10", &[], &[], 100);
+        let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let now = Instant::now();
+        let mut a = side(&na, ca.pool(), "198.18.0.2:4242", now);
+        let mut b = side(&nb, ca.pool(), "198.18.0.3:4242", now);
+        connect(&mut a, &mut b, now);
+        assert_eq!(b.mesh.peer_count(), 1);
+        while b.mesh.poll_event().is_some() {}
+        b.mesh.handle_timeout(now + Duration::from_secs(50));
+        assert_eq!(b.mesh.peer_count(), 1, "still valid");
+        b.mesh.handle_timeout(now + Duration::from_secs(102));
+        assert_eq!(b.mesh.peer_count(), 0);
+        let removed = std::iter::from_fn(|| b.mesh.poll_event()).any(|e| {
+            matches!(e, MeshEvent::PeerRemoved { reason: RemoveReason::CertExpired, overlay_ip, .. } if overlay_ip == A_IP)
+        });
+        assert!(removed);
+        assert_eq!(b.mesh.counters().expired_peers, 1);
+    }
+
+    #[test]
+    fn idle_peers_are_forgotten_but_lighthouses_kept() {
+        let (mut a, mut b, now) = setup(&[]);
+        connect(&mut a, &mut b, now);
+        let later = now + Duration::from_secs(301);
+        a.mesh.handle_timeout(later);
+        assert_eq!(a.mesh.peer_count(), 0);
+        let (mut a, mut b, now) = setup(&[]);
+        a.mesh
+            .add_peer(b.cert.clone(), &[b.addr], PeerRole::Lighthouse, now)
+            .unwrap();
+        exchange(&mut a, &mut b, now, None);
+        a.mesh.handle_timeout(now + Duration::from_secs(301));
+        assert_eq!(a.mesh.peer_count(), 1);
+    }
+
+    #[test]
+    fn roaming_moves_the_endpoint_on_an_authenticated_packet() {
+        let (mut a, mut b, now) = setup(&[]);
+        let pb = connect(&mut a, &mut b, now);
+        a.addr = "198.18.0.77:5000".parse().unwrap();
+        send(
+            &mut a,
+            &mut b,
+            pb,
+            &build_udp_ipv4(A_IP, B_IP, 1, 2, b"moved"),
+            now,
+        );
+        let pa = b.mesh.peer_by_overlay(A_IP).unwrap();
+        assert_eq!(b.mesh.peer_endpoint(pa), Some(a.addr));
+        // A forged datagram from elsewhere does not move it.
+        let mut buf = vec![0u8; 4096];
+        let mut forged = vec![4u8, 0, 0, 0];
+        forged.extend_from_slice(&(pa.0 << 8).to_le_bytes());
+        forged.extend_from_slice(&[0u8; 40]);
+        b.mesh
+            .handle_datagram("198.18.0.66:1".parse().unwrap(), &forged, &mut buf, now);
+        assert_eq!(b.mesh.peer_endpoint(pa), Some(a.addr));
+    }
+
+    #[test]
+    fn garbage_datagrams_are_counted_never_panic() {
+        let (_, mut b, now) = setup(&[]);
+        let mut buf = vec![0u8; 4096];
+        let from: SocketAddr = "198.18.0.9:1".parse().unwrap();
+        for g in [
+            &[][..],
+            &[0],
+            &[1],
+            &[2, 0, 0],
+            &[4, 1, 2, 3, 4, 5, 6, 7],
+            &[0x10, 0, 0],
+            &[0x40, 1],
+            &[1; 148],
+        ] {
+            assert_eq!(
+                b.mesh.handle_datagram(from, g, &mut buf, now),
+                Received::Nothing
+            );
+        }
+        assert!(b.mesh.counters().unknown_datagrams >= 2);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let (_, mut b, now) = setup(&[]);
+            let mut buf = vec![0u8; 4096];
+            let _ = b.mesh.handle_datagram("198.18.0.9:1".parse().unwrap(), &bytes, &mut buf, now);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Certificates for tests: a CA and node certs made in memory. Panics on
+//! error, which is what a test wants.
+
+use crate::cert::{
+    self_sign_ca, sign_node, CaPool, Cert, CertBody, CertKind, Fingerprint, VerifiedCert,
+};
+use crate::keys::{CaSecretKey, NodeSecretKey};
+
+/// Unix time used as "now" by tests that need a fixed clock.
+pub const TEST_NOW: u64 = 1_800_000_000;
+
+pub struct TestCa {
+    pub cert: Cert,
+    pub key: CaSecretKey,
+}
+
+/// A node's certificate and key, plus the pool that verifies it.
+pub struct TestNode {
+    pub cert: Cert,
+    pub key: NodeSecretKey,
+}
+
+impl TestCa {
+    /// A CA valid from a day before [`TEST_NOW`] to a year after, with constraints.
+    pub fn new(name: &str, ips: &[&str], groups: &[&str]) -> TestCa {
+        let key = CaSecretKey::generate();
+        let body = CertBody {
+            kind: CertKind::Ca,
+            name: name.to_string(),
+            ips: ips.iter().map(|s| parse_net(s)).collect(),
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            subnets: vec![],
+            not_before: TEST_NOW - 86_400,
+            not_after: TEST_NOW + 365 * 86_400,
+            public_key: key.public_bytes(),
+            issuer: Fingerprint([0; 32]),
+        };
+        let cert = self_sign_ca(body, &key).unwrap_or_else(|e| panic!("test CA: {e}"));
+        TestCa { cert, key }
+    }
+
+    pub fn pool(&self) -> CaPool {
+        CaPool::new(vec![self.cert.clone()]).unwrap_or_else(|e| panic!("test pool: {e}"))
+    }
+
+    /// A node cert valid from an hour before [`TEST_NOW`] for `lifetime_secs` after it.
+    pub fn node(
+        &self,
+        name: &str,
+        ip: &str,
+        groups: &[&str],
+        subnets: &[&str],
+        lifetime_secs: u64,
+    ) -> TestNode {
+        let key = NodeSecretKey::generate();
+        let body = CertBody {
+            kind: CertKind::Node,
+            name: name.to_string(),
+            ips: vec![parse_net(ip)],
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            subnets: subnets.iter().map(|s| parse_net(s)).collect(),
+            not_before: TEST_NOW - 3600,
+            not_after: TEST_NOW + lifetime_secs,
+            public_key: key.public_bytes(),
+            issuer: Fingerprint([0; 32]),
+        };
+        let cert = sign_node(&self.cert, &self.key, body, TEST_NOW)
+            .unwrap_or_else(|e| panic!("test node cert: {e}"));
+        TestNode { cert, key }
+    }
+}
+
+impl TestNode {
+    pub fn verified(&self, pool: &CaPool) -> VerifiedCert {
+        pool.verify(&self.cert, TEST_NOW)
+            .unwrap_or_else(|e| panic!("test node verify: {e}"))
+    }
+}
+
+fn parse_net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap_or_else(|e| panic!("bad net {s}: {e}"))
+}

@@ -1,0 +1,1 @@
+//! Helpers for loopback integration tests.

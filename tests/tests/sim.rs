@@ -1,0 +1,332 @@
+//! Deterministic multi-node simulation over the sans-IO cores: a lighthouse
+//! and nodes on a simulated network, one clock advanced by hand. No sockets,
+//! no root, milliseconds.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use tern_lighthouse::proto::lighthouse::LighthouseCore;
+use tern_lighthouse::proto::registry::Registry;
+use tern_node::proto::node::{LighthouseTarget, NodeCore};
+use tern_shared::cert::LIGHTHOUSE_GROUP;
+use tern_shared::mesh::{Mesh, MeshSettings, TIMER_TICK};
+use tern_shared::packet::build_udp_ipv4;
+use tern_shared::testing::{TestCa, TestNode, TEST_NOW};
+
+const LH_ADDR: &str = "198.18.0.1:4242";
+
+enum Host {
+    Node {
+        core: Box<NodeCore>,
+        tun: Vec<Vec<u8>>,
+    },
+    Lighthouse(Box<LighthouseCore>),
+}
+
+struct Net {
+    hosts: BTreeMap<SocketAddr, Host>,
+    now: Instant,
+    /// Datagrams delivered, by first byte, for assertions.
+    delivered: usize,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+impl Net {
+    fn new() -> Net {
+        Net {
+            hosts: BTreeMap::new(),
+            now: Instant::now(),
+            delivered: 0,
+        }
+    }
+
+    fn add_lighthouse(&mut self, ca: &TestCa, node: &TestNode) {
+        let pool = ca.pool();
+        let cert = node.verified(&pool);
+        let mesh = Mesh::new(
+            node.key.static_secret(),
+            &cert,
+            pool,
+            MeshSettings {
+                keepalive: None,
+                ..MeshSettings::default()
+            },
+            self.now,
+            TEST_NOW,
+        );
+        let core = LighthouseCore::new(
+            mesh,
+            &cert,
+            Registry::new(Duration::from_secs(30), 1000),
+            self.now,
+        );
+        self.hosts
+            .insert(addr(LH_ADDR), Host::Lighthouse(Box::new(core)));
+    }
+
+    fn add_node(&mut self, ca: &TestCa, node: &TestNode, at: &str) {
+        let pool = ca.pool();
+        let cert = node.verified(&pool);
+        let mesh = Mesh::new(
+            node.key.static_secret(),
+            &cert,
+            pool,
+            MeshSettings::default(),
+            self.now,
+            TEST_NOW,
+        );
+        let target = LighthouseTarget {
+            endpoint: addr(LH_ADDR),
+            name: None,
+        };
+        let mut core = NodeCore::new(mesh, &cert, vec![target], self.now);
+        core.set_local_endpoints(vec![addr(at)]);
+        self.hosts.insert(
+            addr(at),
+            Host::Node {
+                core: Box::new(core),
+                tun: Vec::new(),
+            },
+        );
+    }
+
+    /// Delivers every queued datagram until the network is quiet.
+    fn settle(&mut self) {
+        let mut buf = vec![0u8; 65_536];
+        for _ in 0..200 {
+            let mut queue = Vec::new();
+            for (from, host) in self.hosts.iter_mut() {
+                let mut next = || match host {
+                    Host::Node { core, .. } => core.poll_transmit(),
+                    Host::Lighthouse(core) => core.poll_transmit(),
+                };
+                while let Some(t) = next() {
+                    queue.push((*from, t));
+                }
+            }
+            if queue.is_empty() {
+                return;
+            }
+            for (from, t) in queue {
+                self.delivered += 1;
+                match self.hosts.get_mut(&t.dst) {
+                    Some(Host::Node { core, tun }) => {
+                        if let Some(p) = core.handle_datagram(from, &t.payload, &mut buf, self.now)
+                        {
+                            tun.push(p.to_vec());
+                        }
+                    }
+                    Some(Host::Lighthouse(core)) => {
+                        core.handle_datagram(from, &t.payload, self.now)
+                    }
+                    None => {}
+                }
+            }
+        }
+        panic!("network did not settle");
+    }
+
+    /// Advances the clock in timer ticks, running every host's timers.
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += TIMER_TICK;
+            for host in self.hosts.values_mut() {
+                match host {
+                    Host::Node { core, .. } => core.handle_timeout(self.now),
+                    Host::Lighthouse(core) => core.handle_timeout(self.now),
+                }
+            }
+            self.settle();
+        }
+    }
+
+    fn node(&mut self, at: &str) -> (&mut NodeCore, &mut Vec<Vec<u8>>) {
+        match self.hosts.get_mut(&addr(at)) {
+            Some(Host::Node { core, tun }) => (core, tun),
+            _ => panic!("no node at {at}"),
+        }
+    }
+
+    fn lighthouse(&mut self) -> &mut LighthouseCore {
+        match self.hosts.get_mut(&addr(LH_ADDR)) {
+            Some(Host::Lighthouse(core)) => core,
+            _ => panic!("no lighthouse"),
+        }
+    }
+
+    /// A packet written to `at`'s TUN device.
+    fn send_from_tun(&mut self, at: &str, packet: &[u8]) {
+        let now = self.now;
+        let mut out = vec![0u8; 65_536];
+        let from = addr(at);
+        let (core, _) = self.node(at);
+        let sent = core
+            .handle_tun_packet(packet, &mut out, now)
+            .map(|(dst, b)| (dst, b.to_vec()));
+        if let Some((dst, bytes)) = sent {
+            let mut buf = vec![0u8; 65_536];
+            if let Some(Host::Node { core, tun }) = self.hosts.get_mut(&dst) {
+                if let Some(p) = core.handle_datagram(from, &bytes, &mut buf, now) {
+                    tun.push(p.to_vec());
+                }
+            }
+        }
+        self.settle();
+    }
+
+    fn registered(&mut self, at: &str) -> bool {
+        self.node(at)
+            .0
+            .status()
+            .lighthouses
+            .iter()
+            .all(|l| l.registered)
+    }
+}
+
+struct Lab {
+    net: Net,
+    ca: TestCa,
+}
+
+const A: &str = "198.18.0.2:4242";
+const B: &str = "198.18.0.3:4242";
+const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
+const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 6);
+
+fn lab() -> Lab {
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let mut net = Net::new();
+    net.add_lighthouse(
+        &ca,
+        &ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
+    );
+    net.add_node(&ca, &ca.node("a", "100.64.0.5/10", &["ci"], &[], 86_400), A);
+    net.add_node(&ca, &ca.node("b", "100.64.0.6/10", &[], &[], 86_400), B);
+    net.run_for(Duration::from_secs(1));
+    Lab { net, ca }
+}
+
+#[test]
+fn nodes_register_and_meet_through_the_lighthouse() {
+    let mut lab = lab();
+    assert!(lab.net.registered(A));
+    assert!(lab.net.registered(B));
+    assert_eq!(lab.net.lighthouse().registry().len(), 2);
+
+    let ping = build_udp_ipv4(A_IP, B_IP, 5000, 6000, b"hello b");
+    lab.net.send_from_tun(A, &ping);
+    assert_eq!(
+        lab.net.node(B).1,
+        &vec![ping],
+        "the first packet waits for the lookup, then arrives"
+    );
+
+    let pong = build_udp_ipv4(B_IP, A_IP, 6000, 5000, b"hello a");
+    lab.net.send_from_tun(B, &pong);
+    assert_eq!(lab.net.node(A).1, &vec![pong]);
+
+    let status = lab.net.node(A).0.status();
+    let peer_b = status
+        .peers
+        .iter()
+        .find(|p| p.name == "b")
+        .expect("b in a's peers");
+    assert_eq!(peer_b.endpoint, Some(addr(B)));
+    assert!(peer_b.last_handshake_secs.is_some());
+    assert!(status.lighthouses[0].observed == Some(addr(A)));
+}
+
+#[test]
+fn established_tunnel_survives_lighthouse_loss_and_nodes_reregister_after_restart() {
+    let mut lab = lab();
+    lab.net
+        .send_from_tun(A, &build_udp_ipv4(A_IP, B_IP, 1, 2, b"warm up"));
+    lab.net.node(B).1.clear();
+
+    // The lighthouse dies: the existing tunnel carries on.
+    let lighthouse = lab.net.hosts.remove(&addr(LH_ADDR));
+    assert!(lighthouse.is_some());
+    lab.net.run_for(Duration::from_secs(20));
+    let p = build_udp_ipv4(A_IP, B_IP, 1, 2, b"still here");
+    lab.net.send_from_tun(A, &p);
+    assert_eq!(lab.net.node(B).1, &vec![p]);
+    assert!(!lab.net.registered(A), "a noticed the lighthouse is gone");
+
+    // A new lighthouse process (empty registry) at the same address.
+    let lh = lab
+        .ca
+        .node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400);
+    lab.net.add_lighthouse(&lab.ca, &lh);
+    lab.net.run_for(Duration::from_secs(6));
+    assert!(lab.net.registered(A), "a re-registered by itself");
+    assert!(lab.net.registered(B), "b re-registered by itself");
+    assert_eq!(lab.net.lighthouse().registry().len(), 2);
+
+    // A node that joins now meets an old one through the new lighthouse.
+    let c = lab.ca.node("c", "100.64.0.7/10", &[], &[], 86_400);
+    lab.net.add_node(&lab.ca, &c, "198.18.0.4:4242");
+    lab.net.run_for(Duration::from_secs(1));
+    let p = build_udp_ipv4(Ipv4Addr::new(100, 64, 0, 7), A_IP, 1, 2, b"from c");
+    lab.net.send_from_tun("198.18.0.4:4242", &p);
+    assert_eq!(lab.net.node(A).1, &vec![p]);
+}
+
+#[test]
+fn node_from_another_ca_registers_nowhere_and_reaches_no_one() {
+    let mut lab = lab();
+    let rogue_ca = TestCa::new("rogue", &[], &[]);
+    let rogue = rogue_ca.node("rogue", "100.64.0.66/10", &[], &[], 86_400);
+    // The rogue trusts our CA too, so only our side's checks stand in its way.
+    lab.net.add_node(&rogue_ca, &rogue, "198.18.0.66:4242");
+    lab.net.run_for(Duration::from_secs(3));
+    assert!(!lab.net.registered("198.18.0.66:4242"));
+    assert_eq!(lab.net.lighthouse().registry().len(), 2);
+    let now = lab.net.now;
+    assert!(
+        lab.net
+            .lighthouse()
+            .status(now)
+            .mesh_counters
+            .rejected_certs
+            > 0
+    );
+    lab.net.send_from_tun(
+        "198.18.0.66:4242",
+        &build_udp_ipv4(Ipv4Addr::new(100, 64, 0, 66), A_IP, 1, 2, b"let me in"),
+    );
+    assert!(lab.net.node(A).1.is_empty());
+}
+
+#[test]
+fn unknown_address_times_out_and_waiting_packets_are_dropped() {
+    let mut lab = lab();
+    lab.net.send_from_tun(
+        A,
+        &build_udp_ipv4(A_IP, Ipv4Addr::new(100, 64, 9, 9), 1, 2, b"nobody"),
+    );
+    lab.net.run_for(Duration::from_secs(16));
+    let status = lab.net.node(A).0.status();
+    assert_eq!(status.node_counters.lookup_timeouts, 1);
+    assert!(status
+        .peers
+        .iter()
+        .all(|p| p.overlay_ip != Ipv4Addr::new(100, 64, 9, 9)));
+}
+
+#[test]
+fn deregistered_node_is_forgotten_at_once() {
+    let mut lab = lab();
+    let now = lab.net.now;
+    lab.net.node(B).0.shutdown(now);
+    lab.net.settle();
+    lab.net.hosts.remove(&addr(B));
+    assert_eq!(lab.net.lighthouse().registry().len(), 1);
+}
