@@ -1,0 +1,473 @@
+//! The core mesh on real kernels: a lighthouse and nodes, each in its own
+//! network namespace on a 198.18.0.0/24 "internet", real TUN devices, real
+//! ping, curl and python's http.server across the overlay.
+//! Needs root; skipped elsewhere (fails instead when `CI=true`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tern_netns_tests::{
+    require_root, require_tools, serial, wait_until, workspace_bin, Lab, Ns, Proc,
+};
+
+const LH_UNDERLAY: &str = "198.18.0.1";
+
+/// Runs `tern` (certificate commands need no namespace) and returns stdout.
+fn tern(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(workspace_bin("tern"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running tern {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "tern {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn make_ca(dir: &Path, name: &str) {
+    tern(
+        dir,
+        &[
+            "cert",
+            "ca",
+            "--name",
+            name,
+            "--out-crt",
+            &format!("{name}.crt"),
+            "--out-key",
+            &format!("{name}.key"),
+        ],
+    );
+}
+
+fn sign(dir: &Path, ca: &str, name: &str, ip: &str, extra: &[&str]) {
+    let mut args = vec![
+        "cert",
+        "sign",
+        "--ca-crt",
+        &format!("{ca}.crt"),
+        "--ca-key",
+        &format!("{ca}.key"),
+        "--name",
+        name,
+        "--ip",
+        ip,
+        "--out-key",
+        &format!("{name}.key"),
+        "--out-crt",
+        &format!("{name}.crt"),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    tern(dir, &args);
+}
+
+fn write_node_config(dir: &Path, name: &str, ca_file: &str) -> PathBuf {
+    write_node_config_with(dir, name, ca_file, &[])
+}
+
+/// A node config listing extra "lighthouse" endpoints besides the real one.
+fn write_node_config_with(
+    dir: &Path,
+    name: &str,
+    ca_file: &str,
+    extra_lighthouses: &[&str],
+) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let extra: String = extra_lighthouses
+        .iter()
+        .map(|e| format!("[[lighthouses]]\nendpoint = \"{e}\"\n"))
+        .collect();
+    let text = format!(
+        r#"[pki]
+ca = "{ca_file}"
+cert = "{name}.crt"
+key = "{name}.key"
+[listen]
+addr = "0.0.0.0:4242"
+[[lighthouses]]
+endpoint = "{LH_UNDERLAY}:4242"
+{extra}[tun]
+name = "tern0"
+mtu = 1420
+[api]
+socket = "{name}.sock"
+[log]
+level = "debug"
+"#
+    );
+    fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+fn write_lighthouse_config(dir: &Path) -> PathBuf {
+    let path = dir.join("lighthouse.toml");
+    let text = r#"[pki]
+ca = "ca.crt"
+cert = "lh1.crt"
+key = "lh1.key"
+[listen]
+addr = "0.0.0.0:4242"
+[api]
+socket = "lh1.sock"
+[log]
+level = "debug"
+"#;
+    fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+fn start_node(ns: &Ns, config: &Path, name: &str) -> Proc {
+    let bin = workspace_bin("tern");
+    let config = config.to_string_lossy().into_owned();
+    ns.spawn(&bin.to_string_lossy(), ["up", "--config", &config], name)
+}
+
+fn start_lighthouse(ns: &Ns, config: &Path) -> Proc {
+    let bin = workspace_bin("tern-lighthouse");
+    let config = config.to_string_lossy().into_owned();
+    ns.spawn(&bin.to_string_lossy(), ["--config", &config], "lighthouse")
+}
+
+/// `tern status --json` of the node whose API socket is `dir/name.sock`.
+fn status(dir: &Path, name: &str) -> Value {
+    let socket = dir.join(format!("{name}.sock"));
+    let out = tern(
+        dir,
+        &["status", "--socket", &socket.to_string_lossy(), "--json"],
+    );
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("status of {name} is not JSON ({e}): {out}"))
+}
+
+fn pings(ns: &Ns, ip: &str) -> bool {
+    ns.exec("ping", ["-c1", "-W1", ip]).status.success()
+}
+
+fn sha256_file(path: &Path) -> String {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    format!("{:x}", Sha256::digest(&bytes))
+}
+
+fn counter(status: &Value, group: &str, name: &str) -> u64 {
+    status[group][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {group}.{name} in {status}"))
+}
+
+/// The whole life of a small mesh: meet, ping, move 50 MB, refuse a stranger
+/// and a spoofer, lose the lighthouse, get it back.
+#[test]
+fn lighthouse_and_two_nodes_ping_transfer_and_survive_the_lighthouse() {
+    let test = "lighthouse_and_two_nodes";
+    if !require_root(test) || !require_tools(test, &["ping", "curl", "python3"]) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new("mesh");
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let a = lab.add_ns("a");
+    let b = lab.add_ns("b");
+    lab.connect_to_wan(&lh, "198.18.0.1/24");
+    lab.connect_to_wan(&a, "198.18.0.2/24");
+    lab.connect_to_wan(&b, "198.18.0.3/24");
+
+    make_ca(&dir, "ca");
+    sign(
+        &dir,
+        "ca",
+        "lh1",
+        "100.64.0.1/10",
+        &["--groups", "lighthouse"],
+    );
+    sign(&dir, "ca", "a", "100.64.0.5/10", &["--groups", "ci"]);
+    sign(&dir, "ca", "b", "100.64.0.6/10", &[]);
+    let lh_config = write_lighthouse_config(&dir);
+    let mut lighthouse = start_lighthouse(&lh, &lh_config);
+    let _a = start_node(&a, &write_node_config(&dir, "a", "ca.crt"), "node-a");
+    let _b = start_node(&b, &write_node_config(&dir, "b", "ca.crt"), "node-b");
+
+    // 1. Both register; a reaches b's overlay address by ping.
+    wait_until(
+        "a and b register with the lighthouse",
+        Duration::from_secs(15),
+        || {
+            dir.join("a.sock").exists()
+                && dir.join("b.sock").exists()
+                && status(&dir, "a")["lighthouses"][0]["registered"] == true
+                && status(&dir, "b")["lighthouses"][0]["registered"] == true
+        },
+    );
+    wait_until(
+        "a pings b over the overlay",
+        Duration::from_secs(15),
+        || pings(&a, "100.64.0.6"),
+    );
+    assert!(pings(&b, "100.64.0.5"), "b pings a back");
+    let sa = status(&dir, "a");
+    let peer_b = sa["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "b"))
+        .unwrap_or_else(|| panic!("b missing from a's peers: {sa}"));
+    assert_eq!(peer_b["endpoint"], "198.18.0.3:4242");
+    assert!(peer_b["last_handshake_secs"].is_number());
+
+    // 2. 50 MB over TCP, served by python's http.server, fetched by curl, hashed.
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap_or_else(|e| panic!("mkdir www: {e}"));
+    let blob = www.join("blob.bin");
+    let out = a.exec("head", ["-c", "52428800", "/dev/urandom"]);
+    fs::write(&blob, &out.stdout).unwrap_or_else(|e| panic!("write blob: {e}"));
+    assert_eq!(out.stdout.len(), 52_428_800);
+    let mut server = b.command("python3");
+    server
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "100.64.0.6",
+            "8080",
+            "--directory",
+        ])
+        .arg(&www);
+    let _server = b.spawn_command(server, "http-server");
+    wait_until(
+        "http server on b's overlay address",
+        Duration::from_secs(10),
+        || {
+            a.exec(
+                "curl",
+                [
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "2",
+                    "http://100.64.0.6:8080/",
+                ],
+            )
+            .status
+            .success()
+        },
+    );
+    let got = dir.join("got.bin");
+    let fetched = a.exec(
+        "curl",
+        [
+            "-sS",
+            "--max-time",
+            "120",
+            "-o",
+            &got.to_string_lossy(),
+            "http://100.64.0.6:8080/blob.bin",
+        ],
+    );
+    assert!(
+        fetched.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    assert_eq!(
+        sha256_file(&got),
+        sha256_file(&blob),
+        "50 MB arrived intact"
+    );
+    fs::remove_file(&got).ok();
+
+    // 3. Spoofed inner source: a's kernel sends from an address a's cert does
+    //    not carry; b drops it and counts it.
+    a.ip(["addr", "add", "100.64.0.99/32", "dev", "tern0"]);
+    let spoofed_before = counter(&status(&dir, "b"), "mesh_counters", "spoofed_source_drops");
+    let spoof = a.exec(
+        "ping",
+        ["-c3", "-i0.2", "-W1", "-I", "100.64.0.99", "100.64.0.6"],
+    );
+    assert!(
+        !spoof.status.success(),
+        "b must not answer a spoofed source"
+    );
+    wait_until(
+        "b counts the spoofed packets",
+        Duration::from_secs(5),
+        || {
+            counter(&status(&dir, "b"), "mesh_counters", "spoofed_source_drops")
+                >= spoofed_before + 3
+        },
+    );
+    a.ip(["addr", "del", "100.64.0.99/32", "dev", "tern0"]);
+
+    // 4. A node with a certificate from another CA reaches no one. It trusts
+    //    our CA too, so only our side's checks keep it out; besides the real
+    //    lighthouse it knocks directly on a's underlay address.
+    make_ca(&dir, "rogue-ca");
+    sign(&dir, "rogue-ca", "rogue", "100.64.0.66/10", &[]);
+    let both = fs::read_to_string(dir.join("ca.crt")).unwrap_or_default()
+        + &fs::read_to_string(dir.join("rogue-ca.crt")).unwrap_or_default();
+    fs::write(dir.join("both-cas.crt"), both).unwrap_or_else(|e| panic!("write both-cas: {e}"));
+    let r = lab.add_ns("r");
+    lab.connect_to_wan(&r, "198.18.0.66/24");
+    let a_rejected_before = counter(&status(&dir, "a"), "mesh_counters", "rejected_certs");
+    let rogue_config = write_node_config_with(&dir, "rogue", "both-cas.crt", &["198.18.0.2:4242"]);
+    let rogue = start_node(&r, &rogue_config, "node-rogue");
+    wait_until(
+        "the lighthouse and a refuse the stranger's certificate",
+        Duration::from_secs(10),
+        || {
+            lighthouse_status(&dir)["mesh_counters"]["rejected_certs"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+                && counter(&status(&dir, "a"), "mesh_counters", "rejected_certs")
+                    > a_rejected_before
+        },
+    );
+    assert!(
+        !pings(&r, "100.64.0.5"),
+        "a stranger's ping must not arrive"
+    );
+    assert!(!pings(&r, "100.64.0.6"));
+    let rs = status(&dir, "rogue");
+    assert!(
+        rs["lighthouses"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|l| l["registered"] == false)),
+        "{rs}"
+    );
+    assert!(rs["peers"].as_array().is_some_and(|p| p.is_empty()), "{rs}");
+    let lh_status = lighthouse_status(&dir);
+    assert!(
+        lh_status["nodes"].as_array().is_some_and(|n| n.len() == 2),
+        "{lh_status}"
+    );
+    drop(rogue);
+
+    // 5. The lighthouse dies: the established tunnel keeps working.
+    lighthouse.kill_hard();
+    assert!(pings(&a, "100.64.0.6"), "tunnel survives the lighthouse");
+    let fetched = a.exec(
+        "curl",
+        [
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "http://100.64.0.6:8080/blob.bin",
+        ],
+    );
+    assert!(fetched.status.success());
+
+    // 6. It comes back: old nodes re-register by themselves, and a new pair
+    //    of nodes meets through it.
+    lighthouse = start_lighthouse(&lh, &lh_config);
+    wait_until(
+        "a and b re-register after the restart",
+        Duration::from_secs(20),
+        || {
+            lighthouse_status(&dir)["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 2)
+        },
+    );
+    sign(&dir, "ca", "c", "100.64.0.7/10", &[]);
+    sign(&dir, "ca", "d", "100.64.0.8/10", &[]);
+    let c = lab.add_ns("c");
+    let d = lab.add_ns("d");
+    lab.connect_to_wan(&c, "198.18.0.4/24");
+    lab.connect_to_wan(&d, "198.18.0.5/24");
+    let _c = start_node(&c, &write_node_config(&dir, "c", "ca.crt"), "node-c");
+    let _d = start_node(&d, &write_node_config(&dir, "d", "ca.crt"), "node-d");
+    wait_until(
+        "new node c pings new node d",
+        Duration::from_secs(20),
+        || pings(&c, "100.64.0.8"),
+    );
+    assert!(pings(&c, "100.64.0.5"), "and the old node a");
+    assert!(lighthouse.is_running());
+}
+
+fn lighthouse_status(dir: &Path) -> Value {
+    let out = std::process::Command::new(workspace_bin("tern-lighthouse"))
+        .args(["status", "--socket"])
+        .arg(dir.join("lh1.sock"))
+        .arg("--json")
+        .output()
+        .unwrap_or_else(|e| panic!("tern-lighthouse status: {e}"));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Certificates that expire: a node refuses to start with its own expired
+/// certificate, and a peer whose certificate expires while connected is
+/// disconnected and refused afterwards.
+#[test]
+fn expired_certificates_are_refused() {
+    let test = "expired_certificates_are_refused";
+    if !require_root(test) || !require_tools(test, &["ping"]) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new("expiry");
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let a = lab.add_ns("a");
+    let s = lab.add_ns("s");
+    lab.connect_to_wan(&lh, "198.18.0.1/24");
+    lab.connect_to_wan(&a, "198.18.0.2/24");
+    lab.connect_to_wan(&s, "198.18.0.3/24");
+    make_ca(&dir, "ca");
+    sign(
+        &dir,
+        "ca",
+        "lh1",
+        "100.64.0.1/10",
+        &["--groups", "lighthouse"],
+    );
+    sign(&dir, "ca", "a", "100.64.0.5/10", &[]);
+    sign(&dir, "ca", "short", "100.64.0.9/10", &["--duration", "12s"]);
+    let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
+    let _a = start_node(&a, &write_node_config(&dir, "a", "ca.crt"), "node-a");
+    let short_config = write_node_config(&dir, "short", "ca.crt");
+    let short = start_node(&s, &short_config, "node-short");
+
+    wait_until("short-lived node pings a", Duration::from_secs(10), || {
+        pings(&s, "100.64.0.5")
+    });
+    wait_until(
+        "a disconnects the expired peer",
+        Duration::from_secs(20),
+        || counter(&status(&dir, "a"), "mesh_counters", "expired_peers") >= 1,
+    );
+    assert!(
+        !pings(&s, "100.64.0.5"),
+        "an expired certificate reaches no one"
+    );
+    let peers = status(&dir, "a")["peers"].clone();
+    assert!(
+        peers
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(|p| p["name"] != "short")),
+        "{peers}"
+    );
+    drop(short);
+
+    // Restarting with the expired certificate fails with a clear reason.
+    let out = s.exec(
+        &workspace_bin("tern").to_string_lossy(),
+        ["up", "--config", &short_config.to_string_lossy()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expired"), "error names the expiry: {err}");
+}
