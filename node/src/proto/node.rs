@@ -204,7 +204,11 @@ impl NodeCore {
         if let Some(peer) = self.mesh.peer_by_overlay(dst) {
             return self.mesh.encapsulate(peer, packet, out, now);
         }
-        if dst == self.overlay_ip || !self.overlay_net.contains(&dst) || dst.is_broadcast() {
+        if dst == self.overlay_ip
+            || !self.overlay_net.contains(&dst)
+            || dst == self.overlay_net.broadcast()
+            || dst == self.overlay_net.network()
+        {
             self.counters.no_route_drops += 1;
             return None;
         }
@@ -564,5 +568,185 @@ impl NodeCore {
         let id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
         id
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tern_shared::mesh::MeshSettings;
+    use tern_shared::testing::{TestCa, TEST_NOW};
+
+    fn node(ca: &TestCa) -> NodeCore {
+        let me = ca.node("me", "100.64.0.5/10", &[], &[], 86_400);
+        let pool = ca.pool();
+        let cert = me.verified(&pool);
+        let now = Instant::now();
+        let mesh = Mesh::new(
+            me.key.static_secret(),
+            &cert,
+            pool,
+            MeshSettings::default(),
+            now,
+            TEST_NOW,
+        );
+        let lh = LighthouseTarget {
+            endpoint: "198.18.0.1:4242".parse().unwrap(),
+            name: None,
+        };
+        NodeCore::new(mesh, &cert, vec![lh], now)
+    }
+
+    fn ask(core: &mut NodeCore, ip: Ipv4Addr) {
+        let packet = build_udp_ipv4(core.overlay_ip(), ip, 1, 2, b"x");
+        let mut out = vec![0u8; 2048];
+        assert!(core
+            .handle_tun_packet(&packet, &mut out, Instant::now())
+            .is_none());
+        assert!(core.lookups.contains_key(&ip));
+    }
+
+    #[test]
+    fn a_lying_lighthouse_cannot_make_a_node_accept_another_key() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let wanted = Ipv4Addr::new(100, 64, 0, 6);
+        ask(&mut core, wanted);
+        let endpoints = vec!["198.18.0.66:4242".parse().unwrap()];
+
+        // Another node's genuine certificate, offered as the answer for `wanted`.
+        let other = ca.node("other", "100.64.0.7/10", &[], &[], 86_400);
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: other.cert.encode(),
+                endpoints: endpoints.clone(),
+            },
+            Instant::now(),
+        );
+        // A certificate for `wanted` from a CA this node does not trust.
+        let rogue_ca = TestCa::new("rogue", &[], &[]);
+        let forged = rogue_ca.node("impostor", "100.64.0.6/10", &[], &[], 86_400);
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: forged.cert.encode(),
+                endpoints: endpoints.clone(),
+            },
+            Instant::now(),
+        );
+        // Garbage.
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: vec![0xde, 0xad],
+                endpoints,
+            },
+            Instant::now(),
+        );
+
+        assert_eq!(core.counters.lying_lighthouse_answers, 3);
+        assert!(core.mesh.peer_by_overlay(wanted).is_none());
+        assert!(core
+            .mesh
+            .peer_by_overlay(Ipv4Addr::new(100, 64, 0, 7))
+            .is_none());
+        assert!(
+            core.lookups.contains_key(&wanted),
+            "still waiting for a true answer"
+        );
+    }
+
+    #[test]
+    fn a_true_answer_creates_the_peer_and_sends_the_waiting_packet() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let wanted = Ipv4Addr::new(100, 64, 0, 6);
+        ask(&mut core, wanted);
+        let b = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let endpoint: SocketAddr = "198.18.0.3:4242".parse().unwrap();
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: b.cert.encode(),
+                endpoints: vec![endpoint],
+            },
+            Instant::now(),
+        );
+        assert!(core.mesh.peer_by_overlay(wanted).is_some());
+        assert!(!core.lookups.contains_key(&wanted));
+        let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
+        assert!(
+            sent.iter()
+                .any(|t| t.dst == endpoint && t.payload.first() == Some(&1)),
+            "a handshake initiation goes to the answered endpoint"
+        );
+    }
+
+    #[test]
+    fn only_a_lighthouse_certificate_is_accepted_at_a_lighthouse_endpoint() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let pool = ca.pool();
+        let lh_endpoint: SocketAddr = "198.18.0.1:4242".parse().unwrap();
+        let plain = ca.node("not-a-lighthouse", "100.64.0.1/10", &[], &[], 86_400);
+        core.maybe_lighthouse(lh_endpoint, plain.verified(&pool), Instant::now());
+        assert!(!matches!(core.links[0].state, LinkState::Up { .. }));
+        let real = ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400);
+        // From another address it is not this link's lighthouse.
+        core.maybe_lighthouse(
+            "198.18.0.9:4242".parse().unwrap(),
+            real.verified(&pool),
+            Instant::now(),
+        );
+        assert!(!matches!(core.links[0].state, LinkState::Up { .. }));
+        core.maybe_lighthouse(lh_endpoint, real.verified(&pool), Instant::now());
+        assert!(matches!(core.links[0].state, LinkState::Up { .. }));
+    }
+
+    #[test]
+    fn a_pinned_lighthouse_name_is_enforced() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        core.links[0].target.name = Some("lh-main".into());
+        let pool = ca.pool();
+        let lh_endpoint: SocketAddr = "198.18.0.1:4242".parse().unwrap();
+        let other = ca.node(
+            "lh-other",
+            "100.64.0.2/10",
+            &[LIGHTHOUSE_GROUP],
+            &[],
+            86_400,
+        );
+        core.maybe_lighthouse(lh_endpoint, other.verified(&pool), Instant::now());
+        assert!(!matches!(core.links[0].state, LinkState::Up { .. }));
+        let main = ca.node("lh-main", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400);
+        core.maybe_lighthouse(lh_endpoint, main.verified(&pool), Instant::now());
+        assert!(matches!(core.links[0].state, LinkState::Up { .. }));
+    }
+
+    #[test]
+    fn packets_outside_the_overlay_or_to_ourselves_are_not_looked_up() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let mut out = vec![0u8; 2048];
+        for dst in [
+            Ipv4Addr::new(198, 19, 0, 10),
+            Ipv4Addr::new(100, 64, 0, 5),
+            Ipv4Addr::new(100, 127, 255, 255),
+        ] {
+            let p = build_udp_ipv4(core.overlay_ip(), dst, 1, 2, b"x");
+            assert!(core
+                .handle_tun_packet(&p, &mut out, Instant::now())
+                .is_none());
+        }
+        assert!(core.lookups.is_empty());
+        assert_eq!(core.counters.no_route_drops, 3);
+        assert!(
+            core.handle_tun_packet(&[0x60, 0, 0], &mut out, Instant::now())
+                .is_none(),
+            "garbage"
+        );
     }
 }
