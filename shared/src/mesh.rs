@@ -779,19 +779,18 @@ impl Mesh {
             self.send_hello(from, false);
         }
         match self.by_key.get(&key).copied() {
-            Some(idx) => {
-                // The peer may have restarted and lost our certificate, or it
-                // asked for ours because our handshake reached it first: retry now.
-                let connected = self.peers.get(&idx).is_some_and(|p| p.connected);
-                if !connected {
-                    if let Some(p) = self.peers.get_mut(&idx) {
-                        if !p.candidates.contains(&from) && p.candidates.len() < 16 {
-                            p.candidates.push(from);
-                        }
+            Some(idx) if hello.wants_reply => {
+                // The peer does not know our certificate: it restarted, or our
+                // handshake reached it before our hello did. Handshake again
+                // now rather than at boringtun's next retry, seconds away.
+                if let Some(p) = self.peers.get_mut(&idx) {
+                    if !p.connected && !p.candidates.contains(&from) && p.candidates.len() < 16 {
+                        p.candidates.push(from);
                     }
-                    self.connect(PeerId(idx), true);
                 }
+                self.connect(PeerId(idx), true);
             }
+            Some(_) => {}
             None => self.remember(cert.clone(), now),
         }
         self.events.push_back(MeshEvent::HelloCert { from, cert });

@@ -47,6 +47,10 @@ impl Net {
     }
 
     fn add_lighthouse(&mut self, ca: &TestCa, node: &TestNode) {
+        self.add_lighthouse_at(ca, node, LH_ADDR);
+    }
+
+    fn add_lighthouse_at(&mut self, ca: &TestCa, node: &TestNode, at: &str) {
         let pool = ca.pool();
         let cert = node.verified(&pool);
         let mesh = Mesh::new(
@@ -67,10 +71,14 @@ impl Net {
             self.now,
         );
         self.hosts
-            .insert(addr(LH_ADDR), Host::Lighthouse(Box::new(core)));
+            .insert(addr(at), Host::Lighthouse(Box::new(core)));
     }
 
     fn add_node(&mut self, ca: &TestCa, node: &TestNode, at: &str) {
+        self.add_node_with(ca, node, at, &[LH_ADDR]);
+    }
+
+    fn add_node_with(&mut self, ca: &TestCa, node: &TestNode, at: &str, lighthouses: &[&str]) {
         let pool = ca.pool();
         let cert = node.verified(&pool);
         let mesh = Mesh::new(
@@ -81,11 +89,14 @@ impl Net {
             self.now,
             TEST_NOW,
         );
-        let target = LighthouseTarget {
-            endpoint: addr(LH_ADDR),
-            name: None,
-        };
-        let mut core = NodeCore::new(mesh, &cert, vec![target], self.now);
+        let targets = lighthouses
+            .iter()
+            .map(|l| LighthouseTarget {
+                endpoint: addr(l),
+                name: None,
+            })
+            .collect();
+        let mut core = NodeCore::new(mesh, &cert, targets, self.now);
         core.set_local_endpoints(vec![addr(at)]);
         self.hosts.insert(
             addr(at),
@@ -155,7 +166,11 @@ impl Net {
     }
 
     fn lighthouse(&mut self) -> &mut LighthouseCore {
-        match self.hosts.get_mut(&addr(LH_ADDR)) {
+        self.lighthouse_at(LH_ADDR)
+    }
+
+    fn lighthouse_at(&mut self, at: &str) -> &mut LighthouseCore {
+        match self.hosts.get_mut(&addr(at)) {
             Some(Host::Lighthouse(core)) => core,
             _ => panic!("no lighthouse"),
         }
@@ -329,4 +344,56 @@ fn deregistered_node_is_forgotten_at_once() {
     lab.net.settle();
     lab.net.hosts.remove(&addr(B));
     assert_eq!(lab.net.lighthouse().registry().len(), 1);
+}
+
+#[test]
+fn with_two_lighthouses_losing_either_changes_nothing_for_new_pairs() {
+    const LH2: &str = "198.18.0.10:4242";
+    for dead in [None, Some(LH_ADDR), Some(LH2)] {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let mut net = Net::new();
+        net.add_lighthouse(
+            &ca,
+            &ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
+        );
+        net.add_lighthouse_at(
+            &ca,
+            &ca.node("lh2", "100.64.0.2/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
+            LH2,
+        );
+        if let Some(dead) = dead {
+            net.hosts.remove(&addr(dead));
+        }
+        net.add_node_with(
+            &ca,
+            &ca.node("a", "100.64.0.5/10", &[], &[], 86_400),
+            A,
+            &[LH_ADDR, LH2],
+        );
+        net.add_node_with(
+            &ca,
+            &ca.node("b", "100.64.0.6/10", &[], &[], 86_400),
+            B,
+            &[LH_ADDR, LH2],
+        );
+        net.run_for(Duration::from_secs(2));
+        let status = net.node(A).0.status();
+        let expected = if dead.is_some() { 1 } else { 2 };
+        assert_eq!(
+            status.lighthouses.iter().filter(|l| l.registered).count(),
+            expected,
+            "{dead:?} down: {status:?}"
+        );
+        if dead.is_none() {
+            assert_eq!(
+                net.lighthouse_at(LH_ADDR).registry().len(),
+                2,
+                "registered with every lighthouse"
+            );
+            assert_eq!(net.lighthouse_at(LH2).registry().len(), 2);
+        }
+        let p = build_udp_ipv4(A_IP, B_IP, 1, 2, b"via the survivor");
+        net.send_from_tun(A, &p);
+        assert_eq!(net.node(B).1, &vec![p], "lighthouse {dead:?} down");
+    }
 }
