@@ -242,7 +242,12 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(());
     }
-    println!("lighthouse {} {}", reply["name"], reply["overlay_ip"]);
+    println!(
+        "lighthouse {} {}  (api {})",
+        reply["name"].as_str().unwrap_or("-"),
+        reply["overlay_ip"].as_str().unwrap_or("-"),
+        path.display()
+    );
     println!(
         "  {:<16} {:<15} {:<22} {:>10}",
         "NAME", "OVERLAY IP", "OBSERVED", "LAST SEEN"
