@@ -64,8 +64,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let overlay = cert.overlay_net();
     tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), "starting node");
 
-    let socket = UdpSocket::bind(config.listen.addr)
-        .await
+    let socket = bind_udp(config.listen.addr)
         .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
     let listen = socket.local_addr()?;
 
@@ -170,6 +169,27 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     drop(tun);
     tracing::info!("stopped; TUN device removed");
     Ok(())
+}
+
+/// Socket buffers big enough to absorb a burst at line rate while the event
+/// loop is busy with the other direction (the kernel caps them at rmem_max /
+/// wmem_max unless we run privileged, which `tern up` does).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+fn bind_udp(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (what, result) in [
+        ("receive", socket.set_recv_buffer_size(SOCKET_BUFFER)),
+        ("send", socket.set_send_buffer_size(SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not enlarge the UDP {what} buffer");
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(UdpSocket::from_std(socket.into())?)
 }
 
 async fn flush(core: &mut NodeCore, socket: &UdpSocket) {
