@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 use crate::proto::node::{LighthouseTarget, NodeCore};
 use api::{ApiCall, ApiRequest};
 
+/// Packets the kernel may queue on the TUN device for the daemon to read.
+const TUN_QUEUE_LEN: u32 = 5000;
+
 /// Largest datagram or TUN packet handled.
 const BUF_LEN: usize = 65_536;
 
@@ -72,6 +75,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .name(&config.tun.name)
         .ipv4(overlay.addr(), overlay.prefix_len(), None)
         .mtu(config.tun.mtu)
+        // The kernel's queue toward the daemon: the default 500 packets
+        // overflow in bursts while the loop serves the other direction.
+        .tx_queue_len(TUN_QUEUE_LEN)
         .build_async()
         .with_context(|| {
             format!(
@@ -172,21 +178,27 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 }
 
 /// Socket buffers big enough to absorb a burst at line rate while the event
-/// loop is busy with the other direction (the kernel caps them at rmem_max /
-/// wmem_max unless we run privileged, which `tern up` does).
+/// loop is busy with the other direction. `SO_RCVBUF`/`SO_SNDBUF` are capped
+/// at `net.core.rmem_max`/`wmem_max` (212992 bytes by default), so with
+/// CAP_NET_ADMIN (which `tern up` has for the TUN device anyway) the
+/// `*BUFFORCE` variants go past the cap; without it, the capped size is used.
 const SOCKET_BUFFER: usize = 4 << 20;
 
 fn bind_udp(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    use nix::sys::socket::{setsockopt, sockopt};
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    for (what, result) in [
-        ("receive", socket.set_recv_buffer_size(SOCKET_BUFFER)),
-        ("send", socket.set_send_buffer_size(SOCKET_BUFFER)),
-    ] {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not enlarge the UDP {what} buffer");
-        }
+    if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     }
+    if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    }
+    tracing::debug!(
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(UdpSocket::from_std(socket.into())?)
