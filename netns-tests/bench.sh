@@ -313,6 +313,8 @@ mtu = 1420
 socket = "$WORKDIR/$1.sock"
 [log]
 level = "warn"
+[[firewall.inbound]]
+proto = "any"
 EOF
 }
 system_tern_setup() {

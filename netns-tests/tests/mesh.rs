@@ -103,6 +103,8 @@ mtu = 1420
 socket = "{name}.sock"
 [log]
 level = "debug"
+[[firewall.inbound]]
+proto = "any"
 "#
     );
     fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));

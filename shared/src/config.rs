@@ -21,6 +21,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::duration::parse_duration;
+use crate::policy::{validate_routes, FirewallConfig, GatewayConfig, RouteConfig};
 
 /// UDP port both daemons listen on unless `listen.addr` says otherwise.
 pub const DEFAULT_PORT: u16 = 4242;
@@ -76,6 +77,15 @@ pub struct NodeConfig {
     /// Timers for peer sessions.
     #[serde(default)]
     pub peers: PeersConfig,
+    /// What may come in and go out (reloaded on SIGHUP).
+    #[serde(default)]
+    pub firewall: FirewallConfig,
+    /// Present on a gateway: the private subnets it forwards into.
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
+    /// Subnets to reach through gateways.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
 }
 
 /// Configuration of a lighthouse (`tern-lighthouse`).
@@ -272,7 +282,12 @@ impl NodeConfig {
         self.tun.validate(file)?;
         self.api.validate(file)?;
         self.log.validate(file)?;
-        self.peers.validate(file)
+        self.peers.validate(file)?;
+        self.firewall.validate(file)?;
+        if let Some(gateway) = &self.gateway {
+            gateway.validate(file)?;
+        }
+        validate_routes(&self.routes, file)
     }
 }
 
@@ -519,7 +534,7 @@ impl RegistryConfig {
 
 /// `serde(deserialize_with)` helper: a duration written as a string like
 /// `"25s"`, `"5m"` or `"1h30m"` (see [`parse_duration`]).
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     struct DurationVisitor;
 
     impl Visitor<'_> for DurationVisitor {
@@ -876,6 +891,9 @@ mod tests {
                     keepalive: Duration::ZERO,
                     idle_timeout: Duration::from_secs(5400),
                 },
+                firewall: FirewallConfig::default(),
+                gateway: None,
+                routes: vec![],
             }
         );
     }
@@ -1325,6 +1343,65 @@ mod tests {
     }
 
     #[test]
+    fn example_gateway_config_parses() {
+        let text = include_str!("../../config/gateway.toml");
+        let config = NodeConfig::parse(text, Path::new("/etc/tern/gateway.toml")).unwrap();
+        let gw = config.gateway.expect("[gateway]");
+        assert_eq!(gw.subnets, vec!["198.19.0.0/24".parse().unwrap()]);
+        assert!(gw.masquerade);
+        assert_eq!(config.firewall.inbound.len(), 3);
+        assert_eq!(
+            config.firewall.inbound[0].local_cidr,
+            Some("198.19.0.10/32".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn firewall_rules_parse_and_bad_ones_name_the_key() {
+        let base = "[pki]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
+        let ok = format!("{base}[firewall]\nlog = true\n[[firewall.inbound]]\nproto = \"tcp\"\nport = 22\ngroups = [\"ci\"]\n[[firewall.inbound]]\nproto = \"udp\"\nport = \"8000-8100\"\nhost = \"b\"\naction = \"reject\"\n");
+        let config = node(&ok).unwrap();
+        assert_eq!(config.firewall.inbound.len(), 2);
+        assert_eq!(
+            config.firewall.inbound[0].port,
+            crate::policy::PortRange {
+                first: 22,
+                last: 22
+            }
+        );
+        assert_eq!(
+            config.firewall.inbound[1].action,
+            crate::policy::Action::Reject
+        );
+        for (bad, key) in [
+            (
+                "[[firewall.inbound]]\nproto = \"sctp\"\n",
+                "firewall.inbound",
+            ),
+            (
+                "[[firewall.inbound]]\nport = \"1-2-3\"\nproto = \"tcp\"\n",
+                "firewall.inbound",
+            ),
+            (
+                "[[firewall.inbound]]\nproto = \"icmp\"\nport = \"22\"\n",
+                "firewall.inbound[0].port",
+            ),
+            ("[[firewall.inbound]]\nprot = \"tcp\"\n", "prot"),
+            (
+                "[gateway]\nsubnets = [\"198.19.0.1/24\"]\n",
+                "gateway.subnets[0]",
+            ),
+            (
+                "[[routes]]\nsubnet = \"198.19.0.0/24\"\nvia = \"\"\n",
+                "routes[0].via",
+            ),
+        ] {
+            let err = node(&format!("{base}{bad}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn example_lighthouse_config_parses() {
         let text = include_str!("../../config/lighthouse.toml");
         let config = LighthouseConfig::parse(text, Path::new("/etc/tern/lighthouse.toml")).unwrap();
@@ -1359,10 +1436,33 @@ mod tests {
             "[peers]",
             "keepalive =",
             "idle_timeout =",
+            "[firewall]",
+            "log =",
+            "tcp_timeout =",
+            "udp_timeout =",
+            "icmp_timeout =",
+            "[[firewall.inbound]]",
+            "[[firewall.outbound]]",
+            "proto =",
+            "port =",
+            "host =",
+            "groups =",
+            "cidr =",
+            "action =",
+            "[[routes]]",
+            "subnet =",
+            "via =",
         ] {
             assert!(
                 node_text.lines().any(|l| l.trim_start().starts_with(key)),
                 "config/node.toml lacks {key}"
+            );
+        }
+        let gw_text = include_str!("../../config/gateway.toml");
+        for key in ["[gateway]", "subnets =", "masquerade =", "local_cidr ="] {
+            assert!(
+                gw_text.lines().any(|l| l.trim_start().starts_with(key)),
+                "config/gateway.toml lacks {key}"
             );
         }
         let lh_text = include_str!("../../config/lighthouse.toml");

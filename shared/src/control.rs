@@ -13,6 +13,8 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+use ipnet::Ipv4Net;
+
 use crate::cert::MAX_CERT_LEN;
 use crate::codec::{put_blob16, put_socket_addr, Reader};
 
@@ -22,6 +24,10 @@ pub const CONTROL_PORT: u16 = 4243;
 pub const MAX_CONTROL_LEN: usize = 1400;
 /// Most endpoints one node may report or one answer may carry.
 pub const MAX_ENDPOINTS: usize = 8;
+/// Most subnets one gateway may advertise.
+pub const MAX_ADVERTISED: usize = 16;
+/// Most routes in one [`ControlMessage::RoutesReply`].
+pub const MAX_ROUTES_IN_REPLY: usize = 16;
 
 /// Where a node can be reached, and with which certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +40,14 @@ pub struct PeerInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
-    /// Node → lighthouse: "I am here; these are my local addresses."
-    Register { id: u32, local: Vec<SocketAddr> },
+    /// Node → lighthouse: "I am here; these are my local addresses, and
+    /// these private subnets I route" (a gateway; the lighthouse keeps only
+    /// subnets the node's certificate authorizes).
+    Register {
+        id: u32,
+        local: Vec<SocketAddr>,
+        routes: Vec<Ipv4Net>,
+    },
     /// Lighthouse → node: registration accepted; the address it came from.
     RegisterAck { id: u32, observed: SocketAddr },
     /// Node → lighthouse: "where is this overlay address?"
@@ -51,6 +63,24 @@ pub enum ControlMessage {
     Punch { id: u32, peer: PeerInfo },
     /// Node → lighthouse: leaving now; forget me.
     Deregister { id: u32 },
+    /// Node → lighthouse: which gateways route which subnets?
+    RoutesQuery { id: u32 },
+    /// Lighthouse → node: advertised routes. A hint: the node verifies each
+    /// gateway's certificate itself before using it.
+    RoutesReply {
+        id: u32,
+        routes: Vec<AdvertisedRoute>,
+    },
+}
+
+/// One subnet a registered gateway advertises.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AdvertisedRoute {
+    pub subnet: Ipv4Net,
+    /// The gateway's overlay address (look it up like any peer).
+    pub gateway: Ipv4Addr,
+    /// The gateway's certificate name, for `via` preferences.
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +93,8 @@ pub enum ControlError {
     UnknownType(u8),
     #[error("control message lists more than {MAX_ENDPOINTS} endpoints")]
     TooManyEndpoints,
+    #[error("control message lists too many routes")]
+    TooManyRoutes,
 }
 
 const T_REGISTER: u8 = 1;
@@ -71,6 +103,8 @@ const T_QUERY: u8 = 3;
 const T_QUERY_REPLY: u8 = 4;
 const T_PUNCH: u8 = 5;
 const T_DEREGISTER: u8 = 6;
+const T_ROUTES_QUERY: u8 = 7;
+const T_ROUTES_REPLY: u8 = 8;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -80,7 +114,9 @@ impl ControlMessage {
             | ControlMessage::Query { id, .. }
             | ControlMessage::QueryReply { id, .. }
             | ControlMessage::Punch { id, .. }
-            | ControlMessage::Deregister { id } => *id,
+            | ControlMessage::Deregister { id }
+            | ControlMessage::RoutesQuery { id }
+            | ControlMessage::RoutesReply { id, .. } => *id,
         }
     }
 
@@ -96,11 +132,22 @@ impl ControlMessage {
             ControlMessage::QueryReply { id, .. } => (T_QUERY_REPLY, id),
             ControlMessage::Punch { id, .. } => (T_PUNCH, id),
             ControlMessage::Deregister { id } => (T_DEREGISTER, id),
+            ControlMessage::RoutesQuery { id } => (T_ROUTES_QUERY, id),
+            ControlMessage::RoutesReply { id, .. } => (T_ROUTES_REPLY, id),
         };
         out.push(ty);
         out.extend_from_slice(&id.to_be_bytes());
         match self {
-            ControlMessage::Register { local, .. } => put_endpoints(&mut out, local)?,
+            ControlMessage::Register { local, routes, .. } => {
+                put_endpoints(&mut out, local)?;
+                if routes.len() > MAX_ADVERTISED {
+                    return Err(ControlError::TooManyRoutes);
+                }
+                out.push(routes.len() as u8);
+                for r in routes {
+                    put_net(&mut out, r);
+                }
+            }
             ControlMessage::RegisterAck { observed, .. } => put_socket_addr(&mut out, observed),
             ControlMessage::Query { overlay_ip, .. } => out.extend_from_slice(&overlay_ip.octets()),
             ControlMessage::QueryReply {
@@ -116,7 +163,21 @@ impl ControlMessage {
                 }
             }
             ControlMessage::Punch { peer, .. } => put_peer(&mut out, peer)?,
-            ControlMessage::Deregister { .. } => {}
+            ControlMessage::Deregister { .. } | ControlMessage::RoutesQuery { .. } => {}
+            ControlMessage::RoutesReply { routes, .. } => {
+                if routes.len() > MAX_ROUTES_IN_REPLY {
+                    return Err(ControlError::TooManyRoutes);
+                }
+                out.push(routes.len() as u8);
+                for r in routes {
+                    put_net(&mut out, &r.subnet);
+                    out.extend_from_slice(&r.gateway.octets());
+                    let name = r.name.as_bytes();
+                    let name = &name[..name.len().min(64)];
+                    out.push(name.len() as u8);
+                    out.extend_from_slice(name);
+                }
+            }
         }
         if out.len() > MAX_CONTROL_LEN {
             return Err(ControlError::TooLong);
@@ -132,10 +193,18 @@ impl ControlMessage {
         let ty = r.u8().ok_or(ControlError::Malformed)?;
         let id = r.u32().ok_or(ControlError::Malformed)?;
         let msg = match ty {
-            T_REGISTER => ControlMessage::Register {
-                id,
-                local: read_endpoints(&mut r)?,
-            },
+            T_REGISTER => {
+                let local = read_endpoints(&mut r)?;
+                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+                if n > MAX_ADVERTISED {
+                    return Err(ControlError::TooManyRoutes);
+                }
+                let mut routes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    routes.push(read_net(&mut r)?);
+                }
+                ControlMessage::Register { id, local, routes }
+            }
             T_REGISTER_ACK => ControlMessage::RegisterAck {
                 id,
                 observed: r.socket_addr().ok_or(ControlError::Malformed)?,
@@ -162,6 +231,29 @@ impl ControlMessage {
                 peer: read_peer(&mut r)?,
             },
             T_DEREGISTER => ControlMessage::Deregister { id },
+            T_ROUTES_QUERY => ControlMessage::RoutesQuery { id },
+            T_ROUTES_REPLY => {
+                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+                if n > MAX_ROUTES_IN_REPLY {
+                    return Err(ControlError::TooManyRoutes);
+                }
+                let mut routes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let subnet = read_net(&mut r)?;
+                    let gateway = r.ipv4().ok_or(ControlError::Malformed)?;
+                    let len = r.u8().ok_or(ControlError::Malformed)? as usize;
+                    let name = r.bytes(len).ok_or(ControlError::Malformed)?;
+                    let name = std::str::from_utf8(name)
+                        .map_err(|_| ControlError::Malformed)?
+                        .to_string();
+                    routes.push(AdvertisedRoute {
+                        subnet,
+                        gateway,
+                        name,
+                    });
+                }
+                ControlMessage::RoutesReply { id, routes }
+            }
             other => return Err(ControlError::UnknownType(other)),
         };
         if !r.is_empty() {
@@ -188,6 +280,17 @@ fn put_peer(out: &mut Vec<u8>, peer: &PeerInfo) -> Result<(), ControlError> {
     }
     put_blob16(out, &peer.cert);
     put_endpoints(out, &peer.endpoints)
+}
+
+fn put_net(out: &mut Vec<u8>, net: &Ipv4Net) {
+    out.extend_from_slice(&net.addr().octets());
+    out.push(net.prefix_len());
+}
+
+fn read_net(r: &mut Reader<'_>) -> Result<Ipv4Net, ControlError> {
+    let addr = r.ipv4().ok_or(ControlError::Malformed)?;
+    let prefix = r.u8().ok_or(ControlError::Malformed)?;
+    Ipv4Net::new(addr, prefix).map_err(|_| ControlError::Malformed)
 }
 
 fn read_endpoints(r: &mut Reader<'_>) -> Result<Vec<SocketAddr>, ControlError> {
@@ -237,6 +340,16 @@ mod tests {
             ControlMessage::Register {
                 id: 1,
                 local: sample_peer().endpoints,
+                routes: vec!["198.19.0.0/24".parse().unwrap_or_else(|_| unreachable!())],
+            },
+            ControlMessage::RoutesQuery { id: 8 },
+            ControlMessage::RoutesReply {
+                id: 9,
+                routes: vec![AdvertisedRoute {
+                    subnet: "198.19.0.0/24".parse().unwrap_or_else(|_| unreachable!()),
+                    gateway: ip,
+                    name: "gw-1".into(),
+                }],
             },
             ControlMessage::RegisterAck {
                 id: 2,
@@ -273,6 +386,7 @@ mod tests {
         let too_many = ControlMessage::Register {
             id: 1,
             local: vec![sample_peer().endpoints[0]; MAX_ENDPOINTS + 1],
+            routes: vec![],
         };
         assert_eq!(too_many.encode(), Err(ControlError::TooManyEndpoints));
         let big_cert = ControlMessage::Punch {
@@ -309,7 +423,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(ty in 0u8..8, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn typed_garbage_never_panics(ty in 0u8..10, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = vec![ty, 0, 0, 0, 1];
             bytes.extend(rest);
             let _ = ControlMessage::decode(&bytes);

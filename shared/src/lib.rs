@@ -15,6 +15,7 @@ pub mod identity;
 pub mod keys;
 pub mod mesh;
 pub mod packet;
+pub mod policy;
 pub mod testing;
 pub mod wire;
 

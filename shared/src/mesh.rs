@@ -202,6 +202,9 @@ struct Peer {
     candidates: Vec<SocketAddr>,
     connected: bool,
     last_data: Instant,
+    /// Last authenticated packet from the peer / last data packet to it.
+    last_rx: Option<Instant>,
+    last_tx: Option<Instant>,
     spoofed_source_drops: u64,
 }
 
@@ -335,6 +338,8 @@ impl Mesh {
                 candidates: unique,
                 connected: false,
                 last_data: now,
+                last_rx: None,
+                last_tx: None,
                 spoofed_source_drops: 0,
             },
         );
@@ -378,6 +383,12 @@ impl Mesh {
 
     pub fn peer_role(&self, peer: PeerId) -> Option<PeerRole> {
         self.peers.get(&peer.0).map(|p| p.role)
+    }
+
+    /// When we last heard from the peer (any authenticated packet) and last
+    /// sent it data: a peer we keep sending to but no longer hear from is gone.
+    pub fn peer_activity(&self, peer: PeerId) -> Option<(Option<Instant>, Option<Instant>)> {
+        self.peers.get(&peer.0).map(|p| (p.last_rx, p.last_tx))
     }
 
     /// Whether the peer has a WireGuard session up.
@@ -438,6 +449,7 @@ impl Mesh {
         let p = self.peers.get_mut(&peer.0)?;
         if !packet.is_empty() {
             p.last_data = now;
+            p.last_tx = Some(now);
         }
         let endpoint = p.endpoint;
         match p.tunn.encapsulate(packet, out) {
@@ -664,6 +676,9 @@ impl Mesh {
             return Received::Nothing;
         };
         let result = p.tunn.decapsulate(Some(from.ip()), datagram, out);
+        if !matches!(result, TunnResult::Err(_)) {
+            p.last_rx = Some(now);
+        }
         if !matches!(result, TunnResult::Err(_)) && p.endpoint != Some(from) {
             // Authenticated by the session: the peer is now reachable here (roaming).
             if p.endpoint.is_some() {

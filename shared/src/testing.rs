@@ -80,3 +80,21 @@ impl TestNode {
 fn parse_net(s: &str) -> ipnet::IpNet {
     s.parse().unwrap_or_else(|e| panic!("bad net {s}: {e}"))
 }
+
+/// A firewall that lets every peer in to this node's own address (tests of
+/// everything but the firewall).
+pub fn open_firewall() -> crate::policy::FirewallConfig {
+    use crate::policy::{Action, FirewallConfig, PortRange, Proto, RuleConfig};
+    FirewallConfig {
+        inbound: vec![RuleConfig {
+            proto: Proto::Any,
+            port: PortRange::ANY,
+            host: None,
+            groups: vec![],
+            cidr: None,
+            local_cidr: None,
+            action: Action::Allow,
+        }],
+        ..FirewallConfig::default()
+    }
+}

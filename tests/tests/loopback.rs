@@ -131,6 +131,7 @@ impl LoopNode {
             now,
         );
         core.set_local_endpoints(vec![socket.local_addr().unwrap()]);
+        core.set_policy(&tern_shared::testing::open_firewall(), vec![], &[]);
         LoopNode {
             core,
             socket,

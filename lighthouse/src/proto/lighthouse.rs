@@ -10,6 +10,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tern_shared::cert::VerifiedCert;
 use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT};
@@ -25,6 +26,8 @@ pub struct LighthouseCounters {
     pub queries_unanswered: u64,
     pub punches: u64,
     pub registry_full: u64,
+    /// Registrations that advertised subnets outside the node's certificate.
+    pub routes_refused: u64,
     pub non_control_drops: u64,
     pub bad_control_messages: u64,
 }
@@ -134,7 +137,7 @@ impl LighthouseCore {
             tracing::debug_span!("node", name = cert.name(), overlay_ip = %cert.overlay_ip())
                 .entered();
         match msg {
-            ControlMessage::Register { id, local } => {
+            ControlMessage::Register { id, local, routes } => {
                 self.counters.registrations += 1;
                 match self.registry.register(
                     cert.overlay_ip(),
@@ -147,6 +150,7 @@ impl LighthouseCore {
                 ) {
                     Ok(()) => {
                         tracing::trace!(%from, ?local, "registered");
+                        self.accept_routes(&cert, routes);
                         self.reply(
                             peer,
                             &cert,
@@ -185,10 +189,44 @@ impl LighthouseCore {
                 tracing::info!("node left");
                 self.registry.remove(cert.overlay_ip());
             }
+            ControlMessage::RoutesQuery { id } => {
+                let routes = self.registry.routes();
+                self.reply(
+                    peer,
+                    &cert,
+                    &ControlMessage::RoutesReply { id, routes },
+                    now,
+                );
+            }
             ControlMessage::RegisterAck { .. }
             | ControlMessage::QueryReply { .. }
-            | ControlMessage::Punch { .. } => {
+            | ControlMessage::Punch { .. }
+            | ControlMessage::RoutesReply { .. } => {
                 self.counters.bad_control_messages += 1;
+            }
+        }
+    }
+
+    /// Keeps the advertised subnets the node's certificate authorizes; the
+    /// rest are ignored and logged (once per change).
+    fn accept_routes(&mut self, cert: &VerifiedCert, advertised: Vec<Ipv4Net>) {
+        let (ok, refused): (Vec<Ipv4Net>, Vec<Ipv4Net>) = advertised.into_iter().partition(|net| {
+            cert.subnets()
+                .iter()
+                .any(|s| matches!(s, IpNet::V4(s) if s.contains(net)))
+        });
+        if !refused.is_empty() {
+            self.counters.routes_refused += 1;
+        }
+        if self
+            .registry
+            .set_routes(cert.overlay_ip(), ok.clone(), refused.clone())
+        {
+            if !ok.is_empty() {
+                tracing::info!(routes = ?ok, "node routes subnets");
+            }
+            if !refused.is_empty() {
+                tracing::warn!(refused = ?refused, authorized = ?cert.subnets(), "node advertises subnets its certificate does not carry; ignored");
             }
         }
     }

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ipnet::Ipv4Net;
 use serde::Serialize;
-use tern_shared::control::{PeerInfo, MAX_ENDPOINTS};
+use tern_shared::control::{AdvertisedRoute, PeerInfo, MAX_ENDPOINTS, MAX_ROUTES_IN_REPLY};
 use tern_shared::mesh::PeerId;
 
 /// Live nodes by overlay address. Drive with `register`, `lookup` and `expire(now)`.
@@ -25,6 +26,10 @@ struct Entry {
     peer: PeerId,
     observed: SocketAddr,
     local: Vec<SocketAddr>,
+    /// Subnets it routes, already checked against its certificate.
+    routes: Vec<Ipv4Net>,
+    /// Subnets it advertised that its certificate does not carry.
+    refused: Vec<Ipv4Net>,
     registered: Instant,
     last_seen: Instant,
 }
@@ -36,6 +41,7 @@ pub struct RegisteredNode {
     pub overlay_ip: Ipv4Addr,
     pub observed: SocketAddr,
     pub local: Vec<SocketAddr>,
+    pub routes: Vec<Ipv4Net>,
     pub registered_secs_ago: u64,
     pub last_seen_secs_ago: u64,
 }
@@ -83,6 +89,8 @@ impl Registry {
             peer,
             observed,
             local: Vec::new(),
+            routes: Vec::new(),
+            refused: Vec::new(),
             registered: now,
             last_seen: now,
         });
@@ -96,6 +104,43 @@ impl Registry {
         entry.local = local;
         entry.last_seen = now;
         Ok(())
+    }
+
+    /// Sets the subnets a registered node routes, and those it advertised
+    /// without authority; true when either changed.
+    pub fn set_routes(
+        &mut self,
+        overlay_ip: Ipv4Addr,
+        routes: Vec<Ipv4Net>,
+        refused: Vec<Ipv4Net>,
+    ) -> bool {
+        match self.entries.get_mut(&overlay_ip) {
+            Some(e) if e.routes != routes || e.refused != refused => {
+                e.routes = routes;
+                e.refused = refused;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every advertised route, by subnet then gateway address (at most
+    /// [`MAX_ROUTES_IN_REPLY`]).
+    pub fn routes(&self) -> Vec<AdvertisedRoute> {
+        let mut out: Vec<AdvertisedRoute> = self
+            .entries
+            .iter()
+            .flat_map(|(ip, e)| {
+                e.routes.iter().map(|subnet| AdvertisedRoute {
+                    subnet: *subnet,
+                    gateway: *ip,
+                    name: e.name.clone(),
+                })
+            })
+            .collect();
+        out.sort();
+        out.truncate(MAX_ROUTES_IN_REPLY);
+        out
     }
 
     /// Where the node is: the observed address first, then its local ones.
@@ -153,6 +198,7 @@ impl Registry {
                 overlay_ip: *ip,
                 observed: e.observed,
                 local: e.local.clone(),
+                routes: e.routes.clone(),
                 registered_secs_ago: now.saturating_duration_since(e.registered).as_secs(),
                 last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
             })

@@ -4,6 +4,7 @@
 //! an API call, the next timer, or a signal to stop.
 
 pub mod api;
+pub mod gateway;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::Path;
@@ -17,7 +18,8 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::proto::node::{LighthouseTarget, NodeCore};
+use crate::proto::firewall::subnet_within;
+use crate::proto::node::{LighthouseTarget, NodeCommand, NodeCore};
 use api::{ApiCall, ApiRequest};
 
 /// Packets the kernel may queue on the TUN device for the daemon to read.
@@ -67,6 +69,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let overlay = cert.overlay_net();
     tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), "starting node");
 
+    let gateway_subnets = match &config.gateway {
+        Some(gw) => {
+            for subnet in &gw.subnets {
+                if !subnet_within(subnet, cert.subnets()) {
+                    anyhow::bail!(
+                        "[gateway] subnets: {subnet} is not authorized by this node's certificate (it carries: {}); \
+                         sign the certificate with --subnets {subnet}, or remove it from [gateway] subnets",
+                        if cert.subnets().is_empty() { "none".to_string() } else { cert.subnets().iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ") }
+                    );
+                }
+            }
+            gw.subnets.clone()
+        }
+        None => Vec::new(),
+    };
     let socket = bind_udp(config.listen.addr)
         .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
     let listen = socket.local_addr()?;
@@ -112,6 +129,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .collect();
     let mut core = NodeCore::new(mesh, &cert, targets.clone(), now);
     core.set_local_endpoints(local_endpoints(listen, &targets));
+    core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
+    let _gateway = match &config.gateway {
+        Some(gw) => Some(gateway::setup(
+            &config.tun.name,
+            overlay,
+            &gateway_subnets,
+            gw.masquerade,
+        )?),
+        None => None,
+    };
+    if config.lighthouses.is_empty() {
+        tracing::warn!(
+            "no [[lighthouses]] configured: this node can neither find peers nor be found"
+        );
+    }
 
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
     let socket_path = api::socket_path(config.api.socket.as_deref(), &config.tun.name);
@@ -119,6 +151,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut udp_buf = vec![0u8; BUF_LEN];
     let mut tun_buf = vec![0u8; BUF_LEN];
     let mut out_buf = vec![0u8; BUF_LEN + OVERHEAD];
@@ -165,10 +198,30 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 };
                 let _ = reply.send(answer);
             }
+            _ = sighup.recv() => reload(&mut core, config_path),
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
         flush(&mut core, &socket).await;
+        while let Some(reply) = core.poll_tun_write() {
+            if let Err(e) = tun.send(&reply).await {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+        }
+        while let Some(command) = core.poll_command() {
+            let result = match command {
+                NodeCommand::AddRoute(subnet) => {
+                    gateway::kernel_route(true, subnet, &config.tun.name)
+                }
+                NodeCommand::RemoveRoute(subnet) => {
+                    gateway::kernel_route(false, subnet, &config.tun.name)
+                }
+            };
+            match result {
+                Ok(()) => tracing::info!(?command, "kernel route updated"),
+                Err(e) => tracing::warn!(error = %e, "kernel route update failed"),
+            }
+        }
     }
     core.shutdown(Instant::now());
     flush(&mut core, &socket).await;
@@ -202,6 +255,22 @@ fn bind_udp(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(UdpSocket::from_std(socket.into())?)
+}
+
+/// SIGHUP: re-reads the config and applies its `[firewall]` without touching
+/// tunnels. A config that does not parse is refused and the old rules stay.
+fn reload(core: &mut NodeCore, config_path: &Path) {
+    match load_node_config(config_path) {
+        Ok(config) => {
+            core.reload_firewall(&config.firewall);
+            tracing::info!(
+                inbound = config.firewall.inbound.len(),
+                outbound = config.firewall.outbound.len(),
+                "SIGHUP: firewall rules reloaded (other settings take effect at restart)"
+            );
+        }
+        Err(e) => tracing::error!("SIGHUP: config reload refused, keeping the old rules: {e:#}"),
+    }
 }
 
 async fn flush(core: &mut NodeCore, socket: &UdpSocket) {

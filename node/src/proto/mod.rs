@@ -1,3 +1,4 @@
 //! Sans-IO cores of the node.
 
+pub mod firewall;
 pub mod node;

@@ -8,14 +8,19 @@
 //! [`NodeCore::handle_timeout`] by [`NodeCore::poll_timeout`], and drain
 //! [`NodeCore::poll_transmit`] after each.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tern_shared::cert::{VerifiedCert, LIGHTHOUSE_GROUP};
-use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT, MAX_ENDPOINTS};
+use tern_shared::control::{
+    AdvertisedRoute, ControlMessage, PeerInfo, CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS,
+};
+use tern_shared::policy::{FirewallConfig, RouteConfig};
+
+use super::firewall::{Firewall, FirewallStatus, Verdict};
 use tern_shared::mesh::{
     Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit,
 };
@@ -34,6 +39,13 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_WAITING_PACKETS: usize = 32;
 const MAX_LOOKUPS: usize = 256;
 const HELLO_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a node asks its lighthouses which gateways route what.
+pub const ROUTES_INTERVAL: Duration = Duration::from_secs(3);
+/// A gateway we keep sending to without hearing back for this long is
+/// presumed gone; traffic moves to another gateway for the subnet.
+pub const GATEWAY_SILENCE: Duration = Duration::from_secs(4);
+/// How long a silent gateway is passed over.
+const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
 
 /// A lighthouse this node was configured with.
 #[derive(Debug, Clone)]
@@ -52,6 +64,29 @@ pub struct NodeCounters {
     pub lying_lighthouse_answers: u64,
     pub not_for_us_drops: u64,
     pub bad_control_messages: u64,
+    /// Packets for a routed subnet with no usable gateway.
+    pub no_gateway_drops: u64,
+    /// Gateways whose certificates do not authorize what they advertised.
+    pub unauthorized_gateways: u64,
+    pub gateway_failovers: u64,
+}
+
+/// Side effects for the shell beyond packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCommand {
+    /// Send this subnet into the TUN device (a kernel route).
+    AddRoute(Ipv4Net),
+    RemoveRoute(Ipv4Net),
+}
+
+/// A routed subnet as `tern status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteStatus {
+    pub subnet: Ipv4Net,
+    pub via: Option<String>,
+    pub configured: bool,
+    pub gateways: Vec<String>,
+    pub active: Option<String>,
 }
 
 /// `tern status` for a node.
@@ -63,6 +98,9 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     pub mesh_counters: MeshCounters,
     pub node_counters: NodeCounters,
+    pub firewall: FirewallStatus,
+    pub gateway_subnets: Vec<Ipv4Net>,
+    pub routes: Vec<RouteStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,6 +123,28 @@ pub struct NodeCore {
     next_request: u32,
     counters: NodeCounters,
     transmits: VecDeque<Transmit>,
+    firewall: Firewall,
+    gateway_subnets: Vec<Ipv4Net>,
+    routes: Vec<RouteState>,
+    next_routes_query: Instant,
+    tun_writes: VecDeque<Vec<u8>>,
+    commands: VecDeque<NodeCommand>,
+}
+
+struct RouteState {
+    subnet: Ipv4Net,
+    via: Option<String>,
+    /// From `[[routes]]` (kept even when nobody advertises it).
+    configured: bool,
+    gateways: Vec<GatewayCandidate>,
+    active: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone)]
+struct GatewayCandidate {
+    overlay_ip: Ipv4Addr,
+    name: String,
+    down_until: Option<Instant>,
 }
 
 struct LighthouseLink {
@@ -143,7 +203,52 @@ impl NodeCore {
             next_request: 1,
             counters: NodeCounters::default(),
             transmits: VecDeque::new(),
+            firewall: Firewall::new(&FirewallConfig::default(), own_cert.overlay_ip(), now),
+            gateway_subnets: Vec::new(),
+            routes: Vec::new(),
+            next_routes_query: now,
+            tun_writes: VecDeque::new(),
+            commands: VecDeque::new(),
         }
+    }
+
+    /// Firewall rules, the subnets this node routes as a gateway (already
+    /// checked against its certificate by the caller), and the subnets it
+    /// reaches through gateways.
+    pub fn set_policy(
+        &mut self,
+        firewall: &FirewallConfig,
+        gateway_subnets: Vec<Ipv4Net>,
+        routes: &[RouteConfig],
+    ) {
+        self.firewall.replace_rules(firewall);
+        self.gateway_subnets = gateway_subnets;
+        self.gateway_subnets.truncate(MAX_ADVERTISED);
+        for r in routes {
+            self.routes.push(RouteState {
+                subnet: r.subnet,
+                via: r.via.clone(),
+                configured: true,
+                gateways: Vec::new(),
+                active: None,
+            });
+            self.commands.push_back(NodeCommand::AddRoute(r.subnet));
+        }
+        self.sort_routes();
+    }
+
+    /// New firewall rules (SIGHUP); flows and tunnels stay.
+    pub fn reload_firewall(&mut self, firewall: &FirewallConfig) {
+        self.firewall.replace_rules(firewall);
+    }
+
+    /// A packet the node itself answers toward its own kernel (a reject).
+    pub fn poll_tun_write(&mut self) -> Option<Vec<u8>> {
+        self.tun_writes.pop_front()
+    }
+
+    pub fn poll_command(&mut self) -> Option<NodeCommand> {
+        self.commands.pop_front()
     }
 
     pub fn overlay_ip(&self) -> Ipv4Addr {
@@ -184,10 +289,22 @@ impl NodeCore {
                 return None;
             }
         }
-        match ipv4_addrs(packet) {
-            Some((_, dst)) if dst == self.overlay_ip => Some(packet),
-            _ => {
-                self.counters.not_for_us_drops += 1;
+        let for_us = match ipv4_addrs(packet) {
+            Some((_, dst)) => {
+                dst == self.overlay_ip || self.gateway_subnets.iter().any(|n| n.contains(&dst))
+            }
+            None => false,
+        };
+        if !for_us {
+            self.counters.not_for_us_drops += 1;
+            return None;
+        }
+        let cert = self.mesh.peer_cert(peer)?;
+        match self.firewall.check_inbound(packet, cert, now) {
+            Verdict::Allow => Some(packet),
+            Verdict::Drop => None,
+            Verdict::Reject(reply) => {
+                self.mesh.send_packet(peer, &reply, now);
                 None
             }
         }
@@ -201,28 +318,55 @@ impl NodeCore {
         now: Instant,
     ) -> Option<(SocketAddr, &'b [u8])> {
         let (_, dst) = ipv4_addrs(packet)?;
-        if let Some(peer) = self.mesh.peer_by_overlay(dst) {
-            return self.mesh.encapsulate(peer, packet, out, now);
-        }
-        if dst == self.overlay_ip
-            || !self.overlay_net.contains(&dst)
-            || dst == self.overlay_net.broadcast()
-            || dst == self.overlay_net.network()
-        {
-            self.counters.no_route_drops += 1;
+        let target = if self.overlay_net.contains(&dst) {
+            if dst == self.overlay_ip
+                || dst == self.overlay_net.broadcast()
+                || dst == self.overlay_net.network()
+            {
+                self.counters.no_route_drops += 1;
+                return None;
+            }
+            dst
+        } else {
+            let Some(route) = self.route_for(dst) else {
+                self.counters.no_route_drops += 1;
+                return None;
+            };
+            let Some(gateway) = self.choose_gateway(route, now) else {
+                self.counters.no_gateway_drops += 1;
+                return None;
+            };
+            gateway
+        };
+        let Some(peer) = self.mesh.peer_by_overlay(target) else {
+            self.wait_for_lookup(target, packet, now);
+            return None;
+        };
+        let cert = self.mesh.peer_cert(peer)?;
+        if !may_receive(cert, dst) {
+            // A gateway whose certificate does not cover this address.
+            self.refuse_gateway(target, dst);
             return None;
         }
-        self.wait_for_lookup(dst, packet, now);
-        None
+        match self.firewall.check_outbound(packet, cert, now) {
+            Verdict::Allow => self.mesh.encapsulate(peer, packet, out, now),
+            Verdict::Drop => None,
+            Verdict::Reject(reply) => {
+                self.tun_writes.push_back(reply);
+                None
+            }
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.mesh.handle_timeout(now);
+        self.firewall.handle_timeout(now);
         self.drain_mesh_events(now);
         for i in 0..self.links.len() {
             self.drive_link(i, now);
         }
         self.drive_lookups(now);
+        self.drive_routes(now);
     }
 
     pub fn poll_timeout(&self, now: Instant) -> Instant {
@@ -270,7 +414,192 @@ impl NodeCore {
             peers: self.mesh.peer_statuses(),
             mesh_counters: self.mesh.counters().clone(),
             node_counters: self.counters.clone(),
+            firewall: self.firewall.status(),
+            gateway_subnets: self.gateway_subnets.clone(),
+            routes: self
+                .routes
+                .iter()
+                .map(|r| RouteStatus {
+                    subnet: r.subnet,
+                    via: r.via.clone(),
+                    configured: r.configured,
+                    gateways: r.gateways.iter().map(|g| g.name.clone()).collect(),
+                    active: r
+                        .active
+                        .and_then(|a| r.gateways.iter().find(|g| g.overlay_ip == a))
+                        .map(|g| g.name.clone()),
+                })
+                .collect(),
         }
+    }
+
+    /// The most specific route covering `dst`.
+    fn route_for(&self, dst: Ipv4Addr) -> Option<usize> {
+        // Kept sorted most specific first.
+        self.routes.iter().position(|r| r.subnet.contains(&dst))
+    }
+
+    fn sort_routes(&mut self) {
+        self.routes.sort_by(|a, b| {
+            b.subnet
+                .prefix_len()
+                .cmp(&a.subnet.prefix_len())
+                .then(a.subnet.cmp(&b.subnet))
+        });
+    }
+
+    /// The gateway in use for a route: the active one while it lives, else
+    /// the `via` one, else the first by name that is not held down.
+    fn choose_gateway(&mut self, route: usize, now: Instant) -> Option<Ipv4Addr> {
+        let r = self.routes.get_mut(route)?;
+        let usable = |g: &GatewayCandidate| g.down_until.is_none_or(|t| t <= now);
+        if let Some(a) = r.active {
+            if r.gateways.iter().any(|g| g.overlay_ip == a && usable(g)) {
+                return Some(a);
+            }
+        }
+        let pick = r
+            .gateways
+            .iter()
+            .filter(|g| usable(g))
+            .find(|g| r.via.as_deref() == Some(g.name.as_str()))
+            .or_else(|| r.gateways.iter().find(|g| usable(g)))
+            // Everything held down: a gateway that may be back beats none.
+            .or_else(|| r.gateways.first())?;
+        let (ip, name) = (pick.overlay_ip, pick.name.clone());
+        if r.active != Some(ip) {
+            tracing::info!(subnet = %r.subnet, gateway = %name, "route via gateway");
+            r.active = Some(ip);
+        }
+        Some(ip)
+    }
+
+    fn refuse_gateway(&mut self, gateway: Ipv4Addr, dst: Ipv4Addr) {
+        self.counters.unauthorized_gateways += 1;
+        tracing::warn!(%gateway, destination = %dst, "gateway's certificate does not authorize this subnet; not routing through it");
+        for r in &mut self.routes {
+            r.gateways.retain(|g| g.overlay_ip != gateway);
+            if r.active == Some(gateway) {
+                r.active = None;
+            }
+        }
+    }
+
+    /// Asks for advertised routes now and then, and fails over from a
+    /// gateway that went silent while we kept sending to it.
+    fn drive_routes(&mut self, now: Instant) {
+        if self.next_routes_query <= now {
+            self.next_routes_query = now + ROUTES_INTERVAL;
+            for i in 0..self.links.len() {
+                if let LinkState::Up {
+                    peer,
+                    overlay_ip,
+                    acked: true,
+                    ..
+                } = self.links[i].state
+                {
+                    let id = self.request_id();
+                    self.send_control(peer, overlay_ip, &ControlMessage::RoutesQuery { id }, now);
+                    break;
+                }
+            }
+        }
+        for i in 0..self.routes.len() {
+            let Some(active) = self.routes[i].active else {
+                continue;
+            };
+            let Some(peer) = self.mesh.peer_by_overlay(active) else {
+                continue;
+            };
+            let Some((last_rx, last_tx)) = self.mesh.peer_activity(peer) else {
+                continue;
+            };
+            let silent = match (last_tx, last_rx) {
+                (Some(tx), Some(rx)) => {
+                    tx > rx && now.saturating_duration_since(rx) >= GATEWAY_SILENCE
+                }
+                (Some(tx), None) => now.saturating_duration_since(tx) >= GATEWAY_SILENCE,
+                _ => false,
+            };
+            let alternatives = self.routes[i]
+                .gateways
+                .iter()
+                .filter(|g| g.overlay_ip != active)
+                .count();
+            if silent && alternatives > 0 {
+                let r = &mut self.routes[i];
+                tracing::warn!(subnet = %r.subnet, gateway = %active, "gateway stopped answering; failing over");
+                for g in r.gateways.iter_mut().filter(|g| g.overlay_ip == active) {
+                    g.down_until = Some(now + GATEWAY_HOLD_DOWN);
+                }
+                r.active = None;
+                self.counters.gateway_failovers += 1;
+                self.mesh.remove_peer(peer);
+            }
+        }
+    }
+
+    /// The lighthouse's list of advertised routes replaces what we knew:
+    /// configured routes keep their kernel route, learned ones come and go.
+    fn handle_routes(&mut self, advertised: Vec<AdvertisedRoute>) {
+        let mut by_subnet: BTreeMap<Ipv4Net, Vec<&AdvertisedRoute>> = BTreeMap::new();
+        for a in &advertised {
+            if a.gateway != self.overlay_ip && !self.gateway_subnets.contains(&a.subnet) {
+                by_subnet.entry(a.subnet).or_default().push(a);
+            }
+        }
+        for r in &mut self.routes {
+            let fresh = by_subnet.remove(&r.subnet).unwrap_or_default();
+            let old = std::mem::take(&mut r.gateways);
+            r.gateways = fresh
+                .iter()
+                .map(|a| GatewayCandidate {
+                    overlay_ip: a.gateway,
+                    name: a.name.clone(),
+                    down_until: old
+                        .iter()
+                        .find(|g| g.overlay_ip == a.gateway)
+                        .and_then(|g| g.down_until),
+                })
+                .collect();
+            if r.active
+                .is_some_and(|a| !r.gateways.iter().any(|g| g.overlay_ip == a))
+            {
+                tracing::info!(subnet = %r.subnet, "gateway no longer advertises the subnet");
+                r.active = None;
+            }
+        }
+        let mut gone = Vec::new();
+        self.routes.retain(|r| {
+            let keep = r.configured || !r.gateways.is_empty();
+            if !keep {
+                gone.push(r.subnet);
+            }
+            keep
+        });
+        for subnet in gone {
+            tracing::info!(%subnet, "no gateway advertises the subnet any more; route removed");
+            self.commands.push_back(NodeCommand::RemoveRoute(subnet));
+        }
+        for (subnet, gws) in by_subnet {
+            tracing::info!(%subnet, gateways = ?gws.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), "learned route");
+            self.routes.push(RouteState {
+                subnet,
+                via: None,
+                configured: false,
+                gateways: gws
+                    .iter()
+                    .map(|a| GatewayCandidate {
+                        overlay_ip: a.gateway,
+                        name: a.name.clone(),
+                        down_until: None,
+                    })
+                    .collect(),
+                active: None,
+            });
+            self.commands.push_back(NodeCommand::AddRoute(subnet));
+        }
+        self.sort_routes();
     }
 
     fn wait_for_lookup(&mut self, dst: Ipv4Addr, packet: &[u8], now: Instant) {
@@ -367,10 +696,11 @@ impl NodeCore {
                     }
                     let id = self.request_id();
                     let local = self.local_endpoints.clone();
+                    let routes = self.gateway_subnets.clone();
                     self.send_control(
                         peer,
                         overlay_ip,
-                        &ControlMessage::Register { id, local },
+                        &ControlMessage::Register { id, local, routes },
                         now,
                     );
                 }
@@ -495,7 +825,9 @@ impl NodeCore {
                     }
                 }
             }
+            ControlMessage::RoutesReply { routes, .. } => self.handle_routes(routes),
             ControlMessage::Register { .. }
+            | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Query { .. }
             | ControlMessage::Deregister { .. } => {
                 self.counters.bad_control_messages += 1;
@@ -533,10 +865,30 @@ impl NodeCore {
         match self.lookups.remove(&overlay_ip) {
             Some(lookup) if !lookup.packets.is_empty() => {
                 for p in lookup.packets {
-                    self.mesh.send_packet(peer, &p, now);
+                    self.send_waiting(peer, &p, now);
                 }
             }
             _ => self.mesh.connect(peer, false),
+        }
+    }
+
+    /// A packet that waited for its peer: checked like any outbound packet.
+    fn send_waiting(&mut self, peer: PeerId, packet: &[u8], now: Instant) {
+        let Some(cert) = self.mesh.peer_cert(peer) else {
+            return;
+        };
+        let Some((_, dst)) = ipv4_addrs(packet) else {
+            return;
+        };
+        if !may_receive(cert, dst) {
+            let gateway = cert.overlay_ip();
+            self.refuse_gateway(gateway, dst);
+            return;
+        }
+        match self.firewall.check_outbound(packet, cert, now) {
+            Verdict::Allow => self.mesh.send_packet(peer, packet, now),
+            Verdict::Drop => {}
+            Verdict::Reject(reply) => self.tun_writes.push_back(reply),
         }
     }
 
@@ -569,6 +921,16 @@ impl NodeCore {
         self.next_request = self.next_request.wrapping_add(1);
         id
     }
+}
+
+/// Cryptokey routing outbound: a peer gets only packets for its own overlay
+/// address or for a subnet its certificate carries.
+fn may_receive(cert: &VerifiedCert, dst: Ipv4Addr) -> bool {
+    dst == cert.overlay_ip()
+        || cert
+            .subnets()
+            .iter()
+            .any(|n| matches!(n, IpNet::V4(n) if n.contains(&dst)))
 }
 
 #[cfg(test)]

@@ -1,0 +1,748 @@
+//! The node's stateful firewall, sans IO.
+//!
+//! Drive it from the data path: [`Firewall::check_inbound`] for every
+//! decrypted packet (after the inner-source check, before the TUN device or a
+//! local service), [`Firewall::check_outbound`] for every packet about to be
+//! encrypted, [`Firewall::handle_timeout`] now and then to expire flows, and
+//! [`Firewall::replace_rules`] on reload (flows survive it).
+//!
+//! Semantics: inbound is default deny, outbound default allow (an empty
+//! outbound list allows everything; a non-empty one allows only what it
+//! matches). The first matching rule decides. A packet of a flow already
+//! allowed either way passes both ways until the flow times out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Serialize;
+use tern_shared::cert::VerifiedCert;
+use tern_shared::packet::{
+    flow_of, icmp_error_quote, icmp_unreachable_for, tcp_reset_for, Flow, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP,
+};
+use tern_shared::policy::{Action, FirewallConfig, PortRange, Proto, RuleConfig};
+
+/// Flows remembered at most; past that, new flows are refused (and counted)
+/// until old ones expire.
+pub const MAX_FLOWS: usize = 200_000;
+/// Denials logged per second at most (all are counted).
+const LOG_RATE: u32 = 20;
+/// Rejections answered per second at most (the rest are dropped silently).
+const REJECT_RATE: u32 = 200;
+
+/// What to do with a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Drop,
+    /// Drop, and send this reply (a TCP RST or an ICMP unreachable) back
+    /// toward the packet's source.
+    Reject(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Counters for `tern status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FirewallStatus {
+    pub inbound_rules: usize,
+    pub outbound_rules: usize,
+    pub flows: usize,
+    /// Denials by rule or reason, e.g. `inbound/default-deny`,
+    /// `inbound/rule-2/reject`, `outbound/flow-table-full`.
+    pub denied: BTreeMap<String, u64>,
+    pub allowed_new_flows: u64,
+}
+
+pub struct Firewall {
+    inbound: Vec<Rule>,
+    outbound: Vec<Rule>,
+    log: bool,
+    timeouts: Timeouts,
+    own_ip: Ipv4Addr,
+    flows: HashMap<FlowKey, Instant>,
+    denied: BTreeMap<String, u64>,
+    allowed_new_flows: u64,
+    log_bucket: Bucket,
+    reject_bucket: Bucket,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    tcp: Duration,
+    udp: Duration,
+    icmp: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    proto: Option<u8>,
+    port: PortRange,
+    host: Option<String>,
+    groups: Vec<String>,
+    cidr: Option<IpNet>,
+    local_cidr: Option<IpNet>,
+    action: Action,
+}
+
+/// A flow seen from this node: its local and remote ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowKey {
+    proto: u8,
+    local: Ipv4Addr,
+    remote: Ipv4Addr,
+    local_port: u16,
+    remote_port: u16,
+}
+
+impl Firewall {
+    pub fn new(config: &FirewallConfig, own_ip: Ipv4Addr, now: Instant) -> Firewall {
+        let mut fw = Firewall {
+            inbound: Vec::new(),
+            outbound: Vec::new(),
+            log: false,
+            timeouts: Timeouts {
+                tcp: config.tcp_timeout,
+                udp: config.udp_timeout,
+                icmp: config.icmp_timeout,
+            },
+            own_ip,
+            flows: HashMap::new(),
+            denied: BTreeMap::new(),
+            allowed_new_flows: 0,
+            log_bucket: Bucket::new(LOG_RATE, now),
+            reject_bucket: Bucket::new(REJECT_RATE, now),
+        };
+        fw.replace_rules(config);
+        fw
+    }
+
+    /// New rules and timeouts; established flows stay.
+    pub fn replace_rules(&mut self, config: &FirewallConfig) {
+        self.inbound = config.inbound.iter().map(Rule::from_config).collect();
+        self.outbound = config.outbound.iter().map(Rule::from_config).collect();
+        self.log = config.log;
+        self.timeouts = Timeouts {
+            tcp: config.tcp_timeout,
+            udp: config.udp_timeout,
+            icmp: config.icmp_timeout,
+        };
+    }
+
+    /// A decrypted packet from `peer`, addressed to this node or to a subnet
+    /// it routes.
+    pub fn check_inbound(&mut self, packet: &[u8], peer: &VerifiedCert, now: Instant) -> Verdict {
+        self.check(Direction::Inbound, packet, peer, now)
+    }
+
+    /// A packet this node is about to send to `peer`.
+    pub fn check_outbound(&mut self, packet: &[u8], peer: &VerifiedCert, now: Instant) -> Verdict {
+        self.check(Direction::Outbound, packet, peer, now)
+    }
+
+    /// Forgets flows past their timeout.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.flows.retain(|_, expires| *expires > now);
+    }
+
+    pub fn status(&self) -> FirewallStatus {
+        FirewallStatus {
+            inbound_rules: self.inbound.len(),
+            outbound_rules: self.outbound.len(),
+            flows: self.flows.len(),
+            denied: self.denied.clone(),
+            allowed_new_flows: self.allowed_new_flows,
+        }
+    }
+
+    fn check(
+        &mut self,
+        dir: Direction,
+        packet: &[u8],
+        peer: &VerifiedCert,
+        now: Instant,
+    ) -> Verdict {
+        let Some(flow) = flow_of(packet) else {
+            return self.deny(dir, "malformed", None, packet, peer, now, Action::Allow);
+        };
+        let key = FlowKey::new(dir, &flow);
+        if let Some(expires) = self.flows.get_mut(&key) {
+            if *expires > now {
+                *expires = now + self.timeouts.of(flow.proto);
+                return Verdict::Allow;
+            }
+        }
+        // An ICMP error about a flow we carry (e.g. "fragmentation needed",
+        // which path MTU discovery lives on) belongs to that flow.
+        if flow.proto == PROTO_ICMP {
+            if let Some(quoted) = icmp_error_quote(packet) {
+                let opposite = match dir {
+                    Direction::Inbound => Direction::Outbound,
+                    Direction::Outbound => Direction::Inbound,
+                };
+                let qkey = FlowKey::new(opposite, &quoted);
+                if self.flows.get(&qkey).is_some_and(|e| *e > now) {
+                    return Verdict::Allow;
+                }
+            }
+        }
+        let rules = match dir {
+            Direction::Inbound => &self.inbound,
+            Direction::Outbound => &self.outbound,
+        };
+        if dir == Direction::Outbound && rules.is_empty() {
+            return self.admit(key, flow.proto, dir, packet, peer, now);
+        }
+        let matched = rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(dir, &flow, peer, self.own_ip))
+            .map(|(i, r)| (i, r.action));
+        match matched {
+            Some((_, Action::Allow)) => self.admit(key, flow.proto, dir, packet, peer, now),
+            Some((i, Action::Reject)) => {
+                let reason = format!("rule-{i}/reject");
+                self.deny(dir, &reason, Some(&flow), packet, peer, now, Action::Reject)
+            }
+            None => self.deny(
+                dir,
+                "default-deny",
+                Some(&flow),
+                packet,
+                peer,
+                now,
+                Action::Allow,
+            ),
+        }
+    }
+
+    fn admit(
+        &mut self,
+        key: FlowKey,
+        proto: u8,
+        dir: Direction,
+        packet: &[u8],
+        peer: &VerifiedCert,
+        now: Instant,
+    ) -> Verdict {
+        if self.flows.len() >= MAX_FLOWS {
+            self.handle_timeout(now);
+            if self.flows.len() >= MAX_FLOWS {
+                return self.deny(
+                    dir,
+                    "flow-table-full",
+                    None,
+                    packet,
+                    peer,
+                    now,
+                    Action::Allow,
+                );
+            }
+        }
+        self.allowed_new_flows += 1;
+        self.flows.insert(key, now + self.timeouts.of(proto));
+        Verdict::Allow
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deny(
+        &mut self,
+        dir: Direction,
+        reason: &str,
+        flow: Option<&Flow>,
+        packet: &[u8],
+        peer: &VerifiedCert,
+        now: Instant,
+        action: Action,
+    ) -> Verdict {
+        let counter = format!("{}/{reason}", dir.as_str());
+        *self.denied.entry(counter).or_insert(0) += 1;
+        if self.log && self.log_bucket.take(now) {
+            match flow {
+                Some(f) => tracing::info!(
+                    direction = dir.as_str(),
+                    peer = peer.name(),
+                    groups = ?peer.groups(),
+                    proto = f.proto,
+                    src = %f.src,
+                    src_port = f.src_port,
+                    dst = %f.dst,
+                    dst_port = f.dst_port,
+                    reason,
+                    "firewall denied"
+                ),
+                None => tracing::info!(
+                    direction = dir.as_str(),
+                    peer = peer.name(),
+                    reason,
+                    "firewall denied"
+                ),
+            }
+        }
+        if action != Action::Reject || !self.reject_bucket.take(now) {
+            return Verdict::Drop;
+        }
+        let reply = match flow.map(|f| f.proto) {
+            Some(PROTO_TCP) => tcp_reset_for(packet),
+            Some(PROTO_UDP) => flow.and_then(|f| icmp_unreachable_for(packet, f.dst, 3)),
+            Some(_) => flow.and_then(|f| icmp_unreachable_for(packet, f.dst, 13)),
+            None => None,
+        };
+        reply.map(Verdict::Reject).unwrap_or(Verdict::Drop)
+    }
+}
+
+impl Timeouts {
+    fn of(&self, proto: u8) -> Duration {
+        match proto {
+            PROTO_TCP => self.tcp,
+            PROTO_ICMP => self.icmp,
+            _ => self.udp,
+        }
+    }
+}
+
+impl FlowKey {
+    fn new(dir: Direction, f: &Flow) -> FlowKey {
+        match dir {
+            Direction::Inbound => FlowKey {
+                proto: f.proto,
+                local: f.dst,
+                remote: f.src,
+                local_port: f.dst_port,
+                remote_port: f.src_port,
+            },
+            Direction::Outbound => FlowKey {
+                proto: f.proto,
+                local: f.src,
+                remote: f.dst,
+                local_port: f.src_port,
+                remote_port: f.dst_port,
+            },
+        }
+    }
+}
+
+impl Rule {
+    fn from_config(c: &RuleConfig) -> Rule {
+        Rule {
+            proto: c.proto.number(),
+            port: c.port,
+            host: c.host.clone(),
+            groups: c.groups.clone(),
+            cidr: c.cidr,
+            local_cidr: c.local_cidr,
+            action: c.action,
+        }
+    }
+
+    fn matches(&self, dir: Direction, f: &Flow, peer: &VerifiedCert, own_ip: Ipv4Addr) -> bool {
+        if self.proto.is_some_and(|p| p != f.proto) {
+            return false;
+        }
+        let (local, remote) = match dir {
+            Direction::Inbound => (f.dst, f.src),
+            Direction::Outbound => (f.src, f.dst),
+        };
+        if !self.port.is_any() {
+            // Fragments carry no ports: only "any" rules can match them.
+            if f.fragment
+                || !(f.proto == PROTO_TCP || f.proto == PROTO_UDP)
+                || !self.port.contains(f.dst_port)
+            {
+                return false;
+            }
+        }
+        if self.host.as_deref().is_some_and(|h| h != peer.name()) {
+            return false;
+        }
+        if !self.groups.iter().all(|g| peer.has_group(g)) {
+            return false;
+        }
+        if self.cidr.is_some_and(|c| !c.contains(&IpAddr::V4(remote))) {
+            return false;
+        }
+        match self.local_cidr {
+            Some(c) => c.contains(&IpAddr::V4(local)),
+            None => local == own_ip,
+        }
+    }
+}
+
+/// Proto rule values as users write them, for messages.
+pub fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Any => "any",
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Icmp => "icmp",
+    }
+}
+
+/// Whether `net` lies inside one of `outer`.
+pub fn subnet_within(net: &Ipv4Net, outer: &[IpNet]) -> bool {
+    outer.iter().any(|o| match o {
+        IpNet::V4(o) => o.contains(net),
+        IpNet::V6(_) => false,
+    })
+}
+
+struct Bucket {
+    rate: u32,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, now: Instant) -> Bucket {
+        Bucket {
+            rate,
+            tokens: rate as f64,
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate as f64).min(self.rate as f64);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tern_shared::packet::build_udp_ipv4;
+    use tern_shared::testing::TestCa;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 10);
+    const CI: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
+    const DB: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+
+    fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        p
+    }
+
+    fn ping(src: Ipv4Addr, dst: Ipv4Addr, ty: u8, id: u16) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0];
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&[ty, 0, 0, 0]);
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&[0, 1]);
+        p
+    }
+
+    fn rules(text: &str) -> FirewallConfig {
+        let full = format!("[pki]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n{text}");
+        tern_shared::config::NodeConfig::parse(&full, std::path::Path::new("/t/node.toml"))
+            .unwrap()
+            .firewall
+    }
+
+    struct Peers {
+        ci: VerifiedCert,
+        dev: VerifiedCert,
+    }
+
+    fn peers() -> Peers {
+        let ca = TestCa::new("ca", &[], &[]);
+        let pool = ca.pool();
+        Peers {
+            ci: ca
+                .node("ci-1", "100.64.0.5/10", &["ci", "deploy"], &[], 86_400)
+                .verified(&pool),
+            dev: ca
+                .node("dev-1", "100.64.0.6/10", &["dev"], &[], 86_400)
+                .verified(&pool),
+        }
+    }
+
+    const GATEWAY_RULES: &str = r#"
+[firewall]
+[[firewall.inbound]]
+proto = "tcp"
+port = "8080"
+groups = ["ci"]
+local_cidr = "198.19.0.10/32"
+[[firewall.inbound]]
+proto = "tcp"
+port = "22"
+groups = ["ci", "deploy"]
+local_cidr = "198.19.0.10/32"
+[[firewall.inbound]]
+proto = "tcp"
+port = "5432"
+action = "reject"
+local_cidr = "198.19.0.0/24"
+[[firewall.inbound]]
+proto = "icmp"
+host = "ci-1"
+"#;
+
+    #[test]
+    fn inbound_default_deny_and_rule_matching() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(&rules(GATEWAY_RULES), GW, now);
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40000, 8080, 2), &p.ci, now),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40001, 22, 2), &p.ci, now),
+            Verdict::Allow,
+            "both groups held"
+        );
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40002, 9999, 2), &p.ci, now),
+            Verdict::Drop,
+            "no rule: default deny"
+        );
+        assert_eq!(
+            fw.check_inbound(
+                &tcp(CI, Ipv4Addr::new(198, 19, 0, 11), 40003, 8080, 2),
+                &p.ci,
+                now
+            ),
+            Verdict::Drop,
+            "outside local_cidr"
+        );
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, GW, 40004, 8080, 2), &p.ci, now),
+            Verdict::Drop,
+            "gateway's own address is not the subnet"
+        );
+        assert_eq!(
+            fw.check_inbound(
+                &tcp(Ipv4Addr::new(100, 64, 0, 6), DB, 40000, 8080, 2),
+                &p.dev,
+                now
+            ),
+            Verdict::Drop,
+            "not in group ci"
+        );
+        assert_eq!(
+            fw.check_inbound(&ping(CI, GW, 8, 7), &p.ci, now),
+            Verdict::Allow,
+            "icmp to the node itself from host ci-1"
+        );
+        assert_eq!(
+            fw.check_inbound(&ping(CI, DB, 8, 7), &p.ci, now),
+            Verdict::Drop,
+            "no local_cidr: own address only"
+        );
+        let s = fw.status();
+        assert_eq!(s.denied.get("inbound/default-deny"), Some(&5));
+        assert_eq!(s.allowed_new_flows, 3);
+    }
+
+    #[test]
+    fn reject_answers_with_a_reset() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(&rules(GATEWAY_RULES), GW, now);
+        let syn = tcp(CI, DB, 40000, 5432, 2);
+        match fw.check_inbound(&syn, &p.ci, now) {
+            Verdict::Reject(rst) => {
+                let f = flow_of(&rst).unwrap();
+                assert_eq!(
+                    (f.src, f.dst, f.src_port, f.dst_port),
+                    (DB, CI, 5432, 40000)
+                );
+            }
+            other => panic!("expected a reject, got {other:?}"),
+        }
+        assert_eq!(fw.status().denied.get("inbound/rule-2/reject"), Some(&1));
+        let dgram = build_udp_ipv4(CI, GW, 1, 2, b"x");
+        let mut fw = Firewall::new(
+            &rules("[[firewall.inbound]]\nproto = \"udp\"\naction = \"reject\"\n"),
+            GW,
+            now,
+        );
+        assert!(
+            matches!(fw.check_inbound(&dgram, &p.ci, now), Verdict::Reject(r) if flow_of(&r).unwrap().icmp_type == 3)
+        );
+    }
+
+    #[test]
+    fn replies_to_allowed_flows_pass_both_ways_until_they_expire() {
+        let p = peers();
+        let now = Instant::now();
+        let config = rules(&format!(
+            "{GATEWAY_RULES}\n[[firewall.outbound]]\nproto = \"icmp\"\n"
+        ));
+        let mut fw = Firewall::new(&config, GW, now);
+        // Inbound SYN allowed; the server's reply goes out although outbound
+        // rules allow only icmp.
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40000, 8080, 2), &p.ci, now),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_outbound(&tcp(DB, CI, 8080, 40000, 0x12), &p.ci, now),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_outbound(&tcp(DB, CI, 8080, 40001, 0x12), &p.ci, now),
+            Verdict::Drop,
+            "another flow"
+        );
+        // Outbound ping allowed by rule; its reply comes in although no inbound rule allows it.
+        assert_eq!(
+            fw.check_outbound(&ping(GW, CI, 8, 9), &p.ci, now),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_inbound(&ping(CI, GW, 0, 9), &p.ci, now),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_inbound(&ping(CI, GW, 0, 10), &p.dev, now),
+            Verdict::Drop,
+            "other id, other host"
+        );
+        // Expiry: ICMP 30 s, TCP 12 min (defaults).
+        let later = now + Duration::from_secs(31);
+        fw.handle_timeout(later);
+        assert_eq!(
+            fw.check_inbound(&ping(CI, GW, 0, 9), &p.dev, later),
+            Verdict::Drop,
+            "icmp flow expired"
+        );
+        assert_eq!(
+            fw.check_outbound(&tcp(DB, CI, 8080, 40000, 0x10), &p.ci, later),
+            Verdict::Allow,
+            "tcp flow lives on"
+        );
+        let much_later = now + Duration::from_secs(12 * 60 + 32);
+        fw.handle_timeout(much_later);
+        assert_eq!(fw.status().flows, 0);
+        assert_eq!(
+            fw.check_outbound(&tcp(DB, CI, 8080, 40000, 0x10), &p.ci, much_later),
+            Verdict::Drop
+        );
+    }
+
+    #[test]
+    fn outbound_is_open_without_rules_and_timeouts_follow_config() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(&rules("[firewall]\nudp_timeout = \"5s\"\n"), CI, now);
+        let out = build_udp_ipv4(CI, GW, 5353, 53, b"q");
+        assert_eq!(fw.check_outbound(&out, &p.dev, now), Verdict::Allow);
+        let back = build_udp_ipv4(GW, CI, 53, 5353, b"a");
+        assert_eq!(
+            fw.check_inbound(&back, &p.dev, now + Duration::from_secs(4)),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_inbound(&back, &p.dev, now + Duration::from_secs(10)),
+            Verdict::Drop,
+            "idle past the udp timeout"
+        );
+    }
+
+    #[test]
+    fn icmp_errors_about_a_flow_pass_with_it() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(&FirewallConfig::default(), CI, now);
+        let syn = tcp(CI, DB, 40000, 443, 2);
+        assert_eq!(fw.check_outbound(&syn, &p.dev, now), Verdict::Allow);
+        // "Fragmentation needed" from the far side, quoting our segment.
+        let mut err = vec![0x45, 0, 0, 56, 0, 0, 0x40, 0, 64, 1, 0, 0];
+        err.extend_from_slice(&GW.octets());
+        err.extend_from_slice(&CI.octets());
+        err.extend_from_slice(&[3, 4, 0, 0, 0, 0, 5, 0x8c]);
+        err.extend_from_slice(&syn[..28]);
+        assert_eq!(fw.check_inbound(&err, &p.dev, now), Verdict::Allow);
+        let unrelated = {
+            let mut e = err.clone();
+            e[20 + 8 + 20] = 0x11; // another source port in the quote
+            e
+        };
+        assert_eq!(fw.check_inbound(&unrelated, &p.dev, now), Verdict::Drop);
+    }
+
+    #[test]
+    fn reload_keeps_flows_and_applies_new_rules() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(&rules(GATEWAY_RULES), GW, now);
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40000, 8080, 2), &p.ci, now),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40001, 9000, 2), &p.ci, now),
+            Verdict::Drop
+        );
+        fw.replace_rules(&rules("[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9000\"\nlocal_cidr = \"198.19.0.0/24\"\n"));
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40001, 9000, 2), &p.ci, now),
+            Verdict::Allow,
+            "new rule applies"
+        );
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40000, 8080, 0x10), &p.ci, now),
+            Verdict::Allow,
+            "running flow survives"
+        );
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40002, 8080, 2), &p.ci, now),
+            Verdict::Drop,
+            "but no new 8080 flows"
+        );
+    }
+
+    #[test]
+    fn garbage_is_dropped_and_counted() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(&FirewallConfig::default(), GW, now);
+        for g in [&[][..], &[0x45], &[0x60; 40]] {
+            assert_eq!(fw.check_inbound(g, &p.ci, now), Verdict::Drop);
+        }
+        assert_eq!(fw.status().denied.get("inbound/malformed"), Some(&3));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_packets_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            let p = peers();
+            let now = Instant::now();
+            let mut fw = Firewall::new(&rules(GATEWAY_RULES), GW, now);
+            let _ = fw.check_inbound(&bytes, &p.ci, now);
+            let _ = fw.check_outbound(&bytes, &p.ci, now);
+        }
+    }
+}
