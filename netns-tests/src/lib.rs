@@ -327,6 +327,37 @@ impl Lab {
         (a_if, b_if)
     }
 
+    /// Creates a Linux bridge `bridge` in `ns` with the address `addr_cidr`
+    /// (a simulated private network, e.g. `"198.19.0.10/24"`), up.
+    pub fn bridge(&self, ns: &Ns, bridge: &str, addr_cidr: &str) {
+        check_lab_cidr(addr_cidr);
+        ns.ip(["link", "add", bridge, "type", "bridge"]);
+        ns.ip(["addr", "add", addr_cidr, "dev", bridge]);
+        ns.ip(["link", "set", bridge, "up"]);
+    }
+
+    /// Plugs `ns` into the bridge `bridge` of `bridge_ns` (see [`Lab::bridge`])
+    /// with a veth pair; the `ns` end gets `addr_cidr`. Returns its name.
+    pub fn connect_to_bridge(
+        &self,
+        ns: &Ns,
+        addr_cidr: &str,
+        bridge_ns: &Ns,
+        bridge: &str,
+    ) -> String {
+        check_lab_cidr(addr_cidr);
+        assert!(
+            ns.name != bridge_ns.name,
+            "cannot connect a namespace to its own bridge"
+        );
+        let (inside, port) = self.veth(ns, bridge_ns);
+        bridge_ns.ip(["link", "set", port.as_str(), "master", bridge]);
+        bridge_ns.ip(["link", "set", port.as_str(), "up"]);
+        ns.ip(["addr", "add", addr_cidr, "dev", inside.as_str()]);
+        ns.ip(["link", "set", inside.as_str(), "up"]);
+        inside
+    }
+
     /// Full names of the lab's namespaces, in creation order.
     pub fn namespace_names(&self) -> Vec<String> {
         self.lock_state().namespaces.clone()
@@ -1093,3 +1124,4 @@ mod tests {
         assert_eq!(state.next_ifname("a"), "eth1");
     }
 }
+pub mod tern;

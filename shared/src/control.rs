@@ -49,9 +49,15 @@ pub enum ControlMessage {
         routes: Vec<Ipv4Net>,
     },
     /// Lighthouse → node: registration accepted; the address it came from.
-    RegisterAck { id: u32, observed: SocketAddr },
+    RegisterAck {
+        id: u32,
+        observed: SocketAddr,
+    },
     /// Node → lighthouse: "where is this overlay address?"
-    Query { id: u32, overlay_ip: Ipv4Addr },
+    Query {
+        id: u32,
+        overlay_ip: Ipv4Addr,
+    },
     /// Lighthouse → node: the answer (`None`: not registered here).
     QueryReply {
         id: u32,
@@ -60,16 +66,30 @@ pub enum ControlMessage {
     },
     /// Lighthouse → node: another node is about to connect; send toward it
     /// now so both sides' NAT mappings open.
-    Punch { id: u32, peer: PeerInfo },
+    Punch {
+        id: u32,
+        peer: PeerInfo,
+    },
     /// Node → lighthouse: leaving now; forget me.
-    Deregister { id: u32 },
+    Deregister {
+        id: u32,
+    },
     /// Node → lighthouse: which gateways route which subnets?
-    RoutesQuery { id: u32 },
+    RoutesQuery {
+        id: u32,
+    },
     /// Lighthouse → node: advertised routes. A hint: the node verifies each
     /// gateway's certificate itself before using it.
     RoutesReply {
         id: u32,
         routes: Vec<AdvertisedRoute>,
+    },
+    /// Any peer → any peer: are you there? (Answered by every daemon.)
+    Ping {
+        id: u32,
+    },
+    Pong {
+        id: u32,
     },
 }
 
@@ -105,6 +125,8 @@ const T_PUNCH: u8 = 5;
 const T_DEREGISTER: u8 = 6;
 const T_ROUTES_QUERY: u8 = 7;
 const T_ROUTES_REPLY: u8 = 8;
+const T_PING: u8 = 9;
+const T_PONG: u8 = 10;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -116,7 +138,9 @@ impl ControlMessage {
             | ControlMessage::Punch { id, .. }
             | ControlMessage::Deregister { id }
             | ControlMessage::RoutesQuery { id }
-            | ControlMessage::RoutesReply { id, .. } => *id,
+            | ControlMessage::RoutesReply { id, .. }
+            | ControlMessage::Ping { id }
+            | ControlMessage::Pong { id } => *id,
         }
     }
 
@@ -134,6 +158,8 @@ impl ControlMessage {
             ControlMessage::Deregister { id } => (T_DEREGISTER, id),
             ControlMessage::RoutesQuery { id } => (T_ROUTES_QUERY, id),
             ControlMessage::RoutesReply { id, .. } => (T_ROUTES_REPLY, id),
+            ControlMessage::Ping { id } => (T_PING, id),
+            ControlMessage::Pong { id } => (T_PONG, id),
         };
         out.push(ty);
         out.extend_from_slice(&id.to_be_bytes());
@@ -163,7 +189,10 @@ impl ControlMessage {
                 }
             }
             ControlMessage::Punch { peer, .. } => put_peer(&mut out, peer)?,
-            ControlMessage::Deregister { .. } | ControlMessage::RoutesQuery { .. } => {}
+            ControlMessage::Deregister { .. }
+            | ControlMessage::RoutesQuery { .. }
+            | ControlMessage::Ping { .. }
+            | ControlMessage::Pong { .. } => {}
             ControlMessage::RoutesReply { routes, .. } => {
                 if routes.len() > MAX_ROUTES_IN_REPLY {
                     return Err(ControlError::TooManyRoutes);
@@ -232,6 +261,8 @@ impl ControlMessage {
             },
             T_DEREGISTER => ControlMessage::Deregister { id },
             T_ROUTES_QUERY => ControlMessage::RoutesQuery { id },
+            T_PING => ControlMessage::Ping { id },
+            T_PONG => ControlMessage::Pong { id },
             T_ROUTES_REPLY => {
                 let n = r.u8().ok_or(ControlError::Malformed)? as usize;
                 if n > MAX_ROUTES_IN_REPLY {
@@ -343,6 +374,8 @@ mod tests {
                 routes: vec!["198.19.0.0/24".parse().unwrap_or_else(|_| unreachable!())],
             },
             ControlMessage::RoutesQuery { id: 8 },
+            ControlMessage::Ping { id: 10 },
+            ControlMessage::Pong { id: 11 },
             ControlMessage::RoutesReply {
                 id: 9,
                 routes: vec![AdvertisedRoute {
@@ -398,8 +431,8 @@ mod tests {
         };
         assert_eq!(big_cert.encode(), Err(ControlError::TooLong));
         assert_eq!(
-            ControlMessage::decode(&[9, 0, 0, 0, 1]),
-            Err(ControlError::UnknownType(9))
+            ControlMessage::decode(&[99, 0, 0, 0, 1]),
+            Err(ControlError::UnknownType(99))
         );
         assert_eq!(
             ControlMessage::decode(&[3, 0, 0]),
@@ -423,7 +456,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(ty in 0u8..10, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn typed_garbage_never_panics(ty in 0u8..12, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = vec![ty, 0, 0, 0, 1];
             bytes.extend(rest);
             let _ = ControlMessage::decode(&bytes);

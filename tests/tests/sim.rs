@@ -557,6 +557,21 @@ fn traffic_fails_over_to_the_other_gateway_when_one_goes_away() {
     lab.net.send_from_tun(CI, &syn);
     assert_eq!(lab.net.node(GW1).1.len(), 1, "gw-1 first (by name)");
 
+    // Traffic the gateway's firewall drops gets no answer; that alone is no
+    // reason to leave a gateway that answers its pings.
+    for i in 0..24u16 {
+        lab.net
+            .send_from_tun(CI, &tcp_packet(CI_IP, SERVER, 42000 + i, 5432, 0x02));
+        lab.net.run_for(Duration::from_millis(250));
+    }
+    let status = lab.net.node(CI).0.status();
+    assert_eq!(
+        status.routes[0].active.as_deref(),
+        Some("gw-1"),
+        "{status:?}"
+    );
+    assert_eq!(status.node_counters.gateway_failovers, 0);
+
     // gw-1 vanishes without a word (crash, cable). The client keeps polling.
     lab.net.hosts.remove(&addr(GW1));
     let mut reached = false;

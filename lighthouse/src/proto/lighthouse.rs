@@ -198,10 +198,14 @@ impl LighthouseCore {
                     now,
                 );
             }
+            ControlMessage::Ping { id } => {
+                self.reply(peer, &cert, &ControlMessage::Pong { id }, now);
+            }
             ControlMessage::RegisterAck { .. }
             | ControlMessage::QueryReply { .. }
             | ControlMessage::Punch { .. }
-            | ControlMessage::RoutesReply { .. } => {
+            | ControlMessage::RoutesReply { .. }
+            | ControlMessage::Pong { .. } => {
                 self.counters.bad_control_messages += 1;
             }
         }

@@ -41,9 +41,12 @@ const MAX_LOOKUPS: usize = 256;
 const HELLO_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a node asks its lighthouses which gateways route what.
 pub const ROUTES_INTERVAL: Duration = Duration::from_secs(3);
-/// A gateway we keep sending to without hearing back for this long is
-/// presumed gone; traffic moves to another gateway for the subnet.
-pub const GATEWAY_SILENCE: Duration = Duration::from_secs(4);
+/// A gateway we keep sending to without hearing back for this long is asked
+/// whether it is alive ...
+pub const PROBE_AFTER: Duration = Duration::from_millis(1000);
+/// ... and presumed gone when that goes unanswered this long; traffic moves
+/// to another gateway for the subnet.
+pub const GATEWAY_SILENCE: Duration = Duration::from_millis(1500);
 /// How long a silent gateway is passed over.
 const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
 
@@ -138,6 +141,8 @@ struct RouteState {
     configured: bool,
     gateways: Vec<GatewayCandidate>,
     active: Option<Ipv4Addr>,
+    /// When we last asked the active gateway whether it is alive.
+    probe_sent: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +236,7 @@ impl NodeCore {
                 configured: true,
                 gateways: Vec::new(),
                 active: None,
+                probe_sent: None,
             });
             self.commands.push_back(NodeCommand::AddRoute(r.subnet));
         }
@@ -280,11 +286,11 @@ impl NodeCore {
         };
         if let Some(udp) = parse_udp_ipv4(packet) {
             if udp.dst_port == CONTROL_PORT && udp.dst == self.overlay_ip {
+                let payload = udp.payload.to_vec();
                 if self.mesh.peer_role(peer) == Some(PeerRole::Lighthouse) {
-                    let payload = udp.payload.to_vec();
                     self.handle_control(peer, &payload, now);
                 } else {
-                    self.counters.bad_control_messages += 1;
+                    self.handle_peer_control(peer, &payload, now);
                 }
                 return None;
             }
@@ -514,20 +520,38 @@ impl NodeCore {
             let Some((last_rx, last_tx)) = self.mesh.peer_activity(peer) else {
                 continue;
             };
-            let silent = match (last_tx, last_rx) {
-                (Some(tx), Some(rx)) => {
-                    tx > rx && now.saturating_duration_since(rx) >= GATEWAY_SILENCE
-                }
-                (Some(tx), None) => now.saturating_duration_since(tx) >= GATEWAY_SILENCE,
+            // Sending but not hearing back proves nothing by itself (the
+            // gateway's firewall may drop that flow), so ask: a live gateway
+            // answers a ping on its control port at once.
+            let waiting = match (last_tx, last_rx) {
+                (Some(tx), Some(rx)) => tx > rx && now.saturating_duration_since(rx) >= PROBE_AFTER,
+                (Some(tx), None) => now.saturating_duration_since(tx) >= PROBE_AFTER,
                 _ => false,
             };
+            if !waiting {
+                self.routes[i].probe_sent = None;
+                continue;
+            }
+            match self.routes[i].probe_sent {
+                Some(sent)
+                    if last_rx.is_none_or(|rx| rx < sent)
+                        && now.saturating_duration_since(sent) >= GATEWAY_SILENCE => {}
+                Some(_) => continue,
+                None => {
+                    self.routes[i].probe_sent = Some(now);
+                    let id = self.request_id();
+                    self.send_control(peer, active, &ControlMessage::Ping { id }, now);
+                    continue;
+                }
+            }
             let alternatives = self.routes[i]
                 .gateways
                 .iter()
                 .filter(|g| g.overlay_ip != active)
                 .count();
-            if silent && alternatives > 0 {
-                let r = &mut self.routes[i];
+            let r = &mut self.routes[i];
+            r.probe_sent = None;
+            if alternatives > 0 {
                 tracing::warn!(subnet = %r.subnet, gateway = %active, "gateway stopped answering; failing over");
                 for g in r.gateways.iter_mut().filter(|g| g.overlay_ip == active) {
                     g.down_until = Some(now + GATEWAY_HOLD_DOWN);
@@ -587,6 +611,7 @@ impl NodeCore {
                 subnet,
                 via: None,
                 configured: false,
+                probe_sent: None,
                 gateways: gws
                     .iter()
                     .map(|a| GatewayCandidate {
@@ -773,6 +798,22 @@ impl NodeCore {
         }
     }
 
+    /// Control from an ordinary peer: only liveness probes (the daemon's own
+    /// port, answered before the firewall like WireGuard's keepalives).
+    fn handle_peer_control(&mut self, peer: PeerId, payload: &[u8], now: Instant) {
+        match ControlMessage::decode(payload) {
+            Ok(ControlMessage::Ping { id }) => {
+                let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) else {
+                    return;
+                };
+                self.send_control(peer, ip, &ControlMessage::Pong { id }, now);
+            }
+            // Its arrival already counted as hearing from the peer.
+            Ok(ControlMessage::Pong { .. }) => {}
+            _ => self.counters.bad_control_messages += 1,
+        }
+    }
+
     fn handle_control(&mut self, from_peer: PeerId, payload: &[u8], now: Instant) {
         let msg = match ControlMessage::decode(payload) {
             Ok(m) => m,
@@ -826,6 +867,13 @@ impl NodeCore {
                 }
             }
             ControlMessage::RoutesReply { routes, .. } => self.handle_routes(routes),
+            ControlMessage::Pong { .. } => {}
+            ControlMessage::Ping { id } => {
+                let Some(ip) = self.mesh.peer_cert(from_peer).map(|c| c.overlay_ip()) else {
+                    return;
+                };
+                self.send_control(from_peer, ip, &ControlMessage::Pong { id }, now);
+            }
             ControlMessage::Register { .. }
             | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Query { .. }

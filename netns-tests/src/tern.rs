@@ -1,0 +1,186 @@
+//! Tern-specific helpers for the netns tests: certificates through the real
+//! `tern cert` CLI, config files, starting daemons, reading their status.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::{workspace_bin, Ns, Proc};
+
+pub const LH_UNDERLAY: &str = "198.18.0.1";
+
+/// Runs `tern` (certificate commands need no namespace) and returns stdout.
+pub fn tern(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(workspace_bin("tern"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running tern {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "tern {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn make_ca(dir: &Path, name: &str) {
+    tern(
+        dir,
+        &[
+            "cert",
+            "ca",
+            "--name",
+            name,
+            "--out-crt",
+            &format!("{name}.crt"),
+            "--out-key",
+            &format!("{name}.key"),
+        ],
+    );
+}
+
+pub fn sign(dir: &Path, ca: &str, name: &str, ip: &str, extra: &[&str]) {
+    let mut args = vec![
+        "cert",
+        "sign",
+        "--ca-crt",
+        &format!("{ca}.crt"),
+        "--ca-key",
+        &format!("{ca}.key"),
+        "--name",
+        name,
+        "--ip",
+        ip,
+        "--out-key",
+        &format!("{name}.key"),
+        "--out-crt",
+        &format!("{name}.crt"),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    tern(dir, &args);
+}
+
+/// A node config whose firewall lets every peer in.
+pub fn write_node_config(dir: &Path, name: &str, ca_file: &str) -> PathBuf {
+    write_node_config_with(dir, name, ca_file, &[])
+}
+
+/// A node config listing extra "lighthouse" endpoints besides the real one;
+/// its firewall lets every peer in.
+pub fn write_node_config_with(
+    dir: &Path,
+    name: &str,
+    ca_file: &str,
+    extra_lighthouses: &[&str],
+) -> PathBuf {
+    let extra: String = extra_lighthouses
+        .iter()
+        .map(|e| format!("[[lighthouses]]\nendpoint = \"{e}\"\n"))
+        .collect();
+    let text = format!(
+        "{}{extra}[[firewall.inbound]]\nproto = \"any\"\n",
+        node_config_text(name, ca_file)
+    );
+    write_file(dir, &format!("{name}.toml"), &text)
+}
+
+/// The common part of a node config: pki, listen, the lab's lighthouse, tun,
+/// api socket, debug logs. Tables and arrays of tables may follow.
+pub fn node_config_text(name: &str, ca_file: &str) -> String {
+    format!(
+        r#"[pki]
+ca = "{ca_file}"
+cert = "{name}.crt"
+key = "{name}.key"
+[listen]
+addr = "0.0.0.0:4242"
+[tun]
+name = "tern0"
+mtu = 1420
+[api]
+socket = "{name}.sock"
+[log]
+level = "debug"
+[[lighthouses]]
+endpoint = "{LH_UNDERLAY}:4242"
+"#
+    )
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+pub fn write_lighthouse_config(dir: &Path) -> PathBuf {
+    let path = dir.join("lighthouse.toml");
+    let text = r#"[pki]
+ca = "ca.crt"
+cert = "lh1.crt"
+key = "lh1.key"
+[listen]
+addr = "0.0.0.0:4242"
+[api]
+socket = "lh1.sock"
+[log]
+level = "debug"
+"#;
+    fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+pub fn start_node(ns: &Ns, config: &Path, name: &str) -> Proc {
+    let bin = workspace_bin("tern");
+    let config = config.to_string_lossy().into_owned();
+    ns.spawn(&bin.to_string_lossy(), ["up", "--config", &config], name)
+}
+
+pub fn start_lighthouse(ns: &Ns, config: &Path) -> Proc {
+    let bin = workspace_bin("tern-lighthouse");
+    let config = config.to_string_lossy().into_owned();
+    ns.spawn(&bin.to_string_lossy(), ["--config", &config], "lighthouse")
+}
+
+/// `tern status --json` of the node whose API socket is `dir/name.sock`.
+pub fn status(dir: &Path, name: &str) -> Value {
+    let socket = dir.join(format!("{name}.sock"));
+    let out = tern(
+        dir,
+        &["status", "--socket", &socket.to_string_lossy(), "--json"],
+    );
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("status of {name} is not JSON ({e}): {out}"))
+}
+
+pub fn pings(ns: &Ns, ip: &str) -> bool {
+    ns.exec("ping", ["-c1", "-W1", ip]).status.success()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    format!("{:x}", Sha256::digest(&bytes))
+}
+
+pub fn counter(status: &Value, group: &str, name: &str) -> u64 {
+    status[group][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {group}.{name} in {status}"))
+}
+
+pub fn lighthouse_status(dir: &Path) -> Value {
+    let out = std::process::Command::new(workspace_bin("tern-lighthouse"))
+        .args(["status", "--socket"])
+        .arg(dir.join("lh1.sock"))
+        .arg("--json")
+        .output()
+        .unwrap_or_else(|e| panic!("tern-lighthouse status: {e}"));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}

@@ -1,0 +1,489 @@
+//! Gateways into a private network, on real kernels: a CI node reaches
+//! servers in a "vpc" namespace (198.19.0.0/24, no route to the overlay)
+//! through a gateway node, and only what the gateway's firewall allows.
+//! Real curl, python's http.server, OpenSSH. Needs root.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tern_netns_tests::tern::*;
+use tern_netns_tests::{require_root, require_tools, serial, wait_until, Lab, Ns, Proc};
+
+const SERVER: &str = "198.19.0.10";
+
+fn gateway_config(name: &str, extra_rules: &str) -> String {
+    format!(
+        r#"{}[gateway]
+subnets = ["198.19.0.0/24"]
+masquerade = true
+[firewall]
+log = true
+[[firewall.inbound]]
+proto = "tcp"
+port = "8080"
+groups = ["ci"]
+local_cidr = "198.19.0.10/32"
+[[firewall.inbound]]
+proto = "tcp"
+port = "22"
+groups = ["ci"]
+local_cidr = "198.19.0.10/32"
+[[firewall.inbound]]
+proto = "tcp"
+port = "5432"
+action = "reject"
+local_cidr = "198.19.0.0/24"
+{extra_rules}"#,
+        node_config_text(name, "ca.crt")
+    )
+}
+
+fn client_config(name: &str) -> String {
+    format!(
+        "{}[[routes]]\nsubnet = \"198.19.0.0/24\"\n",
+        node_config_text(name, "ca.crt")
+    )
+}
+
+/// A TCP listener that accepts and closes, so "refused" can only come from the firewall.
+fn listener(ns: &Ns, port: u16) -> Proc {
+    let code = format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('{SERVER}',{port}))\ns.listen(16)\nwhile True:\n  c,_=s.accept()\n  c.close()\n"
+    );
+    let mut cmd = ns.command("python3");
+    cmd.args(["-c", &code]);
+    ns.spawn_command(cmd, &format!("listener-{port}"))
+}
+
+fn http_server(ns: &Ns, dir: &Path, port: u16) -> Proc {
+    let mut cmd = ns.command("python3");
+    cmd.args([
+        "-m",
+        "http.server",
+        "--bind",
+        SERVER,
+        &port.to_string(),
+        "--directory",
+    ])
+    .arg(dir);
+    ns.spawn_command(cmd, &format!("http-{port}"))
+}
+
+/// sshd on 198.19.0.10:22 with key authentication only; returns the client key path.
+fn sshd(ns: &Ns, dir: &Path) -> (Proc, std::path::PathBuf) {
+    let ssh = dir.join("ssh");
+    fs::create_dir_all(&ssh).unwrap_or_else(|e| panic!("mkdir ssh: {e}"));
+    for (file, kind) in [("host_ed25519", "ed25519"), ("client_ed25519", "ed25519")] {
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", "", "-f"])
+            .arg(ssh.join(file))
+            .output()
+            .unwrap_or_else(|e| panic!("ssh-keygen: {e}"));
+        assert!(
+            out.status.success(),
+            "ssh-keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fs::copy(ssh.join("client_ed25519.pub"), ssh.join("authorized_keys"))
+        .unwrap_or_else(|e| panic!("authorized_keys: {e}"));
+    let config = format!(
+        "ListenAddress {SERVER}:22\nHostKey {host}\nAuthorizedKeysFile {auth}\nPidFile {pid}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n",
+        host = ssh.join("host_ed25519").display(),
+        auth = ssh.join("authorized_keys").display(),
+        pid = ssh.join("sshd.pid").display(),
+    );
+    let config_path = write_file(&ssh, "sshd_config", &config);
+    // sshd insists on its privilege-separation directory.
+    fs::create_dir_all("/run/sshd").unwrap_or_else(|e| panic!("mkdir /run/sshd: {e}"));
+    let mut cmd = ns.command("/usr/sbin/sshd");
+    cmd.args(["-D", "-e", "-f"]).arg(&config_path);
+    (ns.spawn_command(cmd, "sshd"), ssh.join("client_ed25519"))
+}
+
+fn curl(ns: &Ns, args: &[&str]) -> (bool, i32, Duration) {
+    let start = Instant::now();
+    let out = ns.exec("curl", args);
+    (
+        out.status.success(),
+        out.status.code().unwrap_or(-1),
+        start.elapsed(),
+    )
+}
+
+fn hup(proc: &Proc) {
+    let out = Command::new("kill")
+        .args(["-HUP", &proc.pid().to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("kill -HUP: {e}"));
+    assert!(out.status.success());
+}
+
+#[test]
+fn ci_node_reaches_the_private_network_through_gateways_within_policy() {
+    let test = "gateway";
+    if !require_root(test)
+        || !require_tools(
+            test,
+            &["curl", "python3", "ssh", "ssh-keygen", "iptables", "sshd"],
+        )
+    {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new("gw");
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let ci = lab.add_ns("ci");
+    let dev = lab.add_ns("dev");
+    let gw1 = lab.add_ns("gw1");
+    let gw2 = lab.add_ns("gw2");
+    let vpc = lab.add_ns("vpc");
+    lab.connect_to_wan(&lh, "198.18.0.1/24");
+    lab.connect_to_wan(&ci, "198.18.0.2/24");
+    lab.connect_to_wan(&dev, "198.18.0.3/24");
+    lab.connect_to_wan(&gw1, "198.18.0.4/24");
+    lab.connect_to_wan(&gw2, "198.18.0.5/24");
+    lab.bridge(&vpc, "br1", "198.19.0.10/24");
+    lab.connect_to_bridge(&gw1, "198.19.0.2/24", &vpc, "br1");
+    lab.connect_to_bridge(&gw2, "198.19.0.3/24", &vpc, "br1");
+    assert!(
+        !vpc.ip(["route"]).contains("100.64"),
+        "the vpc has no route to the overlay"
+    );
+
+    // Servers in the vpc.
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap_or_else(|e| panic!("mkdir www: {e}"));
+    let blob = www.join("blob.bin");
+    let bytes = vpc.exec("head", ["-c", "20971520", "/dev/urandom"]).stdout;
+    fs::write(&blob, &bytes).unwrap_or_else(|e| panic!("write blob: {e}"));
+    let _http = http_server(&vpc, &www, 8080);
+    let _http2 = http_server(&vpc, &www, 9090);
+    let _pg = listener(&vpc, 5432);
+    let (_sshd, client_key) = sshd(&vpc, &dir);
+
+    // Identities.
+    make_ca(&dir, "ca");
+    sign(
+        &dir,
+        "ca",
+        "lh1",
+        "100.64.0.1/10",
+        &["--groups", "lighthouse"],
+    );
+    sign(&dir, "ca", "ci-1", "100.64.0.20/10", &["--groups", "ci"]);
+    sign(&dir, "ca", "dev-1", "100.64.0.21/10", &["--groups", "dev"]);
+    sign(
+        &dir,
+        "ca",
+        "gw-1",
+        "100.64.0.30/10",
+        &["--subnets", "198.19.0.0/24"],
+    );
+    sign(
+        &dir,
+        "ca",
+        "gw-2",
+        "100.64.0.31/10",
+        &["--subnets", "198.19.0.0/24"],
+    );
+    sign(&dir, "ca", "liar", "100.64.0.40/10", &[]);
+
+    let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
+    let gw1_config = write_file(&dir, "gw-1.toml", &gateway_config("gw-1", ""));
+    let gw1_proc = start_node(&gw1, &gw1_config, "node-gw-1");
+    let gw2_proc = start_node(
+        &gw2,
+        &write_file(&dir, "gw-2.toml", &gateway_config("gw-2", "")),
+        "node-gw-2",
+    );
+    let _ci = start_node(
+        &ci,
+        &write_file(&dir, "ci-1.toml", &client_config("ci-1")),
+        "node-ci-1",
+    );
+    let _dev = start_node(
+        &dev,
+        &write_file(&dir, "dev-1.toml", &client_config("dev-1")),
+        "node-dev-1",
+    );
+
+    // A gateway whose certificate lacks the subnet refuses to start.
+    let liar = start_node(
+        &lab.add_ns("liar"),
+        &write_file(&dir, "liar.toml", &gateway_config("liar", "")),
+        "node-liar",
+    );
+    wait_until(
+        "the unauthorized gateway exits",
+        Duration::from_secs(10),
+        || !liar.is_running(),
+    );
+    assert!(
+        liar.log()
+            .contains("not authorized by this node's certificate"),
+        "{}",
+        liar.log()
+    );
+
+    // Gateways set up MSS clamping and NAT.
+    wait_until("gw-1 set up forwarding", Duration::from_secs(10), || {
+        gw1_proc.log().contains("gateway forwarding set up")
+    });
+    assert!(gw1
+        .run("iptables", ["-t", "mangle", "-S", "FORWARD"])
+        .contains("TCPMSS"));
+    assert!(gw1
+        .run("iptables", ["-t", "nat", "-S", "POSTROUTING"])
+        .contains("MASQUERADE"));
+
+    // 1. curl through the gateway, hash-checked.
+    let url = format!("http://{SERVER}:8080/blob.bin");
+    wait_until(
+        "ci-1 reaches the vpc web server",
+        Duration::from_secs(20),
+        || {
+            curl(
+                &ci,
+                &[
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "3",
+                    &format!("http://{SERVER}:8080/"),
+                ],
+            )
+            .0
+        },
+    );
+    let got = dir.join("got.bin");
+    let (ok, code, _) = curl(
+        &ci,
+        &[
+            "-sS",
+            "--max-time",
+            "60",
+            "-o",
+            &got.to_string_lossy(),
+            &url,
+        ],
+    );
+    assert!(ok, "curl exit {code}");
+    assert_eq!(
+        sha256_file(&got),
+        sha256_file(&blob),
+        "20 MB through the gateway, intact"
+    );
+
+    // 2. ssh runs a command in the vpc and brings back its output and exit code.
+    let out = ci.exec(
+        "ssh",
+        [
+            "-i",
+            &client_key.to_string_lossy(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            &format!("root@{SERVER}"),
+            "echo hello-from-the-vpc; exit 7",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "ssh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello-from-the-vpc"
+    );
+
+    // 3. Policy: 5432 is refused at once (RST from the gateway's firewall,
+    //    although a listener is there); dev-1 (not in group ci) reaches nothing.
+    let (ok, code, took) = curl(
+        &ci,
+        &["-sS", "--max-time", "5", &format!("http://{SERVER}:5432/")],
+    );
+    assert!(
+        !ok && code == 7,
+        "curl to 5432 must be refused (exit 7), got {code}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "refused quickly, not a timeout: {took:?}"
+    );
+    let (ok, code, _) = curl(
+        &dev,
+        &["-sS", "--max-time", "3", &format!("http://{SERVER}:8080/")],
+    );
+    assert!(
+        !ok && code == 28,
+        "dev-1 must time out (dropped), got {code}"
+    );
+    let st = status(&dir, "gw-1");
+    let denied = &st["firewall"]["denied"];
+    assert!(
+        denied["inbound/rule-2/reject"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
+    assert!(
+        denied["inbound/default-deny"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
+    assert!(
+        gw1_proc.log().contains("firewall denied"),
+        "denials are logged"
+    );
+
+    // 4. A spoofed inner source from the client dies at the gateway.
+    ci.ip(["addr", "add", "100.64.0.99/32", "dev", "tern0"]);
+    let before = counter(
+        &status(&dir, "gw-1"),
+        "mesh_counters",
+        "spoofed_source_drops",
+    );
+    let (ok, _, _) = curl(
+        &ci,
+        &[
+            "-sS",
+            "--max-time",
+            "2",
+            "--interface",
+            "100.64.0.99",
+            &format!("http://{SERVER}:8080/"),
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        counter(
+            &status(&dir, "gw-1"),
+            "mesh_counters",
+            "spoofed_source_drops"
+        ) > before
+    );
+    ci.ip(["addr", "del", "100.64.0.99/32", "dev", "tern0"]);
+
+    // 5. SIGHUP with a new rule opens 9090 while a transfer runs; a broken
+    //    config is refused and the old rules stay.
+    let slow = dir.join("slow.bin");
+    let mut transfer = ci.command("curl");
+    transfer
+        .args(["-sS", "--max-time", "60", "--limit-rate", "4M", "-o"])
+        .arg(&slow)
+        .arg(&url);
+    let transfer = ci.spawn_command(transfer, "slow-transfer");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !curl(
+            &ci,
+            &["-sS", "--max-time", "2", &format!("http://{SERVER}:9090/")]
+        )
+        .0,
+        "9090 closed before the reload"
+    );
+    let open_9090 = "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9090\"\ngroups = [\"ci\"]\nlocal_cidr = \"198.19.0.10/32\"\n";
+    fs::write(&gw1_config, gateway_config("gw-1", open_9090))
+        .unwrap_or_else(|e| panic!("rewrite gw-1.toml: {e}"));
+    hup(&gw1_proc);
+    gw1_proc.wait_for_log("firewall rules reloaded", Duration::from_secs(5));
+    assert!(
+        curl(
+            &ci,
+            &[
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "3",
+                &format!("http://{SERVER}:9090/")
+            ]
+        )
+        .0,
+        "9090 open after the reload"
+    );
+    fs::write(&gw1_config, "[firewall\nbroken = ")
+        .unwrap_or_else(|e| panic!("break gw-1.toml: {e}"));
+    hup(&gw1_proc);
+    gw1_proc.wait_for_log("config reload refused", Duration::from_secs(5));
+    assert!(
+        curl(
+            &ci,
+            &[
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "3",
+                &format!("http://{SERVER}:9090/")
+            ]
+        )
+        .0,
+        "old rules stay"
+    );
+    wait_until(
+        "the slow transfer finishes",
+        Duration::from_secs(30),
+        || !transfer.is_running(),
+    );
+    assert_eq!(
+        transfer.try_wait().and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        transfer.log()
+    );
+    assert_eq!(
+        sha256_file(&slow),
+        sha256_file(&blob),
+        "the transfer ran through both reloads intact"
+    );
+    fs::write(&gw1_config, gateway_config("gw-1", open_9090))
+        .unwrap_or_else(|e| panic!("restore gw-1.toml: {e}"));
+
+    // 6. Two gateways: stop the one in use while the client polls; traffic
+    //    resumes through the other.
+    let active = status(&dir, "ci-1")["routes"][0]["active"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(active, "gw-1", "gw-1 first (by name)");
+    let stopped = gw1_proc.terminate_and_wait(Duration::from_secs(5));
+    assert!(stopped.is_some_and(|s| s.success()), "gw-1 stops cleanly");
+    assert!(
+        !gw1.run("iptables", ["-t", "mangle", "-S", "FORWARD"])
+            .contains("TCPMSS"),
+        "gw-1 removed its rules"
+    );
+    let since = Instant::now();
+    wait_until(
+        "traffic resumes through gw-2",
+        Duration::from_secs(15),
+        || {
+            curl(
+                &ci,
+                &[
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "1",
+                    &format!("http://{SERVER}:8080/"),
+                ],
+            )
+            .0
+        },
+    );
+    eprintln!("failover took {:?}", since.elapsed());
+    assert_eq!(status(&dir, "ci-1")["routes"][0]["active"], "gw-2");
+    assert!(gw2_proc.is_running());
+}
