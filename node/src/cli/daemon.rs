@@ -109,6 +109,47 @@ fn print_status(s: &serde_json::Value, path: &Path) {
             str_of(&p["tx_bytes"]),
         );
     }
+    let routes = s["routes"].as_array().cloned().unwrap_or_default();
+    if !routes.is_empty() {
+        println!(
+            "routes:\n  {:<18} {:<10} {:<24} ACTIVE",
+            "SUBNET", "VIA", "GATEWAYS"
+        );
+        for r in &routes {
+            let gateways: Vec<String> = r["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(str_of)
+                .collect();
+            println!(
+                "  {:<18} {:<10} {:<24} {}",
+                str_of(&r["subnet"]),
+                str_of(&r["via"]),
+                if gateways.is_empty() {
+                    "-".to_string()
+                } else {
+                    gateways.join(",")
+                },
+                str_of(&r["active"]),
+            );
+        }
+    }
+    if let Some(subnets) = s["gateway_subnets"].as_array().filter(|a| !a.is_empty()) {
+        let list: Vec<String> = subnets.iter().map(str_of).collect();
+        println!("gateway for: {}", list.join(", "));
+    }
+    let fw = &s["firewall"];
+    println!(
+        "firewall: {} inbound / {} outbound rules, {} flows",
+        str_of(&fw["inbound_rules"]),
+        str_of(&fw["outbound_rules"]),
+        str_of(&fw["flows"])
+    );
+    if let Some(denied) = fw["denied"].as_object().filter(|d| !d.is_empty()) {
+        let list: Vec<String> = denied.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  denied: {}", list.join(" "));
+    }
     let counters = s["mesh_counters"]
         .as_object()
         .into_iter()
