@@ -16,6 +16,7 @@ pub mod keys;
 pub mod mesh;
 pub mod packet;
 pub mod policy;
+pub mod rate;
 pub mod testing;
 pub mod wire;
 

@@ -36,6 +36,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::Serialize;
 
 use crate::cert::{CaPool, CertError, VerifiedCert};
+use crate::rate::TokenBucket;
 use crate::wire::{classify, DatagramKind, Hello};
 
 /// How often [`Mesh::handle_timeout`] must run at the latest.
@@ -912,35 +913,6 @@ impl Mesh {
             }
         }
         None
-    }
-}
-
-/// A token bucket refilled continuously at `rate` per second, `rate` deep.
-struct TokenBucket {
-    rate: u32,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, now: Instant) -> Self {
-        TokenBucket {
-            rate,
-            tokens: rate as f64,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.rate as f64);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 

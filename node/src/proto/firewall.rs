@@ -23,6 +23,7 @@ use tern_shared::packet::{
     PROTO_UDP,
 };
 use tern_shared::policy::{Action, FirewallConfig, PortRange, Proto, RuleConfig};
+use tern_shared::rate::TokenBucket;
 
 /// Flows remembered at most; past that, new flows are refused (and counted)
 /// until old ones expire.
@@ -78,8 +79,8 @@ pub struct Firewall {
     flows: HashMap<FlowKey, Instant>,
     denied: BTreeMap<String, u64>,
     allowed_new_flows: u64,
-    log_bucket: Bucket,
-    reject_bucket: Bucket,
+    log_bucket: TokenBucket,
+    reject_bucket: TokenBucket,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -125,8 +126,8 @@ impl Firewall {
             flows: HashMap::new(),
             denied: BTreeMap::new(),
             allowed_new_flows: 0,
-            log_bucket: Bucket::new(LOG_RATE, now),
-            reject_bucket: Bucket::new(REJECT_RATE, now),
+            log_bucket: TokenBucket::new(LOG_RATE, now),
+            reject_bucket: TokenBucket::new(REJECT_RATE, now),
         };
         fw.replace_rules(config);
         fw
@@ -400,34 +401,6 @@ pub fn subnet_within(net: &Ipv4Net, outer: &[IpNet]) -> bool {
         IpNet::V4(o) => o.contains(net),
         IpNet::V6(_) => false,
     })
-}
-
-struct Bucket {
-    rate: u32,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32, now: Instant) -> Bucket {
-        Bucket {
-            rate,
-            tokens: rate as f64,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate as f64).min(self.rate as f64);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 #[cfg(test)]
