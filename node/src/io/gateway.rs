@@ -142,13 +142,15 @@ pub fn setup(
 fn iptables(action: &str, spec: &[String]) -> anyhow::Result<()> {
     let mut args: Vec<&str> = vec!["-w", "5", &spec[0], &spec[1], action, &spec[2]];
     args.extend(spec[3..].iter().map(String::as_str));
-    let out = Command::new("iptables")
-        .args(&args)
-        .output()
-        .context("running iptables (is it installed?)")?;
+    run_tool("iptables", &args, "running iptables (is it installed?)")
+}
+
+/// Runs a system tool; a failure carries its command line and stderr.
+fn run_tool(program: &str, args: &[&str], what: &'static str) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).output().context(what)?;
     if !out.status.success() {
         bail!(
-            "iptables {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -180,16 +182,5 @@ pub fn kernel_route(add: bool, subnet: Ipv4Net, tun: &str) -> anyhow::Result<()>
     } else {
         vec!["route", "del", &subnet, "dev", tun]
     };
-    let out = Command::new("ip")
-        .args(&args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    run_tool("ip", &args, "running ip (iproute2)")
 }
