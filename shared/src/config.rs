@@ -154,6 +154,11 @@ pub struct TunConfig {
     /// MTU of the TUN device in bytes, [`MIN_MTU`]..=[`MAX_MTU`].
     /// Default [`DEFAULT_MTU`].
     pub mtu: u16,
+    /// Segmentation and receive offloads on the TUN device (`IFF_VNET_HDR`,
+    /// TSO/USO): the kernel hands the daemon up to 64 KiB of one flow per
+    /// read and takes as much per write. Default true; false reads and
+    /// writes one packet per system call.
+    pub offload: bool,
 }
 
 /// `[api]`: the local Unix-socket API.
@@ -334,6 +339,7 @@ impl Default for TunConfig {
         TunConfig {
             name: DEFAULT_TUN_NAME.to_string(),
             mtu: DEFAULT_MTU,
+            offload: true,
         }
     }
 }
@@ -879,7 +885,8 @@ mod tests {
                 ],
                 tun: TunConfig {
                     name: "ci.tun-0_a".into(),
-                    mtu: 1280
+                    mtu: 1280,
+                    offload: true,
                 },
                 api: ApiConfig {
                     socket: Some("/run/tern/api.sock".into())

@@ -4,6 +4,7 @@
 //! an API call, the next timer, or a signal to stop.
 
 pub mod api;
+pub mod datapath;
 pub mod gateway;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
@@ -13,7 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tern_shared::config::NodeConfig;
 use tern_shared::identity::Identity;
-use tern_shared::mesh::{Mesh, MeshSettings, OVERHEAD};
+use tern_shared::mesh::{Mesh, MeshSettings};
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -21,12 +22,10 @@ use tokio::sync::mpsc;
 use crate::proto::firewall::subnet_within;
 use crate::proto::node::{LighthouseTarget, NodeCommand, NodeCore};
 use api::{ApiCall, ApiRequest};
+use datapath::{DataPath, Outer};
 
 /// Packets the kernel may queue on the TUN device for the daemon to read.
 const TUN_QUEUE_LEN: u32 = 5000;
-
-/// Largest datagram or TUN packet handled.
-const BUF_LEN: usize = 65_536;
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -86,7 +85,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     let socket = bind_udp(config.listen.addr)
         .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
-    let listen = socket.local_addr()?;
+    let outer = Outer::new(socket).context("setting up the UDP socket's batching and offloads")?;
+    let listen = outer.local_addr()?;
 
     let tun = tun_rs::DeviceBuilder::new()
         .name(&config.tun.name)
@@ -95,6 +95,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         // The kernel's queue toward the daemon: the default 500 packets
         // overflow in bursts while the loop serves the other direction.
         .tx_queue_len(TUN_QUEUE_LEN)
+        .offload(config.tun.offload)
         .build_async()
         .with_context(|| {
             format!(
@@ -102,7 +103,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 config.tun.name
             )
         })?;
-    tracing::info!(device = %config.tun.name, address = %overlay, mtu = config.tun.mtu, %listen, "TUN device up");
+    tracing::info!(
+        device = %config.tun.name,
+        address = %overlay,
+        mtu = config.tun.mtu,
+        tcp_offload = tun.tcp_gso(),
+        udp_offload = tun.udp_gso(),
+        %listen,
+        "TUN device up"
+    );
 
     let now = Instant::now();
     let settings = MeshSettings {
@@ -152,38 +161,28 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut udp_buf = vec![0u8; BUF_LEN];
-    let mut tun_buf = vec![0u8; BUF_LEN];
-    let mut out_buf = vec![0u8; BUF_LEN + OVERHEAD];
+    let mut path = DataPath::new(config.tun.mtu);
     let mut next_timer = tokio::time::Instant::now();
 
     loop {
         tokio::select! {
-            received = socket.recv_from(&mut udp_buf) => {
-                match received {
-                    Ok((n, from)) => {
-                        if let Some(packet) = core.handle_datagram(from, &udp_buf[..n], &mut out_buf, Instant::now()) {
-                            if let Err(e) = tun.send(packet).await {
-                                tracing::debug!(error = %e, "TUN write failed");
-                            }
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
+            ready = outer.readable() => {
+                match ready {
+                    Ok(()) => path.udp_to_tun(&mut core, &tun, &outer).await,
+                    Err(e) => tracing::debug!(error = %e, "UDP socket error"),
                 }
             }
-            read = tun.recv(&mut tun_buf) => {
-                match read {
-                    Ok(n) => {
-                        if let Some((dst, bytes)) = core.handle_tun_packet(&tun_buf[..n], &mut out_buf, Instant::now()) {
-                            if let Err(e) = socket.send_to(bytes, dst).await {
-                                tracing::debug!(error = %e, %dst, "UDP send failed");
-                            }
-                        }
-                    }
+            ready = tun.readable() => {
+                let alive = match ready {
+                    Ok(()) => path.tun_to_udp(&mut core, &tun, &outer).await,
                     Err(e) => {
-                        tracing::error!(error = %e, "TUN read failed; stopping");
-                        break;
+                        tracing::error!(error = %e, "TUN device error");
+                        false
                     }
+                };
+                if !alive {
+                    tracing::error!("TUN device unusable; stopping");
+                    break;
                 }
             }
             _ = tokio::time::sleep_until(next_timer) => {
@@ -202,11 +201,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
-        flush(&mut core, &socket).await;
+        flush(&mut core, &outer).await;
         while let Some(reply) = core.poll_tun_write() {
-            if let Err(e) = tun.send(&reply).await {
-                tracing::debug!(error = %e, "TUN write failed");
-            }
+            path.write_one(&tun, &reply).await;
         }
         while let Some(command) = core.poll_command() {
             let result = match command {
@@ -224,7 +221,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     }
     core.shutdown(Instant::now());
-    flush(&mut core, &socket).await;
+    flush(&mut core, &outer).await;
     drop(tun);
     tracing::info!("stopped; TUN device removed");
     Ok(())
@@ -273,11 +270,9 @@ fn reload(core: &mut NodeCore, config_path: &Path) {
     }
 }
 
-async fn flush(core: &mut NodeCore, socket: &UdpSocket) {
+async fn flush(core: &mut NodeCore, outer: &Outer) {
     while let Some(t) = core.poll_transmit() {
-        if let Err(e) = socket.send_to(&t.payload, t.dst).await {
-            tracing::debug!(error = %e, dst = %t.dst, "UDP send failed");
-        }
+        outer.send(t.dst, &t.payload, None).await;
     }
 }
 

@@ -1,0 +1,340 @@
+//! The batched data path between the TUN device and the UDP socket.
+//!
+//! Per-packet system calls, not cryptography, are what a userspace tunnel
+//! spends its time on, so each wake-up moves as much as the kernel has:
+//!
+//! - **TUN → UDP**: with offloads on, one TUN read returns up to 64 KiB of
+//!   one TCP or UDP flow (`IFF_VNET_HDR`, TSO/USO), which `tun-rs` splits into
+//!   MTU-sized packets. Each packet is encrypted straight into one contiguous
+//!   buffer; runs of equal-sized ciphertexts to the same endpoint leave in a
+//!   single `sendmsg` with `UDP_SEGMENT` (GSO).
+//! - **UDP → TUN**: `recvmmsg` with `UDP_GRO` returns many datagrams per call,
+//!   each decrypted into its own reusable buffer; `tun-rs` then coalesces
+//!   consecutive segments of a flow back into large packets (GRO), so the
+//!   kernel gets one write per burst instead of one per packet.
+//!
+//! All buffers are allocated once. The core ([`NodeCore`]) still sees one
+//! packet at a time and decides everything (routes, firewall, peers).
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+
+use crate::proto::node::NodeCore;
+use tern_shared::mesh::OVERHEAD;
+
+/// Room in front of every packet written to the TUN device for the virtio
+/// header `tun-rs` fills in when offloads are on.
+const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+
+/// Largest datagram, and largest TUN read or coalesced TUN write.
+const MAX_PACKET: usize = 65_535;
+
+/// Most UDP payload one GSO send may carry (the IP length field's limit).
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// Packets one TUN read may split into: 64 KiB at the smallest MSS.
+const TUN_SEGMENTS: usize = tun_rs::IDEAL_BATCH_SIZE;
+
+/// Datagram buffers per `recvmmsg`.
+const RX_BATCH: usize = 8;
+
+/// Decrypted packets gathered before one coalescing write to the TUN device.
+const TUN_WRITE_BATCH: usize = 64;
+
+/// Reads per wake-up before the loop looks at its other inputs again: bounds
+/// how long one direction can keep the other waiting.
+const READS_PER_WAKEUP: usize = 16;
+
+/// Extra bytes WireGuard's handshake needs in an output buffer beyond the
+/// packet itself (a handshake initiation is 148 bytes).
+const HANDSHAKE_ROOM: usize = 256;
+
+/// The outer UDP socket with batched receive (recvmmsg + GRO) and segmented
+/// send (GSO).
+pub struct Outer {
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl Outer {
+    pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        tracing::debug!(
+            gso_segments = state.max_gso_segments(),
+            gro_segments = state.gro_segments(),
+            "UDP offloads"
+        );
+        Ok(Outer { socket, state })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    pub async fn readable(&self) -> io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Most segments one send may carry.
+    fn max_segments(&self) -> usize {
+        self.state.max_gso_segments().max(1)
+    }
+
+    /// Sends `contents` to `dst`: one datagram, or with `segment` set, a run
+    /// of datagrams of `segment` bytes (the last may be shorter). Waits while
+    /// the socket buffer is full. When the kernel refuses the segmented send,
+    /// the datagrams go one by one.
+    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
+        let segment = segment.filter(|s| *s < contents.len());
+        match self.send_once(dst, contents, segment).await {
+            Ok(()) => {}
+            Err(e) => match segment {
+                Some(size) => {
+                    tracing::debug!(error = %e, %dst, "segmented UDP send refused; sending one by one");
+                    for chunk in contents.chunks(size) {
+                        if let Err(e) = self.send_once(dst, chunk, None).await {
+                            tracing::debug!(error = %e, %dst, "UDP send failed");
+                        }
+                    }
+                }
+                None => tracing::debug!(error = %e, %dst, "UDP send failed"),
+            },
+        }
+    }
+
+    async fn send_once(
+        &self,
+        dst: SocketAddr,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                self.state
+                    .try_send(UdpSockRef::from(&self.socket), &transmit)
+            })
+            .await
+    }
+
+    fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        self.socket.try_io(Interest::READABLE, || {
+            self.state
+                .recv(UdpSockRef::from(&self.socket), bufs, meta)
+        })
+    }
+}
+
+/// The buffers of both directions, allocated once per daemon.
+pub struct DataPath {
+    // TUN → UDP
+    tun_read: Vec<u8>,
+    segments: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    sealed: Vec<u8>,
+    // UDP → TUN
+    datagrams: [Vec<u8>; RX_BATCH],
+    meta: [RecvMeta; RX_BATCH],
+    opened: Vec<Vec<u8>>,
+    gro: GROTable,
+}
+
+/// One run of ciphertexts in `DataPath::sealed` bound for one endpoint.
+struct Run {
+    dst: SocketAddr,
+    start: usize,
+    end: usize,
+    segment: usize,
+    count: usize,
+    /// The last ciphertext was shorter than `segment`: nothing may follow.
+    closed: bool,
+}
+
+impl DataPath {
+    pub fn new(mtu: u16) -> Self {
+        let segment_len = mtu as usize + 64;
+        DataPath {
+            tun_read: vec![0; TUN_OFFSET + MAX_PACKET],
+            segments: vec![vec![0; segment_len]; TUN_SEGMENTS],
+            sizes: vec![0; TUN_SEGMENTS],
+            sealed: vec![0; MAX_GSO_BYTES + 2 * (segment_len + OVERHEAD + HANDSHAKE_ROOM)],
+            datagrams: std::array::from_fn(|_| vec![0; MAX_PACKET]),
+            meta: [RecvMeta::default(); RX_BATCH],
+            // Capacity for a coalesced 64 KiB write; pages are touched only
+            // as far as a burst fills them.
+            opened: (0..TUN_WRITE_BATCH)
+                .map(|_| Vec::with_capacity(TUN_OFFSET + MAX_PACKET))
+                .collect(),
+            gro: GROTable::default(),
+        }
+    }
+
+    /// Reads what the TUN device has (bounded), encrypts and sends it.
+    /// Returns false when the device is gone.
+    pub async fn tun_to_udp(&mut self, core: &mut NodeCore, tun: &AsyncDevice, outer: &Outer) -> bool {
+        let max_segments = outer.max_segments();
+        let mut run: Option<Run> = None;
+        for _ in 0..READS_PER_WAKEUP {
+            let count = match tun.try_recv_multiple(
+                &mut self.tun_read,
+                &mut self.segments,
+                &mut self.sizes,
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    tracing::error!(error = %e, "TUN device gone");
+                    return false;
+                }
+                Err(e) => {
+                    // A packet tun-rs could not split (a malformed offload
+                    // header): drop it, keep going.
+                    tracing::debug!(error = %e, "TUN read dropped");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            for i in 0..count {
+                let len = self.sizes[i];
+                let Some(packet) = self.segments[i].get(..len) else {
+                    continue;
+                };
+                let needed = len + OVERHEAD + HANDSHAKE_ROOM;
+                let mut at = run.as_ref().map_or(0, |r| r.end);
+                if self.sealed.len() - at < needed {
+                    if let Some(r) = run.take() {
+                        send_run(outer, &self.sealed, &r).await;
+                    }
+                    at = 0;
+                }
+                let out = &mut self.sealed[at..];
+                let base = out.as_ptr() as usize;
+                let Some((dst, ciphertext)) = core.handle_tun_packet(packet, out, now) else {
+                    continue;
+                };
+                let n = ciphertext.len();
+                let offset = ciphertext.as_ptr() as usize - base;
+                if offset != 0 {
+                    self.sealed.copy_within(at + offset..at + offset + n, at);
+                }
+                let joins = run.as_ref().is_some_and(|r| {
+                    r.dst == dst
+                        && !r.closed
+                        && n <= r.segment
+                        && r.count < max_segments
+                        && r.end + n - r.start <= MAX_GSO_BYTES
+                });
+                if !joins {
+                    if let Some(r) = run.take() {
+                        send_run(outer, &self.sealed, &r).await;
+                    }
+                    run = Some(Run {
+                        dst,
+                        start: at,
+                        end: at,
+                        segment: n,
+                        count: 0,
+                        closed: false,
+                    });
+                }
+                if let Some(r) = run.as_mut() {
+                    r.end += n;
+                    r.count += 1;
+                    r.closed = n < r.segment;
+                }
+            }
+        }
+        if let Some(r) = run.take() {
+            send_run(outer, &self.sealed, &r).await;
+        }
+        true
+    }
+
+    /// Receives what the UDP socket has (bounded), decrypts it and writes the
+    /// packets the core lets through to the TUN device.
+    pub async fn udp_to_tun(&mut self, core: &mut NodeCore, tun: &AsyncDevice, outer: &Outer) {
+        let mut pending = 0;
+        for _ in 0..READS_PER_WAKEUP {
+            let received = {
+                let mut slices = self.datagrams.each_mut().map(|b| IoSliceMut::new(b));
+                outer.try_recv(&mut slices, &mut self.meta)
+            };
+            let count = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive failed");
+                    break;
+                }
+            };
+            let now = Instant::now();
+            for (meta, buf) in self.meta.iter().zip(self.datagrams.iter()).take(count) {
+                let data = &buf[..meta.len.min(buf.len())];
+                let stride = if meta.stride == 0 { data.len().max(1) } else { meta.stride };
+                for datagram in data.chunks(stride) {
+                    let slot = &mut self.opened[pending];
+                    slot.clear();
+                    slot.resize(TUN_OFFSET + datagram.len().max(HANDSHAKE_ROOM), 0);
+                    let out = &mut slot[TUN_OFFSET..];
+                    let base = out.as_ptr() as usize;
+                    let Some(packet) = core.handle_datagram(meta.addr, datagram, out, now) else {
+                        continue;
+                    };
+                    let (offset, n) = (packet.as_ptr() as usize - base, packet.len());
+                    if offset != 0 {
+                        slot.copy_within(TUN_OFFSET + offset..TUN_OFFSET + offset + n, TUN_OFFSET);
+                    }
+                    slot.truncate(TUN_OFFSET + n);
+                    pending += 1;
+                    if pending == self.opened.len() {
+                        write_tun(tun, &mut self.gro, &mut self.opened[..pending]).await;
+                        pending = 0;
+                    }
+                }
+            }
+        }
+        write_tun(tun, &mut self.gro, &mut self.opened[..pending]).await;
+    }
+
+    /// Writes one packet built outside the data path (a firewall reject, a
+    /// control reply) to the TUN device.
+    pub async fn write_one(&mut self, tun: &AsyncDevice, packet: &[u8]) {
+        let Some(slot) = self.opened.first_mut() else {
+            return;
+        };
+        slot.clear();
+        slot.resize(TUN_OFFSET, 0);
+        slot.extend_from_slice(packet);
+        write_tun(tun, &mut self.gro, &mut self.opened[..1]).await;
+    }
+}
+
+async fn write_tun(tun: &AsyncDevice, gro: &mut GROTable, packets: &mut [Vec<u8>]) {
+    if packets.is_empty() {
+        return;
+    }
+    if let Err(e) = tun.send_multiple(gro, packets, TUN_OFFSET).await {
+        tracing::debug!(error = %e, "TUN write failed");
+    }
+}
+
+async fn send_run(outer: &Outer, sealed: &[u8], run: &Run) {
+    let Some(contents) = sealed.get(run.start..run.end) else {
+        return;
+    };
+    let segment = (run.count > 1).then_some(run.segment);
+    outer.send(run.dst, contents, segment).await;
+}
