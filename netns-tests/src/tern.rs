@@ -93,6 +93,15 @@ pub fn write_node_config_with(
 
 /// The common part of a node config: pki, listen, the lab's lighthouse, tun,
 /// api socket, debug logs. Tables and arrays of tables may follow.
+/// Sets `[tun] offload` in a config written by [`write_node_config`].
+pub fn set_tun_offload(config: &Path, on: bool) {
+    let text = std::fs::read_to_string(config)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", config.display()));
+    assert!(text.contains("[tun]\n"), "no [tun] in {}", config.display());
+    let text = text.replacen("[tun]\n", &format!("[tun]\noffload = {on}\n"), 1);
+    std::fs::write(config, text).unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+}
+
 pub fn node_config_text(name: &str, ca_file: &str) -> String {
     format!(
         r#"[pki]

@@ -955,6 +955,16 @@ mod tests {
     }
 
     #[test]
+    fn tun_offload_defaults_on_and_can_be_turned_off() {
+        let on = node_with("[tun]\nname = \"tern0\"\n").unwrap();
+        assert!(on.tun.offload);
+        let off = node_with("[tun]\noffload = false\n").unwrap();
+        assert!(!off.tun.offload);
+        let err = node_with("[tun]\noffload = \"yes\"\n").unwrap_err();
+        assert!(err.to_string().contains("offload"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_in_table_names_key_file_and_line() {
         let err = node_with("[tun]\nname = \"tern0\"\n  nmae = \"x\"\n").unwrap_err();
         assert_eq!(
@@ -963,7 +973,7 @@ mod tests {
                 file: file(),
                 at: Some(Position { line: 7, col: 3 }),
                 key: "tun.nmae".into(),
-                expected: "expected `name` or `mtu`".into(),
+                expected: "expected one of `name`, `mtu`, `offload`".into(),
             }
         );
         let text = err.to_string();

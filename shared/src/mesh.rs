@@ -179,7 +179,10 @@ pub struct Mesh {
     own_hello: Vec<u8>,
     ca: CaPool,
     settings: MeshSettings,
-    peers: HashMap<u32, Peer>,
+    /// Boxed: a peer is about 10 KiB (boringtun's `Tunn` keeps eight
+    /// session slots inline), and the map's spare slots should cost a pointer
+    /// each, not a peer each.
+    peers: HashMap<u32, Box<Peer>>,
     by_overlay: HashMap<Ipv4Addr, u32>,
     by_key: HashMap<[u8; 32], u32>,
     known_certs: HashMap<[u8; 32], KnownCert>,
@@ -330,7 +333,7 @@ impl Mesh {
         self.known_certs.remove(&key);
         self.peers.insert(
             idx,
-            Peer {
+            Box::new(Peer {
                 id: PeerId(idx),
                 cert,
                 tunn,
@@ -342,7 +345,7 @@ impl Mesh {
                 last_rx: None,
                 last_tx: None,
                 spoofed_source_drops: 0,
-            },
+            }),
         );
         Some(PeerId(idx))
     }

@@ -131,8 +131,7 @@ impl Outer {
 
     fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
         self.socket.try_io(Interest::READABLE, || {
-            self.state
-                .recv(UdpSockRef::from(&self.socket), bufs, meta)
+            self.state.recv(UdpSockRef::from(&self.socket), bufs, meta)
         })
     }
 }
@@ -183,7 +182,12 @@ impl DataPath {
 
     /// Reads what the TUN device has (bounded), encrypts and sends it.
     /// Returns false when the device is gone.
-    pub async fn tun_to_udp(&mut self, core: &mut NodeCore, tun: &AsyncDevice, outer: &Outer) -> bool {
+    pub async fn tun_to_udp(
+        &mut self,
+        core: &mut NodeCore,
+        tun: &AsyncDevice,
+        outer: &Outer,
+    ) -> bool {
         let max_segments = outer.max_segments();
         let mut run: Option<Run> = None;
         for _ in 0..READS_PER_WAKEUP {
@@ -283,10 +287,14 @@ impl DataPath {
             let now = Instant::now();
             for (meta, buf) in self.meta.iter().zip(self.datagrams.iter()).take(count) {
                 let data = &buf[..meta.len.min(buf.len())];
-                let stride = if meta.stride == 0 { data.len().max(1) } else { meta.stride };
+                let stride = if meta.stride == 0 {
+                    data.len().max(1)
+                } else {
+                    meta.stride
+                };
                 for datagram in data.chunks(stride) {
                     let slot = &mut self.opened[pending];
-                    slot.clear();
+                    // Only the bytes past the previous packet get zeroed.
                     slot.resize(TUN_OFFSET + datagram.len().max(HANDSHAKE_ROOM), 0);
                     let out = &mut slot[TUN_OFFSET..];
                     let base = out.as_ptr() as usize;
