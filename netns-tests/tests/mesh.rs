@@ -242,7 +242,11 @@ fn lighthouse_and_two_nodes_ping_transfer_and_survive_the_lighthouse() {
         Duration::from_secs(20),
         || pings(&c, "100.64.0.8"),
     );
-    assert!(pings(&c, "100.64.0.5"), "and the old node a");
+    wait_until(
+        "new node c pings the old node a",
+        Duration::from_secs(10),
+        || pings(&c, "100.64.0.5"),
+    );
     assert!(lighthouse.is_running());
 }
 

@@ -50,6 +50,12 @@ use std::sync::Arc;
 /// Encoded binary size cap. Signing refuses larger certs, decoding refuses
 /// larger inputs, so a peer cannot make us parse or store big blobs.
 pub const MAX_CERT_LEN: usize = 1024;
+
+/// How far a verifier's clock may run behind the signer's: a certificate is
+/// accepted from `not_before - CLOCK_SKEW_SECS` on, so a node started right
+/// after its certificate was signed (often on another machine) is not refused
+/// for its first seconds. Expiry (`not_after`) gets no such leeway.
+pub const CLOCK_SKEW_SECS: u64 = 60;
 /// Nodes in this group serve as lighthouses.
 pub const LIGHTHOUSE_GROUP: &str = "lighthouse";
 /// Armor label of a certificate; the kind is inside the body.
@@ -503,7 +509,7 @@ impl CaPool {
         verify_signature(&ca.key, body, &cert.signature)?;
         body.validate()?;
         let overlay_net = body.node_net()?;
-        if now_unix < body.not_before {
+        if now_unix.saturating_add(CLOCK_SKEW_SECS) < body.not_before {
             return Err(CertError::NotYetValid {
                 not_before: body.not_before,
             });
@@ -705,7 +711,7 @@ fn canonicalize_groups(groups: &mut Vec<String>) {
 }
 
 fn check_ca_time(ca: &CertBody, now_unix: u64) -> Result<(), CertError> {
-    if now_unix < ca.not_before {
+    if now_unix.saturating_add(CLOCK_SKEW_SECS) < ca.not_before {
         return Err(CertError::CaNotYetValid {
             ca: ca.name.clone(),
             not_before: ca.not_before,
@@ -1092,11 +1098,16 @@ mod tests {
             }
         );
         assert_eq!(
-            pool.verify(&node, NOW - 61).unwrap_err(),
+            pool.verify(&node, NOW - 60 - CLOCK_SKEW_SECS - 1)
+                .unwrap_err(),
             CertError::NotYetValid {
                 not_before: NOW - 60
             }
         );
+        // A verifier whose clock runs up to CLOCK_SKEW_SECS behind the
+        // signer's accepts a brand-new certificate; expiry has no leeway.
+        assert!(pool.verify(&node, NOW - 60 - CLOCK_SKEW_SECS).is_ok());
+        assert!(pool.verify(&node, NOW + DAY).is_ok());
         let msg = CertError::Expired { not_after: 0 }.to_string();
         assert!(msg.contains("expired at 1970-01-01T00:00:00Z"), "{msg}");
     }

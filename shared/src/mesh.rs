@@ -48,6 +48,8 @@ pub const MIN_BUFFER: usize = 256;
 
 /// Handshakes accepted per second across all peers before cookies are demanded.
 const HANDSHAKE_RATE_LIMIT: u64 = 500;
+/// Least time between two handshakes restarted on a peer's request.
+const FORCED_HANDSHAKE_INTERVAL: Duration = Duration::from_secs(1);
 /// Hellos verified or answered per second (each costs an Ed25519 verification).
 const HELLO_RATE: u32 = 100;
 
@@ -209,6 +211,10 @@ struct Peer {
     /// Last authenticated packet from the peer / last data packet to it.
     last_rx: Option<Instant>,
     last_tx: Option<Instant>,
+    /// Last handshake restarted because the peer asked for our certificate:
+    /// at most one a second, so two nodes that refuse each other's
+    /// certificates cannot keep each other busy.
+    last_forced_handshake: Option<Instant>,
     spoofed_source_drops: u64,
 }
 
@@ -344,6 +350,7 @@ impl Mesh {
                 last_data: now,
                 last_rx: None,
                 last_tx: None,
+                last_forced_handshake: None,
                 spoofed_source_drops: 0,
             }),
         );
@@ -802,12 +809,19 @@ impl Mesh {
                 // The peer does not know our certificate: it restarted, or our
                 // handshake reached it before our hello did. Handshake again
                 // now rather than at boringtun's next retry, seconds away.
-                if let Some(p) = self.peers.get_mut(&idx) {
-                    if !p.connected && !p.candidates.contains(&from) && p.candidates.len() < 16 {
-                        p.candidates.push(from);
-                    }
+                let Some(p) = self.peers.get_mut(&idx) else {
+                    return;
+                };
+                if !p.connected && !p.candidates.contains(&from) && p.candidates.len() < 16 {
+                    p.candidates.push(from);
                 }
-                self.connect(PeerId(idx), true);
+                let recent = p
+                    .last_forced_handshake
+                    .is_some_and(|t| now.saturating_duration_since(t) < FORCED_HANDSHAKE_INTERVAL);
+                if !recent {
+                    p.last_forced_handshake = Some(now);
+                    self.connect(PeerId(idx), true);
+                }
             }
             Some(_) => {}
             None => self.remember(cert.clone(), now),
@@ -1040,6 +1054,37 @@ mod tests {
         {
             b.delivered.push(packet.to_vec());
         }
+    }
+
+    #[test]
+    fn hellos_asking_for_our_certificate_restart_the_handshake_at_most_once_a_second() {
+        let (mut a, mut b, now) = setup(&[]);
+        let pb = a
+            .mesh
+            .add_peer(b.cert.clone(), &[b.addr], PeerRole::Node, now)
+            .unwrap();
+        a.mesh.connect(pb, false);
+        while a.mesh.poll_transmit().is_some() {}
+        b.mesh.send_hello(a.addr, true);
+        let ask = b.mesh.poll_transmit().unwrap().payload;
+        let mut buf = vec![0u8; 4096];
+        let mut initiations = |a: &mut Side, at: Instant| {
+            for _ in 0..5 {
+                a.mesh.handle_datagram(b.addr, &ask, &mut buf, at);
+            }
+            let mut n = 0;
+            while let Some(t) = a.mesh.poll_transmit() {
+                n += usize::from(t.payload.first() == Some(&1));
+            }
+            n
+        };
+        assert_eq!(
+            initiations(&mut a, now),
+            1,
+            "five requests, one new handshake"
+        );
+        assert_eq!(initiations(&mut a, now + Duration::from_millis(500)), 0);
+        assert_eq!(initiations(&mut a, now + Duration::from_millis(1100)), 1);
     }
 
     #[test]
