@@ -108,6 +108,10 @@ pub struct LighthouseConfig {
     /// The registry of live nodes.
     #[serde(default)]
     pub registry: RegistryConfig,
+    /// Relaying WireGuard messages between registered nodes that find no
+    /// direct path.
+    #[serde(default)]
+    pub relay: RelayConfig,
 }
 
 /// `[pki]`: where the daemon's identity lives. All keys are required; relative
@@ -191,7 +195,15 @@ pub struct PeersConfig {
     /// Default [`DEFAULT_IDLE_TIMEOUT`].
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// A peer with no direct path this long after the first attempt is
+    /// reached through a relay (a lighthouse that offers relaying) while
+    /// punching goes on. Must be positive. Default [`DEFAULT_RELAY_AFTER`].
+    #[serde(deserialize_with = "duration")]
+    pub relay_after: Duration,
 }
+
+/// Default `peers.relay_after`.
+pub const DEFAULT_RELAY_AFTER: Duration = Duration::from_secs(2);
 
 /// `[registry]` of a lighthouse config.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -201,6 +213,30 @@ pub struct RegistryConfig {
     /// registry. Must be positive. Default [`DEFAULT_REGISTRY_EXPIRY`].
     #[serde(deserialize_with = "duration")]
     pub expiry: Duration,
+}
+
+/// `[relay]` of a lighthouse config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Offer relaying to registered nodes. Default true.
+    pub enabled: bool,
+    /// WireGuard messages one node may have relayed per second (burst as
+    /// large). Must be positive. Default [`DEFAULT_RELAY_PACKETS_PER_SEC`].
+    pub packets_per_sec: u32,
+}
+
+/// Default `[relay] packets_per_sec`: about 250 Mbit/s of full-size packets
+/// per node.
+pub const DEFAULT_RELAY_PACKETS_PER_SEC: u32 = 20_000;
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            enabled: true,
+            packets_per_sec: DEFAULT_RELAY_PACKETS_PER_SEC,
+        }
+    }
 }
 
 /// A 1-based line and column (in characters) in a config file.
@@ -322,7 +358,18 @@ impl LighthouseConfig {
         }
         self.api.validate(file)?;
         self.log.validate(file)?;
-        self.registry.validate(file)
+        self.registry.validate(file)?;
+        if self.relay.packets_per_sec == 0 {
+            return Err(invalid(
+                file,
+                "relay.packets_per_sec",
+                format!(
+                    "0 would refuse every relayed packet; set enabled = false to turn relaying off, \
+                     or a positive rate (default {DEFAULT_RELAY_PACKETS_PER_SEC})"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -357,6 +404,7 @@ impl Default for PeersConfig {
         PeersConfig {
             keepalive: DEFAULT_KEEPALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            relay_after: DEFAULT_RELAY_AFTER,
         }
     }
 }
@@ -519,6 +567,13 @@ impl PeersConfig {
                 file,
                 "peers.idle_timeout",
                 "must be longer than zero, e.g. \"5m\"",
+            ));
+        }
+        if self.relay_after.is_zero() {
+            return Err(invalid(
+                file,
+                "peers.relay_after",
+                "must be longer than zero, e.g. \"2s\" (a relay is a fallback; give direct paths a moment)",
             ));
         }
         Ok(())
@@ -897,6 +952,7 @@ mod tests {
                 peers: PeersConfig {
                     keepalive: Duration::ZERO,
                     idle_timeout: Duration::from_secs(5400),
+                    relay_after: DEFAULT_RELAY_AFTER,
                 },
                 firewall: FirewallConfig::default(),
                 gateway: None,

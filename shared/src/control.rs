@@ -48,10 +48,12 @@ pub enum ControlMessage {
         local: Vec<SocketAddr>,
         routes: Vec<Ipv4Net>,
     },
-    /// Lighthouse → node: registration accepted; the address it came from.
+    /// Lighthouse → node: registration accepted; the address it came from,
+    /// and whether this lighthouse relays for nodes that find no direct path.
     RegisterAck {
         id: u32,
         observed: SocketAddr,
+        relay: bool,
     },
     /// Node → lighthouse: "where is this overlay address?"
     Query {
@@ -174,7 +176,12 @@ impl ControlMessage {
                     put_net(&mut out, r);
                 }
             }
-            ControlMessage::RegisterAck { observed, .. } => put_socket_addr(&mut out, observed),
+            ControlMessage::RegisterAck {
+                observed, relay, ..
+            } => {
+                put_socket_addr(&mut out, observed);
+                out.push(u8::from(*relay));
+            }
             ControlMessage::Query { overlay_ip, .. } => out.extend_from_slice(&overlay_ip.octets()),
             ControlMessage::QueryReply {
                 overlay_ip, peer, ..
@@ -237,6 +244,11 @@ impl ControlMessage {
             T_REGISTER_ACK => ControlMessage::RegisterAck {
                 id,
                 observed: r.socket_addr().ok_or(ControlError::Malformed)?,
+                relay: match r.u8() {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(ControlError::Malformed),
+                },
             },
             T_QUERY => ControlMessage::Query {
                 id,
@@ -387,6 +399,7 @@ mod tests {
             ControlMessage::RegisterAck {
                 id: 2,
                 observed: sample_peer().endpoints[0],
+                relay: true,
             },
             ControlMessage::Query {
                 id: 3,

@@ -37,7 +37,10 @@ use serde::Serialize;
 
 use crate::cert::{CaPool, CertError, VerifiedCert};
 use crate::rate::TokenBucket;
-use crate::wire::{classify, DatagramKind, Hello};
+use crate::wire::{
+    classify, relay_header, DatagramKind, Hello, RelayEnvelope, RELAY_HEADER_LEN, TYPE_RELAYED,
+    TYPE_RELAY_REQUEST,
+};
 
 /// How often [`Mesh::handle_timeout`] must run at the latest.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -48,6 +51,9 @@ pub const MIN_BUFFER: usize = 256;
 
 /// Handshakes accepted per second across all peers before cookies are demanded.
 const HANDSHAKE_RATE_LIMIT: u64 = 500;
+/// A direct path that brought nothing for this long gives way to the relay
+/// when the peer's packets start coming through it.
+const DIRECT_PATH_STALE: Duration = Duration::from_secs(1);
 /// Least time between two handshakes restarted on a peer's request.
 const FORCED_HANDSHAKE_INTERVAL: Duration = Duration::from_secs(1);
 /// Hellos verified or answered per second (each costs an Ed25519 verification).
@@ -113,6 +119,9 @@ pub enum MeshEvent {
     },
     /// A WireGuard session with the peer is up.
     PeerConnected { peer: PeerId },
+    /// The peer's direct path was lost (silent, or the peer now reaches us
+    /// only through a relay): packets go through the relay, if any.
+    DirectPathLost { peer: PeerId },
     /// The peer is gone from the table.
     PeerRemoved {
         peer: PeerId,
@@ -154,6 +163,61 @@ pub struct MeshCounters {
     pub spoofed_source_drops: u64,
     pub non_ipv4_drops: u64,
     pub expired_peers: u64,
+    /// Relayed datagrams from an address that is not one of our relays, or
+    /// malformed, or labelled with a source other than the peer that sent them.
+    pub relay_drops: u64,
+}
+
+/// How packets to a peer travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// Straight to the peer's endpoint.
+    Direct,
+    /// Through a relay, in relay envelopes.
+    Relayed,
+    /// Not yet known: handshakes go to every candidate.
+    Probing,
+}
+
+/// Where a datagram came from or goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Direct(SocketAddr),
+    /// Through `relay`; `peer` is the overlay address of the node at the
+    /// other end (the relay's label, checked against the session).
+    Relay {
+        relay: SocketAddr,
+        peer: Ipv4Addr,
+    },
+}
+
+impl Via {
+    fn addr(&self) -> SocketAddr {
+        match *self {
+            Via::Direct(a) => a,
+            Via::Relay { relay, .. } => relay,
+        }
+    }
+
+    /// A WireGuard message as the datagram that carries it this way.
+    fn transmit(&self, message: &[u8]) -> Transmit {
+        match *self {
+            Via::Direct(dst) => Transmit {
+                dst,
+                payload: message.to_vec(),
+            },
+            Via::Relay { relay, peer } => {
+                let mut payload = Vec::with_capacity(RELAY_HEADER_LEN + message.len());
+                payload.extend_from_slice(&relay_header(TYPE_RELAY_REQUEST, peer));
+                payload.extend_from_slice(message);
+                Transmit {
+                    dst: relay,
+                    payload,
+                }
+            }
+        }
+    }
 }
 
 /// One peer as `tern status` shows it.
@@ -163,7 +227,12 @@ pub struct PeerStatus {
     pub name: String,
     pub overlay_ip: Ipv4Addr,
     pub role: PeerRole,
+    /// How packets to the peer travel now.
+    pub path: PathKind,
+    /// The direct endpoint, once an authenticated packet came from it.
     pub endpoint: Option<SocketAddr>,
+    /// The relay the peer is reached through when there is no direct path.
+    pub relay: Option<SocketAddr>,
     pub candidates: Vec<SocketAddr>,
     pub groups: Vec<String>,
     /// Seconds since the last completed handshake (None: no session yet).
@@ -197,6 +266,8 @@ pub struct Mesh {
     clock_origin: (Instant, u64),
     last_second: Instant,
     scratch: Vec<u8>,
+    /// Addresses whose relayed datagrams (0x12) this mesh accepts.
+    relays: Vec<SocketAddr>,
 }
 
 struct Peer {
@@ -204,13 +275,20 @@ struct Peer {
     cert: VerifiedCert,
     tunn: Tunn,
     role: PeerRole,
+    /// The direct path, set by an authenticated packet from it.
     endpoint: Option<SocketAddr>,
+    /// The relay used while there is no direct path.
+    relay: Option<SocketAddr>,
     candidates: Vec<SocketAddr>,
+    /// The last handshake initiation, resent as-is while punching.
+    last_init: Option<Vec<u8>>,
     connected: bool,
     last_data: Instant,
     /// Last authenticated packet from the peer / last data packet to it.
     last_rx: Option<Instant>,
     last_tx: Option<Instant>,
+    /// Last authenticated packet that came straight from the peer.
+    last_direct_rx: Option<Instant>,
     /// Last handshake restarted because the peer asked for our certificate:
     /// at most one a second, so two nodes that refuse each other's
     /// certificates cannot keep each other busy.
@@ -258,6 +336,7 @@ impl Mesh {
             counters: MeshCounters::default(),
             clock_origin: (now, unix_now),
             last_second: now,
+            relays: Vec::new(),
             scratch: vec![0u8; 2048],
         }
     }
@@ -345,12 +424,15 @@ impl Mesh {
                 tunn,
                 role,
                 endpoint: None,
+                relay: None,
                 candidates: unique,
+                last_init: None,
                 connected: false,
                 last_data: now,
                 last_rx: None,
                 last_tx: None,
                 last_forced_handshake: None,
+                last_direct_rx: None,
                 spoofed_source_drops: 0,
             }),
         );
@@ -368,6 +450,99 @@ impl Mesh {
         {
             let init = init.to_vec();
             self.send_handshake(peer.0, &init);
+        }
+    }
+
+    /// The relays (their underlay addresses) whose relayed datagrams this
+    /// mesh accepts: the lighthouses it registered with that offer relaying.
+    pub fn set_relays(&mut self, relays: Vec<SocketAddr>) {
+        self.relays = relays;
+    }
+
+    /// Reaches `peer` through `relay` while no direct path is proven (None:
+    /// direct only).
+    pub fn set_relay(&mut self, peer: PeerId, relay: Option<SocketAddr>) {
+        if let Some(p) = self.peers.get_mut(&peer.0) {
+            if p.relay != relay {
+                tracing::info!(peer = p.cert.name(), ?relay, "relay for peer");
+                p.relay = relay;
+            }
+        }
+    }
+
+    /// How packets to the peer travel now, and through which relay.
+    pub fn peer_path(&self, peer: PeerId) -> Option<(PathKind, Option<SocketAddr>)> {
+        self.peers.get(&peer.0).map(|p| (path_kind(p), p.relay))
+    }
+
+    /// Adds endpoints to try for the peer (a lighthouse's newer answer).
+    pub fn add_candidates(&mut self, peer: PeerId, candidates: &[SocketAddr]) {
+        if let Some(p) = self.peers.get_mut(&peer.0) {
+            for c in candidates {
+                if !p.candidates.contains(c) && p.candidates.len() < 16 {
+                    p.candidates.push(*c);
+                }
+            }
+        }
+    }
+
+    /// Forgets the direct path (it stopped answering): traffic goes through
+    /// the relay, if any, while punching finds a new one.
+    pub fn drop_direct_path(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer.0) {
+            if let Some(old) = p.endpoint.take() {
+                tracing::info!(peer = p.cert.name(), endpoint = %old, relay = ?p.relay, "direct path silent; dropped");
+                self.events.push_back(MeshEvent::DirectPathLost { peer });
+            }
+        }
+    }
+
+    /// Peers on a direct path that we sent to within `silence` but that sent
+    /// nothing back for longer than `silence`: the path may be dead.
+    pub fn silent_direct_peers(&self, now: Instant, silence: Duration) -> Vec<PeerId> {
+        let recent =
+            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < silence);
+        self.peers
+            .values()
+            .filter(|p| p.endpoint.is_some() && p.connected)
+            .filter(|p| recent(p.last_tx) && !recent(p.last_rx))
+            .map(|p| p.id)
+            .collect()
+    }
+
+    /// One round of hole punching toward the peer: before a session, our
+    /// certificate and the last handshake initiation again to every
+    /// candidate (and through the relay); with a session but no direct path,
+    /// an authenticated keepalive to every candidate, which becomes the
+    /// direct path at the other end the moment one gets through.
+    pub fn punch(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer.0) else {
+            return;
+        };
+        if p.endpoint.is_some() {
+            return;
+        }
+        if !p.connected {
+            let Some(init) = p.last_init.clone() else {
+                self.connect(peer, false);
+                return;
+            };
+            self.send_handshake(peer.0, &init);
+            return;
+        }
+        let candidates = p.candidates.clone();
+        for dst in candidates {
+            let Some(p) = self.peers.get_mut(&peer.0) else {
+                return;
+            };
+            if let TunnResult::WriteToNetwork(bytes) = p.tunn.encapsulate(&[], &mut self.scratch) {
+                if bytes.first() == Some(&4) {
+                    self.transmits.push_back(Transmit {
+                        dst,
+                        payload: bytes.to_vec(),
+                    });
+                }
+            }
         }
     }
 
@@ -431,7 +606,9 @@ impl Mesh {
                     name: p.cert.name().to_string(),
                     overlay_ip: p.cert.overlay_ip(),
                     role: p.role,
+                    path: path_kind(p),
                     endpoint: p.endpoint,
+                    relay: p.relay,
                     candidates: p.candidates.clone(),
                     groups: p.cert.groups().to_vec(),
                     last_handshake_secs: last.map(|d| d.as_secs_f64()),
@@ -462,23 +639,37 @@ impl Mesh {
             p.last_data = now;
             p.last_tx = Some(now);
         }
-        let endpoint = p.endpoint;
-        match p.tunn.encapsulate(packet, out) {
-            TunnResult::WriteToNetwork(bytes) => {
-                if bytes.first() == Some(&1) {
-                    let init = bytes.to_vec();
-                    self.send_handshake(peer.0, &init);
-                    None
-                } else {
-                    endpoint.map(|e| (e, &*bytes))
-                }
-            }
+        let via = route(p);
+        // Relayed: the ciphertext goes after the envelope's header, so the
+        // whole datagram is built in `out` without a copy.
+        let header = match via {
+            Some(Via::Relay { .. }) => RELAY_HEADER_LEN,
+            _ => 0,
+        };
+        let body = out.get_mut(header..)?;
+        let sealed = match p.tunn.encapsulate(packet, body) {
+            TunnResult::WriteToNetwork(bytes) if bytes.first() == Some(&1) => Err(bytes.to_vec()),
+            TunnResult::WriteToNetwork(bytes) => Ok(bytes.len()),
             TunnResult::Err(e) => {
                 self.counters.wireguard_errors += 1;
                 tracing::trace!(error = ?e, "encapsulate failed");
+                return None;
+            }
+            _ => return None,
+        };
+        match sealed {
+            Err(init) => {
+                self.send_handshake(peer.0, &init);
                 None
             }
-            _ => None,
+            Ok(n) => match via? {
+                Via::Direct(dst) => Some((dst, &out[..n])),
+                Via::Relay { relay, peer } => {
+                    out[..RELAY_HEADER_LEN]
+                        .copy_from_slice(&relay_header(TYPE_RELAY_REQUEST, peer));
+                    Some((relay, &out[..RELAY_HEADER_LEN + n]))
+                }
+            },
         }
     }
 
@@ -505,7 +696,35 @@ impl Mesh {
         now: Instant,
     ) -> Received<'b> {
         match classify(datagram) {
-            DatagramKind::WireGuard => self.handle_wireguard(from, datagram, out, now),
+            DatagramKind::WireGuard => self.handle_wireguard(Via::Direct(from), datagram, out, now),
+            DatagramKind::Relayed => {
+                if !self.relays.contains(&from) {
+                    self.counters.relay_drops += 1;
+                    tracing::trace!(%from, "relayed datagram from an address that is not our relay");
+                    return Received::Nothing;
+                }
+                match RelayEnvelope::decode(TYPE_RELAYED, datagram) {
+                    Ok(env) => self.handle_wireguard(
+                        Via::Relay {
+                            relay: from,
+                            peer: env.peer,
+                        },
+                        env.message,
+                        out,
+                        now,
+                    ),
+                    Err(e) => {
+                        self.counters.relay_drops += 1;
+                        tracing::trace!(%from, error = %e, "bad relayed datagram");
+                        Received::Nothing
+                    }
+                }
+            }
+            DatagramKind::RelayRequest => {
+                // Nodes are not relays.
+                self.counters.unknown_datagrams += 1;
+                Received::Nothing
+            }
             DatagramKind::Hello => {
                 self.handle_hello(from, datagram, now);
                 Received::Nothing
@@ -534,14 +753,11 @@ impl Mesh {
             };
             match p.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(bytes) => {
-                    let bytes = bytes.to_vec();
                     if bytes.first() == Some(&1) {
-                        self.send_handshake(idx, &bytes);
-                    } else if let Some(dst) = p.endpoint {
-                        self.transmits.push_back(Transmit {
-                            dst,
-                            payload: bytes,
-                        });
+                        let init = bytes.to_vec();
+                        self.send_handshake(idx, &init);
+                    } else if let Some(via) = route(p) {
+                        self.transmits.push_back(via.transmit(bytes));
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
@@ -581,7 +797,7 @@ impl Mesh {
 
     fn handle_wireguard<'b>(
         &mut self,
-        from: SocketAddr,
+        from: Via,
         datagram: &[u8],
         out: &'b mut [u8],
         now: Instant,
@@ -603,7 +819,7 @@ impl Mesh {
             let idx = receiver >> 8;
             if !self.peers.contains_key(&idx) {
                 self.counters.unknown_session_index += 1;
-                tracing::trace!(%from, "no session for index");
+                tracing::trace!(from = ?from, "no session for index");
                 return Received::Nothing;
             }
             idx
@@ -615,12 +831,8 @@ impl Mesh {
     /// initiator's static key, and finds (or creates) the peer whose verified
     /// certificate carries that key. Unknown keys get a hello asking for the
     /// certificate, never a handshake response.
-    fn accept_initiation(
-        &mut self,
-        from: SocketAddr,
-        datagram: &[u8],
-        now: Instant,
-    ) -> Option<u32> {
+    fn accept_initiation(&mut self, via: Via, datagram: &[u8], now: Instant) -> Option<u32> {
+        let from = via.addr();
         let mut cookie = [0u8; 64];
         let init = match self
             .rate_limiter
@@ -629,10 +841,7 @@ impl Mesh {
             Ok(Packet::HandshakeInit(init)) => init,
             Ok(_) => return None,
             Err(TunnResult::WriteToNetwork(reply)) => {
-                self.transmits.push_back(Transmit {
-                    dst: from,
-                    payload: reply.to_vec(),
-                });
+                self.transmits.push_back(via.transmit(reply));
                 return None;
             }
             Err(_) => {
@@ -650,6 +859,26 @@ impl Mesh {
         };
         let key = half.peer_static_public;
         if let Some(&idx) = self.by_key.get(&key) {
+            return Some(idx);
+        }
+        if let Via::Relay { relay, peer } = via {
+            // Through a relay there is no hello: the certificate must have
+            // come from a lighthouse (a query answer or a punch request).
+            let unix = self.unix_time(now);
+            let cert = self
+                .known_certs
+                .get(&key)
+                .filter(|k| k.cert.not_after() >= unix && k.cert.overlay_ip() == peer)
+                .map(|k| k.cert.clone());
+            let Some(cert) = cert else {
+                self.counters.unknown_handshake_keys += 1;
+                tracing::debug!(%relay, %peer, "relayed handshake from a key with no verified certificate for that address");
+                return None;
+            };
+            let idx = self.add_peer(cert, &[], PeerRole::Node, now)?.0;
+            if let Some(p) = self.peers.get_mut(&idx) {
+                p.relay = Some(relay);
+            }
             return Some(idx);
         }
         let unix = self.unix_time(now);
@@ -678,7 +907,7 @@ impl Mesh {
     fn decapsulate<'b>(
         &mut self,
         idx: u32,
-        from: SocketAddr,
+        via: Via,
         datagram: &[u8],
         out: &'b mut [u8],
         now: Instant,
@@ -686,16 +915,56 @@ impl Mesh {
         let Some(p) = self.peers.get_mut(&idx) else {
             return Received::Nothing;
         };
-        let result = p.tunn.decapsulate(Some(from.ip()), datagram, out);
+        if let Via::Relay { peer, .. } = via {
+            if peer != p.cert.overlay_ip() {
+                // The relay's label must name the node whose session this is.
+                self.counters.relay_drops += 1;
+                return Received::Nothing;
+            }
+        }
+        let result = p.tunn.decapsulate(Some(via.addr().ip()), datagram, out);
+        let mut direct_lost = false;
         if !matches!(result, TunnResult::Err(_)) {
             p.last_rx = Some(now);
-        }
-        if !matches!(result, TunnResult::Err(_)) && p.endpoint != Some(from) {
-            // Authenticated by the session: the peer is now reachable here (roaming).
-            if p.endpoint.is_some() {
-                tracing::info!(peer = p.cert.name(), old = ?p.endpoint, new = %from, "peer endpoint moved");
+            if let Via::Direct(_) = via {
+                p.last_direct_rx = Some(now);
             }
-            p.endpoint = Some(from);
+            // The peer reaches us only through the relay now (its address
+            // changed, or a NAT forgot it): answer the same way. A relayed
+            // packet overtaken by direct ones (the path just moved) does not
+            // count.
+            if let Via::Relay { .. } = via {
+                let direct_quiet = p
+                    .last_direct_rx
+                    .is_none_or(|t| now.saturating_duration_since(t) >= DIRECT_PATH_STALE);
+                if p.endpoint.is_some() && direct_quiet {
+                    tracing::info!(peer = p.cert.name(), endpoint = ?p.endpoint, "peer now comes through the relay; direct path dropped");
+                    p.endpoint = None;
+                    direct_lost = true;
+                }
+            }
+            match via {
+                Via::Direct(from) if p.endpoint != Some(from) => {
+                    // Authenticated by the session: the peer is reachable
+                    // here (roaming, or a direct path found while relayed).
+                    match p.endpoint {
+                        Some(old) => {
+                            tracing::info!(peer = p.cert.name(), %old, new = %from, "peer endpoint moved")
+                        }
+                        None if p.relay.is_some() => {
+                            tracing::info!(peer = p.cert.name(), endpoint = %from, "direct path found; leaving the relay")
+                        }
+                        None => {}
+                    }
+                    p.endpoint = Some(from);
+                }
+                Via::Relay { relay, .. } if p.relay != Some(relay) => p.relay = Some(relay),
+                _ => {}
+            }
+        }
+        if direct_lost {
+            self.events
+                .push_back(MeshEvent::DirectPathLost { peer: PeerId(idx) });
         }
         match result {
             TunnResult::Done => {
@@ -708,10 +977,7 @@ impl Mesh {
                 Received::Nothing
             }
             TunnResult::WriteToNetwork(reply) => {
-                self.transmits.push_back(Transmit {
-                    dst: from,
-                    payload: reply.to_vec(),
-                });
+                self.transmits.push_back(via.transmit(reply));
                 self.flush_queued(idx);
                 self.note_connected(idx);
                 Received::Nothing
@@ -751,15 +1017,12 @@ impl Mesh {
         let Some(p) = self.peers.get_mut(&idx) else {
             return;
         };
-        let Some(dst) = p.endpoint else {
+        let Some(via) = route(p) else {
             return;
         };
         for _ in 0..512 {
             match p.tunn.decapsulate(None, &[], &mut self.scratch) {
-                TunnResult::WriteToNetwork(bytes) => self.transmits.push_back(Transmit {
-                    dst,
-                    payload: bytes.to_vec(),
-                }),
+                TunnResult::WriteToNetwork(bytes) => self.transmits.push_back(via.transmit(bytes)),
                 _ => break,
             }
         }
@@ -852,9 +1115,18 @@ impl Mesh {
     }
 
     fn send_handshake(&mut self, idx: u32, init: &[u8]) {
-        let Some(p) = self.peers.get(&idx) else {
+        let Some(p) = self.peers.get_mut(&idx) else {
             return;
         };
+        p.last_init = Some(init.to_vec());
+        let p = &**p;
+        if let Some(relay) = p.relay {
+            let via = Via::Relay {
+                relay,
+                peer: p.cert.overlay_ip(),
+            };
+            self.transmits.push_back(via.transmit(init));
+        }
         let mut targets: Vec<SocketAddr> = p.endpoint.into_iter().collect();
         for c in &p.candidates {
             if !targets.contains(c) {
@@ -930,6 +1202,27 @@ impl Mesh {
             }
         }
         None
+    }
+}
+
+/// The way to the peer now: its direct endpoint once one is proven, else
+/// its relay.
+fn route(p: &Peer) -> Option<Via> {
+    match (p.endpoint, p.relay) {
+        (Some(e), _) => Some(Via::Direct(e)),
+        (None, Some(relay)) => Some(Via::Relay {
+            relay,
+            peer: p.cert.overlay_ip(),
+        }),
+        (None, None) => None,
+    }
+}
+
+fn path_kind(p: &Peer) -> PathKind {
+    match route(p) {
+        Some(Via::Direct(_)) => PathKind::Direct,
+        Some(Via::Relay { .. }) => PathKind::Relayed,
+        None => PathKind::Probing,
     }
 }
 

@@ -4,15 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tern_lighthouse::proto::lighthouse::LighthouseCore;
 use tern_lighthouse::proto::registry::Registry;
+use tern_lighthouse::proto::relay::RelayTable;
 use tern_node::proto::node::{LighthouseTarget, NodeCore};
 use tern_shared::cert::LIGHTHOUSE_GROUP;
-use tern_shared::mesh::{Mesh, MeshSettings, TIMER_TICK};
+use tern_shared::mesh::{Mesh, MeshSettings, PathKind, Transmit, TIMER_TICK};
 use tern_shared::packet::build_udp_ipv4;
 use tern_shared::testing::{open_firewall, TestCa, TestNode, TEST_NOW};
 
@@ -31,10 +32,76 @@ struct Net {
     now: Instant,
     /// Datagrams delivered, by first byte, for assertions.
     delivered: usize,
+    nats: Vec<Nat>,
+    /// Public addresses that cannot reach each other (a firewall between them).
+    blocked: Vec<(Ipv4Addr, Ipv4Addr)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NatKind {
+    /// Linux MASQUERADE: the inside port kept, replies only from where we sent.
+    PortPreserving,
+    /// MASQUERADE --random-fully: a new port per destination.
+    Symmetric,
+}
+
+/// A NAT in front of some hosts: outbound datagrams get its public address;
+/// inbound ones pass only as replies to what an inside host sent (the remote
+/// address and port must match).
+struct Nat {
+    public_ip: Ipv4Addr,
+    kind: NatKind,
+    inside: Vec<SocketAddr>,
+    /// (public port, remote) -> inside host: what may come in.
+    allowed: HashMap<(u16, SocketAddr), SocketAddr>,
+    symmetric_ports: HashMap<(SocketAddr, SocketAddr), u16>,
+    next_port: u16,
+    /// Added to preserved ports: a rebinding moves every mapping.
+    port_shift: u16,
+}
+
+impl Nat {
+    fn outbound(&mut self, inside: SocketAddr, remote: SocketAddr) -> SocketAddr {
+        let port = match self.kind {
+            NatKind::PortPreserving => inside.port() + self.port_shift,
+            NatKind::Symmetric => {
+                let next = &mut self.next_port;
+                *self
+                    .symmetric_ports
+                    .entry((inside, remote))
+                    .or_insert_with(|| {
+                        *next += 7;
+                        *next
+                    })
+            }
+        };
+        self.allowed.insert((port, remote), inside);
+        SocketAddr::new(self.public_ip.into(), port)
+    }
+
+    fn inbound(&self, port: u16, remote: SocketAddr) -> Option<SocketAddr> {
+        self.allowed.get(&(port, remote)).copied()
+    }
+
+    /// The NAT forgets every mapping and hands out new ports (a conntrack
+    /// flush, or a new public address's worth of change).
+    fn rebind(&mut self) {
+        self.allowed.clear();
+        self.symmetric_ports.clear();
+        self.port_shift += 1000;
+        self.next_port += 1000;
+    }
 }
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
+}
+
+fn ip4(a: SocketAddr) -> Ipv4Addr {
+    match a.ip() {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(_) => panic!("IPv4 only"),
+    }
 }
 
 impl Net {
@@ -43,6 +110,75 @@ impl Net {
             hosts: BTreeMap::new(),
             now: Instant::now(),
             delivered: 0,
+            nats: Vec::new(),
+            blocked: Vec::new(),
+        }
+    }
+
+    /// A NAT with public address `public_ip`; returns its index.
+    fn add_nat(&mut self, public_ip: &str, kind: NatKind) -> usize {
+        self.nats.push(Nat {
+            public_ip: public_ip.parse().unwrap(),
+            kind,
+            inside: Vec::new(),
+            allowed: HashMap::new(),
+            symmetric_ports: HashMap::new(),
+            next_port: 40_000,
+            port_shift: 0,
+        });
+        self.nats.len() - 1
+    }
+
+    /// A node at private address `at` behind NAT `nat`.
+    fn add_node_behind(&mut self, ca: &TestCa, node: &TestNode, at: &str, nat: usize) {
+        self.nats[nat].inside.push(addr(at));
+        self.add_node(ca, node, at);
+    }
+
+    /// Where a datagram from `from` to `dst` lands: the source address the
+    /// receiver sees and the host it reaches. None: lost on the way.
+    fn route(&mut self, from: SocketAddr, dst: SocketAddr) -> Option<(SocketAddr, SocketAddr)> {
+        let src_nat = self.nats.iter().position(|n| n.inside.contains(&from));
+        if let Some(i) = src_nat {
+            if self.nats[i].inside.contains(&dst) {
+                return Some((from, dst)); // the same LAN
+            }
+        }
+        if self.nats.iter().any(|n| n.inside.contains(&dst)) {
+            return None; // someone else's private address
+        }
+        let apparent = match src_nat {
+            Some(i) => self.nats[i].outbound(from, dst),
+            None => from,
+        };
+        let (a, b) = (ip4(apparent), ip4(dst));
+        if self
+            .blocked
+            .iter()
+            .any(|&(x, y)| (x, y) == (a, b) || (y, x) == (a, b))
+        {
+            return None;
+        }
+        match self.nats.iter().position(|n| n.public_ip == b) {
+            Some(j) => Some((apparent, self.nats[j].inbound(dst.port(), apparent)?)),
+            None => Some((apparent, dst)),
+        }
+    }
+
+    /// Hands one datagram to the host it reaches.
+    fn deliver(&mut self, from: SocketAddr, t: Transmit, buf: &mut [u8]) {
+        let Some((source, host)) = self.route(from, t.dst) else {
+            return;
+        };
+        self.delivered += 1;
+        match self.hosts.get_mut(&host) {
+            Some(Host::Node { core, tun }) => {
+                if let Some(p) = core.handle_datagram(source, &t.payload, buf, self.now) {
+                    tun.push(p.to_vec());
+                }
+            }
+            Some(Host::Lighthouse(core)) => core.handle_datagram(source, &t.payload, self.now),
+            None => {}
         }
     }
 
@@ -64,12 +200,13 @@ impl Net {
             self.now,
             TEST_NOW,
         );
-        let core = LighthouseCore::new(
+        let mut core = LighthouseCore::new(
             mesh,
             &cert,
             Registry::new(Duration::from_secs(30), 1000),
             self.now,
         );
+        core.enable_relay(RelayTable::new(4000, Duration::from_secs(300), 20_000));
         self.hosts
             .insert(addr(at), Host::Lighthouse(Box::new(core)));
     }
@@ -126,19 +263,7 @@ impl Net {
                 return;
             }
             for (from, t) in queue {
-                self.delivered += 1;
-                match self.hosts.get_mut(&t.dst) {
-                    Some(Host::Node { core, tun }) => {
-                        if let Some(p) = core.handle_datagram(from, &t.payload, &mut buf, self.now)
-                        {
-                            tun.push(p.to_vec());
-                        }
-                    }
-                    Some(Host::Lighthouse(core)) => {
-                        core.handle_datagram(from, &t.payload, self.now)
-                    }
-                    None => {}
-                }
+                self.deliver(from, t, &mut buf);
             }
         }
         panic!("network did not settle");
@@ -185,16 +310,20 @@ impl Net {
         let (core, _) = self.node(at);
         let sent = core
             .handle_tun_packet(packet, &mut out, now)
-            .map(|(dst, b)| (dst, b.to_vec()));
-        if let Some((dst, bytes)) = sent {
+            .map(|(dst, b)| Transmit {
+                dst,
+                payload: b.to_vec(),
+            });
+        if let Some(t) = sent {
             let mut buf = vec![0u8; 65_536];
-            if let Some(Host::Node { core, tun }) = self.hosts.get_mut(&dst) {
-                if let Some(p) = core.handle_datagram(from, &bytes, &mut buf, now) {
-                    tun.push(p.to_vec());
-                }
-            }
+            self.deliver(from, t, &mut buf);
         }
         self.settle();
+    }
+
+    fn relay_counters(&mut self) -> tern_lighthouse::proto::relay::RelayCounters {
+        let now = self.now;
+        self.lighthouse().status(now).relay
     }
 
     fn registered(&mut self, at: &str) -> bool {
@@ -590,5 +719,244 @@ fn traffic_fails_over_to_the_other_gateway_when_one_goes_away() {
         status.routes[0].active.as_deref(),
         Some("gw-2"),
         "{status:?}"
+    );
+}
+
+// ---- NAT traversal and relays --------------------------------------------
+
+const A_INSIDE: &str = "198.18.1.2:4242";
+const B_INSIDE: &str = "198.18.2.2:4242";
+
+/// A lighthouse on the open network and nodes a and b, each behind its own NAT
+/// of `kind`.
+fn nat_lab(kind_a: NatKind, kind_b: NatKind) -> Net {
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let mut net = Net::new();
+    net.add_lighthouse(
+        &ca,
+        &ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
+    );
+    let nat_a = net.add_nat("198.18.0.2", kind_a);
+    let nat_b = net.add_nat("198.18.0.3", kind_b);
+    let a = ca.node("a", "100.64.0.5/10", &[], &[], 86_400);
+    let b = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+    net.add_node_behind(&ca, &a, A_INSIDE, nat_a);
+    net.add_node_behind(&ca, &b, B_INSIDE, nat_b);
+    net.run_for(Duration::from_secs(1));
+    assert!(net.registered(A_INSIDE) && net.registered(B_INSIDE));
+    net
+}
+
+fn path_to(net: &mut Net, at: &str, ip: Ipv4Addr) -> Option<PathKind> {
+    net.node(at)
+        .0
+        .status()
+        .peers
+        .iter()
+        .find(|p| p.overlay_ip == ip)
+        .map(|p| p.path)
+}
+
+/// Sends `count` packets a→b, one every `every`, and returns how many of
+/// them b's TUN device got.
+fn stream(net: &mut Net, count: usize, every: Duration) -> usize {
+    net.node(B_INSIDE).1.clear();
+    for i in 0..count {
+        let p = build_udp_ipv4(A_IP, B_IP, 5000, 6000, format!("packet {i}").as_bytes());
+        net.send_from_tun(A_INSIDE, &p);
+        net.run_for(every);
+    }
+    let tun = net.node(B_INSIDE).1.clone();
+    (0..count)
+        .filter(|i| {
+            let want = format!("packet {i}");
+            tun.iter().any(|p| p.ends_with(want.as_bytes()))
+        })
+        .count()
+}
+
+#[test]
+fn two_port_preserving_nats_punch_a_direct_path() {
+    let mut net = nat_lab(NatKind::PortPreserving, NatKind::PortPreserving);
+    let start = net.now;
+    let first = build_udp_ipv4(A_IP, B_IP, 5000, 6000, b"hello through two NATs");
+    net.send_from_tun(A_INSIDE, &first);
+    let mut direct_after = None;
+    for _ in 0..20 {
+        net.run_for(Duration::from_millis(100));
+        if path_to(&mut net, A_INSIDE, B_IP) == Some(PathKind::Direct)
+            && path_to(&mut net, B_INSIDE, A_IP) == Some(PathKind::Direct)
+        {
+            direct_after = Some(net.now - start);
+            break;
+        }
+    }
+    let took = direct_after.expect("a direct path both ways within 2 s");
+    assert!(took < Duration::from_secs(1), "direct after {took:?}");
+    assert_eq!(
+        net.node(B_INSIDE).1,
+        &vec![first],
+        "the first packet waited and arrived"
+    );
+    assert_eq!(stream(&mut net, 10, Duration::from_millis(50)), 10);
+    let relay = net.relay_counters();
+    assert_eq!(relay.forwarded_data, 0, "nothing relayed: {relay:?}");
+}
+
+#[test]
+fn symmetric_nats_fall_back_to_the_relay_and_it_carries_only_wireguard() {
+    let mut net = nat_lab(NatKind::Symmetric, NatKind::Symmetric);
+    let start = net.now;
+    let first = build_udp_ipv4(A_IP, B_IP, 5000, 6000, b"through the relay");
+    net.send_from_tun(A_INSIDE, &first);
+    let mut relayed_after = None;
+    for _ in 0..50 {
+        net.run_for(Duration::from_millis(100));
+        if !net.node(B_INSIDE).1.is_empty() {
+            relayed_after = Some(net.now - start);
+            break;
+        }
+    }
+    let took = relayed_after.expect("the packet arrives through the relay within 5 s");
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before relay_after: {took:?}"
+    );
+    assert_eq!(net.node(B_INSIDE).1, &vec![first]);
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Relayed));
+    assert_eq!(path_to(&mut net, B_INSIDE, A_IP), Some(PathKind::Relayed));
+    assert_eq!(stream(&mut net, 20, Duration::from_millis(50)), 20);
+    // Punching goes on and never finds a path through two symmetric NATs.
+    net.run_for(Duration::from_secs(12));
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Relayed));
+    let relay = net.relay_counters();
+    assert!(relay.forwarded_data >= 20, "{relay:?}");
+    assert!(relay.forwarded_handshake_initiation >= 1 && relay.forwarded_handshake_response >= 1);
+    assert_eq!(
+        relay.refused_malformed, 0,
+        "only WireGuard was offered: {relay:?}"
+    );
+}
+
+#[test]
+fn relayed_peer_moves_to_a_direct_path_when_one_opens_without_losing_the_flow() {
+    let mut net = nat_lab(NatKind::PortPreserving, NatKind::PortPreserving);
+    let (a, b) = ("198.18.0.2".parse().unwrap(), "198.18.0.3".parse().unwrap());
+    net.blocked.push((a, b));
+    net.send_from_tun(A_INSIDE, &build_udp_ipv4(A_IP, B_IP, 1, 2, b"first"));
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Relayed));
+    assert_eq!(stream(&mut net, 10, Duration::from_millis(50)), 10);
+    // The firewall between them opens: the background punching finds it.
+    net.blocked.clear();
+    assert_eq!(
+        stream(&mut net, 140, Duration::from_millis(50)),
+        140,
+        "no packet lost while the path changes"
+    );
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Direct));
+    assert_eq!(path_to(&mut net, B_INSIDE, A_IP), Some(PathKind::Direct));
+}
+
+#[test]
+fn a_node_behind_nat_reaches_a_public_node_directly() {
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let mut net = Net::new();
+    net.add_lighthouse(
+        &ca,
+        &ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
+    );
+    let nat = net.add_nat("198.18.0.2", NatKind::Symmetric);
+    net.add_node_behind(
+        &ca,
+        &ca.node("a", "100.64.0.5/10", &[], &[], 86_400),
+        A_INSIDE,
+        nat,
+    );
+    net.add_node(&ca, &ca.node("b", "100.64.0.6/10", &[], &[], 86_400), B);
+    net.run_for(Duration::from_secs(1));
+    let p = build_udp_ipv4(A_IP, B_IP, 1, 2, b"out through one NAT");
+    net.send_from_tun(A_INSIDE, &p);
+    net.run_for(Duration::from_millis(500));
+    assert_eq!(net.node(B).1, &vec![p]);
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Direct));
+    // And back, from the public node to the one behind the NAT.
+    let back = build_udp_ipv4(B_IP, A_IP, 2, 1, b"and back in");
+    net.send_from_tun(B, &back);
+    assert_eq!(net.node(A_INSIDE).1, &vec![back]);
+    assert_eq!(net.relay_counters().forwarded_data, 0);
+}
+
+#[test]
+fn nat_rebinding_moves_the_session_to_the_new_address() {
+    let mut net = nat_lab(NatKind::PortPreserving, NatKind::PortPreserving);
+    assert_eq!(stream(&mut net, 5, Duration::from_millis(50)), 5);
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Direct));
+    // a's NAT forgets every mapping and hands out new ports: b's NAT now
+    // refuses a's packets until b sends toward a's new address.
+    net.nats[0].rebind();
+    net.node(B_INSIDE).1.clear();
+    let rebound = net.now;
+    let mut back = None;
+    for i in 0..100 {
+        let p = build_udp_ipv4(A_IP, B_IP, 5000, 6000, format!("after {i}").as_bytes());
+        net.send_from_tun(A_INSIDE, &p);
+        net.run_for(Duration::from_millis(50));
+        if !net.node(B_INSIDE).1.is_empty() {
+            back = Some(net.now - rebound);
+            break;
+        }
+    }
+    let took = back.expect("packets flow again within 5 s");
+    assert!(took <= Duration::from_secs(3), "resumed after {took:?}");
+    assert_eq!(
+        stream(&mut net, 20, Duration::from_millis(50)),
+        20,
+        "and keep flowing"
+    );
+    // Punching finds the new direct path in the background.
+    net.run_for(Duration::from_secs(12));
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Direct));
+    assert_eq!(path_to(&mut net, B_INSIDE, A_IP), Some(PathKind::Direct));
+    assert_eq!(stream(&mut net, 20, Duration::from_millis(50)), 20);
+}
+
+#[test]
+fn the_relay_refuses_strangers_unintroduced_pairs_and_non_wireguard() {
+    use tern_shared::wire::{RelayEnvelope, TYPE_RELAY_REQUEST};
+    let mut net = nat_lab(NatKind::PortPreserving, NatKind::PortPreserving);
+    let data = RelayEnvelope {
+        peer: B_IP,
+        message: &[
+            4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+        ],
+    }
+    .encode(TYPE_RELAY_REQUEST);
+    let lh = addr(LH_ADDR);
+    let now = net.now;
+    // From an address no node registered from.
+    net.lighthouse()
+        .handle_datagram(addr("198.18.0.99:4242"), &data, now);
+    // From a's registered address, but a and b were never introduced.
+    net.lighthouse()
+        .handle_datagram(addr("198.18.0.2:4242"), &data, now);
+    // A hello in a relay envelope.
+    let mut hello = data.clone();
+    hello[5] = 0x10;
+    net.lighthouse()
+        .handle_datagram(addr("198.18.0.2:4242"), &hello, now);
+    // Garbage.
+    for junk in [&[0x11u8][..], &[0x11, 1, 2], &[0x11, 100, 64, 0, 6]] {
+        net.lighthouse()
+            .handle_datagram(addr("198.18.0.2:4242"), junk, now);
+    }
+    let relay = net.lighthouse().status(now).relay;
+    assert_eq!(relay.refused_unregistered_sender, 1, "{relay:?}");
+    assert_eq!(relay.refused_not_introduced, 1, "{relay:?}");
+    assert_eq!(relay.refused_malformed, 4, "{relay:?}");
+    assert_eq!(relay.forwarded_data, 0);
+    assert!(
+        net.lighthouse().poll_transmit().is_none(),
+        "nothing forwarded to {lh}"
     );
 }

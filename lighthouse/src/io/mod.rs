@@ -16,8 +16,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::proto::lighthouse::LighthouseCore;
 use crate::proto::registry::Registry;
+use crate::proto::relay::RelayTable;
 
 const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
+/// A relay introduction unused this long is forgotten (nodes keep a relayed
+/// session alive with keepalives far more often).
+const RELAY_IDLE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Most nodes one lighthouse keeps in its registry.
 const MAX_NODES: usize = 100_000;
 
@@ -103,6 +108,17 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
         Registry::new(config.registry.expiry, MAX_NODES),
         now,
     );
+    if config.relay.enabled {
+        core.enable_relay(RelayTable::new(
+            MAX_NODES * 4,
+            RELAY_IDLE_EXPIRY,
+            config.relay.packets_per_sec,
+        ));
+        tracing::info!(
+            packets_per_sec = config.relay.packets_per_sec,
+            "relaying for registered nodes that find no direct path"
+        );
+    }
 
     let (api_tx, mut api_rx) = mpsc::channel::<oneshot::Sender<serde_json::Value>>(16);
     let socket_path = config

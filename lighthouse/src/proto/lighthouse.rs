@@ -16,8 +16,10 @@ use tern_shared::cert::VerifiedCert;
 use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT};
 use tern_shared::mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
+use tern_shared::wire::{classify, DatagramKind, RelayEnvelope, TYPE_RELAYED, TYPE_RELAY_REQUEST};
 
 use super::registry::{RegisteredNode, Registry};
+use super::relay::{Refusal, RelayCounters, RelayTable};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LighthouseCounters {
@@ -40,11 +42,21 @@ pub struct LighthouseStatus {
     pub peers: Vec<PeerStatus>,
     pub mesh_counters: MeshCounters,
     pub counters: LighthouseCounters,
+    /// Whether this lighthouse relays, the pairs it may relay for now, and
+    /// what it forwarded or refused.
+    pub relay_enabled: bool,
+    pub relay_introductions: usize,
+    pub relay: RelayCounters,
 }
 
 pub struct LighthouseCore {
     mesh: Mesh,
     registry: Registry,
+    /// None: relaying off.
+    relay: Option<RelayTable>,
+    relay_counters: RelayCounters,
+    /// Relayed datagrams waiting for `poll_transmit` (after the mesh's own).
+    relayed: std::collections::VecDeque<Transmit>,
     name: String,
     overlay_ip: Ipv4Addr,
     counters: LighthouseCounters,
@@ -57,6 +69,9 @@ impl LighthouseCore {
         LighthouseCore {
             mesh,
             registry,
+            relay: None,
+            relay_counters: RelayCounters::default(),
+            relayed: std::collections::VecDeque::new(),
             name: own_cert.name().to_string(),
             overlay_ip: own_cert.overlay_ip(),
             counters: LighthouseCounters::default(),
@@ -65,7 +80,16 @@ impl LighthouseCore {
         }
     }
 
+    /// Turns relaying on with these bounds (it is off until called).
+    pub fn enable_relay(&mut self, table: RelayTable) {
+        self.relay = Some(table);
+    }
+
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        if classify(datagram) == DatagramKind::RelayRequest {
+            self.handle_relay_request(from, datagram, now);
+            return;
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         if let Received::Packet { peer, packet } =
             self.mesh.handle_datagram(from, datagram, &mut scratch, now)
@@ -83,11 +107,20 @@ impl LighthouseCore {
             for (ip, peer) in self.registry.expire(now) {
                 tracing::info!(overlay_ip = %ip, "node silent; dropped from the registry");
                 self.mesh.remove_peer(peer);
+                if let Some(relay) = self.relay.as_mut() {
+                    relay.forget(ip);
+                }
+            }
+            if let Some(relay) = self.relay.as_mut() {
+                relay.expire(now);
             }
         }
         while let Some(event) = self.mesh.poll_event() {
             if let MeshEvent::PeerRemoved { overlay_ip, .. } = event {
                 self.registry.remove(overlay_ip);
+                if let Some(relay) = self.relay.as_mut() {
+                    relay.forget(overlay_ip);
+                }
             }
         }
     }
@@ -97,7 +130,9 @@ impl LighthouseCore {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.mesh.poll_transmit()
+        self.mesh
+            .poll_transmit()
+            .or_else(|| self.relayed.pop_front())
     }
 
     pub fn registry(&self) -> &Registry {
@@ -112,7 +147,60 @@ impl LighthouseCore {
             peers: self.mesh.peer_statuses(),
             mesh_counters: self.mesh.counters().clone(),
             counters: self.counters.clone(),
+            relay_enabled: self.relay.is_some(),
+            relay_introductions: self.relay.as_ref().map_or(0, |r| r.introductions()),
+            relay: self.relay_counters.clone(),
         }
+    }
+
+    /// A relay request: forwarded as-is (a WireGuard message, re-labelled
+    /// with the sender's overlay address) to the target's registered address
+    /// when the sender is the registered node at `from`, the target is
+    /// registered, the two were introduced here, and the sender is within
+    /// its budget. Anything else is dropped and counted.
+    fn handle_relay_request(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let Some(relay) = self.relay.as_mut() else {
+            self.relay_counters.refused_malformed += 1;
+            return;
+        };
+        let env = match RelayEnvelope::decode(TYPE_RELAY_REQUEST, datagram) {
+            Ok(env) => env,
+            Err(e) => {
+                self.relay_counters.refused_malformed += 1;
+                tracing::trace!(%from, error = %e, "relay request refused");
+                return;
+            }
+        };
+        let Some(sender) = self.registry.node_at(from) else {
+            self.relay_counters.refused_unregistered_sender += 1;
+            tracing::trace!(%from, "relay request from an unregistered address");
+            return;
+        };
+        let Some(dst) = self.registry.observed(env.peer) else {
+            self.relay_counters.refused_unregistered_target += 1;
+            return;
+        };
+        match relay.check(sender, env.peer, now) {
+            Ok(()) => {}
+            Err(Refusal::NotIntroduced) => {
+                self.relay_counters.refused_not_introduced += 1;
+                tracing::trace!(%sender, target = %env.peer, "relay request for a pair never introduced");
+                return;
+            }
+            Err(Refusal::RateLimited) => {
+                self.relay_counters.refused_rate_limited += 1;
+                return;
+            }
+        }
+        let message_type = env.message.first().copied().unwrap_or(0);
+        self.relay_counters
+            .count_forwarded(message_type, env.message.len());
+        let out = RelayEnvelope {
+            peer: sender,
+            message: env.message,
+        }
+        .encode(TYPE_RELAYED);
+        self.relayed.push_back(Transmit { dst, payload: out });
     }
 
     fn handle_packet(&mut self, peer: PeerId, from: SocketAddr, packet: &[u8], now: Instant) {
@@ -154,7 +242,11 @@ impl LighthouseCore {
                         self.reply(
                             peer,
                             &cert,
-                            &ControlMessage::RegisterAck { id, observed: from },
+                            &ControlMessage::RegisterAck {
+                                id,
+                                observed: from,
+                                relay: self.relay.is_some(),
+                            },
                             now,
                         );
                     }
@@ -182,12 +274,20 @@ impl LighthouseCore {
                     now,
                 );
                 if found {
+                    if let Some(relay) = self.relay.as_mut() {
+                        if relay.introduce(cert.overlay_ip(), overlay_ip, now) {
+                            self.relay_counters.introductions_evicted += 1;
+                        }
+                    }
                     self.punch(overlay_ip, &cert, from, now);
                 }
             }
             ControlMessage::Deregister { .. } => {
                 tracing::info!("node left");
                 self.registry.remove(cert.overlay_ip());
+                if let Some(relay) = self.relay.as_mut() {
+                    relay.forget(cert.overlay_ip());
+                }
             }
             ControlMessage::RoutesQuery { id } => {
                 let routes = self.registry.routes();

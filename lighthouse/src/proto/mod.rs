@@ -2,3 +2,4 @@
 
 pub mod lighthouse;
 pub mod registry;
+pub mod relay;

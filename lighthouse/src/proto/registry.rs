@@ -4,7 +4,7 @@
 //! authenticated the registering session, never by anything a message says.
 //! After a restart it is empty and fills again as nodes re-register.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,9 @@ use tern_shared::mesh::PeerId;
 /// Live nodes by overlay address. Drive with `register`, `lookup` and `expire(now)`.
 pub struct Registry {
     entries: BTreeMap<Ipv4Addr, Entry>,
+    /// Which node registered from which address: how a relay knows who
+    /// sent a relay request.
+    by_observed: HashMap<SocketAddr, Ipv4Addr>,
     expiry: Duration,
     max_entries: usize,
 }
@@ -56,6 +59,7 @@ impl Registry {
     pub fn new(expiry: Duration, max_entries: usize) -> Self {
         Registry {
             entries: BTreeMap::new(),
+            by_observed: HashMap::new(),
             expiry,
             max_entries,
         }
@@ -100,9 +104,16 @@ impl Registry {
             entry.registered = now;
         }
         entry.peer = peer;
+        if entry.observed != observed && self.by_observed.get(&entry.observed) == Some(&overlay_ip)
+        {
+            self.by_observed.remove(&entry.observed);
+        }
         entry.observed = observed;
         entry.local = local;
         entry.last_seen = now;
+        // The newest registration from an address owns it (a NAT may hand
+        // a departed node's mapping to another).
+        self.by_observed.insert(observed, overlay_ip);
         Ok(())
     }
 
@@ -164,7 +175,25 @@ impl Registry {
     }
 
     pub fn remove(&mut self, overlay_ip: Ipv4Addr) -> bool {
-        self.entries.remove(&overlay_ip).is_some()
+        match self.entries.remove(&overlay_ip) {
+            Some(e) => {
+                if self.by_observed.get(&e.observed) == Some(&overlay_ip) {
+                    self.by_observed.remove(&e.observed);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The node that registered from `observed`, if any.
+    pub fn node_at(&self, observed: SocketAddr) -> Option<Ipv4Addr> {
+        self.by_observed.get(&observed).copied()
+    }
+
+    /// The address the node registered from.
+    pub fn observed(&self, overlay_ip: Ipv4Addr) -> Option<SocketAddr> {
+        self.entries.get(&overlay_ip).map(|e| e.observed)
     }
 
     /// Drops nodes silent for longer than the expiry; returns them.
@@ -177,7 +206,7 @@ impl Registry {
             .map(|(ip, e)| (*ip, e.peer))
             .collect();
         for (ip, _) in &gone {
-            self.entries.remove(ip);
+            self.remove(*ip);
         }
         gone
     }

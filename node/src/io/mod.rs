@@ -138,6 +138,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .collect();
     let mut core = NodeCore::new(mesh, &cert, targets.clone(), now);
     core.set_local_endpoints(local_endpoints(listen, &targets));
+    core.set_relay_after(config.peers.relay_after);
     core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
     let _gateway = match &config.gateway {
         Some(gw) => Some(gateway::setup(

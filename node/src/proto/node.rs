@@ -49,6 +49,14 @@ pub const PROBE_AFTER: Duration = Duration::from_millis(1000);
 pub const GATEWAY_SILENCE: Duration = Duration::from_millis(1500);
 /// How long a silent gateway is passed over.
 const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
+/// Hole punching: the first repeat comes this soon after the first attempt,
+/// each next one twice as late, up to every PUNCH_INTERVAL_MAX while the peer
+/// is relayed (the background search for a direct path).
+const PUNCH_INTERVAL_FIRST: Duration = Duration::from_millis(200);
+const PUNCH_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// A peer that never answered, directly or relayed, for this long is left to
+/// the mesh's own retries.
+const ATTEMPT_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// A lighthouse this node was configured with.
 #[derive(Debug, Clone)]
@@ -113,6 +121,8 @@ pub struct LighthouseStatus {
     pub registered: bool,
     /// Our address as this lighthouse sees it.
     pub observed: Option<SocketAddr>,
+    /// It relays for us when a peer has no direct path.
+    pub relay: bool,
 }
 
 pub struct NodeCore {
@@ -132,6 +142,21 @@ pub struct NodeCore {
     next_routes_query: Instant,
     tun_writes: VecDeque<Vec<u8>>,
     commands: VecDeque<NodeCommand>,
+    /// Peers without a direct path yet: punching, then relaying after
+    /// `relay_after` while punching goes on.
+    attempts: HashMap<PeerId, Attempt>,
+    relay_after: Duration,
+    /// Direct paths asked whether they still work, and when.
+    direct_probes: HashMap<PeerId, Instant>,
+}
+
+/// The search for a direct path to one peer.
+struct Attempt {
+    started: Instant,
+    /// The lighthouse that introduced us, preferred as the relay.
+    introducer: Option<SocketAddr>,
+    next_punch: Instant,
+    interval: Duration,
 }
 
 struct RouteState {
@@ -156,6 +181,8 @@ struct LighthouseLink {
     target: LighthouseTarget,
     state: LinkState,
     observed: Option<SocketAddr>,
+    /// The lighthouse said it relays (in its registration answer).
+    relay: bool,
 }
 
 enum LinkState {
@@ -201,6 +228,7 @@ impl NodeCore {
                         backoff: Duration::from_millis(500),
                     },
                     observed: None,
+                    relay: false,
                 })
                 .collect(),
             lookups: HashMap::new(),
@@ -214,7 +242,15 @@ impl NodeCore {
             next_routes_query: now,
             tun_writes: VecDeque::new(),
             commands: VecDeque::new(),
+            attempts: HashMap::new(),
+            relay_after: tern_shared::config::DEFAULT_RELAY_AFTER,
+            direct_probes: HashMap::new(),
         }
+    }
+
+    /// How long a peer may go without a direct path before it is relayed.
+    pub fn set_relay_after(&mut self, relay_after: Duration) {
+        self.relay_after = relay_after;
     }
 
     /// Firewall rules, the subnets this node routes as a gateway (already
@@ -373,6 +409,9 @@ impl NodeCore {
         }
         self.drive_lookups(now);
         self.drive_routes(now);
+        self.refresh_relays();
+        self.drive_direct_liveness(now);
+        self.drive_attempts(now);
     }
 
     pub fn poll_timeout(&self, now: Instant) -> Instant {
@@ -415,6 +454,7 @@ impl NodeCore {
                     },
                     registered: matches!(l.state, LinkState::Up { acked: true, .. }),
                     observed: l.observed,
+                    relay: l.relay,
                 })
                 .collect(),
             peers: self.mesh.peer_statuses(),
@@ -748,6 +788,7 @@ impl NodeCore {
                     }
                 }
                 MeshEvent::PeerConnected { .. } => {}
+                MeshEvent::DirectPathLost { peer } => self.direct_path_lost(peer, now),
             }
         }
     }
@@ -824,7 +865,9 @@ impl NodeCore {
             }
         };
         match msg {
-            ControlMessage::RegisterAck { observed, .. } => {
+            ControlMessage::RegisterAck {
+                observed, relay, ..
+            } => {
                 for link in &mut self.links {
                     if let LinkState::Up {
                         peer,
@@ -840,15 +883,18 @@ impl NodeCore {
                             *last_ack = now;
                             *acked = true;
                             link.observed = Some(observed);
+                            link.relay = relay;
                         }
                     }
                 }
+                self.refresh_relays();
             }
             ControlMessage::QueryReply {
                 overlay_ip, peer, ..
             } => {
                 if let Some(info) = peer {
-                    self.handle_answer(overlay_ip, info, now);
+                    let introducer = self.lighthouse_endpoint(from_peer);
+                    self.handle_answer(overlay_ip, info, introducer, now);
                 }
             }
             ControlMessage::Punch { peer: info, .. } => {
@@ -857,8 +903,21 @@ impl NodeCore {
                 match self.mesh.learn_cert(&info.cert, now) {
                     Ok(cert) => {
                         tracing::debug!(peer = cert.name(), endpoints = ?info.endpoints, "lighthouse asks us to punch");
-                        for e in info.endpoints.iter().take(MAX_ENDPOINTS) {
+                        let endpoints: Vec<SocketAddr> =
+                            info.endpoints.iter().take(MAX_ENDPOINTS).copied().collect();
+                        for e in &endpoints {
                             self.mesh.send_hello(*e, false);
+                        }
+                        // Both sides send at once: each side's packets open
+                        // its own NAT for the other's.
+                        let introducer = self.lighthouse_endpoint(from_peer);
+                        if let Some(peer) =
+                            self.mesh.add_peer(cert, &endpoints, PeerRole::Node, now)
+                        {
+                            if !self.mesh.is_connected(peer) {
+                                self.mesh.connect(peer, false);
+                            }
+                            self.start_attempt(peer, introducer, now);
                         }
                     }
                     Err(e) => {
@@ -885,11 +944,31 @@ impl NodeCore {
 
     /// A lighthouse's answer is a hint, never an identity: the certificate is
     /// verified here against our own CAs and must carry the address we asked for.
-    fn handle_answer(&mut self, overlay_ip: Ipv4Addr, info: PeerInfo, now: Instant) {
-        if !self.lookups.contains_key(&overlay_ip)
-            && self.mesh.peer_by_overlay(overlay_ip).is_some()
-        {
-            return;
+    fn handle_answer(
+        &mut self,
+        overlay_ip: Ipv4Addr,
+        info: PeerInfo,
+        introducer: Option<SocketAddr>,
+        now: Instant,
+    ) {
+        if !self.lookups.contains_key(&overlay_ip) {
+            if let Some(peer) = self.mesh.peer_by_overlay(overlay_ip) {
+                // A peer we know (asked again after its path broke): newer
+                // endpoints to punch toward, if the certificate is the same.
+                let same = self
+                    .mesh
+                    .peer_cert(peer)
+                    .is_some_and(|c| c.encoded() == info.cert.as_slice());
+                if same {
+                    let endpoints: Vec<SocketAddr> =
+                        info.endpoints.iter().take(MAX_ENDPOINTS).copied().collect();
+                    self.mesh.add_candidates(peer, &endpoints);
+                    if self.attempts.contains_key(&peer) {
+                        self.mesh.punch(peer);
+                    }
+                }
+                return;
+            }
         }
         let cert = match self.mesh.learn_cert(&info.cert, now) {
             Ok(c) => c,
@@ -910,6 +989,7 @@ impl NodeCore {
         else {
             return;
         };
+        self.start_attempt(peer, introducer, now);
         match self.lookups.remove(&overlay_ip) {
             Some(lookup) if !lookup.packets.is_empty() => {
                 for p in lookup.packets {
@@ -917,6 +997,140 @@ impl NodeCore {
                 }
             }
             _ => self.mesh.connect(peer, false),
+        }
+    }
+
+    /// The direct path to `peer` went away: use the relay at once, ask the
+    /// lighthouses where the peer is now (its address may have changed; the
+    /// answer also makes the lighthouse tell the peer to punch toward us),
+    /// and punch again.
+    fn direct_path_lost(&mut self, peer: PeerId, now: Instant) {
+        self.attempts.remove(&peer);
+        self.start_attempt(peer, None, now);
+        if let Some(a) = self.attempts.get_mut(&peer) {
+            a.started = now.checked_sub(self.relay_after).unwrap_or(a.started);
+        }
+        if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
+            self.send_query(ip, now);
+        }
+        self.drive_attempts(now);
+    }
+
+    /// Direct paths we keep sending on without hearing back: ask the peer
+    /// (a control ping, answered by every daemon) and give the path up when
+    /// the answer does not come either.
+    fn drive_direct_liveness(&mut self, now: Instant) {
+        let silent = self.mesh.silent_direct_peers(now, PROBE_AFTER);
+        self.direct_probes.retain(|p, _| silent.contains(p));
+        for peer in silent {
+            match self.direct_probes.get(&peer).copied() {
+                None => {
+                    self.direct_probes.insert(peer, now);
+                    if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
+                        let id = self.request_id();
+                        self.send_control(peer, ip, &ControlMessage::Ping { id }, now);
+                    }
+                }
+                Some(sent) if now.saturating_duration_since(sent) >= GATEWAY_SILENCE => {
+                    self.direct_probes.remove(&peer);
+                    self.mesh.drop_direct_path(peer);
+                    self.drain_mesh_events(now);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// The underlay endpoint of the lighthouse whose session is `peer`.
+    fn lighthouse_endpoint(&self, peer: PeerId) -> Option<SocketAddr> {
+        self.links.iter().find_map(|l| match l.state {
+            LinkState::Up { peer: p, .. } if p == peer => Some(l.target.endpoint),
+            _ => None,
+        })
+    }
+
+    /// The lighthouses that relay for us now (registered, and said so).
+    fn relays(&self) -> Vec<SocketAddr> {
+        self.links
+            .iter()
+            .filter(|l| l.relay && matches!(l.state, LinkState::Up { acked: true, .. }))
+            .map(|l| l.target.endpoint)
+            .collect()
+    }
+
+    fn refresh_relays(&mut self) {
+        let relays = self.relays();
+        self.mesh.set_relays(relays);
+    }
+
+    /// Starts (or keeps) the search for a direct path to `peer`.
+    fn start_attempt(&mut self, peer: PeerId, introducer: Option<SocketAddr>, now: Instant) {
+        if matches!(
+            self.mesh.peer_path(peer),
+            Some((tern_shared::mesh::PathKind::Direct, _))
+        ) {
+            return;
+        }
+        self.attempts.entry(peer).or_insert(Attempt {
+            started: now,
+            introducer,
+            next_punch: now + PUNCH_INTERVAL_FIRST,
+            interval: PUNCH_INTERVAL_FIRST,
+        });
+    }
+
+    /// Punch on schedule; after `relay_after` without a session, go through a
+    /// relay; stop once a direct path carries the session.
+    fn drive_attempts(&mut self, now: Instant) {
+        use tern_shared::mesh::PathKind;
+        if self.attempts.is_empty() {
+            return;
+        }
+        let relays = self.relays();
+        let peers: Vec<PeerId> = self.attempts.keys().copied().collect();
+        for peer in peers {
+            let Some((kind, relay)) = self.mesh.peer_path(peer) else {
+                self.attempts.remove(&peer);
+                continue;
+            };
+            let connected = self.mesh.is_connected(peer);
+            if kind == PathKind::Direct && connected {
+                self.attempts.remove(&peer);
+                continue;
+            }
+            let Some(a) = self.attempts.get_mut(&peer) else {
+                continue;
+            };
+            if !connected
+                && relay.is_none()
+                && now.saturating_duration_since(a.started) > ATTEMPT_GIVE_UP
+            {
+                self.attempts.remove(&peer);
+                continue;
+            }
+            // The relay in use went away: another one, or none.
+            let usable = |r: &SocketAddr| relays.contains(r);
+            let wanted = if relay.is_some()
+                || now.saturating_duration_since(a.started) >= self.relay_after
+            {
+                relay
+                    .filter(usable)
+                    .or(a.introducer.filter(usable))
+                    .or(relays.first().copied())
+            } else {
+                None
+            };
+            if wanted != relay && (wanted.is_some() || relay.is_some()) {
+                self.mesh.set_relay(peer, wanted);
+                if !connected && wanted.is_some() {
+                    self.mesh.connect(peer, true);
+                }
+            }
+            if a.next_punch <= now {
+                a.interval = (a.interval * 2).min(PUNCH_INTERVAL_MAX);
+                a.next_punch = now + a.interval;
+                self.mesh.punch(peer);
+            }
         }
     }
 
@@ -1033,6 +1247,7 @@ mod tests {
                 cert: other.cert.encode(),
                 endpoints: endpoints.clone(),
             },
+            None,
             Instant::now(),
         );
         // A certificate for `wanted` from a CA this node does not trust.
@@ -1044,6 +1259,7 @@ mod tests {
                 cert: forged.cert.encode(),
                 endpoints: endpoints.clone(),
             },
+            None,
             Instant::now(),
         );
         // Garbage.
@@ -1053,6 +1269,7 @@ mod tests {
                 cert: vec![0xde, 0xad],
                 endpoints,
             },
+            None,
             Instant::now(),
         );
 
@@ -1082,6 +1299,7 @@ mod tests {
                 cert: b.cert.encode(),
                 endpoints: vec![endpoint],
             },
+            None,
             Instant::now(),
         );
         assert!(core.mesh.peer_by_overlay(wanted).is_some());
