@@ -119,6 +119,9 @@ pub enum MeshEvent {
     },
     /// A WireGuard session with the peer is up.
     PeerConnected { peer: PeerId },
+    /// A handshake came through a relay from a node whose certificate we do
+    /// not have: ask a lighthouse about `overlay_ip`.
+    UnknownRelayedPeer { overlay_ip: Ipv4Addr },
     /// The peer's direct path was lost (silent, or the peer now reaches us
     /// only through a relay): packets go through the relay, if any.
     DirectPathLost { peer: PeerId },
@@ -872,7 +875,9 @@ impl Mesh {
                 .map(|k| k.cert.clone());
             let Some(cert) = cert else {
                 self.counters.unknown_handshake_keys += 1;
-                tracing::debug!(%relay, %peer, "relayed handshake from a key with no verified certificate for that address");
+                tracing::debug!(%relay, %peer, "relayed handshake from a key with no verified certificate for that address; asking the lighthouses");
+                self.events
+                    .push_back(MeshEvent::UnknownRelayedPeer { overlay_ip: peer });
                 return None;
             };
             let idx = self.add_peer(cert, &[], PeerRole::Node, now)?.0;

@@ -224,6 +224,7 @@ impl LighthouseCore {
         let _span =
             tracing::debug_span!("node", name = cert.name(), overlay_ip = %cert.overlay_ip())
                 .entered();
+        self.registry.moved(cert.overlay_ip(), from);
         match msg {
             ControlMessage::Register { id, local, routes } => {
                 self.counters.registrations += 1;

@@ -186,6 +186,23 @@ impl Registry {
         }
     }
 
+    /// A registered node's authenticated packet came from `observed`: it
+    /// moved (a new address, a NAT that forgot it). Relay requests are
+    /// recognized from the new address at once.
+    pub fn moved(&mut self, overlay_ip: Ipv4Addr, observed: SocketAddr) {
+        let Some(e) = self.entries.get_mut(&overlay_ip) else {
+            return;
+        };
+        if e.observed == observed {
+            return;
+        }
+        if self.by_observed.get(&e.observed) == Some(&overlay_ip) {
+            self.by_observed.remove(&e.observed);
+        }
+        e.observed = observed;
+        self.by_observed.insert(observed, overlay_ip);
+    }
+
     /// The node that registered from `observed`, if any.
     pub fn node_at(&self, observed: SocketAddr) -> Option<Ipv4Addr> {
         self.by_observed.get(&observed).copied()

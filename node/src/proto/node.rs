@@ -688,6 +688,22 @@ impl NodeCore {
         }
     }
 
+    /// Starts a lookup with no packet waiting on it (or lets a running one be).
+    fn look_up(&mut self, dst: Ipv4Addr, now: Instant) {
+        if self.lookups.contains_key(&dst) || self.lookups.len() >= MAX_LOOKUPS {
+            return;
+        }
+        self.lookups.insert(
+            dst,
+            Lookup {
+                packets: VecDeque::new(),
+                started: now,
+                next_query: now + QUERY_RETRY,
+            },
+        );
+        self.send_query(dst, now);
+    }
+
     fn send_query(&mut self, overlay_ip: Ipv4Addr, now: Instant) {
         tracing::debug!(%overlay_ip, "asking lighthouses");
         for i in 0..self.links.len() {
@@ -789,6 +805,12 @@ impl NodeCore {
                 }
                 MeshEvent::PeerConnected { .. } => {}
                 MeshEvent::DirectPathLost { peer } => self.direct_path_lost(peer, now),
+                MeshEvent::UnknownRelayedPeer { overlay_ip } => {
+                    // Our punch request from the lighthouse was lost: a
+                    // lookup with nothing waiting fetches the certificate,
+                    // then we connect.
+                    self.look_up(overlay_ip, now);
+                }
             }
         }
     }
@@ -1130,6 +1152,14 @@ impl NodeCore {
                 a.interval = (a.interval * 2).min(PUNCH_INTERVAL_MAX);
                 a.next_punch = now + a.interval;
                 self.mesh.punch(peer);
+                // No session yet after a few rounds: the lighthouse's punch
+                // request to the peer may have been lost. Asking again
+                // makes the lighthouse send it again.
+                if !connected && a.interval >= Duration::from_millis(1600) {
+                    if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
+                        self.send_query(ip, now);
+                    }
+                }
             }
         }
     }
