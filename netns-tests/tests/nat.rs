@@ -246,6 +246,18 @@ impl World {
             .and_then(|p| p["path"].as_str().map(str::to_string))
     }
 
+    /// `tern ping` from node `from` to `peer`, and `tern status` of `from`.
+    fn ping_and_status(&self, from: &str, peer: &str) -> (String, String) {
+        let socket = self.dir.join(format!("{from}.sock"));
+        let socket = socket.to_string_lossy();
+        let ping = tern(
+            &self.dir,
+            &["ping", "--socket", &socket, "-n", "2", "-i", "200ms", peer],
+        );
+        let status = tern(&self.dir, &["status", "--socket", &socket]);
+        (ping, status)
+    }
+
     fn relay(&self) -> Value {
         lighthouse_status(&self.dir)["relay"].clone()
     }
@@ -296,6 +308,12 @@ fn two_port_preserving_nats_give_a_direct_path() {
     );
     let first_ping = start.elapsed();
     w.wait_path("direct", Duration::from_secs(10));
+    let (ping, status) = w.ping_and_status("a", B_OVERLAY);
+    assert!(
+        ping.contains("answer from b (100.64.0.6)") && ping.contains("direct to 198.18.0.3:"),
+        "{ping}"
+    );
+    assert!(status.contains("direct 198.18.0.3:"), "{status}");
     w.fetch(None, 60);
     let relay = w.relay();
     assert_eq!(relay_counter(&relay, "forwarded_data"), 0, "{relay}");
@@ -318,6 +336,12 @@ fn symmetric_nats_go_through_the_relay() {
         || pings(&w.a.node, B_OVERLAY),
     );
     w.wait_path("relayed", Duration::from_secs(5));
+    let (ping, status) = w.ping_and_status("b", "a");
+    assert!(
+        ping.contains("answer from a (100.64.0.5)") && ping.contains("relayed via 198.18.0.1:4242"),
+        "{ping}"
+    );
+    assert!(status.contains("relayed via 198.18.0.1:4242"), "{status}");
     w.fetch(None, 90);
     let relay = w.relay();
     let data = relay_counter(&relay, "forwarded_data");

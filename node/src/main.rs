@@ -21,6 +21,8 @@ enum Command {
     Up(cli::daemon::UpArgs),
     /// Show the running node's lighthouses and peers.
     Status(cli::daemon::StatusArgs),
+    /// Measure the round trip to a peer over the mesh, and say which path it took.
+    Ping(cli::daemon::PingArgs),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         Command::Cert(cmd) => cli::cert::run(cmd),
         Command::Up(args) => cli::daemon::up(args),
         Command::Status(args) => cli::daemon::status(args),
+        Command::Ping(args) => cli::daemon::ping(args),
     };
     match result {
         Ok(code) => code,

@@ -240,6 +240,9 @@ pub struct PeerStatus {
     pub groups: Vec<String>,
     /// Seconds since the last completed handshake (None: no session yet).
     pub last_handshake_secs: Option<f64>,
+    /// Round-trip time of the last control ping answered (filled in by the
+    /// node; the mesh does not ping).
+    pub rtt_ms: Option<f64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub spoofed_source_drops: u64,
@@ -615,6 +618,7 @@ impl Mesh {
                     candidates: p.candidates.clone(),
                     groups: p.cert.groups().to_vec(),
                     last_handshake_secs: last.map(|d| d.as_secs_f64()),
+                    rtt_ms: None,
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                     spoofed_source_drops: p.spoofed_source_drops,

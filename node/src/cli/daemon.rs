@@ -1,4 +1,4 @@
-//! `tern up` and `tern status`.
+//! `tern up`, `tern status` and `tern ping`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,6 +28,100 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+#[derive(Args)]
+pub struct PingArgs {
+    /// The peer: its overlay address, or its name once it is in the table.
+    pub peer: String,
+    /// The node's config file: its [api] socket (or TUN name) says where to ask.
+    #[arg(long, short, conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+    /// The daemon's API socket, instead of --config.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// How many pings.
+    #[arg(long, short = 'n', default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub count: u32,
+    /// Time between pings, e.g. "1s" or "200ms".
+    #[arg(long, short, default_value = "1s", value_parser = parse_interval)]
+    pub interval: std::time::Duration,
+    /// Print each answer as a JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = tern_shared::duration::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("{text:?}: use 10ms to 1h"));
+    }
+    Ok(d)
+}
+
+fn api_socket(socket: &Option<PathBuf>, config: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match (socket, config) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => {
+            let config = io::load_node_config(c)?;
+            api::socket_path(config.api.socket.as_deref(), &config.tun.name)
+        }
+        (None, None) => api::socket_path(None, "tern0"),
+    })
+}
+
+/// `tern ping`: exit 0 when at least one answer came back.
+pub fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
+    let path = api_socket(&args.socket, &args.config)?;
+    let rt = runtime()?;
+    let mut answered = 0;
+    for i in 0..args.count {
+        if i > 0 {
+            std::thread::sleep(args.interval);
+        }
+        let request = api::ApiRequest::Ping {
+            peer: args.peer.clone(),
+        };
+        let reply = rt.block_on(api::call(&path, &request))?;
+        if let Some(err) = reply.get("error") {
+            anyhow::bail!("cannot ping {}: {}", args.peer, err.as_str().unwrap_or("?"));
+        }
+        if reply["rtt_ms"].is_number() {
+            answered += 1;
+        }
+        if args.json {
+            println!("{reply}");
+        } else {
+            println!("{}", describe_ping(&reply));
+        }
+    }
+    if !args.json {
+        println!("{answered} of {} answered", args.count);
+    }
+    Ok(if answered > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn describe_ping(r: &serde_json::Value) -> String {
+    let who = match r["name"].as_str() {
+        Some(name) => format!("{name} ({})", r["overlay_ip"].as_str().unwrap_or("?")),
+        None => r["overlay_ip"].as_str().unwrap_or("?").to_string(),
+    };
+    let Some(rtt) = r["rtt_ms"].as_f64() else {
+        return format!(
+            "no answer from {who} within {} s",
+            crate::proto::node::PING_TIMEOUT.as_secs()
+        );
+    };
+    let path = match r["path"].as_str() {
+        Some("direct") => format!("direct to {}", r["endpoint"].as_str().unwrap_or("?")),
+        Some("relayed") => format!("relayed via {}", r["relay"].as_str().unwrap_or("?")),
+        other => other.unwrap_or("unknown path").to_string(),
+    };
+    format!("answer from {who}: {rtt:.3} ms, {path}")
+}
+
 pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let config = io::load_node_config(&args.config)?;
     crate::init_logging(&config.log.level);
@@ -36,14 +130,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let path = match (&args.socket, &args.config) {
-        (Some(s), _) => s.clone(),
-        (None, Some(c)) => {
-            let config = io::load_node_config(c)?;
-            api::socket_path(config.api.socket.as_deref(), &config.tun.name)
-        }
-        (None, None) => api::socket_path(None, "tern0"),
-    };
+    let path = api_socket(&args.socket, &args.config)?;
     let reply = runtime()?.block_on(api::call(&path, &api::ApiRequest::Status))?;
     if let Some(err) = reply.get("error") {
         anyhow::bail!("the daemon refused: {err}");
@@ -78,7 +165,7 @@ fn print_status(s: &serde_json::Value, path: &Path) {
     println!("lighthouses:");
     for lh in s["lighthouses"].as_array().into_iter().flatten() {
         println!(
-            "  {:<22} {:<16} {:<14} observed {}",
+            "  {:<22} {:<16} {:<14} observed {}{}",
             str_of(&lh["endpoint"]),
             str_of(&lh["name"]),
             if lh["registered"].as_bool() == Some(true) {
@@ -87,23 +174,38 @@ fn print_status(s: &serde_json::Value, path: &Path) {
                 "not registered"
             },
             str_of(&lh["observed"]),
+            if lh["relay"].as_bool() == Some(true) {
+                ", relays"
+            } else {
+                ""
+            },
         );
     }
     println!(
-        "peers:\n  {:<16} {:<15} {:<11} {:<22} {:>10} {:>12} {:>12}",
-        "NAME", "OVERLAY IP", "ROLE", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"
+        "peers:\n  {:<16} {:<15} {:<11} {:<30} {:>9} {:>10} {:>12} {:>12}",
+        "NAME", "OVERLAY IP", "ROLE", "PATH", "RTT", "HANDSHAKE", "RX BYTES", "TX BYTES"
     );
     for p in s["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs"]
             .as_f64()
             .map(|x| format!("{x:.0}s ago"))
             .unwrap_or_else(|| "never".into());
+        let path = match p["path"].as_str() {
+            Some("direct") => format!("direct {}", str_of(&p["endpoint"])),
+            Some("relayed") => format!("relayed via {}", str_of(&p["relay"])),
+            _ => "probing".to_string(),
+        };
+        let rtt = p["rtt_ms"]
+            .as_f64()
+            .map(|x| format!("{x:.2}ms"))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "  {:<16} {:<15} {:<11} {:<22} {:>10} {:>12} {:>12}",
+            "  {:<16} {:<15} {:<11} {:<30} {:>9} {:>10} {:>12} {:>12}",
             str_of(&p["name"]),
             str_of(&p["overlay_ip"]),
             str_of(&p["role"]),
-            str_of(&p["endpoint"]),
+            path,
+            rtt,
             hs,
             str_of(&p["rx_bytes"]),
             str_of(&p["tx_bytes"]),

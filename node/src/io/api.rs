@@ -16,6 +16,11 @@ use tokio::sync::{mpsc, oneshot};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum ApiRequest {
     Status,
+    /// A control ping to a peer (overlay address or name); answered when the
+    /// pong comes back or the ping times out.
+    Ping {
+        peer: String,
+    },
 }
 
 /// A request and where its answer goes, handed to the event loop.

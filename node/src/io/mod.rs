@@ -163,6 +163,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut path = DataPath::new(config.tun.mtu);
+    let mut waiting_pings: std::collections::HashMap<
+        u32,
+        tokio::sync::oneshot::Sender<serde_json::Value>,
+    > = std::collections::HashMap::new();
     let mut next_timer = tokio::time::Instant::now();
 
     loop {
@@ -193,10 +197,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 next_timer = tokio::time::Instant::from_std(next);
             }
             Some((request, reply)) = api_rx.recv() => {
-                let answer = match request {
-                    ApiRequest::Status => serde_json::to_value(core.status()).unwrap_or_default(),
-                };
-                let _ = reply.send(answer);
+                match request {
+                    ApiRequest::Status => {
+                        let _ = reply.send(serde_json::to_value(core.status()).unwrap_or_default());
+                    }
+                    ApiRequest::Ping { peer } => match core.ping(&peer, Instant::now()) {
+                        Ok(id) => {
+                            waiting_pings.insert(id, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(serde_json::json!({ "error": e }));
+                        }
+                    },
+                }
             }
             _ = sighup.recv() => reload(&mut core, config_path),
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
@@ -205,6 +218,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         flush(&mut core, &outer).await;
         while let Some(reply) = core.poll_tun_write() {
             path.write_one(&tun, &reply).await;
+        }
+        while let Some(result) = core.poll_ping_result() {
+            if let Some(reply) = waiting_pings.remove(&result.id) {
+                let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
+            }
         }
         while let Some(command) = core.poll_command() {
             let result = match command {

@@ -54,6 +54,9 @@ const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
 /// is relayed (the background search for a direct path).
 const PUNCH_INTERVAL_FIRST: Duration = Duration::from_millis(200);
 const PUNCH_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// A control ping (`tern ping`, liveness checks) unanswered this long is lost.
+/// Long enough for a lookup, a handshake and a relay fallback.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that never answered, directly or relayed, for this long is left to
 /// the mesh's own retries.
 const ATTEMPT_GIVE_UP: Duration = Duration::from_secs(60);
@@ -80,6 +83,28 @@ pub struct NodeCounters {
     /// Gateways whose certificates do not authorize what they advertised.
     pub unauthorized_gateways: u64,
     pub gateway_failovers: u64,
+}
+
+/// The answer to [`NodeCore::ping`], or its timeout.
+#[derive(Debug, Clone, Serialize)]
+pub struct PingResult {
+    pub id: u32,
+    pub overlay_ip: Ipv4Addr,
+    /// The peer's certificate name, once known.
+    pub name: Option<String>,
+    /// None: no answer within [`PING_TIMEOUT`].
+    pub rtt_ms: Option<f64>,
+    /// The path the answer came back on.
+    pub path: Option<tern_shared::mesh::PathKind>,
+    pub endpoint: Option<SocketAddr>,
+    pub relay: Option<SocketAddr>,
+}
+
+struct PendingPing {
+    overlay_ip: Ipv4Addr,
+    sent: Instant,
+    /// Somebody (the API) waits for the result.
+    report: bool,
 }
 
 /// Side effects for the shell beyond packets.
@@ -148,6 +173,9 @@ pub struct NodeCore {
     relay_after: Duration,
     /// Direct paths asked whether they still work, and when.
     direct_probes: HashMap<PeerId, Instant>,
+    pings: HashMap<u32, PendingPing>,
+    ping_results: VecDeque<PingResult>,
+    rtts: HashMap<Ipv4Addr, Duration>,
 }
 
 /// The search for a direct path to one peer.
@@ -245,6 +273,9 @@ impl NodeCore {
             attempts: HashMap::new(),
             relay_after: tern_shared::config::DEFAULT_RELAY_AFTER,
             direct_probes: HashMap::new(),
+            pings: HashMap::new(),
+            ping_results: VecDeque::new(),
+            rtts: HashMap::new(),
         }
     }
 
@@ -412,6 +443,7 @@ impl NodeCore {
         self.refresh_relays();
         self.drive_direct_liveness(now);
         self.drive_attempts(now);
+        self.drive_pings(now);
     }
 
     pub fn poll_timeout(&self, now: Instant) -> Instant {
@@ -457,7 +489,18 @@ impl NodeCore {
                     relay: l.relay,
                 })
                 .collect(),
-            peers: self.mesh.peer_statuses(),
+            peers: self
+                .mesh
+                .peer_statuses()
+                .into_iter()
+                .map(|mut p| {
+                    p.rtt_ms = self
+                        .rtts
+                        .get(&p.overlay_ip)
+                        .map(|d| d.as_secs_f64() * 1000.0);
+                    p
+                })
+                .collect(),
             mesh_counters: self.mesh.counters().clone(),
             node_counters: self.counters.clone(),
             firewall: self.firewall.status(),
@@ -793,7 +836,10 @@ impl NodeCore {
         while let Some(event) = self.mesh.poll_event() {
             match event {
                 MeshEvent::HelloCert { from, cert } => self.maybe_lighthouse(from, cert, now),
-                MeshEvent::PeerRemoved { peer, .. } => {
+                MeshEvent::PeerRemoved {
+                    peer, overlay_ip, ..
+                } => {
+                    self.rtts.remove(&overlay_ip);
                     for link in &mut self.links {
                         if matches!(link.state, LinkState::Up { peer: p, .. } if p == peer) {
                             link.state = LinkState::Discovering {
@@ -872,7 +918,7 @@ impl NodeCore {
                 self.send_control(peer, ip, &ControlMessage::Pong { id }, now);
             }
             // Its arrival already counted as hearing from the peer.
-            Ok(ControlMessage::Pong { .. }) => {}
+            Ok(ControlMessage::Pong { id }) => self.pong(peer, id, now),
             _ => self.counters.bad_control_messages += 1,
         }
     }
@@ -948,7 +994,7 @@ impl NodeCore {
                 }
             }
             ControlMessage::RoutesReply { routes, .. } => self.handle_routes(routes),
-            ControlMessage::Pong { .. } => {}
+            ControlMessage::Pong { id } => self.pong(from_peer, id, now),
             ControlMessage::Ping { id } => {
                 let Some(ip) = self.mesh.peer_cert(from_peer).map(|c| c.overlay_ip()) else {
                     return;
@@ -1050,6 +1096,14 @@ impl NodeCore {
                     self.direct_probes.insert(peer, now);
                     if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
                         let id = self.request_id();
+                        self.pings.insert(
+                            id,
+                            PendingPing {
+                                overlay_ip: ip,
+                                sent: now,
+                                report: false,
+                            },
+                        );
                         self.send_control(peer, ip, &ControlMessage::Ping { id }, now);
                     }
                 }
@@ -1208,6 +1262,127 @@ impl NodeCore {
         self.mesh.send_packet(peer, &packet, now);
     }
 
+    /// `tern ping`: a control ping to `target` (an overlay address, or the
+    /// name of a peer in the table), looked up first when the peer is not
+    /// known yet. The answer, or its absence, comes out of
+    /// [`NodeCore::poll_ping_result`] with the returned id.
+    pub fn ping(&mut self, target: &str, now: Instant) -> Result<u32, String> {
+        let overlay_ip = match target.parse::<Ipv4Addr>() {
+            Ok(ip) => ip,
+            Err(_) => self
+                .mesh
+                .peer_statuses()
+                .into_iter()
+                .find(|p| p.name == target)
+                .map(|p| p.overlay_ip)
+                .ok_or_else(|| {
+                    format!(
+                        "no peer named {target:?} in the table; give its overlay address instead"
+                    )
+                })?,
+        };
+        if overlay_ip == self.overlay_ip {
+            return Err(format!("{overlay_ip} is this node"));
+        }
+        if !self.overlay_net.contains(&overlay_ip) {
+            return Err(format!(
+                "{overlay_ip} is not in the overlay network {}",
+                self.overlay_net
+            ));
+        }
+        let id = self.request_id();
+        self.pings.insert(
+            id,
+            PendingPing {
+                overlay_ip,
+                sent: now,
+                report: true,
+            },
+        );
+        match self.mesh.peer_by_overlay(overlay_ip) {
+            Some(peer) => self.send_control(peer, overlay_ip, &ControlMessage::Ping { id }, now),
+            None => {
+                let payload = ControlMessage::Ping { id }
+                    .encode()
+                    .map_err(|e| e.to_string())?;
+                let packet = build_udp_ipv4(
+                    self.overlay_ip,
+                    overlay_ip,
+                    CONTROL_PORT,
+                    CONTROL_PORT,
+                    &payload,
+                );
+                self.wait_for_lookup(overlay_ip, &packet, now);
+            }
+        }
+        Ok(id)
+    }
+
+    /// A ping's answer or timeout, for whoever asked.
+    pub fn poll_ping_result(&mut self) -> Option<PingResult> {
+        self.ping_results.pop_front()
+    }
+
+    fn pong(&mut self, peer: PeerId, id: u32, now: Instant) {
+        let Some(cert) = self.mesh.peer_cert(peer) else {
+            return;
+        };
+        let (ip, name) = (cert.overlay_ip(), cert.name().to_string());
+        let Some(pending) = self.pings.get(&id) else {
+            return;
+        };
+        if pending.overlay_ip != ip {
+            return;
+        }
+        let Some(pending) = self.pings.remove(&id) else {
+            return;
+        };
+        let rtt = now.saturating_duration_since(pending.sent);
+        self.rtts.insert(ip, rtt);
+        if pending.report {
+            let path = self.mesh.peer_path(peer);
+            self.ping_results.push_back(PingResult {
+                id,
+                overlay_ip: ip,
+                name: Some(name),
+                rtt_ms: Some(rtt.as_secs_f64() * 1000.0),
+                path: path.map(|(kind, _)| kind),
+                endpoint: self.mesh.peer_endpoint(peer),
+                relay: path.and_then(|(_, relay)| relay),
+            });
+        }
+    }
+
+    fn drive_pings(&mut self, now: Instant) {
+        let lost: Vec<u32> = self
+            .pings
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.sent) >= PING_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            let Some(p) = self.pings.remove(&id) else {
+                continue;
+            };
+            if p.report {
+                let name = self
+                    .mesh
+                    .peer_by_overlay(p.overlay_ip)
+                    .and_then(|peer| self.mesh.peer_cert(peer))
+                    .map(|c| c.name().to_string());
+                self.ping_results.push_back(PingResult {
+                    id,
+                    overlay_ip: p.overlay_ip,
+                    name,
+                    rtt_ms: None,
+                    path: None,
+                    endpoint: None,
+                    relay: None,
+                });
+            }
+        }
+    }
+
     fn request_id(&mut self) -> u32 {
         let id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
@@ -1250,6 +1425,35 @@ mod tests {
             name: None,
         };
         NodeCore::new(mesh, &cert, vec![lh], now)
+    }
+
+    #[test]
+    fn ping_refuses_what_it_cannot_reach_and_reports_silence() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let now = Instant::now();
+        let err = core.ping("nobody", now).unwrap_err();
+        assert!(err.contains("no peer named \"nobody\""), "{err}");
+        assert!(core
+            .ping("100.64.0.5", now)
+            .unwrap_err()
+            .contains("this node"));
+        let err = core.ping("198.19.0.10", now).unwrap_err();
+        assert!(err.contains("not in the overlay network"), "{err}");
+        // An address nobody answered for yet: looked up, then given up on.
+        let ip = Ipv4Addr::new(100, 64, 0, 6);
+        let id = core.ping("100.64.0.6", now).unwrap();
+        assert!(
+            core.lookups.contains_key(&ip),
+            "the peer is looked up first"
+        );
+        assert!(core.poll_ping_result().is_none());
+        core.handle_timeout(now + PING_TIMEOUT);
+        let result = core.poll_ping_result().expect("a timeout result");
+        assert_eq!(
+            (result.id, result.overlay_ip, result.rtt_ms),
+            (id, ip, None)
+        );
     }
 
     fn ask(core: &mut NodeCore, ip: Ipv4Addr) {
