@@ -1124,4 +1124,5 @@ mod tests {
         assert_eq!(state.next_ifname("a"), "eth1");
     }
 }
+pub mod nat;
 pub mod tern;

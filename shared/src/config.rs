@@ -226,9 +226,9 @@ pub struct RelayConfig {
     pub packets_per_sec: u32,
 }
 
-/// Default `[relay] packets_per_sec`: about 250 Mbit/s of full-size packets
+/// Default `[relay] packets_per_sec`: about 1.1 Gbit/s of full-size packets
 /// per node.
-pub const DEFAULT_RELAY_PACKETS_PER_SEC: u32 = 20_000;
+pub const DEFAULT_RELAY_PACKETS_PER_SEC: u32 = 100_000;
 
 impl Default for RelayConfig {
     fn default() -> Self {

@@ -54,6 +54,12 @@ const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
 /// is relayed (the background search for a direct path).
 const PUNCH_INTERVAL_FIRST: Duration = Duration::from_millis(200);
 const PUNCH_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// After this long on the relay, punch only every PUNCH_INTERVAL_LONG: longer
+/// than a Linux NAT keeps an unanswered UDP mapping (30 s), so a mapping our
+/// own punches spoiled (both sides' first packets crossing) can expire
+/// between rounds instead of being refreshed forever.
+const PUNCH_PATIENCE: Duration = Duration::from_secs(30);
+const PUNCH_INTERVAL_LONG: Duration = Duration::from_secs(40);
 /// A control ping (`tern ping`, liveness checks) unanswered this long is lost.
 /// Long enough for a lookup, a handshake and a relay fallback.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1203,7 +1209,11 @@ impl NodeCore {
                 }
             }
             if a.next_punch <= now {
-                a.interval = (a.interval * 2).min(PUNCH_INTERVAL_MAX);
+                a.interval = if now.saturating_duration_since(a.started) >= PUNCH_PATIENCE {
+                    PUNCH_INTERVAL_LONG
+                } else {
+                    (a.interval * 2).min(PUNCH_INTERVAL_MAX)
+                };
                 a.next_punch = now + a.interval;
                 self.mesh.punch(peer);
                 // No session yet after a few rounds: the lighthouse's punch
