@@ -1,5 +1,5 @@
 //! `nat-bench`: what NAT traversal costs, measured in one run on real
-//! kernels (the NAT lab of `tests/nat.rs`; needs root, iperf3 and ping):
+//! kernels (the NAT lab of `src/nat.rs`; needs root, iperf3 and ping):
 //!
 //! - time from the first packet to a direct path through two port-preserving
 //!   MASQUERADE NATs (both nodes' `tern status` say "direct");
@@ -199,7 +199,7 @@ fn main() -> ExitCode {
     let table = format!(
         "## NAT traversal: time to a path, and the relay's cost\n\n\
          Machine: {nproc} cores, kernel {}; {date}; tern {commit}.\n\
-         Command: `nat-bench --reps {} --seconds {}` (the NAT lab of `netns-tests/tests/nat.rs`, \
+         Command: `nat-bench --reps {} --seconds {}` (the NAT lab of `netns-tests/src/nat.rs`, \
          built afresh for every repetition).\n\n\
          | metric | median (min–max) |\n|---|---|\n\
          | first packet → direct path through two port-preserving NATs (ms) | {} |\n\
