@@ -271,6 +271,9 @@ pub struct Mesh {
     counters: MeshCounters,
     clock_origin: (Instant, u64),
     last_second: Instant,
+    /// The latest time any call passed in, for work done in calls that take
+    /// none (a handshake started by `connect`).
+    last_now: Instant,
     scratch: Vec<u8>,
     /// Addresses whose relayed datagrams (0x12) this mesh accepts.
     relays: Vec<SocketAddr>,
@@ -295,6 +298,10 @@ struct Peer {
     last_tx: Option<Instant>,
     /// Last authenticated packet that came straight from the peer.
     last_direct_rx: Option<Instant>,
+    /// When our last handshake initiation left, and the round trip of the
+    /// last one answered: an RTT for every session, no ping needed.
+    init_sent: Option<Instant>,
+    handshake_rtt: Option<Duration>,
     /// Last handshake restarted because the peer asked for our certificate:
     /// at most one a second, so two nodes that refuse each other's
     /// certificates cannot keep each other busy.
@@ -342,6 +349,7 @@ impl Mesh {
             counters: MeshCounters::default(),
             clock_origin: (now, unix_now),
             last_second: now,
+            last_now: now,
             relays: Vec::new(),
             scratch: vec![0u8; 2048],
         }
@@ -381,6 +389,7 @@ impl Mesh {
         role: PeerRole,
         now: Instant,
     ) -> Option<PeerId> {
+        self.last_now = now;
         let key = cert.public_key();
         if key == self.public.to_bytes() {
             return None;
@@ -439,6 +448,8 @@ impl Mesh {
                 last_tx: None,
                 last_forced_handshake: None,
                 last_direct_rx: None,
+                init_sent: None,
+                handshake_rtt: None,
                 spoofed_source_drops: 0,
             }),
         );
@@ -618,7 +629,7 @@ impl Mesh {
                     candidates: p.candidates.clone(),
                     groups: p.cert.groups().to_vec(),
                     last_handshake_secs: last.map(|d| d.as_secs_f64()),
-                    rtt_ms: None,
+                    rtt_ms: p.handshake_rtt.map(|d| d.as_secs_f64() * 1000.0),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                     spoofed_source_drops: p.spoofed_source_drops,
@@ -641,6 +652,7 @@ impl Mesh {
         out: &'b mut [u8],
         now: Instant,
     ) -> Option<(SocketAddr, &'b [u8])> {
+        self.last_now = now;
         let p = self.peers.get_mut(&peer.0)?;
         if !packet.is_empty() {
             p.last_data = now;
@@ -702,6 +714,7 @@ impl Mesh {
         out: &'b mut [u8],
         now: Instant,
     ) -> Received<'b> {
+        self.last_now = now;
         match classify(datagram) {
             DatagramKind::WireGuard => self.handle_wireguard(Via::Direct(from), datagram, out, now),
             DatagramKind::Relayed => {
@@ -747,6 +760,7 @@ impl Mesh {
     /// Runs timers: WireGuard's (handshake retries, rekeys, keepalives) and
     /// ours (certificate expiry, idle peers, rate buckets).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
         if now.saturating_duration_since(self.last_second) >= Duration::from_secs(1) {
             self.last_second = now;
             self.rate_limiter.reset_count();
@@ -935,6 +949,11 @@ impl Mesh {
         let mut direct_lost = false;
         if !matches!(result, TunnResult::Err(_)) {
             p.last_rx = Some(now);
+            if datagram.first() == Some(&2) {
+                if let Some(sent) = p.init_sent.take() {
+                    p.handshake_rtt = Some(now.saturating_duration_since(sent));
+                }
+            }
             if let Via::Direct(_) = via {
                 p.last_direct_rx = Some(now);
             }
@@ -1124,10 +1143,12 @@ impl Mesh {
     }
 
     fn send_handshake(&mut self, idx: u32, init: &[u8]) {
+        let now = self.last_now;
         let Some(p) = self.peers.get_mut(&idx) else {
             return;
         };
         p.last_init = Some(init.to_vec());
+        p.init_sent = Some(now);
         let p = &**p;
         if let Some(relay) = p.relay {
             let via = Via::Relay {
@@ -1393,6 +1414,12 @@ mod tests {
     fn hello_then_handshake_then_data_both_ways() {
         let (mut a, mut b, now) = setup(&[]);
         let pb = connect(&mut a, &mut b, now);
+        let status = a.mesh.peer_statuses();
+        assert_eq!(status[0].path, PathKind::Direct);
+        assert!(
+            status[0].rtt_ms.is_some(),
+            "the handshake's round trip is the first RTT"
+        );
         assert!(a.mesh.is_connected(pb));
         let pa = b
             .mesh

@@ -500,10 +500,10 @@ impl NodeCore {
                 .peer_statuses()
                 .into_iter()
                 .map(|mut p| {
-                    p.rtt_ms = self
-                        .rtts
-                        .get(&p.overlay_ip)
-                        .map(|d| d.as_secs_f64() * 1000.0);
+                    // A ping's answer is fresher than the last handshake's.
+                    if let Some(d) = self.rtts.get(&p.overlay_ip) {
+                        p.rtt_ms = Some(d.as_secs_f64() * 1000.0);
+                    }
                     p
                 })
                 .collect(),
