@@ -86,6 +86,118 @@ pub struct NodeConfig {
     /// Subnets to reach through gateways.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Present on a runner: pipelines callers may run here.
+    #[serde(default)]
+    pub runner: Option<RunnerConfig>,
+}
+
+/// `[runner]`: this node runs pipelines for callers across the mesh
+/// (`tern run`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// Labels callers pick runners by (`tern run --on LABEL`): 1 to 64
+    /// characters from `a-z 0-9 . _ -`, at most 32.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// A caller's certificate must carry one of these groups (required: a
+    /// runner without it would refuse everyone).
+    pub allow_groups: Vec<String>,
+    /// Jobs run at once; more wait in a queue. 1 to 256, default 1.
+    #[serde(default = "one")]
+    pub concurrency: u32,
+    /// Where job workspaces are made (one fresh directory per job).
+    /// Default [`DEFAULT_RUNNER_WORK_DIR`].
+    #[serde(default = "default_work_dir")]
+    pub work_dir: PathBuf,
+    /// No job runs longer, whatever its pipeline asks. Default 1h, at most 24h.
+    #[serde(default = "default_max_job", deserialize_with = "duration")]
+    pub max_job_duration: Duration,
+    /// Keep each job's workspace after it ends (for debugging). Default false.
+    #[serde(default)]
+    pub keep_workspaces: bool,
+    /// The JSON-lines audit file, one line per job (and per refusal).
+    /// Default [`DEFAULT_RUNNER_AUDIT_LOG`].
+    #[serde(default = "default_audit_log")]
+    pub audit_log: PathBuf,
+}
+
+/// Default `runner.work_dir`.
+pub const DEFAULT_RUNNER_WORK_DIR: &str = "/var/lib/tern/jobs";
+/// Default `runner.audit_log`.
+pub const DEFAULT_RUNNER_AUDIT_LOG: &str = "/var/log/tern/audit.jsonl";
+
+fn one() -> u32 {
+    1
+}
+fn default_work_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_RUNNER_WORK_DIR)
+}
+fn default_audit_log() -> PathBuf {
+    PathBuf::from(DEFAULT_RUNNER_AUDIT_LOG)
+}
+fn default_max_job() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl RunnerConfig {
+    fn resolve(&mut self, base: &Path) {
+        self.work_dir = resolve(base, &self.work_dir);
+        self.audit_log = resolve(base, &self.audit_log);
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let name_ok = |s: &str| {
+            (1..=64).contains(&s.len())
+                && s.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+                })
+        };
+        if self.labels.len() > 32 {
+            return Err(invalid(file, "runner.labels", "at most 32 labels"));
+        }
+        if let Some(bad) = self.labels.iter().find(|l| !name_ok(l)) {
+            return Err(invalid(
+                file,
+                "runner.labels",
+                format!("{bad:?}: use 1 to 64 characters from a-z 0-9 . _ -"),
+            ));
+        }
+        if self.allow_groups.is_empty() {
+            return Err(invalid(
+                file,
+                "runner.allow_groups",
+                "list at least one group whose members may run pipelines here, e.g. [\"ci\"]",
+            ));
+        }
+        if let Some(bad) = self.allow_groups.iter().find(|g| !name_ok(g)) {
+            return Err(invalid(
+                file,
+                "runner.allow_groups",
+                format!("{bad:?} is not a group name: 1 to 64 characters from a-z 0-9 . _ -"),
+            ));
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return Err(invalid(
+                file,
+                "runner.concurrency",
+                format!("{} is out of range; use 1 to 256", self.concurrency),
+            ));
+        }
+        if self.max_job_duration.is_zero() || self.max_job_duration > Duration::from_secs(86_400) {
+            return Err(invalid(
+                file,
+                "runner.max_job_duration",
+                "use more than zero and at most \"24h\", e.g. \"1h\"",
+            ));
+        }
+        for (key, path) in [("runner.work_dir", &self.work_dir), ("runner.audit_log", &self.audit_log)] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(file, key, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Configuration of a lighthouse (`tern-lighthouse`).
@@ -298,6 +410,9 @@ impl NodeConfig {
         let base = base_dir(file);
         config.pki.resolve(&base);
         config.api.resolve(&base);
+        if let Some(runner) = &mut config.runner {
+            runner.resolve(&base);
+        }
         config.validate(file)?;
         Ok(config)
     }
@@ -327,6 +442,9 @@ impl NodeConfig {
         self.firewall.validate(file)?;
         if let Some(gateway) = &self.gateway {
             gateway.validate(file)?;
+        }
+        if let Some(runner) = &self.runner {
+            runner.validate(file)?;
         }
         validate_routes(&self.routes, file)
     }
@@ -957,6 +1075,7 @@ mod tests {
                 firewall: FirewallConfig::default(),
                 gateway: None,
                 routes: vec![],
+                runner: None,
             }
         );
     }
@@ -1008,6 +1127,31 @@ mod tests {
         assert!(text.contains("/etc/tern/node.toml:1:1"), "{text}");
         assert!(text.contains("unknown key `colour`"), "{text}");
         assert!(text.contains("`pki`"), "lists the expected keys: {text}");
+    }
+
+    #[test]
+    fn runner_section_defaults_and_refusals() {
+        let config = node_with("[runner]\nlabels = [\"linux\", \"vpc-a\"]\nallow_groups = [\"ci\"]\n").unwrap();
+        let runner = config.runner.unwrap();
+        assert_eq!(runner.labels, vec!["linux", "vpc-a"]);
+        assert_eq!(runner.concurrency, 1);
+        assert_eq!(runner.max_job_duration, Duration::from_secs(3600));
+        assert!(!runner.keep_workspaces);
+        assert_eq!(runner.work_dir, PathBuf::from(DEFAULT_RUNNER_WORK_DIR));
+        let relative = node_with("[runner]\nallow_groups = [\"ci\"]\nwork_dir = \"jobs\"\n").unwrap();
+        assert_eq!(relative.runner.unwrap().work_dir, PathBuf::from("/etc/tern/jobs"));
+        for (text, key) in [
+            ("[runner]\nlabels = [\"x\"]\n", "allow_groups"),
+            ("[runner]\nallow_groups = []\n", "runner.allow_groups"),
+            ("[runner]\nallow_groups = [\"CI!\"]\n", "runner.allow_groups"),
+            ("[runner]\nallow_groups = [\"ci\"]\nlabels = [\"Bad Label\"]\n", "runner.labels"),
+            ("[runner]\nallow_groups = [\"ci\"]\nconcurrency = 0\n", "runner.concurrency"),
+            ("[runner]\nallow_groups = [\"ci\"]\nmax_job_duration = \"48h\"\n", "runner.max_job_duration"),
+            ("[runner]\nallow_groups = [\"ci\"]\ncolour = 1\n", "colour"),
+        ] {
+            let err = node_with(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
     }
 
     #[test]
@@ -1430,6 +1574,30 @@ mod tests {
     }
 
     #[test]
+    fn example_runner_config_parses() {
+        let text = include_str!("../../config/runner.toml");
+        let config = NodeConfig::parse(text, Path::new("/etc/tern/runner.toml")).unwrap();
+        let runner = config.runner.expect("[runner]");
+        assert_eq!(runner.labels, vec!["linux", "vpc-a"]);
+        assert_eq!(runner.allow_groups, vec!["ci", "deploy"]);
+        assert_eq!(runner.concurrency, 2);
+        for key in [
+            "labels =",
+            "allow_groups =",
+            "concurrency =",
+            "work_dir =",
+            "max_job_duration =",
+            "keep_workspaces =",
+            "audit_log =",
+        ] {
+            assert!(
+                text.lines().any(|l| l.trim_start().starts_with(key)),
+                "config/runner.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
     fn firewall_rules_parse_and_bad_ones_name_the_key() {
         let base = "[pki]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
         let ok = format!("{base}[firewall]\nlog = true\n[[firewall.inbound]]\nproto = \"tcp\"\nport = 22\ngroups = [\"ci\"]\n[[firewall.inbound]]\nproto = \"udp\"\nport = \"8000-8100\"\nhost = \"b\"\naction = \"reject\"\n");
@@ -1525,6 +1693,8 @@ mod tests {
             "[[routes]]",
             "subnet =",
             "via =",
+            "offload =",
+            "relay_after =",
         ] {
             assert!(
                 node_text.lines().any(|l| l.trim_start().starts_with(key)),
@@ -1552,6 +1722,9 @@ mod tests {
             "level =",
             "[registry]",
             "expiry =",
+            "[relay]",
+            "enabled =",
+            "packets_per_sec =",
         ] {
             assert!(
                 lh_text.lines().any(|l| l.trim_start().starts_with(key)),

@@ -149,6 +149,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    if let Some(runner) = &config.runner {
+        tracing::warn!(
+            labels = ?runner.labels,
+            "[runner] is checked but not served yet by this version: no pipelines will run here"
+        );
+    }
     if config.lighthouses.is_empty() {
         tracing::warn!(
             "no [[lighthouses]] configured: this node can neither find peers nor be found"

@@ -2,3 +2,4 @@
 
 pub mod firewall;
 pub mod node;
+pub mod runner;
