@@ -191,7 +191,10 @@ impl RunnerConfig {
                 "use more than zero and at most \"24h\", e.g. \"1h\"",
             ));
         }
-        for (key, path) in [("runner.work_dir", &self.work_dir), ("runner.audit_log", &self.audit_log)] {
+        for (key, path) in [
+            ("runner.work_dir", &self.work_dir),
+            ("runner.audit_log", &self.audit_log),
+        ] {
             if path.as_os_str().is_empty() {
                 return Err(invalid(file, key, "must not be empty"));
             }
@@ -1131,22 +1134,40 @@ mod tests {
 
     #[test]
     fn runner_section_defaults_and_refusals() {
-        let config = node_with("[runner]\nlabels = [\"linux\", \"vpc-a\"]\nallow_groups = [\"ci\"]\n").unwrap();
+        let config =
+            node_with("[runner]\nlabels = [\"linux\", \"vpc-a\"]\nallow_groups = [\"ci\"]\n")
+                .unwrap();
         let runner = config.runner.unwrap();
         assert_eq!(runner.labels, vec!["linux", "vpc-a"]);
         assert_eq!(runner.concurrency, 1);
         assert_eq!(runner.max_job_duration, Duration::from_secs(3600));
         assert!(!runner.keep_workspaces);
         assert_eq!(runner.work_dir, PathBuf::from(DEFAULT_RUNNER_WORK_DIR));
-        let relative = node_with("[runner]\nallow_groups = [\"ci\"]\nwork_dir = \"jobs\"\n").unwrap();
-        assert_eq!(relative.runner.unwrap().work_dir, PathBuf::from("/etc/tern/jobs"));
+        let relative =
+            node_with("[runner]\nallow_groups = [\"ci\"]\nwork_dir = \"jobs\"\n").unwrap();
+        assert_eq!(
+            relative.runner.unwrap().work_dir,
+            PathBuf::from("/etc/tern/jobs")
+        );
         for (text, key) in [
             ("[runner]\nlabels = [\"x\"]\n", "allow_groups"),
             ("[runner]\nallow_groups = []\n", "runner.allow_groups"),
-            ("[runner]\nallow_groups = [\"CI!\"]\n", "runner.allow_groups"),
-            ("[runner]\nallow_groups = [\"ci\"]\nlabels = [\"Bad Label\"]\n", "runner.labels"),
-            ("[runner]\nallow_groups = [\"ci\"]\nconcurrency = 0\n", "runner.concurrency"),
-            ("[runner]\nallow_groups = [\"ci\"]\nmax_job_duration = \"48h\"\n", "runner.max_job_duration"),
+            (
+                "[runner]\nallow_groups = [\"CI!\"]\n",
+                "runner.allow_groups",
+            ),
+            (
+                "[runner]\nallow_groups = [\"ci\"]\nlabels = [\"Bad Label\"]\n",
+                "runner.labels",
+            ),
+            (
+                "[runner]\nallow_groups = [\"ci\"]\nconcurrency = 0\n",
+                "runner.concurrency",
+            ),
+            (
+                "[runner]\nallow_groups = [\"ci\"]\nmax_job_duration = \"48h\"\n",
+                "runner.max_job_duration",
+            ),
             ("[runner]\nallow_groups = [\"ci\"]\ncolour = 1\n", "colour"),
         ] {
             let err = node_with(text).unwrap_err().to_string();
