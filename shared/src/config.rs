@@ -847,7 +847,7 @@ impl fmt::Display for Place<'_> {
 
 /// Converts a byte offset (clamped to the text) into a 1-based line and a
 /// 1-based column counted in characters.
-fn position(text: &str, offset: usize) -> Position {
+pub(crate) fn position(text: &str, offset: usize) -> Position {
     let bytes = text.as_bytes();
     let before = &bytes[..offset.min(bytes.len())];
     let line_start = before

@@ -3,8 +3,9 @@
 //! Certificates and keys, the wire formats on the shared UDP socket, the
 //! control protocol spoken inside WireGuard sessions with a lighthouse,
 //! config types, and the sans-IO mesh core (peer table and sessions) that both
-//! daemons drive. Nothing here opens a file or a socket or reads a clock:
-//! callers pass bytes and time in.
+//! daemons drive. Nothing here opens a socket or reads a clock, and nothing
+//! reads a file but [`pipeline::Pipeline::check_uploads`] (which checks a CI
+//! workspace for a pipeline's uploads): callers pass bytes and time in.
 
 pub mod armor;
 pub mod cert;
