@@ -114,7 +114,7 @@ pub struct World {
     pub lighthouse: Proc,
     pub a: Site,
     pub b: Site,
-    _node_a: Proc,
+    pub node_a: Proc,
     _node_b: Proc,
     _http: Proc,
 }
@@ -194,7 +194,7 @@ pub fn world(prefix: &str, nat_a: Nat, nat_b: Nat) -> World {
         lighthouse,
         a,
         b,
-        _node_a: node_a,
+        node_a,
         _node_b: node_b,
         _http: http,
     }

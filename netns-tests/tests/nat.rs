@@ -84,6 +84,13 @@ fn symmetric_nats_go_through_the_relay() {
         0,
         "{relay}"
     );
+    let lh_status = std::process::Command::new(tern_netns_tests::workspace_bin("tern-lighthouse"))
+        .args(["status", "--socket"])
+        .arg(w.dir.join("lh1.sock"))
+        .output()
+        .unwrap_or_else(|e| panic!("tern-lighthouse status: {e}"));
+    let lh_text = String::from_utf8_lossy(&lh_status.stdout);
+    assert!(lh_text.contains("relay: 1 introduced pairs"), "{lh_text}");
     // Still relayed after the background punching had its chances.
     assert_eq!(w.path("a", B_OVERLAY).as_deref(), Some("relayed"));
 }
@@ -270,6 +277,7 @@ fn garbage_and_stranger_relay_requests_are_dropped() {
             .unwrap_or(0)
     };
     let lh_before = rss(&w.lighthouse);
+    let a_before = rss(&w.node_a);
     // 20,000 datagrams of every kind of garbage, and relay requests for b
     // from an address no node registered from, bounded in count and time.
     let script = format!(
@@ -317,6 +325,11 @@ print("sent")
     assert!(
         lh_after < lh_before + 8 * 1024,
         "lighthouse RSS grew from {lh_before} to {lh_after} KiB"
+    );
+    let a_after = rss(&w.node_a);
+    assert!(
+        a_after < a_before + 8 * 1024,
+        "node a's RSS grew from {a_before} to {a_after} KiB"
     );
     // The node still works and counted what it dropped.
     assert!(pings(&w.a.node, B_OVERLAY), "a still reaches b");

@@ -277,5 +277,28 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
             n["last_seen_secs_ago"]
         );
     }
+    if reply["relay_enabled"].as_bool() == Some(true) {
+        let r = &reply["relay"];
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        println!(
+            "relay: {} introduced pairs; forwarded {} handshake initiations, {} responses, {} cookie replies, {} data messages ({} bytes)",
+            reply["relay_introductions"].as_u64().unwrap_or(0),
+            n("forwarded_handshake_initiation"),
+            n("forwarded_handshake_response"),
+            n("forwarded_cookie_reply"),
+            n("forwarded_data"),
+            n("forwarded_bytes"),
+        );
+        println!(
+            "  refused: {} from unregistered addresses, {} to unregistered nodes, {} for pairs never introduced, {} malformed or not WireGuard, {} over budget",
+            n("refused_unregistered_sender"),
+            n("refused_unregistered_target"),
+            n("refused_not_introduced"),
+            n("refused_malformed"),
+            n("refused_rate_limited"),
+        );
+    } else {
+        println!("relay: off");
+    }
     Ok(())
 }
