@@ -10,7 +10,7 @@ use tern_shared::config::LighthouseConfig;
 use tern_shared::identity::Identity;
 use tern_shared::mesh::{Mesh, MeshSettings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UdpSocket, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,6 +22,9 @@ const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
 /// A relay introduction unused this long is forgotten (nodes keep a relayed
 /// session alive with keepalives far more often).
 const RELAY_IDLE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Receives per wake-up before the loop looks at its timers and API again.
+const READS_PER_WAKEUP: usize = 16;
 
 /// Most nodes one lighthouse keeps in its registry.
 const MAX_NODES: usize = 100_000;
@@ -80,9 +83,10 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
             tern_shared::cert::LIGHTHOUSE_GROUP
         );
     }
-    let socket = UdpSocket::bind(config.listen.addr)
-        .await
+    let socket = tern_udp::bind(config.listen.addr)
         .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
+    let socket = tern_udp::Outer::new(socket)
+        .context("setting up the UDP socket's batching and offloads")?;
     tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), listen = %socket.local_addr()?, "lighthouse up");
 
     let now = Instant::now();
@@ -130,13 +134,35 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut buf = vec![0u8; 65_536];
+    let mut received = tern_udp::RecvBatch::default();
+    let mut sends = tern_udp::SendBatch::default();
     let mut next_timer = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((n, from)) => core.handle_datagram(from, &buf[..n], Instant::now()),
-                Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
+            ready = socket.readable() => match ready {
+                Ok(()) => {
+                    // What the socket has, bounded, then everything it
+                    // produced (relayed datagrams go out in GSO runs).
+                    for _ in 0..READS_PER_WAKEUP {
+                        match received.recv(&socket) {
+                            Ok(_) => {
+                                let now = Instant::now();
+                                for (from, datagram) in received.datagrams() {
+                                    core.handle_datagram(from, datagram, now);
+                                }
+                                while let Some(t) = core.poll_transmit() {
+                                    sends.push(&socket, t.dst, &t.payload).await;
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "UDP receive failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "UDP socket error"),
             },
             _ = tokio::time::sleep_until(next_timer) => {
                 let now = Instant::now();
@@ -150,10 +176,9 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
         while let Some(t) = core.poll_transmit() {
-            if let Err(e) = socket.send_to(&t.payload, t.dst).await {
-                tracing::debug!(error = %e, dst = %t.dst, "UDP send failed");
-            }
+            sends.push(&socket, t.dst, &t.payload).await;
         }
+        sends.flush(&socket).await;
     }
     Ok(())
 }

@@ -16,14 +16,14 @@
 //! All buffers are allocated once. The core ([`NodeCore`]) still sees one
 //! packet at a time and decides everything (routes, firewall, peers).
 
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tern_udp::{RecvBatch, MAX_GSO_BYTES};
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+
+pub use tern_udp::Outer;
 
 use crate::proto::node::NodeCore;
 use tern_shared::mesh::OVERHEAD;
@@ -32,17 +32,11 @@ use tern_shared::mesh::OVERHEAD;
 /// header `tun-rs` fills in when offloads are on.
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 
-/// Largest datagram, and largest TUN read or coalesced TUN write.
+/// Largest TUN read or coalesced TUN write.
 const MAX_PACKET: usize = 65_535;
-
-/// Most UDP payload one GSO send may carry (the IP length field's limit).
-const MAX_GSO_BYTES: usize = 65_000;
 
 /// Packets one TUN read may split into: 64 KiB at the smallest MSS.
 const TUN_SEGMENTS: usize = tun_rs::IDEAL_BATCH_SIZE;
-
-/// Datagram buffers per `recvmmsg`.
-const RX_BATCH: usize = 8;
 
 /// Decrypted packets gathered before one coalescing write to the TUN device.
 const TUN_WRITE_BATCH: usize = 64;
@@ -55,87 +49,6 @@ const READS_PER_WAKEUP: usize = 16;
 /// packet itself (a handshake initiation is 148 bytes).
 const HANDSHAKE_ROOM: usize = 256;
 
-/// The outer UDP socket with batched receive (recvmmsg + GRO) and segmented
-/// send (GSO).
-pub struct Outer {
-    socket: UdpSocket,
-    state: UdpSocketState,
-}
-
-impl Outer {
-    pub fn new(socket: UdpSocket) -> io::Result<Self> {
-        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-        tracing::debug!(
-            gso_segments = state.max_gso_segments(),
-            gro_segments = state.gro_segments(),
-            "UDP offloads"
-        );
-        Ok(Outer { socket, state })
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
-    }
-
-    pub async fn readable(&self) -> io::Result<()> {
-        self.socket.readable().await
-    }
-
-    /// Most segments one send may carry.
-    fn max_segments(&self) -> usize {
-        self.state.max_gso_segments().max(1)
-    }
-
-    /// Sends `contents` to `dst`: one datagram, or with `segment` set, a run
-    /// of datagrams of `segment` bytes (the last may be shorter). Waits while
-    /// the socket buffer is full. When the kernel refuses the segmented send,
-    /// the datagrams go one by one.
-    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
-        let segment = segment.filter(|s| *s < contents.len());
-        match self.send_once(dst, contents, segment).await {
-            Ok(()) => {}
-            Err(e) => match segment {
-                Some(size) => {
-                    tracing::debug!(error = %e, %dst, "segmented UDP send refused; sending one by one");
-                    for chunk in contents.chunks(size) {
-                        if let Err(e) = self.send_once(dst, chunk, None).await {
-                            tracing::debug!(error = %e, %dst, "UDP send failed");
-                        }
-                    }
-                }
-                None => tracing::debug!(error = %e, %dst, "UDP send failed"),
-            },
-        }
-    }
-
-    async fn send_once(
-        &self,
-        dst: SocketAddr,
-        contents: &[u8],
-        segment: Option<usize>,
-    ) -> io::Result<()> {
-        let transmit = Transmit {
-            destination: dst,
-            ecn: None,
-            contents,
-            segment_size: segment,
-            src_ip: None,
-        };
-        self.socket
-            .async_io(Interest::WRITABLE, || {
-                self.state
-                    .try_send(UdpSockRef::from(&self.socket), &transmit)
-            })
-            .await
-    }
-
-    fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
-        self.socket.try_io(Interest::READABLE, || {
-            self.state.recv(UdpSockRef::from(&self.socket), bufs, meta)
-        })
-    }
-}
-
 /// The buffers of both directions, allocated once per daemon.
 pub struct DataPath {
     // TUN → UDP
@@ -144,8 +57,7 @@ pub struct DataPath {
     sizes: Vec<usize>,
     sealed: Vec<u8>,
     // UDP → TUN
-    datagrams: [Vec<u8>; RX_BATCH],
-    meta: [RecvMeta; RX_BATCH],
+    received: RecvBatch,
     opened: Vec<Vec<u8>>,
     gro: GROTable,
 }
@@ -169,8 +81,7 @@ impl DataPath {
             segments: vec![vec![0; segment_len]; TUN_SEGMENTS],
             sizes: vec![0; TUN_SEGMENTS],
             sealed: vec![0; MAX_GSO_BYTES + 2 * (segment_len + OVERHEAD + HANDSHAKE_ROOM)],
-            datagrams: std::array::from_fn(|_| vec![0; MAX_PACKET]),
-            meta: [RecvMeta::default(); RX_BATCH],
+            received: RecvBatch::default(),
             // Capacity for a coalesced 64 KiB write; pages are touched only
             // as far as a burst fills them.
             opened: (0..TUN_WRITE_BATCH)
@@ -272,45 +183,33 @@ impl DataPath {
     pub async fn udp_to_tun(&mut self, core: &mut NodeCore, tun: &AsyncDevice, outer: &Outer) {
         let mut pending = 0;
         for _ in 0..READS_PER_WAKEUP {
-            let received = {
-                let mut slices = self.datagrams.each_mut().map(|b| IoSliceMut::new(b));
-                outer.try_recv(&mut slices, &mut self.meta)
-            };
-            let count = match received {
-                Ok(n) => n,
+            match self.received.recv(outer) {
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "UDP receive failed");
                     break;
                 }
-            };
+            }
             let now = Instant::now();
-            for (meta, buf) in self.meta.iter().zip(self.datagrams.iter()).take(count) {
-                let data = &buf[..meta.len.min(buf.len())];
-                let stride = if meta.stride == 0 {
-                    data.len().max(1)
-                } else {
-                    meta.stride
+            for (from, datagram) in self.received.datagrams() {
+                let slot = &mut self.opened[pending];
+                // Only the bytes past the previous packet get zeroed.
+                slot.resize(TUN_OFFSET + datagram.len().max(HANDSHAKE_ROOM), 0);
+                let out = &mut slot[TUN_OFFSET..];
+                let base = out.as_ptr() as usize;
+                let Some(packet) = core.handle_datagram(from, datagram, out, now) else {
+                    continue;
                 };
-                for datagram in data.chunks(stride) {
-                    let slot = &mut self.opened[pending];
-                    // Only the bytes past the previous packet get zeroed.
-                    slot.resize(TUN_OFFSET + datagram.len().max(HANDSHAKE_ROOM), 0);
-                    let out = &mut slot[TUN_OFFSET..];
-                    let base = out.as_ptr() as usize;
-                    let Some(packet) = core.handle_datagram(meta.addr, datagram, out, now) else {
-                        continue;
-                    };
-                    let (offset, n) = (packet.as_ptr() as usize - base, packet.len());
-                    if offset != 0 {
-                        slot.copy_within(TUN_OFFSET + offset..TUN_OFFSET + offset + n, TUN_OFFSET);
-                    }
-                    slot.truncate(TUN_OFFSET + n);
-                    pending += 1;
-                    if pending == self.opened.len() {
-                        write_tun(tun, &mut self.gro, &mut self.opened[..pending]).await;
-                        pending = 0;
-                    }
+                let (offset, n) = (packet.as_ptr() as usize - base, packet.len());
+                if offset != 0 {
+                    slot.copy_within(TUN_OFFSET + offset..TUN_OFFSET + offset + n, TUN_OFFSET);
+                }
+                slot.truncate(TUN_OFFSET + n);
+                pending += 1;
+                if pending == self.opened.len() {
+                    write_tun(tun, &mut self.gro, &mut self.opened[..pending]).await;
+                    pending = 0;
                 }
             }
         }

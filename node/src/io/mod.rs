@@ -15,7 +15,6 @@ use anyhow::Context;
 use tern_shared::config::NodeConfig;
 use tern_shared::identity::Identity;
 use tern_shared::mesh::{Mesh, MeshSettings};
-use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -83,7 +82,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
         None => Vec::new(),
     };
-    let socket = bind_udp(config.listen.addr)
+    let socket = tern_udp::bind(config.listen.addr)
         .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
     let outer = Outer::new(socket).context("setting up the UDP socket's batching and offloads")?;
     let listen = outer.local_addr()?;
@@ -250,33 +249,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     drop(tun);
     tracing::info!("stopped; TUN device removed");
     Ok(())
-}
-
-/// Socket buffers big enough to absorb a burst at line rate while the event
-/// loop is busy with the other direction. `SO_RCVBUF`/`SO_SNDBUF` are capped
-/// at `net.core.rmem_max`/`wmem_max` (212992 bytes by default), so with
-/// CAP_NET_ADMIN (which `tern up` has for the TUN device anyway) the
-/// `*BUFFORCE` variants go past the cap; without it, the capped size is used.
-const SOCKET_BUFFER: usize = 4 << 20;
-
-fn bind_udp(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    }
-    if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    }
-    tracing::debug!(
-        recv = socket.recv_buffer_size().unwrap_or(0),
-        send = socket.send_buffer_size().unwrap_or(0),
-        "UDP socket buffers"
-    );
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    Ok(UdpSocket::from_std(socket.into())?)
 }
 
 /// SIGHUP: re-reads the config and applies its `[firewall]` without touching
