@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod datapath;
+pub mod exec;
 pub mod gateway;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
