@@ -7,6 +7,7 @@ pub mod api;
 pub mod datapath;
 pub mod exec;
 pub mod gateway;
+pub mod job;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::Path;
