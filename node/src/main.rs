@@ -23,6 +23,8 @@ enum Command {
     Status(cli::daemon::StatusArgs),
     /// Measure the round trip to a peer over the mesh, and say which path it took.
     Ping(cli::daemon::PingArgs),
+    /// Run a pipeline on a runner across the mesh, streaming its output.
+    Run(cli::run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Command::Up(args) => cli::daemon::up(args),
         Command::Status(args) => cli::daemon::status(args),
         Command::Ping(args) => cli::daemon::ping(args),
+        Command::Run(args) => cli::run::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,3 +3,4 @@
 
 pub mod cert;
 pub mod daemon;
+pub mod run;

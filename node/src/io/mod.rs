@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod exec;
 pub mod gateway;
 pub mod job;
+pub mod runner;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::Path;
@@ -150,18 +151,26 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    if let Some(runner) = &config.runner {
-        tracing::warn!(
-            labels = ?runner.labels,
-            "[runner] is checked but not served yet by this version: no pipelines will run here"
-        );
-    }
     if config.lighthouses.is_empty() {
         tracing::warn!(
             "no [[lighthouses]] configured: this node can neither find peers nor be found"
         );
     }
 
+    let (identity_tx, mut identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
+    let _runner = match &config.runner {
+        Some(r) => Some(RunnerTask(
+            runner::start(
+                r.clone(),
+                cert.name().to_string(),
+                cert.overlay_ip(),
+                identity_tx,
+            )
+            .await
+            .context("starting the runner ([runner])")?,
+        )),
+        None => None,
+    };
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
     let socket_path = api::socket_path(config.api.socket.as_deref(), &config.tun.name);
     let _api_guard = api::serve(&socket_path, api_tx)?;
@@ -218,6 +227,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     },
                 }
             }
+            Some((ip, reply)) = identity_rx.recv() => {
+                let _ = reply.send(core.caller(ip));
+            }
             _ = sighup.recv() => reload(&mut core, config_path),
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
@@ -251,6 +263,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     drop(tun);
     tracing::info!("stopped; TUN device removed");
     Ok(())
+}
+
+/// Stops the runner's listener with the daemon.
+struct RunnerTask(tokio::task::JoinHandle<()>);
+
+impl Drop for RunnerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// SIGHUP: re-reads the config and applies its `[firewall]` without touching

@@ -1328,6 +1328,19 @@ impl NodeCore {
         Ok(id)
     }
 
+    /// The caller behind an overlay address, for the runner: only a peer's
+    /// own address names it (its verified certificate's name, groups and
+    /// fingerprint); addresses in subnets it routes do not.
+    pub fn caller(&self, ip: Ipv4Addr) -> Option<super::runner::Caller> {
+        let peer = self.mesh.peer_by_overlay(ip)?;
+        let cert = self.mesh.peer_cert(peer)?;
+        (cert.overlay_ip() == ip).then(|| super::runner::Caller {
+            name: cert.name().to_string(),
+            groups: cert.groups().to_vec(),
+            fingerprint: cert.fingerprint().to_string(),
+        })
+    }
+
     /// A ping's answer or timeout, for whoever asked.
     pub fn poll_ping_result(&mut self) -> Option<PingResult> {
         self.ping_results.pop_front()

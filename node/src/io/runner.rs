@@ -1,0 +1,301 @@
+//! The runner service: a TCP listener on the node's overlay address
+//! ([`RUNNER_PORT`]). A caller is known by the verified certificate its
+//! connection's overlay source address belongs to (asked of the event loop,
+//! which owns the mesh), authorized by group, queued, and its job run and
+//! streamed back. One task owns the queue.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_shared::config::RunnerConfig;
+use tern_shared::job::{FrameReader, JobResult, Message, RUNNER_PORT};
+use tern_shared::pipeline::Pipeline;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::exec::KILL_GRACE;
+use super::job::{append_audit, pipeline_sha256, run_job, AuditRecord, JobSpec};
+use crate::proto::runner::{authorize, Admission, Caller, JobId, Scheduler};
+
+/// "Who is this overlay address?", answered by the event loop from the mesh.
+pub type IdentityQuery = (Ipv4Addr, oneshot::Sender<Option<Caller>>);
+
+/// Largest upload or submit a caller may send before its job starts.
+const MAX_SUBMIT: usize = 1 << 20;
+
+enum QueueEvent {
+    Submit {
+        reply: oneshot::Sender<(JobId, Admission, watch::Receiver<u32>)>,
+    },
+    Done(JobId),
+}
+
+/// Starts the runner: binds `overlay_ip:RUNNER_PORT` and serves until the
+/// returned task is aborted.
+pub async fn start(
+    config: RunnerConfig,
+    name: String,
+    overlay_ip: Ipv4Addr,
+    identities: mpsc::Sender<IdentityQuery>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr = SocketAddr::new(IpAddr::V4(overlay_ip), RUNNER_PORT);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the runner on {addr}"))?;
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("creating [runner] work_dir {}", config.work_dir.display()))?;
+    tracing::info!(%addr, labels = ?config.labels, allow_groups = ?config.allow_groups, concurrency = config.concurrency, "runner up");
+    let (queue_tx, queue_rx) = mpsc::channel::<QueueEvent>(64);
+    tokio::spawn(queue_owner(config.concurrency, queue_rx));
+    let config = std::sync::Arc::new(config);
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let config = config.clone();
+            let identities = identities.clone();
+            let queue = queue_tx.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve(stream, peer, config, identities, queue, name).await {
+                    tracing::debug!(%peer, error = %e, "runner connection ended");
+                }
+            });
+        }
+    }))
+}
+
+/// The one owner of the queue: admits jobs and tells waiting ones their
+/// position (and when to start: position 0).
+async fn queue_owner(concurrency: u32, mut events: mpsc::Receiver<QueueEvent>) {
+    let mut scheduler = Scheduler::new(concurrency);
+    let mut positions: HashMap<JobId, watch::Sender<u32>> = HashMap::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            QueueEvent::Submit { reply } => {
+                let (id, admission) = scheduler.submit();
+                let start = match admission {
+                    Admission::Start => 0,
+                    Admission::Queued { position } => position,
+                };
+                let (tx, rx) = watch::channel(start);
+                positions.insert(id, tx);
+                let _ = reply.send((id, admission, rx));
+            }
+            QueueEvent::Done(id) => {
+                positions.remove(&id);
+                for started in scheduler.done(id) {
+                    if let Some(tx) = positions.get(&started) {
+                        let _ = tx.send(0);
+                    }
+                }
+                for (waiting, position) in scheduler.positions() {
+                    if let Some(tx) = positions.get(&waiting) {
+                        let _ = tx.send(position);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(stream: &mut tokio::net::tcp::OwnedWriteHalf, msg: &Message) -> anyhow::Result<()> {
+    let bytes = msg.encode()?;
+    stream.write_all(&bytes).await?;
+    Ok(())
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: std::sync::Arc<RunnerConfig>,
+    identities: mpsc::Sender<IdentityQuery>,
+    queue: mpsc::Sender<QueueEvent>,
+    runner_name: String,
+) -> anyhow::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut read, mut write) = stream.into_split();
+    // Who is calling: only a peer's own overlay address names a peer.
+    let IpAddr::V4(ip) = peer.ip() else {
+        anyhow::bail!("not an IPv4 overlay address");
+    };
+    let (tx, rx) = oneshot::channel();
+    identities.send((ip, tx)).await.ok();
+    let caller = rx.await.ok().flatten();
+    let mut reader = FrameReader::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // The submission.
+    let submit = loop {
+        if let Some(m) = reader.next_message()? {
+            break m;
+        }
+        if reader.pending() > MAX_SUBMIT {
+            anyhow::bail!("submission too large");
+        }
+        let n = tokio::time::timeout(Duration::from_secs(30), read.read(&mut buf)).await??;
+        if n == 0 {
+            anyhow::bail!("caller left before submitting");
+        }
+        reader.push(&buf[..n]);
+    };
+    let Message::Submit(submit) = submit else {
+        anyhow::bail!("the first message was not a submission");
+    };
+    let audit_refusal = |caller: Caller, pipeline: String, sha: String, why: String| AuditRecord {
+        job_id: String::new(),
+        caller,
+        pipeline,
+        pipeline_sha256: sha,
+        steps: Vec::new(),
+        started_unix_ms: 0,
+        ended_unix_ms: 0,
+        result: JobResult::Error,
+        exit_code: i32::from(tern_shared::job::exit::DENIED),
+        message: Some(why),
+    };
+    let Some(caller) = caller else {
+        let why = format!("{ip} is not a peer of this runner's mesh");
+        send(&mut write, &Message::Denied { reason: why }).await?;
+        return Ok(());
+    };
+    let pipeline: Pipeline = match serde_json::from_value(submit.pipeline.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            let why = format!("the pipeline does not parse: {e}");
+            send(&mut write, &Message::Denied { reason: why }).await?;
+            return Ok(());
+        }
+    };
+    if let Err(e) = pipeline.validate() {
+        send(
+            &mut write,
+            &Message::Denied {
+                reason: e.to_string(),
+            },
+        )
+        .await?;
+        return Ok(());
+    }
+    if let Err(why) = authorize(&config, &caller) {
+        tracing::warn!(caller = %caller.name, "runner refused: {why}");
+        let record = audit_refusal(
+            caller,
+            pipeline.name.clone(),
+            pipeline_sha256(&pipeline),
+            why.clone(),
+        );
+        if let Err(e) = append_audit(&config.audit_log, &record) {
+            tracing::error!(error = %e, path = %config.audit_log.display(), "audit log write failed");
+        }
+        send(&mut write, &Message::Denied { reason: why }).await?;
+        return Ok(());
+    }
+    // Wait for our turn, telling the caller its place, watching for it to leave.
+    let (reply_tx, reply_rx) = oneshot::channel();
+    queue
+        .send(QueueEvent::Submit { reply: reply_tx })
+        .await
+        .ok();
+    let (id, _admission, mut position) = reply_rx.await.context("the runner's queue is gone")?;
+    let done = DoneGuard {
+        id,
+        queue: queue.clone(),
+    };
+    loop {
+        let p = *position.borrow_and_update();
+        if p == 0 {
+            break;
+        }
+        send(&mut write, &Message::Queued { position: p }).await?;
+        tokio::select! {
+            changed = position.changed() => changed?,
+            n = read.read(&mut buf) => {
+                if n? == 0 {
+                    return Ok(()); // the caller left while waiting
+                }
+            }
+        }
+    }
+    let job_id = format!("{runner_name}-{}-{id}", std::process::id());
+    send(
+        &mut write,
+        &Message::Started {
+            job_id: job_id.clone(),
+            runner: runner_name.clone(),
+        },
+    )
+    .await?;
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    // The caller's side: a Cancel frame or a closed connection cancels.
+    let watcher = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    reader.push(&buf[..n]);
+                    while let Ok(Some(m)) = reader.next_message() {
+                        if m == Message::Cancel {
+                            let _ = cancel_tx.send(true);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = cancel_tx.send(true);
+    });
+    let (msg_tx, mut msg_rx) = mpsc::channel::<Message>(256);
+    let extra_env: BTreeMap<String, String> = submit.env;
+    let secrets: BTreeMap<String, String> = submit.secrets;
+    let work_dir: PathBuf = config.work_dir.clone();
+    let job = JobSpec {
+        id: &job_id,
+        runner: &runner_name,
+        caller: &caller,
+        pipeline: &pipeline,
+        extra_env: &extra_env,
+        secrets: &secrets,
+        work_dir: &work_dir,
+        max_duration: config.max_job_duration,
+        keep_workspace: config.keep_workspaces,
+        grace: KILL_GRACE,
+    };
+    let writer = async {
+        while let Some(m) = msg_rx.recv().await {
+            if send(&mut write, &m).await.is_err() {
+                // The caller is gone; the watcher cancels the job.
+                while msg_rx.recv().await.is_some() {}
+                break;
+            }
+        }
+    };
+    let (record, ()) = tokio::join!(run_job(job, msg_tx, cancel_rx), writer);
+    watcher.abort();
+    if let Err(e) = append_audit(&config.audit_log, &record) {
+        tracing::error!(error = %e, path = %config.audit_log.display(), "audit log write failed");
+    }
+    tracing::info!(job = %job_id, caller = %caller.name, result = ?record.result, "job ended");
+    drop(done);
+    Ok(())
+}
+
+/// Frees the job's place in the queue however the connection ends.
+struct DoneGuard {
+    id: JobId,
+    queue: mpsc::Sender<QueueEvent>,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let queue = self.queue.clone();
+        let id = self.id;
+        tokio::spawn(async move {
+            let _ = queue.send(QueueEvent::Done(id)).await;
+        });
+    }
+}
