@@ -5,6 +5,7 @@
 use std::fs;
 use std::path::Path;
 use std::process::Output;
+use std::time::{Duration, Instant};
 
 use tern_netns_tests::tern::*;
 use tern_netns_tests::{require_root, require_tools, serial, wait_until, Lab, Ns};
@@ -30,14 +31,19 @@ fn tern_run(ns: &Ns, dir: &Path, pipeline: &str, extra: &[&str], env: &[(&str, &
     cmd.output().unwrap_or_else(|e| panic!("tern run: {e}"))
 }
 
-#[test]
-fn ci_node_runs_a_pipeline_on_the_runner_and_sees_it_live() {
-    let test = "runner";
-    if !require_root(test) || !require_tools(test, &["bash", "ping"]) {
-        return;
-    }
-    let _serial = serial();
-    let lab = Lab::new("runner");
+struct World {
+    _lab: Lab,
+    dir: std::path::PathBuf,
+    ci: Ns,
+    web: Ns,
+    runner_proc: tern_netns_tests::Proc,
+    _guards: Vec<tern_netns_tests::Proc>,
+}
+
+/// A lighthouse, a runner (concurrency 2) and two callers: `ci` (group ci,
+/// allowed) and `web` (group web, not allowed); all registered.
+fn world(prefix: &str) -> World {
+    let lab = Lab::new(prefix);
     let dir = lab.dir().to_path_buf();
     lab.wan("wan");
     let lh = lab.add_ns("lh");
@@ -59,28 +65,203 @@ fn ci_node_runs_a_pipeline_on_the_runner_and_sees_it_live() {
     sign(&dir, "ca", "ci", "100.64.0.5/10", &["--groups", "ci"]);
     sign(&dir, "ca", "web", "100.64.0.6/10", &["--groups", "web"]);
     sign(&dir, "ca", "runner", &format!("{RUNNER_IP}/10"), &[]);
-    let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
-    let _ci = start_node(&ci, &write_node_config(&dir, "ci", "ca.crt"), "node-ci");
-    let _web = start_node(&web, &write_node_config(&dir, "web", "ca.crt"), "node-web");
+    let guards = vec![
+        start_lighthouse(&lh, &write_lighthouse_config(&dir)),
+        start_node(&ci, &write_node_config(&dir, "ci", "ca.crt"), "node-ci"),
+        start_node(&web, &write_node_config(&dir, "web", "ca.crt"), "node-web"),
+    ];
     let runner_proc = start_node(
         &runner,
         &write_file(&dir, "runner.toml", &runner_config()),
         "node-runner",
     );
-    runner_proc.wait_for_log("runner up", std::time::Duration::from_secs(10));
-    wait_until(
-        "all three register",
-        std::time::Duration::from_secs(15),
-        || {
-            lighthouse_status(&dir)["nodes"]
-                .as_array()
-                .is_some_and(|n| n.len() == 3)
-        },
-    );
+    runner_proc.wait_for_log("runner up", Duration::from_secs(10));
+    wait_until("all three register", Duration::from_secs(15), || {
+        lighthouse_status(&dir)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3)
+    });
+    World {
+        _lab: lab,
+        dir,
+        ci,
+        web,
+        runner_proc,
+        _guards: guards,
+    }
+}
 
+/// `tern run` in the background, its output in the lab's logs.
+fn tern_run_bg(w: &World, pipeline: &str, log: &str) -> tern_netns_tests::Proc {
+    let mut cmd = w.ci.command(tern_netns_tests::workspace_bin("tern"));
+    cmd.current_dir(&w.dir)
+        .args(["run", pipeline, "--node", RUNNER_IP])
+        .env_remove("GITHUB_ACTIONS");
+    w.ci.spawn_command(cmd, log)
+}
+
+/// Live (not zombie) processes whose process group is `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = after.split_whitespace().collect();
+        if f.len() > 2 && f[2] == pgid.to_string() && f[0] != "Z" {
+            if let Ok(pid) = e.file_name().to_string_lossy().parse() {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn wait_exit(p: &tern_netns_tests::Proc, within: Duration) -> Option<i32> {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Some(status) = p.try_wait() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn sigint_cancels_and_no_process_of_the_job_survives() {
+    if !require_root("runner_cancel") || !require_tools("runner_cancel", &["bash", "kill"]) {
+        return;
+    }
+    let _serial = serial();
+    let w = world("runcancel");
+    let marker = w.dir.join("step.pgid");
+    write_file(
+        &w.dir,
+        "long.toml",
+        &format!(
+            "name = \"long\"\n[[steps]]\nname = \"sleepy\"\nrun = \"(trap '' TERM; sleep 300) & echo $$ > {}; echo started; wait\"\n",
+            marker.display()
+        ),
+    );
+    let run = tern_run_bg(&w, "long.toml", "tern-run-cancel");
+    wait_until("the step started", Duration::from_secs(15), || {
+        run.log().contains("[sleepy] started") && marker.exists()
+    });
+    let pgid: i32 = fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        pgid > 0 && !group_members(pgid).is_empty(),
+        "the step's group runs"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &run.pid().to_string()])
+        .status();
+    let code = wait_exit(&run, Duration::from_secs(15));
+    assert_eq!(code, Some(130), "cancelled: {}", run.log());
+    assert!(
+        group_members(pgid).is_empty(),
+        "processes of the cancelled step survive: {:?}",
+        group_members(pgid)
+    );
+    let audit = fs::read_to_string(w.dir.join("audit.jsonl")).unwrap_or_default();
+    assert!(audit.contains("\"result\":\"cancelled\""), "{audit}");
+}
+
+#[test]
+fn two_at_once_five_submitted_all_finish_and_the_queue_shows() {
+    if !require_root("runner_queue") || !require_tools("runner_queue", &["bash", "date"]) {
+        return;
+    }
+    let _serial = serial();
+    let w = world("runqueue");
+    let spans = w.dir.join("spans");
+    write_file(
+        &w.dir,
+        "short.toml",
+        &format!(
+            "name = \"short\"\n[[steps]]\nname = \"work\"\nrun = \"echo start $(date +%s.%N) >> {s}; sleep 1; echo end $(date +%s.%N) >> {s}\"\n",
+            s = spans.display()
+        ),
+    );
+    let runs: Vec<_> = (0..5)
+        .map(|i| tern_run_bg(&w, "short.toml", &format!("tern-run-{i}")))
+        .collect();
+    for r in &runs {
+        assert_eq!(
+            wait_exit(r, Duration::from_secs(30)),
+            Some(0),
+            "{}",
+            r.log()
+        );
+    }
+    assert!(
+        runs.iter().any(|r| r.log().contains("queued (position")),
+        "some caller waited and saw its position"
+    );
+    // At no moment were more than two jobs running.
+    let mut events: Vec<(f64, i32)> = fs::read_to_string(&spans)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (kind, t) = l.split_once(' ')?;
+            Some((t.parse().ok()?, if kind == "start" { 1 } else { -1 }))
+        })
+        .collect();
+    assert_eq!(events.len(), 10);
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut running = 0;
+    for (_, d) in events {
+        running += d;
+        assert!(running <= 2, "more than two jobs at once");
+    }
+}
+
+#[test]
+fn runner_killed_mid_job_is_reported_lost() {
+    if !require_root("runner_lost") || !require_tools("runner_lost", &["bash"]) {
+        return;
+    }
+    let _serial = serial();
+    let w = world("runlost");
+    write_file(
+        &w.dir,
+        "long.toml",
+        "name = \"long\"\n[[steps]]\nname = \"sleepy\"\nrun = \"echo started; sleep 60\"\n",
+    );
+    let run = tern_run_bg(&w, "long.toml", "tern-run-lost");
+    wait_until("the step started", Duration::from_secs(15), || {
+        run.log().contains("[sleepy] started")
+    });
+    let killed = Instant::now();
+    w.runner_proc.kill_hard();
+    let code = wait_exit(&run, Duration::from_secs(15));
+    assert_eq!(code, Some(75), "runner lost: {}", run.log());
+    assert!(
+        killed.elapsed() < Duration::from_secs(8),
+        "reported within seconds, not {:?}",
+        killed.elapsed()
+    );
+}
+
+#[test]
+fn ci_node_runs_a_pipeline_on_the_runner_and_sees_it_live() {
+    let test = "runner";
+    if !require_root(test) || !require_tools(test, &["bash", "ping"]) {
+        return;
+    }
+    let _serial = serial();
+    let w = world("runner");
+    let (dir, ci, web) = (&w.dir, &w.ci, &w.web);
     // Three steps: one passes, one fails but may, one fails; a fourth never runs.
     write_file(
-        &dir,
+        dir,
         "pipeline.toml",
         r#"name = "three steps"
 [env]
@@ -101,8 +282,8 @@ run = "echo must not run"
 "#,
     );
     let out = tern_run(
-        &ci,
-        &dir,
+        ci,
+        dir,
         "pipeline.toml",
         &["--secret", "TOKEN"],
         &[("TOKEN", "hunter2-s3cr3t")],
@@ -137,7 +318,7 @@ run = "echo must not run"
     assert!(!stdout.contains("hunter2-s3cr3t"), "the secret never shows");
 
     // A caller outside allow_groups is refused, and nothing runs.
-    let denied = tern_run(&web, &dir, "pipeline.toml", &[], &[]);
+    let denied = tern_run(web, dir, "pipeline.toml", &[], &[]);
     assert_eq!(
         denied.status.code(),
         Some(77),
@@ -165,8 +346,8 @@ run = "echo must not run"
         .is_some_and(|m| m.contains("may not run")));
 
     // A bad pipeline never leaves the CI node.
-    write_file(&dir, "bad.toml", "name = \"x\"\n[[steps]]\nname = \"s\"\nrun = \"true\"\nworking_directory = \"../escape\"\n");
-    let bad = tern_run(&ci, &dir, "bad.toml", &[], &[]);
+    write_file(dir, "bad.toml", "name = \"x\"\n[[steps]]\nname = \"s\"\nrun = \"true\"\nworking_directory = \"../escape\"\n");
+    let bad = tern_run(ci, dir, "bad.toml", &[], &[]);
     assert_eq!(bad.status.code(), Some(65));
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("bad.toml:5"),

@@ -170,6 +170,7 @@ async fn drive(addr: SocketAddr, submit: Submit, pipeline: &Pipeline) -> anyhow:
         }
     };
     stream.set_nodelay(true)?;
+    crate::io::runner::keepalive(&stream);
     let (mut read, mut write) = stream.into_split();
     write.write_all(&Message::Submit(submit).encode()?).await?;
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -119,6 +119,8 @@ async fn serve(
     runner_name: String,
 ) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
+    // A caller that vanishes is noticed, and its job cancelled, in seconds.
+    keepalive(&stream);
     let (mut read, mut write) = stream.into_split();
     // Who is calling: only a peer's own overlay address names a peer.
     let IpAddr::V4(ip) = peer.ip() else {
@@ -282,6 +284,20 @@ async fn serve(
     tracing::info!(job = %job_id, caller = %caller.name, result = ?record.result, "job ended");
     drop(done);
     Ok(())
+}
+
+/// TCP keepalive every second after a second of silence, given up after 3
+/// unanswered: a runner that vanishes (its daemon, and with it the tunnel,
+/// gone) cannot say goodbye, so this is how its loss is noticed within
+/// seconds even while a step prints nothing.
+pub fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(1))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
 }
 
 /// Frees the job's place in the queue however the connection ends.
