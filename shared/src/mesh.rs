@@ -473,7 +473,14 @@ impl Mesh {
     /// The relays (their underlay addresses) whose relayed datagrams this
     /// mesh accepts: the lighthouses it registered with that offer relaying.
     pub fn set_relays(&mut self, relays: Vec<SocketAddr>) {
-        self.relays = relays;
+        if self.relays != relays {
+            self.relays = relays;
+        }
+    }
+
+    /// The relays set by [`Mesh::set_relays`].
+    pub fn relays(&self) -> &[SocketAddr] {
+        &self.relays
     }
 
     /// Reaches `peer` through `relay` while no direct path is proven (None:

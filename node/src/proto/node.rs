@@ -1168,7 +1168,9 @@ impl NodeCore {
         if self.attempts.is_empty() {
             return;
         }
-        let relays = self.relays();
+        // Kept current by `refresh_relays` (every tick and on each
+        // registration answer); the mesh owns the list.
+        let relays = self.mesh.relays().to_vec();
         let peers: Vec<PeerId> = self.attempts.keys().copied().collect();
         for peer in peers {
             let Some((kind, relay)) = self.mesh.peer_path(peer) else {
