@@ -64,7 +64,13 @@ fn world(prefix: &str) -> World {
     );
     sign(&dir, "ca", "ci", "100.64.0.5/10", &["--groups", "ci"]);
     sign(&dir, "ca", "web", "100.64.0.6/10", &["--groups", "web"]);
-    sign(&dir, "ca", "runner", &format!("{RUNNER_IP}/10"), &[]);
+    sign(
+        &dir,
+        "ca",
+        "runner",
+        &format!("{RUNNER_IP}/10"),
+        &["--groups", "runner"],
+    );
     let guards = vec![
         start_lighthouse(&lh, &write_lighthouse_config(&dir)),
         start_node(&ci, &write_node_config(&dir, "ci", "ca.crt"), "node-ci"),
@@ -354,4 +360,335 @@ run = "echo must not run"
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+}
+
+/// Two runners labelled `linux` (one job at once each) and an ordinary node
+/// claiming the labels `linux` and `gpu` without the runner group; a CI
+/// caller. Returns the lab, its directory, the CI namespace and the procs.
+fn labelled_world(prefix: &str) -> (Lab, std::path::PathBuf, Ns, Vec<tern_netns_tests::Proc>) {
+    let lab = Lab::new(prefix);
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let ci = lab.add_ns("ci");
+    lab.connect_to_wan(&lh, &format!("{LH_UNDERLAY}/24"));
+    lab.connect_to_wan(&ci, "198.18.0.2/24");
+    make_ca(&dir, "ca");
+    sign(
+        &dir,
+        "ca",
+        "lh1",
+        "100.64.0.1/10",
+        &["--groups", "lighthouse"],
+    );
+    sign(&dir, "ca", "ci", "100.64.0.5/10", &["--groups", "ci"]);
+    let mut procs = vec![
+        start_lighthouse(&lh, &write_lighthouse_config(&dir)),
+        start_node(&ci, &write_node_config(&dir, "ci", "ca.crt"), "node-ci"),
+    ];
+    for (i, (name, groups, labels)) in [
+        ("runner-a", "runner", "\"linux\""),
+        ("runner-b", "runner", "\"linux\""),
+        ("imposter", "ci", "\"linux\", \"gpu\""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ns = lab.add_ns(name);
+        lab.connect_to_wan(&ns, &format!("198.18.0.{}/24", 10 + i));
+        sign(
+            &dir,
+            "ca",
+            name,
+            &format!("100.64.0.{}/10", 20 + i),
+            &["--groups", groups],
+        );
+        let config = format!(
+            "{}[[firewall.inbound]]\nproto = \"tcp\"\nport = 4245\n[runner]\nlabels = [{labels}]\nallow_groups = [\"ci\"]\nconcurrency = 1\nwork_dir = \"jobs-{name}\"\naudit_log = \"audit-{name}.jsonl\"\n",
+            node_config_text(name, "ca.crt")
+        );
+        let p = start_node(
+            &ns,
+            &write_file(&dir, &format!("{name}.toml"), &config),
+            &format!("node-{name}"),
+        );
+        p.wait_for_log("runner up", Duration::from_secs(10));
+        procs.push(p);
+    }
+    wait_until("all four register", Duration::from_secs(15), || {
+        lighthouse_status(&dir)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 4)
+    });
+    wait_until("both runners advertised", Duration::from_secs(10), || {
+        lighthouse_status(&dir)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().filter(|x| x["runner"].is_object()).count() == 2)
+    });
+    (lab, dir, ci, procs)
+}
+
+fn tern_run_with(ci: &Ns, dir: &Path, args: &[&str], log: &str) -> tern_netns_tests::Proc {
+    let mut cmd = ci.command(tern_netns_tests::workspace_bin("tern"));
+    cmd.current_dir(dir)
+        .arg("run")
+        .args(args)
+        .args(["--socket", "ci.sock"])
+        .env_remove("GITHUB_ACTIONS");
+    ci.spawn_command(cmd, log)
+}
+
+/// The runner a `tern run` log says its job started on.
+fn started_on(log: &str) -> Option<String> {
+    log.lines().find_map(|l| {
+        l.strip_prefix("job ")?
+            .split_once(" started on ")
+            .map(|(_, r)| r.trim().to_string())
+    })
+}
+
+#[test]
+fn a_label_picks_the_least_busy_runner_and_a_name_picks_that_one() {
+    let test = "runner_labels";
+    if !require_root(test) || !require_tools(test, &["bash"]) {
+        return;
+    }
+    let _serial = serial();
+    let (_lab, dir, ci, _procs) = labelled_world("runlabel");
+    write_file(
+        &dir,
+        "long.toml",
+        "name = \"long\"\n[[steps]]\nname = \"hold\"\nrun = \"echo holding; sleep 20\"\n",
+    );
+    write_file(
+        &dir,
+        "short.toml",
+        "name = \"short\"\n[[steps]]\nname = \"where\"\nrun = \"echo on $TERN_RUNNER\"\n",
+    );
+    // The first job takes one runner's only slot ...
+    let first = tern_run_with(&ci, &dir, &["long.toml", "--on", "linux"], "run-first");
+    wait_until("the first job runs", Duration::from_secs(20), || {
+        first.log().contains("[hold] holding")
+    });
+    let busy = started_on(&first.log()).unwrap_or_default();
+    assert!(busy.starts_with("runner-"), "{}", first.log());
+    // ... so the second goes to the other, idle one, without queueing.
+    let second = tern_run_with(&ci, &dir, &["short.toml", "--on", "linux"], "run-second");
+    assert_eq!(
+        wait_exit(&second, Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        second.log()
+    );
+    let idle = started_on(&second.log()).unwrap_or_default();
+    assert!(
+        idle.starts_with("runner-") && idle != busy,
+        "least busy: first on {busy}, second on {idle}\n{}",
+        second.log()
+    );
+    assert!(
+        !second.log().contains("queued (position"),
+        "{}",
+        second.log()
+    );
+    assert!(
+        second.log().contains(&format!("[where] on {idle}")),
+        "{}",
+        second.log()
+    );
+    // By name: exactly that runner.
+    let named = tern_run_with(&ci, &dir, &["short.toml", "--node", &idle], "run-named");
+    assert_eq!(
+        wait_exit(&named, Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        named.log()
+    );
+    assert_eq!(started_on(&named.log()).as_deref(), Some(idle.as_str()));
+    // The imposter's claims are ignored: its certificate lacks the runner group.
+    let gpu = tern_run_with(&ci, &dir, &["short.toml", "--on", "gpu"], "run-gpu");
+    assert_eq!(
+        wait_exit(&gpu, Duration::from_secs(20)),
+        Some(69),
+        "{}",
+        gpu.log()
+    );
+    assert!(
+        gpu.log().contains("no runner with label \"gpu\""),
+        "{}",
+        gpu.log()
+    );
+    let none = tern_run_with(&ci, &dir, &["short.toml", "--node", "nobody"], "run-nobody");
+    assert_eq!(
+        wait_exit(&none, Duration::from_secs(20)),
+        Some(69),
+        "{}",
+        none.log()
+    );
+    let _ = first.terminate_and_wait(Duration::from_secs(10));
+}
+
+#[test]
+fn a_hundred_megabytes_of_output_arrive_intact_and_in_order() {
+    let test = "runner_big_output";
+    if !require_root(test) || !require_tools(test, &["bash", "seq", "sha256sum"]) {
+        return;
+    }
+    let _serial = serial();
+    let w = world("runbig");
+    const LINES: u64 = 13_000_000; // 1..13e6, one per line: 102,888,898 bytes
+    write_file(
+        &w.dir,
+        "big.toml",
+        &format!("name = \"big\"\n[[steps]]\nname = \"gen\"\nrun = \"seq 1 {LINES}\"\n"),
+    );
+    let out = tern_run(&w.ci, &w.dir, "big.toml", &[], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got = Vec::with_capacity(110_000_000);
+    for line in out.stdout.split(|&b| b == b'\n') {
+        if let Some(rest) = line.strip_prefix(b"[gen] ") {
+            got.extend_from_slice(rest);
+            got.push(b'\n');
+        }
+    }
+    let expected = std::process::Command::new("seq")
+        .args(["1", &LINES.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("seq: {e}"))
+        .stdout;
+    assert!(expected.len() > 100_000_000);
+    assert_eq!(got.len(), expected.len(), "every byte arrived");
+    assert!(got == expected, "in order and intact");
+}
+
+#[test]
+fn an_upload_is_built_on_the_runner_and_the_artifact_comes_back() {
+    let test = "runner_artifacts";
+    if !require_root(test) || !require_tools(test, &["bash", "sha256sum", "head", "gzip"]) {
+        return;
+    }
+    let _serial = serial();
+    let w = world("runart");
+    let ws = w.dir.join("ci-workspace");
+    fs::create_dir_all(ws.join("src/lib")).unwrap_or_else(|e| panic!("{e}"));
+    write_file(&ws, "src/main.txt", "fn main() {}\n");
+    write_file(&ws, "src/lib/util.txt", "pub fn util() {}\n");
+    // 20 MB of noise both ways, to check the bytes and not only the names.
+    let noise: Vec<u8> = (0..20_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(ws.join("src/noise.bin"), &noise).unwrap_or_else(|e| panic!("{e}"));
+    write_file(
+        &ws,
+        "build.sh",
+        "set -e\nmkdir -p dist\ncat src/main.txt src/lib/util.txt > dist/program.txt\ngzip -n -c src/noise.bin > dist/noise.gz\nprintf '#!/bin/sh\\necho built\\n' > dist/run.sh\nchmod +x dist/run.sh\n",
+    );
+    write_file(
+        &ws,
+        "build.toml",
+        "name = \"build\"\nupload = [\"src\", \"build.sh\"]\nartifacts = [\"dist\", \"missing.log\"]\n[[steps]]\nname = \"build\"\nrun = \"bash build.sh && ls -R dist\"\n",
+    );
+    let mut cmd = w.ci.command(tern_netns_tests::workspace_bin("tern"));
+    cmd.current_dir(&ws)
+        .args([
+            "run",
+            "build.toml",
+            "--node",
+            RUNNER_IP,
+            "--artifacts-dir",
+            "out",
+        ])
+        .env_remove("GITHUB_ACTIONS");
+    let out = cmd.output().unwrap_or_else(|e| panic!("tern run: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("uploaded 4 files"), "{stdout}");
+    assert!(stdout.contains("artifacts: 3 files"), "{stdout}");
+    assert!(stderr.contains("missing.log: not found"), "{stderr}");
+    let art = ws.join("out/dist");
+    assert_eq!(
+        fs::read_to_string(art.join("program.txt")).unwrap_or_default(),
+        "fn main() {}\npub fn util() {}\n"
+    );
+    // The compressed noise, made on the runner, is what gzip makes here.
+    let local = std::process::Command::new("gzip")
+        .args(["-n", "-c"])
+        .arg(ws.join("src/noise.bin"))
+        .output()
+        .unwrap_or_else(|e| panic!("gzip: {e}"))
+        .stdout;
+    assert_eq!(sha256_file(&art.join("noise.gz")), {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(&local))
+    });
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(art.join("run.sh"))
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    assert!(mode & 0o100 != 0, "executable bit kept: {mode:o}");
+    // The workspace on the runner is gone, and the audit log counts the bytes.
+    let jobs: Vec<_> = fs::read_dir(w.dir.join("jobs"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(jobs.is_empty(), "workspace removed: {jobs:?}");
+    let audit = fs::read_to_string(w.dir.join("audit.jsonl")).unwrap_or_default();
+    let record: serde_json::Value =
+        serde_json::from_str(audit.lines().last().unwrap_or("{}")).unwrap_or_default();
+    assert_eq!(record["upload"]["files"], 4, "{audit}");
+    assert_eq!(record["artifacts"]["files"], 3, "{audit}");
+
+    // Without --artifacts-dir: ./tern-artifacts/<job id>.
+    let mut cmd = w.ci.command(tern_netns_tests::workspace_bin("tern"));
+    cmd.current_dir(&ws)
+        .args(["run", "build.toml", "--node", RUNNER_IP])
+        .env_remove("GITHUB_ACTIONS");
+    let out = cmd.output().unwrap_or_else(|e| panic!("tern run: {e}"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let job = started_on_job(&stdout).unwrap_or_else(|| panic!("no job id in {stdout}"));
+    assert!(
+        ws.join("tern-artifacts")
+            .join(&job)
+            .join("dist/program.txt")
+            .exists(),
+        "{stdout}"
+    );
+
+    // An upload path that does not exist is refused before anything is sent.
+    write_file(
+        &ws,
+        "bad.toml",
+        "name = \"bad\"\nupload = [\"src\", \"nope\"]\n[[steps]]\nname = \"s\"\nrun = \"true\"\n",
+    );
+    let mut cmd = w.ci.command(tern_netns_tests::workspace_bin("tern"));
+    cmd.current_dir(&ws)
+        .args(["run", "bad.toml", "--node", RUNNER_IP]);
+    let out = cmd.output().unwrap_or_else(|e| panic!("tern run: {e}"));
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.toml:2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn started_on_job(log: &str) -> Option<String> {
+    log.lines().find_map(|l| {
+        l.strip_prefix("job ")?
+            .split_once(" started on ")
+            .map(|(j, _)| j.to_string())
+    })
 }

@@ -25,7 +25,7 @@ enum Command {
     Ping(cli::daemon::PingArgs),
     /// Run a pipeline on a runner across the mesh, streaming its output.
     #[command(
-        after_help = "Exit codes: 0 when every step passed (or failed with continue_on_error); otherwise the failing step's own code; 65 bad pipeline or arguments (nothing was sent); 69 no runner reachable; 75 runner lost mid-job; 77 denied by the runner; 124 timed out; 130 cancelled (SIGINT/SIGTERM)."
+        after_help = "Exit codes: 0 when every step passed (or failed with continue_on_error); otherwise the failing step's own code; 65 bad pipeline or arguments (nothing was sent); 69 no runner with that label or name reachable; 74 the job passed but its artifacts could not be written here; 75 runner lost mid-job; 77 denied by the runner; 124 timed out; 130 cancelled (SIGINT/SIGTERM)."
     )]
     Run(cli::run::RunArgs),
 }

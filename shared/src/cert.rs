@@ -58,6 +58,11 @@ pub const MAX_CERT_LEN: usize = 1024;
 pub const CLOCK_SKEW_SECS: u64 = 60;
 /// Nodes in this group serve as lighthouses.
 pub const LIGHTHOUSE_GROUP: &str = "lighthouse";
+/// Nodes in this group may offer runners to callers who pick by label
+/// (`tern run --on LABEL`): a label claimed by any other node is ignored, so
+/// an ordinary identity (a CI job's, say) cannot pose as a runner and
+/// receive other jobs' pipelines and secrets.
+pub const RUNNER_GROUP: &str = "runner";
 /// Armor label of a certificate; the kind is inside the body.
 pub const CERT_LABEL: &str = "TERN CERTIFICATE";
 /// The format version this code writes.

@@ -97,7 +97,7 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct RunnerConfig {
     /// Labels callers pick runners by (`tern run --on LABEL`): 1 to 64
-    /// characters from `a-z 0-9 . _ -`, at most 32.
+    /// characters from `a-z 0-9 . _ -`, at most 16.
     #[serde(default)]
     pub labels: Vec<String>,
     /// A caller's certificate must carry one of these groups (required: a
@@ -153,8 +153,12 @@ impl RunnerConfig {
                     c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
                 })
         };
-        if self.labels.len() > 32 {
-            return Err(invalid(file, "runner.labels", "at most 32 labels"));
+        if self.labels.len() > crate::control::MAX_LABELS {
+            return Err(invalid(
+                file,
+                "runner.labels",
+                format!("at most {} labels", crate::control::MAX_LABELS),
+            ));
         }
         if let Some(bad) = self.labels.iter().find(|l| !name_ok(l)) {
             return Err(invalid(

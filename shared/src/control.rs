@@ -28,6 +28,12 @@ pub const MAX_ENDPOINTS: usize = 8;
 pub const MAX_ADVERTISED: usize = 16;
 /// Most routes in one [`ControlMessage::RoutesReply`].
 pub const MAX_ROUTES_IN_REPLY: usize = 16;
+/// Most labels one runner may advertise.
+pub const MAX_LABELS: usize = 16;
+/// Longest label or name in a runner message, in bytes.
+pub const MAX_LABEL_LEN: usize = 64;
+/// Most runners in one [`ControlMessage::RunnersReply`].
+pub const MAX_RUNNERS_IN_REPLY: usize = 16;
 
 /// Where a node can be reached, and with which certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +99,65 @@ pub enum ControlMessage {
     Pong {
         id: u32,
     },
+    /// Node → lighthouse: "I offer a runner with these labels, this busy".
+    /// Sent after each registration and whenever the load changes. Only a
+    /// node whose certificate carries [`crate::cert::RUNNER_GROUP`] is
+    /// listed; callers check that group themselves.
+    RunnerAdvert {
+        id: u32,
+        labels: Vec<String>,
+        load: RunnerLoad,
+    },
+    /// Node → lighthouse: which runners match?
+    RunnersQuery {
+        id: u32,
+        selector: RunnerSelector,
+    },
+    /// Lighthouse → node: the matches, least busy first (a hint: the caller
+    /// verifies the runner's certificate when it connects).
+    RunnersReply {
+        id: u32,
+        runners: Vec<RunnerInfo>,
+    },
+}
+
+/// How busy a runner is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct RunnerLoad {
+    /// Jobs running now.
+    pub running: u16,
+    /// Jobs waiting for a slot.
+    pub queued: u16,
+    /// Jobs it runs at once.
+    pub concurrency: u16,
+}
+
+impl RunnerLoad {
+    /// Orders runners from least to most busy: by the share of slots that
+    /// are taken or waited for, then by the queue's length.
+    pub fn busyness(&self) -> (u64, u16) {
+        let demand = u64::from(self.running) + u64::from(self.queued);
+        let slots = u64::from(self.concurrency.max(1));
+        (demand * 1_000_000 / slots, self.queued)
+    }
+}
+
+/// What `tern run` asks for: `--on LABEL` or `--node NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunnerSelector {
+    Label(String),
+    Name(String),
+}
+
+/// One runner in a [`ControlMessage::RunnersReply`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunnerInfo {
+    pub overlay_ip: Ipv4Addr,
+    /// Its certificate's name, as the lighthouse saw it.
+    pub name: String,
+    /// `None`: found by name, but it advertises no runner.
+    pub load: Option<RunnerLoad>,
 }
 
 /// One subnet a registered gateway advertises.
@@ -117,6 +182,8 @@ pub enum ControlError {
     TooManyEndpoints,
     #[error("control message lists too many routes")]
     TooManyRoutes,
+    #[error("control message lists too many labels or runners, or one too long")]
+    TooManyLabels,
 }
 
 const T_REGISTER: u8 = 1;
@@ -129,6 +196,9 @@ const T_ROUTES_QUERY: u8 = 7;
 const T_ROUTES_REPLY: u8 = 8;
 const T_PING: u8 = 9;
 const T_PONG: u8 = 10;
+const T_RUNNER_ADVERT: u8 = 11;
+const T_RUNNERS_QUERY: u8 = 12;
+const T_RUNNERS_REPLY: u8 = 13;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -142,7 +212,10 @@ impl ControlMessage {
             | ControlMessage::RoutesQuery { id }
             | ControlMessage::RoutesReply { id, .. }
             | ControlMessage::Ping { id }
-            | ControlMessage::Pong { id } => *id,
+            | ControlMessage::Pong { id }
+            | ControlMessage::RunnerAdvert { id, .. }
+            | ControlMessage::RunnersQuery { id, .. }
+            | ControlMessage::RunnersReply { id, .. } => *id,
         }
     }
 
@@ -162,6 +235,9 @@ impl ControlMessage {
             ControlMessage::RoutesReply { id, .. } => (T_ROUTES_REPLY, id),
             ControlMessage::Ping { id } => (T_PING, id),
             ControlMessage::Pong { id } => (T_PONG, id),
+            ControlMessage::RunnerAdvert { id, .. } => (T_RUNNER_ADVERT, id),
+            ControlMessage::RunnersQuery { id, .. } => (T_RUNNERS_QUERY, id),
+            ControlMessage::RunnersReply { id, .. } => (T_RUNNERS_REPLY, id),
         };
         out.push(ty);
         out.extend_from_slice(&id.to_be_bytes());
@@ -200,6 +276,43 @@ impl ControlMessage {
             | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Ping { .. }
             | ControlMessage::Pong { .. } => {}
+            ControlMessage::RunnerAdvert { labels, load, .. } => {
+                if labels.len() > MAX_LABELS {
+                    return Err(ControlError::TooManyLabels);
+                }
+                out.push(labels.len() as u8);
+                for l in labels {
+                    put_label(&mut out, l)?;
+                }
+                put_load(&mut out, load);
+            }
+            ControlMessage::RunnersQuery { selector, .. } => match selector {
+                RunnerSelector::Label(l) => {
+                    out.push(0);
+                    put_label(&mut out, l)?;
+                }
+                RunnerSelector::Name(n) => {
+                    out.push(1);
+                    put_label(&mut out, n)?;
+                }
+            },
+            ControlMessage::RunnersReply { runners, .. } => {
+                if runners.len() > MAX_RUNNERS_IN_REPLY {
+                    return Err(ControlError::TooManyLabels);
+                }
+                out.push(runners.len() as u8);
+                for r in runners {
+                    out.extend_from_slice(&r.overlay_ip.octets());
+                    put_label(&mut out, &r.name)?;
+                    match &r.load {
+                        None => out.push(0),
+                        Some(load) => {
+                            out.push(1);
+                            put_load(&mut out, load);
+                        }
+                    }
+                }
+            }
             ControlMessage::RoutesReply { routes, .. } => {
                 if routes.len() > MAX_ROUTES_IN_REPLY {
                     return Err(ControlError::TooManyRoutes);
@@ -297,6 +410,53 @@ impl ControlMessage {
                 }
                 ControlMessage::RoutesReply { id, routes }
             }
+            T_RUNNER_ADVERT => {
+                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+                if n > MAX_LABELS {
+                    return Err(ControlError::TooManyLabels);
+                }
+                let mut labels = Vec::with_capacity(n);
+                for _ in 0..n {
+                    labels.push(read_label(&mut r)?);
+                }
+                ControlMessage::RunnerAdvert {
+                    id,
+                    labels,
+                    load: read_load(&mut r)?,
+                }
+            }
+            T_RUNNERS_QUERY => {
+                let kind = r.u8().ok_or(ControlError::Malformed)?;
+                let text = read_label(&mut r)?;
+                let selector = match kind {
+                    0 => RunnerSelector::Label(text),
+                    1 => RunnerSelector::Name(text),
+                    _ => return Err(ControlError::Malformed),
+                };
+                ControlMessage::RunnersQuery { id, selector }
+            }
+            T_RUNNERS_REPLY => {
+                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+                if n > MAX_RUNNERS_IN_REPLY {
+                    return Err(ControlError::TooManyLabels);
+                }
+                let mut runners = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let overlay_ip = r.ipv4().ok_or(ControlError::Malformed)?;
+                    let name = read_label(&mut r)?;
+                    let load = match r.u8() {
+                        Some(0) => None,
+                        Some(1) => Some(read_load(&mut r)?),
+                        _ => return Err(ControlError::Malformed),
+                    };
+                    runners.push(RunnerInfo {
+                        overlay_ip,
+                        name,
+                        load,
+                    });
+                }
+                ControlMessage::RunnersReply { id, runners }
+            }
             other => return Err(ControlError::UnknownType(other)),
         };
         if !r.is_empty() {
@@ -304,6 +464,46 @@ impl ControlMessage {
         }
         Ok(msg)
     }
+}
+
+fn put_label(out: &mut Vec<u8>, label: &str) -> Result<(), ControlError> {
+    if label.len() > MAX_LABEL_LEN {
+        return Err(ControlError::TooManyLabels);
+    }
+    out.push(label.len() as u8);
+    out.extend_from_slice(label.as_bytes());
+    Ok(())
+}
+
+fn read_label(r: &mut Reader<'_>) -> Result<String, ControlError> {
+    let len = r.u8().ok_or(ControlError::Malformed)? as usize;
+    if len > MAX_LABEL_LEN {
+        return Err(ControlError::TooManyLabels);
+    }
+    let bytes = r.bytes(len).ok_or(ControlError::Malformed)?;
+    std::str::from_utf8(bytes)
+        .map(str::to_string)
+        .map_err(|_| ControlError::Malformed)
+}
+
+fn put_load(out: &mut Vec<u8>, load: &RunnerLoad) {
+    for v in [load.running, load.queued, load.concurrency] {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+fn read_load(r: &mut Reader<'_>) -> Result<RunnerLoad, ControlError> {
+    let mut v = [0u16; 3];
+    for x in &mut v {
+        let hi = r.u8().ok_or(ControlError::Malformed)?;
+        let lo = r.u8().ok_or(ControlError::Malformed)?;
+        *x = u16::from_be_bytes([hi, lo]);
+    }
+    Ok(RunnerLoad {
+        running: v[0],
+        queued: v[1],
+        concurrency: v[2],
+    })
 }
 
 fn put_endpoints(out: &mut Vec<u8>, endpoints: &[SocketAddr]) -> Result<(), ControlError> {
@@ -420,6 +620,38 @@ mod tests {
                 peer: sample_peer(),
             },
             ControlMessage::Deregister { id: 7 },
+            ControlMessage::RunnerAdvert {
+                id: 12,
+                labels: vec!["linux".into(), "vpc-a".into()],
+                load: RunnerLoad {
+                    running: 2,
+                    queued: 7,
+                    concurrency: 2,
+                },
+            },
+            ControlMessage::RunnersQuery {
+                id: 13,
+                selector: RunnerSelector::Label("linux".into()),
+            },
+            ControlMessage::RunnersQuery {
+                id: 14,
+                selector: RunnerSelector::Name("runner-1".into()),
+            },
+            ControlMessage::RunnersReply {
+                id: 15,
+                runners: vec![
+                    RunnerInfo {
+                        overlay_ip: ip,
+                        name: "runner-1".into(),
+                        load: Some(RunnerLoad::default()),
+                    },
+                    RunnerInfo {
+                        overlay_ip: ip,
+                        name: "db".into(),
+                        load: None,
+                    },
+                ],
+            },
         ];
         for m in msgs {
             let bytes = m.encode().unwrap_or_else(|e| panic!("{m:?}: {e}"));
@@ -462,6 +694,51 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_largest_runner_messages_fit() {
+        let long = "l".repeat(MAX_LABEL_LEN);
+        let advert = ControlMessage::RunnerAdvert {
+            id: 1,
+            labels: vec![long.clone(); MAX_LABELS],
+            load: RunnerLoad::default(),
+        };
+        assert!(advert.encode().is_ok());
+        let reply = ControlMessage::RunnersReply {
+            id: 1,
+            runners: vec![
+                RunnerInfo {
+                    overlay_ip: Ipv4Addr::new(100, 64, 0, 1),
+                    name: long.clone(),
+                    load: Some(RunnerLoad::default()),
+                };
+                MAX_RUNNERS_IN_REPLY
+            ],
+        };
+        assert!(reply.encode().is_ok());
+        let too_long = ControlMessage::RunnersQuery {
+            id: 1,
+            selector: RunnerSelector::Label(format!("{long}x")),
+        };
+        assert_eq!(too_long.encode(), Err(ControlError::TooManyLabels));
+    }
+
+    #[test]
+    fn least_busy_orders_by_share_of_slots_taken() {
+        let load = |running, queued, concurrency| RunnerLoad {
+            running,
+            queued,
+            concurrency,
+        };
+        let idle_big = load(1, 0, 4);
+        let half = load(1, 0, 2);
+        let full = load(2, 0, 2);
+        let queued = load(2, 3, 2);
+        let mut v = vec![queued, full, half, idle_big];
+        v.sort_by_key(RunnerLoad::busyness);
+        assert_eq!(v, vec![idle_big, half, full, queued]);
+        assert!(load(0, 0, 0).busyness() < load(1, 0, 0).busyness());
+    }
+
     proptest! {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
@@ -469,7 +746,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(ty in 0u8..12, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn typed_garbage_never_panics(ty in 0u8..15, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = vec![ty, 0, 0, 0, 1];
             bytes.extend(rest);
             let _ = ControlMessage::decode(&bytes);

@@ -10,16 +10,22 @@
 //!
 //! ```text
 //! client                                  runner
-//! Submit {pipeline, env, secrets} ──▶
-//! UploadChunk* UploadDone          ──▶
+//! Submit {pipeline, env, secrets}  ──▶
 //!                                  ◀──    Denied {reason}            (and closes)
+//!                                  ◀──    Accepted {job_id}
+//! UploadChunk* UploadDone          ──▶    (a tar stream, unpacked into the
+//!                                          job's workspace while it waits)
 //!                                  ◀──    Queued {position}*         (while waiting)
-//!                                  ◀──    Started {job_id}
+//!                                  ◀──    Started {job_id, runner}
 //!                                  ◀──    StepStarted / Output* / StepFinished, per step
-//!                                  ◀──    ArtifactChunk* ArtifactsDone
+//!                                  ◀──    ArtifactChunk* ArtifactsDone {summary}
+//!                                          (only when the pipeline lists artifacts)
 //!                                  ◀──    Finished {result, exit_code}
 //! Cancel (any time)                ──▶
 //! ```
+//!
+//! Uploads and artifacts are tar streams (`tern::io::archive` packs and
+//! unpacks them; neither side ever writes outside its directory).
 //!
 //! Secrets are masked by the runner before output leaves it ([`Masker`]):
 //! their values never travel back, nor reach the audit log.
@@ -50,6 +56,8 @@ pub mod exit {
     pub const DENIED: u8 = 77;
     /// The runner went away in the middle of the job.
     pub const RUNNER_LOST: u8 = 75;
+    /// The job ran, but its artifacts could not be written here.
+    pub const ARTIFACTS: u8 = 74;
     /// The job or a step ran out of time.
     pub const TIMED_OUT: u8 = 124;
     /// Cancelled (SIGINT/SIGTERM on `tern run`).
@@ -77,6 +85,17 @@ pub enum JobResult {
     Error,
 }
 
+/// What the runner packed as artifacts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactsSummary {
+    pub files: u64,
+    pub bytes: u64,
+    /// Entries left out (missing, or links pointing outside), with why.
+    pub skipped: Vec<String>,
+    /// Packing stopped with this error; what arrived may be incomplete.
+    pub error: Option<String>,
+}
+
 /// What the client sends first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Submit {
@@ -100,6 +119,10 @@ pub enum Message {
     Denied {
         reason: String,
     },
+    /// Authorized: the upload may follow.
+    Accepted {
+        job_id: String,
+    },
     Queued {
         position: u32,
     },
@@ -122,7 +145,7 @@ pub enum Message {
         duration_ms: u64,
     },
     ArtifactChunk(Vec<u8>),
-    ArtifactsDone,
+    ArtifactsDone(ArtifactsSummary),
     Finished {
         result: JobResult,
         exit_code: i32,
@@ -143,6 +166,7 @@ const T_STEP_FINISHED: u8 = 15;
 const T_ARTIFACT_CHUNK: u8 = 16;
 const T_ARTIFACTS_DONE: u8 = 17;
 const T_FINISHED: u8 = 18;
+const T_ACCEPTED: u8 = 19;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
@@ -170,6 +194,10 @@ struct DeniedBody {
 #[derive(Serialize, Deserialize)]
 struct QueuedBody {
     position: u32,
+}
+#[derive(Serialize, Deserialize)]
+struct AcceptedBody {
+    job_id: String,
 }
 #[derive(Serialize, Deserialize)]
 struct StartedBody {
@@ -271,7 +299,14 @@ impl Message {
                 out.push(T_ARTIFACT_CHUNK);
                 out.extend_from_slice(d);
             }
-            Message::ArtifactsDone => out.push(T_ARTIFACTS_DONE),
+            Message::ArtifactsDone(summary) => json(out, T_ARTIFACTS_DONE, summary)?,
+            Message::Accepted { job_id } => json(
+                out,
+                T_ACCEPTED,
+                &AcceptedBody {
+                    job_id: job_id.clone(),
+                },
+            )?,
             Message::Finished {
                 result,
                 exit_code,
@@ -373,7 +408,11 @@ impl Message {
                 }
             }
             T_ARTIFACT_CHUNK => Message::ArtifactChunk(body.to_vec()),
-            T_ARTIFACTS_DONE => no_body("artifacts-done", Message::ArtifactsDone)?,
+            T_ARTIFACTS_DONE => Message::ArtifactsDone(json("artifacts-done", body)?),
+            T_ACCEPTED => {
+                let b: AcceptedBody = json("accepted", body)?;
+                Message::Accepted { job_id: b.job_id }
+            }
             T_FINISHED => {
                 let b: FinishedBody = json("finished", body)?;
                 Message::Finished {
@@ -579,7 +618,15 @@ mod tests {
                 duration_ms: 1234,
             },
             Message::ArtifactChunk(vec![9; 100]),
-            Message::ArtifactsDone,
+            Message::ArtifactsDone(ArtifactsSummary {
+                files: 2,
+                bytes: 10,
+                skipped: vec!["x: not found".into()],
+                error: None,
+            }),
+            Message::Accepted {
+                job_id: "r-1".into(),
+            },
             Message::Finished {
                 result: JobResult::Failed,
                 exit_code: 3,
@@ -674,6 +721,13 @@ mod tests {
                 }
             }
             let _ = Message::decode(&bytes);
+        }
+
+        #[test]
+        fn typed_garbage_never_panics(ty in 0u8..24, rest in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut frame = vec![ty];
+            frame.extend(rest);
+            let _ = Message::decode(&frame);
         }
 
         #[test]

@@ -348,6 +348,26 @@ impl Step {
     }
 }
 
+impl PipelineError {
+    /// The error as `tern run` prints it: errors from
+    /// [`Pipeline::check_uploads`] (which sees no text) get the `file:line:col`
+    /// of their `upload` entry in `text` in front.
+    pub fn located(&self, file: &Path, text: &str) -> String {
+        let key = match self {
+            PipelineError::UploadMissing { key, .. }
+            | PipelineError::UploadUnusable { key, .. } => key,
+            _ => return self.to_string(),
+        };
+        let index = key
+            .strip_prefix("upload[")
+            .and_then(|k| k.strip_suffix(']'))
+            .and_then(|i| i.parse::<usize>().ok());
+        let spans = Spans::parse(text);
+        let at = index.and_then(|i| spans.at(&[Key("upload"), Index(i)]));
+        format!("{}: {self}", Place(&file.to_path_buf(), &at))
+    }
+}
+
 // --- The one function that reads the filesystem ---------------------------
 
 impl Pipeline {
@@ -1355,6 +1375,14 @@ A = "b"
 
         p.upload.push("missing/file".into());
         let err = p.check_uploads(ws.path()).unwrap_err();
+        let text =
+            "name = \"x\"\nupload = [\n  \"dist\",\n  \"a\",\n  \"b\",\n  \"missing/file\",\n]\n";
+        assert!(
+            err.located(Path::new("ci.toml"), text)
+                .starts_with("ci.toml:6:3: `upload[3]`"),
+            "{}",
+            err.located(Path::new("ci.toml"), text)
+        );
         assert_eq!(
             err,
             PipelineError::UploadMissing {

@@ -960,3 +960,84 @@ fn the_relay_refuses_strangers_unintroduced_pairs_and_non_wireguard() {
         "nothing forwarded to {lh}"
     );
 }
+
+#[test]
+fn runners_are_found_by_label_least_busy_first_and_only_from_runner_certificates() {
+    use tern_shared::cert::RUNNER_GROUP;
+    use tern_shared::control::{RunnerLoad, RunnerSelector};
+    const R1: &str = "198.18.0.7:4242";
+    const R2: &str = "198.18.0.8:4242";
+    const FAKE: &str = "198.18.0.9:4242";
+    let mut lab = lab();
+    let ca = &lab.ca;
+    let r1 = ca.node("r1", "100.64.0.7/10", &[RUNNER_GROUP], &[], 86_400);
+    let r2 = ca.node("r2", "100.64.0.8/10", &[RUNNER_GROUP], &[], 86_400);
+    let fake = ca.node("fake", "100.64.0.9/10", &["ci"], &[], 86_400);
+    lab.net.add_node(ca, &r1, R1);
+    lab.net.add_node(ca, &r2, R2);
+    lab.net.add_node(ca, &fake, FAKE);
+    lab.net.run_for(Duration::from_secs(1));
+    let load = |running, queued| RunnerLoad {
+        running,
+        queued,
+        concurrency: 2,
+    };
+    let now = lab.net.now;
+    let labels = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    lab.net
+        .node(R1)
+        .0
+        .set_runner(labels(&["linux"]), load(2, 0), now);
+    lab.net
+        .node(R2)
+        .0
+        .set_runner(labels(&["linux", "gpu"]), load(1, 0), now);
+    lab.net
+        .node(FAKE)
+        .0
+        .set_runner(labels(&["linux", "gpu"]), load(0, 0), now);
+    lab.net.run_for(Duration::from_millis(100));
+
+    let find = |net: &mut Net, selector: RunnerSelector| {
+        let now = net.now;
+        let id = net.node(A).0.find_runners(selector, now).unwrap();
+        net.run_for(Duration::from_millis(100));
+        let result = net.node(A).0.poll_runners_result().expect("answered");
+        assert_eq!(result.id, id);
+        assert_eq!((result.asked, result.answered), (1, 1));
+        result
+            .runners
+            .into_iter()
+            .map(|r| r.name)
+            .collect::<Vec<_>>()
+    };
+    // The fake (no runner group) is never listed, however idle it claims to be.
+    assert_eq!(
+        find(&mut lab.net, RunnerSelector::Label("linux".into())),
+        ["r2", "r1"]
+    );
+    assert_eq!(
+        find(&mut lab.net, RunnerSelector::Label("gpu".into())),
+        ["r2"]
+    );
+    // Load changes reach the lighthouse at once and reorder the answer.
+    let now = lab.net.now;
+    lab.net.node(R2).0.set_runner_load(load(2, 3), now);
+    lab.net.node(R1).0.set_runner_load(load(0, 0), now);
+    lab.net.run_for(Duration::from_millis(100));
+    assert_eq!(
+        find(&mut lab.net, RunnerSelector::Label("linux".into())),
+        ["r1", "r2"]
+    );
+    // By name: any registered node, runner or not.
+    assert_eq!(find(&mut lab.net, RunnerSelector::Name("b".into())), ["b"]);
+    assert!(find(&mut lab.net, RunnerSelector::Label("arm".into())).is_empty());
+    let now = lab.net.now;
+    let refused = lab
+        .net
+        .lighthouse()
+        .status(now)
+        .counters
+        .runner_adverts_refused;
+    assert!(refused >= 1, "the fake's adverts were refused");
+}

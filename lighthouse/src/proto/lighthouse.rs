@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
-use tern_shared::cert::VerifiedCert;
-use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT};
+use tern_shared::cert::{VerifiedCert, RUNNER_GROUP};
+use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT, MAX_LABELS};
 use tern_shared::mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
 use tern_shared::wire::{classify, DatagramKind, RelayEnvelope, TYPE_RELAYED, TYPE_RELAY_REQUEST};
 
-use super::registry::{RegisteredNode, Registry};
+use super::registry::{RegisteredNode, Registry, RunnerAd};
 use super::relay::{Refusal, RelayCounters, RelayTable};
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -32,6 +32,8 @@ pub struct LighthouseCounters {
     pub routes_refused: u64,
     pub non_control_drops: u64,
     pub bad_control_messages: u64,
+    /// Runner adverts from certificates without the runner group.
+    pub runner_adverts_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -302,10 +304,38 @@ impl LighthouseCore {
             ControlMessage::Ping { id } => {
                 self.reply(peer, &cert, &ControlMessage::Pong { id }, now);
             }
+            ControlMessage::RunnerAdvert { labels, load, .. } => {
+                if !cert.has_group(RUNNER_GROUP) {
+                    self.counters.runner_adverts_refused += 1;
+                    tracing::debug!("runner advert from a certificate without the '{RUNNER_GROUP}' group; ignored");
+                    return;
+                }
+                let labels: Vec<String> = labels
+                    .into_iter()
+                    .filter(|l| !l.is_empty())
+                    .take(MAX_LABELS)
+                    .collect();
+                if self
+                    .registry
+                    .set_runner(cert.overlay_ip(), RunnerAd { labels, load })
+                {
+                    tracing::trace!(?load, "runner load");
+                }
+            }
+            ControlMessage::RunnersQuery { id, selector } => {
+                let runners = self.registry.runners(&selector);
+                self.reply(
+                    peer,
+                    &cert,
+                    &ControlMessage::RunnersReply { id, runners },
+                    now,
+                );
+            }
             ControlMessage::RegisterAck { .. }
             | ControlMessage::QueryReply { .. }
             | ControlMessage::Punch { .. }
             | ControlMessage::RoutesReply { .. }
+            | ControlMessage::RunnersReply { .. }
             | ControlMessage::Pong { .. } => {
                 self.counters.bad_control_messages += 1;
             }

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
-use tern_shared::control::{AdvertisedRoute, PeerInfo, MAX_ENDPOINTS, MAX_ROUTES_IN_REPLY};
+use tern_shared::control::{
+    AdvertisedRoute, PeerInfo, RunnerInfo, RunnerLoad, RunnerSelector, MAX_ENDPOINTS,
+    MAX_ROUTES_IN_REPLY, MAX_RUNNERS_IN_REPLY,
+};
 use tern_shared::mesh::PeerId;
 
 /// Live nodes by overlay address. Drive with `register`, `lookup` and `expire(now)`.
@@ -33,8 +36,17 @@ struct Entry {
     routes: Vec<Ipv4Net>,
     /// Subnets it advertised that its certificate does not carry.
     refused: Vec<Ipv4Net>,
+    /// The runner it offers (only from a certificate in the runner group).
+    runner: Option<RunnerAd>,
     registered: Instant,
     last_seen: Instant,
+}
+
+/// What a runner node advertised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunnerAd {
+    pub labels: Vec<String>,
+    pub load: RunnerLoad,
 }
 
 /// One registered node, as the lighthouse's status shows it.
@@ -45,6 +57,8 @@ pub struct RegisteredNode {
     pub observed: SocketAddr,
     pub local: Vec<SocketAddr>,
     pub routes: Vec<Ipv4Net>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerAd>,
     pub registered_secs_ago: u64,
     pub last_seen_secs_ago: u64,
 }
@@ -95,6 +109,7 @@ impl Registry {
             local: Vec::new(),
             routes: Vec::new(),
             refused: Vec::new(),
+            runner: None,
             registered: now,
             last_seen: now,
         });
@@ -102,6 +117,7 @@ impl Registry {
             entry.cert = cert.to_vec();
             entry.name = name.to_string();
             entry.registered = now;
+            entry.runner = None;
         }
         entry.peer = peer;
         if entry.observed != observed && self.by_observed.get(&entry.observed) == Some(&overlay_ip)
@@ -133,6 +149,43 @@ impl Registry {
             }
             _ => false,
         }
+    }
+
+    /// Records the runner a registered node offers; false when the node is
+    /// not registered.
+    pub fn set_runner(&mut self, overlay_ip: Ipv4Addr, ad: RunnerAd) -> bool {
+        match self.entries.get_mut(&overlay_ip) {
+            Some(e) => {
+                e.runner = Some(ad);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runners matching `selector`, least busy first (then by name), at
+    /// most [`MAX_RUNNERS_IN_REPLY`]. By name, any registered node with
+    /// that certificate name matches, runner or not (`load` then `None`).
+    pub fn runners(&self, selector: &RunnerSelector) -> Vec<RunnerInfo> {
+        let mut out: Vec<RunnerInfo> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| match selector {
+                RunnerSelector::Label(l) => e.runner.as_ref().is_some_and(|r| r.labels.contains(l)),
+                RunnerSelector::Name(n) => &e.name == n,
+            })
+            .map(|(ip, e)| RunnerInfo {
+                overlay_ip: *ip,
+                name: e.name.clone(),
+                load: e.runner.as_ref().map(|r| r.load),
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            let key = |r: &RunnerInfo| r.load.map(|l| l.busyness()).unwrap_or((u64::MAX, u16::MAX));
+            key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+        });
+        out.truncate(MAX_RUNNERS_IN_REPLY);
+        out
     }
 
     /// Every advertised route, by subnet then gateway address (at most
@@ -245,6 +298,7 @@ impl Registry {
                 observed: e.observed,
                 local: e.local.clone(),
                 routes: e.routes.clone(),
+                runner: e.runner.clone(),
                 registered_secs_ago: now.saturating_duration_since(e.registered).as_secs(),
                 last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
             })
@@ -348,6 +402,86 @@ mod tests {
                 t0
             )
             .is_ok());
+    }
+
+    #[test]
+    fn runners_by_label_least_busy_first_and_by_name() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 10);
+        let load = |running, queued| RunnerLoad {
+            running,
+            queued,
+            concurrency: 2,
+        };
+        for (i, name, labels, l) in [
+            (1u8, "busy", vec!["linux"], load(2, 1)),
+            (2, "idle", vec!["linux", "gpu"], load(0, 0)),
+            (3, "half", vec!["linux"], load(1, 0)),
+        ] {
+            let ip = Ipv4Addr::new(100, 64, 0, i);
+            r.register(
+                ip,
+                name,
+                b"c",
+                PeerId(i.into()),
+                addr("198.18.0.2:1"),
+                &[],
+                t0,
+            )
+            .unwrap();
+            assert!(r.set_runner(
+                ip,
+                RunnerAd {
+                    labels: labels.into_iter().map(String::from).collect(),
+                    load: l,
+                }
+            ));
+        }
+        r.register(
+            Ipv4Addr::new(100, 64, 0, 9),
+            "db",
+            b"c",
+            PeerId(9),
+            addr("198.18.0.2:1"),
+            &[],
+            t0,
+        )
+        .unwrap();
+        let names = |v: Vec<RunnerInfo>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(r.runners(&RunnerSelector::Label("linux".into()))),
+            vec!["idle", "half", "busy"]
+        );
+        assert_eq!(
+            names(r.runners(&RunnerSelector::Label("gpu".into()))),
+            vec!["idle"]
+        );
+        assert!(r.runners(&RunnerSelector::Label("arm".into())).is_empty());
+        let db = r.runners(&RunnerSelector::Name("db".into()));
+        assert_eq!(db.len(), 1);
+        assert_eq!(db[0].load, None, "found by name, no runner advertised");
+        assert!(!r.set_runner(
+            Ipv4Addr::new(100, 64, 0, 77),
+            RunnerAd {
+                labels: vec![],
+                load: load(0, 0)
+            }
+        ));
+        // A new certificate at the same address drops the old claim.
+        r.register(
+            Ipv4Addr::new(100, 64, 0, 2),
+            "idle",
+            b"other",
+            PeerId(2),
+            addr("198.18.0.2:1"),
+            &[],
+            t0,
+        )
+        .unwrap();
+        assert_eq!(
+            names(r.runners(&RunnerSelector::Label("gpu".into()))),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -57,7 +57,10 @@ fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-fn api_socket(socket: &Option<PathBuf>, config: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn api_socket(
+    socket: &Option<PathBuf>,
+    config: &Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
     Ok(match (socket, config) {
         (Some(s), _) => s.clone(),
         (None, Some(c)) => {

@@ -9,19 +9,46 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use tern_shared::job::{exit, FrameReader, JobResult, Message, Stream, Submit, RUNNER_PORT};
+use tern_shared::cert::RUNNER_GROUP;
+use tern_shared::control::{RunnerInfo, RunnerSelector};
+use tern_shared::job::{
+    exit, FrameReader, JobResult, Message, Stream, Submit, MAX_CHUNK, RUNNER_PORT,
+};
 use tern_shared::pipeline::{Pipeline, RESERVED_ENV_PREFIX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use super::daemon::api_socket;
+use crate::io::api::{self, ApiRequest};
+use crate::io::archive::{self, ArchiveError, ChunkReader, ChunkWriter, Summary};
+use crate::io::runner::TRANSFER_LIMITS;
+use crate::proto::runner::Caller;
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("runner").required(true).args(["on", "node"])))]
 pub struct RunArgs {
     /// The pipeline file (see config/pipeline.toml).
     pub pipeline: PathBuf,
-    /// The runner: its overlay address.
+    /// Run on the least busy runner with this label (found through the
+    /// lighthouses; only runners whose certificate carries the `runner`
+    /// group are believed).
+    #[arg(long, value_name = "LABEL")]
+    pub on: Option<String>,
+    /// Run on this runner: its certificate name, or its overlay address.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Where the job's artifacts land. Default ./tern-artifacts/<job id>.
+    #[arg(long, value_name = "DIR")]
+    pub artifacts_dir: Option<PathBuf>,
+    /// The local node's config file, whose [api] socket says where to ask
+    /// the daemon for runners (with --on, or --node NAME).
+    #[arg(long, short, conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+    /// The daemon's API socket, instead of --config.
     #[arg(long)]
-    pub node: String,
+    pub socket: Option<PathBuf>,
     /// Extra environment for every step, `K=V` (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
@@ -55,7 +82,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let workspace = std::env::current_dir()?;
     if let Err(e) = pipeline.check_uploads(&workspace) {
-        return fail(exit::BAD_PIPELINE, e);
+        return fail(exit::BAD_PIPELINE, e.located(&args.pipeline, &text));
     }
     let mut env = BTreeMap::new();
     for kv in &args.env {
@@ -93,15 +120,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let Ok(ip) = args.node.parse::<Ipv4Addr>() else {
-        return fail(
-            exit::BAD_PIPELINE,
-            format!(
-                "--node {:?}: give the runner's overlay address, e.g. 100.64.0.20",
-                args.node
-            ),
-        );
-    };
     let submit = Submit {
         pipeline: serde_json::to_value(&pipeline)?,
         env,
@@ -110,12 +128,156 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(drive(
-        SocketAddr::from((ip, RUNNER_PORT)),
-        submit,
-        &pipeline,
+    runtime.block_on(async {
+        let stream = match connect(&args).await {
+            Ok(s) => s,
+            Err((code, message)) => return fail(code, message),
+        };
+        let session = Session {
+            pipeline: &pipeline,
+            workspace,
+            artifacts_dir: args.artifacts_dir.clone(),
+        };
+        drive(stream, submit, session).await
+    })
+}
+
+/// Finds the runner and opens the job connection: `--node ADDRESS`
+/// directly; `--on LABEL` and `--node NAME` through the lighthouses (asked
+/// by the local daemon), checking each candidate's verified certificate
+/// before anything is sent.
+async fn connect(args: &RunArgs) -> Result<TcpStream, (u8, String)> {
+    if let Some(ip) = args
+        .node
+        .as_deref()
+        .and_then(|n| n.parse::<Ipv4Addr>().ok())
+    {
+        return dial(ip).await.map_err(|e| (exit::NO_RUNNER, e));
+    }
+    let selector = match (&args.on, &args.node) {
+        (Some(label), _) => RunnerSelector::Label(label.clone()),
+        (None, Some(name)) => RunnerSelector::Name(name.clone()),
+        (None, None) => return Err((exit::BAD_PIPELINE, "give --on LABEL or --node NAME".into())),
+    };
+    let what = match &selector {
+        RunnerSelector::Label(l) => format!("with label {l:?}"),
+        RunnerSelector::Name(n) => format!("named {n:?}"),
+    };
+    let socket =
+        api_socket(&args.socket, &args.config).map_err(|e| (exit::NO_RUNNER, format!("{e:#}")))?;
+    let ask = |request: ApiRequest| {
+        let socket = socket.clone();
+        async move { api::call(&socket, &request).await }
+    };
+    let reply = ask(ApiRequest::FindRunners {
+        selector: selector.clone(),
+    })
+    .await
+    .map_err(|e| {
+        (
+            exit::NO_RUNNER,
+            format!("asking the local daemon for runners: {e:#}"),
+        )
+    })?;
+    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+        return Err((exit::NO_RUNNER, format!("finding runners {what}: {e}")));
+    }
+    let found: RunnersFound = serde_json::from_value(reply).map_err(|e| {
+        (
+            exit::NO_RUNNER,
+            format!("the daemon's answer did not parse: {e}"),
+        )
+    })?;
+    if found.runners.is_empty() {
+        return Err((
+            exit::NO_RUNNER,
+            format!(
+                "no runner {what} is registered with the lighthouses ({} of {} answered)",
+                found.answered, found.asked
+            ),
+        ));
+    }
+    let mut tried = Vec::new();
+    for runner in &found.runners {
+        let stream = match dial(runner.overlay_ip).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("tern run: skipping {}: {e}", runner.name);
+                tried.push(format!(
+                    "{} ({}): unreachable",
+                    runner.name, runner.overlay_ip
+                ));
+                continue;
+            }
+        };
+        // The connection made the session: the daemon has verified the
+        // runner's certificate; believe only that, not the lighthouse.
+        let identity = ask(ApiRequest::Peer {
+            overlay_ip: runner.overlay_ip,
+        })
+        .await
+        .ok()
+        .and_then(|v| serde_json::from_value::<Option<Caller>>(v).ok())
+        .flatten();
+        let verdict = match (&identity, &selector) {
+            (None, _) => Err("its certificate is not known to the local daemon".to_string()),
+            (Some(id), RunnerSelector::Label(_)) if !id.groups.iter().any(|g| g == RUNNER_GROUP) => Err(format!(
+                "its certificate ({}) lacks the '{RUNNER_GROUP}' group, so its label is not believed",
+                id.name
+            )),
+            (Some(id), RunnerSelector::Name(n)) if &id.name != n => Err(format!(
+                "its certificate is named {:?}, not {n:?}",
+                id.name
+            )),
+            (Some(id), _) => Ok(id),
+        };
+        match verdict {
+            Ok(id) => {
+                let load = runner.load.map_or_else(String::new, |l| {
+                    format!(
+                        ": {} running, {} queued, {} at once",
+                        l.running, l.queued, l.concurrency
+                    )
+                });
+                println!("runner {} ({}){load}", id.name, runner.overlay_ip);
+                return Ok(stream);
+            }
+            Err(why) => {
+                eprintln!(
+                    "tern run: skipping {} ({}): {why}",
+                    runner.name, runner.overlay_ip
+                );
+                tried.push(format!("{} ({}): {why}", runner.name, runner.overlay_ip));
+            }
+        }
+    }
+    Err((
+        exit::NO_RUNNER,
+        format!("no usable runner {what}: {}", tried.join("; ")),
     ))
 }
+
+#[derive(serde::Deserialize)]
+struct RunnersFound {
+    runners: Vec<RunnerInfo>,
+    asked: usize,
+    answered: usize,
+}
+
+async fn dial(ip: Ipv4Addr) -> Result<TcpStream, String> {
+    let addr = SocketAddr::from((ip, RUNNER_PORT));
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("cannot reach the runner at {addr}: {e}")),
+        Err(_) => Err(format!(
+            "no answer from the runner at {addr} within {} s",
+            DIAL_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// How long reaching a runner may take (a first handshake, a relay).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn valid_env_name(k: &str) -> bool {
     let mut chars = k.chars();
@@ -131,13 +293,30 @@ struct Lines {
 }
 
 impl Lines {
+    /// Emits every complete line in what arrived (without its newline);
+    /// keeps the rest for the next chunk.
     fn push(&mut self, key: (u32, bool), data: &[u8], mut emit: impl FnMut(&[u8])) {
-        let buf = self.partial.entry(key).or_default();
-        buf.extend_from_slice(data);
-        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            emit(&line[..line.len() - 1]);
+        let held = self.partial.entry(key).or_default();
+        let mut rest = data;
+        if !held.is_empty() {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    held.extend_from_slice(&rest[..i]);
+                    emit(held);
+                    held.clear();
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    held.extend_from_slice(rest);
+                    return;
+                }
+            }
         }
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            emit(&rest[..i]);
+            rest = &rest[i + 1..];
+        }
+        held.extend_from_slice(rest);
     }
 
     fn flush(&mut self, step: u32, mut emit: impl FnMut(&[u8])) {
@@ -151,46 +330,121 @@ impl Lines {
     }
 }
 
-async fn drive(addr: SocketAddr, submit: Submit, pipeline: &Pipeline) -> anyhow::Result<ExitCode> {
+/// One output line with its step prefix.
+fn print_line(out: &mut impl Write, step: &str, line: &[u8]) {
+    let _ = out.write_all(b"[");
+    let _ = out.write_all(step.as_bytes());
+    let _ = out.write_all(b"] ");
+    let _ = out.write_all(String::from_utf8_lossy(line).as_bytes());
+    let _ = out.write_all(b"\n");
+}
+
+/// What the conversation with the runner needs besides the connection.
+struct Session<'a> {
+    pipeline: &'a Pipeline,
+    /// The CI workspace `upload` paths are relative to.
+    workspace: PathBuf,
+    artifacts_dir: Option<PathBuf>,
+}
+
+/// Artifacts being unpacked as they arrive.
+struct ArtifactSink {
+    chunks: Option<mpsc::Sender<Vec<u8>>>,
+    task: tokio::task::JoinHandle<Result<Summary, ArchiveError>>,
+    dir: PathBuf,
+}
+
+/// The one writer of the connection: control messages first, upload
+/// chunks in between, `UploadDone` when the upload channel closes.
+async fn write_frames(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    mut control: mpsc::Receiver<Message>,
+    mut upload: mpsc::Receiver<Vec<u8>>,
+) -> anyhow::Result<()> {
+    let mut uploading = true;
+    loop {
+        tokio::select! {
+            biased;
+            m = control.recv() => match m {
+                Some(m) => write.write_all(&m.encode()?).await?,
+                None => return Ok(()),
+            },
+            c = upload.recv(), if uploading => match c {
+                Some(chunk) => write.write_all(&Message::UploadChunk(chunk).encode()?).await?,
+                None => {
+                    uploading = false;
+                    write.write_all(&Message::UploadDone.encode()?).await?;
+                }
+            },
+        }
+    }
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+async fn drive(
+    stream: TcpStream,
+    submit: Submit,
+    session: Session<'_>,
+) -> anyhow::Result<ExitCode> {
+    let pipeline = session.pipeline;
     let github = std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true");
-    let stream = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return fail(
-                exit::NO_RUNNER,
-                format!("cannot reach the runner at {addr}: {e}"),
-            )
-        }
-        Err(_) => {
-            return fail(
-                exit::NO_RUNNER,
-                format!("no answer from the runner at {addr} within 10 s"),
-            )
-        }
-    };
     stream.set_nodelay(true)?;
     crate::io::runner::keepalive(&stream);
-    let (mut read, mut write) = stream.into_split();
-    write.write_all(&Message::Submit(submit).encode()?).await?;
+    let (mut read, write) = stream.into_split();
+    let (control, control_rx) = mpsc::channel::<Message>(4);
+    let (upload_tx, upload_rx) = mpsc::channel::<Vec<u8>>(8);
+    let writer = tokio::spawn(write_frames(write, control_rx, upload_rx));
+    control.send(Message::Submit(submit)).await?;
+    // Held until the runner accepts: the upload starts only then.
+    let mut upload_tx = Some(upload_tx);
+    let mut upload: Option<tokio::task::JoinHandle<Result<Summary, ArchiveError>>> = None;
+    let mut upload_failed = false;
+    let mut artifacts: Option<ArtifactSink> = None;
+    let mut artifacts_failed = false;
+    let mut job_id = String::from("job");
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut reader = FrameReader::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Lines::default();
     let mut cancelled = false;
-    let stdout = std::io::stdout();
+    // Buffered, and flushed after each batch of frames: live, without a
+    // system call per line.
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     loop {
         while let Some(msg) = reader.next_message()? {
-            let mut out = stdout.lock();
             match msg {
                 Message::Denied { reason } => {
-                    return fail(exit::DENIED, format!("denied: {reason}"))
+                    writer.abort();
+                    return fail(exit::DENIED, format!("denied: {reason}"));
+                }
+                Message::Accepted { job_id: id } => {
+                    job_id = id;
+                    if let Some(tx) = upload_tx.take() {
+                        if !pipeline.upload.is_empty() {
+                            let (root, paths) =
+                                (session.workspace.clone(), pipeline.upload.clone());
+                            upload = Some(tokio::task::spawn_blocking(move || {
+                                let mut sink = ChunkWriter::new(tx, MAX_CHUNK);
+                                let summary = archive::pack(&root, &paths, false, &mut sink)?;
+                                sink.finish().map_err(|source| ArchiveError::Io {
+                                    path: root.clone(),
+                                    source,
+                                })?;
+                                Ok(summary)
+                            }));
+                        }
+                        // Without uploads the sender drops here: UploadDone.
+                    }
                 }
                 Message::Queued { position } => {
                     let _ = writeln!(out, "queued (position {position})");
                 }
-                Message::Started { job_id, runner } => {
+                Message::Started { job_id: id, runner } => {
+                    job_id = id;
                     let _ = writeln!(out, "job {job_id} started on {runner}");
                 }
                 Message::StepStarted { name, .. } => {
@@ -208,7 +462,7 @@ async fn drive(addr: SocketAddr, submit: Submit, pipeline: &Pipeline) -> anyhow:
                     // Masked by the runner: secret values never travel back.
                     let err = stream == Stream::Stderr;
                     lines.push((index, err), &data, |line| {
-                        let _ = writeln!(out, "[{name}] {}", String::from_utf8_lossy(line));
+                        print_line(&mut out, &name, line)
                     });
                 }
                 Message::StepFinished {
@@ -217,9 +471,7 @@ async fn drive(addr: SocketAddr, submit: Submit, pipeline: &Pipeline) -> anyhow:
                     duration_ms,
                 } => {
                     let name = step_name(pipeline, index);
-                    lines.flush(index, |line| {
-                        let _ = writeln!(out, "[{name}] {}", String::from_utf8_lossy(line));
-                    });
+                    lines.flush(index, |line| print_line(&mut out, &name, line));
                     let mark = if exit_code == 0 { "✓" } else { "✗" };
                     let _ = writeln!(
                         out,
@@ -230,6 +482,70 @@ async fn drive(addr: SocketAddr, submit: Submit, pipeline: &Pipeline) -> anyhow:
                         let _ = writeln!(out, "::endgroup::");
                     }
                 }
+                Message::ArtifactChunk(data) => {
+                    if artifacts.is_none() && !artifacts_failed {
+                        let dir = session.artifacts_dir.clone().unwrap_or_else(|| {
+                            PathBuf::from("tern-artifacts").join(job_id.replace(['/', '\\'], "_"))
+                        });
+                        match std::fs::create_dir_all(&dir) {
+                            Ok(()) => {
+                                let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+                                let into = dir.clone();
+                                let task = tokio::task::spawn_blocking(move || {
+                                    archive::unpack(ChunkReader::new(rx), &into, TRANSFER_LIMITS)
+                                });
+                                artifacts = Some(ArtifactSink {
+                                    chunks: Some(tx),
+                                    task,
+                                    dir,
+                                });
+                            }
+                            Err(e) => {
+                                eprintln!("tern run: artifacts: creating {}: {e}", dir.display());
+                                artifacts_failed = true;
+                            }
+                        }
+                    }
+                    if let Some(sink) = artifacts.as_mut() {
+                        if let Some(tx) = &sink.chunks {
+                            // A refused archive stops the unpacker; its
+                            // error is reported at ArtifactsDone.
+                            if tx.send(data).await.is_err() {
+                                sink.chunks = None;
+                            }
+                        }
+                    }
+                }
+                Message::ArtifactsDone(summary) => {
+                    let _ = out.flush();
+                    if let Some(mut sink) = artifacts.take() {
+                        sink.chunks = None;
+                        match sink.task.await {
+                            Ok(Ok(got)) => drop(writeln!(
+                                out,
+                                "artifacts: {} files, {} in {}",
+                                got.files,
+                                megabytes(got.bytes),
+                                sink.dir.display()
+                            )),
+                            Ok(Err(e)) => {
+                                eprintln!("tern run: artifacts refused: {e}");
+                                artifacts_failed = true;
+                            }
+                            Err(e) => {
+                                eprintln!("tern run: artifacts: {e}");
+                                artifacts_failed = true;
+                            }
+                        }
+                    }
+                    for skipped in &summary.skipped {
+                        eprintln!("tern run: artifact left out by the runner: {skipped}");
+                    }
+                    if let Some(e) = summary.error {
+                        eprintln!("tern run: the runner could not pack the artifacts: {e}");
+                        artifacts_failed = true;
+                    }
+                }
                 Message::Finished {
                     result,
                     exit_code,
@@ -238,29 +554,36 @@ async fn drive(addr: SocketAddr, submit: Submit, pipeline: &Pipeline) -> anyhow:
                     if let Some(m) = message {
                         eprintln!("tern run: {m}");
                     }
-                    let code = match result {
+                    let mut code = match result {
                         JobResult::Succeeded => exit::SUCCESS,
                         JobResult::Failed => u8::try_from(exit_code.clamp(1, 255)).unwrap_or(1),
                         JobResult::TimedOut => exit::TIMED_OUT,
+                        JobResult::Cancelled if upload_failed => exit::BAD_PIPELINE,
                         JobResult::Cancelled => exit::CANCELLED,
                         JobResult::Error => exit::RUNNER_LOST,
                     };
+                    if code == exit::SUCCESS && artifacts_failed {
+                        code = exit::ARTIFACTS;
+                    }
                     let _ = writeln!(
                         out,
                         "job {}: {result:?}",
                         if code == 0 { "passed" } else { "ended" }
                     );
+                    let _ = out.flush();
+                    writer.abort();
                     return Ok(ExitCode::from(code));
                 }
-                Message::ArtifactChunk(_) | Message::ArtifactsDone => {}
                 Message::Submit(_)
                 | Message::UploadChunk(_)
                 | Message::UploadDone
                 | Message::Cancel => {
+                    writer.abort();
                     return fail(exit::RUNNER_LOST, "the runner spoke out of turn");
                 }
             }
         }
+        let _ = out.flush();
         tokio::select! {
             n = read.read(&mut buf) => {
                 match n {
@@ -271,15 +594,38 @@ async fn drive(addr: SocketAddr, submit: Submit, pipeline: &Pipeline) -> anyhow:
                     Ok(n) => reader.push(&buf[..n]),
                 }
             }
+            done = async {
+                match upload.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if upload.is_some() => {
+                upload = None;
+                match done {
+                    Ok(Ok(summary)) => {
+                        let _ = writeln!(out, "uploaded {} files, {}", summary.files, megabytes(summary.bytes));
+                        for skipped in &summary.skipped {
+                            eprintln!("tern run: upload left out {skipped}");
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        eprintln!("tern run: upload failed: {e}; cancelling the job");
+                        upload_failed = true;
+                        cancelled = true;
+                        let _ = control.send(Message::Cancel).await;
+                    }
+                    Err(e) => anyhow::bail!("the upload task failed: {e}"),
+                }
+            }
             _ = sigint.recv(), if !cancelled => {
                 cancelled = true;
                 eprintln!("tern run: cancelling the job");
-                let _ = write.write_all(&Message::Cancel.encode()?).await;
+                let _ = control.send(Message::Cancel).await;
             }
             _ = sigterm.recv(), if !cancelled => {
                 cancelled = true;
                 eprintln!("tern run: cancelling the job");
-                let _ = write.write_all(&Message::Cancel.encode()?).await;
+                let _ = control.send(Message::Cancel).await;
             }
         }
     }
@@ -290,4 +636,55 @@ fn step_name(pipeline: &Pipeline, index: u32) -> String {
         .steps
         .get(index as usize)
         .map_or_else(|| format!("step {index}"), |s| s.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lines_of(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut lines = Lines::default();
+        let mut got = Vec::new();
+        for c in chunks {
+            lines.push((0, false), c, |l| got.push(l.to_vec()));
+        }
+        lines.flush(0, |l| got.push(l.to_vec()));
+        got
+    }
+
+    #[test]
+    fn lines_join_across_chunks_and_the_last_unterminated_one_is_kept() {
+        assert_eq!(
+            lines_of(&[b"a\nb", b"c", b"\n\nd"]),
+            vec![b"a".to_vec(), b"bc".to_vec(), b"".to_vec(), b"d".to_vec()]
+        );
+        let mut out = Vec::new();
+        print_line(&mut out, "build", b"ok \xff");
+        assert_eq!(out, "[build] ok \u{fffd}\n".as_bytes());
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_lines(
+            text in "[ab\n]{0,80}",
+            cuts in proptest::collection::vec(0usize..80, 0..8),
+        ) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                chunks.push(&bytes[at..c]);
+                at = c;
+            }
+            chunks.push(&bytes[at..]);
+            let mut expected: Vec<Vec<u8>> = bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+            if expected.last().is_some_and(|l| l.is_empty()) {
+                expected.pop();
+            }
+            prop_assert_eq!(lines_of(&chunks), expected);
+        }
+    }
 }

@@ -21,6 +21,15 @@ pub enum ApiRequest {
     Ping {
         peer: String,
     },
+    /// Runners by label or by name, asked of every lighthouse (`tern run`).
+    FindRunners {
+        selector: tern_shared::control::RunnerSelector,
+    },
+    /// The verified identity behind a peer's overlay address: certificate
+    /// name, groups, fingerprint (`null` when no such peer is in the table).
+    Peer {
+        overlay_ip: std::net::Ipv4Addr,
+    },
 }
 
 /// A request and where its answer goes, handed to the event loop.

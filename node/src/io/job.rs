@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tern_shared::job::{JobResult, Message};
+use tern_shared::job::{ArtifactsSummary, JobResult, Message, MAX_CHUNK};
 use tern_shared::pipeline::Pipeline;
 use tokio::sync::{mpsc, watch};
 
+use super::archive::{self, ArchiveError, ChunkWriter};
 use super::exec::{run_step, Chunk, StepEnd, StepSpec};
 use crate::proto::runner::Caller;
 
@@ -30,6 +31,17 @@ pub struct JobSpec<'a> {
     pub max_duration: Duration,
     pub keep_workspace: bool,
     pub grace: Duration,
+    /// The upload could not be unpacked: the job fails with this, no step runs.
+    pub upload_error: Option<String>,
+    /// What the upload put in the workspace.
+    pub uploaded: Option<Transfer>,
+}
+
+/// Files moved in or out of a job's workspace.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Transfer {
+    pub files: u64,
+    pub bytes: u64,
 }
 
 /// One line of the audit log.
@@ -47,6 +59,10 @@ pub struct AuditRecord {
     /// Why it was refused or could not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Transfer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<Transfer>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -112,6 +128,8 @@ pub async fn run_job(
         result: JobResult::Succeeded,
         exit_code: 0,
         message: None,
+        upload: job.uploaded,
+        artifacts: None,
     };
     let workspace = job.work_dir.join(job.id);
     if let Err(e) = std::fs::create_dir_all(&workspace) {
@@ -121,6 +139,12 @@ pub async fn run_job(
             "creating the workspace {}: {e}",
             workspace.display()
         ));
+        return finish(record, &out, &workspace, job.keep_workspace).await;
+    }
+    if let Some(why) = &job.upload_error {
+        record.result = JobResult::Error;
+        record.exit_code = -1;
+        record.message = Some(why.clone());
         return finish(record, &out, &workspace, job.keep_workspace).await;
     }
     let limit = job.pipeline.timeout.min(job.max_duration);
@@ -223,8 +247,67 @@ pub async fn run_job(
     }
     if record.result == JobResult::Cancelled {
         record.exit_code = i32::from(tern_shared::job::exit::CANCELLED);
+    } else if !job.pipeline.artifacts.is_empty() {
+        // Also after a failure: test reports and logs are what one needs then.
+        record.artifacts = send_artifacts(&workspace, &job.pipeline.artifacts, &out).await;
     }
     finish(record, &out, &workspace, job.keep_workspace).await
+}
+
+/// Packs the pipeline's `artifacts` from the workspace and streams them
+/// (ArtifactChunk*, ArtifactsDone). Missing paths are reported, not fatal.
+async fn send_artifacts(
+    workspace: &Path,
+    paths: &[PathBuf],
+    out: &mpsc::Sender<Message>,
+) -> Option<Transfer> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let (root, paths) = (workspace.to_path_buf(), paths.to_vec());
+    let packing = tokio::task::spawn_blocking(move || {
+        let mut sink = ChunkWriter::new(tx, MAX_CHUNK);
+        let summary = archive::pack(&root, &paths, true, &mut sink)?;
+        sink.finish().map_err(|source| ArchiveError::Io {
+            path: root.clone(),
+            source,
+        })?;
+        Ok::<_, ArchiveError>(summary)
+    });
+    while let Some(chunk) = rx.recv().await {
+        if out.send(Message::ArtifactChunk(chunk)).await.is_err() {
+            break;
+        }
+    }
+    drop(rx);
+    let (summary, transfer) = match packing.await {
+        Ok(Ok(s)) => (
+            ArtifactsSummary {
+                files: s.files,
+                bytes: s.bytes,
+                skipped: s.skipped,
+                error: None,
+            },
+            Some(Transfer {
+                files: s.files,
+                bytes: s.bytes,
+            }),
+        ),
+        Ok(Err(e)) => (
+            ArtifactsSummary {
+                error: Some(e.to_string()),
+                ..ArtifactsSummary::default()
+            },
+            None,
+        ),
+        Err(e) => (
+            ArtifactsSummary {
+                error: Some(e.to_string()),
+                ..ArtifactsSummary::default()
+            },
+            None,
+        ),
+    };
+    let _ = out.send(Message::ArtifactsDone(summary)).await;
+    transfer
 }
 
 async fn finish(
@@ -333,6 +416,8 @@ run = "echo no"
                 work_dir: work,
                 max_duration: Duration::from_secs(60),
                 keep_workspace: false,
+                upload_error: None,
+                uploaded: None,
                 grace: Duration::from_millis(300),
             },
             tx,

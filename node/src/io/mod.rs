@@ -4,6 +4,7 @@
 //! an API call, the next timer, or a signal to stop.
 
 pub mod api;
+pub mod archive;
 pub mod datapath;
 pub mod exec;
 pub mod gateway;
@@ -15,6 +16,7 @@ use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use tern_shared::cert::RUNNER_GROUP;
 use tern_shared::config::NodeConfig;
 use tern_shared::identity::Identity;
 use tern_shared::mesh::{Mesh, MeshSettings};
@@ -158,18 +160,28 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
 
     let (identity_tx, mut identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
-    let _runner = match &config.runner {
-        Some(r) => Some(RunnerTask(
-            runner::start(
+    let (_runner, mut runner_load) = match &config.runner {
+        Some(r) => {
+            let (task, load) = runner::start(
                 r.clone(),
                 cert.name().to_string(),
                 cert.overlay_ip(),
                 identity_tx,
             )
             .await
-            .context("starting the runner ([runner])")?,
-        )),
-        None => None,
+            .context("starting the runner ([runner])")?;
+            if cert.has_group(RUNNER_GROUP) {
+                core.set_runner(r.labels.clone(), *load.borrow(), now);
+            } else if !r.labels.is_empty() {
+                tracing::warn!(
+                    labels = ?r.labels,
+                    "this node's certificate lacks the '{RUNNER_GROUP}' group, so its runner labels are not advertised: \
+                     `tern run --on LABEL` will not pick it (`--node NAME` still works); sign it with --groups {RUNNER_GROUP},..."
+                );
+            }
+            (Some(RunnerTask(task)), Some(load))
+        }
+        None => (None, None),
     };
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
     let socket_path = api::socket_path(config.api.socket.as_deref(), &config.tun.name);
@@ -180,6 +192,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut path = DataPath::new(config.tun.mtu);
     let mut waiting_pings: std::collections::HashMap<
+        u32,
+        tokio::sync::oneshot::Sender<serde_json::Value>,
+    > = std::collections::HashMap::new();
+    let mut waiting_finds: std::collections::HashMap<
         u32,
         tokio::sync::oneshot::Sender<serde_json::Value>,
     > = std::collections::HashMap::new();
@@ -225,6 +241,24 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                             let _ = reply.send(serde_json::json!({ "error": e }));
                         }
                     },
+                    ApiRequest::FindRunners { selector } => {
+                        match core.find_runners(selector, Instant::now()) {
+                            Ok(id) => {
+                                waiting_finds.insert(id, reply);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(serde_json::json!({ "error": e }));
+                            }
+                        }
+                    }
+                    ApiRequest::Peer { overlay_ip } => {
+                        let _ = reply.send(serde_json::to_value(core.caller(overlay_ip)).unwrap_or_default());
+                    }
+                }
+            }
+            Ok(()) = async { match runner_load.as_mut() { Some(l) => l.changed().await, None => std::future::pending().await } } => {
+                if let Some(load) = runner_load.as_mut().map(|l| *l.borrow_and_update()) {
+                    core.set_runner_load(load, Instant::now());
                 }
             }
             Some((ip, reply)) = identity_rx.recv() => {
@@ -240,6 +274,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
         while let Some(result) = core.poll_ping_result() {
             if let Some(reply) = waiting_pings.remove(&result.id) {
+                let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
+            }
+        }
+        while let Some(result) = core.poll_runners_result() {
+            if let Some(reply) = waiting_finds.remove(&result.id) {
                 let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
             }
         }

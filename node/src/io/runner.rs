@@ -11,21 +11,30 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_shared::config::RunnerConfig;
+use tern_shared::control::RunnerLoad;
 use tern_shared::job::{FrameReader, JobResult, Message, RUNNER_PORT};
 use tern_shared::pipeline::Pipeline;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::archive::{self, ChunkReader, Limits};
 use super::exec::KILL_GRACE;
-use super::job::{append_audit, pipeline_sha256, run_job, AuditRecord, JobSpec};
+use super::job::{append_audit, pipeline_sha256, run_job, AuditRecord, JobSpec, Transfer};
 use crate::proto::runner::{authorize, Admission, Caller, JobId, Scheduler};
 
 /// "Who is this overlay address?", answered by the event loop from the mesh.
 pub type IdentityQuery = (Ipv4Addr, oneshot::Sender<Option<Caller>>);
 
-/// Largest upload or submit a caller may send before its job starts.
+/// Largest submission (the pipeline, env and secrets).
 const MAX_SUBMIT: usize = 1 << 20;
+
+/// Bounds on an upload unpacked here, and on artifacts unpacked by
+/// `tern run`: 4 GiB of file content, a million entries.
+pub const TRANSFER_LIMITS: Limits = Limits {
+    max_bytes: 4 << 30,
+    max_entries: 1_000_000,
+};
 
 enum QueueEvent {
     Submit {
@@ -35,13 +44,14 @@ enum QueueEvent {
 }
 
 /// Starts the runner: binds `overlay_ip:RUNNER_PORT` and serves until the
-/// returned task is aborted.
+/// returned task is aborted. The receiver follows its load, for the
+/// lighthouses.
 pub async fn start(
     config: RunnerConfig,
     name: String,
     overlay_ip: Ipv4Addr,
     identities: mpsc::Sender<IdentityQuery>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, watch::Receiver<RunnerLoad>)> {
     let addr = SocketAddr::new(IpAddr::V4(overlay_ip), RUNNER_PORT);
     let listener = TcpListener::bind(addr)
         .await
@@ -50,9 +60,10 @@ pub async fn start(
         .with_context(|| format!("creating [runner] work_dir {}", config.work_dir.display()))?;
     tracing::info!(%addr, labels = ?config.labels, allow_groups = ?config.allow_groups, concurrency = config.concurrency, "runner up");
     let (queue_tx, queue_rx) = mpsc::channel::<QueueEvent>(64);
-    tokio::spawn(queue_owner(config.concurrency, queue_rx));
+    let (load_tx, load_rx) = watch::channel(load(&Scheduler::new(config.concurrency)));
+    tokio::spawn(queue_owner(config.concurrency, queue_rx, load_tx));
     let config = std::sync::Arc::new(config);
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
@@ -67,12 +78,26 @@ pub async fn start(
                 }
             });
         }
-    }))
+    });
+    Ok((task, load_rx))
+}
+
+fn load(scheduler: &Scheduler) -> RunnerLoad {
+    let clamp = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+    RunnerLoad {
+        running: clamp(scheduler.running()),
+        queued: clamp(scheduler.waiting()),
+        concurrency: clamp(scheduler.concurrency()),
+    }
 }
 
 /// The one owner of the queue: admits jobs and tells waiting ones their
 /// position (and when to start: position 0).
-async fn queue_owner(concurrency: u32, mut events: mpsc::Receiver<QueueEvent>) {
+async fn queue_owner(
+    concurrency: u32,
+    mut events: mpsc::Receiver<QueueEvent>,
+    load_tx: watch::Sender<RunnerLoad>,
+) {
     let mut scheduler = Scheduler::new(concurrency);
     let mut positions: HashMap<JobId, watch::Sender<u32>> = HashMap::new();
     while let Some(event) = events.recv().await {
@@ -101,6 +126,10 @@ async fn queue_owner(concurrency: u32, mut events: mpsc::Receiver<QueueEvent>) {
                 }
             }
         }
+        load_tx.send_if_modified(|old| {
+            let new = load(&scheduler);
+            std::mem::replace(old, new) != new
+        });
     }
 }
 
@@ -159,6 +188,8 @@ async fn serve(
         result: JobResult::Error,
         exit_code: i32::from(tern_shared::job::exit::DENIED),
         message: Some(why),
+        upload: None,
+        artifacts: None,
     };
     let Some(caller) = caller else {
         let why = format!("{ip} is not a peer of this runner's mesh");
@@ -197,7 +228,7 @@ async fn serve(
         send(&mut write, &Message::Denied { reason: why }).await?;
         return Ok(());
     }
-    // Wait for our turn, telling the caller its place, watching for it to leave.
+    // Accepted: a place in the queue, a job id, a workspace.
     let (reply_tx, reply_rx) = oneshot::channel();
     queue
         .send(QueueEvent::Submit { reply: reply_tx })
@@ -208,6 +239,73 @@ async fn serve(
         id,
         queue: queue.clone(),
     };
+    let job_id = format!("{runner_name}-{}-{id}", std::process::id());
+    let workspace = config.work_dir.join(&job_id);
+    let _workspace_guard = WorkspaceGuard {
+        path: workspace.clone(),
+        keep: config.keep_workspaces,
+    };
+    std::fs::create_dir_all(&workspace)
+        .with_context(|| format!("creating the workspace {}", workspace.display()))?;
+    send(
+        &mut write,
+        &Message::Accepted {
+            job_id: job_id.clone(),
+        },
+    )
+    .await?;
+    // From here one task reads the caller: the upload, Cancel, or its leaving.
+    let (cancel_tx, mut cancel_rx) = watch::channel(false);
+    let (chunks_tx, chunks_rx) = mpsc::channel::<Vec<u8>>(8);
+    let (upload_done_tx, upload_done_rx) = oneshot::channel::<()>();
+    let unpacking = (!pipeline.upload.is_empty()).then(|| {
+        let into = workspace.clone();
+        tokio::task::spawn_blocking(move || {
+            archive::unpack(ChunkReader::new(chunks_rx), &into, TRANSFER_LIMITS)
+        })
+    });
+    let watcher = tokio::spawn(async move {
+        let mut chunks = Some(chunks_tx);
+        let mut upload_done = Some(upload_done_tx);
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reader.push(&buf[..n]),
+            }
+            loop {
+                match reader.next_message() {
+                    Ok(Some(Message::UploadChunk(data))) => {
+                        // A refused or finished unpack drops the rest.
+                        if let Some(tx) = &chunks {
+                            if tx.send(data).await.is_err() {
+                                chunks = None;
+                            }
+                        }
+                    }
+                    Ok(Some(Message::UploadDone)) => {
+                        chunks = None;
+                        if let Some(t) = upload_done.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                    Ok(Some(Message::Cancel)) => {
+                        let _ = cancel_tx.send(true);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bad frame from the caller; cancelling");
+                        let _ = cancel_tx.send(true);
+                        return;
+                    }
+                }
+            }
+        }
+        // The caller is gone: cancel whatever runs or waits.
+        let _ = cancel_tx.send(true);
+    });
+    let _watcher = AbortOnDrop(watcher);
+    // Wait for our turn, telling the caller its place.
     loop {
         let p = *position.borrow_and_update();
         if p == 0 {
@@ -216,14 +314,30 @@ async fn serve(
         send(&mut write, &Message::Queued { position: p }).await?;
         tokio::select! {
             changed = position.changed() => changed?,
-            n = read.read(&mut buf) => {
-                if n? == 0 {
-                    return Ok(()); // the caller left while waiting
+            _ = cancel_rx.wait_for(|c| *c) => return Ok(()), // the caller left or cancelled while waiting
+        }
+    }
+    // The upload must be complete before the first step.
+    let mut upload_error = None;
+    let mut uploaded = None;
+    if let Some(unpacking) = unpacking {
+        tokio::select! {
+            _ = upload_done_rx => {}
+            _ = cancel_rx.wait_for(|c| *c) => {}
+        }
+        if !*cancel_rx.borrow() {
+            match unpacking.await {
+                Ok(Ok(summary)) => {
+                    uploaded = Some(Transfer {
+                        files: summary.files,
+                        bytes: summary.bytes,
+                    });
                 }
+                Ok(Err(e)) => upload_error = Some(format!("the upload was refused: {e}")),
+                Err(e) => upload_error = Some(format!("the upload failed: {e}")),
             }
         }
     }
-    let job_id = format!("{runner_name}-{}-{id}", std::process::id());
     send(
         &mut write,
         &Message::Started {
@@ -232,25 +346,6 @@ async fn serve(
         },
     )
     .await?;
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-    // The caller's side: a Cancel frame or a closed connection cancels.
-    let watcher = tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    reader.push(&buf[..n]);
-                    while let Ok(Some(m)) = reader.next_message() {
-                        if m == Message::Cancel {
-                            let _ = cancel_tx.send(true);
-                        }
-                    }
-                }
-            }
-        }
-        let _ = cancel_tx.send(true);
-    });
     let (msg_tx, mut msg_rx) = mpsc::channel::<Message>(256);
     let extra_env: BTreeMap<String, String> = submit.env;
     let secrets: BTreeMap<String, String> = submit.secrets;
@@ -266,6 +361,8 @@ async fn serve(
         max_duration: config.max_job_duration,
         keep_workspace: config.keep_workspaces,
         grace: KILL_GRACE,
+        upload_error,
+        uploaded,
     };
     let writer = async {
         while let Some(m) = msg_rx.recv().await {
@@ -277,13 +374,36 @@ async fn serve(
         }
     };
     let (record, ()) = tokio::join!(run_job(job, msg_tx, cancel_rx), writer);
-    watcher.abort();
     if let Err(e) = append_audit(&config.audit_log, &record) {
         tracing::error!(error = %e, path = %config.audit_log.display(), "audit log write failed");
     }
     tracing::info!(job = %job_id, caller = %caller.name, result = ?record.result, "job ended");
     drop(done);
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Removes a job's workspace however its connection ends (unless
+/// `keep_workspaces`).
+struct WorkspaceGuard {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for WorkspaceGuard {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// TCP keepalive every second after a second of silence, given up after 3

@@ -16,7 +16,8 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tern_shared::cert::{VerifiedCert, LIGHTHOUSE_GROUP};
 use tern_shared::control::{
-    AdvertisedRoute, ControlMessage, PeerInfo, CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS,
+    AdvertisedRoute, ControlMessage, PeerInfo, RunnerInfo, RunnerLoad, RunnerSelector,
+    CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS,
 };
 use tern_shared::policy::{FirewallConfig, RouteConfig};
 
@@ -25,6 +26,9 @@ use tern_shared::mesh::{
     Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit,
 };
 use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
+
+/// How long [`NodeCore::find_runners`] waits for every lighthouse to answer.
+pub const FIND_RUNNERS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often a node re-registers with each lighthouse.
 pub const REGISTER_INTERVAL: Duration = Duration::from_secs(4);
@@ -106,6 +110,30 @@ pub struct PingResult {
     pub relay: Option<SocketAddr>,
 }
 
+/// The answer to [`NodeCore::find_runners`]: what the lighthouses that
+/// answered know, least busy first.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunnersResult {
+    pub id: u32,
+    pub runners: Vec<RunnerInfo>,
+    pub asked: usize,
+    pub answered: usize,
+}
+
+struct PendingFind {
+    sent: Instant,
+    /// Request ids still unanswered, one per lighthouse asked.
+    waiting: Vec<u32>,
+    asked: usize,
+    runners: Vec<RunnerInfo>,
+}
+
+/// The runner this node offers, as advertised to lighthouses.
+struct RunnerAdvert {
+    labels: Vec<String>,
+    load: RunnerLoad,
+}
+
 struct PendingPing {
     overlay_ip: Ipv4Addr,
     sent: Instant,
@@ -182,6 +210,9 @@ pub struct NodeCore {
     pings: HashMap<u32, PendingPing>,
     ping_results: VecDeque<PingResult>,
     rtts: HashMap<Ipv4Addr, Duration>,
+    runner: Option<RunnerAdvert>,
+    finds: HashMap<u32, PendingFind>,
+    find_results: VecDeque<RunnersResult>,
 }
 
 /// The search for a direct path to one peer.
@@ -282,6 +313,148 @@ impl NodeCore {
             pings: HashMap::new(),
             ping_results: VecDeque::new(),
             rtts: HashMap::new(),
+            runner: None,
+            finds: HashMap::new(),
+            find_results: VecDeque::new(),
+        }
+    }
+
+    /// Advertises a runner with these labels to every lighthouse (after
+    /// each registration, and at once when its load changes).
+    pub fn set_runner(&mut self, labels: Vec<String>, load: RunnerLoad, now: Instant) {
+        self.runner = Some(RunnerAdvert { labels, load });
+        self.advertise_runner(None, now);
+    }
+
+    pub fn set_runner_load(&mut self, load: RunnerLoad, now: Instant) {
+        if let Some(r) = &mut self.runner {
+            if r.load != load {
+                r.load = load;
+                self.advertise_runner(None, now);
+            }
+        }
+    }
+
+    /// Sends the runner advert to one lighthouse peer, or to all registered.
+    fn advertise_runner(&mut self, only: Option<PeerId>, now: Instant) {
+        let Some(r) = &self.runner else {
+            return;
+        };
+        let (labels, load) = (r.labels.clone(), r.load);
+        let targets = self.registered_lighthouses();
+        for (peer, ip) in targets
+            .into_iter()
+            .filter(|(p, _)| only.is_none_or(|o| o == *p))
+        {
+            let id = self.request_id();
+            let msg = ControlMessage::RunnerAdvert {
+                id,
+                labels: labels.clone(),
+                load,
+            };
+            self.send_control(peer, ip, &msg, now);
+        }
+    }
+
+    /// The lighthouses that acknowledged our registration: their peer and
+    /// overlay address.
+    fn registered_lighthouses(&self) -> Vec<(PeerId, Ipv4Addr)> {
+        self.links
+            .iter()
+            .filter_map(|l| match l.state {
+                LinkState::Up {
+                    peer,
+                    overlay_ip,
+                    acked: true,
+                    ..
+                } => Some((peer, overlay_ip)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `tern run --on LABEL | --node NAME`: asks every registered
+    /// lighthouse which runners match. The merged answer comes out of
+    /// [`NodeCore::poll_runners_result`] with the returned id once all have
+    /// answered or [`FIND_RUNNERS_TIMEOUT`] passed.
+    pub fn find_runners(&mut self, selector: RunnerSelector, now: Instant) -> Result<u32, String> {
+        let targets = self.registered_lighthouses();
+        if targets.is_empty() {
+            return Err("no lighthouse is connected yet; runners are found through lighthouses (see `tern status`)".into());
+        }
+        let id = self.request_id();
+        let mut waiting = Vec::new();
+        for (peer, ip) in &targets {
+            let request = self.request_id();
+            waiting.push(request);
+            let msg = ControlMessage::RunnersQuery {
+                id: request,
+                selector: selector.clone(),
+            };
+            self.send_control(*peer, *ip, &msg, now);
+        }
+        self.finds.insert(
+            id,
+            PendingFind {
+                sent: now,
+                waiting,
+                asked: targets.len(),
+                runners: Vec::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn poll_runners_result(&mut self) -> Option<RunnersResult> {
+        self.find_results.pop_front()
+    }
+
+    fn runners_reply(&mut self, request: u32, runners: Vec<RunnerInfo>) {
+        let Some((&id, find)) = self
+            .finds
+            .iter_mut()
+            .find(|(_, f)| f.waiting.contains(&request))
+        else {
+            return;
+        };
+        find.waiting.retain(|&r| r != request);
+        for r in runners {
+            // Lighthouses may disagree on the load; keep the first answer.
+            if !find.runners.iter().any(|x| x.overlay_ip == r.overlay_ip) {
+                find.runners.push(r);
+            }
+        }
+        if find.waiting.is_empty() {
+            self.finish_find(id);
+        }
+    }
+
+    fn finish_find(&mut self, id: u32) {
+        let Some(find) = self.finds.remove(&id) else {
+            return;
+        };
+        let mut runners = find.runners;
+        runners.sort_by(|a, b| {
+            let key = |r: &RunnerInfo| r.load.map_or((u64::MAX, u16::MAX), |l| l.busyness());
+            key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+        });
+        self.find_results.push_back(RunnersResult {
+            id,
+            answered: find.asked - find.waiting.len(),
+            asked: find.asked,
+            runners,
+        });
+    }
+
+    fn drive_finds(&mut self, now: Instant) {
+        let late: Vec<u32> = self
+            .finds
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.sent) >= FIND_RUNNERS_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.finish_find(id);
         }
     }
 
@@ -450,6 +623,7 @@ impl NodeCore {
         self.drive_direct_liveness(now);
         self.drive_attempts(now);
         self.drive_pings(now);
+        self.drive_finds(now);
     }
 
     pub fn poll_timeout(&self, now: Instant) -> Instant {
@@ -962,7 +1136,11 @@ impl NodeCore {
                     }
                 }
                 self.refresh_relays();
+                // With every registration: a restarted lighthouse learns
+                // the runner again within one interval.
+                self.advertise_runner(Some(from_peer), now);
             }
+            ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
             ControlMessage::QueryReply {
                 overlay_ip, peer, ..
             } => {
@@ -1010,6 +1188,8 @@ impl NodeCore {
             ControlMessage::Register { .. }
             | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Query { .. }
+            | ControlMessage::RunnerAdvert { .. }
+            | ControlMessage::RunnersQuery { .. }
             | ControlMessage::Deregister { .. } => {
                 self.counters.bad_control_messages += 1;
             }

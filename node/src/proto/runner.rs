@@ -4,13 +4,13 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tern_shared::config::RunnerConfig;
 
 /// A caller as the mesh knows it: from the verified certificate its
 /// connection's overlay source address is bound to, never from anything the
 /// caller says.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
     pub name: String,
     pub groups: Vec<String>,
@@ -114,6 +114,10 @@ impl Scheduler {
             .enumerate()
             .map(|(i, id)| (*id, i as u32 + 1))
             .collect()
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     pub fn running(&self) -> usize {
