@@ -291,6 +291,10 @@ pub struct ApiConfig {
     /// Socket path; `None` lets the daemon use its built-in default. Relative
     /// paths are resolved against the config file's directory.
     pub socket: Option<PathBuf>,
+    /// The group the socket (mode 0660) is given to, so its members may
+    /// use the CLI without root, e.g. a CI job's user running `tern run
+    /// --on` after `sudo tern up`. `None`: the daemon's own group.
+    pub group: Option<String>,
 }
 
 /// `[log]`.
@@ -642,6 +646,20 @@ impl ApiConfig {
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(group) = &self.group {
+            if group.is_empty()
+                || group.len() > 64
+                || group
+                    .chars()
+                    .any(|c| c.is_control() || c == ':' || c.is_whitespace())
+            {
+                return Err(invalid(
+                    file,
+                    "api.group",
+                    format!("{group:?} is not a group name; give the name of a group on this machine, or remove the key"),
+                ));
+            }
+        }
         match &self.socket {
             Some(path) if path.as_os_str().is_empty() => Err(invalid(
                 file,
@@ -1069,7 +1087,8 @@ mod tests {
                     offload: true,
                 },
                 api: ApiConfig {
-                    socket: Some("/run/tern/api.sock".into())
+                    socket: Some("/run/tern/api.sock".into()),
+                    group: None,
                 },
                 log: LogConfig {
                     level: "debug".into()
@@ -1678,6 +1697,25 @@ mod tests {
         assert!(config.api.socket.is_some());
     }
 
+    #[test]
+    fn api_group_is_a_plain_name() {
+        let ok = NodeConfig::parse(
+            &format!("{MINIMAL_NODE}[api]\ngroup = \"ci\"\n"),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok.api.group.as_deref(), Some("ci"));
+        for bad in ["", "a b", "x:y", "a\\n"] {
+            let err = NodeConfig::parse(
+                &format!("{MINIMAL_NODE}[api]\ngroup = \"{bad}\"\n"),
+                Path::new("n.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("api.group"), "{bad:?}: {err}");
+        }
+    }
+
     /// Every key of the node example is a key the node knows, and vice
     /// versa: the examples must document every key (see STYLE.md).
     #[test]
@@ -1720,6 +1758,7 @@ mod tests {
             "via =",
             "offload =",
             "relay_after =",
+            "# group =",
         ] {
             assert!(
                 node_text.lines().any(|l| l.trim_start().starts_with(key)),
@@ -1750,6 +1789,7 @@ mod tests {
             "[relay]",
             "enabled =",
             "packets_per_sec =",
+            "# group =",
         ] {
             assert!(
                 lh_text.lines().any(|l| l.trim_start().starts_with(key)),

@@ -3,7 +3,10 @@
 //! (GSO) to send a run of equal-sized datagrams to one destination in one.
 //! Per-packet system calls, not cryptography, are what a userspace tunnel
 //! (or relay) spends its time on. Used by the node's data path and by the
-//! lighthouse (whose relay forwards other nodes' traffic).
+//! lighthouse (whose relay forwards other nodes' traffic). [`api_socket`]
+//! is the daemons' other socket, the local API's.
+
+pub mod api_socket;
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;

@@ -1,7 +1,6 @@
 //! The lighthouse's tokio shell: one UDP socket, the clock, the local API,
 //! around the sans-IO [`LighthouseCore`].
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +9,7 @@ use tern_shared::config::LighthouseConfig;
 use tern_shared::identity::Identity;
 use tern_shared::mesh::{Mesh, MeshSettings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -130,7 +129,7 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    let _api = serve_api(&socket_path, api_tx)?;
+    let _api = serve_api(&socket_path, config.api.group.as_deref(), api_tx)?;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -206,25 +205,10 @@ impl Drop for ApiGuard {
 
 fn serve_api(
     path: &Path,
+    group: Option<&str>,
     calls: mpsc::Sender<oneshot::Sender<serde_json::Value>>,
 ) -> anyhow::Result<ApiGuard> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another daemon already serves the API socket {}; stop it or set [api] socket to another path",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale API socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the API socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let listener = tern_udp::api_socket::bind(path, group)?;
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let calls = calls.clone();

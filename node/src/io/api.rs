@@ -3,13 +3,12 @@
 //! per line. The socket is created 0660 in a 0755 directory: only root (or
 //! the daemon's group) may ask.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,28 +41,14 @@ pub fn socket_path(configured: Option<&Path>, tun_name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(format!("/run/tern/{tun_name}.sock")))
 }
 
-/// Binds the socket and serves it until the returned guard is dropped.
-pub fn serve(path: &Path, calls: mpsc::Sender<ApiCall>) -> anyhow::Result<SocketGuard> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
-    }
-    if path.exists() {
-        // A socket nobody answers on is left over from a crash; a live one
-        // means another daemon uses this path.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another daemon already serves the API socket {}; stop it or set [api] socket to another path",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale API socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the API socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("setting permissions on {}", path.display()))?;
+/// Binds the socket (mode 0660, and `group`'s when given) and serves it
+/// until the returned guard is dropped.
+pub fn serve(
+    path: &Path,
+    group: Option<&str>,
+    calls: mpsc::Sender<ApiCall>,
+) -> anyhow::Result<SocketGuard> {
+    let listener = tern_udp::api_socket::bind(path, group)?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -121,12 +106,20 @@ impl Drop for SocketGuard {
 
 /// Client side: sends one request and returns the reply.
 pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_json::Value> {
-    let stream = UnixStream::connect(path).await.with_context(|| {
-        format!(
-            "connecting to the daemon's API socket {} (is `tern up` running with this config?)",
+    let stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
+            "the daemon's API socket {} is not open to this user ({e}); run as root, or set \
+             [api] group in the node's config to a group of this user and restart the node",
             path.display()
-        )
-    })?;
+        ),
+        Err(e) => return Err(e).with_context(|| {
+            format!(
+                "connecting to the daemon's API socket {} (is `tern up` running with this config?)",
+                path.display()
+            )
+        }),
+    };
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');

@@ -185,7 +185,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
     let socket_path = api::socket_path(config.api.socket.as_deref(), &config.tun.name);
-    let _api_guard = api::serve(&socket_path, api_tx)?;
+    let _api_guard = api::serve(&socket_path, config.api.group.as_deref(), api_tx)?;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
