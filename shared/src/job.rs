@@ -723,6 +723,33 @@ mod tests {
             let _ = Message::decode(&bytes);
         }
 
+        /// A whole conversation, cut anywhere by the network, reads back
+        /// whole and in order.
+        #[test]
+        fn a_conversation_cut_anywhere_arrives_in_order(
+            cuts in proptest::collection::vec(0usize..4000, 0..12),
+        ) {
+            let sent = samples();
+            let mut bytes = Vec::new();
+            for m in &sent {
+                m.encode_into(&mut bytes).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            cuts.push(bytes.len());
+            let mut reader = FrameReader::new();
+            let mut got = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                reader.push(&bytes[at..c]);
+                at = c;
+                while let Some(m) = reader.next_message().unwrap_or_else(|e| panic!("{e}")) {
+                    got.push(m);
+                }
+            }
+            prop_assert_eq!(got, sent);
+        }
+
         #[test]
         fn typed_garbage_never_panics(ty in 0u8..24, rest in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut frame = vec![ty];

@@ -113,12 +113,14 @@ pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_jso
              [api] group in the node's config to a group of this user and restart the node",
             path.display()
         ),
-        Err(e) => return Err(e).with_context(|| {
-            format!(
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
                 "connecting to the daemon's API socket {} (is `tern up` running with this config?)",
                 path.display()
             )
-        }),
+            })
+        }
     };
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request)?;

@@ -496,4 +496,64 @@ run = "echo no"
         assert_eq!(record.steps.len(), 1);
         assert_eq!(output_of(&messages, 1), "");
     }
+
+    /// On tokio's paused clock a five-minute step meets its 2 s limit at
+    /// once in real time: the timeout path, exactly, without waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_step_over_its_time_limit_is_stopped_on_a_fake_clock() {
+        let text = "name = \"slow\"\n[[steps]]\nname = \"slow\"\nrun = \"echo begun; exec sleep 300\"\ntimeout = \"2s\"\n[[steps]]\nname = \"after\"\nrun = \"echo after\"\n";
+        let pipeline = Pipeline::parse(text, Path::new("p.toml")).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let (real, virtual_start) = (std::time::Instant::now(), tokio::time::Instant::now());
+        let (record, messages) = run(&pipeline, work.path(), None).await;
+        assert_eq!(record.result, JobResult::TimedOut);
+        assert_eq!(record.exit_code, 124);
+        assert_eq!(record.steps.len(), 1, "the rest is skipped");
+        assert_eq!(record.steps[0].exit_code, None);
+        assert!(virtual_start.elapsed() >= Duration::from_secs(2));
+        assert!(real.elapsed() < Duration::from_secs(30));
+        assert_eq!(output_of(&messages, 1), "");
+    }
+
+    #[tokio::test]
+    async fn artifacts_come_back_after_a_failed_step_and_missing_ones_are_named() {
+        let text = "name = \"a\"\nartifacts = [\"out\", \"nope.log\"]\n[[steps]]\nname = \"make\"\nrun = \"mkdir -p out; echo report > out/r.txt; exit 3\"\n";
+        let pipeline = Pipeline::parse(text, Path::new("p.toml")).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let (record, messages) = run(&pipeline, work.path(), None).await;
+        assert_eq!(record.result, JobResult::Failed);
+        let tar: Vec<u8> = messages
+            .iter()
+            .filter_map(|m| match m {
+                Message::ArtifactChunk(d) => Some(d.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let done = messages.iter().find_map(|m| match m {
+            Message::ArtifactsDone(s) => Some(s.clone()),
+            _ => None,
+        });
+        let done = done.expect("ArtifactsDone sent");
+        assert_eq!(done.files, 1);
+        assert!(
+            done.skipped.iter().any(|s| s.contains("nope.log")),
+            "{done:?}"
+        );
+        assert!(
+            matches!(messages.last(), Some(Message::Finished { .. })),
+            "Finished comes last"
+        );
+        let into = tempfile::tempdir().unwrap();
+        let limits = archive::Limits {
+            max_bytes: 1 << 20,
+            max_entries: 100,
+        };
+        archive::unpack(std::io::Cursor::new(tar), into.path(), limits).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(into.path().join("out/r.txt")).unwrap(),
+            "report\n"
+        );
+        assert_eq!(record.artifacts.map(|a| a.files), Some(1));
+    }
 }

@@ -257,7 +257,6 @@ async fn serve(
     // From here one task reads the caller: the upload, Cancel, or its leaving.
     let (cancel_tx, mut cancel_rx) = watch::channel(false);
     let (chunks_tx, chunks_rx) = mpsc::channel::<Vec<u8>>(8);
-    let (upload_done_tx, upload_done_rx) = oneshot::channel::<()>();
     let unpacking = (!pipeline.upload.is_empty()).then(|| {
         let into = workspace.clone();
         tokio::task::spawn_blocking(move || {
@@ -266,7 +265,6 @@ async fn serve(
     });
     let watcher = tokio::spawn(async move {
         let mut chunks = Some(chunks_tx);
-        let mut upload_done = Some(upload_done_tx);
         loop {
             match read.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -282,12 +280,7 @@ async fn serve(
                             }
                         }
                     }
-                    Ok(Some(Message::UploadDone)) => {
-                        chunks = None;
-                        if let Some(t) = upload_done.take() {
-                            let _ = t.send(());
-                        }
-                    }
+                    Ok(Some(Message::UploadDone)) => chunks = None,
                     Ok(Some(Message::Cancel)) => {
                         let _ = cancel_tx.send(true);
                     }
@@ -317,16 +310,15 @@ async fn serve(
             _ = cancel_rx.wait_for(|c| *c) => return Ok(()), // the caller left or cancelled while waiting
         }
     }
-    // The upload must be complete before the first step.
+    // The upload must be complete before the first step: the unpacker ends
+    // at the archive's end (or refuses it); a caller that stalls gets the
+    // job's whole time limit, no more.
     let mut upload_error = None;
     let mut uploaded = None;
-    if let Some(unpacking) = unpacking {
+    if let Some(mut unpacking) = unpacking {
+        let limit = pipeline.timeout.min(config.max_job_duration);
         tokio::select! {
-            _ = upload_done_rx => {}
-            _ = cancel_rx.wait_for(|c| *c) => {}
-        }
-        if !*cancel_rx.borrow() {
-            match unpacking.await {
+            done = &mut unpacking => match done {
                 Ok(Ok(summary)) => {
                     uploaded = Some(Transfer {
                         files: summary.files,
@@ -335,6 +327,10 @@ async fn serve(
                 }
                 Ok(Err(e)) => upload_error = Some(format!("the upload was refused: {e}")),
                 Err(e) => upload_error = Some(format!("the upload failed: {e}")),
+            },
+            _ = cancel_rx.wait_for(|c| *c) => {}
+            _ = tokio::time::sleep(limit) => {
+                upload_error = Some(format!("the upload did not finish within {} s", limit.as_secs()));
             }
         }
     }
