@@ -1125,4 +1125,5 @@ mod tests {
     }
 }
 pub mod nat;
+pub mod report;
 pub mod tern;

@@ -536,7 +536,7 @@ fn a_hundred_megabytes_of_output_arrive_intact_and_in_order() {
     }
     let _serial = serial();
     let w = world("runbig");
-    const LINES: u64 = 13_000_000; // 1..13e6, one per line: 102,888,898 bytes
+    const LINES: u64 = 13_000_000; // 1..13e6, one per line: 105,888,897 bytes
     write_file(
         &w.dir,
         "big.toml",

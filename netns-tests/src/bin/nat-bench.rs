@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use tern_netns_tests::nat::{world, Nat, World, B_OVERLAY};
+use tern_netns_tests::report::{cell, machine_line, median, number, write_section};
 use tern_netns_tests::{require_root, require_tools};
 
 struct Args {
@@ -50,22 +51,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
-    v: Option<String>,
-    flag: &str,
-    min: T,
-    max: T,
-) -> Result<T, String> {
-    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
-    let n: T = v
-        .parse()
-        .map_err(|_| format!("{flag} {v:?} is not a number"))?;
-    if n < min || n > max {
-        return Err(format!("{flag} must be {min} to {max}"));
-    }
-    Ok(n)
 }
 
 /// Starts pinging b from a and returns how long until both sides report
@@ -104,40 +89,6 @@ fn iperf(w: &World, seconds: u32) -> Option<f64> {
     json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e9)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn cell(v: &[f64], digits: usize) -> String {
-    let mut v = v.to_vec();
-    if v.is_empty() {
-        return "—".into();
-    }
-    let m = median(&mut v);
-    if v.len() == 1 {
-        return format!("{m:.digits$}");
-    }
-    format!(
-        "{m:.digits$} ({:.digits$}–{:.digits$})",
-        v[0],
-        v[v.len() - 1]
-    )
-}
-
-fn command_output(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 fn main() -> ExitCode {
@@ -192,13 +143,9 @@ fn main() -> ExitCode {
         let (mut d, mut r) = (direct_gbps.clone(), relayed_gbps.clone());
         median(&mut r) / median(&mut d)
     };
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let table = format!(
         "## NAT traversal: time to a path, and the relay's cost\n\n\
-         Machine: {nproc} cores, kernel {}; {date}; tern {commit}.\n\
+         {}\n\
          Command: `nat-bench --reps {} --seconds {}` (the NAT lab of `netns-tests/src/nat.rs`, \
          built afresh for every repetition).\n\n\
          | metric | median (min–max) |\n|---|---|\n\
@@ -211,7 +158,7 @@ fn main() -> ExitCode {
          the other; the path counts when both nodes' `tern status` show it. The relay is the \
          lighthouse, which forwards WireGuard ciphertext it cannot read; on this 2-core machine it \
          shares the cores with both nodes and iperf3.\n",
-        kernel.trim(),
+        machine_line(),
         args.reps,
         args.seconds,
         cell(&to_direct, 0),
@@ -221,21 +168,13 @@ fn main() -> ExitCode {
     );
     println!("{table}");
     if args.write {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let (start, end) = ("<!-- bench:nat:start -->", "<!-- bench:nat:end -->");
-        let section = format!("{start}\n{table}{end}");
-        let new = match (text.find(start), text.find(end)) {
-            (Some(s), Some(e)) if s < e => {
-                format!("{}{section}{}", &text[..s], &text[e + end.len()..])
+        match write_section("nat", &table) {
+            Ok(path) => eprintln!("nat-bench: wrote the section into {}", path.display()),
+            Err(e) => {
+                eprintln!("nat-bench: writing BENCHMARKS.md: {e}");
+                return ExitCode::FAILURE;
             }
-            _ => format!("{text}\n{section}\n"),
-        };
-        if let Err(e) = std::fs::write(&path, new) {
-            eprintln!("nat-bench: writing {}: {e}", path.display());
-            return ExitCode::FAILURE;
         }
-        eprintln!("nat-bench: wrote the section into {}", path.display());
     }
     ExitCode::SUCCESS
 }

@@ -7,7 +7,7 @@
 //!   against `curl` spawned there fetching a small file from a python3 web
 //!   server on the runner → its first byte (a new process that connects over
 //!   the same mesh, without the runner);
-//! - log throughput: 103 MB of `seq` output streamed back as step output,
+//! - log throughput: 106 MB of `seq` output streamed back as step output,
 //!   against curl downloading the same bytes over the mesh;
 //! - 50 jobs at once on a runner with `concurrency = 50`: wall time until
 //!   all exited against one job alone, each job's dispatch latency, and the
@@ -23,12 +23,13 @@
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tern_netns_tests::report::{cell, machine_line, median, number, percentile, write_section};
 use tern_netns_tests::tern::{
     lighthouse_status, make_ca, node_config_text, sign, start_lighthouse, start_node, write_file,
     write_lighthouse_config, write_node_config, LH_UNDERLAY,
@@ -39,12 +40,12 @@ const RUNNER_IP: &str = "100.64.0.20";
 const HTTP_PORT: u16 = 8000;
 /// Sequential dispatches of each kind per repetition.
 const DISPATCHES: usize = 20;
-/// `seq 1 13000000`: 102,888,898 bytes.
+/// `seq 1 13000000`: 105,888,897 bytes.
 const SEQ_LINES: u64 = 13_000_000;
 /// Jobs started at once on a runner with as many slots.
 const JOBS: usize = 50;
 const DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bounds one 103 MB transfer (debug builds are slow).
+/// Bounds one 106 MB transfer (debug builds are slow).
 const STREAM_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bounds the single job and, separately, the whole burst of 50.
 const BURST_TIMEOUT: Duration = Duration::from_secs(180);
@@ -73,22 +74,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
-    v: Option<String>,
-    flag: &str,
-    min: T,
-    max: T,
-) -> Result<T, String> {
-    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
-    let n: T = v
-        .parse()
-        .map_err(|_| format!("{flag} {v:?} is not a number"))?;
-    if n < min || n > max {
-        return Err(format!("{flag} must be {min} to {max}"));
-    }
-    Ok(n)
 }
 
 /// A lighthouse, a CI node (group ci) and a runner (group runner, at
@@ -567,53 +552,8 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Nearest-rank percentile, `p` in (0, 1].
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
 fn p50(v: &[f64]) -> f64 {
     median(&mut v.to_vec())
-}
-
-fn cell(v: &[f64], digits: usize) -> String {
-    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return "—".into();
-    }
-    let m = median(&mut v);
-    if v.len() == 1 {
-        return format!("{m:.digits$}");
-    }
-    format!(
-        "{m:.digits$} ({:.digits$}–{:.digits$})",
-        v[0],
-        v[v.len() - 1]
-    )
-}
-
-fn command_output(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 /// Per-repetition figures; ratios are tern run / baseline of the same rep.
@@ -777,9 +717,6 @@ fn main() -> ExitCode {
         );
     }
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let build = if cfg!(debug_assertions) {
         " **Debug build**: not comparable with release figures."
     } else {
@@ -798,7 +735,7 @@ fn main() -> ExitCode {
     };
     let table = format!(
         "## Runner: dispatch, log throughput, 50 jobs at once\n\n\
-         Machine: {nproc} cores, kernel {}; {date}; tern {commit}.\n\
+         {}\n\
          Command: `runner-bench --reps {}` (the lab of `netns-tests/tests/runner.rs`: a \
          lighthouse, a CI node and a runner, built afresh for every repetition).{build}\n\n\
          | metric | tern run | baseline | ratio |\n|---|---|---|---|\n\
@@ -828,7 +765,7 @@ fn main() -> ExitCode {
          (`job … started on runner`) for the per-job latencies. Peak RSS is the runner daemon's \
          VmHWM after the single job (baseline) and after the {JOBS}. On this {nproc}-core \
          machine the daemons, the callers and the steps share the cores.\n",
-        kernel.trim(),
+        machine_line(),
         args.reps,
         cell(&f.d_tern_p50, 1),
         cell(&f.d_curl_p50, 1),
@@ -857,21 +794,13 @@ fn main() -> ExitCode {
     );
     println!("{table}");
     if args.write {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let (start, end) = ("<!-- bench:runner:start -->", "<!-- bench:runner:end -->");
-        let section = format!("{start}\n{table}{end}");
-        let new = match (text.find(start), text.find(end)) {
-            (Some(s), Some(e)) if s < e => {
-                format!("{}{section}{}", &text[..s], &text[e + end.len()..])
+        match write_section("runner", &table) {
+            Ok(path) => eprintln!("runner-bench: wrote the section into {}", path.display()),
+            Err(e) => {
+                eprintln!("runner-bench: writing BENCHMARKS.md: {e}");
+                return ExitCode::FAILURE;
             }
-            _ => format!("{text}\n{section}\n"),
-        };
-        if let Err(e) = std::fs::write(&path, new) {
-            eprintln!("runner-bench: writing {}: {e}", path.display());
-            return ExitCode::FAILURE;
         }
-        eprintln!("runner-bench: wrote the section into {}", path.display());
     }
     ExitCode::SUCCESS
 }

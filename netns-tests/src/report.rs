@@ -1,0 +1,122 @@
+//! What the benchmark binaries (`nat-bench`, `runner-bench`) share: argument
+//! numbers, medians and percentiles, table cells, the machine line, and the
+//! replacement of their section in BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+
+/// Parses a flag's value and checks it is within `min..=max`.
+pub fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+    v: Option<String>,
+    flag: &str,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+    let n: T = v
+        .parse()
+        .map_err(|_| format!("{flag} {v:?} is not a number"))?;
+    if n < min || n > max {
+        return Err(format!("{flag} must be {min} to {max}"));
+    }
+    Ok(n)
+}
+
+/// Sorts `v` and returns its median (NaN when empty).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Nearest-rank percentile, `p` in (0, 1] (NaN when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// "median (min–max)" of the finite values, or "—".
+pub fn cell(v: &[f64], digits: usize) -> String {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return "—".into();
+    }
+    let m = median(&mut v);
+    if v.len() == 1 {
+        return format!("{m:.digits$}");
+    }
+    format!(
+        "{m:.digits$} ({:.digits$}–{:.digits$})",
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+/// A command's trimmed stdout, or "" if it cannot run.
+pub fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// "Machine: N cores, kernel K; date; tern COMMIT."
+pub fn machine_line() -> String {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    format!(
+        "Machine: {nproc} cores, kernel {}; {date}; tern {commit}.",
+        kernel.trim()
+    )
+}
+
+/// Replaces the section between `<!-- bench:NAME:start -->` and its end
+/// marker in BENCHMARKS.md with `table` (appends it when missing).
+pub fn write_section(name: &str, table: &str) -> std::io::Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let (start, end) = (
+        format!("<!-- bench:{name}:start -->"),
+        format!("<!-- bench:{name}:end -->"),
+    );
+    let section = format!("{start}\n{table}{end}");
+    let new = match (text.find(&start), text.find(&end)) {
+        (Some(s), Some(e)) if s < e => {
+            format!("{}{section}{}", &text[..s], &text[e + end.len()..])
+        }
+        _ => format!("{text}\n{section}\n"),
+    };
+    std::fs::write(&path, new)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_percentiles_and_cells() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+        assert_eq!(percentile(&[5.0, 1.0, 3.0, 2.0, 4.0], 0.95), 5.0);
+        assert_eq!(percentile(&[5.0, 1.0, 3.0, 2.0, 4.0], 0.5), 3.0);
+        assert_eq!(cell(&[2.0, 1.0, f64::NAN, 3.0], 1), "2.0 (1.0–3.0)");
+        assert_eq!(cell(&[], 1), "—");
+        assert_eq!(number::<u32>(Some("7".into()), "--reps", 1, 20), Ok(7));
+        assert!(number::<u32>(Some("0".into()), "--reps", 1, 20).is_err());
+        assert!(number::<u32>(Some("x".into()), "--reps", 1, 20).is_err());
+        assert!(number::<u32>(None, "--reps", 1, 20).is_err());
+    }
+}
