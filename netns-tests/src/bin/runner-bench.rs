@@ -434,31 +434,31 @@ fn throughput(w: &World, expected: u64) -> (Option<f64>, Option<f64>) {
             None
         }
     };
+    // The same bytes from the same web server over the mesh, read by the
+    // same line-by-line reader and timed the same way (first line → exit).
     let big = url("big");
-    let curl =
-        w.ci.exec_timeout(
-            "curl",
-            [
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{size_download} %{time_total}",
-                big.as_str(),
-            ],
-            STREAM_TIMEOUT,
-        )
-        .and_then(|out| {
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let mut f = text.split_whitespace();
-            let size: u64 = f.next()?.parse().ok()?;
-            let secs: f64 = f.next()?.parse().ok()?;
-            if !out.status.success() || size != expected || secs <= 0.0 {
-                eprintln!("runner-bench: throughput: curl: {} {text:?}", out.status);
-                return None;
+    let mut cmd = w.ci.command("curl");
+    cmd.args(["-s", big.as_str()]);
+    let curl = match once(cmd, b"", w.stderr_path("throughput-curl"), STREAM_TIMEOUT) {
+        Ok(t) if t.ok() && t.bytes == expected => match (t.first, t.ended) {
+            (Some(first), Some(ended)) if ended > first => {
+                Some(t.bytes as f64 / (ended - first).as_secs_f64() / 1e6)
             }
-            Some(size as f64 / secs / 1e6)
-        });
+            _ => None,
+        },
+        Ok(t) => {
+            eprintln!(
+                "runner-bench: throughput: curl got {} of {expected} bytes: {}",
+                t.bytes,
+                t.why()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("runner-bench: throughput: curl: {e}");
+            None
+        }
+    };
     (tern, curl)
 }
 
@@ -733,6 +733,7 @@ fn main() -> ExitCode {
         }
         bytes as f64 / 1e6
     };
+    let prefixed_mb = big_mb + (SEQ_LINES * "[gen] ".len() as u64) as f64 / 1e6;
     let table = format!(
         "## Runner: dispatch, log throughput, 50 jobs at once\n\n\
          {}\n\
@@ -757,8 +758,11 @@ fn main() -> ExitCode {
          alternately, one at a time, after a warm-up of each (the WireGuard session exists). \
          **Log throughput**: one step `seq 1 {SEQ_LINES}`; bytes received on the CI side after \
          stripping the `[gen] ` prefixes, over the time from the first output line to the \
-         process's exit; the baseline is curl downloading the same bytes from the same web \
-         server over the mesh (`size_download / time_total`). **{JOBS} jobs**: a second lab \
+         process's exit; the baseline is `curl` printing the same bytes from the same web \
+         server over the mesh, read by the same line-by-line reader and timed the same way. \
+         `tern run` writes {prefixed_mb:.0} MB to its reader for the {big_mb:.0} MB counted \
+         (the step prefix on each of the {SEQ_LINES} lines), curl {big_mb:.0} MB. \
+         **{JOBS} jobs**: a second lab \
          whose runner has `concurrency = {JOBS}`; {JOBS} `tern run`s of one step \
          `sleep 1; echo done` spawned at once; the baseline is one such job alone on the same \
          runner just before (spawn → exit; ideal ratio 1.0), and its spawn → first line \

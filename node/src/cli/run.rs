@@ -297,26 +297,18 @@ impl Lines {
     /// keeps the rest for the next chunk.
     fn push(&mut self, key: (u32, bool), data: &[u8], mut emit: impl FnMut(&[u8])) {
         let held = self.partial.entry(key).or_default();
-        let mut rest = data;
-        if !held.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    held.extend_from_slice(&rest[..i]);
-                    emit(held);
-                    held.clear();
-                    rest = &rest[i + 1..];
-                }
-                None => {
-                    held.extend_from_slice(rest);
-                    return;
-                }
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', data) {
+            if held.is_empty() {
+                emit(&data[start..end]);
+            } else {
+                held.extend_from_slice(&data[start..end]);
+                emit(held);
+                held.clear();
             }
+            start = end + 1;
         }
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            emit(&rest[..i]);
-            rest = &rest[i + 1..];
-        }
-        held.extend_from_slice(rest);
+        held.extend_from_slice(&data[start..]);
     }
 
     fn flush(&mut self, step: u32, mut emit: impl FnMut(&[u8])) {
@@ -330,12 +322,16 @@ impl Lines {
     }
 }
 
-/// One output line with its step prefix.
+/// One output line with its step prefix (bytes that are not UTF-8 shown
+/// as U+FFFD).
 fn print_line(out: &mut impl Write, step: &str, line: &[u8]) {
     let _ = out.write_all(b"[");
     let _ = out.write_all(step.as_bytes());
     let _ = out.write_all(b"] ");
-    let _ = out.write_all(String::from_utf8_lossy(line).as_bytes());
+    let _ = match std::str::from_utf8(line) {
+        Ok(_) => out.write_all(line),
+        Err(_) => out.write_all(String::from_utf8_lossy(line).as_bytes()),
+    };
     let _ = out.write_all(b"\n");
 }
 
