@@ -39,7 +39,7 @@ pub struct RunArgs {
     /// Run on this runner: its certificate name, or its overlay address.
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
-    /// Where the job's artifacts land. Default ./tern-artifacts/<job id>.
+    /// Where the job's artifacts land. Default ./tern-artifacts/JOB_ID.
     #[arg(long, value_name = "DIR")]
     pub artifacts_dir: Option<PathBuf>,
     /// The local node's config file, whose [api] socket says where to ask
