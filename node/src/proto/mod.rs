@@ -3,3 +3,5 @@
 pub mod firewall;
 pub mod node;
 pub mod runner;
+pub mod http_connect;
+pub mod socks;
