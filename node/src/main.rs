@@ -17,7 +17,7 @@ enum Command {
     /// Create CAs, node keys and certificates; print and verify them.
     #[command(subcommand)]
     Cert(cli::cert::CertCommand),
-    /// Run the node in the foreground (needs root or CAP_NET_ADMIN for the TUN device).
+    /// Run the node in the foreground (needs root or CAP_NET_ADMIN for the TUN device, none with --userspace).
     Up(cli::daemon::UpArgs),
     /// Show the running node's lighthouses and peers.
     Status(cli::daemon::StatusArgs),
@@ -28,6 +28,8 @@ enum Command {
         after_help = "Exit codes: 0 when every step passed (or failed with continue_on_error); otherwise the failing step's own code; 65 bad pipeline or arguments (nothing was sent); 69 no runner with that label or name reachable; 74 the job passed but its artifacts could not be written here; 75 runner lost mid-job; 77 denied by the runner; 124 timed out; 130 cancelled (SIGINT/SIGTERM)."
     )]
     Run(cli::run::RunArgs),
+    /// Forward local ports to targets in the mesh through the running node.
+    Forward(cli::forward::ForwardArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::daemon::status(args),
         Command::Ping(args) => cli::daemon::ping(args),
         Command::Run(args) => cli::run::run(args),
+        Command::Forward(args) => cli::forward::run(args),
     };
     match result {
         Ok(code) => code,

@@ -89,6 +89,12 @@ pub struct NodeConfig {
     /// Present on a runner: pipelines callers may run here.
     #[serde(default)]
     pub runner: Option<RunnerConfig>,
+    /// Local SOCKS5 and HTTP CONNECT proxies into the mesh.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Local ports forwarded to targets in the mesh.
+    #[serde(default)]
+    pub forwards: Vec<ForwardConfig>,
 }
 
 /// `[runner]`: this node runs pipelines for callers across the mesh
@@ -282,6 +288,59 @@ pub struct TunConfig {
     /// read and takes as much per write. Default true; false reads and
     /// writes one packet per system call.
     pub offload: bool,
+    /// `"tun"` (a kernel TUN device; needs root or CAP_NET_ADMIN) or
+    /// `"userspace"` (an in-process TCP/IP stack; no root, no kernel
+    /// routes). Default `"tun"`.
+    pub mode: TunMode,
+}
+
+/// `[tun] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunMode {
+    #[default]
+    Tun,
+    Userspace,
+}
+
+/// `[proxy]`: local proxies into the mesh (both modes).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// A SOCKS5 listener (CONNECT and UDP ASSOCIATE, no authentication),
+    /// e.g. "127.0.0.1:1080". Loopback addresses only.
+    pub socks5: Option<SocketAddr>,
+    /// An HTTP CONNECT proxy, e.g. "127.0.0.1:8080". Loopback only.
+    pub http: Option<SocketAddr>,
+}
+
+/// One `[[forwards]]` entry: a local TCP port whose connections go to a
+/// target in the mesh (as `tern forward LISTEN=TARGET` does).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// Local address to listen on, e.g. "127.0.0.1:15432". Loopback only.
+    pub listen: SocketAddr,
+    /// A peer's overlay address or an address a gateway routes, with port.
+    pub target: std::net::SocketAddrV4,
+}
+
+/// Listeners into the mesh are for this machine only: anything else would
+/// open the mesh to whoever can reach the address.
+fn loopback_only(file: &Path, key: &str, addr: &SocketAddr) -> Result<(), ConfigError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(invalid(
+            file,
+            key,
+            format!(
+                "{addr} is not a loopback address; listeners into the mesh serve this machine only, \
+                 e.g. \"127.0.0.1:{}\"",
+                addr.port()
+            ),
+        ))
+    }
 }
 
 /// `[api]`: the local Unix-socket API.
@@ -457,6 +516,15 @@ impl NodeConfig {
         if let Some(runner) = &self.runner {
             runner.validate(file)?;
         }
+        if let Some(a) = &self.proxy.socks5 {
+            loopback_only(file, "proxy.socks5", a)?;
+        }
+        if let Some(a) = &self.proxy.http {
+            loopback_only(file, "proxy.http", a)?;
+        }
+        for (i, f) in self.forwards.iter().enumerate() {
+            loopback_only(file, &format!("forwards[{i}].listen"), &f.listen)?;
+        }
         validate_routes(&self.routes, file)
     }
 }
@@ -516,6 +584,7 @@ impl Default for TunConfig {
             name: DEFAULT_TUN_NAME.to_string(),
             mtu: DEFAULT_MTU,
             offload: true,
+            mode: TunMode::Tun,
         }
     }
 }
@@ -1085,6 +1154,7 @@ mod tests {
                     name: "ci.tun-0_a".into(),
                     mtu: 1280,
                     offload: true,
+                    mode: TunMode::Tun,
                 },
                 api: ApiConfig {
                     socket: Some("/run/tern/api.sock".into()),
@@ -1102,6 +1172,8 @@ mod tests {
                 gateway: None,
                 routes: vec![],
                 runner: None,
+                proxy: ProxyConfig::default(),
+                forwards: vec![],
             }
         );
     }

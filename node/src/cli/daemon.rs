@@ -13,6 +13,10 @@ pub struct UpArgs {
     /// The node's config file (see config/node.toml).
     #[arg(long, short)]
     pub config: PathBuf,
+    /// No TUN device and no root: an in-process TCP/IP stack (the same as
+    /// `[tun] mode = "userspace"`).
+    #[arg(long)]
+    pub userspace: bool,
 }
 
 #[derive(Args)]
@@ -65,7 +69,7 @@ pub(crate) fn api_socket(
         (Some(s), _) => s.clone(),
         (None, Some(c)) => {
             let config = io::load_node_config(c)?;
-            api::socket_path(config.api.socket.as_deref(), &config.tun.name)
+            api::socket_path_for(&config)
         }
         (None, None) => api::socket_path(None, "tern0"),
     })
@@ -128,7 +132,7 @@ fn describe_ping(r: &serde_json::Value) -> String {
 pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let config = io::load_node_config(&args.config)?;
     crate::init_logging(&config.log.level);
-    runtime()?.block_on(io::run(&args.config))?;
+    runtime()?.block_on(io::run(&args.config, args.userspace))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -3,4 +3,5 @@
 
 pub mod cert;
 pub mod daemon;
+pub mod forward;
 pub mod run;

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use super::daemon::api_socket;
 use crate::io::api::{self, ApiRequest};
 use crate::io::archive::{self, ArchiveError, ChunkReader, ChunkWriter, Summary};
+use crate::io::proxy::ByteStream;
 use crate::io::runner::TRANSFER_LIMITS;
 use crate::proto::runner::Caller;
 
@@ -146,13 +147,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// directly; `--on LABEL` and `--node NAME` through the lighthouses (asked
 /// by the local daemon), checking each candidate's verified certificate
 /// before anything is sent.
-async fn connect(args: &RunArgs) -> Result<TcpStream, (u8, String)> {
+async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
     if let Some(ip) = args
         .node
         .as_deref()
         .and_then(|n| n.parse::<Ipv4Addr>().ok())
     {
-        return dial(ip).await.map_err(|e| (exit::NO_RUNNER, e));
+        return dial(args, ip).await.map_err(|e| (exit::NO_RUNNER, e));
     }
     let selector = match (&args.on, &args.node) {
         (Some(label), _) => RunnerSelector::Label(label.clone()),
@@ -199,7 +200,7 @@ async fn connect(args: &RunArgs) -> Result<TcpStream, (u8, String)> {
     }
     let mut tried = Vec::new();
     for runner in &found.runners {
-        let stream = match dial(runner.overlay_ip).await {
+        let stream = match dial(args, runner.overlay_ip).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("tern run: skipping {}: {e}", runner.name);
@@ -264,10 +265,37 @@ struct RunnersFound {
     answered: usize,
 }
 
-async fn dial(ip: Ipv4Addr) -> Result<TcpStream, String> {
-    let addr = SocketAddr::from((ip, RUNNER_PORT));
-    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => Ok(s),
+/// Opens the job connection: directly (TUN mode: the kernel routes the
+/// overlay address into the TUN device), or through the local daemon when
+/// it runs in userspace mode (no kernel route exists then).
+async fn dial(args: &RunArgs, ip: Ipv4Addr) -> Result<Box<dyn ByteStream>, String> {
+    let addr = SocketAddrV4::new(ip, RUNNER_PORT);
+    if let Ok(socket) = api_socket(&args.socket, &args.config) {
+        let mode = api::call(&socket, &ApiRequest::Route { ip }).await.ok();
+        if let Some(reply) = mode {
+            if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+                return Err(format!("cannot reach the runner at {addr}: {e}"));
+            }
+            if reply.get("mode").and_then(|m| m.as_str()) == Some("userspace") {
+                return match tokio::time::timeout(DIAL_TIMEOUT, api::dial(&socket, addr)).await {
+                    Ok(Ok(s)) => Ok(Box::new(s)),
+                    Ok(Err(e)) => Err(format!("cannot reach the runner at {addr}: {e:#}")),
+                    Err(_) => Err(format!(
+                        "no answer from the runner at {addr} within {} s",
+                        DIAL_TIMEOUT.as_secs()
+                    )),
+                };
+            }
+        }
+    }
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(SocketAddr::V4(addr))).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            // A runner that vanishes (and its tunnel with it) cannot say
+            // goodbye: keepalive notices within seconds.
+            crate::io::runner::keepalive(&s);
+            Ok(Box::new(s))
+        }
         Ok(Err(e)) => Err(format!("cannot reach the runner at {addr}: {e}")),
         Err(_) => Err(format!(
             "no answer from the runner at {addr} within {} s",
@@ -353,7 +381,7 @@ struct ArtifactSink {
 /// The one writer of the connection: control messages first, upload
 /// chunks in between, `UploadDone` when the upload channel closes.
 async fn write_frames(
-    mut write: tokio::net::tcp::OwnedWriteHalf,
+    mut write: tokio::io::WriteHalf<Box<dyn ByteStream>>,
     mut control: mpsc::Receiver<Message>,
     mut upload: mpsc::Receiver<Vec<u8>>,
 ) -> anyhow::Result<()> {
@@ -381,15 +409,13 @@ fn megabytes(bytes: u64) -> String {
 }
 
 async fn drive(
-    stream: TcpStream,
+    stream: Box<dyn ByteStream>,
     submit: Submit,
     session: Session<'_>,
 ) -> anyhow::Result<ExitCode> {
     let pipeline = session.pipeline;
     let github = std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true");
-    stream.set_nodelay(true)?;
-    crate::io::runner::keepalive(&stream);
-    let (mut read, write) = stream.into_split();
+    let (mut read, write) = tokio::io::split(stream);
     let (control, control_rx) = mpsc::channel::<Message>(4);
     let (upload_tx, upload_rx) = mpsc::channel::<Vec<u8>>(8);
     let writer = tokio::spawn(write_frames(write, control_rx, upload_rx));

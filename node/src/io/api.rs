@@ -29,6 +29,17 @@ pub enum ApiRequest {
     Peer {
         overlay_ip: std::net::Ipv4Addr,
     },
+    /// Whether an address is reachable at all: a peer's, or in a subnet a
+    /// gateway routes (`tern forward` checks its targets with it).
+    Route {
+        ip: std::net::Ipv4Addr,
+    },
+    /// A TCP connection into the mesh: answered with `{"ok":true}` (or an
+    /// error), after which this API connection carries the bytes both ways
+    /// (`tern forward`, and `tern run` against a userspace node).
+    Dial {
+        target: std::net::SocketAddrV4,
+    },
 }
 
 /// A request and where its answer goes, handed to the event loop.
@@ -41,12 +52,31 @@ pub fn socket_path(configured: Option<&Path>, tun_name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(format!("/run/tern/{tun_name}.sock")))
 }
 
+/// The socket path for a node config: `[api] socket`, else
+/// `/run/tern/<tun name>.sock`, except for a userspace node run without
+/// root, which cannot write there: `$XDG_RUNTIME_DIR/tern/<tun name>.sock`
+/// or `/tmp/tern-<uid>/<tun name>.sock`.
+pub fn socket_path_for(config: &tern_shared::config::NodeConfig) -> PathBuf {
+    if config.api.socket.is_none()
+        && config.tun.mode == tern_shared::config::TunMode::Userspace
+        && !nix::unistd::geteuid().is_root()
+    {
+        let dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(|d| PathBuf::from(d).join("tern"))
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/tern-{}", nix::unistd::geteuid())));
+        return dir.join(format!("{}.sock", config.tun.name));
+    }
+    socket_path(config.api.socket.as_deref(), &config.tun.name)
+}
+
 /// Binds the socket (mode 0660, and `group`'s when given) and serves it
-/// until the returned guard is dropped.
+/// until the returned guard is dropped. `Dial` requests are served here,
+/// with `dialer`; everything else goes to the event loop.
 pub fn serve(
     path: &Path,
     group: Option<&str>,
     calls: mpsc::Sender<ApiCall>,
+    dialer: super::proxy::Dialer,
 ) -> anyhow::Result<SocketGuard> {
     let listener = tern_udp::api_socket::bind(path, group)?;
     let task = tokio::spawn(async move {
@@ -55,8 +85,9 @@ pub fn serve(
                 continue;
             };
             let calls = calls.clone();
+            let dialer = dialer.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, calls).await {
+                if let Err(e) = answer(stream, calls, dialer).await {
                     tracing::debug!(error = %e, "API connection failed");
                 }
             });
@@ -68,14 +99,46 @@ pub fn serve(
     })
 }
 
-async fn answer(stream: UnixStream, calls: mpsc::Sender<ApiCall>) -> anyhow::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    calls: mpsc::Sender<ApiCall>,
+    dialer: super::proxy::Dialer,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
+    let mut reader = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
         if line.len() > 4096 {
             anyhow::bail!("request too long");
         }
-        let reply = match serde_json::from_str::<ApiRequest>(&line) {
+        let request = serde_json::from_str::<ApiRequest>(&line);
+        if let Ok(ApiRequest::Dial { target }) = request {
+            let remote = match dialer.connect(target).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let reply = serde_json::json!({ "error": e.to_string() });
+                    let mut bytes = serde_json::to_vec(&reply)?;
+                    bytes.push(b'\n');
+                    write.write_all(&bytes).await?;
+                    return Ok(());
+                }
+            };
+            write.write_all(b"{\"ok\":true}\n").await?;
+            // What the client sent after its request line belongs to the target.
+            let early = reader.buffer().to_vec();
+            let stream = reader.into_inner().reunite(write)?;
+            let mut remote = remote;
+            if !early.is_empty() {
+                remote.write_all(&early).await?;
+            }
+            super::proxy::splice(stream, remote).await;
+            return Ok(());
+        }
+        let reply = match request {
             Ok(req) => {
                 let (tx, rx) = oneshot::channel();
                 calls.send((req, tx)).await.ok();
@@ -88,7 +151,36 @@ async fn answer(stream: UnixStream, calls: mpsc::Sender<ApiCall>) -> anyhow::Res
         bytes.push(b'\n');
         write.write_all(&bytes).await?;
     }
-    Ok(())
+}
+
+/// Client side of `Dial`: a connection to `target` through the daemon, as a
+/// byte stream.
+pub async fn dial(path: &Path, target: std::net::SocketAddrV4) -> anyhow::Result<UnixStream> {
+    let mut stream = connect(path).await?;
+    let mut line = serde_json::to_vec(&ApiRequest::Dial { target })?;
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    // Read the answer a byte at a time: what follows it is the target's.
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await?;
+        if n == 0 {
+            anyhow::bail!("the daemon closed the connection without answering");
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        answer.push(byte[0]);
+        if answer.len() > 4096 {
+            anyhow::bail!("the daemon's answer is too long");
+        }
+    }
+    let reply: serde_json::Value = serde_json::from_slice(&answer)?;
+    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("{e}");
+    }
+    Ok(stream)
 }
 
 /// Removes the socket file when the daemon stops.
@@ -104,24 +196,26 @@ impl Drop for SocketGuard {
     }
 }
 
-/// Client side: sends one request and returns the reply.
-pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_json::Value> {
-    let stream = match UnixStream::connect(path).await {
-        Ok(s) => s,
+async fn connect(path: &Path) -> anyhow::Result<UnixStream> {
+    match UnixStream::connect(path).await {
+        Ok(s) => Ok(s),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
             "the daemon's API socket {} is not open to this user ({e}); run as root, or set \
              [api] group in the node's config to a group of this user and restart the node",
             path.display()
         ),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
+        Err(e) => Err(e).with_context(|| {
+            format!(
                 "connecting to the daemon's API socket {} (is `tern up` running with this config?)",
                 path.display()
             )
-            })
-        }
-    };
+        }),
+    }
+}
+
+/// Client side: sends one request and returns the reply.
+pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_json::Value> {
+    let stream = connect(path).await?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');

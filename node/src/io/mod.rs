@@ -9,7 +9,9 @@ pub mod datapath;
 pub mod exec;
 pub mod gateway;
 pub mod job;
+pub mod proxy;
 pub mod runner;
+pub mod userspace;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::Path;
@@ -17,7 +19,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tern_shared::cert::RUNNER_GROUP;
-use tern_shared::config::NodeConfig;
+use tern_shared::config::{NodeConfig, TunMode};
 use tern_shared::identity::Identity;
 use tern_shared::mesh::{Mesh, MeshSettings};
 use tokio::signal::unix::{signal, SignalKind};
@@ -65,8 +67,13 @@ pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Ident
 }
 
 /// `tern up`: runs the node in the foreground until SIGINT or SIGTERM.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let config = load_node_config(config_path)?;
+/// `userspace` overrides `[tun] mode` (`tern up --userspace`).
+pub async fn run(config_path: &Path, userspace: bool) -> anyhow::Result<()> {
+    let mut config = load_node_config(config_path)?;
+    if userspace {
+        config.tun.mode = TunMode::Userspace;
+    }
+    let userspace = config.tun.mode == TunMode::Userspace;
     let identity = load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?;
     let cert = identity.cert.clone();
     let overlay = cert.overlay_net();
@@ -92,30 +99,47 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let outer = Outer::new(socket).context("setting up the UDP socket's batching and offloads")?;
     let listen = outer.local_addr()?;
 
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&config.tun.name)
-        .ipv4(overlay.addr(), overlay.prefix_len(), None)
-        .mtu(config.tun.mtu)
-        // The kernel's queue toward the daemon: the default 500 packets
-        // overflow in bursts while the loop serves the other direction.
-        .tx_queue_len(TUN_QUEUE_LEN)
-        .offload(config.tun.offload)
-        .build_async()
-        .with_context(|| {
-            format!(
-                "creating TUN device {:?} with {overlay}: this needs root or CAP_NET_ADMIN and /dev/net/tun",
-                config.tun.name
-            )
-        })?;
-    tracing::info!(
-        device = %config.tun.name,
-        address = %overlay,
-        mtu = config.tun.mtu,
-        tcp_offload = tun.tcp_gso(),
-        udp_offload = tun.udp_gso(),
-        %listen,
-        "TUN device up"
-    );
+    // The plane packets for this node go to: a TUN device, or the
+    // userspace stack.
+    let mut plane = if userspace {
+        let stack =
+            userspace::Netstack::new(overlay, config.tun.mtu, gateway_subnets.clone(), seed());
+        tracing::info!(address = %overlay, mtu = config.tun.mtu, %listen, "userspace mode: no TUN device, an in-process TCP/IP stack");
+        Plane::User {
+            stack: Box::new(stack),
+            path: Box::new(userspace::UserPath::new(config.tun.mtu)),
+        }
+    } else {
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&config.tun.name)
+            .ipv4(overlay.addr(), overlay.prefix_len(), None)
+            .mtu(config.tun.mtu)
+            // The kernel's queue toward the daemon: the default 500 packets
+            // overflow in bursts while the loop serves the other direction.
+            .tx_queue_len(TUN_QUEUE_LEN)
+            .offload(config.tun.offload)
+            .build_async()
+            .with_context(|| {
+                format!(
+                    "creating TUN device {:?} with {overlay}: this needs root or CAP_NET_ADMIN and /dev/net/tun \
+                     (or run without either: [tun] mode = \"userspace\", or tern up --userspace)",
+                    config.tun.name
+                )
+            })?;
+        tracing::info!(
+            device = %config.tun.name,
+            address = %overlay,
+            mtu = config.tun.mtu,
+            tcp_offload = tun.tcp_gso(),
+            udp_offload = tun.udp_gso(),
+            %listen,
+            "TUN device up"
+        );
+        Plane::Tun {
+            tun: Box::new(tun),
+            path: Box::new(DataPath::new(config.tun.mtu)),
+        }
+    };
 
     let now = Instant::now();
     let settings = MeshSettings {
@@ -145,6 +169,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     core.set_relay_after(config.peers.relay_after);
     core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
     let _gateway = match &config.gateway {
+        Some(_) if userspace => {
+            tracing::info!(subnets = ?gateway_subnets, "gateway in userspace: flows to these subnets are proxied with ordinary sockets (no ip_forward, no NAT rules)");
+            None
+        }
         Some(gw) => Some(gateway::setup(
             &config.tun.name,
             overlay,
@@ -162,11 +190,18 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let (identity_tx, mut identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
     let (_runner, mut runner_load) = match &config.runner {
         Some(r) => {
+            let listener = match &mut plane {
+                Plane::User { stack, .. } => {
+                    runner::Listener::Userspace(stack.listen(tern_shared::job::RUNNER_PORT))
+                }
+                Plane::Tun { .. } => runner::Listener::Kernel,
+            };
             let (task, load) = runner::start(
                 r.clone(),
                 cert.name().to_string(),
                 cert.overlay_ip(),
                 identity_tx,
+                listener,
             )
             .await
             .context("starting the runner ([runner])")?;
@@ -183,14 +218,27 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    let dialer = match &plane {
+        Plane::User { stack, .. } => proxy::Dialer::Userspace(stack.handle()),
+        Plane::Tun { .. } => proxy::Dialer::Kernel,
+    };
+    let _proxies = ProxyTasks(proxy::start(&config, &dialer).await?);
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
-    let socket_path = api::socket_path(config.api.socket.as_deref(), &config.tun.name);
-    let _api_guard = api::serve(&socket_path, config.api.group.as_deref(), api_tx)?;
+    let socket_path = api::socket_path_for(&config);
+    let _api_guard = api::serve(
+        &socket_path,
+        config.api.group.as_deref(),
+        api_tx,
+        dialer.clone(),
+    )?;
+    let stack_wake = match &plane {
+        Plane::User { stack, .. } => Some(stack.wake()),
+        Plane::Tun { .. } => None,
+    };
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut path = DataPath::new(config.tun.mtu);
     let mut waiting_pings: std::collections::HashMap<
         u32,
         tokio::sync::oneshot::Sender<serde_json::Value>,
@@ -205,14 +253,23 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         tokio::select! {
             ready = outer.readable() => {
                 match ready {
-                    Ok(()) => path.udp_to_tun(&mut core, &tun, &outer).await,
+                    Ok(()) => match &mut plane {
+                        Plane::Tun { tun, path } => path.udp_to_tun(&mut core, tun, &outer).await,
+                        Plane::User { stack, path } => path.udp_in(&mut core, &outer, stack),
+                    },
                     Err(e) => tracing::debug!(error = %e, "UDP socket error"),
                 }
             }
-            ready = tun.readable() => {
-                let alive = match ready {
-                    Ok(()) => path.tun_to_udp(&mut core, &tun, &outer).await,
-                    Err(e) => {
+            ready = async {
+                match &plane {
+                    Plane::Tun { tun, .. } => tun.readable().await,
+                    Plane::User { .. } => std::future::pending().await,
+                }
+            } => {
+                let alive = match (ready, &mut plane) {
+                    (Ok(()), Plane::Tun { tun, path }) => path.tun_to_udp(&mut core, tun, &outer).await,
+                    (Ok(()), Plane::User { .. }) => true,
+                    (Err(e), _) => {
                         tracing::error!(error = %e, "TUN device error");
                         false
                     }
@@ -222,10 +279,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     break;
                 }
             }
+            _ = async {
+                match &stack_wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = tokio::time::sleep_until(next_timer) => {
                 let now = Instant::now();
                 core.handle_timeout(now);
-                let next = core.poll_timeout(now);
+                let mut next = core.poll_timeout(now);
+                if let Plane::User { stack, .. } = &mut plane {
+                    if let Some(d) = stack.poll_delay() {
+                        next = next.min(now + d);
+                    }
+                }
                 next_timer = tokio::time::Instant::from_std(next);
             }
             Some((request, reply)) = api_rx.recv() => {
@@ -254,6 +322,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     ApiRequest::Peer { overlay_ip } => {
                         let _ = reply.send(serde_json::to_value(core.caller(overlay_ip)).unwrap_or_default());
                     }
+                    ApiRequest::Route { ip } => {
+                        let _ = reply.send(match core.reachable(ip) {
+                            Ok(()) => serde_json::json!({ "ok": true, "mode": config.tun.mode }),
+                            Err(e) => serde_json::json!({ "error": e }),
+                        });
+                    }
+                    ApiRequest::Dial { .. } => {
+                        // Answered by the API server itself with the dialer.
+                        let _ = reply.send(serde_json::json!({ "error": "dial is not a loop request" }));
+                    }
                 }
             }
             Ok(()) = async { match runner_load.as_mut() { Some(l) => l.changed().await, None => std::future::pending().await } } => {
@@ -269,8 +347,26 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
         flush(&mut core, &outer).await;
-        while let Some(reply) = core.poll_tun_write() {
-            path.write_one(&tun, &reply).await;
+        match &mut plane {
+            Plane::Tun { tun, path } => {
+                while let Some(reply) = core.poll_tun_write() {
+                    path.write_one(tun, &reply).await;
+                }
+            }
+            Plane::User { stack, path } => {
+                let now = Instant::now();
+                while let Some(reply) = core.poll_tun_write() {
+                    stack.handle_inbound(&reply, now);
+                }
+                stack.poll(now, &|ip| core.reachable(ip));
+                path.flush(&mut core, &outer, stack).await;
+                if let Some(d) = stack.poll_delay() {
+                    let at = tokio::time::Instant::now() + d;
+                    if at < next_timer {
+                        next_timer = at;
+                    }
+                }
+            }
         }
         while let Some(result) = core.poll_ping_result() {
             if let Some(reply) = waiting_pings.remove(&result.id) {
@@ -283,6 +379,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
         }
         while let Some(command) = core.poll_command() {
+            if userspace {
+                // No kernel routes: the stack hands every packet to the core.
+                continue;
+            }
             let result = match command {
                 NodeCommand::AddRoute(subnet) => {
                     gateway::kernel_route(true, subnet, &config.tun.name)
@@ -299,9 +399,39 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     core.shutdown(Instant::now());
     flush(&mut core, &outer).await;
-    drop(tun);
-    tracing::info!("stopped; TUN device removed");
+    drop(plane);
+    tracing::info!(
+        "stopped{}",
+        if userspace {
+            ""
+        } else {
+            "; TUN device removed"
+        }
+    );
     Ok(())
+}
+
+/// Where packets for this node go.
+enum Plane {
+    Tun {
+        tun: Box<tun_rs::AsyncDevice>,
+        path: Box<DataPath>,
+    },
+    User {
+        stack: Box<userspace::Netstack>,
+        path: Box<userspace::UserPath>,
+    },
+}
+
+/// Stops the local proxies and forwards with the daemon.
+struct ProxyTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for ProxyTasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Stops the runner's listener with the daemon.

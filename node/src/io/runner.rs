@@ -23,6 +23,19 @@ use super::exec::KILL_GRACE;
 use super::job::{append_audit, pipeline_sha256, run_job, AuditRecord, JobSpec, Transfer};
 use crate::proto::runner::{authorize, Admission, Caller, JobId, Scheduler};
 
+/// Where the runner's connections come from.
+pub enum Listener {
+    /// A TCP listener on the overlay address (TUN mode).
+    Kernel,
+    /// The userspace stack's connections to the runner's port.
+    Userspace(mpsc::Receiver<super::userspace::Conn>),
+}
+
+enum Accept {
+    Kernel(TcpListener),
+    Userspace(mpsc::Receiver<super::userspace::Conn>),
+}
+
 /// "Who is this overlay address?", answered by the event loop from the mesh.
 pub type IdentityQuery = (Ipv4Addr, oneshot::Sender<Option<Caller>>);
 
@@ -54,11 +67,17 @@ pub async fn start(
     name: String,
     overlay_ip: Ipv4Addr,
     identities: mpsc::Sender<IdentityQuery>,
+    listener: Listener,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, watch::Receiver<RunnerLoad>)> {
     let addr = SocketAddr::new(IpAddr::V4(overlay_ip), RUNNER_PORT);
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the runner on {addr}"))?;
+    let mut listener = match listener {
+        Listener::Kernel => Accept::Kernel(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the runner on {addr}"))?,
+        ),
+        Listener::Userspace(conns) => Accept::Userspace(conns),
+    };
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating [runner] work_dir {}", config.work_dir.display()))?;
     tracing::info!(%addr, labels = ?config.labels, allow_groups = ?config.allow_groups, concurrency = config.concurrency, "runner up");
@@ -68,9 +87,27 @@ pub async fn start(
     let config = std::sync::Arc::new(config);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
+            let (stream, peer): (Box<dyn super::proxy::ByteStream>, SocketAddr) =
+                match &mut listener {
+                    Accept::Kernel(l) => {
+                        let Ok((stream, peer)) = l.accept().await else {
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        // A caller that vanishes is noticed, and its job
+                        // cancelled, in seconds.
+                        keepalive(&stream);
+                        (Box::new(stream), peer)
+                    }
+                    // The stack's connections keep themselves alive the same way.
+                    Accept::Userspace(conns) => match conns.recv().await {
+                        Some(conn) => {
+                            let peer = SocketAddr::V4(conn.peer);
+                            (Box::new(conn.into_stream()), peer)
+                        }
+                        None => break,
+                    },
+                };
             let config = config.clone();
             let identities = identities.clone();
             let queue = queue_tx.clone();
@@ -136,24 +173,24 @@ async fn queue_owner(
     }
 }
 
-async fn send(stream: &mut tokio::net::tcp::OwnedWriteHalf, msg: &Message) -> anyhow::Result<()> {
+async fn send(
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
+    msg: &Message,
+) -> anyhow::Result<()> {
     let bytes = msg.encode()?;
     stream.write_all(&bytes).await?;
     Ok(())
 }
 
 async fn serve(
-    stream: TcpStream,
+    stream: Box<dyn super::proxy::ByteStream>,
     peer: SocketAddr,
     config: std::sync::Arc<RunnerConfig>,
     identities: mpsc::Sender<IdentityQuery>,
     queue: mpsc::Sender<QueueEvent>,
     runner_name: String,
 ) -> anyhow::Result<()> {
-    stream.set_nodelay(true)?;
-    // A caller that vanishes is noticed, and its job cancelled, in seconds.
-    keepalive(&stream);
-    let (mut read, mut write) = stream.into_split();
+    let (mut read, mut write) = tokio::io::split(stream);
     // Who is calling: only a peer's own overlay address names a peer.
     let IpAddr::V4(ip) = peer.ip() else {
         anyhow::bail!("not an IPv4 overlay address");

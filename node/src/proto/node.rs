@@ -1523,6 +1523,30 @@ impl NodeCore {
         })
     }
 
+    /// Whether traffic to `ip` has somewhere to go: a peer's overlay
+    /// address, or an address in a subnet some gateway routes. The error
+    /// names the address and what is routed, for `tern forward` and the
+    /// proxies.
+    pub fn reachable(&self, ip: Ipv4Addr) -> Result<(), String> {
+        if ip == self.overlay_ip {
+            return Err(format!("{ip} is this node"));
+        }
+        if self.overlay_net.contains(&ip) || self.route_for(ip).is_some() {
+            return Ok(());
+        }
+        let routed: Vec<String> = self.routes.iter().map(|r| r.subnet.to_string()).collect();
+        Err(format!(
+            "{ip} is in no subnet a gateway routes ({}) and not in the overlay {}; \
+             check the gateways' [gateway] subnets and certificates, or add [[routes]]",
+            if routed.is_empty() {
+                "none is known yet".to_string()
+            } else {
+                format!("routed: {}", routed.join(", "))
+            },
+            self.overlay_net.trunc()
+        ))
+    }
+
     /// A ping's answer or timeout, for whoever asked.
     pub fn poll_ping_result(&mut self) -> Option<PingResult> {
         self.ping_results.pop_front()
