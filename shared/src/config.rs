@@ -1281,6 +1281,27 @@ mod tests {
     }
 
     #[test]
+    fn userspace_mode_and_local_listeners() {
+        let c = node_with(
+            "[tun]\nmode = \"userspace\"\n[proxy]\nsocks5 = \"127.0.0.1:1080\"\nhttp = \"[::1]:8080\"\n[[forwards]]\nlisten = \"127.0.0.1:15432\"\ntarget = \"198.19.4.20:5432\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tun.mode, TunMode::Userspace);
+        assert_eq!(c.forwards[0].target.to_string(), "198.19.4.20:5432");
+        assert_eq!(node_with("").unwrap().tun.mode, TunMode::Tun);
+        for (text, key) in [
+            ("[tun]\nmode = \"kernel\"\n", "mode"),
+            ("[proxy]\nsocks5 = \"0.0.0.0:1080\"\n", "proxy.socks5"),
+            ("[proxy]\nhttp = \"198.18.0.2:8080\"\n", "proxy.http"),
+            ("[[forwards]]\nlisten = \"0.0.0.0:1\"\ntarget = \"198.19.0.1:1\"\n", "forwards[0].listen"),
+            ("[[forwards]]\nlisten = \"127.0.0.1:1\"\ntarget = \"db:1\"\n", "IPv4 socket address"),
+        ] {
+            let err = node_with(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_key_in_table_names_key_file_and_line() {
         let err = node_with("[tun]\nname = \"tern0\"\n  nmae = \"x\"\n").unwrap_err();
         assert_eq!(
@@ -1289,7 +1310,7 @@ mod tests {
                 file: file(),
                 at: Some(Position { line: 7, col: 3 }),
                 key: "tun.nmae".into(),
-                expected: "expected one of `name`, `mtu`, `offload`".into(),
+                expected: "expected one of `name`, `mtu`, `offload`, `mode`".into(),
             }
         );
         let text = err.to_string();
@@ -1831,6 +1852,13 @@ mod tests {
             "offload =",
             "relay_after =",
             "# group =",
+            "mode =",
+            "[proxy]",
+            "socks5 =",
+            "http =",
+            "[[forwards]]",
+            "listen =",
+            "target =",
         ] {
             assert!(
                 node_text.lines().any(|l| l.trim_start().starts_with(key)),
