@@ -1293,8 +1293,14 @@ mod tests {
             ("[tun]\nmode = \"kernel\"\n", "mode"),
             ("[proxy]\nsocks5 = \"0.0.0.0:1080\"\n", "proxy.socks5"),
             ("[proxy]\nhttp = \"198.18.0.2:8080\"\n", "proxy.http"),
-            ("[[forwards]]\nlisten = \"0.0.0.0:1\"\ntarget = \"198.19.0.1:1\"\n", "forwards[0].listen"),
-            ("[[forwards]]\nlisten = \"127.0.0.1:1\"\ntarget = \"db:1\"\n", "IPv4 socket address"),
+            (
+                "[[forwards]]\nlisten = \"0.0.0.0:1\"\ntarget = \"198.19.0.1:1\"\n",
+                "forwards[0].listen",
+            ),
+            (
+                "[[forwards]]\nlisten = \"127.0.0.1:1\"\ntarget = \"db:1\"\n",
+                "IPv4 socket address",
+            ),
         ] {
             let err = node_with(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
