@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Bytes each side of a TCP connection may have in flight in the stack.
-const TCP_BUFFER: usize = 512 * 1024;
+const TCP_BUFFER: usize = 256 * 1024;
 /// Chunks queued between the stack and a connection's task, each way.
 const CHANNEL_DEPTH: usize = 32;
 /// Largest chunk read from a socket at once.
@@ -54,7 +54,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// UDP flows through a gateway are forgotten after this long without traffic.
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Most TCP connections and UDP flows at once.
-const MAX_CONNECTIONS: usize = 4096;
+const MAX_CONNECTIONS: usize = 2048;
 
 /// Why a connection could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
