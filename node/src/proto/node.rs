@@ -1116,6 +1116,7 @@ impl NodeCore {
             ControlMessage::RegisterAck {
                 observed, relay, ..
             } => {
+                let mut first_registration = false;
                 for link in &mut self.links {
                     if let LinkState::Up {
                         peer,
@@ -1127,6 +1128,7 @@ impl NodeCore {
                         if *peer == from_peer {
                             if !*acked {
                                 tracing::info!(lighthouse = %link.target.endpoint, %observed, "registered with lighthouse");
+                                first_registration = true;
                             }
                             *last_ack = now;
                             *acked = true;
@@ -1139,6 +1141,12 @@ impl NodeCore {
                 // With every registration: a restarted lighthouse learns
                 // the runner again within one interval.
                 self.advertise_runner(Some(from_peer), now);
+                if first_registration {
+                    // Learn the routes now, not an interval later: a CI
+                    // job's first connection follows `tern up` at once.
+                    self.next_routes_query = now;
+                    self.drive_routes(now);
+                }
             }
             ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
             ControlMessage::QueryReply {
