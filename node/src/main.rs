@@ -30,6 +30,8 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Forward local ports to targets in the mesh through the running node.
     Forward(cli::forward::ForwardArgs),
+    /// Try Tern in one command, without root or config: a throwaway mesh on this machine's loopback.
+    Demo(cli::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Ping(args) => cli::daemon::ping(args),
         Command::Run(args) => cli::run::run(args),
         Command::Forward(args) => cli::forward::run(args),
+        Command::Demo(args) => cli::demo::run(args),
     };
     match result {
         Ok(code) => code,

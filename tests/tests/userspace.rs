@@ -595,3 +595,32 @@ fn a_pipeline_runs_on_a_userspace_runner_from_a_userspace_client() {
     }
     panic!("the runner was never found: {last}");
 }
+
+#[test]
+fn tern_demo_runs_to_completion_and_leaves_nothing_behind() {
+    let test = "tern_demo";
+    if !have(&["bash"], test) {
+        return;
+    }
+    let _serial = serial();
+    let out = run("tern", &["demo"], Duration::from_secs(120));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("hello from the private service at 127.77.0.10"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[hello] hello from runner"), "{stdout}");
+    assert!(stdout.contains("[count] tick 3"), "{stdout}");
+    let dir = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cleaned up: ")
+                .and_then(|r| r.split("removed ").nth(1))
+        })
+        .unwrap_or_else(|| panic!("no cleanup line: {stdout}"));
+    assert!(!Path::new(dir.trim()).exists(), "{dir} removed");
+}

@@ -3,5 +3,6 @@
 
 pub mod cert;
 pub mod daemon;
+pub mod demo;
 pub mod forward;
 pub mod run;
