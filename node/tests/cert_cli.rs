@@ -462,3 +462,177 @@ fn print_json_parses() {
         .collect();
     assert_eq!(kinds, ["ca", "node"]);
 }
+
+#[test]
+fn an_issuer_signs_short_lived_ci_identities_only_within_its_constraints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(
+        d,
+        "ca",
+        &["--ips", "100.64.0.0/10", "--groups", "ci,deploy,db"],
+    );
+    let out = ok(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--issuer",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "lh-issuer",
+            "--ips",
+            "100.64.100.0/24",
+            "--groups",
+            "ci,deploy",
+            "--max-duration",
+            "1h",
+            "--out-key",
+            "issuer.key",
+            "--out-crt",
+            "issuer.crt",
+        ],
+    );
+    assert!(out.contains("names ci-*"), "{out}");
+    assert_eq!(mode(&d.join("issuer.key")), 0o600);
+    let issuer = read_cert(&d.join("issuer.crt"));
+    assert_eq!(issuer.body.kind, tern_shared::cert::CertKind::Issuer);
+    assert_eq!(issuer.body.max_lifetime, 3600);
+    // A node under it: default lifetime is the issuer's maximum.
+    let sign = |name: &str, ip: &str, extra: &[&str]| {
+        let mut args = vec![
+            "cert",
+            "sign",
+            "--ca-crt",
+            "issuer.crt",
+            "--ca-key",
+            "issuer.key",
+            "--name",
+            name,
+            "--ip",
+            ip,
+            "--out-key",
+        ];
+        let key = format!("{name}.key");
+        let crt = format!("{name}.crt");
+        args.extend_from_slice(&[key.as_str(), "--out-crt", crt.as_str()]);
+        args.extend_from_slice(extra);
+        tern(d, &args)
+    };
+    let good = sign("ci-job-1", "100.64.100.5/10", &["--groups", "ci"]);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let job = read_cert(&d.join("ci-job-1.crt"));
+    assert!(job.body.not_after - job.body.not_before <= 3600);
+    // Peers trust only the root, and the chain verifies.
+    let verified = ok(d, &["cert", "verify", "--ca", "ca.crt", "ci-job-1.crt"]);
+    assert!(verified.starts_with("valid: ci-job-1"), "{verified}");
+    let printed = ok(d, &["cert", "print", "ci-job-1.crt"]);
+    assert!(printed.contains("issued by:   lh-issuer"), "{printed}");
+    // Everything outside the issuer's constraints is refused, saying why.
+    for (name, ip, extra, why) in [
+        ("ci-job-2", "100.64.0.5/10", &[][..], "outside its pool"),
+        (
+            "ci-job-3",
+            "100.64.100.6/10",
+            &["--groups", "db"][..],
+            "not among its groups",
+        ),
+        (
+            "prod-db",
+            "100.64.100.7/10",
+            &[][..],
+            "does not start with \"ci-\"",
+        ),
+        (
+            "ci-job-4",
+            "100.64.100.8/10",
+            &["--duration", "2h"][..],
+            "longer than its maximum",
+        ),
+        (
+            "ci-job-5",
+            "100.64.100.9/10",
+            &["--subnets", "198.19.0.0/24"][..],
+            "route no subnets",
+        ),
+    ] {
+        let out = sign(name, ip, extra);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{name}: {err}");
+    }
+    // An issuer wider than the root is refused; so is one signed by an issuer.
+    let err = fails(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--issuer",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "wide",
+            "--ips",
+            "100.128.0.0/16",
+            "--max-duration",
+            "1h",
+            "--out-key",
+            "w.key",
+            "--out-crt",
+            "w.crt",
+        ],
+    );
+    assert!(err.contains("outside the CA"), "{err}");
+    let err = fails(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--issuer",
+            "--ca-crt",
+            "issuer.crt",
+            "--ca-key",
+            "issuer.key",
+            "--name",
+            "sub",
+            "--ips",
+            "100.64.100.0/25",
+            "--max-duration",
+            "1h",
+            "--out-key",
+            "s.key",
+            "--out-crt",
+            "s.crt",
+        ],
+    );
+    assert!(err.contains("signed by a root CA"), "{err}");
+    // --issuer without its constraints is a usage error.
+    let out = tern(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--issuer",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "x",
+            "--out-key",
+            "x.key",
+            "--out-crt",
+            "x.crt",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+}

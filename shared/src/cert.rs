@@ -31,11 +31,24 @@
 //! [`Cert::encode`] produces, so the signed bytes are the body as sent, and
 //! the fingerprint is the SHA-256 of the whole encoding.
 //!
-//! Room to grow: the intermediate *issuer* cert (a lighthouse minting
-//! short-lived CI identities) will be kind 3 under version 2, which appends its
-//! extra constraints (name prefix, maximum lifetime) after `subnets`. A
-//! version-1 decoder refuses it with [`CertError::UnsupportedVersion`] rather
-//! than misreading it; a version-2 decoder keeps reading version 1.
+//! # Version 2: issuers and the certificates they sign
+//!
+//! An *issuer* (kind 3) is signed by a root CA and signs node certificates
+//! itself, within its constraints: its `ips` are the pool its nodes' overlay
+//! addresses must come from, its `groups` the only groups they may carry,
+//! and two fields follow `issuer`: `name_prefix` (str; every name it signs
+//! starts with it) and `max_lifetime` (u64 seconds; no certificate it signs
+//! lives longer). A lighthouse holds an issuer key to mint short-lived CI
+//! identities; the root key stays offline, and a compromised lighthouse can
+//! mint only pool-addressed, prefix-named, short-lived identities.
+//!
+//! A node certificate signed by an issuer is version 2 too: after `issuer`
+//! (the issuer certificate's fingerprint) comes `chain` (u16 length, then
+//! the issuer certificate's encoding), inside the signed bytes. Every
+//! verifier checks the chain up to a root it trusts: the issuer's signature,
+//! validity and place under the root's constraints, then the node's
+//! signature by the issuer and its place under the issuer's constraints and
+//! the root's. Certificates without an issuer stay version 1, byte for byte.
 
 use crate::armor::{self, ArmorError};
 use crate::keys::CaSecretKey;
@@ -65,8 +78,12 @@ pub const LIGHTHOUSE_GROUP: &str = "lighthouse";
 pub const RUNNER_GROUP: &str = "runner";
 /// Armor label of a certificate; the kind is inside the body.
 pub const CERT_LABEL: &str = "TERN CERTIFICATE";
-/// The format version this code writes.
+/// The format version of CAs and nodes they sign directly.
 pub const VERSION: u8 = 1;
+/// The format version of issuers and the nodes they sign.
+pub const VERSION_ISSUED: u8 = 2;
+/// Longest issuer name prefix, in bytes.
+pub const MAX_PREFIX_LEN: usize = 32;
 /// Longest name or group, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 /// Most overlay nets in one cert (a node has exactly one; a CA's constraints may list more).
@@ -80,6 +97,7 @@ const MAGIC: &[u8; 4] = b"TRNC";
 const SIGNATURE_LEN: usize = 64;
 const KIND_CA: u8 = 1;
 const KIND_NODE: u8 = 2;
+const KIND_ISSUER: u8 = 3;
 
 /// SHA-256 of a cert's full encoding (body and signature).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,6 +109,9 @@ pub enum CertKind {
     Ca,
     /// A node's identity.
     Node,
+    /// Signed by a root CA, signs short-lived node certificates within its
+    /// pool, groups, name prefix and maximum lifetime.
+    Issuer,
 }
 
 /// What a cert says. See the module docs for the meaning of each field per kind.
@@ -111,6 +132,13 @@ pub struct CertBody {
     pub not_after: u64,
     pub public_key: [u8; 32],
     pub issuer: Fingerprint,
+    /// Issuers only: every name they sign starts with this.
+    pub name_prefix: String,
+    /// Issuers only: the longest validity they may sign, in seconds.
+    pub max_lifetime: u64,
+    /// A node signed by an issuer: the issuer's certificate (signed with
+    /// the body, so the chain cannot be swapped).
+    pub chain: Option<Box<Cert>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,6 +190,10 @@ pub enum CertError {
     KeyMismatch,
     #[error("invalid {field} {value:?}: use 1-{MAX_NAME_LEN} characters from A-Z a-z 0-9 . _ -")]
     InvalidName { field: &'static str, value: String },
+    #[error("the certificate goes beyond what its issuer {issuer:?} may sign: {what}")]
+    BeyondIssuer { issuer: String, what: String },
+    #[error("expected an issuer certificate (tern cert sign --issuer)")]
+    NotAnIssuerCert,
     #[error("validity {} .. {} is outside the CA's validity {} .. {}; use a shorter duration or renew the CA", time(.not_before), time(.not_after), time(.ca_not_before), time(.ca_not_after))]
     ValidityOutsideCa {
         not_before: u64,
@@ -195,14 +227,27 @@ impl Cert {
             return Err(malformed("magic", "not a Tern certificate"));
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_ISSUED {
             return Err(CertError::UnsupportedVersion { version });
         }
         let kind = match r.u8()? {
             KIND_CA => CertKind::Ca,
             KIND_NODE => CertKind::Node,
+            KIND_ISSUER => CertKind::Issuer,
             kind => return Err(CertError::UnknownKind { kind }),
         };
+        // Each kind has exactly one version, so the encoding stays canonical.
+        let expected = match kind {
+            CertKind::Ca => VERSION,
+            CertKind::Issuer => VERSION_ISSUED,
+            CertKind::Node => version,
+        };
+        if version != expected {
+            return Err(malformed(
+                "version",
+                format!("{kind} certificates are version {expected}"),
+            ));
+        }
         let name = r.name("name")?;
         let ips = r.nets("ips", MAX_IPS)?;
         let group_count = r.count("groups", MAX_GROUPS)?;
@@ -215,6 +260,34 @@ impl Cert {
         let not_after = r.u64()?;
         let public_key = r.array::<32>()?;
         let issuer = Fingerprint(r.array::<32>()?);
+        let (mut name_prefix, mut max_lifetime, mut chain) = (String::new(), 0, None);
+        match (kind, version) {
+            (CertKind::Issuer, _) => {
+                let len = usize::from(r.u16()?);
+                if len > MAX_PREFIX_LEN {
+                    return Err(malformed(
+                        "name_prefix",
+                        format!("longer than {MAX_PREFIX_LEN} bytes"),
+                    ));
+                }
+                name_prefix = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| malformed("name_prefix", "not valid UTF-8"))?
+                    .to_string();
+                max_lifetime = r.u64()?;
+            }
+            (CertKind::Node, VERSION_ISSUED) => {
+                let len = usize::from(r.u16()?);
+                let inner = Cert::decode(r.take(len)?)?;
+                if inner.body.kind != CertKind::Issuer {
+                    return Err(malformed(
+                        "chain",
+                        "the embedded certificate is not an issuer",
+                    ));
+                }
+                chain = Some(Box::new(inner));
+            }
+            _ => {}
+        }
         let signature = r.array::<SIGNATURE_LEN>()?;
         let extra = bytes.len() - r.pos;
         if extra != 0 {
@@ -231,6 +304,9 @@ impl Cert {
                 not_after,
                 public_key,
                 issuer,
+                name_prefix,
+                max_lifetime,
+                chain,
             },
             signature,
         })
@@ -322,17 +398,7 @@ impl CertBody {
         }
         match self.kind {
             CertKind::Ca => {
-                for net in &self.ips {
-                    if net.trunc() != *net {
-                        return Err(malformed(
-                            "ips",
-                            format!(
-                                "constraint {net} has host bits set; did you mean {}?",
-                                net.trunc()
-                            ),
-                        ));
-                    }
-                }
+                no_host_bits(&self.ips, "constraint")?;
                 if !self.subnets.is_empty() {
                     return Err(malformed("subnets", "a CA certificate routes no subnets"));
                 }
@@ -340,6 +406,48 @@ impl CertBody {
                     return Err(malformed(
                         "issuer",
                         "a self-signed CA names no issuer (all zero)",
+                    ));
+                }
+                if !self.name_prefix.is_empty() || self.max_lifetime != 0 || self.chain.is_some() {
+                    return Err(malformed("kind", "a CA has no issuer fields"));
+                }
+            }
+            CertKind::Issuer => {
+                if self.ips.is_empty() || self.ips.iter().any(|n| !matches!(n, IpNet::V4(_))) {
+                    return Err(malformed(
+                        "ips",
+                        "an issuer needs an IPv4 address pool, e.g. 100.64.100.0/24",
+                    ));
+                }
+                no_host_bits(&self.ips, "pool")?;
+                if !self.subnets.is_empty() {
+                    return Err(malformed(
+                        "subnets",
+                        "an issuer's certificates route no subnets",
+                    ));
+                }
+                if self.issuer == Fingerprint::ZERO {
+                    return Err(malformed("issuer", "an issuer is signed by a root CA"));
+                }
+                if !self.name_prefix.is_empty() {
+                    validate_name("name_prefix", &self.name_prefix)?;
+                }
+                if self.name_prefix.len() > MAX_PREFIX_LEN {
+                    return Err(malformed(
+                        "name_prefix",
+                        format!("longer than {MAX_PREFIX_LEN} bytes"),
+                    ));
+                }
+                if self.max_lifetime == 0 {
+                    return Err(malformed(
+                        "max_lifetime",
+                        "an issuer must allow some lifetime, e.g. 1h",
+                    ));
+                }
+                if self.chain.is_some() {
+                    return Err(malformed(
+                        "chain",
+                        "an issuer is signed by a root CA directly",
                     ));
                 }
             }
@@ -355,6 +463,17 @@ impl CertBody {
                 }
                 if self.public_key == [0; 32] {
                     return Err(malformed("public_key", "all zero"));
+                }
+                if !self.name_prefix.is_empty() || self.max_lifetime != 0 {
+                    return Err(malformed("kind", "a node has no issuer constraints"));
+                }
+                if let Some(chain) = &self.chain {
+                    if chain.fingerprint() != self.issuer {
+                        return Err(malformed(
+                            "issuer",
+                            "does not match the embedded issuer certificate",
+                        ));
+                    }
                 }
             }
         }
@@ -413,15 +532,42 @@ pub fn self_sign_ca(mut body: CertBody, key: &CaSecretKey) -> Result<Cert, CertE
 pub fn sign_node(
     ca: &Cert,
     ca_key: &CaSecretKey,
+    body: CertBody,
+    now_unix: u64,
+) -> Result<Cert, CertError> {
+    if body.kind != CertKind::Node {
+        return Err(CertError::NotANodeCert);
+    }
+    sign_under_root(ca, ca_key, body, now_unix)
+}
+
+/// Signs an issuer certificate under the root `ca`: its pool, groups and
+/// validity must sit inside the CA's constraints (refused, never clamped).
+pub fn sign_issuer(
+    ca: &Cert,
+    ca_key: &CaSecretKey,
+    body: CertBody,
+    now_unix: u64,
+) -> Result<Cert, CertError> {
+    if body.kind != CertKind::Issuer {
+        return Err(CertError::NotAnIssuerCert);
+    }
+    ed25519_dalek::VerifyingKey::from_bytes(&body.public_key)
+        .map_err(|_| malformed("public_key", "not a valid Ed25519 public key"))?;
+    sign_under_root(ca, ca_key, body, now_unix)
+}
+
+/// What signing anything under a root CA checks: the CA and its key, the
+/// body's rules, the CA's validity and constraints, not already expired.
+fn sign_under_root(
+    ca: &Cert,
+    ca_key: &CaSecretKey,
     mut body: CertBody,
     now_unix: u64,
 ) -> Result<Cert, CertError> {
     ca.check_ca()?;
     if ca.body.public_key != ca_key.public_bytes() {
         return Err(CertError::KeyMismatch);
-    }
-    if body.kind != CertKind::Node {
-        return Err(CertError::NotANodeCert);
     }
     canonicalize_groups(&mut body.groups);
     body.issuer = ca.fingerprint();
@@ -434,6 +580,89 @@ pub fn sign_node(
     }
     check_under_ca(&ca.body, &body)?;
     sign_body(body, ca_key)
+}
+
+/// Signs a node certificate under an issuer (which is embedded in it):
+/// refuses anything outside the issuer's pool, groups, name prefix and
+/// maximum lifetime, or outside its validity.
+pub fn sign_under_issuer(
+    issuer: &Cert,
+    issuer_key: &CaSecretKey,
+    mut body: CertBody,
+    now_unix: u64,
+) -> Result<Cert, CertError> {
+    if issuer.body.kind != CertKind::Issuer {
+        return Err(CertError::NotAnIssuerCert);
+    }
+    if issuer.body.public_key != issuer_key.public_bytes() {
+        return Err(CertError::KeyMismatch);
+    }
+    if body.kind != CertKind::Node {
+        return Err(CertError::NotANodeCert);
+    }
+    canonicalize_groups(&mut body.groups);
+    body.issuer = issuer.fingerprint();
+    body.chain = Some(Box::new(issuer.clone()));
+    body.validate()?;
+    check_ca_time(&issuer.body, now_unix)?;
+    if body.not_after < now_unix {
+        return Err(CertError::Expired {
+            not_after: body.not_after,
+        });
+    }
+    check_under_issuer(&issuer.body, &body)?;
+    sign_body(body, issuer_key)
+}
+
+/// A node's place under its issuer: an address from the pool, only the
+/// issuer's groups, a name with its prefix, no subnets, and a lifetime
+/// within both its maximum and its own validity.
+fn check_under_issuer(issuer: &CertBody, node: &CertBody) -> Result<(), CertError> {
+    let beyond = |what: String| CertError::BeyondIssuer {
+        issuer: issuer.name.clone(),
+        what,
+    };
+    // The pool holds the address; the mesh prefix stays the node's own.
+    for ip in &node.ips {
+        if !issuer.ips.iter().any(|pool| pool.contains(&ip.addr())) {
+            return Err(beyond(format!(
+                "address {ip} is outside its pool {}",
+                nets(&issuer.ips)
+            )));
+        }
+    }
+    if let Some(g) = node.groups.iter().find(|g| !issuer.groups.contains(g)) {
+        return Err(beyond(format!(
+            "group {g:?} is not among its groups ({})",
+            issuer.groups.join(", ")
+        )));
+    }
+    if !node.name.starts_with(&issuer.name_prefix) {
+        return Err(beyond(format!(
+            "name {:?} does not start with {:?}",
+            node.name, issuer.name_prefix
+        )));
+    }
+    if !node.subnets.is_empty() {
+        return Err(beyond("its certificates route no subnets".into()));
+    }
+    let lifetime = node.not_after.saturating_sub(node.not_before);
+    if lifetime > issuer.max_lifetime {
+        return Err(beyond(format!(
+            "a lifetime of {lifetime} s is longer than its maximum of {} s",
+            issuer.max_lifetime
+        )));
+    }
+    if node.not_before < issuer.not_before || node.not_after > issuer.not_after {
+        return Err(beyond(format!(
+            "validity {} .. {} is outside its own {} .. {}",
+            format_unix_time(node.not_before),
+            format_unix_time(node.not_after),
+            format_unix_time(issuer.not_before),
+            format_unix_time(issuer.not_after)
+        )));
+    }
+    Ok(())
 }
 
 /// The CAs a node trusts, keyed by fingerprint.
@@ -497,6 +726,25 @@ impl CaPool {
         self.cas.is_empty()
     }
 
+    /// An issuer embedded in a node certificate: signed by `ca`, valid now,
+    /// inside the CA's constraints. Returns its verifying key.
+    fn verify_issuer(
+        &self,
+        issuer: &Cert,
+        ca: &TrustedCa,
+        now_unix: u64,
+    ) -> Result<ed25519_dalek::VerifyingKey, CertError> {
+        if issuer.body.kind != CertKind::Issuer {
+            return Err(CertError::NotAnIssuerCert);
+        }
+        verify_signature(&ca.key, &issuer.body, &issuer.signature)?;
+        issuer.body.validate()?;
+        check_ca_time(&issuer.body, now_unix)?;
+        check_under_ca(&ca.cert.body, &issuer.body)?;
+        ed25519_dalek::VerifyingKey::from_bytes(&issuer.body.public_key)
+            .map_err(|_| malformed("public_key", "the issuer's key is not a valid Ed25519 key"))
+    }
+
     /// `encoded` must be `cert`'s encoding.
     fn verify_encoded(
         &self,
@@ -508,10 +756,22 @@ impl CaPool {
         if body.kind != CertKind::Node {
             return Err(CertError::NotANodeCert);
         }
-        let ca = self.cas.get(&body.issuer).ok_or(CertError::UnknownIssuer {
-            issuer: body.issuer,
-        })?;
-        verify_signature(&ca.key, body, &cert.signature)?;
+        // The root: the node's signer, or its issuer's.
+        let root_fp = match &body.chain {
+            None => body.issuer,
+            Some(issuer) => issuer.body.issuer,
+        };
+        let ca = self
+            .cas
+            .get(&root_fp)
+            .ok_or(CertError::UnknownIssuer { issuer: root_fp })?;
+        match &body.chain {
+            None => verify_signature(&ca.key, body, &cert.signature)?,
+            Some(issuer) => {
+                let issuer_key = self.verify_issuer(issuer, ca, now_unix)?;
+                verify_signature(&issuer_key, body, &cert.signature)?;
+            }
+        }
         body.validate()?;
         let overlay_net = body.node_net()?;
         if now_unix.saturating_add(CLOCK_SKEW_SECS) < body.not_before {
@@ -526,6 +786,9 @@ impl CaPool {
         }
         check_ca_time(&ca.cert.body, now_unix)?;
         check_under_ca(&ca.cert.body, body)?;
+        if let Some(issuer) = &body.chain {
+            check_under_issuer(&issuer.body, body)?;
+        }
         let fingerprint = Fingerprint::of(&encoded);
         Ok(VerifiedCert(Arc::new(Verified {
             cert,
@@ -604,6 +867,16 @@ impl VerifiedCert {
     pub fn issuer(&self) -> Fingerprint {
         self.0.cert.body.issuer
     }
+
+    /// The issuer that signed it, when not the root CA directly.
+    pub fn issued_by(&self) -> Option<&str> {
+        self.0
+            .cert
+            .body
+            .chain
+            .as_ref()
+            .map(|c| c.body.name.as_str())
+    }
 }
 
 impl Fingerprint {
@@ -644,6 +917,7 @@ impl fmt::Display for CertKind {
         f.write_str(match self {
             CertKind::Ca => "ca",
             CertKind::Node => "node",
+            CertKind::Issuer => "issuer",
         })
     }
 }
@@ -707,6 +981,20 @@ fn validate_name(field: &'static str, value: &str) -> Result<(), CertError> {
             field,
             value: value.to_string(),
         })
+    }
+}
+
+/// A CA's constraint nets and an issuer's pools are networks, not hosts.
+fn no_host_bits(ips: &[IpNet], what: &str) -> Result<(), CertError> {
+    match ips.iter().find(|net| net.trunc() != **net) {
+        Some(net) => Err(malformed(
+            "ips",
+            format!(
+                "{what} {net} has host bits set; did you mean {}?",
+                net.trunc()
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -787,15 +1075,23 @@ fn verify_signature(
         .map_err(|_| CertError::BadSignature)
 }
 
+/// The bytes a certificate's signature covers (for tools and tests that
+/// sign by hand; [`sign_node`] and friends are the checked way).
+pub fn signed_bytes(body: &CertBody) -> Vec<u8> {
+    encode_body(body)
+}
+
 /// The signed bytes. Lengths that do not fit a u16 saturate; such a body is
 /// far over [`MAX_CERT_LEN`], so signing and decoding refuse it anyway.
 fn encode_body(body: &CertBody) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
+    let issued = body.kind == CertKind::Issuer || body.chain.is_some();
+    out.push(if issued { VERSION_ISSUED } else { VERSION });
     out.push(match body.kind {
         CertKind::Ca => KIND_CA,
         CertKind::Node => KIND_NODE,
+        CertKind::Issuer => KIND_ISSUER,
     });
     put_str(&mut out, &body.name);
     put_nets(&mut out, &body.ips);
@@ -808,6 +1104,14 @@ fn encode_body(body: &CertBody) -> Vec<u8> {
     out.extend_from_slice(&body.not_after.to_be_bytes());
     out.extend_from_slice(&body.public_key);
     out.extend_from_slice(&body.issuer.0);
+    if body.kind == CertKind::Issuer {
+        put_str(&mut out, &body.name_prefix);
+        out.extend_from_slice(&body.max_lifetime.to_be_bytes());
+    } else if let Some(chain) = &body.chain {
+        let inner = chain.encode();
+        put_u16(&mut out, inner.len());
+        out.extend_from_slice(&inner);
+    }
     out
 }
 
@@ -950,6 +1254,9 @@ mod tests {
             not_after: NOW + 365 * DAY,
             public_key: key.public_bytes(),
             issuer: Fingerprint::ZERO,
+            name_prefix: String::new(),
+            max_lifetime: 0,
+            chain: None,
         }
     }
 
@@ -970,6 +1277,9 @@ mod tests {
             not_after: NOW + DAY,
             public_key: NodeSecretKey::generate().public_bytes(),
             issuer: Fingerprint::ZERO,
+            name_prefix: String::new(),
+            max_lifetime: 0,
+            chain: None,
         }
     }
 
@@ -1379,16 +1689,24 @@ mod tests {
             Err(CertError::Armor(ArmorError::NoBlock { .. }))
         ));
 
-        let mut v2 = bytes.clone();
-        v2[4] = 2;
+        let mut v9 = bytes.clone();
+        v9[4] = 9;
         assert_eq!(
-            Cert::decode(&v2),
-            Err(CertError::UnsupportedVersion { version: 2 })
+            Cert::decode(&v9),
+            Err(CertError::UnsupportedVersion { version: 9 })
         );
 
         let mut kind = bytes.clone();
-        kind[5] = 3;
-        assert_eq!(Cert::decode(&kind), Err(CertError::UnknownKind { kind: 3 }));
+        kind[5] = 4;
+        assert_eq!(Cert::decode(&kind), Err(CertError::UnknownKind { kind: 4 }));
+        kind[5] = 3; // an issuer is always version 2
+        assert!(matches!(
+            Cert::decode(&kind),
+            Err(CertError::Malformed {
+                field: "version",
+                ..
+            })
+        ));
 
         // name "node-1" starts at 6 (u16 len) + 2.
         let mut non_utf8 = bytes.clone();
@@ -1482,8 +1800,194 @@ mod tests {
                     not_after: a.max(b),
                     public_key,
                     issuer: Fingerprint(issuer),
+                    name_prefix: String::new(),
+                    max_lifetime: 0,
+                    chain: None,
                 },
             )
+    }
+
+    fn issuer_body(key: &CaSecretKey) -> CertBody {
+        CertBody {
+            kind: CertKind::Issuer,
+            name: "lh-issuer".into(),
+            ips: vec![net("100.64.100.0/24")],
+            groups: vec!["ci".into(), "deploy".into()],
+            subnets: vec![],
+            not_before: NOW - DAY,
+            not_after: NOW + 30 * DAY,
+            public_key: key.public_bytes(),
+            issuer: Fingerprint::ZERO,
+            name_prefix: "ci-".into(),
+            max_lifetime: 3600,
+            chain: None,
+        }
+    }
+
+    fn ci_body(ip: &str, groups: &[&str]) -> CertBody {
+        let mut body = node_body(ip, groups);
+        body.name = "ci-job-7".into();
+        body.subnets = vec![];
+        body.not_before = NOW;
+        body.not_after = NOW + 1800;
+        body
+    }
+
+    /// A root limited to 100.64.0.0/10 and groups ci, deploy, db; an issuer
+    /// under it for 100.64.100.0/24, groups ci and deploy, names ci-*, 1 h.
+    fn issuer_setup() -> (Cert, Cert, CaSecretKey) {
+        let (ca, ca_key) = make_ca(&["100.64.0.0/10"], &["ci", "deploy", "db"]);
+        let key = CaSecretKey::generate();
+        let issuer = sign_issuer(&ca, &ca_key, issuer_body(&key), NOW).unwrap();
+        (ca, issuer, key)
+    }
+
+    #[test]
+    fn a_node_issued_under_an_issuer_verifies_through_the_chain() {
+        let (ca, issuer, key) = issuer_setup();
+        assert_eq!(issuer.body.issuer, ca.fingerprint());
+        let cert =
+            sign_under_issuer(&issuer, &key, ci_body("100.64.100.7/10", &["ci"]), NOW).unwrap();
+        let bytes = cert.encode();
+        assert_eq!(bytes[4], VERSION_ISSUED);
+        assert!(bytes.len() <= MAX_CERT_LEN, "{} bytes", bytes.len());
+        // Canonical both ways, armored too.
+        assert_eq!(Cert::decode(&bytes).unwrap(), cert);
+        assert_eq!(Cert::decode(&issuer.encode()).unwrap(), issuer);
+        assert_eq!(Cert::from_pem(&cert.to_pem()).unwrap(), cert);
+        // Peers trust the root only, and that is enough.
+        let v = pool(&[&ca]).verify_bytes(&bytes, NOW + 60).unwrap();
+        assert_eq!(v.name(), "ci-job-7");
+        assert_eq!(v.issued_by(), Some("lh-issuer"));
+        assert_eq!(v.overlay_ip(), Ipv4Addr::new(100, 64, 100, 7));
+        // Another root does not vouch for it.
+        let (other, _) = make_ca(&[], &[]);
+        assert!(matches!(
+            pool(&[&other]).verify_bytes(&bytes, NOW),
+            Err(CertError::UnknownIssuer { .. })
+        ));
+    }
+
+    #[test]
+    fn an_issuer_cannot_sign_beyond_its_constraints_and_forgeries_fail_everywhere() {
+        let (ca, issuer, key) = issuer_setup();
+        type Change = Box<dyn Fn(&mut CertBody)>;
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "outside its pool",
+                Box::new(|b| b.ips = vec![net("100.64.0.5/10")]),
+            ),
+            (
+                "not among its groups",
+                Box::new(|b| b.groups = vec!["db".into()]),
+            ),
+            (
+                "does not start with",
+                Box::new(|b| b.name = "prod-db".into()),
+            ),
+            (
+                "route no subnets",
+                Box::new(|b| b.subnets = vec![net("198.19.0.0/24")]),
+            ),
+            (
+                "longer than its maximum",
+                Box::new(|b| b.not_after = NOW + 7200),
+            ),
+        ];
+        for (why, change) in &cases {
+            let mut body = ci_body("100.64.100.7/10", &["ci"]);
+            change(&mut body);
+            let err = sign_under_issuer(&issuer, &key, body.clone(), NOW).unwrap_err();
+            assert!(err.to_string().contains(why), "signing, {why}: {err}");
+            // Signed anyway by a hostile issuer key holder: refused by peers.
+            body.issuer = issuer.fingerprint();
+            body.chain = Some(Box::new(issuer.clone()));
+            let forged = Cert {
+                signature: key.sign(&encode_body(&body)),
+                body,
+            };
+            let err = pool(&[&ca])
+                .verify_bytes(&forged.encode(), NOW)
+                .unwrap_err();
+            assert!(err.to_string().contains(why), "verifying, {why}: {err}");
+        }
+        // The issuer itself must sit inside the root's constraints.
+        let mut wide = issuer_body(&CaSecretKey::generate());
+        wide.ips = vec![net("10.0.0.0/8")];
+        assert!(matches!(
+            sign_issuer(&ca, &make_ca(&[], &[]).1, wide.clone(), NOW),
+            Err(CertError::KeyMismatch)
+        ));
+        let (ca2, ca2_key) = make_ca(&["100.64.0.0/10"], &["ci"]);
+        assert!(matches!(
+            sign_issuer(&ca2, &ca2_key, wide, NOW),
+            Err(CertError::IpOutsideCa { .. })
+        ));
+        let mut greedy = issuer_body(&CaSecretKey::generate());
+        greedy.groups = vec!["ci".into(), "deploy".into()];
+        assert!(matches!(
+            sign_issuer(&ca2, &ca2_key, greedy, NOW),
+            Err(CertError::GroupOutsideCa { .. })
+        ));
+    }
+
+    #[test]
+    fn a_swapped_or_expired_issuer_breaks_the_chain() {
+        let (ca, issuer, key) = issuer_setup();
+        let cert =
+            sign_under_issuer(&issuer, &key, ci_body("100.64.100.7/10", &["ci"]), NOW).unwrap();
+        // Another issuer under the same root, with a wider pool, swapped in:
+        // the signed bytes change, so the signature fails.
+        let key2 = CaSecretKey::generate();
+        let mut wide = issuer_body(&key2);
+        wide.ips = vec![net("100.64.0.0/10")];
+        let mut swapped = cert.clone();
+        swapped.body.chain = Some(Box::new(Cert {
+            body: {
+                let mut b = wide;
+                b.issuer = ca.fingerprint();
+                b
+            },
+            signature: [7; 64],
+        }));
+        assert!(pool(&[&ca]).verify_bytes(&swapped.encode(), NOW).is_err());
+        // The issuer's expiry ends what it signed.
+        let late = NOW + 31 * DAY;
+        let err = pool(&[&ca]).verify_bytes(&cert.encode(), late).unwrap_err();
+        assert!(
+            matches!(err, CertError::Expired { .. } | CertError::CaExpired { .. }),
+            "{err}"
+        );
+        // A CA or an issuer is not a node identity.
+        assert!(matches!(
+            pool(&[&ca]).verify(&issuer, NOW),
+            Err(CertError::NotANodeCert)
+        ));
+        // An issuer cannot sign another issuer, nor a CA a node with a chain.
+        let mut nested = ci_body("100.64.100.8/10", &[]);
+        nested.kind = CertKind::Issuer;
+        assert!(matches!(
+            sign_under_issuer(&issuer, &key, nested, NOW),
+            Err(CertError::NotANodeCert)
+        ));
+    }
+
+    #[test]
+    fn version_and_kind_must_agree() {
+        let (_, issuer, key) = issuer_setup();
+        let cert = sign_under_issuer(&issuer, &key, ci_body("100.64.100.7/10", &[]), NOW).unwrap();
+        let mut v1 = cert.encode();
+        v1[4] = VERSION; // a chain under version 1
+        assert!(Cert::decode(&v1).is_err());
+        let mut bad_issuer = issuer.encode();
+        bad_issuer[4] = VERSION;
+        assert!(Cert::decode(&bad_issuer).is_err());
+        let mut v3 = cert.encode();
+        v3[4] = 3;
+        assert!(matches!(
+            Cert::decode(&v3),
+            Err(CertError::UnsupportedVersion { version: 3 })
+        ));
     }
 
     proptest! {
@@ -1531,6 +2035,26 @@ mod tests {
             prop_assert!(bytes.len() <= MAX_CERT_LEN);
             prop_assert_eq!(&Cert::decode(&bytes).unwrap(), &cert);
             prop_assert_eq!(&Cert::from_pem(&cert.to_pem()).unwrap(), &cert);
+        }
+
+        #[test]
+        fn mutated_issued_certs_never_panic_and_never_verify_altered(
+            flips in proptest::collection::vec((0usize..1024, any::<u8>()), 1..4),
+            cut in 0usize..1024,
+        ) {
+            let (ca, issuer, key) = issuer_setup();
+            let cert = sign_under_issuer(&issuer, &key, ci_body("100.64.100.7/10", &["ci"]), NOW).unwrap();
+            let good = cert.encode();
+            let mut bytes = good.clone();
+            for (at, v) in flips {
+                let at = at % bytes.len();
+                bytes[at] ^= v;
+            }
+            bytes.truncate(cut.max(1).min(bytes.len()));
+            let verified = pool(&[&ca]).verify_bytes(&bytes, NOW);
+            if bytes != good {
+                prop_assert!(verified.is_err());
+            }
         }
 
         #[test]

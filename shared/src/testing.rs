@@ -2,7 +2,8 @@
 //! error, which is what a test wants.
 
 use crate::cert::{
-    self_sign_ca, sign_node, CaPool, Cert, CertBody, CertKind, Fingerprint, VerifiedCert,
+    self_sign_ca, sign_issuer, sign_node, sign_under_issuer, CaPool, Cert, CertBody, CertKind,
+    Fingerprint, VerifiedCert,
 };
 use crate::keys::{CaSecretKey, NodeSecretKey};
 
@@ -34,6 +35,9 @@ impl TestCa {
             not_after: TEST_NOW + 365 * 86_400,
             public_key: key.public_bytes(),
             issuer: Fingerprint([0; 32]),
+            name_prefix: String::new(),
+            max_lifetime: 0,
+            chain: None,
         };
         let cert = self_sign_ca(body, &key).unwrap_or_else(|e| panic!("test CA: {e}"));
         TestCa { cert, key }
@@ -63,10 +67,98 @@ impl TestCa {
             not_after: TEST_NOW + lifetime_secs,
             public_key: key.public_bytes(),
             issuer: Fingerprint([0; 32]),
+            name_prefix: String::new(),
+            max_lifetime: 0,
+            chain: None,
         };
         let cert = sign_node(&self.cert, &self.key, body, TEST_NOW)
             .unwrap_or_else(|e| panic!("test node cert: {e}"));
         TestNode { cert, key }
+    }
+}
+
+/// An issuer under a [`TestCa`] (a lighthouse's enrollment key).
+pub struct TestIssuer {
+    pub cert: Cert,
+    pub key: CaSecretKey,
+}
+
+impl TestCa {
+    /// An issuer for `pool`, `groups`, names starting with `prefix`, at
+    /// most `max_lifetime` seconds each.
+    pub fn issuer(
+        &self,
+        name: &str,
+        pool: &str,
+        groups: &[&str],
+        prefix: &str,
+        max_lifetime: u64,
+    ) -> TestIssuer {
+        let key = CaSecretKey::generate();
+        let body = CertBody {
+            kind: CertKind::Issuer,
+            name: name.to_string(),
+            ips: vec![parse_net(pool)],
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            subnets: vec![],
+            not_before: TEST_NOW - 86_400,
+            not_after: TEST_NOW + 30 * 86_400,
+            public_key: key.public_bytes(),
+            issuer: Fingerprint([0; 32]),
+            name_prefix: prefix.to_string(),
+            max_lifetime,
+            chain: None,
+        };
+        let cert = sign_issuer(&self.cert, &self.key, body, TEST_NOW)
+            .unwrap_or_else(|e| panic!("test issuer: {e}"));
+        TestIssuer { cert, key }
+    }
+}
+
+impl TestIssuer {
+    fn body(
+        &self,
+        name: &str,
+        ip: &str,
+        groups: &[&str],
+        lifetime_secs: u64,
+        key: &NodeSecretKey,
+    ) -> CertBody {
+        CertBody {
+            kind: CertKind::Node,
+            name: name.to_string(),
+            ips: vec![parse_net(ip)],
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            subnets: vec![],
+            not_before: TEST_NOW - 60,
+            not_after: TEST_NOW - 60 + lifetime_secs,
+            public_key: key.public_bytes(),
+            issuer: self.cert.fingerprint(),
+            name_prefix: String::new(),
+            max_lifetime: 0,
+            chain: Some(Box::new(self.cert.clone())),
+        }
+    }
+
+    /// A node cert within the issuer's constraints.
+    pub fn node(&self, name: &str, ip: &str, groups: &[&str], lifetime_secs: u64) -> TestNode {
+        let key = NodeSecretKey::generate();
+        let body = self.body(name, ip, groups, lifetime_secs, &key);
+        let cert = sign_under_issuer(&self.cert, &self.key, body, TEST_NOW)
+            .unwrap_or_else(|e| panic!("test issued cert: {e}"));
+        TestNode { cert, key }
+    }
+
+    /// A node cert signed with the issuer's key whatever its constraints
+    /// say: what a thief of the key could make. Peers must refuse it.
+    pub fn forge(&self, name: &str, ip: &str, groups: &[&str], lifetime_secs: u64) -> TestNode {
+        let key = NodeSecretKey::generate();
+        let body = self.body(name, ip, groups, lifetime_secs, &key);
+        let signature = self.key.sign(&crate::cert::signed_bytes(&body));
+        TestNode {
+            cert: Cert { body, signature },
+            key,
+        }
     }
 }
 

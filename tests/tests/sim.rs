@@ -1041,3 +1041,53 @@ fn runners_are_found_by_label_least_busy_first_and_only_from_runner_certificates
         .runner_adverts_refused;
     assert!(refused >= 1, "the fake's adverts were refused");
 }
+
+#[test]
+fn a_node_issued_by_an_issuer_meets_peers_and_forged_ones_are_refused() {
+    const JOB: &str = "198.18.0.7:4242";
+    let mut lab = lab();
+    let issuer = lab
+        .ca
+        .issuer("lh-issuer", "100.64.100.0/24", &["ci"], "ci-", 3600);
+    let job = issuer.node("ci-job-1", "100.64.100.5/10", &["ci"], 1800);
+    let ca = &lab.ca;
+    lab.net.add_node(ca, &job, JOB);
+    lab.net.run_for(Duration::from_secs(2));
+    assert!(lab.net.registered(JOB), "the issued node registers");
+    let job_ip = Ipv4Addr::new(100, 64, 100, 5);
+    let hello = build_udp_ipv4(job_ip, B_IP, 5000, 6000, b"from a CI job");
+    lab.net.send_from_tun(JOB, &hello);
+    assert_eq!(
+        lab.net.node(B).1,
+        &vec![hello],
+        "b accepts the issued identity, trusting only the root"
+    );
+    // Signed with the issuer's key but outside its constraints: what a
+    // stolen issuer key could make. The pool every node and lighthouse
+    // verifies peers with refuses each one (a node cannot even start with
+    // one: its own certificate is verified the same way).
+    let pool = lab.ca.pool();
+    for (forged, why) in [
+        (
+            issuer.forge("prod-db", "100.64.100.6/10", &["ci"], 1800),
+            "does not start with",
+        ),
+        (
+            issuer.forge("ci-x", "100.64.0.9/10", &["ci"], 1800),
+            "outside its pool",
+        ),
+        (
+            issuer.forge("ci-y", "100.64.100.7/10", &["lighthouse"], 1800),
+            "not among its groups",
+        ),
+        (
+            issuer.forge("ci-z", "100.64.100.8/10", &["ci"], 7200),
+            "longer than its maximum",
+        ),
+    ] {
+        let err = pool
+            .verify_bytes(&forged.cert.encode(), TEST_NOW)
+            .expect_err("forged");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+}

@@ -72,7 +72,28 @@ pub struct KeygenArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("node_key").required(true).args(["in_pub", "out_key"])))]
 pub struct SignArgs {
-    /// The CA certificate (a file with several CAs is fine: the one matching --ca-key is used).
+    /// Make an issuer instead of a node certificate: signed by the root CA,
+    /// it signs short-lived node certificates (a lighthouse's [enroll]),
+    /// only with addresses from --ips, groups from --groups, names starting
+    /// with --name-prefix and lifetimes up to --max-duration.
+    #[arg(long, requires_all = ["ips", "max_duration"], conflicts_with_all = ["ip", "subnets", "in_pub"])]
+    issuer: bool,
+    /// The issuer's address pool(s), e.g. 100.64.100.0/24 (with --issuer).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CIDR,...",
+        requires = "issuer"
+    )]
+    ips: Vec<Ipv4Net>,
+    /// The longest lifetime the issuer may sign, e.g. 1h (with --issuer).
+    #[arg(long, value_parser = parse_duration_arg, requires = "issuer")]
+    max_duration: Option<Duration>,
+    /// Names the issuer signs must start with this (with --issuer). Default "ci-".
+    #[arg(long, default_value = "ci-", requires = "issuer")]
+    name_prefix: String,
+    /// The CA certificate (a file with several CAs is fine: the one matching
+    /// --ca-key is used); or an issuer certificate, to sign a node under it.
     #[arg(long)]
     ca_crt: PathBuf,
     /// The CA private key.
@@ -82,8 +103,8 @@ pub struct SignArgs {
     #[arg(long)]
     name: String,
     /// The node's overlay address with the mesh prefix, e.g. 100.64.0.5/10.
-    #[arg(long, value_name = "IP/PREFIX")]
-    ip: Ipv4Net,
+    #[arg(long, value_name = "IP/PREFIX", required_unless_present = "issuer")]
+    ip: Option<Ipv4Net>,
     /// Groups the node belongs to (firewall rules match on them).
     #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
     groups: Vec<String>,
@@ -96,8 +117,9 @@ pub struct SignArgs {
     /// The node's public key, from `tern cert keygen`.
     #[arg(long)]
     in_pub: Option<PathBuf>,
-    /// Generate the node key here (mode 0600) instead of reading --in-pub.
-    #[arg(long)]
+    /// Generate the key here (mode 0600) instead of reading --in-pub (an
+    /// issuer's key is always generated here).
+    #[arg(long, required_if_eq("issuer", "true"))]
     out_key: Option<PathBuf>,
     /// Where to write the node certificate.
     #[arg(long)]
@@ -105,6 +127,59 @@ pub struct SignArgs {
     /// Overwrite existing output files.
     #[arg(long)]
     force: bool,
+}
+
+/// `tern cert sign --issuer`: an issuing certificate under the root CA,
+/// with a fresh Ed25519 key written to --out-key.
+fn sign_issuer(args: SignArgs, ca: Cert, ca_key: CaSecretKey) -> anyhow::Result<ExitCode> {
+    if ca.body.kind != CertKind::Ca {
+        anyhow::bail!("an issuer is signed by a root CA, not by another issuer; pass the root's --ca-crt and --ca-key");
+    }
+    let out_key = args
+        .out_key
+        .as_ref()
+        .ok_or_else(|| anyhow!("--issuer needs --out-key for the issuer's new key"))?;
+    let max = args
+        .max_duration
+        .ok_or_else(|| anyhow!("--issuer needs --max-duration, e.g. 1h"))?;
+    let now = now_unix()?;
+    let not_after = match args.duration {
+        Some(d) => now
+            .checked_add(whole_seconds(d)?)
+            .ok_or_else(|| anyhow!("--duration is too long"))?,
+        None => ca.body.not_after.saturating_sub(1),
+    };
+    let key = CaSecretKey::generate();
+    let body = CertBody {
+        kind: CertKind::Issuer,
+        name: args.name,
+        ips: args.ips.iter().map(|n| IpNet::V4(n.trunc())).collect(),
+        groups: args.groups,
+        subnets: vec![],
+        not_before: now,
+        not_after,
+        public_key: key.public_bytes(),
+        issuer: Fingerprint::ZERO,
+        name_prefix: args.name_prefix,
+        max_lifetime: whole_seconds(max)?,
+        chain: None,
+    };
+    let cert = cert::sign_issuer(&ca, &ca_key, body, now).context("refusing to sign")?;
+    write_file(out_key, &key.to_pem(), SECRET_MODE, args.force)?;
+    write_file(&args.out_crt, &cert.to_pem(), PUBLIC_MODE, args.force)?;
+    println!(
+        "signed issuer {:?}: pool {}, groups {}, names {}*, at most {} s each; valid until {}, fingerprint {}\n  certificate: {}\n  private key: {}",
+        cert.body.name,
+        join_or(cert.body.ips.iter(), "-"),
+        join_or(cert.body.groups.iter(), "(none)"),
+        cert.body.name_prefix,
+        cert.body.max_lifetime,
+        cert::format_unix_time(cert.body.not_after),
+        cert.fingerprint(),
+        args.out_crt.display(),
+        out_key.display(),
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args, Debug)]
@@ -152,6 +227,9 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
         not_after,
         public_key: key.public_bytes(),
         issuer: Fingerprint::ZERO,
+        name_prefix: String::new(),
+        max_lifetime: 0,
+        chain: None,
     };
     let cert = cert::self_sign_ca(body, &key).context("cannot create the CA")?;
     write_file(&args.out_key, &key.to_pem(), SECRET_MODE, args.force)?;
@@ -198,14 +276,20 @@ fn sign(args: SignArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot load CA certificate {}", args.ca_crt.display()))?;
     let ca = cas
         .into_iter()
-        .find(|c| c.body.kind == CertKind::Ca && c.body.public_key == ca_key.public_bytes())
+        .find(|c| {
+            matches!(c.body.kind, CertKind::Ca | CertKind::Issuer)
+                && c.body.public_key == ca_key.public_bytes()
+        })
         .ok_or_else(|| {
             anyhow!(
-                "the CA key {} does not belong to any CA certificate in {}; pass the matching --ca-crt and --ca-key",
+                "the CA key {} does not belong to any CA or issuer certificate in {}; pass the matching --ca-crt and --ca-key",
                 args.ca_key.display(),
                 args.ca_crt.display()
             )
         })?;
+    if args.issuer {
+        return sign_issuer(args, ca, ca_key);
+    }
 
     let (public, new_key) = match &args.in_pub {
         Some(path) => {
@@ -224,20 +308,35 @@ fn sign(args: SignArgs) -> anyhow::Result<ExitCode> {
         Some(d) => now
             .checked_add(whole_seconds(d)?)
             .ok_or_else(|| anyhow!("--duration is too long"))?,
+        // Under an issuer: as long as it allows.
+        None if ca.body.kind == CertKind::Issuer => now
+            .saturating_add(ca.body.max_lifetime)
+            .min(ca.body.not_after),
         None => ca.body.not_after.saturating_sub(1),
     };
+    let ip = args
+        .ip
+        .ok_or_else(|| anyhow!("--ip is required for a node certificate"))?;
     let body = CertBody {
         kind: CertKind::Node,
         name: args.name,
-        ips: vec![IpNet::V4(args.ip)],
+        ips: vec![IpNet::V4(ip)],
         groups: args.groups,
         subnets: args.subnets,
         not_before: now,
         not_after,
         public_key: public.0,
         issuer: Fingerprint::ZERO,
+        name_prefix: String::new(),
+        max_lifetime: 0,
+        chain: None,
     };
-    let cert = cert::sign_node(&ca, &ca_key, body, now).context("refusing to sign")?;
+    let cert = if ca.body.kind == CertKind::Issuer {
+        cert::sign_under_issuer(&ca, &ca_key, body, now)
+    } else {
+        cert::sign_node(&ca, &ca_key, body, now)
+    }
+    .context("refusing to sign")?;
 
     if let (Some(path), Some(key)) = (&args.out_key, &new_key) {
         write_file(path, &key.to_pem(), SECRET_MODE, args.force)?;
@@ -246,7 +345,7 @@ fn sign(args: SignArgs) -> anyhow::Result<ExitCode> {
     println!(
         "signed {:?} ({}) valid until {}, fingerprint {}\n  certificate: {}",
         cert.body.name,
-        args.ip,
+        ip,
         cert::format_unix_time(cert.body.not_after),
         cert.fingerprint(),
         args.out_crt.display(),
@@ -323,7 +422,24 @@ fn cert_text(cert: &Cert) -> String {
     let b = &cert.body;
     let none = match b.kind {
         CertKind::Ca => "(unconstrained)",
-        CertKind::Node => "(none)",
+        CertKind::Node | CertKind::Issuer => "(none)",
+    };
+    let extra = match (&b.kind, &b.chain) {
+        (CertKind::Issuer, _) => format!(
+            "name prefix: {}\nmax lifetime: {} s\n",
+            if b.name_prefix.is_empty() {
+                "(any)"
+            } else {
+                &b.name_prefix
+            },
+            b.max_lifetime
+        ),
+        (_, Some(chain)) => format!(
+            "issued by:   {} (issuer {})\n",
+            chain.body.name,
+            chain.fingerprint()
+        ),
+        _ => String::new(),
     };
     let issuer = if b.issuer == Fingerprint::ZERO {
         "(self-signed)".to_string()
@@ -340,7 +456,7 @@ fn cert_text(cert: &Cert) -> String {
          not after:   {}\n\
          public key:  {}\n\
          issuer:      {}\n\
-         fingerprint: {}\n",
+         {}fingerprint: {}\n",
         b.kind,
         b.name,
         join_or(b.ips.iter(), none),
@@ -350,6 +466,7 @@ fn cert_text(cert: &Cert) -> String {
         cert::format_unix_time(b.not_after),
         hex(&b.public_key),
         issuer,
+        extra,
         cert.fingerprint(),
     )
 }
@@ -369,6 +486,9 @@ fn cert_json(cert: &Cert) -> serde_json::Value {
         "not_after_unix": b.not_after,
         "public_key": hex(&b.public_key),
         "issuer": b.issuer.to_string(),
+        "name_prefix": (b.kind == CertKind::Issuer).then_some(&b.name_prefix),
+        "max_lifetime_secs": (b.kind == CertKind::Issuer).then_some(b.max_lifetime),
+        "issued_by": b.chain.as_ref().map(|c| c.body.name.clone()),
         "fingerprint": cert.fingerprint().to_string(),
     })
 }
