@@ -26,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Enrollment tokens for CI nodes (needs [enroll] in the config).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Show the running lighthouse's registered nodes.
     Status {
         /// The API socket, instead of the one in --config.
@@ -34,6 +37,25 @@ enum Command {
         /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; it is printed alone on stdout, and only its hash is kept.
+    Create {
+        /// Groups the enrolled node's certificate carries (the issuer must allow them).
+        #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
+        groups: Vec<String>,
+        /// How long the token can be used, e.g. 1h.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many enrollments it allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Lifetime of each certificate it buys (capped by the issuer's maximum), e.g. 30m.
+        #[arg(long, default_value = "30m")]
+        cert_ttl: String,
     },
 }
 
@@ -47,6 +69,12 @@ fn main() -> ExitCode {
             )),
         },
         Some(Command::Status { socket, json }) => io::status(cli.config.as_deref(), socket.as_deref(), json),
+        Some(Command::Token(TokenCommand::Create {
+            groups,
+            ttl,
+            uses,
+            cert_ttl,
+        })) => io::create_token(cli.config.as_deref(), &groups, &ttl, uses, &cert_ttl),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

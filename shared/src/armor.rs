@@ -192,7 +192,7 @@ pub fn decode_one(text: &str, expected_label: &str) -> Result<Vec<u8>, ArmorErro
 }
 
 /// Lower-case hex, for fingerprints and keys in human output.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {

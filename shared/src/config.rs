@@ -237,6 +237,9 @@ pub struct LighthouseConfig {
     /// direct path.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// Enrollment of CI nodes with tokens, signed by an issuer.
+    #[serde(default)]
+    pub enroll: Option<EnrollConfig>,
 }
 
 /// `[pki]`: where the daemon's identity lives. All keys are required; relative
@@ -246,10 +249,42 @@ pub struct LighthouseConfig {
 pub struct PkiConfig {
     /// One or more trusted CA certificates (a file may hold several).
     pub ca: PathBuf,
-    /// This daemon's certificate.
+    /// This daemon's certificate. A node that enrolls (`tern up
+    /// --enroll-token`) has none: leave both `cert` and `key` out.
+    #[serde(default)]
     pub cert: PathBuf,
     /// This daemon's private key.
+    #[serde(default)]
     pub key: PathBuf,
+}
+
+impl PkiConfig {
+    /// A node config without `cert` and `key`: it gets its identity by
+    /// enrolling.
+    pub fn enrolls(&self) -> bool {
+        self.cert.as_os_str().is_empty() && self.key.as_os_str().is_empty()
+    }
+}
+
+/// `[enroll]` of a lighthouse: it signs short-lived certificates for nodes
+/// that present a token (`tern-lighthouse token create`), with an issuer
+/// certificate (`tern cert sign --issuer`), never the root key.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// The issuer's certificate.
+    pub issuer_cert: PathBuf,
+    /// The issuer's private key.
+    pub issuer_key: PathBuf,
+    /// The state that survives restarts (token hashes and uses, leased
+    /// addresses, issued certificates): a SQLite file. Default
+    /// "lighthouse.db" beside the config file.
+    #[serde(default = "default_store")]
+    pub store: PathBuf,
+}
+
+fn default_store() -> PathBuf {
+    PathBuf::from("lighthouse.db")
 }
 
 /// `[listen]`.
@@ -488,7 +523,7 @@ impl NodeConfig {
     }
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
-        self.pki.validate(file)?;
+        self.pki.validate(file, true)?;
         for (i, entry) in self.lighthouses.iter().enumerate() {
             entry.validate(file, i)?;
             if let Some(first) = self.lighthouses[..i]
@@ -537,12 +572,15 @@ impl LighthouseConfig {
         let base = base_dir(file);
         config.pki.resolve(&base);
         config.api.resolve(&base);
+        if let Some(enroll) = &mut config.enroll {
+            enroll.resolve(&base);
+        }
         config.validate(file)?;
         Ok(config)
     }
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
-        self.pki.validate(file)?;
+        self.pki.validate(file, false)?;
         if self.listen.addr.port() == 0 {
             return Err(invalid(
                 file,
@@ -618,21 +656,43 @@ impl Default for RegistryConfig {
 impl PkiConfig {
     fn resolve(&mut self, base: &Path) {
         for path in [&mut self.ca, &mut self.cert, &mut self.key] {
-            *path = resolve(base, path);
+            if !path.as_os_str().is_empty() {
+                *path = resolve(base, path);
+            }
         }
     }
 
-    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+    /// `may_enroll`: a node may leave out both `cert` and `key`.
+    fn validate(&self, file: &Path, may_enroll: bool) -> Result<(), ConfigError> {
+        if may_enroll && self.enrolls() && !self.ca.as_os_str().is_empty() {
+            return Ok(());
+        }
         for (key, path) in [
             ("pki.ca", &self.ca),
             ("pki.cert", &self.cert),
             ("pki.key", &self.key),
         ] {
             if path.as_os_str().is_empty() {
-                return Err(invalid(file, key, "the path is empty; give a file path"));
+                return Err(invalid(
+                    file,
+                    key,
+                    if may_enroll {
+                        "the path is empty; give a file path (or leave out both cert and key to enroll with tern up --enroll-token)"
+                    } else {
+                        "the path is empty; give a file path"
+                    },
+                ));
             }
         }
         Ok(())
+    }
+}
+
+impl EnrollConfig {
+    fn resolve(&mut self, base: &Path) {
+        for path in [&mut self.issuer_cert, &mut self.issuer_key, &mut self.store] {
+            *path = resolve(base, path);
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod cert;
 pub mod config;
 pub mod control;
 pub mod duration;
+pub mod enroll;
 pub mod identity;
 pub mod job;
 pub mod keys;

@@ -1,8 +1,9 @@
 //! The lighthouse's tokio shell: one UDP socket, the clock, the local API,
 //! around the sans-IO [`LighthouseCore`].
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tern_shared::config::LighthouseConfig;
@@ -13,9 +14,11 @@ use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::enroll::{Enroller, SqliteStore};
 use crate::proto::lighthouse::LighthouseCore;
 use crate::proto::registry::Registry;
 use crate::proto::relay::RelayTable;
+use tern_shared::enroll::{open_request, TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 
 const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
 /// A relay introduction unused this long is forgotten (nodes keep a relayed
@@ -123,6 +126,10 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
         );
     }
 
+    let mut enrollment = match &config.enroll {
+        Some(e) => Some(Enrollment::open(e, &identity.key, &cert)?),
+        None => None,
+    };
     let (api_tx, mut api_rx) = mpsc::channel::<oneshot::Sender<serde_json::Value>>(16);
     let socket_path = config
         .api
@@ -147,7 +154,18 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
                             Ok(_) => {
                                 let now = Instant::now();
                                 for (from, datagram) in received.datagrams() {
-                                    core.handle_datagram(from, datagram, now);
+                                    let enrolling = matches!(
+                                        datagram.first(),
+                                        Some(&TYPE_ENROLL_HELLO | &TYPE_ENROLL_REQUEST)
+                                    );
+                                    match enrollment.as_mut() {
+                                        Some(e) if enrolling => {
+                                            if let Some(answer) = e.handle(datagram, now) {
+                                                sends.push(&socket, from, &answer).await;
+                                            }
+                                        }
+                                        _ => core.handle_datagram(from, datagram, now),
+                                    }
                                 }
                                 while let Some(t) = core.poll_transmit() {
                                     sends.push(&socket, t.dst, &t.payload).await;
@@ -180,6 +198,91 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
         sends.flush(&socket).await;
     }
     Ok(())
+}
+
+/// Enrollment in the shell: the store is IO, the decisions are
+/// [`Enroller`]'s. Answers to a request are kept a minute, so a node that
+/// repeats a request (its answer was lost) gets the same answer rather than
+/// a refusal for a token it already used.
+struct Enrollment {
+    enroller: Enroller,
+    store: SqliteStore,
+    secret: x25519_dalek::StaticSecret,
+    own_cert: Vec<u8>,
+    answered: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
+}
+
+impl Enrollment {
+    fn open(
+        config: &tern_shared::config::EnrollConfig,
+        key: &tern_shared::keys::NodeSecretKey,
+        cert: &tern_shared::cert::VerifiedCert,
+    ) -> anyhow::Result<Enrollment> {
+        let read = |p: &Path, what: &str| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
+        };
+        let issuer =
+            tern_shared::cert::Cert::from_pem(&read(&config.issuer_cert, "[enroll] issuer_cert")?)
+                .with_context(|| {
+                    format!("[enroll] issuer_cert {}", config.issuer_cert.display())
+                })?;
+        let issuer_key = tern_shared::keys::CaSecretKey::from_pem(&read(
+            &config.issuer_key,
+            "[enroll] issuer_key",
+        )?)
+        .with_context(|| format!("[enroll] issuer_key {}", config.issuer_key.display()))?;
+        let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let store = SqliteStore::open(&config.store)
+            .with_context(|| format!("opening the enrollment store {}", config.store.display()))?;
+        tracing::info!(issuer = %enroller.issuer().body.name, pool = ?enroller.issuer().body.ips, store = %config.store.display(), "enrolling nodes with tokens");
+        Ok(Enrollment {
+            enroller,
+            store,
+            secret: key.static_secret(),
+            own_cert: cert.encoded().to_vec(),
+            answered: HashMap::new(),
+        })
+    }
+
+    fn handle(&mut self, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
+        match datagram.first() {
+            Some(&TYPE_ENROLL_HELLO) => {
+                let mut out = vec![TYPE_ENROLL_CERT];
+                out.extend_from_slice(&self.own_cert);
+                Some(out)
+            }
+            Some(&TYPE_ENROLL_REQUEST) => {
+                self.answered.retain(|_, (_, at)| {
+                    now.saturating_duration_since(*at) < Duration::from_secs(60)
+                });
+                if let Some((answer, _)) = self.answered.get(datagram) {
+                    return Some(answer.clone());
+                }
+                if self.answered.len() >= 4096 {
+                    return None; // a flood: let nodes retry later
+                }
+                let (request, sealer) = match open_request(datagram, &self.secret) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "enrollment request refused");
+                        return None;
+                    }
+                };
+                let reply = self.enroller.enroll(&request, &mut self.store, unix_now());
+                match (&reply.cert, &reply.refused) {
+                    (Some(_), _) => tracing::info!("node enrolled"),
+                    (None, Some(why)) => tracing::warn!(reason = %why, "enrollment refused"),
+                    _ => {}
+                }
+                let answer = sealer.seal(&reply).ok()?;
+                self.answered
+                    .insert(datagram.to_vec(), (answer.clone(), now));
+                Some(answer)
+            }
+            _ => None,
+        }
+    }
 }
 
 fn seed() -> u64 {
@@ -309,5 +412,59 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
     } else {
         println!("relay: off");
     }
+    Ok(())
+}
+
+/// `tern-lighthouse token create`: a new token in the enrollment store
+/// (while the daemon runs, too); printed alone on stdout.
+pub fn create_token(
+    config_path: Option<&Path>,
+    groups: &[String],
+    ttl: &str,
+    uses: u32,
+    cert_ttl: &str,
+) -> anyhow::Result<()> {
+    let path = config_path.ok_or_else(|| {
+        anyhow::anyhow!("give the lighthouse's config: tern-lighthouse token create --config lighthouse.toml ...")
+    })?;
+    let config = load_config(path)?;
+    let enroll = config.enroll.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has no [enroll] section: add issuer_cert and issuer_key (tern cert sign --issuer)",
+            path.display()
+        )
+    })?;
+    let ttl = tern_shared::duration::parse_duration(ttl)
+        .map_err(|e| anyhow::anyhow!("--ttl {ttl:?}: {e}"))?;
+    let cert_ttl = tern_shared::duration::parse_duration(cert_ttl)
+        .map_err(|e| anyhow::anyhow!("--cert-ttl {cert_ttl:?}: {e}"))?;
+    if uses == 0 {
+        anyhow::bail!("--uses 0 would make a token nobody can use; give 1 or more");
+    }
+    for g in groups {
+        let ok = !g.is_empty()
+            && g.len() <= 64
+            && g.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            anyhow::bail!("--groups: {g:?} is not a group name (1-64 of A-Z a-z 0-9 . _ -)");
+        }
+    }
+    let mut store = SqliteStore::open(&enroll.store)
+        .with_context(|| format!("opening the enrollment store {}", enroll.store.display()))?;
+    let token = crate::enroll::new_token();
+    let now = unix_now();
+    crate::enroll::EnrollStore::create_token(
+        &mut store,
+        &crate::enroll::NewToken {
+            hash: tern_shared::enroll::token_hash(&token),
+            groups: groups.to_vec(),
+            uses,
+            expires: now.saturating_add(ttl.as_secs()),
+            cert_ttl: cert_ttl.as_secs(),
+        },
+        now,
+    )?;
+    println!("{token}");
     Ok(())
 }

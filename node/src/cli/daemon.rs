@@ -17,6 +17,11 @@ pub struct UpArgs {
     /// `[tun] mode = "userspace"`).
     #[arg(long)]
     pub userspace: bool,
+    /// Enroll with a one-time token (`tern-lighthouse token create`): the
+    /// config's [pki] names only the CA; the key is made in memory and never
+    /// written, the certificate comes from a lighthouse's issuer.
+    #[arg(long, value_name = "TOKEN")]
+    pub enroll_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -132,8 +137,20 @@ fn describe_ping(r: &serde_json::Value) -> String {
 pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let config = io::load_node_config(&args.config)?;
     crate::init_logging(&config.log.level);
-    runtime()?.block_on(io::run(&args.config, args.userspace))?;
-    Ok(ExitCode::SUCCESS)
+    match runtime()?.block_on(io::run(
+        &args.config,
+        args.userspace,
+        args.enroll_token.as_deref(),
+    )) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => match e.downcast_ref::<io::enroll::Exit>() {
+            Some(exit) => {
+                eprintln!("error: {}", exit.message);
+                Ok(ExitCode::from(exit.code))
+            }
+            None => Err(e),
+        },
+    }
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod archive;
 pub mod datapath;
+pub mod enroll;
 pub mod exec;
 pub mod gateway;
 pub mod job;
@@ -68,13 +69,29 @@ pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Ident
 
 /// `tern up`: runs the node in the foreground until SIGINT or SIGTERM.
 /// `userspace` overrides `[tun] mode` (`tern up --userspace`).
-pub async fn run(config_path: &Path, userspace: bool) -> anyhow::Result<()> {
+pub async fn run(
+    config_path: &Path,
+    userspace: bool,
+    enroll_token: Option<&str>,
+) -> anyhow::Result<()> {
     let mut config = load_node_config(config_path)?;
     if userspace {
         config.tun.mode = TunMode::Userspace;
     }
     let userspace = config.tun.mode == TunMode::Userspace;
-    let identity = load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?;
+    let identity = match (enroll_token, config.pki.enrolls()) {
+        (Some(token), true) => enroll::enroll(&config, token, unix_now()).await?,
+        (None, false) => load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?,
+        (None, true) => anyhow::bail!(
+            "{}: [pki] names no cert and key; give them, or enroll: tern up --config {} --enroll-token TOKEN",
+            config_path.display(),
+            config_path.display()
+        ),
+        (Some(_), false) => anyhow::bail!(
+            "{}: [pki] already names a cert and key; an enrolling node has only [pki] ca (remove cert and key)",
+            config_path.display()
+        ),
+    };
     let cert = identity.cert.clone();
     let overlay = cert.overlay_net();
     tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), "starting node");

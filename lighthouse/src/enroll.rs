@@ -1,0 +1,461 @@
+//! Enrollment on the lighthouse: tokens traded for short-lived node
+//! certificates, signed with the issuer key (never the root's).
+//!
+//! [`Enroller::enroll`] decides; the state that must survive restarts (token
+//! hashes and their uses, leased addresses, issued certificates) lives
+//! behind [`EnrollStore`], implemented here with SQLite ([`SqliteStore`]),
+//! so a database shared by several lighthouses can implement it later.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use ipnet::{IpNet, Ipv4Net};
+use tern_shared::cert::{self, Cert, CertBody, CertKind, Fingerprint};
+use tern_shared::enroll::{token_hash, EnrollReply, EnrollRequest};
+use tern_shared::keys::CaSecretKey;
+
+/// What a valid token grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub groups: Vec<String>,
+    /// Lifetime of the certificate, in seconds.
+    pub cert_ttl: u64,
+}
+
+/// Why a token was refused (said to the node).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("the token is unknown to this lighthouse")]
+    Unknown,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token has been used up")]
+    UsedUp,
+}
+
+/// One token to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewToken {
+    pub hash: String,
+    pub groups: Vec<String>,
+    pub uses: u32,
+    pub expires: u64,
+    pub cert_ttl: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("enrollment store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// The lighthouse's lasting enrollment state.
+pub trait EnrollStore {
+    fn create_token(&mut self, token: &NewToken, now: u64) -> Result<(), StoreError>;
+    /// Uses the token once, atomically: of two simultaneous uses of a
+    /// single-use token, exactly one succeeds.
+    fn use_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError>;
+    /// Leases a free address from `pool` until `until` (an address is free
+    /// once the certificate it was leased for expired).
+    fn lease(
+        &mut self,
+        pool: &[Ipv4Net],
+        name: &str,
+        until: u64,
+        now: u64,
+    ) -> Result<Option<Ipv4Addr>, StoreError>;
+    fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError>;
+}
+
+/// [`EnrollStore`] in a SQLite file (WAL, so `tern-lighthouse token create`
+/// can write while the daemon runs).
+pub struct SqliteStore {
+    db: rusqlite::Connection,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let db = rusqlite::Connection::open(path)?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS tokens (
+                 hash TEXT PRIMARY KEY, groups TEXT NOT NULL, uses_left INTEGER NOT NULL,
+                 expires INTEGER NOT NULL, cert_ttl INTEGER NOT NULL, created INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS leases (
+                 ip TEXT PRIMARY KEY, name TEXT NOT NULL, until INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS issued (
+                 fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, ip TEXT NOT NULL,
+                 groups TEXT NOT NULL, not_after INTEGER NOT NULL, how TEXT NOT NULL,
+                 at INTEGER NOT NULL);",
+        )?;
+        Ok(SqliteStore { db })
+    }
+}
+
+impl EnrollStore for SqliteStore {
+    fn create_token(&mut self, t: &NewToken, now: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO tokens (hash, groups, uses_left, expires, cert_ttl, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![t.hash, t.groups.join(","), t.uses, t.expires as i64, t.cert_ttl as i64, now as i64],
+        )?;
+        Ok(())
+    }
+
+    fn use_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+        // One statement: the decrement and the check are one atomic step.
+        let used = self.db.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1 AND uses_left > 0 AND expires > ?2",
+            rusqlite::params![hash, now as i64],
+        )?;
+        let row: Option<(String, i64, i64, i64)> = self
+            .db
+            .query_row(
+                "SELECT groups, uses_left, expires, cert_ttl FROM tokens WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        Ok(match (used, row) {
+            (1, Some((groups, _, _, ttl))) => Ok(Grant {
+                groups: groups
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                cert_ttl: ttl.max(0) as u64,
+            }),
+            (_, None) => Err(TokenRefusal::Unknown),
+            (_, Some((_, _, expires, _))) if expires <= now as i64 => Err(TokenRefusal::Expired),
+            (_, Some(_)) => Err(TokenRefusal::UsedUp),
+        })
+    }
+
+    fn lease(
+        &mut self,
+        pool: &[Ipv4Net],
+        name: &str,
+        until: u64,
+        now: u64,
+    ) -> Result<Option<Ipv4Addr>, StoreError> {
+        let tx = self.db.transaction()?;
+        let mut found = None;
+        'pools: for net in pool {
+            for ip in net.hosts() {
+                let taken: Option<i64> = tx
+                    .query_row(
+                        "SELECT until FROM leases WHERE ip = ?1",
+                        [ip.to_string()],
+                        |r| r.get(0),
+                    )
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                if taken.is_none_or(|u| u <= now as i64) {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO leases (ip, name, until) VALUES (?1, ?2, ?3)",
+                        rusqlite::params![ip.to_string(), name, until as i64],
+                    )?;
+                    found = Some(ip);
+                    break 'pools;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(found)
+    }
+
+    fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
+        let b = &cert.body;
+        self.db.execute(
+            "INSERT OR REPLACE INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            rusqlite::params![
+                cert.fingerprint().to_string(),
+                b.name,
+                b.ips.first().map(|n| n.to_string()).unwrap_or_default(),
+                b.groups.join(","),
+                b.not_after as i64,
+                how,
+                now as i64
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// Signs what enrollment grants.
+pub struct Enroller {
+    issuer: Cert,
+    key: CaSecretKey,
+    /// The mesh prefix nodes' addresses carry (the root CA's overlay net).
+    prefix_len: u8,
+}
+
+impl Enroller {
+    /// `prefix_len`: the mesh's prefix (this lighthouse's own overlay
+    /// prefix), which every node's address carries.
+    pub fn new(issuer: Cert, key: CaSecretKey, prefix_len: u8) -> Result<Enroller, String> {
+        if issuer.body.kind != CertKind::Issuer {
+            return Err("[enroll] issuer_cert is not an issuer certificate; make one with tern cert sign --issuer".into());
+        }
+        if issuer.body.public_key != key.public_bytes() {
+            return Err("[enroll] issuer_key does not belong to issuer_cert".into());
+        }
+        Ok(Enroller {
+            issuer,
+            key,
+            prefix_len,
+        })
+    }
+
+    pub fn issuer(&self) -> &Cert {
+        &self.issuer
+    }
+
+    /// Answers one request: a certificate, or why not. Never panics on
+    /// what the node sent; refusals say what to do.
+    pub fn enroll(
+        &self,
+        request: &EnrollRequest,
+        store: &mut dyn EnrollStore,
+        now: u64,
+    ) -> EnrollReply {
+        match self.try_enroll(request, store, now) {
+            Ok(cert) => EnrollReply {
+                cert: Some(cert.to_pem()),
+                refused: None,
+            },
+            Err(why) => EnrollReply {
+                cert: None,
+                refused: Some(why),
+            },
+        }
+    }
+
+    fn try_enroll(
+        &self,
+        request: &EnrollRequest,
+        store: &mut dyn EnrollStore,
+        now: u64,
+    ) -> Result<Cert, String> {
+        let issuer = &self.issuer.body;
+        let Some(token) = &request.token else {
+            return Err("no token: enroll with tern up --enroll-token TOKEN".into());
+        };
+        if request.public_key == [0; 32] {
+            return Err("the public key is all zero".into());
+        }
+        let grant = store
+            .use_token(&token_hash(token), now)
+            .map_err(|e| format!("the lighthouse could not check the token ({e}); try again"))?
+            .map_err(|r| format!("{r}; create a new one with tern-lighthouse token create"))?;
+        if let Some(g) = grant.groups.iter().find(|g| !issuer.groups.contains(g)) {
+            return Err(format!(
+                "the token grants group {g:?}, which the issuer {:?} may not sign",
+                issuer.name
+            ));
+        }
+        let not_after = now
+            .saturating_add(grant.cert_ttl.min(issuer.max_lifetime))
+            .min(issuer.not_after);
+        let name = format!("{}{}", issuer.name_prefix, name_suffix(request, now));
+        let pool: Vec<Ipv4Net> = issuer
+            .ips
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let ip = store
+            .lease(&pool, &name, not_after, now)
+            .map_err(|e| format!("the lighthouse could not lease an address ({e}); try again"))?
+            .ok_or("the issuer's address pool is exhausted; try again when certificates expire")?;
+        let overlay = Ipv4Net::new(ip, self.prefix_len).map_err(|e| e.to_string())?;
+        let body = CertBody {
+            kind: CertKind::Node,
+            name,
+            ips: vec![IpNet::V4(overlay)],
+            groups: grant.groups,
+            subnets: vec![],
+            not_before: now,
+            not_after,
+            public_key: request.public_key,
+            issuer: Fingerprint::ZERO,
+            name_prefix: String::new(),
+            max_lifetime: 0,
+            chain: None,
+        };
+        let cert = cert::sign_under_issuer(&self.issuer, &self.key, body, now)
+            .map_err(|e| format!("the issuer refused: {e}"))?;
+        store.record_issued(&cert, "token", now).map_err(|e| {
+            format!("the lighthouse could not record the certificate ({e}); try again")
+        })?;
+        Ok(cert)
+    }
+}
+
+/// The part of an enrolled node's name after the issuer's prefix: the
+/// node's hint (reduced to name characters) and a unique tail.
+fn name_suffix(request: &EnrollRequest, now: u64) -> String {
+    let hint: String = request
+        .name_hint
+        .as_deref()
+        .unwrap_or("")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(24)
+        .collect();
+    let tail = tern_shared::armor::hex(&request.public_key[..4]);
+    if hint.is_empty() {
+        format!("{tail}-{}", now % 100_000)
+    } else {
+        format!("{hint}-{tail}")
+    }
+}
+
+/// A new token: 32 random bytes, printable.
+pub fn new_token() -> String {
+    use rand_core::RngCore;
+    let mut bytes = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    format!("tern1_{}", tern_shared::armor::hex(&bytes))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tern_shared::testing::{TestCa, TEST_NOW};
+
+    fn setup() -> (Enroller, SqliteStore, tempfile::TempDir, TestCa) {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &["ci", "deploy", "db"]);
+        let issuer = ca.issuer(
+            "lh-issuer",
+            "100.64.100.0/30",
+            &["ci", "deploy"],
+            "ci-",
+            3600,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("lh.db")).unwrap();
+        let enroller = Enroller::new(issuer.cert, issuer.key, 10).unwrap();
+        (enroller, store, dir, ca)
+    }
+
+    fn request(token: &str, key: u8) -> EnrollRequest {
+        EnrollRequest {
+            token: Some(token.into()),
+            oidc: None,
+            public_key: [key; 32],
+            name_hint: Some("build 7!".into()),
+        }
+    }
+
+    fn token(store: &mut SqliteStore, groups: &[&str], uses: u32, ttl: u64) -> String {
+        let t = new_token();
+        store
+            .create_token(
+                &NewToken {
+                    hash: token_hash(&t),
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
+                    uses,
+                    expires: TEST_NOW + 86_400,
+                    cert_ttl: ttl,
+                },
+                TEST_NOW,
+            )
+            .unwrap();
+        t
+    }
+
+    #[test]
+    fn a_token_buys_one_certificate_that_peers_verify() {
+        let (enroller, mut store, _dir, ca) = setup();
+        let t = token(&mut store, &["ci"], 1, 1800);
+        let reply = enroller.enroll(&request(&t, 1), &mut store, TEST_NOW);
+        let cert = Cert::from_pem(reply.cert.as_deref().unwrap()).unwrap();
+        let v = ca.pool().verify(&cert, TEST_NOW + 10).unwrap();
+        assert!(v.name().starts_with("ci-build7-"), "{}", v.name());
+        assert_eq!(v.groups(), ["ci"]);
+        assert_eq!(v.overlay_net().to_string(), "100.64.100.1/10");
+        assert_eq!(v.not_after(), TEST_NOW + 1800);
+        assert_eq!(v.issued_by(), Some("lh-issuer"));
+        // Used up: the second use is refused, saying so.
+        let again = enroller.enroll(&request(&t, 2), &mut store, TEST_NOW);
+        assert!(again.cert.is_none());
+        assert!(again.refused.unwrap().contains("used up"));
+        let unknown = enroller.enroll(&request("tern1_nope", 3), &mut store, TEST_NOW);
+        assert!(unknown.refused.unwrap().contains("unknown"));
+        let late = token(&mut store, &["ci"], 1, 60);
+        let expired = enroller.enroll(&request(&late, 4), &mut store, TEST_NOW + 90_000);
+        assert!(expired.refused.unwrap().contains("expired"));
+    }
+
+    #[test]
+    fn lifetimes_are_capped_addresses_leased_until_expiry_and_groups_checked() {
+        let (enroller, mut store, _dir, _ca) = setup();
+        // A token asking 10 h gets the issuer's maximum, 1 h.
+        let t = token(&mut store, &["ci"], 5, 36_000);
+        let first = enroller.enroll(&request(&t, 1), &mut store, TEST_NOW);
+        let cert = Cert::from_pem(&first.cert.unwrap()).unwrap();
+        assert_eq!(cert.body.not_after - cert.body.not_before, 3600);
+        // The /30 pool has two hosts: the third enrollment finds none free,
+        // until the first certificate has expired.
+        assert!(enroller
+            .enroll(&request(&t, 2), &mut store, TEST_NOW)
+            .cert
+            .is_some());
+        let full = enroller.enroll(&request(&t, 3), &mut store, TEST_NOW);
+        assert!(full.refused.unwrap().contains("exhausted"));
+        let reused = enroller.enroll(&request(&t, 4), &mut store, TEST_NOW + 3601);
+        let reused = Cert::from_pem(&reused.cert.unwrap()).unwrap();
+        assert_eq!(reused.body.ips, cert.body.ips, "reused after expiry");
+        // A token for a group the issuer may not sign.
+        let db = token(&mut store, &["db"], 1, 60);
+        let refused = enroller.enroll(&request(&db, 5), &mut store, TEST_NOW);
+        assert!(refused.refused.unwrap().contains("\"db\""));
+    }
+
+    #[test]
+    fn two_simultaneous_uses_of_a_single_use_token_yield_one_certificate() {
+        let (enroller, mut store, dir, _ca) = setup();
+        let t = token(&mut store, &["ci"], 1, 600);
+        drop(store);
+        let path = dir.path().join("lh.db");
+        let enroller = std::sync::Arc::new(enroller);
+        let handles: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (enroller, path, t) = (enroller.clone(), path.clone(), t.clone());
+                std::thread::spawn(move || {
+                    let mut store = SqliteStore::open(&path).unwrap();
+                    enroller
+                        .enroll(&request(&t, i + 1), &mut store, TEST_NOW)
+                        .cert
+                        .is_some()
+                })
+            })
+            .collect();
+        let won = handles
+            .into_iter()
+            .filter(|_| true)
+            .map(|h| h.join().unwrap())
+            .filter(|&ok| ok)
+            .count();
+        assert_eq!(won, 1);
+    }
+}

@@ -1,0 +1,186 @@
+//! Enrollment on the node: `tern up --enroll-token TOKEN` with a config
+//! whose `[pki]` names only the CA. The node makes its key in memory (it is
+//! never written anywhere), asks a lighthouse for a certificate over the
+//! sealed exchange of [`tern_shared::enroll`], and verifies what it gets
+//! against its own CA like any peer's certificate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tern_shared::cert::{CaPool, Cert, LIGHTHOUSE_GROUP};
+use tern_shared::config::NodeConfig;
+use tern_shared::enroll::{
+    EnrollRequest, Sealer, TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REPLY,
+};
+use tern_shared::identity::Identity;
+use tern_shared::keys::NodeSecretKey;
+use tokio::net::UdpSocket;
+
+/// How `tern up` ends when it cannot start: a documented exit code and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+/// `tern up` exit codes for enrollment (documented in `tern up --help`).
+pub mod code {
+    /// The lighthouse refused the enrollment (token unknown, used, expired).
+    pub const ENROLLMENT_REFUSED: u8 = 77;
+    /// No lighthouse answered.
+    pub const LIGHTHOUSE_UNREACHABLE: u8 = 69;
+}
+
+const TRIES: usize = 5;
+const WAIT: Duration = Duration::from_millis(800);
+
+fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
+    Exit {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// Trades `token` for an identity with the first lighthouse that answers.
+pub async fn enroll(config: &NodeConfig, token: &str, now_unix: u64) -> anyhow::Result<Identity> {
+    let ca_text = std::fs::read_to_string(&config.pki.ca)
+        .map_err(|e| anyhow::anyhow!("reading [pki] ca {}: {e}", config.pki.ca.display()))?;
+    let cas = Cert::all_from_pem(&ca_text)
+        .map_err(|e| anyhow::anyhow!("[pki] ca {}: {e}", config.pki.ca.display()))?;
+    let pool = CaPool::new(cas).map_err(|e| anyhow::anyhow!("[pki] ca: {e}"))?;
+    if config.lighthouses.is_empty() {
+        anyhow::bail!("enrolling needs a lighthouse: add [[lighthouses]] to the config");
+    }
+    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?;
+    let mut last = String::from("no lighthouse answered");
+    for lh in &config.lighthouses {
+        match enroll_with(
+            &socket,
+            lh.endpoint,
+            lh.name.as_deref(),
+            &pool,
+            token,
+            now_unix,
+        )
+        .await
+        {
+            Ok(identity) => return Ok(identity),
+            Err(e)
+                if e.downcast_ref::<Exit>()
+                    .is_some_and(|x| x.code == code::ENROLLMENT_REFUSED) =>
+            {
+                return Err(e)
+            }
+            Err(e) => {
+                tracing::warn!(lighthouse = %lh.endpoint, "enrollment: {e:#}");
+                last = format!("{}: {e:#}", lh.endpoint);
+            }
+        }
+    }
+    Err(exit(
+        code::LIGHTHOUSE_UNREACHABLE,
+        format!("could not enroll with any lighthouse ({last}); check [[lighthouses]] and that the lighthouse has [enroll]"),
+    ))
+}
+
+/// Sends `datagram` and waits for an answer of type `ty` from `to`,
+/// repeating a few times.
+async fn ask(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    datagram: &[u8],
+    ty: u8,
+) -> anyhow::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..TRIES {
+        socket.send_to(datagram, to).await?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+                Ok(Ok((n, from))) if from == to && buf.first() == Some(&ty) => {
+                    return Ok(buf[..n].to_vec())
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+    }
+    anyhow::bail!("no answer from {to}")
+}
+
+async fn enroll_with(
+    socket: &UdpSocket,
+    endpoint: SocketAddr,
+    pinned: Option<&str>,
+    pool: &CaPool,
+    token: &str,
+    now_unix: u64,
+) -> anyhow::Result<Identity> {
+    // The lighthouse's certificate, verified like any peer's.
+    let offer = ask(socket, endpoint, &[TYPE_ENROLL_HELLO], TYPE_ENROLL_CERT).await?;
+    let lh = pool
+        .verify_bytes(&offer[1..], now_unix)
+        .map_err(|e| anyhow::anyhow!("its certificate does not verify against [pki] ca: {e}"))?;
+    if !lh.has_group(LIGHTHOUSE_GROUP) {
+        anyhow::bail!(
+            "{} is not a lighthouse (no '{LIGHTHOUSE_GROUP}' group)",
+            lh.name()
+        );
+    }
+    if let Some(name) = pinned {
+        if lh.name() != name {
+            anyhow::bail!(
+                "its certificate is {:?}, not the pinned {name:?}",
+                lh.name()
+            );
+        }
+    }
+    // A key made here, for this run only.
+    let key = NodeSecretKey::generate();
+    let sealer = Sealer::new(
+        x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng),
+        lh.public_key(),
+    );
+    let request = EnrollRequest {
+        token: Some(token.trim().to_string()),
+        oidc: None,
+        public_key: key.public_bytes(),
+        name_hint: hostname(),
+    };
+    let sealed = sealer.seal_request(&request)?;
+    let answer = ask(socket, endpoint, &sealed, TYPE_ENROLL_REPLY).await?;
+    let reply = sealer.open_reply(&answer)?;
+    let Some(pem) = reply.cert else {
+        return Err(exit(
+            code::ENROLLMENT_REFUSED,
+            format!(
+                "lighthouse {} refused the enrollment: {}",
+                lh.name(),
+                reply.refused.unwrap_or_else(|| "no reason given".into())
+            ),
+        ));
+    };
+    let cert = Cert::from_pem(&pem)?;
+    let cert = pool
+        .verify(&cert, now_unix)
+        .map_err(|e| anyhow::anyhow!("the certificate the lighthouse sent does not verify: {e}"))?;
+    if cert.public_key() != key.public_bytes() {
+        anyhow::bail!("the certificate the lighthouse sent is for another key");
+    }
+    tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), groups = ?cert.groups(), expires = %tern_shared::cert::format_unix_time(cert.not_after()), issued_by = ?cert.issued_by(), "enrolled");
+    Ok(Identity {
+        ca: pool.clone(),
+        cert,
+        key,
+    })
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}

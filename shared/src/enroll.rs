@@ -1,0 +1,253 @@
+//! Enrollment: a node without a certificate trades a one-time token for a
+//! short-lived one, signed by the lighthouse's issuer. Sans-IO: messages
+//! are built and opened here; the daemons own the socket.
+//!
+//! On the node's one UDP socket, before any WireGuard session (the node has
+//! no certificate to start one with):
+//!
+//! ```text
+//! node                                        lighthouse
+//! 0x13 enroll hello                      ──▶
+//!                                        ◀──  0x14 its certificate
+//!   (verified by the node against its CA, with the lighthouse group)
+//! 0x15 eph_pub(32) | sealed request      ──▶
+//!                                        ◀──  0x16 eph_pub(32) | sealed reply
+//! ```
+//!
+//! The request (the token, the node's new X25519 public key) is sealed with
+//! ChaCha20-Poly1305 under a key from X25519(ephemeral, the lighthouse's
+//! static key), so only that lighthouse reads the token; the reply (the
+//! certificate, or why not) under the same key, so only the asker opens
+//! it. The node verifies the certificate it gets against its own CA, as any
+//! peer would: a lying lighthouse can refuse, never impersonate.
+
+use chacha20poly1305::aead::Aead;
+use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+pub const TYPE_ENROLL_HELLO: u8 = 0x13;
+pub const TYPE_ENROLL_CERT: u8 = 0x14;
+pub const TYPE_ENROLL_REQUEST: u8 = 0x15;
+pub const TYPE_ENROLL_REPLY: u8 = 0x16;
+
+/// Largest sealed request or reply accepted.
+pub const MAX_ENROLL_LEN: usize = 4096;
+
+/// What the node asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// A one-time token from `tern-lighthouse token create`.
+    pub token: Option<String>,
+    /// An OIDC ID token from the CI provider.
+    pub oidc: Option<String>,
+    /// The node's new WireGuard (X25519) public key; the private key never
+    /// leaves the node.
+    pub public_key: [u8; 32],
+    /// A name to put after the issuer's prefix (sanitized by the lighthouse).
+    pub name_hint: Option<String>,
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollReply {
+    /// The certificate (armored), when enrolled.
+    pub cert: Option<String>,
+    /// Why not.
+    pub refused: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnrollError {
+    #[error("enrollment message malformed: {0}")]
+    Malformed(&'static str),
+    #[error("enrollment message too long")]
+    TooLong,
+    #[error("enrollment message does not open: not for this key, or altered")]
+    Sealed,
+}
+
+fn key(shared: &[u8; 32], eph: &[u8; 32], lighthouse: &[u8; 32]) -> ChaCha20Poly1305 {
+    let mut h = Sha256::new();
+    h.update(b"tern enroll v1");
+    h.update(shared);
+    h.update(eph);
+    h.update(lighthouse);
+    let k: [u8; 32] = h.finalize().into();
+    ChaCha20Poly1305::new(Key::from_slice(&k))
+}
+
+fn nonce(n: u8) -> Nonce {
+    let mut b = [0u8; 12];
+    b[11] = n;
+    *Nonce::from_slice(&b)
+}
+
+/// The node's side of one enrollment: an ephemeral key, and the key
+/// shared with the lighthouse whose static key it was given.
+pub struct Sealer {
+    eph_pub: [u8; 32],
+    aead: ChaCha20Poly1305,
+}
+
+impl Sealer {
+    /// `lighthouse` is the X25519 key from the lighthouse's verified
+    /// certificate; `eph` a fresh secret.
+    pub fn new(eph: StaticSecret, lighthouse: [u8; 32]) -> Sealer {
+        let eph_pub = PublicKey::from(&eph).to_bytes();
+        let shared = eph.diffie_hellman(&PublicKey::from(lighthouse)).to_bytes();
+        Sealer {
+            eph_pub,
+            aead: key(&shared, &eph_pub, &lighthouse),
+        }
+    }
+
+    /// The 0x15 datagram.
+    pub fn seal_request(&self, request: &EnrollRequest) -> Result<Vec<u8>, EnrollError> {
+        let plain = serde_json::to_vec(request).map_err(|_| EnrollError::Malformed("request"))?;
+        let sealed = self
+            .aead
+            .encrypt(&nonce(0), plain.as_slice())
+            .map_err(|_| EnrollError::Sealed)?;
+        let mut out = vec![TYPE_ENROLL_REQUEST];
+        out.extend_from_slice(&self.eph_pub);
+        out.extend_from_slice(&sealed);
+        if out.len() > MAX_ENROLL_LEN {
+            return Err(EnrollError::TooLong);
+        }
+        Ok(out)
+    }
+
+    /// Opens a 0x16 datagram meant for this enrollment.
+    pub fn open_reply(&self, datagram: &[u8]) -> Result<EnrollReply, EnrollError> {
+        let (eph, sealed) = split(datagram, TYPE_ENROLL_REPLY)?;
+        if eph != self.eph_pub {
+            return Err(EnrollError::Sealed);
+        }
+        let plain = self
+            .aead
+            .decrypt(&nonce(1), sealed)
+            .map_err(|_| EnrollError::Sealed)?;
+        serde_json::from_slice(&plain).map_err(|_| EnrollError::Malformed("reply"))
+    }
+}
+
+fn split(datagram: &[u8], ty: u8) -> Result<([u8; 32], &[u8]), EnrollError> {
+    if datagram.len() > MAX_ENROLL_LEN {
+        return Err(EnrollError::TooLong);
+    }
+    if datagram.first() != Some(&ty) {
+        return Err(EnrollError::Malformed("type"));
+    }
+    let eph: [u8; 32] = datagram
+        .get(1..33)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(EnrollError::Malformed("truncated"))?;
+    Ok((eph, &datagram[33..]))
+}
+
+/// The lighthouse's side: opens a 0x15 request with its static secret and
+/// returns it with a way to seal the answer.
+pub fn open_request(
+    datagram: &[u8],
+    secret: &StaticSecret,
+) -> Result<(EnrollRequest, ReplySealer), EnrollError> {
+    let (eph, sealed) = split(datagram, TYPE_ENROLL_REQUEST)?;
+    let ours = PublicKey::from(secret).to_bytes();
+    let shared = secret.diffie_hellman(&PublicKey::from(eph)).to_bytes();
+    let aead = key(&shared, &eph, &ours);
+    let plain = aead
+        .decrypt(&nonce(0), sealed)
+        .map_err(|_| EnrollError::Sealed)?;
+    let request: EnrollRequest =
+        serde_json::from_slice(&plain).map_err(|_| EnrollError::Malformed("request"))?;
+    Ok((request, ReplySealer { eph, aead }))
+}
+
+/// Seals the lighthouse's answer to one request.
+pub struct ReplySealer {
+    eph: [u8; 32],
+    aead: ChaCha20Poly1305,
+}
+
+impl ReplySealer {
+    /// The 0x16 datagram.
+    pub fn seal(&self, reply: &EnrollReply) -> Result<Vec<u8>, EnrollError> {
+        let plain = serde_json::to_vec(reply).map_err(|_| EnrollError::Malformed("reply"))?;
+        let sealed = self
+            .aead
+            .encrypt(&nonce(1), plain.as_slice())
+            .map_err(|_| EnrollError::Sealed)?;
+        let mut out = vec![TYPE_ENROLL_REPLY];
+        out.extend_from_slice(&self.eph);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+}
+
+/// SHA-256 of a token, hex: what the lighthouse stores instead of it.
+pub fn token_hash(token: &str) -> String {
+    crate::armor::hex(&Sha256::digest(token.trim().as_bytes()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand_core::OsRng;
+
+    fn request() -> EnrollRequest {
+        EnrollRequest {
+            token: Some("tern1_secret".into()),
+            oidc: None,
+            public_key: [9; 32],
+            name_hint: Some("job-42".into()),
+        }
+    }
+
+    #[test]
+    fn a_request_opens_only_with_the_lighthouse_key_and_the_reply_only_for_the_asker() {
+        let lh = StaticSecret::random_from_rng(OsRng);
+        let lh_pub = PublicKey::from(&lh).to_bytes();
+        let node = Sealer::new(StaticSecret::random_from_rng(OsRng), lh_pub);
+        let wire = node.seal_request(&request()).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&wire).contains("tern1_secret"),
+            "the token is sealed"
+        );
+        let (got, sealer) = open_request(&wire, &lh).unwrap();
+        assert_eq!(got, request());
+        // Another lighthouse cannot open it.
+        assert_eq!(
+            open_request(&wire, &StaticSecret::random_from_rng(OsRng)).err(),
+            Some(EnrollError::Sealed)
+        );
+        let reply = EnrollReply {
+            cert: Some("CERT".into()),
+            refused: None,
+        };
+        let back = sealer.seal(&reply).unwrap();
+        assert_eq!(node.open_reply(&back).unwrap(), reply);
+        // Another enrollment's sealer cannot.
+        let other = Sealer::new(StaticSecret::random_from_rng(OsRng), lh_pub);
+        assert!(other.open_reply(&back).is_err());
+        // Altered bytes do not open.
+        let mut bad = back.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(node.open_reply(&bad).err(), Some(EnrollError::Sealed));
+        assert_eq!(token_hash("abc"), token_hash(" abc\n"));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let lh = StaticSecret::from([7; 32]);
+            let _ = open_request(&bytes, &lh);
+            let node = Sealer::new(StaticSecret::from([8; 32]), PublicKey::from(&lh).to_bytes());
+            let _ = node.open_reply(&bytes);
+        }
+    }
+}
