@@ -18,6 +18,9 @@ enum Command {
     #[command(subcommand)]
     Cert(cli::cert::CertCommand),
     /// Run the node in the foreground (needs root or CAP_NET_ADMIN for the TUN device, none with --userspace).
+    #[command(
+        after_help = "Exit codes: 0 stopped by SIGINT/SIGTERM; 1 bad config, identity or environment (the message says which); with --enroll-token: 77 the lighthouse refused the enrollment (token unknown, used up or expired, or beyond its issuer), 69 no lighthouse answered."
+    )]
     Up(cli::daemon::UpArgs),
     /// Show the running node's lighthouses and peers.
     Status(cli::daemon::StatusArgs),

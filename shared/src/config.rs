@@ -667,21 +667,16 @@ impl PkiConfig {
         if may_enroll && self.enrolls() && !self.ca.as_os_str().is_empty() {
             return Ok(());
         }
-        for (key, path) in [
-            ("pki.ca", &self.ca),
-            ("pki.cert", &self.cert),
-            ("pki.key", &self.key),
-        ] {
+        if self.ca.as_os_str().is_empty() {
+            return Err(invalid(file, "pki.ca", "the path is empty; give a file path"));
+        }
+        // Left out (or empty): a node that does not enroll needs both.
+        for (key, path) in [("pki.cert", &self.cert), ("pki.key", &self.key)] {
             if path.as_os_str().is_empty() {
-                return Err(invalid(
-                    file,
-                    key,
-                    if may_enroll {
-                        "the path is empty; give a file path (or leave out both cert and key to enroll with tern up --enroll-token)"
-                    } else {
-                        "the path is empty; give a file path"
-                    },
-                ));
+                return Err(ConfigError::Missing {
+                    file: file.to_path_buf(),
+                    key: key.into(),
+                });
             }
         }
         Ok(())
@@ -1857,6 +1852,32 @@ mod tests {
     }
 
     #[test]
+    fn a_node_may_leave_out_its_cert_and_key_to_enroll_and_a_lighthouse_may_enroll() {
+        let node =
+            NodeConfig::parse("[pki]\nca = \"ca.crt\"\n", Path::new("/etc/tern/ci.toml")).unwrap();
+        assert!(node.pki.enrolls());
+        let half = NodeConfig::parse(
+            "[pki]\nca = \"ca.crt\"\ncert = \"c.crt\"\n",
+            Path::new("n.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(half.contains("missing required key `pki.key`"), "{half}");
+        let lh = LighthouseConfig::parse(
+            "[pki]\nca = \"ca.crt\"\ncert = \"l.crt\"\nkey = \"l.key\"\n[enroll]\nissuer_cert = \"i.crt\"\nissuer_key = \"i.key\"\n",
+            Path::new("/etc/tern/lh.toml"),
+        )
+        .unwrap();
+        let enroll = lh.enroll.unwrap();
+        assert_eq!(enroll.store, PathBuf::from("/etc/tern/lighthouse.db"));
+        assert_eq!(enroll.issuer_key, PathBuf::from("/etc/tern/i.key"));
+        assert!(
+            LighthouseConfig::parse("[pki]\nca = \"ca.crt\"\n", Path::new("l.toml")).is_err(),
+            "a lighthouse needs its own cert"
+        );
+    }
+
+    #[test]
     fn api_group_is_a_plain_name() {
         let ok = NodeConfig::parse(
             &format!("{MINIMAL_NODE}[api]\ngroup = \"ci\"\n"),
@@ -1956,6 +1977,10 @@ mod tests {
             "enabled =",
             "packets_per_sec =",
             "# group =",
+            "# [enroll]",
+            "# issuer_cert =",
+            "# issuer_key =",
+            "# store =",
         ] {
             assert!(
                 lh_text.lines().any(|l| l.trim_start().starts_with(key)),
