@@ -668,7 +668,11 @@ impl PkiConfig {
             return Ok(());
         }
         if self.ca.as_os_str().is_empty() {
-            return Err(invalid(file, "pki.ca", "the path is empty; give a file path"));
+            return Err(invalid(
+                file,
+                "pki.ca",
+                "the path is empty; give a file path",
+            ));
         }
         // Left out (or empty): a node that does not enroll needs both.
         for (key, path) in [("pki.cert", &self.cert), ("pki.key", &self.key)] {
