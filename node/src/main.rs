@@ -19,9 +19,11 @@ enum Command {
     Cert(cli::cert::CertCommand),
     /// Run the node in the foreground (needs root or CAP_NET_ADMIN for the TUN device, none with --userspace).
     #[command(
-        after_help = "Exit codes: 0 stopped by SIGINT/SIGTERM; 1 bad config, identity or environment (the message says which); with --enroll-token: 77 the lighthouse refused the enrollment (token unknown, used up or expired, or beyond its issuer), 69 no lighthouse answered."
+        after_help = "Exit codes: 0 stopped by SIGINT/SIGTERM (with --wait-for: the target answered, the node runs on in the background); 1 bad config, identity or environment (the message says which); with --enroll-token: 77 the lighthouse refused the enrollment (token unknown, used up or expired, or beyond its issuer), 69 no lighthouse answered; with --wait-for also: 69 no lighthouse registration in time, 68 no path to the target (no gateway routes it), 70 the target refused (or a firewall rejected), 124 no answer in time (or a firewall dropped)."
     )]
     Up(cli::daemon::UpArgs),
+    /// Stop the running node: it deregisters from its lighthouses and leaves.
+    Down(cli::daemon::DownArgs),
     /// Show the running node's lighthouses and peers.
     Status(cli::daemon::StatusArgs),
     /// Measure the round trip to a peer over the mesh, and say which path it took.
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Cert(cmd) => cli::cert::run(cmd),
         Command::Up(args) => cli::daemon::up(args),
+        Command::Down(args) => cli::daemon::down(args),
         Command::Status(args) => cli::daemon::status(args),
         Command::Ping(args) => cli::daemon::ping(args),
         Command::Run(args) => cli::run::run(args),

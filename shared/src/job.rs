@@ -40,6 +40,11 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// Largest raw chunk (output, upload, artifact) a sender puts in one frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
 
+/// How often a runner says it is alive while a job runs.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long `tern run` waits for any word from a running job's runner.
+pub const RUNNER_SILENCE: std::time::Duration = std::time::Duration::from_secs(7);
+
 /// The TCP port runners listen on, on their overlay address.
 pub const RUNNER_PORT: u16 = 4245;
 
@@ -146,6 +151,9 @@ pub enum Message {
     },
     ArtifactChunk(Vec<u8>),
     ArtifactsDone(ArtifactsSummary),
+    /// Runner → client, every [`HEARTBEAT`] while a job runs: a silence of
+    /// [`RUNNER_SILENCE`] means the runner is gone, whatever TCP says.
+    Heartbeat,
     Finished {
         result: JobResult,
         exit_code: i32,
@@ -167,6 +175,7 @@ const T_ARTIFACT_CHUNK: u8 = 16;
 const T_ARTIFACTS_DONE: u8 = 17;
 const T_FINISHED: u8 = 18;
 const T_ACCEPTED: u8 = 19;
+const T_HEARTBEAT: u8 = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
@@ -300,6 +309,7 @@ impl Message {
                 out.extend_from_slice(d);
             }
             Message::ArtifactsDone(summary) => json(out, T_ARTIFACTS_DONE, summary)?,
+            Message::Heartbeat => out.push(T_HEARTBEAT),
             Message::Accepted { job_id } => json(
                 out,
                 T_ACCEPTED,
@@ -409,6 +419,7 @@ impl Message {
             }
             T_ARTIFACT_CHUNK => Message::ArtifactChunk(body.to_vec()),
             T_ARTIFACTS_DONE => Message::ArtifactsDone(json("artifacts-done", body)?),
+            T_HEARTBEAT => no_body("heartbeat", Message::Heartbeat)?,
             T_ACCEPTED => {
                 let b: AcceptedBody = json("accepted", body)?;
                 Message::Accepted { job_id: b.job_id }
@@ -627,6 +638,7 @@ mod tests {
             Message::Accepted {
                 job_id: "r-1".into(),
             },
+            Message::Heartbeat,
             Message::Finished {
                 result: JobResult::Failed,
                 exit_code: 3,

@@ -408,3 +408,117 @@ fn enrollment_failures_have_their_own_exit_codes() {
     );
     assert!(String::from_utf8_lossy(&none.stderr).contains("--enroll-token"));
 }
+
+#[test]
+fn the_readiness_gate_returns_once_the_target_answers_and_tern_down_leaves() {
+    let lab = lab();
+    let token = lab.token("3", "ci");
+    let forward = free_tcp();
+    let config = lab.ci_config("gated", forward);
+    let sock = lab.dir.path().join("gated.sock");
+    // If anything below fails, the background node is stopped all the same.
+    let _down = Down(sock.clone());
+    let started = Instant::now();
+    let out = run(
+        "tern",
+        &[
+            "up",
+            "--config",
+            &config.to_string_lossy(),
+            "--enroll-token",
+            &token,
+            "--wait-for",
+            &format!("127.78.0.10:{}", lab.http_port),
+            "--wait-timeout",
+            "20s",
+            "--log-file",
+            &lab.dir.path().join("gated.log").to_string_lossy(),
+        ],
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("ready: 127.78.0.10:"), "{stdout}");
+    eprintln!(
+        "tern up --enroll-token --wait-for returned after {:?}",
+        started.elapsed()
+    );
+    // Ready means ready: the first try goes through.
+    assert!(get(forward).is_some_and(|r| r.contains("private hello")));
+    // tern down: the node leaves, and the lighthouse forgets it at once.
+    let down = run(
+        "tern",
+        &["down", "--socket", &sock.to_string_lossy()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(!sock.exists());
+    let lh_sock = lab.dir.path().join("lh.sock");
+    wait_until(
+        "the lighthouse forgets the job",
+        Duration::from_secs(5),
+        || {
+            let out = run(
+                "tern-lighthouse",
+                &["status", "--socket", &lh_sock.to_string_lossy(), "--json"],
+                Duration::from_secs(5),
+            );
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            status["nodes"].as_array().is_some_and(|n| {
+                n.iter()
+                    .all(|n| !n["name"].as_str().unwrap_or("").starts_with("ci-"))
+            })
+        },
+    );
+    // Each way of not being ready has its code.
+    for (target, code) in [
+        ("127.66.0.1:80".to_string(), 68),
+        (format!("127.78.0.10:{}", free_tcp()), 70),
+    ] {
+        let config = lab.ci_config(&format!("gate{code}"), free_tcp());
+        let out = run(
+            "tern",
+            &[
+                "up",
+                "--config",
+                &config.to_string_lossy(),
+                "--enroll-token",
+                &token,
+                "--wait-for",
+                &target,
+                "--wait-timeout",
+                "3s",
+            ],
+            Duration::from_secs(30),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Runs `tern down` on the node behind this API socket when dropped.
+struct Down(std::path::PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = Command::new(bin("tern"))
+                .args(["down", "--socket"])
+                .arg(&self.0)
+                .output();
+        }
+    }
+}

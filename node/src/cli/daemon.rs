@@ -22,6 +22,56 @@ pub struct UpArgs {
     /// written, the certificate comes from a lighthouse's issuer.
     #[arg(long, value_name = "TOKEN")]
     pub enroll_token: Option<String>,
+    /// Run the node in the background and return only once a TCP
+    /// connection to HOST:PORT through the mesh succeeded (an IPv4 address:
+    /// a peer's, or one a gateway routes). Exit codes in --help.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub wait_for: Option<String>,
+    /// How long --wait-for may take, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_wait, requires = "wait_for")]
+    pub wait_timeout: std::time::Duration,
+    /// Where the background node writes its log (with --wait-for). Default:
+    /// a file in the temporary directory, named in the output.
+    #[arg(long, requires = "wait_for")]
+    pub log_file: Option<PathBuf>,
+}
+
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    tern_shared::duration::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Args)]
+pub struct DownArgs {
+    /// The node's config file: its [api] socket says where to ask.
+    #[arg(long, short, conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+    /// The daemon's API socket, instead of --config.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+/// `tern down`: the node deregisters from its lighthouses and stops.
+pub fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
+    let path = api_socket(&args.socket, &args.config)?;
+    // The daemon may stop before its answer is written: what counts is
+    // that its socket goes away (it deregistered on the way out).
+    let answer = runtime()?.block_on(api::call(&path, &api::ApiRequest::Shutdown));
+    if let Ok(reply) = &answer {
+        if let Some(err) = reply.get("error") {
+            anyhow::bail!("the daemon refused: {err}");
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if path.exists() {
+        return Err(answer.err().unwrap_or_else(|| {
+            anyhow::anyhow!("the node at {} did not stop within 10 s", path.display())
+        }));
+    }
+    println!("the node left the mesh");
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -136,6 +186,18 @@ fn describe_ping(r: &serde_json::Value) -> String {
 
 pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let config = io::load_node_config(&args.config)?;
+    if let Some(target) = &args.wait_for {
+        let Ok(target) = target.parse::<std::net::SocketAddrV4>() else {
+            eprintln!("tern up: --wait-for {target:?}: give an IPv4 address and port, e.g. 198.19.0.10:5432");
+            return Ok(ExitCode::from(2));
+        };
+        let mut config = config;
+        if args.userspace {
+            config.tun.mode = tern_shared::config::TunMode::Userspace;
+        }
+        let socket = api::socket_path_for(&config);
+        return super::ready::up_and_wait(&socket, target, args.wait_timeout, args.log_file);
+    }
     crate::init_logging(&config.log.level);
     match runtime()?.block_on(io::run(
         &args.config,

@@ -5,4 +5,5 @@ pub mod cert;
 pub mod daemon;
 pub mod demo;
 pub mod forward;
+pub mod ready;
 pub mod run;

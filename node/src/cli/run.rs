@@ -12,7 +12,7 @@ use clap::Args;
 use tern_shared::cert::RUNNER_GROUP;
 use tern_shared::control::{RunnerInfo, RunnerSelector};
 use tern_shared::job::{
-    exit, FrameReader, JobResult, Message, Stream, Submit, MAX_CHUNK, RUNNER_PORT,
+    exit, FrameReader, JobResult, Message, Stream, Submit, MAX_CHUNK, RUNNER_PORT, RUNNER_SILENCE,
 };
 use tern_shared::pipeline::{Pipeline, RESERVED_ENV_PREFIX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -433,6 +433,10 @@ async fn drive(
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Lines::default();
     let mut cancelled = false;
+    // Once the job runs, the runner speaks at least every HEARTBEAT; this
+    // long without a word, it is gone (even when TCP has not noticed).
+    let mut running = false;
+    let mut last_word = tokio::time::Instant::now();
     // Buffered, and flushed after each batch of frames: live, without a
     // system call per line.
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
@@ -465,7 +469,9 @@ async fn drive(
                 Message::Queued { position } => {
                     let _ = writeln!(out, "queued (position {position})");
                 }
+                Message::Heartbeat => {}
                 Message::Started { job_id: id, runner } => {
+                    running = true;
                     job_id = id;
                     let _ = writeln!(out, "job {job_id} started on {runner}");
                 }
@@ -613,8 +619,15 @@ async fn drive(
                         let code = if cancelled { exit::CANCELLED } else { exit::RUNNER_LOST };
                         return fail(code, "the runner went away before the job ended");
                     }
-                    Ok(n) => reader.push(&buf[..n]),
+                    Ok(n) => {
+                        last_word = tokio::time::Instant::now();
+                        reader.push(&buf[..n]);
+                    }
                 }
+            }
+            _ = tokio::time::sleep_until(last_word + RUNNER_SILENCE), if running => {
+                let code = if cancelled { exit::CANCELLED } else { exit::RUNNER_LOST };
+                return fail(code, format!("no word from the runner for {} s: it is gone", RUNNER_SILENCE.as_secs()));
             }
             done = async {
                 match upload.as_mut() {

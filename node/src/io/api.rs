@@ -40,6 +40,8 @@ pub enum ApiRequest {
     Dial {
         target: std::net::SocketAddrV4,
     },
+    /// `tern down`: leave the mesh and stop.
+    Shutdown,
 }
 
 /// A request and where its answer goes, handed to the event loop.

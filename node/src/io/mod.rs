@@ -345,6 +345,11 @@ pub async fn run(
                             Err(e) => serde_json::json!({ "error": e }),
                         });
                     }
+                    ApiRequest::Shutdown => {
+                        tracing::info!("tern down: leaving the mesh");
+                        let _ = reply.send(serde_json::json!({ "ok": true }));
+                        break;
+                    }
                     ApiRequest::Dial { .. } => {
                         // Answered by the API server itself with the dialer.
                         let _ = reply.send(serde_json::json!({ "error": "dial is not a loop request" }));

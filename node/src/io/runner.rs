@@ -422,7 +422,24 @@ async fn serve(
             }
         }
     };
-    let (record, ()) = tokio::join!(run_job(job, msg_tx, cancel_rx), writer);
+    // Alive, every few seconds, for as long as the job runs.
+    let heartbeat = {
+        let tx = msg_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tern_shared::job::HEARTBEAT).await;
+                if tx.send(Message::Heartbeat).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let job = async {
+        let record = run_job(job, msg_tx, cancel_rx).await;
+        heartbeat.abort();
+        record
+    };
+    let (record, ()) = tokio::join!(job, writer);
     if let Err(e) = append_audit(&config.audit_log, &record) {
         tracing::error!(error = %e, path = %config.audit_log.display(), "audit log write failed");
     }

@@ -1,0 +1,242 @@
+//! The readiness gate: `tern up ... --wait-for HOST:PORT` starts the node in
+//! the background and returns only when a TCP connection to HOST:PORT
+//! through the mesh succeeded — so the CI step after it can use the target
+//! at once — or with a documented exit code saying what is missing.
+//! `tern down` stops the node (it deregisters as it goes).
+
+use std::net::SocketAddrV4;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::io::api::{self, ApiRequest};
+
+/// `tern up --wait-for` exit codes besides 0 (ready) and the node's own
+/// (77 enrollment refused, 69 lighthouse unreachable, 1 bad config).
+pub mod code {
+    /// No lighthouse registration within the time.
+    pub const LIGHTHOUSE_UNREACHABLE: u8 = 69;
+    /// The target is in no subnet a gateway routes (nor a peer's address).
+    pub const NO_PATH: u8 = 68;
+    /// The target (or a firewall on the way, with `action = "reject"`)
+    /// refused the connection.
+    pub const TARGET_REFUSED: u8 = 70;
+    /// No answer within --wait-timeout (a firewall that drops looks so too).
+    pub const TIMEOUT: u8 = 124;
+}
+
+/// The node's arguments without the gate's own.
+pub fn child_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        match a.as_str() {
+            "--wait-for" | "--wait-timeout" | "--log-file" => skip = true,
+            s if s.starts_with("--wait-for=")
+                || s.starts_with("--wait-timeout=")
+                || s.starts_with("--log-file=") =>
+            {
+                continue
+            }
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+fn stop(child: &mut Child) {
+    // Our own child: its PID is ours to signal.
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn fail(child: &mut Child, code: u8, message: String, log: &Path) -> anyhow::Result<ExitCode> {
+    stop(child);
+    eprintln!("tern up: {message} (the node's log: {})", log.display());
+    Ok(ExitCode::from(code))
+}
+
+/// Starts the node in the background and waits, within `timeout`, for its
+/// registration and then for `target` to accept a connection through it.
+pub fn up_and_wait(
+    socket: &Path,
+    target: SocketAddrV4,
+    timeout: Duration,
+    log: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let log = log.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("tern-up-{}.log", std::process::id()))
+    });
+    let out = std::fs::File::create(&log)
+        .map_err(|e| anyhow::anyhow!("creating the node's log {}: {e}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(child_args(&args))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own process group: the CI step's Ctrl-C or end does not reach it.
+        .process_group(0)
+        .spawn()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // 1. Registered with a lighthouse (or the node stopped: its code says why).
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let code = status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(1);
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let last = tail
+                .lines()
+                .rev()
+                .find(|l| l.contains("error"))
+                .unwrap_or("");
+            eprintln!("tern up: the node stopped before it was ready: {last}");
+            return Ok(ExitCode::from(code.max(1)));
+        }
+        let status = runtime
+            .block_on(api::call(socket, &ApiRequest::Status))
+            .ok();
+        let registered = status.as_ref().is_some_and(|s| {
+            s["lighthouses"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|l| l["registered"] == true))
+        });
+        if registered {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return fail(
+                &mut child,
+                code::LIGHTHOUSE_UNREACHABLE,
+                format!(
+                    "no lighthouse registered the node within {} s",
+                    timeout.as_secs()
+                ),
+                &log,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 2. The target answers through the mesh.
+    loop {
+        let route = runtime.block_on(api::call(socket, &ApiRequest::Route { ip: *target.ip() }));
+        let routed = match route {
+            Ok(r) => match r.get("error").and_then(|e| e.as_str()) {
+                None => Ok(()),
+                Some(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(format!("{e:#}")),
+        };
+        if let Err(why) = routed {
+            if Instant::now() >= deadline {
+                return fail(
+                    &mut child,
+                    code::NO_PATH,
+                    format!("no path to {target}: {why}"),
+                    &log,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let dial =
+            runtime.block_on(async { tokio::time::timeout(left, api::dial(socket, target)).await });
+        match dial {
+            Ok(Ok(_stream)) => {
+                println!(
+                    "ready: {target} answered through the mesh {:.2} s after start; the node runs in the background (pid {}, log {})",
+                    started.elapsed().as_secs_f64(),
+                    child.id(),
+                    log.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(Err(e)) => {
+                let why = format!("{e:#}");
+                if Instant::now() >= deadline {
+                    let code = if why.contains("refused") {
+                        code::TARGET_REFUSED
+                    } else {
+                        code::TIMEOUT
+                    };
+                    return fail(&mut child, code, format!("{target}: {why}"), &log);
+                }
+                if why.contains("refused") {
+                    // A target that refuses is not going to be ready by
+                    // asking faster; but it may still be starting.
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+            Err(_) => {
+                return fail(
+                    &mut child,
+                    code::TIMEOUT,
+                    format!("no answer from {target} within {} s", timeout.as_secs()),
+                    &log,
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_s_own_arguments_are_not_passed_to_the_node() {
+        let args: Vec<String> = [
+            "up",
+            "--config",
+            "ci.toml",
+            "--wait-for",
+            "198.19.0.10:5432",
+            "--userspace",
+            "--wait-timeout=10s",
+            "--log-file",
+            "x.log",
+            "--enroll-token",
+            "t",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            child_args(&args),
+            [
+                "up",
+                "--config",
+                "ci.toml",
+                "--userspace",
+                "--enroll-token",
+                "t"
+            ]
+        );
+    }
+}
