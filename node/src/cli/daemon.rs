@@ -18,7 +18,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub userspace: bool,
     /// Enroll with a one-time token (`tern-lighthouse token create`): the
-    /// config's [pki] names only the CA; the key is made in memory and never
+    /// config's pki section names only the CA; the key is made in memory and never
     /// written, the certificate comes from a lighthouse's issuer.
     #[arg(long, value_name = "TOKEN")]
     pub enroll_token: Option<String>,
