@@ -143,6 +143,7 @@ pub fn up_and_wait(
         std::thread::sleep(Duration::from_millis(50));
     }
     // 2. The target answers through the mesh.
+    let mut refused = false;
     loop {
         let route = runtime.block_on(api::call(socket, &ApiRequest::Route { ip: *target.ip() }));
         let routed = match route {
@@ -179,19 +180,32 @@ pub fn up_and_wait(
             }
             Ok(Err(e)) => {
                 let why = format!("{e:#}");
+                refused = why.contains("refused");
                 if Instant::now() >= deadline {
-                    let code = if why.contains("refused") {
+                    let code = if refused {
                         code::TARGET_REFUSED
                     } else {
                         code::TIMEOUT
                     };
                     return fail(&mut child, code, format!("{target}: {why}"), &log);
                 }
-                if why.contains("refused") {
+                if refused {
                     // A target that refuses is not going to be ready by
                     // asking faster; but it may still be starting.
                     std::thread::sleep(Duration::from_millis(250));
                 }
+            }
+            // Out of time: what the last attempt said decides.
+            Err(_) if refused => {
+                return fail(
+                    &mut child,
+                    code::TARGET_REFUSED,
+                    format!(
+                        "{target} refused every connection for {} s",
+                        timeout.as_secs()
+                    ),
+                    &log,
+                )
             }
             Err(_) => {
                 return fail(
