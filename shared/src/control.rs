@@ -150,6 +150,16 @@ pub enum RunnerSelector {
     Name(String),
 }
 
+/// Orders runners least busy first, then by name; runners found by name
+/// without a load come last. Lighthouses answer in this order and nodes
+/// merge their answers in it.
+pub fn sort_least_busy(runners: &mut [RunnerInfo]) {
+    runners.sort_by(|a, b| {
+        let key = |r: &RunnerInfo| r.load.map_or((u64::MAX, u16::MAX), |l| l.busyness());
+        key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+    });
+}
+
 /// One runner in a [`ControlMessage::RunnersReply`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunnerInfo {

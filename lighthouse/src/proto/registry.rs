@@ -180,10 +180,7 @@ impl Registry {
                 load: e.runner.as_ref().map(|r| r.load),
             })
             .collect();
-        out.sort_by(|a, b| {
-            let key = |r: &RunnerInfo| r.load.map(|l| l.busyness()).unwrap_or((u64::MAX, u16::MAX));
-            key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
-        });
+        tern_shared::control::sort_least_busy(&mut out);
         out.truncate(MAX_RUNNERS_IN_REPLY);
         out
     }

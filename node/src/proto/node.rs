@@ -434,10 +434,7 @@ impl NodeCore {
             return;
         };
         let mut runners = find.runners;
-        runners.sort_by(|a, b| {
-            let key = |r: &RunnerInfo| r.load.map_or((u64::MAX, u16::MAX), |l| l.busyness());
-            key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
-        });
+        tern_shared::control::sort_least_busy(&mut runners);
         self.find_results.push_back(RunnersResult {
             id,
             answered: find.asked - find.waiting.len(),
