@@ -281,6 +281,51 @@ pub struct EnrollConfig {
     /// "lighthouse.db" beside the config file.
     #[serde(default = "default_store")]
     pub store: PathBuf,
+    /// `[[enroll.oidc]]`: CI providers whose OIDC ID tokens are traded for
+    /// certificates (no stored secret in the job).
+    #[serde(default)]
+    pub oidc: Vec<OidcProviderConfig>,
+}
+
+/// One `[[enroll.oidc]]`: an OIDC identity provider (GitHub Actions, GitLab
+/// CI, ...) whose ID tokens enroll nodes when their claims match a rule.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcProviderConfig {
+    /// The token's `iss`, exactly (e.g.
+    /// "https://token.actions.githubusercontent.com").
+    pub issuer: String,
+    /// The `aud` the token must carry (the job asks for it).
+    pub audience: String,
+    /// The provider's signing keys (a JWKS document): an https URL (fetched
+    /// at start and again when a token names an unknown key), or a file path.
+    pub jwks: String,
+    /// Claim patterns mapped to groups and a lifetime; the first rule whose
+    /// every pattern matches decides. A token that matches none is refused.
+    pub rules: Vec<OidcRuleConfig>,
+}
+
+/// One `[[enroll.oidc.rules]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcRuleConfig {
+    /// Claim name → pattern, all of which must match (a claim that is absent
+    /// or not a string, number or boolean does not match). `*` in a pattern
+    /// matches any run of characters: `repository = "acme/*"`.
+    pub claims: std::collections::BTreeMap<String, String>,
+    /// Groups the certificate gets (the issuer must be allowed to sign them).
+    pub groups: Vec<String>,
+    /// Lifetime of the certificate (capped by the issuer's maximum). Default
+    /// the issuer's maximum.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub cert_ttl: Option<Duration>,
+}
+
+impl OidcProviderConfig {
+    /// Whether `jwks` names a URL to fetch rather than a file.
+    pub fn jwks_is_url(&self) -> bool {
+        self.jwks.starts_with("https://") || self.jwks.starts_with("http://")
+    }
 }
 
 fn default_store() -> PathBuf {
@@ -574,6 +619,7 @@ impl LighthouseConfig {
         config.api.resolve(&base);
         if let Some(enroll) = &mut config.enroll {
             enroll.resolve(&base);
+            enroll.validate(file)?;
         }
         config.validate(file)?;
         Ok(config)
@@ -692,7 +738,92 @@ impl EnrollConfig {
         for path in [&mut self.issuer_cert, &mut self.issuer_key, &mut self.store] {
             *path = resolve(base, path);
         }
+        for provider in &mut self.oidc {
+            if !provider.jwks_is_url() && !provider.jwks.is_empty() {
+                provider.jwks = resolve(base, Path::new(&provider.jwks))
+                    .to_string_lossy()
+                    .into_owned();
+            }
+        }
     }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        for (i, p) in self.oidc.iter().enumerate() {
+            let key = |k: &str| format!("enroll.oidc[{i}].{k}");
+            for (k, v) in [
+                ("issuer", &p.issuer),
+                ("audience", &p.audience),
+                ("jwks", &p.jwks),
+            ] {
+                if v.trim().is_empty() {
+                    return Err(invalid(
+                        file,
+                        key(k),
+                        "is empty; every [[enroll.oidc]] needs issuer, audience and jwks",
+                    ));
+                }
+            }
+            if p.jwks.starts_with("http://") && !http_url_is_loopback(&p.jwks) {
+                return Err(invalid(
+                    file,
+                    key("jwks"),
+                    "plain http would let anyone on the path forge tokens; use the provider's https URL or a file",
+                ));
+            }
+            if p.rules.is_empty() {
+                return Err(invalid(
+                    file,
+                    key("rules"),
+                    "no rules: add [[enroll.oidc.rules]] with the claims a job must carry (e.g. repository) and the groups it gets",
+                ));
+            }
+            for (j, rule) in p.rules.iter().enumerate() {
+                let rkey = |k: &str| format!("enroll.oidc[{i}].rules[{j}].{k}");
+                // Every token from a public CI provider carries the provider's
+                // issuer: a rule without a claim that narrows it down would
+                // admit every job of every user of that provider.
+                if !rule
+                    .claims
+                    .values()
+                    .any(|pat| pat.chars().any(|c| c != '*'))
+                {
+                    return Err(invalid(
+                        file,
+                        rkey("claims"),
+                        "no claim narrows the rule down, so any job anywhere on this provider would enroll; \
+                         name at least one, e.g. claims = { repository = \"acme/app\" }",
+                    ));
+                }
+                if rule.groups.is_empty() {
+                    return Err(invalid(
+                        file,
+                        rkey("groups"),
+                        "is empty; name the groups the job gets, e.g. [\"ci\"]",
+                    ));
+                }
+                if rule.cert_ttl.is_some_and(|d| d.is_zero()) {
+                    return Err(invalid(file, rkey("cert_ttl"), "is zero; give a lifetime such as \"30m\", or leave it out for the issuer's maximum"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether an `http://` URL's host is a loopback address (tests and local
+/// proxies may serve plain http there; nothing else may).
+pub fn http_url_is_loopback(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl LighthouseEntry {
@@ -882,6 +1013,14 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Dur
     }
 
     deserializer.deserialize_str(DurationVisitor)
+}
+
+/// `serde(deserialize_with)` helper: an optional [`duration`] (the key may be
+/// left out, with `#[serde(default)]`).
+fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
 }
 
 /// Deserializes `text` and turns toml's errors into [`ConfigError`]s that
