@@ -11,6 +11,7 @@ use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 use tern_shared::cert::{self, Cert, CertBody, CertKind, Fingerprint};
+use tern_shared::control::Revocation;
 use tern_shared::enroll::{token_hash, EnrollReply, EnrollRequest};
 use tern_shared::keys::CaSecretKey;
 
@@ -69,6 +70,24 @@ pub trait EnrollStore {
         now: u64,
     ) -> Result<Option<Ipv4Addr>, StoreError>;
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError>;
+    /// Certificates issued under `name` that have not expired by `now`:
+    /// fingerprint and expiry.
+    fn issued_named(&mut self, name: &str, now: u64)
+        -> Result<Vec<(Fingerprint, u64)>, StoreError>;
+    /// The name and expiry of an issued certificate, if this lighthouse
+    /// issued it.
+    fn issued(&mut self, fingerprint: &Fingerprint) -> Result<Option<(String, u64)>, StoreError>;
+    /// Revokes a certificate until `not_after`; false when it was already.
+    fn revoke(
+        &mut self,
+        fingerprint: &Fingerprint,
+        name: &str,
+        not_after: u64,
+        now: u64,
+    ) -> Result<bool, StoreError>;
+    /// The revocations still in force at `now`, each with its version (a
+    /// number that grows with every revocation).
+    fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError>;
 }
 
 /// [`EnrollStore`] in a SQLite file (WAL, so `tern-lighthouse token create`
@@ -91,7 +110,11 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS issued (
                  fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, ip TEXT NOT NULL,
                  groups TEXT NOT NULL, not_after INTEGER NOT NULL, how TEXT NOT NULL,
-                 at INTEGER NOT NULL);",
+                 at INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS issued_by_name ON issued (name);
+             CREATE TABLE IF NOT EXISTS revocations (
+                 version INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE,
+                 name TEXT NOT NULL, not_after INTEGER NOT NULL, at INTEGER NOT NULL);",
         )?;
         Ok(SqliteStore { db })
     }
@@ -195,6 +218,103 @@ impl EnrollStore for SqliteStore {
         )?;
         Ok(())
     }
+
+    fn issued_named(
+        &mut self,
+        name: &str,
+        now: u64,
+    ) -> Result<Vec<(Fingerprint, u64)>, StoreError> {
+        let mut stmt = self.db.prepare(
+            "SELECT fingerprint, not_after FROM issued WHERE name = ?1 AND not_after >= ?2",
+        )?;
+        let rows = stmt.query_map(rusqlite::params![name, stored_time(now)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (fp, not_after) = row?;
+            if let Some(fp) = parse_fingerprint(&fp) {
+                out.push((fp, not_after.max(0) as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    fn issued(&mut self, fingerprint: &Fingerprint) -> Result<Option<(String, u64)>, StoreError> {
+        Self::optional(self.db.query_row(
+            "SELECT name, not_after FROM issued WHERE fingerprint = ?1",
+            [fingerprint.to_string()],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64)),
+        ))
+    }
+
+    fn revoke(
+        &mut self,
+        fingerprint: &Fingerprint,
+        name: &str,
+        not_after: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let added = self.db.execute(
+            "INSERT OR IGNORE INTO revocations (fingerprint, name, not_after, at) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![fingerprint.to_string(), name, stored_time(not_after), stored_time(now)],
+        )?;
+        Ok(added == 1)
+    }
+
+    fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT version, fingerprint, not_after FROM revocations WHERE not_after >= ?1 ORDER BY version",
+        )?;
+        let rows = stmt.query_map([stored_time(now)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (version, fp, not_after) = row?;
+            let (Ok(version), Some(fingerprint)) = (u32::try_from(version), parse_fingerprint(&fp))
+            else {
+                continue;
+            };
+            out.push((
+                version,
+                Revocation {
+                    fingerprint,
+                    not_after: not_after.max(0) as u64,
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl SqliteStore {
+    /// A cheap token that changes whenever another connection (the
+    /// `tern-lighthouse revoke` command) wrote to the database.
+    pub fn data_version(&mut self) -> Result<i64, StoreError> {
+        Ok(self.db.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    fn optional<T>(r: rusqlite::Result<T>) -> Result<Option<T>, StoreError> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn parse_fingerprint(text: &str) -> Option<Fingerprint> {
+    text.parse().ok()
+}
+
+/// Stored times are i64; a revocation "forever" is stored as i64::MAX.
+fn stored_time(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
 }
 
 /// Signs what enrollment grants.
@@ -429,6 +549,50 @@ mod tests {
         let db = token(&mut store, &["db"], 1, 60);
         let refused = enroller.enroll(&request(&db, 5), &mut store, TEST_NOW);
         assert!(refused.refused.unwrap().contains("\"db\""));
+    }
+
+    #[test]
+    fn revocations_by_fingerprint_and_by_name_are_kept_until_the_certificate_expires() {
+        let (enroller, mut store, _dir, _ca) = setup();
+        let t = token(&mut store, &["ci"], 2, 600);
+        let a = Cert::from_pem(
+            &enroller
+                .enroll(&request(&t, 1), &mut store, TEST_NOW)
+                .cert
+                .unwrap(),
+        )
+        .unwrap();
+        let named = store.issued_named(&a.body.name, TEST_NOW).unwrap();
+        assert_eq!(named, vec![(a.fingerprint(), a.body.not_after)]);
+        assert_eq!(
+            store.issued(&a.fingerprint()).unwrap(),
+            Some((a.body.name.clone(), a.body.not_after))
+        );
+        assert!(store
+            .issued_named(&a.body.name, a.body.not_after + 1)
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .revoke(&a.fingerprint(), &a.body.name, a.body.not_after, TEST_NOW)
+            .unwrap());
+        assert!(!store
+            .revoke(&a.fingerprint(), &a.body.name, a.body.not_after, TEST_NOW)
+            .unwrap());
+        let other = Fingerprint([9; 32]);
+        assert!(store.revoke(&other, "", u64::MAX, TEST_NOW).unwrap());
+        let list = store.revocations(TEST_NOW).unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(list[0].0 < list[1].0, "versions grow");
+        assert_eq!(list[0].1.fingerprint, a.fingerprint());
+        assert_eq!(
+            list[1].1.not_after,
+            i64::MAX as u64,
+            "forever, as far as i64 goes"
+        );
+        // Once a's certificate has expired its revocation is no longer sent.
+        let later = store.revocations(a.body.not_after + 1).unwrap();
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].1.fingerprint, other);
     }
 
     #[test]

@@ -29,6 +29,15 @@ enum Command {
     /// Enrollment tokens for CI nodes (needs [enroll] in the config).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Revoke a certificate: by its fingerprint (any certificate), or by the
+    /// name of certificates this lighthouse issued. Nodes tear down their
+    /// sessions with it within seconds and refuse it afterwards.
+    Revoke {
+        /// A certificate fingerprint (64 hex digits, from tern cert print) or
+        /// an issued certificate's name.
+        #[arg(value_name = "FINGERPRINT|NAME")]
+        what: String,
+    },
     /// Show the running lighthouse's registered nodes.
     Status {
         /// The API socket, instead of the one in --config.
@@ -68,6 +77,7 @@ fn main() -> ExitCode {
                 "no config given: run `tern-lighthouse --config lighthouse.toml` (see config/lighthouse.toml)"
             )),
         },
+        Some(Command::Revoke { what }) => io::revoke(cli.config.as_deref(), &what),
         Some(Command::Status { socket, json }) => io::status(cli.config.as_deref(), socket.as_deref(), json),
         Some(Command::Token(TokenCommand::Create {
             groups,

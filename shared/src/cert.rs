@@ -194,6 +194,8 @@ pub enum CertError {
     BeyondIssuer { issuer: String, what: String },
     #[error("expected an issuer certificate (tern cert sign --issuer)")]
     NotAnIssuerCert,
+    #[error("certificate {fingerprint} has been revoked (tern-lighthouse revoke); get a new one")]
+    Revoked { fingerprint: Fingerprint },
     #[error("validity {} .. {} is outside the CA's validity {} .. {}; use a shorter duration or renew the CA", time(.not_before), time(.not_after), time(.ca_not_before), time(.ca_not_after))]
     ValidityOutsideCa {
         not_before: u64,
@@ -669,7 +671,14 @@ fn check_under_issuer(issuer: &CertBody, node: &CertBody) -> Result<(), CertErro
 #[derive(Clone, Debug, Default)]
 pub struct CaPool {
     cas: BTreeMap<Fingerprint, TrustedCa>,
+    /// Revoked certificates (nodes' or issuers'), each kept until it would
+    /// have expired anyway.
+    revoked: BTreeMap<Fingerprint, u64>,
 }
+
+/// Most revocations a pool keeps: a bound on what a lighthouse can make a
+/// node hold. Entries leave as their certificates expire.
+pub const MAX_REVOKED: usize = 100_000;
 
 #[derive(Clone, Debug)]
 struct TrustedCa {
@@ -720,6 +729,38 @@ impl CaPool {
 
     pub fn len(&self) -> usize {
         self.cas.len()
+    }
+
+    /// Refuses the certificate with this fingerprint from now on, a node's
+    /// or an issuer's (then every certificate it signed), until `not_after`,
+    /// when it would have expired anyway. Returns whether it was new.
+    pub fn revoke(&mut self, fingerprint: Fingerprint, not_after: u64) -> bool {
+        if self.revoked.len() >= MAX_REVOKED && !self.revoked.contains_key(&fingerprint) {
+            return false;
+        }
+        self.revoked.insert(fingerprint, not_after).is_none()
+    }
+
+    pub fn is_revoked(&self, fingerprint: &Fingerprint) -> bool {
+        self.revoked.contains_key(fingerprint)
+    }
+
+    /// Whether a verified certificate, or the issuer that signed it, has
+    /// been revoked since it was verified.
+    pub fn revokes(&self, cert: &VerifiedCert) -> bool {
+        self.is_revoked(&cert.fingerprint())
+            || cert
+                .issuer_fingerprint()
+                .is_some_and(|f| self.is_revoked(&f))
+    }
+
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.len()
+    }
+
+    /// Forgets revocations of certificates that have expired by `now_unix`.
+    pub fn prune_revoked(&mut self, now_unix: u64) {
+        self.revoked.retain(|_, not_after| *not_after >= now_unix);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -790,10 +831,17 @@ impl CaPool {
             check_under_issuer(&issuer.body, body)?;
         }
         let fingerprint = Fingerprint::of(&encoded);
+        let issuer_fingerprint = body.chain.as_ref().map(|issuer| issuer.fingerprint());
+        for fp in std::iter::once(fingerprint).chain(issuer_fingerprint) {
+            if self.is_revoked(&fp) {
+                return Err(CertError::Revoked { fingerprint: fp });
+            }
+        }
         Ok(VerifiedCert(Arc::new(Verified {
             cert,
             encoded,
             fingerprint,
+            issuer_fingerprint,
             overlay_net,
         })))
     }
@@ -808,6 +856,8 @@ struct Verified {
     cert: Cert,
     encoded: Vec<u8>,
     fingerprint: Fingerprint,
+    /// The issuer's, when an issuer (not the root) signed it.
+    issuer_fingerprint: Option<Fingerprint>,
     overlay_net: Ipv4Net,
 }
 
@@ -866,6 +916,12 @@ impl VerifiedCert {
 
     pub fn issuer(&self) -> Fingerprint {
         self.0.cert.body.issuer
+    }
+
+    /// The fingerprint of the issuer that signed it, when not the root CA
+    /// directly.
+    pub fn issuer_fingerprint(&self) -> Option<Fingerprint> {
+        self.0.issuer_fingerprint
     }
 
     /// The issuer that signed it, when not the root CA directly.
@@ -1866,6 +1922,40 @@ mod tests {
             pool(&[&other]).verify_bytes(&bytes, NOW),
             Err(CertError::UnknownIssuer { .. })
         ));
+    }
+
+    #[test]
+    fn revoked_certificates_and_everything_a_revoked_issuer_signed_are_refused() {
+        let (ca, issuer, key) = issuer_setup();
+        let a = sign_under_issuer(&issuer, &key, ci_body("100.64.100.7/10", &["ci"]), NOW).unwrap();
+        let b = sign_under_issuer(&issuer, &key, ci_body("100.64.100.8/10", &["ci"]), NOW).unwrap();
+        let mut pool = pool(&[&ca]);
+        let verified_a = pool.verify(&a, NOW).unwrap();
+        assert!(pool.revoke(a.fingerprint(), a.body.not_after));
+        assert!(
+            !pool.revoke(a.fingerprint(), a.body.not_after),
+            "not new the second time"
+        );
+        assert!(pool.revokes(&verified_a));
+        assert_eq!(
+            pool.verify_bytes(&a.encode(), NOW).unwrap_err(),
+            CertError::Revoked {
+                fingerprint: a.fingerprint()
+            }
+        );
+        // Its sibling is fine until the issuer itself is revoked.
+        let verified_b = pool.verify(&b, NOW).unwrap();
+        assert!(!pool.revokes(&verified_b));
+        pool.revoke(issuer.fingerprint(), issuer.body.not_after);
+        assert!(pool.revokes(&verified_b));
+        assert!(
+            matches!(pool.verify(&b, NOW), Err(CertError::Revoked { fingerprint }) if fingerprint == issuer.fingerprint())
+        );
+        // Entries leave once the certificate would have expired anyway.
+        pool.prune_revoked(a.body.not_after + 1);
+        assert_eq!(pool.revoked_count(), 1, "the issuer lives longer");
+        pool.prune_revoked(issuer.body.not_after + 1);
+        assert_eq!(pool.revoked_count(), 0);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
 
-use crate::cert::MAX_CERT_LEN;
+use crate::cert::{Fingerprint, MAX_CERT_LEN};
 use crate::codec::{put_blob16, put_socket_addr, Reader};
 
 /// UDP port on overlay addresses where daemons exchange control messages.
@@ -34,6 +34,8 @@ pub const MAX_LABELS: usize = 16;
 pub const MAX_LABEL_LEN: usize = 64;
 /// Most runners in one [`ControlMessage::RunnersReply`].
 pub const MAX_RUNNERS_IN_REPLY: usize = 16;
+/// Most revocations in one [`ControlMessage::Revocations`] (40 bytes each).
+pub const MAX_REVOCATIONS_IN_REPLY: usize = 32;
 
 /// Where a node can be reached, and with which certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +62,9 @@ pub enum ControlMessage {
         id: u32,
         observed: SocketAddr,
         relay: bool,
+        /// The version of this lighthouse's revocation list: a node that
+        /// holds an older one asks for what it lacks.
+        revocations: u32,
     },
     /// Node → lighthouse: "where is this overlay address?"
     Query {
@@ -119,6 +124,31 @@ pub enum ControlMessage {
         id: u32,
         runners: Vec<RunnerInfo>,
     },
+    /// Node → lighthouse: the revocations after version `since`.
+    RevocationsQuery {
+        id: u32,
+        since: u32,
+    },
+    /// Lighthouse → node: revoked certificates, the answer to a query or
+    /// pushed (id 0) the moment a revocation is made. `entries` are those
+    /// after version `since` up to `version`; `complete` is false when more
+    /// follow (ask again from `version`). Revocations can only take trust
+    /// away, so a node applies them from any of its lighthouses.
+    Revocations {
+        id: u32,
+        since: u32,
+        version: u32,
+        entries: Vec<Revocation>,
+        complete: bool,
+    },
+}
+
+/// One revoked certificate (a node's or an issuer's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revocation {
+    pub fingerprint: Fingerprint,
+    /// When the certificate expires anyway: the entry can be dropped then.
+    pub not_after: u64,
 }
 
 /// How busy a runner is.
@@ -209,6 +239,8 @@ const T_PONG: u8 = 10;
 const T_RUNNER_ADVERT: u8 = 11;
 const T_RUNNERS_QUERY: u8 = 12;
 const T_RUNNERS_REPLY: u8 = 13;
+const T_REVOCATIONS_QUERY: u8 = 14;
+const T_REVOCATIONS: u8 = 15;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -225,7 +257,9 @@ impl ControlMessage {
             | ControlMessage::Pong { id }
             | ControlMessage::RunnerAdvert { id, .. }
             | ControlMessage::RunnersQuery { id, .. }
-            | ControlMessage::RunnersReply { id, .. } => *id,
+            | ControlMessage::RunnersReply { id, .. }
+            | ControlMessage::RevocationsQuery { id, .. }
+            | ControlMessage::Revocations { id, .. } => *id,
         }
     }
 
@@ -248,6 +282,8 @@ impl ControlMessage {
             ControlMessage::RunnerAdvert { id, .. } => (T_RUNNER_ADVERT, id),
             ControlMessage::RunnersQuery { id, .. } => (T_RUNNERS_QUERY, id),
             ControlMessage::RunnersReply { id, .. } => (T_RUNNERS_REPLY, id),
+            ControlMessage::RevocationsQuery { id, .. } => (T_REVOCATIONS_QUERY, id),
+            ControlMessage::Revocations { id, .. } => (T_REVOCATIONS, id),
         };
         out.push(ty);
         out.extend_from_slice(&id.to_be_bytes());
@@ -263,10 +299,36 @@ impl ControlMessage {
                 }
             }
             ControlMessage::RegisterAck {
-                observed, relay, ..
+                observed,
+                relay,
+                revocations,
+                ..
             } => {
                 put_socket_addr(&mut out, observed);
                 out.push(u8::from(*relay));
+                out.extend_from_slice(&revocations.to_be_bytes());
+            }
+            ControlMessage::RevocationsQuery { since, .. } => {
+                out.extend_from_slice(&since.to_be_bytes());
+            }
+            ControlMessage::Revocations {
+                since,
+                version,
+                entries,
+                complete,
+                ..
+            } => {
+                if entries.len() > MAX_REVOCATIONS_IN_REPLY {
+                    return Err(ControlError::TooManyLabels);
+                }
+                out.extend_from_slice(&since.to_be_bytes());
+                out.extend_from_slice(&version.to_be_bytes());
+                out.push(u8::from(*complete));
+                out.push(entries.len() as u8);
+                for e in entries {
+                    out.extend_from_slice(&e.fingerprint.0);
+                    out.extend_from_slice(&e.not_after.to_be_bytes());
+                }
             }
             ControlMessage::Query { overlay_ip, .. } => out.extend_from_slice(&overlay_ip.octets()),
             ControlMessage::QueryReply {
@@ -372,7 +434,41 @@ impl ControlMessage {
                     Some(1) => true,
                     _ => return Err(ControlError::Malformed),
                 },
+                revocations: r.u32().ok_or(ControlError::Malformed)?,
             },
+            T_REVOCATIONS_QUERY => ControlMessage::RevocationsQuery {
+                id,
+                since: r.u32().ok_or(ControlError::Malformed)?,
+            },
+            T_REVOCATIONS => {
+                let since = r.u32().ok_or(ControlError::Malformed)?;
+                let version = r.u32().ok_or(ControlError::Malformed)?;
+                let complete = match r.u8() {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(ControlError::Malformed),
+                };
+                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+                if n > MAX_REVOCATIONS_IN_REPLY {
+                    return Err(ControlError::TooManyLabels);
+                }
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let fingerprint = Fingerprint(r.array().ok_or(ControlError::Malformed)?);
+                    let not_after = u64::from_be_bytes(r.array().ok_or(ControlError::Malformed)?);
+                    entries.push(Revocation {
+                        fingerprint,
+                        not_after,
+                    });
+                }
+                ControlMessage::Revocations {
+                    id,
+                    since,
+                    version,
+                    entries,
+                    complete,
+                }
+            }
             T_QUERY => ControlMessage::Query {
                 id,
                 overlay_ip: r.ipv4().ok_or(ControlError::Malformed)?,
@@ -610,6 +706,21 @@ mod tests {
                 id: 2,
                 observed: sample_peer().endpoints[0],
                 relay: true,
+                revocations: 7,
+            },
+            ControlMessage::RevocationsQuery { id: 16, since: 3 },
+            ControlMessage::Revocations {
+                id: 17,
+                since: 3,
+                version: 40,
+                complete: false,
+                entries: vec![
+                    Revocation {
+                        fingerprint: Fingerprint([7; 32]),
+                        not_after: 1_800_000_000,
+                    };
+                    MAX_REVOCATIONS_IN_REPLY
+                ],
             },
             ControlMessage::Query {
                 id: 3,
@@ -756,7 +867,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(ty in 0u8..15, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn typed_garbage_never_panics(ty in 0u8..17, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = vec![ty, 0, 0, 0, 1];
             bytes.extend(rest);
             let _ = ControlMessage::decode(&bytes);

@@ -35,7 +35,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::Serialize;
 
-use crate::cert::{CaPool, CertError, VerifiedCert};
+use crate::cert::{CaPool, CertError, Fingerprint, VerifiedCert};
 use crate::rate::TokenBucket;
 use crate::wire::{
     classify, relay_header, DatagramKind, Hello, RelayEnvelope, RELAY_HEADER_LEN, TYPE_RELAYED,
@@ -141,6 +141,8 @@ pub enum RemoveReason {
     SessionExpired,
     Replaced,
     Requested,
+    /// Its certificate (or its issuer) was revoked.
+    Revoked,
 }
 
 /// What [`Mesh::handle_datagram`] produced for the caller.
@@ -166,6 +168,8 @@ pub struct MeshCounters {
     pub spoofed_source_drops: u64,
     pub non_ipv4_drops: u64,
     pub expired_peers: u64,
+    /// Sessions torn down because the peer's certificate was revoked.
+    pub revoked_peers: u64,
     /// Relayed datagrams from an address that is not one of our relays, or
     /// malformed, or labelled with a source other than the peer that sent them.
     pub relay_drops: u64,
@@ -1184,8 +1188,36 @@ impl Mesh {
         }
     }
 
+    /// Revokes certificates (fingerprint, and when each would have expired):
+    /// from now on they fail verification, and the sessions and remembered
+    /// certificates they back are dropped at once. Returns how many were new.
+    pub fn revoke(&mut self, entries: &[(Fingerprint, u64)], now: Instant) -> usize {
+        self.last_now = now;
+        let new = entries
+            .iter()
+            .filter(|(fp, not_after)| self.ca.revoke(*fp, *not_after))
+            .count();
+        if new == 0 {
+            return 0;
+        }
+        let gone: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| self.ca.revokes(&p.cert))
+            .map(|(i, _)| *i)
+            .collect();
+        for idx in gone {
+            self.counters.revoked_peers += 1;
+            self.remove_index(idx, RemoveReason::Revoked);
+        }
+        let ca = &self.ca;
+        self.known_certs.retain(|_, k| !ca.revokes(&k.cert));
+        new
+    }
+
     fn expire_certs(&mut self, now: Instant) {
         let unix = self.unix_time(now);
+        self.ca.prune_revoked(unix);
         let expired: Vec<u32> = self
             .peers
             .iter()
@@ -1527,6 +1559,33 @@ mod tests {
         });
         assert!(removed);
         assert_eq!(b.mesh.counters().expired_peers, 1);
+    }
+
+    #[test]
+    fn a_revoked_peer_loses_its_session_at_once_and_cannot_handshake_again() {
+        let (mut a, mut b, now) = setup(&[]);
+        connect(&mut a, &mut b, now);
+        assert_eq!(b.mesh.peer_count(), 1);
+        while b.mesh.poll_event().is_some() {}
+        let entry = (a.cert.fingerprint(), a.cert.not_after());
+        assert_eq!(b.mesh.revoke(&[entry], now), 1);
+        assert_eq!(b.mesh.revoke(&[entry], now), 0, "known already");
+        assert_eq!(b.mesh.peer_count(), 0);
+        assert!(std::iter::from_fn(|| b.mesh.poll_event()).any(|e| matches!(
+            e,
+            MeshEvent::PeerRemoved { reason: RemoveReason::Revoked, overlay_ip, .. } if overlay_ip == A_IP
+        )));
+        assert_eq!(b.mesh.counters().revoked_peers, 1);
+        // a still thinks it has a session; its packets find none on b, and a
+        // new handshake (hello first) is refused for the certificate.
+        let rejected = b.mesh.counters().rejected_certs;
+        let later = now + Duration::from_secs(1);
+        let pb = a.mesh.peer_by_overlay(B_IP).unwrap();
+        a.mesh.connect(pb, true);
+        exchange(&mut a, &mut b, later, None);
+        assert_eq!(b.mesh.peer_count(), 0);
+        assert!(b.mesh.counters().rejected_certs > rejected);
+        assert!(b.delivered.is_empty());
     }
 
     #[test]

@@ -1091,3 +1091,76 @@ fn a_node_issued_by_an_issuer_meets_peers_and_forged_ones_are_refused() {
         assert!(err.to_string().contains(why), "{why}: {err}");
     }
 }
+
+#[test]
+fn a_revocation_is_pushed_to_every_node_and_ends_sessions_with_that_certificate_at_once() {
+    const JOB: &str = "198.18.0.7:4242";
+    const LATE: &str = "198.18.0.8:4242";
+    let mut lab = lab();
+    let issuer = lab
+        .ca
+        .issuer("lh-issuer", "100.64.100.0/24", &["ci"], "ci-", 3600);
+    let job = issuer.node("ci-job-1", "100.64.100.5/10", &["ci"], 1800);
+    let ca = &lab.ca;
+    lab.net.add_node(ca, &job, JOB);
+    lab.net.run_for(Duration::from_secs(2));
+    let job_ip = Ipv4Addr::new(100, 64, 100, 5);
+    let now = lab.net.now;
+    let status = lab.net.lighthouse().status(now);
+    let listed = status
+        .nodes
+        .iter()
+        .find(|n| n.overlay_ip == job_ip)
+        .unwrap();
+    assert!(listed.ephemeral, "an issued node is marked ephemeral");
+    assert_eq!(listed.issued_by.as_deref(), Some("lh-issuer"));
+    assert!(
+        !status
+            .nodes
+            .iter()
+            .find(|n| n.overlay_ip == B_IP)
+            .unwrap()
+            .ephemeral
+    );
+
+    let hello = build_udp_ipv4(job_ip, B_IP, 5000, 6000, b"before");
+    lab.net.send_from_tun(JOB, &hello);
+    assert_eq!(lab.net.node(B).1, &vec![hello], "a session is up");
+    lab.net.node(B).1.clear();
+
+    // The store's list, as `tern-lighthouse revoke ci-job-1` leaves it.
+    let revocation = tern_shared::control::Revocation {
+        fingerprint: job.cert.fingerprint(),
+        not_after: job.cert.body.not_after,
+    };
+    let now = lab.net.now;
+    lab.net
+        .lighthouse()
+        .set_revocations(vec![(1, revocation)], now);
+    lab.net.settle();
+    // Pushed: b has torn the session down before any timer ran.
+    let b_status = lab.net.node(B).0.status();
+    assert_eq!(b_status.revoked_certs, 1);
+    assert!(
+        b_status.peers.iter().all(|p| p.name != "ci-job-1"),
+        "{:?}",
+        b_status.peers
+    );
+    assert!(!lab.net.registered(JOB) || lab.net.lighthouse().registry().lookup(job_ip).is_none());
+    // The job cannot get back in: b refuses it, the lighthouse forgets it.
+    let after = build_udp_ipv4(job_ip, B_IP, 5000, 6000, b"after");
+    lab.net.send_from_tun(JOB, &after);
+    lab.net.run_for(Duration::from_secs(5));
+    assert!(
+        lab.net.node(B).1.is_empty(),
+        "nothing from the revoked job reaches b"
+    );
+    assert!(lab.net.lighthouse().registry().lookup(job_ip).is_none());
+    // A node that joins later learns the list when it registers.
+    let late = lab.ca.node("late", "100.64.0.8/10", &[], &[], 86_400);
+    let ca = &lab.ca;
+    lab.net.add_node(ca, &late, LATE);
+    lab.net.run_for(Duration::from_secs(2));
+    assert_eq!(lab.net.node(LATE).0.status().revoked_certs, 1);
+    assert_eq!(lab.net.lighthouse().status(now).revocations_version, 1);
+}

@@ -63,10 +63,88 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     init_logging(&config.log.level);
-    runtime()?.block_on(serve(config))
+    let store = store_path(&config, config_path);
+    runtime()?.block_on(serve(config, store))
 }
 
-async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
+/// Where the lighthouse's lasting state lives: `[enroll] store`, or
+/// "lighthouse.db" beside the config when there is no `[enroll]` (a
+/// lighthouse that enrolls no one can still revoke certificates).
+fn store_path(config: &LighthouseConfig, config_path: &Path) -> PathBuf {
+    match &config.enroll {
+        Some(e) => e.store.clone(),
+        None => config_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("lighthouse.db"),
+    }
+}
+
+/// The revocation list in the shell: read from the store when it changed
+/// (`tern-lighthouse revoke` writes it from another process) and handed to
+/// the core, which pushes what is new to the nodes.
+struct RevocationFeed {
+    path: PathBuf,
+    store: Option<SqliteStore>,
+    seen: Option<i64>,
+    last_full_read: Option<Instant>,
+}
+
+impl RevocationFeed {
+    fn new(path: PathBuf, must_exist: bool) -> anyhow::Result<RevocationFeed> {
+        let mut feed = RevocationFeed {
+            path,
+            store: None,
+            seen: None,
+            last_full_read: None,
+        };
+        if must_exist || feed.path.exists() {
+            feed.store = Some(SqliteStore::open(&feed.path).with_context(|| {
+                format!("opening the lighthouse store {}", feed.path.display())
+            })?);
+        }
+        Ok(feed)
+    }
+
+    fn poll(&mut self, core: &mut LighthouseCore, now: Instant) {
+        if self.store.is_none() {
+            if !self.path.exists() {
+                return;
+            }
+            match SqliteStore::open(&self.path) {
+                Ok(s) => self.store = Some(s),
+                Err(e) => {
+                    tracing::warn!(store = %self.path.display(), error = %e, "cannot open the store for revocations");
+                    return;
+                }
+            }
+        }
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let changed = match store.data_version() {
+            Ok(v) => self.seen.replace(v) != Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the store's revocations");
+                return;
+            }
+        };
+        // Also once a minute, so expired entries leave the list.
+        let stale = self
+            .last_full_read
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60));
+        if !changed && !stale {
+            return;
+        }
+        self.last_full_read = Some(now);
+        match crate::enroll::EnrollStore::revocations(store, unix_now()) {
+            Ok(list) => core.set_revocations(list, now),
+            Err(e) => tracing::warn!(error = %e, "reading the store's revocations"),
+        }
+    }
+}
+
+async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<()> {
     let read = |p: &Path, what: &str| {
         std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
     };
@@ -130,6 +208,10 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
         Some(e) => Some(Enrollment::open(e, &identity.key, &cert)?),
         None => None,
     };
+    let mut revocations = RevocationFeed::new(store_path, enrollment.is_some())?;
+    revocations.poll(&mut core, Instant::now());
+    let mut revocation_tick = tokio::time::interval(Duration::from_millis(500));
+    revocation_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (api_tx, mut api_rx) = mpsc::channel::<oneshot::Sender<serde_json::Value>>(16);
     let socket_path = config
         .api
@@ -185,6 +267,9 @@ async fn serve(config: LighthouseConfig) -> anyhow::Result<()> {
                 let now = Instant::now();
                 core.handle_timeout(now);
                 next_timer = tokio::time::Instant::from_std(core.poll_timeout(now));
+            }
+            _ = revocation_tick.tick() => {
+                revocations.poll(&mut core, Instant::now());
             }
             Some(reply) = api_rx.recv() => {
                 let _ = reply.send(serde_json::to_value(core.status(Instant::now())).unwrap_or_default());
@@ -466,5 +551,63 @@ pub fn create_token(
         now,
     )?;
     println!("{token}");
+    Ok(())
+}
+
+/// `tern-lighthouse revoke FINGERPRINT|NAME`: records the revocation in the
+/// store; the running lighthouse reads it within a second and pushes it to
+/// every registered node, which tears down its sessions with that
+/// certificate.
+pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
+    use crate::enroll::EnrollStore;
+    let path = config_path.ok_or_else(|| {
+        anyhow::anyhow!("give the lighthouse's config: tern-lighthouse revoke --config lighthouse.toml FINGERPRINT|NAME")
+    })?;
+    let config = load_config(path)?;
+    let store_file = store_path(&config, path);
+    let mut store = SqliteStore::open(&store_file)
+        .with_context(|| format!("opening the lighthouse store {}", store_file.display()))?;
+    let now = unix_now();
+    let targets: Vec<(tern_shared::cert::Fingerprint, String, u64)> =
+        match what.parse::<tern_shared::cert::Fingerprint>() {
+            Ok(fp) => {
+                // Not issued here (a long-lived certificate signed by the
+                // root): its expiry is unknown, so it is kept for good.
+                let (name, not_after) = store.issued(&fp)?.unwrap_or((String::new(), u64::MAX));
+                vec![(fp, name, not_after)]
+            }
+            Err(_) => {
+                let found = store.issued_named(what, now)?;
+                if found.is_empty() {
+                    anyhow::bail!(
+                        "no unexpired certificate named {what:?} was issued by this lighthouse; \
+                         revoke it by its fingerprint (64 hex digits; `tern cert print` shows it)"
+                    );
+                }
+                found
+                    .into_iter()
+                    .map(|(fp, not_after)| (fp, what.to_string(), not_after))
+                    .collect()
+            }
+        };
+    for (fp, name, not_after) in targets {
+        let new = store.revoke(&fp, &name, not_after, now)?;
+        let until = if not_after == u64::MAX {
+            "for good".to_string()
+        } else {
+            format!("until it expires at unix {not_after}")
+        };
+        let who = if name.is_empty() {
+            String::new()
+        } else {
+            format!("{name} ")
+        };
+        if new {
+            println!("revoked {who}{fp} {until}");
+        } else {
+            println!("{who}{fp} was already revoked");
+        }
+    }
+    println!("a running lighthouse pushes revocations to its nodes within a second");
     Ok(())
 }

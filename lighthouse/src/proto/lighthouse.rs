@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tern_shared::cert::{VerifiedCert, RUNNER_GROUP};
-use tern_shared::control::{ControlMessage, PeerInfo, CONTROL_PORT, MAX_LABELS};
+use tern_shared::control::{
+    ControlMessage, PeerInfo, Revocation, CONTROL_PORT, MAX_LABELS, MAX_REVOCATIONS_IN_REPLY,
+};
 use tern_shared::mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
 use tern_shared::wire::{classify, DatagramKind, RelayEnvelope, TYPE_RELAYED, TYPE_RELAY_REQUEST};
@@ -34,6 +36,8 @@ pub struct LighthouseCounters {
     pub bad_control_messages: u64,
     /// Runner adverts from certificates without the runner group.
     pub runner_adverts_refused: u64,
+    /// Revocation messages sent (pushed or asked for).
+    pub revocations_sent: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +53,9 @@ pub struct LighthouseStatus {
     pub relay_enabled: bool,
     pub relay_introductions: usize,
     pub relay: RelayCounters,
+    /// Certificates revoked (and not yet expired), and the list's version.
+    pub revoked: usize,
+    pub revocations_version: u32,
 }
 
 pub struct LighthouseCore {
@@ -64,6 +71,8 @@ pub struct LighthouseCore {
     counters: LighthouseCounters,
     scratch: Vec<u8>,
     last_expiry: Instant,
+    /// Revoked certificates by version (the store's sequence), oldest first.
+    revocations: Vec<(u32, Revocation)>,
 }
 
 impl LighthouseCore {
@@ -79,6 +88,7 @@ impl LighthouseCore {
             counters: LighthouseCounters::default(),
             scratch: vec![0u8; 65_536],
             last_expiry: now,
+            revocations: Vec::new(),
         }
     }
 
@@ -99,7 +109,100 @@ impl LighthouseCore {
             self.handle_packet(peer, from, packet, now);
         }
         self.scratch = scratch;
-        while self.mesh.poll_event().is_some() {}
+        self.drain_mesh_events();
+    }
+
+    /// The version of the revocation list: the newest entry's.
+    pub fn revocations_version(&self) -> u32 {
+        self.revocations.last().map_or(0, |(v, _)| *v)
+    }
+
+    /// Takes the revocation list as the store has it now (version, entry;
+    /// not yet expired). New entries are refused from now on, their
+    /// sessions and registrations dropped, and pushed at once to every
+    /// registered node, which tears down its own sessions with them.
+    pub fn set_revocations(&mut self, mut list: Vec<(u32, Revocation)>, now: Instant) {
+        list.sort_by_key(|(v, _)| *v);
+        let before = self.revocations_version();
+        let new: Vec<(u32, Revocation)> =
+            list.iter().filter(|(v, _)| *v > before).copied().collect();
+        self.revocations = list;
+        if new.is_empty() {
+            return;
+        }
+        let entries: Vec<_> = new
+            .iter()
+            .map(|(_, r)| (r.fingerprint, r.not_after))
+            .collect();
+        let before_peers = self.mesh.peer_count();
+        self.mesh.revoke(&entries, now);
+        tracing::info!(
+            new = new.len(),
+            revoked = self.revocations.len(),
+            sessions_torn_down = before_peers - self.mesh.peer_count(),
+            "certificates revoked; pushing the revocations to the registered nodes"
+        );
+        self.drain_mesh_events();
+        let peers = self.registry.peers();
+        let mut since = before;
+        let chunks: Vec<&[(u32, Revocation)]> = new.chunks(MAX_REVOCATIONS_IN_REPLY).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let version = chunk.last().map_or(since, |(v, _)| *v);
+            let msg = ControlMessage::Revocations {
+                id: 0,
+                since,
+                version,
+                entries: chunk.iter().map(|(_, r)| *r).collect(),
+                complete: i + 1 == chunks.len(),
+            };
+            for (_, peer) in &peers {
+                if let Some(cert) = self.mesh.peer_cert(*peer).cloned() {
+                    self.counters.revocations_sent += 1;
+                    self.reply(*peer, &cert, &msg, now);
+                }
+            }
+            since = version;
+        }
+    }
+
+    /// The answer to a node that holds the list up to `since`.
+    fn revocations_after(&self, id: u32, since: u32) -> ControlMessage {
+        let version = self.revocations_version();
+        // A node ahead of us saw another store (or ours before a reset):
+        // it gets everything.
+        let since = if since > version { 0 } else { since };
+        let after: Vec<&(u32, Revocation)> = self
+            .revocations
+            .iter()
+            .filter(|(v, _)| *v > since)
+            .collect();
+        let batch = &after[..after.len().min(MAX_REVOCATIONS_IN_REPLY)];
+        ControlMessage::Revocations {
+            id,
+            since,
+            version: batch.last().map_or(version, |(v, _)| *v),
+            entries: batch.iter().map(|(_, r)| *r).collect(),
+            complete: batch.len() == after.len(),
+        }
+    }
+
+    /// Follows the mesh's removals: a node whose session is gone (expired,
+    /// replaced, revoked) leaves the registry and the relay.
+    fn drain_mesh_events(&mut self) {
+        while let Some(event) = self.mesh.poll_event() {
+            if let MeshEvent::PeerRemoved { overlay_ip, .. } = event {
+                if self
+                    .registry
+                    .peer(overlay_ip)
+                    .is_some_and(|p| self.mesh.peer_cert(p).is_none())
+                {
+                    self.registry.remove(overlay_ip);
+                    if let Some(relay) = self.relay.as_mut() {
+                        relay.forget(overlay_ip);
+                    }
+                }
+            }
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -117,14 +220,7 @@ impl LighthouseCore {
                 relay.expire(now);
             }
         }
-        while let Some(event) = self.mesh.poll_event() {
-            if let MeshEvent::PeerRemoved { overlay_ip, .. } = event {
-                self.registry.remove(overlay_ip);
-                if let Some(relay) = self.relay.as_mut() {
-                    relay.forget(overlay_ip);
-                }
-            }
-        }
+        self.drain_mesh_events();
     }
 
     pub fn poll_timeout(&self, now: Instant) -> Instant {
@@ -152,6 +248,8 @@ impl LighthouseCore {
             relay_enabled: self.relay.is_some(),
             relay_introductions: self.relay.as_ref().map_or(0, |r| r.introductions()),
             relay: self.relay_counters.clone(),
+            revoked: self.revocations.len(),
+            revocations_version: self.revocations_version(),
         }
     }
 
@@ -241,6 +339,8 @@ impl LighthouseCore {
                 ) {
                     Ok(()) => {
                         tracing::trace!(%from, ?local, "registered");
+                        self.registry
+                            .set_issued_by(cert.overlay_ip(), cert.issued_by());
                         self.accept_routes(&cert, routes);
                         self.reply(
                             peer,
@@ -249,6 +349,7 @@ impl LighthouseCore {
                                 id,
                                 observed: from,
                                 relay: self.relay.is_some(),
+                                revocations: self.revocations_version(),
                             },
                             now,
                         );
@@ -331,7 +432,13 @@ impl LighthouseCore {
                     now,
                 );
             }
+            ControlMessage::RevocationsQuery { id, since } => {
+                let answer = self.revocations_after(id, since);
+                self.counters.revocations_sent += 1;
+                self.reply(peer, &cert, &answer, now);
+            }
             ControlMessage::RegisterAck { .. }
+            | ControlMessage::Revocations { .. }
             | ControlMessage::QueryReply { .. }
             | ControlMessage::Punch { .. }
             | ControlMessage::RoutesReply { .. }

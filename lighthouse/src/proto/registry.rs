@@ -38,6 +38,8 @@ struct Entry {
     refused: Vec<Ipv4Net>,
     /// The runner it offers (only from a certificate in the runner group).
     runner: Option<RunnerAd>,
+    /// The issuer that signed its certificate: an enrolled, short-lived node.
+    issued_by: Option<String>,
     registered: Instant,
     last_seen: Instant,
 }
@@ -59,6 +61,12 @@ pub struct RegisteredNode {
     pub routes: Vec<Ipv4Net>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerAd>,
+    /// An enrolled node (its certificate comes from an issuer): short-lived,
+    /// gone when it leaves or falls silent; its address returns to the pool
+    /// only when its certificate expires.
+    pub ephemeral: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued_by: Option<String>,
     pub registered_secs_ago: u64,
     pub last_seen_secs_ago: u64,
 }
@@ -110,6 +118,7 @@ impl Registry {
             routes: Vec::new(),
             refused: Vec::new(),
             runner: None,
+            issued_by: None,
             registered: now,
             last_seen: now,
         });
@@ -153,6 +162,20 @@ impl Registry {
 
     /// Records the runner a registered node offers; false when the node is
     /// not registered.
+    /// Marks a registered node as enrolled under `issuer` (or not).
+    pub fn set_issued_by(&mut self, overlay_ip: Ipv4Addr, issuer: Option<&str>) {
+        if let Some(e) = self.entries.get_mut(&overlay_ip) {
+            if e.issued_by.as_deref() != issuer {
+                e.issued_by = issuer.map(str::to_string);
+            }
+        }
+    }
+
+    /// Every registered node's overlay address and session.
+    pub fn peers(&self) -> Vec<(Ipv4Addr, PeerId)> {
+        self.entries.iter().map(|(ip, e)| (*ip, e.peer)).collect()
+    }
+
     pub fn set_runner(&mut self, overlay_ip: Ipv4Addr, ad: RunnerAd) -> bool {
         match self.entries.get_mut(&overlay_ip) {
             Some(e) => {
@@ -296,6 +319,8 @@ impl Registry {
                 local: e.local.clone(),
                 routes: e.routes.clone(),
                 runner: e.runner.clone(),
+                ephemeral: e.issued_by.is_some(),
+                issued_by: e.issued_by.clone(),
                 registered_secs_ago: now.saturating_duration_since(e.registered).as_secs(),
                 last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
             })

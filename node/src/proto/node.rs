@@ -93,6 +93,8 @@ pub struct NodeCounters {
     /// Gateways whose certificates do not authorize what they advertised.
     pub unauthorized_gateways: u64,
     pub gateway_failovers: u64,
+    /// Revoked certificates learned from lighthouses.
+    pub revocations_learned: u64,
 }
 
 /// The answer to [`NodeCore::ping`], or its timeout.
@@ -171,6 +173,8 @@ pub struct NodeStatus {
     pub firewall: FirewallStatus,
     pub gateway_subnets: Vec<Ipv4Net>,
     pub routes: Vec<RouteStatus>,
+    /// Certificates refused because a lighthouse revoked them.
+    pub revoked_certs: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -248,6 +252,8 @@ struct LighthouseLink {
     observed: Option<SocketAddr>,
     /// The lighthouse said it relays (in its registration answer).
     relay: bool,
+    /// The version of this lighthouse's revocation list we hold.
+    revocations: u32,
 }
 
 enum LinkState {
@@ -294,6 +300,7 @@ impl NodeCore {
                     },
                     observed: None,
                     relay: false,
+                    revocations: 0,
                 })
                 .collect(),
             lookups: HashMap::new(),
@@ -666,6 +673,7 @@ impl NodeCore {
                     relay: l.relay,
                 })
                 .collect(),
+            revoked_certs: self.mesh.ca().revoked_count(),
             peers: self
                 .mesh
                 .peer_statuses()
@@ -1111,8 +1119,12 @@ impl NodeCore {
         };
         match msg {
             ControlMessage::RegisterAck {
-                observed, relay, ..
+                observed,
+                relay,
+                revocations,
+                ..
             } => {
+                self.catch_up_revocations(from_peer, revocations, now);
                 let mut first_registration = false;
                 for link in &mut self.links {
                     if let LinkState::Up {
@@ -1146,6 +1158,13 @@ impl NodeCore {
                 }
             }
             ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
+            ControlMessage::Revocations {
+                since,
+                version,
+                entries,
+                complete,
+                ..
+            } => self.apply_revocations(from_peer, since, version, &entries, complete, now),
             ControlMessage::QueryReply {
                 overlay_ip, peer, ..
             } => {
@@ -1195,8 +1214,94 @@ impl NodeCore {
             | ControlMessage::Query { .. }
             | ControlMessage::RunnerAdvert { .. }
             | ControlMessage::RunnersQuery { .. }
+            | ControlMessage::RevocationsQuery { .. }
             | ControlMessage::Deregister { .. } => {
                 self.counters.bad_control_messages += 1;
+            }
+        }
+    }
+
+    /// A lighthouse's registration answer names the version of its
+    /// revocation list; when ours from it differs, ask for what we lack
+    /// (everything, when it went back: its store was replaced).
+    fn catch_up_revocations(&mut self, lighthouse: PeerId, version: u32, now: Instant) {
+        let Some(link) = self
+            .links
+            .iter()
+            .find(|l| matches!(l.state, LinkState::Up { peer, .. } if peer == lighthouse))
+        else {
+            return;
+        };
+        if link.revocations == version {
+            return;
+        }
+        let since = if version < link.revocations {
+            0
+        } else {
+            link.revocations
+        };
+        let LinkState::Up { overlay_ip, .. } = link.state else {
+            return;
+        };
+        let id = self.request_id();
+        self.send_control(
+            lighthouse,
+            overlay_ip,
+            &ControlMessage::RevocationsQuery { id, since },
+            now,
+        );
+    }
+
+    /// Revocations can only take trust away, so they are applied whichever
+    /// lighthouse sent them: sessions with those certificates end now, and
+    /// the certificates are refused from now on.
+    fn apply_revocations(
+        &mut self,
+        lighthouse: PeerId,
+        since: u32,
+        version: u32,
+        entries: &[tern_shared::control::Revocation],
+        complete: bool,
+        now: Instant,
+    ) {
+        let list: Vec<_> = entries
+            .iter()
+            .map(|r| (r.fingerprint, r.not_after))
+            .collect();
+        let new = self.mesh.revoke(&list, now);
+        if new > 0 {
+            self.counters.revocations_learned += new as u64;
+            tracing::info!(
+                new,
+                "certificates revoked by the lighthouse; their sessions are closed"
+            );
+        }
+        self.drain_mesh_events(now);
+        let Some(link) = self
+            .links
+            .iter_mut()
+            .find(|l| matches!(l.state, LinkState::Up { peer, .. } if peer == lighthouse))
+        else {
+            return;
+        };
+        // Contiguous with what we hold (or a full list from 0): we now
+        // hold up to `version`.
+        if since <= link.revocations {
+            link.revocations = link.revocations.max(version);
+            if since == 0 {
+                link.revocations = version;
+            }
+        }
+        if !complete {
+            let since = link.revocations;
+            if let LinkState::Up { overlay_ip, .. } = link.state {
+                let id = self.request_id();
+                self.send_control(
+                    lighthouse,
+                    overlay_ip,
+                    &ControlMessage::RevocationsQuery { id, since },
+                    now,
+                );
             }
         }
     }
