@@ -11,9 +11,12 @@ use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 use tern_shared::cert::{self, Cert, CertBody, CertKind, Fingerprint};
+use tern_shared::config::OidcProviderConfig;
 use tern_shared::control::Revocation;
 use tern_shared::enroll::{token_hash, EnrollReply, EnrollRequest};
 use tern_shared::keys::CaSecretKey;
+
+use crate::oidc::{self, Jwks};
 
 /// What a valid token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,9 @@ pub trait EnrollStore {
         now: u64,
     ) -> Result<Option<Ipv4Addr>, StoreError>;
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError>;
+    /// Marks an OIDC token (by its `jti`, or its hash) used until `until`,
+    /// atomically; false when it was used before.
+    fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError>;
     /// Certificates issued under `name` that have not expired by `now`:
     /// fingerprint and expiry.
     fn issued_named(&mut self, name: &str, now: u64)
@@ -112,6 +118,7 @@ impl SqliteStore {
                  groups TEXT NOT NULL, not_after INTEGER NOT NULL, how TEXT NOT NULL,
                  at INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS issued_by_name ON issued (name);
+             CREATE TABLE IF NOT EXISTS oidc_used (id TEXT PRIMARY KEY, until INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS revocations (
                  version INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE,
                  name TEXT NOT NULL, not_after INTEGER NOT NULL, at INTEGER NOT NULL);",
@@ -219,6 +226,16 @@ impl EnrollStore for SqliteStore {
         Ok(())
     }
 
+    fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError> {
+        self.db
+            .execute("DELETE FROM oidc_used WHERE until < ?1", [stored_time(now)])?;
+        let added = self.db.execute(
+            "INSERT OR IGNORE INTO oidc_used (id, until) VALUES (?1, ?2)",
+            rusqlite::params![id, stored_time(until)],
+        )?;
+        Ok(added == 1)
+    }
+
     fn issued_named(
         &mut self,
         name: &str,
@@ -323,6 +340,33 @@ pub struct Enroller {
     key: CaSecretKey,
     /// The mesh prefix nodes' addresses carry (the root CA's overlay net).
     prefix_len: u8,
+    /// `[[enroll.oidc]]`, each with the signing keys last read or fetched.
+    oidc: Vec<OidcProvider>,
+}
+
+/// One OIDC provider and what is known of its keys.
+struct OidcProvider {
+    config: OidcProviderConfig,
+    jwks: Option<Jwks>,
+    /// When the keys were last read or fetched (unix seconds), and why that
+    /// failed if it did.
+    keys_at: Option<u64>,
+    keys_error: Option<String>,
+}
+
+/// How soon a token that names an unknown key may make the lighthouse
+/// fetch the provider's keys again (providers rotate keys rarely; a flood of
+/// made-up key ids must not become a flood of fetches).
+pub const JWKS_REFETCH_AFTER: u64 = 30;
+
+/// What [`Enroller::decide`] concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The answer for the node.
+    Reply(EnrollReply),
+    /// The token names a key of this provider the lighthouse does not hold:
+    /// read or fetch its keys ([`Enroller::set_keys`]), then decide again.
+    NeedKeys(usize),
 }
 
 impl Enroller {
@@ -339,7 +383,85 @@ impl Enroller {
             issuer,
             key,
             prefix_len,
+            oidc: Vec::new(),
         })
+    }
+
+    /// Accepts OIDC ID tokens from these providers (their keys come later,
+    /// through [`Enroller::set_keys`]).
+    pub fn with_oidc(mut self, providers: Vec<OidcProviderConfig>) -> Enroller {
+        self.oidc = providers
+            .into_iter()
+            .map(|config| OidcProvider {
+                config,
+                jwks: None,
+                keys_at: None,
+                keys_error: None,
+            })
+            .collect();
+        self
+    }
+
+    /// Whether keys for this provider are held.
+    pub fn has_keys(&self, provider: usize) -> bool {
+        self.oidc.get(provider).is_some_and(|p| p.jwks.is_some())
+    }
+
+    pub fn oidc_providers(&self) -> impl Iterator<Item = &OidcProviderConfig> {
+        self.oidc.iter().map(|p| &p.config)
+    }
+
+    /// The provider's keys as just read or fetched at `now`, or why they
+    /// could not be (then the old keys, if any, are kept).
+    pub fn set_keys(&mut self, provider: usize, keys: Result<Jwks, String>, now: u64) {
+        let Some(p) = self.oidc.get_mut(provider) else {
+            return;
+        };
+        p.keys_at = Some(now);
+        match keys {
+            Ok(jwks) => {
+                p.jwks = Some(jwks);
+                p.keys_error = None;
+            }
+            Err(e) => p.keys_error = Some(e),
+        }
+    }
+
+    /// Answers one request, or asks for a provider's keys first.
+    pub fn decide(
+        &self,
+        request: &EnrollRequest,
+        store: &mut dyn EnrollStore,
+        now: u64,
+    ) -> Decision {
+        if let Some(token) = &request.oidc {
+            if let Some(provider) = self.keys_needed(token, now) {
+                return Decision::NeedKeys(provider);
+            }
+        }
+        Decision::Reply(self.enroll(request, store, now))
+    }
+
+    /// The provider whose keys should be (re)fetched before this token can
+    /// be judged: none held yet, or the token names a key not among them,
+    /// and the last fetch is old enough.
+    fn keys_needed(&self, token: &str, now: u64) -> Option<usize> {
+        let peeked = oidc::peek(token).ok()?;
+        let iss = peeked.issuer?;
+        let (i, p) = self
+            .oidc
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.config.issuer == iss)?;
+        let known = match (&p.jwks, &peeked.kid) {
+            (None, _) => false,
+            (Some(jwks), Some(kid)) => jwks.has_kid(kid),
+            (Some(_), None) => true,
+        };
+        let recent = p
+            .keys_at
+            .is_some_and(|at| now.saturating_sub(at) < JWKS_REFETCH_AFTER);
+        (!known && !recent).then_some(i)
     }
 
     pub fn issuer(&self) -> &Cert {
@@ -373,19 +495,37 @@ impl Enroller {
         now: u64,
     ) -> Result<Cert, String> {
         let issuer = &self.issuer.body;
-        let Some(token) = &request.token else {
-            return Err("no token: enroll with tern up --enroll-token TOKEN".into());
-        };
         if request.public_key == [0; 32] {
             return Err("the public key is all zero".into());
         }
-        let grant = store
-            .use_token(&token_hash(token), now)
-            .map_err(|e| format!("the lighthouse could not check the token ({e}); try again"))?
-            .map_err(|r| format!("{r}; create a new one with tern-lighthouse token create"))?;
+        let (grant, how) = match (&request.token, &request.oidc) {
+            (Some(token), None) => {
+                let grant = store
+                    .use_token(&token_hash(token), now)
+                    .map_err(|e| {
+                        format!("the lighthouse could not check the token ({e}); try again")
+                    })?
+                    .map_err(|r| {
+                        format!("{r}; create a new one with tern-lighthouse token create")
+                    })?;
+                (grant, "token".to_string())
+            }
+            (None, Some(oidc)) => self.oidc_grant(oidc, store, now)?,
+            (Some(_), Some(_)) => return Err("both a token and an OIDC token: send one".into()),
+            (None, None) => {
+                return Err(
+                    "no token: enroll with tern up --enroll-token TOKEN or --enroll-oidc".into(),
+                )
+            }
+        };
         if let Some(g) = grant.groups.iter().find(|g| !issuer.groups.contains(g)) {
             return Err(format!(
-                "the token grants group {g:?}, which the issuer {:?} may not sign",
+                "the {} grants group {g:?}, which the issuer {:?} may not sign",
+                if how == "token" {
+                    "token"
+                } else {
+                    "matching enroll.oidc rule"
+                },
                 issuer.name
             ));
         }
@@ -422,11 +562,127 @@ impl Enroller {
         };
         let cert = cert::sign_under_issuer(&self.issuer, &self.key, body, now)
             .map_err(|e| format!("the issuer refused: {e}"))?;
-        store.record_issued(&cert, "token", now).map_err(|e| {
+        store.record_issued(&cert, &how, now).map_err(|e| {
             format!("the lighthouse could not record the certificate ({e}); try again")
         })?;
         Ok(cert)
     }
+}
+
+impl Enroller {
+    /// Verifies an OIDC ID token against its provider's keys and rules: the
+    /// grant of the first matching rule, and what to log about it (the
+    /// provider, the rule and the claims that matched).
+    fn oidc_grant(
+        &self,
+        token: &str,
+        store: &mut dyn EnrollStore,
+        now: u64,
+    ) -> Result<(Grant, String), String> {
+        let token = token.trim();
+        let peeked = oidc::peek(token).map_err(|e| e.to_string())?;
+        let iss = peeked.issuer.ok_or("the OIDC token has no issuer (iss)")?;
+        let Some(provider) = self.oidc.iter().find(|p| p.config.issuer == iss) else {
+            let accepted: Vec<&str> = self.oidc.iter().map(|p| p.config.issuer.as_str()).collect();
+            return Err(if accepted.is_empty() {
+                "this lighthouse accepts no OIDC tokens (no [[enroll.oidc]]); enroll with a token"
+                    .into()
+            } else {
+                format!(
+                    "the OIDC token is from issuer {:?}, which this lighthouse does not accept (it accepts {})",
+                    cut(&iss),
+                    accepted.join(", ")
+                )
+            });
+        };
+        let Some(jwks) = &provider.jwks else {
+            return Err(format!(
+                "the lighthouse has no signing keys for {} yet ({}); try again shortly",
+                provider.config.issuer,
+                provider.keys_error.as_deref().unwrap_or("not fetched")
+            ));
+        };
+        let claims = oidc::verify(
+            token,
+            jwks,
+            &provider.config.issuer,
+            &provider.config.audience,
+            now,
+        )
+        .map_err(|e| match (&e, &provider.keys_error) {
+            (oidc::OidcError::UnknownKey(_), Some(fetch)) => {
+                format!("{e} (fetching the provider's keys failed: {fetch})")
+            }
+            _ => e.to_string(),
+        })?;
+        let Some(rule) = oidc::match_rule(&provider.config.rules, &claims) else {
+            // Say what the rules look at, so the job's owner can see why.
+            let mut names: Vec<&str> = provider
+                .config
+                .rules
+                .iter()
+                .flat_map(|r| r.claims.keys().map(String::as_str))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            let shown: Vec<String> = names
+                .iter()
+                .map(|n| match claims.0.get(*n) {
+                    Some(serde_json::Value::String(v)) => format!("{n}={:?}", cut(v)),
+                    Some(v) => format!("{n}={}", cut(&v.to_string())),
+                    None => format!("{n} absent"),
+                })
+                .collect();
+            return Err(format!(
+                "the OIDC token matches no enroll.oidc rule of {} ({}); add a rule for it on the lighthouse",
+                provider.config.issuer,
+                shown.join(", ")
+            ));
+        };
+        // One enrollment per ID token: a token copied from a log cannot
+        // enroll a second node while it is still valid.
+        let exp = claims
+            .0
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(now + 3600);
+        let id = match claims.get_str("jti") {
+            Some(jti) => format!("{iss} {jti}"),
+            None => token_hash(token),
+        };
+        let fresh = store
+            .use_oidc_token(&id, exp.saturating_add(oidc::LEEWAY), now)
+            .map_err(|e| {
+                format!("the lighthouse could not record the OIDC token ({e}); try again")
+            })?;
+        if !fresh {
+            return Err("this OIDC token was used to enroll already; ask the CI provider for a new one (each tern up --enroll-oidc does)".into());
+        }
+        let grant = Grant {
+            groups: rule.rule.groups.clone(),
+            cert_ttl: rule
+                .rule
+                .cert_ttl
+                .map_or(self.issuer.body.max_lifetime, |d| d.as_secs()),
+        };
+        let matched: Vec<String> = rule
+            .matched
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let how = format!(
+            "oidc {} rule {}: {}",
+            provider.config.issuer,
+            rule.index,
+            matched.join(" ")
+        );
+        Ok((grant, how))
+    }
+}
+
+/// Text from a token, cut for a message.
+fn cut(text: &str) -> String {
+    text.chars().take(120).collect()
 }
 
 /// The part of an enrolled node's name after the issuer's prefix: the
@@ -593,6 +849,148 @@ mod tests {
         let later = store.revocations(a.body.not_after + 1).unwrap();
         assert_eq!(later.len(), 1);
         assert_eq!(later[0].1.fingerprint, other);
+    }
+
+    const GH: &str = "https://token.actions.example";
+
+    fn oidc_setup() -> (
+        Enroller,
+        SqliteStore,
+        tempfile::TempDir,
+        crate::oidc::test_issuer::TestOidcIssuer,
+    ) {
+        let (enroller, store, dir, _ca) = setup();
+        let provider: OidcProviderConfig = toml::from_str(&format!(
+            r#"
+            issuer = "{GH}"
+            audience = "tern"
+            jwks = "unused"
+            [[rules]]
+            claims = {{ repository = "acme/app", ref = "refs/heads/main" }}
+            groups = ["deploy"]
+            cert_ttl = "10m"
+            [[rules]]
+            claims = {{ repository = "acme/*" }}
+            groups = ["ci"]
+            "#
+        ))
+        .unwrap();
+        let signer = crate::oidc::test_issuer::TestOidcIssuer::es256("k1").unwrap();
+        let mut enroller = enroller.with_oidc(vec![provider]);
+        enroller.set_keys(
+            0,
+            Ok(Jwks::parse(signer.jwks_json().as_bytes()).unwrap()),
+            TEST_NOW,
+        );
+        (enroller, store, dir, signer)
+    }
+
+    fn oidc_request(token: String, key: u8) -> EnrollRequest {
+        EnrollRequest {
+            token: None,
+            oidc: Some(token),
+            public_key: [key; 32],
+            name_hint: None,
+        }
+    }
+
+    fn claims(repo: &str, git_ref: &str, jti: &str) -> serde_json::Value {
+        let mut c =
+            crate::oidc::test_issuer::github_like_claims(GH, "tern", repo, git_ref, TEST_NOW);
+        c["jti"] = jti.into();
+        c
+    }
+
+    fn refused(enroller: &Enroller, store: &mut SqliteStore, token: String) -> String {
+        let reply = enroller.enroll(&oidc_request(token, 9), store, TEST_NOW);
+        assert!(reply.cert.is_none());
+        reply.refused.unwrap()
+    }
+
+    #[test]
+    fn an_oidc_token_whose_claims_match_a_rule_gets_that_rules_groups_and_lifetime() {
+        let (enroller, mut store, _dir, signer) = oidc_setup();
+        let main = signer.sign(&claims("acme/app", "refs/heads/main", "j1"));
+        let reply = enroller.enroll(&oidc_request(main.clone(), 1), &mut store, TEST_NOW);
+        let cert = Cert::from_pem(&reply.cert.unwrap()).unwrap();
+        assert_eq!(cert.body.groups, ["deploy"]);
+        assert_eq!(cert.body.not_after - cert.body.not_before, 600);
+        // The issuance log says which provider, rule and claims.
+        let how: String = store
+            .db
+            .query_row(
+                "SELECT how FROM issued WHERE fingerprint = ?1",
+                [cert.fingerprint().to_string()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            how.contains("rule 0")
+                && how.contains("repository=acme/app")
+                && how.contains("ref=refs/heads/main"),
+            "{how}"
+        );
+        // A branch gets the second rule: ci, the issuer's maximum lifetime.
+        let branch = signer.sign(&claims("acme/lib", "refs/heads/dev", "j2"));
+        let cert = Cert::from_pem(
+            &enroller
+                .enroll(&oidc_request(branch, 2), &mut store, TEST_NOW)
+                .cert
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cert.body.groups, ["ci"]);
+        assert_eq!(cert.body.not_after - cert.body.not_before, 3600);
+        // The same ID token again (a copy from a log): refused.
+        assert!(refused(&enroller, &mut store, main).contains("used to enroll already"));
+    }
+
+    #[test]
+    fn oidc_tokens_are_refused_with_a_reason_for_each_failure() {
+        let (enroller, mut store, _dir, signer) = oidc_setup();
+        let mut wrong_aud = claims("acme/app", "refs/heads/main", "a");
+        wrong_aud["aud"] = "someone-else".into();
+        assert!(refused(&enroller, &mut store, signer.sign(&wrong_aud)).contains("audience"));
+        let mut wrong_iss = claims("acme/app", "refs/heads/main", "b");
+        wrong_iss["iss"] = "https://evil.example".into();
+        assert!(refused(&enroller, &mut store, signer.sign(&wrong_iss)).contains("does not accept"));
+        let mut expired = claims("acme/app", "refs/heads/main", "c");
+        expired["exp"] = (TEST_NOW - 600).into();
+        assert!(refused(&enroller, &mut store, signer.sign(&expired)).contains("expired"));
+        let impostor = crate::oidc::test_issuer::TestOidcIssuer::es256("k1").unwrap();
+        let forged = impostor.sign(&claims("acme/app", "refs/heads/main", "d"));
+        assert!(refused(&enroller, &mut store, forged).contains("signature"));
+        let other = signer.sign(&claims("evil/app", "refs/heads/main", "e"));
+        let why = refused(&enroller, &mut store, other);
+        assert!(
+            why.contains("matches no") && why.contains("repository=\"evil/app\""),
+            "{why}"
+        );
+        assert!(refused(&enroller, &mut store, "garbage".into()).contains("malformed"));
+    }
+
+    #[test]
+    fn a_token_naming_an_unknown_key_asks_for_the_providers_keys_once_in_a_while() {
+        let (enroller, mut store, _dir, signer) = oidc_setup();
+        let rotated = crate::oidc::test_issuer::TestOidcIssuer::es256("k2").unwrap();
+        let token = rotated.sign(&claims("acme/app", "refs/heads/main", "r1"));
+        let request = oidc_request(token, 1);
+        // Keys were read at TEST_NOW: within the quiet period the token is
+        // judged with what is held (unknown key), after it the keys are asked for.
+        assert!(
+            matches!(enroller.decide(&request, &mut store, TEST_NOW + 1), Decision::Reply(r) if r.refused.as_deref().is_some_and(|w| w.contains("k2")))
+        );
+        let later = TEST_NOW + JWKS_REFETCH_AFTER;
+        assert_eq!(
+            enroller.decide(&request, &mut store, later),
+            Decision::NeedKeys(0)
+        );
+        let mut enroller = enroller;
+        let both = format!("{{\"keys\":[{},{}]}}", signer.jwk(), rotated.jwk());
+        enroller.set_keys(0, Ok(Jwks::parse(both.as_bytes()).unwrap()), later);
+        assert!(
+            matches!(enroller.decide(&request, &mut store, later), Decision::Reply(r) if r.cert.is_some())
+        );
     }
 
     #[test]

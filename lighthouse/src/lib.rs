@@ -3,4 +3,5 @@
 
 pub mod enroll;
 pub mod io;
+pub mod oidc;
 pub mod proto;

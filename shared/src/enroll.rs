@@ -32,8 +32,9 @@ pub const TYPE_ENROLL_CERT: u8 = 0x14;
 pub const TYPE_ENROLL_REQUEST: u8 = 0x15;
 pub const TYPE_ENROLL_REPLY: u8 = 0x16;
 
-/// Largest sealed request or reply accepted.
-pub const MAX_ENROLL_LEN: usize = 4096;
+/// Largest sealed request or reply accepted: room for an OIDC ID token of
+/// several kilobytes (the datagram may be fragmented on its way).
+pub const MAX_ENROLL_LEN: usize = 8192;
 
 /// What the node asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

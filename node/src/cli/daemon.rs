@@ -20,8 +20,21 @@ pub struct UpArgs {
     /// Enroll with a one-time token (`tern-lighthouse token create`): the
     /// config's pki section names only the CA; the key is made in memory and never
     /// written, the certificate comes from a lighthouse's issuer.
-    #[arg(long, value_name = "TOKEN")]
+    #[arg(long, value_name = "TOKEN", conflicts_with = "enroll_oidc")]
     pub enroll_token: Option<String>,
+    /// Enroll with the CI provider's OIDC ID token (no stored secret): read
+    /// from --oidc-token-file, else the TERN_OIDC_TOKEN variable, else asked
+    /// of GitHub Actions (the job needs `permissions: id-token: write`).
+    /// The lighthouse checks it against its enroll.oidc rules.
+    #[arg(long)]
+    pub enroll_oidc: bool,
+    /// The audience to ask GitHub Actions for (the lighthouse's enroll.oidc
+    /// audience).
+    #[arg(long, value_name = "AUD", requires = "enroll_oidc")]
+    pub oidc_audience: Option<String>,
+    /// A file holding the ID token, instead of the variable or GitHub.
+    #[arg(long, value_name = "FILE", requires = "enroll_oidc")]
+    pub oidc_token_file: Option<PathBuf>,
     /// Run the node in the background and return only once a TCP
     /// connection to HOST:PORT through the mesh succeeded (an IPv4 address:
     /// a peer's, or one a gateway routes). Exit codes in --help.
@@ -199,19 +212,35 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         return super::ready::up_and_wait(&socket, target, args.wait_timeout, args.log_file);
     }
     crate::init_logging(&config.log.level);
-    match runtime()?.block_on(io::run(
-        &args.config,
-        args.userspace,
-        args.enroll_token.as_deref(),
-    )) {
+    let runtime = runtime()?;
+    let credential = if let Some(token) = &args.enroll_token {
+        Some(io::enroll::Credential::Token(token.clone()))
+    } else if args.enroll_oidc {
+        match runtime.block_on(io::enroll::oidc_token(
+            args.oidc_token_file.as_deref(),
+            args.oidc_audience.as_deref(),
+        )) {
+            Ok(token) => Some(io::enroll::Credential::Oidc(token)),
+            Err(e) => return exit_for(e),
+        }
+    } else {
+        None
+    };
+    match runtime.block_on(io::run(&args.config, args.userspace, credential.as_ref())) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) => match e.downcast_ref::<io::enroll::Exit>() {
-            Some(exit) => {
-                eprintln!("error: {}", exit.message);
-                Ok(ExitCode::from(exit.code))
-            }
-            None => Err(e),
-        },
+        Err(e) => exit_for(e),
+    }
+}
+
+/// An enrollment failure exits with its documented code; anything else is
+/// an ordinary error.
+fn exit_for(e: anyhow::Error) -> anyhow::Result<ExitCode> {
+    match e.downcast_ref::<io::enroll::Exit>() {
+        Some(exit) => {
+            eprintln!("error: {}", exit.message);
+            Ok(ExitCode::from(exit.code))
+        }
+        None => Err(e),
     }
 }
 

@@ -1,5 +1,5 @@
-//! Enrollment on the node: `tern up --enroll-token TOKEN` with a config
-//! whose `[pki]` names only the CA. The node makes its key in memory (it is
+//! Enrollment on the node: `tern up --enroll-token TOKEN` or `tern up
+//! --enroll-oidc` with a config whose `[pki]` names only the CA. The node makes its key in memory (it is
 //! never written anywhere), asks a lighthouse for a certificate over the
 //! sealed exchange of [`tern_shared::enroll`], and verifies what it gets
 //! against its own CA like any peer's certificate.
@@ -30,6 +30,121 @@ pub mod code {
     pub const ENROLLMENT_REFUSED: u8 = 77;
     /// No lighthouse answered.
     pub const LIGHTHOUSE_UNREACHABLE: u8 = 69;
+    /// `--enroll-oidc` found no ID token to send (`EX_CONFIG`).
+    pub const NO_OIDC_TOKEN: u8 = 78;
+}
+
+/// What the node presents to enroll.
+#[derive(Clone)]
+pub enum Credential {
+    /// A one-time token from `tern-lighthouse token create`.
+    Token(String),
+    /// An OIDC ID token from the CI provider.
+    Oidc(String),
+}
+
+/// Never printed: both are secrets.
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::Token(_) => "Token(..)",
+            Credential::Oidc(_) => "Oidc(..)",
+        })
+    }
+}
+
+/// The environment variable `--enroll-oidc` reads a token from (GitLab CI's
+/// `id_tokens` puts one there).
+pub const OIDC_TOKEN_ENV: &str = "TERN_OIDC_TOKEN";
+
+/// Where `--enroll-oidc` finds the job's ID token, in this order:
+/// `--oidc-token-file`, the `TERN_OIDC_TOKEN` variable, and GitHub Actions'
+/// token endpoint (`ACTIONS_ID_TOKEN_REQUEST_URL` and `_TOKEN`, present when
+/// the job has `permissions: id-token: write`), asked for `audience`.
+pub async fn oidc_token(
+    file: Option<&std::path::Path>,
+    audience: Option<&str>,
+) -> anyhow::Result<String> {
+    let no_token = |why: String| exit(code::NO_OIDC_TOKEN, why);
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| no_token(format!("--oidc-token-file {}: {e}", path.display())))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(no_token(format!(
+                "--oidc-token-file {} is empty",
+                path.display()
+            )));
+        }
+        return Ok(token.to_string());
+    }
+    if let Ok(token) = std::env::var(OIDC_TOKEN_ENV) {
+        if !token.trim().is_empty() {
+            return Ok(token.trim().to_string());
+        }
+    }
+    let (Ok(url), Ok(bearer)) = (
+        std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL"),
+        std::env::var("ACTIONS_ID_TOKEN_REQUEST_TOKEN"),
+    ) else {
+        return Err(no_token(format!(
+            "--enroll-oidc found no ID token: in GitHub Actions give the job `permissions: id-token: write`; \
+             in GitLab CI declare id_tokens with {OIDC_TOKEN_ENV}; elsewhere use --oidc-token-file FILE"
+        )));
+    };
+    let audience = audience.map(str::to_string);
+    tokio::task::spawn_blocking(move || github_id_token(&url, &bearer, audience.as_deref()))
+        .await
+        .map_err(|e| no_token(format!("asking GitHub Actions for an ID token: {e}")))?
+        .map_err(no_token)
+}
+
+/// GitHub Actions' ID token endpoint: a GET with the runner's bearer token;
+/// the answer is `{"value": "<JWT>"}`.
+fn github_id_token(url: &str, bearer: &str, audience: Option<&str>) -> Result<String, String> {
+    if !url.starts_with("https://") && !tern_shared::config::http_url_is_loopback(url) {
+        return Err("ACTIONS_ID_TOKEN_REQUEST_URL is not an https URL; refusing to send the runner's token over it".into());
+    }
+    let mut url = url.to_string();
+    if let Some(aud) = audience {
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str("audience=");
+        url.push_str(&percent_encode(aud));
+    }
+    let answer = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .get(&url)
+        .set("Authorization", &format!("Bearer {bearer}"))
+        .set("Accept", "application/json")
+        .call()
+        .map_err(|e| match e {
+            ureq::Error::Status(code, _) => format!(
+                "GitHub Actions' ID token endpoint answered HTTP {code}; does the job have `permissions: id-token: write`?"
+            ),
+            other => format!("asking GitHub Actions for an ID token: {other}"),
+        })?;
+    let body: serde_json::Value = answer
+        .into_json()
+        .map_err(|e| format!("GitHub Actions' ID token answer is not JSON: {e}"))?;
+    body.get("value")
+        .and_then(|v| v.as_str())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| "GitHub Actions' ID token answer has no \"value\"".into())
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 const TRIES: usize = 5;
@@ -43,8 +158,13 @@ fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-/// Trades `token` for an identity with the first lighthouse that answers.
-pub async fn enroll(config: &NodeConfig, token: &str, now_unix: u64) -> anyhow::Result<Identity> {
+/// Trades `credential` for an identity with the first lighthouse that
+/// answers.
+pub async fn enroll(
+    config: &NodeConfig,
+    credential: &Credential,
+    now_unix: u64,
+) -> anyhow::Result<Identity> {
     let ca_text = std::fs::read_to_string(&config.pki.ca)
         .map_err(|e| anyhow::anyhow!("reading [pki] ca {}: {e}", config.pki.ca.display()))?;
     let cas = Cert::all_from_pem(&ca_text)
@@ -61,7 +181,7 @@ pub async fn enroll(config: &NodeConfig, token: &str, now_unix: u64) -> anyhow::
             lh.endpoint,
             lh.name.as_deref(),
             &pool,
-            token,
+            credential,
             now_unix,
         )
         .await
@@ -116,7 +236,7 @@ async fn enroll_with(
     endpoint: SocketAddr,
     pinned: Option<&str>,
     pool: &CaPool,
-    token: &str,
+    credential: &Credential,
     now_unix: u64,
 ) -> anyhow::Result<Identity> {
     // The lighthouse's certificate, verified like any peer's.
@@ -144,9 +264,13 @@ async fn enroll_with(
         x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng),
         lh.public_key(),
     );
+    let (token, oidc) = match credential {
+        Credential::Token(t) => (Some(t.trim().to_string()), None),
+        Credential::Oidc(t) => (None, Some(t.trim().to_string())),
+    };
     let request = EnrollRequest {
-        token: Some(token.trim().to_string()),
-        oidc: None,
+        token,
+        oidc,
         public_key: key.public_bytes(),
         name_hint: hostname(),
     };

@@ -72,18 +72,18 @@ pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Ident
 pub async fn run(
     config_path: &Path,
     userspace: bool,
-    enroll_token: Option<&str>,
+    enrollment: Option<&enroll::Credential>,
 ) -> anyhow::Result<()> {
     let mut config = load_node_config(config_path)?;
     if userspace {
         config.tun.mode = TunMode::Userspace;
     }
     let userspace = config.tun.mode == TunMode::Userspace;
-    let identity = match (enroll_token, config.pki.enrolls()) {
-        (Some(token), true) => enroll::enroll(&config, token, unix_now()).await?,
+    let identity = match (enrollment, config.pki.enrolls()) {
+        (Some(credential), true) => enroll::enroll(&config, credential, unix_now()).await?,
         (None, false) => load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?,
         (None, true) => anyhow::bail!(
-            "{}: [pki] names no cert and key; give them, or enroll: tern up --config {} --enroll-token TOKEN",
+            "{}: [pki] names no cert and key; give them, or enroll: tern up --config {} --enroll-token TOKEN (or --enroll-oidc)",
             config_path.display(),
             config_path.display()
         ),
