@@ -54,6 +54,12 @@ struct Lab {
 }
 
 fn lab() -> Lab {
+    lab_with("")
+}
+
+/// The lab, with `lh_extra` appended to the lighthouse's config (inside its
+/// `[enroll]`, which comes last).
+fn lab_with(lh_extra: &str) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     tern(
@@ -139,7 +145,7 @@ fn lab() -> Lab {
     fs::write(
         d.join("lh.toml"),
         format!(
-            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n"
+            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n{lh_extra}"
         ),
     )
     .unwrap();
@@ -521,4 +527,414 @@ impl Drop for Down {
                 .output();
         }
     }
+}
+
+const GH_ISSUER: &str = "https://token.actions.example.test";
+
+/// What GitHub Actions offers a job, on loopback: the provider's keys at
+/// `/jwks`, and at `/token` an ID token for the `audience` asked, to
+/// whoever shows the runner's bearer token. Serves until the test ends.
+struct FakeGithub {
+    port: u16,
+    _server: std::thread::JoinHandle<()>,
+}
+
+const RUNNER_BEARER: &str = "runner-bearer-secret";
+
+impl FakeGithub {
+    fn start(
+        signer: tern_lighthouse::oidc::test_issuer::TestOidcIssuer,
+        repo: &'static str,
+    ) -> FakeGithub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader, Write};
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream);
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push(line);
+                }
+                let path = head
+                    .first()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap_or("/")
+                    .to_string();
+                let authorized = head.iter().any(|h| {
+                    h.to_ascii_lowercase().starts_with("authorization:")
+                        && h.contains(&format!("Bearer {RUNNER_BEARER}"))
+                });
+                let (status, body) = if path == "/jwks" {
+                    ("200 OK", signer.jwks_json())
+                } else if path.starts_with("/token") && authorized {
+                    let audience = path
+                        .split(['?', '&'])
+                        .find_map(|kv| kv.strip_prefix("audience="))
+                        .unwrap_or("https://github.com/acme")
+                        .to_string();
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    let mut claims = tern_lighthouse::oidc::test_issuer::github_like_claims(
+                        GH_ISSUER,
+                        &audience,
+                        repo,
+                        "refs/heads/main",
+                        now,
+                    );
+                    claims["jti"] = format!("jti-{}", rand_tail()).into();
+                    (
+                        "200 OK",
+                        serde_json::json!({ "value": signer.sign(&claims) }).to_string(),
+                    )
+                } else {
+                    ("401 Unauthorized", "{}".to_string())
+                };
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FakeGithub {
+            port,
+            _server: server,
+        }
+    }
+}
+
+fn rand_tail() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+fn oidc_section(jwks: &str, repo_pattern: &str) -> String {
+    format!(
+        "[[enroll.oidc]]\nissuer = \"{GH_ISSUER}\"\naudience = \"tern-ci\"\njwks = \"{jwks}\"\n[[enroll.oidc.rules]]\nclaims = {{ repository = \"{repo_pattern}\", ref = \"refs/heads/main\" }}\ngroups = [\"ci\"]\ncert_ttl = \"15m\"\n"
+    )
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_github_job_enrolls_with_its_oidc_id_token_and_the_gate_opens_once_the_target_answers() {
+    let signer = tern_lighthouse::oidc::test_issuer::TestOidcIssuer::rs256("gh-1").unwrap();
+    let github = FakeGithub::start(signer, "acme/app");
+    // The lighthouse fetches the provider's keys from its URL.
+    let lab = lab_with(&oidc_section(
+        &format!("http://127.0.0.1:{}/jwks", github.port),
+        "acme/*",
+    ));
+    let forward = free_tcp();
+    let config = lab.ci_config("gh", forward);
+    let sock = lab.dir.path().join("gh.sock");
+    let _down = Down(sock.clone());
+    let started = Instant::now();
+    let out = Command::new(bin("tern"))
+        .args(["up", "--config"])
+        .arg(&config)
+        .args(["--enroll-oidc", "--oidc-audience", "tern-ci", "--wait-for"])
+        .arg(format!("127.78.0.10:{}", lab.http_port))
+        .args(["--wait-timeout", "20s", "--log-file"])
+        .arg(lab.dir.path().join("gh.log"))
+        .env(
+            "ACTIONS_ID_TOKEN_REQUEST_URL",
+            format!("http://127.0.0.1:{}/token?api-version=2.0", github.port),
+        )
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", RUNNER_BEARER)
+        .env_remove("TERN_OIDC_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fs::read_to_string(lab.dir.path().join("gh.log")).unwrap_or_default()
+    );
+    eprintln!(
+        "tern up --enroll-oidc --wait-for returned after {:?}",
+        started.elapsed()
+    );
+    assert!(get(forward).is_some_and(|r| r.contains("private hello")));
+    // The lighthouse lists the job as ephemeral, issued by its issuer.
+    let status = run(
+        "tern-lighthouse",
+        &[
+            "status",
+            "--socket",
+            &lab.dir.path().join("lh.sock").to_string_lossy(),
+            "--json",
+        ],
+        Duration::from_secs(5),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let job = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"].as_str().unwrap_or("").starts_with("ci-"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(job["ephemeral"], true);
+    assert_eq!(job["issued_by"], "lh-issuer");
+    // The key never touched the disk; the token never reached a log.
+    let log = fs::read_to_string(lab.dir.path().join("gh.log")).unwrap();
+    assert!(!log.contains("eyJ"), "an ID token in the node's log");
+    let lh_log = fs::read_to_string(lab.dir.path().join("lh.log")).unwrap();
+    assert!(!lh_log.contains("eyJ") && !lh_log.contains(RUNNER_BEARER));
+    // Without the runner's bearer token GitHub says no, and tern says why.
+    let denied = Command::new(bin("tern"))
+        .args(["up", "--config"])
+        .arg(lab.ci_config("gh2", free_tcp()))
+        .args(["--enroll-oidc", "--oidc-audience", "tern-ci"])
+        .env(
+            "ACTIONS_ID_TOKEN_REQUEST_URL",
+            format!("http://127.0.0.1:{}/token?api-version=2.0", github.port),
+        )
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "wrong")
+        .env_remove("TERN_OIDC_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(denied.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("id-token: write"));
+}
+
+#[test]
+fn oidc_tokens_with_the_wrong_audience_issuer_expiry_signature_or_claims_are_each_refused() {
+    use tern_lighthouse::oidc::test_issuer::{github_like_claims, TestOidcIssuer};
+    let signer = TestOidcIssuer::es256("gl-1").unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let jwks = keys.path().join("jwks.json");
+    fs::write(&jwks, signer.jwks_json()).unwrap();
+    let lab = lab_with(&oidc_section(&jwks.to_string_lossy(), "acme/app"));
+    let now = now_unix();
+    let claims = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = github_like_claims(GH_ISSUER, "tern-ci", "acme/app", "refs/heads/main", now);
+        c["jti"] = format!("jti-{}", rand_tail()).into();
+        f(&mut c);
+        c
+    };
+    let impostor = TestOidcIssuer::es256("gl-1").unwrap();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "wrong audience",
+            signer.sign(&claims(&|c| c["aud"] = "other".into())),
+            "audience",
+        ),
+        (
+            "wrong issuer",
+            signer.sign(&claims(&|c| c["iss"] = "https://evil.test".into())),
+            "does not accept",
+        ),
+        (
+            "expired",
+            signer.sign(&claims(&|c| c["exp"] = (now - 900).into())),
+            "expired",
+        ),
+        (
+            "bad signature",
+            impostor.sign(&claims(&|_| {})),
+            "signature",
+        ),
+        (
+            "unmatched claims",
+            signer.sign(&claims(&|c| c["repository"] = "acme/other".into())),
+            "matches no",
+        ),
+    ];
+    let up = |name: &str, token: Option<&str>, via_env: bool| {
+        let file = lab.dir.path().join(format!("{name}.jwt"));
+        let mut cmd = Command::new(bin("tern"));
+        cmd.args(["up", "--config"])
+            .arg(lab.ci_config(name, free_tcp()))
+            .arg("--enroll-oidc")
+            .env_remove("ACTIONS_ID_TOKEN_REQUEST_URL")
+            .env_remove("TERN_OIDC_TOKEN");
+        match (token, via_env) {
+            (Some(t), true) => {
+                cmd.env("TERN_OIDC_TOKEN", t);
+            }
+            (Some(t), false) => {
+                fs::write(&file, format!("{t}\n")).unwrap();
+                cmd.arg("--oidc-token-file").arg(&file);
+            }
+            (None, _) => {}
+        }
+        cmd.args([
+            "--wait-for",
+            &format!("127.78.0.10:{}", lab.http_port),
+            "--wait-timeout",
+            "20s",
+        ]);
+        cmd.arg("--log-file")
+            .arg(lab.dir.path().join(format!("{name}.log")));
+        let out = cmd.output().unwrap();
+        let log =
+            fs::read_to_string(lab.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        (
+            out.status.code(),
+            format!("{}{log}", String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    for (i, (what, token, reason)) in cases.iter().enumerate() {
+        let (code, text) = up(&format!("bad{i}"), Some(token), false);
+        assert_eq!(code, Some(77), "{what}: {text}");
+        assert!(text.contains(reason), "{what}: wanted {reason:?} in {text}");
+        assert!(
+            !text.contains(token.as_str()),
+            "{what}: the token was printed"
+        );
+    }
+    // A good one, from a file and from the variable; a used one is refused.
+    let good = signer.sign(&claims(&|_| {}));
+    let sock = lab.dir.path().join("good.sock");
+    let _down = Down(sock.clone());
+    let (code, text) = up("good", Some(&good), false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(get_through(&lab, "good"));
+    let (code, text) = up("again", Some(&good), true);
+    assert_eq!(code, Some(77), "{text}");
+    assert!(text.contains("used to enroll already"), "{text}");
+    let env_sock = lab.dir.path().join("env.sock");
+    let _down_env = Down(env_sock);
+    let (code, text) = up("env", Some(&signer.sign(&claims(&|_| {}))), true);
+    assert_eq!(code, Some(0), "{text}");
+    // No token anywhere: 78, saying where one could come from.
+    let (code, text) = up("none", None, false);
+    assert_eq!(code, Some(78), "{text}");
+    assert!(text.contains("--oidc-token-file"), "{text}");
+}
+
+/// Whether the node behind `<name>.sock` reaches the private service (over
+/// the API's Dial, as `tern forward` does).
+fn get_through(lab: &Lab, name: &str) -> bool {
+    let out = run(
+        "tern",
+        &[
+            "status",
+            "--socket",
+            &lab.dir
+                .path()
+                .join(format!("{name}.sock"))
+                .to_string_lossy(),
+            "--json",
+        ],
+        Duration::from_secs(5),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    status["peers"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["name"] == "gw"))
+}
+
+#[test]
+fn revoking_an_enrolled_node_ends_its_sessions_within_seconds() {
+    let lab = lab();
+    let token = lab.token("1", "ci");
+    let forward = free_tcp();
+    let config = lab.ci_config("doomed", forward);
+    let _job = Daemon::start(
+        "tern",
+        &[
+            "up",
+            "--config",
+            &config.to_string_lossy(),
+            "--enroll-token",
+            &token,
+        ],
+        lab.dir.path().join("doomed.log"),
+    );
+    wait_until(
+        "the job reaches the private service",
+        Duration::from_secs(20),
+        || get(forward).is_some_and(|r| r.contains("private hello")),
+    );
+    let status = run(
+        "tern",
+        &[
+            "status",
+            "--socket",
+            &lab.dir.path().join("doomed.sock").to_string_lossy(),
+            "--json",
+        ],
+        Duration::from_secs(5),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let name = status["name"].as_str().unwrap().to_string();
+    let gw_has_job = || {
+        let out = run(
+            "tern",
+            &[
+                "status",
+                "--socket",
+                &lab.dir.path().join("gw.sock").to_string_lossy(),
+                "--json",
+            ],
+            Duration::from_secs(5),
+        );
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        s["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == name.as_str()))
+    };
+    assert!(gw_has_job());
+    let revoked_at = Instant::now();
+    let out = run(
+        "tern-lighthouse",
+        &[
+            "revoke",
+            "--config",
+            &lab.dir.path().join("lh.toml").to_string_lossy(),
+            &name,
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("revoked {name}")));
+    wait_until(
+        "the gateway drops the revoked job",
+        Duration::from_secs(5),
+        || !gw_has_job(),
+    );
+    eprintln!(
+        "revoked → the gateway's session gone in {:?}",
+        revoked_at.elapsed()
+    );
+    // And it stays out: the job's traffic no longer reaches the service.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!gw_has_job());
+    assert!(!get(forward).is_some_and(|r| r.contains("private hello")));
+    // Unknown names are an error that says what to give instead.
+    let out = run(
+        "tern-lighthouse",
+        &[
+            "revoke",
+            "--config",
+            &lab.dir.path().join("lh.toml").to_string_lossy(),
+            "ci-nobody",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fingerprint"));
 }
