@@ -2124,12 +2124,91 @@ mod tests {
             "# issuer_cert =",
             "# issuer_key =",
             "# store =",
+            "# [[enroll.oidc]]",
+            "# issuer =",
+            "# audience =",
+            "# jwks =",
+            "# [[enroll.oidc.rules]]",
+            "# claims =",
+            "# groups =",
+            "# cert_ttl =",
         ] {
             assert!(
                 lh_text.lines().any(|l| l.trim_start().starts_with(key)),
                 "config/lighthouse.toml lacks {key}"
             );
         }
+    }
+
+    #[test]
+    fn the_commented_oidc_example_parses_and_bad_providers_are_named() {
+        // Uncomment the example's [enroll] and [[enroll.oidc]] part.
+        let text = include_str!("../../config/lighthouse.toml");
+        let mut uncommented =
+            String::from("[pki]\nca = \"ca.crt\"\ncert = \"l.crt\"\nkey = \"l.key\"\n");
+        let mut on = false;
+        for line in text.lines() {
+            if line.starts_with("# [enroll]") {
+                on = true;
+            }
+            if on {
+                if let Some(rest) = line.strip_prefix("# ") {
+                    let keyish = rest.starts_with('[')
+                        || rest
+                            .split_once(" = ")
+                            .is_some_and(|(k, _)| !k.contains(' '));
+                    if keyish {
+                        uncommented.push_str(rest);
+                        uncommented.push('\n');
+                    }
+                }
+            }
+        }
+        let config = LighthouseConfig::parse(&uncommented, Path::new("/etc/tern/lighthouse.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        let enroll = config.enroll.unwrap();
+        assert_eq!(enroll.oidc.len(), 1);
+        let gh = &enroll.oidc[0];
+        assert!(gh.jwks_is_url());
+        assert_eq!(gh.rules.len(), 2);
+        assert_eq!(gh.rules[0].cert_ttl, Some(Duration::from_secs(900)));
+        assert_eq!(gh.rules[1].cert_ttl, None);
+        assert_eq!(gh.rules[1].claims["repository"], "acme/*");
+
+        let base = "[pki]\nca = \"ca.crt\"\ncert = \"l.crt\"\nkey = \"l.key\"\n[enroll]\nissuer_cert = \"i.crt\"\nissuer_key = \"i.key\"\n[[enroll.oidc]]\nissuer = \"https://x\"\naudience = \"tern\"\n";
+        let parse = |rest: &str| {
+            LighthouseConfig::parse(
+                &format!("{base}{rest}"),
+                Path::new("/etc/tern/lighthouse.toml"),
+            )
+        };
+        // A file path is resolved beside the config.
+        let ok = parse("jwks = \"keys/jwks.json\"\n[[enroll.oidc.rules]]\nclaims = { repository = \"a/b\" }\ngroups = [\"ci\"]\n").unwrap();
+        assert_eq!(ok.enroll.unwrap().oidc[0].jwks, "/etc/tern/keys/jwks.json");
+        let key_of = |r: Result<LighthouseConfig, ConfigError>| match r {
+            Err(ConfigError::Invalid { key, message, .. }) => (key, message),
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        let (key, message) = key_of(parse("jwks = \"j.json\"\n[[enroll.oidc.rules]]\nclaims = { repository = \"*\" }\ngroups = [\"ci\"]\n"));
+        assert_eq!(key, "enroll.oidc[0].rules[0].claims");
+        assert!(message.contains("any job anywhere"), "{message}");
+        let (key, _) = key_of(parse(
+            "jwks = \"j.json\"\n[[enroll.oidc.rules]]\nclaims = {}\ngroups = [\"ci\"]\n",
+        ));
+        assert_eq!(key, "enroll.oidc[0].rules[0].claims");
+        assert!(matches!(
+            parse("jwks = \"j.json\"\n"),
+            Err(ConfigError::Missing { key, .. }) if key == "enroll.oidc.rules"
+        ));
+        let (key, message) = key_of(parse("jwks = \"http://keys.example/jwks\"\n[[enroll.oidc.rules]]\nclaims = { repository = \"a/b\" }\ngroups = [\"ci\"]\n"));
+        assert_eq!(key, "enroll.oidc[0].jwks");
+        assert!(message.contains("https"), "{message}");
+        assert!(parse("jwks = \"http://127.0.0.1:8080/jwks\"\n[[enroll.oidc.rules]]\nclaims = { repository = \"a/b\" }\ngroups = [\"ci\"]\n").is_ok());
+        let (key, _) = key_of(parse("jwks = \"j.json\"\n[[enroll.oidc.rules]]\nclaims = { repository = \"a/b\" }\ngroups = []\n"));
+        assert_eq!(key, "enroll.oidc[0].rules[0].groups");
+        assert!(http_url_is_loopback("http://[::1]:80/x"));
+        assert!(http_url_is_loopback("http://localhost/x"));
+        assert!(!http_url_is_loopback("http://127.0.0.1.evil.test/x"));
     }
 
     /// Fragments of plausible config text, to reach deeper than random bytes.
