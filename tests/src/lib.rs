@@ -1,6 +1,9 @@
 //! Helpers for loopback integration tests: locate the built binaries, run
 //! them, and stop what we started.
 
+pub mod enroll_lab;
+
+use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -96,4 +99,20 @@ pub fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("timed out after {timeout:?}: {what}");
+}
+
+/// A UDP port free on loopback now (for a daemon's `[listen]`).
+pub fn free_udp() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free UDP port: {e}"))
+}
+
+/// A TCP port free on loopback now (for a forward or a test server).
+pub fn free_tcp() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free TCP port: {e}"))
 }

@@ -5,250 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::net::{TcpListener, UdpSocket};
-use std::path::Path;
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_tests::{bin, run, wait_until, Daemon};
-
-fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn tern(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin("tern"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tern {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A root CA, a lighthouse with an issuer for 100.64.100.0/24 (groups ci,
-/// deploy; names ci-*; at most 1 h), and a userspace gateway into
-/// 127.78.0.0/24 that lets group ci reach an HTTP server there.
-struct Lab {
-    dir: tempfile::TempDir,
-    lh_port: u16,
-    http_port: u16,
-    _daemons: Vec<Daemon>,
-    _http: std::thread::JoinHandle<()>,
-}
-
-fn lab() -> Lab {
-    lab_with("")
-}
-
-/// The lab, with `lh_extra` appended to the lighthouse's config (inside its
-/// `[enroll]`, which comes last).
-fn lab_with(lh_extra: &str) -> Lab {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    tern(
-        d,
-        &[
-            "cert",
-            "ca",
-            "--name",
-            "root",
-            "--out-crt",
-            "ca.crt",
-            "--out-key",
-            "ca.key",
-        ],
-    );
-    tern(
-        d,
-        &[
-            "cert",
-            "sign",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
-            "lh1",
-            "--ip",
-            "100.64.0.1/10",
-            "--groups",
-            "lighthouse",
-            "--out-key",
-            "lh1.key",
-            "--out-crt",
-            "lh1.crt",
-        ],
-    );
-    tern(
-        d,
-        &[
-            "cert",
-            "sign",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
-            "gw",
-            "--ip",
-            "100.64.0.2/10",
-            "--subnets",
-            "127.78.0.0/24",
-            "--out-key",
-            "gw.key",
-            "--out-crt",
-            "gw.crt",
-        ],
-    );
-    tern(
-        d,
-        &[
-            "cert",
-            "sign",
-            "--issuer",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
-            "lh-issuer",
-            "--ips",
-            "100.64.100.0/24",
-            "--groups",
-            "ci,deploy",
-            "--max-duration",
-            "1h",
-            "--out-key",
-            "issuer.key",
-            "--out-crt",
-            "issuer.crt",
-        ],
-    );
-    let (lh_port, gw_port, http_port) = (free_udp(), free_udp(), free_tcp());
-    fs::write(
-        d.join("lh.toml"),
-        format!(
-            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n{lh_extra}"
-        ),
-    )
-    .unwrap();
-    fs::write(
-        d.join("gw.toml"),
-        format!(
-            "[pki]\nca = \"ca.crt\"\ncert = \"gw.crt\"\nkey = \"gw.key\"\n[listen]\naddr = \"127.0.0.1:{gw_port}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{lh_port}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"gw.sock\"\n[gateway]\nsubnets = [\"127.78.0.0/24\"]\n[[firewall.inbound]]\nproto = \"tcp\"\nlocal_cidr = \"127.78.0.0/24\"\ngroups = [\"ci\"]\n"
-        ),
-    )
-    .unwrap();
-    // The private service: answers every connection with one line.
-    let server = TcpListener::bind(("127.78.0.10", http_port)).unwrap();
-    let http = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for mut s in server.incoming().flatten() {
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let body = "private hello\n";
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    let daemons = vec![
-        Daemon::start(
-            "tern-lighthouse",
-            &["--config", &d.join("lh.toml").to_string_lossy()],
-            d.join("lh.log"),
-        ),
-        Daemon::start(
-            "tern",
-            &["up", "--config", &d.join("gw.toml").to_string_lossy()],
-            d.join("gw.log"),
-        ),
-    ];
-    Lab {
-        dir,
-        lh_port,
-        http_port,
-        _daemons: daemons,
-        _http: http,
-    }
-}
-
-impl Lab {
-    fn token(&self, uses: &str, groups: &str) -> String {
-        let out = run(
-            "tern-lighthouse",
-            &[
-                "token",
-                "create",
-                "--config",
-                &self.dir.path().join("lh.toml").to_string_lossy(),
-                "--groups",
-                groups,
-                "--ttl",
-                "1h",
-                "--uses",
-                uses,
-                "--cert-ttl",
-                "30m",
-            ],
-            Duration::from_secs(10),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            token.starts_with("tern1_") && !token.contains('\n'),
-            "alone on stdout: {token:?}"
-        );
-        token
-    }
-
-    /// A CI node's config: the CA only, a forward to the private service.
-    fn ci_config(&self, name: &str, forward: u16) -> std::path::PathBuf {
-        let path = self.dir.path().join(format!("{name}.toml"));
-        fs::write(
-            &path,
-            format!(
-                "[pki]\nca = \"ca.crt\"\n[listen]\naddr = \"127.0.0.1:{}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"{name}.sock\"\n[[forwards]]\nlisten = \"127.0.0.1:{forward}\"\ntarget = \"127.78.0.10:{}\"\n",
-                free_udp(), self.lh_port, self.http_port
-            ),
-        )
-        .unwrap();
-        path
-    }
-}
-
-fn get(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
+use tern_tests::enroll_lab::{get, lab, lab_with, Down, Lab};
+use tern_tests::{bin, free_tcp, free_udp, run, wait_until, Daemon};
 
 #[test]
 fn a_ci_node_enrolls_with_a_token_reaches_the_private_service_and_the_token_is_spent() {
@@ -515,20 +277,6 @@ fn the_readiness_gate_returns_once_the_target_answers_and_tern_down_leaves() {
     }
 }
 
-/// Runs `tern down` on the node behind this API socket when dropped.
-struct Down(std::path::PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        if self.0.exists() {
-            let _ = Command::new(bin("tern"))
-                .args(["down", "--socket"])
-                .arg(&self.0)
-                .output();
-        }
-    }
-}
-
 const GH_ISSUER: &str = "https://token.actions.example.test";
 
 /// What GitHub Actions offers a job, on loopback: the provider's keys at
@@ -636,10 +384,10 @@ fn a_github_job_enrolls_with_its_oidc_id_token_and_the_gate_opens_once_the_targe
     let signer = tern_lighthouse::oidc::test_issuer::TestOidcIssuer::rs256("gh-1").unwrap();
     let github = FakeGithub::start(signer, "acme/app");
     // The lighthouse fetches the provider's keys from its URL.
-    let lab = lab_with(&oidc_section(
-        &format!("http://127.0.0.1:{}/jwks", github.port),
-        "acme/*",
-    ));
+    let lab = lab_with(
+        "127.78.0",
+        &oidc_section(&format!("http://127.0.0.1:{}/jwks", github.port), "acme/*"),
+    );
     let forward = free_tcp();
     let config = lab.ci_config("gh", forward);
     let sock = lab.dir.path().join("gh.sock");
@@ -722,7 +470,10 @@ fn oidc_tokens_with_the_wrong_audience_issuer_expiry_signature_or_claims_are_eac
     let keys = tempfile::tempdir().unwrap();
     let jwks = keys.path().join("jwks.json");
     fs::write(&jwks, signer.jwks_json()).unwrap();
-    let lab = lab_with(&oidc_section(&jwks.to_string_lossy(), "acme/app"));
+    let lab = lab_with(
+        "127.78.0",
+        &oidc_section(&jwks.to_string_lossy(), "acme/app"),
+    );
     let now = now_unix();
     let claims = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut c = github_like_claims(GH_ISSUER, "tern-ci", "acme/app", "refs/heads/main", now);

@@ -13,7 +13,7 @@ use tern_node::proto::node::{LighthouseTarget, NodeCore};
 use tern_shared::identity::Identity;
 use tern_shared::mesh::{Mesh, MeshSettings};
 use tern_shared::packet::build_udp_ipv4;
-use tern_tests::{run, wait_until, Daemon};
+use tern_tests::{free_udp, run, wait_until, Daemon};
 
 fn tern(dir: &Path, args: &[&str]) {
     let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -73,14 +73,6 @@ fn pki(dir: &Path) {
             ],
         );
     }
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn unix_now() -> u64 {
@@ -186,7 +178,7 @@ fn node_cores_meet_through_a_real_lighthouse_process_on_loopback() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     pki(dir);
-    let port = free_udp_port();
+    let port = free_udp();
     let config = dir.join("lighthouse.toml");
     fs::write(
         &config,

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tern_tests::{bin, run, wait_until, Daemon};
+use tern_tests::{bin, free_tcp, free_udp, run, wait_until, Daemon};
 
 const PRIVATE: &str = "127.77.0.10";
 
@@ -45,22 +45,6 @@ fn have(tools: &[&str], test: &str) -> bool {
     );
     eprintln!("{test}: skipped, missing {missing:?}");
     false
-}
-
-fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn tern(dir: &Path, args: &[&str]) {

@@ -1,0 +1,305 @@
+//! A loopback enrollment lab, shared by the enrollment and CI-script tests:
+//! a root CA, a lighthouse with an issuer for 100.64.100.0/24 (groups ci,
+//! deploy; names ci-*; at most 1 h), and a userspace gateway into a
+//! 127.x.0.0/24 "private network" whose firewall lets group ci reach an HTTP
+//! responder there. Real `tern` and `tern-lighthouse` processes, no root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{bin, free_tcp, free_udp, run, Daemon};
+
+pub fn tern(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin("tern"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tern {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A root CA, a lighthouse with an issuer for 100.64.100.0/24 (groups ci,
+/// deploy; names ci-*; at most 1 h), and a userspace gateway into
+/// a private /24 that lets group ci reach an HTTP server there.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub lh_port: u16,
+    /// The private service: an HTTP responder at `service_ip:http_port`.
+    pub service_ip: String,
+    pub http_port: u16,
+    /// The private network's first three octets, e.g. "127.78.0".
+    pub subnet: String,
+    _daemons: Vec<Daemon>,
+    _http: std::thread::JoinHandle<()>,
+}
+
+pub fn lab() -> Lab {
+    lab_with("127.78.0", "")
+}
+
+/// The lab with the private network `subnet`.0/24 (each test file its own),
+/// and `lh_extra` appended to the lighthouse's config (inside its
+/// `[enroll]`, which comes last).
+pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tern(
+        d,
+        &[
+            "cert",
+            "ca",
+            "--name",
+            "root",
+            "--out-crt",
+            "ca.crt",
+            "--out-key",
+            "ca.key",
+        ],
+    );
+    tern(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "lh1",
+            "--ip",
+            "100.64.0.1/10",
+            "--groups",
+            "lighthouse",
+            "--out-key",
+            "lh1.key",
+            "--out-crt",
+            "lh1.crt",
+        ],
+    );
+    tern(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "gw",
+            "--ip",
+            "100.64.0.2/10",
+            "--subnets",
+            &format!("{subnet}.0/24"),
+            "--out-key",
+            "gw.key",
+            "--out-crt",
+            "gw.crt",
+        ],
+    );
+    tern(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--issuer",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "lh-issuer",
+            "--ips",
+            "100.64.100.0/24",
+            "--groups",
+            "ci,deploy",
+            "--max-duration",
+            "1h",
+            "--out-key",
+            "issuer.key",
+            "--out-crt",
+            "issuer.crt",
+        ],
+    );
+    let (lh_port, gw_port, http_port) = (free_udp(), free_udp(), free_tcp());
+    fs::write(
+        d.join("lh.toml"),
+        format!(
+            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n{lh_extra}"
+        ),
+    )
+    .unwrap();
+    fs::write(
+        d.join("gw.toml"),
+        format!(
+            "[pki]\nca = \"ca.crt\"\ncert = \"gw.crt\"\nkey = \"gw.key\"\n[listen]\naddr = \"127.0.0.1:{gw_port}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{lh_port}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"gw.sock\"\n[gateway]\nsubnets = [\"{subnet}.0/24\"]\n[[firewall.inbound]]\nproto = \"tcp\"\nlocal_cidr = \"{subnet}.0/24\"\ngroups = [\"ci\"]\n"
+        ),
+    )
+    .unwrap();
+    // The private service: answers every connection with one line.
+    let server = TcpListener::bind((format!("{subnet}.10"), http_port)).unwrap();
+    let http = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in server.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let body = "private hello\n";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let daemons = vec![
+        Daemon::start(
+            "tern-lighthouse",
+            &["--config", &d.join("lh.toml").to_string_lossy()],
+            d.join("lh.log"),
+        ),
+        Daemon::start(
+            "tern",
+            &["up", "--config", &d.join("gw.toml").to_string_lossy()],
+            d.join("gw.log"),
+        ),
+    ];
+    Lab {
+        dir,
+        lh_port,
+        service_ip: format!("{subnet}.10"),
+        http_port,
+        subnet: subnet.to_string(),
+        _daemons: daemons,
+        _http: http,
+    }
+}
+
+impl Lab {
+    pub fn token(&self, uses: &str, groups: &str) -> String {
+        let out = run(
+            "tern-lighthouse",
+            &[
+                "token",
+                "create",
+                "--config",
+                &self.dir.path().join("lh.toml").to_string_lossy(),
+                "--groups",
+                groups,
+                "--ttl",
+                "1h",
+                "--uses",
+                uses,
+                "--cert-ttl",
+                "30m",
+            ],
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            token.starts_with("tern1_") && !token.contains('\n'),
+            "alone on stdout: {token:?}"
+        );
+        token
+    }
+
+    /// A CI node's config: the CA only, a forward to the private service.
+    pub fn ci_config(&self, name: &str, forward: u16) -> std::path::PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        fs::write(
+            &path,
+            format!(
+                "[pki]\nca = \"ca.crt\"\n[listen]\naddr = \"127.0.0.1:{}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"{name}.sock\"\n[[forwards]]\nlisten = \"127.0.0.1:{forward}\"\ntarget = \"{}:{}\"\n",
+                free_udp(), self.lh_port, self.service_ip, self.http_port
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
+/// Runs `tern down` on the node behind this API socket when dropped.
+pub struct Down(pub PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = Command::new(bin("tern"))
+                .args(["down", "--socket"])
+                .arg(&self.0)
+                .output();
+        }
+    }
+}
+
+impl Lab {
+    /// `tern-lighthouse status --json` of the lab's lighthouse.
+    pub fn lighthouse_status(&self) -> serde_json::Value {
+        let out = run(
+            "tern-lighthouse",
+            &[
+                "status",
+                "--socket",
+                &self.dir.path().join("lh.sock").to_string_lossy(),
+                "--json",
+            ],
+            Duration::from_secs(5),
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// The names of the nodes the lighthouse has registered.
+    pub fn registered(&self) -> Vec<String> {
+        self.lighthouse_status()["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// `tern status --json` of the node behind `<name>.sock` in the lab.
+    pub fn node_status(&self, name: &str) -> serde_json::Value {
+        let out = run(
+            "tern",
+            &[
+                "status",
+                "--socket",
+                &self
+                    .dir
+                    .path()
+                    .join(format!("{name}.sock"))
+                    .to_string_lossy(),
+                "--json",
+            ],
+            Duration::from_secs(5),
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+}
+
+/// An HTTP GET through a local port; the response, if any came.
+pub fn get(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
