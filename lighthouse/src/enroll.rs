@@ -119,6 +119,7 @@ impl SqliteStore {
                  at INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS issued_by_name ON issued (name);
              CREATE TABLE IF NOT EXISTS oidc_used (id TEXT PRIMARY KEY, until INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS revocations (
                  version INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE,
                  name TEXT NOT NULL, not_after INTEGER NOT NULL, at INTEGER NOT NULL);",
@@ -180,29 +181,52 @@ impl EnrollStore for SqliteStore {
         until: u64,
         now: u64,
     ) -> Result<Option<Ipv4Addr>, StoreError> {
+        // Round robin from the address leased last: each probe is one
+        // lookup by key, the addresses free soonest (leased longest ago)
+        // come first, and a returned address waits as long as possible
+        // before it is handed out again.
         let tx = self.db.transaction()?;
+        let cursor: Option<Ipv4Addr> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'lease_cursor'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?
+            .and_then(|text| text.parse().ok());
+        let hosts = || pool.iter().flat_map(|net| net.hosts());
+        let total = pool.iter().map(|net| net.hosts().count()).sum::<usize>();
+        let start = cursor
+            .and_then(|c| hosts().position(|ip| ip == c))
+            .map_or(0, |i| i + 1);
         let mut found = None;
-        'pools: for net in pool {
-            for ip in net.hosts() {
-                let taken: Option<i64> = tx
-                    .query_row(
-                        "SELECT until FROM leases WHERE ip = ?1",
-                        [ip.to_string()],
-                        |r| r.get(0),
-                    )
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?;
-                if taken.is_none_or(|u| u <= now as i64) {
-                    tx.execute(
-                        "INSERT OR REPLACE INTO leases (ip, name, until) VALUES (?1, ?2, ?3)",
-                        rusqlite::params![ip.to_string(), name, until as i64],
-                    )?;
-                    found = Some(ip);
-                    break 'pools;
-                }
+        for ip in hosts().cycle().skip(start).take(total) {
+            let taken: Option<i64> = tx
+                .query_row(
+                    "SELECT until FROM leases WHERE ip = ?1",
+                    [ip.to_string()],
+                    |r| r.get(0),
+                )
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+            if taken.is_none_or(|u| u <= stored_time(now)) {
+                tx.execute(
+                    "INSERT OR REPLACE INTO leases (ip, name, until) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![ip.to_string(), name, stored_time(until)],
+                )?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('lease_cursor', ?1)",
+                    [ip.to_string()],
+                )?;
+                found = Some(ip);
+                break;
             }
         }
         tx.commit()?;
@@ -805,6 +829,31 @@ mod tests {
         let db = token(&mut store, &["db"], 1, 60);
         let refused = enroller.enroll(&request(&db, 5), &mut store, TEST_NOW);
         assert!(refused.refused.unwrap().contains("\"db\""));
+    }
+
+    #[test]
+    fn addresses_are_leased_round_robin_so_a_returned_one_waits_longest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("lh.db")).unwrap();
+        let pool: Vec<Ipv4Net> = vec!["100.64.100.0/29".parse().unwrap()];
+        let lease = |store: &mut SqliteStore, until: u64, now: u64| {
+            store
+                .lease(&pool, "ci-x", until, now)
+                .unwrap()
+                .map(|ip| ip.octets()[3])
+        };
+        // .1 lives a minute, the others an hour.
+        assert_eq!(lease(&mut store, TEST_NOW + 60, TEST_NOW), Some(1));
+        for want in 2..=6 {
+            assert_eq!(lease(&mut store, TEST_NOW + 3600, TEST_NOW), Some(want));
+        }
+        assert_eq!(lease(&mut store, TEST_NOW + 3600, TEST_NOW), None, "full");
+        // .1 has expired: it is the one free address, found past the end.
+        assert_eq!(lease(&mut store, TEST_NOW + 3600, TEST_NOW + 61), Some(1));
+        // A new store on the same file carries on from where it was.
+        drop(store);
+        let mut store = SqliteStore::open(&dir.path().join("lh.db")).unwrap();
+        assert_eq!(lease(&mut store, TEST_NOW + 9000, TEST_NOW + 3601), Some(2));
     }
 
     #[test]
