@@ -596,16 +596,26 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
         path.display()
     );
     println!(
-        "  {:<16} {:<15} {:<22} {:>10}",
+        "  {:<16} {:<15} {:<22} {:>10}  KIND",
         "NAME", "OVERLAY IP", "OBSERVED", "LAST SEEN"
     );
     for n in reply["nodes"].as_array().into_iter().flatten() {
+        let kind = match n["issued_by"].as_str() {
+            Some(issuer) => format!("ephemeral (issued by {issuer})"),
+            None => "long-lived".to_string(),
+        };
         println!(
-            "  {:<16} {:<15} {:<22} {:>9}s",
+            "  {:<16} {:<15} {:<22} {:>9}s  {kind}",
             n["name"].as_str().unwrap_or("-"),
             n["overlay_ip"].as_str().unwrap_or("-"),
             n["observed"].as_str().unwrap_or("-"),
             n["last_seen_secs_ago"]
+        );
+    }
+    if let Some(revoked) = reply["revoked"].as_u64().filter(|&r| r > 0) {
+        println!(
+            "revoked certificates in force: {revoked} (list version {})",
+            reply["revocations_version"].as_u64().unwrap_or(0)
         );
     }
     if reply["relay_enabled"].as_bool() == Some(true) {
