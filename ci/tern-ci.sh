@@ -18,7 +18,8 @@
 #                       with -----BEGIN) or the path of a file.
 #   Identity, exactly one of:
 #   TERN_TOKEN          a one-time enrollment token (`tern-lighthouse token
-#                       create`): `tern up --enroll-token`.
+#                       create`): handed to `tern up` as TERN_ENROLL_TOKEN,
+#                       in its environment (never on a command line).
 #   TERN_OIDC_AUDIENCE  OIDC on GitHub Actions: `tern up --enroll-oidc
 #                       --oidc-audience AUD`; tern fetches the job's ID token
 #                       itself (ACTIONS_ID_TOKEN_REQUEST_URL/_TOKEN, which the
@@ -74,8 +75,7 @@
 #
 # Secrets: neither the token nor the OIDC token is ever printed (whatever tern
 # prints is shown with them replaced by ***); this script never enables
-# xtrace. The enrollment token is passed to `tern up --enroll-token`, which is
-# how tern takes it: it is single-use and short-lived.
+# xtrace. Both reach tern through its environment, never its command line.
 
 set -euo pipefail
 
@@ -537,7 +537,9 @@ up() {
     local args=(up --config "$CFG")
     if [ "$MODE" = userspace ]; then args+=(--userspace); fi
     if [ -n "${TERN_TOKEN:-}" ]; then
-        args+=(--enroll-token "$TERN_TOKEN")
+        # In tern's environment, which only its user can read, not on its
+        # command line, which ps shows everyone.
+        export TERN_ENROLL_TOKEN=$TERN_TOKEN
     elif [ "$oidc" = env ]; then
         args+=(--enroll-oidc)
     else

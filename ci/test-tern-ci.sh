@@ -43,6 +43,7 @@ d=${FAKE_DIR:?}
 printf '%s\n' "$*" >>"$d/calls"
 {
     printf 'TERN_OIDC_TOKEN=%s\n' "${TERN_OIDC_TOKEN-<unset>}"
+    printf 'TERN_ENROLL_TOKEN=%s\n' "${TERN_ENROLL_TOKEN-<unset>}"
     printf 'ACTIONS_ID_TOKEN_REQUEST_URL=%s\n' "${ACTIONS_ID_TOKEN_REQUEST_URL-<unset>}"
 } >"$d/env.${1:-none}"
 case ${1:-} in
@@ -230,7 +231,7 @@ test_token_wait_for() {
     export TERN_WAIT_FOR=198.19.0.10:5432
     ci up
     expect_rc 0
-    [ "$(call 1)" = "up --config $S/node.toml --enroll-token $TOKEN --wait-for 198.19.0.10:5432 --wait-timeout 30s --log-file $S/tern.log" ] ||
+    [ "$(call 1)" = "up --config $S/node.toml --wait-for 198.19.0.10:5432 --wait-timeout 30s --log-file $S/tern.log" ] ||
         fail "up call: $(call 1)"
     [ "$(call 2)" = "status --config $S/node.toml --json" ] || fail "status call: $(call 2)"
     [ "$(stat -c %a "$S")" = 700 ] || fail "state dir mode $(stat -c %a "$S")"
@@ -254,6 +255,9 @@ EOF
     )
     [ "$(cat "$S/node.toml")" = "$want" ] || fail "node.toml:"$'\n'"$(cat "$S/node.toml")"
     has "$T/out" "ready: 198.19.0.10:5432 answered"
+    # The token reaches tern in its environment, never on its command line.
+    has "$FAKE_DIR/env.up" "TERN_ENROLL_TOKEN=$TOKEN"
+    no_secrets "$FAKE_DIR/calls"
     has "$T/err" "joined the mesh as ci-fake-7 (100.64.100.7); config $S/node.toml"
     no_secrets
 }
@@ -465,7 +469,7 @@ test_background_without_wait_for() {
     export TERN_WAIT_TIMEOUT=10s
     ci up
     expect_rc 0
-    [ "$(call up)" = "up --config $S/node.toml --enroll-token $TOKEN" ] || fail "up call: $(call up)"
+    [ "$(call up)" = "up --config $S/node.toml" ] || fail "up call: $(call up)"
     has "$T/err" "joined the mesh as ci-fake-7 (100.64.100.7)"
     local pid
     pid=$(cat "$S/tern.pid")
@@ -540,7 +544,7 @@ test_userspace_and_tun_modes() {
     sys=$(path_without sudo tern)
     PATH=$sys ci up
     expect_rc 0
-    [ "$(call 1)" = "up --config $S/node.toml --userspace --enroll-token $TOKEN --wait-for 198.19.0.10:5432 --wait-timeout 30s --log-file $S/tern.log" ] ||
+    [ "$(call 1)" = "up --config $S/node.toml --userspace --wait-for 198.19.0.10:5432 --wait-timeout 30s --log-file $S/tern.log" ] ||
         fail "up call: $(call 1)"
     has "$S/node.toml" 'mode = "userspace"'
     has "$S/node.toml" 'listen = "127.0.0.1:15432"'
@@ -568,7 +572,7 @@ EOF
     chmod 755 "$T/bin/sudo"
     PATH=$T/bin:$sys ci up
     expect_rc 0
-    has "$FAKE_DIR/sudo-calls" "-n -E $TERN_BIN up --config $S/node.toml --enroll-token"
+    has "$FAKE_DIR/sudo-calls" "-n -E $TERN_BIN up --config $S/node.toml"
     hasnt "$FAKE_DIR/calls" "--userspace"
     has "$S/node.toml" "group = \"$(id -gn)\""
     PATH=$T/bin:$sys ci down
@@ -610,7 +614,7 @@ test_binary_on_path_and_download() {
     PATH=$sys ci up
     expect_rc 0
     [ "$(cat "$S/tern.bin")" = "$S/bin/tern" ] || fail "used $(cat "$S/tern.bin")"
-    has "$FAKE_DIR/calls" "up --config $S/node.toml --enroll-token"
+    has "$FAKE_DIR/calls" "up --config $S/node.toml"
     has "$GITHUB_PATH" "$S/bin"
 
     # On GitHub Actions: the action's own repository's release.
@@ -655,7 +659,7 @@ test_github_action_main_and_post() {
     }
     step main.js
     expect_rc 0
-    [ "$(call 1)" = "up --config $S/node.toml --enroll-token $TOKEN --wait-for 198.19.0.10:5432 --wait-timeout 30s --log-file $S/tern.log" ] ||
+    [ "$(call 1)" = "up --config $S/node.toml --wait-for 198.19.0.10:5432 --wait-timeout 30s --log-file $S/tern.log" ] ||
         fail "up call: $(call 1)"
     has "$GITHUB_STATE" "tern_up=true"
     has "$GITHUB_OUTPUT" "config=$S/node.toml"

@@ -293,7 +293,7 @@ pub struct EnrollConfig {
 #[serde(deny_unknown_fields)]
 pub struct OidcProviderConfig {
     /// The token's `iss`, exactly (e.g.
-    /// "https://token.actions.githubusercontent.com").
+    /// `https://token.actions.githubusercontent.com`).
     pub issuer: String,
     /// The `aud` the token must carry (the job asks for it).
     pub audience: String,

@@ -218,6 +218,16 @@ fn the_readiness_gate_returns_once_the_target_answers_and_tern_down_leaves() {
     );
     // Ready means ready: the first try goes through.
     assert!(get(forward).is_some_and(|r| r.contains("private hello")));
+    // The node in the background got the token in its environment: no
+    // process's command line shows it (ps shows them to every user).
+    let shown: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&token))
+        .collect();
+    assert!(shown.is_empty(), "{shown:?}");
     // tern down: the node leaves, and the lighthouse forgets it at once.
     let down = run(
         "tern",

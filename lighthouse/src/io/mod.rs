@@ -1,7 +1,7 @@
 //! The lighthouse's tokio shell: one UDP socket, the clock, the local API,
 //! around the sans-IO [`LighthouseCore`].
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,12 +14,13 @@ use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::enroll::{Decision, Enroller, SqliteStore};
-use crate::oidc::Jwks;
+use crate::enroll::SqliteStore;
 use crate::proto::lighthouse::LighthouseCore;
 use crate::proto::registry::Registry;
 use crate::proto::relay::RelayTable;
-use tern_shared::enroll::{open_request, TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
+use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
+
+mod enroll;
 
 const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
 /// A relay introduction unused this long is forgotten (nodes keep a relayed
@@ -205,9 +206,11 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
         );
     }
 
-    let (keys_tx, mut keys_rx) = mpsc::unbounded_channel::<(usize, Result<Jwks, String>)>();
-    let mut enrollment = match &config.enroll {
-        Some(e) => Some(Enrollment::open(e, &identity.key, &cert, keys_tx)?),
+    // Enrollment runs on a thread of its own: its store writes wait on the
+    // disk, and registrations and relaying must not wait with them.
+    let (answers_tx, mut answers_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
+    let enrollment = match &config.enroll {
+        Some(e) => Some(enroll::start(e, &identity.key, &cert, answers_tx)?),
         None => None,
     };
     let mut revocations = RevocationFeed::new(store_path, enrollment.is_some())?;
@@ -242,9 +245,9 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
                                         datagram.first(),
                                         Some(&TYPE_ENROLL_HELLO | &TYPE_ENROLL_REQUEST)
                                     );
-                                    match enrollment.as_mut() {
+                                    match enrollment.as_ref() {
                                         Some(e) if enrolling => {
-                                            if let Some(answer) = e.handle(datagram, now) {
+                                            if let Some(answer) = e.handle(from, datagram) {
                                                 sends.push(&socket, from, &answer).await;
                                             }
                                         }
@@ -272,14 +275,9 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
             }
             _ = revocation_tick.tick() => {
                 revocations.poll(&mut core, Instant::now());
-                if let Some(e) = enrollment.as_mut() {
-                    e.refresh_keys(Instant::now());
-                }
             }
-            Some((provider, keys)) = keys_rx.recv() => {
-                if let Some(e) = enrollment.as_mut() {
-                    e.keys_arrived(provider, keys);
-                }
+            Some((to, answer)) = answers_rx.recv() => {
+                sends.push(&socket, to, &answer).await;
             }
             Some(reply) = api_rx.recv() => {
                 let _ = reply.send(serde_json::to_value(core.status(Instant::now())).unwrap_or_default());
@@ -293,215 +291,6 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
         sends.flush(&socket).await;
     }
     Ok(())
-}
-
-/// Enrollment in the shell: the store is IO, the decisions are
-/// [`Enroller`]'s. Answers to a request are kept a minute, so a node that
-/// repeats a request (its answer was lost) gets the same answer rather than
-/// a refusal for a token it already used.
-struct Enrollment {
-    enroller: Enroller,
-    store: SqliteStore,
-    secret: x25519_dalek::StaticSecret,
-    own_cert: Vec<u8>,
-    answered: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
-    /// Per OIDC provider: when its keys were last asked for (fetches of a
-    /// URL run in the background and arrive on `keys_tx`).
-    keys_asked: Vec<Option<Instant>>,
-    fetching: Vec<bool>,
-    keys_tx: mpsc::UnboundedSender<(usize, Result<Jwks, String>)>,
-}
-
-/// A provider's keys are fetched again this often, so a rotation is
-/// followed even before a token names the new key.
-const JWKS_REFRESH: Duration = Duration::from_secs(3600);
-
-impl Enrollment {
-    fn open(
-        config: &tern_shared::config::EnrollConfig,
-        key: &tern_shared::keys::NodeSecretKey,
-        cert: &tern_shared::cert::VerifiedCert,
-        keys_tx: mpsc::UnboundedSender<(usize, Result<Jwks, String>)>,
-    ) -> anyhow::Result<Enrollment> {
-        let read = |p: &Path, what: &str| {
-            std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
-        };
-        let issuer =
-            tern_shared::cert::Cert::from_pem(&read(&config.issuer_cert, "[enroll] issuer_cert")?)
-                .with_context(|| {
-                    format!("[enroll] issuer_cert {}", config.issuer_cert.display())
-                })?;
-        let issuer_key = tern_shared::keys::CaSecretKey::from_pem(&read(
-            &config.issuer_key,
-            "[enroll] issuer_key",
-        )?)
-        .with_context(|| format!("[enroll] issuer_key {}", config.issuer_key.display()))?;
-        let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())
-            .map_err(|e| anyhow::anyhow!(e))?
-            .with_oidc(config.oidc.clone());
-        let store = SqliteStore::open(&config.store)
-            .with_context(|| format!("opening the enrollment store {}", config.store.display()))?;
-        tracing::info!(issuer = %enroller.issuer().body.name, pool = ?enroller.issuer().body.ips, store = %config.store.display(), "enrolling nodes with tokens");
-        let providers = config.oidc.len();
-        let mut enrollment = Enrollment {
-            enroller,
-            store,
-            secret: key.static_secret(),
-            own_cert: cert.encoded().to_vec(),
-            answered: HashMap::new(),
-            keys_asked: vec![None; providers],
-            fetching: vec![false; providers],
-            keys_tx,
-        };
-        let now = Instant::now();
-        for (i, p) in config.oidc.iter().enumerate() {
-            tracing::info!(issuer = %p.issuer, audience = %p.audience, jwks = %p.jwks, rules = p.rules.len(), "enrolling nodes with OIDC ID tokens");
-            if !p.jwks_is_url() {
-                // A file must be readable at start: a typo should stop the
-                // lighthouse, not refuse every job later.
-                let keys = read_jwks_file(&p.jwks)
-                    .with_context(|| format!("[[enroll.oidc]] {} jwks", p.issuer))?;
-                enrollment.enroller.set_keys(i, Ok(keys), unix_now());
-                enrollment.keys_asked[i] = Some(now);
-            } else {
-                enrollment.ask_keys(i, now);
-            }
-        }
-        Ok(enrollment)
-    }
-
-    /// Reads a file provider's keys now, or starts fetching a URL
-    /// provider's (one fetch at a time per provider).
-    fn ask_keys(&mut self, provider: usize, now: Instant) {
-        let Some(p) = self.enroller.oidc_providers().nth(provider).cloned() else {
-            return;
-        };
-        self.keys_asked[provider] = Some(now);
-        if !p.jwks_is_url() {
-            let keys = read_jwks_file(&p.jwks).map_err(|e| format!("{e:#}"));
-            if let Err(e) = &keys {
-                tracing::warn!(issuer = %p.issuer, error = %e, "reading the OIDC provider's keys");
-            }
-            self.enroller.set_keys(provider, keys, unix_now());
-            return;
-        }
-        if self.fetching[provider] {
-            return;
-        }
-        self.fetching[provider] = true;
-        let tx = self.keys_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let keys = fetch_jwks(&p.jwks);
-            let _ = tx.send((provider, keys));
-        });
-    }
-
-    fn keys_arrived(&mut self, provider: usize, keys: Result<Jwks, String>) {
-        if let Some(f) = self.fetching.get_mut(provider) {
-            *f = false;
-        }
-        let issuer = self
-            .enroller
-            .oidc_providers()
-            .nth(provider)
-            .map(|p| p.issuer.clone())
-            .unwrap_or_default();
-        match &keys {
-            Ok(jwks) => tracing::info!(%issuer, keys = jwks.len(), "OIDC provider keys fetched"),
-            Err(e) => tracing::warn!(%issuer, error = %e, "fetching the OIDC provider's keys"),
-        }
-        self.enroller.set_keys(provider, keys, unix_now());
-    }
-
-    /// Fetches every URL provider's keys again once an hour (sooner, a
-    /// minute after a failed fetch).
-    fn refresh_keys(&mut self, now: Instant) {
-        for i in 0..self.keys_asked.len() {
-            let due = self.keys_asked[i].is_none_or(|at| {
-                let age = now.saturating_duration_since(at);
-                age >= JWKS_REFRESH
-                    || (age >= Duration::from_secs(60) && !self.enroller.has_keys(i))
-            });
-            if due {
-                self.ask_keys(i, now);
-            }
-        }
-    }
-
-    fn handle(&mut self, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
-        match datagram.first() {
-            Some(&TYPE_ENROLL_HELLO) => {
-                let mut out = vec![TYPE_ENROLL_CERT];
-                out.extend_from_slice(&self.own_cert);
-                Some(out)
-            }
-            Some(&TYPE_ENROLL_REQUEST) => {
-                self.answered.retain(|_, (_, at)| {
-                    now.saturating_duration_since(*at) < Duration::from_secs(60)
-                });
-                if let Some((answer, _)) = self.answered.get(datagram) {
-                    return Some(answer.clone());
-                }
-                if self.answered.len() >= 4096 {
-                    return None; // a flood: let nodes retry later
-                }
-                let (request, sealer) = match open_request(datagram, &self.secret) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "enrollment request refused");
-                        return None;
-                    }
-                };
-                let reply = match self.enroller.decide(&request, &mut self.store, unix_now()) {
-                    Decision::Reply(reply) => reply,
-                    Decision::NeedKeys(provider) => {
-                        // The token names a key we do not hold: read or
-                        // fetch the provider's keys. A file is read now; a
-                        // fetch answers no one yet, and the node's repeat
-                        // of this request finds the keys.
-                        self.ask_keys(provider, now);
-                        match self.enroller.decide(&request, &mut self.store, unix_now()) {
-                            Decision::Reply(reply) => reply,
-                            Decision::NeedKeys(_) => return None,
-                        }
-                    }
-                };
-                match (&reply.cert, &reply.refused) {
-                    (Some(_), _) => tracing::info!("node enrolled"),
-                    (None, Some(why)) => tracing::warn!(reason = %why, "enrollment refused"),
-                    _ => {}
-                }
-                let answer = sealer.seal(&reply).ok()?;
-                self.answered
-                    .insert(datagram.to_vec(), (answer.clone(), now));
-                Some(answer)
-            }
-            _ => None,
-        }
-    }
-}
-
-fn read_jwks_file(path: &str) -> anyhow::Result<Jwks> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
-    Jwks::parse(&bytes).with_context(|| path.to_string())
-}
-
-/// GETs a JWKS document (https; plain http only on loopback, which the
-/// config check enforces).
-fn fetch_jwks(url: &str) -> Result<Jwks, String> {
-    let answer = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .get(url)
-        .call()
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    let mut body = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(answer.into_reader(), crate::oidc::MAX_JWKS_LEN as u64 + 1),
-        &mut body,
-    )
-    .map_err(|e| format!("GET {url}: {e}"))?;
-    Jwks::parse(&body).map_err(|e| format!("{url}: {e}"))
 }
 
 fn seed() -> u64 {

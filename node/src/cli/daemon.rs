@@ -19,8 +19,15 @@ pub struct UpArgs {
     pub userspace: bool,
     /// Enroll with a one-time token (`tern-lighthouse token create`): the
     /// config's pki section names only the CA; the key is made in memory and never
-    /// written, the certificate comes from a lighthouse's issuer.
-    #[arg(long, value_name = "TOKEN", conflicts_with = "enroll_oidc")]
+    /// written, the certificate comes from a lighthouse's issuer. Also read
+    /// from TERN_ENROLL_TOKEN, which keeps it off the command line.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = ENROLL_TOKEN_ENV,
+        hide_env_values = true,
+        conflicts_with = "enroll_oidc"
+    )]
     pub enroll_token: Option<String>,
     /// Enroll with the CI provider's OIDC ID token (no stored secret): read
     /// from --oidc-token-file, else the TERN_OIDC_TOKEN variable, else asked
@@ -48,6 +55,9 @@ pub struct UpArgs {
     #[arg(long, requires = "wait_for")]
     pub log_file: Option<PathBuf>,
 }
+
+/// Where `tern up` also finds `--enroll-token`'s value.
+pub const ENROLL_TOKEN_ENV: &str = "TERN_ENROLL_TOKEN";
 
 fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
     tern_shared::duration::parse_duration(s).map_err(|e| e.to_string())

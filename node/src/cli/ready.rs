@@ -26,27 +26,30 @@ pub mod code {
     pub const TIMEOUT: u8 = 124;
 }
 
-/// The node's arguments without the gate's own.
-pub fn child_args(args: &[String]) -> Vec<String> {
+/// The node's arguments without the gate's own, and the enrollment token
+/// taken out of them (it is handed over in the environment).
+pub fn child_args(args: &[String]) -> (Vec<String>, Option<String>) {
     let mut out = Vec::new();
-    let mut skip = false;
-    for a in args {
-        if skip {
-            skip = false;
-            continue;
-        }
+    let mut token = None;
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
         match a.as_str() {
-            "--wait-for" | "--wait-timeout" | "--log-file" => skip = true,
+            "--wait-for" | "--wait-timeout" | "--log-file" => {
+                args.next();
+            }
+            // The token goes to the node in its environment, not on its
+            // command line, where any user could read it (ps).
+            "--enroll-token" => token = args.next().cloned(),
+            s if s.starts_with("--enroll-token=") => {
+                token = s.strip_prefix("--enroll-token=").map(str::to_string)
+            }
             s if s.starts_with("--wait-for=")
                 || s.starts_with("--wait-timeout=")
-                || s.starts_with("--log-file=") =>
-            {
-                continue
-            }
+                || s.starts_with("--log-file=") => {}
             _ => out.push(a.clone()),
         }
     }
-    out
+    (out, token)
 }
 
 fn stop(child: &mut Child) {
@@ -91,8 +94,13 @@ pub fn up_and_wait(
     let out = std::fs::File::create(&log)
         .map_err(|e| anyhow::anyhow!("creating the node's log {}: {e}", log.display()))?;
     let err = out.try_clone()?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(child_args(&args))
+    let (node_args, token) = child_args(&args);
+    let mut node = Command::new(std::env::current_exe()?);
+    node.args(node_args);
+    if let Some(token) = token {
+        node.env(super::daemon::ENROLL_TOKEN_ENV, token);
+    }
+    let mut child = node
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -241,16 +249,16 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let (node_args, token) = child_args(&args);
+        assert_eq!(node_args, ["up", "--config", "ci.toml", "--userspace"]);
+        assert_eq!(token.as_deref(), Some("t"), "moved to the environment");
+        let equals: Vec<String> = ["up", "--enroll-token=t2", "--wait-for=1.2.3.4:5"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(
-            child_args(&args),
-            [
-                "up",
-                "--config",
-                "ci.toml",
-                "--userspace",
-                "--enroll-token",
-                "t"
-            ]
+            child_args(&equals),
+            (vec!["up".to_string()], Some("t2".to_string()))
         );
     }
 }

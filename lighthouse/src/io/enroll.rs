@@ -1,0 +1,321 @@
+//! Enrollment in the shell: a thread of its own owns the store and the
+//! [`Enroller`] (whose decisions are sans-IO), so that the store's writes,
+//! which wait on the disk, never hold up the event loop that registers,
+//! introduces and relays. The event loop answers hellos itself (the
+//! lighthouse's certificate, no state) and hands sealed requests over; the
+//! answers come back on a channel and leave from the lighthouse's socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tern_shared::config::EnrollConfig;
+use tern_shared::enroll::{open_request, TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::unix_now;
+use crate::enroll::{Decision, Enroller, SqliteStore};
+use crate::oidc::Jwks;
+
+/// Requests waiting for the enrollment thread; beyond this they are dropped
+/// (the node repeats its request).
+const QUEUE: usize = 1024;
+/// How long an answer is kept for a node that repeats its request because
+/// the answer was lost (a node gives up after about 4 s).
+const ANSWER_KEPT: Duration = Duration::from_secs(30);
+/// Most answers kept; the oldest go first.
+const ANSWERS_KEPT: usize = 16_384;
+/// A provider's keys are fetched again this often, so a rotation is
+/// followed even before a token names the new key.
+const JWKS_REFRESH: Duration = Duration::from_secs(3600);
+/// The thread's idle wake-up, for key refreshes.
+const TICK: Duration = Duration::from_millis(500);
+
+enum Job {
+    Request {
+        from: SocketAddr,
+        datagram: Vec<u8>,
+    },
+    Keys {
+        provider: usize,
+        keys: Result<Jwks, String>,
+    },
+}
+
+/// The event loop's handle on the enrollment thread.
+pub struct EnrollmentHandle {
+    hello_answer: Vec<u8>,
+    jobs: SyncSender<Job>,
+}
+
+impl EnrollmentHandle {
+    /// An enrollment datagram from `from`: the answer to send now (a hello),
+    /// or `None` (a request, answered later through the answers channel,
+    /// or dropped when the thread is this far behind).
+    pub fn handle(&self, from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+        match datagram.first() {
+            Some(&TYPE_ENROLL_HELLO) => Some(self.hello_answer.clone()),
+            Some(&TYPE_ENROLL_REQUEST) => {
+                let job = Job::Request {
+                    from,
+                    datagram: datagram.to_vec(),
+                };
+                match self.jobs.try_send(job) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        tracing::debug!(%from, "enrollment queue full; the node will repeat its request")
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        tracing::error!("the enrollment thread has stopped")
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Opens the store and the issuer (errors here stop the lighthouse at
+/// start, naming what is wrong) and starts the enrollment thread.
+pub fn start(
+    config: &EnrollConfig,
+    key: &tern_shared::keys::NodeSecretKey,
+    cert: &tern_shared::cert::VerifiedCert,
+    answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
+) -> anyhow::Result<EnrollmentHandle> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
+    };
+    let issuer =
+        tern_shared::cert::Cert::from_pem(&read(&config.issuer_cert, "[enroll] issuer_cert")?)
+            .with_context(|| format!("[enroll] issuer_cert {}", config.issuer_cert.display()))?;
+    let issuer_key =
+        tern_shared::keys::CaSecretKey::from_pem(&read(&config.issuer_key, "[enroll] issuer_key")?)
+            .with_context(|| format!("[enroll] issuer_key {}", config.issuer_key.display()))?;
+    let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())
+        .map_err(|e| anyhow::anyhow!(e))?
+        .with_oidc(config.oidc.clone());
+    let store = SqliteStore::open(&config.store)
+        .with_context(|| format!("opening the enrollment store {}", config.store.display()))?;
+    tracing::info!(issuer = %enroller.issuer().body.name, pool = ?enroller.issuer().body.ips, store = %config.store.display(), "enrolling nodes");
+    let (jobs, queue) = sync_channel(QUEUE);
+    let providers = config.oidc.len();
+    let mut worker = Worker {
+        enroller,
+        store,
+        secret: key.static_secret(),
+        answered: HashMap::new(),
+        answer_order: VecDeque::new(),
+        keys_asked: vec![None; providers],
+        fetching: vec![false; providers],
+        jobs: jobs.clone(),
+        answers,
+    };
+    let now = Instant::now();
+    for (i, p) in config.oidc.iter().enumerate() {
+        tracing::info!(issuer = %p.issuer, audience = %p.audience, jwks = %p.jwks, rules = p.rules.len(), "enrolling nodes with OIDC ID tokens");
+        if p.jwks_is_url() {
+            worker.ask_keys(i, now);
+        } else {
+            // A file must be readable at start: a typo should stop the
+            // lighthouse, not refuse every job later.
+            let keys = read_jwks_file(&p.jwks)
+                .with_context(|| format!("[[enroll.oidc]] {} jwks", p.issuer))?;
+            worker.enroller.set_keys(i, Ok(keys), unix_now());
+            worker.keys_asked[i] = Some(now);
+        }
+    }
+    std::thread::Builder::new()
+        .name("enroll".into())
+        .spawn(move || worker.run(queue))
+        .context("starting the enrollment thread")?;
+    let mut hello_answer = vec![TYPE_ENROLL_CERT];
+    hello_answer.extend_from_slice(cert.encoded());
+    Ok(EnrollmentHandle { hello_answer, jobs })
+}
+
+/// The enrollment thread's state: the only owner of the store connection
+/// and the provider keys.
+struct Worker {
+    enroller: Enroller,
+    store: SqliteStore,
+    secret: x25519_dalek::StaticSecret,
+    /// Answers by request, so a repeated request gets the same answer
+    /// rather than a refusal for a token it already used; oldest first in
+    /// `answer_order`.
+    answered: HashMap<Vec<u8>, Vec<u8>>,
+    answer_order: VecDeque<(Instant, Vec<u8>)>,
+    /// Per OIDC provider: when its keys were last asked for, and whether a
+    /// fetch of its URL is under way (fetches run on threads of their own
+    /// and come back as [`Job::Keys`]).
+    keys_asked: Vec<Option<Instant>>,
+    fetching: Vec<bool>,
+    jobs: SyncSender<Job>,
+    answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
+}
+
+impl Worker {
+    /// Until the event loop is gone (its handle dropped, or the answers
+    /// channel closed).
+    fn run(mut self, queue: Receiver<Job>) {
+        let mut last_tick = Instant::now();
+        loop {
+            match queue.recv_timeout(TICK) {
+                Ok(Job::Request { from, datagram }) => {
+                    if let Some(answer) = self.answer(&datagram, Instant::now()) {
+                        if self.answers.send((from, answer)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Job::Keys { provider, keys }) => self.keys_arrived(provider, keys),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = Instant::now();
+            if now.saturating_duration_since(last_tick) >= TICK {
+                last_tick = now;
+                self.refresh_keys(now);
+                if self.answers.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
+        while let Some((at, request)) = self.answer_order.front() {
+            if now.saturating_duration_since(*at) < ANSWER_KEPT
+                && self.answer_order.len() < ANSWERS_KEPT
+            {
+                break;
+            }
+            self.answered.remove(request);
+            self.answer_order.pop_front();
+        }
+        if let Some(answer) = self.answered.get(datagram) {
+            return Some(answer.clone());
+        }
+        let (request, sealer) = match open_request(datagram, &self.secret) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "enrollment request refused");
+                return None;
+            }
+        };
+        let reply = match self.enroller.decide(&request, &mut self.store, unix_now()) {
+            Decision::Reply(reply) => reply,
+            Decision::NeedKeys(provider) => {
+                // The token names a key we do not hold: read or fetch the
+                // provider's keys. A file is read now; a fetch answers no
+                // one yet, and the node's repeat of this request finds the
+                // keys.
+                self.ask_keys(provider, now);
+                match self.enroller.decide(&request, &mut self.store, unix_now()) {
+                    Decision::Reply(reply) => reply,
+                    Decision::NeedKeys(_) => return None,
+                }
+            }
+        };
+        match (&reply.cert, &reply.refused) {
+            (Some(_), _) => tracing::info!("node enrolled"),
+            (None, Some(why)) => tracing::warn!(reason = %why, "enrollment refused"),
+            _ => {}
+        }
+        let answer = sealer.seal(&reply).ok()?;
+        self.answered.insert(datagram.to_vec(), answer.clone());
+        self.answer_order.push_back((now, datagram.to_vec()));
+        Some(answer)
+    }
+
+    /// Reads a file provider's keys now, or starts fetching a URL
+    /// provider's (one fetch at a time per provider).
+    fn ask_keys(&mut self, provider: usize, now: Instant) {
+        let Some(p) = self.enroller.oidc_providers().nth(provider).cloned() else {
+            return;
+        };
+        self.keys_asked[provider] = Some(now);
+        if !p.jwks_is_url() {
+            let keys = read_jwks_file(&p.jwks).map_err(|e| format!("{e:#}"));
+            if let Err(e) = &keys {
+                tracing::warn!(issuer = %p.issuer, error = %e, "reading the OIDC provider's keys");
+            }
+            self.enroller.set_keys(provider, keys, unix_now());
+            return;
+        }
+        if self.fetching[provider] {
+            return;
+        }
+        self.fetching[provider] = true;
+        let jobs = self.jobs.clone();
+        let spawned = std::thread::Builder::new()
+            .name("jwks".into())
+            .spawn(move || {
+                let keys = fetch_jwks(&p.jwks);
+                let _ = jobs.send(Job::Keys { provider, keys });
+            });
+        if let Err(e) = spawned {
+            self.fetching[provider] = false;
+            tracing::warn!(error = %e, "could not start fetching the OIDC provider's keys");
+        }
+    }
+
+    fn keys_arrived(&mut self, provider: usize, keys: Result<Jwks, String>) {
+        if let Some(f) = self.fetching.get_mut(provider) {
+            *f = false;
+        }
+        let issuer = self
+            .enroller
+            .oidc_providers()
+            .nth(provider)
+            .map(|p| p.issuer.clone())
+            .unwrap_or_default();
+        match &keys {
+            Ok(jwks) => tracing::info!(%issuer, keys = jwks.len(), "OIDC provider keys fetched"),
+            Err(e) => tracing::warn!(%issuer, error = %e, "fetching the OIDC provider's keys"),
+        }
+        self.enroller.set_keys(provider, keys, unix_now());
+    }
+
+    /// Fetches every URL provider's keys again once an hour (sooner, a
+    /// minute after a failed fetch).
+    fn refresh_keys(&mut self, now: Instant) {
+        for i in 0..self.keys_asked.len() {
+            let due = self.keys_asked[i].is_none_or(|at| {
+                let age = now.saturating_duration_since(at);
+                age >= JWKS_REFRESH
+                    || (age >= Duration::from_secs(60) && !self.enroller.has_keys(i))
+            });
+            if due {
+                self.ask_keys(i, now);
+            }
+        }
+    }
+}
+
+fn read_jwks_file(path: &str) -> anyhow::Result<Jwks> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    Jwks::parse(&bytes).with_context(|| path.to_string())
+}
+
+/// GETs a JWKS document (https; plain http only on loopback, which the
+/// config check enforces).
+fn fetch_jwks(url: &str) -> Result<Jwks, String> {
+    let answer = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .get(url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(answer.into_reader(), crate::oidc::MAX_JWKS_LEN as u64 + 1),
+        &mut body,
+    )
+    .map_err(|e| format!("GET {url}: {e}"))?;
+    Jwks::parse(&body).map_err(|e| format!("{url}: {e}"))
+}
