@@ -502,6 +502,10 @@ fn time_to_first_byte(
     }
 }
 
+/// Per repetition: ms to the first byte with a certificate on disk, ms
+/// when enrolling, and their ratio.
+type JoinFigures = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// The join figures: a CI node with a certificate on disk against one that
 /// enrolls with a token, each from `tern up` to the first byte of a private
 /// service behind a userspace gateway, interleaved.
@@ -511,7 +515,7 @@ fn join_figures(
     dir: &Path,
     addr: SocketAddr,
     reps: usize,
-) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), String> {
+) -> Result<JoinFigures, String> {
     run(
         dir,
         tern,
