@@ -382,6 +382,9 @@ pub async fn run(
                 }
                 stack.poll(now, &|ip| core.reachable(ip));
                 path.flush(&mut core, &outer, stack).await;
+                // What the stack's packets made the core say (a lookup, a
+                // handshake): now, not at the next timer tick.
+                flush(&mut core, &outer).await;
                 if let Some(d) = stack.poll_delay() {
                     let at = tokio::time::Instant::now() + d;
                     if at < next_timer {
