@@ -132,7 +132,7 @@ pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
             "issuer.crt",
         ],
     );
-    let (lh_port, gw_port, http_port) = (free_udp(), free_udp(), free_tcp());
+    let (lh_port, gw_port) = (free_udp(), free_udp());
     fs::write(
         d.join("lh.toml"),
         format!(
@@ -148,7 +148,10 @@ pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
     )
     .unwrap();
     // The private service: answers every connection with one line.
-    let server = TcpListener::bind((format!("{subnet}.10"), http_port)).unwrap();
+    // Port 0: a port free on this address (tests run in parallel, and a
+    // port free on 127.0.0.1 may be taken on this one).
+    let server = TcpListener::bind((format!("{subnet}.10"), 0)).unwrap();
+    let http_port = server.local_addr().unwrap().port();
     let http = std::thread::spawn(move || {
         use std::io::{Read, Write};
         for mut s in server.incoming().flatten() {
@@ -248,6 +251,31 @@ impl Drop for Down {
 }
 
 impl Lab {
+    /// A CI node `name` that enrolls with `token`, with a forward to the
+    /// private service; returns once a request through the forward is
+    /// answered, with the node and the forward's port.
+    pub fn start_job(&self, name: &str, token: &str) -> (Daemon, u16) {
+        let forward = free_tcp();
+        let config = self.ci_config(name, forward);
+        let job = Daemon::start(
+            "tern",
+            &[
+                "up",
+                "--config",
+                &config.to_string_lossy(),
+                "--enroll-token",
+                token,
+            ],
+            self.dir.path().join(format!("{name}.log")),
+        );
+        crate::wait_until(
+            "the job reaches the private service",
+            Duration::from_secs(20),
+            || get(forward).is_some_and(|r| r.contains("private hello")),
+        );
+        (job, forward)
+    }
+
     /// `tern-lighthouse status --json` of the lab's lighthouse.
     pub fn lighthouse_status(&self) -> serde_json::Value {
         let out = run(

@@ -10,31 +10,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tern_tests::enroll_lab::{get, lab, lab_with, Down, Lab};
-use tern_tests::{bin, free_tcp, free_udp, run, wait_until, Daemon};
+use tern_tests::{bin, free_tcp, free_udp, run, wait_until};
 
 #[test]
 fn a_ci_node_enrolls_with_a_token_reaches_the_private_service_and_the_token_is_spent() {
     let lab = lab();
     let token = lab.token("1", "ci");
-    let forward = free_tcp();
-    let config = lab.ci_config("job", forward);
     let started = Instant::now();
-    let job = Daemon::start(
-        "tern",
-        &[
-            "up",
-            "--config",
-            &config.to_string_lossy(),
-            "--enroll-token",
-            &token,
-        ],
-        lab.dir.path().join("job.log"),
-    );
-    wait_until(
-        "the job reaches the private service",
-        Duration::from_secs(20),
-        || get(forward).is_some_and(|r| r.contains("private hello")),
-    );
+    let (job, _forward) = lab.start_job("job", &token);
     eprintln!(
         "enrolled and through the gateway in {:?}",
         started.elapsed()
@@ -240,22 +223,10 @@ fn the_readiness_gate_returns_once_the_target_answers_and_tern_down_leaves() {
         String::from_utf8_lossy(&down.stderr)
     );
     assert!(!sock.exists());
-    let lh_sock = lab.dir.path().join("lh.sock");
     wait_until(
         "the lighthouse forgets the job",
         Duration::from_secs(5),
-        || {
-            let out = run(
-                "tern-lighthouse",
-                &["status", "--socket", &lh_sock.to_string_lossy(), "--json"],
-                Duration::from_secs(5),
-            );
-            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            status["nodes"].as_array().is_some_and(|n| {
-                n.iter()
-                    .all(|n| !n["name"].as_str().unwrap_or("").starts_with("ci-"))
-            })
-        },
+        || !lab.registered().iter().any(|n| n.starts_with("ci-")),
     );
     // Each way of not being ready has its code.
     for (target, code) in [
@@ -432,17 +403,7 @@ fn a_github_job_enrolls_with_its_oidc_id_token_and_the_gate_opens_once_the_targe
     );
     assert!(get(forward).is_some_and(|r| r.contains("private hello")));
     // The lighthouse lists the job as ephemeral, issued by its issuer.
-    let status = run(
-        "tern-lighthouse",
-        &[
-            "status",
-            "--socket",
-            &lab.dir.path().join("lh.sock").to_string_lossy(),
-            "--json",
-        ],
-        Duration::from_secs(5),
-    );
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = lab.lighthouse_status();
     let job = status["nodes"]
         .as_array()
         .unwrap()
@@ -585,21 +546,7 @@ fn oidc_tokens_with_the_wrong_audience_issuer_expiry_signature_or_claims_are_eac
 /// Whether the node behind `<name>.sock` reaches the private service (over
 /// the API's Dial, as `tern forward` does).
 fn get_through(lab: &Lab, name: &str) -> bool {
-    let out = run(
-        "tern",
-        &[
-            "status",
-            "--socket",
-            &lab.dir
-                .path()
-                .join(format!("{name}.sock"))
-                .to_string_lossy(),
-            "--json",
-        ],
-        Duration::from_secs(5),
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    status["peers"]
+    lab.node_status(name)["peers"]
         .as_array()
         .is_some_and(|p| p.iter().any(|p| p["name"] == "gw"))
 }
@@ -608,49 +555,13 @@ fn get_through(lab: &Lab, name: &str) -> bool {
 fn revoking_an_enrolled_node_ends_its_sessions_within_seconds() {
     let lab = lab();
     let token = lab.token("1", "ci");
-    let forward = free_tcp();
-    let config = lab.ci_config("doomed", forward);
-    let _job = Daemon::start(
-        "tern",
-        &[
-            "up",
-            "--config",
-            &config.to_string_lossy(),
-            "--enroll-token",
-            &token,
-        ],
-        lab.dir.path().join("doomed.log"),
-    );
-    wait_until(
-        "the job reaches the private service",
-        Duration::from_secs(20),
-        || get(forward).is_some_and(|r| r.contains("private hello")),
-    );
-    let status = run(
-        "tern",
-        &[
-            "status",
-            "--socket",
-            &lab.dir.path().join("doomed.sock").to_string_lossy(),
-            "--json",
-        ],
-        Duration::from_secs(5),
-    );
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let name = status["name"].as_str().unwrap().to_string();
+    let (_job, forward) = lab.start_job("doomed", &token);
+    let name = lab.node_status("doomed")["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let gw_has_job = || {
-        let out = run(
-            "tern",
-            &[
-                "status",
-                "--socket",
-                &lab.dir.path().join("gw.sock").to_string_lossy(),
-                "--json",
-            ],
-            Duration::from_secs(5),
-        );
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        s["peers"]
+        lab.node_status("gw")["peers"]
             .as_array()
             .is_some_and(|p| p.iter().any(|p| p["name"] == name.as_str()))
     };
