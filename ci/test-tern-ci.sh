@@ -362,13 +362,15 @@ test_missing_inputs() {
 
 test_exit_codes() {
     local code text
-    for code in 1 68 69 70 77 124; do
+    for code in 1 68 69 70 71 77 78 124; do
         case $code in
         1) text="tern-ci: tern up failed: bad config, identity or environment; check" ;;
         68) text="tern-ci: no path to 198.19.0.10:5432 through the mesh; check that a gateway routing it is up" ;;
         69) text="tern-ci: no lighthouse answered; check TERN_LIGHTHOUSE (127.0.0.1:4242)" ;;
         70) text="tern-ci: 198.19.0.10:5432 refused the connection; check that the service listens there" ;;
+        71) text="tern-ci: the gateway (or peer) in front of 198.19.0.10:5432 denies this job by policy; check its [[firewall.inbound]] rules" ;;
         77) text="tern-ci: the lighthouse refused the enrollment; check that the token is not used up or expired" ;;
+        78) text="tern-ci: tern found no OIDC ID token; on GitHub Actions give the job 'permissions: id-token: write'" ;;
         124) text="tern-ci: no answer from 198.19.0.10:5432 within 5s; check that the service is up" ;;
         esac
         setup

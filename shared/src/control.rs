@@ -141,6 +141,28 @@ pub enum ControlMessage {
         entries: Vec<Revocation>,
         complete: bool,
     },
+    /// Any peer → the peer (or gateway) in front of `dst`: would your
+    /// inbound firewall let me open TCP to `dst:port`?
+    PolicyQuery {
+        id: u32,
+        dst: Ipv4Addr,
+        port: u16,
+    },
+    PolicyReply {
+        id: u32,
+        answer: PolicyAnswer,
+    },
+}
+
+/// Whether a peer's inbound firewall lets the asker open a TCP connection
+/// to `dst:port` (answered by any daemon on its control port, from its
+/// rules alone): how `tern up --wait-for` tells a target denied by policy
+/// from one that refused or did not answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyAnswer {
+    pub allowed: bool,
+    /// What decided: e.g. "inbound rule-2/reject".
+    pub reason: String,
 }
 
 /// One revoked certificate (a node's or an issuer's).
@@ -241,6 +263,8 @@ const T_RUNNERS_QUERY: u8 = 12;
 const T_RUNNERS_REPLY: u8 = 13;
 const T_REVOCATIONS_QUERY: u8 = 14;
 const T_REVOCATIONS: u8 = 15;
+const T_POLICY_QUERY: u8 = 16;
+const T_POLICY_REPLY: u8 = 17;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -259,7 +283,9 @@ impl ControlMessage {
             | ControlMessage::RunnersQuery { id, .. }
             | ControlMessage::RunnersReply { id, .. }
             | ControlMessage::RevocationsQuery { id, .. }
-            | ControlMessage::Revocations { id, .. } => *id,
+            | ControlMessage::Revocations { id, .. }
+            | ControlMessage::PolicyQuery { id, .. }
+            | ControlMessage::PolicyReply { id, .. } => *id,
         }
     }
 
@@ -284,6 +310,8 @@ impl ControlMessage {
             ControlMessage::RunnersReply { id, .. } => (T_RUNNERS_REPLY, id),
             ControlMessage::RevocationsQuery { id, .. } => (T_REVOCATIONS_QUERY, id),
             ControlMessage::Revocations { id, .. } => (T_REVOCATIONS, id),
+            ControlMessage::PolicyQuery { id, .. } => (T_POLICY_QUERY, id),
+            ControlMessage::PolicyReply { id, .. } => (T_POLICY_REPLY, id),
         };
         out.push(ty);
         out.extend_from_slice(&id.to_be_bytes());
@@ -310,6 +338,14 @@ impl ControlMessage {
             }
             ControlMessage::RevocationsQuery { since, .. } => {
                 out.extend_from_slice(&since.to_be_bytes());
+            }
+            ControlMessage::PolicyQuery { dst, port, .. } => {
+                out.extend_from_slice(&dst.octets());
+                out.extend_from_slice(&port.to_be_bytes());
+            }
+            ControlMessage::PolicyReply { answer, .. } => {
+                out.push(u8::from(answer.allowed));
+                put_label(&mut out, &answer.reason)?;
             }
             ControlMessage::Revocations {
                 since,
@@ -440,6 +476,25 @@ impl ControlMessage {
                 id,
                 since: r.u32().ok_or(ControlError::Malformed)?,
             },
+            T_POLICY_QUERY => ControlMessage::PolicyQuery {
+                id,
+                dst: r.ipv4().ok_or(ControlError::Malformed)?,
+                port: r.u16().ok_or(ControlError::Malformed)?,
+            },
+            T_POLICY_REPLY => {
+                let allowed = match r.u8() {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(ControlError::Malformed),
+                };
+                ControlMessage::PolicyReply {
+                    id,
+                    answer: PolicyAnswer {
+                        allowed,
+                        reason: read_label(&mut r)?,
+                    },
+                }
+            }
             T_REVOCATIONS => {
                 let since = r.u32().ok_or(ControlError::Malformed)?;
                 let version = r.u32().ok_or(ControlError::Malformed)?;
@@ -709,6 +764,18 @@ mod tests {
                 revocations: 7,
             },
             ControlMessage::RevocationsQuery { id: 16, since: 3 },
+            ControlMessage::PolicyQuery {
+                id: 18,
+                dst: Ipv4Addr::new(198, 19, 0, 10),
+                port: 5432,
+            },
+            ControlMessage::PolicyReply {
+                id: 19,
+                answer: PolicyAnswer {
+                    allowed: false,
+                    reason: "inbound rule-2/reject".into(),
+                },
+            },
             ControlMessage::Revocations {
                 id: 17,
                 since: 3,
@@ -867,7 +934,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(ty in 0u8..17, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn typed_garbage_never_panics(ty in 0u8..19, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = vec![ty, 0, 0, 0, 1];
             bytes.extend(rest);
             let _ = ControlMessage::decode(&bytes);

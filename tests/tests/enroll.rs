@@ -228,10 +228,14 @@ fn the_readiness_gate_returns_once_the_target_answers_and_tern_down_leaves() {
         Duration::from_secs(5),
         || !lab.registered().iter().any(|n| n.starts_with("ci-")),
     );
-    // Each way of not being ready has its code.
-    for (target, code) in [
-        ("127.66.0.1:80".to_string(), 68),
-        (format!("127.78.0.10:{}", free_tcp()), 70),
+    // Each way of not being ready has its code. A job in group deploy meets
+    // the gateway's default deny (only ci may in): the gateway itself says
+    // so when asked, and the gate exits 71 at once rather than time out.
+    let deploy = lab.token("1", "deploy");
+    for (target, code, token) in [
+        ("127.66.0.1:80".to_string(), 68, &token),
+        (format!("127.78.0.10:{}", free_tcp()), 70, &token),
+        (format!("127.78.0.10:{}", lab.http_port), 71, &deploy),
     ] {
         let config = lab.ci_config(&format!("gate{code}"), free_tcp());
         let out = run(
@@ -241,7 +245,7 @@ fn the_readiness_gate_returns_once_the_target_answers_and_tern_down_leaves() {
                 "--config",
                 &config.to_string_lossy(),
                 "--enroll-token",
-                &token,
+                token,
                 "--wait-for",
                 &target,
                 "--wait-timeout",
@@ -249,12 +253,14 @@ fn the_readiness_gate_returns_once_the_target_answers_and_tern_down_leaves() {
             ],
             Duration::from_secs(30),
         );
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "{target}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{target}: {stderr}");
+        if code == 71 {
+            assert!(
+                stderr.contains("denied by policy: gw's inbound default-deny"),
+                "{stderr}"
+            );
+        }
     }
 }
 

@@ -1164,3 +1164,38 @@ fn a_revocation_is_pushed_to_every_node_and_ends_sessions_with_that_certificate_
     assert_eq!(lab.net.node(LATE).0.status().revoked_certs, 1);
     assert_eq!(lab.net.lighthouse().status(now).revocations_version, 1);
 }
+
+#[test]
+fn a_node_asks_the_gateway_whether_policy_lets_it_in_and_gets_the_gateways_own_verdict() {
+    let mut lab = gateway_lab(&[("gw-1", "100.64.0.30/10", GW1)]);
+    // The session with the gateway comes with the first packet.
+    lab.net
+        .send_from_tun(CI, &tcp_packet(CI_IP, SERVER, 40000, 8080, 0x02));
+    lab.net
+        .send_from_tun(DEV, &tcp_packet(DEV_IP, SERVER, 40000, 8080, 0x02));
+    let denied_before = lab.net.node(GW1).0.status().firewall.denied;
+    let ask = |lab: &mut Lab, at: &str, port: u16| {
+        let now = lab.net.now;
+        let id = lab.net.node(at).0.ask_policy(SERVER, port, now).unwrap();
+        lab.net.settle();
+        let result = lab.net.node(at).0.poll_policy_result().expect("an answer");
+        assert_eq!(result.id, id);
+        assert_eq!(result.asked.as_deref(), Some("gw-1"));
+        result.answer.expect("answered")
+    };
+    assert!(ask(&mut lab, CI, 8080).allowed);
+    let no = ask(&mut lab, CI, 5432);
+    assert!(!no.allowed && no.reason.contains("default-deny"), "{no:?}");
+    let dev = ask(&mut lab, DEV, 8080);
+    assert!(!dev.allowed, "dev-1 is not in group ci: {dev:?}");
+    // Asking moved none of the gateway's counters.
+    assert_eq!(lab.net.node(GW1).0.status().firewall.denied, denied_before);
+    // An address no gateway routes cannot be asked about.
+    let now = lab.net.now;
+    assert!(lab
+        .net
+        .node(CI)
+        .0
+        .ask_policy(Ipv4Addr::new(198, 18, 9, 9), 80, now)
+        .is_err());
+}

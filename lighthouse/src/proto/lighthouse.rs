@@ -439,6 +439,8 @@ impl LighthouseCore {
             }
             ControlMessage::RegisterAck { .. }
             | ControlMessage::Revocations { .. }
+            | ControlMessage::PolicyQuery { .. }
+            | ControlMessage::PolicyReply { .. }
             | ControlMessage::QueryReply { .. }
             | ControlMessage::Punch { .. }
             | ControlMessage::RoutesReply { .. }

@@ -19,11 +19,39 @@ pub mod code {
     pub const LIGHTHOUSE_UNREACHABLE: u8 = 69;
     /// The target is in no subnet a gateway routes (nor a peer's address).
     pub const NO_PATH: u8 = 68;
-    /// The target (or a firewall on the way, with `action = "reject"`)
-    /// refused the connection.
+    /// The target refused the connection (and the gateway's firewall lets
+    /// this node in).
     pub const TARGET_REFUSED: u8 = 70;
-    /// No answer within --wait-timeout (a firewall that drops looks so too).
+    /// The peer in front of the target (the gateway, or the peer itself)
+    /// says its firewall does not let this node in.
+    pub const DENIED_BY_POLICY: u8 = 71;
+    /// No answer within --wait-timeout.
     pub const TIMEOUT: u8 = 124;
+}
+
+/// Longest single connection attempt: after one fails or hangs this long,
+/// the gate asks whether policy is what stands in the way.
+const ATTEMPT: Duration = Duration::from_secs(3);
+
+/// Asks the node whether the peer in front of `target` denies it by
+/// policy: `Some(why)` when it says so, `None` when it allows it or cannot
+/// tell yet (no session, no answer).
+fn denied_by_policy(
+    runtime: &tokio::runtime::Runtime,
+    socket: &Path,
+    target: SocketAddrV4,
+) -> Option<(bool, String)> {
+    let reply = runtime
+        .block_on(api::call(socket, &ApiRequest::Policy { target }))
+        .ok()?;
+    let answer = reply.get("answer")?.as_object()?;
+    let allowed = answer.get("allowed")?.as_bool()?;
+    let who = reply
+        .get("asked")
+        .and_then(|a| a.as_str())
+        .unwrap_or("the peer");
+    let reason = answer.get("reason").and_then(|r| r.as_str()).unwrap_or("?");
+    Some((allowed, format!("{who}'s {reason}")))
 }
 
 /// The node's arguments without the gate's own, and the enrollment token
@@ -152,6 +180,7 @@ pub fn up_and_wait(
     }
     // 2. The target answers through the mesh.
     let mut refused = false;
+    let mut policy_allows = false;
     loop {
         let route = runtime.block_on(api::call(socket, &ApiRequest::Route { ip: *target.ip() }));
         let routed = match route {
@@ -174,8 +203,25 @@ pub fn up_and_wait(
             continue;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let dial =
-            runtime.block_on(async { tokio::time::timeout(left, api::dial(socket, target)).await });
+        let dial = runtime.block_on(async {
+            tokio::time::timeout(left.min(ATTEMPT), api::dial(socket, target)).await
+        });
+        let failed = !matches!(dial, Ok(Ok(_)));
+        if failed && !policy_allows {
+            // Refused or silent: is it the firewall in front of the target?
+            match denied_by_policy(&runtime, socket, target) {
+                Some((false, why)) => {
+                    return fail(
+                        &mut child,
+                        code::DENIED_BY_POLICY,
+                        format!("{target} is denied by policy: {why}"),
+                        &log,
+                    )
+                }
+                Some((true, _)) => policy_allows = true,
+                None => {}
+            }
+        }
         match dial {
             Ok(Ok(_stream)) => {
                 println!(
@@ -203,6 +249,8 @@ pub fn up_and_wait(
                     std::thread::sleep(Duration::from_millis(250));
                 }
             }
+            // This attempt ran out of time; there is time for another.
+            Err(_) if Instant::now() < deadline => {}
             // Out of time: what the last attempt said decides.
             Err(_) if refused => {
                 return fail(

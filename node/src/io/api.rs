@@ -40,6 +40,12 @@ pub enum ApiRequest {
     Dial {
         target: std::net::SocketAddrV4,
     },
+    /// Whether the peer in front of `target` (the peer, or the gateway in
+    /// use) lets this node open TCP to it: answered with that peer's own
+    /// verdict (`tern up --wait-for` tells "denied by policy" so).
+    Policy {
+        target: std::net::SocketAddrV4,
+    },
     /// `tern down`: leave the mesh and stop.
     Shutdown,
 }

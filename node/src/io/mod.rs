@@ -264,6 +264,10 @@ pub async fn run(
         u32,
         tokio::sync::oneshot::Sender<serde_json::Value>,
     > = std::collections::HashMap::new();
+    let mut waiting_policies: std::collections::HashMap<
+        u32,
+        tokio::sync::oneshot::Sender<serde_json::Value>,
+    > = std::collections::HashMap::new();
     let mut next_timer = tokio::time::Instant::now();
 
     loop {
@@ -336,6 +340,16 @@ pub async fn run(
                             }
                         }
                     }
+                    ApiRequest::Policy { target } => {
+                        match core.ask_policy(*target.ip(), target.port(), Instant::now()) {
+                            Ok(id) => {
+                                waiting_policies.insert(id, reply);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(serde_json::json!({ "error": e }));
+                            }
+                        }
+                    }
                     ApiRequest::Peer { overlay_ip } => {
                         let _ = reply.send(serde_json::to_value(core.caller(overlay_ip)).unwrap_or_default());
                     }
@@ -395,6 +409,11 @@ pub async fn run(
         }
         while let Some(result) = core.poll_ping_result() {
             if let Some(reply) = waiting_pings.remove(&result.id) {
+                let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
+            }
+        }
+        while let Some(result) = core.poll_policy_result() {
+            if let Some(reply) = waiting_policies.remove(&result.id) {
                 let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
             }
         }

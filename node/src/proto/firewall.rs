@@ -156,6 +156,37 @@ impl Firewall {
         self.check(Direction::Outbound, packet, peer, now)
     }
 
+    /// What the inbound rules say about a new TCP connection from `peer`
+    /// to `dst:port`, without a packet and without touching flows or
+    /// counters: what a peer asks before it concludes that a target it
+    /// could not reach was denied by policy.
+    pub fn inbound_tcp_decision(
+        &self,
+        peer: &VerifiedCert,
+        dst: Ipv4Addr,
+        port: u16,
+    ) -> PolicyDecision {
+        let flow = Flow {
+            proto: PROTO_TCP,
+            src: peer.overlay_ip(),
+            dst,
+            src_port: 0,
+            dst_port: port,
+            icmp_type: 0,
+            fragment: false,
+        };
+        match self
+            .inbound
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(Direction::Inbound, &flow, peer, self.own_ip))
+        {
+            Some((_, r)) if r.action == Action::Allow => PolicyDecision::Allowed,
+            Some((i, _)) => PolicyDecision::Denied(format!("inbound rule-{i}/reject")),
+            None => PolicyDecision::Denied("inbound default-deny (no rule allows it)".into()),
+        }
+    }
+
     /// Forgets flows past their timeout.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.flows.retain(|_, expires| *expires > now);
@@ -385,6 +416,14 @@ impl Rule {
     }
 }
 
+/// What [`Firewall::inbound_tcp_decision`] concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyDecision {
+    Allowed,
+    /// Denied, and by what (`inbound rule-2/reject`, `inbound default-deny`).
+    Denied(String),
+}
+
 /// Proto rule values as users write them, for messages.
 pub fn proto_name(p: Proto) -> &'static str {
     match p {
@@ -536,6 +575,41 @@ host = "ci-1"
         let s = fw.status();
         assert_eq!(s.denied.get("inbound/default-deny"), Some(&5));
         assert_eq!(s.allowed_new_flows, 3);
+    }
+
+    #[test]
+    fn a_policy_question_gets_the_verdict_a_syn_would_get_and_changes_nothing() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(&rules(GATEWAY_RULES), GW, now);
+        assert_eq!(
+            fw.inbound_tcp_decision(&p.ci, DB, 8080),
+            PolicyDecision::Allowed
+        );
+        assert_eq!(
+            fw.inbound_tcp_decision(&p.ci, DB, 5432),
+            PolicyDecision::Denied("inbound rule-2/reject".into())
+        );
+        assert!(matches!(
+            fw.inbound_tcp_decision(&p.ci, DB, 9999),
+            PolicyDecision::Denied(r) if r.starts_with("inbound default-deny")
+        ));
+        assert!(
+            matches!(
+                fw.inbound_tcp_decision(&p.dev, DB, 8080),
+                PolicyDecision::Denied(_)
+            ),
+            "not in group ci"
+        );
+        // The same answers as real SYNs, and no flow or counter moved.
+        let before = fw.status();
+        assert_eq!(before.flows, 0);
+        assert_eq!(before.allowed_new_flows, 0);
+        assert!(before.denied.is_empty());
+        for (port, allowed) in [(8080, true), (5432, false), (9999, false)] {
+            let verdict = fw.check_inbound(&tcp(CI, DB, 40000 + port, port, 2), &p.ci, now);
+            assert_eq!(verdict == Verdict::Allow, allowed, "port {port}");
+        }
     }
 
     #[test]

@@ -16,12 +16,12 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tern_shared::cert::{VerifiedCert, LIGHTHOUSE_GROUP};
 use tern_shared::control::{
-    AdvertisedRoute, ControlMessage, PeerInfo, RunnerInfo, RunnerLoad, RunnerSelector,
-    CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS,
+    AdvertisedRoute, ControlMessage, PeerInfo, PolicyAnswer, RunnerInfo, RunnerLoad,
+    RunnerSelector, CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS,
 };
 use tern_shared::policy::{FirewallConfig, RouteConfig};
 
-use super::firewall::{Firewall, FirewallStatus, Verdict};
+use super::firewall::{Firewall, FirewallStatus, PolicyDecision, Verdict};
 use tern_shared::mesh::{
     Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit,
 };
@@ -217,6 +217,25 @@ pub struct NodeCore {
     runner: Option<RunnerAdvert>,
     finds: HashMap<u32, PendingFind>,
     find_results: VecDeque<RunnersResult>,
+    policies: HashMap<u32, PendingPolicy>,
+    policy_results: VecDeque<PolicyResult>,
+}
+
+/// A [`ControlMessage::PolicyQuery`] waiting for its answer.
+struct PendingPolicy {
+    /// Whom we asked: only its answer counts.
+    asked: Ipv4Addr,
+    sent: Instant,
+}
+
+/// What [`NodeCore::ask_policy`] learned.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyResult {
+    pub id: u32,
+    /// The name of the peer that answered.
+    pub asked: Option<String>,
+    /// `None`: no answer in time.
+    pub answer: Option<PolicyAnswer>,
 }
 
 /// The search for a direct path to one peer.
@@ -323,6 +342,8 @@ impl NodeCore {
             runner: None,
             finds: HashMap::new(),
             find_results: VecDeque::new(),
+            policies: HashMap::new(),
+            policy_results: VecDeque::new(),
         }
     }
 
@@ -628,6 +649,7 @@ impl NodeCore {
         self.drive_attempts(now);
         self.drive_pings(now);
         self.drive_finds(now);
+        self.drive_policies(now);
     }
 
     pub fn poll_timeout(&self, now: Instant) -> Instant {
@@ -1096,6 +1118,39 @@ impl NodeCore {
     /// port, answered before the firewall like WireGuard's keepalives).
     fn handle_peer_control(&mut self, peer: PeerId, payload: &[u8], now: Instant) {
         match ControlMessage::decode(payload) {
+            Ok(ControlMessage::PolicyQuery { id, dst, port }) => {
+                let Some(cert) = self.mesh.peer_cert(peer).cloned() else {
+                    return;
+                };
+                // Only about what the asker itself may do: the same rules
+                // its packets would meet, evaluated without a packet.
+                let answer = match self.firewall.inbound_tcp_decision(&cert, dst, port) {
+                    PolicyDecision::Allowed => PolicyAnswer {
+                        allowed: true,
+                        reason: "allowed".into(),
+                    },
+                    PolicyDecision::Denied(reason) => PolicyAnswer {
+                        allowed: false,
+                        reason,
+                    },
+                };
+                let msg = ControlMessage::PolicyReply { id, answer };
+                self.send_control(peer, cert.overlay_ip(), &msg, now);
+            }
+            Ok(ControlMessage::PolicyReply { id, answer }) => {
+                let from = self.mesh.peer_cert(peer).map(|c| c.overlay_ip());
+                if let Some(p) = self.policies.get(&id) {
+                    if Some(p.asked) == from {
+                        let name = self.mesh.peer_cert(peer).map(|c| c.name().to_string());
+                        self.policies.remove(&id);
+                        self.policy_results.push_back(PolicyResult {
+                            id,
+                            asked: name,
+                            answer: Some(answer),
+                        });
+                    }
+                }
+            }
             Ok(ControlMessage::Ping { id }) => {
                 let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) else {
                     return;
@@ -1215,6 +1270,8 @@ impl NodeCore {
             | ControlMessage::RunnerAdvert { .. }
             | ControlMessage::RunnersQuery { .. }
             | ControlMessage::RevocationsQuery { .. }
+            | ControlMessage::PolicyQuery { .. }
+            | ControlMessage::PolicyReply { .. }
             | ControlMessage::Deregister { .. } => {
                 self.counters.bad_control_messages += 1;
             }
@@ -1655,6 +1712,58 @@ impl NodeCore {
             },
             self.overlay_net.trunc()
         ))
+    }
+
+    /// Asks the peer in front of `dst` (the peer itself, or the gateway in
+    /// use for its subnet) whether its inbound firewall lets this node open
+    /// TCP to `dst:port`. The answer (or its absence after 2 s) comes out of
+    /// [`NodeCore::poll_policy_result`] with the returned id.
+    pub fn ask_policy(&mut self, dst: Ipv4Addr, port: u16, now: Instant) -> Result<u32, String> {
+        let asked = if self.overlay_net.contains(&dst) {
+            dst
+        } else {
+            let route = self
+                .route_for(dst)
+                .ok_or_else(|| format!("{dst} is in no subnet a gateway routes"))?;
+            self.choose_gateway(route, now)
+                .ok_or_else(|| format!("no gateway for {dst} is usable now"))?
+        };
+        let peer = self
+            .mesh
+            .peer_by_overlay(asked)
+            .filter(|p| self.mesh.is_connected(*p))
+            .ok_or_else(|| format!("no session with {asked} (the peer in front of {dst})"))?;
+        let id = self.request_id();
+        self.policies.insert(id, PendingPolicy { asked, sent: now });
+        self.send_control(
+            peer,
+            asked,
+            &ControlMessage::PolicyQuery { id, dst, port },
+            now,
+        );
+        Ok(id)
+    }
+
+    /// An answer to [`NodeCore::ask_policy`], or its timeout.
+    pub fn poll_policy_result(&mut self) -> Option<PolicyResult> {
+        self.policy_results.pop_front()
+    }
+
+    fn drive_policies(&mut self, now: Instant) {
+        let lost: Vec<u32> = self
+            .policies
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.sent) >= PING_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.policies.remove(&id);
+            self.policy_results.push_back(PolicyResult {
+                id,
+                asked: None,
+                answer: None,
+            });
+        }
     }
 
     /// A ping's answer or timeout, for whoever asked.
