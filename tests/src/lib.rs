@@ -109,6 +109,22 @@ pub fn free_udp() -> u16 {
         .unwrap_or_else(|e| panic!("no free UDP port: {e}"))
 }
 
+/// `N` TCP ports free on loopback now, all different (each listener is
+/// held until all are chosen: ports picked one at a time can repeat).
+pub fn free_tcp_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| {
+            TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("no free TCP port: {e}"))
+        })
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free TCP port: {e}"))
+    })
+}
+
 /// A TCP port free on loopback now (for a forward or a test server).
 pub fn free_tcp() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tern_tests::{bin, free_tcp, free_udp, run, wait_until, Daemon};
+use tern_tests::{bin, free_tcp_ports, free_udp, run, wait_until, Daemon};
 
 const PRIVATE: &str = "127.77.0.10";
 
@@ -133,8 +133,10 @@ fn lab() -> Lab {
     sign(d, "gw", "100.64.0.2/10", &["--subnets", "127.77.0.0/24"]);
     sign(d, "client", "100.64.0.3/10", &["--groups", "ci"]);
     let (lh, gw, client) = (free_udp(), free_udp(), free_udp());
-    let (http, udp, denied, closed) = (free_tcp(), free_udp(), free_tcp(), free_tcp());
-    let (forward, socks, proxy) = (free_tcp(), free_tcp(), free_tcp());
+    // All different: a "closed" port that happened to be the HTTP server's
+    // would not be refused.
+    let [http, denied, closed, forward, socks, proxy] = free_tcp_ports();
+    let udp = free_udp();
 
     // The private servers.
     let www = d.join("www");

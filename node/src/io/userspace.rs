@@ -687,12 +687,19 @@ impl Netstack {
             }
             keep
         });
+        let mut again = false;
         for _ in 0..4 {
             let ts = self.now();
             self.iface.poll(ts, &mut self.device, &mut self.sockets);
-            if !self.service_sockets(now) {
+            again = self.service_sockets(now);
+            if !again {
                 break;
             }
+        }
+        if again {
+            // Work is left (bytes moved into sockets after the last pass):
+            // come back at once rather than at the next timer.
+            self.wake.notify_one();
         }
     }
 
@@ -717,6 +724,8 @@ impl Netstack {
                 } => match state {
                     tcp::State::Established => {
                         let (conn, pipe) = pair(socket, &self.wake);
+                        // Bytes may have come with the handshake: pump at once.
+                        again = true;
                         match reply.send(Ok(conn)) {
                             Ok(()) => Some(Role::Open(pipe)),
                             Err(_) => {
@@ -744,6 +753,7 @@ impl Netstack {
                 Role::Service(service) => match state {
                     tcp::State::Established => {
                         let (conn, pipe) = pair(socket, &self.wake);
+                        again = true;
                         match service.try_send(conn) {
                             Ok(()) => Some(Role::Open(pipe)),
                             Err(_) => {
@@ -758,6 +768,7 @@ impl Netstack {
                 Role::Gateway(stream) => match state {
                     tcp::State::Established => {
                         let (conn, pipe) = pair(socket, &self.wake);
+                        again = true;
                         tokio::spawn(conn.splice(stream));
                         Some(Role::Open(pipe))
                     }
