@@ -113,87 +113,44 @@ fn echo(s: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// base64url (RFC 4648 §5). Hand-written so the crate needs no new dependency.
+// base64url (RFC 4648 §5), with the workspace's base64 crate.
 
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+
+/// Without padding, as JWTs use it; decoding refuses padding.
+const B64URL: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone),
+);
+/// The same with complete padding (JWKS documents sometimes carry it).
+const B64URL_PADDED: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::RequireCanonical),
+);
 
 /// base64url without padding, as JWTs use it.
 pub fn base64url_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        // A chunk of k bytes gives k + 1 characters.
-        for i in 0..=chunk.len() {
-            let sextet = (n >> (18 - 6 * i)) & 0x3f;
-            out.push(char::from(B64URL[sextet as usize]));
-        }
-    }
-    out
+    B64URL.encode(bytes)
 }
 
-fn sextet(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'-' => 62,
-        b'_' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
-}
-
-/// Decodes base64url. Only the canonical encoding is accepted: unused bits
-/// of the last character must be zero, so every byte string has exactly one
-/// spelling and a token cannot be altered without altering what it decodes
-/// to. `allow_padding` accepts a correct trailing `=`/`==` (JWKS documents
-/// sometimes carry it; tokens never do).
+/// Decodes base64url. Only the canonical encoding is accepted (the crate's
+/// engines refuse non-zero unused bits in the last character), so every
+/// byte string has exactly one spelling and a token cannot be altered
+/// without altering what it decodes to. `allow_padding` accepts a correct
+/// trailing `=`/`==` (JWKS documents sometimes carry it; tokens never do).
 pub fn base64url_decode(input: &str, allow_padding: bool) -> Option<Vec<u8>> {
-    let mut s = input.as_bytes();
-    if allow_padding && s.ends_with(b"=") {
-        let unpadded = s
-            .strip_suffix(b"==")
-            .or_else(|| s.strip_suffix(b"="))
-            .unwrap_or(s);
-        // Padding completes the last group of four: "xx==" or "xxx=".
-        let (rest, padding) = (unpadded.len() % 4, s.len() - unpadded.len());
-        if rest + padding != 4 {
-            return None;
-        }
-        s = unpadded;
-    }
-    if s.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() / 4 * 3 + 2);
-    for chunk in s.chunks(4) {
-        let mut n = 0u32;
-        for &c in chunk {
-            n = (n << 6) | sextet(c)?;
-        }
-        match chunk.len() {
-            4 => out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8]),
-            3 => {
-                if n & 0x3 != 0 {
-                    return None;
-                }
-                out.extend_from_slice(&[(n >> 10) as u8, (n >> 2) as u8]);
-            }
-            2 => {
-                if n & 0xf != 0 {
-                    return None;
-                }
-                out.push((n >> 4) as u8);
-            }
-            _ => return None,
-        }
-    }
-    Some(out)
+    let engine = if allow_padding && input.ends_with('=') {
+        &B64URL_PADDED
+    } else {
+        &B64URL
+    };
+    engine.decode(input).ok()
 }
 
 // ---------------------------------------------------------------------------

@@ -26,24 +26,24 @@ pub fn tern(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-pub fn make_ca(dir: &Path, name: &str) {
-    tern(
-        dir,
-        &[
-            "cert",
-            "ca",
-            "--name",
-            name,
-            "--out-crt",
-            &format!("{name}.crt"),
-            "--out-key",
-            &format!("{name}.key"),
-        ],
-    );
+/// `tern cert ca` arguments for a CA `name` (name.crt, name.key).
+pub fn ca_args(name: &str) -> Vec<String> {
+    strings(&[
+        "cert",
+        "ca",
+        "--name",
+        name,
+        "--out-crt",
+        &format!("{name}.crt"),
+        "--out-key",
+        &format!("{name}.key"),
+    ])
 }
 
-pub fn sign(dir: &Path, ca: &str, name: &str, ip: &str, extra: &[&str]) {
-    let mut args = vec![
+/// `tern cert sign` arguments for node `name` under CA `ca` (name.crt,
+/// name.key), with `extra` flags.
+pub fn sign_args(ca: &str, name: &str, ip: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = strings(&[
         "cert",
         "sign",
         "--ca-crt",
@@ -58,13 +58,57 @@ pub fn sign(dir: &Path, ca: &str, name: &str, ip: &str, extra: &[&str]) {
         &format!("{name}.key"),
         "--out-crt",
         &format!("{name}.crt"),
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    ]);
+    args.extend(strings(extra));
+    args
+}
+
+/// `tern cert sign --issuer` arguments: issuer `name` under CA `ca` for the
+/// address pool `ips` and `groups`, at most an hour (name.crt, name.key).
+pub fn issuer_args(ca: &str, name: &str, ips: &str, groups: &str) -> Vec<String> {
+    strings(&[
+        "cert",
+        "sign",
+        "--issuer",
+        "--ca-crt",
+        &format!("{ca}.crt"),
+        "--ca-key",
+        &format!("{ca}.key"),
+        "--name",
+        name,
+        "--ips",
+        ips,
+        "--groups",
+        groups,
+        "--max-duration",
+        "1h",
+        "--out-key",
+        &format!("{name}.key"),
+        "--out-crt",
+        &format!("{name}.crt"),
+    ])
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn tern_with(dir: &Path, args: &[String]) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     tern(dir, &args);
+}
+
+pub fn make_ca(dir: &Path, name: &str) {
+    tern_with(dir, &ca_args(name));
+}
+
+pub fn sign(dir: &Path, ca: &str, name: &str, ip: &str, extra: &[&str]) {
+    tern_with(dir, &sign_args(ca, name, ip, extra));
+}
+
+/// An issuer (`tern cert sign --issuer`) for a lighthouse's `[enroll]`.
+pub fn sign_issuer(dir: &Path, ca: &str, name: &str, ips: &str, groups: &str) {
+    tern_with(dir, &issuer_args(ca, name, ips, groups));
 }
 
 /// A node config whose firewall lets every peer in.

@@ -68,34 +68,11 @@ fn world() -> World {
         "100.64.0.30/10",
         &["--subnets", "198.19.0.0/24"],
     );
-    tern(
-        &dir,
-        &[
-            "cert",
-            "sign",
-            "--issuer",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
-            "lh-issuer",
-            "--ips",
-            "100.64.100.0/24",
-            "--groups",
-            "ci,deploy",
-            "--max-duration",
-            "1h",
-            "--out-key",
-            "issuer.key",
-            "--out-crt",
-            "issuer.crt",
-        ],
-    );
+    sign_issuer(&dir, "ca", "lh-issuer", "100.64.100.0/24", "ci,deploy");
     let lh_config = write_lighthouse_config(&dir);
     let mut text = fs::read_to_string(&lh_config).unwrap_or_default();
     text.push_str(
-        "[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\nstore = \"lh.db\"\n",
+        "[enroll]\nissuer_cert = \"lh-issuer.crt\"\nissuer_key = \"lh-issuer.key\"\nstore = \"lh.db\"\n",
     );
     fs::write(&lh_config, text).unwrap_or_else(|e| panic!("write lighthouse config: {e}"));
     let lh_proc = start_lighthouse(&lh, &lh_config);

@@ -39,6 +39,7 @@ use tern_lighthouse::oidc::test_issuer::{github_like_claims, TestOidcIssuer};
 use tern_netns_tests::report::{
     cell, command_output, machine_line, median, number, percentile, write_section,
 };
+use tern_netns_tests::tern::{ca_args, issuer_args, sign_args};
 use tern_netns_tests::workspace_bin;
 use tern_shared::cert::{CaPool, Cert, LIGHTHOUSE_GROUP};
 use tern_shared::enroll::{
@@ -174,6 +175,11 @@ fn run(dir: &Path, program: &Path, args: &[&str]) -> Result<String, String> {
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Borrowed arguments, for [`run`].
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// [`workspace_bin`] without its panic: the path, or how to get it.
@@ -516,27 +522,16 @@ fn join_figures(
     addr: SocketAddr,
     reps: usize,
 ) -> Result<JoinFigures, String> {
+    let subnets = format!("{PRIVATE_NET}.0/24");
     run(
         dir,
         tern,
-        &[
-            "cert",
-            "sign",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
+        &strs(&sign_args(
+            "ca",
             "gw",
-            "--ip",
             "100.64.0.2/10",
-            "--subnets",
-            &format!("{PRIVATE_NET}.0/24"),
-            "--out-key",
-            "gw.key",
-            "--out-crt",
-            "gw.crt",
-        ],
+            &["--subnets", &subnets],
+        )),
     )?;
     let http = std::net::TcpListener::bind((format!("{PRIVATE_NET}.10").as_str(), 0))
         .map_err(|e| format!("binding the private service: {e}"))?;
@@ -570,27 +565,11 @@ fn join_figures(
     for rep in 0..reps {
         // Everything but the join itself is prepared before the clock starts.
         let name = format!("job-static-{rep}");
+        let ip = format!("100.64.1.{}/10", rep + 1);
         run(
             dir,
             tern,
-            &[
-                "cert",
-                "sign",
-                "--ca-crt",
-                "ca.crt",
-                "--ca-key",
-                "ca.key",
-                "--name",
-                &name,
-                "--ip",
-                &format!("100.64.1.{}/10", rep + 1),
-                "--groups",
-                "ci",
-                "--out-key",
-                &format!("{name}.key"),
-                "--out-crt",
-                &format!("{name}.crt"),
-            ],
+            &strs(&sign_args("ca", &name, &ip, &["--groups", "ci"])),
         )?;
         let (f1, f2) = (free_tcp()?, free_tcp()?);
         let pki = format!("ca = \"ca.crt\"\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\n");
@@ -929,66 +908,21 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
     let fs_type = fs_type(&d);
 
     // The PKI: a root, the lighthouse, and an issuer with a big pool.
+    run(&d, &tern, &strs(&ca_args("ca")))?;
     run(
         &d,
         &tern,
-        &[
-            "cert",
+        &strs(&sign_args(
             "ca",
-            "--name",
-            "root",
-            "--out-crt",
-            "ca.crt",
-            "--out-key",
-            "ca.key",
-        ],
-    )?;
-    run(
-        &d,
-        &tern,
-        &[
-            "cert",
-            "sign",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
             "lh1",
-            "--ip",
             "100.64.0.1/10",
-            "--groups",
-            "lighthouse",
-            "--out-key",
-            "lh1.key",
-            "--out-crt",
-            "lh1.crt",
-        ],
+            &["--groups", "lighthouse"],
+        )),
     )?;
     run(
         &d,
         &tern,
-        &[
-            "cert",
-            "sign",
-            "--issuer",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
-            "lh-issuer",
-            "--ips",
-            "100.80.0.0/14",
-            "--groups",
-            "ci",
-            "--max-duration",
-            "1h",
-            "--out-key",
-            "issuer.key",
-            "--out-crt",
-            "issuer.crt",
-        ],
+        &strs(&issuer_args("ca", "lh-issuer", "100.80.0.0/14", "ci")),
     )?;
     let ca_text =
         fs::read_to_string(d.join("ca.crt")).map_err(|e| format!("reading ca.crt: {e}"))?;
@@ -1020,7 +954,7 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
         &format!(
             "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n\
              [listen]\naddr = \"{addr}\"\n[api]\nsocket = \"lh.sock\"\n[log]\nlevel = \"warn\"\n\
-             [enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n\
+             [enroll]\nissuer_cert = \"lh-issuer.crt\"\nissuer_key = \"lh-issuer.key\"\n\
              [[enroll.oidc]]\nissuer = \"{OIDC_ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"jwks.json\"\n\
              [[enroll.oidc.rules]]\nclaims = {{ repository = \"acme/*\" }}\ngroups = [\"ci\"]\n"
         ),

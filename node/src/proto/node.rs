@@ -1282,11 +1282,7 @@ impl NodeCore {
     /// revocation list; when ours from it differs, ask for what we lack
     /// (everything, when it went back: its store was replaced).
     fn catch_up_revocations(&mut self, lighthouse: PeerId, version: u32, now: Instant) {
-        let Some(link) = self
-            .links
-            .iter()
-            .find(|l| matches!(l.state, LinkState::Up { peer, .. } if peer == lighthouse))
-        else {
+        let Some(link) = self.link_for(lighthouse).map(|i| &self.links[i]) else {
             return;
         };
         if link.revocations == version {
@@ -1334,20 +1330,16 @@ impl NodeCore {
             );
         }
         self.drain_mesh_events(now);
-        let Some(link) = self
-            .links
-            .iter_mut()
-            .find(|l| matches!(l.state, LinkState::Up { peer, .. } if peer == lighthouse))
-        else {
+        let Some(i) = self.link_for(lighthouse) else {
             return;
         };
-        // Contiguous with what we hold (or a full list from 0): we now
+        let link = &mut self.links[i];
+        // A full list (from 0), or one contiguous with what we hold: we now
         // hold up to `version`.
-        if since <= link.revocations {
+        if since == 0 {
+            link.revocations = version;
+        } else if since <= link.revocations {
             link.revocations = link.revocations.max(version);
-            if since == 0 {
-                link.revocations = version;
-            }
         }
         if !complete {
             let since = link.revocations;
@@ -1470,12 +1462,16 @@ impl NodeCore {
         }
     }
 
+    /// The link to the lighthouse whose session is `peer`.
+    fn link_for(&self, peer: PeerId) -> Option<usize> {
+        self.links
+            .iter()
+            .position(|l| matches!(l.state, LinkState::Up { peer: p, .. } if p == peer))
+    }
+
     /// The underlay endpoint of the lighthouse whose session is `peer`.
     fn lighthouse_endpoint(&self, peer: PeerId) -> Option<SocketAddr> {
-        self.links.iter().find_map(|l| match l.state {
-            LinkState::Up { peer: p, .. } if p == peer => Some(l.target.endpoint),
-            _ => None,
-        })
+        self.link_for(peer).map(|i| self.links[i].target.endpoint)
     }
 
     /// The lighthouses that relay for us now (registered, and said so).
