@@ -55,7 +55,8 @@
 #                       download/v{version}/tern-{arch}-linux.tar.gz
 #   TERN_STATE_DIR      default ${RUNNER_TEMP:-${TMPDIR:-/tmp}}/tern-ci; made
 #                       mode 0700. Holds ca.crt, node.toml (the node's config),
-#                       tern.log (the node's log), tern.sock (its API socket)
+#                       tern.log (the node's log), api/tern.sock (its API
+#                       socket, in a directory the daemon makes)
 #                       and what `down` needs. `down` uses the same variable.
 #   TERN_CI_ASSUME_UID  for tests only: the user id to act as instead of
 #                       `id -u` (the root check of tun mode).
@@ -84,7 +85,9 @@ readonly TERN_CI_MARKER=".tern-ci"
 STATE=${TERN_STATE_DIR:-${RUNNER_TEMP:-${TMPDIR:-/tmp}}/tern-ci}
 CFG=$STATE/node.toml
 LOG=$STATE/tern.log
-SOCK=$STATE/tern.sock
+# Its own directory, which the daemon makes (as root under sudo, shared with
+# the job's group): a daemon refuses a socket directory another user owns.
+SOCK=$STATE/api/tern.sock
 TERN=""
 SUDO=()
 
@@ -666,6 +669,11 @@ down() {
         say "no node config in $STATE: nothing to stop"
     fi
     if [ -e "$STATE/$TERN_CI_MARKER" ]; then
+        # The socket's directory belongs to the daemon's user (root under
+        # sudo); a crashed daemon may have left its socket in it.
+        if [ -d "$STATE/api" ] && [ "${#SUDO[@]}" -gt 0 ]; then
+            "${SUDO[@]}" rm -rf "$STATE/api" || true
+        fi
         rm -rf "$STATE"
         say "removed $STATE"
     else

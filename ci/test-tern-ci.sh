@@ -250,7 +250,7 @@ addr = "0.0.0.0:0"
 endpoint = "127.0.0.1:4242"
 
 [api]
-socket = "$S/tern.sock"
+socket = "$S/api/tern.sock"
 EOF
     )
     [ "$(cat "$S/node.toml")" = "$want" ] || fail "node.toml:"$'\n'"$(cat "$S/node.toml")"

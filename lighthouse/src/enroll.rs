@@ -56,6 +56,13 @@ pub enum StoreError {
 /// The lighthouse's lasting enrollment state.
 pub trait EnrollStore {
     fn create_token(&mut self, token: &NewToken, now: u64) -> Result<(), StoreError>;
+    /// What [`EnrollStore::use_token`] would answer at `now`, without using
+    /// the token (enrollment checks everything else before it spends a use).
+    fn peek_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError>;
     /// Uses the token once, atomically: of two simultaneous uses of a
     /// single-use token, exactly one succeeds.
     fn use_token(
@@ -72,7 +79,15 @@ pub trait EnrollStore {
         until: u64,
         now: u64,
     ) -> Result<Option<Ipv4Addr>, StoreError>;
+    /// Gives back an address leased for `name` whose certificate was never
+    /// handed out (the token was used up meanwhile). Only a lease still held
+    /// by `name` goes; nothing else changes (where the next lease starts
+    /// looking may stay past the address).
+    fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError>;
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError>;
+    /// Whether an OIDC token (its id as for [`EnrollStore::use_oidc_token`])
+    /// is marked used at `now`, without marking it.
+    fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError>;
     /// Marks an OIDC token (by its `jti`, or its hash) used until `until`,
     /// atomically; false when it was used before.
     fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError>;
@@ -143,6 +158,20 @@ impl EnrollStore for SqliteStore {
         Ok(())
     }
 
+    fn peek_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+        let row = self.token_row(hash)?;
+        Ok(match row {
+            None => Err(TokenRefusal::Unknown),
+            Some((_, _, expires, _)) if expires <= now as i64 => Err(TokenRefusal::Expired),
+            Some((_, uses_left, _, _)) if uses_left <= 0 => Err(TokenRefusal::UsedUp),
+            Some((groups, _, _, ttl)) => Ok(grant_of(&groups, ttl)),
+        })
+    }
+
     fn use_token(
         &mut self,
         hash: &str,
@@ -152,27 +181,9 @@ impl EnrollStore for SqliteStore {
         let used = self.db.prepare_cached(
             "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1 AND uses_left > 0 AND expires > ?2",
         )?.execute(rusqlite::params![hash, now as i64])?;
-        let row: Option<(String, i64, i64, i64)> = self
-            .db
-            .query_row(
-                "SELECT groups, uses_left, expires, cert_ttl FROM tokens WHERE hash = ?1",
-                [hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
+        let row = self.token_row(hash)?;
         Ok(match (used, row) {
-            (1, Some((groups, _, _, ttl))) => Ok(Grant {
-                groups: groups
-                    .split(',')
-                    .filter(|g| !g.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                cert_ttl: ttl.max(0) as u64,
-            }),
+            (1, Some((groups, _, _, ttl))) => Ok(grant_of(&groups, ttl)),
             (_, None) => Err(TokenRefusal::Unknown),
             (_, Some((_, _, expires, _))) if expires <= now as i64 => Err(TokenRefusal::Expired),
             (_, Some(_)) => Err(TokenRefusal::UsedUp),
@@ -189,8 +200,12 @@ impl EnrollStore for SqliteStore {
         // Round robin from the address leased last: each probe is one
         // lookup by key, the addresses free soonest (leased longest ago)
         // come first, and a returned address waits as long as possible
-        // before it is handed out again.
-        let tx = self.db.transaction()?;
+        // before it is handed out again. Immediate: the write lock is taken
+        // (waiting out others) before the probes read, so two lighthouses or
+        // threads leasing at once wait for each other instead of failing.
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let cursor: Option<Ipv4Addr> = tx
             .query_row(
                 "SELECT value FROM meta WHERE key = 'lease_cursor'",
@@ -233,6 +248,13 @@ impl EnrollStore for SqliteStore {
         Ok(found)
     }
 
+    fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
+        self.db
+            .prepare_cached("DELETE FROM leases WHERE ip = ?1 AND name = ?2")?
+            .execute(rusqlite::params![ip.to_string(), name])?;
+        Ok(())
+    }
+
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
         let b = &cert.body;
         self.db.execute(
@@ -248,6 +270,15 @@ impl EnrollStore for SqliteStore {
             ],
         )?;
         Ok(())
+    }
+
+    fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError> {
+        Ok(Self::optional(self.db.query_row(
+            "SELECT 1 FROM oidc_used WHERE id = ?1 AND until >= ?2",
+            rusqlite::params![id, stored_time(now)],
+            |_| Ok(()),
+        ))?
+        .is_some())
     }
 
     fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError> {
@@ -341,6 +372,17 @@ impl SqliteStore {
         Ok(self.db.query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
+    /// A token's groups, uses left, expiry and certificate lifetime.
+    fn token_row(&mut self, hash: &str) -> Result<Option<(String, i64, i64, i64)>, StoreError> {
+        Self::optional(
+            self.db
+                .prepare_cached(
+                    "SELECT groups, uses_left, expires, cert_ttl FROM tokens WHERE hash = ?1",
+                )?
+                .query_row([hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))),
+        )
+    }
+
     fn optional<T>(r: rusqlite::Result<T>) -> Result<Option<T>, StoreError> {
         match r {
             Ok(v) => Ok(Some(v)),
@@ -397,6 +439,18 @@ impl HostRanges {
             index -= count;
         }
         None
+    }
+}
+
+/// A token's grant, from its stored groups and lifetime.
+fn grant_of(groups: &str, cert_ttl: i64) -> Grant {
+    Grant {
+        groups: groups
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(str::to_string)
+            .collect(),
+        cert_ttl: cert_ttl.max(0) as u64,
     }
 }
 
@@ -563,6 +617,12 @@ impl Enroller {
         }
     }
 
+    /// Nothing is spent on a request that is then refused: everything that
+    /// can refuse it is checked first (the request itself, the grant looked
+    /// at but not taken, a dry run of the signature); then an address is
+    /// leased and the certificate signed; only then is the token used (or
+    /// the OIDC token marked used), atomically, and a request that loses that
+    /// race gives its address back.
     fn try_enroll(
         &self,
         request: &EnrollRequest,
@@ -570,22 +630,13 @@ impl Enroller {
         now: u64,
     ) -> Result<Cert, String> {
         let issuer = &self.issuer.body;
+        // a. What can be checked without the store.
         if request.public_key == [0; 32] {
             return Err("the public key is all zero".into());
         }
-        let (grant, how) = match (&request.token, &request.oidc) {
-            (Some(token), None) => {
-                let grant = store
-                    .use_token(&token_hash(token), now)
-                    .map_err(|e| {
-                        format!("the lighthouse could not check the token ({e}); try again")
-                    })?
-                    .map_err(|r| {
-                        format!("{r}; create a new one with tern-lighthouse token create")
-                    })?;
-                (grant, "token".to_string())
-            }
-            (None, Some(oidc)) => self.oidc_grant(oidc, store, now)?,
+        let credential = match (&request.token, &request.oidc) {
+            (Some(token), None) => Credential::Token(token),
+            (None, Some(oidc)) => Credential::Oidc(oidc),
             (Some(_), Some(_)) => return Err("both a token and an OIDC token: send one".into()),
             (None, None) => {
                 return Err(
@@ -593,6 +644,38 @@ impl Enroller {
                 )
             }
         };
+        let name = node_name(&issuer.name_prefix, request, now)?;
+        let pool: Vec<Ipv4Net> = issuer
+            .ips
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        // The dry runs sign for the pool's first host; the lease picks the
+        // real one, which differs only in the host part.
+        let placeholder = HostRanges::of(&pool).at(0).ok_or(
+            "the issuer certificate has no IPv4 address pool; make an issuer with one (tern cert sign --issuer)",
+        )?;
+        let any_grant = Grant {
+            groups: Vec::new(),
+            cert_ttl: issuer.max_lifetime,
+        };
+        self.dry_run(request, &name, placeholder, &any_grant, now)?;
+        // b. The grant, looked at but not taken.
+        let (grant, how, spend) = match credential {
+            Credential::Token(token) => {
+                let hash = token_hash(token);
+                let grant = store
+                    .peek_token(&hash, now)
+                    .map_err(token_unchecked)?
+                    .map_err(token_refused)?;
+                (grant, "token".to_string(), Spend::Token(hash))
+            }
+            Credential::Oidc(oidc) => self.oidc_grant(oidc, store, now)?,
+        };
+        // c. The grant against the issuer.
         if let Some(g) = grant.groups.iter().find(|g| !issuer.groups.contains(g)) {
             return Err(format!(
                 "the {} grants group {g:?}, which the issuer {:?} may not sign",
@@ -604,28 +687,58 @@ impl Enroller {
                 issuer.name
             ));
         }
+        let body = self.dry_run(request, &name, placeholder, &grant, now)?;
+        // d. The address.
+        let ip = store
+            .lease(&pool, &name, body.not_after, now)
+            .map_err(|e| format!("the lighthouse could not lease an address ({e}); try again"))?
+            .ok_or("the issuer's address pool is exhausted; try again when certificates expire")?;
+        // e. The certificate (refused only if the dry run missed something).
+        let signed = Ipv4Net::new(ip, self.prefix_len)
+            .map_err(|e| e.to_string())
+            .and_then(|overlay| {
+                let body = CertBody {
+                    ips: vec![IpNet::V4(overlay)],
+                    ..body
+                };
+                cert::sign_under_issuer(&self.issuer, &self.key, body, now)
+                    .map_err(|e| format!("the issuer refused: {e}"))
+            });
+        let cert = match signed {
+            Ok(cert) => cert,
+            Err(why) => return Err(give_back(store, ip, &name, why)),
+        };
+        // f. The token, spent at last.
+        if let Err(why) = spend.take(store, now) {
+            return Err(give_back(store, ip, &name, why));
+        }
+        // g. The record.
+        store.record_issued(&cert, &how, now).map_err(|e| {
+            format!("the lighthouse could not record the certificate ({e}); try again")
+        })?;
+        Ok(cert)
+    }
+
+    /// Checks that the issuer would sign `name` at `ip` with this grant,
+    /// without signing: the body to sign.
+    fn dry_run(
+        &self,
+        request: &EnrollRequest,
+        name: &str,
+        ip: Ipv4Addr,
+        grant: &Grant,
+        now: u64,
+    ) -> Result<CertBody, String> {
+        let issuer = &self.issuer.body;
         let not_after = now
             .saturating_add(grant.cert_ttl.min(issuer.max_lifetime))
             .min(issuer.not_after);
-        let name = format!("{}{}", issuer.name_prefix, name_suffix(request, now));
-        let pool: Vec<Ipv4Net> = issuer
-            .ips
-            .iter()
-            .filter_map(|n| match n {
-                IpNet::V4(n) => Some(*n),
-                IpNet::V6(_) => None,
-            })
-            .collect();
-        let ip = store
-            .lease(&pool, &name, not_after, now)
-            .map_err(|e| format!("the lighthouse could not lease an address ({e}); try again"))?
-            .ok_or("the issuer's address pool is exhausted; try again when certificates expire")?;
         let overlay = Ipv4Net::new(ip, self.prefix_len).map_err(|e| e.to_string())?;
         let body = CertBody {
             kind: CertKind::Node,
-            name,
+            name: name.to_string(),
             ips: vec![IpNet::V4(overlay)],
-            groups: grant.groups,
+            groups: grant.groups.clone(),
             subnets: vec![],
             not_before: now,
             not_after,
@@ -635,25 +748,82 @@ impl Enroller {
             max_lifetime: 0,
             chain: None,
         };
-        let cert = cert::sign_under_issuer(&self.issuer, &self.key, body, now)
+        cert::check_node_under_issuer(&self.issuer, &body, now)
             .map_err(|e| format!("the issuer refused: {e}"))?;
-        store.record_issued(&cert, &how, now).map_err(|e| {
-            format!("the lighthouse could not record the certificate ({e}); try again")
-        })?;
-        Ok(cert)
+        Ok(body)
     }
 }
 
+/// What a request enrolls with.
+enum Credential<'a> {
+    Token(&'a str),
+    Oidc(&'a str),
+}
+
+/// What an enrollment spends once its certificate is signed.
+enum Spend {
+    /// One use of the token with this hash.
+    Token(String),
+    /// An OIDC token's one enrollment: its id, kept until `until`.
+    Oidc { id: String, until: u64 },
+}
+
+impl Spend {
+    /// Spends it, atomically; why not when it is gone meanwhile (a
+    /// simultaneous request took the token's last use, or the ID token).
+    fn take(&self, store: &mut dyn EnrollStore, now: u64) -> Result<(), String> {
+        match self {
+            Spend::Token(hash) => store
+                .use_token(hash, now)
+                .map_err(token_unchecked)?
+                .map(drop)
+                .map_err(token_refused),
+            Spend::Oidc { id, until } => {
+                let fresh = store.use_oidc_token(id, *until, now).map_err(|e| {
+                    format!("the lighthouse could not record the OIDC token ({e}); try again")
+                })?;
+                if fresh {
+                    Ok(())
+                } else {
+                    Err(OIDC_USED.into())
+                }
+            }
+        }
+    }
+}
+
+/// Gives back the address of a request refused after its lease: `why`, the
+/// refusal. A failure to give it back costs the address until the lease
+/// would have ended, not the refusal's reason.
+fn give_back(store: &mut dyn EnrollStore, ip: Ipv4Addr, name: &str, why: String) -> String {
+    if let Err(e) = store.release_lease(ip, name) {
+        tracing::warn!(%ip, name, error = %e, refusal = %why, "could not give back the address of a refused enrollment; it stays leased until its certificate would have expired");
+    }
+    why
+}
+
+fn token_unchecked(e: StoreError) -> String {
+    format!("the lighthouse could not check the token ({e}); try again")
+}
+
+fn token_refused(r: TokenRefusal) -> String {
+    format!("{r}; create a new one with tern-lighthouse token create")
+}
+
+const OIDC_USED: &str = "this OIDC token was used to enroll already; ask the CI provider for a new one (each tern up --enroll-oidc does)";
+
 impl Enroller {
     /// Verifies an OIDC ID token against its provider's keys and rules: the
-    /// grant of the first matching rule, and what to log about it (the
-    /// provider, the rule and the claims that matched).
+    /// grant of the first matching rule, what to log about it (the
+    /// provider, the rule and the claims that matched), and the token's one
+    /// enrollment to spend. Refuses a token already used, but does not mark
+    /// it used.
     fn oidc_grant(
         &self,
         token: &str,
         store: &mut dyn EnrollStore,
         now: u64,
-    ) -> Result<(Grant, String), String> {
+    ) -> Result<(Grant, String, Spend), String> {
         let token = token.trim();
         let peeked = oidc::peek(token).map_err(|e| e.to_string())?;
         let iss = peeked.issuer.ok_or("the OIDC token has no issuer (iss)")?;
@@ -725,14 +895,16 @@ impl Enroller {
             Some(jti) => format!("{iss} {jti}"),
             None => token_hash(token),
         };
-        let fresh = store
-            .use_oidc_token(&id, exp.saturating_add(oidc::LEEWAY), now)
-            .map_err(|e| {
-                format!("the lighthouse could not record the OIDC token ({e}); try again")
-            })?;
-        if !fresh {
-            return Err("this OIDC token was used to enroll already; ask the CI provider for a new one (each tern up --enroll-oidc does)".into());
+        let used = store.oidc_token_used(&id, now).map_err(|e| {
+            format!("the lighthouse could not check the OIDC token ({e}); try again")
+        })?;
+        if used {
+            return Err(OIDC_USED.into());
         }
+        let spend = Spend::Oidc {
+            id,
+            until: exp.saturating_add(oidc::LEEWAY),
+        };
         let grant = Grant {
             groups: rule.rule.groups.clone(),
             cert_ttl: rule
@@ -751,7 +923,7 @@ impl Enroller {
             rule.index,
             matched.join(" ")
         );
-        Ok((grant, how))
+        Ok((grant, how, spend))
     }
 }
 
@@ -760,23 +932,40 @@ fn cut(text: &str) -> String {
     text.chars().take(120).collect()
 }
 
-/// The part of an enrolled node's name after the issuer's prefix: the
-/// node's hint (reduced to name characters) and a unique tail.
-fn name_suffix(request: &EnrollRequest, now: u64) -> String {
+/// An enrolled node's name: the issuer's prefix, then the node's hint
+/// (reduced to name characters, at most 24) and a unique tail from its key,
+/// or with no hint the tail and a stamp from the time. It always fits
+/// [`cert::MAX_NAME_LEN`]: the tail is kept whole, the hint is cut (and the
+/// stamp left out) to fit; refused when the prefix leaves no room for the
+/// tail. (Names may start with any name character, so nothing is stripped.)
+fn node_name(prefix: &str, request: &EnrollRequest, now: u64) -> Result<String, String> {
+    let tail = tern_shared::armor::hex(&request.public_key[..4]);
+    let Some(room) = cert::MAX_NAME_LEN.checked_sub(prefix.len() + tail.len()) else {
+        return Err(format!(
+            "the issuer certificate's name prefix {:?} is too long: a node's name is at most {} characters, {} of them its unique tail; make the issuer again with a shorter --name-prefix",
+            cut(prefix),
+            cert::MAX_NAME_LEN,
+            tail.len()
+        ));
+    };
+    // The hint needs a `-` before the tail.
     let hint: String = request
         .name_hint
         .as_deref()
         .unwrap_or("")
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        .take(24)
+        .take(24.min(room.saturating_sub(1)))
         .collect();
-    let tail = tern_shared::armor::hex(&request.public_key[..4]);
-    if hint.is_empty() {
-        format!("{tail}-{}", now % 100_000)
-    } else {
-        format!("{hint}-{tail}")
+    if !hint.is_empty() {
+        return Ok(format!("{prefix}{hint}-{tail}"));
     }
+    let stamp = format!("-{}", now % 100_000);
+    Ok(if stamp.len() <= room {
+        format!("{prefix}{tail}{stamp}")
+    } else {
+        format!("{prefix}{tail}")
+    })
 }
 
 /// A new token: 32 random bytes, printable.
@@ -794,14 +983,13 @@ mod tests {
     use tern_shared::testing::{TestCa, TEST_NOW};
 
     fn setup() -> (Enroller, SqliteStore, tempfile::TempDir, TestCa) {
+        setup_with("ci-", "100.64.100.0/30")
+    }
+
+    /// An issuer with this name prefix and pool.
+    fn setup_with(prefix: &str, pool: &str) -> (Enroller, SqliteStore, tempfile::TempDir, TestCa) {
         let ca = TestCa::new("ca", &["100.64.0.0/10"], &["ci", "deploy", "db"]);
-        let issuer = ca.issuer(
-            "lh-issuer",
-            "100.64.100.0/30",
-            &["ci", "deploy"],
-            "ci-",
-            3600,
-        );
+        let issuer = ca.issuer("lh-issuer", pool, &["ci", "deploy"], prefix, 3600);
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("lh.db")).unwrap();
         let enroller = Enroller::new(issuer.cert, issuer.key, 10).unwrap();
@@ -1124,7 +1312,9 @@ mod tests {
 
     #[test]
     fn two_simultaneous_uses_of_a_single_use_token_yield_one_certificate() {
-        let (enroller, mut store, dir, _ca) = setup();
+        // A pool with room for every racer: each leases an address before
+        // the token is spent, and each loser must give its address back.
+        let (enroller, mut store, dir, _ca) = setup_with("ci-", "100.64.100.0/28");
         let t = token(&mut store, &["ci"], 1, 600);
         drop(store);
         let path = dir.path().join("lh.db");
@@ -1137,16 +1327,355 @@ mod tests {
                     enroller
                         .enroll(&request(&t, i + 1), &mut store, TEST_NOW)
                         .cert
-                        .is_some()
                 })
             })
             .collect();
-        let won = handles
+        let won: Vec<Cert> = handles
             .into_iter()
-            .filter(|_| true)
-            .map(|h| h.join().unwrap())
-            .filter(|&ok| ok)
-            .count();
-        assert_eq!(won, 1);
+            .filter_map(|h| h.join().unwrap())
+            .map(|pem| Cert::from_pem(&pem).unwrap())
+            .collect();
+        assert_eq!(won.len(), 1);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            leases(&store),
+            [(
+                won[0].body.ips[0].addr().to_string(),
+                won[0].body.name.clone()
+            )],
+            "the losers' addresses are back in the pool"
+        );
+        assert_eq!(uses_left(&store, &t), 0);
+        assert_eq!(issued_count(&store), 1);
+    }
+
+    fn uses_left(store: &SqliteStore, token: &str) -> i64 {
+        store
+            .db
+            .query_row(
+                "SELECT uses_left FROM tokens WHERE hash = ?1",
+                [token_hash(token)],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// The leases held: address and name.
+    fn leases(store: &SqliteStore) -> Vec<(String, String)> {
+        let mut stmt = store
+            .db
+            .prepare("SELECT ip, name FROM leases ORDER BY ip")
+            .unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    fn issued_count(store: &SqliteStore) -> i64 {
+        store
+            .db
+            .query_row("SELECT COUNT(*) FROM issued", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn oidc_marked(store: &SqliteStore) -> i64 {
+        store
+            .db
+            .query_row("SELECT COUNT(*) FROM oidc_used", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_long_prefix_and_hint_are_cut_so_the_name_fits_with_its_tail_whole() {
+        // The longest prefix an issuer may have, and the longest hint.
+        let prefix = format!("ci-{}", "p".repeat(cert::MAX_PREFIX_LEN - 3));
+        let (enroller, mut store, _dir, ca) = setup_with(&prefix, "100.64.100.0/30");
+        let t = token(&mut store, &["ci"], 1, 600);
+        let mut req = request(&t, 0xab);
+        req.name_hint = Some("abcdefghijklmnopqrstuvwx".into());
+        let reply = enroller.enroll(&req, &mut store, TEST_NOW);
+        let pem = reply.cert.unwrap_or_else(|| panic!("{:?}", reply.refused));
+        let cert = ca
+            .pool()
+            .verify(&Cert::from_pem(&pem).unwrap(), TEST_NOW)
+            .unwrap();
+        let name = cert.name();
+        assert!(name.len() <= cert::MAX_NAME_LEN, "{name}");
+        assert!(name.starts_with(&prefix), "{name}");
+        assert!(name.ends_with("-abababab"), "{name}");
+        assert_eq!(name, format!("{prefix}abcdefghijklmnopqrstuvw-abababab"));
+    }
+
+    #[test]
+    fn node_names_fit_keeping_the_unique_tail_whole() {
+        let named = |prefix: &str, hint: Option<&str>, now: u64| {
+            let mut req = request("", 0xab);
+            req.name_hint = hint.map(str::to_string);
+            node_name(prefix, &req, now)
+        };
+        let now = TEST_NOW + 12_345;
+        assert_eq!(
+            named("ci-", Some("build 7!"), now).unwrap(),
+            "ci-build7-abababab"
+        );
+        // No hint, or none left once reduced to name characters: the stamp.
+        assert_eq!(named("ci-", None, now).unwrap(), "ci-abababab-12345");
+        assert_eq!(
+            named("ci-", Some("!! ?"), now).unwrap(),
+            "ci-abababab-12345"
+        );
+        // Room for one hint character and its `-`.
+        let p54 = "p".repeat(54);
+        assert_eq!(
+            named(&p54, Some("xyz"), now).unwrap(),
+            format!("{p54}x-abababab")
+        );
+        // Room for the stamp, then not: the tail alone.
+        let p50 = "p".repeat(50);
+        assert_eq!(
+            named(&p50, None, now).unwrap(),
+            format!("{p50}abababab-12345")
+        );
+        let p51 = "p".repeat(51);
+        assert_eq!(named(&p51, None, now).unwrap(), format!("{p51}abababab"));
+        // Room for the tail only.
+        let p56 = "p".repeat(56);
+        for hint in [Some("xyz"), None] {
+            let name = named(&p56, hint, now).unwrap();
+            assert_eq!(name, format!("{p56}abababab"));
+            assert_eq!(name.len(), cert::MAX_NAME_LEN);
+        }
+        // No room for the tail.
+        let why = named(&"p".repeat(57), Some("xyz"), now).unwrap_err();
+        assert!(
+            why.contains("name prefix") && why.contains("too long"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_prefix_with_no_room_for_the_tail_is_refused_before_anything_is_spent() {
+        let (mut enroller, mut store, _dir, _ca) = setup();
+        let t = token(&mut store, &["ci"], 1, 600);
+        // Longer than an issuer may be signed with: only a future limit
+        // (or a tampered certificate) gets here.
+        enroller.issuer.body.name_prefix = "p".repeat(cert::MAX_NAME_LEN - 7);
+        let why = enroller
+            .enroll(&request(&t, 1), &mut store, TEST_NOW)
+            .refused
+            .unwrap();
+        assert!(
+            why.contains("name prefix") && why.contains("too long"),
+            "{why}"
+        );
+        assert_eq!(uses_left(&store, &t), 1, "the token's use is not spent");
+        assert!(leases(&store).is_empty(), "no address is leased");
+        // The token still buys a certificate from a sound issuer.
+        enroller.issuer.body.name_prefix = "ci-".into();
+        assert!(enroller
+            .enroll(&request(&t, 1), &mut store, TEST_NOW)
+            .cert
+            .is_some());
+        assert_eq!(uses_left(&store, &t), 0);
+    }
+
+    #[test]
+    fn a_token_for_groups_the_issuer_may_not_sign_is_refused_without_spending_it() {
+        let (enroller, mut store, _dir, _ca) = setup();
+        let t = token(&mut store, &["ci", "db"], 1, 600);
+        let why = enroller
+            .enroll(&request(&t, 1), &mut store, TEST_NOW)
+            .refused
+            .unwrap();
+        assert!(
+            why.contains("\"db\"") && why.contains("may not sign"),
+            "{why}"
+        );
+        assert_eq!(uses_left(&store, &t), 1, "the token's use is not spent");
+        assert!(leases(&store).is_empty(), "no address is leased");
+        assert_eq!(issued_count(&store), 0);
+    }
+
+    #[test]
+    fn an_exhausted_pool_refuses_without_spending_the_token() {
+        let (enroller, mut store, _dir, _ca) = setup();
+        // The /30 pool has two hosts; fill them.
+        let fill = token(&mut store, &["ci"], 2, 600);
+        for key in 1..=2 {
+            assert!(enroller
+                .enroll(&request(&fill, key), &mut store, TEST_NOW)
+                .cert
+                .is_some());
+        }
+        let t = token(&mut store, &["ci"], 1, 600);
+        let full = enroller.enroll(&request(&t, 3), &mut store, TEST_NOW);
+        assert!(full.refused.unwrap().contains("exhausted"));
+        assert_eq!(uses_left(&store, &t), 1, "the token's use is not spent");
+        assert_eq!(leases(&store).len(), 2);
+        // Once the first certificates have expired, the same token enrolls.
+        assert!(enroller
+            .enroll(&request(&t, 3), &mut store, TEST_NOW + 601)
+            .cert
+            .is_some());
+        assert_eq!(uses_left(&store, &t), 0);
+    }
+
+    #[test]
+    fn an_oidc_token_refused_after_verification_is_not_marked_used() {
+        let (enroller, mut store, _dir, signer) = oidc_setup();
+        let fill = token(&mut store, &["ci"], 2, 60);
+        for key in 1..=2 {
+            assert!(enroller
+                .enroll(&request(&fill, key), &mut store, TEST_NOW)
+                .cert
+                .is_some());
+        }
+        let id_token = signer.sign(&claims("acme/app", "refs/heads/main", "j9"));
+        let full = enroller.enroll(&oidc_request(id_token.clone(), 3), &mut store, TEST_NOW);
+        assert!(full.refused.unwrap().contains("exhausted"));
+        assert_eq!(oidc_marked(&store), 0, "no replay record");
+        // The pool frees up while the ID token is still valid: it enrolls,
+        // once.
+        let later = TEST_NOW + 61;
+        let reply = enroller.enroll(&oidc_request(id_token.clone(), 3), &mut store, later);
+        assert!(reply.cert.is_some(), "{:?}", reply.refused);
+        assert_eq!(oidc_marked(&store), 1);
+        let again = enroller.enroll(&oidc_request(id_token, 4), &mut store, later);
+        assert!(again.refused.unwrap().contains("used to enroll already"));
+    }
+
+    /// A store on which a rival request spends the credential (`rival`
+    /// runs) just after this request's lease: the race a request can lose.
+    struct Rival<'a> {
+        store: &'a mut SqliteStore,
+        rival: Option<RivalMove<'a>>,
+    }
+
+    type RivalMove<'a> = Box<dyn FnOnce(&mut SqliteStore) + 'a>;
+
+    impl EnrollStore for Rival<'_> {
+        fn create_token(&mut self, token: &NewToken, now: u64) -> Result<(), StoreError> {
+            self.store.create_token(token, now)
+        }
+        fn peek_token(
+            &mut self,
+            hash: &str,
+            now: u64,
+        ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+            self.store.peek_token(hash, now)
+        }
+        fn use_token(
+            &mut self,
+            hash: &str,
+            now: u64,
+        ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+            self.store.use_token(hash, now)
+        }
+        fn lease(
+            &mut self,
+            pool: &[Ipv4Net],
+            name: &str,
+            until: u64,
+            now: u64,
+        ) -> Result<Option<Ipv4Addr>, StoreError> {
+            let ip = self.store.lease(pool, name, until, now)?;
+            if let Some(rival) = self.rival.take() {
+                rival(self.store);
+            }
+            Ok(ip)
+        }
+        fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
+            self.store.release_lease(ip, name)
+        }
+        fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
+            self.store.record_issued(cert, how, now)
+        }
+        fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError> {
+            self.store.oidc_token_used(id, now)
+        }
+        fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError> {
+            self.store.use_oidc_token(id, until, now)
+        }
+        fn issued_named(
+            &mut self,
+            name: &str,
+            now: u64,
+        ) -> Result<Vec<(Fingerprint, u64)>, StoreError> {
+            self.store.issued_named(name, now)
+        }
+        fn issued(
+            &mut self,
+            fingerprint: &Fingerprint,
+        ) -> Result<Option<(String, u64)>, StoreError> {
+            self.store.issued(fingerprint)
+        }
+        fn revoke(
+            &mut self,
+            fingerprint: &Fingerprint,
+            name: &str,
+            not_after: u64,
+            now: u64,
+        ) -> Result<bool, StoreError> {
+            self.store.revoke(fingerprint, name, not_after, now)
+        }
+        fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError> {
+            self.store.revocations(now)
+        }
+    }
+
+    #[test]
+    fn a_request_that_loses_its_token_after_leasing_gives_the_address_back() {
+        let (enroller, mut store, _dir, signer) = oidc_setup();
+        let t = token(&mut store, &["ci"], 1, 600);
+        let hash = token_hash(&t);
+        let lost = enroller.enroll(
+            &request(&t, 1),
+            &mut Rival {
+                store: &mut store,
+                rival: Some(Box::new(move |s: &mut SqliteStore| {
+                    assert!(s.use_token(&hash, TEST_NOW).unwrap().is_ok());
+                })),
+            },
+            TEST_NOW,
+        );
+        assert!(lost.refused.unwrap().contains("used up"));
+        assert!(leases(&store).is_empty(), "the address is given back");
+        assert_eq!(issued_count(&store), 0);
+        // The same with an ID token another request enrolled with meanwhile.
+        let id_token = signer.sign(&claims("acme/app", "refs/heads/main", "j5"));
+        let lost = enroller.enroll(
+            &oidc_request(id_token, 2),
+            &mut Rival {
+                store: &mut store,
+                rival: Some(Box::new(|s: &mut SqliteStore| {
+                    assert!(s
+                        .use_oidc_token(&format!("{GH} j5"), TEST_NOW + 400, TEST_NOW)
+                        .unwrap());
+                })),
+            },
+            TEST_NOW,
+        );
+        assert!(lost.refused.unwrap().contains("used to enroll already"));
+        assert!(leases(&store).is_empty(), "the address is given back");
+        assert_eq!(issued_count(&store), 0);
+    }
+
+    #[test]
+    fn a_lease_is_released_only_while_its_name_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("lh.db")).unwrap();
+        let pool: Vec<Ipv4Net> = vec!["100.64.100.0/30".parse().unwrap()];
+        let ip = store
+            .lease(&pool, "ci-a", TEST_NOW + 60, TEST_NOW)
+            .unwrap()
+            .unwrap();
+        store.release_lease(ip, "ci-b").unwrap();
+        assert_eq!(leases(&store), [(ip.to_string(), "ci-a".to_string())]);
+        store.release_lease(ip, "ci-a").unwrap();
+        assert!(leases(&store).is_empty());
+        // Given back, it is leased again once the round comes to it.
+        let next = store.lease(&pool, "ci-c", TEST_NOW + 60, TEST_NOW).unwrap();
+        assert_ne!(next, Some(ip), "the other address first");
+        let again = store.lease(&pool, "ci-d", TEST_NOW + 60, TEST_NOW).unwrap();
+        assert_eq!(again, Some(ip));
     }
 }

@@ -87,7 +87,8 @@ fn world() -> World {
         // Only the CA: the key is made in memory, the certificate enrolled.
         let text = node_config_text(name, "ca.crt")
             .replace(&format!("cert = \"{name}.crt\"\n"), "")
-            .replace(&format!("key = \"{name}.key\"\n"), "");
+            .replace(&format!("key = \"{name}.key\"\n"), "")
+            + "[[routes]]\nsubnet = \"198.19.0.0/24\"\n";
         write_file(&dir, &format!("{name}.toml"), &text);
     }
     wait_until("the gateway registers", Duration::from_secs(20), || {

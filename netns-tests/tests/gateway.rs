@@ -487,3 +487,199 @@ fn ci_node_reaches_the_private_network_through_gateways_within_policy() {
     assert_eq!(status(&dir, "ci-1")["routes"][0]["active"], "gw-2");
     assert!(gw2_proc.is_running());
 }
+
+/// Routes learned from gateways never take the place of the host's own: a
+/// node attached to the private network keeps its connected route (and
+/// reaches its neighbours directly) even when its config names the
+/// subnet; a prefix covering the lighthouse's address is refused and the
+/// table left as it was; a client that accepts routes gets a kernel route
+/// only for the verified, harmless subnet, and one that does not gets none.
+#[test]
+fn learned_routes_never_replace_the_hosts_own_routes() {
+    let test = "gateway_routes";
+    if !require_root(test) || !require_tools(test, &["curl", "python3", "iptables"]) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new("gwrt");
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let gw1 = lab.add_ns("gw1");
+    let wide = lab.add_ns("wide");
+    let inside = lab.add_ns("inside");
+    let client = lab.add_ns("client");
+    let plain = lab.add_ns("plain");
+    let vpc = lab.add_ns("vpc");
+    lab.connect_to_wan(&lh, "198.18.0.1/24");
+    lab.connect_to_wan(&client, "198.18.0.2/24");
+    lab.connect_to_wan(&plain, "198.18.0.3/24");
+    lab.connect_to_wan(&gw1, "198.18.0.4/24");
+    lab.connect_to_wan(&wide, "198.18.0.5/24");
+    lab.connect_to_wan(&inside, "198.18.0.6/24");
+    lab.bridge(&vpc, "br1", "198.19.0.10/24");
+    lab.connect_to_bridge(&gw1, "198.19.0.2/24", &vpc, "br1");
+    let inside_if = lab.connect_to_bridge(&inside, "198.19.0.30/24", &vpc, "br1");
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap_or_else(|e| panic!("mkdir www: {e}"));
+    fs::write(www.join("hello.txt"), "hello from the vpc\n").unwrap_or_else(|e| panic!("{e}"));
+    let _http = http_server(&vpc, &www, 8080);
+
+    make_ca(&dir, "ca");
+    sign(
+        &dir,
+        "ca",
+        "lh1",
+        "100.64.0.1/10",
+        &["--groups", "lighthouse"],
+    );
+    sign(
+        &dir,
+        "ca",
+        "gw-1",
+        "100.64.0.30/10",
+        &["--subnets", "198.19.0.0/24"],
+    );
+    // A gateway whose certificate covers the underlay, the lighthouse's
+    // address included: what a careless CA (or a lying one) could sign.
+    sign(
+        &dir,
+        "ca",
+        "wide",
+        "100.64.0.31/10",
+        &["--subnets", "198.18.0.0/24"],
+    );
+    sign(&dir, "ca", "inside", "100.64.0.40/10", &["--groups", "ci"]);
+    sign(&dir, "ca", "client", "100.64.0.41/10", &["--groups", "ci"]);
+    sign(&dir, "ca", "plain", "100.64.0.42/10", &["--groups", "ci"]);
+    let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
+    let _gw1 = start_node(
+        &gw1,
+        &write_file(&dir, "gw-1.toml", &gateway_config("gw-1", "")),
+        "node-gw-1",
+    );
+    let wide_config = gateway_config("wide", "").replace("198.19.0.0/24\"]", "198.18.0.0/24\"]");
+    let _wide = start_node(
+        &wide,
+        &write_file(&dir, "wide.toml", &wide_config),
+        "node-wide",
+    );
+    let accepting = |name: &str, routes: &str| {
+        node_config_text(name, "ca.crt")
+            .replace("mtu = 1420\n", "mtu = 1420\naccept_routes = true\n")
+            + routes
+    };
+    let routes_before = inside.ip(["-4", "route", "show"]);
+    let inside_node = start_node(
+        &inside,
+        &write_file(
+            &dir,
+            "inside.toml",
+            &accepting("inside", "[[routes]]\nsubnet = \"198.19.0.0/24\"\n"),
+        ),
+        "node-inside",
+    );
+    let client_node = start_node(
+        &client,
+        &write_file(&dir, "client.toml", &accepting("client", "")),
+        "node-client",
+    );
+    let _plain = start_node(
+        &plain,
+        &write_file(&dir, "plain.toml", &node_config_text("plain", "ca.crt")),
+        "node-plain",
+    );
+    wait_until("every node registers", Duration::from_secs(20), || {
+        lighthouse_status(&dir)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 5)
+    });
+
+    // The client accepts gw-1's subnet once it verified gw-1's certificate,
+    // and reaches the vpc through the mesh.
+    wait_until(
+        "the client routes the vpc into its TUN device",
+        Duration::from_secs(20),
+        || {
+            client
+                .ip(["-4", "route", "show", "198.19.0.0/24"])
+                .contains("dev tern0")
+        },
+    );
+    let route = client.ip(["-4", "route", "show", "198.19.0.0/24"]);
+    assert!(
+        route.contains("proto 121") && route.contains("metric 1024"),
+        "{route}"
+    );
+    let (ok, code, _) = curl(
+        &client,
+        &[
+            "-sf",
+            "--max-time",
+            "10",
+            "http://198.19.0.10:8080/hello.txt",
+        ],
+    );
+    assert!(ok, "curl through the mesh: exit {code}");
+    // Both accepting nodes refuse the underlay prefix, say so, and leave
+    // their tables alone.
+    for (ns, node) in [(&client, &client_node), (&inside, &inside_node)] {
+        node.wait_for_log("covers 198.18.0.1", Duration::from_secs(20));
+        let underlay = ns.ip(["-4", "route", "show", "198.18.0.0/24"]);
+        assert!(
+            !underlay.contains("tern0"),
+            "{}: {underlay}",
+            ns.short_name()
+        );
+    }
+
+    // The node inside the vpc keeps its connected route and reaches its
+    // neighbour directly (gw-1's firewall would take it only from group ci
+    // through the mesh, and the vpc server has no route to the overlay).
+    inside_node.wait_for_log("kernel route skipped", Duration::from_secs(20));
+    let route = inside.ip(["-4", "route", "show", "198.19.0.0/24"]);
+    assert!(
+        route.contains(&format!("dev {inside_if}")) && !route.contains("tern0"),
+        "{route}"
+    );
+    let routes_after = inside.ip(["-4", "route", "show"]);
+    let without_tern = |t: &str| {
+        t.lines()
+            .filter(|l| !l.contains("tern0"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        without_tern(&routes_before),
+        without_tern(&routes_after),
+        "the host's own routes are as they were"
+    );
+    let (ok, code, _) = curl(
+        &inside,
+        &[
+            "-sf",
+            "--max-time",
+            "5",
+            "http://198.19.0.10:8080/hello.txt",
+        ],
+    );
+    assert!(
+        ok,
+        "the node inside the vpc reaches its neighbour: exit {code}"
+    );
+
+    // A node that neither names the subnet nor accepts routes learns it
+    // (for userspace dials and `tern status`) but gets no kernel route.
+    wait_until(
+        "the plain node learns gw-1's subnet",
+        Duration::from_secs(20),
+        || {
+            status(&dir, "plain")["routes"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|r| r["subnet"] == "198.19.0.0/24" && r["kernel_route"] == false)
+            })
+        },
+    );
+    let plain_routes = plain.ip(["-4", "route", "show"]);
+    assert!(!plain_routes.contains("198.19.0.0/24"), "{plain_routes}");
+}

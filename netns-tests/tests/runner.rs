@@ -21,8 +21,10 @@ fn runner_config() -> String {
 
 fn tern_run(ns: &Ns, dir: &Path, pipeline: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = ns.command(tern_netns_tests::workspace_bin("tern"));
+    let socket = dir.join(format!("{}.sock", ns.short_name()));
     cmd.current_dir(dir)
-        .args(["run", pipeline, "--node", RUNNER_IP])
+        .args(["run", pipeline, "--node", RUNNER_IP, "--socket"])
+        .arg(socket)
         .args(extra)
         .env_remove("GITHUB_ACTIONS");
     for (k, v) in env {
@@ -101,7 +103,7 @@ fn world(prefix: &str) -> World {
 fn tern_run_bg(w: &World, pipeline: &str, log: &str) -> tern_netns_tests::Proc {
     let mut cmd = w.ci.command(tern_netns_tests::workspace_bin("tern"));
     cmd.current_dir(&w.dir)
-        .args(["run", pipeline, "--node", RUNNER_IP])
+        .args(["run", pipeline, "--node", RUNNER_IP, "--socket", "ci.sock"])
         .env_remove("GITHUB_ACTIONS");
     w.ci.spawn_command(cmd, log)
 }
@@ -602,7 +604,9 @@ fn an_upload_is_built_on_the_runner_and_the_artifact_comes_back() {
             RUNNER_IP,
             "--artifacts-dir",
             "out",
+            "--socket",
         ])
+        .arg(w.dir.join("ci.sock"))
         .env_remove("GITHUB_ACTIONS");
     let out = cmd.output().unwrap_or_else(|e| panic!("tern run: {e}"));
     let (stdout, stderr) = (
@@ -648,7 +652,8 @@ fn an_upload_is_built_on_the_runner_and_the_artifact_comes_back() {
     // Without --artifacts-dir: ./tern-artifacts/<job id>.
     let mut cmd = w.ci.command(tern_netns_tests::workspace_bin("tern"));
     cmd.current_dir(&ws)
-        .args(["run", "build.toml", "--node", RUNNER_IP])
+        .args(["run", "build.toml", "--node", RUNNER_IP, "--socket"])
+        .arg(w.dir.join("ci.sock"))
         .env_remove("GITHUB_ACTIONS");
     let out = cmd.output().unwrap_or_else(|e| panic!("tern run: {e}"));
     assert_eq!(
@@ -691,4 +696,159 @@ fn started_on_job(log: &str) -> Option<String> {
             .split_once(" started on ")
             .map(|(j, _)| j.to_string())
     })
+}
+
+/// The packets iptables counted for `rule` (an OUTPUT rule) in `ns`.
+fn counted(ns: &Ns, rule: &[&str]) -> u64 {
+    let mut args = vec!["-C", "OUTPUT"];
+    args.extend_from_slice(rule);
+    let listing = ns.run("iptables", ["-L", "OUTPUT", "-v", "-x", "-n"]);
+    assert!(
+        ns.exec("iptables", &args).status.success(),
+        "the counting rule is gone:\n{listing}"
+    );
+    listing
+        .lines()
+        .filter(|l| l.contains("100.64.0.0/10"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `tern run` from a shell whose network routes the overlay somewhere else
+/// (here: to a trap that would answer as HTTP) goes through its node all
+/// the same, and nothing of it crosses the shell's own network; a mesh
+/// peer that answers on the runner's port with HTTP gets a clear protocol
+/// error, and nothing of the job is sent to it.
+#[test]
+fn tern_run_never_leaves_the_mesh_and_tells_a_runner_from_an_http_server() {
+    let test = "runner_mesh_only";
+    if !require_root(test) || !require_tools(test, &["bash", "iptables", "python3"]) {
+        return;
+    }
+    let _serial = serial();
+    let w = world("runmesh");
+    let dir = &w.dir;
+    write_file(
+        dir,
+        "secret.toml",
+        "name = \"secret\"\n[[steps]]\nname = \"s\"\nrun = \"echo got $TOKEN\"\n",
+    );
+    // A shell with no Tern device whose overlay route leads to a trap: an
+    // HTTP server on the runner's overlay address and port.
+    let shell = w._lab.add_ns("shell");
+    let trap = w._lab.add_ns("trap");
+    let (shell_if, _) = w._lab.link(&shell, "198.18.9.1/24", &trap, "198.18.9.2/24");
+    shell.ip(["route", "add", "100.64.0.0/10", "via", "198.18.9.2"]);
+    trap.ip(["addr", "add", &format!("{RUNNER_IP}/32"), "dev", "lo"]);
+    trap.ip(["route", "add", "100.64.0.0/10", "via", "198.18.9.1"]);
+    let rule = [
+        "-o",
+        shell_if.as_str(),
+        "-d",
+        "100.64.0.0/10",
+        "-j",
+        "ACCEPT",
+    ];
+    let mut add = vec!["-A", "OUTPUT"];
+    add.extend_from_slice(&rule);
+    shell.run("iptables", &add);
+    let http = trap.spawn(
+        "python3",
+        ["-m", "http.server", "4245", "--bind", RUNNER_IP],
+        "trap-http",
+    );
+    let mut in_shell = shell.command(tern_netns_tests::workspace_bin("tern"));
+    in_shell
+        .current_dir(dir)
+        .args([
+            "run",
+            "secret.toml",
+            "--node",
+            RUNNER_IP,
+            "--socket",
+            "ci.sock",
+            "--secret",
+            "TOKEN",
+        ])
+        .env("TOKEN", "hunter2-s3cr3t")
+        .env_remove("GITHUB_ACTIONS");
+    let out = in_shell
+        .output()
+        .unwrap_or_else(|e| panic!("tern run: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("[s] got ***"),
+        "ran on the runner, through ci's node:\n{stdout}"
+    );
+    assert_eq!(
+        counted(&shell, &rule),
+        0,
+        "packets to the overlay left through the shell's own network"
+    );
+    assert!(
+        !http.log().contains("HTTP/"),
+        "the trap heard from tern run:\n{}",
+        http.log()
+    );
+
+    // A mesh peer whose overlay port 4245 is an HTTP server.
+    let decoy = w._lab.add_ns("decoy");
+    w._lab.connect_to_wan(&decoy, "198.18.0.7/24");
+    sign(dir, "ca", "decoy", "100.64.0.7/10", &[]);
+    let decoy_cfg = format!(
+        "{}[[firewall.inbound]]\nproto = \"tcp\"\nport = 4245\n",
+        node_config_text("decoy", "ca.crt")
+    );
+    let _decoy_node = start_node(
+        &decoy,
+        &write_file(dir, "decoy.toml", &decoy_cfg),
+        "node-decoy",
+    );
+    wait_until("the decoy registers", Duration::from_secs(15), || {
+        lighthouse_status(dir)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["name"] == "decoy"))
+    });
+    let decoy_http = decoy.spawn(
+        "python3",
+        ["-m", "http.server", "4245", "--bind", "100.64.0.7"],
+        "decoy-http",
+    );
+    let mut cmd = w.ci.command(tern_netns_tests::workspace_bin("tern"));
+    cmd.current_dir(dir)
+        .args([
+            "run",
+            "secret.toml",
+            "--node",
+            "100.64.0.7",
+            "--socket",
+            "ci.sock",
+            "--secret",
+            "TOKEN",
+        ])
+        .env("TOKEN", "hunter2-s3cr3t")
+        .env_remove("GITHUB_ACTIONS");
+    let mut tries = 0;
+    let (code, stderr) = loop {
+        // The first try may come before the server is up.
+        let out = cmd.output().unwrap_or_else(|e| panic!("tern run: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        tries += 1;
+        if stderr.contains("not a Tern runner") || tries == 5 {
+            break (out.status.code(), stderr);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(
+        stderr.contains("not a Tern runner") && !stderr.contains("frame of"),
+        "{stderr}"
+    );
+    let heard = decoy_http.log();
+    assert!(
+        !heard.contains("hunter2") && !heard.contains("secret"),
+        "the job reached the HTTP server:\n{heard}"
+    );
 }

@@ -120,15 +120,21 @@ fn a_tun_client_reaches_the_vpc_through_a_userspace_gateway() {
         .exec("sysctl", ["-n", "net.ipv4.ip_forward"])
         .stdout;
     assert_eq!(String::from_utf8_lossy(&forwarding).trim(), "0");
+    // A TUN client names the subnet it reaches ([[routes]]), as the README
+    // says: learned routes alone get no kernel route.
+    let ci_config = format!(
+        "{}[[routes]]\nsubnet = \"198.19.0.0/24\"\n",
+        node_config_text("ci-1", "ca.crt")
+    );
     let _ci = start_node(
         &w.ci,
-        &write_node_config(&w.dir, "ci-1", "ca.crt"),
+        &write_file(&w.dir, "ci-1.toml", &ci_config),
         "node-ci",
     );
     wait_until(
-        "the CI node learns the route",
+        "the CI node routes the subnet into its TUN device",
         Duration::from_secs(20),
-        || w.ci.ip(["route"]).contains("198.19.0.0/24"),
+        || w.ci.ip(["route"]).contains("198.19.0.0/24 dev tern0"),
     );
     let out = w.dir.join("via-userspace-gw.bin");
     wait_until(

@@ -590,13 +590,37 @@ fn sign_under_root(
 pub fn sign_under_issuer(
     issuer: &Cert,
     issuer_key: &CaSecretKey,
-    mut body: CertBody,
+    body: CertBody,
     now_unix: u64,
 ) -> Result<Cert, CertError> {
+    let body = prepare_under_issuer(issuer, Some(issuer_key), body, now_unix)?;
+    sign_body(body, issuer_key)
+}
+
+/// Whether [`sign_under_issuer`] would sign `body` at `now_unix`: the same
+/// checks (all but the key's, which needs the key), without signing. An
+/// enrolling lighthouse runs it before it spends a token or an address.
+pub fn check_node_under_issuer(
+    issuer: &Cert,
+    body: &CertBody,
+    now_unix: u64,
+) -> Result<(), CertError> {
+    prepare_under_issuer(issuer, None, body.clone(), now_unix).map(drop)
+}
+
+/// What signing a node under an issuer checks, shared by
+/// [`sign_under_issuer`] and [`check_node_under_issuer`] so they cannot
+/// drift: the body as it would be signed, or why not.
+fn prepare_under_issuer(
+    issuer: &Cert,
+    issuer_key: Option<&CaSecretKey>,
+    mut body: CertBody,
+    now_unix: u64,
+) -> Result<CertBody, CertError> {
     if issuer.body.kind != CertKind::Issuer {
         return Err(CertError::NotAnIssuerCert);
     }
-    if issuer.body.public_key != issuer_key.public_bytes() {
+    if issuer_key.is_some_and(|key| issuer.body.public_key != key.public_bytes()) {
         return Err(CertError::KeyMismatch);
     }
     if body.kind != CertKind::Node {
@@ -613,7 +637,7 @@ pub fn sign_under_issuer(
         });
     }
     check_under_issuer(&issuer.body, &body)?;
-    sign_body(body, issuer_key)
+    Ok(body)
 }
 
 /// A node's place under its issuer: an address from the pool, only the
@@ -1989,6 +2013,8 @@ mod tests {
             change(&mut body);
             let err = sign_under_issuer(&issuer, &key, body.clone(), NOW).unwrap_err();
             assert!(err.to_string().contains(why), "signing, {why}: {err}");
+            // The dry run refuses alike.
+            assert_eq!(check_node_under_issuer(&issuer, &body, NOW), Err(err));
             // Signed anyway by a hostile issuer key holder: refused by peers.
             body.issuer = issuer.fingerprint();
             body.chain = Some(Box::new(issuer.clone()));

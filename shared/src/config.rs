@@ -285,6 +285,30 @@ pub struct EnrollConfig {
     /// certificates (no stored secret in the job).
     #[serde(default)]
     pub oidc: Vec<OidcProviderConfig>,
+    /// Enrollment hellos, and requests, answered per second from one source
+    /// prefix (an IPv4 /24, an IPv6 /48), each a bucket one second deep.
+    /// Must be positive. Default [`DEFAULT_ENROLL_PER_SOURCE`].
+    #[serde(default = "default_enroll_per_source")]
+    pub per_source_per_sec: u32,
+    /// The same from all sources together. Must be positive. Default
+    /// [`DEFAULT_ENROLL_TOTAL`].
+    #[serde(default = "default_enroll_total")]
+    pub total_per_sec: u32,
+}
+
+/// Default `[enroll] per_source_per_sec`: room for a burst of CI jobs that
+/// leave through one NAT.
+pub const DEFAULT_ENROLL_PER_SOURCE: u32 = 50;
+/// Default `[enroll] total_per_sec`: about half of what one lighthouse
+/// core can sign (BENCHMARKS.md), so a flood leaves room for the rest.
+pub const DEFAULT_ENROLL_TOTAL: u32 = 2000;
+
+fn default_enroll_per_source() -> u32 {
+    DEFAULT_ENROLL_PER_SOURCE
+}
+
+fn default_enroll_total() -> u32 {
+    DEFAULT_ENROLL_TOTAL
 }
 
 /// One `[[enroll.oidc]]`: an OIDC identity provider (GitHub Actions, GitLab
@@ -372,6 +396,12 @@ pub struct TunConfig {
     /// `"userspace"` (an in-process TCP/IP stack; no root, no kernel
     /// routes). Default `"tun"`.
     pub mode: TunMode,
+    /// Give subnets that gateways advertise (and whose gateways' verified
+    /// certificates cover them) kernel routes into the TUN device, as
+    /// Tailscale's accept-routes does; never the default route, the
+    /// overlay, or a prefix holding a lighthouse's or this node's underlay
+    /// address. Default false: only `[[routes]]` get kernel routes.
+    pub accept_routes: bool,
 }
 
 /// `[tun] mode`.
@@ -669,6 +699,7 @@ impl Default for TunConfig {
             mtu: DEFAULT_MTU,
             offload: true,
             mode: TunMode::Tun,
+            accept_routes: false,
         }
     }
 }
@@ -748,6 +779,18 @@ impl EnrollConfig {
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("enroll.per_source_per_sec", self.per_source_per_sec),
+            ("enroll.total_per_sec", self.total_per_sec),
+        ] {
+            if value == 0 {
+                return Err(invalid(
+                    file,
+                    key.to_string(),
+                    "must be positive: it is how many enrollment datagrams are answered per second",
+                ));
+            }
+        }
         for (i, p) in self.oidc.iter().enumerate() {
             let key = |k: &str| format!("enroll.oidc[{i}].{k}");
             for (k, v) in [
@@ -1353,6 +1396,7 @@ mod tests {
                     mtu: 1280,
                     offload: true,
                     mode: TunMode::Tun,
+                    accept_routes: false,
                 },
                 api: ApiConfig {
                     socket: Some("/run/tern/api.sock".into()),
@@ -1514,7 +1558,8 @@ mod tests {
                 file: file(),
                 at: Some(Position { line: 7, col: 3 }),
                 key: "tun.nmae".into(),
-                expected: "expected one of `name`, `mtu`, `offload`, `mode`".into(),
+                expected: "expected one of `name`, `mtu`, `offload`, `mode`, `accept_routes`"
+                    .into(),
             }
         );
         let text = err.to_string();

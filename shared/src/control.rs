@@ -26,7 +26,8 @@ pub const MAX_CONTROL_LEN: usize = 1400;
 pub const MAX_ENDPOINTS: usize = 8;
 /// Most subnets one gateway may advertise.
 pub const MAX_ADVERTISED: usize = 16;
-/// Most routes in one [`ControlMessage::RoutesReply`].
+/// Most routes in one [`ControlMessage::RoutesReply`]: one page of the
+/// list, which a node reads page by page until `complete`.
 pub const MAX_ROUTES_IN_REPLY: usize = 16;
 /// Most labels one runner may advertise.
 pub const MAX_LABELS: usize = 16;
@@ -87,15 +88,20 @@ pub enum ControlMessage {
     Deregister {
         id: u32,
     },
-    /// Node → lighthouse: which gateways route which subnets?
+    /// Node → lighthouse: which gateways route which subnets? The page
+    /// of routes after `after` (a subnet and gateway), or the first page.
     RoutesQuery {
         id: u32,
+        after: Option<(Ipv4Net, Ipv4Addr)>,
     },
-    /// Lighthouse → node: advertised routes. A hint: the node verifies each
-    /// gateway's certificate itself before using it.
+    /// Lighthouse → node: one page of advertised routes, in order of
+    /// subnet then gateway; `complete` is false when more follow (ask again
+    /// after the last one). A hint: the node verifies each gateway's
+    /// certificate itself before using it.
     RoutesReply {
         id: u32,
         routes: Vec<AdvertisedRoute>,
+        complete: bool,
     },
     /// Any peer → any peer: are you there? (Answered by every daemon.)
     Ping {
@@ -275,7 +281,7 @@ impl ControlMessage {
             | ControlMessage::QueryReply { id, .. }
             | ControlMessage::Punch { id, .. }
             | ControlMessage::Deregister { id }
-            | ControlMessage::RoutesQuery { id }
+            | ControlMessage::RoutesQuery { id, .. }
             | ControlMessage::RoutesReply { id, .. }
             | ControlMessage::Ping { id }
             | ControlMessage::Pong { id }
@@ -301,7 +307,7 @@ impl ControlMessage {
             ControlMessage::QueryReply { id, .. } => (T_QUERY_REPLY, id),
             ControlMessage::Punch { id, .. } => (T_PUNCH, id),
             ControlMessage::Deregister { id } => (T_DEREGISTER, id),
-            ControlMessage::RoutesQuery { id } => (T_ROUTES_QUERY, id),
+            ControlMessage::RoutesQuery { id, .. } => (T_ROUTES_QUERY, id),
             ControlMessage::RoutesReply { id, .. } => (T_ROUTES_REPLY, id),
             ControlMessage::Ping { id } => (T_PING, id),
             ControlMessage::Pong { id } => (T_PONG, id),
@@ -380,8 +386,13 @@ impl ControlMessage {
                 }
             }
             ControlMessage::Punch { peer, .. } => put_peer(&mut out, peer)?,
+            ControlMessage::RoutesQuery { after, .. } => {
+                if let Some((subnet, gateway)) = after {
+                    put_net(&mut out, subnet);
+                    out.extend_from_slice(&gateway.octets());
+                }
+            }
             ControlMessage::Deregister { .. }
-            | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Ping { .. }
             | ControlMessage::Pong { .. } => {}
             ControlMessage::RunnerAdvert { labels, load, .. } => {
@@ -421,20 +432,9 @@ impl ControlMessage {
                     }
                 }
             }
-            ControlMessage::RoutesReply { routes, .. } => {
-                if routes.len() > MAX_ROUTES_IN_REPLY {
-                    return Err(ControlError::TooManyRoutes);
-                }
-                out.push(routes.len() as u8);
-                for r in routes {
-                    put_net(&mut out, &r.subnet);
-                    out.extend_from_slice(&r.gateway.octets());
-                    let name = r.name.as_bytes();
-                    let name = &name[..name.len().min(64)];
-                    out.push(name.len() as u8);
-                    out.extend_from_slice(name);
-                }
-            }
+            ControlMessage::RoutesReply {
+                routes, complete, ..
+            } => put_routes_page(&mut out, routes, *complete)?,
         }
         if out.len() > MAX_CONTROL_LEN {
             return Err(ControlError::TooLong);
@@ -546,30 +546,24 @@ impl ControlMessage {
                 peer: read_peer(&mut r)?,
             },
             T_DEREGISTER => ControlMessage::Deregister { id },
-            T_ROUTES_QUERY => ControlMessage::RoutesQuery { id },
+            T_ROUTES_QUERY => {
+                let after = if r.is_empty() {
+                    None
+                } else {
+                    let subnet = read_net(&mut r)?;
+                    Some((subnet, r.ipv4().ok_or(ControlError::Malformed)?))
+                };
+                ControlMessage::RoutesQuery { id, after }
+            }
             T_PING => ControlMessage::Ping { id },
             T_PONG => ControlMessage::Pong { id },
             T_ROUTES_REPLY => {
-                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
-                if n > MAX_ROUTES_IN_REPLY {
-                    return Err(ControlError::TooManyRoutes);
+                let (routes, complete) = read_routes_page(&mut r)?;
+                ControlMessage::RoutesReply {
+                    id,
+                    routes,
+                    complete,
                 }
-                let mut routes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let subnet = read_net(&mut r)?;
-                    let gateway = r.ipv4().ok_or(ControlError::Malformed)?;
-                    let len = r.u8().ok_or(ControlError::Malformed)? as usize;
-                    let name = r.bytes(len).ok_or(ControlError::Malformed)?;
-                    let name = std::str::from_utf8(name)
-                        .map_err(|_| ControlError::Malformed)?
-                        .to_string();
-                    routes.push(AdvertisedRoute {
-                        subnet,
-                        gateway,
-                        name,
-                    });
-                }
-                ControlMessage::RoutesReply { id, routes }
             }
             T_RUNNER_ADVERT => {
                 let n = r.u8().ok_or(ControlError::Malformed)? as usize;
@@ -625,6 +619,56 @@ impl ControlMessage {
         }
         Ok(msg)
     }
+}
+
+/// One page of routes: whether it is the last, then the routes.
+fn put_routes_page(
+    out: &mut Vec<u8>,
+    routes: &[AdvertisedRoute],
+    complete: bool,
+) -> Result<(), ControlError> {
+    out.push(u8::from(complete));
+    if routes.len() > MAX_ROUTES_IN_REPLY {
+        return Err(ControlError::TooManyRoutes);
+    }
+    out.push(routes.len() as u8);
+    for r in routes {
+        put_net(out, &r.subnet);
+        out.extend_from_slice(&r.gateway.octets());
+        let name = r.name.as_bytes();
+        let name = &name[..name.len().min(64)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+    }
+    Ok(())
+}
+
+fn read_routes_page(r: &mut Reader<'_>) -> Result<(Vec<AdvertisedRoute>, bool), ControlError> {
+    let complete = match r.u8() {
+        Some(0) => false,
+        Some(1) => true,
+        _ => return Err(ControlError::Malformed),
+    };
+    let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+    if n > MAX_ROUTES_IN_REPLY {
+        return Err(ControlError::TooManyRoutes);
+    }
+    let mut routes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let subnet = read_net(r)?;
+        let gateway = r.ipv4().ok_or(ControlError::Malformed)?;
+        let len = r.u8().ok_or(ControlError::Malformed)? as usize;
+        let name = r.bytes(len).ok_or(ControlError::Malformed)?;
+        let name = std::str::from_utf8(name)
+            .map_err(|_| ControlError::Malformed)?
+            .to_string();
+        routes.push(AdvertisedRoute {
+            subnet,
+            gateway,
+            name,
+        });
+    }
+    Ok((routes, complete))
 }
 
 fn put_label(out: &mut Vec<u8>, label: &str) -> Result<(), ControlError> {
@@ -746,7 +790,14 @@ mod tests {
                 local: sample_peer().endpoints,
                 routes: vec!["198.19.0.0/24".parse().unwrap_or_else(|_| unreachable!())],
             },
-            ControlMessage::RoutesQuery { id: 8 },
+            ControlMessage::RoutesQuery { id: 8, after: None },
+            ControlMessage::RoutesQuery {
+                id: 8,
+                after: Some((
+                    "198.19.0.0/24".parse().unwrap_or_else(|_| unreachable!()),
+                    ip,
+                )),
+            },
             ControlMessage::Ping { id: 10 },
             ControlMessage::Pong { id: 11 },
             ControlMessage::RoutesReply {
@@ -756,6 +807,7 @@ mod tests {
                     gateway: ip,
                     name: "gw-1".into(),
                 }],
+                complete: false,
             },
             ControlMessage::RegisterAck {
                 id: 2,

@@ -7,12 +7,21 @@
 //!
 //! ```text
 //! node                                        lighthouse
-//! 0x13 enroll hello                      ──▶
+//! 0x13 enroll hello, padded              ──▶
 //!                                        ◀──  0x14 its certificate
 //!   (verified by the node against its CA, with the lighthouse group)
 //! 0x15 eph_pub(32) | sealed request      ──▶
 //!                                        ◀──  0x16 eph_pub(32) | sealed reply
 //! ```
+//!
+//! The lighthouse answers addresses it has not verified (UDP sources can be
+//! forged), so it never answers more bytes than it received, as QUIC does
+//! for its Initial: a hello is padded to [`ENROLL_HELLO_LEN`], more than a
+//! certificate can take, and a request to at least [`ENROLL_REQUEST_MIN`]
+//! (spaces after the sealed JSON, which JSON allows). A reply larger than
+//! its request is not sent; the node's repeats are padded to
+//! [`MAX_ENROLL_REPLY_LEN`], which any reply fits, and get the answer the
+//! lighthouse kept for that enrollment (it knows it by `eph_pub`).
 //!
 //! The request (the token, the node's new X25519 public key) is sealed with
 //! ChaCha20-Poly1305 under a key from X25519(ephemeral, the lighthouse's
@@ -35,6 +44,36 @@ pub const TYPE_ENROLL_REPLY: u8 = 0x16;
 /// Largest sealed request or reply accepted: room for an OIDC ID token of
 /// several kilobytes (the datagram may be fragmented on its way).
 pub const MAX_ENROLL_LEN: usize = 8192;
+
+/// A hello's length: the lighthouse answers shorter ones with nothing, and
+/// its answer (type byte and a certificate of at most
+/// [`crate::cert::MAX_CERT_LEN`]) is never longer.
+pub const ENROLL_HELLO_LEN: usize = 1200;
+
+/// The shortest request a lighthouse opens: one IPv6-minimum-MTU datagram,
+/// which is enough for a refusal or a typical certificate.
+pub const ENROLL_REQUEST_MIN: usize = 1200;
+
+/// The longest reply a lighthouse seals: a certificate of
+/// [`crate::cert::MAX_CERT_LEN`] in armor, or a refusal. Repeated requests
+/// are padded to this, so that any reply may be sent.
+pub const MAX_ENROLL_REPLY_LEN: usize = 1700;
+
+// A hello's answer, the type and a certificate, always fits in a hello.
+const _: () = assert!(crate::cert::MAX_CERT_LEN < ENROLL_HELLO_LEN);
+
+/// A hello as the node sends it: the type and zero padding.
+pub fn enroll_hello() -> Vec<u8> {
+    let mut hello = vec![0u8; ENROLL_HELLO_LEN];
+    hello[0] = TYPE_ENROLL_HELLO;
+    hello
+}
+
+/// Whether a lighthouse may send `answer` to an unverified source that
+/// sent `request`: never more bytes than it received.
+pub fn may_answer(request: &[u8], answer: &[u8]) -> bool {
+    answer.len() <= request.len()
+}
 
 /// What the node asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,9 +143,21 @@ impl Sealer {
         }
     }
 
-    /// The 0x15 datagram.
-    pub fn seal_request(&self, request: &EnrollRequest) -> Result<Vec<u8>, EnrollError> {
-        let plain = serde_json::to_vec(request).map_err(|_| EnrollError::Malformed("request"))?;
+    /// The 0x15 datagram, at least `min_len` bytes long (spaces after the
+    /// JSON): [`ENROLL_REQUEST_MIN`] for the first try,
+    /// [`MAX_ENROLL_REPLY_LEN`] for repeats.
+    pub fn seal_request(
+        &self,
+        request: &EnrollRequest,
+        min_len: usize,
+    ) -> Result<Vec<u8>, EnrollError> {
+        let mut plain =
+            serde_json::to_vec(request).map_err(|_| EnrollError::Malformed("request"))?;
+        let overhead = 1 + 32 + 16;
+        let wanted = min_len.min(MAX_ENROLL_LEN).saturating_sub(overhead);
+        if plain.len() < wanted {
+            plain.resize(wanted, b' ');
+        }
         let sealed = self
             .aead
             .encrypt(&nonce(0), plain.as_slice())
@@ -146,6 +197,15 @@ fn split(datagram: &[u8], ty: u8) -> Result<([u8; 32], &[u8]), EnrollError> {
         .and_then(|b| b.try_into().ok())
         .ok_or(EnrollError::Malformed("truncated"))?;
     Ok((eph, &datagram[33..]))
+}
+
+/// The ephemeral public key a request (0x15) names, which tells one
+/// enrollment from another: its repeats carry the same one.
+pub fn request_key(datagram: &[u8]) -> Option<[u8; 32]> {
+    match datagram.first() {
+        Some(&TYPE_ENROLL_REQUEST) => datagram.get(1..33)?.try_into().ok(),
+        _ => None,
+    }
 }
 
 /// The lighthouse's side: opens a 0x15 request with its static secret and
@@ -213,7 +273,9 @@ mod tests {
         let lh = StaticSecret::random_from_rng(OsRng);
         let lh_pub = PublicKey::from(&lh).to_bytes();
         let node = Sealer::new(StaticSecret::random_from_rng(OsRng), lh_pub);
-        let wire = node.seal_request(&request()).unwrap();
+        let wire = node.seal_request(&request(), ENROLL_REQUEST_MIN).unwrap();
+        assert_eq!(wire.len(), ENROLL_REQUEST_MIN, "padded");
+        assert_eq!(request_key(&wire), Some(node.eph_pub));
         assert!(
             !String::from_utf8_lossy(&wire).contains("tern1_secret"),
             "the token is sealed"
@@ -242,6 +304,58 @@ mod tests {
         assert_eq!(token_hash("abc"), token_hash(" abc\n"));
     }
 
+    #[test]
+    fn no_answer_is_longer_than_what_a_node_sends_for_it() {
+        // A hello's answer: the type and the longest certificate (also
+        // checked when compiling, below the constants).
+        assert!(may_answer(
+            &enroll_hello(),
+            &[0u8; 1 + crate::cert::MAX_CERT_LEN]
+        ));
+        assert!(!may_answer(&[TYPE_ENROLL_HELLO], &[0u8; 2]));
+        // The longest reply: a certificate of the longest encoding, armored.
+        let lh = StaticSecret::random_from_rng(OsRng);
+        let lh_pub = PublicKey::from(&lh).to_bytes();
+        let node = Sealer::new(StaticSecret::random_from_rng(OsRng), lh_pub);
+        let (_, sealer) = open_request(
+            &node.seal_request(&request(), ENROLL_REQUEST_MIN).unwrap(),
+            &lh,
+        )
+        .unwrap();
+        let longest = EnrollReply {
+            cert: Some(crate::armor::encode(
+                "TERN CERTIFICATE",
+                &[0xff; crate::cert::MAX_CERT_LEN],
+            )),
+            refused: None,
+        };
+        let reply = sealer.seal(&longest).unwrap();
+        let repeat = node.seal_request(&request(), MAX_ENROLL_REPLY_LEN).unwrap();
+        assert!(
+            may_answer(&repeat, &reply),
+            "{} > {}",
+            reply.len(),
+            repeat.len()
+        );
+        // A long refusal too (refusals quote at most a few hundred bytes).
+        let refusal = EnrollReply {
+            cert: None,
+            refused: Some("x".repeat(600)),
+        };
+        assert!(may_answer(&repeat, &sealer.seal(&refusal).unwrap()));
+        // A request already longer than the minimum is not padded further.
+        let mut big = request();
+        big.oidc = Some("e".repeat(3000));
+        assert!(node.seal_request(&big, ENROLL_REQUEST_MIN).unwrap().len() > 3000);
+        // The padding opens.
+        let (opened, _) = open_request(
+            &node.seal_request(&request(), MAX_ENROLL_REPLY_LEN).unwrap(),
+            &lh,
+        )
+        .unwrap();
+        assert_eq!(opened, request());
+    }
+
     proptest! {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
@@ -249,6 +363,7 @@ mod tests {
             let _ = open_request(&bytes, &lh);
             let node = Sealer::new(StaticSecret::from([8; 32]), PublicKey::from(&lh).to_bytes());
             let _ = node.open_reply(&bytes);
+            let _ = request_key(&bytes);
         }
     }
 }

@@ -6,10 +6,15 @@
 //! counting type and payload, at most [`MAX_FRAME`]. Output and file chunks
 //! carry raw bytes; everything else carries JSON.
 //!
-//! The conversation:
+//! The conversation opens with greetings, fixed lines that name the
+//! protocol and its version ([`CALLER_GREETING`], [`RUNNER_GREETING`]):
+//! the caller sends nothing of the job, let alone a secret, and trusts no
+//! frame length, before the other end has shown it is a Tern runner.
 //!
 //! ```text
 //! client                                  runner
+//! "TERN-JOB/1 CALL\n"               ──▶
+//!                                  ◀──    "TERN-JOB/1 HERE\n"
 //! Submit {pipeline, env, secrets}  ──▶
 //!                                  ◀──    Denied {reason}            (and closes)
 //!                                  ◀──    Accepted {job_id}
@@ -47,6 +52,51 @@ pub const RUNNER_SILENCE: std::time::Duration = std::time::Duration::from_secs(7
 
 /// The TCP port runners listen on, on their overlay address.
 pub const RUNNER_PORT: u16 = 4245;
+
+/// What a caller sends first: the protocol and its version.
+pub const CALLER_GREETING: &[u8; GREETING_LEN] = b"TERN-JOB/1 CALL\n";
+/// What a runner answers before anything else is sent.
+pub const RUNNER_GREETING: &[u8; GREETING_LEN] = b"TERN-JOB/1 HERE\n";
+/// Both greetings' length.
+pub const GREETING_LEN: usize = 16;
+/// How long either side waits for the other's greeting.
+pub const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why the other end's greeting was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GreetingError {
+    #[error("it speaks Tern's job protocol {0}, not TERN-JOB/1; run the same Tern release on both sides")]
+    Version(String),
+    #[error(
+        "it is not a Tern runner: it answered {0:?} (is another service listening on this port?)"
+    )]
+    NotTern(String),
+    #[error("it closed the connection after {0:?} without greeting like a Tern runner")]
+    Closed(String),
+}
+
+/// Checks the greeting `got` (what arrived, up to [`GREETING_LEN`] bytes;
+/// fewer if the other end closed) against `expected`.
+pub fn check_greeting(got: &[u8], expected: &[u8; GREETING_LEN]) -> Result<(), GreetingError> {
+    if got == expected {
+        return Ok(());
+    }
+    let shown: String = String::from_utf8_lossy(got)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string();
+    let role = &expected[GREETING_LEN - 5..];
+    if got.len() == GREETING_LEN && got.starts_with(b"TERN-JOB/") && got.ends_with(role) {
+        let version = shown.split(' ').next().unwrap_or_default().to_string();
+        return Err(GreetingError::Version(version));
+    }
+    if got.len() < GREETING_LEN {
+        return Err(GreetingError::Closed(shown));
+    }
+    Err(GreetingError::NotTern(shown))
+}
 
 /// `tern run` exit codes besides a failing step's own: documented in the
 /// README and `tern run --help`.
@@ -594,6 +644,31 @@ impl Masker {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn greetings_tell_a_runner_from_another_service_and_another_version() {
+        assert_eq!(check_greeting(RUNNER_GREETING, RUNNER_GREETING), Ok(()));
+        assert_eq!(check_greeting(CALLER_GREETING, CALLER_GREETING), Ok(()));
+        assert_eq!(
+            check_greeting(CALLER_GREETING, RUNNER_GREETING),
+            Err(GreetingError::NotTern("TERN-JOB/1 CALL".into()))
+        );
+        let http = check_greeting(b"HTTP/1.0 400 Bad", RUNNER_GREETING).unwrap_err();
+        assert!(http.to_string().contains("not a Tern runner"), "{http}");
+        assert!(http.to_string().contains("HTTP/1.0 400"), "{http}");
+        assert_eq!(
+            check_greeting(b"TERN-JOB/2 HERE\n", RUNNER_GREETING),
+            Err(GreetingError::Version("TERN-JOB/2".into()))
+        );
+        assert_eq!(
+            check_greeting(b"SSH-2", RUNNER_GREETING),
+            Err(GreetingError::Closed("SSH-2".into()))
+        );
+        assert_eq!(
+            check_greeting(b"", RUNNER_GREETING),
+            Err(GreetingError::Closed(String::new()))
+        );
+    }
     use proptest::prelude::*;
 
     fn samples() -> Vec<Message> {

@@ -135,7 +135,7 @@ fn the_script_joins_a_real_mesh_waits_for_a_service_and_leaves() {
     //    a forward to it, GitHub's output files.
     let token = lab.token("1", "ci");
     let state = d.join("job");
-    let sock = state.join("tern.sock");
+    let sock = state.join("api/tern.sock");
     let _down = Down(sock.clone());
     let forward = free_tcp();
     let (gh_output, gh_env) = (d.join("github_output"), d.join("github_env"));
@@ -203,7 +203,7 @@ fn the_script_joins_a_real_mesh_waits_for_a_service_and_leaves() {
     //    registered.
     let token2 = lab.token("1", "ci");
     let bg = d.join("bg");
-    let bg_sock = bg.join("tern.sock");
+    let bg_sock = bg.join("api/tern.sock");
     let _down_bg = Down(bg_sock.clone());
     let up = script("up", &inputs(&lab, &bg, &token2));
     let (stdout, stderr) = text(&up);

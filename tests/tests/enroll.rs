@@ -616,3 +616,108 @@ fn revoking_an_enrolled_node_ends_its_sessions_within_seconds() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fingerprint"));
 }
+
+/// The lighthouse's enrollment port answers sources nobody verified: it
+/// must not reflect more bytes than it receives, nor answer a flood faster
+/// than its buckets allow, and a job must still enroll meanwhile.
+#[test]
+fn enrollment_answers_no_more_than_it_receives_and_a_flood_does_not_keep_a_job_out() {
+    use std::net::UdpSocket;
+    use tern_shared::enroll::{enroll_hello, ENROLL_HELLO_LEN, TYPE_ENROLL_CERT};
+
+    const RATE: u64 = 20;
+    let lab = lab_with("127.78.0", &format!("per_source_per_sec = {RATE}\n"));
+    let lh = std::net::SocketAddr::from(([127, 0, 0, 1], lab.lh_port));
+    // The flood comes from another /24 than the job (127.0.0.1).
+    let flood = UdpSocket::bind("127.1.0.1:0").unwrap();
+    flood.connect(lh).unwrap();
+    let answered = |sock: &UdpSocket, wait: Duration| {
+        sock.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 2048];
+        sock.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    };
+    // A full-size hello is answered with the certificate, in fewer bytes.
+    let mut answer = None;
+    wait_until(
+        "a padded hello is answered",
+        Duration::from_secs(10),
+        || {
+            let _ = flood.send(&enroll_hello());
+            answer = answered(&flood, Duration::from_millis(200));
+            answer.is_some()
+        },
+    );
+    let answer = answer.unwrap();
+    // Answers to earlier tries, if any, are not the undersized ones'.
+    while answered(&flood, Duration::from_millis(300)).is_some() {}
+    assert_eq!(answer[0], TYPE_ENROLL_CERT);
+    assert!(answer.len() <= ENROLL_HELLO_LEN);
+    // Undersized hellos and requests (any length short of the padding) get
+    // nothing at all.
+    for datagram in [
+        vec![0x13],
+        vec![0x13; ENROLL_HELLO_LEN - 1],
+        vec![0x15; 200],
+        vec![0x15; 1199],
+    ] {
+        flood.send(&datagram).unwrap();
+        assert_eq!(
+            answered(&flood, Duration::from_millis(300)),
+            None,
+            "{} bytes of type {:#x} were answered",
+            datagram.len(),
+            datagram[0]
+        );
+    }
+
+    // A flood of padded hellos from one source for about two seconds (at
+    // most 5000), counted by a thread, while a job enrolls.
+    let counter = flood.try_clone().unwrap();
+    let count = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while answered(&counter, Duration::from_millis(1500)).is_some() {
+            n += 1;
+        }
+        n
+    });
+    let token = lab.token("1", "ci");
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let hello = enroll_hello();
+        for i in 0..5000u32 {
+            if started.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            let _ = flood.send(&hello);
+            if i % 25 == 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        started.elapsed()
+    });
+    let (_job, _forward) = lab.start_job("job", &token);
+    let enrolled_in = started.elapsed();
+    let flooded_for = sender.join().unwrap();
+    let flood_answers = count.join().unwrap();
+    eprintln!("flood: {flood_answers} answers over {flooded_for:?}; the job got through in {enrolled_in:?}");
+    // A full bucket and its refill over the flood, no more (one answer of
+    // slack for timing).
+    let allowed = RATE + (RATE as f64 * flooded_for.as_secs_f64()).ceil() as u64 + 1;
+    assert!(
+        flood_answers <= allowed,
+        "{flood_answers} answers to the flood; the bucket allows {allowed}"
+    );
+    assert!(
+        flood_answers >= RATE / 2,
+        "the flood's source was shut out entirely"
+    );
+    let status = lab.lighthouse_status();
+    let limited = status["enrollment"]["hellos"]["limited_per_source"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(limited > 100, "{status}");
+    assert!(
+        status["enrollment"]["undersized"].as_u64() >= Some(4),
+        "{status}"
+    );
+}

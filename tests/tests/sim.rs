@@ -722,6 +722,186 @@ fn traffic_fails_over_to_the_other_gateway_when_one_goes_away() {
     );
 }
 
+fn net(s: &str) -> ipnet::Ipv4Net {
+    s.parse().unwrap()
+}
+
+/// A gateway at `at` whose certificate carries `cert_subnets` and which
+/// advertises `advertised`.
+fn add_gateway(
+    lab: &mut Lab,
+    name: &str,
+    ip: &str,
+    at: &str,
+    cert_subnets: &[&str],
+    advertised: Vec<ipnet::Ipv4Net>,
+) {
+    let node = lab.ca.node(name, ip, &[], cert_subnets, 86_400);
+    lab.net.add_node(&lab.ca, &node, at);
+    lab.net
+        .node(at)
+        .0
+        .set_policy(&gateway_policy(), advertised, &[]);
+}
+
+/// The routes a node learned: (subnet, gateway names).
+fn learned(lab: &mut Lab, at: &str) -> BTreeMap<ipnet::Ipv4Net, Vec<String>> {
+    lab.net
+        .node(at)
+        .0
+        .status()
+        .routes
+        .into_iter()
+        .map(|r| (r.subnet, r.gateways))
+        .collect()
+}
+
+#[test]
+fn a_gateway_advertising_many_small_subnets_does_not_take_another_gateways_route() {
+    // gw-1 routes 198.19.0.0/24 (the clients' [[routes]]); gw-2 routes
+    // 198.19.200.0/24; "greedy" holds 198.19.0.0/16 and advertises sixteen
+    // /32s, which sort between the two.
+    let mut lab = gateway_lab(&[("gw-1", "100.64.0.30/10", GW1)]);
+    add_gateway(
+        &mut lab,
+        "gw-2",
+        "100.64.0.31/10",
+        GW2,
+        &["198.19.200.0/24"],
+        vec![net("198.19.200.0/24")],
+    );
+    let small: Vec<_> = (1..=16).map(|i| net(&format!("198.19.0.{i}/32"))).collect();
+    add_gateway(
+        &mut lab,
+        "greedy",
+        "100.64.0.32/10",
+        "198.18.0.32:4242",
+        &["198.19.0.0/16"],
+        small.clone(),
+    );
+    lab.net.run_for(Duration::from_secs(8));
+    let routes = learned(&mut lab, CI);
+    assert_eq!(
+        routes.get(&net("198.19.0.0/24")),
+        Some(&vec!["gw-1".to_string()]),
+        "{routes:?}"
+    );
+    assert_eq!(
+        routes.get(&net("198.19.200.0/24")),
+        Some(&vec!["gw-2".to_string()]),
+        "{routes:?}"
+    );
+    for s in &small {
+        assert_eq!(
+            routes.get(s),
+            Some(&vec!["greedy".to_string()]),
+            "{routes:?}"
+        );
+    }
+    assert_eq!(routes.len(), 18);
+    // And gw-2's subnet is still reached through gw-2 (whose firewall
+    // opens only 198.19.0.10, so it counts the packet as denied).
+    let syn = tcp_packet(CI_IP, Ipv4Addr::new(198, 19, 200, 10), 40000, 8080, 0x02);
+    lab.net.send_from_tun(CI, &syn);
+    let denied = lab.net.node(GW2).0.status().firewall.denied;
+    assert_eq!(denied.get("inbound/default-deny"), Some(&1), "{denied:?}");
+}
+
+#[test]
+fn a_mesh_with_a_hundred_subnet_gateway_pairs_learns_every_one() {
+    let mut lab = gateway_lab(&[]);
+    // 25 gateways with four /24s each.
+    for g in 0..25u8 {
+        let subnets: Vec<String> = (0..4)
+            .map(|k| format!("198.19.{}.0/24", 4 * g + k + 1))
+            .collect();
+        let refs: Vec<&str> = subnets.iter().map(String::as_str).collect();
+        add_gateway(
+            &mut lab,
+            &format!("gw-{g}"),
+            &format!("100.64.1.{g}/10"),
+            &format!("198.18.1.{g}:4242"),
+            &refs,
+            subnets.iter().map(|s| net(s)).collect(),
+        );
+    }
+    lab.net.run_for(Duration::from_secs(8));
+    let routes = learned(&mut lab, CI);
+    // The configured 198.19.0.0/24 (no gateway for it) and all 100.
+    assert_eq!(routes.len(), 101, "{routes:?}");
+    for g in 0..25u8 {
+        for k in 0..4 {
+            let s = net(&format!("198.19.{}.0/24", 4 * g + k + 1));
+            assert_eq!(routes.get(&s), Some(&vec![format!("gw-{g}")]), "{s}");
+        }
+    }
+}
+
+#[test]
+fn learned_routes_get_kernel_routes_only_when_accepted_and_verified_and_never_over_the_underlay() {
+    use tern_node::proto::node::NodeCommand;
+    let mut lab = gateway_lab(&[("gw-1", "100.64.0.30/10", GW1)]);
+    // A gateway whose certificate covers the underlay (and the lighthouse's
+    // 198.18.0.1) advertises it, and one a /25 inside the clients' subnet.
+    add_gateway(
+        &mut lab,
+        "wide",
+        "100.64.0.33/10",
+        "198.18.0.33:4242",
+        &["198.18.0.0/16"],
+        vec![net("198.18.0.0/16")],
+    );
+    add_gateway(
+        &mut lab,
+        "gw-3",
+        "100.64.0.34/10",
+        "198.18.0.34:4242",
+        &["198.19.7.0/24"],
+        vec![net("198.19.7.0/24")],
+    );
+    let kernel_adds = |lab: &mut Lab, at: &str| {
+        let mut adds = Vec::new();
+        while let Some(c) = lab.net.node(at).0.poll_command() {
+            if let NodeCommand::AddRoute(s) = c {
+                adds.push(s);
+            }
+        }
+        adds
+    };
+    // dev-1 accepts routes; ci-1 does not.
+    lab.net.node(DEV).0.set_accept_routes(true);
+    assert_eq!(
+        kernel_adds(&mut lab, CI),
+        vec![net("198.19.0.0/24")],
+        "[[routes]] at start"
+    );
+    assert_eq!(kernel_adds(&mut lab, DEV), vec![net("198.19.0.0/24")]);
+    lab.net.run_for(Duration::from_secs(8));
+    assert!(
+        kernel_adds(&mut lab, CI).is_empty(),
+        "learned routes stay out of ci-1's kernel"
+    );
+    let dev = kernel_adds(&mut lab, DEV);
+    assert_eq!(
+        dev,
+        vec![net("198.19.7.0/24")],
+        "only the verified, harmless one"
+    );
+    let status = lab.net.node(DEV).0.status();
+    let wide = status
+        .routes
+        .iter()
+        .find(|r| r.subnet == net("198.18.0.0/16"))
+        .unwrap();
+    assert!(!wide.kernel_route);
+    assert!(
+        wide.refused
+            .as_deref()
+            .is_some_and(|w| w.contains("198.18.0.1")),
+        "{wide:?}"
+    );
+}
+
 // ---- NAT traversal and relays --------------------------------------------
 
 const A_INSIDE: &str = "198.18.1.2:4242";

@@ -12,13 +12,18 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use serde::Serialize;
 use tern_shared::config::EnrollConfig;
-use tern_shared::enroll::{open_request, TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
+use tern_shared::enroll::{
+    may_answer, open_request, request_key, ENROLL_HELLO_LEN, ENROLL_REQUEST_MIN, TYPE_ENROLL_CERT,
+    TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::unix_now;
 use crate::enroll::{Decision, Enroller, SqliteStore};
 use crate::oidc::Jwks;
+use crate::proto::admission::{AdmissionCounters, SourceLimiter};
 
 /// Requests waiting for the enrollment thread; beyond this they are dropped
 /// (the node repeats its request).
@@ -26,8 +31,9 @@ const QUEUE: usize = 1024;
 /// How long an answer is kept for a node that repeats its request because
 /// the answer was lost (a node gives up after about 4 s).
 const ANSWER_KEPT: Duration = Duration::from_secs(30);
-/// Most answers kept; the oldest go first.
+/// Most answers kept, and most bytes of them; the oldest go first.
 const ANSWERS_KEPT: usize = 16_384;
+const ANSWERS_KEPT_BYTES: usize = 4 << 20;
 /// A provider's keys are fetched again this often, so a rotation is
 /// followed even before a token names the new key.
 const JWKS_REFRESH: Duration = Duration::from_secs(3600);
@@ -49,16 +55,48 @@ enum Job {
 pub struct EnrollmentHandle {
     hello_answer: Vec<u8>,
     jobs: SyncSender<Job>,
+    hellos: SourceLimiter,
+    requests: SourceLimiter,
+    undersized: u64,
+}
+
+/// What enrollment admitted and dropped, for `tern-lighthouse status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnrollmentCounters {
+    pub hellos: AdmissionCounters,
+    pub requests: AdmissionCounters,
+    /// Hellos and requests shorter than the padding the protocol asks for
+    /// (answering them would send more bytes than came in).
+    pub undersized: u64,
 }
 
 impl EnrollmentHandle {
     /// An enrollment datagram from `from`: the answer to send now (a hello),
     /// or `None` (a request, answered later through the answers channel,
-    /// or dropped when the thread is this far behind).
-    pub fn handle(&self, from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+    /// or dropped: too short, over its source's or the total rate, or the
+    /// thread is this far behind).
+    pub fn handle(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let min = match datagram.first() {
+            Some(&TYPE_ENROLL_HELLO) => ENROLL_HELLO_LEN,
+            Some(&TYPE_ENROLL_REQUEST) => ENROLL_REQUEST_MIN,
+            _ => return None,
+        };
+        if datagram.len() < min {
+            self.undersized += 1;
+            tracing::trace!(%from, len = datagram.len(), "enrollment datagram shorter than its padding; dropped");
+            return None;
+        }
         match datagram.first() {
-            Some(&TYPE_ENROLL_HELLO) => Some(self.hello_answer.clone()),
+            Some(&TYPE_ENROLL_HELLO) => {
+                if !self.hellos.admit(from, now) || !may_answer(datagram, &self.hello_answer) {
+                    return None;
+                }
+                Some(self.hello_answer.clone())
+            }
             Some(&TYPE_ENROLL_REQUEST) => {
+                if !self.requests.admit(from, now) {
+                    return None;
+                }
                 let job = Job::Request {
                     from,
                     datagram: datagram.to_vec(),
@@ -75,6 +113,14 @@ impl EnrollmentHandle {
                 None
             }
             _ => None,
+        }
+    }
+
+    pub fn counters(&self) -> EnrollmentCounters {
+        EnrollmentCounters {
+            hellos: self.hellos.counters().clone(),
+            requests: self.requests.counters().clone(),
+            undersized: self.undersized,
         }
     }
 }
@@ -110,6 +156,7 @@ pub fn start(
         secret: key.static_secret(),
         answered: HashMap::new(),
         answer_order: VecDeque::new(),
+        answered_bytes: 0,
         keys_asked: vec![None; providers],
         fetching: vec![false; providers],
         jobs: jobs.clone(),
@@ -135,7 +182,13 @@ pub fn start(
         .context("starting the enrollment thread")?;
     let mut hello_answer = vec![TYPE_ENROLL_CERT];
     hello_answer.extend_from_slice(cert.encoded());
-    Ok(EnrollmentHandle { hello_answer, jobs })
+    Ok(EnrollmentHandle {
+        hello_answer,
+        jobs,
+        hellos: SourceLimiter::new(config.per_source_per_sec, config.total_per_sec, now),
+        requests: SourceLimiter::new(config.per_source_per_sec, config.total_per_sec, now),
+        undersized: 0,
+    })
 }
 
 /// The enrollment thread's state: the only owner of the store connection
@@ -144,11 +197,13 @@ struct Worker {
     enroller: Enroller,
     store: SqliteStore,
     secret: x25519_dalek::StaticSecret,
-    /// Answers by request, so a repeated request gets the same answer
-    /// rather than a refusal for a token it already used; oldest first in
-    /// `answer_order`.
-    answered: HashMap<Vec<u8>, Vec<u8>>,
-    answer_order: VecDeque<(Instant, Vec<u8>)>,
+    /// Answers by enrollment (the request's ephemeral key), so a repeated
+    /// request gets the same answer rather than a refusal for a token it
+    /// already used; oldest first in `answer_order`, with their sizes,
+    /// `answered_bytes` in all.
+    answered: HashMap<[u8; 32], Vec<u8>>,
+    answer_order: VecDeque<(Instant, [u8; 32], usize)>,
+    answered_bytes: usize,
     /// Per OIDC provider: when its keys were last asked for, and whether a
     /// fetch of its URL is under way (fetches run on threads of their own
     /// and come back as [`Job::Keys`]).
@@ -187,17 +242,36 @@ impl Worker {
         }
     }
 
+    /// The answer to a request, if one may be sent: never longer than the
+    /// request (its source is not verified), so a node whose answer did not
+    /// fit gets it when it repeats the request with more padding.
     fn answer(&mut self, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
-        while let Some((at, request)) = self.answer_order.front() {
-            if now.saturating_duration_since(*at) < ANSWER_KEPT
+        let answer = self.decide(datagram, now)?;
+        if !may_answer(datagram, &answer) {
+            tracing::debug!(
+                answer = answer.len(),
+                request = datagram.len(),
+                "enrollment answer longer than its request; kept for the node's padded repeat"
+            );
+            return None;
+        }
+        Some(answer)
+    }
+
+    fn decide(&mut self, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
+        while let Some(&(at, key, size)) = self.answer_order.front() {
+            if now.saturating_duration_since(at) < ANSWER_KEPT
                 && self.answer_order.len() < ANSWERS_KEPT
+                && self.answered_bytes <= ANSWERS_KEPT_BYTES
             {
                 break;
             }
-            self.answered.remove(request);
+            self.answered.remove(&key);
             self.answer_order.pop_front();
+            self.answered_bytes -= size;
         }
-        if let Some(answer) = self.answered.get(datagram) {
+        let key = request_key(datagram)?;
+        if let Some(answer) = self.answered.get(&key) {
             return Some(answer.clone());
         }
         let (request, sealer) = match open_request(datagram, &self.secret) {
@@ -227,8 +301,10 @@ impl Worker {
             _ => {}
         }
         let answer = sealer.seal(&reply).ok()?;
-        self.answered.insert(datagram.to_vec(), answer.clone());
-        self.answer_order.push_back((now, datagram.to_vec()));
+        if self.answered.insert(key, answer.clone()).is_none() {
+            self.answered_bytes += answer.len();
+            self.answer_order.push_back((now, key, answer.len()));
+        }
         Some(answer)
     }
 

@@ -209,7 +209,7 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
     // Enrollment runs on a thread of its own: its store writes wait on the
     // disk, and registrations and relaying must not wait with them.
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
-    let enrollment = match &config.enroll {
+    let mut enrollment = match &config.enroll {
         Some(e) => Some(enroll::start(e, &identity.key, &cert, answers_tx)?),
         None => None,
     };
@@ -245,9 +245,9 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
                                         datagram.first(),
                                         Some(&TYPE_ENROLL_HELLO | &TYPE_ENROLL_REQUEST)
                                     );
-                                    match enrollment.as_ref() {
+                                    match enrollment.as_mut() {
                                         Some(e) if enrolling => {
-                                            if let Some(answer) = e.handle(from, datagram) {
+                                            if let Some(answer) = e.handle(from, datagram, now) {
                                                 sends.push(&socket, from, &answer).await;
                                             }
                                         }
@@ -280,7 +280,11 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
                 sends.push(&socket, to, &answer).await;
             }
             Some(reply) = api_rx.recv() => {
-                let _ = reply.send(serde_json::to_value(core.status(Instant::now())).unwrap_or_default());
+                let mut status = serde_json::to_value(core.status(Instant::now())).unwrap_or_default();
+                if let (Some(e), Some(fields)) = (&enrollment, status.as_object_mut()) {
+                    fields.insert("enrollment".into(), serde_json::to_value(e.counters()).unwrap_or_default());
+                }
+                let _ = reply.send(status);
             }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
@@ -358,6 +362,9 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         (None, None) => PathBuf::from(DEFAULT_SOCKET),
     };
+    // Refuse a socket another user could have put in place of the daemon's.
+    tern_udp::api_socket::check_before_connect(&path)
+        .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
     let reply: serde_json::Value = runtime()?.block_on(async {
         let stream = UnixStream::connect(&path).await.with_context(|| {
             format!(

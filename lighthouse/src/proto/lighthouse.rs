@@ -393,14 +393,14 @@ impl LighthouseCore {
                     relay.forget(cert.overlay_ip());
                 }
             }
-            ControlMessage::RoutesQuery { id } => {
-                let routes = self.registry.routes();
-                self.reply(
-                    peer,
-                    &cert,
-                    &ControlMessage::RoutesReply { id, routes },
-                    now,
-                );
+            ControlMessage::RoutesQuery { id, after } => {
+                let (routes, complete) = self.registry.routes_after(after);
+                let page = ControlMessage::RoutesReply {
+                    id,
+                    routes,
+                    complete,
+                };
+                self.reply(peer, &cert, &page, now);
             }
             ControlMessage::Ping { id } => {
                 self.reply(peer, &cert, &ControlMessage::Pong { id }, now);

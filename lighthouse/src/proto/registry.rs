@@ -208,23 +208,30 @@ impl Registry {
         out
     }
 
-    /// Every advertised route, by subnet then gateway address (at most
-    /// [`MAX_ROUTES_IN_REPLY`]).
-    pub fn routes(&self) -> Vec<AdvertisedRoute> {
+    /// One page of the advertised routes, by subnet then gateway address:
+    /// those after `after`, at most [`MAX_ROUTES_IN_REPLY`], and whether
+    /// that was the last page. Every gateway's routes are listed (each
+    /// advertises at most [`tern_shared::control::MAX_ADVERTISED`]): none
+    /// can push another's out of the list.
+    pub fn routes_after(&self, after: Option<(Ipv4Net, Ipv4Addr)>) -> (Vec<AdvertisedRoute>, bool) {
         let mut out: Vec<AdvertisedRoute> = self
             .entries
             .iter()
             .flat_map(|(ip, e)| {
-                e.routes.iter().map(|subnet| AdvertisedRoute {
-                    subnet: *subnet,
-                    gateway: *ip,
-                    name: e.name.clone(),
-                })
+                e.routes
+                    .iter()
+                    .filter(move |subnet| after.is_none_or(|a| (**subnet, *ip) > a))
+                    .map(|subnet| AdvertisedRoute {
+                        subnet: *subnet,
+                        gateway: *ip,
+                        name: e.name.clone(),
+                    })
             })
             .collect();
         out.sort();
+        let complete = out.len() <= MAX_ROUTES_IN_REPLY;
         out.truncate(MAX_ROUTES_IN_REPLY);
-        out
+        (out, complete)
     }
 
     /// Where the node is: the observed address first, then its local ones.
@@ -335,6 +342,78 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// Reads every page, as a node does.
+    fn all_routes(r: &Registry) -> Vec<AdvertisedRoute> {
+        let (mut all, mut after) = (Vec::new(), None);
+        for _ in 0..100 {
+            let (page, complete) = r.routes_after(after);
+            assert!(page.len() <= MAX_ROUTES_IN_REPLY);
+            after = page.last().map(|a| (a.subnet, a.gateway));
+            all.extend(page);
+            if complete {
+                return all;
+            }
+        }
+        panic!("the pages never ended");
+    }
+
+    #[test]
+    fn every_route_of_every_gateway_is_listed_page_by_page() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 1000);
+        // 100 gateways with a /24 each ...
+        for i in 0..100u8 {
+            let ip = Ipv4Addr::new(100, 64, 1, i);
+            r.register(
+                ip,
+                &format!("gw-{i}"),
+                b"c",
+                PeerId(u32::from(i)),
+                addr(&format!("198.18.0.{i}:4242")),
+                &[],
+                t0,
+            )
+            .unwrap();
+            r.set_routes(
+                ip,
+                vec![format!("198.19.{i}.0/24").parse().unwrap()],
+                vec![],
+            );
+        }
+        // ... and one whose /16 lets it advertise sixteen /32s, which sort
+        // before all of them.
+        let greedy = Ipv4Addr::new(100, 64, 2, 1);
+        r.register(
+            greedy,
+            "greedy",
+            b"c",
+            PeerId(999),
+            addr("198.18.1.1:4242"),
+            &[],
+            t0,
+        )
+        .unwrap();
+        let small: Vec<Ipv4Net> = (0..16u8)
+            .map(|i| format!("198.19.0.{i}/32").parse().unwrap())
+            .collect();
+        r.set_routes(greedy, small, vec![]);
+        let all = all_routes(&r);
+        assert_eq!(all.len(), 116);
+        let mut sorted = all.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, all, "in order, none twice");
+        for i in 0..100u8 {
+            assert!(
+                all.iter().any(|a| a.name == format!("gw-{i}")),
+                "gw-{i} missing"
+            );
+        }
+        // A page after the last route is empty and complete.
+        let last = all.last().map(|a| (a.subnet, a.gateway));
+        assert_eq!(r.routes_after(last), (vec![], true));
     }
 
     #[test]

@@ -43,7 +43,8 @@ use tern_netns_tests::tern::{ca_args, issuer_args, sign_args};
 use tern_netns_tests::workspace_bin;
 use tern_shared::cert::{CaPool, Cert, LIGHTHOUSE_GROUP};
 use tern_shared::enroll::{
-    EnrollRequest, Sealer, MAX_ENROLL_LEN, TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REPLY,
+    enroll_hello, EnrollRequest, Sealer, ENROLL_REQUEST_MIN, MAX_ENROLL_LEN, MAX_ENROLL_REPLY_LEN,
+    TYPE_ENROLL_CERT, TYPE_ENROLL_REPLY,
 };
 use tern_shared::keys::NodeSecretKey;
 
@@ -236,21 +237,26 @@ fn client_socket(to: SocketAddr) -> Result<UdpSocket, String> {
     Ok(s)
 }
 
-/// Sends `datagram` and waits for an answer of type `ty` (for an enrollment
-/// request, one sealed for the same ephemeral key); resends the same bytes
-/// after each [`TRY_TIMEOUT`], [`RESENDS`] times. The answer's length in
-/// `buf`.
+/// Sends the item's datagram and waits for an answer of type `ty` (for an
+/// enrollment request, one sealed for the same ephemeral key); resends its
+/// repeat (padded to fit any answer, as the node does) after each
+/// [`TRY_TIMEOUT`], [`RESENDS`] times. The answer's length in `buf`.
 fn exchange(
     sock: &UdpSocket,
-    datagram: &[u8],
+    item: &Item,
     ty: u8,
     try_timeout: Duration,
     buf: &mut [u8],
 ) -> Result<usize, String> {
     let eph = (ty == TYPE_ENROLL_REPLY)
-        .then(|| datagram.get(1..33))
+        .then(|| item.datagram.get(1..33))
         .flatten();
-    for _ in 0..=RESENDS {
+    for attempt in 0..=RESENDS {
+        let datagram = if attempt == 0 {
+            &item.datagram
+        } else {
+            &item.repeat
+        };
         sock.send(datagram).map_err(|e| format!("sending: {e}"))?;
         let until = Instant::now() + try_timeout;
         loop {
@@ -280,16 +286,19 @@ fn exchange(
     ))
 }
 
-/// One request, ready to send: the datagram and, for an enrollment, the
-/// sealer that opens its reply and the key the certificate must carry.
+/// One request, ready to send: the datagram, its repeat and, for an
+/// enrollment, the sealer that opens its reply and the key the certificate
+/// must carry.
 struct Item {
     datagram: Vec<u8>,
+    repeat: Vec<u8>,
     sealer: Option<(Sealer, [u8; 32])>,
 }
 
 fn hello_item() -> Item {
     Item {
-        datagram: vec![TYPE_ENROLL_HELLO],
+        datagram: enroll_hello(),
+        repeat: enroll_hello(),
         sealer: None,
     }
 }
@@ -309,11 +318,15 @@ fn enroll_item(
         public_key: key.public_bytes(),
         name_hint: Some("bench".into()),
     };
-    let datagram = sealer
-        .seal_request(&request)
-        .map_err(|e| format!("sealing a request: {e}"))?;
+    let seal = |min_len| {
+        sealer
+            .seal_request(&request, min_len)
+            .map_err(|e| format!("sealing a request: {e}"))
+    };
+    let (datagram, repeat) = (seal(ENROLL_REQUEST_MIN)?, seal(MAX_ENROLL_REPLY_LEN)?);
     Ok(Item {
         datagram,
+        repeat,
         sealer: Some((sealer, key.public_bytes())),
     })
 }
@@ -640,7 +653,7 @@ impl Drop for Lighthouse {
 
 /// One hello with a short timeout and no resend: whether it was answered.
 fn exchange_once(sock: &UdpSocket, buf: &mut [u8]) -> bool {
-    if sock.send(&[TYPE_ENROLL_HELLO]).is_err() {
+    if sock.send(&enroll_hello()).is_err() {
         return false;
     }
     if sock
@@ -732,7 +745,7 @@ fn run_batch(addr: SocketAddr, items: &[Item], concurrency: usize) -> Result<Bat
                             TYPE_ENROLL_CERT
                         };
                         let t = Instant::now();
-                        let answer = exchange(sock, &item.datagram, ty, TRY_TIMEOUT, &mut buf);
+                        let answer = exchange(sock, item, ty, TRY_TIMEOUT, &mut buf);
                         let ms = t.elapsed().as_secs_f64() * 1000.0;
                         let verdict = answer.and_then(|n| match &item.sealer {
                             None => Ok(()),
@@ -793,7 +806,7 @@ fn lighthouse_key(addr: SocketAddr, pool: &CaPool) -> Result<[u8; 32], String> {
     let mut buf = vec![0u8; MAX_ENROLL_LEN];
     let n = exchange(
         &sock,
-        &[TYPE_ENROLL_HELLO],
+        &hello_item(),
         TYPE_ENROLL_CERT,
         TRY_TIMEOUT,
         &mut buf,
@@ -812,13 +825,7 @@ fn lighthouse_key(addr: SocketAddr, pool: &CaPool) -> Result<[u8; 32], String> {
 fn sanity(addr: SocketAddr, pool: &CaPool, item: &Item) -> Result<String, String> {
     let sock = client_socket(addr)?;
     let mut buf = vec![0u8; MAX_ENROLL_LEN + 64];
-    let n = exchange(
-        &sock,
-        &item.datagram,
-        TYPE_ENROLL_REPLY,
-        TRY_TIMEOUT,
-        &mut buf,
-    )?;
+    let n = exchange(&sock, item, TYPE_ENROLL_REPLY, TRY_TIMEOUT, &mut buf)?;
     let Some((sealer, public_key)) = &item.sealer else {
         return Err("not an enrollment request".into());
     };
@@ -955,6 +962,7 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
             "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n\
              [listen]\naddr = \"{addr}\"\n[api]\nsocket = \"lh.sock\"\n[log]\nlevel = \"warn\"\n\
              [enroll]\nissuer_cert = \"lh-issuer.crt\"\nissuer_key = \"lh-issuer.key\"\n\
+             per_source_per_sec = 1000000\ntotal_per_sec = 1000000\n\
              [[enroll.oidc]]\nissuer = \"{OIDC_ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"jwks.json\"\n\
              [[enroll.oidc.rules]]\nclaims = {{ repository = \"acme/*\" }}\ngroups = [\"ci\"]\n"
         ),

@@ -165,11 +165,12 @@ fn world(prefix: &str, concurrency: u32) -> World {
 }
 
 impl World {
-    /// `tern run PIPELINE --node RUNNER_IP` in the CI namespace.
+    /// `tern run PIPELINE --node RUNNER_IP` in the CI namespace, through
+    /// its node.
     fn tern_run(&self, pipeline: &str) -> Command {
         let mut cmd = self.ci.command(workspace_bin("tern"));
         cmd.current_dir(&self.dir)
-            .args(["run", pipeline, "--node", RUNNER_IP])
+            .args(["run", pipeline, "--node", RUNNER_IP, "--socket", "ci.sock"])
             .env_remove("GITHUB_ACTIONS");
         cmd
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,11 +12,11 @@ use clap::Args;
 use tern_shared::cert::RUNNER_GROUP;
 use tern_shared::control::{RunnerInfo, RunnerSelector};
 use tern_shared::job::{
-    exit, FrameReader, JobResult, Message, Stream, Submit, MAX_CHUNK, RUNNER_PORT, RUNNER_SILENCE,
+    check_greeting, exit, FrameReader, JobResult, Message, Stream, Submit, CALLER_GREETING,
+    GREETING_LEN, GREETING_TIMEOUT, MAX_CHUNK, RUNNER_GREETING, RUNNER_PORT, RUNNER_SILENCE,
 };
 use tern_shared::pipeline::{Pipeline, RESERVED_ENV_PREFIX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -265,43 +265,70 @@ struct RunnersFound {
     answered: usize,
 }
 
-/// Opens the job connection: directly (TUN mode: the kernel routes the
-/// overlay address into the TUN device), or through the local daemon when
-/// it runs in userspace mode (no kernel route exists then).
+/// Opens the job connection, always through the local daemon (its API
+/// socket): the daemon dials the runner inside the mesh, from its
+/// userspace stack or from a socket bound to its TUN device, so the job
+/// and its secrets never follow whatever route this shell's network has
+/// for the overlay. Then the greetings: nothing of the job is sent before
+/// the other end has answered as a Tern runner.
 async fn dial(args: &RunArgs, ip: Ipv4Addr) -> Result<Box<dyn ByteStream>, String> {
     let addr = SocketAddrV4::new(ip, RUNNER_PORT);
-    if let Ok(socket) = api_socket(&args.socket, &args.config) {
-        let mode = api::call(&socket, &ApiRequest::Route { ip }).await.ok();
-        if let Some(reply) = mode {
-            if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
-                return Err(format!("cannot reach the runner at {addr}: {e}"));
+    let socket = api_socket(&args.socket, &args.config).map_err(|e| {
+        format!("tern run reaches runners through the local node; give its --config or --socket ({e:#})")
+    })?;
+    let reply = api::call(&socket, &ApiRequest::Route { ip })
+        .await
+        .map_err(|e| {
+            format!("tern run reaches runners only through the local node (give its --config or --socket): {e:#}")
+        })?;
+    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+        return Err(format!("cannot reach the runner at {addr}: {e}"));
+    }
+    let mut stream = match tokio::time::timeout(DIAL_TIMEOUT, api::dial(&socket, addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("cannot reach the runner at {addr}: {e:#}")),
+        Err(_) => {
+            return Err(format!(
+                "no answer from the runner at {addr} within {} s",
+                DIAL_TIMEOUT.as_secs()
+            ))
+        }
+    };
+    greet(&mut stream)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    Ok(Box::new(stream))
+}
+
+/// Sends the caller's greeting and checks the runner's.
+async fn greet(stream: &mut tokio::net::UnixStream) -> Result<(), String> {
+    stream
+        .write_all(CALLER_GREETING)
+        .await
+        .map_err(|e| format!("sending the greeting: {e}"))?;
+    let mut got = Vec::with_capacity(GREETING_LEN);
+    let read = async {
+        let mut byte = [0u8; GREETING_LEN];
+        while got.len() < GREETING_LEN {
+            let n = stream.read(&mut byte[..GREETING_LEN - got.len()]).await?;
+            if n == 0 {
+                break;
             }
-            if reply.get("mode").and_then(|m| m.as_str()) == Some("userspace") {
-                return match tokio::time::timeout(DIAL_TIMEOUT, api::dial(&socket, addr)).await {
-                    Ok(Ok(s)) => Ok(Box::new(s)),
-                    Ok(Err(e)) => Err(format!("cannot reach the runner at {addr}: {e:#}")),
-                    Err(_) => Err(format!(
-                        "no answer from the runner at {addr} within {} s",
-                        DIAL_TIMEOUT.as_secs()
-                    )),
-                };
-            }
+            got.extend_from_slice(&byte[..n]);
+        }
+        std::io::Result::Ok(())
+    };
+    match tokio::time::timeout(GREETING_TIMEOUT, read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("reading the runner's greeting: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "no greeting within {} s: not a Tern runner (is another service listening on port {RUNNER_PORT}?)",
+                GREETING_TIMEOUT.as_secs()
+            ))
         }
     }
-    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(SocketAddr::V4(addr))).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            // A runner that vanishes (and its tunnel with it) cannot say
-            // goodbye: keepalive notices within seconds.
-            crate::io::runner::keepalive(&s);
-            Ok(Box::new(s))
-        }
-        Ok(Err(e)) => Err(format!("cannot reach the runner at {addr}: {e}")),
-        Err(_) => Err(format!(
-            "no answer from the runner at {addr} within {} s",
-            DIAL_TIMEOUT.as_secs()
-        )),
-    }
+    check_greeting(&got, RUNNER_GREETING).map_err(|e| e.to_string())
 }
 
 /// How long reaching a runner may take (a first handshake, a relay).

@@ -1,7 +1,8 @@
 //! The local API: a Unix socket where `tern status` (and later commands) ask
 //! the running daemon questions. One JSON request per line, one JSON reply
-//! per line. The socket is created 0660 in a 0755 directory: only root (or
-//! the daemon's group) may ask.
+//! per line. The socket is created 0660 in a 0700 directory (0750 with
+//! `[api] group`): only the daemon's user (or its group) may ask, and the
+//! CLI refuses a directory another user could write to.
 
 use std::path::{Path, PathBuf};
 
@@ -205,6 +206,21 @@ impl Drop for SocketGuard {
 }
 
 async fn connect(path: &Path) -> anyhow::Result<UnixStream> {
+    // What goes over this socket (a pipeline's secrets too) must not reach
+    // a socket another user put in place of the daemon's.
+    if let Err(e) = tern_udp::api_socket::check_before_connect(path) {
+        let missing = e.kind() == std::io::ErrorKind::NotFound;
+        return Err(e).with_context(|| {
+            if missing {
+                format!(
+                    "connecting to the daemon's API socket {} (is `tern up` running with this config?)",
+                    path.display()
+                )
+            } else {
+                format!("the daemon's API socket {}", path.display())
+            }
+        });
+    }
     match UnixStream::connect(path).await {
         Ok(s) => Ok(s),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
@@ -234,4 +250,34 @@ pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_jso
         .await?
         .context("the daemon closed the API connection without answering")?;
     Ok(serde_json::from_str(&reply)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn call_refuses_a_socket_in_a_directory_others_can_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tmp.path().join("tern-1000");
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Someone else's listener, waiting for what the CLI sends.
+        let path = dir.join("tern0.sock");
+        let _planted = tokio::net::UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            call(&path, &ApiRequest::Status),
+        );
+        let err = match answer.await {
+            Err(_) => panic!("the request went to the planted socket"),
+            Ok(Ok(reply)) => panic!("answered through a planted socket: {reply}"),
+            Ok(Err(e)) => format!("{e:#}"),
+        };
+        assert!(err.contains("refusing the API socket directory"), "{err}");
+        assert!(err.contains(&format!("{}", dir.display())), "{err}");
+        assert!(err.contains("writable by group or others"), "{err}");
+    }
 }

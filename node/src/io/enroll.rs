@@ -10,7 +10,8 @@ use std::time::Duration;
 use tern_shared::cert::{CaPool, Cert, LIGHTHOUSE_GROUP};
 use tern_shared::config::NodeConfig;
 use tern_shared::enroll::{
-    EnrollRequest, Sealer, TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REPLY,
+    enroll_hello, EnrollRequest, Sealer, ENROLL_REQUEST_MIN, MAX_ENROLL_REPLY_LEN,
+    TYPE_ENROLL_CERT, TYPE_ENROLL_REPLY,
 };
 use tern_shared::identity::Identity;
 use tern_shared::keys::NodeSecretKey;
@@ -205,16 +206,18 @@ pub async fn enroll(
     ))
 }
 
-/// Sends `datagram` and waits for an answer of type `ty` from `to`,
-/// repeating a few times.
+/// Sends `first` and waits for an answer of type `ty` from `to`, repeating
+/// `repeat` a few times.
 async fn ask(
     socket: &UdpSocket,
     to: SocketAddr,
-    datagram: &[u8],
+    first: &[u8],
+    repeat: &[u8],
     ty: u8,
 ) -> anyhow::Result<Vec<u8>> {
     let mut buf = vec![0u8; 8192];
-    for _ in 0..TRIES {
+    for attempt in 0..TRIES {
+        let datagram = if attempt == 0 { first } else { repeat };
         socket.send_to(datagram, to).await?;
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -240,7 +243,9 @@ async fn enroll_with(
     now_unix: u64,
 ) -> anyhow::Result<Identity> {
     // The lighthouse's certificate, verified like any peer's.
-    let offer = ask(socket, endpoint, &[TYPE_ENROLL_HELLO], TYPE_ENROLL_CERT).await?;
+    // Padded: a lighthouse never answers more than it received.
+    let hello = enroll_hello();
+    let offer = ask(socket, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
     let lh = pool
         .verify_bytes(&offer[1..], now_unix)
         .map_err(|e| anyhow::anyhow!("its certificate does not verify against [pki] ca: {e}"))?;
@@ -274,8 +279,11 @@ async fn enroll_with(
         public_key: key.public_bytes(),
         name_hint: hostname(),
     };
-    let sealed = sealer.seal_request(&request)?;
-    let answer = ask(socket, endpoint, &sealed, TYPE_ENROLL_REPLY).await?;
+    // The first try fits a typical answer; repeats fit any (the lighthouse
+    // keeps the answer for this enrollment, so a repeat spends nothing).
+    let first = sealer.seal_request(&request, ENROLL_REQUEST_MIN)?;
+    let repeat = sealer.seal_request(&request, MAX_ENROLL_REPLY_LEN)?;
+    let answer = ask(socket, endpoint, &first, &repeat, TYPE_ENROLL_REPLY).await?;
     let reply = sealer.open_reply(&answer)?;
     let Some(pem) = reply.cert else {
         return Err(exit(

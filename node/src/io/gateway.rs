@@ -146,7 +146,7 @@ fn iptables(action: &str, spec: &[String]) -> anyhow::Result<()> {
 }
 
 /// Runs a system tool; a failure carries its command line and stderr.
-fn run_tool(program: &str, args: &[&str], what: &'static str) -> anyhow::Result<()> {
+pub(crate) fn run_tool(program: &str, args: &[&str], what: &'static str) -> anyhow::Result<()> {
     let out = Command::new(program).args(args).output().context(what)?;
     if !out.status.success() {
         bail!(
@@ -172,15 +172,4 @@ impl Drop for GatewaySetup {
         }
         tracing::info!("gateway forwarding removed");
     }
-}
-
-/// Adds or removes a kernel route into the TUN device.
-pub fn kernel_route(add: bool, subnet: Ipv4Net, tun: &str) -> anyhow::Result<()> {
-    let subnet = subnet.to_string();
-    let args: Vec<&str> = if add {
-        vec!["route", "replace", &subnet, "dev", tun]
-    } else {
-        vec!["route", "del", &subnet, "dev", tun]
-    };
-    run_tool("ip", &args, "running ip (iproute2)")
 }

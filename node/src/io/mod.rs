@@ -11,6 +11,7 @@ pub mod exec;
 pub mod gateway;
 pub mod job;
 pub mod proxy;
+pub mod routes;
 pub mod runner;
 pub mod userspace;
 
@@ -185,6 +186,7 @@ pub async fn run(
     core.set_local_endpoints(local_endpoints(listen, &targets));
     core.set_relay_after(config.peers.relay_after);
     core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
+    core.set_accept_routes(config.tun.accept_routes);
     let _gateway = match &config.gateway {
         Some(_) if userspace => {
             tracing::info!(subnets = ?gateway_subnets, "gateway in userspace: flows to these subnets are proxied with ordinary sockets (no ip_forward, no NAT rules)");
@@ -237,7 +239,9 @@ pub async fn run(
     };
     let dialer = match &plane {
         Plane::User { stack, .. } => proxy::Dialer::Userspace(stack.handle()),
-        Plane::Tun { .. } => proxy::Dialer::Kernel,
+        Plane::Tun { .. } => proxy::Dialer::Kernel {
+            device: config.tun.name.clone(),
+        },
     };
     let _proxies = ProxyTasks(proxy::start(&config, &dialer).await?);
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
@@ -427,17 +431,24 @@ pub async fn run(
                 // No kernel routes: the stack hands every packet to the core.
                 continue;
             }
-            let result = match command {
-                NodeCommand::AddRoute(subnet) => {
-                    gateway::kernel_route(true, subnet, &config.tun.name)
-                }
-                NodeCommand::RemoveRoute(subnet) => {
-                    gateway::kernel_route(false, subnet, &config.tun.name)
-                }
-            };
-            match result {
-                Ok(()) => tracing::info!(?command, "kernel route updated"),
-                Err(e) => tracing::warn!(error = %e, "kernel route update failed"),
+            let tun = &config.tun.name;
+            match command {
+                NodeCommand::AddRoute(subnet) => match routes::add(subnet, tun) {
+                    Ok(routes::RouteAdded::Added) => {
+                        tracing::info!(%subnet, dev = %tun, "kernel route added")
+                    }
+                    Ok(routes::RouteAdded::Present) => {
+                        tracing::debug!(%subnet, "kernel route already there")
+                    }
+                    Ok(routes::RouteAdded::Skipped(why)) => {
+                        tracing::warn!(%subnet, reason = %why, "kernel route skipped")
+                    }
+                    Err(e) => tracing::warn!(%subnet, error = %e, "kernel route not added"),
+                },
+                NodeCommand::RemoveRoute(subnet) => match routes::remove(subnet, tun) {
+                    Ok(()) => tracing::info!(%subnet, "kernel route removed"),
+                    Err(e) => tracing::debug!(%subnet, error = %e, "kernel route not removed"),
+                },
             }
         }
     }

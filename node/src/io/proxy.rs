@@ -20,8 +20,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
 /// How this node opens connections into the mesh.
 #[derive(Clone)]
 pub enum Dialer {
-    /// TUN mode: ordinary sockets, routed into the TUN device by the kernel.
-    Kernel,
+    /// TUN mode: ordinary sockets bound to the TUN device (`device`), so
+    /// the kernel can send them nowhere else: whatever the host's routes
+    /// say, nothing dialled here leaves the mesh.
+    Kernel { device: String },
     /// Userspace mode: the in-process stack.
     Userspace(NetstackHandle),
 }
@@ -30,15 +32,26 @@ impl Dialer {
     pub async fn connect(&self, target: SocketAddrV4) -> Result<Box<dyn ByteStream>, DialError> {
         match self {
             Dialer::Userspace(stack) => Ok(Box::new(stack.connect(target).await?.into_stream())),
-            Dialer::Kernel => {
+            Dialer::Kernel { device } => {
+                let socket = tokio::net::TcpSocket::new_v4()
+                    .and_then(|s| s.bind_device(Some(device.as_bytes())).map(|()| s))
+                    .map_err(|e| {
+                        DialError::NoRoute(format!(
+                            "{target}: cannot bind a socket to the TUN device {device}: {e}"
+                        ))
+                    })?;
                 let dial = tokio::time::timeout(
                     super::userspace::DIAL_TIMEOUT,
-                    TcpStream::connect(SocketAddr::V4(target)),
+                    socket.connect(SocketAddr::V4(target)),
                 )
                 .await;
                 match dial {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
+                        // A peer that vanishes (and its tunnel with it)
+                        // cannot say goodbye: keepalive notices in seconds,
+                        // as the userspace stack does.
+                        super::runner::keepalive(&s);
                         Ok(Box::new(s))
                     }
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -273,8 +286,9 @@ async fn udp_associate(mut control: TcpStream, dialer: Dialer) -> anyhow::Result
                 }
             }
         }
-        Dialer::Kernel => {
+        Dialer::Kernel { device } => {
             let out = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await?;
+            out.bind_device(Some(device.as_bytes()))?;
             let mut from_mesh = vec![0u8; 65_535];
             loop {
                 tokio::select! {

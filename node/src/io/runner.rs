@@ -12,7 +12,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_shared::config::RunnerConfig;
 use tern_shared::control::RunnerLoad;
-use tern_shared::job::{FrameReader, JobResult, Message, RUNNER_PORT};
+use tern_shared::job::{
+    check_greeting, FrameReader, JobResult, Message, CALLER_GREETING, GREETING_LEN,
+    GREETING_TIMEOUT, RUNNER_GREETING, RUNNER_PORT,
+};
 use tern_shared::pipeline::Pipeline;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -191,6 +194,16 @@ async fn serve(
     runner_name: String,
 ) -> anyhow::Result<()> {
     let (mut read, mut write) = tokio::io::split(stream);
+    // Greetings first: a caller that does not speak the job protocol gets
+    // nothing from us and is read no further.
+    let mut greeting = [0u8; GREETING_LEN];
+    tokio::time::timeout(GREETING_TIMEOUT, read.read_exact(&mut greeting))
+        .await
+        .context("no greeting from the caller")??;
+    if let Err(e) = check_greeting(&greeting, CALLER_GREETING) {
+        anyhow::bail!("the caller's greeting: {e}");
+    }
+    write.write_all(RUNNER_GREETING).await?;
     // Who is calling: only a peer's own overlay address names a peer.
     let IpAddr::V4(ip) = peer.ip() else {
         anyhow::bail!("not an IPv4 overlay address");

@@ -220,7 +220,11 @@ impl Firewall {
             }
         }
         // An ICMP error about a flow we carry (e.g. "fragmentation needed",
-        // which path MTU discovery lives on) belongs to that flow.
+        // which path MTU discovery lives on) belongs to that flow, if it is
+        // tied to it: sent to the host that sent the quoted packet, about
+        // a packet that went to (inbound) or came from (outbound) the peer's
+        // side. Anything else would let a peer with one allowed flow forge
+        // errors toward any host behind a gateway.
         if flow.proto == PROTO_ICMP {
             if let Some(quoted) = icmp_error_quote(packet) {
                 let opposite = match dir {
@@ -229,7 +233,22 @@ impl Firewall {
                 };
                 let qkey = FlowKey::new(opposite, &quoted);
                 if self.flows.get(&qkey).is_some_and(|e| *e > now) {
-                    return Verdict::Allow;
+                    let peer_end = match dir {
+                        Direction::Inbound => quoted.dst,
+                        Direction::Outbound => quoted.src,
+                    };
+                    if flow.dst == quoted.src && on_peers_side(peer, peer_end) {
+                        return Verdict::Allow;
+                    }
+                    return self.deny(
+                        dir,
+                        "icmp-error-not-for-its-flow",
+                        Some(&flow),
+                        packet,
+                        peer,
+                        now,
+                        Action::Allow,
+                    );
                 }
             }
         }
@@ -442,6 +461,16 @@ pub fn subnet_within(net: &Ipv4Net, outer: &[IpNet]) -> bool {
     })
 }
 
+/// Whether `ip` is the peer's overlay address or inside a subnet its
+/// certificate carries.
+fn on_peers_side(peer: &VerifiedCert, ip: Ipv4Addr) -> bool {
+    ip == peer.overlay_ip()
+        || peer
+            .subnets()
+            .iter()
+            .any(|n| matches!(n, ipnet::IpNet::V4(n) if n.contains(&ip)))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -483,6 +512,8 @@ mod tests {
     struct Peers {
         ci: VerifiedCert,
         dev: VerifiedCert,
+        /// A gateway for 198.19.0.0/24 (DB's network).
+        gw: VerifiedCert,
     }
 
     fn peers() -> Peers {
@@ -494,6 +525,9 @@ mod tests {
                 .verified(&pool),
             dev: ca
                 .node("dev-1", "100.64.0.6/10", &["dev"], &[], 86_400)
+                .verified(&pool),
+            gw: ca
+                .node("gw-1", "100.64.0.10/10", &[], &["198.19.0.0/24"], 86_400)
                 .verified(&pool),
         }
     }
@@ -718,26 +752,74 @@ host = "ci-1"
         );
     }
 
+    /// An ICMP error from `from` to `to` (type 3 code 4: fragmentation
+    /// needed, MTU 1420) quoting the first 28 bytes of `quoted`.
+    fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+        let mut err = vec![0x45, 0, 0, 56, 0, 0, 0x40, 0, 64, 1, 0, 0];
+        err.extend_from_slice(&from.octets());
+        err.extend_from_slice(&to.octets());
+        err.extend_from_slice(&[3, 4, 0, 0, 0, 0, 5, 0x8c]);
+        err.extend_from_slice(&quoted[..28]);
+        err
+    }
+
     #[test]
     fn icmp_errors_about_a_flow_pass_with_it() {
         let p = peers();
         let now = Instant::now();
         let mut fw = Firewall::new(&FirewallConfig::default(), CI, now);
         let syn = tcp(CI, DB, 40000, 443, 2);
-        assert_eq!(fw.check_outbound(&syn, &p.dev, now), Verdict::Allow);
-        // "Fragmentation needed" from the far side, quoting our segment.
-        let mut err = vec![0x45, 0, 0, 56, 0, 0, 0x40, 0, 64, 1, 0, 0];
-        err.extend_from_slice(&GW.octets());
-        err.extend_from_slice(&CI.octets());
-        err.extend_from_slice(&[3, 4, 0, 0, 0, 0, 5, 0x8c]);
-        err.extend_from_slice(&syn[..28]);
-        assert_eq!(fw.check_inbound(&err, &p.dev, now), Verdict::Allow);
+        assert_eq!(fw.check_outbound(&syn, &p.gw, now), Verdict::Allow);
+        // "Fragmentation needed" from a router on the far side, quoting our
+        // segment: path MTU discovery works.
+        let router = Ipv4Addr::new(198, 19, 0, 1);
+        let err = icmp_error(router, CI, &syn);
+        assert_eq!(fw.check_inbound(&err, &p.gw, now), Verdict::Allow);
         let unrelated = {
             let mut e = err.clone();
             e[20 + 8 + 20] = 0x11; // another source port in the quote
             e
         };
-        assert_eq!(fw.check_inbound(&unrelated, &p.dev, now), Verdict::Drop);
+        assert_eq!(fw.check_inbound(&unrelated, &p.gw, now), Verdict::Drop);
+    }
+
+    #[test]
+    fn forged_icmp_errors_are_not_tied_to_a_flow_and_are_dropped_and_counted() {
+        let p = peers();
+        let now = Instant::now();
+        // A gateway for DB's network: ci-1 has an allowed flow to DB:8080.
+        let mut fw = Firewall::new(&rules(GATEWAY_RULES), GW, now);
+        let syn = tcp(CI, DB, 40000, 8080, 2);
+        assert_eq!(fw.check_inbound(&syn, &p.ci, now), Verdict::Allow);
+        let syn_ack = tcp(DB, CI, 8080, 40000, 0x12);
+        assert_eq!(fw.check_outbound(&syn_ack, &p.ci, now), Verdict::Allow);
+        // ci-1 sends an "error" about DB's reply, but to another host
+        // behind the gateway: not for the host that sent the quoted packet.
+        let other = Ipv4Addr::new(198, 19, 0, 77);
+        let forged = icmp_error(CI, other, &syn_ack);
+        assert_eq!(fw.check_inbound(&forged, &p.ci, now), Verdict::Drop);
+        // Another peer (dev-1) quotes the same flow to DB itself: the
+        // quoted destination is not on dev-1's side.
+        let forged = icmp_error(Ipv4Addr::new(100, 64, 0, 6), DB, &syn_ack);
+        assert_eq!(fw.check_inbound(&forged, &p.dev, now), Verdict::Drop);
+        let denied = fw.status().denied;
+        assert_eq!(
+            denied.get("inbound/icmp-error-not-for-its-flow"),
+            Some(&2),
+            "{denied:?}"
+        );
+        // The genuine error, from ci-1's side to DB about DB's reply, passes.
+        let genuine = icmp_error(CI, DB, &syn_ack);
+        assert_eq!(fw.check_inbound(&genuine, &p.ci, now), Verdict::Allow);
+        // Outbound alike: an error toward ci-1 about ci-1's own segment
+        // passes; one sent to another peer about it does not.
+        let router = Ipv4Addr::new(198, 19, 0, 1);
+        assert_eq!(
+            fw.check_outbound(&icmp_error(router, CI, &syn), &p.ci, now),
+            Verdict::Allow
+        );
+        let to_dev = icmp_error(router, Ipv4Addr::new(100, 64, 0, 6), &syn);
+        assert_eq!(fw.check_outbound(&to_dev, &p.dev, now), Verdict::Drop);
     }
 
     #[test]

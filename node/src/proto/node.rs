@@ -17,7 +17,7 @@ use serde::Serialize;
 use tern_shared::cert::{VerifiedCert, LIGHTHOUSE_GROUP};
 use tern_shared::control::{
     AdvertisedRoute, ControlMessage, PeerInfo, PolicyAnswer, RunnerInfo, RunnerLoad,
-    RunnerSelector, CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS,
+    RunnerSelector, CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS, MAX_ROUTES_IN_REPLY,
 };
 use tern_shared::policy::{FirewallConfig, RouteConfig};
 
@@ -45,6 +45,9 @@ const MAX_LOOKUPS: usize = 256;
 const HELLO_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a node asks its lighthouses which gateways route what.
 pub const ROUTES_INTERVAL: Duration = Duration::from_secs(3);
+/// Most advertised routes a node takes in (pages of
+/// [`MAX_ROUTES_IN_REPLY`] read one after the other).
+pub const MAX_LEARNED_ROUTES: usize = 4096;
 /// A gateway we keep sending to without hearing back for this long is asked
 /// whether it is alive ...
 pub const PROBE_AFTER: Duration = Duration::from_millis(1000);
@@ -146,8 +149,11 @@ struct PendingPing {
 /// Side effects for the shell beyond packets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeCommand {
-    /// Send this subnet into the TUN device (a kernel route).
+    /// Send this subnet into the TUN device (a kernel route), unless the
+    /// host already routes it another way: the shell never replaces a
+    /// route it did not make.
     AddRoute(Ipv4Net),
+    /// Remove the kernel route this node made for the subnet.
     RemoveRoute(Ipv4Net),
 }
 
@@ -159,6 +165,12 @@ pub struct RouteStatus {
     pub configured: bool,
     pub gateways: Vec<String>,
     pub active: Option<String>,
+    /// Whether this node asked for a kernel route for it (TUN mode; the
+    /// host keeps its own route if it has one).
+    pub kernel_route: bool,
+    /// Why a learned route gets no kernel route, when it is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// `tern status` for a node.
@@ -203,6 +215,11 @@ pub struct NodeCore {
     gateway_subnets: Vec<Ipv4Net>,
     routes: Vec<RouteState>,
     next_routes_query: Instant,
+    /// The list of routes being read from a lighthouse, page by page.
+    routes_fetch: Option<RoutesFetch>,
+    /// `[tun] accept_routes`: learned routes get kernel routes too (once a
+    /// verified certificate covers them), not only `[[routes]]`.
+    accept_routes: bool,
     tun_writes: VecDeque<Vec<u8>>,
     commands: VecDeque<NodeCommand>,
     /// Peers without a direct path yet: punching, then relaying after
@@ -247,11 +264,24 @@ struct Attempt {
     interval: Duration,
 }
 
+/// One reading of a lighthouse's route list.
+struct RoutesFetch {
+    lighthouse: PeerId,
+    lighthouse_ip: Ipv4Addr,
+    /// The request whose answer is the next page.
+    request: u32,
+    routes: Vec<AdvertisedRoute>,
+}
+
 struct RouteState {
     subnet: Ipv4Net,
     via: Option<String>,
     /// From `[[routes]]` (kept even when nobody advertises it).
     configured: bool,
+    /// A kernel route was asked for (AddRoute sent, RemoveRoute not yet).
+    kernel: bool,
+    /// Why a learned route may not have a kernel route (logged once).
+    refused: Option<String>,
     gateways: Vec<GatewayCandidate>,
     active: Option<Ipv4Addr>,
     /// When we last asked the active gateway whether it is alive.
@@ -331,6 +361,8 @@ impl NodeCore {
             gateway_subnets: Vec::new(),
             routes: Vec::new(),
             next_routes_query: now,
+            routes_fetch: None,
+            accept_routes: false,
             tun_writes: VecDeque::new(),
             commands: VecDeque::new(),
             attempts: HashMap::new(),
@@ -498,6 +530,13 @@ impl NodeCore {
         routes: &[RouteConfig],
     ) {
         self.firewall.replace_rules(firewall);
+        if gateway_subnets.len() > MAX_ADVERTISED {
+            tracing::warn!(
+                subnets = gateway_subnets.len(),
+                advertised = ?&gateway_subnets[..MAX_ADVERTISED],
+                "[gateway] subnets lists more than {MAX_ADVERTISED}; only the first {MAX_ADVERTISED} are advertised and routed (use fewer, larger subnets)"
+            );
+        }
         self.gateway_subnets = gateway_subnets;
         self.gateway_subnets.truncate(MAX_ADVERTISED);
         for r in routes {
@@ -505,6 +544,8 @@ impl NodeCore {
                 subnet: r.subnet,
                 via: r.via.clone(),
                 configured: true,
+                kernel: true,
+                refused: None,
                 gateways: Vec::new(),
                 active: None,
                 probe_sent: None,
@@ -512,6 +553,14 @@ impl NodeCore {
             self.commands.push_back(NodeCommand::AddRoute(r.subnet));
         }
         self.sort_routes();
+    }
+
+    /// `[tun] accept_routes`: give learned routes kernel routes too, once
+    /// a gateway's verified certificate covers them; never the default
+    /// route, the overlay, or a prefix holding a lighthouse's or this
+    /// node's underlay address (name those in `[[routes]]` if you mean it).
+    pub fn set_accept_routes(&mut self, accept: bool) {
+        self.accept_routes = accept;
     }
 
     /// New firewall rules (SIGHUP); flows and tunnels stay.
@@ -719,6 +768,8 @@ impl NodeCore {
                     subnet: r.subnet,
                     via: r.via.clone(),
                     configured: r.configured,
+                    kernel_route: r.kernel,
+                    refused: r.refused.clone(),
                     gateways: r.gateways.iter().map(|g| g.name.clone()).collect(),
                     active: r
                         .active
@@ -786,20 +837,26 @@ impl NodeCore {
     fn drive_routes(&mut self, now: Instant) {
         if self.next_routes_query <= now {
             self.next_routes_query = now + ROUTES_INTERVAL;
-            for i in 0..self.links.len() {
-                if let LinkState::Up {
-                    peer,
-                    overlay_ip,
-                    acked: true,
-                    ..
-                } = self.links[i].state
-                {
-                    let id = self.request_id();
-                    self.send_control(peer, overlay_ip, &ControlMessage::RoutesQuery { id }, now);
-                    break;
-                }
+            // A reading still unfinished after a whole interval is dropped
+            // (a page was lost); this one starts over.
+            if let Some((lighthouse, lighthouse_ip)) =
+                self.registered_lighthouses().first().copied()
+            {
+                let request = self.request_id();
+                self.routes_fetch = Some(RoutesFetch {
+                    lighthouse,
+                    lighthouse_ip,
+                    request,
+                    routes: Vec::new(),
+                });
+                let query = ControlMessage::RoutesQuery {
+                    id: request,
+                    after: None,
+                };
+                self.send_control(lighthouse, lighthouse_ip, &query, now);
             }
         }
+        self.install_accepted_routes();
         for i in 0..self.routes.len() {
             let Some(active) = self.routes[i].active else {
                 continue;
@@ -853,9 +910,57 @@ impl NodeCore {
         }
     }
 
+    /// One page of a lighthouse's route list: kept until the last page,
+    /// then the whole list replaces what we knew. Pages must go forward
+    /// (each route after the one before), and the list is bounded.
+    fn routes_page(
+        &mut self,
+        from: PeerId,
+        id: u32,
+        page: Vec<AdvertisedRoute>,
+        complete: bool,
+        now: Instant,
+    ) {
+        let Some(fetch) = self.routes_fetch.as_mut() else {
+            return;
+        };
+        if fetch.lighthouse != from || fetch.request != id {
+            return;
+        }
+        let key = |a: &AdvertisedRoute| (a.subnet, a.gateway);
+        let mut last = fetch.routes.last().map(key);
+        for route in page.into_iter().take(MAX_ROUTES_IN_REPLY) {
+            if last.is_some_and(|l| key(&route) <= l) {
+                self.counters.bad_control_messages += 1;
+                tracing::warn!("a lighthouse's route list went backwards; reading it again later");
+                self.routes_fetch = None;
+                return;
+            }
+            last = Some(key(&route));
+            fetch.routes.push(route);
+        }
+        let full = fetch.routes.len() >= MAX_LEARNED_ROUTES;
+        if complete || full {
+            if full && !complete {
+                tracing::warn!("more than {MAX_LEARNED_ROUTES} advertised routes; using the first {MAX_LEARNED_ROUTES}");
+            }
+            let routes = std::mem::take(&mut fetch.routes);
+            self.routes_fetch = None;
+            self.handle_routes(routes, now);
+            return;
+        }
+        let (lighthouse, lighthouse_ip, after) = (fetch.lighthouse, fetch.lighthouse_ip, last);
+        let request = self.request_id();
+        if let Some(f) = self.routes_fetch.as_mut() {
+            f.request = request;
+        }
+        let query = ControlMessage::RoutesQuery { id: request, after };
+        self.send_control(lighthouse, lighthouse_ip, &query, now);
+    }
+
     /// The lighthouse's list of advertised routes replaces what we knew:
     /// configured routes keep their kernel route, learned ones come and go.
-    fn handle_routes(&mut self, advertised: Vec<AdvertisedRoute>) {
+    fn handle_routes(&mut self, advertised: Vec<AdvertisedRoute>, now: Instant) {
         let mut by_subnet: BTreeMap<Ipv4Net, Vec<&AdvertisedRoute>> = BTreeMap::new();
         for a in &advertised {
             if a.gateway != self.overlay_ip && !self.gateway_subnets.contains(&a.subnet) {
@@ -887,20 +992,35 @@ impl NodeCore {
         self.routes.retain(|r| {
             let keep = r.configured || !r.gateways.is_empty();
             if !keep {
-                gone.push(r.subnet);
+                gone.push((r.subnet, r.kernel));
             }
             keep
         });
-        for subnet in gone {
+        for (subnet, kernel) in gone {
             tracing::info!(%subnet, "no gateway advertises the subnet any more; route removed");
-            self.commands.push_back(NodeCommand::RemoveRoute(subnet));
+            if kernel {
+                self.commands.push_back(NodeCommand::RemoveRoute(subnet));
+            }
         }
+        let mut look_up = Vec::new();
         for (subnet, gws) in by_subnet {
             tracing::info!(%subnet, gateways = ?gws.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), "learned route");
+            let refused = self.refuse_learned(subnet);
+            if self.accept_routes {
+                match &refused {
+                    Some(why) => {
+                        tracing::warn!(%subnet, reason = %why, "learned route gets no kernel route")
+                    }
+                    // Its gateways' certificates decide: look them up.
+                    None => look_up.extend(gws.iter().map(|g| g.gateway)),
+                }
+            }
             self.routes.push(RouteState {
                 subnet,
                 via: None,
                 configured: false,
+                kernel: false,
+                refused,
                 probe_sent: None,
                 gateways: gws
                     .iter()
@@ -912,9 +1032,73 @@ impl NodeCore {
                     .collect(),
                 active: None,
             });
-            self.commands.push_back(NodeCommand::AddRoute(subnet));
         }
         self.sort_routes();
+        for gateway in look_up {
+            if self.mesh.peer_by_overlay(gateway).is_none() {
+                self.look_up(gateway, now);
+            }
+        }
+        self.install_accepted_routes();
+    }
+
+    /// Why a learned subnet may not get a kernel route, whatever its
+    /// gateway's certificate says: it would take the host's default route,
+    /// the overlay itself, or the way to a lighthouse or out of this host.
+    fn refuse_learned(&self, subnet: Ipv4Net) -> Option<String> {
+        if subnet.prefix_len() == 0 {
+            return Some("it is the default route".into());
+        }
+        if subnet.contains(&self.overlay_net.network())
+            || self.overlay_net.contains(&subnet.network())
+        {
+            return Some(format!("it overlaps the overlay {}", self.overlay_net));
+        }
+        let underlay = self
+            .links
+            .iter()
+            .flat_map(|l| [Some(l.target.endpoint), l.observed])
+            .flatten()
+            .map(|e| (e, "a lighthouse's or this node's public address"))
+            .chain(
+                self.local_endpoints
+                    .iter()
+                    .map(|e| (*e, "this node's own underlay address")),
+            );
+        for (endpoint, what) in underlay {
+            if let std::net::IpAddr::V4(ip) = endpoint.ip() {
+                if subnet.contains(&ip) {
+                    return Some(format!("it covers {ip}, {what}"));
+                }
+            }
+        }
+        None
+    }
+
+    /// With `accept_routes`: a kernel route for each learned subnet that a
+    /// gateway's verified certificate covers whole.
+    fn install_accepted_routes(&mut self) {
+        if !self.accept_routes {
+            return;
+        }
+        for i in 0..self.routes.len() {
+            let r = &self.routes[i];
+            if r.kernel || r.configured || r.refused.is_some() {
+                continue;
+            }
+            let covered_by = r.gateways.iter().find_map(|g| {
+                let cert = self
+                    .mesh
+                    .peer_cert(self.mesh.peer_by_overlay(g.overlay_ip)?)?;
+                covers(cert, r.subnet).then(|| cert.name().to_string())
+            });
+            if let Some(gateway) = covered_by {
+                let r = &mut self.routes[i];
+                tracing::info!(subnet = %r.subnet, %gateway, "learned route accepted ([tun] accept_routes)");
+                r.kernel = true;
+                self.commands.push_back(NodeCommand::AddRoute(r.subnet));
+            }
+        }
     }
 
     fn wait_for_lookup(&mut self, dst: Ipv4Addr, packet: &[u8], now: Instant) {
@@ -1256,7 +1440,11 @@ impl NodeCore {
                     }
                 }
             }
-            ControlMessage::RoutesReply { routes, .. } => self.handle_routes(routes),
+            ControlMessage::RoutesReply {
+                id,
+                routes,
+                complete,
+            } => self.routes_page(from_peer, id, routes, complete, now),
             ControlMessage::Pong { id } => self.pong(from_peer, id, now),
             ControlMessage::Ping { id } => {
                 let Some(ip) = self.mesh.peer_cert(from_peer).map(|c| c.overlay_ip()) else {
@@ -1836,6 +2024,13 @@ impl NodeCore {
 
 /// Cryptokey routing outbound: a peer gets only packets for its own overlay
 /// address or for a subnet its certificate carries.
+/// Whether the certificate authorizes the whole subnet.
+fn covers(cert: &VerifiedCert, subnet: Ipv4Net) -> bool {
+    cert.subnets()
+        .iter()
+        .any(|n| matches!(n, IpNet::V4(n) if n.contains(&subnet)))
+}
+
 fn may_receive(cert: &VerifiedCert, dst: Ipv4Addr) -> bool {
     dst == cert.overlay_ip()
         || cert
