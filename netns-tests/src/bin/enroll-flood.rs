@@ -4,8 +4,8 @@
 //! A `tern-lighthouse` with `[enroll]` gets COUNT sealed requests (to its
 //! real key, so each one is opened and decided) with bogus tokens, each
 //! padded to the largest enrollment datagram (8 KiB), from 64 source
-//! addresses in 64 different /24s of 127/8, as fast as the sockets take
-//! them. Reported: the answers that came back and their bytes against the
+//! addresses in 64 different /24s of 127/8, RATE a second (about what one
+//! lighthouse decides, so that they are read, not dropped by its socket). Reported: the answers that came back and their bytes against the
 //! bytes sent, and the lighthouse's memory (VmRSS before, VmHWM after).
 //!
 //! `--baseline-bin PATH` runs the same flood against another
@@ -14,7 +14,7 @@
 //! knows (the rate limits take their defaults).
 //!
 //! ```text
-//! enroll-flood [--count N] [--baseline-bin PATH] [--write]
+//! enroll-flood [--count N] [--rate R] [--baseline-bin PATH] [--write]
 //! ```
 
 use std::fs;
@@ -38,6 +38,8 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 struct Args {
     count: usize,
+    /// Requests sent per second.
+    rate: u32,
     baseline: Option<PathBuf>,
     write: bool,
 }
@@ -45,6 +47,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         count: 16_000,
+        rate: 2000,
         baseline: None,
         write: false,
     };
@@ -58,12 +61,19 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|n| (1..=100_000).contains(n))
                     .ok_or("--count takes 1-100000")?
             }
+            "--rate" => {
+                args.rate = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or("--rate takes 1-1000000 (requests a second)")?
+            }
             "--baseline-bin" => {
                 args.baseline = Some(it.next().ok_or("--baseline-bin takes a path")?.into())
             }
             "--write" => args.write = true,
             _ => return Err(
-                "usage: enroll-flood [--count N (default 16000)] [--baseline-bin PATH] [--write]"
+                "usage: enroll-flood [--count N (default 16000)] [--rate R (per second, default 2000)] [--baseline-bin PATH] [--write]"
                     .into(),
             ),
         }
@@ -93,12 +103,23 @@ fn main() -> ExitCode {
     };
     let mut runs = Vec::new();
     if let Some(bin) = &args.baseline {
-        runs.push(("baseline (--baseline-bin)".to_string(), bin.clone()));
+        runs.push(("baseline (--baseline-bin)".to_string(), bin.clone(), ""));
     }
-    runs.push(("this build".to_string(), workspace_bin("tern-lighthouse")));
+    let this = workspace_bin("tern-lighthouse");
+    runs.push((
+        "this build, default rate limits".to_string(),
+        this.clone(),
+        "",
+    ));
+    // The answer cache's own bound, with every request admitted.
+    runs.push((
+        "this build, rate limits lifted".to_string(),
+        this,
+        "per_source_per_sec = 1000000\ntotal_per_sec = 1000000\n",
+    ));
     let mut outcomes = Vec::new();
-    for (label, bin) in runs {
-        match flood(&label, &bin, args.count) {
+    for (label, bin, extra) in runs {
+        match flood(&label, &bin, args.count, args.rate, extra) {
             Ok(o) => outcomes.push(o),
             Err(e) => {
                 eprintln!("enroll-flood: {label}: {e}");
@@ -120,24 +141,26 @@ fn main() -> ExitCode {
 fn report(args: &Args, outcomes: &[Outcome]) -> String {
     let mut t = format!(
         "## Enrollment under a flood of unauthenticated requests\n\n{}\n\
-         Command: `enroll-flood --count {}{}` (loopback, no root).\n\n\
+         Command: `enroll-flood --count {} --rate {}{}` (loopback, no root).\n\n\
          A `tern-lighthouse` with `[enroll]` is sent {} enrollment requests sealed to its key \
          (each opened, X25519 + ChaCha20-Poly1305, and decided against the store) carrying bogus \
-         tokens, each padded to 8 KiB, from {SOURCES} source addresses in as many /24s, as fast \
-         as the sockets take them. **Baseline**: the same flood on the build named by \
-         `--baseline-bin`, with the same config (rate limits at their defaults where the build \
-         has them). Memory is the lighthouse's VmRSS before the flood and VmHWM after it.\n\n\
+         tokens, each padded to 8 KiB, from {SOURCES} source addresses in as many /24s, {} a \
+         second. **Baseline**: the same flood on the build named by \
+         `--baseline-bin`, with the same config; then this build with its default rate limits, \
+         and with them lifted (every request admitted: the answer cache's own bound). Memory is the lighthouse's VmRSS before the flood and VmHWM after it.\n\n\
          | lighthouse | requests sent (MiB) | answers (MiB) | answered bytes ÷ sent | \
          VmRSS before (MiB) | VmHWM after (MiB) | VmHWM ÷ baseline | flood (s) |\n\
          |---|---|---|---|---|---|---|---|\n",
         machine_line(),
         args.count,
+        args.rate,
         if args.baseline.is_some() {
             " --baseline-bin OLD/tern-lighthouse"
         } else {
             ""
         },
         args.count,
+        args.rate,
     );
     let base = outcomes.first().map_or(1.0, |o| o.hwm_after);
     for o in outcomes {
@@ -158,7 +181,8 @@ fn report(args: &Args, outcomes: &[Outcome]) -> String {
     t
 }
 
-fn flood(label: &str, bin: &Path, count: usize) -> Result<Outcome, String> {
+/// `extra`: more `[enroll]` keys for this lighthouse's config.
+fn flood(label: &str, bin: &Path, count: usize, rate: u32, extra: &str) -> Result<Outcome, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("a temporary directory: {e}"))?;
     let d = dir.path();
     let tern = workspace_bin("tern");
@@ -195,7 +219,7 @@ fn flood(label: &str, bin: &Path, count: usize) -> Result<Outcome, String> {
         format!(
             "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n\
              [listen]\naddr = \"{addr}\"\n[api]\nsocket = \"lh.sock\"\n[log]\nlevel = \"error\"\n\
-             [enroll]\nissuer_cert = \"lh-issuer.crt\"\nissuer_key = \"lh-issuer.key\"\n"
+             [enroll]\nissuer_cert = \"lh-issuer.crt\"\nissuer_key = \"lh-issuer.key\"\n{extra}"
         ),
     )
     .map_err(|e| format!("writing lh.toml: {e}"))?;
@@ -242,6 +266,12 @@ fn flood(label: &str, bin: &Path, count: usize) -> Result<Outcome, String> {
     for (i, request) in requests.iter().enumerate() {
         if started.elapsed() > FLOOD_DEADLINE {
             return Err(format!("the flood ran past {FLOOD_DEADLINE:?}"));
+        }
+        // Paced, so that the lighthouse reads what is sent instead of its
+        // socket buffer dropping it.
+        let due = Duration::from_secs_f64(i as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
         }
         let sock = &sockets[i % SOURCES];
         // A full socket buffer: take the answers, wait a moment, go on.
