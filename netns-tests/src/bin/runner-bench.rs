@@ -751,8 +751,9 @@ fn main() -> ExitCode {
          | {JOBS} jobs at once: jobs failed (of {JOBS}) | {} | — | — |\n\
          | runner daemon peak RSS, VmHWM (MiB) | {} | {} | {} |\n\n\
          Cells are median (min–max) across repetitions; ratios are tern run / baseline within \
-         each repetition. **Dispatch**: `tern run` of one step `echo ready` on the CI node, \
-         timed from spawning the process to its first `[step] ` line; the baseline is `curl -s` \
+         each repetition. **Dispatch**: `tern run` of one step `echo ready` on the CI node \
+         (which reaches the runner through that node: its API socket, a connection bound to \
+         its TUN device, the job protocol's greetings), timed from spawning the process to its first `[step] ` line; the baseline is `curl -s` \
          spawned on the CI node fetching a 6-byte file from a python3 `http.server` in the \
          runner's namespace bound to its overlay address, timed to its first output — the same \
          new process → connection over the mesh → first byte, without the runner. Both run \
