@@ -633,6 +633,27 @@ fn learned_routes_never_replace_the_hosts_own_routes() {
         );
     }
 
+    // `tern status` says which routes have kernel routes, and why not.
+    let text = tern(
+        &dir,
+        &[
+            "status",
+            "--socket",
+            &dir.join("client.sock").to_string_lossy(),
+        ],
+    );
+    let line = |subnet: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(subnet))
+            .unwrap_or_else(|| panic!("no route {subnet} in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("198.19.0.0/24").trim_end().ends_with("yes"), "{text}");
+    assert!(
+        line("198.18.0.0/24").contains("no: it covers 198.18.0.1"),
+        "{text}"
+    );
+
     // The node inside the vpc keeps its connected route and reaches its
     // neighbour directly (gw-1's firewall would take it only from group ci
     // through the mesh, and the vpc server has no route to the overlay).

@@ -339,8 +339,8 @@ fn print_status(s: &serde_json::Value, path: &Path) {
     let routes = s["routes"].as_array().cloned().unwrap_or_default();
     if !routes.is_empty() {
         println!(
-            "routes:\n  {:<18} {:<10} {:<24} ACTIVE",
-            "SUBNET", "VIA", "GATEWAYS"
+            "routes:\n  {:<18} {:<10} {:<24} {:<12} KERNEL ROUTE",
+            "SUBNET", "VIA", "GATEWAYS", "ACTIVE"
         );
         for r in &routes {
             let gateways: Vec<String> = r["gateways"]
@@ -349,8 +349,15 @@ fn print_status(s: &serde_json::Value, path: &Path) {
                 .flatten()
                 .map(str_of)
                 .collect();
+            // Asked for ([[routes]], accepted), or why not.
+            let kernel = match (r["kernel_route"].as_bool(), r["refused"].as_str()) {
+                _ if s["mode"] == "userspace" => "- (userspace mode)".to_string(),
+                (Some(true), _) => "yes".to_string(),
+                (_, Some(why)) => format!("no: {why}"),
+                _ => "no ([[routes]] or [tun] accept_routes)".to_string(),
+            };
             println!(
-                "  {:<18} {:<10} {:<24} {}",
+                "  {:<18} {:<10} {:<24} {:<12} {kernel}",
                 str_of(&r["subnet"]),
                 str_of(&r["via"]),
                 if gateways.is_empty() {

@@ -324,7 +324,11 @@ pub async fn run(
             Some((request, reply)) = api_rx.recv() => {
                 match request {
                     ApiRequest::Status => {
-                        let _ = reply.send(serde_json::to_value(core.status()).unwrap_or_default());
+                        let mut status = serde_json::to_value(core.status()).unwrap_or_default();
+                        if let Some(fields) = status.as_object_mut() {
+                            fields.insert("mode".into(), serde_json::to_value(config.tun.mode).unwrap_or_default());
+                        }
+                        let _ = reply.send(status);
                     }
                     ApiRequest::Ping { peer } => match core.ping(&peer, Instant::now()) {
                         Ok(id) => {
