@@ -793,6 +793,31 @@ fn tern_run_never_leaves_the_mesh_and_tells_a_runner_from_an_http_server() {
         http.log()
     );
 
+    // Without a node to go through (no --socket, and none at the default
+    // path), tern run refuses at once and still sends nothing.
+    let mut alone = shell.command(tern_netns_tests::workspace_bin("tern"));
+    alone
+        .current_dir(dir)
+        .args(["run", "secret.toml", "--node", RUNNER_IP, "--socket"])
+        .arg(dir.join("no-node-here/tern0.sock"))
+        .args(["--secret", "TOKEN"])
+        .env("TOKEN", "hunter2-s3cr3t")
+        .env_remove("GITHUB_ACTIONS");
+    let out = alone.output().unwrap_or_else(|e| panic!("tern run: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("only through the local node"), "{stderr}");
+    assert_eq!(
+        counted(&shell, &rule),
+        0,
+        "packets to the overlay left through the shell's own network"
+    );
+    assert!(
+        !http.log().contains("HTTP/"),
+        "the trap heard from tern run:\n{}",
+        http.log()
+    );
+
     // A mesh peer whose overlay port 4245 is an HTTP server.
     let decoy = w._lab.add_ns("decoy");
     w._lab.connect_to_wan(&decoy, "198.18.0.7/24");
