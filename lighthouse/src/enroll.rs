@@ -47,6 +47,125 @@ pub struct NewToken {
     pub cert_ttl: u64,
 }
 
+/// How many hex digits of a token's hash make its id: enough to tell a
+/// lighthouse's tokens apart, far too few to help anyone find the token.
+pub const TOKEN_ID_LEN: usize = 12;
+
+/// The fewest hex digits `tern-lighthouse token revoke` takes: fewer would
+/// too easily name a token other than the one meant.
+pub const TOKEN_ID_MIN: usize = 8;
+
+/// A token's id: the first [`TOKEN_ID_LEN`] hex digits of its hash.
+pub fn token_id(hash: &str) -> &str {
+    hash.get(..TOKEN_ID_LEN).unwrap_or(hash)
+}
+
+/// A stored token as `tern-lighthouse token list` shows it: its id, never
+/// more of its hash, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// The first [`TOKEN_ID_LEN`] hex digits of the token's hash.
+    pub id: String,
+    pub groups: Vec<String>,
+    pub uses_left: u32,
+    /// Unix seconds.
+    pub expires: u64,
+    /// Unix seconds.
+    pub created: u64,
+    /// Lifetime of each certificate it buys, in seconds.
+    pub cert_ttl: u64,
+    /// Whether it had expired at the `now` it was listed at.
+    pub expired: bool,
+}
+
+/// The start of a token's id, as given to `tern-lighthouse token revoke`:
+/// [`TOKEN_ID_MIN`] to 64 hex digits, kept lowercase (as hashes are stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIdPrefix(String);
+
+/// Why a token id given on the command line was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenIdError {
+    #[error("token id {0:?} is not hex digits; `tern-lighthouse token list` shows the ids")]
+    NotHex(String),
+    #[error("token id {0:?} is too short: give at least {TOKEN_ID_MIN} of its {TOKEN_ID_LEN} hex digits (`tern-lighthouse token list` shows them)")]
+    TooShort(String),
+}
+
+impl TokenIdPrefix {
+    pub fn parse(text: &str) -> Result<TokenIdPrefix, TokenIdError> {
+        let text = text.trim();
+        if text.is_empty() || text.len() > 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(TokenIdError::NotHex(text.to_string()));
+        }
+        if text.len() < TOKEN_ID_MIN {
+            return Err(TokenIdError::TooShort(text.to_string()));
+        }
+        Ok(TokenIdPrefix(text.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why [`EnrollStore::revoke_token`] revoked nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRevokeRefusal {
+    #[error("no token has an id starting with {0:?}; `tern-lighthouse token list` shows the ids")]
+    Unknown(String),
+    #[error("{count} tokens have ids starting with {id:?}; give more of the id (`tern-lighthouse token list` shows the ids)")]
+    Ambiguous { id: String, count: usize },
+}
+
+/// Checks a token about to be made against the issuer that will sign what
+/// it buys, so a token the issuer would refuse is refused now, not at
+/// enrollment: `issuer` must be an issuer that has not expired at `now`
+/// and may sign every one of `groups`, for `cert_ttl` seconds.
+pub fn check_token_against_issuer(
+    issuer: &Cert,
+    groups: &[String],
+    cert_ttl: u64,
+    now: u64,
+) -> Result<(), String> {
+    let b = &issuer.body;
+    if b.kind != CertKind::Issuer {
+        return Err(format!(
+            "the certificate {:?} is not an issuer certificate; make one with tern cert sign --issuer",
+            b.name
+        ));
+    }
+    if b.not_after <= now {
+        return Err(format!(
+            "the issuer {:?} expired at {}: it can sign nothing; make a new one (tern cert sign --issuer) and restart the lighthouse",
+            b.name,
+            cert::format_unix_time(b.not_after)
+        ));
+    }
+    if let Some(g) = groups.iter().find(|g| !b.groups.contains(g)) {
+        let signs = if b.groups.is_empty() {
+            "no groups".to_string()
+        } else {
+            format!("only {}", b.groups.join(", "))
+        };
+        return Err(format!(
+            "the issuer {:?} may not sign group {g:?} (it signs {signs}); drop it from --groups, or make an issuer with it (tern cert sign --issuer --groups ...)",
+            b.name
+        ));
+    }
+    if cert_ttl > b.max_lifetime {
+        let d = |s| tern_shared::duration::format_duration(std::time::Duration::from_secs(s));
+        return Err(format!(
+            "--cert-ttl {} is longer than the issuer {:?} may sign (at most {}); give --cert-ttl {} or less",
+            d(cert_ttl),
+            b.name,
+            d(b.max_lifetime),
+            d(b.max_lifetime)
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("enrollment store: {0}")]
@@ -109,6 +228,17 @@ pub trait EnrollStore {
     /// The revocations still in force at `now`, each with its version (a
     /// number that grows with every revocation).
     fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError>;
+    /// Every stored token, expired and used up ones too (`now` tells which
+    /// have expired), oldest first. Only the id leaves the store: never
+    /// more of the hash.
+    fn list_tokens(&mut self, now: u64) -> Result<Vec<TokenInfo>, StoreError>;
+    /// Deletes the one token whose hash starts with `id`, atomically, and
+    /// gives its id ([`TOKEN_ID_LEN`] digits); nothing when no token or more
+    /// than one matches. A deleted token is refused as unknown.
+    fn revoke_token(
+        &mut self,
+        id: &TokenIdPrefix,
+    ) -> Result<Result<String, TokenRevokeRefusal>, StoreError>;
 }
 
 /// [`EnrollStore`] in a SQLite file (WAL, so `tern-lighthouse token create`
@@ -362,6 +492,76 @@ impl EnrollStore for SqliteStore {
             ));
         }
         Ok(out)
+    }
+
+    fn list_tokens(&mut self, now: u64) -> Result<Vec<TokenInfo>, StoreError> {
+        // The id is cut in the query: the rest of the hash never leaves it.
+        // Tokens made in the same second come in the order they were made.
+        let mut stmt = self.db.prepare_cached(
+            "SELECT substr(hash, 1, ?1), groups, uses_left, expires, created, cert_ttl FROM tokens ORDER BY created, rowid",
+        )?;
+        let rows = stmt.query_map([TOKEN_ID_LEN as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, groups, uses_left, expires, created, cert_ttl) = row?;
+            let grant = grant_of(&groups, cert_ttl);
+            out.push(TokenInfo {
+                id,
+                groups: grant.groups,
+                uses_left: u32::try_from(uses_left.max(0)).unwrap_or(u32::MAX),
+                expires: expires.max(0) as u64,
+                created: created.max(0) as u64,
+                cert_ttl: grant.cert_ttl,
+                expired: expires <= stored_time(now),
+            });
+        }
+        Ok(out)
+    }
+
+    fn revoke_token(
+        &mut self,
+        id: &TokenIdPrefix,
+    ) -> Result<Result<String, TokenRevokeRefusal>, StoreError> {
+        // Immediate: no token made meanwhile can turn a unique prefix into
+        // an ambiguous one between the look and the delete.
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let prefix = id.as_str();
+        let matching: Vec<String> = {
+            let mut stmt =
+                tx.prepare("SELECT hash FROM tokens WHERE substr(hash, 1, ?1) = ?2 LIMIT 2")?;
+            let rows =
+                stmt.query_map(rusqlite::params![prefix.len() as i64, prefix], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let hash = match matching.as_slice() {
+            [] => return Ok(Err(TokenRevokeRefusal::Unknown(prefix.to_string()))),
+            [one] => one.clone(),
+            _ => {
+                let count: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM tokens WHERE substr(hash, 1, ?1) = ?2",
+                    rusqlite::params![prefix.len() as i64, prefix],
+                    |r| r.get(0),
+                )?;
+                return Ok(Err(TokenRevokeRefusal::Ambiguous {
+                    id: prefix.to_string(),
+                    count: usize::try_from(count).unwrap_or(usize::MAX),
+                }));
+            }
+        };
+        tx.execute("DELETE FROM tokens WHERE hash = ?1", [&hash])?;
+        tx.commit()?;
+        Ok(Ok(token_id(&hash).to_string()))
     }
 }
 
@@ -1620,6 +1820,15 @@ mod tests {
         fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError> {
             self.store.revocations(now)
         }
+        fn list_tokens(&mut self, now: u64) -> Result<Vec<TokenInfo>, StoreError> {
+            self.store.list_tokens(now)
+        }
+        fn revoke_token(
+            &mut self,
+            id: &TokenIdPrefix,
+        ) -> Result<Result<String, TokenRevokeRefusal>, StoreError> {
+            self.store.revoke_token(id)
+        }
     }
 
     #[test]
@@ -1657,6 +1866,198 @@ mod tests {
         assert!(lost.refused.unwrap().contains("used to enroll already"));
         assert!(leases(&store).is_empty(), "the address is given back");
         assert_eq!(issued_count(&store), 0);
+    }
+
+    /// A token with a chosen hash (prefixes shared on purpose).
+    fn token_with_hash(store: &mut SqliteStore, hash: &str, groups: &[&str], uses: u32) {
+        store
+            .create_token(
+                &NewToken {
+                    hash: hash.to_string(),
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
+                    uses,
+                    expires: TEST_NOW + 600,
+                    cert_ttl: 1800,
+                },
+                TEST_NOW,
+            )
+            .unwrap();
+    }
+
+    fn prefix(text: &str) -> TokenIdPrefix {
+        TokenIdPrefix::parse(text).unwrap()
+    }
+
+    #[test]
+    fn token_list_shows_twelve_digits_of_the_hash_and_never_more_nor_the_token() {
+        let (enroller, mut store, _dir, _ca) = setup();
+        let spent = token(&mut store, &["ci"], 1, 600);
+        let both = token(&mut store, &["ci", "deploy"], 3, 1800);
+        assert!(enroller
+            .enroll(&request(&spent, 1), &mut store, TEST_NOW)
+            .cert
+            .is_some());
+        let list = store.list_tokens(TEST_NOW).unwrap();
+        assert_eq!(list.len(), 2);
+        // Made in the same second: in the order they were made.
+        for (info, t) in list.iter().zip([&spent, &both]) {
+            let hash = token_hash(t);
+            assert_eq!(info.id, hash[..TOKEN_ID_LEN]);
+            assert_eq!(info.id, token_id(&hash));
+            let shown = format!("{info:?}");
+            assert!(!shown.contains(&hash[..TOKEN_ID_LEN + 1]), "{shown}");
+            assert!(!shown.contains(t.as_str()), "{shown}");
+            assert!(!shown.contains(&t["tern1_".len()..][..8]), "{shown}");
+        }
+        assert_eq!(
+            list[1],
+            TokenInfo {
+                id: token_hash(&both)[..TOKEN_ID_LEN].to_string(),
+                groups: vec!["ci".into(), "deploy".into()],
+                uses_left: 3,
+                expires: TEST_NOW + 86_400,
+                created: TEST_NOW,
+                cert_ttl: 1800,
+                expired: false,
+            }
+        );
+        assert_eq!((list[0].uses_left, list[0].expired), (0, false));
+        // Expired ones are listed, and say so.
+        let later = store.list_tokens(TEST_NOW + 86_400).unwrap();
+        assert!(later.iter().all(|t| t.expired), "{later:?}");
+    }
+
+    #[test]
+    fn a_token_revoked_by_a_prefix_of_its_id_is_refused_as_unknown() {
+        let (enroller, mut store, _dir, _ca) = setup();
+        let gone = token(&mut store, &["ci"], 5, 600);
+        let kept = token(&mut store, &["ci"], 5, 600);
+        let id = token_hash(&gone)[..TOKEN_ID_MIN].to_ascii_uppercase();
+        assert_eq!(
+            store.revoke_token(&prefix(&id)).unwrap(),
+            Ok(token_hash(&gone)[..TOKEN_ID_LEN].to_string())
+        );
+        assert_eq!(
+            store.peek_token(&token_hash(&gone), TEST_NOW).unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        let refused = enroller.enroll(&request(&gone, 1), &mut store, TEST_NOW);
+        assert!(refused.refused.unwrap().contains("unknown"));
+        let left: Vec<String> = store
+            .list_tokens(TEST_NOW)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(left, [token_hash(&kept)[..TOKEN_ID_LEN].to_string()]);
+        assert!(enroller
+            .enroll(&request(&kept, 2), &mut store, TEST_NOW)
+            .cert
+            .is_some());
+        // Revoked twice: the second finds nothing.
+        assert_eq!(
+            store.revoke_token(&prefix(&id)).unwrap(),
+            Err(TokenRevokeRefusal::Unknown(id.to_ascii_lowercase()))
+        );
+    }
+
+    #[test]
+    fn an_ambiguous_or_unknown_token_id_revokes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("lh.db")).unwrap();
+        let a = format!("aaaaaaaa11{}", "0".repeat(54));
+        let b = format!("aaaaaaaa22{}", "0".repeat(54));
+        let c = format!("aaaaaaaa23{}", "0".repeat(54));
+        for h in [&a, &b, &c] {
+            token_with_hash(&mut store, h, &["ci"], 1);
+        }
+        assert_eq!(
+            store.revoke_token(&prefix("aaaaaaaa")).unwrap(),
+            Err(TokenRevokeRefusal::Ambiguous {
+                id: "aaaaaaaa".into(),
+                count: 3
+            })
+        );
+        assert_eq!(
+            store.revoke_token(&prefix("aaaaaaaa2")).unwrap(),
+            Err(TokenRevokeRefusal::Ambiguous {
+                id: "aaaaaaaa2".into(),
+                count: 2
+            })
+        );
+        assert_eq!(
+            store.revoke_token(&prefix("bbbbbbbb")).unwrap(),
+            Err(TokenRevokeRefusal::Unknown("bbbbbbbb".into()))
+        );
+        assert_eq!(store.list_tokens(TEST_NOW).unwrap().len(), 3, "none gone");
+        // Enough digits to tell them apart.
+        assert_eq!(
+            store.revoke_token(&prefix("aaaaaaaa22")).unwrap(),
+            Ok(b[..TOKEN_ID_LEN].to_string())
+        );
+        let left: Vec<String> = store
+            .list_tokens(TEST_NOW)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(
+            left,
+            [a[..TOKEN_ID_LEN].to_string(), c[..TOKEN_ID_LEN].to_string()]
+        );
+    }
+
+    #[test]
+    fn a_token_id_must_be_hex_and_at_least_eight_digits() {
+        assert_eq!(prefix(" 3FA2b1C4 ").as_str(), "3fa2b1c4");
+        assert_eq!(
+            TokenIdPrefix::parse("3fa2b1c"),
+            Err(TokenIdError::TooShort("3fa2b1c".into()))
+        );
+        // `%` and `_` would be wildcards to a careless LIKE.
+        for bad in ["", "%%%%%%%%", "________", "3fa2b1c4…", "tern1_3fa2b1c4"] {
+            assert!(
+                matches!(TokenIdPrefix::parse(bad), Err(TokenIdError::NotHex(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(TokenIdPrefix::parse(&"a".repeat(64)).is_ok());
+        assert!(TokenIdPrefix::parse(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn a_token_the_issuer_would_refuse_is_refused_when_it_is_made() {
+        let (enroller, _store, _dir, ca) = setup();
+        let issuer = enroller.issuer();
+        let groups = |g: &[&str]| g.iter().map(|g| g.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            check_token_against_issuer(issuer, &groups(&["ci", "deploy"]), 3600, TEST_NOW),
+            Ok(())
+        );
+        assert_eq!(
+            check_token_against_issuer(issuer, &[], 60, TEST_NOW),
+            Ok(())
+        );
+        let why = check_token_against_issuer(issuer, &groups(&["ci", "admin"]), 60, TEST_NOW)
+            .unwrap_err();
+        assert!(
+            why.contains("group \"admin\"")
+                && why.contains("\"lh-issuer\"")
+                && why.contains("only ci, deploy"),
+            "{why}"
+        );
+        let why =
+            check_token_against_issuer(issuer, &groups(&["ci"]), 5 * 3600, TEST_NOW).unwrap_err();
+        assert!(
+            why.contains("--cert-ttl 5h")
+                && why.contains("at most 1h")
+                && why.contains("lh-issuer"),
+            "{why}"
+        );
+        let why = check_token_against_issuer(issuer, &[], 60, issuer.body.not_after).unwrap_err();
+        assert!(why.contains("expired"), "{why}");
+        let why = check_token_against_issuer(&ca.cert, &[], 60, TEST_NOW).unwrap_err();
+        assert!(why.contains("not an issuer"), "{why}");
     }
 
     #[test]

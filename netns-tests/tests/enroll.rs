@@ -273,11 +273,26 @@ fn a_ci_node_enrolls_reaches_the_vpc_is_revoked_and_its_token_cannot_be_reused()
         "the revoked job still reaches the vpc"
     );
 
-    // tern down: the node stops.
-    assert!(w.down(&w.ci, "job"));
-    wait_until("the job exits", Duration::from_secs(10), || {
+    // The job was told, first: it stops by itself with its own exit code,
+    // its TUN device gone with it.
+    wait_until("the revoked job stops", Duration::from_secs(10), || {
         !job.is_running()
     });
+    assert_eq!(
+        job.try_wait().and_then(|s| s.code()),
+        Some(76),
+        "{}",
+        job.log()
+    );
+    assert!(
+        job.log().contains("this node's certificate is revoked"),
+        "{}",
+        job.log()
+    );
+    assert!(
+        !w.ci.ip(["link"]).contains("tern0"),
+        "the TUN device is gone"
+    );
     let _ = &w.gw;
     let _ = &w.lab;
 }

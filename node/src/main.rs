@@ -19,7 +19,7 @@ enum Command {
     Cert(cli::cert::CertCommand),
     /// Run the node in the foreground (needs root or CAP_NET_ADMIN for the TUN device, none with --userspace).
     #[command(
-        after_help = "Exit codes: 0 stopped by SIGINT/SIGTERM (with --wait-for: the target answered, the node runs on in the background); 1 bad config, identity or environment (the message says which); with --enroll-token or --enroll-oidc: 77 the lighthouse refused the enrollment (token unknown, used up or expired; OIDC token from another issuer or audience, expired, badly signed or matching no rule; or beyond its issuer), 69 no lighthouse answered, 78 --enroll-oidc found no ID token; with --wait-for also: 69 no lighthouse registration in time, 68 no path to the target (no gateway routes it), 70 the target refused, 71 denied by policy (the gateway or peer in front of the target says its firewall does not let this node in; the message names the rule), 124 no answer in time."
+        after_help = "Exit codes: 0 stopped by SIGINT/SIGTERM (with --wait-for: the target answered, the node runs on in the background); 1 bad config, identity or environment (the message says which); 73 another node already runs on this config's API socket (nothing was started); 76 a lighthouse said this node's certificate is revoked (the node stopped); with --enroll-token or --enroll-oidc: 77 the lighthouse refused the enrollment (token unknown, used up or expired; OIDC token from another issuer or audience, expired, badly signed or matching no rule; or beyond its issuer; or no lighthouse enrolls at all), 69 no lighthouse answered, 78 --enroll-oidc found no ID token; with --wait-for also: 69 no lighthouse registration in time, 68 no path to the target (no gateway routes it), 70 the target refused, 71 denied by policy (the gateway or peer in front of the target says its firewall does not let this node in; the message names the rule), 124 no answer in time."
     )]
     Up(cli::daemon::UpArgs),
     /// Stop the running node: it deregisters from its lighthouses and leaves.
@@ -27,6 +27,9 @@ enum Command {
     /// Show the running node's lighthouses and peers.
     Status(cli::daemon::StatusArgs),
     /// Measure the round trip to a peer over the mesh, and say which path it took.
+    #[command(
+        after_help = "Exit codes: 0 at least one answer came back; 68 no lighthouse knows that address or name (said at once); 1 no answer, or the node could not be asked."
+    )]
     Ping(cli::daemon::PingArgs),
     /// Run a pipeline on a runner across the mesh, streaming its output.
     #[command(

@@ -171,6 +171,65 @@ fn sign_with_out_key_generates_the_node_key() {
 }
 
 #[test]
+fn ip_without_a_prefix_takes_the_cas_network_or_says_to_give_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    make_ca(dir, "ca", &["--ips", "100.64.0.0/10"]);
+    make_ca(dir, "open", &[]);
+    let sign = |ca: &str, ip: &str| {
+        let (crt, key) = (format!("{ca}.crt"), format!("{ca}.key"));
+        tern(
+            dir,
+            &[
+                "cert",
+                "sign",
+                "--ca-crt",
+                &crt,
+                "--ca-key",
+                &key,
+                "--name",
+                "n",
+                "--ip",
+                ip,
+                "--out-key",
+                "n.key",
+                "--out-crt",
+                "n.crt",
+                "--force",
+            ],
+        )
+    };
+    // The CA's one network holding the address gives the prefix, and says so.
+    let out = sign("ca", "100.64.0.5");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("/10") && err.contains("100.64.0.0/10"),
+        "{err}"
+    );
+    assert_eq!(
+        read_cert(&dir.join("n.crt")).body.ips,
+        vec!["100.64.0.5/10".parse().unwrap()]
+    );
+    // A CA that constrains nothing has no prefix to give.
+    let out = sign("open", "100.64.0.5");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ip 100.64.0.5: give the mesh prefix too, e.g. 100.64.0.5/10"),
+        "{err}"
+    );
+    // Neither an address nor a network: the usage error says what is wanted.
+    let out = sign("ca", "100.64.0");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("with the mesh prefix, e.g. 100.64.0.5/10"),
+        "{err}"
+    );
+}
+
+#[test]
 fn sign_needs_exactly_one_of_in_pub_and_out_key() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

@@ -40,6 +40,40 @@ pub const TYPE_ENROLL_HELLO: u8 = 0x13;
 pub const TYPE_ENROLL_CERT: u8 = 0x14;
 pub const TYPE_ENROLL_REQUEST: u8 = 0x15;
 pub const TYPE_ENROLL_REPLY: u8 = 0x16;
+/// A lighthouse that does not enroll answers a padded hello or a request
+/// with this type and why, in UTF-8, so the node can say so instead of
+/// waiting for an answer that never comes.
+pub const TYPE_ENROLL_DISABLED: u8 = 0x17;
+/// The longest reason in a [`TYPE_ENROLL_DISABLED`] answer.
+pub const MAX_DISABLED_REASON: usize = 200;
+
+/// The [`TYPE_ENROLL_DISABLED`] answer with `reason` (cut to
+/// [`MAX_DISABLED_REASON`] bytes at a character boundary).
+pub fn disabled_answer(reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_DISABLED_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = vec![TYPE_ENROLL_DISABLED];
+    out.extend_from_slice(&reason.as_bytes()[..end]);
+    out
+}
+
+/// The reason in a [`TYPE_ENROLL_DISABLED`] answer, printable: control
+/// characters dropped, at most [`MAX_DISABLED_REASON`] bytes read.
+pub fn disabled_reason(datagram: &[u8]) -> Option<String> {
+    let (&ty, rest) = datagram.split_first()?;
+    if ty != TYPE_ENROLL_DISABLED {
+        return None;
+    }
+    let rest = &rest[..rest.len().min(MAX_DISABLED_REASON)];
+    Some(
+        String::from_utf8_lossy(rest)
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect(),
+    )
+}
 
 /// Largest sealed request or reply accepted: room for an OIDC ID token of
 /// several kilobytes (the datagram may be fragmented on its way).
@@ -305,6 +339,25 @@ mod tests {
     }
 
     #[test]
+    fn a_disabled_answer_carries_a_printable_reason_and_fits_a_hello() {
+        let answer = disabled_answer("enrollment is not enabled here");
+        assert!(may_answer(&enroll_hello(), &answer));
+        assert_eq!(
+            disabled_reason(&answer).as_deref(),
+            Some("enrollment is not enabled here")
+        );
+        let long = disabled_answer(&"é".repeat(400));
+        assert!(long.len() <= 1 + MAX_DISABLED_REASON);
+        assert!(disabled_reason(&long).is_some_and(|r| r.chars().all(|c| c == 'é')));
+        assert_eq!(
+            disabled_reason(&[TYPE_ENROLL_DISABLED, b'a', 0x1b, b'b']).as_deref(),
+            Some("ab")
+        );
+        assert_eq!(disabled_reason(&[TYPE_ENROLL_CERT, b'a']), None);
+        assert_eq!(disabled_reason(&[]), None);
+    }
+
+    #[test]
     fn no_answer_is_longer_than_what_a_node_sends_for_it() {
         // A hello's answer: the type and the longest certificate (also
         // checked when compiling, below the constants).
@@ -364,6 +417,7 @@ mod tests {
             let node = Sealer::new(StaticSecret::from([8; 32]), PublicKey::from(&lh).to_bytes());
             let _ = node.open_reply(&bytes);
             let _ = request_key(&bytes);
+            let _ = disabled_reason(&bytes);
         }
     }
 }

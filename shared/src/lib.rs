@@ -21,6 +21,7 @@ pub mod packet;
 pub mod pipeline;
 pub mod policy;
 pub mod rate;
+pub mod show;
 pub mod testing;
 pub mod wire;
 

@@ -37,6 +37,7 @@ use serde::Serialize;
 
 use crate::cert::{CaPool, CertError, Fingerprint, VerifiedCert};
 use crate::rate::TokenBucket;
+use crate::show::{list, or_none};
 use crate::wire::{
     classify, relay_header, DatagramKind, Hello, RelayEnvelope, RELAY_HEADER_LEN, TYPE_RELAYED,
     TYPE_RELAY_REQUEST,
@@ -145,6 +146,20 @@ pub enum RemoveReason {
     Revoked,
 }
 
+/// As `tern status --json` spells it, for logs.
+impl std::fmt::Display for RemoveReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RemoveReason::CertExpired => "cert_expired",
+            RemoveReason::Idle => "idle",
+            RemoveReason::SessionExpired => "session_expired",
+            RemoveReason::Replaced => "replaced",
+            RemoveReason::Requested => "requested",
+            RemoveReason::Revoked => "revoked",
+        })
+    }
+}
+
 /// What [`Mesh::handle_datagram`] produced for the caller.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Received<'b> {
@@ -164,6 +179,13 @@ pub struct MeshCounters {
     pub unknown_handshake_keys: u64,
     pub unknown_session_index: u64,
     pub wireguard_errors: u64,
+    /// Handshake initiations no newer than one already answered: the same
+    /// initiation resent while punching or reaching us by two paths (or a
+    /// replay). Dropped, and expected on a healthy mesh, so not an error.
+    pub repeated_handshakes: u64,
+    /// Answers to a handshake of ours that a crossing one (both sides
+    /// initiating at once when they meet) replaced. Expected, not an error.
+    pub crossed_handshakes: u64,
     /// Decrypted packets whose inner source the sender's cert does not allow.
     pub spoofed_source_drops: u64,
     pub non_ipv4_drops: u64,
@@ -431,7 +453,7 @@ impl Mesh {
                 unique.push(*c);
             }
         }
-        tracing::debug!(peer = cert.name(), overlay_ip = %cert.overlay_ip(), ?unique, "peer added");
+        tracing::debug!(peer = cert.name(), overlay_ip = %cert.overlay_ip(), candidates = %list(&unique), "peer added");
         self.by_overlay.insert(cert.overlay_ip(), idx);
         self.by_key.insert(key, idx);
         self.known_certs.remove(&key);
@@ -492,7 +514,7 @@ impl Mesh {
     pub fn set_relay(&mut self, peer: PeerId, relay: Option<SocketAddr>) {
         if let Some(p) = self.peers.get_mut(&peer.0) {
             if p.relay != relay {
-                tracing::info!(peer = p.cert.name(), ?relay, "relay for peer");
+                tracing::info!(peer = p.cert.name(), relay = %or_none(relay), "relay for peer");
                 p.relay = relay;
             }
         }
@@ -519,7 +541,7 @@ impl Mesh {
     pub fn drop_direct_path(&mut self, peer: PeerId) {
         if let Some(p) = self.peers.get_mut(&peer.0) {
             if let Some(old) = p.endpoint.take() {
-                tracing::info!(peer = p.cert.name(), endpoint = %old, relay = ?p.relay, "direct path silent; dropped");
+                tracing::info!(peer = p.cert.name(), endpoint = %old, relay = %or_none(p.relay), "direct path silent; dropped");
                 self.events.push_back(MeshEvent::DirectPathLost { peer });
             }
         }
@@ -977,7 +999,7 @@ impl Mesh {
                     .last_direct_rx
                     .is_none_or(|t| now.saturating_duration_since(t) >= DIRECT_PATH_STALE);
                 if p.endpoint.is_some() && direct_quiet {
-                    tracing::info!(peer = p.cert.name(), endpoint = ?p.endpoint, "peer now comes through the relay; direct path dropped");
+                    tracing::info!(peer = p.cert.name(), endpoint = %or_none(p.endpoint), "peer now comes through the relay; direct path dropped");
                     p.endpoint = None;
                     direct_lost = true;
                 }
@@ -1005,9 +1027,36 @@ impl Mesh {
             self.events
                 .push_back(MeshEvent::DirectPathLost { peer: PeerId(idx) });
         }
+
         match result {
             TunnResult::Done => {
                 self.note_connected(idx);
+                Received::Nothing
+            }
+            TunnResult::Err(WireGuardError::WrongTai64nTimestamp)
+                if datagram.first() == Some(&1) =>
+            {
+                self.counters.repeated_handshakes += 1;
+                tracing::trace!(
+                    peer = p.cert.name(),
+                    "repeated handshake initiation dropped"
+                );
+                Received::Nothing
+            }
+            // Both sides initiated at once (we looked the peer up while the
+            // lighthouse asked it to punch toward us): answering its
+            // initiation and sending what waited made boringtun start a
+            // new handshake, so the answer to our first one no longer
+            // matches. Expected when peers meet, and the newer handshake
+            // completes: not an error.
+            TunnResult::Err(WireGuardError::UnexpectedPacket | WireGuardError::WrongIndex)
+                if datagram.first() == Some(&2) =>
+            {
+                self.counters.crossed_handshakes += 1;
+                tracing::trace!(
+                    peer = p.cert.name(),
+                    "answer to a handshake that a crossing one replaced; dropped"
+                );
                 Received::Nothing
             }
             TunnResult::Err(e) => {
@@ -1071,7 +1120,7 @@ impl Mesh {
         if let Some(p) = self.peers.get_mut(&idx) {
             if !p.connected && p.tunn.time_since_last_handshake().is_some() {
                 p.connected = true;
-                tracing::info!(peer = p.cert.name(), overlay_ip = %p.cert.overlay_ip(), endpoint = ?p.endpoint, "tunnel up");
+                tracing::info!(peer = p.cert.name(), overlay_ip = %p.cert.overlay_ip(), endpoint = %shown_endpoint(p), "tunnel up");
                 self.events
                     .push_back(MeshEvent::PeerConnected { peer: p.id });
             }
@@ -1242,7 +1291,7 @@ impl Mesh {
         if self.by_key.get(&p.cert.public_key()) == Some(&idx) {
             self.by_key.remove(&p.cert.public_key());
         }
-        tracing::info!(peer = p.cert.name(), overlay_ip = %ip, ?reason, "peer removed");
+        tracing::info!(peer = p.cert.name(), overlay_ip = %ip, %reason, "peer removed");
         self.events.push_back(MeshEvent::PeerRemoved {
             peer: p.id,
             overlay_ip: ip,
@@ -1284,6 +1333,15 @@ fn route(p: &Peer) -> Option<Via> {
             peer: p.cert.overlay_ip(),
         }),
         (None, None) => None,
+    }
+}
+
+/// The peer's endpoint as a log shows it: the address, `relayed`, or `none`.
+fn shown_endpoint(p: &Peer) -> String {
+    match (p.endpoint, p.relay) {
+        (Some(e), _) => e.to_string(),
+        (None, Some(_)) => "relayed".to_string(),
+        (None, None) => "none".to_string(),
     }
 }
 

@@ -144,6 +144,8 @@ pub struct Flow {
     pub dst_port: u16,
     /// ICMP type (0 for other protocols).
     pub icmp_type: u8,
+    /// ICMP code (0 for other protocols): which unreachable, for a log.
+    pub icmp_code: u8,
     /// A non-first fragment: no transport header, ports unknown.
     pub fragment: bool,
 }
@@ -165,6 +167,7 @@ pub fn flow_of(packet: &[u8]) -> Option<Flow> {
         src_port: 0,
         dst_port: 0,
         icmp_type: 0,
+        icmp_code: 0,
         fragment: frag_offset != 0,
     };
     if flow.fragment {
@@ -180,6 +183,7 @@ pub fn flow_of(packet: &[u8]) -> Option<Flow> {
         PROTO_ICMP => {
             let h = l4.get(..8)?;
             flow.icmp_type = h[0];
+            flow.icmp_code = h[1];
             if matches!(h[0], 0 | 8 | 13 | 14) {
                 let id = u16::from_be_bytes([h[4], h[5]]);
                 flow.src_port = id;
@@ -339,7 +343,10 @@ mod reply_tests {
         let dgram = build_udp_ipv4(a, b, 5000, 53, b"query");
         let icmp = icmp_unreachable_for(&dgram, b, 3).unwrap_or_else(|| panic!("icmp"));
         let f = flow_of(&icmp).unwrap_or_else(|| panic!("flow"));
-        assert_eq!((f.proto, f.src, f.dst, f.icmp_type), (PROTO_ICMP, b, a, 3));
+        assert_eq!(
+            (f.proto, f.src, f.dst, f.icmp_type, f.icmp_code),
+            (PROTO_ICMP, b, a, 3, 3)
+        );
         assert_eq!(ones_complement(&icmp[20..], 0), 0, "ICMP checksum verifies");
         let quoted = icmp_error_quote(&icmp).unwrap_or_else(|| panic!("quote"));
         assert_eq!(

@@ -109,20 +109,8 @@ fn enrollment_failures_have_their_own_exit_codes() {
     );
     assert_eq!(bogus.status.code(), Some(77));
     assert!(String::from_utf8_lossy(&bogus.stderr).contains("unknown"));
-    // A token granting a group the issuer may not sign.
-    let db = lab.token("1", "db");
-    let out = run(
-        "tern",
-        &[
-            "up",
-            "--config",
-            &lab.ci_config("db", free_tcp()).to_string_lossy(),
-            "--enroll-token",
-            &db,
-        ],
-        Duration::from_secs(20),
-    );
-    assert_eq!(out.status.code(), Some(77));
+    // (A token granting a group the issuer may not sign is refused when it
+    // is made: tests/tokens.rs.)
     // No lighthouse answers: 69.
     let config = lab.ci_config("lost", free_tcp());
     let text = fs::read_to_string(&config).unwrap().replace(
@@ -561,7 +549,7 @@ fn get_through(lab: &Lab, name: &str) -> bool {
 fn revoking_an_enrolled_node_ends_its_sessions_within_seconds() {
     let lab = lab();
     let token = lab.token("1", "ci");
-    let (_job, forward) = lab.start_job("doomed", &token);
+    let (mut job, forward) = lab.start_job("doomed", &token);
     let name = lab.node_status("doomed")["name"]
         .as_str()
         .unwrap()
@@ -588,7 +576,13 @@ fn revoking_an_enrolled_node_ends_its_sessions_within_seconds() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("revoked {name}")));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("revoked {name}")), "{said}");
+    // The expiry in RFC 3339, like every other time the tools print.
+    assert!(
+        said.contains("until it expires at 20") && !said.contains("unix"),
+        "{said}"
+    );
     wait_until(
         "the gateway drops the revoked job",
         Duration::from_secs(5),
@@ -597,6 +591,22 @@ fn revoking_an_enrolled_node_ends_its_sessions_within_seconds() {
     eprintln!(
         "revoked → the gateway's session gone in {:?}",
         revoked_at.elapsed()
+    );
+    // The job itself was told, first: it says so once and stops with its
+    // own exit code.
+    let mut code = None;
+    wait_until("the revoked job stops", Duration::from_secs(5), || {
+        code = job.child.try_wait().ok().flatten().and_then(|s| s.code());
+        code.is_some()
+    });
+    assert_eq!(code, Some(76), "{}", job.log());
+    assert_eq!(
+        job.log()
+            .matches("this node's certificate is revoked")
+            .count(),
+        1,
+        "{}",
+        job.log()
     );
     // And it stays out: the job's traffic no longer reaches the service.
     std::thread::sleep(Duration::from_secs(2));
@@ -720,4 +730,291 @@ fn enrollment_answers_no_more_than_it_receives_and_a_flood_does_not_keep_a_job_o
         status["enrollment"]["undersized"].as_u64() >= Some(4),
         "{status}"
     );
+}
+
+/// The readiness gate reports only the node it started: with another node
+/// already on the config's API socket, `tern up` refuses at once (73),
+/// naming the socket and that node, and spends no token; a node whose
+/// enrollment fails is never reported ready (77). Without --log-file the
+/// background node's log lies beside its socket, readable by its user only.
+#[test]
+fn the_readiness_gate_never_reports_a_node_it_did_not_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    let token = lab.token("1", "ci");
+    let (_job, _forward) = lab.start_job("busy", &token);
+    let busy = lab.dir.path().join("busy.sock");
+    let _down = Down(busy.clone());
+    let target = format!("127.78.0.10:{}", lab.http_port);
+    // The same config again (same socket), with the spent token.
+    let config = lab.dir.path().join("busy.toml");
+    let started = Instant::now();
+    let out = run(
+        "tern",
+        &[
+            "up",
+            "--config",
+            &config.to_string_lossy(),
+            "--enroll-token",
+            &token,
+            "--wait-for",
+            &target,
+            "--wait-timeout",
+            "10s",
+        ],
+        Duration::from_secs(30),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(73), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("ready"), "{stdout}");
+    assert!(
+        stderr.contains(&busy.to_string_lossy().to_string())
+            && stderr.contains("node ci-")
+            && stderr.contains("already runs on the API socket"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
+
+    // Another socket, the spent token: the enrollment fails, and the gate
+    // says so with the node's own code, never "ready".
+    let spent = lab.ci_config("spent", free_tcp());
+    let out = run(
+        "tern",
+        &[
+            "up",
+            "--config",
+            &spent.to_string_lossy(),
+            "--enroll-token",
+            &token,
+            "--wait-for",
+            &target,
+            "--wait-timeout",
+            "10s",
+        ],
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(77), "{stdout}");
+    assert!(!stdout.contains("ready"), "{stdout}");
+    // Its log, beside its socket, is its user's alone.
+    let log = lab.dir.path().join("spent.log");
+    let mode = fs::metadata(&log).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode.ok(), Some(0o600), "{}", log.display());
+    assert!(fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("used up"));
+}
+
+/// A lighthouse without `[enroll]` says so to a node that tries to
+/// enroll, which exits 77 with that reason at once instead of waiting for
+/// an answer that never comes.
+#[test]
+fn a_lighthouse_that_does_not_enroll_says_so() {
+    use tern_tests::enroll_lab::tern;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tern(
+        d,
+        &[
+            "cert",
+            "ca",
+            "--name",
+            "root",
+            "--out-crt",
+            "ca.crt",
+            "--out-key",
+            "ca.key",
+        ],
+    );
+    tern(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "lh1",
+            "--ip",
+            "100.64.0.1/10",
+            "--groups",
+            "lighthouse",
+            "--out-key",
+            "lh1.key",
+            "--out-crt",
+            "lh1.crt",
+        ],
+    );
+    let port = free_udp();
+    fs::write(
+        d.join("lh.toml"),
+        format!("[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{port}\"\n[api]\nsocket = \"lh.sock\"\n"),
+    )
+    .unwrap();
+    let _lh = tern_tests::Daemon::start(
+        "tern-lighthouse",
+        &["--config", &d.join("lh.toml").to_string_lossy()],
+        d.join("lh.log"),
+    );
+    fs::write(
+        d.join("ci.toml"),
+        format!("[pki]\nca = \"ca.crt\"\n[listen]\naddr = \"127.0.0.1:{}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{port}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"ci.sock\"\n", free_udp()),
+    )
+    .unwrap();
+    wait_until("the lighthouse listens", Duration::from_secs(10), || {
+        d.join("lh.sock").exists()
+    });
+    let started = Instant::now();
+    let out = run(
+        "tern",
+        &[
+            "up",
+            "--config",
+            &d.join("ci.toml").to_string_lossy(),
+            "--enroll-token",
+            "tern1_x",
+        ],
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{stderr}");
+    assert!(
+        stderr.contains("enrollment is not enabled on this lighthouse"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "at once: {:?}",
+        started.elapsed()
+    );
+}
+
+/// SIGHUP reloads a running lighthouse: enrollment goes off and on with
+/// `[enroll]`, a file that does not parse changes nothing, and the
+/// lighthouse lives through it all, saying what it did.
+#[test]
+fn sighup_reloads_the_lighthouse_and_a_bad_file_changes_nothing() {
+    let lab = lab();
+    let token = lab.token("1", "ci");
+    let lh_toml = lab.dir.path().join("lh.toml");
+    let original = fs::read_to_string(&lh_toml).unwrap();
+    let pid = lab.lighthouse_status()["pid"]
+        .as_u64()
+        .expect("the lighthouse's pid") as i32;
+    let log = || fs::read_to_string(lab.dir.path().join("lh.log")).unwrap_or_default();
+    let hup = |expect: &str| {
+        let before = log().matches(expect).count();
+        // Our own child's pid, from its own status.
+        let sent = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        wait_until(expect, Duration::from_secs(10), || {
+            log().matches(expect).count() > before
+        });
+    };
+    // Without [enroll]: enrollment off; a job is told so at once (77).
+    let without = original.split("[enroll]").next().unwrap().to_string();
+    fs::write(&lh_toml, &without).unwrap();
+    hup("config reloaded");
+    assert!(log().contains("[enroll] (enrollment off)"), "{}", log());
+    let ci = lab.ci_config("job", free_tcp());
+    let out = run(
+        "tern",
+        &[
+            "up",
+            "--config",
+            &ci.to_string_lossy(),
+            "--enroll-token",
+            &token,
+        ],
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{stderr}");
+    assert!(stderr.contains("not enabled"), "{stderr}");
+    // A broken file: refused, nothing changes, the lighthouse lives.
+    fs::write(&lh_toml, "[pki\nthis is not toml").unwrap();
+    hup("config not reloaded");
+    assert!(
+        lab.lighthouse_status()["pid"].as_u64().is_some(),
+        "the lighthouse still answers"
+    );
+    // [enroll] back: the same (unspent) token enrolls now.
+    fs::write(&lh_toml, &original).unwrap();
+    hup("config reloaded");
+    let (_job, _forward) = lab.start_job("job2", &token);
+}
+
+/// `tern ping` says at once when no lighthouse knows an address (68), and
+/// finds a node by its certificate name through the lighthouses when it
+/// is not in the table yet.
+#[test]
+fn ping_knows_unknown_addresses_at_once_and_finds_names_through_the_lighthouse() {
+    let lab = lab();
+    let (_a, _) = lab.start_job("pinger", &lab.token("1", "ci"));
+    let mine = lab.node_status("pinger")["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_b, _) = lab.start_job("other", &lab.token("1", "ci"));
+    let other = lab
+        .registered()
+        .into_iter()
+        .find(|n| n.starts_with("ci-") && *n != mine)
+        .expect("the other job's name");
+    let socket = lab.dir.path().join("pinger.sock");
+    let ping = |peer: &str| {
+        run(
+            "tern",
+            &[
+                "ping",
+                "--socket",
+                &socket.to_string_lossy(),
+                "-n",
+                "1",
+                peer,
+            ],
+            Duration::from_secs(20),
+        )
+    };
+    let started = Instant::now();
+    let out = ping("100.64.55.55");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(68), "{stderr}");
+    assert!(
+        stderr.contains("no lighthouse knows 100.64.55.55"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "at once: {:?}",
+        started.elapsed()
+    );
+    let out = ping("no-such-node");
+    assert_eq!(
+        out.status.code(),
+        Some(68),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // By name, never met before.
+    let out = ping(&other);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("answer from {other}")), "{stdout}");
 }

@@ -253,6 +253,55 @@ fn node_cores_meet_through_a_real_lighthouse_process_on_loopback() {
     assert!(lh.log().contains("lighthouse up"));
 }
 
+/// Logs a daemon writes to a file are plain text: no ANSI colour codes
+/// (those are for a terminal), and values as a person writes them.
+#[test]
+fn daemon_log_files_carry_no_colour_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pki(dir);
+    let (lh_port, a_port) = (free_udp(), free_udp());
+    let lh_config = write(
+        dir,
+        "lighthouse.toml",
+        &format!("[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n[log]\nlevel = \"debug\"\n"),
+    );
+    let a_config = write(
+        dir,
+        "a.toml",
+        &format!("[pki]\nca = \"ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n[listen]\naddr = \"127.0.0.1:{a_port}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{lh_port}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"a.sock\"\n[log]\nlevel = \"debug\"\n"),
+    );
+    let lh = Daemon::start(
+        "tern-lighthouse",
+        &["--config", &lh_config],
+        dir.join("lh.log"),
+    );
+    let a = Daemon::start("tern", &["up", "--config", &a_config], dir.join("a.log"));
+    wait_until("a registers", Duration::from_secs(20), || {
+        a.log().contains("registered with lighthouse")
+    });
+    for d in [&lh, &a] {
+        let log = fs::read(&d.log).unwrap();
+        assert!(!log.is_empty());
+        assert!(
+            !log.contains(&0x1b),
+            "ESC in {}:\n{}",
+            d.log.display(),
+            String::from_utf8_lossy(&log)
+        );
+    }
+    let tunnel_up = a.log();
+    let tunnel_up = tunnel_up
+        .lines()
+        .find(|l| l.contains("tunnel up"))
+        .expect("a logs its tunnel to the lighthouse");
+    assert!(
+        tunnel_up.contains(&format!("endpoint=127.0.0.1:{lh_port}"))
+            && !tunnel_up.contains("Some("),
+        "{tunnel_up}"
+    );
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     fs::write(&p, text).unwrap();

@@ -389,6 +389,35 @@ fn nodes_register_and_meet_through_the_lighthouse() {
     assert!(status.lighthouses[0].observed == Some(addr(A)));
 }
 
+/// `tern status` on a fresh, healthy mesh shows no WireGuard errors. When
+/// two nodes meet, both initiate at once: a looks b up while the
+/// lighthouse asks b to punch toward a. a must not answer b's initiation by
+/// starting a second one of its own (which orphaned its first, so b's
+/// answer to that failed as an unexpected packet).
+#[test]
+fn peers_meeting_through_the_lighthouse_count_no_wireguard_errors() {
+    let mut lab = lab();
+    let ping = build_udp_ipv4(A_IP, B_IP, 5000, 6000, b"hello b");
+    lab.net.send_from_tun(A, &ping);
+    assert_eq!(lab.net.node(B).1, &vec![ping], "delivered once");
+    let pong = build_udp_ipv4(B_IP, A_IP, 6000, 5000, b"hello a");
+    lab.net.send_from_tun(B, &pong);
+    assert_eq!(lab.net.node(A).1, &vec![pong]);
+    lab.net.run_for(Duration::from_secs(30));
+    for at in [A, B] {
+        let status = lab.net.node(at).0.status();
+        assert!(status.peers.iter().all(|p| p.last_handshake_secs.is_some()));
+        assert_eq!(
+            status.mesh_counters.wireguard_errors, 0,
+            "{at}: {:?}",
+            status.mesh_counters
+        );
+    }
+    let now = lab.net.now;
+    let counters = lab.net.lighthouse().status(now).mesh_counters;
+    assert_eq!(counters.wireguard_errors, 0, "lighthouse: {counters:?}");
+}
+
 #[test]
 fn established_tunnel_survives_lighthouse_loss_and_nodes_reregister_after_restart() {
     let mut lab = lab();
@@ -451,15 +480,31 @@ fn node_from_another_ca_registers_nowhere_and_reaches_no_one() {
 }
 
 #[test]
-fn unknown_address_times_out_and_waiting_packets_are_dropped() {
+fn an_address_no_lighthouse_knows_is_given_up_at_once_and_waiting_packets_are_dropped() {
     let mut lab = lab();
     lab.net.send_from_tun(
         A,
         &build_udp_ipv4(A_IP, Ipv4Addr::new(100, 64, 9, 9), 1, 2, b"nobody"),
     );
-    lab.net.run_for(Duration::from_secs(16));
+    lab.net.run_for(Duration::from_millis(200));
     let status = lab.net.node(A).0.status();
-    assert_eq!(status.node_counters.lookup_timeouts, 1);
+    assert_eq!(status.node_counters.lookups_unknown, 1, "{status:?}");
+    assert_eq!(status.node_counters.lookup_timeouts, 0);
+    // Packets right after are dropped without asking again; a second
+    // later the lighthouse is asked anew.
+    lab.net.send_from_tun(
+        A,
+        &build_udp_ipv4(A_IP, Ipv4Addr::new(100, 64, 9, 9), 1, 2, b"again"),
+    );
+    assert_eq!(lab.net.node(A).0.status().node_counters.lookups_unknown, 1);
+    lab.net.run_for(Duration::from_secs(2));
+    lab.net.send_from_tun(
+        A,
+        &build_udp_ipv4(A_IP, Ipv4Addr::new(100, 64, 9, 9), 1, 2, b"later"),
+    );
+    lab.net.run_for(Duration::from_millis(200));
+    let status = lab.net.node(A).0.status();
+    assert_eq!(status.node_counters.lookups_unknown, 2);
     assert!(status
         .peers
         .iter()
@@ -525,6 +570,10 @@ fn with_two_lighthouses_losing_either_changes_nothing_for_new_pairs() {
         let p = build_udp_ipv4(A_IP, B_IP, 1, 2, b"via the survivor");
         net.send_from_tun(A, &p);
         assert_eq!(net.node(B).1, &vec![p], "lighthouse {dead:?} down");
+        // The second lighthouse's answer makes a resend the same
+        // initiation: b drops the copy as repeated, not as an error.
+        let counters = net.node(B).0.status().mesh_counters;
+        assert_eq!(counters.wireguard_errors, 0, "{dead:?} down: {counters:?}");
     }
 }
 

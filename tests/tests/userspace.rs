@@ -410,6 +410,23 @@ fn refusals_come_back_quickly_and_the_firewall_rejects_as_in_tun_mode() {
     // An address no gateway routes: "network unreachable" (3), at once.
     let (_s, code, _) = socks_request(lab.socks, 1, (Ipv4Addr::new(127, 66, 0, 1), 80));
     assert_eq!(code, 3);
+    // Through HTTP CONNECT the firewall's refusal says why, in the body:
+    // which peer, which rule.
+    let mut s = TcpStream::connect(("127.0.0.1", lab.proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "CONNECT {private}:{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        lab.denied
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden"), "{answer}");
+    assert!(
+        answer.contains("is denied by policy: gw's inbound rule-"),
+        "{answer}"
+    );
 }
 
 #[test]

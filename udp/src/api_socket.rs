@@ -80,6 +80,17 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Makes the socket's directory as [`bind`] does (0700, or 0750 and
+/// `group`'s) when it is missing, and refuses one that fails [`check_dir`]:
+/// for files that belong beside the socket (a background node's log).
+pub fn prepare_dir<'a>(path: &'a Path, group: Option<&str>) -> io::Result<&'a Path> {
+    let gid = group.map(group_id).transpose()?;
+    let dir = socket_dir(path);
+    create_dir(dir, gid)?;
+    check_dir(dir)?;
+    Ok(dir)
+}
+
 /// Refuses an API socket directory that another user could have placed or
 /// could write to: it must be a real directory (not a symlink), owned by
 /// the effective user or by root (so an unprivileged CLI may use a daemon

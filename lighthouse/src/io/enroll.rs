@@ -15,8 +15,8 @@ use anyhow::Context;
 use serde::Serialize;
 use tern_shared::config::EnrollConfig;
 use tern_shared::enroll::{
-    may_answer, open_request, request_key, ENROLL_HELLO_LEN, ENROLL_REQUEST_MIN, TYPE_ENROLL_CERT,
-    TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST,
+    disabled_answer, may_answer, open_request, request_key, ENROLL_HELLO_LEN, ENROLL_REQUEST_MIN,
+    TYPE_ENROLL_CERT, TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -49,12 +49,18 @@ enum Job {
         provider: usize,
         keys: Result<Jwks, String>,
     },
+    /// The handle was dropped (a reload replaced it, or the lighthouse
+    /// stops): the thread ends.
+    Stop,
 }
 
 /// The event loop's handle on the enrollment thread.
 pub struct EnrollmentHandle {
     hello_answer: Vec<u8>,
     jobs: SyncSender<Job>,
+    /// Set when the handle goes: the thread holds a sender of its own (for
+    /// key fetches), so the channel alone never tells it.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     hellos: SourceLimiter,
     requests: SourceLimiter,
     undersized: u64,
@@ -125,6 +131,54 @@ impl EnrollmentHandle {
     }
 }
 
+impl Drop for EnrollmentHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes it now if its queue has room; else it sees the flag after
+        // the request it is on.
+        let _ = self.jobs.try_send(Job::Stop);
+    }
+}
+
+/// What a lighthouse without `[enroll]` says to enrollment datagrams: that
+/// it does not enroll, and why, so a node says so at once instead of
+/// waiting for an answer (under the same padding rule and rate limits).
+pub struct DisabledEnrollment {
+    answer: Vec<u8>,
+    limiter: SourceLimiter,
+}
+
+impl DisabledEnrollment {
+    pub fn new(now: Instant) -> DisabledEnrollment {
+        DisabledEnrollment {
+            answer: disabled_answer(
+                "enrollment is not enabled on this lighthouse: its config has no [enroll] \
+                 (add one, see config/lighthouse.toml, then restart it or send it SIGHUP)",
+            ),
+            limiter: SourceLimiter::new(
+                tern_shared::config::DEFAULT_ENROLL_PER_SOURCE,
+                tern_shared::config::DEFAULT_ENROLL_TOTAL,
+                now,
+            ),
+        }
+    }
+
+    pub fn handle(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let min = match datagram.first() {
+            Some(&TYPE_ENROLL_HELLO) => ENROLL_HELLO_LEN,
+            Some(&TYPE_ENROLL_REQUEST) => ENROLL_REQUEST_MIN,
+            _ => return None,
+        };
+        if datagram.len() < min
+            || !may_answer(datagram, &self.answer)
+            || !self.limiter.admit(from, now)
+        {
+            return None;
+        }
+        Some(self.answer.clone())
+    }
+}
+
 /// Opens the store and the issuer (errors here stop the lighthouse at
 /// start, naming what is wrong) and starts the enrollment thread.
 pub fn start(
@@ -147,8 +201,9 @@ pub fn start(
         .with_oidc(config.oidc.clone());
     let store = SqliteStore::open(&config.store)
         .with_context(|| format!("opening the enrollment store {}", config.store.display()))?;
-    tracing::info!(issuer = %enroller.issuer().body.name, pool = ?enroller.issuer().body.ips, store = %config.store.display(), "enrolling nodes");
+    tracing::info!(issuer = %enroller.issuer().body.name, pool = %tern_shared::show::list(&enroller.issuer().body.ips), store = %config.store.display(), "enrolling nodes");
     let (jobs, queue) = sync_channel(QUEUE);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let providers = config.oidc.len();
     let mut worker = Worker {
         enroller,
@@ -161,6 +216,7 @@ pub fn start(
         fetching: vec![false; providers],
         jobs: jobs.clone(),
         answers,
+        stop: stop.clone(),
     };
     let now = Instant::now();
     for (i, p) in config.oidc.iter().enumerate() {
@@ -185,6 +241,7 @@ pub fn start(
     Ok(EnrollmentHandle {
         hello_answer,
         jobs,
+        stop,
         hellos: SourceLimiter::new(config.per_source_per_sec, config.total_per_sec, now),
         requests: SourceLimiter::new(config.per_source_per_sec, config.total_per_sec, now),
         undersized: 0,
@@ -211,6 +268,7 @@ struct Worker {
     fetching: Vec<bool>,
     jobs: SyncSender<Job>,
     answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Worker {
@@ -228,8 +286,12 @@ impl Worker {
                     }
                 }
                 Ok(Job::Keys { provider, keys }) => self.keys_arrived(provider, keys),
+                Ok(Job::Stop) => return,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
             }
             let now = Instant::now();
             if now.saturating_duration_since(last_tick) >= TICK {

@@ -49,9 +49,16 @@ fn load_config(path: &Path) -> anyhow::Result<LighthouseConfig> {
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour for a person at a terminal only: a log file or the journal
+    // would keep the escape codes as text.
+    let ansi = tern_shared::show::colour_logs(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
 }
 
@@ -66,7 +73,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     init_logging(&config.log.level);
     let store = store_path(&config, config_path);
-    runtime()?.block_on(serve(config, store))
+    runtime()?.block_on(serve(config, config_path, store))
 }
 
 /// Where the lighthouse's lasting state lives: `[enroll] store`, or
@@ -146,7 +153,11 @@ impl RevocationFeed {
     }
 }
 
-async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<()> {
+async fn serve(
+    mut config: LighthouseConfig,
+    config_path: &Path,
+    store_path: PathBuf,
+) -> anyhow::Result<()> {
     let read = |p: &Path, what: &str| {
         std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
     };
@@ -183,7 +194,7 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
     let mesh = Mesh::new(
         identity.key.static_secret(),
         &cert,
-        identity.ca,
+        identity.ca.clone(),
         settings,
         now,
         unix_now(),
@@ -210,9 +221,10 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
     // disk, and registrations and relaying must not wait with them.
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
     let mut enrollment = match &config.enroll {
-        Some(e) => Some(enroll::start(e, &identity.key, &cert, answers_tx)?),
+        Some(e) => Some(enroll::start(e, &identity.key, &cert, answers_tx.clone())?),
         None => None,
     };
+    let mut not_enrolling = enroll::DisabledEnrollment::new(Instant::now());
     let mut revocations = RevocationFeed::new(store_path, enrollment.is_some())?;
     revocations.poll(&mut core, Instant::now());
     let mut revocation_tick = tokio::time::interval(Duration::from_millis(500));
@@ -225,6 +237,12 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     let _api = serve_api(&socket_path, config.api.group.as_deref(), api_tx)?;
 
+    let mut sighup = signal(SignalKind::hangup())?;
+    let reload = Reload {
+        path: config_path,
+        identity: &identity,
+        answers: &answers_tx,
+    };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut received = tern_udp::RecvBatch::default();
@@ -241,17 +259,9 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
                             Ok(_) => {
                                 let now = Instant::now();
                                 for (from, datagram) in received.datagrams() {
-                                    let enrolling = matches!(
-                                        datagram.first(),
-                                        Some(&TYPE_ENROLL_HELLO | &TYPE_ENROLL_REQUEST)
-                                    );
-                                    match enrollment.as_mut() {
-                                        Some(e) if enrolling => {
-                                            if let Some(answer) = e.handle(from, datagram, now) {
-                                                sends.push(&socket, from, &answer).await;
-                                            }
-                                        }
-                                        _ => core.handle_datagram(from, datagram, now),
+                                    let answer = dispatch(&mut core, enrollment.as_mut(), &mut not_enrolling, from, datagram, now);
+                                    if let Some(answer) = answer {
+                                        sends.push(&socket, from, &answer).await;
                                     }
                                 }
                                 while let Some(t) = core.poll_transmit() {
@@ -280,12 +290,9 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
                 sends.push(&socket, to, &answer).await;
             }
             Some(reply) = api_rx.recv() => {
-                let mut status = serde_json::to_value(core.status(Instant::now())).unwrap_or_default();
-                if let (Some(e), Some(fields)) = (&enrollment, status.as_object_mut()) {
-                    fields.insert("enrollment".into(), serde_json::to_value(e.counters()).unwrap_or_default());
-                }
-                let _ = reply.send(status);
+                let _ = reply.send(status_json(&core, enrollment.as_ref()));
             }
+            _ = sighup.recv() => reload.apply(&mut config, &mut core, &mut enrollment),
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
@@ -295,6 +302,139 @@ async fn serve(config: LighthouseConfig, store_path: PathBuf) -> anyhow::Result<
         sends.flush(&socket).await;
     }
     Ok(())
+}
+
+/// One datagram: enrollment's (answered here, or handed to its thread) or
+/// the core's. An answer to send back at once, if any.
+fn dispatch(
+    core: &mut LighthouseCore,
+    enrollment: Option<&mut enroll::EnrollmentHandle>,
+    not_enrolling: &mut enroll::DisabledEnrollment,
+    from: SocketAddr,
+    datagram: &[u8],
+    now: Instant,
+) -> Option<Vec<u8>> {
+    let enrolling = matches!(
+        datagram.first(),
+        Some(&TYPE_ENROLL_HELLO | &TYPE_ENROLL_REQUEST)
+    );
+    match enrollment {
+        _ if !enrolling => {
+            core.handle_datagram(from, datagram, now);
+            None
+        }
+        Some(e) => e.handle(from, datagram, now),
+        None => not_enrolling.handle(from, datagram, now),
+    }
+}
+
+/// What `tern-lighthouse status` shows: the core's status, this process's
+/// pid, and enrollment's counters when it runs.
+fn status_json(
+    core: &LighthouseCore,
+    enrollment: Option<&enroll::EnrollmentHandle>,
+) -> serde_json::Value {
+    let mut status = serde_json::to_value(core.status(Instant::now())).unwrap_or_default();
+    if let Some(fields) = status.as_object_mut() {
+        fields.insert("pid".into(), std::process::id().into());
+        if let Some(e) = enrollment {
+            fields.insert(
+                "enrollment".into(),
+                serde_json::to_value(e.counters()).unwrap_or_default(),
+            );
+        }
+    }
+    status
+}
+
+/// SIGHUP: what a running lighthouse takes from its config file again.
+/// A file that does not parse, or an `[enroll]` that does not start,
+/// changes nothing; every change is logged, and what only a restart can
+/// change is named.
+struct Reload<'a> {
+    path: &'a Path,
+    identity: &'a Identity,
+    answers: &'a mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+}
+
+impl Reload<'_> {
+    fn apply(
+        &self,
+        running: &mut LighthouseConfig,
+        core: &mut LighthouseCore,
+        enrollment: &mut Option<enroll::EnrollmentHandle>,
+    ) {
+        tracing::info!(config = %self.path.display(), "SIGHUP: reading the config again");
+        let new = match load_config(self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "config not reloaded; the running one stays");
+                return;
+            }
+        };
+        let mut changed = Vec::new();
+        if new.enroll != running.enroll {
+            // The store holds tokens and leases for whichever config: a
+            // new path would split them, so it needs a restart.
+            let store_moved =
+                matches!((&new.enroll, &running.enroll), (Some(a), Some(b)) if a.store != b.store);
+            if store_moved {
+                tracing::warn!("[enroll] store changed: it takes effect at the next restart; the rest of [enroll] is reloaded");
+            }
+            let mut wanted = new.enroll.clone();
+            if let (true, Some(w), Some(r)) = (store_moved, wanted.as_mut(), &running.enroll) {
+                w.store = r.store.clone();
+            }
+            match &wanted {
+                Some(e) => match enroll::start(
+                    e,
+                    &self.identity.key,
+                    &self.identity.cert,
+                    self.answers.clone(),
+                ) {
+                    Ok(handle) => {
+                        *enrollment = Some(handle);
+                        running.enroll = wanted.clone();
+                        changed.push("[enroll]");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "[enroll] not reloaded; enrollment goes on as before")
+                    }
+                },
+                None => {
+                    *enrollment = None;
+                    running.enroll = None;
+                    changed.push("[enroll] (enrollment off)");
+                }
+            }
+        }
+        if new.relay != running.relay {
+            core.reconfigure_relay(new.relay.enabled, new.relay.packets_per_sec, || {
+                RelayTable::new(MAX_NODES * 4, RELAY_IDLE_EXPIRY, new.relay.packets_per_sec)
+            });
+            running.relay = new.relay.clone();
+            changed.push("[relay]");
+        }
+        for (what, differs) in [
+            ("[pki]", new.pki != running.pki),
+            ("[listen]", new.listen != running.listen),
+            ("[api]", new.api != running.api),
+            ("[registry]", new.registry != running.registry),
+            ("[log]", new.log != running.log),
+        ] {
+            if differs {
+                tracing::warn!(
+                    section = what,
+                    "changed in the file; takes effect at the next restart"
+                );
+            }
+        }
+        if changed.is_empty() {
+            tracing::info!("config reloaded: nothing that can change while running has changed");
+        } else {
+            tracing::info!(changed = %changed.join(", "), "config reloaded");
+        }
+    }
 }
 
 fn seed() -> u64 {
@@ -365,21 +505,11 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
     // Refuse a socket another user could have put in place of the daemon's.
     tern_udp::api_socket::check_before_connect(&path)
         .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
-    let reply: serde_json::Value = runtime()?.block_on(async {
-        let stream = UnixStream::connect(&path).await.with_context(|| {
-            format!(
-                "connecting to the lighthouse's API socket {} (is it running?)",
-                path.display()
-            )
-        })?;
-        let (read, mut write) = stream.into_split();
-        write.write_all(b"{\"cmd\":\"status\"}\n").await?;
-        let line = BufReader::new(read)
-            .lines()
-            .next_line()
-            .await?
-            .context("the lighthouse closed the connection without answering")?;
-        anyhow::Ok(serde_json::from_str(&line)?)
+    let reply = runtime()?.block_on(ask_status(&path)).with_context(|| {
+        format!(
+            "asking the lighthouse's API socket {} (is it running?)",
+            path.display()
+        )
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
@@ -440,60 +570,6 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
     Ok(())
 }
 
-/// `tern-lighthouse token create`: a new token in the enrollment store
-/// (while the daemon runs, too); printed alone on stdout.
-pub fn create_token(
-    config_path: Option<&Path>,
-    groups: &[String],
-    ttl: &str,
-    uses: u32,
-    cert_ttl: &str,
-) -> anyhow::Result<()> {
-    let path = config_path.ok_or_else(|| {
-        anyhow::anyhow!("give the lighthouse's config: tern-lighthouse token create --config lighthouse.toml ...")
-    })?;
-    let config = load_config(path)?;
-    let enroll = config.enroll.as_ref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "{} has no [enroll] section: add issuer_cert and issuer_key (tern cert sign --issuer)",
-            path.display()
-        )
-    })?;
-    let ttl = tern_shared::duration::parse_duration(ttl)
-        .map_err(|e| anyhow::anyhow!("--ttl {ttl:?}: {e}"))?;
-    let cert_ttl = tern_shared::duration::parse_duration(cert_ttl)
-        .map_err(|e| anyhow::anyhow!("--cert-ttl {cert_ttl:?}: {e}"))?;
-    if uses == 0 {
-        anyhow::bail!("--uses 0 would make a token nobody can use; give 1 or more");
-    }
-    for g in groups {
-        let ok = !g.is_empty()
-            && g.len() <= 64
-            && g.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !ok {
-            anyhow::bail!("--groups: {g:?} is not a group name (1-64 of A-Z a-z 0-9 . _ -)");
-        }
-    }
-    let mut store = SqliteStore::open(&enroll.store)
-        .with_context(|| format!("opening the enrollment store {}", enroll.store.display()))?;
-    let token = crate::enroll::new_token();
-    let now = unix_now();
-    crate::enroll::EnrollStore::create_token(
-        &mut store,
-        &crate::enroll::NewToken {
-            hash: tern_shared::enroll::token_hash(&token),
-            groups: groups.to_vec(),
-            uses,
-            expires: now.saturating_add(ttl.as_secs()),
-            cert_ttl: cert_ttl.as_secs(),
-        },
-        now,
-    )?;
-    println!("{token}");
-    Ok(())
-}
-
 /// `tern-lighthouse revoke FINGERPRINT|NAME`: records the revocation in the
 /// store; the running lighthouse reads it within a second and pushes it to
 /// every registered node, which tears down its sessions with that
@@ -535,7 +611,10 @@ pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
         let until = if not_after == u64::MAX {
             "for good".to_string()
         } else {
-            format!("until it expires at unix {not_after}")
+            format!(
+                "until it expires at {}",
+                tern_shared::cert::format_unix_time(not_after)
+            )
         };
         let who = if name.is_empty() {
             String::new()
@@ -550,4 +629,40 @@ pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
     }
     println!("a running lighthouse pushes revocations to its nodes within a second");
     Ok(())
+}
+
+/// What the lighthouse running with `config` answers on its API socket
+/// (`[api] socket`, or the default) within `timeout`: the socket and the
+/// status `tern-lighthouse status --json` prints. An error when nothing
+/// answers in time (the lighthouse may not run).
+/// One status request on the API socket at `path`.
+async fn ask_status(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let stream = UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"{\"cmd\":\"status\"}\n").await?;
+    let line = BufReader::new(read)
+        .lines()
+        .next_line()
+        .await?
+        .context("the lighthouse closed the connection without answering")?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+pub fn running_status(
+    config: &LighthouseConfig,
+    timeout: Duration,
+) -> anyhow::Result<(PathBuf, serde_json::Value)> {
+    let path = config
+        .api
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    tern_udp::api_socket::check_before_connect(&path)
+        .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
+    let reply = runtime()?.block_on(async {
+        tokio::time::timeout(timeout, ask_status(&path))
+            .await
+            .with_context(|| format!("no answer on {} within {timeout:?}", path.display()))?
+    })?;
+    Ok((path, reply))
 }

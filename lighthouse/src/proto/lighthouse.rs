@@ -18,6 +18,7 @@ use tern_shared::control::{
 };
 use tern_shared::mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
+use tern_shared::show::list;
 use tern_shared::wire::{classify, DatagramKind, RelayEnvelope, TYPE_RELAYED, TYPE_RELAY_REQUEST};
 
 use super::registry::{RegisteredNode, Registry, RunnerAd};
@@ -97,6 +98,22 @@ impl LighthouseCore {
         self.relay = Some(table);
     }
 
+    /// Follows `[relay]` on a reload: on (with this per-node rate, keeping
+    /// the pairs already introduced) or off. `new_table` makes the table
+    /// when relaying was off.
+    pub fn reconfigure_relay(
+        &mut self,
+        enabled: bool,
+        packets_per_sec: u32,
+        new_table: impl FnOnce() -> RelayTable,
+    ) {
+        match (&mut self.relay, enabled) {
+            (Some(table), true) => table.set_packets_per_sec(packets_per_sec),
+            (None, true) => self.relay = Some(new_table()),
+            (_, false) => self.relay = None,
+        }
+    }
+
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         if classify(datagram) == DatagramKind::RelayRequest {
             self.handle_relay_request(from, datagram, now);
@@ -134,15 +151,9 @@ impl LighthouseCore {
             .iter()
             .map(|(_, r)| (r.fingerprint, r.not_after))
             .collect();
-        let before_peers = self.mesh.peer_count();
-        self.mesh.revoke(&entries, now);
-        tracing::info!(
-            new = new.len(),
-            revoked = self.revocations.len(),
-            sessions_torn_down = before_peers - self.mesh.peer_count(),
-            "certificates revoked; pushing the revocations to the registered nodes"
-        );
-        self.drain_mesh_events();
+        // Every registered node hears of it first, the revoked ones too:
+        // they are told why they are cut off (and stop) rather than find
+        // their sessions gone. Then their sessions end.
         let peers = self.registry.peers();
         let mut since = before;
         let chunks: Vec<&[(u32, Revocation)]> = new.chunks(MAX_REVOCATIONS_IN_REPLY).collect();
@@ -163,6 +174,15 @@ impl LighthouseCore {
             }
             since = version;
         }
+        let before_peers = self.mesh.peer_count();
+        self.mesh.revoke(&entries, now);
+        tracing::info!(
+            new = new.len(),
+            revoked = self.revocations.len(),
+            sessions_torn_down = before_peers - self.mesh.peer_count(),
+            "certificates revoked; pushed to the registered nodes, sessions with them ended"
+        );
+        self.drain_mesh_events();
     }
 
     /// The answer to a node that holds the list up to `since`.
@@ -467,10 +487,10 @@ impl LighthouseCore {
             .set_routes(cert.overlay_ip(), ok.clone(), refused.clone())
         {
             if !ok.is_empty() {
-                tracing::info!(routes = ?ok, "node routes subnets");
+                tracing::info!(routes = %list(&ok), "node routes subnets");
             }
             if !refused.is_empty() {
-                tracing::warn!(refused = ?refused, authorized = ?cert.subnets(), "node advertises subnets its certificate does not carry; ignored");
+                tracing::warn!(refused = %list(&refused), authorized = %list(cert.subnets()), "node advertises subnets its certificate does not carry; ignored");
             }
         }
     }

@@ -87,6 +87,13 @@ impl RelayTable {
         }
     }
 
+    /// A new per-sender budget (a reload): introductions stay, budgets
+    /// start again at the new rate.
+    pub fn set_packets_per_sec(&mut self, packets_per_sec: u32) {
+        self.packets_per_sec = packets_per_sec.max(1);
+        self.budgets.clear();
+    }
+
     /// Records that `a` and `b` were introduced (one asked where the other
     /// is). Returns true when an older introduction had to be forgotten.
     pub fn introduce(&mut self, a: Ipv4Addr, b: Ipv4Addr, now: Instant) -> bool {

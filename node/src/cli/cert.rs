@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context as _};
 use ipnet::{IpNet, Ipv4Net};
 use std::fs::{self, OpenOptions, Permissions};
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -103,8 +104,14 @@ pub struct SignArgs {
     #[arg(long)]
     name: String,
     /// The node's overlay address with the mesh prefix, e.g. 100.64.0.5/10.
-    #[arg(long, value_name = "IP/PREFIX", required_unless_present = "issuer")]
-    ip: Option<Ipv4Net>,
+    /// Without the prefix, the CA's network holding the address gives it.
+    #[arg(
+        long,
+        value_name = "IP/PREFIX",
+        required_unless_present = "issuer",
+        value_parser = parse_node_ip
+    )]
+    ip: Option<NodeIp>,
     /// Groups the node belongs to (firewall rules match on them).
     #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
     groups: Vec<String>,
@@ -314,9 +321,11 @@ fn sign(args: SignArgs) -> anyhow::Result<ExitCode> {
             .min(ca.body.not_after),
         None => ca.body.not_after.saturating_sub(1),
     };
-    let ip = args
-        .ip
-        .ok_or_else(|| anyhow!("--ip is required for a node certificate"))?;
+    let ip = match args.ip {
+        Some(NodeIp::Net(net)) => net,
+        Some(NodeIp::Bare(addr)) => prefix_from_ca(addr, &ca)?,
+        None => bail!("--ip is required for a node certificate"),
+    };
     let body = CertBody {
         kind: CertKind::Node,
         name: args.name,
@@ -491,6 +500,49 @@ fn cert_json(cert: &Cert) -> serde_json::Value {
         "issued_by": b.chain.as_ref().map(|c| c.body.name.clone()),
         "fingerprint": cert.fingerprint().to_string(),
     })
+}
+
+/// `--ip` as given: with the mesh prefix, or a bare address whose prefix
+/// comes from the CA.
+#[derive(Debug, Clone, Copy)]
+enum NodeIp {
+    Net(Ipv4Net),
+    Bare(Ipv4Addr),
+}
+
+fn parse_node_ip(s: &str) -> Result<NodeIp, String> {
+    if let Ok(net) = s.parse() {
+        return Ok(NodeIp::Net(net));
+    }
+    s.parse().map(NodeIp::Bare).map_err(|_| {
+        format!("{s:?} is not an IPv4 address with the mesh prefix, e.g. 100.64.0.5/10")
+    })
+}
+
+/// The node's address with the prefix of the one CA network that holds it
+/// (a CA made with `--ips 100.64.0.0/10` gives `/10`). An issuer's
+/// networks are its address pool, not the mesh, so they give none.
+fn prefix_from_ca(addr: Ipv4Addr, ca: &Cert) -> anyhow::Result<Ipv4Net> {
+    let holding: Vec<Ipv4Net> = ca
+        .body
+        .ips
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) if n.contains(&addr) => Some(n.trunc()),
+            _ => None,
+        })
+        .collect();
+    match holding.as_slice() {
+        [net] if ca.body.kind == CertKind::Ca => {
+            let ip = Ipv4Net::new(addr, net.prefix_len())?;
+            eprintln!(
+                "note: --ip {addr} has no prefix; took /{} from the CA's network {net}: {ip}",
+                net.prefix_len()
+            );
+            Ok(ip)
+        }
+        _ => bail!("--ip {addr}: give the mesh prefix too, e.g. {addr}/10"),
+    }
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, DurationError> {

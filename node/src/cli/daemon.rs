@@ -112,7 +112,8 @@ pub struct StatusArgs {
 
 #[derive(Args)]
 pub struct PingArgs {
-    /// The peer: its overlay address, or its name once it is in the table.
+    /// The peer: its overlay address, or its certificate name (looked up
+    /// through the lighthouses when it is not in the table yet).
     pub peer: String,
     /// The node's config file: its [api] socket (or TUN name) says where to ask.
     #[arg(long, short, conflicts_with = "socket")]
@@ -153,21 +154,59 @@ pub(crate) fn api_socket(
     })
 }
 
-/// `tern ping`: exit 0 when at least one answer came back.
+/// `tern ping` exit code when no lighthouse knows the address (or name).
+pub const PING_UNKNOWN: u8 = 68;
+
+/// `tern ping`: exit 0 when at least one answer came back, 68 when no
+/// lighthouse knows the peer, 1 otherwise.
 pub fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
     let path = api_socket(&args.socket, &args.config)?;
     let rt = runtime()?;
     let mut answered = 0;
+    let mut peer = args.peer.clone();
     for i in 0..args.count {
         if i > 0 {
             std::thread::sleep(args.interval);
         }
-        let request = api::ApiRequest::Ping {
-            peer: args.peer.clone(),
-        };
-        let reply = rt.block_on(api::call(&path, &request))?;
+        let request = api::ApiRequest::Ping { peer: peer.clone() };
+        let mut reply = rt.block_on(api::call(&path, &request))?;
+        if reply.get("error").is_some() && peer.parse::<std::net::Ipv4Addr>().is_err() {
+            // A name not in the table yet: the lighthouses know registered
+            // nodes by their certificate names. Their answer is a hint; the
+            // ping's answer comes from the peer whose certificate we verify.
+            let found = rt.block_on(api::call(
+                &path,
+                &api::ApiRequest::FindRunners {
+                    selector: tern_shared::control::RunnerSelector::Name(peer.clone()),
+                },
+            ))?;
+            match found["runners"][0]["overlay_ip"].as_str() {
+                Some(ip) => {
+                    peer = ip.to_string();
+                    reply = rt.block_on(api::call(
+                        &path,
+                        &api::ApiRequest::Ping { peer: peer.clone() },
+                    ))?;
+                }
+                None if found.get("error").is_none() => {
+                    eprintln!(
+                        "tern ping: no node named {:?} is registered with the lighthouses",
+                        args.peer
+                    );
+                    return Ok(ExitCode::from(PING_UNKNOWN));
+                }
+                None => {}
+            }
+        }
         if let Some(err) = reply.get("error") {
             anyhow::bail!("cannot ping {}: {}", args.peer, err.as_str().unwrap_or("?"));
+        }
+        if reply["unknown"] == true {
+            eprintln!(
+                "tern ping: no lighthouse knows {}: no node with that address is registered",
+                reply["overlay_ip"].as_str().unwrap_or(&peer)
+            );
+            return Ok(ExitCode::from(PING_UNKNOWN));
         }
         if reply["rtt_ms"].is_number() {
             answered += 1;
@@ -208,18 +247,26 @@ fn describe_ping(r: &serde_json::Value) -> String {
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
-    let config = io::load_node_config(&args.config)?;
+    let mut config = io::load_node_config(&args.config)?;
+    if args.userspace {
+        config.tun.mode = tern_shared::config::TunMode::Userspace;
+    }
+    let socket = api::socket_path_for(&config);
+    if let Some(code) = super::ready::refuse_taken_socket(&socket) {
+        return Ok(code);
+    }
     if let Some(target) = &args.wait_for {
         let Ok(target) = target.parse::<std::net::SocketAddrV4>() else {
             eprintln!("tern up: --wait-for {target:?}: give an IPv4 address and port, e.g. 198.19.0.10:5432");
             return Ok(ExitCode::from(2));
         };
-        let mut config = config;
-        if args.userspace {
-            config.tun.mode = tern_shared::config::TunMode::Userspace;
-        }
-        let socket = api::socket_path_for(&config);
-        return super::ready::up_and_wait(&socket, target, args.wait_timeout, args.log_file);
+        return super::ready::up_and_wait(
+            &socket,
+            config.api.group.as_deref(),
+            target,
+            args.wait_timeout,
+            args.log_file,
+        );
     }
     crate::init_logging(&config.log.level);
     let runtime = runtime()?;
@@ -390,6 +437,8 @@ fn print_status(s: &serde_json::Value, path: &Path) {
         .flatten()
         .chain(s["node_counters"].as_object().into_iter().flatten())
         .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+        // What a healthy mesh does when peers meet: shown in --json only.
+        .filter(|(k, _)| !matches!(k.as_str(), "repeated_handshakes" | "crossed_handshakes"))
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>();
     if !counters.is_empty() {

@@ -105,6 +105,10 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
                 }
             }));
         }
+        println!(
+            "forwarding until Ctrl-C (the forwards end with this command; for forwards that \
+             live as long as the node, put [[forwards]] in its config)"
+        );
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         tokio::select! {

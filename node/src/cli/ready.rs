@@ -5,6 +5,7 @@
 //! `tern down` stops the node (it deregisters as it goes).
 
 use std::net::SocketAddrV4;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -25,8 +26,47 @@ pub mod code {
     /// The peer in front of the target (the gateway, or the peer itself)
     /// says its firewall does not let this node in.
     pub const DENIED_BY_POLICY: u8 = 71;
+    /// Another node already answers on this config's API socket.
+    pub const SOCKET_TAKEN: u8 = 73;
     /// No answer within --wait-timeout.
     pub const TIMEOUT: u8 = 124;
+}
+
+/// The node already answering on `socket`, if any: its name and overlay
+/// address, for a message.
+pub fn running_node(socket: &Path) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let status = runtime
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                api::call(socket, &ApiRequest::Status),
+            )
+            .await
+        })
+        .ok()?
+        .ok()?;
+    let name = status["name"].as_str().unwrap_or("?");
+    let ip = status["overlay_ip"].as_str().unwrap_or("?");
+    let pid = status["pid"]
+        .as_u64()
+        .map_or_else(String::new, |p| format!(", pid {p}"));
+    Some(format!("node {name} ({ip}{pid})"))
+}
+
+/// Refuses to start a second node on a socket another one answers on: it
+/// would fail to bind after enrolling (spending a token), and a readiness
+/// gate would talk to the wrong node.
+pub fn refuse_taken_socket(socket: &Path) -> Option<ExitCode> {
+    let running = running_node(socket)?;
+    eprintln!(
+        "tern up: {running} already runs on the API socket {socket}; stop it with `tern down --socket {socket}`, or give this node another [api] socket",
+        socket = socket.display()
+    );
+    Some(ExitCode::from(code::SOCKET_TAKEN))
 }
 
 /// Longest single connection attempt: after one fails or hangs this long,
@@ -107,8 +147,44 @@ fn fail(child: &mut Child, code: u8, message: String, log: &Path) -> anyhow::Res
 
 /// Starts the node in the background and waits, within `timeout`, for its
 /// registration and then for `target` to accept a connection through it.
+/// The background node's log: `log` (the caller's to place and share), else
+/// beside its API socket, `<socket name>.log`, mode 0600 — it may name
+/// peers, addresses and why an enrollment was refused.
+fn open_log(
+    socket: &Path,
+    group: Option<&str>,
+    log: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let (log, private) = match log {
+        Some(log) => (log, false),
+        None => {
+            let dir = tern_udp::api_socket::prepare_dir(socket, group)?;
+            let name = socket.file_stem().unwrap_or_default().to_string_lossy();
+            (dir.join(format!("{name}.log")), true)
+        }
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).write(true).truncate(true);
+    if private {
+        options.mode(0o600);
+    }
+    let out = options
+        .open(&log)
+        .and_then(|f| {
+            if private {
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(f)
+        })
+        .map_err(|e| anyhow::anyhow!("creating the node's log {}: {e}", log.display()))?;
+    Ok((log, out))
+}
+
+/// The node's log goes to `log`, else beside its API socket (a directory
+/// of its user's alone), as `<socket name>.log`, mode 0600.
 pub fn up_and_wait(
     socket: &Path,
+    group: Option<&str>,
     target: SocketAddrV4,
     timeout: Duration,
     log: Option<PathBuf>,
@@ -116,11 +192,7 @@ pub fn up_and_wait(
     let started = Instant::now();
     let deadline = started + timeout;
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let log = log.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("tern-up-{}.log", std::process::id()))
-    });
-    let out = std::fs::File::create(&log)
-        .map_err(|e| anyhow::anyhow!("creating the node's log {}: {e}", log.display()))?;
+    let (log, out) = open_log(socket, group, log)?;
     let err = out.try_clone()?;
     let (node_args, token) = child_args(&args);
     let mut node = Command::new(std::env::current_exe()?);
@@ -157,11 +229,17 @@ pub fn up_and_wait(
         let status = runtime
             .block_on(api::call(socket, &ApiRequest::Status))
             .ok();
-        let registered = status.as_ref().is_some_and(|s| {
-            s["lighthouses"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|l| l["registered"] == true))
-        });
+        // Only the node this gate started counts: another one answering on
+        // the socket meanwhile is not ours to report on.
+        let ours = status
+            .as_ref()
+            .is_some_and(|s| s["pid"].as_u64() == Some(u64::from(child.id())));
+        let registered = ours
+            && status.as_ref().is_some_and(|s| {
+                s["lighthouses"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|l| l["registered"] == true))
+            });
         if registered {
             break;
         }

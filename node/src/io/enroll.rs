@@ -10,7 +10,7 @@ use std::time::Duration;
 use tern_shared::cert::{CaPool, Cert, LIGHTHOUSE_GROUP};
 use tern_shared::config::NodeConfig;
 use tern_shared::enroll::{
-    enroll_hello, EnrollRequest, Sealer, ENROLL_REQUEST_MIN, MAX_ENROLL_REPLY_LEN,
+    disabled_reason, enroll_hello, EnrollRequest, Sealer, ENROLL_REQUEST_MIN, MAX_ENROLL_REPLY_LEN,
     TYPE_ENROLL_CERT, TYPE_ENROLL_REPLY,
 };
 use tern_shared::identity::Identity;
@@ -33,6 +33,8 @@ pub mod code {
     pub const LIGHTHOUSE_UNREACHABLE: u8 = 69;
     /// `--enroll-oidc` found no ID token to send (`EX_CONFIG`).
     pub const NO_OIDC_TOKEN: u8 = 78;
+    /// A lighthouse said this node's certificate is revoked; it stopped.
+    pub const REVOKED: u8 = 76;
 }
 
 /// What the node presents to enroll.
@@ -176,6 +178,7 @@ pub async fn enroll(
     }
     let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?;
     let mut last = String::from("no lighthouse answered");
+    let mut not_enrolling = Vec::new();
     for lh in &config.lighthouses {
         match enroll_with(
             &socket,
@@ -197,14 +200,30 @@ pub async fn enroll(
             Err(e) => {
                 tracing::warn!(lighthouse = %lh.endpoint, "enrollment: {e:#}");
                 last = format!("{}: {e:#}", lh.endpoint);
+                if e.downcast_ref::<NotEnrolling>().is_some() {
+                    not_enrolling.push(last.clone());
+                }
             }
         }
+    }
+    // Every lighthouse that answered said it does not enroll: a refusal
+    // with its reason, not "unreachable".
+    if !not_enrolling.is_empty() {
+        return Err(exit(
+            code::ENROLLMENT_REFUSED,
+            format!("no lighthouse enrolls nodes: {}", not_enrolling.join("; ")),
+        ));
     }
     Err(exit(
         code::LIGHTHOUSE_UNREACHABLE,
         format!("could not enroll with any lighthouse ({last}); check [[lighthouses]] and that the lighthouse has [enroll]"),
     ))
 }
+
+/// A lighthouse answered that it does not enroll, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("it does not enroll nodes: {0}")]
+struct NotEnrolling(String);
 
 /// Sends `first` and waits for an answer of type `ty` from `to`, repeating
 /// `repeat` a few times.
@@ -224,6 +243,11 @@ async fn ask(
             match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
                 Ok(Ok((n, from))) if from == to && buf.first() == Some(&ty) => {
                     return Ok(buf[..n].to_vec())
+                }
+                Ok(Ok((n, from))) if from == to => {
+                    if let Some(reason) = disabled_reason(&buf[..n]) {
+                        return Err(NotEnrolling(reason).into());
+                    }
                 }
                 Ok(Ok(_)) => continue,
                 Ok(Err(e)) => return Err(e.into()),
@@ -302,7 +326,7 @@ async fn enroll_with(
     if cert.public_key() != key.public_bytes() {
         anyhow::bail!("the certificate the lighthouse sent is for another key");
     }
-    tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), groups = ?cert.groups(), expires = %tern_shared::cert::format_unix_time(cert.not_after()), issued_by = ?cert.issued_by(), "enrolled");
+    tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), groups = %tern_shared::show::list(cert.groups()), expires = %tern_shared::cert::format_unix_time(cert.not_after()), issued_by = %tern_shared::show::or_none(cert.issued_by()), "enrolled");
     Ok(Identity {
         ca: pool.clone(),
         cert,

@@ -133,7 +133,7 @@ pub fn setup(
         )?;
         setup.rules.push(spec);
     }
-    tracing::info!(?subnets, masquerade, "gateway forwarding set up");
+    tracing::info!(subnets = %tern_shared::show::list(subnets), masquerade, "gateway forwarding set up");
     Ok(setup)
 }
 

@@ -189,7 +189,7 @@ pub async fn run(
     core.set_accept_routes(config.tun.accept_routes);
     let _gateway = match &config.gateway {
         Some(_) if userspace => {
-            tracing::info!(subnets = ?gateway_subnets, "gateway in userspace: flows to these subnets are proxied with ordinary sockets (no ip_forward, no NAT rules)");
+            tracing::info!(subnets = %tern_shared::show::list(&gateway_subnets), "gateway in userspace: flows to these subnets are proxied with ordinary sockets (no ip_forward, no NAT rules)");
             None
         }
         Some(gw) => Some(gateway::setup(
@@ -228,7 +228,7 @@ pub async fn run(
                 core.set_runner(r.labels.clone(), *load.borrow(), now);
             } else if !r.labels.is_empty() {
                 tracing::warn!(
-                    labels = ?r.labels,
+                    labels = %tern_shared::show::list(&r.labels),
                     "this node's certificate lacks the '{RUNNER_GROUP}' group, so its runner labels are not advertised: \
                      `tern run --on LABEL` will not pick it (`--node NAME` still works); sign it with --groups {RUNNER_GROUP},..."
                 );
@@ -243,8 +243,8 @@ pub async fn run(
             device: config.tun.name.clone(),
         },
     };
-    let _proxies = ProxyTasks(proxy::start(&config, &dialer).await?);
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(16);
+    let _proxies = ProxyTasks(proxy::start(&config, &dialer, api_tx.clone()).await?);
     let socket_path = api::socket_path_for(&config);
     let _api_guard = api::serve(
         &socket_path,
@@ -274,6 +274,8 @@ pub async fn run(
     > = std::collections::HashMap::new();
     let mut next_timer = tokio::time::Instant::now();
 
+    // Set when a lighthouse says our own certificate is revoked: we stop.
+    let mut revoked: Option<String> = None;
     loop {
         tokio::select! {
             ready = outer.readable() => {
@@ -327,6 +329,8 @@ pub async fn run(
                         let mut status = serde_json::to_value(core.status()).unwrap_or_default();
                         if let Some(fields) = status.as_object_mut() {
                             fields.insert("mode".into(), serde_json::to_value(config.tun.mode).unwrap_or_default());
+                            // Which process answers: `tern up --wait-for` reports only the node it started.
+                            fields.insert("pid".into(), std::process::id().into());
                         }
                         let _ = reply.send(status);
                     }
@@ -431,12 +435,11 @@ pub async fn run(
             }
         }
         while let Some(command) = core.poll_command() {
-            if userspace {
-                // No kernel routes: the stack hands every packet to the core.
-                continue;
-            }
             let tun = &config.tun.name;
             match command {
+                NodeCommand::Revoked { lighthouse } => revoked = Some(lighthouse),
+                // No kernel routes: the stack hands every packet to the core.
+                _ if userspace => {}
                 NodeCommand::AddRoute(subnet) => match routes::add(subnet, tun) {
                     Ok(routes::RouteAdded::Added) => {
                         tracing::info!(%subnet, dev = %tun, "kernel route added")
@@ -455,9 +458,14 @@ pub async fn run(
                 },
             }
         }
+        if revoked.is_some() {
+            break;
+        }
     }
-    core.shutdown(Instant::now());
-    flush(&mut core, &outer).await;
+    if revoked.is_none() {
+        core.shutdown(Instant::now());
+        flush(&mut core, &outer).await;
+    }
     drop(plane);
     tracing::info!(
         "stopped{}",
@@ -467,6 +475,15 @@ pub async fn run(
             "; TUN device removed"
         }
     );
+    if let Some(lighthouse) = revoked {
+        return Err(enroll::Exit {
+            code: enroll::code::REVOKED,
+            message: format!(
+                "this node's certificate was revoked (lighthouse {lighthouse} says so); no peer accepts it any more. Get a new certificate (or enroll again) and start the node"
+            ),
+        }
+        .into());
+    }
     Ok(())
 }
 

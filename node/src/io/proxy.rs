@@ -316,22 +316,59 @@ async fn udp_associate(mut control: TcpStream, dialer: Dialer) -> anyhow::Result
     Ok(())
 }
 
-/// The HTTP CONNECT proxy (no authentication: loopback only).
-pub async fn serve_http(listener: TcpListener, dialer: Dialer) {
+/// The HTTP CONNECT proxy (no authentication: loopback only). `api` asks
+/// the node's event loop why a target could not be reached (the peer in
+/// front of it answers from its firewall's rules), for the error's body.
+pub async fn serve_http(
+    listener: TcpListener,
+    dialer: Dialer,
+    api: tokio::sync::mpsc::Sender<super::api::ApiCall>,
+) {
     loop {
         let Ok((stream, from)) = listener.accept().await else {
             continue;
         };
         let dialer = dialer.clone();
+        let api = api.clone();
         tokio::spawn(async move {
-            if let Err(e) = http_session(stream, dialer).await {
+            if let Err(e) = http_session(stream, dialer, api).await {
                 tracing::debug!(%from, "HTTP CONNECT: {e:#}");
             }
         });
     }
 }
 
-async fn http_session(mut stream: TcpStream, dialer: Dialer) -> anyhow::Result<()> {
+/// Whether the peer in front of `target` denies this node by its firewall:
+/// `Some(why)` ("gw-1's inbound rule-2/reject") when it says so in time.
+async fn denied_by_policy(
+    api: &tokio::sync::mpsc::Sender<super::api::ApiCall>,
+    target: SocketAddrV4,
+) -> Option<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    api.send((super::api::ApiRequest::Policy { target }, tx))
+        .await
+        .ok()?;
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(3), rx)
+        .await
+        .ok()?
+        .ok()?;
+    let answer = reply.get("answer")?;
+    if answer.get("allowed")?.as_bool()? {
+        return None;
+    }
+    let who = reply
+        .get("asked")
+        .and_then(|a| a.as_str())
+        .unwrap_or("the peer");
+    let reason = answer.get("reason").and_then(|r| r.as_str()).unwrap_or("?");
+    Some(format!("{who}'s {reason}"))
+}
+
+async fn http_session(
+    mut stream: TcpStream,
+    dialer: Dialer,
+    api: tokio::sync::mpsc::Sender<super::api::ApiCall>,
+) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     let request = match read_until(
@@ -374,13 +411,27 @@ async fn http_session(mut stream: TcpStream, dialer: Dialer) -> anyhow::Result<(
             Ok(())
         }
         Err(e) => {
-            let (status, reason) = match e {
-                DialError::TimedOut(..) => (504, "Gateway Timeout"),
-                _ => (502, "Bad Gateway"),
+            // Say why, in the body, as a SOCKS5 reply carries its reason: a
+            // firewall's verdict names its rule.
+            let answer = match denied_by_policy(&api, target).await {
+                Some(why) => http_connect::response_with_body(
+                    403,
+                    "Forbidden",
+                    &format!("{target} is denied by policy: {why}\n"),
+                ),
+                None => {
+                    let (status, reason) = match e {
+                        DialError::TimedOut(..) => (504, "Gateway Timeout"),
+                        _ => (502, "Bad Gateway"),
+                    };
+                    http_connect::response_with_body(
+                        status,
+                        reason,
+                        &format!("{target} through the mesh: {e}\n"),
+                    )
+                }
             };
-            stream
-                .write_all(&http_connect::response(status, reason))
-                .await?;
+            stream.write_all(&answer).await?;
             anyhow::bail!("{target}: {e}")
         }
     }
@@ -391,6 +442,7 @@ async fn http_session(mut stream: TcpStream, dialer: Dialer) -> anyhow::Result<(
 pub async fn start(
     config: &tern_shared::config::NodeConfig,
     dialer: &Dialer,
+    api: tokio::sync::mpsc::Sender<super::api::ApiCall>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for (i, f) in config.forwards.iter().enumerate() {
@@ -410,7 +462,7 @@ pub async fn start(
     if let Some(addr) = config.proxy.http {
         let listener = bind(addr, "[proxy] http").await?;
         tracing::info!(%addr, "HTTP CONNECT proxy listening");
-        tasks.push(tokio::spawn(serve_http(listener, dialer.clone())));
+        tasks.push(tokio::spawn(serve_http(listener, dialer.clone(), api)));
     }
     Ok(tasks)
 }

@@ -17,6 +17,7 @@ use tern_shared::job::{
     GREETING_TIMEOUT, RUNNER_GREETING, RUNNER_PORT,
 };
 use tern_shared::pipeline::Pipeline;
+use tern_shared::show::list;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -83,7 +84,7 @@ pub async fn start(
     };
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating [runner] work_dir {}", config.work_dir.display()))?;
-    tracing::info!(%addr, labels = ?config.labels, allow_groups = ?config.allow_groups, concurrency = config.concurrency, "runner up");
+    tracing::info!(%addr, labels = %list(&config.labels), allow_groups = %list(&config.allow_groups), concurrency = config.concurrency, "runner up");
     let (queue_tx, queue_rx) = mpsc::channel::<QueueEvent>(64);
     let (load_tx, load_rx) = watch::channel(load(&Scheduler::new(config.concurrency)));
     tokio::spawn(queue_owner(config.concurrency, queue_rx, load_tx));

@@ -24,6 +24,7 @@ use tern_shared::packet::{
 };
 use tern_shared::policy::{Action, FirewallConfig, PortRange, Proto, RuleConfig};
 use tern_shared::rate::TokenBucket;
+use tern_shared::show::list;
 
 /// Flows remembered at most; past that, new flows are refused (and counted)
 /// until old ones expire.
@@ -173,6 +174,7 @@ impl Firewall {
             src_port: 0,
             dst_port: port,
             icmp_type: 0,
+            icmp_code: 0,
             fragment: false,
         };
         match self
@@ -324,16 +326,43 @@ impl Firewall {
         let counter = format!("{}/{reason}", dir.as_str());
         *self.denied.entry(counter).or_insert(0) += 1;
         if self.log && self.log_bucket.take(now) {
+            // Ports only where the protocol has them: for ICMP, `Flow`
+            // carries the echo identifier there, which reads like a port.
             match flow {
+                Some(f) if !f.fragment && (f.proto == PROTO_TCP || f.proto == PROTO_UDP) => {
+                    tracing::info!(
+                        direction = dir.as_str(),
+                        peer = peer.name(),
+                        groups = %list(peer.groups()),
+                        proto = %ip_proto_name(f.proto),
+                        src = %f.src,
+                        src_port = f.src_port,
+                        dst = %f.dst,
+                        dst_port = f.dst_port,
+                        reason,
+                        "firewall denied"
+                    )
+                }
+                Some(f) if !f.fragment && f.proto == PROTO_ICMP => tracing::info!(
+                    direction = dir.as_str(),
+                    peer = peer.name(),
+                    groups = %list(peer.groups()),
+                    proto = %ip_proto_name(f.proto),
+                    src = %f.src,
+                    dst = %f.dst,
+                    icmp_type = f.icmp_type,
+                    icmp_code = f.icmp_code,
+                    reason,
+                    "firewall denied"
+                ),
                 Some(f) => tracing::info!(
                     direction = dir.as_str(),
                     peer = peer.name(),
-                    groups = ?peer.groups(),
-                    proto = f.proto,
+                    groups = %list(peer.groups()),
+                    proto = %ip_proto_name(f.proto),
                     src = %f.src,
-                    src_port = f.src_port,
                     dst = %f.dst,
-                    dst_port = f.dst_port,
+                    fragment = f.fragment,
                     reason,
                     "firewall denied"
                 ),
@@ -355,6 +384,16 @@ impl Firewall {
             None => None,
         };
         reply.map(Verdict::Reject).unwrap_or(Verdict::Drop)
+    }
+}
+
+/// An IP protocol as a person names it: `tcp`, `udp`, `icmp`, else its number.
+fn ip_proto_name(proto: u8) -> std::borrow::Cow<'static, str> {
+    match proto {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_ICMP => "icmp".into(),
+        n => n.to_string().into(),
     }
 }
 
@@ -862,6 +901,70 @@ host = "ci-1"
             assert_eq!(fw.check_inbound(g, &p.ci, now), Verdict::Drop);
         }
         assert_eq!(fw.status().denied.get("inbound/malformed"), Some(&3));
+    }
+
+    /// Log lines written while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = logs.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn denials_are_logged_with_the_protocol_named_and_ports_only_for_tcp_and_udp() {
+        let p = peers();
+        let now = Instant::now();
+        let mut fw = Firewall::new(
+            &rules(&GATEWAY_RULES.replacen("[firewall]\n", "[firewall]\nlog = true\n", 1)),
+            GW,
+            now,
+        );
+        let dev = Ipv4Addr::new(100, 64, 0, 6);
+        let logs = logged(|| {
+            assert_eq!(
+                fw.check_inbound(&ping(dev, GW, 8, 29684), &p.dev, now),
+                Verdict::Drop
+            );
+            assert_eq!(
+                fw.check_inbound(&tcp(CI, DB, 40002, 9999, 2), &p.ci, now),
+                Verdict::Drop
+            );
+        });
+        let lines: Vec<&str> = logs.lines().collect();
+        assert_eq!(lines.len(), 2, "{logs}");
+        let icmp = lines[0];
+        for want in ["proto=icmp", "icmp_type=8", "icmp_code=0", "groups=dev"] {
+            assert!(icmp.contains(want), "{want} in {icmp}");
+        }
+        assert!(!icmp.contains("port"), "no ports for ICMP: {icmp}");
+        assert!(!icmp.contains("29684"), "the echo id is no port: {icmp}");
+        let tcp = lines[1];
+        for want in [
+            "proto=tcp",
+            "src_port=40002",
+            "dst_port=9999",
+            "groups=ci, deploy",
+        ] {
+            assert!(tcp.contains(want), "{want} in {tcp}");
+        }
+        assert!(!tcp.contains("icmp"), "{tcp}");
     }
 
     proptest::proptest! {

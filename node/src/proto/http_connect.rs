@@ -84,6 +84,17 @@ pub fn response(status: u16, reason: &str) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// An error answer whose body (plain text) says why, for a person reading
+/// what curl or a proxy-aware client prints.
+pub fn response_with_body(status: u16, reason: &str, body: &str) -> Vec<u8> {
+    let reason: String = reason.chars().filter(|c| !c.is_control()).collect();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// The answer to a successful CONNECT; the tunnel starts right after it.
 pub fn established() -> Vec<u8> {
     b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec()

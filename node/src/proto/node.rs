@@ -26,6 +26,7 @@ use tern_shared::mesh::{
     Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit,
 };
 use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
+use tern_shared::show::list;
 
 /// How long [`NodeCore::find_runners`] waits for every lighthouse to answer.
 pub const FIND_RUNNERS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -87,6 +88,8 @@ pub struct LighthouseTarget {
 pub struct NodeCounters {
     pub no_route_drops: u64,
     pub lookup_timeouts: u64,
+    /// Lookups every connected lighthouse answered with "not registered".
+    pub lookups_unknown: u64,
     pub lookup_queue_drops: u64,
     pub lying_lighthouse_answers: u64,
     pub not_for_us_drops: u64,
@@ -113,6 +116,26 @@ pub struct PingResult {
     pub path: Option<tern_shared::mesh::PathKind>,
     pub endpoint: Option<SocketAddr>,
     pub relay: Option<SocketAddr>,
+    /// Every lighthouse said it does not know the address: no answer can
+    /// come.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
+}
+
+impl PingResult {
+    /// No lighthouse knows the address: no answer can come.
+    fn unknown(id: u32, overlay_ip: Ipv4Addr) -> PingResult {
+        PingResult {
+            id,
+            overlay_ip,
+            name: None,
+            rtt_ms: None,
+            path: None,
+            endpoint: None,
+            relay: None,
+            unknown: true,
+        }
+    }
 }
 
 /// The answer to [`NodeCore::find_runners`]: what the lighthouses that
@@ -155,6 +178,10 @@ pub enum NodeCommand {
     AddRoute(Ipv4Net),
     /// Remove the kernel route this node made for the subnet.
     RemoveRoute(Ipv4Net),
+    /// A lighthouse says this node's own certificate (or its issuer) is
+    /// revoked: no peer will talk to it any more; the shell stops with
+    /// its own exit code.
+    Revoked { lighthouse: String },
 }
 
 /// A routed subnet as `tern status` shows it.
@@ -187,6 +214,8 @@ pub struct NodeStatus {
     pub routes: Vec<RouteStatus>,
     /// Certificates refused because a lighthouse revoked them.
     pub revoked_certs: usize,
+    /// This node's own certificate was revoked (it stops).
+    pub revoked: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,10 +232,18 @@ pub struct LighthouseStatus {
 pub struct NodeCore {
     mesh: Mesh,
     name: String,
+    /// Our certificate's and its issuer's fingerprints: a revocation of
+    /// either is ours.
+    own_fingerprints: Vec<tern_shared::cert::Fingerprint>,
+    revoked: bool,
     overlay_ip: Ipv4Addr,
     overlay_net: Ipv4Net,
     links: Vec<LighthouseLink>,
     lookups: HashMap<Ipv4Addr, Lookup>,
+    /// Addresses every lighthouse just said it does not know, until when:
+    /// packets to them are dropped meanwhile instead of asking again for
+    /// each one.
+    unknown: HashMap<Ipv4Addr, Instant>,
     local_endpoints: Vec<SocketAddr>,
     next_request: u32,
     counters: NodeCounters,
@@ -325,6 +362,8 @@ struct Lookup {
     packets: VecDeque<Vec<u8>>,
     started: Instant,
     next_query: Instant,
+    /// Lighthouses that answered they do not know the address.
+    unknown_at: Vec<PeerId>,
 }
 
 impl NodeCore {
@@ -335,6 +374,10 @@ impl NodeCore {
         now: Instant,
     ) -> Self {
         NodeCore {
+            own_fingerprints: std::iter::once(own_cert.fingerprint())
+                .chain(own_cert.issuer_fingerprint())
+                .collect(),
+            revoked: false,
             name: own_cert.name().to_string(),
             overlay_ip: own_cert.overlay_ip(),
             overlay_net: own_cert.overlay_net(),
@@ -353,6 +396,7 @@ impl NodeCore {
                 })
                 .collect(),
             lookups: HashMap::new(),
+            unknown: HashMap::new(),
             local_endpoints: Vec::new(),
             next_request: 1,
             counters: NodeCounters::default(),
@@ -533,7 +577,7 @@ impl NodeCore {
         if gateway_subnets.len() > MAX_ADVERTISED {
             tracing::warn!(
                 subnets = gateway_subnets.len(),
-                advertised = ?&gateway_subnets[..MAX_ADVERTISED],
+                advertised = %list(&gateway_subnets[..MAX_ADVERTISED]),
                 "[gateway] subnets lists more than {MAX_ADVERTISED}; only the first {MAX_ADVERTISED} are advertised and routed (use fewer, larger subnets)"
             );
         }
@@ -745,6 +789,7 @@ impl NodeCore {
                 })
                 .collect(),
             revoked_certs: self.mesh.ca().revoked_count(),
+            revoked: self.revoked,
             peers: self
                 .mesh
                 .peer_statuses()
@@ -1004,7 +1049,7 @@ impl NodeCore {
         }
         let mut look_up = Vec::new();
         for (subnet, gws) in by_subnet {
-            tracing::info!(%subnet, gateways = ?gws.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), "learned route");
+            tracing::info!(%subnet, gateways = %list(gws.iter().map(|g| &g.name)), "learned route");
             let refused = self.refuse_learned(subnet);
             if self.accept_routes {
                 match &refused {
@@ -1101,7 +1146,18 @@ impl NodeCore {
         }
     }
 
+    /// Whether every lighthouse said, within the last [`QUERY_RETRY`], that
+    /// it does not know `dst`.
+    fn known_unknown(&mut self, dst: Ipv4Addr, now: Instant) -> bool {
+        self.unknown.retain(|_, until| *until > now);
+        self.unknown.contains_key(&dst)
+    }
+
     fn wait_for_lookup(&mut self, dst: Ipv4Addr, packet: &[u8], now: Instant) {
+        if self.known_unknown(dst, now) {
+            self.counters.no_route_drops += 1;
+            return;
+        }
         if !self.lookups.contains_key(&dst) && self.lookups.len() >= MAX_LOOKUPS {
             self.counters.lookup_queue_drops += 1;
             return;
@@ -1110,6 +1166,7 @@ impl NodeCore {
             packets: VecDeque::new(),
             started: now,
             next_query: now,
+            unknown_at: Vec::new(),
         });
         if lookup.packets.len() >= MAX_WAITING_PACKETS {
             lookup.packets.pop_front();
@@ -1133,6 +1190,7 @@ impl NodeCore {
                 packets: VecDeque::new(),
                 started: now,
                 next_query: now + QUERY_RETRY,
+                unknown_at: Vec::new(),
             },
         );
         self.send_query(dst, now);
@@ -1149,6 +1207,44 @@ impl NodeCore {
             {
                 let id = self.request_id();
                 self.send_control(peer, lh_ip, &ControlMessage::Query { id, overlay_ip }, now);
+            }
+        }
+    }
+
+    /// A lighthouse does not know `overlay_ip`. Once every lighthouse with a
+    /// session has said so, the lookup ends at once: its packets are
+    /// dropped and a ping waiting on it is answered "unknown".
+    fn unknown_answer(&mut self, lighthouse: PeerId, overlay_ip: Ipv4Addr, now: Instant) {
+        let connected = self
+            .links
+            .iter()
+            .filter(|l| matches!(l.state, LinkState::Up { .. }))
+            .count();
+        let Some(lookup) = self.lookups.get_mut(&overlay_ip) else {
+            return;
+        };
+        if !lookup.unknown_at.contains(&lighthouse) {
+            lookup.unknown_at.push(lighthouse);
+        }
+        if lookup.unknown_at.len() < connected {
+            return;
+        }
+        self.lookups.remove(&overlay_ip);
+        self.unknown.insert(overlay_ip, now + QUERY_RETRY);
+        self.counters.lookups_unknown += 1;
+        tracing::info!(%overlay_ip, "no lighthouse knows this address; dropping waiting packets");
+        let pings: Vec<u32> = self
+            .pings
+            .iter()
+            .filter(|(_, p)| p.overlay_ip == overlay_ip)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in pings {
+            if let Some(p) = self.pings.remove(&id) {
+                if p.report {
+                    self.ping_results
+                        .push_back(PingResult::unknown(id, overlay_ip));
+                }
             }
         }
     }
@@ -1406,18 +1502,19 @@ impl NodeCore {
             } => self.apply_revocations(from_peer, since, version, &entries, complete, now),
             ControlMessage::QueryReply {
                 overlay_ip, peer, ..
-            } => {
-                if let Some(info) = peer {
+            } => match peer {
+                Some(info) => {
                     let introducer = self.lighthouse_endpoint(from_peer);
                     self.handle_answer(overlay_ip, info, introducer, now);
                 }
-            }
+                None => self.unknown_answer(from_peer, overlay_ip, now),
+            },
             ControlMessage::Punch { peer: info, .. } => {
                 // Verify now so the handshake that follows is answered, and
                 // send toward the asker so our side's NAT mapping opens.
                 match self.mesh.learn_cert(&info.cert, now) {
                     Ok(cert) => {
-                        tracing::debug!(peer = cert.name(), endpoints = ?info.endpoints, "lighthouse asks us to punch");
+                        tracing::debug!(peer = cert.name(), endpoints = %list(&info.endpoints), "lighthouse asks us to punch");
                         let endpoints: Vec<SocketAddr> =
                             info.endpoints.iter().take(MAX_ENDPOINTS).copied().collect();
                         for e in &endpoints {
@@ -1509,6 +1606,16 @@ impl NodeCore {
             .iter()
             .map(|r| (r.fingerprint, r.not_after))
             .collect();
+        if !self.revoked && list.iter().any(|(f, _)| self.own_fingerprints.contains(f)) {
+            self.revoked = true;
+            let name = self
+                .mesh
+                .peer_cert(lighthouse)
+                .map_or_else(|| "a lighthouse".to_string(), |c| c.name().to_string());
+            tracing::error!(lighthouse = %name, "this node's certificate is revoked: no peer will accept it any more");
+            self.commands
+                .push_back(NodeCommand::Revoked { lighthouse: name });
+        }
         let new = self.mesh.revoke(&list, now);
         if new > 0 {
             self.counters.revocations_learned += new as u64;
@@ -1834,6 +1941,11 @@ impl NodeCore {
             ));
         }
         let id = self.request_id();
+        if self.mesh.peer_by_overlay(overlay_ip).is_none() && self.known_unknown(overlay_ip, now) {
+            self.ping_results
+                .push_back(PingResult::unknown(id, overlay_ip));
+            return Ok(id);
+        }
         self.pings.insert(
             id,
             PendingPing {
@@ -1981,6 +2093,7 @@ impl NodeCore {
                 path: path.map(|(kind, _)| kind),
                 endpoint: self.mesh.peer_endpoint(peer),
                 relay: path.and_then(|(_, relay)| relay),
+                unknown: false,
             });
         }
     }
@@ -2010,6 +2123,7 @@ impl NodeCore {
                     path: None,
                     endpoint: None,
                     relay: None,
+                    unknown: false,
                 });
             }
         }
