@@ -949,9 +949,10 @@ fn sighup_reloads_the_lighthouse_and_a_bad_file_changes_nothing() {
         lab.lighthouse_status()["pid"].as_u64().is_some(),
         "the lighthouse still answers"
     );
-    // [enroll] back: the same (unspent) token enrolls now.
-    fs::write(&lh_toml, &original).unwrap();
+    // [enroll] back, and a log level: the same (unspent) token enrolls now.
+    fs::write(&lh_toml, format!("[log]\nlevel = \"debug\"\n{original}")).unwrap();
     hup("config reloaded");
+    assert!(log().contains("[log] level"), "{}", log());
     let (_job, _forward) = lab.start_job("job2", &token);
 }
 

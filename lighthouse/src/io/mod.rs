@@ -55,12 +55,24 @@ fn init_logging(level: &str) {
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
-        .try_init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    if builder.try_init().is_ok() {
+        let _ = LOG_LEVEL.set(Box::new(move |level: &str| {
+            let filter = tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| format!("[log] level {level:?}: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }));
+    }
 }
+
+/// Sets the log level while running (SIGHUP), once logging is set up.
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static LOG_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -415,12 +427,25 @@ impl Reload<'_> {
             running.relay = new.relay.clone();
             changed.push("[relay]");
         }
+        if new.log != running.log {
+            // RUST_LOG, when set, is the operator's word over the file's.
+            let set = LOG_LEVEL
+                .get()
+                .filter(|_| std::env::var_os("RUST_LOG").is_none());
+            match set.map(|set| set(&new.log.level)) {
+                Some(Ok(())) => {
+                    running.log = new.log.clone();
+                    changed.push("[log] level");
+                }
+                Some(Err(e)) => tracing::error!(error = %e, "[log] not reloaded"),
+                None => tracing::warn!("[log] changed, but RUST_LOG sets the level; unchanged"),
+            }
+        }
         for (what, differs) in [
             ("[pki]", new.pki != running.pki),
             ("[listen]", new.listen != running.listen),
             ("[api]", new.api != running.api),
             ("[registry]", new.registry != running.registry),
-            ("[log]", new.log != running.log),
         ] {
             if differs {
                 tracing::warn!(
