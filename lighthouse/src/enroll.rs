@@ -247,8 +247,34 @@ pub struct SqliteStore {
     db: rusqlite::Connection,
 }
 
+/// How long [`SqliteStore::open`] keeps trying while another process (the
+/// running lighthouse, a `token create`) holds the file's lock.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl SqliteStore {
+    /// Opens (or creates) the store. Switching a new file to WAL and
+    /// creating the tables need a lock that SQLite's busy timeout does not
+    /// always wait for: when the lighthouse and `token create` open a new
+    /// store at once, one of them is told "database is locked" at once. It
+    /// tries again, for up to [`OPEN_PATIENCE`].
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let deadline = std::time::Instant::now() + OPEN_PATIENCE;
+        loop {
+            match Self::open_once(path) {
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<SqliteStore, StoreError> {
         let db = rusqlite::Connection::open(path)?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -1220,6 +1246,30 @@ mod tests {
             )
             .unwrap();
         t
+    }
+
+    #[test]
+    fn processes_opening_a_new_store_at_once_all_get_it() {
+        // The lighthouse and `token create` start together on a fresh file.
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("race-{round}.db"));
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let openers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        SqliteStore::open(&path)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for o in openers {
+                assert_eq!(o.join().unwrap(), Ok(()));
+            }
+        }
     }
 
     #[test]

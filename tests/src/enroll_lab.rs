@@ -32,6 +32,9 @@ pub fn tern(dir: &Path, args: &[&str]) -> String {
 /// deploy; names ci-*; at most 1 h), and a userspace gateway into
 /// a private /24 that lets group ci reach an HTTP server there.
 pub struct Lab {
+    // Declared first, so dropped first: the daemons stop (and print their
+    // logs when a test failed) before their directory goes.
+    _daemons: Vec<Daemon>,
     pub dir: tempfile::TempDir,
     pub lh_port: u16,
     /// The private service: an HTTP responder at `service_ip:http_port`.
@@ -39,7 +42,6 @@ pub struct Lab {
     pub http_port: u16,
     /// The private network's first three octets, e.g. "127.78.0".
     pub subnet: String,
-    _daemons: Vec<Daemon>,
     _http: std::thread::JoinHandle<()>,
 }
 
