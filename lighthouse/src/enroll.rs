@@ -256,7 +256,7 @@ impl SqliteStore {
     /// creating the tables need a lock that SQLite's busy timeout does not
     /// always wait for: when the lighthouse and `token create` open a new
     /// store at once, one of them is told "database is locked" at once. It
-    /// tries again, for up to [`OPEN_PATIENCE`].
+    /// tries again, for up to 10 s.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let deadline = std::time::Instant::now() + OPEN_PATIENCE;
         loop {
