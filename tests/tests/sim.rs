@@ -480,31 +480,23 @@ fn node_from_another_ca_registers_nowhere_and_reaches_no_one() {
 }
 
 #[test]
-fn an_address_no_lighthouse_knows_is_given_up_at_once_and_waiting_packets_are_dropped() {
+fn unknown_address_times_out_and_waiting_packets_are_dropped() {
     let mut lab = lab();
     lab.net.send_from_tun(
         A,
         &build_udp_ipv4(A_IP, Ipv4Addr::new(100, 64, 9, 9), 1, 2, b"nobody"),
     );
+    // Every lighthouse says at once that it does not know the address
+    // (a ping would be answered so now), but packets wait for the
+    // retries: the peer may be registering just now.
     lab.net.run_for(Duration::from_millis(200));
     let status = lab.net.node(A).0.status();
     assert_eq!(status.node_counters.lookups_unknown, 1, "{status:?}");
     assert_eq!(status.node_counters.lookup_timeouts, 0);
-    // Packets right after are dropped without asking again; a second
-    // later the lighthouse is asked anew.
-    lab.net.send_from_tun(
-        A,
-        &build_udp_ipv4(A_IP, Ipv4Addr::new(100, 64, 9, 9), 1, 2, b"again"),
-    );
-    assert_eq!(lab.net.node(A).0.status().node_counters.lookups_unknown, 1);
-    lab.net.run_for(Duration::from_secs(2));
-    lab.net.send_from_tun(
-        A,
-        &build_udp_ipv4(A_IP, Ipv4Addr::new(100, 64, 9, 9), 1, 2, b"later"),
-    );
-    lab.net.run_for(Duration::from_millis(200));
+    lab.net.run_for(Duration::from_secs(16));
     let status = lab.net.node(A).0.status();
-    assert_eq!(status.node_counters.lookups_unknown, 2);
+    assert_eq!(status.node_counters.lookup_timeouts, 1);
+    assert_eq!(status.node_counters.lookups_unknown, 1);
     assert!(status
         .peers
         .iter()

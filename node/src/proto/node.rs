@@ -88,7 +88,8 @@ pub struct LighthouseTarget {
 pub struct NodeCounters {
     pub no_route_drops: u64,
     pub lookup_timeouts: u64,
-    /// Lookups every connected lighthouse answered with "not registered".
+    /// Lookups every connected lighthouse answered with "not registered"
+    /// (pings to it are answered at once; packets wait for the retries).
     pub lookups_unknown: u64,
     pub lookup_queue_drops: u64,
     pub lying_lighthouse_answers: u64,
@@ -240,10 +241,6 @@ pub struct NodeCore {
     overlay_net: Ipv4Net,
     links: Vec<LighthouseLink>,
     lookups: HashMap<Ipv4Addr, Lookup>,
-    /// Addresses every lighthouse just said it does not know, until when:
-    /// packets to them are dropped meanwhile instead of asking again for
-    /// each one.
-    unknown: HashMap<Ipv4Addr, Instant>,
     local_endpoints: Vec<SocketAddr>,
     next_request: u32,
     counters: NodeCounters,
@@ -364,6 +361,8 @@ struct Lookup {
     next_query: Instant,
     /// Lighthouses that answered they do not know the address.
     unknown_at: Vec<PeerId>,
+    /// All of them did: pings to it are answered "unknown".
+    reported_unknown: bool,
 }
 
 impl NodeCore {
@@ -396,7 +395,6 @@ impl NodeCore {
                 })
                 .collect(),
             lookups: HashMap::new(),
-            unknown: HashMap::new(),
             local_endpoints: Vec::new(),
             next_request: 1,
             counters: NodeCounters::default(),
@@ -1146,18 +1144,13 @@ impl NodeCore {
         }
     }
 
-    /// Whether every lighthouse said, within the last [`QUERY_RETRY`], that
-    /// it does not know `dst`.
-    fn known_unknown(&mut self, dst: Ipv4Addr, now: Instant) -> bool {
-        self.unknown.retain(|_, until| *until > now);
-        self.unknown.contains_key(&dst)
+    /// Whether every connected lighthouse has said, in the running lookup,
+    /// that it does not know `dst`.
+    fn known_unknown(&self, dst: Ipv4Addr) -> bool {
+        self.lookups.get(&dst).is_some_and(|l| l.reported_unknown)
     }
 
     fn wait_for_lookup(&mut self, dst: Ipv4Addr, packet: &[u8], now: Instant) {
-        if self.known_unknown(dst, now) {
-            self.counters.no_route_drops += 1;
-            return;
-        }
         if !self.lookups.contains_key(&dst) && self.lookups.len() >= MAX_LOOKUPS {
             self.counters.lookup_queue_drops += 1;
             return;
@@ -1167,6 +1160,7 @@ impl NodeCore {
             started: now,
             next_query: now,
             unknown_at: Vec::new(),
+            reported_unknown: false,
         });
         if lookup.packets.len() >= MAX_WAITING_PACKETS {
             lookup.packets.pop_front();
@@ -1191,6 +1185,7 @@ impl NodeCore {
                 started: now,
                 next_query: now + QUERY_RETRY,
                 unknown_at: Vec::new(),
+                reported_unknown: false,
             },
         );
         self.send_query(dst, now);
@@ -1212,27 +1207,23 @@ impl NodeCore {
     }
 
     /// A lighthouse does not know `overlay_ip`. Once every lighthouse with a
-    /// session has said so, the lookup ends at once: its packets are
-    /// dropped and a ping waiting on it is answered "unknown".
-    fn unknown_answer(&mut self, lighthouse: PeerId, overlay_ip: Ipv4Addr, now: Instant) {
-        let connected = self
-            .links
-            .iter()
-            .filter(|l| matches!(l.state, LinkState::Up { .. }))
-            .count();
+    /// session has said so, a ping waiting on it is answered "unknown" at
+    /// once. Packets keep waiting while the lookup is retried: the peer may
+    /// be registering just now (two nodes started together).
+    fn unknown_answer(&mut self, lighthouse: PeerId, overlay_ip: Ipv4Addr) {
+        let connected = self.connected_lighthouses();
         let Some(lookup) = self.lookups.get_mut(&overlay_ip) else {
             return;
         };
         if !lookup.unknown_at.contains(&lighthouse) {
             lookup.unknown_at.push(lighthouse);
         }
-        if lookup.unknown_at.len() < connected {
+        if lookup.unknown_at.len() < connected || lookup.reported_unknown {
             return;
         }
-        self.lookups.remove(&overlay_ip);
-        self.unknown.insert(overlay_ip, now + QUERY_RETRY);
+        lookup.reported_unknown = true;
         self.counters.lookups_unknown += 1;
-        tracing::info!(%overlay_ip, "no lighthouse knows this address; dropping waiting packets");
+        tracing::debug!(%overlay_ip, "no lighthouse knows this address (yet)");
         let pings: Vec<u32> = self
             .pings
             .iter()
@@ -1247,6 +1238,13 @@ impl NodeCore {
                 }
             }
         }
+    }
+
+    fn connected_lighthouses(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| matches!(l.state, LinkState::Up { .. }))
+            .count()
     }
 
     fn drive_lookups(&mut self, now: Instant) {
@@ -1507,7 +1505,7 @@ impl NodeCore {
                     let introducer = self.lighthouse_endpoint(from_peer);
                     self.handle_answer(overlay_ip, info, introducer, now);
                 }
-                None => self.unknown_answer(from_peer, overlay_ip, now),
+                None => self.unknown_answer(from_peer, overlay_ip),
             },
             ControlMessage::Punch { peer: info, .. } => {
                 // Verify now so the handshake that follows is answered, and
@@ -1941,7 +1939,7 @@ impl NodeCore {
             ));
         }
         let id = self.request_id();
-        if self.mesh.peer_by_overlay(overlay_ip).is_none() && self.known_unknown(overlay_ip, now) {
+        if self.mesh.peer_by_overlay(overlay_ip).is_none() && self.known_unknown(overlay_ip) {
             self.ping_results
                 .push_back(PingResult::unknown(id, overlay_ip));
             return Ok(id);
