@@ -84,14 +84,7 @@ fn denied_by_policy(
     let reply = runtime
         .block_on(api::call(socket, &ApiRequest::Policy { target }))
         .ok()?;
-    let answer = reply.get("answer")?.as_object()?;
-    let allowed = answer.get("allowed")?.as_bool()?;
-    let who = reply
-        .get("asked")
-        .and_then(|a| a.as_str())
-        .unwrap_or("the peer");
-    let reason = answer.get("reason").and_then(|r| r.as_str()).unwrap_or("?");
-    Some((allowed, format!("{who}'s {reason}")))
+    api::policy_verdict(&reply)
 }
 
 /// The node's arguments without the gate's own, and the enrollment token

@@ -237,6 +237,21 @@ async fn connect(path: &Path) -> anyhow::Result<UnixStream> {
     }
 }
 
+/// Reads the answer to [`ApiRequest::Policy`]: whether the peer in front of
+/// the target lets this node in, and who decided by which rule ("gw-1's
+/// inbound rule-2/reject"). `None` when the answer says neither (no
+/// session yet, no answer in time).
+pub fn policy_verdict(reply: &serde_json::Value) -> Option<(bool, String)> {
+    let answer = reply.get("answer")?.as_object()?;
+    let allowed = answer.get("allowed")?.as_bool()?;
+    let who = reply
+        .get("asked")
+        .and_then(|a| a.as_str())
+        .unwrap_or("the peer");
+    let reason = answer.get("reason").and_then(|r| r.as_str()).unwrap_or("?");
+    Some((allowed, format!("{who}'s {reason}")))
+}
+
 /// Client side: sends one request and returns the reply.
 pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_json::Value> {
     let stream = connect(path).await?;

@@ -352,16 +352,10 @@ async fn denied_by_policy(
         .await
         .ok()?
         .ok()?;
-    let answer = reply.get("answer")?;
-    if answer.get("allowed")?.as_bool()? {
-        return None;
+    match super::api::policy_verdict(&reply)? {
+        (false, why) => Some(why),
+        (true, _) => None,
     }
-    let who = reply
-        .get("asked")
-        .and_then(|a| a.as_str())
-        .unwrap_or("the peer");
-    let reason = answer.get("reason").and_then(|r| r.as_str()).unwrap_or("?");
-    Some(format!("{who}'s {reason}"))
 }
 
 async fn http_session(
