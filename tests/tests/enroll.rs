@@ -608,6 +608,20 @@ fn revoking_an_enrolled_node_ends_its_sessions_within_seconds() {
         "{}",
         job.log()
     );
+    // `tern status` on its socket says so, with the same exit code.
+    let sock = lab.dir.path().join("doomed.sock");
+    let out = run(
+        "tern",
+        &["status", "--socket", &sock.to_string_lossy()],
+        Duration::from_secs(10),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("the last one stopped at 20")
+            && said.contains("with exit code 76: this node's certificate was revoked"),
+        "{said}"
+    );
     // And it stays out: the job's traffic no longer reaches the service.
     std::thread::sleep(Duration::from_secs(2));
     assert!(!gw_has_job());

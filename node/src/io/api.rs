@@ -88,6 +88,8 @@ pub fn serve(
     dialer: super::proxy::Dialer,
 ) -> anyhow::Result<SocketGuard> {
     let listener = tern_udp::api_socket::bind(path, group)?;
+    // A node runs here now: what the last one said when it stopped is old.
+    let _ = std::fs::remove_file(stop_note_path(path));
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -228,13 +230,76 @@ async fn connect(path: &Path) -> anyhow::Result<UnixStream> {
              [api] group in the node's config to a group of this user and restart the node",
             path.display()
         ),
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "connecting to the daemon's API socket {} (is `tern up` running with this config?)",
-                path.display()
-            )
-        }),
+        Err(e) => {
+            if let Some(note) = read_stop_note(path) {
+                anyhow::bail!(
+                    "no node runs on the API socket {}: the last one stopped at {} with exit code {}: {}",
+                    path.display(),
+                    note.stopped_at,
+                    note.exit_code,
+                    note.reason
+                );
+            }
+            Err(e).with_context(|| {
+                format!(
+                    "connecting to the daemon's API socket {} (is `tern up` running with this config?)",
+                    path.display()
+                )
+            })
+        }
     }
+}
+
+/// Why the last node on a socket stopped, when it stopped for a reason a
+/// person must act on (its certificate revoked): written beside the socket
+/// as `<socket name>.stopped` (mode 0600) as it stops, read by every
+/// command that finds no node there (`tern status` says "revoked"), and
+/// removed when a node binds the socket again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopNote {
+    /// RFC 3339.
+    pub stopped_at: String,
+    pub exit_code: u8,
+    pub reason: String,
+}
+
+fn stop_note_path(socket: &Path) -> PathBuf {
+    let mut name = socket.file_name().unwrap_or_default().to_os_string();
+    name.push(".stopped");
+    socket.with_file_name(name)
+}
+
+/// Leaves `note` beside the socket (best effort: the node is stopping, and
+/// its log says the same).
+pub fn write_stop_note(socket: &Path, note: &StopNote) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = stop_note_path(socket);
+    let _ = std::fs::remove_file(&path);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| {
+            let mut bytes = serde_json::to_vec(note).unwrap_or_default();
+            bytes.push(b'\n');
+            f.write_all(&bytes)
+        });
+    if let Err(e) = written {
+        tracing::debug!(path = %path.display(), error = %e, "stop note not written");
+    }
+}
+
+/// The note the last node left, if any and if it reads as one (a file of
+/// another shape, or one larger than a note can be, is ignored).
+fn read_stop_note(socket: &Path) -> Option<StopNote> {
+    let path = stop_note_path(socket);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() || meta.len() > 4096 {
+        return None;
+    }
+    serde_json::from_slice(&std::fs::read(&path).ok()?).ok()
 }
 
 /// Reads the answer to [`ApiRequest::Policy`]: whether the peer in front of
@@ -270,6 +335,59 @@ pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_jso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_command_finding_no_node_says_why_the_last_one_stopped() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = tmp.path().join("run/tern0.sock");
+        tern_udp::api_socket::prepare_dir(&path, None).unwrap_or_else(|e| panic!("{e}"));
+        let err = format!(
+            "{:#}",
+            call(&path, &ApiRequest::Status)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("answered"))
+        );
+        assert!(err.contains("is `tern up` running"), "{err}");
+        let note = StopNote {
+            stopped_at: "2026-12-06T16:00:00Z".into(),
+            exit_code: 76,
+            reason: "this node's certificate was revoked".into(),
+        };
+        write_stop_note(&path, &note);
+        assert_eq!(read_stop_note(&path), Some(note));
+        let err = format!(
+            "{:#}",
+            call(&path, &ApiRequest::Status)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("answered"))
+        );
+        assert!(err.contains("the last one stopped at 2026-12-06T16:00:00Z with exit code 76: this node's certificate was revoked"), "{err}");
+        // Garbage in the file is no note.
+        std::fs::write(stop_note_path(&path), b"\x00{not json").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_stop_note(&path), None);
+        write_stop_note(
+            &path,
+            &StopNote {
+                stopped_at: "x".into(),
+                exit_code: 76,
+                reason: "r".into(),
+            },
+        );
+        // A node binding the socket again removes it.
+        let (calls, _rx) = mpsc::channel(1);
+        let guard = serve(
+            &path,
+            None,
+            calls,
+            super::super::proxy::Dialer::Kernel {
+                device: "tern-test0".into(),
+            },
+        );
+        let _guard = guard.unwrap_or_else(|e| panic!("{e}"));
+        assert!(!stop_note_path(&path).exists());
+    }
 
     #[tokio::test]
     async fn call_refuses_a_socket_in_a_directory_others_can_write() {

@@ -476,11 +476,23 @@ pub async fn run(
         }
     );
     if let Some(lighthouse) = revoked {
+        let message = format!(
+            "this node's certificate was revoked (lighthouse {lighthouse} says so); no peer accepts it any more. Get a new certificate (or enroll again) and start the node"
+        );
+        let stopped_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        api::write_stop_note(
+            &socket_path,
+            &api::StopNote {
+                stopped_at: tern_shared::cert::format_unix_time(stopped_at),
+                exit_code: enroll::code::REVOKED,
+                reason: message.clone(),
+            },
+        );
         return Err(enroll::Exit {
             code: enroll::code::REVOKED,
-            message: format!(
-                "this node's certificate was revoked (lighthouse {lighthouse} says so); no peer accepts it any more. Get a new certificate (or enroll again) and start the node"
-            ),
+            message,
         }
         .into());
     }
