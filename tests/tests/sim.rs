@@ -606,6 +606,13 @@ fn route_config() -> Vec<tern_shared::policy::RouteConfig> {
 /// A lighthouse, gateways for 198.19.0.0/24 (authorized by their certs), a
 /// client in group ci and one in group dev.
 fn gateway_lab(gateways: &[(&str, &str, &str)]) -> Lab {
+    let mut lab = gateway_lab_cold(gateways);
+    lab.net.run_for(Duration::from_secs(4));
+    lab
+}
+
+/// [`gateway_lab`] before any time has passed: nobody registered yet.
+fn gateway_lab_cold(gateways: &[(&str, &str, &str)]) -> Lab {
     let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
     let mut net = Net::new();
     net.add_lighthouse(
@@ -631,8 +638,36 @@ fn gateway_lab(gateways: &[(&str, &str, &str)]) -> Lab {
             &route_config(),
         );
     }
-    net.run_for(Duration::from_secs(4));
     Lab { net, ca }
+}
+
+#[test]
+fn the_first_packet_to_a_route_waits_for_its_gateway_instead_of_being_dropped() {
+    // The client is up before any gateway: its route has none yet.
+    let mut lab = gateway_lab(&[]);
+    let status = lab.net.node(CI).0.status();
+    assert!(status.routes[0].gateways.is_empty(), "{status:?}");
+    let syn = tcp_packet(CI_IP, SERVER, 40000, 8080, 0x02);
+    lab.net.send_from_tun(CI, &syn);
+
+    // The gateway comes a moment later (it was starting too).
+    let gw = lab
+        .ca
+        .node("gw-1", "100.64.0.30/10", &[], &["198.19.0.0/24"], 86_400);
+    lab.net.add_node(&lab.ca, &gw, GW1);
+    lab.net.node(GW1).0.set_policy(
+        &gateway_policy(),
+        vec!["198.19.0.0/24".parse().unwrap()],
+        &[],
+    );
+    lab.net.run_for(Duration::from_secs(2));
+    assert_eq!(
+        lab.net.node(GW1).1,
+        &vec![syn],
+        "the SYN waited for the route list, then for gw-1's lookup, and went on"
+    );
+    let counters = lab.net.node(CI).0.status().node_counters;
+    assert_eq!(counters.no_gateway_drops, 0, "{counters:?}");
 }
 
 #[test]
@@ -710,6 +745,8 @@ fn a_node_advertising_a_subnet_its_certificate_lacks_is_never_a_route() {
     assert!(status.routes[0].gateways.is_empty(), "{status:?}");
     lab.net
         .send_from_tun(CI, &tcp_packet(CI_IP, SERVER, 40000, 8080, 0x02));
+    // It waits for a gateway as long as a lookup would, then is dropped.
+    lab.net.run_for(Duration::from_secs(16));
     assert!(lab.net.node("198.18.0.40:4242").1.is_empty());
     assert_eq!(
         lab.net.node(CI).0.status().node_counters.no_gateway_drops,

@@ -95,7 +95,8 @@ pub struct NodeCounters {
     pub lying_lighthouse_answers: u64,
     pub not_for_us_drops: u64,
     pub bad_control_messages: u64,
-    /// Packets for a routed subnet with no usable gateway.
+    /// Packets for a routed subnet dropped because no gateway for it came
+    /// within 15 s (or too many waited, or the route went).
     pub no_gateway_drops: u64,
     /// Gateways whose certificates do not authorize what they advertised.
     pub unauthorized_gateways: u64,
@@ -249,6 +250,13 @@ pub struct NodeCore {
     gateway_subnets: Vec<Ipv4Net>,
     routes: Vec<RouteState>,
     next_routes_query: Instant,
+    /// Packets for a configured route whose gateways are not known yet (the
+    /// route list is being asked for): sent once it comes, as packets for
+    /// a peer wait for its lookup, instead of dropped (which would cost a
+    /// TCP connection its first SYN, a second).
+    gateway_waiting: VecDeque<(Instant, Vec<u8>)>,
+    /// When the route list was last asked for because packets wait on it.
+    routes_asked: Option<Instant>,
     /// The list of routes being read from a lighthouse, page by page.
     routes_fetch: Option<RoutesFetch>,
     /// `[tun] accept_routes`: learned routes get kernel routes too (once a
@@ -403,6 +411,8 @@ impl NodeCore {
             gateway_subnets: Vec::new(),
             routes: Vec::new(),
             next_routes_query: now,
+            gateway_waiting: VecDeque::new(),
+            routes_asked: None,
             routes_fetch: None,
             accept_routes: false,
             tun_writes: VecDeque::new(),
@@ -701,7 +711,7 @@ impl NodeCore {
                 return None;
             };
             let Some(gateway) = self.choose_gateway(route, now) else {
-                self.counters.no_gateway_drops += 1;
+                self.wait_for_gateway(route, packet, now);
                 return None;
             };
             gateway
@@ -875,30 +885,92 @@ impl NodeCore {
         }
     }
 
+    /// A packet for `route`, which has no gateway yet: held while the
+    /// route list is asked for (at once, then every [`QUERY_RETRY`] while
+    /// packets wait), up to [`LOOKUP_TIMEOUT`] as for a lookup.
+    fn wait_for_gateway(&mut self, route: usize, packet: &[u8], now: Instant) {
+        if self
+            .routes
+            .get(route)
+            .is_none_or(|r| !r.gateways.is_empty())
+        {
+            self.counters.no_gateway_drops += 1;
+            return;
+        }
+        if self.gateway_waiting.len() >= MAX_WAITING_PACKETS {
+            self.gateway_waiting.pop_front();
+            self.counters.no_gateway_drops += 1;
+        }
+        self.gateway_waiting.push_back((now, packet.to_vec()));
+        self.ask_routes_for_waiting(now);
+    }
+
+    fn ask_routes_for_waiting(&mut self, now: Instant) {
+        if !self.gateway_waiting.is_empty()
+            && self
+                .routes_asked
+                .is_none_or(|t| now.saturating_duration_since(t) >= QUERY_RETRY)
+        {
+            self.routes_asked = Some(now);
+            self.ask_routes(now);
+        }
+    }
+
+    /// Starts reading the route list from a registered lighthouse (a
+    /// reading still unfinished is dropped: a page was lost; this one
+    /// starts over).
+    fn ask_routes(&mut self, now: Instant) {
+        if let Some((lighthouse, lighthouse_ip)) = self.registered_lighthouses().first().copied() {
+            let request = self.request_id();
+            self.routes_fetch = Some(RoutesFetch {
+                lighthouse,
+                lighthouse_ip,
+                request,
+                routes: Vec::new(),
+            });
+            let query = ControlMessage::RoutesQuery {
+                id: request,
+                after: None,
+            };
+            self.send_control(lighthouse, lighthouse_ip, &query, now);
+        }
+    }
+
+    /// The packets that waited for a route's gateways, once a route list
+    /// came: each goes on as if just read (to its gateway, or to wait for
+    /// its gateway's lookup); those whose route still has no gateway wait
+    /// on; those whose route is gone are dropped.
+    fn release_gateway_waiting(&mut self, now: Instant) {
+        for (since, packet) in std::mem::take(&mut self.gateway_waiting) {
+            let Some(route) = ipv4_addrs(&packet).and_then(|(_, dst)| self.route_for(dst)) else {
+                self.counters.no_gateway_drops += 1;
+                continue;
+            };
+            match self.choose_gateway(route, now) {
+                None => self.gateway_waiting.push_back((since, packet)),
+                Some(gateway) => match self.mesh.peer_by_overlay(gateway) {
+                    Some(peer) => self.send_waiting(peer, &packet, now),
+                    None => self.wait_for_lookup(gateway, &packet, now),
+                },
+            }
+        }
+    }
+
     /// Asks for advertised routes now and then, and fails over from a
     /// gateway that went silent while we kept sending to it.
     fn drive_routes(&mut self, now: Instant) {
         if self.next_routes_query <= now {
             self.next_routes_query = now + ROUTES_INTERVAL;
-            // A reading still unfinished after a whole interval is dropped
-            // (a page was lost); this one starts over.
-            if let Some((lighthouse, lighthouse_ip)) =
-                self.registered_lighthouses().first().copied()
-            {
-                let request = self.request_id();
-                self.routes_fetch = Some(RoutesFetch {
-                    lighthouse,
-                    lighthouse_ip,
-                    request,
-                    routes: Vec::new(),
-                });
-                let query = ControlMessage::RoutesQuery {
-                    id: request,
-                    after: None,
-                };
-                self.send_control(lighthouse, lighthouse_ip, &query, now);
-            }
+            self.ask_routes(now);
         }
+        let expired = self
+            .gateway_waiting
+            .iter()
+            .take_while(|(since, _)| now.saturating_duration_since(*since) >= LOOKUP_TIMEOUT)
+            .count();
+        self.gateway_waiting.drain(..expired);
+        self.counters.no_gateway_drops += expired as u64;
+        self.ask_routes_for_waiting(now);
         self.install_accepted_routes();
         for i in 0..self.routes.len() {
             let Some(active) = self.routes[i].active else {
@@ -1083,6 +1155,7 @@ impl NodeCore {
             }
         }
         self.install_accepted_routes();
+        self.release_gateway_waiting(now);
     }
 
     /// Why a learned subnet may not get a kernel route, whatever its
