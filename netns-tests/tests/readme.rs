@@ -307,8 +307,9 @@ fn the_quickstart_and_the_lab_run_as_written() {
          through its forward:\n{stdout}"
     );
     assert!(
-        stdout.contains("denied: gw-1's firewall opens only 8080"),
-        "{stdout}"
+        stdout.contains("refused: gw-1's firewall opens only 8080")
+            && stderr.contains("Failed to connect to 198.19.0.20 port 8000"),
+        "the gateway's reject rule answers port 8000 at once:\n{stdout}\n{stderr}"
     );
     assert!(
         stdout.contains("198.19.0.0/24") && stdout.contains("gw-1"),

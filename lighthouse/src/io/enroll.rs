@@ -358,7 +358,16 @@ impl Worker {
             }
         };
         match (&reply.cert, &reply.refused) {
-            (Some(_), _) => tracing::info!("node enrolled"),
+            (Some(pem), _) => match tern_shared::cert::Cert::from_pem(pem) {
+                Ok(cert) => tracing::info!(
+                    name = %cert.body.name,
+                    address = %tern_shared::show::list(&cert.body.ips),
+                    groups = %tern_shared::show::list(&cert.body.groups),
+                    until = %tern_shared::cert::format_unix_time(cert.body.not_after),
+                    "node enrolled"
+                ),
+                Err(_) => tracing::info!("node enrolled"),
+            },
             (None, Some(why)) => tracing::warn!(reason = %why, "enrollment refused"),
             _ => {}
         }
