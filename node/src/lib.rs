@@ -1,9 +1,9 @@
-//! The Tern node: sans-IO cores in `proto`, the tokio shell in `io`, the
-//! command-line front ends in `cli`. The binary `tern` is a thin `main.rs`.
+//! The Tern node: the tokio shell in `io` around the sans-IO core
+//! (`tern-node-core`) and the runner (`tern-runner`), the command-line front
+//! ends in `cli`. The binary `tern` is a thin `main.rs`.
 
 pub mod cli;
 pub mod io;
-pub mod proto;
 
 /// Logs go to stderr; `RUST_LOG` overrides the config's level.
 pub fn init_logging(level: &str) {

@@ -1040,7 +1040,7 @@ impl RegistryConfig {
 
 /// `serde(deserialize_with)` helper: a duration written as a string like
 /// `"25s"`, `"5m"` or `"1h30m"` (see [`parse_duration`]).
-pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     struct DurationVisitor;
 
     impl Visitor<'_> for DurationVisitor {
@@ -1179,7 +1179,7 @@ impl fmt::Display for Place<'_> {
 
 /// Converts a byte offset (clamped to the text) into a 1-based line and a
 /// 1-based column counted in characters.
-pub(crate) fn position(text: &str, offset: usize) -> Position {
+pub fn position(text: &str, offset: usize) -> Position {
     let bytes = text.as_bytes();
     let before = &bytes[..offset.min(bytes.len())];
     let line_start = before

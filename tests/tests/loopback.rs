@@ -9,9 +9,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tern_node::proto::node::{LighthouseTarget, NodeCore};
+use tern_mesh::{Mesh, MeshSettings};
+use tern_node_core::node::{LighthouseTarget, NodeCore};
 use tern_shared::identity::Identity;
-use tern_shared::mesh::{Mesh, MeshSettings};
 use tern_shared::packet::build_udp_ipv4;
 use tern_tests::{free_udp, run, wait_until, Daemon};
 

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use tern_lighthouse::proto::lighthouse::LighthouseCore;
 use tern_lighthouse::proto::registry::Registry;
 use tern_lighthouse::proto::relay::RelayTable;
-use tern_node::proto::node::{LighthouseTarget, NodeCore};
+use tern_mesh::{Mesh, MeshSettings, PathKind, Transmit, TIMER_TICK};
+use tern_node_core::node::{LighthouseTarget, NodeCore};
 use tern_shared::cert::LIGHTHOUSE_GROUP;
-use tern_shared::mesh::{Mesh, MeshSettings, PathKind, Transmit, TIMER_TICK};
 use tern_shared::packet::build_udp_ipv4;
 use tern_shared::testing::{open_firewall, TestCa, TestNode, TEST_NOW};
 
@@ -917,7 +917,7 @@ fn a_mesh_with_a_hundred_subnet_gateway_pairs_learns_every_one() {
 
 #[test]
 fn learned_routes_get_kernel_routes_only_when_accepted_and_verified_and_never_over_the_underlay() {
-    use tern_node::proto::node::NodeCommand;
+    use tern_node_core::node::NodeCommand;
     let mut lab = gateway_lab(&[("gw-1", "100.64.0.30/10", GW1)]);
     // A gateway whose certificate covers the underlay (and the lighthouse's
     // 198.18.0.1) advertises it, and one a /25 inside the clients' subnet.

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use tern_mesh::{Mesh, MeshSettings};
 use tern_shared::config::LighthouseConfig;
 use tern_shared::identity::Identity;
-use tern_shared::mesh::{Mesh, MeshSettings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tern_shared::rate::TokenBucket;
+use tern_mesh::rate::TokenBucket;
 
 /// Prefixes a source is counted by: an IPv4 /24, an IPv6 /48 (what one
 /// site or one NAT pool usually holds).

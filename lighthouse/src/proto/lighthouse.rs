@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
+use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
 use tern_shared::cert::{VerifiedCert, RUNNER_GROUP};
 use tern_shared::control::{
     ControlMessage, PeerInfo, Revocation, CONTROL_PORT, MAX_LABELS, MAX_REVOCATIONS_IN_REPLY,
 };
-use tern_shared::mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
 use tern_shared::show::list;
 use tern_shared::wire::{classify, DatagramKind, RelayEnvelope, TYPE_RELAYED, TYPE_RELAY_REQUEST};

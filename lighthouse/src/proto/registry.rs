@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
+use tern_mesh::PeerId;
 use tern_shared::control::{
     AdvertisedRoute, PeerInfo, RunnerInfo, RunnerLoad, RunnerSelector, MAX_ENDPOINTS,
     MAX_ROUTES_IN_REPLY, MAX_RUNNERS_IN_REPLY,
 };
-use tern_shared::mesh::PeerId;
 
 /// Live nodes by overlay address. Drive with `register`, `lookup` and `expire(now)`.
 pub struct Registry {

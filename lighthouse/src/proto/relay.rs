@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tern_shared::rate::TokenBucket;
+use tern_mesh::rate::TokenBucket;
 
 /// Why a relay request was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

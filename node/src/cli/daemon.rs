@@ -150,7 +150,7 @@ pub(crate) fn api_socket(
             let config = io::load_node_config(c)?;
             api::socket_path_for(&config)
         }
-        (None, None) => api::socket_path(None, "tern0"),
+        (None, None) => api::default_socket_path(),
     })
 }
 
@@ -235,7 +235,7 @@ fn describe_ping(r: &serde_json::Value) -> String {
     let Some(rtt) = r["rtt_ms"].as_f64() else {
         return format!(
             "no answer from {who} within {} s",
-            crate::proto::node::PING_TIMEOUT.as_secs()
+            tern_node_core::node::PING_TIMEOUT.as_secs()
         );
     };
     let path = match r["path"].as_str() {

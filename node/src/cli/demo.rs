@@ -24,8 +24,8 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
+use tern_runner::job::exit;
 use tern_shared::control::RunnerSelector;
-use tern_shared::job::exit;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::io::api::{self, ApiRequest};
@@ -728,7 +728,7 @@ allow_groups = ["ci"]
 work_dir = "jobs"
 audit_log = "audit.jsonl"
 "#,
-            tern_shared::job::RUNNER_PORT
+            tern_runner::job::RUNNER_PORT
         ),
         Role::Client {
             socks,
@@ -995,7 +995,7 @@ mod tests {
     #[test]
     fn the_pipeline_parses() {
         let pipeline =
-            tern_shared::pipeline::Pipeline::parse(PIPELINE, Path::new("demo.toml")).unwrap();
+            tern_runner::pipeline::Pipeline::parse(PIPELINE, Path::new("demo.toml")).unwrap();
         let json = serde_json::to_value(&pipeline).unwrap();
         assert_eq!(json["steps"].as_array().unwrap().len(), 2);
     }

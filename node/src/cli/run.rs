@@ -9,13 +9,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use tern_shared::cert::RUNNER_GROUP;
-use tern_shared::control::{RunnerInfo, RunnerSelector};
-use tern_shared::job::{
+use tern_runner::job::{
     check_greeting, exit, FrameReader, JobResult, Message, Stream, Submit, CALLER_GREETING,
     GREETING_LEN, GREETING_TIMEOUT, MAX_CHUNK, RUNNER_GREETING, RUNNER_PORT, RUNNER_SILENCE,
 };
-use tern_shared::pipeline::{Pipeline, RESERVED_ENV_PREFIX};
+use tern_runner::pipeline::{Pipeline, RESERVED_ENV_PREFIX};
+use tern_shared::cert::RUNNER_GROUP;
+use tern_shared::control::{RunnerInfo, RunnerSelector};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -25,7 +25,7 @@ use crate::io::api::{self, ApiRequest};
 use crate::io::archive::{self, ArchiveError, ChunkReader, ChunkWriter, Summary};
 use crate::io::proxy::ByteStream;
 use crate::io::runner::TRANSFER_LIMITS;
-use crate::proto::runner::Caller;
+use tern_runner::scheduler::Caller;
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("runner").required(true).args(["on", "node"])))]
@@ -66,7 +66,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
 }
 
 /// Exit codes: 0 all steps passed; a failing step's own code; and the
-/// documented ones in [`tern_shared::job::exit`].
+/// documented ones in [`tern_runner::job::exit`].
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let text = match std::fs::read_to_string(&args.pipeline) {
         Ok(t) => t,

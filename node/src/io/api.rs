@@ -70,12 +70,42 @@ pub fn socket_path_for(config: &tern_shared::config::NodeConfig) -> PathBuf {
         && config.tun.mode == tern_shared::config::TunMode::Userspace
         && !nix::unistd::geteuid().is_root()
     {
-        let dir = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(|d| PathBuf::from(d).join("tern"))
-            .unwrap_or_else(|| PathBuf::from(format!("/tmp/tern-{}", nix::unistd::geteuid())));
-        return dir.join(format!("{}.sock", config.tun.name));
+        return user_socket_dir().join(format!("{}.sock", config.tun.name));
     }
     socket_path(config.api.socket.as_deref(), &config.tun.name)
+}
+
+/// Where a userspace node run without root keeps its socket:
+/// `$XDG_RUNTIME_DIR/tern`, else `/tmp/tern-<uid>`.
+fn user_socket_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("tern"))
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/tern-{}", nix::unistd::geteuid())))
+}
+
+/// The socket a command given neither `--socket` nor `--config` talks to:
+/// the one a node started without `[api] socket` chose for this user. Root
+/// finds `/run/tern/tern0.sock`; another user finds its own rootless
+/// userspace node (see [`socket_path_for`]) if one runs, else a root
+/// node's `/run/tern/tern0.sock` (open to it with `[api] group`), else
+/// names its own (the error then says no node runs there).
+pub fn default_socket_path() -> PathBuf {
+    choose_default_socket(
+        nix::unistd::geteuid().is_root(),
+        &user_socket_dir().join("tern0.sock"),
+        |p| p.exists(),
+    )
+}
+
+fn choose_default_socket(root: bool, user: &Path, exists: impl Fn(&Path) -> bool) -> PathBuf {
+    let system = socket_path(None, "tern0");
+    if root {
+        system
+    } else if exists(user) || !exists(&system) {
+        user.to_path_buf()
+    } else {
+        system
+    }
 }
 
 /// Binds the socket (mode 0660, and `group`'s when given) and serves it
@@ -335,6 +365,27 @@ pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_jso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_without_config_finds_the_node_this_user_would_have_started() {
+        let user = Path::new("/run/user/1000/tern/tern0.sock");
+        let system = Path::new("/run/tern/tern0.sock");
+        let only = |there: Vec<&'static Path>| move |p: &Path| there.contains(&p);
+        // Root: the system socket, whatever else exists.
+        assert_eq!(choose_default_socket(true, user, only(vec![user])), system);
+        // Another user: its own rootless node first...
+        assert_eq!(
+            choose_default_socket(false, user, only(vec![user, system])),
+            user
+        );
+        // ... else a root node's socket (open with [api] group) ...
+        assert_eq!(
+            choose_default_socket(false, user, only(vec![system])),
+            system
+        );
+        // ... else its own, which the error names.
+        assert_eq!(choose_default_socket(false, user, only(vec![])), user);
+    }
 
     #[tokio::test]
     async fn a_command_finding_no_node_says_why_the_last_one_stopped() {

@@ -25,8 +25,8 @@ use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 pub use tern_udp::Outer;
 
-use crate::proto::node::NodeCore;
-use tern_shared::mesh::OVERHEAD;
+use tern_mesh::OVERHEAD;
+use tern_node_core::node::NodeCore;
 
 /// Room in front of every packet written to the TUN device for the virtio
 /// header `tun-rs` fills in when offloads are on.

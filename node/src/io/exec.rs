@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tern_shared::job::{Masker, Stream, MAX_CHUNK};
+use tern_runner::job::{Masker, Stream, MAX_CHUNK};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 

@@ -9,13 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tern_shared::job::{ArtifactsSummary, JobResult, Message, MAX_CHUNK};
-use tern_shared::pipeline::Pipeline;
+use tern_runner::job::{ArtifactsSummary, JobResult, Message, MAX_CHUNK};
+use tern_runner::pipeline::Pipeline;
 use tokio::sync::{mpsc, watch};
 
 use super::archive::{self, ArchiveError, ChunkWriter};
 use super::exec::{run_step, Chunk, StepEnd, StepSpec};
-use crate::proto::runner::Caller;
+use tern_runner::scheduler::Caller;
 
 /// One job as the runner got it.
 pub struct JobSpec<'a> {
@@ -235,18 +235,18 @@ pub async fn run_job(
             }
             StepEnd::TimedOut => {
                 record.result = JobResult::TimedOut;
-                record.exit_code = i32::from(tern_shared::job::exit::TIMED_OUT);
+                record.exit_code = i32::from(tern_runner::job::exit::TIMED_OUT);
                 break;
             }
             StepEnd::Cancelled => {
                 record.result = JobResult::Cancelled;
-                record.exit_code = i32::from(tern_shared::job::exit::CANCELLED);
+                record.exit_code = i32::from(tern_runner::job::exit::CANCELLED);
                 break;
             }
         }
     }
     if record.result == JobResult::Cancelled {
-        record.exit_code = i32::from(tern_shared::job::exit::CANCELLED);
+        record.exit_code = i32::from(tern_runner::job::exit::CANCELLED);
     } else if !job.pipeline.artifacts.is_empty() {
         // Also after a failure: test reports and logs are what one needs then.
         record.artifacts = send_artifacts(&workspace, &job.pipeline.artifacts, &out).await;

@@ -20,17 +20,18 @@ use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use tern_mesh::{Mesh, MeshSettings};
 use tern_shared::cert::RUNNER_GROUP;
 use tern_shared::config::{NodeConfig, TunMode};
 use tern_shared::identity::Identity;
-use tern_shared::mesh::{Mesh, MeshSettings};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::proto::firewall::subnet_within;
-use crate::proto::node::{LighthouseTarget, NodeCommand, NodeCore};
 use api::{ApiCall, ApiRequest};
 use datapath::{DataPath, Outer};
+use tern_node_core::firewall::{subnet_within, subnets_no_rule_opens};
+use tern_node_core::node::{LighthouseTarget, NodeCommand, NodeCore};
+use tern_runner::scheduler::Caller;
 
 /// Packets the kernel may queue on the TUN device for the daemon to read.
 const TUN_QUEUE_LEN: u32 = 5000;
@@ -112,6 +113,7 @@ pub async fn run(
         }
         None => Vec::new(),
     };
+    warn_closed_subnets(&config);
     let socket = tern_udp::bind(config.listen.addr)
         .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
     let outer = Outer::new(socket).context("setting up the UDP socket's batching and offloads")?;
@@ -211,7 +213,7 @@ pub async fn run(
         Some(r) => {
             let listener = match &mut plane {
                 Plane::User { stack, .. } => {
-                    runner::Listener::Userspace(stack.listen(tern_shared::job::RUNNER_PORT))
+                    runner::Listener::Userspace(stack.listen(tern_runner::job::RUNNER_PORT))
                 }
                 Plane::Tun { .. } => runner::Listener::Kernel,
             };
@@ -363,7 +365,7 @@ pub async fn run(
                         }
                     }
                     ApiRequest::Peer { overlay_ip } => {
-                        let _ = reply.send(serde_json::to_value(core.caller(overlay_ip)).unwrap_or_default());
+                        let _ = reply.send(serde_json::to_value(core.peer_identity(overlay_ip).map(|c| Caller::from_cert(&c))).unwrap_or_default());
                     }
                     ApiRequest::Route { ip } => {
                         let _ = reply.send(match core.reachable(ip) {
@@ -388,7 +390,7 @@ pub async fn run(
                 }
             }
             Some((ip, reply)) = identity_rx.recv() => {
-                let _ = reply.send(core.caller(ip));
+                let _ = reply.send(core.peer_identity(ip).map(|c| Caller::from_cert(&c)));
             }
             _ = sighup.recv() => reload(&mut core, config_path),
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
@@ -533,9 +535,24 @@ impl Drop for RunnerTask {
 
 /// SIGHUP: re-reads the config and applies its `[firewall]` without touching
 /// tunnels. A config that does not parse is refused and the old rules stay.
+/// A gateway whose inbound rules open none of its subnets passes nothing
+/// into them: say so, for each, with the rule that would.
+fn warn_closed_subnets(config: &NodeConfig) {
+    let Some(gateway) = &config.gateway else {
+        return;
+    };
+    for subnet in subnets_no_rule_opens(&config.firewall, &gateway.subnets) {
+        tracing::warn!(
+            %subnet,
+            "[gateway] subnets: no [[firewall.inbound]] rule lets anything into {subnet}, so no client can reach it (rules without local_cidr cover only this node's own address); add one, e.g. [[firewall.inbound]] proto = \"tcp\" port = \"443\" groups = [\"ci\"] local_cidr = \"{subnet}\""
+        );
+    }
+}
+
 fn reload(core: &mut NodeCore, config_path: &Path) {
     match load_node_config(config_path) {
         Ok(config) => {
+            warn_closed_subnets(&config);
             core.reload_firewall(&config.firewall);
             tracing::info!(
                 inbound = config.firewall.inbound.len(),

@@ -10,8 +10,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::userspace::{DialError, NetstackHandle};
-use crate::proto::http_connect;
-use crate::proto::socks::{self, Command, Reply, Target};
+use tern_node_core::http_connect;
+use tern_node_core::socks::{self, Command, Reply, Target};
 
 /// A byte stream to a target in the mesh.
 pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -10,13 +10,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use tern_shared::config::RunnerConfig;
-use tern_shared::control::RunnerLoad;
-use tern_shared::job::{
+use tern_runner::job::{
     check_greeting, FrameReader, JobResult, Message, CALLER_GREETING, GREETING_LEN,
     GREETING_TIMEOUT, RUNNER_GREETING, RUNNER_PORT,
 };
-use tern_shared::pipeline::Pipeline;
+use tern_runner::pipeline::Pipeline;
+use tern_shared::config::RunnerConfig;
+use tern_shared::control::RunnerLoad;
 use tern_shared::show::list;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::archive::{self, ChunkReader, Limits};
 use super::exec::KILL_GRACE;
 use super::job::{append_audit, pipeline_sha256, run_job, AuditRecord, JobSpec, Transfer};
-use crate::proto::runner::{authorize, Admission, Caller, JobId, Scheduler};
+use tern_runner::scheduler::{authorize, Admission, Caller, JobId, Scheduler};
 
 /// Where the runner's connections come from.
 pub enum Listener {
@@ -240,7 +240,7 @@ async fn serve(
         started_unix_ms: 0,
         ended_unix_ms: 0,
         result: JobResult::Error,
-        exit_code: i32::from(tern_shared::job::exit::DENIED),
+        exit_code: i32::from(tern_runner::job::exit::DENIED),
         message: Some(why),
         upload: None,
         artifacts: None,
@@ -441,7 +441,7 @@ async fn serve(
         let tx = msg_tx.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(tern_shared::job::HEARTBEAT).await;
+                tokio::time::sleep(tern_runner::job::HEARTBEAT).await;
                 if tx.send(Message::Heartbeat).await.is_err() {
                     break;
                 }

@@ -962,7 +962,7 @@ impl UserPath {
     /// what the core lets through to the stack.
     pub fn udp_in(
         &mut self,
-        core: &mut crate::proto::node::NodeCore,
+        core: &mut tern_node_core::node::NodeCore,
         outer: &tern_udp::Outer,
         stack: &mut Netstack,
     ) {
@@ -991,13 +991,13 @@ impl UserPath {
     /// encryption), as the TUN path does with what it reads.
     pub async fn flush(
         &mut self,
-        core: &mut crate::proto::node::NodeCore,
+        core: &mut tern_node_core::node::NodeCore,
         outer: &tern_udp::Outer,
         stack: &mut Netstack,
     ) {
         let now = Instant::now();
         while let Some(packet) = stack.poll_outbound() {
-            let needed = packet.len() + tern_shared::mesh::OVERHEAD + 256;
+            let needed = packet.len() + tern_mesh::OVERHEAD + 256;
             if self.sealed.len() < needed {
                 self.sealed.resize(needed, 0);
             }

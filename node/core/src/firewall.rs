@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
+use tern_mesh::rate::TokenBucket;
 use tern_shared::cert::VerifiedCert;
 use tern_shared::packet::{
     flow_of, icmp_error_quote, icmp_unreachable_for, tcp_reset_for, Flow, PROTO_ICMP, PROTO_TCP,
     PROTO_UDP,
 };
 use tern_shared::policy::{Action, FirewallConfig, PortRange, Proto, RuleConfig};
-use tern_shared::rate::TokenBucket;
 use tern_shared::show::list;
 
 /// Flows remembered at most; past that, new flows are refused (and counted)
@@ -492,6 +492,29 @@ pub fn proto_name(p: Proto) -> &'static str {
     }
 }
 
+/// The gateway subnets no inbound rule lets anything into: an `allow` rule
+/// reaches a routed subnet only through a `local_cidr` that overlaps it (a
+/// rule without one covers the node's own overlay address alone, the safe
+/// default), so a gateway with none such passes nothing and every client
+/// times out. The shell warns about each, with the rule to add.
+pub fn subnets_no_rule_opens(config: &FirewallConfig, subnets: &[Ipv4Net]) -> Vec<Ipv4Net> {
+    subnets
+        .iter()
+        .filter(|subnet| {
+            !config.inbound.iter().any(|rule| {
+                rule.action == Action::Allow
+                    && match rule.local_cidr {
+                        Some(IpNet::V4(local)) => {
+                            local.contains(*subnet) || subnet.contains(&local)
+                        }
+                        _ => false,
+                    }
+            })
+        })
+        .copied()
+        .collect()
+}
+
 /// Whether `net` lies inside one of `outer`.
 pub fn subnet_within(net: &Ipv4Net, outer: &[IpNet]) -> bool {
     outer.iter().any(|o| match o {
@@ -516,6 +539,32 @@ mod tests {
     use super::*;
     use tern_shared::packet::build_udp_ipv4;
     use tern_shared::testing::TestCa;
+
+    #[test]
+    fn a_gateway_subnet_without_an_allow_rule_into_it_is_named() {
+        let parse = |rules: &str| {
+            let text = format!("[pki]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n{rules}");
+            tern_shared::config::NodeConfig::parse(&text, std::path::Path::new("/t/gw.toml"))
+                .unwrap()
+                .firewall
+        };
+        let subnets: Vec<Ipv4Net> = vec![
+            "198.19.0.0/24".parse().unwrap(),
+            "198.19.1.0/24".parse().unwrap(),
+        ];
+        // Rules for the node itself (no local_cidr) open no subnet.
+        let own = parse("[[firewall.inbound]]\nproto = \"tcp\"\nport = \"22\"\n");
+        assert_eq!(subnets_no_rule_opens(&own, &subnets), subnets);
+        // One host in the first subnet opens that subnet; a reject rule opens nothing.
+        let one = parse(
+            "[[firewall.inbound]]\nproto = \"tcp\"\nlocal_cidr = \"198.19.0.20/32\"\n\
+             [[firewall.inbound]]\nlocal_cidr = \"198.19.1.0/24\"\naction = \"reject\"\n",
+        );
+        assert_eq!(subnets_no_rule_opens(&one, &subnets), vec![subnets[1]]);
+        // A wider local_cidr covers both.
+        let wide = parse("[[firewall.inbound]]\nlocal_cidr = \"198.19.0.0/16\"\n");
+        assert!(subnets_no_rule_opens(&wide, &subnets).is_empty());
+    }
 
     const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 10);
     const CI: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);

@@ -18,6 +18,17 @@ pub struct Caller {
     pub fingerprint: String,
 }
 
+impl Caller {
+    /// The caller a verified certificate names.
+    pub fn from_cert(cert: &tern_shared::cert::VerifiedCert) -> Caller {
+        Caller {
+            name: cert.name().to_string(),
+            groups: cert.groups().to_vec(),
+            fingerprint: cert.fingerprint().to_string(),
+        }
+    }
+}
+
 /// A caller may run pipelines here if its certificate carries one of the
 /// allowed groups. The refusal says which groups would do.
 pub fn authorize(config: &RunnerConfig, caller: &Caller) -> Result<(), String> {

@@ -23,6 +23,8 @@
 //! treated as opaque. Our own timers (certificate expiry, idle peers, rate
 //! buckets) run on the `now` passed in, so they test deterministically.
 
+pub mod rate;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,10 +37,10 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::Serialize;
 
-use crate::cert::{CaPool, CertError, Fingerprint, VerifiedCert};
 use crate::rate::TokenBucket;
-use crate::show::{list, or_none};
-use crate::wire::{
+use tern_shared::cert::{CaPool, CertError, Fingerprint, VerifiedCert};
+use tern_shared::show::{list, or_none};
+use tern_shared::wire::{
     classify, relay_header, DatagramKind, Hello, RelayEnvelope, RELAY_HEADER_LEN, TYPE_RELAYED,
     TYPE_RELAY_REQUEST,
 };
@@ -1357,8 +1359,8 @@ fn path_kind(p: &Peer) -> PathKind {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::packet::build_udp_ipv4;
-    use crate::testing::{TestCa, TestNode, TEST_NOW};
+    use tern_shared::packet::build_udp_ipv4;
+    use tern_shared::testing::{TestCa, TestNode, TEST_NOW};
 
     const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
     const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 6);
@@ -1589,7 +1591,7 @@ mod tests {
         let mut out = vec![0u8; 4096];
         let first = build_udp_ipv4(A_IP, B_IP, 1, 2, b"first");
         a.mesh.encapsulate(pb, &first, &mut out, now);
-        exchange(&mut a, &mut b, now, Some(crate::wire::TYPE_HELLO));
+        exchange(&mut a, &mut b, now, Some(tern_shared::wire::TYPE_HELLO));
         assert!(
             a.mesh.is_connected(pb),
             "b asked for the cert, a resent its handshake"

@@ -20,8 +20,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use tern_mesh::{Mesh, MeshSettings, PeerRole, Received};
 use tern_shared::cert::CaPool;
-use tern_shared::mesh::{Mesh, MeshSettings, PeerRole, Received};
 use tern_shared::packet::build_udp_ipv4;
 use tern_shared::testing::{TestCa, TestNode, TEST_NOW};
 

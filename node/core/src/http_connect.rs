@@ -16,7 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::proto::socks::{is_valid_hostname, Target};
+use crate::socks::{is_valid_hostname, Target};
 
 /// The longest request head accepted, terminating empty line included.
 pub const MAX_HEAD: usize = 8192;

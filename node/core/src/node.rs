@@ -22,9 +22,7 @@ use tern_shared::control::{
 use tern_shared::policy::{FirewallConfig, RouteConfig};
 
 use super::firewall::{Firewall, FirewallStatus, PolicyDecision, Verdict};
-use tern_shared::mesh::{
-    Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit,
-};
+use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
 use tern_shared::show::list;
 
@@ -115,7 +113,7 @@ pub struct PingResult {
     /// None: no answer within [`PING_TIMEOUT`].
     pub rtt_ms: Option<f64>,
     /// The path the answer came back on.
-    pub path: Option<tern_shared::mesh::PathKind>,
+    pub path: Option<tern_mesh::PathKind>,
     pub endpoint: Option<SocketAddr>,
     pub relay: Option<SocketAddr>,
     /// Every lighthouse said it does not know the address: no answer can
@@ -1858,7 +1856,7 @@ impl NodeCore {
     fn start_attempt(&mut self, peer: PeerId, introducer: Option<SocketAddr>, now: Instant) {
         if matches!(
             self.mesh.peer_path(peer),
-            Some((tern_shared::mesh::PathKind::Direct, _))
+            Some((tern_mesh::PathKind::Direct, _))
         ) {
             return;
         }
@@ -1873,7 +1871,7 @@ impl NodeCore {
     /// Punch on schedule; after `relay_after` without a session, go through a
     /// relay; stop once a direct path carries the session.
     fn drive_attempts(&mut self, now: Instant) {
-        use tern_shared::mesh::PathKind;
+        use tern_mesh::PathKind;
         if self.attempts.is_empty() {
             return;
         }
@@ -2044,17 +2042,13 @@ impl NodeCore {
         Ok(id)
     }
 
-    /// The caller behind an overlay address, for the runner: only a peer's
-    /// own address names it (its verified certificate's name, groups and
-    /// fingerprint); addresses in subnets it routes do not.
-    pub fn caller(&self, ip: Ipv4Addr) -> Option<super::runner::Caller> {
+    /// The verified certificate behind an overlay address (for the runner,
+    /// who is calling): only a peer's own address names it; addresses in
+    /// subnets it routes do not.
+    pub fn peer_identity(&self, ip: Ipv4Addr) -> Option<VerifiedCert> {
         let peer = self.mesh.peer_by_overlay(ip)?;
         let cert = self.mesh.peer_cert(peer)?;
-        (cert.overlay_ip() == ip).then(|| super::runner::Caller {
-            name: cert.name().to_string(),
-            groups: cert.groups().to_vec(),
-            fingerprint: cert.fingerprint().to_string(),
-        })
+        (cert.overlay_ip() == ip).then(|| cert.clone())
     }
 
     /// Whether traffic to `ip` has somewhere to go: a peer's overlay
@@ -2228,7 +2222,7 @@ fn may_receive(cert: &VerifiedCert, dst: Ipv4Addr) -> bool {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use tern_shared::mesh::MeshSettings;
+    use tern_mesh::MeshSettings;
     use tern_shared::testing::{TestCa, TEST_NOW};
 
     fn node(ca: &TestCa) -> NodeCore {

@@ -32,8 +32,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::config::{position, Position};
-use crate::duration::format_duration;
+use tern_shared::config::{position, Position};
+use tern_shared::duration::format_duration;
 
 /// Default pipeline `timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -69,7 +69,7 @@ pub struct Pipeline {
     /// [`MAX_TIMEOUT`]. Default [`DEFAULT_TIMEOUT`].
     #[serde(
         default = "default_timeout",
-        deserialize_with = "crate::config::duration",
+        deserialize_with = "tern_shared::config::duration",
         serialize_with = "serialize_duration"
     )]
     pub timeout: Duration,
@@ -662,13 +662,13 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
         }
 
         fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
-            crate::duration::parse_duration(s)
+            tern_shared::duration::parse_duration(s)
                 .map(Some)
                 .map_err(E::custom)
         }
 
         fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            crate::config::duration(d).map(Some)
+            tern_shared::config::duration(d).map(Some)
         }
     }
 

@@ -1,0 +1,17 @@
+//! `tern-node-core`: the node's sans-IO core. It takes datagrams, packets
+//! read from the TUN device (or the userspace stack) and the time, and gives
+//! back datagrams to send, packets to write and events for the shell
+//! (`tern-node`'s `io`). Nothing here opens a socket, reads a clock or a
+//! file; Cargo keeps it so (no tokio, no socket or TUN crate below it).
+//!
+//! - [`node`]: `NodeCore`, which drives the mesh engine (`tern-mesh`) for a
+//!   node: lighthouse links, lookups, gateway routes and failover, hole
+//!   punching and relaying, pings, runner finds, policy queries,
+//!   revocations.
+//! - [`firewall`]: the stateful inbound/outbound firewall.
+//! - [`socks`] and [`http_connect`]: the proxies' request parsers.
+
+pub mod firewall;
+pub mod http_connect;
+pub mod node;
+pub mod socks;
