@@ -16,7 +16,7 @@ use tern_shared::control::Revocation;
 use tern_shared::enroll::{token_hash, EnrollReply, EnrollRequest};
 use tern_shared::keys::CaSecretKey;
 
-use crate::oidc::{self, Jwks};
+use tern_lighthouse_core::oidc::{self, Jwks};
 
 /// What a valid token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1424,7 +1424,7 @@ mod tests {
         Enroller,
         SqliteStore,
         tempfile::TempDir,
-        crate::oidc::test_issuer::TestOidcIssuer,
+        tern_lighthouse_core::oidc::test_issuer::TestOidcIssuer,
     ) {
         let (enroller, store, dir, _ca) = setup();
         let provider: OidcProviderConfig = toml::from_str(&format!(
@@ -1442,7 +1442,7 @@ mod tests {
             "#
         ))
         .unwrap();
-        let signer = crate::oidc::test_issuer::TestOidcIssuer::es256("k1").unwrap();
+        let signer = tern_lighthouse_core::oidc::test_issuer::TestOidcIssuer::es256("k1").unwrap();
         let mut enroller = enroller.with_oidc(vec![provider]);
         enroller.set_keys(
             0,
@@ -1462,8 +1462,9 @@ mod tests {
     }
 
     fn claims(repo: &str, git_ref: &str, jti: &str) -> serde_json::Value {
-        let mut c =
-            crate::oidc::test_issuer::github_like_claims(GH, "tern", repo, git_ref, TEST_NOW);
+        let mut c = tern_lighthouse_core::oidc::test_issuer::github_like_claims(
+            GH, "tern", repo, git_ref, TEST_NOW,
+        );
         c["jti"] = jti.into();
         c
     }
@@ -1524,7 +1525,8 @@ mod tests {
         let mut expired = claims("acme/app", "refs/heads/main", "c");
         expired["exp"] = (TEST_NOW - 600).into();
         assert!(refused(&enroller, &mut store, signer.sign(&expired)).contains("expired"));
-        let impostor = crate::oidc::test_issuer::TestOidcIssuer::es256("k1").unwrap();
+        let impostor =
+            tern_lighthouse_core::oidc::test_issuer::TestOidcIssuer::es256("k1").unwrap();
         let forged = impostor.sign(&claims("acme/app", "refs/heads/main", "d"));
         assert!(refused(&enroller, &mut store, forged).contains("signature"));
         let other = signer.sign(&claims("evil/app", "refs/heads/main", "e"));
@@ -1539,7 +1541,7 @@ mod tests {
     #[test]
     fn a_token_naming_an_unknown_key_asks_for_the_providers_keys_once_in_a_while() {
         let (enroller, mut store, _dir, signer) = oidc_setup();
-        let rotated = crate::oidc::test_issuer::TestOidcIssuer::es256("k2").unwrap();
+        let rotated = tern_lighthouse_core::oidc::test_issuer::TestOidcIssuer::es256("k2").unwrap();
         let token = rotated.sign(&claims("acme/app", "refs/heads/main", "r1"));
         let request = oidc_request(token, 1);
         // Keys were read at TEST_NOW: within the quiet period the token is

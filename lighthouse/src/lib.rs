@@ -1,7 +1,6 @@
-//! The Tern lighthouse: the registry of live nodes and their endpoints.
-//! `proto` holds the sans-IO cores, `io` the tokio shell.
+//! The Tern lighthouse: the tokio shell (`io`) around the sans-IO core
+//! (`tern-lighthouse-core`), and enrollment (`enroll`: what a token or an
+//! ID token buys, and the SQLite store that remembers it).
 
 pub mod enroll;
 pub mod io;
-pub mod oidc;
-pub mod proto;

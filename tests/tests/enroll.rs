@@ -266,7 +266,7 @@ const RUNNER_BEARER: &str = "runner-bearer-secret";
 
 impl FakeGithub {
     fn start(
-        signer: tern_lighthouse::oidc::test_issuer::TestOidcIssuer,
+        signer: tern_lighthouse_core::oidc::test_issuer::TestOidcIssuer,
         repo: &'static str,
     ) -> FakeGithub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -304,7 +304,7 @@ impl FakeGithub {
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()
                         .as_secs();
-                    let mut claims = tern_lighthouse::oidc::test_issuer::github_like_claims(
+                    let mut claims = tern_lighthouse_core::oidc::test_issuer::github_like_claims(
                         GH_ISSUER,
                         &audience,
                         repo,
@@ -356,7 +356,7 @@ fn now_unix() -> u64 {
 
 #[test]
 fn a_github_job_enrolls_with_its_oidc_id_token_and_the_gate_opens_once_the_target_answers() {
-    let signer = tern_lighthouse::oidc::test_issuer::TestOidcIssuer::rs256("gh-1").unwrap();
+    let signer = tern_lighthouse_core::oidc::test_issuer::TestOidcIssuer::rs256("gh-1").unwrap();
     let github = FakeGithub::start(signer, "acme/app");
     // The lighthouse fetches the provider's keys from its URL.
     let lab = lab_with(
@@ -430,7 +430,7 @@ fn a_github_job_enrolls_with_its_oidc_id_token_and_the_gate_opens_once_the_targe
 
 #[test]
 fn oidc_tokens_with_the_wrong_audience_issuer_expiry_signature_or_claims_are_each_refused() {
-    use tern_lighthouse::oidc::test_issuer::{github_like_claims, TestOidcIssuer};
+    use tern_lighthouse_core::oidc::test_issuer::{github_like_claims, TestOidcIssuer};
     let signer = TestOidcIssuer::es256("gl-1").unwrap();
     let keys = tempfile::tempdir().unwrap();
     let jwks = keys.path().join("jwks.json");

@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tern_lighthouse::proto::lighthouse::LighthouseCore;
-use tern_lighthouse::proto::registry::Registry;
-use tern_lighthouse::proto::relay::RelayTable;
+use tern_lighthouse_core::lighthouse::LighthouseCore;
+use tern_lighthouse_core::registry::Registry;
+use tern_lighthouse_core::relay::RelayTable;
 use tern_mesh::{Mesh, MeshSettings, PathKind, Transmit, TIMER_TICK};
 use tern_node_core::node::{LighthouseTarget, NodeCore};
 use tern_shared::cert::LIGHTHOUSE_GROUP;
@@ -321,7 +321,7 @@ impl Net {
         self.settle();
     }
 
-    fn relay_counters(&mut self) -> tern_lighthouse::proto::relay::RelayCounters {
+    fn relay_counters(&mut self) -> tern_lighthouse_core::relay::RelayCounters {
         let now = self.now;
         self.lighthouse().status(now).relay
     }

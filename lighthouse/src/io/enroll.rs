@@ -22,8 +22,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::unix_now;
 use crate::enroll::{Decision, Enroller, SqliteStore};
-use crate::oidc::Jwks;
-use crate::proto::admission::{AdmissionCounters, SourceLimiter};
+use tern_lighthouse_core::admission::{AdmissionCounters, SourceLimiter};
+use tern_lighthouse_core::oidc::Jwks;
 
 /// Requests waiting for the enrollment thread; beyond this they are dropped
 /// (the node repeats its request).
@@ -460,7 +460,10 @@ fn fetch_jwks(url: &str) -> Result<Jwks, String> {
         .map_err(|e| format!("GET {url}: {e}"))?;
     let mut body = Vec::new();
     std::io::Read::read_to_end(
-        &mut std::io::Read::take(answer.into_reader(), crate::oidc::MAX_JWKS_LEN as u64 + 1),
+        &mut std::io::Read::take(
+            answer.into_reader(),
+            tern_lighthouse_core::oidc::MAX_JWKS_LEN as u64 + 1,
+        ),
         &mut body,
     )
     .map_err(|e| format!("GET {url}: {e}"))?;

@@ -15,9 +15,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::enroll::SqliteStore;
-use crate::proto::lighthouse::LighthouseCore;
-use crate::proto::registry::Registry;
-use crate::proto::relay::RelayTable;
+use tern_lighthouse_core::lighthouse::LighthouseCore;
+use tern_lighthouse_core::registry::Registry;
+use tern_lighthouse_core::relay::RelayTable;
 use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 
 mod enroll;

@@ -35,7 +35,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tern_lighthouse::oidc::test_issuer::{github_like_claims, TestOidcIssuer};
+use tern_lighthouse_core::oidc::test_issuer::{github_like_claims, TestOidcIssuer};
 use tern_netns_tests::report::{
     cell, command_output, machine_line, median, number, percentile, write_section,
 };

@@ -693,7 +693,9 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 // ---------------------------------------------------------------------------
 
 /// A throwaway OIDC provider for tests (here, in other crates' integration
-/// tests and in benchmarks): a signing key and its JWKS.
+/// tests and in benchmarks): a signing key and its JWKS. Built only for
+/// tests and with the `test-support` feature.
+#[cfg(any(test, feature = "test-support"))]
 pub mod test_issuer {
     use ring::rand::SystemRandom;
     use ring::signature::{

@@ -1,0 +1,18 @@
+//! `tern-lighthouse-core`: the lighthouse's sans-IO core. It takes
+//! datagrams and the time, and gives back datagrams to send; nothing here
+//! opens a socket, reads a clock or a file, or touches the store.
+//!
+//! - [`lighthouse`]: `LighthouseCore`, which drives the mesh engine
+//!   (`tern-mesh`) for a lighthouse: registrations, lookups, route and
+//!   runner lists, revocations, introductions.
+//! - [`registry`]: the live nodes, their endpoints, routes and runner adverts.
+//! - [`relay`]: relaying WireGuard between introduced pairs, on a budget.
+//! - [`admission`]: rate buckets for enrollment before anyone is verified.
+//! - [`oidc`]: ID-token checks (signature, issuer, audience, expiry) and
+//!   the claim rules.
+
+pub mod admission;
+pub mod lighthouse;
+pub mod oidc;
+pub mod registry;
+pub mod relay;
