@@ -1,6 +1,6 @@
 //! Memory of the peer table, measured with a counting allocator.
 //!
-//! `cargo bench -p tern-shared --bench peer_memory [-- PEERS]` builds a
+//! `cargo bench -p tern-mesh --bench peer_memory [-- PEERS]` builds a
 //! [`Mesh`] and fills it with PEERS peers (default 10,000) twice over:
 //!
 //! 1. **known**: verified certificates in the table, no session yet (what a
