@@ -98,27 +98,6 @@ pub fn check_greeting(got: &[u8], expected: &[u8; GREETING_LEN]) -> Result<(), G
     Err(GreetingError::NotTern(shown))
 }
 
-/// `tern run` exit codes besides a failing step's own: documented in the
-/// README and `tern run --help`.
-pub mod exit {
-    /// Every step passed (or failed with `continue_on_error`).
-    pub const SUCCESS: u8 = 0;
-    /// The pipeline file or the command line is wrong; nothing was sent.
-    pub const BAD_PIPELINE: u8 = 65;
-    /// No runner with that label (or that name) could be reached.
-    pub const NO_RUNNER: u8 = 69;
-    /// The runner's policy refused this caller.
-    pub const DENIED: u8 = 77;
-    /// The runner went away in the middle of the job.
-    pub const RUNNER_LOST: u8 = 75;
-    /// The job ran, but its artifacts could not be written here.
-    pub const ARTIFACTS: u8 = 74;
-    /// The job or a step ran out of time.
-    pub const TIMED_OUT: u8 = 124;
-    /// Cancelled (SIGINT/SIGTERM on `tern run`).
-    pub const CANCELLED: u8 = 130;
-}
-
 /// Which of a step's output streams a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

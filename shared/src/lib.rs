@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod duration;
 pub mod enroll;
+pub mod exit;
 pub mod identity;
 pub mod keys;
 pub mod packet;

@@ -179,7 +179,7 @@ pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
             d.join("gw.log"),
         ),
     ];
-    Lab {
+    let lab = Lab {
         dir,
         lh_port,
         service_ip: format!("{subnet}.10"),
@@ -187,7 +187,13 @@ pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
         subnet: subnet.to_string(),
         _daemons: daemons,
         _http: http,
-    }
+    };
+    // Tests start from a lighthouse that answers (a busy machine may take
+    // a while to start it).
+    crate::wait_until("the lighthouse answers", Duration::from_secs(20), || {
+        lab.lighthouse_status()["pid"].is_u64()
+    });
+    lab
 }
 
 impl Lab {

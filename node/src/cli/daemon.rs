@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tern_shared::exit;
 
 use anyhow::Context;
 use clap::Args;
@@ -154,9 +155,6 @@ pub(crate) fn api_socket(
     })
 }
 
-/// `tern ping` exit code when no lighthouse knows the address (or name).
-pub const PING_UNKNOWN: u8 = 68;
-
 /// `tern ping`: exit 0 when at least one answer came back, 68 when no
 /// lighthouse knows the peer, 1 otherwise.
 pub fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
@@ -193,7 +191,7 @@ pub fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
                         "tern ping: no node named {:?} is registered with the lighthouses",
                         args.peer
                     );
-                    return Ok(ExitCode::from(PING_UNKNOWN));
+                    return Ok(ExitCode::from(exit::NO_PATH));
                 }
                 None => {}
             }
@@ -206,7 +204,7 @@ pub fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
                 "tern ping: no lighthouse knows {}: no node with that address is registered",
                 reply["overlay_ip"].as_str().unwrap_or(&peer)
             );
-            return Ok(ExitCode::from(PING_UNKNOWN));
+            return Ok(ExitCode::from(exit::NO_PATH));
         }
         if reply["rtt_ms"].is_number() {
             answered += 1;

@@ -24,8 +24,8 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
-use tern_runner::job::exit;
 use tern_shared::control::RunnerSelector;
+use tern_shared::exit;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::io::api::{self, ApiRequest};
@@ -298,7 +298,7 @@ fn demo(
         let status = run_to_end(&mut cmd, "tern run", PIPELINE_TIMEOUT, stop)?;
         match status.code() {
             Some(0) => break,
-            Some(code) if code == i32::from(exit::NO_RUNNER) && attempt < RUN_ATTEMPTS => {
+            Some(code) if code == i32::from(exit::UNAVAILABLE) && attempt < RUN_ATTEMPTS => {
                 println!("   (the runner is not advertised yet; retrying)");
                 attempt += 1;
                 pause(Duration::from_secs(1), stop)?;

@@ -10,27 +10,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
+use tern_shared::exit;
 
 use crate::io::api::{self, ApiRequest};
-
-/// `tern up --wait-for` exit codes besides 0 (ready) and the node's own
-/// (77 enrollment refused, 69 lighthouse unreachable, 1 bad config).
-pub mod code {
-    /// No lighthouse registration within the time.
-    pub const LIGHTHOUSE_UNREACHABLE: u8 = 69;
-    /// The target is in no subnet a gateway routes (nor a peer's address).
-    pub const NO_PATH: u8 = 68;
-    /// The target refused the connection (and the gateway's firewall lets
-    /// this node in).
-    pub const TARGET_REFUSED: u8 = 70;
-    /// The peer in front of the target (the gateway, or the peer itself)
-    /// says its firewall does not let this node in.
-    pub const DENIED_BY_POLICY: u8 = 71;
-    /// Another node already answers on this config's API socket.
-    pub const SOCKET_TAKEN: u8 = 73;
-    /// No answer within --wait-timeout.
-    pub const TIMEOUT: u8 = 124;
-}
 
 /// The node already answering on `socket`, if any: its name and overlay
 /// address, for a message.
@@ -66,7 +48,7 @@ pub fn refuse_taken_socket(socket: &Path) -> Option<ExitCode> {
         "tern up: {running} already runs on the API socket {socket}; stop it with `tern down --socket {socket}`, or give this node another [api] socket",
         socket = socket.display()
     );
-    Some(ExitCode::from(code::SOCKET_TAKEN))
+    Some(ExitCode::from(exit::SOCKET_TAKEN))
 }
 
 /// Longest single connection attempt: after one fails or hangs this long,
@@ -239,7 +221,7 @@ pub fn up_and_wait(
         if Instant::now() >= deadline {
             return fail(
                 &mut child,
-                code::LIGHTHOUSE_UNREACHABLE,
+                exit::UNAVAILABLE,
                 format!(
                     "no lighthouse registered the node within {} s",
                     timeout.as_secs()
@@ -265,7 +247,7 @@ pub fn up_and_wait(
             if Instant::now() >= deadline {
                 return fail(
                     &mut child,
-                    code::NO_PATH,
+                    exit::NO_PATH,
                     format!("no path to {target}: {why}"),
                     &log,
                 );
@@ -284,7 +266,7 @@ pub fn up_and_wait(
                 Some((false, why)) => {
                     return fail(
                         &mut child,
-                        code::DENIED_BY_POLICY,
+                        exit::DENIED_BY_POLICY,
                         format!("{target} is denied by policy: {why}"),
                         &log,
                     )
@@ -305,12 +287,14 @@ pub fn up_and_wait(
             }
             Ok(Err(e)) => {
                 let why = format!("{e:#}");
-                refused = why.contains("refused");
+                refused = e
+                    .downcast_ref::<api::DialRefusal>()
+                    .is_some_and(|d| d.failure == api::DialFailure::Refused);
                 if Instant::now() >= deadline {
                     let code = if refused {
-                        code::TARGET_REFUSED
+                        exit::TARGET_REFUSED
                     } else {
-                        code::TIMEOUT
+                        exit::TIMED_OUT
                     };
                     return fail(&mut child, code, format!("{target}: {why}"), &log);
                 }
@@ -326,7 +310,7 @@ pub fn up_and_wait(
             Err(_) if refused => {
                 return fail(
                     &mut child,
-                    code::TARGET_REFUSED,
+                    exit::TARGET_REFUSED,
                     format!(
                         "{target} refused every connection for {} s",
                         timeout.as_secs()
@@ -337,7 +321,7 @@ pub fn up_and_wait(
             Err(_) => {
                 return fail(
                     &mut child,
-                    code::TIMEOUT,
+                    exit::TIMED_OUT,
                     format!("no answer from {target} within {} s", timeout.as_secs()),
                     &log,
                 )

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use clap::Args;
 use tern_runner::job::{
-    check_greeting, exit, FrameReader, JobResult, Message, Stream, Submit, CALLER_GREETING,
-    GREETING_LEN, GREETING_TIMEOUT, MAX_CHUNK, RUNNER_GREETING, RUNNER_PORT, RUNNER_SILENCE,
+    check_greeting, FrameReader, JobResult, Message, Stream, Submit, CALLER_GREETING, GREETING_LEN,
+    GREETING_TIMEOUT, MAX_CHUNK, RUNNER_GREETING, RUNNER_PORT, RUNNER_SILENCE,
 };
 use tern_runner::pipeline::{Pipeline, RESERVED_ENV_PREFIX};
 use tern_shared::cert::RUNNER_GROUP;
 use tern_shared::control::{RunnerInfo, RunnerSelector};
+use tern_shared::exit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -153,7 +154,7 @@ async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
         .as_deref()
         .and_then(|n| n.parse::<Ipv4Addr>().ok())
     {
-        return dial(args, ip).await.map_err(|e| (exit::NO_RUNNER, e));
+        return dial(args, ip).await.map_err(|e| (exit::UNAVAILABLE, e));
     }
     let selector = match (&args.on, &args.node) {
         (Some(label), _) => RunnerSelector::Label(label.clone()),
@@ -164,8 +165,8 @@ async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
         RunnerSelector::Label(l) => format!("with label {l:?}"),
         RunnerSelector::Name(n) => format!("named {n:?}"),
     };
-    let socket =
-        api_socket(&args.socket, &args.config).map_err(|e| (exit::NO_RUNNER, format!("{e:#}")))?;
+    let socket = api_socket(&args.socket, &args.config)
+        .map_err(|e| (exit::UNAVAILABLE, format!("{e:#}")))?;
     let ask = |request: ApiRequest| {
         let socket = socket.clone();
         async move { api::call(&socket, &request).await }
@@ -176,22 +177,22 @@ async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
     .await
     .map_err(|e| {
         (
-            exit::NO_RUNNER,
+            exit::UNAVAILABLE,
             format!("asking the local daemon for runners: {e:#}"),
         )
     })?;
     if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
-        return Err((exit::NO_RUNNER, format!("finding runners {what}: {e}")));
+        return Err((exit::UNAVAILABLE, format!("finding runners {what}: {e}")));
     }
     let found: RunnersFound = serde_json::from_value(reply).map_err(|e| {
         (
-            exit::NO_RUNNER,
+            exit::UNAVAILABLE,
             format!("the daemon's answer did not parse: {e}"),
         )
     })?;
     if found.runners.is_empty() {
         return Err((
-            exit::NO_RUNNER,
+            exit::UNAVAILABLE,
             format!(
                 "no runner {what} is registered with the lighthouses ({} of {} answered)",
                 found.answered, found.asked
@@ -253,7 +254,7 @@ async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
         }
     }
     Err((
-        exit::NO_RUNNER,
+        exit::UNAVAILABLE,
         format!("no usable runner {what}: {}", tried.join("; ")),
     ))
 }
@@ -472,7 +473,7 @@ async fn drive(
             match msg {
                 Message::Denied { reason } => {
                     writer.abort();
-                    return fail(exit::DENIED, format!("denied: {reason}"));
+                    return fail(exit::REFUSED, format!("denied: {reason}"));
                 }
                 Message::Accepted { job_id: id } => {
                     job_id = id;

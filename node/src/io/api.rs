@@ -161,7 +161,8 @@ async fn answer(
             let remote = match dialer.connect(target).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let reply = serde_json::json!({ "error": e.to_string() });
+                    let reply =
+                        serde_json::json!({ "error": e.to_string(), "failure": e.failure() });
                     let mut bytes = serde_json::to_vec(&reply)?;
                     bytes.push(b'\n');
                     write.write_all(&bytes).await?;
@@ -219,9 +220,40 @@ pub async fn dial(path: &Path, target: std::net::SocketAddrV4) -> anyhow::Result
     }
     let reply: serde_json::Value = serde_json::from_slice(&answer)?;
     if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
-        anyhow::bail!("{e}");
+        let failure = reply
+            .get("failure")
+            .and_then(|f| serde_json::from_value(f.clone()).ok())
+            .unwrap_or(DialFailure::Other);
+        return Err(DialRefusal {
+            failure,
+            message: e.to_string(),
+        }
+        .into());
     }
     Ok(stream)
+}
+
+/// Why a [`ApiRequest::Dial`] failed, in the reply's `failure` field, so
+/// that a client tells a refusal from a timeout by kind, not by reading
+/// the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DialFailure {
+    /// The target answered with a RST.
+    Refused,
+    /// No answer in time.
+    TimedOut,
+    /// Nothing routes there (or no socket could be bound to the TUN device).
+    NoRoute,
+    Other,
+}
+
+/// A failed [`dial`]: its kind and the daemon's message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DialRefusal {
+    pub failure: DialFailure,
+    pub message: String,
 }
 
 /// Removes the socket file when the daemon stops.

@@ -25,18 +25,6 @@ pub struct Exit {
     pub message: String,
 }
 
-/// `tern up` exit codes for enrollment (documented in `tern up --help`).
-pub mod code {
-    /// The lighthouse refused the enrollment (token unknown, used, expired).
-    pub const ENROLLMENT_REFUSED: u8 = 77;
-    /// No lighthouse answered.
-    pub const LIGHTHOUSE_UNREACHABLE: u8 = 69;
-    /// `--enroll-oidc` found no ID token to send (`EX_CONFIG`).
-    pub const NO_OIDC_TOKEN: u8 = 78;
-    /// A lighthouse said this node's certificate is revoked; it stopped.
-    pub const REVOKED: u8 = 76;
-}
-
 /// What the node presents to enroll.
 #[derive(Clone)]
 pub enum Credential {
@@ -68,7 +56,7 @@ pub async fn oidc_token(
     file: Option<&std::path::Path>,
     audience: Option<&str>,
 ) -> anyhow::Result<String> {
-    let no_token = |why: String| exit(code::NO_OIDC_TOKEN, why);
+    let no_token = |why: String| exit(tern_shared::exit::NO_OIDC_TOKEN, why);
     if let Some(path) = file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| no_token(format!("--oidc-token-file {}: {e}", path.display())))?;
@@ -193,7 +181,7 @@ pub async fn enroll(
             Ok(identity) => return Ok(identity),
             Err(e)
                 if e.downcast_ref::<Exit>()
-                    .is_some_and(|x| x.code == code::ENROLLMENT_REFUSED) =>
+                    .is_some_and(|x| x.code == tern_shared::exit::REFUSED) =>
             {
                 return Err(e)
             }
@@ -210,12 +198,12 @@ pub async fn enroll(
     // with its reason, not "unreachable".
     if !not_enrolling.is_empty() {
         return Err(exit(
-            code::ENROLLMENT_REFUSED,
+            tern_shared::exit::REFUSED,
             format!("no lighthouse enrolls nodes: {}", not_enrolling.join("; ")),
         ));
     }
     Err(exit(
-        code::LIGHTHOUSE_UNREACHABLE,
+        tern_shared::exit::UNAVAILABLE,
         format!("could not enroll with any lighthouse ({last}); check [[lighthouses]] and that the lighthouse has [enroll]"),
     ))
 }
@@ -311,7 +299,7 @@ async fn enroll_with(
     let reply = sealer.open_reply(&answer)?;
     let Some(pem) = reply.cert else {
         return Err(exit(
-            code::ENROLLMENT_REFUSED,
+            tern_shared::exit::REFUSED,
             format!(
                 "lighthouse {} refused the enrollment: {}",
                 lh.name(),

@@ -235,18 +235,18 @@ pub async fn run_job(
             }
             StepEnd::TimedOut => {
                 record.result = JobResult::TimedOut;
-                record.exit_code = i32::from(tern_runner::job::exit::TIMED_OUT);
+                record.exit_code = i32::from(tern_shared::exit::TIMED_OUT);
                 break;
             }
             StepEnd::Cancelled => {
                 record.result = JobResult::Cancelled;
-                record.exit_code = i32::from(tern_runner::job::exit::CANCELLED);
+                record.exit_code = i32::from(tern_shared::exit::CANCELLED);
                 break;
             }
         }
     }
     if record.result == JobResult::Cancelled {
-        record.exit_code = i32::from(tern_runner::job::exit::CANCELLED);
+        record.exit_code = i32::from(tern_shared::exit::CANCELLED);
     } else if !job.pipeline.artifacts.is_empty() {
         // Also after a failure: test reports and logs are what one needs then.
         record.artifacts = send_artifacts(&workspace, &job.pipeline.artifacts, &out).await;

@@ -488,12 +488,12 @@ pub async fn run(
             &socket_path,
             &api::StopNote {
                 stopped_at: tern_shared::cert::format_unix_time(stopped_at),
-                exit_code: enroll::code::REVOKED,
+                exit_code: tern_shared::exit::REVOKED,
                 reason: message.clone(),
             },
         );
         return Err(enroll::Exit {
-            code: enroll::code::REVOKED,
+            code: tern_shared::exit::REVOKED,
             message,
         }
         .into());

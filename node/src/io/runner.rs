@@ -240,7 +240,7 @@ async fn serve(
         started_unix_ms: 0,
         ended_unix_ms: 0,
         result: JobResult::Error,
-        exit_code: i32::from(tern_runner::job::exit::DENIED),
+        exit_code: i32::from(tern_shared::exit::REFUSED),
         message: Some(why),
         upload: None,
         artifacts: None,

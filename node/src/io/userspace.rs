@@ -71,6 +71,19 @@ pub enum DialError {
     TooMany,
 }
 
+impl DialError {
+    /// What kind of failure, as the API tells a client.
+    pub fn failure(&self) -> super::api::DialFailure {
+        use super::api::DialFailure;
+        match self {
+            DialError::Refused(_) => DialFailure::Refused,
+            DialError::TimedOut(..) => DialFailure::TimedOut,
+            DialError::NoRoute(_) => DialFailure::NoRoute,
+            DialError::Stopped | DialError::TooMany => DialFailure::Other,
+        }
+    }
+}
+
 /// One TCP connection through the stack, as its task sees it: chunks in,
 /// chunks out. Dropping the sender closes our side (FIN); the receiver ends
 /// when the peer closed or the connection broke.
