@@ -1,6 +1,6 @@
 //! The Tern lighthouse: the tokio shell (`io`) around the sans-IO core
-//! (`tern-lighthouse-core`), and enrollment (`enroll`: what a token or an
-//! ID token buys, and the SQLite store that remembers it).
+//! (`tern-lighthouse-core`), and the SQLite store (`store`) that keeps
+//! enrollment's lasting state.
 
-pub mod enroll;
 pub mod io;
+pub mod store;

@@ -12,8 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use tern_lighthouse::enroll::{self, EnrollStore, NewToken, SqliteStore, TokenIdPrefix, TokenInfo};
 use tern_lighthouse::io;
+use tern_lighthouse::store::SqliteStore;
+use tern_lighthouse_core::enroll::{self, EnrollStore, NewToken, TokenIdPrefix, TokenInfo};
 use tern_shared::cert::{format_unix_time, Cert};
 use tern_shared::config::{EnrollConfig, LighthouseConfig};
 use tern_shared::duration::{format_duration, parse_duration};

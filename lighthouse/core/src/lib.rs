@@ -8,10 +8,13 @@
 //! - [`registry`]: the live nodes, their endpoints, routes and runner adverts.
 //! - [`relay`]: relaying WireGuard between introduced pairs, on a budget.
 //! - [`admission`]: rate buckets for enrollment before anyone is verified.
+//! - [`enroll`]: what a token or an ID token buys (`Enroller`), and the
+//!   store it needs (`EnrollStore`, implemented by the lighthouse).
 //! - [`oidc`]: ID-token checks (signature, issuer, audience, expiry) and
 //!   the claim rules.
 
 pub mod admission;
+pub mod enroll;
 pub mod lighthouse;
 pub mod oidc;
 pub mod registry;

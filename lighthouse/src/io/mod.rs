@@ -14,13 +14,13 @@ use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::enroll::SqliteStore;
+use crate::store::SqliteStore;
 use tern_lighthouse_core::lighthouse::LighthouseCore;
 use tern_lighthouse_core::registry::Registry;
 use tern_lighthouse_core::relay::RelayTable;
 use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 
-mod enroll;
+mod enrollment;
 
 const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
 /// A relay introduction unused this long is forgotten (nodes keep a relayed
@@ -158,7 +158,7 @@ impl RevocationFeed {
             return;
         }
         self.last_full_read = Some(now);
-        match crate::enroll::EnrollStore::revocations(store, unix_now()) {
+        match tern_lighthouse_core::enroll::EnrollStore::revocations(store, unix_now()) {
             Ok(list) => core.set_revocations(list, now),
             Err(e) => tracing::warn!(error = %e, "reading the store's revocations"),
         }
@@ -233,10 +233,15 @@ async fn serve(
     // disk, and registrations and relaying must not wait with them.
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
     let mut enrollment = match &config.enroll {
-        Some(e) => Some(enroll::start(e, &identity.key, &cert, answers_tx.clone())?),
+        Some(e) => Some(enrollment::start(
+            e,
+            &identity.key,
+            &cert,
+            answers_tx.clone(),
+        )?),
         None => None,
     };
-    let mut not_enrolling = enroll::DisabledEnrollment::new(Instant::now());
+    let mut not_enrolling = enrollment::DisabledEnrollment::new(Instant::now());
     let mut revocations = RevocationFeed::new(store_path, enrollment.is_some())?;
     revocations.poll(&mut core, Instant::now());
     let mut revocation_tick = tokio::time::interval(Duration::from_millis(500));
@@ -320,8 +325,8 @@ async fn serve(
 /// the core's. An answer to send back at once, if any.
 fn dispatch(
     core: &mut LighthouseCore,
-    enrollment: Option<&mut enroll::EnrollmentHandle>,
-    not_enrolling: &mut enroll::DisabledEnrollment,
+    enrollment: Option<&mut enrollment::EnrollmentHandle>,
+    not_enrolling: &mut enrollment::DisabledEnrollment,
     from: SocketAddr,
     datagram: &[u8],
     now: Instant,
@@ -344,7 +349,7 @@ fn dispatch(
 /// pid, and enrollment's counters when it runs.
 fn status_json(
     core: &LighthouseCore,
-    enrollment: Option<&enroll::EnrollmentHandle>,
+    enrollment: Option<&enrollment::EnrollmentHandle>,
 ) -> serde_json::Value {
     let mut status = serde_json::to_value(core.status(Instant::now())).unwrap_or_default();
     if let Some(fields) = status.as_object_mut() {
@@ -374,7 +379,7 @@ impl Reload<'_> {
         &self,
         running: &mut LighthouseConfig,
         core: &mut LighthouseCore,
-        enrollment: &mut Option<enroll::EnrollmentHandle>,
+        enrollment: &mut Option<enrollment::EnrollmentHandle>,
     ) {
         tracing::info!(config = %self.path.display(), "SIGHUP: reading the config again");
         let new = match load_config(self.path) {
@@ -398,7 +403,7 @@ impl Reload<'_> {
                 w.store = r.store.clone();
             }
             match &wanted {
-                Some(e) => match enroll::start(
+                Some(e) => match enrollment::start(
                     e,
                     &self.identity.key,
                     &self.identity.cert,
@@ -600,7 +605,7 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
 /// every registered node, which tears down its sessions with that
 /// certificate.
 pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
-    use crate::enroll::EnrollStore;
+    use tern_lighthouse_core::enroll::EnrollStore;
     let path = config_path.ok_or_else(|| {
         anyhow::anyhow!("give the lighthouse's config: tern-lighthouse revoke --config lighthouse.toml FINGERPRINT|NAME")
     })?;

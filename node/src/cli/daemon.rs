@@ -269,13 +269,13 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     crate::init_logging(&config.log.level);
     let runtime = runtime()?;
     let credential = if let Some(token) = &args.enroll_token {
-        Some(io::enroll::Credential::Token(token.clone()))
+        Some(io::join::Credential::Token(token.clone()))
     } else if args.enroll_oidc {
-        match runtime.block_on(io::enroll::oidc_token(
+        match runtime.block_on(io::join::oidc_token(
             args.oidc_token_file.as_deref(),
             args.oidc_audience.as_deref(),
         )) {
-            Ok(token) => Some(io::enroll::Credential::Oidc(token)),
+            Ok(token) => Some(io::join::Credential::Oidc(token)),
             Err(e) => return exit_for(e),
         }
     } else {
@@ -290,7 +290,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 /// An enrollment failure exits with its documented code; anything else is
 /// an ordinary error.
 fn exit_for(e: anyhow::Error) -> anyhow::Result<ExitCode> {
-    match e.downcast_ref::<io::enroll::Exit>() {
+    match e.downcast_ref::<io::join::Exit>() {
         Some(exit) => {
             eprintln!("error: {}", exit.message);
             Ok(ExitCode::from(exit.code))

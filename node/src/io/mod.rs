@@ -6,10 +6,10 @@
 pub mod api;
 pub mod archive;
 pub mod datapath;
-pub mod enroll;
 pub mod exec;
 pub mod gateway;
 pub mod job;
+pub mod join;
 pub mod proxy;
 pub mod routes;
 pub mod runner;
@@ -74,7 +74,7 @@ pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Ident
 pub async fn run(
     config_path: &Path,
     userspace: bool,
-    enrollment: Option<&enroll::Credential>,
+    enrollment: Option<&join::Credential>,
 ) -> anyhow::Result<()> {
     let mut config = load_node_config(config_path)?;
     if userspace {
@@ -82,7 +82,7 @@ pub async fn run(
     }
     let userspace = config.tun.mode == TunMode::Userspace;
     let identity = match (enrollment, config.pki.enrolls()) {
-        (Some(credential), true) => enroll::enroll(&config, credential, unix_now()).await?,
+        (Some(credential), true) => join::enroll(&config, credential, unix_now()).await?,
         (None, false) => load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?,
         (None, true) => anyhow::bail!(
             "{}: [pki] names no cert and key; give them, or enroll: tern up --config {} --enroll-token TOKEN (or --enroll-oidc)",
@@ -492,7 +492,7 @@ pub async fn run(
                 reason: message.clone(),
             },
         );
-        return Err(enroll::Exit {
+        return Err(join::Exit {
             code: tern_shared::exit::REVOKED,
             message,
         }

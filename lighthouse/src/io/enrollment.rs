@@ -21,8 +21,9 @@ use tern_shared::enroll::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::unix_now;
-use crate::enroll::{Decision, Enroller, SqliteStore};
+use crate::store::SqliteStore;
 use tern_lighthouse_core::admission::{AdmissionCounters, SourceLimiter};
+use tern_lighthouse_core::enroll::{Decision, Enroller};
 use tern_lighthouse_core::oidc::Jwks;
 
 /// Requests waiting for the enrollment thread; beyond this they are dropped
