@@ -7,6 +7,7 @@
 //! is the daemons' other socket, the local API's.
 
 pub mod api_socket;
+pub mod daemon;
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;

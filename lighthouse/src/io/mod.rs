@@ -3,14 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tern_mesh::{Mesh, MeshSettings};
 use tern_shared::config::LighthouseConfig;
 use tern_shared::identity::Identity;
+use tern_udp::daemon::{init_logging, seed, set_log_level, unix_now, READS_PER_WAKEUP};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,59 +22,21 @@ use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 
 mod enrollment;
 
-const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
 /// A relay introduction unused this long is forgotten (nodes keep a relayed
 /// session alive with keepalives far more often).
 const RELAY_IDLE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Receives per wake-up before the loop looks at its timers and API again.
-const READS_PER_WAKEUP: usize = 16;
-
 /// Most nodes one lighthouse keeps in its registry.
 const MAX_NODES: usize = 100_000;
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn load_config(path: &Path) -> anyhow::Result<LighthouseConfig> {
+pub(crate) fn load_config(path: &Path) -> anyhow::Result<LighthouseConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
     Ok(LighthouseConfig::parse(&text, path)?)
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // Colour for a person at a terminal only: a log file or the journal
-    // would keep the escape codes as text.
-    let ansi = tern_shared::show::colour_logs(
-        std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        std::env::var_os("NO_COLOR").as_deref(),
-    );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_filter_reloading();
-    let handle = builder.reload_handle();
-    if builder.try_init().is_ok() {
-        let _ = LOG_LEVEL.set(Box::new(move |level: &str| {
-            let filter = tracing_subscriber::EnvFilter::try_new(level)
-                .map_err(|e| format!("[log] level {level:?}: {e}"))?;
-            handle.reload(filter).map_err(|e| e.to_string())
-        }));
-    }
-}
-
-/// Sets the log level while running (SIGHUP), once logging is set up.
-type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-static LOG_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,7 +53,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
 /// Where the lighthouse's lasting state lives: `[enroll] store`, or
 /// "lighthouse.db" beside the config when there is no `[enroll]` (a
 /// lighthouse that enrolls no one can still revoke certificates).
-fn store_path(config: &LighthouseConfig, config_path: &Path) -> PathBuf {
+pub(crate) fn store_path(config: &LighthouseConfig, config_path: &Path) -> PathBuf {
     match &config.enroll {
         Some(e) => e.store.clone(),
         None => config_path
@@ -433,11 +395,7 @@ impl Reload<'_> {
             changed.push("[relay]");
         }
         if new.log != running.log {
-            // RUST_LOG, when set, is the operator's word over the file's.
-            let set = LOG_LEVEL
-                .get()
-                .filter(|_| std::env::var_os("RUST_LOG").is_none());
-            match set.map(|set| set(&new.log.level)) {
+            match set_log_level(&new.log.level) {
                 Some(Ok(())) => {
                     running.log = new.log.clone();
                     changed.push("[log] level");
@@ -465,14 +423,6 @@ impl Reload<'_> {
             tracing::info!(changed = %changed.join(", "), "config reloaded");
         }
     }
-}
-
-fn seed() -> u64 {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ ((std::process::id() as u64) << 32)
 }
 
 /// Serves `{"cmd":"status"}` lines on the Unix socket until dropped.
@@ -521,178 +471,4 @@ fn serve_api(
         path: path.to_path_buf(),
         task,
     })
-}
-
-pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let path = match (socket, config) {
-        (Some(s), _) => s.to_path_buf(),
-        (None, Some(c)) => load_config(c)?
-            .api
-            .socket
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
-        (None, None) => PathBuf::from(DEFAULT_SOCKET),
-    };
-    // Refuse a socket another user could have put in place of the daemon's.
-    tern_udp::api_socket::check_before_connect(&path)
-        .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
-    let reply = runtime()?.block_on(ask_status(&path)).with_context(|| {
-        format!(
-            "asking the lighthouse's API socket {} (is it running?)",
-            path.display()
-        )
-    })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-        return Ok(());
-    }
-    println!(
-        "lighthouse {} {}  (api {})",
-        reply["name"].as_str().unwrap_or("-"),
-        reply["overlay_ip"].as_str().unwrap_or("-"),
-        path.display()
-    );
-    println!(
-        "  {:<16} {:<15} {:<22} {:>10}  KIND",
-        "NAME", "OVERLAY IP", "OBSERVED", "LAST SEEN"
-    );
-    for n in reply["nodes"].as_array().into_iter().flatten() {
-        let kind = match n["issued_by"].as_str() {
-            Some(issuer) => format!("ephemeral (issued by {issuer})"),
-            None => "long-lived".to_string(),
-        };
-        println!(
-            "  {:<16} {:<15} {:<22} {:>9}s  {kind}",
-            n["name"].as_str().unwrap_or("-"),
-            n["overlay_ip"].as_str().unwrap_or("-"),
-            n["observed"].as_str().unwrap_or("-"),
-            n["last_seen_secs_ago"]
-        );
-    }
-    if let Some(revoked) = reply["revoked"].as_u64().filter(|&r| r > 0) {
-        println!(
-            "revoked certificates in force: {revoked} (list version {})",
-            reply["revocations_version"].as_u64().unwrap_or(0)
-        );
-    }
-    if reply["relay_enabled"].as_bool() == Some(true) {
-        let r = &reply["relay"];
-        let n = |k: &str| r[k].as_u64().unwrap_or(0);
-        println!(
-            "relay: {} introduced pairs; forwarded {} handshake initiations, {} responses, {} cookie replies, {} data messages ({} bytes)",
-            reply["relay_introductions"].as_u64().unwrap_or(0),
-            n("forwarded_handshake_initiation"),
-            n("forwarded_handshake_response"),
-            n("forwarded_cookie_reply"),
-            n("forwarded_data"),
-            n("forwarded_bytes"),
-        );
-        println!(
-            "  refused: {} from unregistered addresses, {} to unregistered nodes, {} for pairs never introduced, {} malformed or not WireGuard, {} over budget",
-            n("refused_unregistered_sender"),
-            n("refused_unregistered_target"),
-            n("refused_not_introduced"),
-            n("refused_malformed"),
-            n("refused_rate_limited"),
-        );
-    } else {
-        println!("relay: off");
-    }
-    Ok(())
-}
-
-/// `tern-lighthouse revoke FINGERPRINT|NAME`: records the revocation in the
-/// store; the running lighthouse reads it within a second and pushes it to
-/// every registered node, which tears down its sessions with that
-/// certificate.
-pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
-    use tern_lighthouse_core::enroll::EnrollStore;
-    let path = config_path.ok_or_else(|| {
-        anyhow::anyhow!("give the lighthouse's config: tern-lighthouse revoke --config lighthouse.toml FINGERPRINT|NAME")
-    })?;
-    let config = load_config(path)?;
-    let store_file = store_path(&config, path);
-    let mut store = SqliteStore::open(&store_file)
-        .with_context(|| format!("opening the lighthouse store {}", store_file.display()))?;
-    let now = unix_now();
-    let targets: Vec<(tern_shared::cert::Fingerprint, String, u64)> =
-        match what.parse::<tern_shared::cert::Fingerprint>() {
-            Ok(fp) => {
-                // Not issued here (a long-lived certificate signed by the
-                // root): its expiry is unknown, so it is kept for good.
-                let (name, not_after) = store.issued(&fp)?.unwrap_or((String::new(), u64::MAX));
-                vec![(fp, name, not_after)]
-            }
-            Err(_) => {
-                let found = store.issued_named(what, now)?;
-                if found.is_empty() {
-                    anyhow::bail!(
-                        "no unexpired certificate named {what:?} was issued by this lighthouse; \
-                         revoke it by its fingerprint (64 hex digits; `tern cert print` shows it)"
-                    );
-                }
-                found
-                    .into_iter()
-                    .map(|(fp, not_after)| (fp, what.to_string(), not_after))
-                    .collect()
-            }
-        };
-    for (fp, name, not_after) in targets {
-        let new = store.revoke(&fp, &name, not_after, now)?;
-        let until = if not_after == u64::MAX {
-            "for good".to_string()
-        } else {
-            format!(
-                "until it expires at {}",
-                tern_shared::cert::format_unix_time(not_after)
-            )
-        };
-        let who = if name.is_empty() {
-            String::new()
-        } else {
-            format!("{name} ")
-        };
-        if new {
-            println!("revoked {who}{fp} {until}");
-        } else {
-            println!("{who}{fp} was already revoked");
-        }
-    }
-    println!("a running lighthouse pushes revocations to its nodes within a second");
-    Ok(())
-}
-
-/// What the lighthouse running with `config` answers on its API socket
-/// (`[api] socket`, or the default) within `timeout`: the socket and the
-/// status `tern-lighthouse status --json` prints. An error when nothing
-/// answers in time (the lighthouse may not run).
-/// One status request on the API socket at `path`.
-async fn ask_status(path: &Path) -> anyhow::Result<serde_json::Value> {
-    let stream = UnixStream::connect(path).await?;
-    let (read, mut write) = stream.into_split();
-    write.write_all(b"{\"cmd\":\"status\"}\n").await?;
-    let line = BufReader::new(read)
-        .lines()
-        .next_line()
-        .await?
-        .context("the lighthouse closed the connection without answering")?;
-    Ok(serde_json::from_str(&line)?)
-}
-
-pub fn running_status(
-    config: &LighthouseConfig,
-    timeout: Duration,
-) -> anyhow::Result<(PathBuf, serde_json::Value)> {
-    let path = config
-        .api
-        .socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    tern_udp::api_socket::check_before_connect(&path)
-        .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
-    let reply = runtime()?.block_on(async {
-        tokio::time::timeout(timeout, ask_status(&path))
-            .await
-            .with_context(|| format!("no answer on {} within {timeout:?}", path.display()))?
-    })?;
-    Ok((path, reply))
 }

@@ -27,6 +27,7 @@ pub use tern_udp::Outer;
 
 use tern_mesh::OVERHEAD;
 use tern_node_core::node::NodeCore;
+use tern_udp::daemon::READS_PER_WAKEUP;
 
 /// Room in front of every packet written to the TUN device for the virtio
 /// header `tun-rs` fills in when offloads are on.
@@ -40,10 +41,6 @@ const TUN_SEGMENTS: usize = tun_rs::IDEAL_BATCH_SIZE;
 
 /// Decrypted packets gathered before one coalescing write to the TUN device.
 const TUN_WRITE_BATCH: usize = 64;
-
-/// Reads per wake-up before the loop looks at its other inputs again: bounds
-/// how long one direction can keep the other waiting.
-const READS_PER_WAKEUP: usize = 16;
 
 /// Extra bytes WireGuard's handshake needs in an output buffer beyond the
 /// packet itself (a handshake initiation is 148 bytes).

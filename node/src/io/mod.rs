@@ -17,13 +17,14 @@ pub mod userspace;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::Context;
 use tern_mesh::{Mesh, MeshSettings};
 use tern_shared::cert::RUNNER_GROUP;
 use tern_shared::config::{NodeConfig, TunMode};
 use tern_shared::identity::Identity;
+pub use tern_udp::daemon::{seed, unix_now};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -35,13 +36,6 @@ use tern_runner::scheduler::Caller;
 
 /// Packets the kernel may queue on the TUN device for the daemon to read.
 const TUN_QUEUE_LEN: u32 = 5000;
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Reads and parses a node config file.
 pub fn load_node_config(path: &Path) -> anyhow::Result<NodeConfig> {
@@ -597,13 +591,4 @@ fn local_endpoints(listen: SocketAddr, lighthouses: &[LighthouseTarget]) -> Vec<
         }
     }
     out
-}
-
-/// Seed for session indexes: not secret, only distinct per run.
-pub fn seed() -> u64 {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ ((std::process::id() as u64) << 32)
 }

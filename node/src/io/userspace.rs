@@ -33,6 +33,7 @@ use smoltcp::wire::{
     TcpPacket,
 };
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
+use tern_udp::daemon::READS_PER_WAKEUP;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -958,9 +959,6 @@ pub struct UserPath {
     opened: Vec<u8>,
     sealed: Vec<u8>,
 }
-
-/// Reads per wake-up before the loop looks at its other inputs again.
-const READS_PER_WAKEUP: usize = 16;
 
 impl UserPath {
     pub fn new(mtu: u16) -> UserPath {

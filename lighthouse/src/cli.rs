@@ -1,0 +1,404 @@
+//! The lighthouse's command line besides running it: `status` (asks the
+//! running lighthouse), `revoke` (writes the store; the lighthouse pushes
+//! it), `token create|list|revoke` (the store; the daemon need not run).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_lighthouse_core::enroll::{self, EnrollStore, NewToken, TokenIdPrefix, TokenInfo};
+use tern_shared::cert::{format_unix_time, Cert};
+use tern_shared::config::{EnrollConfig, LighthouseConfig};
+use tern_shared::duration::{format_duration, parse_duration};
+use tern_udp::daemon::unix_now;
+
+use crate::io::{load_config, runtime, store_path, DEFAULT_SOCKET};
+use crate::store::SqliteStore;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let path = match (socket, config) {
+        (Some(s), _) => s.to_path_buf(),
+        (None, Some(c)) => load_config(c)?
+            .api
+            .socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        (None, None) => PathBuf::from(DEFAULT_SOCKET),
+    };
+    // Refuse a socket another user could have put in place of the daemon's.
+    tern_udp::api_socket::check_before_connect(&path)
+        .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
+    let reply = runtime()?.block_on(ask_status(&path)).with_context(|| {
+        format!(
+            "asking the lighthouse's API socket {} (is it running?)",
+            path.display()
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    println!(
+        "lighthouse {} {}  (api {})",
+        reply["name"].as_str().unwrap_or("-"),
+        reply["overlay_ip"].as_str().unwrap_or("-"),
+        path.display()
+    );
+    println!(
+        "  {:<16} {:<15} {:<22} {:>10}  KIND",
+        "NAME", "OVERLAY IP", "OBSERVED", "LAST SEEN"
+    );
+    for n in reply["nodes"].as_array().into_iter().flatten() {
+        let kind = match n["issued_by"].as_str() {
+            Some(issuer) => format!("ephemeral (issued by {issuer})"),
+            None => "long-lived".to_string(),
+        };
+        println!(
+            "  {:<16} {:<15} {:<22} {:>9}s  {kind}",
+            n["name"].as_str().unwrap_or("-"),
+            n["overlay_ip"].as_str().unwrap_or("-"),
+            n["observed"].as_str().unwrap_or("-"),
+            n["last_seen_secs_ago"]
+        );
+    }
+    if let Some(revoked) = reply["revoked"].as_u64().filter(|&r| r > 0) {
+        println!(
+            "revoked certificates in force: {revoked} (list version {})",
+            reply["revocations_version"].as_u64().unwrap_or(0)
+        );
+    }
+    if reply["relay_enabled"].as_bool() == Some(true) {
+        let r = &reply["relay"];
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        println!(
+            "relay: {} introduced pairs; forwarded {} handshake initiations, {} responses, {} cookie replies, {} data messages ({} bytes)",
+            reply["relay_introductions"].as_u64().unwrap_or(0),
+            n("forwarded_handshake_initiation"),
+            n("forwarded_handshake_response"),
+            n("forwarded_cookie_reply"),
+            n("forwarded_data"),
+            n("forwarded_bytes"),
+        );
+        println!(
+            "  refused: {} from unregistered addresses, {} to unregistered nodes, {} for pairs never introduced, {} malformed or not WireGuard, {} over budget",
+            n("refused_unregistered_sender"),
+            n("refused_unregistered_target"),
+            n("refused_not_introduced"),
+            n("refused_malformed"),
+            n("refused_rate_limited"),
+        );
+    } else {
+        println!("relay: off");
+    }
+    Ok(())
+}
+
+/// `tern-lighthouse revoke FINGERPRINT|NAME`: records the revocation in the
+/// store; the running lighthouse reads it within a second and pushes it to
+/// every registered node, which tears down its sessions with that
+/// certificate.
+pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
+    use tern_lighthouse_core::enroll::EnrollStore;
+    let path = config_path.ok_or_else(|| {
+        anyhow::anyhow!("give the lighthouse's config: tern-lighthouse revoke --config lighthouse.toml FINGERPRINT|NAME")
+    })?;
+    let config = load_config(path)?;
+    let store_file = store_path(&config, path);
+    let mut store = SqliteStore::open(&store_file)
+        .with_context(|| format!("opening the lighthouse store {}", store_file.display()))?;
+    let now = unix_now();
+    let targets: Vec<(tern_shared::cert::Fingerprint, String, u64)> =
+        match what.parse::<tern_shared::cert::Fingerprint>() {
+            Ok(fp) => {
+                // Not issued here (a long-lived certificate signed by the
+                // root): its expiry is unknown, so it is kept for good.
+                let (name, not_after) = store.issued(&fp)?.unwrap_or((String::new(), u64::MAX));
+                vec![(fp, name, not_after)]
+            }
+            Err(_) => {
+                let found = store.issued_named(what, now)?;
+                if found.is_empty() {
+                    anyhow::bail!(
+                        "no unexpired certificate named {what:?} was issued by this lighthouse; \
+                         revoke it by its fingerprint (64 hex digits; `tern cert print` shows it)"
+                    );
+                }
+                found
+                    .into_iter()
+                    .map(|(fp, not_after)| (fp, what.to_string(), not_after))
+                    .collect()
+            }
+        };
+    for (fp, name, not_after) in targets {
+        let new = store.revoke(&fp, &name, not_after, now)?;
+        let until = if not_after == u64::MAX {
+            "for good".to_string()
+        } else {
+            format!(
+                "until it expires at {}",
+                tern_shared::cert::format_unix_time(not_after)
+            )
+        };
+        let who = if name.is_empty() {
+            String::new()
+        } else {
+            format!("{name} ")
+        };
+        if new {
+            println!("revoked {who}{fp} {until}");
+        } else {
+            println!("{who}{fp} was already revoked");
+        }
+    }
+    println!("a running lighthouse pushes revocations to its nodes within a second");
+    Ok(())
+}
+
+/// What the lighthouse running with `config` answers on its API socket
+/// (`[api] socket`, or the default) within `timeout`: the socket and the
+/// status `tern-lighthouse status --json` prints. An error when nothing
+/// answers in time (the lighthouse may not run).
+/// One status request on the API socket at `path`.
+async fn ask_status(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let stream = UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"{\"cmd\":\"status\"}\n").await?;
+    let line = BufReader::new(read)
+        .lines()
+        .next_line()
+        .await?
+        .context("the lighthouse closed the connection without answering")?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+pub fn running_status(
+    config: &LighthouseConfig,
+    timeout: Duration,
+) -> anyhow::Result<(PathBuf, serde_json::Value)> {
+    let path = config
+        .api
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    tern_udp::api_socket::check_before_connect(&path)
+        .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
+    let reply = runtime()?.block_on(async {
+        tokio::time::timeout(timeout, ask_status(&path))
+            .await
+            .with_context(|| format!("no answer on {} within {timeout:?}", path.display()))?
+    })?;
+    Ok((path, reply))
+}
+
+/// How long `token create` waits for a running lighthouse's status.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// `tern-lighthouse token create`: checks the token against the issuer
+/// before anything is stored (a token the issuer would refuse is refused
+/// now, not at enrollment), stores its hash, prints the token alone on
+/// stdout and its id on stderr, and warns when the running lighthouse does
+/// not enroll.
+pub fn token_create(
+    config_path: Option<&Path>,
+    groups: &[String],
+    ttl: &str,
+    uses: u32,
+    cert_ttl: &str,
+) -> anyhow::Result<()> {
+    let (path, config, enroll) = enroll_config(config_path, "create --groups ci")?;
+    let ttl = parse_duration(ttl).map_err(|e| anyhow::anyhow!("--ttl {ttl:?}: {e}"))?;
+    let cert_ttl =
+        parse_duration(cert_ttl).map_err(|e| anyhow::anyhow!("--cert-ttl {cert_ttl:?}: {e}"))?;
+    if ttl.as_secs() == 0 {
+        anyhow::bail!("--ttl under a second would make a token nobody can use; give e.g. 1h");
+    }
+    if cert_ttl.as_secs() == 0 {
+        anyhow::bail!(
+            "--cert-ttl under a second would buy certificates that are never valid; give e.g. 30m"
+        );
+    }
+    if uses == 0 {
+        anyhow::bail!("--uses 0 would make a token nobody can use; give 1 or more");
+    }
+    for g in groups {
+        let ok = !g.is_empty()
+            && g.len() <= 64
+            && g.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            anyhow::bail!("--groups: {g:?} is not a group name (1-64 of A-Z a-z 0-9 . _ -)");
+        }
+    }
+    let issuer_file = &enroll.issuer_cert;
+    let issuer = std::fs::read_to_string(issuer_file)
+        .map_err(anyhow::Error::from)
+        .and_then(|pem| Ok(Cert::from_pem(&pem)?))
+        .with_context(|| format!("reading [enroll] issuer_cert {}", issuer_file.display()))?;
+    let now = unix_now();
+    enroll::check_token_against_issuer(&issuer, groups, cert_ttl.as_secs(), now).map_err(
+        |why| {
+            anyhow::anyhow!(
+                "{why} ([enroll] issuer_cert {}); no token was created",
+                issuer_file.display()
+            )
+        },
+    )?;
+    let mut store = open_store(&enroll)?;
+    let token = enroll::new_token();
+    let hash = tern_shared::enroll::token_hash(&token);
+    let expires = now.saturating_add(ttl.as_secs());
+    store.create_token(
+        &NewToken {
+            hash: hash.clone(),
+            groups: groups.to_vec(),
+            uses,
+            expires,
+            cert_ttl: cert_ttl.as_secs(),
+        },
+        now,
+    )?;
+    println!("{token}");
+    eprintln!(
+        "token id {}, groups {}, {uses} use{}, expires {}, certificates for {}",
+        enroll::token_id(&hash),
+        groups_text(groups),
+        if uses == 1 { "" } else { "s" },
+        format_unix_time(expires),
+        format_duration(Duration::from_secs(cert_ttl.as_secs())),
+    );
+    // A lighthouse started before [enroll] was added answers enrollment
+    // with nothing: say so now rather than let the job time out. Nothing
+    // answering says nothing (the lighthouse may not run yet).
+    if let Ok((socket, status)) = running_status(&config, STATUS_WAIT) {
+        if status.get("relay_enabled").is_some() && status.get("enrollment").is_none() {
+            eprintln!(
+                "warning: the lighthouse running on {} was started without [enroll]: it cannot enroll anyone with this token until it reloads {} (send it SIGHUP, or restart it)",
+                socket.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `tern-lighthouse token list [--json]`.
+pub fn token_list(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let (_, _, enroll) = enroll_config(config_path, "list")?;
+    let tokens = open_store(&enroll)?.list_tokens(unix_now())?;
+    let mut out = String::new();
+    if json {
+        let list: Vec<serde_json::Value> = tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id,
+                    "groups": t.groups,
+                    "uses_left": t.uses_left,
+                    "expires": format_unix_time(t.expires),
+                    "created": format_unix_time(t.created),
+                    "cert_ttl_secs": t.cert_ttl,
+                    "expired": t.expired,
+                    "used_up": t.uses_left == 0,
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+    } else if tokens.is_empty() {
+        writeln!(
+            out,
+            "no tokens in {} (tern-lighthouse token create makes one)",
+            enroll.store.display()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{:<12}  {:<20}  {:>9}  {:<20}  {:<20}  {:>8}  STATE",
+            "ID", "GROUPS", "USES LEFT", "EXPIRES", "CREATED", "CERT TTL"
+        )?;
+        for t in &tokens {
+            writeln!(
+                out,
+                "{:<12}  {:<20}  {:>9}  {:<20}  {:<20}  {:>8}  {}",
+                t.id,
+                groups_text(&t.groups),
+                t.uses_left,
+                format_unix_time(t.expires),
+                format_unix_time(t.created),
+                format_duration(Duration::from_secs(t.cert_ttl)),
+                token_state(t)
+            )?;
+        }
+    }
+    // A reader that stops early (`| head`) is no error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `tern-lighthouse token revoke ID`: the token is deleted from the store,
+/// which the lighthouse reads at every enrollment, so it takes effect at
+/// once.
+pub fn token_revoke(config_path: Option<&Path>, id: &str) -> anyhow::Result<()> {
+    let (_, _, enroll) = enroll_config(config_path, "revoke ID")?;
+    let prefix = TokenIdPrefix::parse(id)?;
+    match open_store(&enroll)?.revoke_token(&prefix)? {
+        Ok(id) => {
+            println!(
+                "revoked token {id}: no node can enroll with it any more (certificates it bought stay valid until they expire; tern-lighthouse revoke NAME ends them)"
+            );
+            Ok(())
+        }
+        Err(refusal) => Err(anyhow::anyhow!("{refusal}; nothing was revoked")),
+    }
+}
+
+/// The config's path, the config and its `[enroll]`, or why not: tokens
+/// live in the enrollment store, and only a lighthouse with `[enroll]`
+/// takes them.
+fn enroll_config(
+    config_path: Option<&Path>,
+    usage: &str,
+) -> anyhow::Result<(PathBuf, LighthouseConfig, EnrollConfig)> {
+    let path = config_path.ok_or_else(|| {
+        anyhow::anyhow!(
+            "give the lighthouse's config: tern-lighthouse token {usage} --config lighthouse.toml"
+        )
+    })?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let config = LighthouseConfig::parse(&text, path)?;
+    let enroll = config.enroll.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has no [enroll] section, so this lighthouse enrolls no one and takes no tokens: \
+             add [enroll] with issuer_cert and issuer_key (see config/lighthouse.toml; \
+             tern cert sign --issuer makes them), then restart the lighthouse or send it SIGHUP",
+            path.display()
+        )
+    })?;
+    Ok((path.to_path_buf(), config, enroll))
+}
+
+fn open_store(enroll: &EnrollConfig) -> anyhow::Result<SqliteStore> {
+    SqliteStore::open(&enroll.store)
+        .with_context(|| format!("opening the enrollment store {}", enroll.store.display()))
+}
+
+fn groups_text(groups: &[String]) -> String {
+    if groups.is_empty() {
+        "(none)".to_string()
+    } else {
+        groups.join(",")
+    }
+}
+
+fn token_state(t: &TokenInfo) -> &'static str {
+    match (t.expired, t.uses_left == 0) {
+        (true, true) => "expired, used up",
+        (true, false) => "expired",
+        (false, true) => "used up",
+        (false, false) => "valid",
+    }
+}

@@ -1,0 +1,64 @@
+//! What both daemons' shells share besides the UDP socket: logging, the
+//! wall clock, the seed for session indexes, and how many reads one
+//! wake-up may take before the event loop looks at its timers again.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Receives per wake-up before a loop looks at its timers and API again.
+pub const READS_PER_WAKEUP: usize = 16;
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Seed for session indexes: not secret, only distinct per run.
+pub fn seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((std::process::id() as u64) << 32)
+}
+
+/// Sets the log level while running (SIGHUP), once logging is set up.
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static LOG_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
+
+/// Logs go to stderr at `level`; `RUST_LOG` overrides it. The level can be
+/// changed later with [`set_log_level`] (unless `RUST_LOG` is set).
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour for a person at a terminal only.
+    let ansi = tern_shared::show::colour_logs(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    if builder.try_init().is_ok() {
+        let _ = LOG_LEVEL.set(Box::new(move |level: &str| {
+            let filter = tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| format!("[log] level {level:?}: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }));
+    }
+}
+
+/// Changes the log level of [`init_logging`]'s logger (an error names the
+/// bad level). `None`, changing nothing, when `RUST_LOG` is set (the
+/// operator's word over the file's) or logging is not set up.
+pub fn set_log_level(level: &str) -> Option<Result<(), String>> {
+    LOG_LEVEL
+        .get()
+        .filter(|_| std::env::var_os("RUST_LOG").is_none())
+        .map(|set| set(level))
+}
