@@ -32,8 +32,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use tern_shared::config::{position, Position};
 use tern_shared::duration::format_duration;
+use tern_shared::toml_error::{position, Mistake, Place, Position, TomlError};
 
 /// Default pipeline `timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -129,7 +129,7 @@ pub struct Step {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PipelineError {
     /// The text is not valid TOML, or has an error not tied to one key.
-    #[error("{}: invalid TOML: {message}", Place(file, at))]
+    #[error("{}: invalid TOML: {message}", Place { file, at, unnamed: "pipeline" })]
     Syntax {
         file: PathBuf,
         at: Option<Position>,
@@ -138,7 +138,7 @@ pub enum PipelineError {
     /// A key the pipeline format does not know (often a typo).
     #[error(
         "{}: unknown key `{key}` ({expected}); remove it or correct its spelling",
-        Place(file, at)
+        Place { file, at, unnamed: "pipeline" }
     )]
     UnknownKey {
         file: PathBuf,
@@ -151,7 +151,7 @@ pub enum PipelineError {
     /// A required key is absent. `at` points at the table that lacks it.
     #[error(
         "{}: missing required key `{key}`; add it, e.g. {}",
-        Place(file, at),
+        Place { file, at, unnamed: "pipeline" },
         missing_example(key)
     )]
     Missing {
@@ -160,7 +160,7 @@ pub enum PipelineError {
         key: String,
     },
     /// A key has a value of the wrong type or form (e.g. a bad duration).
-    #[error("{}: bad value for `{key}`: {message}", Place(file, at))]
+    #[error("{}: bad value for `{key}`: {message}", Place { file, at, unnamed: "pipeline" })]
     BadValue {
         file: PathBuf,
         at: Option<Position>,
@@ -168,7 +168,7 @@ pub enum PipelineError {
         message: String,
     },
     /// The value is well-formed but breaks a rule.
-    #[error("{}: invalid `{key}`: {message}", Place(file, at))]
+    #[error("{}: invalid `{key}`: {message}", Place { file, at, unnamed: "pipeline" })]
     Invalid {
         file: PathBuf,
         at: Option<Position>,
@@ -364,7 +364,12 @@ impl PipelineError {
             .and_then(|i| i.parse::<usize>().ok());
         let spans = Spans::parse(text);
         let at = index.and_then(|i| spans.at(&[Key("upload"), Index(i)]));
-        format!("{}: {self}", Place(&file.to_path_buf(), &at))
+        let place = Place {
+            file: &file.to_path_buf(),
+            at: &at,
+            unnamed: "pipeline",
+        };
+        format!("{place}: {self}")
     }
 }
 
@@ -686,35 +691,29 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 /// error's position falls inside a known value.
 fn classify(file: &Path, spans: &Spans<'_>, err: &toml::de::Error) -> PipelineError {
     let file = file.to_path_buf();
-    // toml's messages may span lines ("invalid table header\nexpected …").
-    let message = err
-        .message()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    let span = err.span();
-    let at = span.as_ref().map(|s| position(spans.text, s.start));
-
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((name, tail)) = rest.split_once('`') {
+    let err = TomlError::read(err);
+    let at = err.at(spans.text);
+    let TomlError {
+        message,
+        span,
+        mistake,
+    } = err;
+    match mistake {
+        Mistake::UnknownKey { name, expected } => {
             let mut path = span.map(|s| spans.path_at(s.start)).unwrap_or_default();
             // The offset may fall inside the unknown key's own table
             // (`[steps.extra]`); do not name it twice.
-            if path.last() != Some(&Key(name)) {
-                path.push(Key(name));
+            if path.last() != Some(&Key(&name)) {
+                path.push(Key(&name));
             }
             return PipelineError::UnknownKey {
                 file,
                 at,
                 key: key_string(&path),
-                expected: tail.trim_start_matches(',').trim().to_string(),
+                expected,
             };
         }
-    }
-    if let Some(rest) = message.strip_prefix("missing field `") {
-        if let Some((name, _)) = rest.split_once('`') {
+        Mistake::Missing { name } => {
             // toml points a missing field at the table that lacks it, or at an
             // empty span for the top level.
             let table = span.filter(|s| !s.is_empty());
@@ -728,50 +727,41 @@ fn classify(file: &Path, spans: &Spans<'_>, err: &toml::de::Error) -> PipelineEr
             } else {
                 table.map(|s| position(spans.text, s.start))
             };
-            path.push(Key(name));
+            path.push(Key(&name));
             return PipelineError::Missing {
                 file,
                 at,
                 key: key_string(&path),
             };
         }
-    }
-    let is_value_error = [
-        "invalid type",
-        "invalid value",
-        "invalid length",
-        "bad duration",
-        "empty duration",
-        "duration ",
-    ]
-    .iter()
-    .any(|p| message.starts_with(p));
-    if is_value_error {
-        let path = span.map(|s| spans.path_at(s.start)).unwrap_or_default();
-        if !path.is_empty() {
-            let key = key_string(&path);
-            let mut message = message;
-            let top = path.first().copied();
-            if message.ends_with("expected a sequence") {
-                if top == Some(Key("steps")) {
-                    message.push_str("; write each step as [[steps]] (double brackets)");
-                } else {
-                    message.push_str(&format!("; write a list, e.g. {key} = [\"dist\"]"));
+        Mistake::BadValue => {
+            let path = span.map(|s| spans.path_at(s.start)).unwrap_or_default();
+            if !path.is_empty() {
+                let key = key_string(&path);
+                let mut message = message;
+                let top = path.first().copied();
+                if message.ends_with("expected a sequence") {
+                    if top == Some(Key("steps")) {
+                        message.push_str("; write each step as [[steps]] (double brackets)");
+                    } else {
+                        message.push_str(&format!("; write a list, e.g. {key} = [\"dist\"]"));
+                    }
+                } else if message.ends_with("expected a string") {
+                    message.push_str("; put the value in double quotes");
+                } else if message.ends_with("expected a boolean") {
+                    message.push_str("; write true or false");
+                } else if message.ends_with("expected a map") {
+                    message.push_str("; write a table, e.g. env = { KEY = \"value\" }");
                 }
-            } else if message.ends_with("expected a string") {
-                message.push_str("; put the value in double quotes");
-            } else if message.ends_with("expected a boolean") {
-                message.push_str("; write true or false");
-            } else if message.ends_with("expected a map") {
-                message.push_str("; write a table, e.g. env = { KEY = \"value\" }");
+                return PipelineError::BadValue {
+                    file,
+                    at,
+                    key,
+                    message,
+                };
             }
-            return PipelineError::BadValue {
-                file,
-                at,
-                key,
-                message,
-            };
         }
+        Mistake::Syntax => {}
     }
     PipelineError::Syntax { file, at, message }
 }
@@ -919,24 +909,6 @@ impl<'de> Deserialize<'de> for Kids {
         }
 
         d.deserialize_any(KidsVisitor)
-    }
-}
-
-/// Formats `file:line:col`, just `file` without a position, and `pipeline`
-/// for a pipeline that came from no file.
-struct Place<'a>(&'a PathBuf, &'a Option<Position>);
-
-impl fmt::Display for Place<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.as_os_str().is_empty() {
-            f.write_str("pipeline")?;
-        } else {
-            write!(f, "{}", self.0.display())?;
-        }
-        match self.1 {
-            Some(p) => write!(f, ":{}:{}", p.line, p.col),
-            None => Ok(()),
-        }
     }
 }
 

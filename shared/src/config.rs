@@ -22,6 +22,8 @@ use serde::Deserialize;
 
 use crate::duration::parse_duration;
 use crate::policy::{validate_routes, FirewallConfig, GatewayConfig, RouteConfig};
+pub use crate::toml_error::{position, Position};
+use crate::toml_error::{Mistake, Place, TomlError};
 
 /// UDP port both daemons listen on unless `listen.addr` says otherwise.
 pub const DEFAULT_PORT: u16 = 4242;
@@ -531,19 +533,12 @@ impl Default for RelayConfig {
     }
 }
 
-/// A 1-based line and column (in characters) in a config file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub line: usize,
-    pub col: usize,
-}
-
 /// Why a config was refused. Every variant names the file; the message says
 /// what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// The text is not valid TOML, or has a type error not tied to one key.
-    #[error("{}: invalid TOML: {message}", Place(file, at))]
+    #[error("{}: invalid TOML: {message}", Place { file, at, unnamed: "" })]
     Syntax {
         file: PathBuf,
         at: Option<Position>,
@@ -552,7 +547,7 @@ pub enum ConfigError {
     /// A key the config does not know (often a typo).
     #[error(
         "{}: unknown key `{key}` ({expected}); remove it or correct its spelling",
-        Place(file, at)
+        Place { file, at, unnamed: "" }
     )]
     UnknownKey {
         file: PathBuf,
@@ -566,7 +561,7 @@ pub enum ConfigError {
     #[error("{}: missing required key `{key}`; add it", file.display())]
     Missing { file: PathBuf, key: String },
     /// A key has a value of the wrong type or form (e.g. a bad duration).
-    #[error("{}: bad value for `{key}`: {message}", Place(file, at))]
+    #[error("{}: bad value for `{key}`: {message}", Place { file, at, unnamed: "" })]
     BadValue {
         file: PathBuf,
         at: Option<Position>,
@@ -1074,23 +1069,18 @@ fn from_toml<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<
 
 fn classify(text: &str, file: &Path, err: &toml::de::Error) -> ConfigError {
     let file = file.to_path_buf();
-    // toml's messages may span lines ("invalid table header\nexpected …").
-    let message = err
-        .message()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    let span = err.span();
-    let at = span.as_ref().map(|s| position(text, s.start));
-
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((name, tail)) = rest.split_once('`') {
-            let expected = tail.trim_start_matches(',').trim().to_string();
+    let err = TomlError::read(err);
+    let at = err.at(text);
+    let TomlError {
+        message,
+        span,
+        mistake,
+    } = err;
+    match mistake {
+        Mistake::UnknownKey { name, expected } => {
             let key = match &span {
-                Some(s) => key_path_at(text, s.start, name),
-                None => name.to_string(),
+                Some(s) => key_path_at(text, s.start, &name),
+                None => name,
             };
             return ConfigError::UnknownKey {
                 file,
@@ -1099,9 +1089,7 @@ fn classify(text: &str, file: &Path, err: &toml::de::Error) -> ConfigError {
                 expected,
             };
         }
-    }
-    if let Some(rest) = message.strip_prefix("missing field `") {
-        if let Some((name, _)) = rest.split_once('`') {
+        Mistake::Missing { name } => {
             // toml points a missing field at the table that lacks it, or at an
             // empty span for the top level.
             let table = span
@@ -1109,38 +1097,30 @@ fn classify(text: &str, file: &Path, err: &toml::de::Error) -> ConfigError {
                 .and_then(|s| header_path_at_or_before(text, s.start));
             let key = match table {
                 Some(table) => format!("{table}.{name}"),
-                None => name.to_string(),
+                None => name,
             };
             return ConfigError::Missing { file, key };
         }
-    }
-    let is_value_error = message.starts_with("invalid type")
-        || message.starts_with("invalid value")
-        || message.starts_with("invalid length")
-        || message.starts_with("unknown variant")
-        || message.starts_with("invalid socket address")
-        || message.starts_with("invalid IP address")
-        || message.starts_with("bad duration")
-        || message.starts_with("empty duration")
-        || message.starts_with("duration ");
-    if is_value_error {
-        if let Some(key) = span.and_then(|s| value_key_path_at(text, s.start)) {
-            let mut message = message;
-            if message.starts_with("invalid socket address") {
-                message.push_str(
-                    "; write address:port, e.g. \"198.18.0.1:4242\" or \"[2001:db8::1]:4242\"",
-                );
+        Mistake::BadValue => {
+            if let Some(key) = span.and_then(|s| value_key_path_at(text, s.start)) {
+                let mut message = message;
+                if message.starts_with("invalid socket address") {
+                    message.push_str(
+                        "; write address:port, e.g. \"198.18.0.1:4242\" or \"[2001:db8::1]:4242\"",
+                    );
+                }
+                if message.ends_with("expected a sequence") && key == "lighthouses" {
+                    message.push_str("; write each entry as [[lighthouses]] (double brackets)");
+                }
+                return ConfigError::BadValue {
+                    file,
+                    at,
+                    key,
+                    message,
+                };
             }
-            if message.ends_with("expected a sequence") && key == "lighthouses" {
-                message.push_str("; write each entry as [[lighthouses]] (double brackets)");
-            }
-            return ConfigError::BadValue {
-                file,
-                at,
-                key,
-                message,
-            };
         }
+        Mistake::Syntax => {}
     }
     ConfigError::Syntax { file, at, message }
 }
@@ -1163,37 +1143,6 @@ fn resolve(base: &Path, path: &Path) -> PathBuf {
     } else {
         base.join(path)
     }
-}
-
-/// Formats `file:line:col` (or just `file` without a position).
-struct Place<'a>(&'a PathBuf, &'a Option<Position>);
-
-impl fmt::Display for Place<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.1 {
-            Some(p) => write!(f, "{}:{}:{}", self.0.display(), p.line, p.col),
-            None => write!(f, "{}", self.0.display()),
-        }
-    }
-}
-
-/// Converts a byte offset (clamped to the text) into a 1-based line and a
-/// 1-based column counted in characters.
-pub fn position(text: &str, offset: usize) -> Position {
-    let bytes = text.as_bytes();
-    let before = &bytes[..offset.min(bytes.len())];
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1);
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    // Count characters, i.e. bytes that do not continue a UTF-8 sequence.
-    let col = before[line_start..]
-        .iter()
-        .filter(|&&b| b & 0xC0 != 0x80)
-        .count()
-        + 1;
-    Position { line, col }
 }
 
 /// The line containing byte `offset`: (start offset, text).

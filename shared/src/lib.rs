@@ -2,7 +2,7 @@
 //!
 //! Certificates and keys, the wire formats on the shared UDP socket, the
 //! control protocol spoken inside WireGuard sessions with a lighthouse,
-//! enrollment messages, job frames and config types. The engine that drives
+//! enrollment messages, config types and what their TOML errors say. The engine that drives
 //! sessions with them is `tern-mesh`. Nothing here opens a socket, reads a
 //! clock or a file: callers pass bytes and time in.
 
@@ -20,6 +20,7 @@ pub mod policy;
 pub mod show;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+pub mod toml_error;
 pub mod wire;
 
 mod codec;
