@@ -224,7 +224,7 @@ impl Cert {
                 max: MAX_CERT_LEN,
             });
         }
-        let mut r = Reader { buf: bytes, pos: 0 };
+        let mut r = Reader(crate::codec::Reader::new(bytes));
         if r.take(MAGIC.len())? != MAGIC {
             return Err(malformed("magic", "not a Tern certificate"));
         }
@@ -291,7 +291,7 @@ impl Cert {
             _ => {}
         }
         let signature = r.array::<SIGNATURE_LEN>()?;
-        let extra = bytes.len() - r.pos;
+        let extra = r.0.remaining();
         if extra != 0 {
             return Err(CertError::TrailingBytes { extra });
         }
@@ -1222,35 +1222,31 @@ fn put_nets(out: &mut Vec<u8>, nets: &[IpNet]) {
     }
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
+/// The shared bounds-checked reader ([`crate::codec::Reader`]) for
+/// certificates: running out of bytes is [`CertError::Truncated`], and a
+/// certificate's own fields (counts, names, nets) are read with their
+/// limits.
+struct Reader<'a>(crate::codec::Reader<'a>);
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], CertError> {
-        let end = self.pos.checked_add(n).ok_or(CertError::Truncated)?;
-        let bytes = self.buf.get(self.pos..end).ok_or(CertError::Truncated)?;
-        self.pos = end;
-        Ok(bytes)
+        self.0.bytes(n).ok_or(CertError::Truncated)
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], CertError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
+        self.0.array().ok_or(CertError::Truncated)
     }
 
     fn u8(&mut self) -> Result<u8, CertError> {
-        Ok(self.array::<1>()?[0])
+        self.0.u8().ok_or(CertError::Truncated)
     }
 
     fn u16(&mut self) -> Result<u16, CertError> {
-        Ok(u16::from_be_bytes(self.array()?))
+        self.0.u16().ok_or(CertError::Truncated)
     }
 
     fn u64(&mut self) -> Result<u64, CertError> {
-        Ok(u64::from_be_bytes(self.array()?))
+        self.0.u64().ok_or(CertError::Truncated)
     }
 
     fn count(&mut self, field: &'static str, max: usize) -> Result<usize, CertError> {

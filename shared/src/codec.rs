@@ -36,6 +36,10 @@ impl<'a> Reader<'a> {
         Some(u32::from_be_bytes(self.array()?))
     }
 
+    pub(crate) fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.array()?))
+    }
+
     pub(crate) fn ipv4(&mut self) -> Option<Ipv4Addr> {
         Some(Ipv4Addr::from(self.array::<4>()?))
     }
@@ -61,6 +65,11 @@ impl<'a> Reader<'a> {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.pos == self.buf.len()
+    }
+
+    /// Bytes not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
     }
 }
 
