@@ -345,6 +345,24 @@ struct KnownCert {
 impl Mesh {
     /// `own_cert` is this daemon's certificate (already verified by its owner);
     /// `unix_now` is wall-clock seconds at `now`, for certificate validity.
+    /// A mesh for a daemon's verified identity (its key, certificate and
+    /// CAs), as both daemons make theirs.
+    pub fn for_identity(
+        identity: &tern_shared::identity::Identity,
+        settings: MeshSettings,
+        now: Instant,
+        unix_now: u64,
+    ) -> Mesh {
+        Mesh::new(
+            identity.key.static_secret(),
+            &identity.cert,
+            identity.ca.clone(),
+            settings,
+            now,
+            unix_now,
+        )
+    }
+
     pub fn new(
         secret: StaticSecret,
         own_cert: &VerifiedCert,

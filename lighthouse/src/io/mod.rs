@@ -165,14 +165,7 @@ async fn serve(
         max_peers: MAX_NODES,
         ..MeshSettings::default()
     };
-    let mesh = Mesh::new(
-        identity.key.static_secret(),
-        &cert,
-        identity.ca.clone(),
-        settings,
-        now,
-        unix_now(),
-    );
+    let mesh = Mesh::for_identity(&identity, settings, now, unix_now());
     let mut core = LighthouseCore::new(
         mesh,
         &cert,

@@ -162,14 +162,7 @@ pub async fn run(
         seed: seed(),
         ..MeshSettings::default()
     };
-    let mesh = Mesh::new(
-        identity.key.static_secret(),
-        &cert,
-        identity.ca,
-        settings,
-        now,
-        unix_now(),
-    );
+    let mesh = Mesh::for_identity(&identity, settings, now, unix_now());
     let targets: Vec<LighthouseTarget> = config
         .lighthouses
         .iter()
