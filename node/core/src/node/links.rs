@@ -1,0 +1,208 @@
+//! Lighthouse links: discovering each configured lighthouse (hellos with
+//! backoff until it answers with a lighthouse certificate), registering
+//! with it, noticing it restarted or went away, and the relays it offers.
+
+use super::*;
+
+/// How often a node re-registers with each lighthouse.
+pub const REGISTER_INTERVAL: Duration = Duration::from_secs(4);
+
+/// A lighthouse that acknowledged nothing for this long is presumed restarted
+/// or gone: its session is dropped and it is discovered anew.
+pub const LIGHTHOUSE_DEAD_AFTER: Duration = Duration::from_secs(9);
+
+pub(super) const HELLO_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A lighthouse this node was configured with.
+#[derive(Debug, Clone)]
+pub struct LighthouseTarget {
+    pub endpoint: SocketAddr,
+    /// Accept only a lighthouse certificate with this name.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LighthouseStatus {
+    pub endpoint: SocketAddr,
+    pub name: Option<String>,
+    pub registered: bool,
+    /// Our address as this lighthouse sees it.
+    pub observed: Option<SocketAddr>,
+    /// It relays for us when a peer has no direct path.
+    pub relay: bool,
+}
+
+pub(super) struct LighthouseLink {
+    pub(super) target: LighthouseTarget,
+    pub(super) state: LinkState,
+    pub(super) observed: Option<SocketAddr>,
+    /// The lighthouse said it relays (in its registration answer).
+    pub(super) relay: bool,
+    /// The version of this lighthouse's revocation list we hold.
+    pub(super) revocations: u32,
+}
+
+pub(super) enum LinkState {
+    /// Sending hellos until the lighthouse answers with an acceptable certificate.
+    Discovering {
+        next_hello: Instant,
+        backoff: Duration,
+    },
+    /// Session set up (or being set up); registering periodically.
+    Up {
+        peer: PeerId,
+        overlay_ip: Ipv4Addr,
+        last_ack: Instant,
+        acked: bool,
+        next_register: Instant,
+    },
+}
+
+impl NodeCore {
+    /// The lighthouses that acknowledged our registration: their peer and
+    /// overlay address.
+    pub(super) fn registered_lighthouses(&self) -> Vec<(PeerId, Ipv4Addr)> {
+        self.links
+            .iter()
+            .filter_map(|l| match l.state {
+                LinkState::Up {
+                    peer,
+                    overlay_ip,
+                    acked: true,
+                    ..
+                } => Some((peer, overlay_ip)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(super) fn connected_lighthouses(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| matches!(l.state, LinkState::Up { .. }))
+            .count()
+    }
+
+    pub(super) fn drive_link(&mut self, i: usize, now: Instant) {
+        match self.links[i].state {
+            LinkState::Discovering {
+                next_hello,
+                backoff,
+            } => {
+                if next_hello <= now {
+                    let endpoint = self.links[i].target.endpoint;
+                    tracing::debug!(%endpoint, "hello to lighthouse");
+                    self.mesh.send_hello(endpoint, true);
+                    self.links[i].state = LinkState::Discovering {
+                        next_hello: now + backoff,
+                        backoff: (backoff * 2).min(HELLO_BACKOFF_MAX),
+                    };
+                }
+            }
+            LinkState::Up {
+                peer,
+                overlay_ip,
+                last_ack,
+                next_register,
+                ..
+            } => {
+                if now.saturating_duration_since(last_ack) >= LIGHTHOUSE_DEAD_AFTER {
+                    tracing::warn!(endpoint = %self.links[i].target.endpoint, "lighthouse stopped answering; reconnecting");
+                    self.links[i].state = LinkState::Discovering {
+                        next_hello: now,
+                        backoff: Duration::from_millis(500),
+                    };
+                    self.mesh.remove_peer(peer);
+                    self.drain_mesh_events(now);
+                    return;
+                }
+                if next_register <= now {
+                    if let LinkState::Up { next_register, .. } = &mut self.links[i].state {
+                        *next_register = now + REGISTER_INTERVAL;
+                    }
+                    let id = self.request_id();
+                    let local = self.local_endpoints.clone();
+                    let routes = self.gateway_subnets.clone();
+                    self.send_control(
+                        peer,
+                        overlay_ip,
+                        &ControlMessage::Register { id, local, routes },
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    /// A hello answered from a configured lighthouse endpoint: accept it as
+    /// that lighthouse only if its certificate carries the lighthouse group
+    /// (and the pinned name, when the config gives one).
+    pub(super) fn maybe_lighthouse(&mut self, from: SocketAddr, cert: VerifiedCert, now: Instant) {
+        let Some(i) = self.links.iter().position(|l| {
+            l.target.endpoint == from && matches!(l.state, LinkState::Discovering { .. })
+        }) else {
+            return;
+        };
+        if !cert.has_group(LIGHTHOUSE_GROUP) {
+            tracing::warn!(endpoint = %from, name = cert.name(), "the node at a lighthouse endpoint has no '{LIGHTHOUSE_GROUP}' group in its certificate; not using it");
+            return;
+        }
+        if let Some(pin) = &self.links[i].target.name {
+            if pin != cert.name() {
+                tracing::warn!(endpoint = %from, expected = %pin, got = cert.name(), "lighthouse certificate name does not match the pinned name");
+                return;
+            }
+        }
+        let overlay_ip = cert.overlay_ip();
+        let name = cert.name().to_string();
+        let Some(peer) = self.mesh.add_peer(cert, &[from], PeerRole::Lighthouse, now) else {
+            return;
+        };
+        tracing::info!(endpoint = %from, lighthouse = %name, %overlay_ip, "lighthouse found");
+        self.links[i].state = LinkState::Up {
+            peer,
+            overlay_ip,
+            last_ack: now,
+            acked: false,
+            next_register: now,
+        };
+        self.drive_link(i, now);
+        // Lookups that waited for a lighthouse can go now.
+        let waiting: Vec<Ipv4Addr> = self.lookups.keys().copied().collect();
+        for ip in waiting {
+            let id = self.request_id();
+            self.send_control(
+                peer,
+                overlay_ip,
+                &ControlMessage::Query { id, overlay_ip: ip },
+                now,
+            );
+        }
+    }
+
+    /// The link to the lighthouse whose session is `peer`.
+    pub(super) fn link_for(&self, peer: PeerId) -> Option<usize> {
+        self.links
+            .iter()
+            .position(|l| matches!(l.state, LinkState::Up { peer: p, .. } if p == peer))
+    }
+
+    /// The underlay endpoint of the lighthouse whose session is `peer`.
+    pub(super) fn lighthouse_endpoint(&self, peer: PeerId) -> Option<SocketAddr> {
+        self.link_for(peer).map(|i| self.links[i].target.endpoint)
+    }
+
+    /// The lighthouses that relay for us now (registered, and said so).
+    pub(super) fn relays(&self) -> Vec<SocketAddr> {
+        self.links
+            .iter()
+            .filter(|l| l.relay && matches!(l.state, LinkState::Up { acked: true, .. }))
+            .map(|l| l.target.endpoint)
+            .collect()
+    }
+
+    pub(super) fn refresh_relays(&mut self) {
+        let relays = self.relays();
+        self.mesh.set_relays(relays);
+    }
+}

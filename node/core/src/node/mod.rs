@@ -1,0 +1,957 @@
+//! The node's sans-IO core: the mesh plus what a node adds to it — its
+//! lighthouse links (discover, register, detect a restart), lookups of
+//! unknown overlay addresses with the packets waiting on them, and the split
+//! between control traffic and packets for the TUN device.
+//!
+//! Drive it like [`Mesh`]: feed UDP datagrams to [`NodeCore::handle_datagram`],
+//! TUN packets to [`NodeCore::handle_tun_packet`], call
+//! [`NodeCore::handle_timeout`] by [`NodeCore::poll_timeout`], and drain
+//! [`NodeCore::poll_transmit`] after each.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Serialize;
+use tern_shared::cert::{VerifiedCert, LIGHTHOUSE_GROUP};
+use tern_shared::control::{
+    AdvertisedRoute, ControlMessage, PeerInfo, PolicyAnswer, RunnerInfo, RunnerLoad,
+    RunnerSelector, CONTROL_PORT, MAX_ADVERTISED, MAX_ENDPOINTS, MAX_ROUTES_IN_REPLY,
+};
+use tern_shared::policy::{FirewallConfig, RouteConfig};
+
+use super::firewall::{Firewall, FirewallStatus, PolicyDecision, Verdict};
+use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit};
+use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
+use tern_shared::show::list;
+
+mod links;
+mod lookups;
+mod punch;
+mod queries;
+mod revocations;
+mod routes;
+
+pub use self::{links::*, queries::*, routes::*};
+use self::{lookups::*, punch::*};
+
+/// Counters the node adds to the mesh's.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeCounters {
+    pub no_route_drops: u64,
+    pub lookup_timeouts: u64,
+    /// Lookups every connected lighthouse answered with "not registered"
+    /// (pings to it are answered at once; packets wait for the retries).
+    pub lookups_unknown: u64,
+    pub lookup_queue_drops: u64,
+    pub lying_lighthouse_answers: u64,
+    pub not_for_us_drops: u64,
+    pub bad_control_messages: u64,
+    /// Packets for a routed subnet dropped because no gateway for it came
+    /// within 15 s (or too many waited, or the route went).
+    pub no_gateway_drops: u64,
+    /// Gateways whose certificates do not authorize what they advertised.
+    pub unauthorized_gateways: u64,
+    pub gateway_failovers: u64,
+    /// Revoked certificates learned from lighthouses.
+    pub revocations_learned: u64,
+}
+
+/// Side effects for the shell beyond packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCommand {
+    /// Send this subnet into the TUN device (a kernel route), unless the
+    /// host already routes it another way: the shell never replaces a
+    /// route it did not make.
+    AddRoute(Ipv4Net),
+    /// Remove the kernel route this node made for the subnet.
+    RemoveRoute(Ipv4Net),
+    /// A lighthouse says this node's own certificate (or its issuer) is
+    /// revoked: no peer will talk to it any more; the shell stops with
+    /// its own exit code.
+    Revoked { lighthouse: String },
+}
+
+/// `tern status` for a node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub lighthouses: Vec<LighthouseStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub mesh_counters: MeshCounters,
+    pub node_counters: NodeCounters,
+    pub firewall: FirewallStatus,
+    pub gateway_subnets: Vec<Ipv4Net>,
+    pub routes: Vec<RouteStatus>,
+    /// Certificates refused because a lighthouse revoked them.
+    pub revoked_certs: usize,
+    /// This node's own certificate was revoked (it stops).
+    pub revoked: bool,
+}
+
+pub struct NodeCore {
+    mesh: Mesh,
+    name: String,
+    /// Our certificate's and its issuer's fingerprints: a revocation of
+    /// either is ours.
+    own_fingerprints: Vec<tern_shared::cert::Fingerprint>,
+    revoked: bool,
+    overlay_ip: Ipv4Addr,
+    overlay_net: Ipv4Net,
+    links: Vec<LighthouseLink>,
+    lookups: HashMap<Ipv4Addr, Lookup>,
+    local_endpoints: Vec<SocketAddr>,
+    next_request: u32,
+    counters: NodeCounters,
+    transmits: VecDeque<Transmit>,
+    firewall: Firewall,
+    gateway_subnets: Vec<Ipv4Net>,
+    routes: Vec<RouteState>,
+    next_routes_query: Instant,
+    /// Packets for a configured route whose gateways are not known yet (the
+    /// route list is being asked for): sent once it comes, as packets for
+    /// a peer wait for its lookup, instead of dropped (which would cost a
+    /// TCP connection its first SYN, a second).
+    gateway_waiting: VecDeque<(Instant, Vec<u8>)>,
+    /// When the route list was last asked for because packets wait on it.
+    routes_asked: Option<Instant>,
+    /// The list of routes being read from a lighthouse, page by page.
+    routes_fetch: Option<RoutesFetch>,
+    /// `[tun] accept_routes`: learned routes get kernel routes too (once a
+    /// verified certificate covers them), not only `[[routes]]`.
+    accept_routes: bool,
+    tun_writes: VecDeque<Vec<u8>>,
+    commands: VecDeque<NodeCommand>,
+    /// Peers without a direct path yet: punching, then relaying after
+    /// `relay_after` while punching goes on.
+    attempts: HashMap<PeerId, Attempt>,
+    relay_after: Duration,
+    /// Direct paths asked whether they still work, and when.
+    direct_probes: HashMap<PeerId, Instant>,
+    pings: HashMap<u32, PendingPing>,
+    ping_results: VecDeque<PingResult>,
+    rtts: HashMap<Ipv4Addr, Duration>,
+    runner: Option<RunnerAdvert>,
+    finds: HashMap<u32, PendingFind>,
+    find_results: VecDeque<RunnersResult>,
+    policies: HashMap<u32, PendingPolicy>,
+    policy_results: VecDeque<PolicyResult>,
+}
+
+impl NodeCore {
+    pub fn new(
+        mesh: Mesh,
+        own_cert: &VerifiedCert,
+        lighthouses: Vec<LighthouseTarget>,
+        now: Instant,
+    ) -> Self {
+        NodeCore {
+            own_fingerprints: std::iter::once(own_cert.fingerprint())
+                .chain(own_cert.issuer_fingerprint())
+                .collect(),
+            revoked: false,
+            name: own_cert.name().to_string(),
+            overlay_ip: own_cert.overlay_ip(),
+            overlay_net: own_cert.overlay_net(),
+            mesh,
+            links: lighthouses
+                .into_iter()
+                .map(|target| LighthouseLink {
+                    target,
+                    state: LinkState::Discovering {
+                        next_hello: now,
+                        backoff: Duration::from_millis(500),
+                    },
+                    observed: None,
+                    relay: false,
+                    revocations: 0,
+                })
+                .collect(),
+            lookups: HashMap::new(),
+            local_endpoints: Vec::new(),
+            next_request: 1,
+            counters: NodeCounters::default(),
+            transmits: VecDeque::new(),
+            firewall: Firewall::new(&FirewallConfig::default(), own_cert.overlay_ip(), now),
+            gateway_subnets: Vec::new(),
+            routes: Vec::new(),
+            next_routes_query: now,
+            gateway_waiting: VecDeque::new(),
+            routes_asked: None,
+            routes_fetch: None,
+            accept_routes: false,
+            tun_writes: VecDeque::new(),
+            commands: VecDeque::new(),
+            attempts: HashMap::new(),
+            relay_after: tern_shared::config::DEFAULT_RELAY_AFTER,
+            direct_probes: HashMap::new(),
+            pings: HashMap::new(),
+            ping_results: VecDeque::new(),
+            rtts: HashMap::new(),
+            runner: None,
+            finds: HashMap::new(),
+            find_results: VecDeque::new(),
+            policies: HashMap::new(),
+            policy_results: VecDeque::new(),
+        }
+    }
+
+    /// Firewall rules, the subnets this node routes as a gateway (already
+    /// checked against its certificate by the caller), and the subnets it
+    /// reaches through gateways.
+    pub fn set_policy(
+        &mut self,
+        firewall: &FirewallConfig,
+        gateway_subnets: Vec<Ipv4Net>,
+        routes: &[RouteConfig],
+    ) {
+        self.firewall.replace_rules(firewall);
+        if gateway_subnets.len() > MAX_ADVERTISED {
+            tracing::warn!(
+                subnets = gateway_subnets.len(),
+                advertised = %list(&gateway_subnets[..MAX_ADVERTISED]),
+                "[gateway] subnets lists more than {MAX_ADVERTISED}; only the first {MAX_ADVERTISED} are advertised and routed (use fewer, larger subnets)"
+            );
+        }
+        self.gateway_subnets = gateway_subnets;
+        self.gateway_subnets.truncate(MAX_ADVERTISED);
+        for r in routes {
+            self.routes.push(RouteState {
+                subnet: r.subnet,
+                via: r.via.clone(),
+                configured: true,
+                kernel: true,
+                refused: None,
+                gateways: Vec::new(),
+                active: None,
+                probe_sent: None,
+            });
+            self.commands.push_back(NodeCommand::AddRoute(r.subnet));
+        }
+        self.sort_routes();
+    }
+
+    /// New firewall rules (SIGHUP); flows and tunnels stay.
+    pub fn reload_firewall(&mut self, firewall: &FirewallConfig) {
+        self.firewall.replace_rules(firewall);
+    }
+
+    /// A packet the node itself answers toward its own kernel (a reject).
+    pub fn poll_tun_write(&mut self) -> Option<Vec<u8>> {
+        self.tun_writes.pop_front()
+    }
+
+    pub fn poll_command(&mut self) -> Option<NodeCommand> {
+        self.commands.pop_front()
+    }
+
+    pub fn overlay_ip(&self) -> Ipv4Addr {
+        self.overlay_ip
+    }
+
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// Local underlay addresses reported to lighthouses.
+    pub fn set_local_endpoints(&mut self, mut endpoints: Vec<SocketAddr>) {
+        endpoints.truncate(MAX_ENDPOINTS);
+        self.local_endpoints = endpoints;
+    }
+
+    /// A datagram from the UDP socket. Returns a packet for the TUN device.
+    pub fn handle_datagram<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Option<&'b [u8]> {
+        let received = self.mesh.handle_datagram(from, datagram, out, now);
+        self.drain_mesh_events(now);
+        let Received::Packet { peer, packet } = received else {
+            return None;
+        };
+        if let Some(udp) = parse_udp_ipv4(packet) {
+            if udp.dst_port == CONTROL_PORT && udp.dst == self.overlay_ip {
+                let payload = udp.payload.to_vec();
+                if self.mesh.peer_role(peer) == Some(PeerRole::Lighthouse) {
+                    self.handle_control(peer, &payload, now);
+                } else {
+                    self.handle_peer_control(peer, &payload, now);
+                }
+                return None;
+            }
+        }
+        let for_us = match ipv4_addrs(packet) {
+            Some((_, dst)) => {
+                dst == self.overlay_ip || self.gateway_subnets.iter().any(|n| n.contains(&dst))
+            }
+            None => false,
+        };
+        if !for_us {
+            self.counters.not_for_us_drops += 1;
+            return None;
+        }
+        let cert = self.mesh.peer_cert(peer)?;
+        match self.firewall.check_inbound(packet, cert, now) {
+            Verdict::Allow => Some(packet),
+            Verdict::Drop => None,
+            Verdict::Reject(reply) => {
+                self.mesh.send_packet(peer, &reply, now);
+                None
+            }
+        }
+    }
+
+    /// An IP packet read from the TUN device. Returns ciphertext and where to send it.
+    pub fn handle_tun_packet<'b>(
+        &mut self,
+        packet: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Option<(SocketAddr, &'b [u8])> {
+        let (_, dst) = ipv4_addrs(packet)?;
+        let target = if self.overlay_net.contains(&dst) {
+            if dst == self.overlay_ip
+                || dst == self.overlay_net.broadcast()
+                || dst == self.overlay_net.network()
+            {
+                self.counters.no_route_drops += 1;
+                return None;
+            }
+            dst
+        } else {
+            let Some(route) = self.route_for(dst) else {
+                self.counters.no_route_drops += 1;
+                return None;
+            };
+            let Some(gateway) = self.choose_gateway(route, now) else {
+                self.wait_for_gateway(route, packet, now);
+                return None;
+            };
+            gateway
+        };
+        let Some(peer) = self.mesh.peer_by_overlay(target) else {
+            self.wait_for_lookup(target, packet, now);
+            return None;
+        };
+        let cert = self.mesh.peer_cert(peer)?;
+        if !may_receive(cert, dst) {
+            // A gateway whose certificate does not cover this address.
+            self.refuse_gateway(target, dst);
+            return None;
+        }
+        match self.firewall.check_outbound(packet, cert, now) {
+            Verdict::Allow => self.mesh.encapsulate(peer, packet, out, now),
+            Verdict::Drop => None,
+            Verdict::Reject(reply) => {
+                self.tun_writes.push_back(reply);
+                None
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.mesh.handle_timeout(now);
+        self.firewall.handle_timeout(now);
+        self.drain_mesh_events(now);
+        for i in 0..self.links.len() {
+            self.drive_link(i, now);
+        }
+        self.drive_lookups(now);
+        self.drive_routes(now);
+        self.refresh_relays();
+        self.drive_direct_liveness(now);
+        self.drive_attempts(now);
+        self.drive_pings(now);
+        self.drive_finds(now);
+        self.drive_policies(now);
+    }
+
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        self.mesh.poll_timeout(now)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits
+            .pop_front()
+            .or_else(|| self.mesh.poll_transmit())
+    }
+
+    /// Tells every lighthouse we are leaving, so peers stop being sent our way.
+    pub fn shutdown(&mut self, now: Instant) {
+        for i in 0..self.links.len() {
+            if let LinkState::Up {
+                peer, overlay_ip, ..
+            } = self.links[i].state
+            {
+                let id = self.request_id();
+                self.send_control(peer, overlay_ip, &ControlMessage::Deregister { id }, now);
+            }
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            name: self.name.clone(),
+            overlay_ip: self.overlay_ip,
+            lighthouses: self
+                .links
+                .iter()
+                .map(|l| LighthouseStatus {
+                    endpoint: l.target.endpoint,
+                    name: match l.state {
+                        LinkState::Up { peer, .. } => {
+                            self.mesh.peer_cert(peer).map(|c| c.name().to_string())
+                        }
+                        _ => l.target.name.clone(),
+                    },
+                    registered: matches!(l.state, LinkState::Up { acked: true, .. }),
+                    observed: l.observed,
+                    relay: l.relay,
+                })
+                .collect(),
+            revoked_certs: self.mesh.ca().revoked_count(),
+            revoked: self.revoked,
+            peers: self
+                .mesh
+                .peer_statuses()
+                .into_iter()
+                .map(|mut p| {
+                    // A ping's answer is fresher than the last handshake's.
+                    if let Some(d) = self.rtts.get(&p.overlay_ip) {
+                        p.rtt_ms = Some(d.as_secs_f64() * 1000.0);
+                    }
+                    p
+                })
+                .collect(),
+            mesh_counters: self.mesh.counters().clone(),
+            node_counters: self.counters.clone(),
+            firewall: self.firewall.status(),
+            gateway_subnets: self.gateway_subnets.clone(),
+            routes: self
+                .routes
+                .iter()
+                .map(|r| RouteStatus {
+                    subnet: r.subnet,
+                    via: r.via.clone(),
+                    configured: r.configured,
+                    kernel_route: r.kernel,
+                    refused: r.refused.clone(),
+                    gateways: r.gateways.iter().map(|g| g.name.clone()).collect(),
+                    active: r
+                        .active
+                        .and_then(|a| r.gateways.iter().find(|g| g.overlay_ip == a))
+                        .map(|g| g.name.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    fn drain_mesh_events(&mut self, now: Instant) {
+        while let Some(event) = self.mesh.poll_event() {
+            match event {
+                MeshEvent::HelloCert { from, cert } => self.maybe_lighthouse(from, cert, now),
+                MeshEvent::PeerRemoved {
+                    peer, overlay_ip, ..
+                } => {
+                    self.rtts.remove(&overlay_ip);
+                    for link in &mut self.links {
+                        if matches!(link.state, LinkState::Up { peer: p, .. } if p == peer) {
+                            link.state = LinkState::Discovering {
+                                next_hello: now,
+                                backoff: Duration::from_millis(500),
+                            };
+                        }
+                    }
+                }
+                MeshEvent::PeerConnected { .. } => {}
+                MeshEvent::DirectPathLost { peer } => self.direct_path_lost(peer, now),
+                MeshEvent::UnknownRelayedPeer { overlay_ip } => {
+                    // Our punch request from the lighthouse was lost: a
+                    // lookup with nothing waiting fetches the certificate,
+                    // then we connect.
+                    self.look_up(overlay_ip, now);
+                }
+            }
+        }
+    }
+
+    /// Control from an ordinary peer: only liveness probes (the daemon's own
+    /// port, answered before the firewall like WireGuard's keepalives).
+    fn handle_peer_control(&mut self, peer: PeerId, payload: &[u8], now: Instant) {
+        match ControlMessage::decode(payload) {
+            Ok(ControlMessage::PolicyQuery { id, dst, port }) => {
+                let Some(cert) = self.mesh.peer_cert(peer).cloned() else {
+                    return;
+                };
+                // Only about what the asker itself may do: the same rules
+                // its packets would meet, evaluated without a packet.
+                let answer = match self.firewall.inbound_tcp_decision(&cert, dst, port) {
+                    PolicyDecision::Allowed => PolicyAnswer {
+                        allowed: true,
+                        reason: "allowed".into(),
+                    },
+                    PolicyDecision::Denied(reason) => PolicyAnswer {
+                        allowed: false,
+                        reason,
+                    },
+                };
+                let msg = ControlMessage::PolicyReply { id, answer };
+                self.send_control(peer, cert.overlay_ip(), &msg, now);
+            }
+            Ok(ControlMessage::PolicyReply { id, answer }) => {
+                let from = self.mesh.peer_cert(peer).map(|c| c.overlay_ip());
+                if let Some(p) = self.policies.get(&id) {
+                    if Some(p.asked) == from {
+                        let name = self.mesh.peer_cert(peer).map(|c| c.name().to_string());
+                        self.policies.remove(&id);
+                        self.policy_results.push_back(PolicyResult {
+                            id,
+                            asked: name,
+                            answer: Some(answer),
+                        });
+                    }
+                }
+            }
+            Ok(ControlMessage::Ping { id }) => {
+                let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) else {
+                    return;
+                };
+                self.send_control(peer, ip, &ControlMessage::Pong { id }, now);
+            }
+            // Its arrival already counted as hearing from the peer.
+            Ok(ControlMessage::Pong { id }) => self.pong(peer, id, now),
+            _ => self.counters.bad_control_messages += 1,
+        }
+    }
+
+    fn handle_control(&mut self, from_peer: PeerId, payload: &[u8], now: Instant) {
+        let msg = match ControlMessage::decode(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.bad_control_messages += 1;
+                tracing::debug!(error = %e, "bad control message from lighthouse");
+                return;
+            }
+        };
+        match msg {
+            ControlMessage::RegisterAck {
+                observed,
+                relay,
+                revocations,
+                ..
+            } => {
+                self.catch_up_revocations(from_peer, revocations, now);
+                let mut first_registration = false;
+                for link in &mut self.links {
+                    if let LinkState::Up {
+                        peer,
+                        last_ack,
+                        acked,
+                        ..
+                    } = &mut link.state
+                    {
+                        if *peer == from_peer {
+                            if !*acked {
+                                tracing::info!(lighthouse = %link.target.endpoint, %observed, "registered with lighthouse");
+                                first_registration = true;
+                            }
+                            *last_ack = now;
+                            *acked = true;
+                            link.observed = Some(observed);
+                            link.relay = relay;
+                        }
+                    }
+                }
+                self.refresh_relays();
+                // With every registration: a restarted lighthouse learns
+                // the runner again within one interval.
+                self.advertise_runner(Some(from_peer), now);
+                if first_registration {
+                    // Learn the routes now, not an interval later: a CI
+                    // job's first connection follows `tern up` at once.
+                    self.next_routes_query = now;
+                    self.drive_routes(now);
+                }
+            }
+            ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
+            ControlMessage::Revocations {
+                since,
+                version,
+                entries,
+                complete,
+                ..
+            } => self.apply_revocations(from_peer, since, version, &entries, complete, now),
+            ControlMessage::QueryReply {
+                overlay_ip, peer, ..
+            } => match peer {
+                Some(info) => {
+                    let introducer = self.lighthouse_endpoint(from_peer);
+                    self.handle_answer(overlay_ip, info, introducer, now);
+                }
+                None => self.unknown_answer(from_peer, overlay_ip),
+            },
+            ControlMessage::Punch { peer: info, .. } => {
+                // Verify now so the handshake that follows is answered, and
+                // send toward the asker so our side's NAT mapping opens.
+                match self.mesh.learn_cert(&info.cert, now) {
+                    Ok(cert) => {
+                        tracing::debug!(peer = cert.name(), endpoints = %list(&info.endpoints), "lighthouse asks us to punch");
+                        let endpoints: Vec<SocketAddr> =
+                            info.endpoints.iter().take(MAX_ENDPOINTS).copied().collect();
+                        for e in &endpoints {
+                            self.mesh.send_hello(*e, false);
+                        }
+                        // Both sides send at once: each side's packets open
+                        // its own NAT for the other's.
+                        let introducer = self.lighthouse_endpoint(from_peer);
+                        if let Some(peer) =
+                            self.mesh.add_peer(cert, &endpoints, PeerRole::Node, now)
+                        {
+                            if !self.mesh.is_connected(peer) {
+                                self.mesh.connect(peer, false);
+                            }
+                            self.start_attempt(peer, introducer, now);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(reason = %e, "lighthouse relayed a certificate we do not accept")
+                    }
+                }
+            }
+            ControlMessage::RoutesReply {
+                id,
+                routes,
+                complete,
+            } => self.routes_page(from_peer, id, routes, complete, now),
+            ControlMessage::Pong { id } => self.pong(from_peer, id, now),
+            ControlMessage::Ping { id } => {
+                let Some(ip) = self.mesh.peer_cert(from_peer).map(|c| c.overlay_ip()) else {
+                    return;
+                };
+                self.send_control(from_peer, ip, &ControlMessage::Pong { id }, now);
+            }
+            ControlMessage::Register { .. }
+            | ControlMessage::RoutesQuery { .. }
+            | ControlMessage::Query { .. }
+            | ControlMessage::RunnerAdvert { .. }
+            | ControlMessage::RunnersQuery { .. }
+            | ControlMessage::RevocationsQuery { .. }
+            | ControlMessage::PolicyQuery { .. }
+            | ControlMessage::PolicyReply { .. }
+            | ControlMessage::Deregister { .. } => {
+                self.counters.bad_control_messages += 1;
+            }
+        }
+    }
+
+    /// A packet that waited for its peer: checked like any outbound packet.
+    fn send_waiting(&mut self, peer: PeerId, packet: &[u8], now: Instant) {
+        let Some(cert) = self.mesh.peer_cert(peer) else {
+            return;
+        };
+        let Some((_, dst)) = ipv4_addrs(packet) else {
+            return;
+        };
+        if !may_receive(cert, dst) {
+            let gateway = cert.overlay_ip();
+            self.refuse_gateway(gateway, dst);
+            return;
+        }
+        match self.firewall.check_outbound(packet, cert, now) {
+            Verdict::Allow => self.mesh.send_packet(peer, packet, now),
+            Verdict::Drop => {}
+            Verdict::Reject(reply) => self.tun_writes.push_back(reply),
+        }
+    }
+
+    fn send_control(
+        &mut self,
+        peer: PeerId,
+        lighthouse_ip: Ipv4Addr,
+        msg: &ControlMessage,
+        now: Instant,
+    ) {
+        let payload = match msg.encode() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "control message did not encode");
+                return;
+            }
+        };
+        let packet = build_udp_ipv4(
+            self.overlay_ip,
+            lighthouse_ip,
+            CONTROL_PORT,
+            CONTROL_PORT,
+            &payload,
+        );
+        self.mesh.send_packet(peer, &packet, now);
+    }
+
+    /// The verified certificate behind an overlay address (for the runner,
+    /// who is calling): only a peer's own address names it; addresses in
+    /// subnets it routes do not.
+    pub fn peer_identity(&self, ip: Ipv4Addr) -> Option<VerifiedCert> {
+        let peer = self.mesh.peer_by_overlay(ip)?;
+        let cert = self.mesh.peer_cert(peer)?;
+        (cert.overlay_ip() == ip).then(|| cert.clone())
+    }
+
+    /// Whether traffic to `ip` has somewhere to go: a peer's overlay
+    /// address, or an address in a subnet some gateway routes. The error
+    /// names the address and what is routed, for `tern forward` and the
+    /// proxies.
+    pub fn reachable(&self, ip: Ipv4Addr) -> Result<(), String> {
+        if ip == self.overlay_ip {
+            return Err(format!("{ip} is this node"));
+        }
+        if self.overlay_net.contains(&ip) || self.route_for(ip).is_some() {
+            return Ok(());
+        }
+        let routed: Vec<String> = self.routes.iter().map(|r| r.subnet.to_string()).collect();
+        Err(format!(
+            "{ip} is in no subnet a gateway routes ({}) and not in the overlay {}; \
+             check the gateways' [gateway] subnets and certificates, or add [[routes]]",
+            if routed.is_empty() {
+                "none is known yet".to_string()
+            } else {
+                format!("routed: {}", routed.join(", "))
+            },
+            self.overlay_net.trunc()
+        ))
+    }
+
+    fn request_id(&mut self) -> u32 {
+        let id = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        id
+    }
+}
+
+/// Cryptokey routing outbound: a peer gets only packets for its own overlay
+/// address or for a subnet its certificate carries.
+fn may_receive(cert: &VerifiedCert, dst: Ipv4Addr) -> bool {
+    dst == cert.overlay_ip()
+        || cert
+            .subnets()
+            .iter()
+            .any(|n| matches!(n, IpNet::V4(n) if n.contains(&dst)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tern_mesh::MeshSettings;
+    use tern_shared::testing::{TestCa, TEST_NOW};
+
+    fn node(ca: &TestCa) -> NodeCore {
+        let me = ca.node("me", "100.64.0.5/10", &[], &[], 86_400);
+        let pool = ca.pool();
+        let cert = me.verified(&pool);
+        let now = Instant::now();
+        let mesh = Mesh::new(
+            me.key.static_secret(),
+            &cert,
+            pool,
+            MeshSettings::default(),
+            now,
+            TEST_NOW,
+        );
+        let lh = LighthouseTarget {
+            endpoint: "198.18.0.1:4242".parse().unwrap(),
+            name: None,
+        };
+        NodeCore::new(mesh, &cert, vec![lh], now)
+    }
+
+    #[test]
+    fn ping_refuses_what_it_cannot_reach_and_reports_silence() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let now = Instant::now();
+        let err = core.ping("nobody", now).unwrap_err();
+        assert!(err.contains("no peer named \"nobody\""), "{err}");
+        assert!(core
+            .ping("100.64.0.5", now)
+            .unwrap_err()
+            .contains("this node"));
+        let err = core.ping("198.19.0.10", now).unwrap_err();
+        assert!(err.contains("not in the overlay network"), "{err}");
+        // An address nobody answered for yet: looked up, then given up on.
+        let ip = Ipv4Addr::new(100, 64, 0, 6);
+        let id = core.ping("100.64.0.6", now).unwrap();
+        assert!(
+            core.lookups.contains_key(&ip),
+            "the peer is looked up first"
+        );
+        assert!(core.poll_ping_result().is_none());
+        core.handle_timeout(now + PING_TIMEOUT);
+        let result = core.poll_ping_result().expect("a timeout result");
+        assert_eq!(
+            (result.id, result.overlay_ip, result.rtt_ms),
+            (id, ip, None)
+        );
+    }
+
+    fn ask(core: &mut NodeCore, ip: Ipv4Addr) {
+        let packet = build_udp_ipv4(core.overlay_ip(), ip, 1, 2, b"x");
+        let mut out = vec![0u8; 2048];
+        assert!(core
+            .handle_tun_packet(&packet, &mut out, Instant::now())
+            .is_none());
+        assert!(core.lookups.contains_key(&ip));
+    }
+
+    #[test]
+    fn a_lying_lighthouse_cannot_make_a_node_accept_another_key() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let wanted = Ipv4Addr::new(100, 64, 0, 6);
+        ask(&mut core, wanted);
+        let endpoints = vec!["198.18.0.66:4242".parse().unwrap()];
+
+        // Another node's genuine certificate, offered as the answer for `wanted`.
+        let other = ca.node("other", "100.64.0.7/10", &[], &[], 86_400);
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: other.cert.encode(),
+                endpoints: endpoints.clone(),
+            },
+            None,
+            Instant::now(),
+        );
+        // A certificate for `wanted` from a CA this node does not trust.
+        let rogue_ca = TestCa::new("rogue", &[], &[]);
+        let forged = rogue_ca.node("impostor", "100.64.0.6/10", &[], &[], 86_400);
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: forged.cert.encode(),
+                endpoints: endpoints.clone(),
+            },
+            None,
+            Instant::now(),
+        );
+        // Garbage.
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: vec![0xde, 0xad],
+                endpoints,
+            },
+            None,
+            Instant::now(),
+        );
+
+        assert_eq!(core.counters.lying_lighthouse_answers, 3);
+        assert!(core.mesh.peer_by_overlay(wanted).is_none());
+        assert!(core
+            .mesh
+            .peer_by_overlay(Ipv4Addr::new(100, 64, 0, 7))
+            .is_none());
+        assert!(
+            core.lookups.contains_key(&wanted),
+            "still waiting for a true answer"
+        );
+    }
+
+    #[test]
+    fn a_true_answer_creates_the_peer_and_sends_the_waiting_packet() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let wanted = Ipv4Addr::new(100, 64, 0, 6);
+        ask(&mut core, wanted);
+        let b = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let endpoint: SocketAddr = "198.18.0.3:4242".parse().unwrap();
+        core.handle_answer(
+            wanted,
+            PeerInfo {
+                cert: b.cert.encode(),
+                endpoints: vec![endpoint],
+            },
+            None,
+            Instant::now(),
+        );
+        assert!(core.mesh.peer_by_overlay(wanted).is_some());
+        assert!(!core.lookups.contains_key(&wanted));
+        let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
+        assert!(
+            sent.iter()
+                .any(|t| t.dst == endpoint && t.payload.first() == Some(&1)),
+            "a handshake initiation goes to the answered endpoint"
+        );
+    }
+
+    #[test]
+    fn only_a_lighthouse_certificate_is_accepted_at_a_lighthouse_endpoint() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let pool = ca.pool();
+        let lh_endpoint: SocketAddr = "198.18.0.1:4242".parse().unwrap();
+        let plain = ca.node("not-a-lighthouse", "100.64.0.1/10", &[], &[], 86_400);
+        core.maybe_lighthouse(lh_endpoint, plain.verified(&pool), Instant::now());
+        assert!(!matches!(core.links[0].state, LinkState::Up { .. }));
+        let real = ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400);
+        // From another address it is not this link's lighthouse.
+        core.maybe_lighthouse(
+            "198.18.0.9:4242".parse().unwrap(),
+            real.verified(&pool),
+            Instant::now(),
+        );
+        assert!(!matches!(core.links[0].state, LinkState::Up { .. }));
+        core.maybe_lighthouse(lh_endpoint, real.verified(&pool), Instant::now());
+        assert!(matches!(core.links[0].state, LinkState::Up { .. }));
+    }
+
+    #[test]
+    fn a_pinned_lighthouse_name_is_enforced() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        core.links[0].target.name = Some("lh-main".into());
+        let pool = ca.pool();
+        let lh_endpoint: SocketAddr = "198.18.0.1:4242".parse().unwrap();
+        let other = ca.node(
+            "lh-other",
+            "100.64.0.2/10",
+            &[LIGHTHOUSE_GROUP],
+            &[],
+            86_400,
+        );
+        core.maybe_lighthouse(lh_endpoint, other.verified(&pool), Instant::now());
+        assert!(!matches!(core.links[0].state, LinkState::Up { .. }));
+        let main = ca.node("lh-main", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400);
+        core.maybe_lighthouse(lh_endpoint, main.verified(&pool), Instant::now());
+        assert!(matches!(core.links[0].state, LinkState::Up { .. }));
+    }
+
+    #[test]
+    fn packets_outside_the_overlay_or_to_ourselves_are_not_looked_up() {
+        let ca = TestCa::new("ca", &[], &[]);
+        let mut core = node(&ca);
+        let mut out = vec![0u8; 2048];
+        for dst in [
+            Ipv4Addr::new(198, 19, 0, 10),
+            Ipv4Addr::new(100, 64, 0, 5),
+            Ipv4Addr::new(100, 127, 255, 255),
+        ] {
+            let p = build_udp_ipv4(core.overlay_ip(), dst, 1, 2, b"x");
+            assert!(core
+                .handle_tun_packet(&p, &mut out, Instant::now())
+                .is_none());
+        }
+        assert!(core.lookups.is_empty());
+        assert_eq!(core.counters.no_route_drops, 3);
+        assert!(
+            core.handle_tun_packet(&[0x60, 0, 0], &mut out, Instant::now())
+                .is_none(),
+            "garbage"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Direct paths: hole punching toward peers without one (through the
+//! relay meanwhile, after `relay_after`), and noticing a direct path that
+//! stopped working.
+
+use super::*;
+
+/// Hole punching: the first repeat comes this soon after the first attempt,
+/// each next one twice as late, up to every PUNCH_INTERVAL_MAX while the peer
+/// is relayed (the background search for a direct path).
+pub(super) const PUNCH_INTERVAL_FIRST: Duration = Duration::from_millis(200);
+
+pub(super) const PUNCH_INTERVAL_MAX: Duration = Duration::from_secs(5);
+
+/// After this long on the relay, punch only every PUNCH_INTERVAL_LONG: longer
+/// than a Linux NAT keeps an unanswered UDP mapping (30 s), so a mapping our
+/// own punches spoiled (both sides' first packets crossing) can expire
+/// between rounds instead of being refreshed forever.
+pub(super) const PUNCH_PATIENCE: Duration = Duration::from_secs(30);
+
+pub(super) const PUNCH_INTERVAL_LONG: Duration = Duration::from_secs(40);
+
+/// A peer that never answered, directly or relayed, for this long is left to
+/// the mesh's own retries.
+pub(super) const ATTEMPT_GIVE_UP: Duration = Duration::from_secs(60);
+
+/// The search for a direct path to one peer.
+pub(super) struct Attempt {
+    pub(super) started: Instant,
+    /// The lighthouse that introduced us, preferred as the relay.
+    pub(super) introducer: Option<SocketAddr>,
+    pub(super) next_punch: Instant,
+    pub(super) interval: Duration,
+}
+
+impl NodeCore {
+    /// How long a peer may go without a direct path before it is relayed.
+    pub fn set_relay_after(&mut self, relay_after: Duration) {
+        self.relay_after = relay_after;
+    }
+
+    /// The direct path to `peer` went away: use the relay at once, ask the
+    /// lighthouses where the peer is now (its address may have changed; the
+    /// answer also makes the lighthouse tell the peer to punch toward us),
+    /// and punch again.
+    pub(super) fn direct_path_lost(&mut self, peer: PeerId, now: Instant) {
+        self.attempts.remove(&peer);
+        self.start_attempt(peer, None, now);
+        if let Some(a) = self.attempts.get_mut(&peer) {
+            a.started = now.checked_sub(self.relay_after).unwrap_or(a.started);
+        }
+        if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
+            self.send_query(ip, now);
+        }
+        self.drive_attempts(now);
+    }
+
+    /// Direct paths we keep sending on without hearing back: ask the peer
+    /// (a control ping, answered by every daemon) and give the path up when
+    /// the answer does not come either.
+    pub(super) fn drive_direct_liveness(&mut self, now: Instant) {
+        let silent = self.mesh.silent_direct_peers(now, PROBE_AFTER);
+        self.direct_probes.retain(|p, _| silent.contains(p));
+        for peer in silent {
+            match self.direct_probes.get(&peer).copied() {
+                None => {
+                    self.direct_probes.insert(peer, now);
+                    if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
+                        let id = self.request_id();
+                        self.pings.insert(
+                            id,
+                            PendingPing {
+                                overlay_ip: ip,
+                                sent: now,
+                                report: false,
+                            },
+                        );
+                        self.send_control(peer, ip, &ControlMessage::Ping { id }, now);
+                    }
+                }
+                Some(sent) if now.saturating_duration_since(sent) >= GATEWAY_SILENCE => {
+                    self.direct_probes.remove(&peer);
+                    self.mesh.drop_direct_path(peer);
+                    self.drain_mesh_events(now);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Starts (or keeps) the search for a direct path to `peer`.
+    pub(super) fn start_attempt(
+        &mut self,
+        peer: PeerId,
+        introducer: Option<SocketAddr>,
+        now: Instant,
+    ) {
+        if matches!(
+            self.mesh.peer_path(peer),
+            Some((tern_mesh::PathKind::Direct, _))
+        ) {
+            return;
+        }
+        self.attempts.entry(peer).or_insert(Attempt {
+            started: now,
+            introducer,
+            next_punch: now + PUNCH_INTERVAL_FIRST,
+            interval: PUNCH_INTERVAL_FIRST,
+        });
+    }
+
+    /// Punch on schedule; after `relay_after` without a session, go through a
+    /// relay; stop once a direct path carries the session.
+    pub(super) fn drive_attempts(&mut self, now: Instant) {
+        use tern_mesh::PathKind;
+        if self.attempts.is_empty() {
+            return;
+        }
+        // Kept current by `refresh_relays` (every tick and on each
+        // registration answer); the mesh owns the list.
+        let relays = self.mesh.relays().to_vec();
+        let peers: Vec<PeerId> = self.attempts.keys().copied().collect();
+        for peer in peers {
+            let Some((kind, relay)) = self.mesh.peer_path(peer) else {
+                self.attempts.remove(&peer);
+                continue;
+            };
+            let connected = self.mesh.is_connected(peer);
+            if kind == PathKind::Direct && connected {
+                self.attempts.remove(&peer);
+                continue;
+            }
+            let Some(a) = self.attempts.get_mut(&peer) else {
+                continue;
+            };
+            if !connected
+                && relay.is_none()
+                && now.saturating_duration_since(a.started) > ATTEMPT_GIVE_UP
+            {
+                self.attempts.remove(&peer);
+                continue;
+            }
+            // The relay in use went away: another one, or none.
+            let usable = |r: &SocketAddr| relays.contains(r);
+            let wanted = if relay.is_some()
+                || now.saturating_duration_since(a.started) >= self.relay_after
+            {
+                relay
+                    .filter(usable)
+                    .or(a.introducer.filter(usable))
+                    .or(relays.first().copied())
+            } else {
+                None
+            };
+            if wanted != relay && (wanted.is_some() || relay.is_some()) {
+                self.mesh.set_relay(peer, wanted);
+                if !connected && wanted.is_some() {
+                    self.mesh.connect(peer, true);
+                }
+            }
+            if a.next_punch <= now {
+                a.interval = if now.saturating_duration_since(a.started) >= PUNCH_PATIENCE {
+                    PUNCH_INTERVAL_LONG
+                } else {
+                    (a.interval * 2).min(PUNCH_INTERVAL_MAX)
+                };
+                a.next_punch = now + a.interval;
+                self.mesh.punch(peer);
+                // No session yet after a few rounds: the lighthouse's punch
+                // request to the peer may have been lost. Asking again
+                // makes the lighthouse send it again.
+                if !connected && a.interval >= Duration::from_millis(1600) {
+                    if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
+                        self.send_query(ip, now);
+                    }
+                }
+            }
+        }
+    }
+}
