@@ -12,7 +12,7 @@ use tern_lighthouse_core::lighthouse::LighthouseCore;
 use tern_lighthouse_core::registry::Registry;
 use tern_lighthouse_core::relay::RelayTable;
 use tern_mesh::{Mesh, MeshSettings, PathKind, Transmit, TIMER_TICK};
-use tern_node_core::node::{LighthouseTarget, NodeCore};
+use tern_node_core::node::{LighthouseTarget, NodeCore, NodeEvent};
 use tern_shared::cert::LIGHTHOUSE_GROUP;
 use tern_shared::packet::build_udp_ipv4;
 use tern_shared::testing::{open_firewall, TestCa, TestNode, TEST_NOW};
@@ -917,7 +917,6 @@ fn a_mesh_with_a_hundred_subnet_gateway_pairs_learns_every_one() {
 
 #[test]
 fn learned_routes_get_kernel_routes_only_when_accepted_and_verified_and_never_over_the_underlay() {
-    use tern_node_core::node::NodeCommand;
     let mut lab = gateway_lab(&[("gw-1", "100.64.0.30/10", GW1)]);
     // A gateway whose certificate covers the underlay (and the lighthouse's
     // 198.18.0.1) advertises it, and one a /25 inside the clients' subnet.
@@ -939,8 +938,8 @@ fn learned_routes_get_kernel_routes_only_when_accepted_and_verified_and_never_ov
     );
     let kernel_adds = |lab: &mut Lab, at: &str| {
         let mut adds = Vec::new();
-        while let Some(c) = lab.net.node(at).0.poll_command() {
-            if let NodeCommand::AddRoute(s) = c {
+        while let Some(e) = lab.net.node(at).0.poll_event() {
+            if let NodeEvent::AddRoute(s) = e {
                 adds.push(s);
             }
         }
@@ -1260,7 +1259,12 @@ fn runners_are_found_by_label_least_busy_first_and_only_from_runner_certificates
         let now = net.now;
         let id = net.node(A).0.find_runners(selector, now).unwrap();
         net.run_for(Duration::from_millis(100));
-        let result = net.node(A).0.poll_runners_result().expect("answered");
+        let result = std::iter::from_fn(|| net.node(A).0.poll_event())
+            .find_map(|e| match e {
+                NodeEvent::Runners(r) => Some(r),
+                _ => None,
+            })
+            .expect("answered");
         assert_eq!(result.id, id);
         assert_eq!((result.asked, result.answered), (1, 1));
         result
@@ -1436,7 +1440,12 @@ fn a_node_asks_the_gateway_whether_policy_lets_it_in_and_gets_the_gateways_own_v
         let now = lab.net.now;
         let id = lab.net.node(at).0.ask_policy(SERVER, port, now).unwrap();
         lab.net.settle();
-        let result = lab.net.node(at).0.poll_policy_result().expect("an answer");
+        let result = std::iter::from_fn(|| lab.net.node(at).0.poll_event())
+            .find_map(|e| match e {
+                NodeEvent::Policy(r) => Some(r),
+                _ => None,
+            })
+            .expect("an answer");
         assert_eq!(result.id, id);
         assert_eq!(result.asked.as_deref(), Some("gw-1"));
         result.answer.expect("answered")

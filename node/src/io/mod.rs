@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use api::{ApiCall, ApiRequest};
 use datapath::{DataPath, Outer};
 use tern_node_core::firewall::{subnet_within, subnets_no_rule_opens};
-use tern_node_core::node::{LighthouseTarget, NodeCommand, NodeCore};
+use tern_node_core::node::{LighthouseTarget, NodeCore, NodeEvent};
 use tern_runner::scheduler::Caller;
 
 /// Packets the kernel may queue on the TUN device for the daemon to read.
@@ -249,18 +249,9 @@ pub async fn run(
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut waiting_pings: std::collections::HashMap<
-        u32,
-        tokio::sync::oneshot::Sender<serde_json::Value>,
-    > = std::collections::HashMap::new();
-    let mut waiting_finds: std::collections::HashMap<
-        u32,
-        tokio::sync::oneshot::Sender<serde_json::Value>,
-    > = std::collections::HashMap::new();
-    let mut waiting_policies: std::collections::HashMap<
-        u32,
-        tokio::sync::oneshot::Sender<serde_json::Value>,
-    > = std::collections::HashMap::new();
+    // Answers the core owes the API (pings, policy queries, runner finds),
+    // by request id (one counter for all three).
+    let mut waiting: Waiting = std::collections::HashMap::new();
     let mut next_timer = tokio::time::Instant::now();
 
     // Set when a lighthouse says our own certificate is revoked: we stop.
@@ -325,7 +316,7 @@ pub async fn run(
                     }
                     ApiRequest::Ping { peer } => match core.ping(&peer, Instant::now()) {
                         Ok(id) => {
-                            waiting_pings.insert(id, reply);
+                            waiting.insert(id, reply);
                         }
                         Err(e) => {
                             let _ = reply.send(serde_json::json!({ "error": e }));
@@ -334,7 +325,7 @@ pub async fn run(
                     ApiRequest::FindRunners { selector } => {
                         match core.find_runners(selector, Instant::now()) {
                             Ok(id) => {
-                                waiting_finds.insert(id, reply);
+                                waiting.insert(id, reply);
                             }
                             Err(e) => {
                                 let _ = reply.send(serde_json::json!({ "error": e }));
@@ -344,7 +335,7 @@ pub async fn run(
                     ApiRequest::Policy { target } => {
                         match core.ask_policy(*target.ip(), target.port(), Instant::now()) {
                             Ok(id) => {
-                                waiting_policies.insert(id, reply);
+                                waiting.insert(id, reply);
                             }
                             Err(e) => {
                                 let _ = reply.send(serde_json::json!({ "error": e }));
@@ -384,15 +375,17 @@ pub async fn run(
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
         flush(&mut core, &outer).await;
+        let routes_dev = (!userspace).then_some(config.tun.name.as_str());
+        let packets = take_events(&mut core, &mut waiting, routes_dev, &mut revoked);
         match &mut plane {
             Plane::Tun { tun, path } => {
-                while let Some(reply) = core.poll_tun_write() {
+                for reply in packets {
                     path.write_one(tun, &reply).await;
                 }
             }
             Plane::User { stack, path } => {
                 let now = Instant::now();
-                while let Some(reply) = core.poll_tun_write() {
+                for reply in packets {
                     stack.handle_inbound(&reply, now);
                 }
                 stack.poll(now, &|ip| core.reachable(ip));
@@ -400,51 +393,15 @@ pub async fn run(
                 // What the stack's packets made the core say (a lookup, a
                 // handshake): now, not at the next timer tick.
                 flush(&mut core, &outer).await;
+                for reply in take_events(&mut core, &mut waiting, None, &mut revoked) {
+                    stack.handle_inbound(&reply, now);
+                }
                 if let Some(d) = stack.poll_delay() {
                     let at = tokio::time::Instant::now() + d;
                     if at < next_timer {
                         next_timer = at;
                     }
                 }
-            }
-        }
-        while let Some(result) = core.poll_ping_result() {
-            if let Some(reply) = waiting_pings.remove(&result.id) {
-                let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
-            }
-        }
-        while let Some(result) = core.poll_policy_result() {
-            if let Some(reply) = waiting_policies.remove(&result.id) {
-                let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
-            }
-        }
-        while let Some(result) = core.poll_runners_result() {
-            if let Some(reply) = waiting_finds.remove(&result.id) {
-                let _ = reply.send(serde_json::to_value(&result).unwrap_or_default());
-            }
-        }
-        while let Some(command) = core.poll_command() {
-            let tun = &config.tun.name;
-            match command {
-                NodeCommand::Revoked { lighthouse } => revoked = Some(lighthouse),
-                // No kernel routes: the stack hands every packet to the core.
-                _ if userspace => {}
-                NodeCommand::AddRoute(subnet) => match routes::add(subnet, tun) {
-                    Ok(routes::RouteAdded::Added) => {
-                        tracing::info!(%subnet, dev = %tun, "kernel route added")
-                    }
-                    Ok(routes::RouteAdded::Present) => {
-                        tracing::debug!(%subnet, "kernel route already there")
-                    }
-                    Ok(routes::RouteAdded::Skipped(why)) => {
-                        tracing::warn!(%subnet, reason = %why, "kernel route skipped")
-                    }
-                    Err(e) => tracing::warn!(%subnet, error = %e, "kernel route not added"),
-                },
-                NodeCommand::RemoveRoute(subnet) => match routes::remove(subnet, tun) {
-                    Ok(()) => tracing::info!(%subnet, "kernel route removed"),
-                    Err(e) => tracing::debug!(%subnet, error = %e, "kernel route not removed"),
-                },
             }
         }
         if revoked.is_some() {
@@ -486,6 +443,60 @@ pub async fn run(
         .into());
     }
     Ok(())
+}
+
+/// API requests waiting for the core's answer, by request id.
+type Waiting = std::collections::HashMap<u32, tokio::sync::oneshot::Sender<serde_json::Value>>;
+
+/// Takes the core's events: answers go to whoever waits for them, kernel
+/// routes are made or removed on `routes_dev` (none in userspace mode: the
+/// stack hands every packet to the core), a revocation is noted in
+/// `revoked`; packets for the TUN device or the stack are returned, in
+/// order.
+fn take_events(
+    core: &mut NodeCore,
+    waiting: &mut Waiting,
+    routes_dev: Option<&str>,
+    revoked: &mut Option<String>,
+) -> Vec<Vec<u8>> {
+    let mut packets = Vec::new();
+    let mut answer = |id: u32, value: serde_json::Value| {
+        if let Some(reply) = waiting.remove(&id) {
+            let _ = reply.send(value);
+        }
+    };
+    while let Some(event) = core.poll_event() {
+        match event {
+            NodeEvent::TunWrite(packet) => packets.push(packet),
+            NodeEvent::Ping(r) => answer(r.id, serde_json::to_value(&r).unwrap_or_default()),
+            NodeEvent::Policy(r) => answer(r.id, serde_json::to_value(&r).unwrap_or_default()),
+            NodeEvent::Runners(r) => answer(r.id, serde_json::to_value(&r).unwrap_or_default()),
+            NodeEvent::Revoked { lighthouse } => *revoked = Some(lighthouse),
+            NodeEvent::AddRoute(subnet) => {
+                let Some(tun) = routes_dev else { continue };
+                match routes::add(subnet, tun) {
+                    Ok(routes::RouteAdded::Added) => {
+                        tracing::info!(%subnet, dev = %tun, "kernel route added")
+                    }
+                    Ok(routes::RouteAdded::Present) => {
+                        tracing::debug!(%subnet, "kernel route already there")
+                    }
+                    Ok(routes::RouteAdded::Skipped(why)) => {
+                        tracing::warn!(%subnet, reason = %why, "kernel route skipped")
+                    }
+                    Err(e) => tracing::warn!(%subnet, error = %e, "kernel route not added"),
+                }
+            }
+            NodeEvent::RemoveRoute(subnet) => {
+                let Some(tun) = routes_dev else { continue };
+                match routes::remove(subnet, tun) {
+                    Ok(()) => tracing::info!(%subnet, "kernel route removed"),
+                    Err(e) => tracing::debug!(%subnet, error = %e, "kernel route not removed"),
+                }
+            }
+        }
+    }
+    packets
 }
 
 /// Where packets for this node go.

@@ -115,8 +115,7 @@ impl NodeCore {
         for id in pings {
             if let Some(p) = self.pings.remove(&id) {
                 if p.report {
-                    self.ping_results
-                        .push_back(PingResult::unknown(id, overlay_ip));
+                    self.events.ping(PingResult::unknown(id, overlay_ip));
                 }
             }
         }

@@ -58,9 +58,13 @@ pub struct NodeCounters {
     pub revocations_learned: u64,
 }
 
-/// Side effects for the shell beyond packets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeCommand {
+/// What the core tells its shell besides datagrams to send: one queue,
+/// drained with [`NodeCore::poll_event`] after every call.
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    /// A packet the node answers toward its own kernel (a reject): for the
+    /// TUN device, or the userspace stack.
+    TunWrite(Vec<u8>),
     /// Send this subnet into the TUN device (a kernel route), unless the
     /// host already routes it another way: the shell never replaces a
     /// route it did not make.
@@ -71,6 +75,34 @@ pub enum NodeCommand {
     /// revoked: no peer will talk to it any more; the shell stops with
     /// its own exit code.
     Revoked { lighthouse: String },
+    /// The answer to [`NodeCore::ping`].
+    Ping(PingResult),
+    /// The answer to [`NodeCore::ask_policy`].
+    Policy(PolicyResult),
+    /// The answer to [`NodeCore::find_runners`].
+    Runners(RunnersResult),
+}
+
+/// The queue behind [`NodeCore::poll_event`].
+#[derive(Debug, Default)]
+struct Events(VecDeque<NodeEvent>);
+
+impl Events {
+    fn push(&mut self, event: NodeEvent) {
+        self.0.push_back(event);
+    }
+    fn tun_write(&mut self, packet: Vec<u8>) {
+        self.push(NodeEvent::TunWrite(packet));
+    }
+    fn ping(&mut self, result: PingResult) {
+        self.push(NodeEvent::Ping(result));
+    }
+    fn policy(&mut self, result: PolicyResult) {
+        self.push(NodeEvent::Policy(result));
+    }
+    fn runners(&mut self, result: RunnersResult) {
+        self.push(NodeEvent::Runners(result));
+    }
 }
 
 /// `tern status` for a node.
@@ -122,8 +154,7 @@ pub struct NodeCore {
     /// `[tun] accept_routes`: learned routes get kernel routes too (once a
     /// verified certificate covers them), not only `[[routes]]`.
     accept_routes: bool,
-    tun_writes: VecDeque<Vec<u8>>,
-    commands: VecDeque<NodeCommand>,
+    events: Events,
     /// Peers without a direct path yet: punching, then relaying after
     /// `relay_after` while punching goes on.
     attempts: HashMap<PeerId, Attempt>,
@@ -131,13 +162,10 @@ pub struct NodeCore {
     /// Direct paths asked whether they still work, and when.
     direct_probes: HashMap<PeerId, Instant>,
     pings: HashMap<u32, PendingPing>,
-    ping_results: VecDeque<PingResult>,
     rtts: HashMap<Ipv4Addr, Duration>,
     runner: Option<RunnerAdvert>,
     finds: HashMap<u32, PendingFind>,
-    find_results: VecDeque<RunnersResult>,
     policies: HashMap<u32, PendingPolicy>,
-    policy_results: VecDeque<PolicyResult>,
 }
 
 impl NodeCore {
@@ -182,19 +210,15 @@ impl NodeCore {
             routes_asked: None,
             routes_fetch: None,
             accept_routes: false,
-            tun_writes: VecDeque::new(),
-            commands: VecDeque::new(),
+            events: Events::default(),
             attempts: HashMap::new(),
             relay_after: tern_shared::config::DEFAULT_RELAY_AFTER,
             direct_probes: HashMap::new(),
             pings: HashMap::new(),
-            ping_results: VecDeque::new(),
             rtts: HashMap::new(),
             runner: None,
             finds: HashMap::new(),
-            find_results: VecDeque::new(),
             policies: HashMap::new(),
-            policy_results: VecDeque::new(),
         }
     }
 
@@ -228,7 +252,7 @@ impl NodeCore {
                 active: None,
                 probe_sent: None,
             });
-            self.commands.push_back(NodeCommand::AddRoute(r.subnet));
+            self.events.push(NodeEvent::AddRoute(r.subnet));
         }
         self.sort_routes();
     }
@@ -238,13 +262,9 @@ impl NodeCore {
         self.firewall.replace_rules(firewall);
     }
 
-    /// A packet the node itself answers toward its own kernel (a reject).
-    pub fn poll_tun_write(&mut self) -> Option<Vec<u8>> {
-        self.tun_writes.pop_front()
-    }
-
-    pub fn poll_command(&mut self) -> Option<NodeCommand> {
-        self.commands.pop_front()
+    /// What the core has to tell the shell, oldest first (see [`NodeEvent`]).
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.0.pop_front()
     }
 
     pub fn overlay_ip(&self) -> Ipv4Addr {
@@ -348,7 +368,7 @@ impl NodeCore {
             Verdict::Allow => self.mesh.encapsulate(peer, packet, out, now),
             Verdict::Drop => None,
             Verdict::Reject(reply) => {
-                self.tun_writes.push_back(reply);
+                self.events.tun_write(reply);
                 None
             }
         }
@@ -509,7 +529,7 @@ impl NodeCore {
                     if Some(p.asked) == from {
                         let name = self.mesh.peer_cert(peer).map(|c| c.name().to_string());
                         self.policies.remove(&id);
-                        self.policy_results.push_back(PolicyResult {
+                        self.events.policy(PolicyResult {
                             id,
                             asked: name,
                             answer: Some(answer),
@@ -665,7 +685,7 @@ impl NodeCore {
         match self.firewall.check_outbound(packet, cert, now) {
             Verdict::Allow => self.mesh.send_packet(peer, packet, now),
             Verdict::Drop => {}
-            Verdict::Reject(reply) => self.tun_writes.push_back(reply),
+            Verdict::Reject(reply) => self.events.tun_write(reply),
         }
     }
 
@@ -790,9 +810,15 @@ mod tests {
             core.lookups.contains_key(&ip),
             "the peer is looked up first"
         );
-        assert!(core.poll_ping_result().is_none());
+        let ping_result = |core: &mut NodeCore| {
+            std::iter::from_fn(|| core.poll_event()).find_map(|e| match e {
+                NodeEvent::Ping(r) => Some(r),
+                _ => None,
+            })
+        };
+        assert!(ping_result(&mut core).is_none());
         core.handle_timeout(now + PING_TIMEOUT);
-        let result = core.poll_ping_result().expect("a timeout result");
+        let result = ping_result(&mut core).expect("a timeout result");
         assert_eq!(
             (result.id, result.overlay_ip, result.rtt_ms),
             (id, ip, None)

@@ -134,7 +134,7 @@ impl NodeCore {
 
     /// `tern run --on LABEL | --node NAME`: asks every registered
     /// lighthouse which runners match. The merged answer comes out of
-    /// [`NodeCore::poll_runners_result`] with the returned id once all have
+    /// [`NodeEvent::Runners`] with the returned id once all have
     /// answered or [`FIND_RUNNERS_TIMEOUT`] passed.
     pub fn find_runners(&mut self, selector: RunnerSelector, now: Instant) -> Result<u32, String> {
         let targets = self.registered_lighthouses();
@@ -164,10 +164,6 @@ impl NodeCore {
         Ok(id)
     }
 
-    pub fn poll_runners_result(&mut self) -> Option<RunnersResult> {
-        self.find_results.pop_front()
-    }
-
     pub(super) fn runners_reply(&mut self, request: u32, runners: Vec<RunnerInfo>) {
         let Some((&id, find)) = self
             .finds
@@ -194,7 +190,7 @@ impl NodeCore {
         };
         let mut runners = find.runners;
         tern_shared::control::sort_least_busy(&mut runners);
-        self.find_results.push_back(RunnersResult {
+        self.events.runners(RunnersResult {
             id,
             answered: find.asked - find.waiting.len(),
             asked: find.asked,
@@ -217,7 +213,7 @@ impl NodeCore {
     /// `tern ping`: a control ping to `target` (an overlay address, or the
     /// name of a peer in the table), looked up first when the peer is not
     /// known yet. The answer, or its absence, comes out of
-    /// [`NodeCore::poll_ping_result`] with the returned id.
+    /// [`NodeEvent::Ping`] with the returned id.
     pub fn ping(&mut self, target: &str, now: Instant) -> Result<u32, String> {
         let overlay_ip = match target.parse::<Ipv4Addr>() {
             Ok(ip) => ip,
@@ -244,8 +240,7 @@ impl NodeCore {
         }
         let id = self.request_id();
         if self.mesh.peer_by_overlay(overlay_ip).is_none() && self.known_unknown(overlay_ip) {
-            self.ping_results
-                .push_back(PingResult::unknown(id, overlay_ip));
+            self.events.ping(PingResult::unknown(id, overlay_ip));
             return Ok(id);
         }
         self.pings.insert(
@@ -278,7 +273,7 @@ impl NodeCore {
     /// Asks the peer in front of `dst` (the peer itself, or the gateway in
     /// use for its subnet) whether its inbound firewall lets this node open
     /// TCP to `dst:port`. The answer (or its absence after 2 s) comes out of
-    /// [`NodeCore::poll_policy_result`] with the returned id.
+    /// [`NodeEvent::Policy`] with the returned id.
     pub fn ask_policy(&mut self, dst: Ipv4Addr, port: u16, now: Instant) -> Result<u32, String> {
         let asked = if self.overlay_net.contains(&dst) {
             dst
@@ -305,11 +300,6 @@ impl NodeCore {
         Ok(id)
     }
 
-    /// An answer to [`NodeCore::ask_policy`], or its timeout.
-    pub fn poll_policy_result(&mut self) -> Option<PolicyResult> {
-        self.policy_results.pop_front()
-    }
-
     pub(super) fn drive_policies(&mut self, now: Instant) {
         let lost: Vec<u32> = self
             .policies
@@ -319,17 +309,12 @@ impl NodeCore {
             .collect();
         for id in lost {
             self.policies.remove(&id);
-            self.policy_results.push_back(PolicyResult {
+            self.events.policy(PolicyResult {
                 id,
                 asked: None,
                 answer: None,
             });
         }
-    }
-
-    /// A ping's answer or timeout, for whoever asked.
-    pub fn poll_ping_result(&mut self) -> Option<PingResult> {
-        self.ping_results.pop_front()
     }
 
     pub(super) fn pong(&mut self, peer: PeerId, id: u32, now: Instant) {
@@ -350,7 +335,7 @@ impl NodeCore {
         self.rtts.insert(ip, rtt);
         if pending.report {
             let path = self.mesh.peer_path(peer);
-            self.ping_results.push_back(PingResult {
+            self.events.ping(PingResult {
                 id,
                 overlay_ip: ip,
                 name: Some(name),
@@ -380,7 +365,7 @@ impl NodeCore {
                     .peer_by_overlay(p.overlay_ip)
                     .and_then(|peer| self.mesh.peer_cert(peer))
                     .map(|c| c.name().to_string());
-                self.ping_results.push_back(PingResult {
+                self.events.ping(PingResult {
                     id,
                     overlay_ip: p.overlay_ip,
                     name,

@@ -55,8 +55,7 @@ impl NodeCore {
                 .peer_cert(lighthouse)
                 .map_or_else(|| "a lighthouse".to_string(), |c| c.name().to_string());
             tracing::error!(lighthouse = %name, "this node's certificate is revoked: no peer will accept it any more");
-            self.commands
-                .push_back(NodeCommand::Revoked { lighthouse: name });
+            self.events.push(NodeEvent::Revoked { lighthouse: name });
         }
         let new = self.mesh.revoke(&list, now);
         if new > 0 {

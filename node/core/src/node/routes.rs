@@ -360,7 +360,7 @@ impl NodeCore {
         for (subnet, kernel) in gone {
             tracing::info!(%subnet, "no gateway advertises the subnet any more; route removed");
             if kernel {
-                self.commands.push_back(NodeCommand::RemoveRoute(subnet));
+                self.events.push(NodeEvent::RemoveRoute(subnet));
             }
         }
         let mut look_up = Vec::new();
@@ -458,7 +458,7 @@ impl NodeCore {
                 let r = &mut self.routes[i];
                 tracing::info!(subnet = %r.subnet, %gateway, "learned route accepted ([tun] accept_routes)");
                 r.kernel = true;
-                self.commands.push_back(NodeCommand::AddRoute(r.subnet));
+                self.events.push(NodeEvent::AddRoute(r.subnet));
             }
         }
     }
