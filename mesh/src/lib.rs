@@ -302,6 +302,8 @@ pub struct Mesh {
     /// The latest time any call passed in, for work done in calls that take
     /// none (a handshake started by `connect`).
     last_now: Instant,
+    /// When [`Mesh::handle_timeout`] last ran.
+    last_tick: Instant,
     scratch: Vec<u8>,
     /// Addresses whose relayed datagrams (0x12) this mesh accepts.
     relays: Vec<SocketAddr>,
@@ -396,6 +398,7 @@ impl Mesh {
             clock_origin: (now, unix_now),
             last_second: now,
             last_now: now,
+            last_tick: now,
             relays: Vec::new(),
             scratch: vec![0u8; 2048],
         }
@@ -814,6 +817,7 @@ impl Mesh {
     /// ours (certificate expiry, idle peers, rate buckets).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
+        self.last_tick = now;
         if now.saturating_duration_since(self.last_second) >= Duration::from_secs(1) {
             self.last_second = now;
             self.rate_limiter.reset_count();
@@ -856,9 +860,18 @@ impl Mesh {
         }
     }
 
-    /// When [`Mesh::handle_timeout`] wants to run next.
-    pub fn poll_timeout(&self, now: Instant) -> Instant {
-        now + TIMER_TICK
+    /// When [`Mesh::handle_timeout`] wants to run next: [`TIMER_TICK`]
+    /// after it last ran while there are peers (boringtun's WireGuard
+    /// timers are opaque and want that), else a second after its last
+    /// once-a-second bookkeeping. A fixed point in time (earlier than
+    /// `now` when overdue), so a caller that asks after every input still
+    /// runs the timers under a steady stream of packets.
+    pub fn poll_timeout(&self, _now: Instant) -> Instant {
+        if self.peers.is_empty() {
+            self.last_second + Duration::from_secs(1)
+        } else {
+            self.last_tick + TIMER_TICK
+        }
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -1457,6 +1470,24 @@ mod tests {
             side(&nb, ca.pool(), "198.18.0.3:4242", now),
             now,
         )
+    }
+
+    #[test]
+    fn the_next_timeout_is_a_fixed_point_not_a_tick_from_now() {
+        let (mut a, b, now) = setup(&[]);
+        // No peers: once a second, for the bookkeeping.
+        assert_eq!(a.mesh.poll_timeout(now), now + Duration::from_secs(1));
+        a.mesh
+            .add_peer(b.cert.clone(), &[b.addr], PeerRole::Node, now)
+            .unwrap();
+        // A peer: WireGuard's timers, a tick after they last ran, however
+        // late the caller asks (a steady stream of packets must not keep
+        // pushing the timers back).
+        assert_eq!(a.mesh.poll_timeout(now), now + TIMER_TICK);
+        let later = now + Duration::from_millis(200);
+        assert_eq!(a.mesh.poll_timeout(later), now + TIMER_TICK);
+        a.mesh.handle_timeout(later);
+        assert_eq!(a.mesh.poll_timeout(later), later + TIMER_TICK);
     }
 
     fn connect(a: &mut Side, b: &mut Side, now: Instant) -> PeerId {

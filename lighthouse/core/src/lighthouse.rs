@@ -243,8 +243,13 @@ impl LighthouseCore {
         self.drain_mesh_events();
     }
 
+    /// The earliest moment [`LighthouseCore::handle_timeout`] has work:
+    /// the mesh's next tick, or the once-a-second expiry of silent nodes
+    /// and idle relay pairs. A fixed point in time.
     pub fn poll_timeout(&self, now: Instant) -> Instant {
-        self.mesh.poll_timeout(now)
+        self.mesh
+            .poll_timeout(now)
+            .min(self.last_expiry + Duration::from_secs(1))
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {

@@ -272,6 +272,11 @@ async fn serve(
             sends.push(&socket, t.dst, &t.payload).await;
         }
         sends.flush(&socket).await;
+        // A new peer may want the clock sooner than the sleep in progress.
+        let deadline = tokio::time::Instant::from_std(core.poll_timeout(Instant::now()));
+        if deadline < next_timer {
+            next_timer = deadline;
+        }
     }
     Ok(())
 }

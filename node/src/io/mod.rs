@@ -404,6 +404,12 @@ pub async fn run(
                 }
             }
         }
+        // What this step gave the core may want the clock sooner (a new
+        // peer's first handshake timers, a lookup, a ping).
+        let deadline = tokio::time::Instant::from_std(core.poll_timeout(Instant::now()));
+        if deadline < next_timer {
+            next_timer = deadline;
+        }
         if revoked.is_some() {
             break;
         }

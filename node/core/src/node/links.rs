@@ -206,3 +206,21 @@ impl NodeCore {
         self.mesh.set_relays(relays);
     }
 }
+
+impl NodeCore {
+    /// When a link next needs the clock: a hello to send, a registration
+    /// due, or a lighthouse presumed gone.
+    pub(super) fn links_deadline(&self) -> Option<Instant> {
+        self.links
+            .iter()
+            .map(|l| match l.state {
+                LinkState::Discovering { next_hello, .. } => next_hello,
+                LinkState::Up {
+                    last_ack,
+                    next_register,
+                    ..
+                } => next_register.min(last_ack + LIGHTHOUSE_DEAD_AFTER),
+            })
+            .min()
+    }
+}

@@ -198,3 +198,13 @@ impl NodeCore {
         }
     }
 }
+
+impl NodeCore {
+    /// When a lookup is next asked again, or given up.
+    pub(super) fn lookups_deadline(&self) -> Option<Instant> {
+        self.lookups
+            .values()
+            .map(|l| l.next_query.min(l.started + LOOKUP_TIMEOUT))
+            .min()
+    }
+}

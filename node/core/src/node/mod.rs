@@ -391,8 +391,22 @@ impl NodeCore {
         self.drive_policies(now);
     }
 
+    /// The earliest moment [`NodeCore::handle_timeout`] has work: the
+    /// mesh's next tick (while it has peers, for WireGuard's timers) or
+    /// the first deadline of a link, lookup, route, punch or query. A
+    /// fixed point in time, not "a tick from now": call it after every
+    /// input and sleep until then.
     pub fn poll_timeout(&self, now: Instant) -> Instant {
-        self.mesh.poll_timeout(now)
+        [
+            self.links_deadline(),
+            self.lookups_deadline(),
+            self.routes_deadline(),
+            self.punch_deadline(),
+            self.queries_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(self.mesh.poll_timeout(now), Instant::min)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -788,6 +802,30 @@ mod tests {
             name: None,
         };
         NodeCore::new(mesh, &cert, vec![lh], now)
+    }
+
+    #[test]
+    fn the_next_timeout_is_the_earliest_real_deadline() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let mut core = node(&ca);
+        let now = Instant::now();
+        // The first hello to the lighthouse is due at once.
+        assert!(core.poll_timeout(now) <= now);
+        core.handle_timeout(now);
+        // Then: the next hello (half a second), not sooner; and it stays
+        // put however late it is asked.
+        let next = core.poll_timeout(now);
+        assert!(next > now, "{:?}", next - now);
+        assert_eq!(core.poll_timeout(now + Duration::from_millis(100)), next);
+        // A packet for an unknown address starts a lookup: asking again
+        // and giving up are deadlines too.
+        let ip: Ipv4Addr = "100.64.0.9".parse().unwrap();
+        let packet = build_udp_ipv4(core.overlay_ip(), ip, 1000, 2000, b"x");
+        let mut out = vec![0u8; 2048];
+        assert!(core.handle_tun_packet(&packet, &mut out, now).is_none());
+        let lookup = core.lookups_deadline().expect("a lookup waits");
+        assert!(lookup <= now + QUERY_RETRY, "{:?}", lookup - now);
+        assert!(core.poll_timeout(now) <= lookup);
     }
 
     #[test]

@@ -177,3 +177,22 @@ impl NodeCore {
         }
     }
 }
+
+impl NodeCore {
+    /// When a punch is due, a peer without a direct path turns to the
+    /// relay, an attempt is given up, or a direct path asked whether it
+    /// still works is dropped. (Which direct paths fell silent is checked
+    /// on the mesh's own tick.)
+    pub(super) fn punch_deadline(&self) -> Option<Instant> {
+        let attempts = self.attempts.values().map(|a| {
+            a.next_punch
+                .min(a.started + self.relay_after)
+                .min(a.started + ATTEMPT_GIVE_UP)
+        });
+        let probes = self
+            .direct_probes
+            .values()
+            .map(|sent| *sent + GATEWAY_SILENCE);
+        attempts.chain(probes).min()
+    }
+}

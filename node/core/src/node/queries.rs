@@ -379,3 +379,13 @@ impl NodeCore {
         }
     }
 }
+
+impl NodeCore {
+    /// When a ping, a runner find or a policy query times out.
+    pub(super) fn queries_deadline(&self) -> Option<Instant> {
+        let pings = self.pings.values().map(|p| p.sent + PING_TIMEOUT);
+        let finds = self.finds.values().map(|f| f.sent + FIND_RUNNERS_TIMEOUT);
+        let policies = self.policies.values().map(|p| p.sent + PING_TIMEOUT);
+        pings.chain(finds).chain(policies).min()
+    }
+}

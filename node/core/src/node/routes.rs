@@ -470,3 +470,23 @@ pub(super) fn covers(cert: &VerifiedCert, subnet: Ipv4Net) -> bool {
         .iter()
         .any(|n| matches!(n, IpNet::V4(n) if n.contains(&subnet)))
 }
+
+impl NodeCore {
+    /// When the route list is next asked for, or a packet waiting for a
+    /// route's gateway is asked for again or dropped. (Whether an active
+    /// gateway went silent is checked on the mesh's own tick: it exists
+    /// only while the gateway is a peer.)
+    pub(super) fn routes_deadline(&self) -> Option<Instant> {
+        let waiting = self.gateway_waiting.front().map(|(since, _)| {
+            let expiry = *since + LOOKUP_TIMEOUT;
+            match self.routes_asked {
+                Some(asked) => expiry.min(asked + QUERY_RETRY),
+                None => expiry,
+            }
+        });
+        Some(
+            self.next_routes_query
+                .min(waiting.unwrap_or(self.next_routes_query)),
+        )
+    }
+}
