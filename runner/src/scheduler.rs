@@ -29,9 +29,23 @@ impl Caller {
     }
 }
 
+/// Why a caller may not run pipelines here: the groups it carries and the
+/// ones that would do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{name} may not run pipelines here: its certificate carries {}, and this runner allows only members of {}",
+    if carries.is_empty() { "no groups".to_string() } else { format!("the groups {}", carries.join(", ")) },
+    allowed.join(", ")
+)]
+pub struct NotAllowed {
+    pub name: String,
+    pub carries: Vec<String>,
+    pub allowed: Vec<String>,
+}
+
 /// A caller may run pipelines here if its certificate carries one of the
 /// allowed groups. The refusal says which groups would do.
-pub fn authorize(config: &RunnerConfig, caller: &Caller) -> Result<(), String> {
+pub fn authorize(config: &RunnerConfig, caller: &Caller) -> Result<(), NotAllowed> {
     if caller
         .groups
         .iter()
@@ -39,16 +53,11 @@ pub fn authorize(config: &RunnerConfig, caller: &Caller) -> Result<(), String> {
     {
         return Ok(());
     }
-    Err(format!(
-        "{} may not run pipelines here: its certificate carries {}, and this runner allows only members of {}",
-        caller.name,
-        if caller.groups.is_empty() {
-            "no groups".to_string()
-        } else {
-            format!("the groups {}", caller.groups.join(", "))
-        },
-        config.allow_groups.join(", ")
-    ))
+    Err(NotAllowed {
+        name: caller.name.clone(),
+        carries: caller.groups.clone(),
+        allowed: config.allow_groups.clone(),
+    })
 }
 
 /// Jobs are numbered by the scheduler.
@@ -173,12 +182,12 @@ mod tests {
         let c = config(&["ci", "deploy"]);
         assert!(authorize(&c, &caller(&["deploy"])).is_ok());
         assert!(authorize(&c, &caller(&["web", "ci"])).is_ok());
-        let err = authorize(&c, &caller(&["web"])).unwrap_err();
+        let err = authorize(&c, &caller(&["web"])).unwrap_err().to_string();
         assert!(
             err.contains("ci-7") && err.contains("web") && err.contains("ci, deploy"),
             "{err}"
         );
-        let err = authorize(&c, &caller(&[])).unwrap_err();
+        let err = authorize(&c, &caller(&[])).unwrap_err().to_string();
         assert!(err.contains("no groups"), "{err}");
     }
 

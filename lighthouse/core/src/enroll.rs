@@ -291,6 +291,17 @@ impl HostRanges {
     }
 }
 
+/// Why an issuer certificate and key cannot enroll anyone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IssuerError {
+    #[error(
+        "[enroll] issuer_cert is not an issuer certificate; make one with tern cert sign --issuer"
+    )]
+    NotAnIssuer,
+    #[error("[enroll] issuer_key does not belong to issuer_cert")]
+    KeyMismatch,
+}
+
 /// Signs what enrollment grants.
 pub struct Enroller {
     issuer: Cert,
@@ -329,12 +340,12 @@ pub enum Decision {
 impl Enroller {
     /// `prefix_len`: the mesh's prefix (this lighthouse's own overlay
     /// prefix), which every node's address carries.
-    pub fn new(issuer: Cert, key: CaSecretKey, prefix_len: u8) -> Result<Enroller, String> {
+    pub fn new(issuer: Cert, key: CaSecretKey, prefix_len: u8) -> Result<Enroller, IssuerError> {
         if issuer.body.kind != CertKind::Issuer {
-            return Err("[enroll] issuer_cert is not an issuer certificate; make one with tern cert sign --issuer".into());
+            return Err(IssuerError::NotAnIssuer);
         }
         if issuer.body.public_key != key.public_bytes() {
-            return Err("[enroll] issuer_key does not belong to issuer_cert".into());
+            return Err(IssuerError::KeyMismatch);
         }
         Ok(Enroller {
             issuer,

@@ -197,8 +197,7 @@ pub fn start(
     let issuer_key =
         tern_shared::keys::CaSecretKey::from_pem(&read(&config.issuer_key, "[enroll] issuer_key")?)
             .with_context(|| format!("[enroll] issuer_key {}", config.issuer_key.display()))?;
-    let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())
-        .map_err(|e| anyhow::anyhow!(e))?
+    let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())?
         .with_oidc(config.oidc.clone());
     let store = SqliteStore::open(&config.store)
         .with_context(|| format!("opening the enrollment store {}", config.store.display()))?;

@@ -319,7 +319,7 @@ pub async fn run(
                             waiting.insert(id, reply);
                         }
                         Err(e) => {
-                            let _ = reply.send(serde_json::json!({ "error": e }));
+                            let _ = reply.send(serde_json::json!({ "error": e.to_string() }));
                         }
                     },
                     ApiRequest::FindRunners { selector } => {
@@ -328,7 +328,7 @@ pub async fn run(
                                 waiting.insert(id, reply);
                             }
                             Err(e) => {
-                                let _ = reply.send(serde_json::json!({ "error": e }));
+                                let _ = reply.send(serde_json::json!({ "error": e.to_string() }));
                             }
                         }
                     }
@@ -338,7 +338,7 @@ pub async fn run(
                                 waiting.insert(id, reply);
                             }
                             Err(e) => {
-                                let _ = reply.send(serde_json::json!({ "error": e }));
+                                let _ = reply.send(serde_json::json!({ "error": e.to_string() }));
                             }
                         }
                     }
@@ -348,7 +348,7 @@ pub async fn run(
                     ApiRequest::Route { ip } => {
                         let _ = reply.send(match core.reachable(ip) {
                             Ok(()) => serde_json::json!({ "ok": true, "mode": config.tun.mode }),
-                            Err(e) => serde_json::json!({ "error": e }),
+                            Err(e) => serde_json::json!({ "error": e.to_string() }),
                         });
                     }
                     ApiRequest::Shutdown => {
@@ -388,7 +388,7 @@ pub async fn run(
                 for reply in packets {
                     stack.handle_inbound(&reply, now);
                 }
-                stack.poll(now, &|ip| core.reachable(ip));
+                stack.poll(now, &|ip| core.reachable(ip).map_err(|e| e.to_string()));
                 path.flush(&mut core, &outer, stack).await;
                 // What the stack's packets made the core say (a lookup, a
                 // handshake): now, not at the next timer tick.

@@ -268,7 +268,7 @@ async fn serve(
         .await?;
         return Ok(());
     }
-    if let Err(why) = authorize(&config, &caller) {
+    if let Err(why) = authorize(&config, &caller).map_err(|e| e.to_string()) {
         tracing::warn!(caller = %caller.name, "runner refused: {why}");
         let record = audit_refusal(
             caller,

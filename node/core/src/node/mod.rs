@@ -105,6 +105,40 @@ impl Events {
     }
 }
 
+/// Why the core cannot do what its shell asked; each message says what
+/// would do instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0} is this node")]
+    ThisNode(Ipv4Addr),
+    #[error("{ip} is not in the overlay network {overlay}")]
+    NotInOverlay { ip: Ipv4Addr, overlay: Ipv4Net },
+    #[error("no peer named {0:?} in the table; give its overlay address instead")]
+    UnknownName(String),
+    #[error(
+        "no lighthouse is connected yet; runners are found through lighthouses (see `tern status`)"
+    )]
+    NoLighthouse,
+    #[error("{0} is in no subnet a gateway routes")]
+    NoRoute(Ipv4Addr),
+    #[error("no gateway for {0} is usable now")]
+    NoGateway(Ipv4Addr),
+    #[error("no session with {peer} (the peer in front of {dst})")]
+    NoSession { peer: Ipv4Addr, dst: Ipv4Addr },
+    #[error(
+        "{ip} is in no subnet a gateway routes ({routed}) and not in the overlay {overlay}; \
+         check the gateways' [gateway] subnets and certificates, or add [[routes]]"
+    )]
+    Unreachable {
+        ip: Ipv4Addr,
+        /// "none is known yet", or "routed: A, B".
+        routed: String,
+        overlay: Ipv4Net,
+    },
+    #[error("a control message did not encode: {0}")]
+    Encode(String),
+}
+
 /// `tern status` for a node.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
@@ -740,24 +774,23 @@ impl NodeCore {
     /// address, or an address in a subnet some gateway routes. The error
     /// names the address and what is routed, for `tern forward` and the
     /// proxies.
-    pub fn reachable(&self, ip: Ipv4Addr) -> Result<(), String> {
+    pub fn reachable(&self, ip: Ipv4Addr) -> Result<(), CoreError> {
         if ip == self.overlay_ip {
-            return Err(format!("{ip} is this node"));
+            return Err(CoreError::ThisNode(ip));
         }
         if self.overlay_net.contains(&ip) || self.route_for(ip).is_some() {
             return Ok(());
         }
         let routed: Vec<String> = self.routes.iter().map(|r| r.subnet.to_string()).collect();
-        Err(format!(
-            "{ip} is in no subnet a gateway routes ({}) and not in the overlay {}; \
-             check the gateways' [gateway] subnets and certificates, or add [[routes]]",
-            if routed.is_empty() {
+        Err(CoreError::Unreachable {
+            ip,
+            routed: if routed.is_empty() {
                 "none is known yet".to_string()
             } else {
                 format!("routed: {}", routed.join(", "))
             },
-            self.overlay_net.trunc()
-        ))
+            overlay: self.overlay_net.trunc(),
+        })
     }
 
     fn request_id(&mut self) -> u32 {
@@ -833,13 +866,14 @@ mod tests {
         let ca = TestCa::new("ca", &[], &[]);
         let mut core = node(&ca);
         let now = Instant::now();
-        let err = core.ping("nobody", now).unwrap_err();
+        let err = core.ping("nobody", now).unwrap_err().to_string();
         assert!(err.contains("no peer named \"nobody\""), "{err}");
         assert!(core
             .ping("100.64.0.5", now)
             .unwrap_err()
+            .to_string()
             .contains("this node"));
-        let err = core.ping("198.19.0.10", now).unwrap_err();
+        let err = core.ping("198.19.0.10", now).unwrap_err().to_string();
         assert!(err.contains("not in the overlay network"), "{err}");
         // An address nobody answered for yet: looked up, then given up on.
         let ip = Ipv4Addr::new(100, 64, 0, 6);

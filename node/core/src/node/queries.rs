@@ -136,10 +136,14 @@ impl NodeCore {
     /// lighthouse which runners match. The merged answer comes out of
     /// [`NodeEvent::Runners`] with the returned id once all have
     /// answered or [`FIND_RUNNERS_TIMEOUT`] passed.
-    pub fn find_runners(&mut self, selector: RunnerSelector, now: Instant) -> Result<u32, String> {
+    pub fn find_runners(
+        &mut self,
+        selector: RunnerSelector,
+        now: Instant,
+    ) -> Result<u32, CoreError> {
         let targets = self.registered_lighthouses();
         if targets.is_empty() {
-            return Err("no lighthouse is connected yet; runners are found through lighthouses (see `tern status`)".into());
+            return Err(CoreError::NoLighthouse);
         }
         let id = self.request_id();
         let mut waiting = Vec::new();
@@ -214,7 +218,7 @@ impl NodeCore {
     /// name of a peer in the table), looked up first when the peer is not
     /// known yet. The answer, or its absence, comes out of
     /// [`NodeEvent::Ping`] with the returned id.
-    pub fn ping(&mut self, target: &str, now: Instant) -> Result<u32, String> {
+    pub fn ping(&mut self, target: &str, now: Instant) -> Result<u32, CoreError> {
         let overlay_ip = match target.parse::<Ipv4Addr>() {
             Ok(ip) => ip,
             Err(_) => self
@@ -223,20 +227,16 @@ impl NodeCore {
                 .into_iter()
                 .find(|p| p.name == target)
                 .map(|p| p.overlay_ip)
-                .ok_or_else(|| {
-                    format!(
-                        "no peer named {target:?} in the table; give its overlay address instead"
-                    )
-                })?,
+                .ok_or_else(|| CoreError::UnknownName(target.to_string()))?,
         };
         if overlay_ip == self.overlay_ip {
-            return Err(format!("{overlay_ip} is this node"));
+            return Err(CoreError::ThisNode(overlay_ip));
         }
         if !self.overlay_net.contains(&overlay_ip) {
-            return Err(format!(
-                "{overlay_ip} is not in the overlay network {}",
-                self.overlay_net
-            ));
+            return Err(CoreError::NotInOverlay {
+                ip: overlay_ip,
+                overlay: self.overlay_net,
+            });
         }
         let id = self.request_id();
         if self.mesh.peer_by_overlay(overlay_ip).is_none() && self.known_unknown(overlay_ip) {
@@ -256,7 +256,7 @@ impl NodeCore {
             None => {
                 let payload = ControlMessage::Ping { id }
                     .encode()
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| CoreError::Encode(e.to_string()))?;
                 let packet = build_udp_ipv4(
                     self.overlay_ip,
                     overlay_ip,
@@ -274,21 +274,19 @@ impl NodeCore {
     /// use for its subnet) whether its inbound firewall lets this node open
     /// TCP to `dst:port`. The answer (or its absence after 2 s) comes out of
     /// [`NodeEvent::Policy`] with the returned id.
-    pub fn ask_policy(&mut self, dst: Ipv4Addr, port: u16, now: Instant) -> Result<u32, String> {
+    pub fn ask_policy(&mut self, dst: Ipv4Addr, port: u16, now: Instant) -> Result<u32, CoreError> {
         let asked = if self.overlay_net.contains(&dst) {
             dst
         } else {
-            let route = self
-                .route_for(dst)
-                .ok_or_else(|| format!("{dst} is in no subnet a gateway routes"))?;
+            let route = self.route_for(dst).ok_or(CoreError::NoRoute(dst))?;
             self.choose_gateway(route, now)
-                .ok_or_else(|| format!("no gateway for {dst} is usable now"))?
+                .ok_or(CoreError::NoGateway(dst))?
         };
         let peer = self
             .mesh
             .peer_by_overlay(asked)
             .filter(|p| self.mesh.is_connected(*p))
-            .ok_or_else(|| format!("no session with {asked} (the peer in front of {dst})"))?;
+            .ok_or(CoreError::NoSession { peer: asked, dst })?;
         let id = self.request_id();
         self.policies.insert(id, PendingPolicy { asked, sent: now });
         self.send_control(
