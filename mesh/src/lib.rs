@@ -11,7 +11,9 @@
 //!   keepalives: the rare, owned packets) and [`Mesh::poll_event`].
 //!
 //! The data path (transport packets both ways) allocates nothing and takes no
-//! lock: it writes into the buffer the caller lends it.
+//! lock: it writes into the buffer the caller lends it, always from its first
+//! byte (a ciphertext, relay envelope and all, or a decrypted packet), so a
+//! caller batching into one buffer needs only the returned length.
 //!
 //! Identity: a peer exists only for a certificate this core verified itself
 //! against its own CAs, and a handshake is answered only when its static key
@@ -1470,6 +1472,32 @@ mod tests {
             side(&nb, ca.pool(), "198.18.0.3:4242", now),
             now,
         )
+    }
+
+    /// The data path's contract: what the mesh writes into a lent buffer
+    /// starts at its first byte, both ways.
+    #[test]
+    fn output_starts_at_the_first_byte_of_the_lent_buffer() {
+        let (mut a, mut b, now) = setup(&[]);
+        let peer = connect(&mut a, &mut b, now);
+        let packet = build_udp_ipv4(A_IP, B_IP, 1000, 2000, b"hello");
+        let mut out = vec![0u8; 4096];
+        let start = out.as_ptr();
+        let (_, sealed) = a
+            .mesh
+            .encapsulate(peer, &packet, &mut out, now)
+            .expect("a session");
+        assert_eq!(sealed.as_ptr(), start);
+        let sealed = sealed.to_vec();
+        let mut opened = vec![0u8; 4096];
+        let start = opened.as_ptr();
+        match b.mesh.handle_datagram(a.addr, &sealed, &mut opened, now) {
+            Received::Packet { packet: p, .. } => {
+                assert_eq!(p.as_ptr(), start);
+                assert_eq!(p, &packet[..]);
+            }
+            Received::Nothing => panic!("the packet did not arrive"),
+        }
     }
 
     #[test]

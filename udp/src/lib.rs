@@ -8,6 +8,7 @@
 
 pub mod api_socket;
 pub mod daemon;
+pub mod gso;
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -192,20 +193,14 @@ impl RecvBatch {
 /// seals straight into its own run buffer instead.
 pub struct SendBatch {
     buf: Vec<u8>,
-    dst: Option<SocketAddr>,
-    segment: usize,
-    count: usize,
-    closed: bool,
+    run: Option<gso::GsoRun>,
 }
 
 impl Default for SendBatch {
     fn default() -> Self {
         SendBatch {
             buf: Vec::with_capacity(MAX_GSO_BYTES + MAX_DATAGRAM),
-            dst: None,
-            segment: 0,
-            count: 0,
-            closed: false,
+            run: None,
         }
     }
 }
@@ -214,32 +209,26 @@ impl SendBatch {
     /// Adds one datagram, sending the current run first if this one cannot
     /// join it.
     pub async fn push(&mut self, outer: &Outer, dst: SocketAddr, payload: &[u8]) {
-        let joins = self.dst == Some(dst)
-            && !self.closed
-            && payload.len() <= self.segment
-            && self.count < outer.max_segments()
-            && self.buf.len() + payload.len() <= MAX_GSO_BYTES;
-        if !joins {
-            self.flush(outer).await;
-            self.dst = Some(dst);
-            self.segment = payload.len();
+        match self.run.as_mut() {
+            Some(run) if run.joins(dst, payload.len(), outer.max_segments()) => {
+                run.add(payload.len())
+            }
+            _ => {
+                self.flush(outer).await;
+                self.run = Some(gso::GsoRun::start(dst, payload.len()));
+            }
         }
         self.buf.extend_from_slice(payload);
-        self.count += 1;
-        self.closed = payload.len() < self.segment;
     }
 
     /// Sends the run gathered so far.
     pub async fn flush(&mut self, outer: &Outer) {
-        if let Some(dst) = self.dst.take() {
+        if let Some(run) = self.run.take() {
             if !self.buf.is_empty() {
-                let segment = (self.count > 1).then_some(self.segment);
-                outer.send(dst, &self.buf, segment).await;
+                outer.send(run.dst, &self.buf, run.segment_size()).await;
             }
         }
         self.buf.clear();
-        self.count = 0;
-        self.closed = false;
     }
 }
 

@@ -17,9 +17,9 @@
 //! packet at a time and decides everything (routes, firewall, peers).
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::Instant;
 
+use tern_udp::gso::GsoRun;
 use tern_udp::{RecvBatch, MAX_GSO_BYTES};
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
@@ -59,15 +59,17 @@ pub struct DataPath {
     gro: GROTable,
 }
 
-/// One run of ciphertexts in `DataPath::sealed` bound for one endpoint.
+/// One run of ciphertexts in `DataPath::sealed`: they start at `start` and
+/// follow each other; `gso` keeps the run's rule.
 struct Run {
-    dst: SocketAddr,
     start: usize,
-    end: usize,
-    segment: usize,
-    count: usize,
-    /// The last ciphertext was shorter than `segment`: nothing may follow.
-    closed: bool,
+    gso: GsoRun,
+}
+
+impl Run {
+    fn end(&self) -> usize {
+        self.start + self.gso.bytes
+    }
 }
 
 impl DataPath {
@@ -125,47 +127,32 @@ impl DataPath {
                     continue;
                 };
                 let needed = len + OVERHEAD + HANDSHAKE_ROOM;
-                let mut at = run.as_ref().map_or(0, |r| r.end);
+                let mut at = run.as_ref().map_or(0, Run::end);
                 if self.sealed.len() - at < needed {
                     if let Some(r) = run.take() {
                         send_run(outer, &self.sealed, &r).await;
                     }
                     at = 0;
                 }
-                let out = &mut self.sealed[at..];
-                let base = out.as_ptr() as usize;
-                let Some((dst, ciphertext)) = core.handle_tun_packet(packet, out, now) else {
+                // The core writes the ciphertext at the start of the buffer
+                // it is lent (the mesh's contract), right after the run.
+                let Some((dst, ciphertext)) =
+                    core.handle_tun_packet(packet, &mut self.sealed[at..], now)
+                else {
                     continue;
                 };
                 let n = ciphertext.len();
-                let offset = ciphertext.as_ptr() as usize - base;
-                if offset != 0 {
-                    self.sealed.copy_within(at + offset..at + offset + n, at);
-                }
-                let joins = run.as_ref().is_some_and(|r| {
-                    r.dst == dst
-                        && !r.closed
-                        && n <= r.segment
-                        && r.count < max_segments
-                        && r.end + n - r.start <= MAX_GSO_BYTES
-                });
-                if !joins {
-                    if let Some(r) = run.take() {
-                        send_run(outer, &self.sealed, &r).await;
+                match run.as_mut() {
+                    Some(r) if r.gso.joins(dst, n, max_segments) => r.gso.add(n),
+                    _ => {
+                        if let Some(r) = run.take() {
+                            send_run(outer, &self.sealed, &r).await;
+                        }
+                        run = Some(Run {
+                            start: at,
+                            gso: GsoRun::start(dst, n),
+                        });
                     }
-                    run = Some(Run {
-                        dst,
-                        start: at,
-                        end: at,
-                        segment: n,
-                        count: 0,
-                        closed: false,
-                    });
-                }
-                if let Some(r) = run.as_mut() {
-                    r.end += n;
-                    r.count += 1;
-                    r.closed = n < r.segment;
                 }
             }
         }
@@ -193,15 +180,14 @@ impl DataPath {
                 let slot = &mut self.opened[pending];
                 // Only the bytes past the previous packet get zeroed.
                 slot.resize(TUN_OFFSET + datagram.len().max(HANDSHAKE_ROOM), 0);
-                let out = &mut slot[TUN_OFFSET..];
-                let base = out.as_ptr() as usize;
-                let Some(packet) = core.handle_datagram(from, datagram, out, now) else {
+                // The core writes the packet at the start of the buffer it
+                // is lent (the mesh's contract): right after the header room.
+                let Some(packet) =
+                    core.handle_datagram(from, datagram, &mut slot[TUN_OFFSET..], now)
+                else {
                     continue;
                 };
-                let (offset, n) = (packet.as_ptr() as usize - base, packet.len());
-                if offset != 0 {
-                    slot.copy_within(TUN_OFFSET + offset..TUN_OFFSET + offset + n, TUN_OFFSET);
-                }
+                let n = packet.len();
                 slot.truncate(TUN_OFFSET + n);
                 pending += 1;
                 if pending == self.opened.len() {
@@ -236,9 +222,10 @@ async fn write_tun(tun: &AsyncDevice, gro: &mut GROTable, packets: &mut [Vec<u8>
 }
 
 async fn send_run(outer: &Outer, sealed: &[u8], run: &Run) {
-    let Some(contents) = sealed.get(run.start..run.end) else {
+    let Some(contents) = sealed.get(run.start..run.end()) else {
         return;
     };
-    let segment = (run.count > 1).then_some(run.segment);
-    outer.send(run.dst, contents, segment).await;
+    outer
+        .send(run.gso.dst, contents, run.gso.segment_size())
+        .await;
 }
