@@ -155,6 +155,9 @@ pub struct NodeStatus {
     pub revoked_certs: usize,
     /// This node's own certificate was revoked (it stops).
     pub revoked: bool,
+    /// Overlay addresses being asked of the lighthouses (packets may wait
+    /// on them), in order.
+    pub looking_up: Vec<Ipv4Addr>,
 }
 
 pub struct NodeCore {
@@ -484,6 +487,11 @@ impl NodeCore {
                 .collect(),
             revoked_certs: self.mesh.ca().revoked_count(),
             revoked: self.revoked,
+            looking_up: {
+                let mut ips: Vec<Ipv4Addr> = self.lookups.keys().copied().collect();
+                ips.sort();
+                ips
+            },
             peers: self
                 .mesh
                 .peer_statuses()

@@ -1,0 +1,642 @@
+//! The node's event loop. [`Daemon::build`] turns a config into a running
+//! node (identity, UDP socket, plane, core, runner, proxies, API, signals);
+//! [`Daemon::step`] waits for one input and handles it, then drains in a
+//! fixed order — the core's datagrams, its events (answers, kernel routes,
+//! a revocation, packets for the plane), the plane's answer, the
+//! datagrams that made — and sets the next timer from the earliest
+//! deadline. One task owns the core; nothing else touches it.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+use tern_mesh::{Mesh, MeshSettings};
+use tern_node_core::firewall::{subnet_within, subnets_no_rule_opens};
+use tern_node_core::node::{LighthouseTarget, NodeCore, NodeEvent};
+use tern_runner::scheduler::Caller;
+use tern_shared::cert::RUNNER_GROUP;
+use tern_shared::config::{NodeConfig, TunMode};
+use tern_shared::identity::Identity;
+use tern_udp::daemon::{seed, unix_now};
+use tern_udp::Outer;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+
+use super::api::{self, ApiCall, ApiRequest};
+use super::plane::{Plane, TunPlane, UserPlane};
+use super::{gateway, join, load_identity, load_node_config, proxy, routes, runner, userspace};
+
+/// What a step decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// SIGINT, SIGTERM, `tern down`, or a plane that went away.
+    Stop,
+}
+
+/// API requests waiting for the core's answer, by request id.
+type Waiting = std::collections::HashMap<u32, tokio::sync::oneshot::Sender<serde_json::Value>>;
+
+/// Everything a node needs before its plane exists: its config, verified
+/// identity, the subnets it routes as a gateway, and its UDP socket.
+pub struct Setup {
+    config: NodeConfig,
+    config_path: PathBuf,
+    identity: Identity,
+    gateway_subnets: Vec<Ipv4Net>,
+    outer: Outer,
+    listen: SocketAddr,
+}
+
+impl Setup {
+    /// Reads the config, gets the identity (from files, or by enrolling),
+    /// checks the gateway's subnets against the certificate and binds the
+    /// UDP socket. `userspace` overrides `[tun] mode`.
+    pub async fn load(
+        config_path: &Path,
+        userspace: bool,
+        enrollment: Option<&join::Credential>,
+    ) -> anyhow::Result<Setup> {
+        let mut config = load_node_config(config_path)?;
+        if userspace {
+            config.tun.mode = TunMode::Userspace;
+        }
+        let identity = match (enrollment, config.pki.enrolls()) {
+            (Some(credential), true) => join::enroll(&config, credential, unix_now()).await?,
+            (None, false) => load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?,
+            (None, true) => anyhow::bail!(
+                "{}: [pki] names no cert and key; give them, or enroll: tern up --config {} --enroll-token TOKEN (or --enroll-oidc)",
+                config_path.display(),
+                config_path.display()
+            ),
+            (Some(_), false) => anyhow::bail!(
+                "{}: [pki] already names a cert and key; an enrolling node has only [pki] ca (remove cert and key)",
+                config_path.display()
+            ),
+        };
+        let cert = &identity.cert;
+        tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), "starting node");
+        let gateway_subnets = gateway_subnets(&config, cert)?;
+        warn_closed_subnets(&config);
+        let socket = tern_udp::bind(config.listen.addr)
+            .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
+        let outer =
+            Outer::new(socket).context("setting up the UDP socket's batching and offloads")?;
+        let listen = outer.local_addr()?;
+        Ok(Setup {
+            config,
+            config_path: config_path.to_path_buf(),
+            identity,
+            gateway_subnets,
+            outer,
+            listen,
+        })
+    }
+
+    pub fn userspace(&self) -> bool {
+        self.config.tun.mode == TunMode::Userspace
+    }
+
+    /// The userspace plane for this node.
+    pub fn user_plane(&self) -> UserPlane {
+        let overlay = self.identity.cert.overlay_net();
+        let mtu = self.config.tun.mtu;
+        let stack = userspace::Netstack::new(overlay, mtu, self.gateway_subnets.clone(), seed());
+        tracing::info!(address = %overlay, mtu, listen = %self.listen, "userspace mode: no TUN device, an in-process TCP/IP stack");
+        UserPlane::new(stack, mtu)
+    }
+
+    /// The TUN plane for this node.
+    pub fn tun_plane(&self) -> anyhow::Result<TunPlane> {
+        let tun = &self.config.tun;
+        TunPlane::create(
+            &tun.name,
+            self.identity.cert.overlay_net(),
+            tun.mtu,
+            tun.offload,
+            self.listen,
+        )
+    }
+}
+
+/// The subnets `[gateway]` routes, each checked against the certificate.
+fn gateway_subnets(
+    config: &NodeConfig,
+    cert: &tern_shared::cert::VerifiedCert,
+) -> anyhow::Result<Vec<Ipv4Net>> {
+    let Some(gw) = &config.gateway else {
+        return Ok(Vec::new());
+    };
+    for subnet in &gw.subnets {
+        if !subnet_within(subnet, cert.subnets()) {
+            anyhow::bail!(
+                "[gateway] subnets: {subnet} is not authorized by this node's certificate (it carries: {}); \
+                 sign the certificate with --subnets {subnet}, or remove it from [gateway] subnets",
+                tern_shared::show::list(cert.subnets())
+            );
+        }
+    }
+    Ok(gw.subnets.clone())
+}
+
+/// A running node: its core, plane and inputs, and the parts that live as
+/// long as it does (dropped, they stop).
+pub struct Daemon<P: Plane> {
+    config: NodeConfig,
+    config_path: PathBuf,
+    core: NodeCore,
+    outer: Outer,
+    plane: P,
+    api_rx: mpsc::Receiver<ApiCall>,
+    identity_rx: mpsc::Receiver<runner::IdentityQuery>,
+    runner_load: Option<watch::Receiver<tern_shared::control::RunnerLoad>>,
+    signals: Signals,
+    /// Answers the core owes the API (pings, policy queries, runner
+    /// finds), by request id (one counter for all three).
+    waiting: Waiting,
+    next_timer: tokio::time::Instant,
+    /// Set when a lighthouse says our own certificate is revoked: we stop.
+    revoked: Option<String>,
+    socket_path: PathBuf,
+    _gateway: Option<gateway::GatewaySetup>,
+    _runner: Option<Task>,
+    _proxies: Vec<Task>,
+    _api: api::SocketGuard,
+}
+
+struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+/// A task that stops with the daemon.
+struct Task(tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<P: Plane> Daemon<P> {
+    /// The core, the gateway's kernel setup, the runner, the proxies and
+    /// the API around `plane`.
+    pub async fn build(setup: Setup, mut plane: P) -> anyhow::Result<Daemon<P>> {
+        let Setup {
+            config,
+            config_path,
+            identity,
+            gateway_subnets,
+            outer,
+            listen,
+        } = setup;
+        let cert = identity.cert.clone();
+        let now = Instant::now();
+        let settings = MeshSettings {
+            keepalive: Some(config.peers.keepalive.as_secs().min(u16::MAX as u64) as u16),
+            idle_timeout: config.peers.idle_timeout,
+            seed: seed(),
+            ..MeshSettings::default()
+        };
+        let mesh = Mesh::for_identity(&identity, settings, now, unix_now());
+        let targets: Vec<LighthouseTarget> = config
+            .lighthouses
+            .iter()
+            .map(|l| LighthouseTarget {
+                endpoint: l.endpoint,
+                name: l.name.clone(),
+            })
+            .collect();
+        let mut core = NodeCore::new(mesh, &cert, targets.clone(), now);
+        core.set_local_endpoints(local_endpoints(listen, &targets));
+        core.set_relay_after(config.peers.relay_after);
+        core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
+        core.set_accept_routes(config.tun.accept_routes);
+        let gateway = match (&config.gateway, plane.routes_device()) {
+            (Some(_), None) => {
+                tracing::info!(subnets = %tern_shared::show::list(&gateway_subnets), "gateway in userspace: flows to these subnets are proxied with ordinary sockets (no ip_forward, no NAT rules)");
+                None
+            }
+            (Some(gw), Some(device)) => Some(gateway::setup(
+                device,
+                cert.overlay_net(),
+                &gateway_subnets,
+                gw.masquerade,
+            )?),
+            (None, _) => None,
+        };
+        if config.lighthouses.is_empty() {
+            tracing::warn!(
+                "no [[lighthouses]] configured: this node can neither find peers nor be found"
+            );
+        }
+        let (identity_tx, identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
+        let (runner, runner_load) = match &config.runner {
+            Some(r) => {
+                let (task, load) = runner::start(
+                    r.clone(),
+                    cert.name().to_string(),
+                    cert.overlay_ip(),
+                    identity_tx,
+                    plane.runner_listener(),
+                )
+                .await
+                .context("starting the runner ([runner])")?;
+                if cert.has_group(RUNNER_GROUP) {
+                    core.set_runner(r.labels.clone(), *load.borrow(), now);
+                } else if !r.labels.is_empty() {
+                    tracing::warn!(
+                        labels = %tern_shared::show::list(&r.labels),
+                        "this node's certificate lacks the '{RUNNER_GROUP}' group, so its runner labels are not advertised: \
+                         `tern run --on LABEL` will not pick it (`--node NAME` still works); sign it with --groups {RUNNER_GROUP},..."
+                    );
+                }
+                (Some(Task(task)), Some(load))
+            }
+            None => (None, None),
+        };
+        let dialer = plane.dialer();
+        let (api_tx, api_rx) = mpsc::channel::<ApiCall>(16);
+        let proxies = proxy::start(&config, &dialer, api_tx.clone()).await?;
+        let socket_path = api::socket_path_for(&config);
+        let api_guard = api::serve(&socket_path, config.api.group.as_deref(), api_tx, dialer)?;
+        let signals = Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        };
+        Ok(Daemon {
+            config,
+            config_path,
+            core,
+            outer,
+            plane,
+            api_rx,
+            identity_rx,
+            runner_load,
+            signals,
+            waiting: Waiting::new(),
+            next_timer: tokio::time::Instant::now(),
+            revoked: None,
+            socket_path,
+            _gateway: gateway,
+            _runner: runner,
+            _proxies: proxies.into_iter().map(Task).collect(),
+            _api: api_guard,
+        })
+    }
+
+    /// Steps until told to stop, then leaves the mesh (or, revoked, stops
+    /// with its own exit code).
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        while self.step().await == Flow::Continue {}
+        self.stop().await
+    }
+
+    /// Waits for one input and handles it, then drains in the fixed order.
+    pub async fn step(&mut self) -> Flow {
+        let flow = tokio::select! {
+            ready = self.outer.readable() => {
+                match ready {
+                    Ok(()) => self.plane.receive_udp(&mut self.core, &self.outer).await,
+                    Err(e) => tracing::debug!(error = %e, "UDP socket error"),
+                }
+                Flow::Continue
+            }
+            ready = self.plane.ready() => {
+                let alive = match ready {
+                    Ok(()) => self.plane.send_to_mesh(&mut self.core, &self.outer).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "TUN device error");
+                        false
+                    }
+                };
+                if alive {
+                    Flow::Continue
+                } else {
+                    tracing::error!("TUN device unusable; stopping");
+                    Flow::Stop
+                }
+            }
+            _ = tokio::time::sleep_until(self.next_timer) => {
+                let now = Instant::now();
+                self.core.handle_timeout(now);
+                let mut next = self.core.poll_timeout(now);
+                if let Some(d) = self.plane.poll_delay() {
+                    next = next.min(now + d);
+                }
+                self.next_timer = tokio::time::Instant::from_std(next);
+                Flow::Continue
+            }
+            Some((request, reply)) = self.api_rx.recv() => self.answer(request, reply),
+            Ok(()) = async {
+                match self.runner_load.as_mut() {
+                    Some(l) => l.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(load) = self.runner_load.as_mut().map(|l| *l.borrow_and_update()) {
+                    self.core.set_runner_load(load, Instant::now());
+                }
+                Flow::Continue
+            }
+            Some((ip, reply)) = self.identity_rx.recv() => {
+                let _ = reply.send(self.core.peer_identity(ip).map(|c| Caller::from_cert(&c)));
+                Flow::Continue
+            }
+            _ = self.signals.hup.recv() => {
+                reload(&mut self.core, &self.config_path);
+                Flow::Continue
+            }
+            _ = self.signals.int.recv() => {
+                tracing::info!("SIGINT: stopping");
+                Flow::Stop
+            }
+            _ = self.signals.term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                Flow::Stop
+            }
+        };
+        if flow == Flow::Stop {
+            return flow;
+        }
+        self.drain().await;
+        if self.revoked.is_some() {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// The fixed order after every input: the core's datagrams; its events,
+    /// and the packets among them to the plane, which answers within the
+    /// step (the userspace stack's queued packets go through the core and
+    /// out); the datagrams that made, and anything the core said meanwhile;
+    /// then the timer from the earliest deadline.
+    async fn drain(&mut self) {
+        for _ in 0..2 {
+            flush(&mut self.core, &self.outer).await;
+            let packets = self.take_events();
+            self.plane
+                .deliver(packets, &mut self.core, &self.outer)
+                .await;
+        }
+        flush(&mut self.core, &self.outer).await;
+        let now = Instant::now();
+        let mut deadline = self.core.poll_timeout(now);
+        if let Some(d) = self.plane.poll_delay() {
+            deadline = deadline.min(now + d);
+        }
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if deadline < self.next_timer {
+            self.next_timer = deadline;
+        }
+    }
+
+    /// Takes the core's events: answers go to whoever waits for them,
+    /// kernel routes are made or removed on the plane's device, a
+    /// revocation is noted; packets for the plane are returned, in order.
+    fn take_events(&mut self) -> Vec<Vec<u8>> {
+        let mut packets = Vec::new();
+        while let Some(event) = self.core.poll_event() {
+            let answer = match event {
+                NodeEvent::TunWrite(packet) => {
+                    packets.push(packet);
+                    continue;
+                }
+                NodeEvent::Ping(r) => (r.id, serde_json::to_value(&r)),
+                NodeEvent::Policy(r) => (r.id, serde_json::to_value(&r)),
+                NodeEvent::Runners(r) => (r.id, serde_json::to_value(&r)),
+                NodeEvent::Revoked { lighthouse } => {
+                    self.revoked = Some(lighthouse);
+                    continue;
+                }
+                NodeEvent::AddRoute(subnet) => {
+                    if let Some(device) = self.plane.routes_device() {
+                        add_route(subnet, device);
+                    }
+                    continue;
+                }
+                NodeEvent::RemoveRoute(subnet) => {
+                    if let Some(device) = self.plane.routes_device() {
+                        match routes::remove(subnet, device) {
+                            Ok(()) => tracing::info!(%subnet, "kernel route removed"),
+                            Err(e) => {
+                                tracing::debug!(%subnet, error = %e, "kernel route not removed")
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            if let Some(reply) = self.waiting.remove(&answer.0) {
+                let _ = reply.send(answer.1.unwrap_or_default());
+            }
+        }
+        packets
+    }
+
+    /// One API request the event loop answers (a `Dial` the API server
+    /// answers itself).
+    fn answer(
+        &mut self,
+        request: ApiRequest,
+        reply: tokio::sync::oneshot::Sender<serde_json::Value>,
+    ) -> Flow {
+        let now = Instant::now();
+        let pending = match request {
+            ApiRequest::Status => {
+                let mut status = serde_json::to_value(self.core.status()).unwrap_or_default();
+                if let Some(fields) = status.as_object_mut() {
+                    fields.insert(
+                        "mode".into(),
+                        serde_json::to_value(self.config.tun.mode).unwrap_or_default(),
+                    );
+                    // Which process answers: `tern up --wait-for` reports
+                    // only the node it started.
+                    fields.insert("pid".into(), std::process::id().into());
+                }
+                let _ = reply.send(status);
+                return Flow::Continue;
+            }
+            ApiRequest::Ping { peer } => self.core.ping(&peer, now),
+            ApiRequest::FindRunners { selector } => self.core.find_runners(selector, now),
+            ApiRequest::Policy { target } => self.core.ask_policy(*target.ip(), target.port(), now),
+            ApiRequest::Peer { overlay_ip } => {
+                let caller = self
+                    .core
+                    .peer_identity(overlay_ip)
+                    .map(|c| Caller::from_cert(&c));
+                let _ = reply.send(serde_json::to_value(caller).unwrap_or_default());
+                return Flow::Continue;
+            }
+            ApiRequest::Route { ip } => {
+                let _ = reply.send(match self.core.reachable(ip) {
+                    Ok(()) => serde_json::json!({ "ok": true, "mode": self.config.tun.mode }),
+                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                });
+                return Flow::Continue;
+            }
+            ApiRequest::Shutdown => {
+                tracing::info!("tern down: leaving the mesh");
+                let _ = reply.send(serde_json::json!({ "ok": true }));
+                return Flow::Stop;
+            }
+            ApiRequest::Dial { .. } => {
+                // Answered by the API server itself with the dialer.
+                let _ = reply.send(serde_json::json!({ "error": "dial is not a loop request" }));
+                return Flow::Continue;
+            }
+        };
+        match pending {
+            Ok(id) => {
+                self.waiting.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(serde_json::json!({ "error": e.to_string() }));
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Leaves the mesh (lighthouses told), or, revoked, leaves a note
+    /// beside the API socket and stops with its own exit code.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let userspace = self.plane.routes_device().is_none();
+        if self.revoked.is_none() {
+            self.core.shutdown(Instant::now());
+            flush(&mut self.core, &self.outer).await;
+        }
+        let revoked = self.revoked.take();
+        let socket_path = self.socket_path.clone();
+        drop(self);
+        tracing::info!(
+            "stopped{}",
+            if userspace {
+                ""
+            } else {
+                "; TUN device removed"
+            }
+        );
+        let Some(lighthouse) = revoked else {
+            return Ok(());
+        };
+        let message = format!(
+            "this node's certificate was revoked (lighthouse {lighthouse} says so); no peer accepts it any more. Get a new certificate (or enroll again) and start the node"
+        );
+        api::write_stop_note(
+            &socket_path,
+            &api::StopNote {
+                stopped_at: tern_shared::cert::format_unix_time(unix_now()),
+                exit_code: tern_shared::exit::REVOKED,
+                reason: message.clone(),
+            },
+        );
+        Err(join::Exit {
+            code: tern_shared::exit::REVOKED,
+            message,
+        }
+        .into())
+    }
+}
+
+/// `tern up`: builds the node for its mode and runs it until SIGINT,
+/// SIGTERM or `tern down`.
+pub async fn run(
+    config_path: &Path,
+    userspace: bool,
+    enrollment: Option<&join::Credential>,
+) -> anyhow::Result<()> {
+    let setup = Setup::load(config_path, userspace, enrollment).await?;
+    if setup.userspace() {
+        let plane = setup.user_plane();
+        Daemon::build(setup, plane).await?.run().await
+    } else {
+        let plane = setup.tun_plane()?;
+        Daemon::build(setup, plane).await?.run().await
+    }
+}
+
+fn add_route(subnet: Ipv4Net, device: &str) {
+    match routes::add(subnet, device) {
+        Ok(routes::RouteAdded::Added) => {
+            tracing::info!(%subnet, dev = %device, "kernel route added")
+        }
+        Ok(routes::RouteAdded::Present) => {
+            tracing::debug!(%subnet, "kernel route already there")
+        }
+        Ok(routes::RouteAdded::Skipped(why)) => {
+            tracing::warn!(%subnet, reason = %why, "kernel route skipped")
+        }
+        Err(e) => tracing::warn!(%subnet, error = %e, "kernel route not added"),
+    }
+}
+
+/// A gateway whose inbound rules open none of its subnets passes nothing
+/// into them: say so, for each, with the rule that would.
+fn warn_closed_subnets(config: &NodeConfig) {
+    let Some(gateway) = &config.gateway else {
+        return;
+    };
+    for subnet in subnets_no_rule_opens(&config.firewall, &gateway.subnets) {
+        tracing::warn!(
+            %subnet,
+            "[gateway] subnets: no [[firewall.inbound]] rule lets anything into {subnet}, so no client can reach it (rules without local_cidr cover only this node's own address); add one, e.g. [[firewall.inbound]] proto = \"tcp\" port = \"443\" groups = [\"ci\"] local_cidr = \"{subnet}\""
+        );
+    }
+}
+
+/// SIGHUP: re-reads the config and applies its `[firewall]` without touching
+/// tunnels. A config that does not parse is refused and the old rules stay.
+fn reload(core: &mut NodeCore, config_path: &Path) {
+    match load_node_config(config_path) {
+        Ok(config) => {
+            warn_closed_subnets(&config);
+            core.reload_firewall(&config.firewall);
+            tracing::info!(
+                inbound = config.firewall.inbound.len(),
+                outbound = config.firewall.outbound.len(),
+                "SIGHUP: firewall rules reloaded (other settings take effect at restart)"
+            );
+        }
+        Err(e) => tracing::error!("SIGHUP: config reload refused, keeping the old rules: {e:#}"),
+    }
+}
+
+async fn flush(core: &mut NodeCore, outer: &Outer) {
+    while let Some(t) = core.poll_transmit() {
+        outer.send(t.dst, &t.payload, None).await;
+    }
+}
+
+/// The addresses other nodes on our own networks can reach us at: the
+/// listen address when it names one, else the source address the kernel
+/// would pick toward each lighthouse.
+fn local_endpoints(listen: SocketAddr, lighthouses: &[LighthouseTarget]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    if !listen.ip().is_unspecified() {
+        out.push(listen);
+        return out;
+    }
+    for lh in lighthouses {
+        let bind: SocketAddr = match lh.endpoint.ip() {
+            IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let Ok(probe) = StdUdpSocket::bind(bind) else {
+            continue;
+        };
+        if probe.connect(lh.endpoint).is_ok() {
+            if let Ok(local) = probe.local_addr() {
+                let e = SocketAddr::new(local.ip(), listen.port());
+                if !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+    }
+    out
+}
