@@ -2,7 +2,10 @@
 //! wall clock, the seed for session indexes, and how many reads one
 //! wake-up may take before the event loop looks at its timers again.
 
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use tern_shared::identity::Identity;
 
 /// Receives per wake-up before a loop looks at its timers and API again.
 pub const READS_PER_WAKEUP: usize = 16;
@@ -61,4 +64,23 @@ pub fn set_log_level(level: &str) -> Option<Result<(), String>> {
         .get()
         .filter(|_| std::env::var_os("RUST_LOG").is_none())
         .map(|set| set(level))
+}
+
+/// Reads the CA, certificate and key files named in `[pki]` and checks them
+/// against each other (both daemons start so).
+pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> Result<Identity, String> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read_to_string(p).map_err(|e| format!("reading {what} {}: {e}", p.display()))
+    };
+    let ca_text = read(ca, "CA file [pki] ca =")?;
+    let cert_text = read(cert, "certificate [pki] cert =")?;
+    let key_text = read(key, "key [pki] key =")?;
+    Identity::from_pem(&ca_text, &cert_text, &key_text, unix_now()).map_err(|e| {
+        format!(
+            "checking identity (ca {}, cert {}, key {}): {e}",
+            ca.display(),
+            cert.display(),
+            key.display()
+        )
+    })
 }

@@ -9,7 +9,9 @@ use anyhow::Context;
 use tern_mesh::{Mesh, MeshSettings};
 use tern_shared::config::LighthouseConfig;
 use tern_shared::identity::Identity;
-use tern_udp::daemon::{init_logging, seed, set_log_level, unix_now, READS_PER_WAKEUP};
+use tern_udp::daemon::{
+    init_logging, load_identity, seed, set_log_level, unix_now, READS_PER_WAKEUP,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
@@ -132,16 +134,9 @@ async fn serve(
     config_path: &Path,
     store_path: PathBuf,
 ) -> anyhow::Result<()> {
-    let read = |p: &Path, what: &str| {
-        std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
-    };
-    let identity = Identity::from_pem(
-        &read(&config.pki.ca, "CA file [pki] ca =")?,
-        &read(&config.pki.cert, "certificate [pki] cert =")?,
-        &read(&config.pki.key, "key [pki] key =")?,
-        unix_now(),
-    )
-    .context("checking the lighthouse's identity")?;
+    let identity = load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)
+        .map_err(anyhow::Error::msg)
+        .context("the lighthouse's identity")?;
     let cert = identity.cert.clone();
     if !cert.has_group(tern_shared::cert::LIGHTHOUSE_GROUP) {
         tracing::warn!(

@@ -36,18 +36,5 @@ pub fn load_node_config(path: &Path) -> anyhow::Result<NodeConfig> {
 /// Reads the CA, certificate and key files named in `[pki]` and checks them
 /// against each other.
 pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Identity> {
-    let read = |p: &Path, what: &str| {
-        std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
-    };
-    let ca_text = read(ca, "CA file [pki] ca =")?;
-    let cert_text = read(cert, "certificate [pki] cert =")?;
-    let key_text = read(key, "key [pki] key =")?;
-    Identity::from_pem(&ca_text, &cert_text, &key_text, unix_now()).with_context(|| {
-        format!(
-            "checking identity (ca {}, cert {}, key {})",
-            ca.display(),
-            cert.display(),
-            key.display()
-        )
-    })
+    tern_udp::daemon::load_identity(ca, cert, key).map_err(anyhow::Error::msg)
 }
