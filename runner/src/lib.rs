@@ -1,18 +1,23 @@
 //! `tern-runner`: pipelines run inside the private network for callers in
-//! the mesh.
+//! the mesh. The sans-IO parts (pipeline model, job protocol, scheduler)
+//! are `tern-runner-core`, re-exported here; this crate adds the IO:
 //!
-//! - [`pipeline`]: the pipeline file (`config/pipeline.toml`): steps,
-//!   uploads, artifacts, secrets; parsed with the line of every error.
-//! - [`job`]: the job protocol between `tern run` and a runner (greetings,
-//!   frames, exit codes).
-//! - [`scheduler`]: who may run pipelines here, and the queue that keeps at
-//!   most `concurrency` jobs running.
-//!
-//! These parts take bytes in and give bytes out; only
-//! [`pipeline::Pipeline::check_uploads`] reads the file system (the CI
-//! workspace's uploads). The processes, sockets and archives are in
-//! `tern-node`'s `io` for now.
+//! - [`server`]: the runner service (listener, queue, one connection per
+//!   caller).
+//! - [`job`]: one job on the runner: a fresh workspace, the steps, the
+//!   audit record. [`step`]: one step's process group.
+//! - [`archive`]: the tar streams for uploads and artifacts.
+//! - [`client`]: `tern run`'s side of a job.
 
+pub use tern_runner_core::{pipeline, protocol, scheduler};
+
+pub mod archive;
+pub mod client;
 pub mod job;
-pub mod pipeline;
-pub mod scheduler;
+pub mod server;
+pub mod step;
+
+/// A byte stream a job travels over: a TCP connection through the mesh
+/// (kernel or userspace stack), or the daemon's API socket.
+pub trait ByteStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ByteStream for T {}

@@ -728,7 +728,7 @@ allow_groups = ["ci"]
 work_dir = "jobs"
 audit_log = "audit.jsonl"
 "#,
-            tern_runner::job::RUNNER_PORT
+            tern_runner::protocol::RUNNER_PORT
         ),
         Role::Client {
             socks,

@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::api::{self, ApiCall, ApiRequest};
 use super::plane::{Plane, TunPlane, UserPlane};
-use super::{gateway, join, load_identity, load_node_config, proxy, routes, runner, userspace};
+use super::{gateway, join, load_identity, load_node_config, proxy, routes, userspace};
+use tern_runner::server as runner;
 
 /// What a step decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,17 +4,13 @@
 //! kernel setup and routes, proxies, enrollment, and the runner.
 
 pub mod api;
-pub mod archive;
 pub mod daemon;
 pub mod datapath;
-pub mod exec;
 pub mod gateway;
-pub mod job;
 pub mod join;
 pub mod plane;
 pub mod proxy;
 pub mod routes;
-pub mod runner;
 pub mod userspace;
 
 use std::path::Path;

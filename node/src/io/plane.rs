@@ -14,8 +14,8 @@ use tern_udp::Outer;
 
 use super::datapath::DataPath;
 use super::proxy::Dialer;
-use super::runner;
 use super::userspace::{Netstack, UserPath};
+use tern_runner::server as runner;
 
 /// Packets the kernel may queue on the TUN device for the daemon to read.
 const TUN_QUEUE_LEN: u32 = 5000;
@@ -185,7 +185,18 @@ impl Plane for UserPlane {
     }
 
     fn runner_listener(&mut self) -> runner::Listener {
-        runner::Listener::Userspace(self.stack.listen(tern_runner::job::RUNNER_PORT))
+        // The stack's connections, handed to the runner as byte streams.
+        let mut conns = self.stack.listen(tern_runner::protocol::RUNNER_PORT);
+        let (tx, rx) = tokio::sync::mpsc::channel::<runner::Incoming>(16);
+        tokio::spawn(async move {
+            while let Some(conn) = conns.recv().await {
+                let peer = std::net::SocketAddr::V4(conn.peer);
+                if tx.send((Box::new(conn.into_stream()), peer)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        runner::Listener::Streams(rx)
     }
 
     fn routes_device(&self) -> Option<&str> {

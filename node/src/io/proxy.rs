@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::userspace::{DialError, NetstackHandle};
@@ -14,8 +14,7 @@ use tern_node_core::http_connect;
 use tern_node_core::socks::{self, Command, Reply, Target};
 
 /// A byte stream to a target in the mesh.
-pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
+pub use tern_runner::ByteStream;
 
 /// How this node opens connections into the mesh.
 #[derive(Clone)]
@@ -51,7 +50,7 @@ impl Dialer {
                         // A peer that vanishes (and its tunnel with it)
                         // cannot say goodbye: keepalive notices in seconds,
                         // as the userspace stack does.
-                        super::runner::keepalive(&s);
+                        tern_runner::server::keepalive(&s);
                         Ok(Box::new(s))
                     }
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {

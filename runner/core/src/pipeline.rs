@@ -1037,7 +1037,7 @@ A = "b"
 
     #[test]
     fn example_pipeline_parses() {
-        let text = include_str!("../../config/pipeline.toml");
+        let text = include_str!("../../../config/pipeline.toml");
         let p = Pipeline::parse(text, Path::new("config/pipeline.toml")).unwrap();
         assert!(!p.name.is_empty());
         assert!(p.steps.len() >= 2);
@@ -1316,7 +1316,7 @@ A = "b"
 
     #[test]
     fn serializes_in_the_file_format() {
-        let text = include_str!("../../config/pipeline.toml");
+        let text = include_str!("../../../config/pipeline.toml");
         let p = parse(text).unwrap();
         let again = toml::to_string(&p).unwrap();
         assert!(again.contains("timeout = \"2h\"\n"), "{again}");

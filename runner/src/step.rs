@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::protocol::{Masker, Stream, MAX_CHUNK};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tern_runner::job::{Masker, Stream, MAX_CHUNK};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 
