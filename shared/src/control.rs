@@ -450,26 +450,11 @@ impl ControlMessage {
         let ty = r.u8().ok_or(ControlError::Malformed)?;
         let id = r.u32().ok_or(ControlError::Malformed)?;
         let msg = match ty {
-            T_REGISTER => {
-                let local = read_endpoints(&mut r)?;
-                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
-                if n > MAX_ADVERTISED {
-                    return Err(ControlError::TooManyRoutes);
-                }
-                let mut routes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    routes.push(read_net(&mut r)?);
-                }
-                ControlMessage::Register { id, local, routes }
-            }
+            T_REGISTER => read_register(id, &mut r)?,
             T_REGISTER_ACK => ControlMessage::RegisterAck {
                 id,
                 observed: r.socket_addr().ok_or(ControlError::Malformed)?,
-                relay: match r.u8() {
-                    Some(0) => false,
-                    Some(1) => true,
-                    _ => return Err(ControlError::Malformed),
-                },
+                relay: read_bool(&mut r)?,
                 revocations: r.u32().ok_or(ControlError::Malformed)?,
             },
             T_REVOCATIONS_QUERY => ControlMessage::RevocationsQuery {
@@ -482,11 +467,7 @@ impl ControlMessage {
                 port: r.u16().ok_or(ControlError::Malformed)?,
             },
             T_POLICY_REPLY => {
-                let allowed = match r.u8() {
-                    Some(0) => false,
-                    Some(1) => true,
-                    _ => return Err(ControlError::Malformed),
-                };
+                let allowed = read_bool(&mut r)?;
                 ControlMessage::PolicyReply {
                     id,
                     answer: PolicyAnswer {
@@ -495,35 +476,7 @@ impl ControlMessage {
                     },
                 }
             }
-            T_REVOCATIONS => {
-                let since = r.u32().ok_or(ControlError::Malformed)?;
-                let version = r.u32().ok_or(ControlError::Malformed)?;
-                let complete = match r.u8() {
-                    Some(0) => false,
-                    Some(1) => true,
-                    _ => return Err(ControlError::Malformed),
-                };
-                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
-                if n > MAX_REVOCATIONS_IN_REPLY {
-                    return Err(ControlError::TooManyLabels);
-                }
-                let mut entries = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let fingerprint = Fingerprint(r.array().ok_or(ControlError::Malformed)?);
-                    let not_after = u64::from_be_bytes(r.array().ok_or(ControlError::Malformed)?);
-                    entries.push(Revocation {
-                        fingerprint,
-                        not_after,
-                    });
-                }
-                ControlMessage::Revocations {
-                    id,
-                    since,
-                    version,
-                    entries,
-                    complete,
-                }
-            }
+            T_REVOCATIONS => read_revocations(id, &mut r)?,
             T_QUERY => ControlMessage::Query {
                 id,
                 overlay_ip: r.ipv4().ok_or(ControlError::Malformed)?,
@@ -565,21 +518,7 @@ impl ControlMessage {
                     complete,
                 }
             }
-            T_RUNNER_ADVERT => {
-                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
-                if n > MAX_LABELS {
-                    return Err(ControlError::TooManyLabels);
-                }
-                let mut labels = Vec::with_capacity(n);
-                for _ in 0..n {
-                    labels.push(read_label(&mut r)?);
-                }
-                ControlMessage::RunnerAdvert {
-                    id,
-                    labels,
-                    load: read_load(&mut r)?,
-                }
-            }
+            T_RUNNER_ADVERT => read_runner_advert(id, &mut r)?,
             T_RUNNERS_QUERY => {
                 let kind = r.u8().ok_or(ControlError::Malformed)?;
                 let text = read_label(&mut r)?;
@@ -590,28 +529,7 @@ impl ControlMessage {
                 };
                 ControlMessage::RunnersQuery { id, selector }
             }
-            T_RUNNERS_REPLY => {
-                let n = r.u8().ok_or(ControlError::Malformed)? as usize;
-                if n > MAX_RUNNERS_IN_REPLY {
-                    return Err(ControlError::TooManyLabels);
-                }
-                let mut runners = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let overlay_ip = r.ipv4().ok_or(ControlError::Malformed)?;
-                    let name = read_label(&mut r)?;
-                    let load = match r.u8() {
-                        Some(0) => None,
-                        Some(1) => Some(read_load(&mut r)?),
-                        _ => return Err(ControlError::Malformed),
-                    };
-                    runners.push(RunnerInfo {
-                        overlay_ip,
-                        name,
-                        load,
-                    });
-                }
-                ControlMessage::RunnersReply { id, runners }
-            }
+            T_RUNNERS_REPLY => read_runners_reply(id, &mut r)?,
             other => return Err(ControlError::UnknownType(other)),
         };
         if !r.is_empty() {
@@ -739,6 +657,93 @@ fn read_net(r: &mut Reader<'_>) -> Result<Ipv4Net, ControlError> {
     let addr = r.ipv4().ok_or(ControlError::Malformed)?;
     let prefix = r.u8().ok_or(ControlError::Malformed)?;
     Ipv4Net::new(addr, prefix).map_err(|_| ControlError::Malformed)
+}
+
+/// A flag: 0 or 1, anything else malformed.
+fn read_bool(r: &mut Reader<'_>) -> Result<bool, ControlError> {
+    match r.u8() {
+        Some(0) => Ok(false),
+        Some(1) => Ok(true),
+        _ => Err(ControlError::Malformed),
+    }
+}
+
+fn read_register(id: u32, r: &mut Reader<'_>) -> Result<ControlMessage, ControlError> {
+    let local = read_endpoints(r)?;
+    let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+    if n > MAX_ADVERTISED {
+        return Err(ControlError::TooManyRoutes);
+    }
+    let mut routes = Vec::with_capacity(n);
+    for _ in 0..n {
+        routes.push(read_net(r)?);
+    }
+    Ok(ControlMessage::Register { id, local, routes })
+}
+
+fn read_revocations(id: u32, r: &mut Reader<'_>) -> Result<ControlMessage, ControlError> {
+    let since = r.u32().ok_or(ControlError::Malformed)?;
+    let version = r.u32().ok_or(ControlError::Malformed)?;
+    let complete = read_bool(r)?;
+    let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+    if n > MAX_REVOCATIONS_IN_REPLY {
+        return Err(ControlError::TooManyLabels);
+    }
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        let fingerprint = Fingerprint(r.array().ok_or(ControlError::Malformed)?);
+        let not_after = u64::from_be_bytes(r.array().ok_or(ControlError::Malformed)?);
+        entries.push(Revocation {
+            fingerprint,
+            not_after,
+        });
+    }
+    Ok(ControlMessage::Revocations {
+        id,
+        since,
+        version,
+        entries,
+        complete,
+    })
+}
+
+fn read_runner_advert(id: u32, r: &mut Reader<'_>) -> Result<ControlMessage, ControlError> {
+    let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+    if n > MAX_LABELS {
+        return Err(ControlError::TooManyLabels);
+    }
+    let mut labels = Vec::with_capacity(n);
+    for _ in 0..n {
+        labels.push(read_label(r)?);
+    }
+    Ok(ControlMessage::RunnerAdvert {
+        id,
+        labels,
+        load: read_load(r)?,
+    })
+}
+
+fn read_runners_reply(id: u32, r: &mut Reader<'_>) -> Result<ControlMessage, ControlError> {
+    let n = r.u8().ok_or(ControlError::Malformed)? as usize;
+    if n > MAX_RUNNERS_IN_REPLY {
+        return Err(ControlError::TooManyLabels);
+    }
+    let mut runners = Vec::with_capacity(n);
+    for _ in 0..n {
+        let overlay_ip = r.ipv4().ok_or(ControlError::Malformed)?;
+        let name = read_label(r)?;
+        let load = match r.u8() {
+            Some(0) => None,
+            Some(1) => Some(read_load(r)?),
+            _ => return Err(ControlError::Malformed),
+        };
+        runners.push(RunnerInfo {
+            overlay_ip,
+            name,
+            load,
+        });
+    }
+    Ok(ControlMessage::RunnersReply { id, runners })
 }
 
 fn read_endpoints(r: &mut Reader<'_>) -> Result<Vec<SocketAddr>, ControlError> {

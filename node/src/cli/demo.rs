@@ -185,30 +185,7 @@ fn demo(
     let ports = pick_ports()?;
 
     make_certs(tern, dir, stop)?;
-    fs::write(dir.join("lh.toml"), lighthouse_config(ports.lighthouse))
-        .context("writing lh.toml")?;
-    let nodes = [
-        ("gw", ports.gateway, Role::Gateway),
-        ("runner", ports.runner, Role::Runner),
-        (
-            "client",
-            ports.client,
-            Role::Client {
-                socks: ports.socks,
-                forward: ports.forward,
-                target: service_addr,
-            },
-        ),
-    ];
-    for (name, port, role) in nodes {
-        let file = format!("{name}.toml");
-        fs::write(
-            dir.join(&file),
-            node_config(name, port, ports.lighthouse, role),
-        )
-        .with_context(|| format!("writing {file}"))?;
-    }
-    fs::write(dir.join("demo.toml"), PIPELINE).context("writing demo.toml")?;
+    let nodes = write_configs(dir, &ports, service_addr)?;
     println!("   a CA and certificates for lh1, gw, client and runner: done");
 
     mesh.spawn("lighthouse", lighthouse, &["--config", "lh.toml"], dir)?;
@@ -288,24 +265,7 @@ fn demo(
 
     println!("\n2. A pipeline on the runner, streamed live:");
     println!("   $ tern run demo.toml --on {RUNNER_LABEL} --socket client.sock");
-    let mut attempt = 1;
-    loop {
-        let mut cmd = Command::new(tern);
-        cmd.args(["run", "demo.toml", "--on", RUNNER_LABEL, "--socket"])
-            .arg(&client_api)
-            .current_dir(dir)
-            .stdin(Stdio::null());
-        let status = run_to_end(&mut cmd, "tern run", PIPELINE_TIMEOUT, stop)?;
-        match status.code() {
-            Some(0) => break,
-            Some(code) if code == i32::from(exit::UNAVAILABLE) && attempt < RUN_ATTEMPTS => {
-                println!("   (the runner is not advertised yet; retrying)");
-                attempt += 1;
-                pause(Duration::from_secs(1), stop)?;
-            }
-            _ => bail!("the pipeline did not pass: `tern run` {status}"),
-        }
-    }
+    run_pipeline(tern, dir, &client_api, stop)?;
     mesh.check_alive()?;
 
     println!("\nWhat ran (no root, no TUN device: every node in userspace mode):");
@@ -332,6 +292,68 @@ fn demo(
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The configs of the lighthouse, the three nodes and the pipeline; the
+/// nodes' names, ports and roles.
+fn write_configs(
+    dir: &Path,
+    ports: &Ports,
+    service_addr: SocketAddrV4,
+) -> anyhow::Result<[(&'static str, u16, Role); 3]> {
+    fs::write(dir.join("lh.toml"), lighthouse_config(ports.lighthouse))
+        .context("writing lh.toml")?;
+    let nodes = [
+        ("gw", ports.gateway, Role::Gateway),
+        ("runner", ports.runner, Role::Runner),
+        (
+            "client",
+            ports.client,
+            Role::Client {
+                socks: ports.socks,
+                forward: ports.forward,
+                target: service_addr,
+            },
+        ),
+    ];
+    for (name, port, role) in nodes {
+        let file = format!("{name}.toml");
+        fs::write(
+            dir.join(&file),
+            node_config(name, port, ports.lighthouse, role),
+        )
+        .with_context(|| format!("writing {file}"))?;
+    }
+    fs::write(dir.join("demo.toml"), PIPELINE).context("writing demo.toml")?;
+    Ok(nodes)
+}
+
+/// `tern run demo.toml` on the runner, again while the runner is not
+/// advertised yet (a few times).
+fn run_pipeline(
+    tern: &Path,
+    dir: &Path,
+    client_api: &Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        let mut cmd = Command::new(tern);
+        cmd.args(["run", "demo.toml", "--on", RUNNER_LABEL, "--socket"])
+            .arg(client_api)
+            .current_dir(dir)
+            .stdin(Stdio::null());
+        let status = run_to_end(&mut cmd, "tern run", PIPELINE_TIMEOUT, stop)?;
+        match status.code() {
+            Some(0) => return Ok(()),
+            Some(code) if code == i32::from(exit::UNAVAILABLE) && attempt < RUN_ATTEMPTS => {
+                println!("   (the runner is not advertised yet; retrying)");
+                attempt += 1;
+                pause(Duration::from_secs(1), stop)?;
+            }
+            _ => bail!("the pipeline did not pass: `tern run` {status}"),
+        }
+    }
 }
 
 /// Sets the returned flag on SIGINT or SIGTERM, from then on for the whole

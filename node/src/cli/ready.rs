@@ -165,7 +165,6 @@ pub fn up_and_wait(
     log: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let deadline = started + timeout;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (log, out) = open_log(socket, group, log)?;
     let err = out.try_clone()?;
@@ -175,157 +174,188 @@ pub fn up_and_wait(
     if let Some(token) = token {
         node.env(super::daemon::ENROLL_TOKEN_ENV, token);
     }
-    let mut child = node
+    let child = node
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         // Its own process group: the CI step's Ctrl-C or end does not reach it.
         .process_group(0)
         .spawn()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // 1. Registered with a lighthouse (or the node stopped: its code says why).
-    loop {
-        if let Some(status) = child.try_wait()? {
-            let code = status
-                .code()
-                .and_then(|c| u8::try_from(c).ok())
-                .unwrap_or(1);
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let last = tail
-                .lines()
-                .rev()
-                .find(|l| l.contains("error"))
-                .unwrap_or("");
-            eprintln!("tern up: the node stopped before it was ready: {last}");
-            return Ok(ExitCode::from(code.max(1)));
-        }
-        let status = runtime
-            .block_on(api::call(socket, &ApiRequest::Status))
-            .ok();
-        // Only the node this gate started counts: another one answering on
-        // the socket meanwhile is not ours to report on.
-        let ours = status
-            .as_ref()
-            .is_some_and(|s| s["pid"].as_u64() == Some(u64::from(child.id())));
-        let registered = ours
-            && status.as_ref().is_some_and(|s| {
-                s["lighthouses"]
-                    .as_array()
-                    .is_some_and(|l| l.iter().any(|l| l["registered"] == true))
-            });
-        if registered {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return fail(
-                &mut child,
-                exit::UNAVAILABLE,
-                format!(
-                    "no lighthouse registered the node within {} s",
-                    timeout.as_secs()
-                ),
-                &log,
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let mut gate = Gate {
+        socket,
+        target,
+        timeout,
+        started,
+        deadline: started + timeout,
+        child,
+        log,
+        runtime: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    };
+    if let Some(code) = gate.wait_registered()? {
+        return Ok(code);
     }
-    // 2. The target answers through the mesh.
-    let mut refused = false;
-    let mut policy_allows = false;
-    loop {
-        let route = runtime.block_on(api::call(socket, &ApiRequest::Route { ip: *target.ip() }));
-        let routed = match route {
-            Ok(r) => match r.get("error").and_then(|e| e.as_str()) {
-                None => Ok(()),
-                Some(e) => Err(e.to_string()),
-            },
-            Err(e) => Err(format!("{e:#}")),
-        };
-        if let Err(why) = routed {
-            if Instant::now() >= deadline {
-                return fail(
-                    &mut child,
-                    exit::NO_PATH,
-                    format!("no path to {target}: {why}"),
-                    &log,
-                );
+    gate.wait_for_target()
+}
+
+/// The readiness gate around the node it started.
+struct Gate<'a> {
+    socket: &'a Path,
+    target: SocketAddrV4,
+    timeout: Duration,
+    started: Instant,
+    deadline: Instant,
+    child: std::process::Child,
+    log: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Gate<'_> {
+    /// First, registered with a lighthouse, or the node stopped (its code
+    /// says why), or no registration in time. `None`: registered.
+    fn wait_registered(&mut self) -> anyhow::Result<Option<ExitCode>> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let code = status
+                    .code()
+                    .and_then(|c| u8::try_from(c).ok())
+                    .unwrap_or(1);
+                let tail = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let last = tail
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("error"))
+                    .unwrap_or("");
+                eprintln!("tern up: the node stopped before it was ready: {last}");
+                return Ok(Some(ExitCode::from(code.max(1))));
             }
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
+            let status = self
+                .runtime
+                .block_on(api::call(self.socket, &ApiRequest::Status))
+                .ok();
+            // Only the node this gate started counts: another one answering on
+            // the socket meanwhile is not ours to report on.
+            let ours = status
+                .as_ref()
+                .is_some_and(|s| s["pid"].as_u64() == Some(u64::from(self.child.id())));
+            let registered = ours
+                && status.as_ref().is_some_and(|s| {
+                    s["lighthouses"]
+                        .as_array()
+                        .is_some_and(|l| l.iter().any(|l| l["registered"] == true))
+                });
+            if registered {
+                return Ok(None);
+            }
+            if Instant::now() >= self.deadline {
+                let why = format!(
+                    "no lighthouse registered the node within {} s",
+                    self.timeout.as_secs()
+                );
+                return fail(&mut self.child, exit::UNAVAILABLE, why, &self.log).map(Some);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let dial = runtime.block_on(async {
-            tokio::time::timeout(left.min(ATTEMPT), api::dial(socket, target)).await
-        });
-        let failed = !matches!(dial, Ok(Ok(_)));
-        if failed && !policy_allows {
-            // Refused or silent: is it the firewall in front of the target?
-            match denied_by_policy(&runtime, socket, target) {
-                Some((false, why)) => {
-                    return fail(
-                        &mut child,
-                        exit::DENIED_BY_POLICY,
-                        format!("{target} is denied by policy: {why}"),
-                        &log,
-                    )
+    }
+
+    /// Then, the target answers through the mesh: routed, then dialled
+    /// until it answers, refuses for good, is denied by the firewall in
+    /// front of it, or time runs out.
+    fn wait_for_target(&mut self) -> anyhow::Result<ExitCode> {
+        let (socket, target) = (self.socket, self.target);
+        let mut refused = false;
+        let mut policy_allows = false;
+        loop {
+            if let Err(why) = self.routed() {
+                if Instant::now() >= self.deadline {
+                    let why = format!("no path to {target}: {why}");
+                    return fail(&mut self.child, exit::NO_PATH, why, &self.log);
                 }
-                Some((true, _)) => policy_allows = true,
-                None => {}
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
-        }
-        match dial {
-            Ok(Ok(_stream)) => {
-                println!(
-                    "ready: {target} answered through the mesh {:.2} s after start; the node runs in the background (pid {}, log {})",
-                    started.elapsed().as_secs_f64(),
-                    child.id(),
-                    log.display()
-                );
-                return Ok(ExitCode::SUCCESS);
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let dial = self.runtime.block_on(async {
+                tokio::time::timeout(left.min(ATTEMPT), api::dial(socket, target)).await
+            });
+            let failed = !matches!(dial, Ok(Ok(_)));
+            if failed && !policy_allows {
+                // Refused or silent: is it the firewall in front of the target?
+                match denied_by_policy(&self.runtime, socket, target) {
+                    Some((false, why)) => {
+                        let why = format!("{target} is denied by policy: {why}");
+                        return fail(&mut self.child, exit::DENIED_BY_POLICY, why, &self.log);
+                    }
+                    Some((true, _)) => policy_allows = true,
+                    None => {}
+                }
             }
-            Ok(Err(e)) => {
-                let why = format!("{e:#}");
-                refused = e
-                    .downcast_ref::<api::DialRefusal>()
-                    .is_some_and(|d| d.failure == api::DialFailure::Refused);
-                if Instant::now() >= deadline {
+            let timed_out = Instant::now() >= self.deadline;
+            let (code, why) = match dial {
+                Ok(Ok(_stream)) => {
+                    println!(
+                        "ready: {target} answered through the mesh {:.2} s after start; the node runs in the background (pid {}, log {})",
+                        self.started.elapsed().as_secs_f64(),
+                        self.child.id(),
+                        self.log.display()
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Ok(Err(e)) => {
+                    refused = e
+                        .downcast_ref::<api::DialRefusal>()
+                        .is_some_and(|d| d.failure == api::DialFailure::Refused);
+                    if !timed_out {
+                        if refused {
+                            // A target that refuses is not going to be ready by
+                            // asking faster; but it may still be starting.
+                            std::thread::sleep(Duration::from_millis(250));
+                        }
+                        continue;
+                    }
                     let code = if refused {
                         exit::TARGET_REFUSED
                     } else {
                         exit::TIMED_OUT
                     };
-                    return fail(&mut child, code, format!("{target}: {why}"), &log);
+                    (code, format!("{target}: {e:#}"))
                 }
-                if refused {
-                    // A target that refuses is not going to be ready by
-                    // asking faster; but it may still be starting.
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-            }
-            // This attempt ran out of time; there is time for another.
-            Err(_) if Instant::now() < deadline => {}
-            // Out of time: what the last attempt said decides.
-            Err(_) if refused => {
-                return fail(
-                    &mut child,
+                // This attempt ran out of time; there is time for another.
+                Err(_) if !timed_out => continue,
+                // Out of time: what the last attempt said decides.
+                Err(_) if refused => (
                     exit::TARGET_REFUSED,
                     format!(
                         "{target} refused every connection for {} s",
-                        timeout.as_secs()
+                        self.timeout.as_secs()
                     ),
-                    &log,
-                )
-            }
-            Err(_) => {
-                return fail(
-                    &mut child,
+                ),
+                Err(_) => (
                     exit::TIMED_OUT,
-                    format!("no answer from {target} within {} s", timeout.as_secs()),
-                    &log,
-                )
-            }
+                    format!(
+                        "no answer from {target} within {} s",
+                        self.timeout.as_secs()
+                    ),
+                ),
+            };
+            return fail(&mut self.child, code, why, &self.log);
+        }
+    }
+
+    /// Whether the daemon has a way to the target (a peer, or a gateway's
+    /// route), or why not.
+    fn routed(&self) -> Result<(), String> {
+        let ip = *self.target.ip();
+        match self
+            .runtime
+            .block_on(api::call(self.socket, &ApiRequest::Route { ip }))
+        {
+            Ok(r) => match r.get("error").and_then(|e| e.as_str()) {
+                None => Ok(()),
+                Some(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(format!("{e:#}")),
         }
     }
 }
