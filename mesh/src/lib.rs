@@ -37,7 +37,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::rate::TokenBucket;
 use tern_shared::cert::{CaPool, CertError, Fingerprint, VerifiedCert};
@@ -66,11 +66,11 @@ const HELLO_RATE: u32 = 100;
 
 /// A peer's slot in the table. It is also the upper 24 bits of the WireGuard
 /// session index, so an incoming transport packet finds its peer in one lookup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PeerId(pub u32);
 
 /// What a peer is to us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerRole {
     /// An ordinary node: forgotten when idle or expired, met again on demand.
@@ -174,7 +174,7 @@ pub enum Received<'b> {
 }
 
 /// Drop and error counters, for `tern status` and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshCounters {
     pub unknown_datagrams: u64,
     pub malformed_hellos: u64,
@@ -202,7 +202,7 @@ pub struct MeshCounters {
 }
 
 /// How packets to a peer travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PathKind {
     /// Straight to the peer's endpoint.
@@ -254,7 +254,7 @@ impl Via {
 }
 
 /// One peer as `tern status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub id: PeerId,
     pub name: String,

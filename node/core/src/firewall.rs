@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tern_mesh::rate::TokenBucket;
 use tern_shared::cert::VerifiedCert;
 use tern_shared::packet::{
@@ -60,7 +60,7 @@ impl Direction {
 }
 
 /// Counters for `tern status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FirewallStatus {
     pub inbound_rules: usize,
     pub outbound_rules: usize,

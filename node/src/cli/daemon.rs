@@ -158,61 +158,63 @@ pub(crate) fn api_socket(
 /// `tern ping`: exit 0 when at least one answer came back, 68 when no
 /// lighthouse knows the peer, 1 otherwise.
 pub fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
+    use tern_node_core::node::{PingResult, RunnersResult};
     let path = api_socket(&args.socket, &args.config)?;
     let rt = runtime()?;
     let mut answered = 0;
     let mut peer = args.peer.clone();
+    let ping = |peer: &str| {
+        let request = api::ApiRequest::Ping {
+            peer: peer.to_string(),
+        };
+        rt.block_on(api::call(&path, &request))
+    };
     for i in 0..args.count {
         if i > 0 {
             std::thread::sleep(args.interval);
         }
-        let request = api::ApiRequest::Ping { peer: peer.clone() };
-        let mut reply = rt.block_on(api::call(&path, &request))?;
+        let mut reply = ping(&peer)?;
         if reply.get("error").is_some() && peer.parse::<std::net::Ipv4Addr>().is_err() {
             // A name not in the table yet: the lighthouses know registered
             // nodes by their certificate names. Their answer is a hint; the
             // ping's answer comes from the peer whose certificate we verify.
-            let found = rt.block_on(api::call(
-                &path,
-                &api::ApiRequest::FindRunners {
-                    selector: tern_shared::control::RunnerSelector::Name(peer.clone()),
-                },
-            ))?;
-            match found["runners"][0]["overlay_ip"].as_str() {
-                Some(ip) => {
-                    peer = ip.to_string();
-                    reply = rt.block_on(api::call(
-                        &path,
-                        &api::ApiRequest::Ping { peer: peer.clone() },
-                    ))?;
+            let request = api::ApiRequest::FindRunners {
+                selector: tern_shared::control::RunnerSelector::Name(peer.clone()),
+            };
+            let found = rt.block_on(api::ask::<RunnersResult>(&path, &request))?;
+            match found.as_ref().map(|f| f.runners.first()) {
+                Ok(Some(runner)) => {
+                    peer = runner.overlay_ip.to_string();
+                    reply = ping(&peer)?;
                 }
-                None if found.get("error").is_none() => {
+                Ok(None) => {
                     eprintln!(
                         "tern ping: no node named {:?} is registered with the lighthouses",
                         args.peer
                     );
                     return Ok(ExitCode::from(exit::NO_PATH));
                 }
-                None => {}
+                Err(_) => {}
             }
         }
-        if let Some(err) = reply.get("error") {
-            anyhow::bail!("cannot ping {}: {}", args.peer, err.as_str().unwrap_or("?"));
-        }
-        if reply["unknown"] == true {
+        let result: PingResult = match api::decode(reply.clone())? {
+            Ok(result) => result,
+            Err(refusal) => anyhow::bail!("cannot ping {}: {refusal}", args.peer),
+        };
+        if result.unknown {
             eprintln!(
                 "tern ping: no lighthouse knows {}: no node with that address is registered",
-                reply["overlay_ip"].as_str().unwrap_or(&peer)
+                result.overlay_ip
             );
             return Ok(ExitCode::from(exit::NO_PATH));
         }
-        if reply["rtt_ms"].is_number() {
+        if result.rtt_ms.is_some() {
             answered += 1;
         }
         if args.json {
             println!("{reply}");
         } else {
-            println!("{}", describe_ping(&reply));
+            println!("{}", describe_ping(&result));
         }
     }
     if !args.json {
@@ -225,21 +227,24 @@ pub fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn describe_ping(r: &serde_json::Value) -> String {
-    let who = match r["name"].as_str() {
-        Some(name) => format!("{name} ({})", r["overlay_ip"].as_str().unwrap_or("?")),
-        None => r["overlay_ip"].as_str().unwrap_or("?").to_string(),
+fn describe_ping(r: &tern_node_core::node::PingResult) -> String {
+    use tern_mesh::PathKind;
+    let who = match &r.name {
+        Some(name) => format!("{name} ({})", r.overlay_ip),
+        None => r.overlay_ip.to_string(),
     };
-    let Some(rtt) = r["rtt_ms"].as_f64() else {
+    let Some(rtt) = r.rtt_ms else {
         return format!(
             "no answer from {who} within {} s",
             tern_node_core::node::PING_TIMEOUT.as_secs()
         );
     };
-    let path = match r["path"].as_str() {
-        Some("direct") => format!("direct to {}", r["endpoint"].as_str().unwrap_or("?")),
-        Some("relayed") => format!("relayed via {}", r["relay"].as_str().unwrap_or("?")),
-        other => other.unwrap_or("unknown path").to_string(),
+    let at = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "?".to_string(), |a| a.to_string());
+    let path = match r.path {
+        Some(PathKind::Direct) => format!("direct to {}", at(r.endpoint)),
+        Some(PathKind::Relayed) => format!("relayed via {}", at(r.relay)),
+        Some(PathKind::Probing) => "probing".to_string(),
+        None => "unknown path".to_string(),
     };
     format!("answer from {who}: {rtt:.3} ms, {path}")
 }
@@ -302,13 +307,17 @@ fn exit_for(e: anyhow::Error) -> anyhow::Result<ExitCode> {
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let path = api_socket(&args.socket, &args.config)?;
     let reply = runtime()?.block_on(api::call(&path, &api::ApiRequest::Status))?;
-    if let Some(err) = reply.get("error") {
-        anyhow::bail!("the daemon refused: {err}");
-    }
     if args.json {
+        // As the daemon said it: scripts read this.
+        if let Some(err) = reply.get("error") {
+            anyhow::bail!("the daemon refused: {err}");
+        }
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else {
-        print_status(&reply, &path);
+        match api::decode::<api::StatusReply>(reply)? {
+            Ok(status) => print_status(&status, &path),
+            Err(refusal) => anyhow::bail!("the daemon refused: {refusal}"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -320,120 +329,109 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn print_status(s: &serde_json::Value, path: &Path) {
-    let str_of = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".to_string(),
-        other => other.to_string(),
-    };
-    println!(
-        "node {} {}  (api {})",
-        str_of(&s["name"]),
-        str_of(&s["overlay_ip"]),
-        path.display()
-    );
+fn print_status(reply: &api::StatusReply, path: &Path) {
+    use tern_mesh::PathKind;
+    let s = &reply.status;
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+    println!("node {} {}  (api {})", s.name, s.overlay_ip, path.display());
     println!("lighthouses:");
-    for lh in s["lighthouses"].as_array().into_iter().flatten() {
+    for lh in &s.lighthouses {
         println!(
             "  {:<22} {:<16} {:<14} observed {}{}",
-            str_of(&lh["endpoint"]),
-            str_of(&lh["name"]),
-            if lh["registered"].as_bool() == Some(true) {
+            lh.endpoint.to_string(),
+            dash(lh.name.clone()),
+            if lh.registered {
                 "registered"
             } else {
                 "not registered"
             },
-            str_of(&lh["observed"]),
-            if lh["relay"].as_bool() == Some(true) {
-                ", relays"
-            } else {
-                ""
-            },
+            dash(lh.observed.map(|o| o.to_string())),
+            if lh.relay { ", relays" } else { "" },
         );
     }
     println!(
         "peers:\n  {:<16} {:<15} {:<11} {:<30} {:>9} {:>10} {:>12} {:>12}",
         "NAME", "OVERLAY IP", "ROLE", "PATH", "RTT", "HANDSHAKE", "RX BYTES", "TX BYTES"
     );
-    for p in s["peers"].as_array().into_iter().flatten() {
-        let hs = p["last_handshake_secs"]
-            .as_f64()
+    for p in &s.peers {
+        let hs = p
+            .last_handshake_secs
             .map(|x| format!("{x:.0}s ago"))
             .unwrap_or_else(|| "never".into());
-        let path = match p["path"].as_str() {
-            Some("direct") => format!("direct {}", str_of(&p["endpoint"])),
-            Some("relayed") => format!("relayed via {}", str_of(&p["relay"])),
-            _ => "probing".to_string(),
+        let path = match p.path {
+            PathKind::Direct => format!("direct {}", dash(p.endpoint.map(|e| e.to_string()))),
+            PathKind::Relayed => format!("relayed via {}", dash(p.relay.map(|r| r.to_string()))),
+            PathKind::Probing => "probing".to_string(),
         };
-        let rtt = p["rtt_ms"]
-            .as_f64()
+        let rtt = p
+            .rtt_ms
             .map(|x| format!("{x:.2}ms"))
             .unwrap_or_else(|| "-".into());
+        let role = serde_json::to_value(p.role)
+            .ok()
+            .and_then(|r| r.as_str().map(str::to_string))
+            .unwrap_or_default();
         println!(
             "  {:<16} {:<15} {:<11} {:<30} {:>9} {:>10} {:>12} {:>12}",
-            str_of(&p["name"]),
-            str_of(&p["overlay_ip"]),
-            str_of(&p["role"]),
+            p.name,
+            p.overlay_ip.to_string(),
+            role,
             path,
             rtt,
             hs,
-            str_of(&p["rx_bytes"]),
-            str_of(&p["tx_bytes"]),
+            p.rx_bytes,
+            p.tx_bytes,
         );
     }
-    let routes = s["routes"].as_array().cloned().unwrap_or_default();
-    if !routes.is_empty() {
+    if !s.routes.is_empty() {
         println!(
             "routes:\n  {:<18} {:<10} {:<24} {:<12} KERNEL ROUTE",
             "SUBNET", "VIA", "GATEWAYS", "ACTIVE"
         );
-        for r in &routes {
-            let gateways: Vec<String> = r["gateways"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(str_of)
-                .collect();
+        for r in &s.routes {
             // Asked for ([[routes]], accepted), or why not.
-            let kernel = match (r["kernel_route"].as_bool(), r["refused"].as_str()) {
-                _ if s["mode"] == "userspace" => "- (userspace mode)".to_string(),
-                (Some(true), _) => "yes".to_string(),
-                (_, Some(why)) => format!("no: {why}"),
-                _ => "no ([[routes]] or [tun] accept_routes)".to_string(),
+            let kernel = match (r.kernel_route, &r.refused) {
+                _ if reply.mode == tern_shared::config::TunMode::Userspace => {
+                    "- (userspace mode)".to_string()
+                }
+                (true, _) => "yes".to_string(),
+                (false, Some(why)) => format!("no: {why}"),
+                (false, None) => "no ([[routes]] or [tun] accept_routes)".to_string(),
             };
             println!(
                 "  {:<18} {:<10} {:<24} {:<12} {kernel}",
-                str_of(&r["subnet"]),
-                str_of(&r["via"]),
-                if gateways.is_empty() {
+                r.subnet.to_string(),
+                dash(r.via.clone()),
+                if r.gateways.is_empty() {
                     "-".to_string()
                 } else {
-                    gateways.join(",")
+                    r.gateways.join(",")
                 },
-                str_of(&r["active"]),
+                dash(r.active.clone()),
             );
         }
     }
-    if let Some(subnets) = s["gateway_subnets"].as_array().filter(|a| !a.is_empty()) {
-        let list: Vec<String> = subnets.iter().map(str_of).collect();
-        println!("gateway for: {}", list.join(", "));
+    if !s.gateway_subnets.is_empty() {
+        println!(
+            "gateway for: {}",
+            tern_shared::show::list(&s.gateway_subnets)
+        );
     }
-    let fw = &s["firewall"];
+    let fw = &s.firewall;
     println!(
         "firewall: {} inbound / {} outbound rules, {} flows",
-        str_of(&fw["inbound_rules"]),
-        str_of(&fw["outbound_rules"]),
-        str_of(&fw["flows"])
+        fw.inbound_rules, fw.outbound_rules, fw.flows
     );
-    if let Some(denied) = fw["denied"].as_object().filter(|d| !d.is_empty()) {
-        let list: Vec<String> = denied.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !fw.denied.is_empty() {
+        let list: Vec<String> = fw.denied.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  denied: {}", list.join(" "));
     }
-    let counters = s["mesh_counters"]
-        .as_object()
+    let as_map = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
+    let counters = as_map(serde_json::to_value(&s.mesh_counters).unwrap_or_default())
         .into_iter()
-        .flatten()
-        .chain(s["node_counters"].as_object().into_iter().flatten())
+        .chain(as_map(
+            serde_json::to_value(&s.node_counters).unwrap_or_default(),
+        ))
         .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
         // What a healthy mesh does when peers meet: shown in --json only.
         .filter(|(k, _)| !matches!(k.as_str(), "repeated_handshakes" | "crossed_handshakes"))

@@ -72,8 +72,8 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         // Every target must have somewhere to go before anything listens.
         for (_, target) in &specs {
-            let reply = api::call(&socket, &ApiRequest::Route { ip: *target.ip() }).await?;
-            if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+            let request = ApiRequest::Route { ip: *target.ip() };
+            if let Err(e) = api::ask::<api::RouteReply>(&socket, &request).await? {
                 eprintln!("tern forward: {target}: {e}");
                 return Ok(ExitCode::from(1));
             }

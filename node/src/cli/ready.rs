@@ -21,7 +21,7 @@ pub fn running_node(socket: &Path) -> Option<String> {
         .enable_all()
         .build()
         .ok()?;
-    let status = runtime
+    let reply = runtime
         .block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(2),
@@ -31,12 +31,15 @@ pub fn running_node(socket: &Path) -> Option<String> {
         })
         .ok()?
         .ok()?;
-    let name = status["name"].as_str().unwrap_or("?");
-    let ip = status["overlay_ip"].as_str().unwrap_or("?");
-    let pid = status["pid"]
-        .as_u64()
-        .map_or_else(String::new, |p| format!(", pid {p}"));
-    Some(format!("node {name} ({ip}{pid})"))
+    // Whatever answers there is a node, even one of another version whose
+    // status reads differently.
+    match api::decode::<api::StatusReply>(reply) {
+        Ok(Ok(s)) => Some(format!(
+            "node {} ({}, pid {})",
+            s.status.name, s.status.overlay_ip, s.pid
+        )),
+        _ => Some("a node".to_string()),
+    }
 }
 
 /// Refuses to start a second node on a socket another one answers on: it
@@ -64,7 +67,8 @@ fn denied_by_policy(
     target: SocketAddrV4,
 ) -> Option<(bool, String)> {
     let reply = runtime
-        .block_on(api::call(socket, &ApiRequest::Policy { target }))
+        .block_on(api::ask(socket, &ApiRequest::Policy { target }))
+        .ok()?
         .ok()?;
     api::policy_verdict(&reply)
 }
@@ -232,19 +236,17 @@ impl Gate<'_> {
             }
             let status = self
                 .runtime
-                .block_on(api::call(self.socket, &ApiRequest::Status))
-                .ok();
+                .block_on(api::ask::<api::StatusReply>(
+                    self.socket,
+                    &ApiRequest::Status,
+                ))
+                .ok()
+                .and_then(Result::ok);
             // Only the node this gate started counts: another one answering on
             // the socket meanwhile is not ours to report on.
-            let ours = status
-                .as_ref()
-                .is_some_and(|s| s["pid"].as_u64() == Some(u64::from(self.child.id())));
-            let registered = ours
-                && status.as_ref().is_some_and(|s| {
-                    s["lighthouses"]
-                        .as_array()
-                        .is_some_and(|l| l.iter().any(|l| l["registered"] == true))
-                });
+            let registered = status.is_some_and(|s| {
+                s.pid == self.child.id() && s.status.lighthouses.iter().any(|l| l.registered)
+            });
             if registered {
                 return Ok(None);
             }
@@ -304,8 +306,8 @@ impl Gate<'_> {
                 }
                 Ok(Err(e)) => {
                     refused = e
-                        .downcast_ref::<api::DialRefusal>()
-                        .is_some_and(|d| d.failure == api::DialFailure::Refused);
+                        .downcast_ref::<api::ApiError>()
+                        .is_some_and(|d| d.kind == api::ErrorKind::Refused);
                     if !timed_out {
                         if refused {
                             // A target that refuses is not going to be ready by
@@ -347,14 +349,12 @@ impl Gate<'_> {
     /// route), or why not.
     fn routed(&self) -> Result<(), String> {
         let ip = *self.target.ip();
-        match self
-            .runtime
-            .block_on(api::call(self.socket, &ApiRequest::Route { ip }))
-        {
-            Ok(r) => match r.get("error").and_then(|e| e.as_str()) {
-                None => Ok(()),
-                Some(e) => Err(e.to_string()),
-            },
+        match self.runtime.block_on(api::ask::<api::RouteReply>(
+            self.socket,
+            &ApiRequest::Route { ip },
+        )) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(refusal)) => Err(refusal.to_string()),
             Err(e) => Err(format!("{e:#}")),
         }
     }

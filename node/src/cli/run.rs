@@ -8,13 +8,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use tern_node_core::node::RunnersResult;
 use tern_runner::pipeline::{Pipeline, RESERVED_ENV_PREFIX};
 use tern_runner::protocol::{
     check_greeting, Submit, CALLER_GREETING, GREETING_LEN, GREETING_TIMEOUT, RUNNER_GREETING,
     RUNNER_PORT,
 };
 use tern_shared::cert::RUNNER_GROUP;
-use tern_shared::control::{RunnerInfo, RunnerSelector};
+use tern_shared::control::RunnerSelector;
 use tern_shared::exit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -163,29 +164,18 @@ async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
     };
     let socket = api_socket(&args.socket, &args.config)
         .map_err(|e| (exit::UNAVAILABLE, format!("{e:#}")))?;
-    let ask = |request: ApiRequest| {
-        let socket = socket.clone();
-        async move { api::call(&socket, &request).await }
-    };
-    let reply = ask(ApiRequest::FindRunners {
+    let request = ApiRequest::FindRunners {
         selector: selector.clone(),
-    })
-    .await
-    .map_err(|e| {
-        (
-            exit::UNAVAILABLE,
-            format!("asking the local daemon for runners: {e:#}"),
-        )
-    })?;
-    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
-        return Err((exit::UNAVAILABLE, format!("finding runners {what}: {e}")));
-    }
-    let found: RunnersFound = serde_json::from_value(reply).map_err(|e| {
-        (
-            exit::UNAVAILABLE,
-            format!("the daemon's answer did not parse: {e}"),
-        )
-    })?;
+    };
+    let found: RunnersResult = api::ask(&socket, &request)
+        .await
+        .map_err(|e| {
+            (
+                exit::UNAVAILABLE,
+                format!("asking the local daemon for runners: {e:#}"),
+            )
+        })?
+        .map_err(|e| (exit::UNAVAILABLE, format!("finding runners {what}: {e}")))?;
     if found.runners.is_empty() {
         return Err((
             exit::UNAVAILABLE,
@@ -210,13 +200,14 @@ async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
         };
         // The connection made the session: the daemon has verified the
         // runner's certificate; believe only that, not the lighthouse.
-        let identity = ask(ApiRequest::Peer {
+        let request = ApiRequest::Peer {
             overlay_ip: runner.overlay_ip,
-        })
-        .await
-        .ok()
-        .and_then(|v| serde_json::from_value::<Option<Caller>>(v).ok())
-        .flatten();
+        };
+        let identity = api::ask::<Option<Caller>>(&socket, &request)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
         let verdict = match (&identity, &selector) {
             (None, _) => Err("its certificate is not known to the local daemon".to_string()),
             (Some(id), RunnerSelector::Label(_)) if !id.groups.iter().any(|g| g == RUNNER_GROUP) => Err(format!(
@@ -255,13 +246,6 @@ async fn connect(args: &RunArgs) -> Result<Box<dyn ByteStream>, (u8, String)> {
     ))
 }
 
-#[derive(serde::Deserialize)]
-struct RunnersFound {
-    runners: Vec<RunnerInfo>,
-    asked: usize,
-    answered: usize,
-}
-
 /// Opens the job connection, always through the local daemon (its API
 /// socket): the daemon dials the runner inside the mesh, from its
 /// userspace stack or from a socket bound to its TUN device, so the job
@@ -273,14 +257,12 @@ async fn dial(args: &RunArgs, ip: Ipv4Addr) -> Result<Box<dyn ByteStream>, Strin
     let socket = api_socket(&args.socket, &args.config).map_err(|e| {
         format!("tern run reaches runners through the local node; give its --config or --socket ({e:#})")
     })?;
-    let reply = api::call(&socket, &ApiRequest::Route { ip })
+    api::ask::<api::RouteReply>(&socket, &ApiRequest::Route { ip })
         .await
         .map_err(|e| {
             format!("tern run reaches runners only through the local node (give its --config or --socket): {e:#}")
-        })?;
-    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
-        return Err(format!("cannot reach the runner at {addr}: {e}"));
-    }
+        })?
+        .map_err(|e| format!("cannot reach the runner at {addr}: {e}"))?;
     let mut stream = match tokio::time::timeout(DIAL_TIMEOUT, api::dial(&socket, addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("cannot reach the runner at {addr}: {e:#}")),

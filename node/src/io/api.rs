@@ -161,8 +161,7 @@ async fn answer(
             let remote = match dialer.connect(target).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let reply =
-                        serde_json::json!({ "error": e.to_string(), "failure": e.failure() });
+                    let reply = ApiError::new(e.kind(), e.to_string()).to_value();
                     let mut bytes = serde_json::to_vec(&reply)?;
                     bytes.push(b'\n');
                     write.write_all(&bytes).await?;
@@ -184,10 +183,11 @@ async fn answer(
             Ok(req) => {
                 let (tx, rx) = oneshot::channel();
                 calls.send((req, tx)).await.ok();
-                rx.await
-                    .unwrap_or_else(|_| serde_json::json!({"error": "daemon is stopping"}))
+                rx.await.unwrap_or_else(|_| {
+                    ApiError::new(ErrorKind::Stopping, "daemon is stopping").to_value()
+                })
             }
-            Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
+            Err(e) => ApiError::new(ErrorKind::Other, format!("bad request: {e}")).to_value(),
         };
         let mut bytes = serde_json::to_vec(&reply)?;
         bytes.push(b'\n');
@@ -219,41 +219,118 @@ pub async fn dial(path: &Path, target: std::net::SocketAddrV4) -> anyhow::Result
         }
     }
     let reply: serde_json::Value = serde_json::from_slice(&answer)?;
-    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
-        let failure = reply
-            .get("failure")
-            .and_then(|f| serde_json::from_value(f.clone()).ok())
-            .unwrap_or(DialFailure::Other);
-        return Err(DialRefusal {
-            failure,
-            message: e.to_string(),
-        }
-        .into());
+    if reply.get("error").is_some() {
+        let refusal: ApiError = serde_json::from_value(reply)?;
+        return Err(refusal.into());
     }
     Ok(stream)
 }
 
-/// Why a [`ApiRequest::Dial`] failed, in the reply's `failure` field, so
-/// that a client tells a refusal from a timeout by kind, not by reading
-/// the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What kind of refusal an API reply carries (its `kind` field), so that a
+/// client decides by kind, not by reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DialFailure {
+pub enum ErrorKind {
     /// The target answered with a RST.
     Refused,
     /// No answer in time.
     TimedOut,
-    /// Nothing routes there (or no socket could be bound to the TUN device).
+    /// Nothing routes there: no peer, no gateway's subnet (or no socket
+    /// could be bound to the TUN device).
     NoRoute,
+    /// The address is this node's own.
+    ThisNode,
+    /// Not in the overlay network.
+    NotInOverlay,
+    /// No peer by that name in the table.
+    UnknownName,
+    /// No lighthouse connected yet.
+    NoLighthouse,
+    /// No usable gateway, or no session with the peer in front.
+    NoSession,
+    /// The daemon is stopping.
+    Stopping,
+    #[default]
     Other,
 }
 
-/// A failed [`dial`]: its kind and the daemon's message.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct DialRefusal {
-    pub failure: DialFailure,
-    pub message: String,
+/// A reply the daemon refused with: `{"error": MESSAGE, "kind": KIND}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{error}")]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default)]
+    pub kind: ErrorKind,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, error: impl Into<String>) -> ApiError {
+        ApiError {
+            error: error.into(),
+            kind,
+        }
+    }
+
+    /// The reply as the API sends it.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+impl From<tern_node_core::node::CoreError> for ApiError {
+    fn from(e: tern_node_core::node::CoreError) -> ApiError {
+        use tern_node_core::node::CoreError as E;
+        let kind = match &e {
+            E::ThisNode(_) => ErrorKind::ThisNode,
+            E::NotInOverlay { .. } => ErrorKind::NotInOverlay,
+            E::UnknownName(_) => ErrorKind::UnknownName,
+            E::NoLighthouse => ErrorKind::NoLighthouse,
+            E::NoRoute(_) | E::Unreachable { .. } => ErrorKind::NoRoute,
+            E::NoGateway(_) | E::NoSession { .. } => ErrorKind::NoSession,
+            E::Encode(_) => ErrorKind::Other,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+/// The answer to [`ApiRequest::Status`]: the core's status, and which
+/// mode and process answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReply {
+    #[serde(flatten)]
+    pub status: tern_node_core::node::NodeStatus,
+    pub mode: tern_shared::config::TunMode,
+    /// `tern up --wait-for` reports only the node it started.
+    pub pid: u32,
+}
+
+/// The answer to [`ApiRequest::Route`]: there is a way, in this mode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteReply {
+    pub ok: bool,
+    pub mode: tern_shared::config::TunMode,
+}
+
+/// A reply that is `T`, or the daemon's refusal.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    reply: serde_json::Value,
+) -> anyhow::Result<Result<T, ApiError>> {
+    if reply.get("error").is_some() {
+        return Ok(Err(
+            serde_json::from_value(reply).context("the daemon's refusal does not read as one")?
+        ));
+    }
+    serde_json::from_value(reply).map(Ok).context(
+        "the daemon's answer does not read as expected (is it the same version as this tern?)",
+    )
+}
+
+/// Client side: one request, its typed answer or the daemon's refusal.
+pub async fn ask<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    request: &ApiRequest,
+) -> anyhow::Result<Result<T, ApiError>> {
+    decode(call(path, request).await?)
 }
 
 /// Removes the socket file when the daemon stops.
@@ -368,15 +445,10 @@ fn read_stop_note(socket: &Path) -> Option<StopNote> {
 /// the target lets this node in, and who decided by which rule ("gw-1's
 /// inbound rule-2/reject"). `None` when the answer says neither (no
 /// session yet, no answer in time).
-pub fn policy_verdict(reply: &serde_json::Value) -> Option<(bool, String)> {
-    let answer = reply.get("answer")?.as_object()?;
-    let allowed = answer.get("allowed")?.as_bool()?;
-    let who = reply
-        .get("asked")
-        .and_then(|a| a.as_str())
-        .unwrap_or("the peer");
-    let reason = answer.get("reason").and_then(|r| r.as_str()).unwrap_or("?");
-    Some((allowed, format!("{who}'s {reason}")))
+pub fn policy_verdict(reply: &tern_node_core::node::PolicyResult) -> Option<(bool, String)> {
+    let answer = reply.answer.as_ref()?;
+    let who = reply.asked.as_deref().unwrap_or("the peer");
+    Some((answer.allowed, format!("{who}'s {}", answer.reason)))
 }
 
 /// Client side: sends one request and returns the reply.
@@ -397,6 +469,41 @@ pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_jso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_decode_as_their_types_and_refusals_keep_their_kind() {
+        let route = serde_json::json!({ "ok": true, "mode": "userspace" });
+        let route = decode::<RouteReply>(route)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(route.ok);
+        let refusal = ApiError::from(tern_node_core::node::CoreError::NoLighthouse).to_value();
+        let err = decode::<RouteReply>(refusal)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .err()
+            .unwrap_or_else(|| panic!("a refusal"));
+        assert_eq!(err.kind, ErrorKind::NoLighthouse);
+        assert!(
+            err.error.contains("no lighthouse is connected yet"),
+            "{err}"
+        );
+        // An older daemon's refusal, without a kind, is still one.
+        let old = serde_json::json!({ "error": "daemon is stopping" });
+        let err = decode::<RouteReply>(old)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .err()
+            .unwrap_or_else(|| panic!("a refusal"));
+        assert_eq!(err.kind, ErrorKind::Other);
+        // A reply of another shape is an error that says so, not a panic.
+        let odd = serde_json::json!({ "ok": "yes" });
+        let e = decode::<RouteReply>(odd)
+            .err()
+            .unwrap_or_else(|| panic!("odd"));
+        assert!(
+            format!("{e:#}").contains("does not read as expected"),
+            "{e:#}"
+        );
+    }
 
     #[test]
     fn a_command_without_config_finds_the_node_this_user_would_have_started() {

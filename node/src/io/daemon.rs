@@ -450,17 +450,12 @@ impl<P: Plane> Daemon<P> {
         let now = Instant::now();
         let pending = match request {
             ApiRequest::Status => {
-                let mut status = serde_json::to_value(self.core.status()).unwrap_or_default();
-                if let Some(fields) = status.as_object_mut() {
-                    fields.insert(
-                        "mode".into(),
-                        serde_json::to_value(self.config.tun.mode).unwrap_or_default(),
-                    );
-                    // Which process answers: `tern up --wait-for` reports
-                    // only the node it started.
-                    fields.insert("pid".into(), std::process::id().into());
-                }
-                let _ = reply.send(status);
+                let status = api::StatusReply {
+                    status: self.core.status(),
+                    mode: self.config.tun.mode,
+                    pid: std::process::id(),
+                };
+                let _ = reply.send(serde_json::to_value(status).unwrap_or_default());
                 return Flow::Continue;
             }
             ApiRequest::Ping { peer } => self.core.ping(&peer, now),
@@ -476,8 +471,12 @@ impl<P: Plane> Daemon<P> {
             }
             ApiRequest::Route { ip } => {
                 let _ = reply.send(match self.core.reachable(ip) {
-                    Ok(()) => serde_json::json!({ "ok": true, "mode": self.config.tun.mode }),
-                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                    Ok(()) => serde_json::to_value(api::RouteReply {
+                        ok: true,
+                        mode: self.config.tun.mode,
+                    })
+                    .unwrap_or_default(),
+                    Err(e) => api::ApiError::from(e).to_value(),
                 });
                 return Flow::Continue;
             }
@@ -488,7 +487,9 @@ impl<P: Plane> Daemon<P> {
             }
             ApiRequest::Dial { .. } => {
                 // Answered by the API server itself with the dialer.
-                let _ = reply.send(serde_json::json!({ "error": "dial is not a loop request" }));
+                let refusal =
+                    api::ApiError::new(api::ErrorKind::Other, "dial is not a loop request");
+                let _ = reply.send(refusal.to_value());
                 return Flow::Continue;
             }
         };
@@ -497,7 +498,7 @@ impl<P: Plane> Daemon<P> {
                 self.waiting.insert(id, reply);
             }
             Err(e) => {
-                let _ = reply.send(serde_json::json!({ "error": e.to_string() }));
+                let _ = reply.send(api::ApiError::from(e).to_value());
             }
         }
         Flow::Continue

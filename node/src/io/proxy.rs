@@ -351,6 +351,7 @@ async fn denied_by_policy(
         .await
         .ok()?
         .ok()?;
+    let reply = super::api::decode(reply).ok()?.ok()?;
     match super::api::policy_verdict(&reply)? {
         (false, why) => Some(why),
         (true, _) => None,

@@ -74,13 +74,14 @@ pub enum DialError {
 
 impl DialError {
     /// What kind of failure, as the API tells a client.
-    pub fn failure(&self) -> super::api::DialFailure {
-        use super::api::DialFailure;
+    pub fn kind(&self) -> super::api::ErrorKind {
+        use super::api::ErrorKind;
         match self {
-            DialError::Refused(_) => DialFailure::Refused,
-            DialError::TimedOut(..) => DialFailure::TimedOut,
-            DialError::NoRoute(_) => DialFailure::NoRoute,
-            DialError::Stopped | DialError::TooMany => DialFailure::Other,
+            DialError::Refused(_) => ErrorKind::Refused,
+            DialError::TimedOut(..) => ErrorKind::TimedOut,
+            DialError::NoRoute(_) => ErrorKind::NoRoute,
+            DialError::Stopped => ErrorKind::Stopping,
+            DialError::TooMany => ErrorKind::Other,
         }
     }
 }

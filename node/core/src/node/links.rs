@@ -21,7 +21,7 @@ pub struct LighthouseTarget {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LighthouseStatus {
     pub endpoint: SocketAddr,
     pub name: Option<String>,

@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tern_shared::cert::{VerifiedCert, LIGHTHOUSE_GROUP};
 use tern_shared::control::{
     AdvertisedRoute, ControlMessage, PeerInfo, PolicyAnswer, RunnerInfo, RunnerLoad,
@@ -37,7 +37,7 @@ pub use self::{links::*, queries::*, routes::*};
 use self::{lookups::*, punch::*};
 
 /// Counters the node adds to the mesh's.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodeCounters {
     pub no_route_drops: u64,
     pub lookup_timeouts: u64,
@@ -140,7 +140,7 @@ pub enum CoreError {
 }
 
 /// `tern status` for a node.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub name: String,
     pub overlay_ip: Ipv4Addr,

@@ -12,7 +12,7 @@ pub const FIND_RUNNERS_TIMEOUT: Duration = Duration::from_secs(2);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The answer to [`NodeCore::ping`], or its timeout.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PingResult {
     pub id: u32,
     pub overlay_ip: Ipv4Addr,
@@ -26,7 +26,7 @@ pub struct PingResult {
     pub relay: Option<SocketAddr>,
     /// Every lighthouse said it does not know the address: no answer can
     /// come.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unknown: bool,
 }
 
@@ -48,7 +48,7 @@ impl PingResult {
 
 /// The answer to [`NodeCore::find_runners`]: what the lighthouses that
 /// answered know, least busy first.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunnersResult {
     pub id: u32,
     pub runners: Vec<RunnerInfo>,
@@ -85,7 +85,7 @@ pub(super) struct PendingPolicy {
 }
 
 /// What [`NodeCore::ask_policy`] learned.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicyResult {
     pub id: u32,
     /// The name of the peer that answered.

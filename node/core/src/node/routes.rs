@@ -24,7 +24,7 @@ pub const GATEWAY_SILENCE: Duration = Duration::from_millis(1500);
 pub(super) const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
 
 /// A routed subnet as `tern status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouteStatus {
     pub subnet: Ipv4Net,
     pub via: Option<String>,
