@@ -107,13 +107,14 @@ impl NodeCore {
         self.counters.lookups_unknown += 1;
         tracing::debug!(%overlay_ip, "no lighthouse knows this address (yet)");
         let pings: Vec<u32> = self
+            .queries
             .pings
             .iter()
             .filter(|(_, p)| p.overlay_ip == overlay_ip)
             .map(|(id, _)| *id)
             .collect();
         for id in pings {
-            if let Some(p) = self.pings.remove(&id) {
+            if let Some(p) = self.queries.pings.remove(&id) {
                 if p.report {
                     self.events.ping(PingResult::unknown(id, overlay_ip));
                 }
@@ -161,7 +162,7 @@ impl NodeCore {
                     let endpoints: Vec<SocketAddr> =
                         info.endpoints.iter().take(MAX_ENDPOINTS).copied().collect();
                     self.mesh.add_candidates(peer, &endpoints);
-                    if self.attempts.contains_key(&peer) {
+                    if self.punch.attempts.contains_key(&peer) {
                         self.mesh.punch(peer);
                     }
                 }

@@ -177,32 +177,14 @@ pub struct NodeCore {
     transmits: VecDeque<Transmit>,
     firewall: Firewall,
     gateway_subnets: Vec<Ipv4Net>,
-    routes: Vec<RouteState>,
-    next_routes_query: Instant,
-    /// Packets for a configured route whose gateways are not known yet (the
-    /// route list is being asked for): sent once it comes, as packets for
-    /// a peer wait for its lookup, instead of dropped (which would cost a
-    /// TCP connection its first SYN, a second).
-    gateway_waiting: VecDeque<(Instant, Vec<u8>)>,
-    /// When the route list was last asked for because packets wait on it.
-    routes_asked: Option<Instant>,
-    /// The list of routes being read from a lighthouse, page by page.
-    routes_fetch: Option<RoutesFetch>,
-    /// `[tun] accept_routes`: learned routes get kernel routes too (once a
-    /// verified certificate covers them), not only `[[routes]]`.
-    accept_routes: bool,
+    /// Gateway routes: the sub-machine in `routes.rs`.
+    routes: RouteTable,
     events: Events,
-    /// Peers without a direct path yet: punching, then relaying after
-    /// `relay_after` while punching goes on.
-    attempts: HashMap<PeerId, Attempt>,
-    relay_after: Duration,
-    /// Direct paths asked whether they still work, and when.
-    direct_probes: HashMap<PeerId, Instant>,
-    pings: HashMap<u32, PendingPing>,
-    rtts: HashMap<Ipv4Addr, Duration>,
-    runner: Option<RunnerAdvert>,
-    finds: HashMap<u32, PendingFind>,
-    policies: HashMap<u32, PendingPolicy>,
+    /// Direct paths: the sub-machine in `punch.rs`.
+    punch: Punching,
+    /// Pings, runner finds and policy queries: the sub-machine in
+    /// `queries.rs`.
+    queries: Queries,
 }
 
 impl NodeCore {
@@ -241,21 +223,10 @@ impl NodeCore {
             transmits: VecDeque::new(),
             firewall: Firewall::new(&FirewallConfig::default(), own_cert.overlay_ip(), now),
             gateway_subnets: Vec::new(),
-            routes: Vec::new(),
-            next_routes_query: now,
-            gateway_waiting: VecDeque::new(),
-            routes_asked: None,
-            routes_fetch: None,
-            accept_routes: false,
+            routes: RouteTable::new(now),
             events: Events::default(),
-            attempts: HashMap::new(),
-            relay_after: tern_shared::config::DEFAULT_RELAY_AFTER,
-            direct_probes: HashMap::new(),
-            pings: HashMap::new(),
-            rtts: HashMap::new(),
-            runner: None,
-            finds: HashMap::new(),
-            policies: HashMap::new(),
+            punch: Punching::default(),
+            queries: Queries::default(),
         }
     }
 
@@ -279,7 +250,7 @@ impl NodeCore {
         self.gateway_subnets = gateway_subnets;
         self.gateway_subnets.truncate(MAX_ADVERTISED);
         for r in routes {
-            self.routes.push(RouteState {
+            self.routes.list.push(RouteState {
                 subnet: r.subnet,
                 via: r.via.clone(),
                 configured: true,
@@ -437,9 +408,9 @@ impl NodeCore {
         [
             self.links_deadline(),
             self.lookups_deadline(),
-            self.routes_deadline(),
-            self.punch_deadline(),
-            self.queries_deadline(),
+            Some(self.routes.deadline()),
+            self.punch.deadline(),
+            self.queries.deadline(),
         ]
         .into_iter()
         .flatten()
@@ -498,7 +469,7 @@ impl NodeCore {
                 .into_iter()
                 .map(|mut p| {
                     // A ping's answer is fresher than the last handshake's.
-                    if let Some(d) = self.rtts.get(&p.overlay_ip) {
+                    if let Some(d) = self.queries.rtts.get(&p.overlay_ip) {
                         p.rtt_ms = Some(d.as_secs_f64() * 1000.0);
                     }
                     p
@@ -510,6 +481,7 @@ impl NodeCore {
             gateway_subnets: self.gateway_subnets.clone(),
             routes: self
                 .routes
+                .list
                 .iter()
                 .map(|r| RouteStatus {
                     subnet: r.subnet,
@@ -534,7 +506,7 @@ impl NodeCore {
                 MeshEvent::PeerRemoved {
                     peer, overlay_ip, ..
                 } => {
-                    self.rtts.remove(&overlay_ip);
+                    self.queries.rtts.remove(&overlay_ip);
                     for link in &mut self.links {
                         if matches!(link.state, LinkState::Up { peer: p, .. } if p == peer) {
                             link.state = LinkState::Discovering {
@@ -581,10 +553,10 @@ impl NodeCore {
             }
             Ok(ControlMessage::PolicyReply { id, answer }) => {
                 let from = self.mesh.peer_cert(peer).map(|c| c.overlay_ip());
-                if let Some(p) = self.policies.get(&id) {
+                if let Some(p) = self.queries.policies.get(&id) {
                     if Some(p.asked) == from {
                         let name = self.mesh.peer_cert(peer).map(|c| c.name().to_string());
-                        self.policies.remove(&id);
+                        self.queries.policies.remove(&id);
                         self.events.policy(PolicyResult {
                             id,
                             asked: name,
@@ -650,7 +622,7 @@ impl NodeCore {
                 if first_registration {
                     // Learn the routes now, not an interval later: a CI
                     // job's first connection follows `tern up` at once.
-                    self.next_routes_query = now;
+                    self.routes.next_query = now;
                     self.drive_routes(now);
                 }
             }
@@ -789,7 +761,12 @@ impl NodeCore {
         if self.overlay_net.contains(&ip) || self.route_for(ip).is_some() {
             return Ok(());
         }
-        let routed: Vec<String> = self.routes.iter().map(|r| r.subnet.to_string()).collect();
+        let routed: Vec<String> = self
+            .routes
+            .list
+            .iter()
+            .map(|r| r.subnet.to_string())
+            .collect();
         Err(CoreError::Unreachable {
             ip,
             routed: if routed.is_empty() {

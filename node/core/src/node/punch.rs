@@ -35,7 +35,7 @@ pub(super) struct Attempt {
 impl NodeCore {
     /// How long a peer may go without a direct path before it is relayed.
     pub fn set_relay_after(&mut self, relay_after: Duration) {
-        self.relay_after = relay_after;
+        self.punch.relay_after = relay_after;
     }
 
     /// The direct path to `peer` went away: use the relay at once, ask the
@@ -43,10 +43,10 @@ impl NodeCore {
     /// answer also makes the lighthouse tell the peer to punch toward us),
     /// and punch again.
     pub(super) fn direct_path_lost(&mut self, peer: PeerId, now: Instant) {
-        self.attempts.remove(&peer);
+        self.punch.attempts.remove(&peer);
         self.start_attempt(peer, None, now);
-        if let Some(a) = self.attempts.get_mut(&peer) {
-            a.started = now.checked_sub(self.relay_after).unwrap_or(a.started);
+        if let Some(a) = self.punch.attempts.get_mut(&peer) {
+            a.started = now.checked_sub(self.punch.relay_after).unwrap_or(a.started);
         }
         if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
             self.send_query(ip, now);
@@ -59,14 +59,14 @@ impl NodeCore {
     /// the answer does not come either.
     pub(super) fn drive_direct_liveness(&mut self, now: Instant) {
         let silent = self.mesh.silent_direct_peers(now, PROBE_AFTER);
-        self.direct_probes.retain(|p, _| silent.contains(p));
+        self.punch.direct_probes.retain(|p, _| silent.contains(p));
         for peer in silent {
-            match self.direct_probes.get(&peer).copied() {
+            match self.punch.direct_probes.get(&peer).copied() {
                 None => {
-                    self.direct_probes.insert(peer, now);
+                    self.punch.direct_probes.insert(peer, now);
                     if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
                         let id = self.request_id();
-                        self.pings.insert(
+                        self.queries.pings.insert(
                             id,
                             PendingPing {
                                 overlay_ip: ip,
@@ -78,7 +78,7 @@ impl NodeCore {
                     }
                 }
                 Some(sent) if now.saturating_duration_since(sent) >= GATEWAY_SILENCE => {
-                    self.direct_probes.remove(&peer);
+                    self.punch.direct_probes.remove(&peer);
                     self.mesh.drop_direct_path(peer);
                     self.drain_mesh_events(now);
                 }
@@ -100,7 +100,7 @@ impl NodeCore {
         ) {
             return;
         }
-        self.attempts.entry(peer).or_insert(Attempt {
+        self.punch.attempts.entry(peer).or_insert(Attempt {
             started: now,
             introducer,
             next_punch: now + PUNCH_INTERVAL_FIRST,
@@ -112,37 +112,37 @@ impl NodeCore {
     /// relay; stop once a direct path carries the session.
     pub(super) fn drive_attempts(&mut self, now: Instant) {
         use tern_mesh::PathKind;
-        if self.attempts.is_empty() {
+        if self.punch.attempts.is_empty() {
             return;
         }
         // Kept current by `refresh_relays` (every tick and on each
         // registration answer); the mesh owns the list.
         let relays = self.mesh.relays().to_vec();
-        let peers: Vec<PeerId> = self.attempts.keys().copied().collect();
+        let peers: Vec<PeerId> = self.punch.attempts.keys().copied().collect();
         for peer in peers {
             let Some((kind, relay)) = self.mesh.peer_path(peer) else {
-                self.attempts.remove(&peer);
+                self.punch.attempts.remove(&peer);
                 continue;
             };
             let connected = self.mesh.is_connected(peer);
             if kind == PathKind::Direct && connected {
-                self.attempts.remove(&peer);
+                self.punch.attempts.remove(&peer);
                 continue;
             }
-            let Some(a) = self.attempts.get_mut(&peer) else {
+            let Some(a) = self.punch.attempts.get_mut(&peer) else {
                 continue;
             };
             if !connected
                 && relay.is_none()
                 && now.saturating_duration_since(a.started) > ATTEMPT_GIVE_UP
             {
-                self.attempts.remove(&peer);
+                self.punch.attempts.remove(&peer);
                 continue;
             }
             // The relay in use went away: another one, or none.
             let usable = |r: &SocketAddr| relays.contains(r);
             let wanted = if relay.is_some()
-                || now.saturating_duration_since(a.started) >= self.relay_after
+                || now.saturating_duration_since(a.started) >= self.punch.relay_after
             {
                 relay
                     .filter(usable)
@@ -178,12 +178,32 @@ impl NodeCore {
     }
 }
 
-impl NodeCore {
+/// The search for direct paths.
+pub(super) struct Punching {
+    /// Peers without a direct path yet: punching, then relaying after
+    /// `relay_after` while punching goes on.
+    pub(super) attempts: HashMap<PeerId, Attempt>,
+    pub(super) relay_after: Duration,
+    /// Direct paths asked whether they still work, and when.
+    pub(super) direct_probes: HashMap<PeerId, Instant>,
+}
+
+impl Default for Punching {
+    fn default() -> Punching {
+        Punching {
+            attempts: HashMap::new(),
+            relay_after: tern_shared::config::DEFAULT_RELAY_AFTER,
+            direct_probes: HashMap::new(),
+        }
+    }
+}
+
+impl Punching {
     /// When a punch is due, a peer without a direct path turns to the
     /// relay, an attempt is given up, or a direct path asked whether it
     /// still works is dropped. (Which direct paths fell silent is checked
     /// on the mesh's own tick.)
-    pub(super) fn punch_deadline(&self) -> Option<Instant> {
+    pub(super) fn deadline(&self) -> Option<Instant> {
         let attempts = self.attempts.values().map(|a| {
             a.next_punch
                 .min(a.started + self.relay_after)
@@ -194,5 +214,39 @@ impl NodeCore {
             .values()
             .map(|sent| *sent + GATEWAY_SILENCE);
         attempts.chain(probes).min()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_punch_the_turn_to_the_relay_or_a_probe_is_the_deadline() {
+        let now = Instant::now();
+        let mut punch = Punching::default();
+        assert_eq!(punch.deadline(), None, "nothing to do: no timer");
+        punch.attempts.insert(
+            PeerId(1),
+            Attempt {
+                started: now,
+                introducer: None,
+                next_punch: now + Duration::from_millis(200),
+                interval: PUNCH_INTERVAL_FIRST,
+            },
+        );
+        assert_eq!(punch.deadline(), Some(now + Duration::from_millis(200)));
+        // Past its punches, the attempt still turns to the relay in time.
+        if let Some(a) = punch.attempts.get_mut(&PeerId(1)) {
+            a.next_punch = now + PUNCH_INTERVAL_LONG;
+        }
+        assert_eq!(punch.deadline(), Some(now + punch.relay_after));
+        // A probe of a direct path that fell silent ends at GATEWAY_SILENCE.
+        punch.direct_probes.insert(PeerId(2), now);
+        assert_eq!(
+            punch.deadline(),
+            Some(now + GATEWAY_SILENCE.min(punch.relay_after))
+        );
     }
 }

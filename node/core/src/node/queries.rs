@@ -98,12 +98,12 @@ impl NodeCore {
     /// Advertises a runner with these labels to every lighthouse (after
     /// each registration, and at once when its load changes).
     pub fn set_runner(&mut self, labels: Vec<String>, load: RunnerLoad, now: Instant) {
-        self.runner = Some(RunnerAdvert { labels, load });
+        self.queries.runner = Some(RunnerAdvert { labels, load });
         self.advertise_runner(None, now);
     }
 
     pub fn set_runner_load(&mut self, load: RunnerLoad, now: Instant) {
-        if let Some(r) = &mut self.runner {
+        if let Some(r) = &mut self.queries.runner {
             if r.load != load {
                 r.load = load;
                 self.advertise_runner(None, now);
@@ -113,7 +113,7 @@ impl NodeCore {
 
     /// Sends the runner advert to one lighthouse peer, or to all registered.
     pub(super) fn advertise_runner(&mut self, only: Option<PeerId>, now: Instant) {
-        let Some(r) = &self.runner else {
+        let Some(r) = &self.queries.runner else {
             return;
         };
         let (labels, load) = (r.labels.clone(), r.load);
@@ -156,7 +156,7 @@ impl NodeCore {
             };
             self.send_control(*peer, *ip, &msg, now);
         }
-        self.finds.insert(
+        self.queries.finds.insert(
             id,
             PendingFind {
                 sent: now,
@@ -170,6 +170,7 @@ impl NodeCore {
 
     pub(super) fn runners_reply(&mut self, request: u32, runners: Vec<RunnerInfo>) {
         let Some((&id, find)) = self
+            .queries
             .finds
             .iter_mut()
             .find(|(_, f)| f.waiting.contains(&request))
@@ -189,7 +190,7 @@ impl NodeCore {
     }
 
     pub(super) fn finish_find(&mut self, id: u32) {
-        let Some(find) = self.finds.remove(&id) else {
+        let Some(find) = self.queries.finds.remove(&id) else {
             return;
         };
         let mut runners = find.runners;
@@ -204,6 +205,7 @@ impl NodeCore {
 
     pub(super) fn drive_finds(&mut self, now: Instant) {
         let late: Vec<u32> = self
+            .queries
             .finds
             .iter()
             .filter(|(_, f)| now.saturating_duration_since(f.sent) >= FIND_RUNNERS_TIMEOUT)
@@ -243,7 +245,7 @@ impl NodeCore {
             self.events.ping(PingResult::unknown(id, overlay_ip));
             return Ok(id);
         }
-        self.pings.insert(
+        self.queries.pings.insert(
             id,
             PendingPing {
                 overlay_ip,
@@ -288,7 +290,9 @@ impl NodeCore {
             .filter(|p| self.mesh.is_connected(*p))
             .ok_or(CoreError::NoSession { peer: asked, dst })?;
         let id = self.request_id();
-        self.policies.insert(id, PendingPolicy { asked, sent: now });
+        self.queries
+            .policies
+            .insert(id, PendingPolicy { asked, sent: now });
         self.send_control(
             peer,
             asked,
@@ -300,13 +304,14 @@ impl NodeCore {
 
     pub(super) fn drive_policies(&mut self, now: Instant) {
         let lost: Vec<u32> = self
+            .queries
             .policies
             .iter()
             .filter(|(_, p)| now.saturating_duration_since(p.sent) >= PING_TIMEOUT)
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
-            self.policies.remove(&id);
+            self.queries.policies.remove(&id);
             self.events.policy(PolicyResult {
                 id,
                 asked: None,
@@ -320,17 +325,17 @@ impl NodeCore {
             return;
         };
         let (ip, name) = (cert.overlay_ip(), cert.name().to_string());
-        let Some(pending) = self.pings.get(&id) else {
+        let Some(pending) = self.queries.pings.get(&id) else {
             return;
         };
         if pending.overlay_ip != ip {
             return;
         }
-        let Some(pending) = self.pings.remove(&id) else {
+        let Some(pending) = self.queries.pings.remove(&id) else {
             return;
         };
         let rtt = now.saturating_duration_since(pending.sent);
-        self.rtts.insert(ip, rtt);
+        self.queries.rtts.insert(ip, rtt);
         if pending.report {
             let path = self.mesh.peer_path(peer);
             self.events.ping(PingResult {
@@ -348,13 +353,14 @@ impl NodeCore {
 
     pub(super) fn drive_pings(&mut self, now: Instant) {
         let lost: Vec<u32> = self
+            .queries
             .pings
             .iter()
             .filter(|(_, p)| now.saturating_duration_since(p.sent) >= PING_TIMEOUT)
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
-            let Some(p) = self.pings.remove(&id) else {
+            let Some(p) = self.queries.pings.remove(&id) else {
                 continue;
             };
             if p.report {
@@ -378,12 +384,67 @@ impl NodeCore {
     }
 }
 
-impl NodeCore {
+/// Questions asked on the shell's behalf, waiting for their answers.
+#[derive(Default)]
+pub(super) struct Queries {
+    pub(super) pings: HashMap<u32, PendingPing>,
+    /// The last round trip measured to each peer.
+    pub(super) rtts: HashMap<Ipv4Addr, Duration>,
+    /// This node's own runner, advertised to the lighthouses.
+    pub(super) runner: Option<RunnerAdvert>,
+    pub(super) finds: HashMap<u32, PendingFind>,
+    pub(super) policies: HashMap<u32, PendingPolicy>,
+}
+
+impl Queries {
     /// When a ping, a runner find or a policy query times out.
-    pub(super) fn queries_deadline(&self) -> Option<Instant> {
+    pub(super) fn deadline(&self) -> Option<Instant> {
         let pings = self.pings.values().map(|p| p.sent + PING_TIMEOUT);
         let finds = self.finds.values().map(|f| f.sent + FIND_RUNNERS_TIMEOUT);
         let policies = self.policies.values().map(|p| p.sent + PING_TIMEOUT);
         pings.chain(finds).chain(policies).min()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_query_to_time_out_is_the_deadline() {
+        let now = Instant::now();
+        let mut queries = Queries::default();
+        assert_eq!(queries.deadline(), None);
+        queries.finds.insert(
+            1,
+            PendingFind {
+                sent: now,
+                waiting: vec![2],
+                asked: 1,
+                runners: Vec::new(),
+            },
+        );
+        assert_eq!(queries.deadline(), Some(now + FIND_RUNNERS_TIMEOUT));
+        queries.pings.insert(
+            3,
+            PendingPing {
+                overlay_ip: Ipv4Addr::new(100, 64, 0, 9),
+                sent: now - Duration::from_secs(4),
+                report: true,
+            },
+        );
+        assert_eq!(
+            queries.deadline(),
+            Some((now - Duration::from_secs(4) + PING_TIMEOUT).min(now + FIND_RUNNERS_TIMEOUT))
+        );
+        queries.policies.insert(
+            4,
+            PendingPolicy {
+                asked: Ipv4Addr::new(100, 64, 0, 10),
+                sent: now - PING_TIMEOUT,
+            },
+        );
+        assert_eq!(queries.deadline(), Some(now), "an overdue query: at once");
     }
 }

@@ -76,17 +76,20 @@ impl NodeCore {
     /// route, the overlay, or a prefix holding a lighthouse's or this
     /// node's underlay address (name those in `[[routes]]` if you mean it).
     pub fn set_accept_routes(&mut self, accept: bool) {
-        self.accept_routes = accept;
+        self.routes.accept = accept;
     }
 
     /// The most specific route covering `dst`.
     pub(super) fn route_for(&self, dst: Ipv4Addr) -> Option<usize> {
         // Kept sorted most specific first.
-        self.routes.iter().position(|r| r.subnet.contains(&dst))
+        self.routes
+            .list
+            .iter()
+            .position(|r| r.subnet.contains(&dst))
     }
 
     pub(super) fn sort_routes(&mut self) {
-        self.routes.sort_by(|a, b| {
+        self.routes.list.sort_by(|a, b| {
             b.subnet
                 .prefix_len()
                 .cmp(&a.subnet.prefix_len())
@@ -97,7 +100,7 @@ impl NodeCore {
     /// The gateway in use for a route: the active one while it lives, else
     /// the `via` one, else the first by name that is not held down.
     pub(super) fn choose_gateway(&mut self, route: usize, now: Instant) -> Option<Ipv4Addr> {
-        let r = self.routes.get_mut(route)?;
+        let r = self.routes.list.get_mut(route)?;
         let usable = |g: &GatewayCandidate| g.down_until.is_none_or(|t| t <= now);
         if let Some(a) = r.active {
             if r.gateways.iter().any(|g| g.overlay_ip == a && usable(g)) {
@@ -123,7 +126,7 @@ impl NodeCore {
     pub(super) fn refuse_gateway(&mut self, gateway: Ipv4Addr, dst: Ipv4Addr) {
         self.counters.unauthorized_gateways += 1;
         tracing::warn!(%gateway, destination = %dst, "gateway's certificate does not authorize this subnet; not routing through it");
-        for r in &mut self.routes {
+        for r in &mut self.routes.list {
             r.gateways.retain(|g| g.overlay_ip != gateway);
             if r.active == Some(gateway) {
                 r.active = None;
@@ -137,27 +140,29 @@ impl NodeCore {
     pub(super) fn wait_for_gateway(&mut self, route: usize, packet: &[u8], now: Instant) {
         if self
             .routes
+            .list
             .get(route)
             .is_none_or(|r| !r.gateways.is_empty())
         {
             self.counters.no_gateway_drops += 1;
             return;
         }
-        if self.gateway_waiting.len() >= MAX_WAITING_PACKETS {
-            self.gateway_waiting.pop_front();
+        if self.routes.waiting.len() >= MAX_WAITING_PACKETS {
+            self.routes.waiting.pop_front();
             self.counters.no_gateway_drops += 1;
         }
-        self.gateway_waiting.push_back((now, packet.to_vec()));
+        self.routes.waiting.push_back((now, packet.to_vec()));
         self.ask_routes_for_waiting(now);
     }
 
     pub(super) fn ask_routes_for_waiting(&mut self, now: Instant) {
-        if !self.gateway_waiting.is_empty()
+        if !self.routes.waiting.is_empty()
             && self
-                .routes_asked
+                .routes
+                .asked
                 .is_none_or(|t| now.saturating_duration_since(t) >= QUERY_RETRY)
         {
-            self.routes_asked = Some(now);
+            self.routes.asked = Some(now);
             self.ask_routes(now);
         }
     }
@@ -168,7 +173,7 @@ impl NodeCore {
     pub(super) fn ask_routes(&mut self, now: Instant) {
         if let Some((lighthouse, lighthouse_ip)) = self.registered_lighthouses().first().copied() {
             let request = self.request_id();
-            self.routes_fetch = Some(RoutesFetch {
+            self.routes.fetch = Some(RoutesFetch {
                 lighthouse,
                 lighthouse_ip,
                 request,
@@ -187,13 +192,13 @@ impl NodeCore {
     /// its gateway's lookup); those whose route still has no gateway wait
     /// on; those whose route is gone are dropped.
     pub(super) fn release_gateway_waiting(&mut self, now: Instant) {
-        for (since, packet) in std::mem::take(&mut self.gateway_waiting) {
+        for (since, packet) in std::mem::take(&mut self.routes.waiting) {
             let Some(route) = ipv4_addrs(&packet).and_then(|(_, dst)| self.route_for(dst)) else {
                 self.counters.no_gateway_drops += 1;
                 continue;
             };
             match self.choose_gateway(route, now) {
-                None => self.gateway_waiting.push_back((since, packet)),
+                None => self.routes.waiting.push_back((since, packet)),
                 Some(gateway) => match self.mesh.peer_by_overlay(gateway) {
                     Some(peer) => self.send_waiting(peer, &packet, now),
                     None => self.wait_for_lookup(gateway, &packet, now),
@@ -205,21 +210,22 @@ impl NodeCore {
     /// Asks for advertised routes now and then, and fails over from a
     /// gateway that went silent while we kept sending to it.
     pub(super) fn drive_routes(&mut self, now: Instant) {
-        if self.next_routes_query <= now {
-            self.next_routes_query = now + ROUTES_INTERVAL;
+        if self.routes.next_query <= now {
+            self.routes.next_query = now + ROUTES_INTERVAL;
             self.ask_routes(now);
         }
         let expired = self
-            .gateway_waiting
+            .routes
+            .waiting
             .iter()
             .take_while(|(since, _)| now.saturating_duration_since(*since) >= LOOKUP_TIMEOUT)
             .count();
-        self.gateway_waiting.drain(..expired);
+        self.routes.waiting.drain(..expired);
         self.counters.no_gateway_drops += expired as u64;
         self.ask_routes_for_waiting(now);
         self.install_accepted_routes();
-        for i in 0..self.routes.len() {
-            let Some(active) = self.routes[i].active else {
+        for i in 0..self.routes.list.len() {
+            let Some(active) = self.routes.list[i].active else {
                 continue;
             };
             let Some(peer) = self.mesh.peer_by_overlay(active) else {
@@ -237,27 +243,27 @@ impl NodeCore {
                 _ => false,
             };
             if !waiting {
-                self.routes[i].probe_sent = None;
+                self.routes.list[i].probe_sent = None;
                 continue;
             }
-            match self.routes[i].probe_sent {
+            match self.routes.list[i].probe_sent {
                 Some(sent)
                     if last_rx.is_none_or(|rx| rx < sent)
                         && now.saturating_duration_since(sent) >= GATEWAY_SILENCE => {}
                 Some(_) => continue,
                 None => {
-                    self.routes[i].probe_sent = Some(now);
+                    self.routes.list[i].probe_sent = Some(now);
                     let id = self.request_id();
                     self.send_control(peer, active, &ControlMessage::Ping { id }, now);
                     continue;
                 }
             }
-            let alternatives = self.routes[i]
+            let alternatives = self.routes.list[i]
                 .gateways
                 .iter()
                 .filter(|g| g.overlay_ip != active)
                 .count();
-            let r = &mut self.routes[i];
+            let r = &mut self.routes.list[i];
             r.probe_sent = None;
             if alternatives > 0 {
                 tracing::warn!(subnet = %r.subnet, gateway = %active, "gateway stopped answering; failing over");
@@ -282,7 +288,7 @@ impl NodeCore {
         complete: bool,
         now: Instant,
     ) {
-        let Some(fetch) = self.routes_fetch.as_mut() else {
+        let Some(fetch) = self.routes.fetch.as_mut() else {
             return;
         };
         if fetch.lighthouse != from || fetch.request != id {
@@ -294,7 +300,7 @@ impl NodeCore {
             if last.is_some_and(|l| key(&route) <= l) {
                 self.counters.bad_control_messages += 1;
                 tracing::warn!("a lighthouse's route list went backwards; reading it again later");
-                self.routes_fetch = None;
+                self.routes.fetch = None;
                 return;
             }
             last = Some(key(&route));
@@ -306,13 +312,13 @@ impl NodeCore {
                 tracing::warn!("more than {MAX_LEARNED_ROUTES} advertised routes; using the first {MAX_LEARNED_ROUTES}");
             }
             let routes = std::mem::take(&mut fetch.routes);
-            self.routes_fetch = None;
+            self.routes.fetch = None;
             self.handle_routes(routes, now);
             return;
         }
         let (lighthouse, lighthouse_ip, after) = (fetch.lighthouse, fetch.lighthouse_ip, last);
         let request = self.request_id();
-        if let Some(f) = self.routes_fetch.as_mut() {
+        if let Some(f) = self.routes.fetch.as_mut() {
             f.request = request;
         }
         let query = ControlMessage::RoutesQuery { id: request, after };
@@ -328,7 +334,7 @@ impl NodeCore {
                 by_subnet.entry(a.subnet).or_default().push(a);
             }
         }
-        for r in &mut self.routes {
+        for r in &mut self.routes.list {
             let fresh = by_subnet.remove(&r.subnet).unwrap_or_default();
             let old = std::mem::take(&mut r.gateways);
             r.gateways = fresh
@@ -350,7 +356,7 @@ impl NodeCore {
             }
         }
         let mut gone = Vec::new();
-        self.routes.retain(|r| {
+        self.routes.list.retain(|r| {
             let keep = r.configured || !r.gateways.is_empty();
             if !keep {
                 gone.push((r.subnet, r.kernel));
@@ -367,7 +373,7 @@ impl NodeCore {
         for (subnet, gws) in by_subnet {
             tracing::info!(%subnet, gateways = %list(gws.iter().map(|g| &g.name)), "learned route");
             let refused = self.refuse_learned(subnet);
-            if self.accept_routes {
+            if self.routes.accept {
                 match &refused {
                     Some(why) => {
                         tracing::warn!(%subnet, reason = %why, "learned route gets no kernel route")
@@ -376,7 +382,7 @@ impl NodeCore {
                     None => look_up.extend(gws.iter().map(|g| g.gateway)),
                 }
             }
-            self.routes.push(RouteState {
+            self.routes.list.push(RouteState {
                 subnet,
                 via: None,
                 configured: false,
@@ -440,11 +446,11 @@ impl NodeCore {
     /// With `accept_routes`: a kernel route for each learned subnet that a
     /// gateway's verified certificate covers whole.
     pub(super) fn install_accepted_routes(&mut self) {
-        if !self.accept_routes {
+        if !self.routes.accept {
             return;
         }
-        for i in 0..self.routes.len() {
-            let r = &self.routes[i];
+        for i in 0..self.routes.list.len() {
+            let r = &self.routes.list[i];
             if r.kernel || r.configured || r.refused.is_some() {
                 continue;
             }
@@ -455,7 +461,7 @@ impl NodeCore {
                 covers(cert, r.subnet).then(|| cert.name().to_string())
             });
             if let Some(gateway) = covered_by {
-                let r = &mut self.routes[i];
+                let r = &mut self.routes.list[i];
                 tracing::info!(subnet = %r.subnet, %gateway, "learned route accepted ([tun] accept_routes)");
                 r.kernel = true;
                 self.events.push(NodeEvent::AddRoute(r.subnet));
@@ -471,22 +477,76 @@ pub(super) fn covers(cert: &VerifiedCert, subnet: Ipv4Net) -> bool {
         .any(|n| matches!(n, IpNet::V4(n) if n.contains(&subnet)))
 }
 
-impl NodeCore {
+/// The gateway routes this node knows, and the reading of them.
+pub(super) struct RouteTable {
+    pub(super) list: Vec<RouteState>,
+    /// When the route list is next asked for (every [`ROUTES_INTERVAL`]).
+    pub(super) next_query: Instant,
+    /// Packets for a configured route whose gateways are not known yet (the
+    /// route list is being asked for): sent once it comes, as packets for
+    /// a peer wait for its lookup, instead of dropped (which would cost a
+    /// TCP connection its first SYN, a second).
+    pub(super) waiting: VecDeque<(Instant, Vec<u8>)>,
+    /// When the route list was last asked for because packets wait on it.
+    pub(super) asked: Option<Instant>,
+    /// The list of routes being read from a lighthouse, page by page.
+    pub(super) fetch: Option<RoutesFetch>,
+    /// `[tun] accept_routes`: learned routes get kernel routes too (once a
+    /// verified certificate covers them), not only `[[routes]]`.
+    pub(super) accept: bool,
+}
+
+impl RouteTable {
+    pub(super) fn new(now: Instant) -> RouteTable {
+        RouteTable {
+            list: Vec::new(),
+            next_query: now,
+            waiting: VecDeque::new(),
+            asked: None,
+            fetch: None,
+            accept: false,
+        }
+    }
+
     /// When the route list is next asked for, or a packet waiting for a
     /// route's gateway is asked for again or dropped. (Whether an active
     /// gateway went silent is checked on the mesh's own tick: it exists
     /// only while the gateway is a peer.)
-    pub(super) fn routes_deadline(&self) -> Option<Instant> {
-        let waiting = self.gateway_waiting.front().map(|(since, _)| {
+    pub(super) fn deadline(&self) -> Instant {
+        let waiting = self.waiting.front().map(|(since, _)| {
             let expiry = *since + LOOKUP_TIMEOUT;
-            match self.routes_asked {
+            match self.asked {
                 Some(asked) => expiry.min(asked + QUERY_RETRY),
                 None => expiry,
             }
         });
-        Some(
-            self.next_routes_query
-                .min(waiting.unwrap_or(self.next_routes_query)),
-        )
+        waiting.map_or(self.next_query, |w| w.min(self.next_query))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_route_list_and_packets_waiting_for_a_gateway_set_the_deadline() {
+        let now = Instant::now();
+        let mut table = RouteTable::new(now);
+        assert_eq!(
+            table.deadline(),
+            now,
+            "the first route list is asked at once"
+        );
+        table.next_query = now + ROUTES_INTERVAL;
+        assert_eq!(table.deadline(), now + ROUTES_INTERVAL);
+        // A packet waits: asked again a second after the last time, dropped
+        // after LOOKUP_TIMEOUT.
+        table.waiting.push_back((now, vec![0u8; 20]));
+        table.asked = Some(now);
+        assert_eq!(table.deadline(), now + QUERY_RETRY);
+        table.asked = Some(now + LOOKUP_TIMEOUT);
+        table.next_query = now + LOOKUP_TIMEOUT + ROUTES_INTERVAL;
+        assert_eq!(table.deadline(), now + LOOKUP_TIMEOUT);
     }
 }
