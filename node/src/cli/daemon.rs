@@ -81,8 +81,8 @@ pub fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
     // that its socket goes away (it deregistered on the way out).
     let answer = runtime()?.block_on(api::call(&path, &api::ApiRequest::Shutdown));
     if let Ok(reply) = &answer {
-        if let Some(err) = reply.get("error") {
-            anyhow::bail!("the daemon refused: {err}");
+        if let Err(refusal) = api::decode::<serde_json::Value>(reply.clone())? {
+            anyhow::bail!("the daemon refused: {refusal}");
         }
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -11,6 +11,7 @@ pub mod join;
 pub mod plane;
 pub mod proxy;
 pub mod routes;
+pub mod userpath;
 pub mod userspace;
 
 use std::path::Path;

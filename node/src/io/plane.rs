@@ -14,7 +14,8 @@ use tern_udp::Outer;
 
 use super::datapath::DataPath;
 use super::proxy::Dialer;
-use super::userspace::{Netstack, UserPath};
+use super::userpath::UserPath;
+use super::userspace::Netstack;
 use tern_runner::server as runner;
 
 /// Packets the kernel may queue on the TUN device for the daemon to read.
