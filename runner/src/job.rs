@@ -1,5 +1,5 @@
 //! Running a whole job on a runner: a fresh workspace, the steps in order
-//! (each through [`super::exec::run_step`]), the protocol messages the
+//! (each through [`crate::step::run_step`]), the protocol messages the
 //! caller streams, the job's time limit, and the audit record.
 
 use std::collections::BTreeMap;

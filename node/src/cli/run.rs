@@ -64,7 +64,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
 }
 
 /// Exit codes: 0 all steps passed; a failing step's own code; and the
-/// documented ones in [`tern_runner::protocol::exit`].
+/// documented ones in [`tern_shared::exit`].
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let text = match std::fs::read_to_string(&args.pipeline) {
         Ok(t) => t,
