@@ -1,0 +1,401 @@
+//! What arrives on the UDP socket: WireGuard messages (handshakes answered
+//! only for keys in certificates this engine verified; data decrypted and
+//! its inner source checked), hellos carrying certificates, and the
+//! handshakes this engine starts.
+
+use super::*;
+
+impl Mesh {
+    pub(crate) fn handle_wireguard<'b>(
+        &mut self,
+        from: Via,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Received<'b> {
+        let idx = if datagram[0] == 1 {
+            match self.accept_initiation(from, datagram, now) {
+                Some(idx) => idx,
+                None => return Received::Nothing,
+            }
+        } else {
+            // Our session index: bytes 8..12 of a handshake response (after
+            // the sender's), bytes 4..8 of a cookie reply or transport packet.
+            let at = if datagram[0] == 2 { 8 } else { 4 };
+            let Some(receiver) = datagram.get(at..at + 4) else {
+                self.counters.wireguard_errors += 1;
+                return Received::Nothing;
+            };
+            let receiver = u32::from_le_bytes([receiver[0], receiver[1], receiver[2], receiver[3]]);
+            let idx = receiver >> 8;
+            if !self.peers.contains_key(&idx) {
+                self.counters.unknown_session_index += 1;
+                tracing::trace!(from = ?from, "no session for index");
+                return Received::Nothing;
+            }
+            idx
+        };
+        self.decapsulate(idx, from, datagram, out, now)
+    }
+
+    /// Checks a handshake initiation's MACs and rate limit, reveals the
+    /// initiator's static key, and finds (or creates) the peer whose verified
+    /// certificate carries that key. Unknown keys get a hello asking for the
+    /// certificate, never a handshake response.
+    pub(crate) fn accept_initiation(
+        &mut self,
+        via: Via,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Option<u32> {
+        let from = via.addr();
+        let mut cookie = [0u8; 64];
+        let init = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(Packet::HandshakeInit(init)) => init,
+            Ok(_) => return None,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                self.transmits.push_back(via.transmit(reply));
+                return None;
+            }
+            Err(_) => {
+                self.counters.wireguard_errors += 1;
+                return None;
+            }
+        };
+        let half = match parse_handshake_anon(&self.secret, &self.public, &init) {
+            Ok(half) => half,
+            Err(e) => {
+                self.counters.wireguard_errors += 1;
+                tracing::trace!(%from, error = ?e, "handshake initiation did not open");
+                return None;
+            }
+        };
+        let key = half.peer_static_public;
+        if let Some(&idx) = self.by_key.get(&key) {
+            return Some(idx);
+        }
+        if let Via::Relay { relay, peer } = via {
+            // Through a relay there is no hello: the certificate must have
+            // come from a lighthouse (a query answer or a punch request).
+            let unix = self.unix_time(now);
+            let cert = self
+                .known_certs
+                .get(&key)
+                .filter(|k| k.cert.not_after() >= unix && k.cert.overlay_ip() == peer)
+                .map(|k| k.cert.clone());
+            let Some(cert) = cert else {
+                self.counters.unknown_handshake_keys += 1;
+                tracing::debug!(%relay, %peer, "relayed handshake from a key with no verified certificate for that address; asking the lighthouses");
+                self.events
+                    .push_back(MeshEvent::UnknownRelayedPeer { overlay_ip: peer });
+                return None;
+            };
+            let idx = self.add_peer(cert, &[], PeerRole::Node, now)?.0;
+            if let Some(p) = self.peers.get_mut(&idx) {
+                p.relay = Some(relay);
+            }
+            return Some(idx);
+        }
+        let unix = self.unix_time(now);
+        let known = self
+            .known_certs
+            .get(&key)
+            .filter(|k| k.cert.not_after() >= unix)
+            .map(|k| k.cert.clone());
+        match known {
+            Some(cert) => self
+                .add_peer(cert, &[from], PeerRole::Node, now)
+                .map(|p| p.0),
+            None => {
+                self.counters.unknown_handshake_keys += 1;
+                tracing::debug!(%from, "handshake from a key with no verified certificate; asking for it");
+                if self.hello_bucket.take(now) {
+                    self.send_hello(from, true);
+                } else {
+                    self.counters.rate_limited += 1;
+                }
+                None
+            }
+        }
+    }
+
+    pub(crate) fn decapsulate<'b>(
+        &mut self,
+        idx: u32,
+        via: Via,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> Received<'b> {
+        let Some(p) = self.peers.get_mut(&idx) else {
+            return Received::Nothing;
+        };
+        if let Via::Relay { peer, .. } = via {
+            if peer != p.cert.overlay_ip() {
+                // The relay's label must name the node whose session this is.
+                self.counters.relay_drops += 1;
+                return Received::Nothing;
+            }
+        }
+        let result = p.tunn.decapsulate(Some(via.addr().ip()), datagram, out);
+        let mut direct_lost = false;
+        if !matches!(result, TunnResult::Err(_)) {
+            p.last_rx = Some(now);
+            if datagram.first() == Some(&2) {
+                if let Some(sent) = p.init_sent.take() {
+                    p.handshake_rtt = Some(now.saturating_duration_since(sent));
+                }
+            }
+            if let Via::Direct(_) = via {
+                p.last_direct_rx = Some(now);
+            }
+            // The peer reaches us only through the relay now (its address
+            // changed, or a NAT forgot it): answer the same way. A relayed
+            // packet overtaken by direct ones (the path just moved) does not
+            // count.
+            if let Via::Relay { .. } = via {
+                let direct_quiet = p
+                    .last_direct_rx
+                    .is_none_or(|t| now.saturating_duration_since(t) >= DIRECT_PATH_STALE);
+                if p.endpoint.is_some() && direct_quiet {
+                    tracing::info!(peer = p.cert.name(), endpoint = %or_none(p.endpoint), "peer now comes through the relay; direct path dropped");
+                    p.endpoint = None;
+                    direct_lost = true;
+                }
+            }
+            match via {
+                Via::Direct(from) if p.endpoint != Some(from) => {
+                    // Authenticated by the session: the peer is reachable
+                    // here (roaming, or a direct path found while relayed).
+                    match p.endpoint {
+                        Some(old) => {
+                            tracing::info!(peer = p.cert.name(), %old, new = %from, "peer endpoint moved")
+                        }
+                        None if p.relay.is_some() => {
+                            tracing::info!(peer = p.cert.name(), endpoint = %from, "direct path found; leaving the relay")
+                        }
+                        None => {}
+                    }
+                    p.endpoint = Some(from);
+                }
+                Via::Relay { relay, .. } if p.relay != Some(relay) => p.relay = Some(relay),
+                _ => {}
+            }
+        }
+        if direct_lost {
+            self.events
+                .push_back(MeshEvent::DirectPathLost { peer: PeerId(idx) });
+        }
+
+        match result {
+            TunnResult::Done => {
+                self.note_connected(idx);
+                Received::Nothing
+            }
+            TunnResult::Err(WireGuardError::WrongTai64nTimestamp)
+                if datagram.first() == Some(&1) =>
+            {
+                self.counters.repeated_handshakes += 1;
+                tracing::trace!(
+                    peer = p.cert.name(),
+                    "repeated handshake initiation dropped"
+                );
+                Received::Nothing
+            }
+            // Both sides initiated at once (we looked the peer up while the
+            // lighthouse asked it to punch toward us): answering its
+            // initiation and sending what waited made boringtun start a
+            // new handshake, so the answer to our first one no longer
+            // matches. Expected when peers meet, and the newer handshake
+            // completes: not an error.
+            TunnResult::Err(WireGuardError::UnexpectedPacket | WireGuardError::WrongIndex)
+                if datagram.first() == Some(&2) =>
+            {
+                self.counters.crossed_handshakes += 1;
+                tracing::trace!(
+                    peer = p.cert.name(),
+                    "answer to a handshake that a crossing one replaced; dropped"
+                );
+                Received::Nothing
+            }
+            TunnResult::Err(e) => {
+                self.counters.wireguard_errors += 1;
+                tracing::trace!(peer = p.cert.name(), error = ?e, "decapsulate failed");
+                Received::Nothing
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                self.transmits.push_back(via.transmit(reply));
+                self.flush_queued(idx);
+                self.note_connected(idx);
+                Received::Nothing
+            }
+            TunnResult::WriteToTunnelV4(packet, src) => {
+                p.last_data = now;
+                let allowed = src == p.cert.overlay_ip()
+                    || p.cert
+                        .subnets()
+                        .iter()
+                        .any(|n| n.contains(&IpAddr::V4(src)));
+                if !allowed {
+                    p.spoofed_source_drops += 1;
+                    self.counters.spoofed_source_drops += 1;
+                    tracing::debug!(peer = p.cert.name(), inner_source = %src, "dropped packet: inner source not in the peer's certificate");
+                    return Received::Nothing;
+                }
+                let connected = p.connected;
+                if !connected {
+                    self.note_connected(idx);
+                }
+                Received::Packet {
+                    peer: PeerId(idx),
+                    packet,
+                }
+            }
+            TunnResult::WriteToTunnelV6(..) => {
+                self.counters.non_ipv4_drops += 1;
+                Received::Nothing
+            }
+        }
+    }
+
+    /// After a handshake completes, boringtun releases the packets it queued;
+    /// they go to the endpoint that just answered.
+    pub(crate) fn flush_queued(&mut self, idx: u32) {
+        let Some(p) = self.peers.get_mut(&idx) else {
+            return;
+        };
+        let Some(via) = route(p) else {
+            return;
+        };
+        for _ in 0..512 {
+            match p.tunn.decapsulate(None, &[], &mut self.scratch) {
+                TunnResult::WriteToNetwork(bytes) => self.transmits.push_back(via.transmit(bytes)),
+                _ => break,
+            }
+        }
+    }
+
+    pub(crate) fn note_connected(&mut self, idx: u32) {
+        if let Some(p) = self.peers.get_mut(&idx) {
+            if !p.connected && p.tunn.time_since_last_handshake().is_some() {
+                p.connected = true;
+                tracing::info!(peer = p.cert.name(), overlay_ip = %p.cert.overlay_ip(), endpoint = %shown_endpoint(p), "tunnel up");
+                self.events
+                    .push_back(MeshEvent::PeerConnected { peer: p.id });
+            }
+        }
+    }
+
+    pub(crate) fn handle_hello(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let hello = match Hello::decode(datagram) {
+            Ok(h) => h,
+            Err(e) => {
+                self.counters.malformed_hellos += 1;
+                tracing::trace!(%from, error = %e, "malformed hello");
+                return;
+            }
+        };
+        if !self.hello_bucket.take(now) {
+            self.counters.rate_limited += 1;
+            return;
+        }
+        let cert = match self.ca.verify_bytes(hello.cert, self.unix_time(now)) {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.rejected_certs += 1;
+                tracing::debug!(%from, reason = %e, "hello with a certificate we do not accept");
+                return;
+            }
+        };
+        let key = cert.public_key();
+        if key == self.public.to_bytes() {
+            return;
+        }
+        if hello.wants_reply {
+            self.send_hello(from, false);
+        }
+        match self.by_key.get(&key).copied() {
+            Some(idx) if hello.wants_reply => {
+                // The peer does not know our certificate: it restarted, or our
+                // handshake reached it before our hello did. Handshake again
+                // now rather than at boringtun's next retry, seconds away.
+                let Some(p) = self.peers.get_mut(&idx) else {
+                    return;
+                };
+                if !p.connected && !p.candidates.contains(&from) && p.candidates.len() < 16 {
+                    p.candidates.push(from);
+                }
+                let recent = p
+                    .last_forced_handshake
+                    .is_some_and(|t| now.saturating_duration_since(t) < FORCED_HANDSHAKE_INTERVAL);
+                if !recent {
+                    p.last_forced_handshake = Some(now);
+                    self.connect(PeerId(idx), true);
+                }
+            }
+            Some(_) => {}
+            None => self.remember(cert.clone(), now),
+        }
+        self.events.push_back(MeshEvent::HelloCert { from, cert });
+    }
+
+    pub(crate) fn remember(&mut self, cert: VerifiedCert, now: Instant) {
+        let key = cert.public_key();
+        if self.by_key.contains_key(&key) {
+            return;
+        }
+        if self.known_certs.len() >= self.settings.max_known_certs
+            && !self.known_certs.contains_key(&key)
+        {
+            // Bounded: forget the oldest. Rare (only when the table is full).
+            if let Some(oldest) = self
+                .known_certs
+                .iter()
+                .min_by_key(|(_, k)| k.learned)
+                .map(|(k, _)| *k)
+            {
+                self.known_certs.remove(&oldest);
+            }
+        }
+        self.known_certs
+            .insert(key, KnownCert { cert, learned: now });
+    }
+
+    pub(crate) fn send_handshake(&mut self, idx: u32, init: &[u8]) {
+        let now = self.last_now;
+        let Some(p) = self.peers.get_mut(&idx) else {
+            return;
+        };
+        p.last_init = Some(init.to_vec());
+        p.init_sent = Some(now);
+        let p = &**p;
+        if let Some(relay) = p.relay {
+            let via = Via::Relay {
+                relay,
+                peer: p.cert.overlay_ip(),
+            };
+            self.transmits.push_back(via.transmit(init));
+        }
+        let mut targets: Vec<SocketAddr> = p.endpoint.into_iter().collect();
+        for c in &p.candidates {
+            if !targets.contains(c) {
+                targets.push(*c);
+            }
+        }
+        for dst in targets {
+            // Our certificate goes first so the responder can verify it
+            // before the handshake names our key.
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: self.own_hello.clone(),
+            });
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: init.to_vec(),
+            });
+        }
+    }
+}
