@@ -378,14 +378,21 @@ impl<P: Plane> Daemon<P> {
     /// out); the datagrams that made, and anything the core said meanwhile;
     /// then the timer from the earliest deadline.
     async fn drain(&mut self) {
-        for _ in 0..2 {
-            flush(&mut self.core, &self.outer).await;
-            let packets = self.take_events();
+        flush(&mut self.core, &self.outer).await;
+        let packets = self.take_events();
+        self.plane
+            .deliver(packets, &mut self.core, &self.outer)
+            .await;
+        // What the plane's answer made the core say: out now, and packets
+        // for the plane once more (a reject of what the stack just sent).
+        flush(&mut self.core, &self.outer).await;
+        let packets = self.take_events();
+        if !packets.is_empty() {
             self.plane
                 .deliver(packets, &mut self.core, &self.outer)
                 .await;
+            flush(&mut self.core, &self.outer).await;
         }
-        flush(&mut self.core, &self.outer).await;
         let now = Instant::now();
         let mut deadline = self.core.poll_timeout(now);
         if let Some(d) = self.plane.poll_delay() {

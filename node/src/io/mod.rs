@@ -19,7 +19,6 @@ use std::path::Path;
 use anyhow::Context;
 use tern_shared::config::NodeConfig;
 use tern_shared::identity::Identity;
-pub use tern_udp::daemon::{seed, unix_now};
 
 pub use daemon::run;
 
