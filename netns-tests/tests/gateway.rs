@@ -323,6 +323,13 @@ fn ci_node_reaches_the_private_network_through_gateways_within_policy() {
         took < Duration::from_secs(2),
         "refused quickly, not a timeout: {took:?}"
     );
+    // dev-1 sends its first packet once it knows both gateways, so it
+    // picks gw-1 (the first), whose firewall this checks.
+    wait_until("dev-1 knows both gateways", Duration::from_secs(10), || {
+        status(&dir, "dev-1")["routes"][0]["gateways"]
+            .as_array()
+            .is_some_and(|g| g.len() == 2)
+    });
     let (ok, code, _) = curl(
         &dev,
         &["-sS", "--max-time", "3", &format!("http://{SERVER}:8080/")],
