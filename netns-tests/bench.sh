@@ -422,6 +422,8 @@ mtu = $TUN_MTU
 socket = "$WORKDIR/$1.sock"
 [log]
 level = "warn"
+[dns]
+configure_system = false
 [[firewall.inbound]]
 proto = "any"
 EOF

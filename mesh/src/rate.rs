@@ -19,6 +19,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled to the brim by `now`: one that is
+    /// full says nothing a new bucket would not, and may be dropped.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate as f64 >= self.rate as f64
+    }
+
     pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;

@@ -265,6 +265,16 @@ impl Lab {
             run_ok("ip", ["netns", "add", full.as_str()]);
             state.namespaces.push(full.clone());
         }
+        // A resolv.conf of its own, as a real host has: `ip netns exec`
+        // bind-mounts it over /etc/resolv.conf, so a node that points the
+        // system's resolver at itself changes this file, never the host's.
+        let etc = etc_netns(&full);
+        fs::create_dir_all(&etc).unwrap_or_else(|e| panic!("cannot create {}: {e}", etc.display()));
+        fs::write(
+            etc.join("resolv.conf"),
+            format!("# {full}: a lab host; no resolver unless its test starts one\n"),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}/resolv.conf: {e}", etc.display()));
         let ns = Ns {
             name: full,
             short: name.to_string(),
@@ -445,6 +455,7 @@ impl Drop for Lab {
             if let Err(e) = run_quiet("ip", ["netns", "del", name.as_str()]) {
                 eprintln!("warning: could not delete namespace {name}: {e}");
             }
+            let _ = fs::remove_dir_all(etc_netns(name));
         }
     }
 }
@@ -1014,6 +1025,21 @@ fn sweep_stale(prefix: &str) {
             Ok(_) => eprintln!("deleted stale namespace {name} (process {pid} is gone)"),
             Err(e) => eprintln!("warning: could not delete stale namespace {name}: {e}"),
         }
+        let _ = fs::remove_dir_all(etc_netns(&name));
+    }
+}
+
+/// `/etc/netns/<namespace>`: files `ip netns exec` bind-mounts over
+/// `/etc` inside the namespace (the namespace's own resolv.conf).
+pub fn etc_netns(namespace: &str) -> PathBuf {
+    Path::new("/etc/netns").join(namespace)
+}
+
+impl Ns {
+    /// This namespace's own resolv.conf (what programs in it read as
+    /// `/etc/resolv.conf`).
+    pub fn resolv_conf(&self) -> PathBuf {
+        etc_netns(&self.name).join("resolv.conf")
     }
 }
 

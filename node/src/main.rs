@@ -38,6 +38,11 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Forward local ports to targets in the mesh through the running node.
     Forward(cli::forward::ForwardArgs),
+    /// Resolve a name as the running node does: mesh names, gateways' zones, the system's resolvers.
+    #[command(
+        after_help = "Exit codes: 0 the name resolved (NOERROR); 1 it did not (NXDOMAIN, SERVFAIL, REFUSED: the message says who answered); 2 bad arguments; 68 no answer at all (no gateway serves the name's zone and no resolver answered)."
+    )]
+    Resolve(cli::resolve::ResolveArgs),
     /// Try Tern in one command, without root or config: a throwaway mesh on this machine's loopback.
     Demo(cli::demo::DemoArgs),
 }
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
         Command::Ping(args) => cli::daemon::ping(args),
         Command::Run(args) => cli::run::run(args),
         Command::Forward(args) => cli::forward::run(args),
+        Command::Resolve(args) => cli::resolve::run(args),
         Command::Demo(args) => cli::demo::run(args),
     };
     match result {

@@ -49,6 +49,17 @@
 //! validity and place under the root's constraints, then the node's
 //! signature by the issuer and its place under the issuer's constraints and
 //! the root's. Certificates without an issuer stay version 1, byte for byte.
+//!
+//! # Version 3: DNS zones
+//!
+//! A CA or a node signed by it directly may carry `dns_zones` (u16 count,
+//! then `str` each), right after `subnets`: for a node, the DNS zones it
+//! may answer for as a gateway (`db.internal` lies under `internal`); for a
+//! CA, the zones its nodes' zones must lie under (none named: any). Zones
+//! are lower case, without a trailing dot, sorted and de-duplicated. A
+//! certificate with zones is version 3 and one without stays version 1 (or
+//! 2), so every older certificate still verifies byte for byte. Issuers and
+//! the nodes they sign carry no zones.
 
 use crate::armor::{self, ArmorError};
 use crate::keys::CaSecretKey;
@@ -82,6 +93,12 @@ pub const CERT_LABEL: &str = "TERN CERTIFICATE";
 pub const VERSION: u8 = 1;
 /// The format version of issuers and the nodes they sign.
 pub const VERSION_ISSUED: u8 = 2;
+/// The format version of CAs and nodes that carry DNS zones.
+pub const VERSION_ZONES: u8 = 3;
+/// Most DNS zones in one cert.
+pub const MAX_DNS_ZONES: usize = 16;
+/// Longest DNS zone, in bytes (a DNS name's limit).
+pub const MAX_ZONE_LEN: usize = 253;
 /// Longest issuer name prefix, in bytes.
 pub const MAX_PREFIX_LEN: usize = 32;
 /// Longest name or group, in bytes.
@@ -128,6 +145,9 @@ pub struct CertBody {
     pub ips: Vec<IpNet>,
     pub groups: Vec<String>,
     pub subnets: Vec<IpNet>,
+    /// DNS zones the node may answer for (a CA: the zones its nodes' must
+    /// lie under). Empty in certificates before version 3.
+    pub dns_zones: Vec<String>,
     pub not_before: u64,
     pub not_after: u64,
     pub public_key: [u8; 32],
@@ -156,7 +176,7 @@ pub enum CertError {
     TrailingBytes { extra: usize },
     #[error("certificate is {len} bytes, more than the {max}-byte limit; use fewer groups, subnets or ips")]
     TooLarge { len: usize, max: usize },
-    #[error("unsupported certificate format version {version} (this build reads version {VERSION}); upgrade tern")]
+    #[error("unsupported certificate format version {version} (this build reads versions {VERSION} to {VERSION_ZONES}); upgrade tern")]
     UnsupportedVersion { version: u8 },
     #[error("unknown certificate kind {kind}; upgrade tern or check the certificate's origin")]
     UnknownKind { kind: u8 },
@@ -180,6 +200,10 @@ pub enum CertError {
     IpOutsideCa { ip: IpNet, allowed: Vec<IpNet> },
     #[error("group {group:?} is not among the CA's allowed groups ({}); drop it or use a CA that allows it", .allowed.join(", "))]
     GroupOutsideCa { group: String, allowed: Vec<String> },
+    #[error("DNS zone {zone:?} is not under the CA's allowed zones ({}); pick a zone under them or use a CA that allows it", .allowed.join(", "))]
+    ZoneOutsideCa { zone: String, allowed: Vec<String> },
+    #[error("invalid DNS zone {zone:?}: {reason}")]
+    InvalidZone { zone: String, reason: String },
     #[error("subnet {subnet} is invalid: {reason}")]
     SubnetInvalid { subnet: IpNet, reason: String },
     #[error("expected a node certificate, found a CA certificate; pass the node's certificate")]
@@ -229,7 +253,7 @@ impl Cert {
             return Err(malformed("magic", "not a Tern certificate"));
         }
         let version = r.u8()?;
-        if version != VERSION && version != VERSION_ISSUED {
+        if !matches!(version, VERSION | VERSION_ISSUED | VERSION_ZONES) {
             return Err(CertError::UnsupportedVersion { version });
         }
         let kind = match r.u8()? {
@@ -238,16 +262,18 @@ impl Cert {
             KIND_ISSUER => CertKind::Issuer,
             kind => return Err(CertError::UnknownKind { kind }),
         };
-        // Each kind has exactly one version, so the encoding stays canonical.
-        let expected = match kind {
-            CertKind::Ca => VERSION,
-            CertKind::Issuer => VERSION_ISSUED,
-            CertKind::Node => version,
+        // Each kind has one version per shape, so the encoding stays
+        // canonical: zones make a CA or node version 3, an issuer makes
+        // itself and its nodes version 2.
+        let allowed = match kind {
+            CertKind::Ca => matches!(version, VERSION | VERSION_ZONES),
+            CertKind::Issuer => version == VERSION_ISSUED,
+            CertKind::Node => true,
         };
-        if version != expected {
+        if !allowed {
             return Err(malformed(
                 "version",
-                format!("{kind} certificates are version {expected}"),
+                format!("{kind} certificates are not version {version}"),
             ));
         }
         let name = r.name("name")?;
@@ -258,6 +284,19 @@ impl Cert {
             groups.push(r.name("group")?);
         }
         let subnets = r.nets("subnets", MAX_SUBNETS)?;
+        let mut dns_zones = Vec::new();
+        if version == VERSION_ZONES {
+            let count = r.count("dns_zones", MAX_DNS_ZONES)?;
+            if count == 0 {
+                return Err(malformed(
+                    "dns_zones",
+                    "a version 3 certificate carries at least one zone",
+                ));
+            }
+            for _ in 0..count {
+                dns_zones.push(r.zone()?);
+            }
+        }
         let not_before = r.u64()?;
         let not_after = r.u64()?;
         let public_key = r.array::<32>()?;
@@ -302,6 +341,7 @@ impl Cert {
                 ips,
                 groups,
                 subnets,
+                dns_zones,
                 not_before,
                 not_after,
                 public_key,
@@ -392,6 +432,18 @@ impl CertBody {
         for group in &self.groups {
             validate_name("group", group)?;
         }
+        if self.dns_zones.len() > MAX_DNS_ZONES {
+            return Err(malformed(
+                "dns_zones",
+                format!("more than {MAX_DNS_ZONES} entries"),
+            ));
+        }
+        for zone in &self.dns_zones {
+            validate_zone(zone)?;
+        }
+        if self.dns_zones.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(malformed("dns_zones", "not sorted and de-duplicated"));
+        }
         if self.groups.windows(2).any(|w| w[0] >= w[1]) {
             return Err(malformed("groups", "not sorted and de-duplicated"));
         }
@@ -426,6 +478,12 @@ impl CertBody {
                     return Err(malformed(
                         "subnets",
                         "an issuer's certificates route no subnets",
+                    ));
+                }
+                if !self.dns_zones.is_empty() {
+                    return Err(malformed(
+                        "dns_zones",
+                        "an issuer's certificates answer for no DNS zones",
                     ));
                 }
                 if self.issuer == Fingerprint::ZERO {
@@ -470,6 +528,12 @@ impl CertBody {
                     return Err(malformed("kind", "a node has no issuer constraints"));
                 }
                 if let Some(chain) = &self.chain {
+                    if !self.dns_zones.is_empty() {
+                        return Err(malformed(
+                            "dns_zones",
+                            "a node signed by an issuer answers for no DNS zones",
+                        ));
+                    }
                     if chain.fingerprint() != self.issuer {
                         return Err(malformed(
                             "issuer",
@@ -522,6 +586,7 @@ pub fn self_sign_ca(mut body: CertBody, key: &CaSecretKey) -> Result<Cert, CertE
         return Err(CertError::KeyMismatch);
     }
     canonicalize_groups(&mut body.groups);
+    canonicalize_zones(&mut body.dns_zones);
     body.validate()?;
     sign_body(body, key)
 }
@@ -572,6 +637,7 @@ fn sign_under_root(
         return Err(CertError::KeyMismatch);
     }
     canonicalize_groups(&mut body.groups);
+    canonicalize_zones(&mut body.dns_zones);
     body.issuer = ca.fingerprint();
     body.validate()?;
     check_ca_time(&ca.body, now_unix)?;
@@ -627,6 +693,7 @@ fn prepare_under_issuer(
         return Err(CertError::NotANodeCert);
     }
     canonicalize_groups(&mut body.groups);
+    canonicalize_zones(&mut body.dns_zones);
     body.issuer = issuer.fingerprint();
     body.chain = Some(Box::new(issuer.clone()));
     body.validate()?;
@@ -671,6 +738,9 @@ fn check_under_issuer(issuer: &CertBody, node: &CertBody) -> Result<(), CertErro
     }
     if !node.subnets.is_empty() {
         return Err(beyond("its certificates route no subnets".into()));
+    }
+    if !node.dns_zones.is_empty() {
+        return Err(beyond("its certificates answer for no DNS zones".into()));
     }
     let lifetime = node.not_after.saturating_sub(node.not_before);
     if lifetime > issuer.max_lifetime {
@@ -925,6 +995,17 @@ impl VerifiedCert {
         &self.0.cert.body.subnets
     }
 
+    /// The DNS zones the node may answer for.
+    pub fn dns_zones(&self) -> &[String] {
+        &self.0.cert.body.dns_zones
+    }
+
+    /// Whether the certificate lets the node answer for `name` (canonical
+    /// form): it lies under one of its zones.
+    pub fn answers_for(&self, name: &str) -> bool {
+        self.dns_zones().iter().any(|zone| name_in_zone(name, zone))
+    }
+
     /// The node's X25519 (WireGuard static) public key.
     pub fn public_key(&self) -> [u8; 32] {
         self.0.cert.body.public_key
@@ -1083,6 +1164,63 @@ fn canonicalize_groups(groups: &mut Vec<String>) {
     groups.dedup();
 }
 
+/// Lower case, no trailing dot, sorted, de-duplicated.
+fn canonicalize_zones(zones: &mut Vec<String>) {
+    for zone in zones.iter_mut() {
+        *zone = canonical_zone(zone);
+    }
+    zones.sort();
+    zones.dedup();
+}
+
+/// A zone or name as certificates and lookups compare it: lower case,
+/// without the trailing dot.
+pub fn canonical_zone(zone: &str) -> String {
+    zone.strip_suffix('.').unwrap_or(zone).to_ascii_lowercase()
+}
+
+/// Whether `name` is `zone` or lies under it (`db.internal` under
+/// `internal`; `xinternal` not). Both in canonical form.
+pub fn name_in_zone(name: &str, zone: &str) -> bool {
+    match name.strip_suffix(zone) {
+        Some("") => true,
+        Some(rest) => rest.ends_with('.'),
+        None => false,
+    }
+}
+
+/// A DNS zone: dot-separated labels of 1-63 characters from a-z 0-9 - _,
+/// not starting or ending with '-', 1-253 bytes in all, lower case, with
+/// no trailing dot.
+pub fn validate_zone(zone: &str) -> Result<(), CertError> {
+    let bad = |reason: &str| CertError::InvalidZone {
+        zone: zone.chars().take(MAX_ZONE_LEN).collect(),
+        reason: reason.to_string(),
+    };
+    if zone.is_empty() || zone.len() > MAX_ZONE_LEN {
+        return Err(bad(
+            "a zone has 1-253 characters, e.g. internal or svc.cluster.local",
+        ));
+    }
+    for label in zone.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(bad("each dot-separated label has 1-63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+        {
+            return Err(bad(
+                "use lower-case letters, digits, '-' and '_' between dots",
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("a label does not start or end with '-'"));
+        }
+    }
+    Ok(())
+}
+
 fn check_ca_time(ca: &CertBody, now_unix: u64) -> Result<(), CertError> {
     if now_unix.saturating_add(CLOCK_SKEW_SECS) < ca.not_before {
         return Err(CertError::CaNotYetValid {
@@ -1129,6 +1267,20 @@ fn check_under_ca(ca: &CertBody, node: &CertBody) -> Result<(), CertError> {
             }
         }
     }
+    if !ca.dns_zones.is_empty() {
+        for zone in &node.dns_zones {
+            if !ca
+                .dns_zones
+                .iter()
+                .any(|allowed| name_in_zone(zone, allowed))
+            {
+                return Err(CertError::ZoneOutsideCa {
+                    zone: zone.clone(),
+                    allowed: ca.dns_zones.clone(),
+                });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1167,7 +1319,14 @@ fn encode_body(body: &CertBody) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
     let issued = body.kind == CertKind::Issuer || body.chain.is_some();
-    out.push(if issued { VERSION_ISSUED } else { VERSION });
+    let version = if issued {
+        VERSION_ISSUED
+    } else if body.dns_zones.is_empty() {
+        VERSION
+    } else {
+        VERSION_ZONES
+    };
+    out.push(version);
     out.push(match body.kind {
         CertKind::Ca => KIND_CA,
         CertKind::Node => KIND_NODE,
@@ -1180,6 +1339,12 @@ fn encode_body(body: &CertBody) -> Vec<u8> {
         put_str(&mut out, group);
     }
     put_nets(&mut out, &body.subnets);
+    if version == VERSION_ZONES {
+        put_u16(&mut out, body.dns_zones.len());
+        for zone in &body.dns_zones {
+            put_str(&mut out, zone);
+        }
+    }
     out.extend_from_slice(&body.not_before.to_be_bytes());
     out.extend_from_slice(&body.not_after.to_be_bytes());
     out.extend_from_slice(&body.public_key);
@@ -1276,6 +1441,21 @@ impl<'a> Reader<'a> {
         Ok(value)
     }
 
+    fn zone(&mut self) -> Result<String, CertError> {
+        let len = usize::from(self.u16()?);
+        if len > MAX_ZONE_LEN {
+            return Err(malformed(
+                "dns_zones",
+                format!("a zone of {len} bytes, at most {MAX_ZONE_LEN}"),
+            ));
+        }
+        let zone = std::str::from_utf8(self.take(len)?)
+            .map_err(|_| malformed("dns_zones", "not valid UTF-8"))?
+            .to_string();
+        validate_zone(&zone)?;
+        Ok(zone)
+    }
+
     fn nets(&mut self, field: &'static str, max: usize) -> Result<Vec<IpNet>, CertError> {
         let n = self.count(field, max)?;
         let mut nets = Vec::with_capacity(n);
@@ -1326,6 +1506,7 @@ mod tests {
             ips: ips.iter().map(|s| net(s)).collect(),
             groups: groups.iter().map(|s| s.to_string()).collect(),
             subnets: vec![],
+            dns_zones: vec![],
             not_before: NOW - DAY,
             not_after: NOW + 365 * DAY,
             public_key: key.public_bytes(),
@@ -1349,6 +1530,7 @@ mod tests {
             ips: vec![net(ip)],
             groups: groups.iter().map(|s| s.to_string()).collect(),
             subnets: vec![net("198.19.0.0/16")],
+            dns_zones: vec![],
             not_before: NOW - 60,
             not_after: NOW + DAY,
             public_key: NodeSecretKey::generate().public_bytes(),
@@ -1369,6 +1551,99 @@ mod tests {
 
     fn pool(cas: &[&Cert]) -> CaPool {
         CaPool::new(cas.iter().map(|c| (*c).clone()).collect()).unwrap()
+    }
+
+    #[test]
+    fn dns_zones_make_version_3_and_are_checked_against_the_ca() {
+        // A CA without zones lets its nodes carry any.
+        let (ca, key) = make_ca(&["100.64.0.0/10"], &[]);
+        assert_eq!(ca.encode()[4], VERSION);
+        let mut body = node_body("100.64.0.9/10", &[]);
+        body.dns_zones = vec![
+            "Internal.".into(),
+            "svc.cluster.local".into(),
+            "internal".into(),
+        ];
+        let cert = sign_node(&ca, &key, body, NOW).unwrap();
+        assert_eq!(cert.body.dns_zones, ["internal", "svc.cluster.local"]);
+        let bytes = cert.encode();
+        assert_eq!(bytes[4], VERSION_ZONES);
+        assert_eq!(Cert::decode(&bytes).unwrap(), cert);
+        let v = pool(&[&ca]).verify_bytes(&bytes, NOW).unwrap();
+        assert_eq!(v.dns_zones(), ["internal", "svc.cluster.local"]);
+        assert!(v.answers_for("db.internal") && v.answers_for("internal"));
+        assert!(v.answers_for("web.default.svc.cluster.local"));
+        assert!(!v.answers_for("xinternal") && !v.answers_for("cluster.local"));
+        // Without zones a node stays version 1, byte for byte.
+        let plain = sign_node(&ca, &key, node_body("100.64.0.10/10", &[]), NOW).unwrap();
+        assert_eq!(plain.encode()[4], VERSION);
+
+        // A CA naming zones: its nodes' zones lie under them.
+        let mut ca_body = ca_body(&CaSecretKey::generate(), &[], &[]);
+        let zoned_key = CaSecretKey::generate();
+        ca_body.public_key = zoned_key.public_bytes();
+        ca_body.dns_zones = vec!["internal".into()];
+        let zoned = self_sign_ca(ca_body, &zoned_key).unwrap();
+        assert_eq!(zoned.encode()[4], VERSION_ZONES);
+        let mut body = node_body("100.64.0.9/10", &[]);
+        body.dns_zones = vec!["prod.internal".into()];
+        sign_node(&zoned, &zoned_key, body.clone(), NOW).unwrap();
+        body.dns_zones = vec!["corp".into()];
+        let err = sign_node(&zoned, &zoned_key, body.clone(), NOW).unwrap_err();
+        assert!(
+            matches!(err, CertError::ZoneOutsideCa { ref zone, .. } if zone == "corp"),
+            "{err}"
+        );
+        // Forced past the signer's checks: verification refuses it too.
+        let forced = force_sign(&zoned, &zoned_key, body);
+        let err = pool(&[&zoned])
+            .verify_bytes(&forced.encode(), NOW)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not under the CA's allowed zones"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_dns_zones_are_refused_with_the_reason() {
+        let (ca, key) = make_ca(&[], &[]);
+        for (zone, why) in [
+            ("", "1-253 characters"),
+            ("a..b", "1-63 characters"),
+            ("-bad.internal", "start or end with '-'"),
+            ("caf\u{e9}.internal", "lower-case letters"),
+            ("sp ace", "lower-case letters"),
+            (&"a".repeat(64), "1-63 characters"),
+        ] {
+            let mut body = node_body("100.64.0.9/10", &[]);
+            body.dns_zones = vec![zone.to_string()];
+            let err = sign_node(&ca, &key, body, NOW).unwrap_err();
+            assert!(err.to_string().contains(why), "{zone:?}: {err}");
+        }
+        // Version 3 without a zone is not canonical; an issuer is never 3.
+        let cert = sign_node(&ca, &key, node_body("100.64.0.9/10", &[]), NOW).unwrap();
+        let mut bytes = cert.encode();
+        bytes[4] = VERSION_ZONES;
+        assert!(Cert::decode(&bytes).is_err());
+        let (_, issuer, _) = issuer_setup();
+        let mut bytes = issuer.encode();
+        bytes[4] = VERSION_ZONES;
+        assert!(Cert::decode(&bytes).is_err());
+        // Not sorted: refused by verification (the signer sorts).
+        let mut body = node_body("100.64.0.9/10", &[]);
+        body.dns_zones = vec!["b".into(), "a".into()];
+        let unsorted = force_sign(&ca, &key, body);
+        let err = pool(&[&ca])
+            .verify_bytes(&unsorted.encode(), NOW)
+            .unwrap_err();
+        assert!(err.to_string().contains("sorted"), "{err}");
+        // Nodes an issuer signs carry none: the signer refuses them.
+        let (_, issuer, issuer_key) = issuer_setup();
+        let mut body = ci_body("100.64.100.7/10", &["ci"]);
+        body.dns_zones = vec!["internal".into()];
+        let err = sign_under_issuer(&issuer, &issuer_key, body, NOW).unwrap_err();
+        assert!(err.to_string().contains("no DNS zones"), "{err}");
     }
 
     #[test]
@@ -1859,19 +2134,26 @@ mod tests {
             name,
             proptest::collection::vec(arb_net(), 0..=4),
             proptest::collection::btree_set("[a-z0-9._-]{1,20}", 0..=6),
-            proptest::collection::vec(arb_net(), 0..=6),
+            (
+                proptest::collection::vec(arb_net(), 0..=6),
+                proptest::collection::btree_set(
+                    "[a-z0-9_]{1,10}(\\.[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?){0,2}",
+                    0..=3,
+                ),
+            ),
             any::<u64>(),
             any::<u64>(),
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
         )
             .prop_map(
-                |(kind, name, ips, groups, subnets, a, b, public_key, issuer)| CertBody {
+                |(kind, name, ips, groups, (subnets, zones), a, b, public_key, issuer)| CertBody {
                     kind,
                     name,
                     ips,
                     groups: groups.into_iter().collect(),
                     subnets,
+                    dns_zones: zones.into_iter().collect(),
                     not_before: a.min(b),
                     not_after: a.max(b),
                     public_key,
@@ -1890,6 +2172,7 @@ mod tests {
             ips: vec![net("100.64.100.0/24")],
             groups: vec!["ci".into(), "deploy".into()],
             subnets: vec![],
+            dns_zones: vec![],
             not_before: NOW - DAY,
             not_after: NOW + 30 * DAY,
             public_key: key.public_bytes(),
@@ -2094,11 +2377,11 @@ mod tests {
         let mut bad_issuer = issuer.encode();
         bad_issuer[4] = VERSION;
         assert!(Cert::decode(&bad_issuer).is_err());
-        let mut v3 = cert.encode();
-        v3[4] = 3;
+        let mut v4 = cert.encode();
+        v4[4] = 4;
         assert!(matches!(
-            Cert::decode(&v3),
-            Err(CertError::UnsupportedVersion { version: 3 })
+            Cert::decode(&v4),
+            Err(CertError::UnsupportedVersion { version: 4 })
         ));
     }
 

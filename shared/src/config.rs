@@ -97,6 +97,9 @@ pub struct NodeConfig {
     /// Local ports forwarded to targets in the mesh.
     #[serde(default)]
     pub forwards: Vec<ForwardConfig>,
+    /// Mesh names and where this node answers DNS.
+    #[serde(default)]
+    pub dns: crate::dns::DnsConfig,
 }
 
 /// `[runner]`: this node runs pipelines for callers across the mesh
@@ -433,13 +436,14 @@ pub struct ProxyConfig {
 pub struct ForwardConfig {
     /// Local address to listen on, e.g. "127.0.0.1:15432". Loopback only.
     pub listen: SocketAddr,
-    /// A peer's overlay address or an address a gateway routes, with port.
-    pub target: std::net::SocketAddrV4,
+    /// A peer's overlay address or an address a gateway routes, or a host
+    /// name (a mesh name, or one under a gateway's zone), with port.
+    pub target: crate::dns::ForwardTarget,
 }
 
 /// Listeners into the mesh are for this machine only: anything else would
 /// open the mesh to whoever can reach the address.
-fn loopback_only(file: &Path, key: &str, addr: &SocketAddr) -> Result<(), ConfigError> {
+pub(crate) fn loopback_only(file: &Path, key: &str, addr: &SocketAddr) -> Result<(), ConfigError> {
     if addr.ip().is_loopback() {
         Ok(())
     } else {
@@ -615,9 +619,10 @@ impl NodeConfig {
         self.log.validate(file)?;
         self.peers.validate(file)?;
         self.firewall.validate(file)?;
-        if let Some(gateway) = &self.gateway {
+        if let Some(gateway) = &mut self.gateway {
             gateway.validate(file)?;
         }
+        self.dns.validate(file)?;
         if let Some(runner) = &self.runner {
             runner.validate(file)?;
         }
@@ -1365,6 +1370,7 @@ mod tests {
                 runner: None,
                 proxy: ProxyConfig::default(),
                 forwards: vec![],
+                dns: crate::dns::DnsConfig::default(),
             }
         );
     }
@@ -1489,8 +1495,8 @@ mod tests {
                 "forwards[0].listen",
             ),
             (
-                "[[forwards]]\nlisten = \"127.0.0.1:1\"\ntarget = \"db:1\"\n",
-                "IPv4 socket address",
+                "[[forwards]]\nlisten = \"127.0.0.1:1\"\ntarget = \"db\"\n",
+                "not a target with a port",
             ),
         ] {
             let err = node_with(text).unwrap_err().to_string();

@@ -10,6 +10,7 @@ pub mod armor;
 pub mod cert;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod duration;
 pub mod enroll;
 pub mod exit;

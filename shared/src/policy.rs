@@ -208,6 +208,10 @@ pub struct GatewayConfig {
     /// so the private network needs no route back to the overlay. Default true.
     #[serde(default = "yes")]
     pub masquerade: bool,
+    /// `[[gateway.dns]]`: DNS zones this gateway answers for through the
+    /// private network's resolvers.
+    #[serde(default)]
+    pub dns: Vec<crate::dns::GatewayDnsConfig>,
 }
 
 fn yes() -> bool {
@@ -280,7 +284,8 @@ impl RuleConfig {
 }
 
 impl GatewayConfig {
-    pub(crate) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
+        crate::dns::validate_gateway_dns(&mut self.dns, file)?;
         if self.subnets.is_empty() {
             return Err(invalid(file, "gateway.subnets", "no subnets: list the private networks this gateway routes, e.g. [\"198.19.0.0/24\"]"));
         }

@@ -579,6 +579,7 @@ impl Enroller {
             ips: vec![IpNet::V4(overlay)],
             groups: grant.groups.clone(),
             subnets: vec![],
+            dns_zones: vec![],
             not_before: now,
             not_after,
             public_key: request.public_key,

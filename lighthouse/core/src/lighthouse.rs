@@ -39,6 +39,10 @@ pub struct LighthouseCounters {
     pub runner_adverts_refused: u64,
     /// Revocation messages sent (pushed or asked for).
     pub revocations_sent: u64,
+    /// Zone adverts that named zones outside the node's certificate.
+    pub zones_refused: u64,
+    /// Node names asked for (mesh DNS).
+    pub name_queries: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -462,6 +466,36 @@ impl LighthouseCore {
                 self.counters.revocations_sent += 1;
                 self.reply(peer, &cert, &answer, now);
             }
+            ControlMessage::ZoneAdvert { zones, .. } => self.accept_zones(&cert, zones),
+            ControlMessage::ZonesQuery { id, after } => {
+                let (zones, complete) = self.registry.zones_after(after.as_ref());
+                let page = ControlMessage::ZonesReply {
+                    id,
+                    zones,
+                    complete,
+                };
+                self.reply(peer, &cert, &page, now);
+            }
+            ControlMessage::NameQuery { id, name } => {
+                self.counters.name_queries += 1;
+                let answer = self.registry.by_name(&name);
+                let found = answer.as_ref().and_then(|p| {
+                    tern_shared::cert::Cert::decode(&p.cert)
+                        .ok()
+                        .and_then(|c| c.body.ips.first().map(|n| n.addr()))
+                });
+                let msg = ControlMessage::NameReply { id, peer: answer };
+                self.reply(peer, &cert, &msg, now);
+                // As for an address lookup: the two nodes are about to talk.
+                if let Some(std::net::IpAddr::V4(target)) = found {
+                    if let Some(relay) = self.relay.as_mut() {
+                        if relay.introduce(cert.overlay_ip(), target, now) {
+                            self.relay_counters.introductions_evicted += 1;
+                        }
+                    }
+                    self.punch(target, &cert, from, now);
+                }
+            }
             ControlMessage::RegisterAck { .. }
             | ControlMessage::Revocations { .. }
             | ControlMessage::PolicyQuery { .. }
@@ -470,9 +504,28 @@ impl LighthouseCore {
             | ControlMessage::Punch { .. }
             | ControlMessage::RoutesReply { .. }
             | ControlMessage::RunnersReply { .. }
+            | ControlMessage::ZonesReply { .. }
+            | ControlMessage::NameReply { .. }
+            | ControlMessage::DnsQuery { .. }
+            | ControlMessage::DnsAnswer { .. }
             | ControlMessage::Pong { .. } => {
                 self.counters.bad_control_messages += 1;
             }
+        }
+    }
+
+    /// Keeps the advertised zones the node's certificate carries (each
+    /// equal to or under one of its zones); the rest are ignored and
+    /// logged (once per change).
+    fn accept_zones(&mut self, cert: &VerifiedCert, advertised: Vec<String>) {
+        let (ok, refused): (Vec<String>, Vec<String>) =
+            advertised.into_iter().partition(|z| cert.answers_for(z));
+        if !refused.is_empty() {
+            self.counters.zones_refused += 1;
+            tracing::warn!(refused = %list(&refused), authorized = %list(cert.dns_zones()), "node advertises DNS zones its certificate does not carry; ignored");
+        }
+        if self.registry.set_zones(cert.overlay_ip(), ok.clone()) && !ok.is_empty() {
+            tracing::info!(zones = %list(&ok), "node answers DNS for zones");
         }
     }
 

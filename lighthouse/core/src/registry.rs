@@ -12,8 +12,9 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 use tern_mesh::PeerId;
 use tern_shared::control::{
-    AdvertisedRoute, PeerInfo, RunnerInfo, RunnerLoad, RunnerSelector, MAX_ENDPOINTS,
-    MAX_ROUTES_IN_REPLY, MAX_RUNNERS_IN_REPLY,
+    AdvertisedRoute, AdvertisedZone, PeerInfo, RunnerInfo, RunnerLoad, RunnerSelector,
+    MAX_ENDPOINTS, MAX_ROUTES_IN_REPLY, MAX_RUNNERS_IN_REPLY, MAX_ZONES_IN_REPLY,
+    ZONES_PAGE_BUDGET,
 };
 
 /// Live nodes by overlay address. Drive with `register`, `lookup` and `expire(now)`.
@@ -36,6 +37,8 @@ struct Entry {
     routes: Vec<Ipv4Net>,
     /// Subnets it advertised that its certificate does not carry.
     refused: Vec<Ipv4Net>,
+    /// DNS zones it answers for, already checked against its certificate.
+    zones: Vec<String>,
     /// The runner it offers (only from a certificate in the runner group).
     runner: Option<RunnerAd>,
     /// The issuer that signed its certificate: an enrolled, short-lived node.
@@ -59,6 +62,8 @@ pub struct RegisteredNode {
     pub observed: SocketAddr,
     pub local: Vec<SocketAddr>,
     pub routes: Vec<Ipv4Net>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerAd>,
     /// An enrolled node (its certificate comes from an issuer): short-lived,
@@ -117,6 +122,7 @@ impl Registry {
             local: Vec::new(),
             routes: Vec::new(),
             refused: Vec::new(),
+            zones: Vec::new(),
             runner: None,
             issued_by: None,
             registered: now,
@@ -127,6 +133,7 @@ impl Registry {
             entry.name = name.to_string();
             entry.registered = now;
             entry.runner = None;
+            entry.zones.clear();
         }
         entry.peer = peer;
         if entry.observed != observed && self.by_observed.get(&entry.observed) == Some(&overlay_ip)
@@ -160,8 +167,59 @@ impl Registry {
         }
     }
 
-    /// Records the runner a registered node offers; false when the node is
-    /// not registered.
+    /// Sets the DNS zones a registered node answers for (already checked
+    /// against its certificate); true when they changed.
+    pub fn set_zones(&mut self, overlay_ip: Ipv4Addr, zones: Vec<String>) -> bool {
+        match self.entries.get_mut(&overlay_ip) {
+            Some(e) if e.zones != zones => {
+                e.zones = zones;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// One page of the advertised zones, by zone then gateway address:
+    /// those after `after`, as many as fit a control message (at most
+    /// [`MAX_ZONES_IN_REPLY`]), and whether that was the last page.
+    pub fn zones_after(&self, after: Option<&(String, Ipv4Addr)>) -> (Vec<AdvertisedZone>, bool) {
+        let mut all: Vec<AdvertisedZone> = self
+            .entries
+            .iter()
+            .flat_map(|(ip, e)| {
+                e.zones.iter().map(move |zone| AdvertisedZone {
+                    zone: zone.clone(),
+                    gateway: *ip,
+                    name: e.name.clone(),
+                })
+            })
+            .filter(|z| after.is_none_or(|(zone, gw)| (&z.zone, z.gateway) > (zone, *gw)))
+            .collect();
+        all.sort();
+        let mut page = Vec::new();
+        let mut used = 0;
+        for z in &all {
+            if page.len() == MAX_ZONES_IN_REPLY || used + z.encoded_len() > ZONES_PAGE_BUDGET {
+                break;
+            }
+            used += z.encoded_len();
+            page.push(z.clone());
+        }
+        let complete = page.len() == all.len();
+        (page, complete)
+    }
+
+    /// The node whose certificate has this name, any case (the most
+    /// recently registered when several share it).
+    pub fn by_name(&self, name: &str) -> Option<PeerInfo> {
+        let (ip, _) = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.name.eq_ignore_ascii_case(name))
+            .max_by_key(|(_, e)| e.registered)?;
+        self.lookup(*ip)
+    }
+
     /// Marks a registered node as enrolled under `issuer` (or not).
     pub fn set_issued_by(&mut self, overlay_ip: Ipv4Addr, issuer: Option<&str>) {
         if let Some(e) = self.entries.get_mut(&overlay_ip) {
@@ -176,6 +234,8 @@ impl Registry {
         self.entries.iter().map(|(ip, e)| (*ip, e.peer)).collect()
     }
 
+    /// Records the runner a registered node offers; false when the node is
+    /// not registered.
     pub fn set_runner(&mut self, overlay_ip: Ipv4Addr, ad: RunnerAd) -> bool {
         match self.entries.get_mut(&overlay_ip) {
             Some(e) => {
@@ -325,6 +385,7 @@ impl Registry {
                 observed: e.observed,
                 local: e.local.clone(),
                 routes: e.routes.clone(),
+                zones: e.zones.clone(),
                 runner: e.runner.clone(),
                 ephemeral: e.issued_by.is_some(),
                 issued_by: e.issued_by.clone(),

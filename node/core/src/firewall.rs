@@ -189,6 +189,25 @@ impl Firewall {
         }
     }
 
+    /// Whether some inbound allow rule lets `peer` into any of `subnets`
+    /// at all, whatever the protocol or port: who a gateway answers DNS
+    /// for when its `[[gateway.dns]]` names no groups.
+    pub fn lets_into(&self, peer: &VerifiedCert, subnets: &[Ipv4Net]) -> bool {
+        self.inbound.iter().any(|r| {
+            r.action == Action::Allow
+                && r.local_cidr.is_some_and(|c| {
+                    subnets.iter().any(|s| match c {
+                        IpNet::V4(c) => c.contains(&s.network()) || s.contains(&c.network()),
+                        IpNet::V6(_) => false,
+                    })
+                })
+                && r.host.as_deref().is_none_or(|h| h == peer.name())
+                && r.groups.iter().all(|g| peer.has_group(g))
+                && r.cidr
+                    .is_none_or(|c| c.contains(&IpAddr::V4(peer.overlay_ip())))
+        })
+    }
+
     /// Forgets flows past their timeout.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.flows.retain(|_, expires| *expires > now);

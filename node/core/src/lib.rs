@@ -8,10 +8,16 @@
 //!   node: lighthouse links, lookups, gateway routes and failover, hole
 //!   punching and relaying, pings, runner finds, policy queries,
 //!   revocations.
+//! - [`dns`]: DNS messages for mesh names and split DNS (hickory-proto's
+//!   wire format): reading queries, the answers a node makes itself.
 //! - [`firewall`]: the stateful inbound/outbound firewall.
+//! - [`resolv_conf`]: `/etc/resolv.conf` as a node rewrites it (and puts
+//!   it back).
 //! - [`socks`] and [`http_connect`]: the proxies' request parsers.
 
+pub mod dns;
 pub mod firewall;
 pub mod http_connect;
 pub mod node;
+pub mod resolv_conf;
 pub mod socks;

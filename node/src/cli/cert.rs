@@ -46,6 +46,9 @@ pub struct CaArgs {
     /// The only groups node certificates may carry (default: any).
     #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
     groups: Vec<String>,
+    /// DNS zones node certificates' zones must lie under (default: any).
+    #[arg(long, value_delimiter = ',', value_name = "ZONE,...")]
+    dns_zones: Vec<String>,
     /// Where to write the CA certificate.
     #[arg(long)]
     out_crt: PathBuf,
@@ -77,7 +80,7 @@ pub struct SignArgs {
     /// it signs short-lived node certificates (a lighthouse's [enroll]),
     /// only with addresses from --ips, groups from --groups, names starting
     /// with --name-prefix and lifetimes up to --max-duration.
-    #[arg(long, requires_all = ["ips", "max_duration"], conflicts_with_all = ["ip", "subnets", "in_pub"])]
+    #[arg(long, requires_all = ["ips", "max_duration"], conflicts_with_all = ["ip", "subnets", "dns_zones", "in_pub"])]
     issuer: bool,
     /// The issuer's address pool(s), e.g. 100.64.100.0/24 (with --issuer).
     #[arg(
@@ -118,6 +121,10 @@ pub struct SignArgs {
     /// Private subnets the node may route for the mesh.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     subnets: Vec<IpNet>,
+    /// DNS zones the node may answer for as a gateway ([[gateway.dns]]),
+    /// e.g. internal,svc.cluster.local.
+    #[arg(long, value_delimiter = ',', value_name = "ZONE,...")]
+    dns_zones: Vec<String>,
     /// How long the certificate is valid (default: until 1 second before the CA expires).
     #[arg(long, value_parser = parse_duration_arg)]
     duration: Option<Duration>,
@@ -163,6 +170,7 @@ fn sign_issuer(args: SignArgs, ca: Cert, ca_key: CaSecretKey) -> anyhow::Result<
         ips: args.ips.iter().map(|n| IpNet::V4(n.trunc())).collect(),
         groups: args.groups,
         subnets: vec![],
+        dns_zones: vec![],
         not_before: now,
         not_after,
         public_key: key.public_bytes(),
@@ -230,6 +238,7 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
         ips: args.ips,
         groups: args.groups,
         subnets: Vec::new(),
+        dns_zones: args.dns_zones,
         not_before: now,
         not_after,
         public_key: key.public_bytes(),
@@ -332,6 +341,7 @@ fn sign(args: SignArgs) -> anyhow::Result<ExitCode> {
         ips: vec![IpNet::V4(ip)],
         groups: args.groups,
         subnets: args.subnets,
+        dns_zones: args.dns_zones,
         not_before: now,
         not_after,
         public_key: public.0,
@@ -402,11 +412,16 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     for cert in &certs {
         match pool.verify(cert, now) {
             Ok(v) => println!(
-                "valid: {} ip={} groups={} subnets={} expires={} fingerprint={}",
+                "valid: {} ip={} groups={} subnets={}{} expires={} fingerprint={}",
                 v.name(),
                 v.overlay_net(),
                 join_or(v.groups().iter(), "-"),
                 join_or(v.subnets().iter(), "-"),
+                if v.dns_zones().is_empty() {
+                    String::new()
+                } else {
+                    format!(" dns_zones={}", v.dns_zones().join(","))
+                },
                 cert::format_unix_time(v.not_after()),
                 v.fingerprint(),
             ),
@@ -461,6 +476,7 @@ fn cert_text(cert: &Cert) -> String {
          ips:         {}\n\
          groups:      {}\n\
          subnets:     {}\n\
+         dns zones:   {}\n\
          not before:  {}\n\
          not after:   {}\n\
          public key:  {}\n\
@@ -471,6 +487,7 @@ fn cert_text(cert: &Cert) -> String {
         join_or(b.ips.iter(), none),
         join_or(b.groups.iter(), none),
         join_or(b.subnets.iter(), "(none)"),
+        join_or(b.dns_zones.iter(), none),
         cert::format_unix_time(b.not_before),
         cert::format_unix_time(b.not_after),
         hex(&b.public_key),
@@ -489,6 +506,7 @@ fn cert_json(cert: &Cert) -> serde_json::Value {
         "ips": strings(&b.ips),
         "groups": b.groups,
         "subnets": strings(&b.subnets),
+        "dns_zones": b.dns_zones,
         "not_before": cert::format_unix_time(b.not_before),
         "not_after": cert::format_unix_time(b.not_after),
         "not_before_unix": b.not_before,

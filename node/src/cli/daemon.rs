@@ -417,6 +417,30 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
             tern_shared::show::list(&s.gateway_subnets)
         );
     }
+    let dns = &s.dns;
+    if !dns.zones.is_empty() || !dns.serving.is_empty() {
+        let zones: Vec<String> = dns
+            .zones
+            .iter()
+            .map(|(z, gws)| format!("{z} via {}", gws.join(",")))
+            .collect();
+        println!(
+            "dns: names *.{}; zones: {}{}",
+            dns.domain,
+            if zones.is_empty() {
+                "-".to_string()
+            } else {
+                zones.join("; ")
+            },
+            if dns.serving.is_empty() {
+                String::new()
+            } else {
+                format!("; answers for: {}", dns.serving.join(", "))
+            }
+        );
+    } else {
+        println!("dns: names *.{}; no gateway advertises a zone", dns.domain);
+    }
     let fw = &s.firewall;
     println!(
         "firewall: {} inbound / {} outbound rules, {} flows",

@@ -1010,7 +1010,10 @@ mod tests {
         let config = parse(role, "client", PORTS.client);
         assert_eq!(config.proxy.socks5.unwrap().port(), PORTS.socks);
         assert_eq!(config.forwards[0].listen.port(), PORTS.forward);
-        assert_eq!(config.forwards[0].target, target);
+        assert_eq!(
+            config.forwards[0].target,
+            tern_shared::dns::ForwardTarget::Addr(target)
+        );
         assert!(config.gateway.is_none() && config.runner.is_none());
     }
 

@@ -1,9 +1,11 @@
 //! `tern forward LOCAL_ADDR:PORT=TARGET:PORT ...`: local ports whose
 //! connections the running node carries to targets in the mesh (a peer's
-//! overlay address, or an address a gateway routes), so `psql`, `kubectl`
-//! or `git` reach them unmodified, without root in userspace mode.
+//! overlay address, an address a gateway routes, or a name the node
+//! resolves at each connection: a mesh name or one under a gateway's
+//! zone), so `psql`, `kubectl` or `git` reach them unmodified, without
+//! root in userspace mode.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,11 +15,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::daemon::api_socket;
 use crate::io::api::{self, ApiRequest};
 use crate::io::proxy;
+use tern_shared::dns::ForwardTarget;
 
 #[derive(Args)]
 pub struct ForwardArgs {
     /// LOCAL_ADDR:PORT=TARGET:PORT, e.g. 127.0.0.1:15432=198.19.4.20:5432
-    /// (repeatable). Local addresses must be loopback.
+    /// or 127.0.0.1:18080=api.internal:8080 (repeatable). Local addresses
+    /// must be loopback.
     #[arg(required = true, value_name = "LOCAL=TARGET")]
     pub forwards: Vec<String>,
     /// The node's config file: its [api] socket says where to ask.
@@ -29,7 +33,7 @@ pub struct ForwardArgs {
 }
 
 /// One `LOCAL=TARGET` argument.
-pub fn parse_spec(spec: &str) -> Result<(SocketAddr, SocketAddrV4), String> {
+pub fn parse_spec(spec: &str) -> Result<(SocketAddr, ForwardTarget), String> {
     let Some((local, target)) = spec.split_once('=') else {
         return Err(format!(
             "{spec:?}: write LOCAL_ADDR:PORT=TARGET:PORT, e.g. 127.0.0.1:15432=198.19.4.20:5432"
@@ -44,12 +48,10 @@ pub fn parse_spec(spec: &str) -> Result<(SocketAddr, SocketAddrV4), String> {
             local.port()
         ));
     }
-    let target: SocketAddrV4 = target.trim().parse().map_err(|_| {
-        format!("{spec:?}: {target:?} is not an IPv4 target with a port, e.g. 198.19.4.20:5432")
-    })?;
-    if target.port() == 0 {
-        return Err(format!("{spec:?}: the target needs a port"));
-    }
+    let target: ForwardTarget = target
+        .trim()
+        .parse()
+        .map_err(|e: String| format!("{spec:?}: {e}"))?;
     Ok((local, target))
 }
 
@@ -72,8 +74,29 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         // Every target must have somewhere to go before anything listens.
         for (_, target) in &specs {
-            let request = ApiRequest::Route { ip: *target.ip() };
-            if let Err(e) = api::ask::<api::RouteReply>(&socket, &request).await? {
+            let problem = match target {
+                ForwardTarget::Addr(a) => {
+                    let request = ApiRequest::Route { ip: *a.ip() };
+                    api::ask::<api::RouteReply>(&socket, &request)
+                        .await?
+                        .err()
+                        .map(|e| e.to_string())
+                }
+                // A name must resolve now (it is resolved again for each
+                // connection).
+                ForwardTarget::Name { host, .. } => {
+                    let request = ApiRequest::Resolve {
+                        name: host.clone(),
+                        rtype: "A".into(),
+                    };
+                    match api::ask::<api::ResolveReply>(&socket, &request).await? {
+                        Ok(r) if r.records.iter().any(|r| r.rtype == "A") => None,
+                        Ok(r) => Some(format!("{} ({}, from {})", host, r.rcode, r.source)),
+                        Err(e) => Some(e.to_string()),
+                    }
+                }
+            };
+            if let Some(e) = problem {
                 eprintln!("tern forward: {target}: {e}");
                 return Ok(ExitCode::from(1));
             }
@@ -94,10 +117,16 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
                     let Ok((stream, from)) = listener.accept().await else {
                         continue;
                     };
-                    let socket = socket.clone();
+                    let (socket, target) = (socket.clone(), target.clone());
                     tokio::spawn(async move {
                         let _ = stream.set_nodelay(true);
-                        match api::dial(&socket, target).await {
+                        let remote = match &target {
+                            ForwardTarget::Addr(a) => api::dial(&socket, *a).await,
+                            ForwardTarget::Name { host, port } => {
+                                api::dial_name(&socket, host, *port).await
+                            }
+                        };
+                        match remote {
                             Ok(remote) => proxy::splice(stream, remote).await,
                             Err(e) => eprintln!("tern forward: {from} → {target}: {e:#}"),
                         }
@@ -137,7 +166,7 @@ mod tests {
             ("127.0.0.1:1", "write LOCAL_ADDR:PORT=TARGET:PORT"),
             ("0.0.0.0:1=198.19.0.1:1", "not a loopback address"),
             ("127.0.0.1=198.19.0.1:1", "not a local address"),
-            ("127.0.0.1:1=db:5432", "not an IPv4 target"),
+            ("127.0.0.1:1=db", "not a target with a port"),
             ("127.0.0.1:1=198.19.0.1:0", "needs a port"),
         ] {
             let err = parse_spec(bad).err().unwrap_or_default();

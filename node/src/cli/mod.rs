@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod demo;
 pub mod forward;
 pub mod ready;
+pub mod resolve;
 pub mod run;

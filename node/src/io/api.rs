@@ -49,6 +49,39 @@ pub enum ApiRequest {
     },
     /// `tern down`: leave the mesh and stop.
     Shutdown,
+    /// `tern resolve`: a name's records of one type (A, AAAA, SRV, TXT,
+    /// ...), through the mesh or the system's resolvers; answered with a
+    /// [`ResolveReply`].
+    Resolve {
+        name: String,
+        #[serde(default = "a_record")]
+        rtype: String,
+    },
+    /// `Dial` to a host name (resolved as `Resolve` does, A records) and
+    /// port (`tern forward LOCAL=NAME:PORT`).
+    DialName {
+        host: String,
+        port: u16,
+    },
+}
+
+fn a_record() -> String {
+    "A".into()
+}
+
+/// `tern resolve`'s answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolveReply {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: String,
+    /// "NOERROR", "NXDOMAIN", "REFUSED", "SERVFAIL", ...
+    pub rcode: String,
+    pub records: Vec<tern_node_core::dns::RecordSummary>,
+    /// Who answered: "gateway gw-1 (zone internal)", "mesh (certificate of
+    /// gw-1)", "upstream 198.18.0.53:53".
+    pub source: String,
+    pub elapsed_ms: f64,
 }
 
 /// A request and where its answer goes, handed to the event loop.
@@ -116,6 +149,7 @@ pub fn serve(
     group: Option<&str>,
     calls: mpsc::Sender<ApiCall>,
     dialer: super::proxy::Dialer,
+    names: super::names::NameService,
 ) -> anyhow::Result<SocketGuard> {
     let listener = tern_udp::api_socket::bind(path, group)?;
     // A node runs here now: what the last one said when it stopped is old.
@@ -127,8 +161,9 @@ pub fn serve(
             };
             let calls = calls.clone();
             let dialer = dialer.clone();
+            let names = names.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, calls, dialer).await {
+                if let Err(e) = answer(stream, calls, dialer, names).await {
                     tracing::debug!(error = %e, "API connection failed");
                 }
             });
@@ -144,6 +179,7 @@ async fn answer(
     stream: UnixStream,
     calls: mpsc::Sender<ApiCall>,
     dialer: super::proxy::Dialer,
+    names: super::names::NameService,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -157,7 +193,34 @@ async fn answer(
             anyhow::bail!("request too long");
         }
         let request = serde_json::from_str::<ApiRequest>(&line);
-        if let Ok(ApiRequest::Dial { target }) = request {
+        if let Ok(ApiRequest::Resolve { name, rtype }) = &request {
+            let reply = resolve(&names, name, rtype).await;
+            let mut bytes = serde_json::to_vec(&reply)?;
+            bytes.push(b'\n');
+            write.write_all(&bytes).await?;
+            continue;
+        }
+        let target = match request {
+            Ok(ApiRequest::Dial { target }) => Some(Ok(target)),
+            Ok(ApiRequest::DialName { ref host, port }) => Some(
+                names
+                    .lookup_v4(host)
+                    .await
+                    .map(|ip| std::net::SocketAddrV4::new(ip, port)),
+            ),
+            _ => None,
+        };
+        if let Some(target) = target {
+            let target = match target {
+                Ok(t) => t,
+                Err(why) => {
+                    let reply = ApiError::new(ErrorKind::NotResolved, why).to_value();
+                    let mut bytes = serde_json::to_vec(&reply)?;
+                    bytes.push(b'\n');
+                    write.write_all(&bytes).await?;
+                    return Ok(());
+                }
+            };
             let remote = match dialer.connect(target).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -195,11 +258,58 @@ async fn answer(
     }
 }
 
+/// `tern resolve` in the daemon: the answer and who gave it, timed.
+async fn resolve(names: &super::names::NameService, name: &str, rtype: &str) -> serde_json::Value {
+    let qtype = match tern_node_core::dns::record_type(rtype) {
+        Ok(t) => t,
+        Err(e) => return ApiError::new(ErrorKind::Other, e).to_value(),
+    };
+    let started = std::time::Instant::now();
+    let resolved = match names.resolve(name, qtype).await {
+        Ok(r) => r,
+        Err(e) => return ApiError::new(ErrorKind::NotResolved, e).to_value(),
+    };
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let Some(summary) = tern_node_core::dns::summarize(&resolved.answer) else {
+        return ApiError::new(
+            ErrorKind::NotResolved,
+            format!(
+                "{} answered with something that is not a DNS answer",
+                resolved.source
+            ),
+        )
+        .to_value();
+    };
+    serde_json::to_value(ResolveReply {
+        name: name.to_string(),
+        rtype: qtype.to_string(),
+        rcode: summary.rcode,
+        records: summary.records,
+        source: resolved.source,
+        elapsed_ms,
+    })
+    .unwrap_or_default()
+}
+
 /// Client side of `Dial`: a connection to `target` through the daemon, as a
 /// byte stream.
 pub async fn dial(path: &Path, target: std::net::SocketAddrV4) -> anyhow::Result<UnixStream> {
+    dial_request(path, &ApiRequest::Dial { target }).await
+}
+
+/// Client side of `DialName`: as [`dial`], to a host name the daemon
+/// resolves for this connection.
+pub async fn dial_name(path: &Path, host: &str, port: u16) -> anyhow::Result<UnixStream> {
+    let request = ApiRequest::DialName {
+        host: host.to_string(),
+        port,
+    };
+    dial_request(path, &request).await
+}
+
+async fn dial_request(path: &Path, request: &ApiRequest) -> anyhow::Result<UnixStream> {
     let mut stream = connect(path).await?;
-    let mut line = serde_json::to_vec(&ApiRequest::Dial { target })?;
+    let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line).await?;
     // Read the answer a byte at a time: what follows it is the target's.
@@ -250,6 +360,8 @@ pub enum ErrorKind {
     NoSession,
     /// The daemon is stopping.
     Stopping,
+    /// A name did not resolve (no gateway serves its zone, no answer).
+    NotResolved,
     #[default]
     Other,
 }
@@ -567,6 +679,7 @@ mod tests {
         );
         // A node binding the socket again removes it.
         let (calls, _rx) = mpsc::channel(1);
+        let (dns_calls, _dns_rx) = mpsc::channel(1);
         let guard = serve(
             &path,
             None,
@@ -574,6 +687,7 @@ mod tests {
             super::super::proxy::Dialer::Kernel {
                 device: "tern-test0".into(),
             },
+            super::super::names::NameService::new(dns_calls, Default::default()),
         );
         let _guard = guard.unwrap_or_else(|e| panic!("{e}"));
         assert!(!stop_note_path(&path).exists());

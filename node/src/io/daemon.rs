@@ -25,6 +25,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use super::api::{self, ApiCall, ApiRequest};
+use super::dns::Dns;
 use super::plane::{Plane, TunPlane, UserPlane};
 use super::{gateway, join, load_identity, load_node_config, proxy, routes, userspace};
 use tern_runner::server as runner;
@@ -161,6 +162,8 @@ pub struct Daemon<P: Plane> {
     /// Set when a lighthouse says our own certificate is revoked: we stop.
     revoked: Option<String>,
     socket_path: PathBuf,
+    /// Listeners, the system resolver's setup, questions waiting.
+    dns: Dns,
     _gateway: Option<gateway::GatewaySetup>,
     _runner: Option<Task>,
     _proxies: Vec<Task>,
@@ -259,11 +262,20 @@ impl<P: Plane> Daemon<P> {
             }
             None => (None, None),
         };
+        let (dns, names) = Dns::start(&config, &cert, &mut core, plane.routes_device())
+            .await
+            .context("starting DNS ([dns], [[gateway.dns]])")?;
         let dialer = plane.dialer();
         let (api_tx, api_rx) = mpsc::channel::<ApiCall>(16);
-        let proxies = proxy::start(&config, &dialer, api_tx.clone()).await?;
+        let proxies = proxy::start(&config, &dialer, api_tx.clone(), &names).await?;
         let socket_path = api::socket_path_for(&config);
-        let api_guard = api::serve(&socket_path, config.api.group.as_deref(), api_tx, dialer)?;
+        let api_guard = api::serve(
+            &socket_path,
+            config.api.group.as_deref(),
+            api_tx,
+            dialer,
+            names,
+        )?;
         let signals = Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
@@ -283,6 +295,7 @@ impl<P: Plane> Daemon<P> {
             next_timer: tokio::time::Instant::now(),
             revoked: None,
             socket_path,
+            dns,
             _gateway: gateway,
             _runner: runner,
             _proxies: proxies.into_iter().map(Task).collect(),
@@ -325,6 +338,7 @@ impl<P: Plane> Daemon<P> {
             _ = tokio::time::sleep_until(self.next_timer) => {
                 let now = Instant::now();
                 self.core.handle_timeout(now);
+                self.dns.refresh_domains(&self.core);
                 let mut next = self.core.poll_timeout(now);
                 if let Some(d) = self.plane.poll_delay() {
                     next = next.min(now + d);
@@ -333,6 +347,10 @@ impl<P: Plane> Daemon<P> {
                 Flow::Continue
             }
             Some((request, reply)) = self.api_rx.recv() => self.answer(request, reply),
+            Some(input) = self.dns.recv() => {
+                self.dns.handle(&mut self.core, input, Instant::now());
+                Flow::Continue
+            }
             Ok(()) = async {
                 match self.runner_load.as_mut() {
                     Some(l) => l.changed().await,
@@ -422,6 +440,14 @@ impl<P: Plane> Daemon<P> {
                     self.revoked = Some(lighthouse);
                     continue;
                 }
+                NodeEvent::Dns(result) => {
+                    self.dns.answered(result);
+                    continue;
+                }
+                NodeEvent::DnsForward(forward) => {
+                    self.dns.forward(forward);
+                    continue;
+                }
                 NodeEvent::AddRoute(subnet) => {
                     if let Some(device) = self.plane.routes_device() {
                         add_route(subnet, device);
@@ -492,10 +518,9 @@ impl<P: Plane> Daemon<P> {
                 let _ = reply.send(serde_json::json!({ "ok": true }));
                 return Flow::Stop;
             }
-            ApiRequest::Dial { .. } => {
+            ApiRequest::Dial { .. } | ApiRequest::DialName { .. } | ApiRequest::Resolve { .. } => {
                 // Answered by the API server itself with the dialer.
-                let refusal =
-                    api::ApiError::new(api::ErrorKind::Other, "dial is not a loop request");
+                let refusal = api::ApiError::new(api::ErrorKind::Other, "not a loop request");
                 let _ = reply.send(refusal.to_value());
                 return Flow::Continue;
             }

@@ -1,16 +1,19 @@
 //! The node's tokio shell around the sans-IO core (`tern-node-core`): the
 //! event loop ([`daemon`]), the place packets live ([`plane`]: a TUN device
 //! or the userspace stack), the UDP data path, the local API, gateways'
-//! kernel setup and routes, proxies, enrollment, and the runner.
+//! kernel setup and routes, proxies, DNS, enrollment, and the runner.
 
 pub mod api;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod gateway;
 pub mod join;
+pub mod names;
 pub mod plane;
 pub mod proxy;
 pub mod routes;
+pub mod system_dns;
 pub mod userpath;
 pub mod userspace;
 

@@ -9,9 +9,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::names::NameService;
 use super::userspace::{DialError, NetstackHandle};
 use tern_node_core::http_connect;
 use tern_node_core::socks::{self, Command, Reply, Target};
+use tern_shared::dns::ForwardTarget;
 
 /// A byte stream to a target in the mesh.
 pub use tern_runner::ByteStream;
@@ -82,16 +84,31 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves a forwarded port: every connection to `listener` is spliced to
-/// `target` in the mesh.
-pub async fn serve_forward(listener: TcpListener, target: SocketAddrV4, dialer: Dialer) {
+/// `target` in the mesh (a name resolved anew for each connection).
+pub async fn serve_forward(
+    listener: TcpListener,
+    target: ForwardTarget,
+    dialer: Dialer,
+    names: NameService,
+) {
     loop {
         let Ok((local, from)) = listener.accept().await else {
             continue;
         };
-        let dialer = dialer.clone();
+        let (dialer, names, target) = (dialer.clone(), names.clone(), target.clone());
         tokio::spawn(async move {
             let _ = local.set_nodelay(true);
-            match dialer.connect(target).await {
+            let addr = match &target {
+                ForwardTarget::Addr(a) => *a,
+                ForwardTarget::Name { host, port } => match names.lookup_v4(host).await {
+                    Ok(ip) => SocketAddrV4::new(ip, *port),
+                    Err(e) => {
+                        tracing::warn!(%from, %target, "forward: cannot resolve {e}");
+                        return;
+                    }
+                },
+            };
+            match dialer.connect(addr).await {
                 Ok(remote) => splice(local, remote).await,
                 Err(e) => tracing::warn!(%from, %target, "forward: {e}"),
             }
@@ -105,24 +122,21 @@ pub async fn splice(a: impl ByteStream, b: impl ByteStream) {
     let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
 }
 
-/// Where a SOCKS5 or HTTP target goes: IP literals as they are, names
+/// Where a SOCKS5 or HTTP target goes: IP literals as they are; names
+/// through the mesh when they are the mesh's (node names, names under a
+/// gateway's zone: remote resolution, as `socks5h://` users expect), else
 /// through this machine's resolver (the first IPv4 address).
-async fn resolve(target: &Target) -> Result<SocketAddrV4, Reply> {
+async fn resolve(target: &Target, names: &NameService) -> Result<SocketAddrV4, Reply> {
     match target {
         Target::Ip(SocketAddr::V4(a)) => Ok(*a),
         Target::Ip(SocketAddr::V6(_)) => Err(Reply::AddressTypeNotSupported),
-        Target::Domain(name, port) => {
-            let found = tokio::net::lookup_host((name.as_str(), *port))
-                .await
-                .map_err(|_| Reply::HostUnreachable)?;
-            found
-                .filter_map(|a| match a {
-                    SocketAddr::V4(a) => Some(a),
-                    SocketAddr::V6(_) => None,
-                })
-                .next()
-                .ok_or(Reply::HostUnreachable)
-        }
+        Target::Domain(name, port) => match names.lookup_v4(name).await {
+            Ok(ip) => Ok(SocketAddrV4::new(ip, *port)),
+            Err(why) => {
+                tracing::debug!("cannot resolve {why}");
+                Err(Reply::HostUnreachable)
+            }
+        },
     }
 }
 
@@ -158,21 +172,25 @@ async fn read_until<T, E>(
 }
 
 /// The SOCKS5 listener (no authentication: it listens on loopback only).
-pub async fn serve_socks5(listener: TcpListener, dialer: Dialer) {
+pub async fn serve_socks5(listener: TcpListener, dialer: Dialer, names: NameService) {
     loop {
         let Ok((stream, from)) = listener.accept().await else {
             continue;
         };
-        let dialer = dialer.clone();
+        let (dialer, names) = (dialer.clone(), names.clone());
         tokio::spawn(async move {
-            if let Err(e) = socks5_session(stream, dialer).await {
+            if let Err(e) = socks5_session(stream, dialer, names).await {
                 tracing::debug!(%from, "SOCKS5: {e:#}");
             }
         });
     }
 }
 
-async fn socks5_session(mut stream: TcpStream, dialer: Dialer) -> anyhow::Result<()> {
+async fn socks5_session(
+    mut stream: TcpStream,
+    dialer: Dialer,
+    names: NameService,
+) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     let greeting = match read_until(&mut stream, &mut buf, 512, socks::parse_greeting).await {
@@ -211,7 +229,7 @@ async fn socks5_session(mut stream: TcpStream, dialer: Dialer) -> anyhow::Result
     };
     match request.command {
         Command::Connect => {
-            let target = match resolve(&request.target).await {
+            let target = match resolve(&request.target, &names).await {
                 Ok(t) => t,
                 Err(code) => {
                     stream.write_all(&socks::reply(code, unspecified)).await?;
@@ -237,7 +255,7 @@ async fn socks5_session(mut stream: TcpStream, dialer: Dialer) -> anyhow::Result
                 }
             }
         }
-        Command::UdpAssociate => udp_associate(stream, dialer).await,
+        Command::UdpAssociate => udp_associate(stream, dialer, names).await,
         Command::Bind => {
             stream
                 .write_all(&socks::reply(Reply::CommandNotSupported, unspecified))
@@ -250,7 +268,11 @@ async fn socks5_session(mut stream: TcpStream, dialer: Dialer) -> anyhow::Result
 /// UDP ASSOCIATE: a local UDP relay for as long as the control connection
 /// stays open. Datagrams from the client go to their targets in the mesh;
 /// answers come back with their source in the SOCKS header.
-async fn udp_associate(mut control: TcpStream, dialer: Dialer) -> anyhow::Result<()> {
+async fn udp_associate(
+    mut control: TcpStream,
+    dialer: Dialer,
+    names: NameService,
+) -> anyhow::Result<()> {
     let local_ip = control.local_addr()?.ip();
     let relay = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
     let bound = relay.local_addr()?;
@@ -270,7 +292,7 @@ async fn udp_associate(mut control: TcpStream, dialer: Dialer) -> anyhow::Result
                         client.get_or_insert(from);
                         if client != Some(from) { continue; }
                         let Ok(d) = socks::parse_udp(&from_client[..n]) else { continue };
-                        let Ok(to) = resolve(&d.target).await else { continue };
+                        let Ok(to) = resolve(&d.target, &names).await else { continue };
                         binding.send(to, d.payload.to_vec()).await?;
                     }
                     back = binding.rx.recv() => {
@@ -296,7 +318,7 @@ async fn udp_associate(mut control: TcpStream, dialer: Dialer) -> anyhow::Result
                         client.get_or_insert(from);
                         if client != Some(from) { continue; }
                         let Ok(d) = socks::parse_udp(&from_client[..n]) else { continue };
-                        let Ok(to) = resolve(&d.target).await else { continue };
+                        let Ok(to) = resolve(&d.target, &names).await else { continue };
                         let _ = out.send_to(d.payload, SocketAddr::V4(to)).await;
                     }
                     got = out.recv_from(&mut from_mesh) => {
@@ -322,15 +344,15 @@ pub async fn serve_http(
     listener: TcpListener,
     dialer: Dialer,
     api: tokio::sync::mpsc::Sender<super::api::ApiCall>,
+    names: NameService,
 ) {
     loop {
         let Ok((stream, from)) = listener.accept().await else {
             continue;
         };
-        let dialer = dialer.clone();
-        let api = api.clone();
+        let (dialer, api, names) = (dialer.clone(), api.clone(), names.clone());
         tokio::spawn(async move {
-            if let Err(e) = http_session(stream, dialer, api).await {
+            if let Err(e) = http_session(stream, dialer, api, names).await {
                 tracing::debug!(%from, "HTTP CONNECT: {e:#}");
             }
         });
@@ -362,6 +384,7 @@ async fn http_session(
     mut stream: TcpStream,
     dialer: Dialer,
     api: tokio::sync::mpsc::Sender<super::api::ApiCall>,
+    names: NameService,
 ) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
@@ -386,7 +409,7 @@ async fn http_session(
             anyhow::bail!("{e}");
         }
     };
-    let target = match resolve(&request.target).await {
+    let target = match resolve(&request.target, &names).await {
         Ok(t) => t,
         Err(_) => {
             stream
@@ -437,6 +460,7 @@ pub async fn start(
     config: &tern_shared::config::NodeConfig,
     dialer: &Dialer,
     api: tokio::sync::mpsc::Sender<super::api::ApiCall>,
+    names: &NameService,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for (i, f) in config.forwards.iter().enumerate() {
@@ -444,19 +468,29 @@ pub async fn start(
         tracing::info!(listen = %f.listen, target = %f.target, "forwarding");
         tasks.push(tokio::spawn(serve_forward(
             listener,
-            f.target,
+            f.target.clone(),
             dialer.clone(),
+            names.clone(),
         )));
     }
     if let Some(addr) = config.proxy.socks5 {
         let listener = bind(addr, "[proxy] socks5").await?;
         tracing::info!(%addr, "SOCKS5 proxy listening");
-        tasks.push(tokio::spawn(serve_socks5(listener, dialer.clone())));
+        tasks.push(tokio::spawn(serve_socks5(
+            listener,
+            dialer.clone(),
+            names.clone(),
+        )));
     }
     if let Some(addr) = config.proxy.http {
         let listener = bind(addr, "[proxy] http").await?;
         tracing::info!(%addr, "HTTP CONNECT proxy listening");
-        tasks.push(tokio::spawn(serve_http(listener, dialer.clone(), api)));
+        tasks.push(tokio::spawn(serve_http(
+            listener,
+            dialer.clone(),
+            api,
+            names.clone(),
+        )));
     }
     Ok(tasks)
 }

@@ -197,6 +197,7 @@ impl NodeCore {
             }
             _ => self.mesh.connect(peer, false),
         }
+        self.dns_gateway_known(overlay_ip, now);
     }
 }
 

@@ -28,12 +28,13 @@ use tern_shared::show::list;
 
 mod links;
 mod lookups;
+mod names;
 mod punch;
 mod queries;
 mod revocations;
 mod routes;
 
-pub use self::{links::*, queries::*, routes::*};
+pub use self::{links::*, names::*, queries::*, routes::*};
 use self::{lookups::*, punch::*};
 
 /// Counters the node adds to the mesh's.
@@ -81,6 +82,11 @@ pub enum NodeEvent {
     Policy(PolicyResult),
     /// The answer to [`NodeCore::find_runners`].
     Runners(RunnersResult),
+    /// The answer to a question [`NodeCore::resolve`] left pending.
+    Dns(DnsResult),
+    /// As a gateway: ask the resolver for this zone, then call
+    /// [`NodeCore::dns_forwarded`].
+    DnsForward(DnsForward),
 }
 
 /// The queue behind [`NodeCore::poll_event`].
@@ -158,6 +164,9 @@ pub struct NodeStatus {
     /// Overlay addresses being asked of the lighthouses (packets may wait
     /// on them), in order.
     pub looking_up: Vec<Ipv4Addr>,
+    /// Mesh names and split DNS.
+    #[serde(default)]
+    pub dns: DnsStatus,
 }
 
 pub struct NodeCore {
@@ -185,6 +194,8 @@ pub struct NodeCore {
     /// Pings, runner finds and policy queries: the sub-machine in
     /// `queries.rs`.
     queries: Queries,
+    /// Mesh names and split DNS: the sub-machine in `names.rs`.
+    names: Names,
 }
 
 impl NodeCore {
@@ -227,6 +238,7 @@ impl NodeCore {
             events: Events::default(),
             punch: Punching::default(),
             queries: Queries::default(),
+            names: Names::new(now),
         }
     }
 
@@ -397,6 +409,7 @@ impl NodeCore {
         self.drive_pings(now);
         self.drive_finds(now);
         self.drive_policies(now);
+        self.drive_names(now);
     }
 
     /// The earliest moment [`NodeCore::handle_timeout`] has work: the
@@ -411,6 +424,7 @@ impl NodeCore {
             Some(self.routes.deadline()),
             self.punch.deadline(),
             self.queries.deadline(),
+            Some(self.names.deadline()),
         ]
         .into_iter()
         .flatten()
@@ -458,6 +472,7 @@ impl NodeCore {
                 .collect(),
             revoked_certs: self.mesh.ca().revoked_count(),
             revoked: self.revoked,
+            dns: self.dns_status(),
             looking_up: {
                 let mut ips: Vec<Ipv4Addr> = self.lookups.keys().copied().collect();
                 ips.sort();
@@ -573,6 +588,15 @@ impl NodeCore {
             }
             // Its arrival already counted as hearing from the peer.
             Ok(ControlMessage::Pong { id }) => self.pong(peer, id, now),
+            Ok(ControlMessage::DnsQuery { id, query }) => {
+                self.serve_dns_query(peer, id, query, now)
+            }
+            Ok(ControlMessage::DnsAnswer {
+                id,
+                part,
+                parts,
+                answer,
+            }) => self.dns_answer(peer, id, part, parts, answer),
             _ => self.counters.bad_control_messages += 1,
         }
     }
@@ -619,11 +643,15 @@ impl NodeCore {
                 // With every registration: a restarted lighthouse learns
                 // the runner again within one interval.
                 self.advertise_runner(Some(from_peer), now);
+                self.advertise_zones(Some(from_peer), now);
                 if first_registration {
-                    // Learn the routes now, not an interval later: a CI
-                    // job's first connection follows `tern up` at once.
+                    // Learn the routes and zones now, not an interval
+                    // later: a CI job's first connection (and its first
+                    // name) follows `tern up` at once.
                     self.routes.next_query = now;
                     self.drive_routes(now);
+                    self.names.next_query = now + ZONES_INTERVAL;
+                    self.ask_zones(now);
                 }
             }
             ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
@@ -677,6 +705,12 @@ impl NodeCore {
                 complete,
             } => self.routes_page(from_peer, id, routes, complete, now),
             ControlMessage::Pong { id } => self.pong(from_peer, id, now),
+            ControlMessage::ZonesReply {
+                id,
+                zones,
+                complete,
+            } => self.zones_page(from_peer, id, zones, complete, now),
+            ControlMessage::NameReply { id, peer } => self.name_reply(from_peer, id, peer, now),
             ControlMessage::Ping { id } => {
                 let Some(ip) = self.mesh.peer_cert(from_peer).map(|c| c.overlay_ip()) else {
                     return;
@@ -691,6 +725,11 @@ impl NodeCore {
             | ControlMessage::RevocationsQuery { .. }
             | ControlMessage::PolicyQuery { .. }
             | ControlMessage::PolicyReply { .. }
+            | ControlMessage::ZoneAdvert { .. }
+            | ControlMessage::ZonesQuery { .. }
+            | ControlMessage::NameQuery { .. }
+            | ControlMessage::DnsQuery { .. }
+            | ControlMessage::DnsAnswer { .. }
             | ControlMessage::Deregister { .. } => {
                 self.counters.bad_control_messages += 1;
             }

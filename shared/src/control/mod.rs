@@ -10,6 +10,9 @@
 //!
 //! Layout: `u8 type`, `u32 request id`, then the body. Requests are retried
 //! by the node; replies echo the request id.
+//!
+//! The messages for names (zones, node names, DNS between a node and a
+//! gateway) are encoded in [`names`].
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -17,6 +20,12 @@ use ipnet::Ipv4Net;
 
 use crate::cert::{Fingerprint, MAX_CERT_LEN};
 use crate::codec::{put_blob16, put_socket_addr, Reader};
+
+mod names;
+pub use names::{
+    split_answer, AdvertisedZone, DNS_ANSWER_CHUNK, MAX_DNS_ANSWER_PARTS, MAX_DNS_QUERY_LEN,
+    MAX_ZONES_IN_REPLY, ZONES_PAGE_BUDGET,
+};
 
 /// UDP port on overlay addresses where daemons exchange control messages.
 pub const CONTROL_PORT: u16 = 4243;
@@ -158,6 +167,53 @@ pub enum ControlMessage {
         id: u32,
         answer: PolicyAnswer,
     },
+    /// Gateway → lighthouse: "I answer DNS for these zones". Sent after
+    /// each registration; the lighthouse lists only zones the node's
+    /// certificate carries, and clients check that again themselves.
+    ZoneAdvert {
+        id: u32,
+        zones: Vec<String>,
+    },
+    /// Node → lighthouse: which gateways answer for which zones? The page
+    /// after `after` (a zone and gateway), or the first page.
+    ZonesQuery {
+        id: u32,
+        after: Option<(String, Ipv4Addr)>,
+    },
+    /// Lighthouse → node: one page of advertised zones, by zone then
+    /// gateway; `complete` is false when more follow. A hint, like routes.
+    ZonesReply {
+        id: u32,
+        zones: Vec<AdvertisedZone>,
+        complete: bool,
+    },
+    /// Node → lighthouse: the node whose certificate has this name (any
+    /// case), for mesh DNS.
+    NameQuery {
+        id: u32,
+        name: String,
+    },
+    /// Lighthouse → node: its certificate and endpoints (`None`: no node of
+    /// that name is registered here). The asker verifies the certificate
+    /// and its name itself.
+    NameReply {
+        id: u32,
+        peer: Option<PeerInfo>,
+    },
+    /// Node → gateway: a DNS query (wire format) for a name under a zone
+    /// the gateway answers for.
+    DnsQuery {
+        id: u32,
+        query: Vec<u8>,
+    },
+    /// Gateway → node: part `part` (from 0) of `parts` of the DNS answer
+    /// (wire format, up to 64 KiB in [`DNS_ANSWER_CHUNK`]-byte parts).
+    DnsAnswer {
+        id: u32,
+        part: u8,
+        parts: u8,
+        answer: Vec<u8>,
+    },
 }
 
 /// Whether a peer's inbound firewall lets the asker open a TCP connection
@@ -252,6 +308,8 @@ pub enum ControlError {
     TooManyRoutes,
     #[error("control message lists too many labels or runners, or one too long")]
     TooManyLabels,
+    #[error("control message carries a DNS name, zone or message that is too long or malformed")]
+    BadName,
 }
 
 const T_REGISTER: u8 = 1;
@@ -271,6 +329,13 @@ const T_REVOCATIONS_QUERY: u8 = 14;
 const T_REVOCATIONS: u8 = 15;
 const T_POLICY_QUERY: u8 = 16;
 const T_POLICY_REPLY: u8 = 17;
+const T_ZONE_ADVERT: u8 = 18;
+const T_ZONES_QUERY: u8 = 19;
+const T_ZONES_REPLY: u8 = 20;
+const T_NAME_QUERY: u8 = 21;
+const T_NAME_REPLY: u8 = 22;
+const T_DNS_QUERY: u8 = 23;
+const T_DNS_ANSWER: u8 = 24;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -291,7 +356,14 @@ impl ControlMessage {
             | ControlMessage::RevocationsQuery { id, .. }
             | ControlMessage::Revocations { id, .. }
             | ControlMessage::PolicyQuery { id, .. }
-            | ControlMessage::PolicyReply { id, .. } => *id,
+            | ControlMessage::PolicyReply { id, .. }
+            | ControlMessage::ZoneAdvert { id, .. }
+            | ControlMessage::ZonesQuery { id, .. }
+            | ControlMessage::ZonesReply { id, .. }
+            | ControlMessage::NameQuery { id, .. }
+            | ControlMessage::NameReply { id, .. }
+            | ControlMessage::DnsQuery { id, .. }
+            | ControlMessage::DnsAnswer { id, .. } => *id,
         }
     }
 
@@ -318,6 +390,13 @@ impl ControlMessage {
             ControlMessage::Revocations { id, .. } => (T_REVOCATIONS, id),
             ControlMessage::PolicyQuery { id, .. } => (T_POLICY_QUERY, id),
             ControlMessage::PolicyReply { id, .. } => (T_POLICY_REPLY, id),
+            ControlMessage::ZoneAdvert { id, .. } => (T_ZONE_ADVERT, id),
+            ControlMessage::ZonesQuery { id, .. } => (T_ZONES_QUERY, id),
+            ControlMessage::ZonesReply { id, .. } => (T_ZONES_REPLY, id),
+            ControlMessage::NameQuery { id, .. } => (T_NAME_QUERY, id),
+            ControlMessage::NameReply { id, .. } => (T_NAME_REPLY, id),
+            ControlMessage::DnsQuery { id, .. } => (T_DNS_QUERY, id),
+            ControlMessage::DnsAnswer { id, .. } => (T_DNS_ANSWER, id),
         };
         out.push(ty);
         out.extend_from_slice(&id.to_be_bytes());
@@ -435,6 +514,31 @@ impl ControlMessage {
             ControlMessage::RoutesReply {
                 routes, complete, ..
             } => put_routes_page(&mut out, routes, *complete)?,
+            ControlMessage::ZoneAdvert { zones, .. } => names::put_zone_advert(&mut out, zones)?,
+            ControlMessage::ZonesQuery { after, .. } => {
+                if let Some((zone, gateway)) = after {
+                    names::put_name(&mut out, zone)?;
+                    out.extend_from_slice(&gateway.octets());
+                }
+            }
+            ControlMessage::ZonesReply {
+                zones, complete, ..
+            } => names::put_zones_page(&mut out, zones, *complete)?,
+            ControlMessage::NameQuery { name, .. } => names::put_name(&mut out, name)?,
+            ControlMessage::NameReply { peer, .. } => match peer {
+                None => out.push(0),
+                Some(p) => {
+                    out.push(1);
+                    put_peer(&mut out, p)?;
+                }
+            },
+            ControlMessage::DnsQuery { query, .. } => names::put_dns_query(&mut out, query)?,
+            ControlMessage::DnsAnswer {
+                part,
+                parts,
+                answer,
+                ..
+            } => names::put_dns_answer(&mut out, *part, *parts, answer)?,
         }
         if out.len() > MAX_CONTROL_LEN {
             return Err(ControlError::TooLong);
@@ -530,6 +634,52 @@ impl ControlMessage {
                 ControlMessage::RunnersQuery { id, selector }
             }
             T_RUNNERS_REPLY => read_runners_reply(id, &mut r)?,
+            T_ZONE_ADVERT => ControlMessage::ZoneAdvert {
+                id,
+                zones: names::read_zone_advert(&mut r)?,
+            },
+            T_ZONES_QUERY => {
+                let after = if r.is_empty() {
+                    None
+                } else {
+                    let zone = names::read_name(&mut r)?;
+                    Some((zone, r.ipv4().ok_or(ControlError::Malformed)?))
+                };
+                ControlMessage::ZonesQuery { id, after }
+            }
+            T_ZONES_REPLY => {
+                let (zones, complete) = names::read_zones_page(&mut r)?;
+                ControlMessage::ZonesReply {
+                    id,
+                    zones,
+                    complete,
+                }
+            }
+            T_NAME_QUERY => ControlMessage::NameQuery {
+                id,
+                name: names::read_name(&mut r)?,
+            },
+            T_NAME_REPLY => {
+                let peer = match r.u8() {
+                    Some(0) => None,
+                    Some(1) => Some(read_peer(&mut r)?),
+                    _ => return Err(ControlError::Malformed),
+                };
+                ControlMessage::NameReply { id, peer }
+            }
+            T_DNS_QUERY => ControlMessage::DnsQuery {
+                id,
+                query: names::read_dns_query(&mut r)?,
+            },
+            T_DNS_ANSWER => {
+                let (part, parts, answer) = names::read_dns_answer(&mut r)?;
+                ControlMessage::DnsAnswer {
+                    id,
+                    part,
+                    parts,
+                    answer,
+                }
+            }
             other => return Err(ControlError::UnknownType(other)),
         };
         if !r.is_empty() {
