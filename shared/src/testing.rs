@@ -57,6 +57,19 @@ impl TestCa {
         subnets: &[&str],
         lifetime_secs: u64,
     ) -> TestNode {
+        self.node_with_zones(name, ip, groups, subnets, &[], lifetime_secs)
+    }
+
+    /// [`TestCa::node`] whose certificate also carries DNS zones.
+    pub fn node_with_zones(
+        &self,
+        name: &str,
+        ip: &str,
+        groups: &[&str],
+        subnets: &[&str],
+        zones: &[&str],
+        lifetime_secs: u64,
+    ) -> TestNode {
         let key = NodeSecretKey::generate();
         let body = CertBody {
             kind: CertKind::Node,
@@ -64,7 +77,7 @@ impl TestCa {
             ips: vec![parse_net(ip)],
             groups: groups.iter().map(|s| s.to_string()).collect(),
             subnets: subnets.iter().map(|s| parse_net(s)).collect(),
-            dns_zones: vec![],
+            dns_zones: zones.iter().map(|z| z.to_string()).collect(),
             not_before: TEST_NOW - 3600,
             not_after: TEST_NOW + lifetime_secs,
             public_key: key.public_bytes(),

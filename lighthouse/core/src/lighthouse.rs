@@ -262,6 +262,12 @@ impl LighthouseCore {
             .or_else(|| self.relayed.pop_front())
     }
 
+    /// The registry to change by hand: what tests use to play a lighthouse
+    /// that lies (nodes must not believe it).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
