@@ -38,6 +38,15 @@
 #                       the mesh through TERN_FORWARDS or a [proxy]).
 #   TERN_ROUTES         optional subnets to route through gateways,
 #                       comma-separated (tun mode: `[[routes]]`).
+#   TERN_DNS            "true" (the default in tun mode) or "false": the node
+#                       points the job's resolver at itself (`[dns]
+#                       configure_system`), so later steps resolve mesh names
+#                       (NAME.tern) and names under gateways' zones
+#                       (db.internal) with no further setup; every other name
+#                       goes to the job's resolvers as before, and the
+#                       resolver is put back by `down`. In userspace mode
+#                       names resolve through the forwards and proxies only.
+#                       (TERN_EXTRA_CONFIG must then not have a [dns] table.)
 #   TERN_FORWARDS       optional LISTEN=TARGET pairs, comma-separated, e.g.
 #                       127.0.0.1:15432=198.19.0.10:5432 (`[[forwards]]`).
 #   TERN_EXTRA_CONFIG   optional TOML appended to the node config as is
@@ -433,6 +442,9 @@ write_config() {
                 echo "target = $(toml_str "${entry#*=}")"
             done
         fi
+        echo
+        echo "[dns]"
+        echo "configure_system = $DNS"
         if [ -n "${TERN_EXTRA_CONFIG:-}" ]; then
             echo
             printf '%s\n' "$TERN_EXTRA_CONFIG"
@@ -509,6 +521,17 @@ up() {
     tun | userspace) ;;
     *) die 2 "TERN_MODE=$MODE: use tun or userspace" ;;
     esac
+    DNS=${TERN_DNS:-}
+    if [ -z "$DNS" ]; then
+        if [ "$MODE" = tun ]; then DNS=true; else DNS=false; fi
+    fi
+    case $DNS in
+    true | false) ;;
+    *) die 2 "TERN_DNS=$DNS: use true or false" ;;
+    esac
+    if [ "$DNS" = true ] && [ "$MODE" = userspace ]; then
+        die 2 "TERN_DNS=true needs TERN_MODE=tun (a userspace node cannot be the system's resolver; its forwards and proxies resolve mesh names)"
+    fi
     local timeout=${TERN_WAIT_TIMEOUT:-30s} timeout_secs
     if ! timeout_secs=$(duration_secs "$timeout"); then
         die 2 "TERN_WAIT_TIMEOUT=$timeout is not a duration; e.g. 30s, 2m, 1m30s"

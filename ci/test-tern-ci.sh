@@ -251,6 +251,9 @@ endpoint = "127.0.0.1:4242"
 
 [api]
 socket = "$S/api/tern.sock"
+
+[dns]
+configure_system = true
 EOF
     )
     [ "$(cat "$S/node.toml")" = "$want" ] || fail "node.toml:"$'\n'"$(cat "$S/node.toml")"
@@ -552,6 +555,20 @@ test_userspace_and_tun_modes() {
     has "$S/node.toml" 'listen = "127.0.0.1:15432"'
     has "$S/node.toml" 'target = "198.19.0.10:5432"'
     has "$S/node.toml" 'subnet = "198.19.0.0/24"'
+    # Userspace: the node is not the system's resolver.
+    has "$S/node.toml" 'configure_system = false'
+
+    # DNS: on by default in tun mode, off on request; true needs tun mode.
+    setup
+    export TERN_MODE=userspace TERN_DNS=true
+    PATH=$sys ci up
+    expect_rc 2
+    has "$T/err" "TERN_DNS=true needs TERN_MODE=tun"
+    setup
+    export TERN_DNS=maybe
+    ci up
+    expect_rc 2
+    has "$T/err" "TERN_DNS=maybe: use true or false"
 
     # tun mode as a user without sudo: refused before anything runs.
     setup
@@ -577,6 +594,7 @@ EOF
     has "$FAKE_DIR/sudo-calls" "-n -E $TERN_BIN up --config $S/node.toml"
     hasnt "$FAKE_DIR/calls" "--userspace"
     has "$S/node.toml" "group = \"$(id -gn)\""
+    has "$S/node.toml" 'configure_system = true'
     PATH=$T/bin:$sys ci down
     expect_rc 0
     has "$FAKE_DIR/sudo-calls" "-n -E $TERN_BIN down --config $S/node.toml"

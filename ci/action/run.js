@@ -21,6 +21,7 @@ const INPUTS = {
   mode: 'TERN_MODE',
   version: 'TERN_VERSION',
   routes: 'TERN_ROUTES',
+  dns: 'TERN_DNS',
   forwards: 'TERN_FORWARDS',
   'extra-config': 'TERN_EXTRA_CONFIG',
   'state-dir': 'TERN_STATE_DIR',

@@ -122,6 +122,7 @@ impl Drop for Namespaces {
                 }
             }
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            let _ = fs::remove_dir_all(tern_netns_tests::etc_netns(ns));
         }
     }
 }
@@ -280,9 +281,14 @@ fn the_quickstart_and_the_lab_run_as_written() {
         "the quickstart changed shape; update this test:\n{quickstart}"
     );
     let (stdout, _) = walk.run("quickstart", &quickstart, Duration::from_secs(120));
+    assert_eq!(
+        stdout.matches("3 packets transmitted, 3 received").count(),
+        2,
+        "alice pings bob, by address and by name:\n{stdout}"
+    );
     assert!(
-        stdout.contains("3 packets transmitted, 3 received"),
-        "alice pings bob:\n{stdout}"
+        stdout.contains(&format!("PING {prefix}bob.tern (100.64.0.6)")),
+        "bob's name resolves to its overlay address:\n{stdout}"
     );
     assert!(
         stdout.contains(&format!("{prefix}bob")) && stdout.contains("direct 198.18.0.3:4242"),
@@ -302,9 +308,13 @@ fn the_quickstart_and_the_lab_run_as_written() {
     let (stdout, stderr) = walk.run("lab", &lab, Duration::from_secs(180));
     assert_eq!(
         stdout.matches("hello from the private network").count(),
-        3,
-        "alice through the gateway, the pipeline's check on the runner, the enrolled job \
-         through its forward:\n{stdout}"
+        4,
+        "alice through the gateway by address and by name, the pipeline's check on the \
+         runner, the enrolled job through its forward:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("api.internal (NOERROR) from gateway gw-1 (zone internal)"),
+        "tern resolve names the gateway that answered:\n{stdout}"
     );
     assert!(
         stdout.contains("refused: gw-1's firewall opens only 8080")

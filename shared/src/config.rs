@@ -1898,6 +1898,43 @@ mod tests {
         assert_eq!(config.log, LogConfig::default());
         assert_eq!(config.peers, PeersConfig::default());
         assert!(config.api.socket.is_some());
+        assert_eq!(config.dns.domain, "tern");
+        assert_eq!(config.dns.listen, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(config.dns.configure_system, Some(true));
+    }
+
+    #[test]
+    fn dns_keys_are_checked_and_zones_made_canonical() {
+        let c = node_with("[dns]\ndomain = \"Mesh.Example.\"\n").unwrap();
+        assert_eq!(c.dns.domain, "mesh.example");
+        let gw = |extra: &str| {
+            node_with(&format!(
+                "[gateway]\nsubnets = [\"198.19.0.0/24\"]\n[[gateway.dns]]\nzone = \"Internal\"\n{extra}"
+            ))
+        };
+        let c = gw("resolver = \"198.19.0.2\"\n").unwrap();
+        let dns = &c.gateway.unwrap().dns[0];
+        assert_eq!(dns.zone, "internal");
+        assert_eq!(dns.resolver, "198.19.0.2:53".parse().unwrap());
+        for (text, says) in [
+            ("[dns]\ndomain = \"bad domain\"\n", "dns.domain"),
+            ("[dns]\nlisten = [\"0.0.0.0:53\"]\n", "dns.listen[0]"),
+        ] {
+            let err = node_with(text).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        for (extra, says) in [
+            ("resolver = \"dns.internal\"\n", "resolver"),
+            ("resolver = \"0.0.0.0:53\"\n", "gateway.dns[0].resolver"),
+            (
+                "resolver = \"198.19.0.2\"\ngroups = []\n",
+                "lets nobody ask",
+            ),
+            ("", "resolver"),
+        ] {
+            let err = gw(extra).unwrap_err().to_string();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
     }
 
     #[test]
@@ -1907,6 +1944,10 @@ mod tests {
         let gw = config.gateway.expect("[gateway]");
         assert_eq!(gw.subnets, vec!["198.19.0.0/24".parse().unwrap()]);
         assert!(gw.masquerade);
+        assert_eq!(gw.dns.len(), 1);
+        assert_eq!(gw.dns[0].zone, "internal");
+        assert_eq!(gw.dns[0].resolver, "198.19.0.2:53".parse().unwrap());
+        assert_eq!(gw.dns[0].groups, Some(vec!["ci".to_string()]));
         assert_eq!(config.firewall.inbound.len(), 3);
         assert_eq!(
             config.firewall.inbound[0].local_cidr,
@@ -2089,6 +2130,9 @@ mod tests {
             "[[forwards]]",
             "listen =",
             "target =",
+            "[dns]",
+            "domain =",
+            "configure_system =",
         ] {
             assert!(
                 node_text.lines().any(|l| l.trim_start().starts_with(key)),
@@ -2096,7 +2140,15 @@ mod tests {
             );
         }
         let gw_text = include_str!("../../config/gateway.toml");
-        for key in ["[gateway]", "subnets =", "masquerade =", "local_cidr ="] {
+        for key in [
+            "[gateway]",
+            "subnets =",
+            "masquerade =",
+            "local_cidr =",
+            "[[gateway.dns]]",
+            "zone =",
+            "resolver =",
+        ] {
             assert!(
                 gw_text.lines().any(|l| l.trim_start().starts_with(key)),
                 "config/gateway.toml lacks {key}"

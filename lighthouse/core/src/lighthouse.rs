@@ -472,7 +472,7 @@ impl LighthouseCore {
                 self.counters.revocations_sent += 1;
                 self.reply(peer, &cert, &answer, now);
             }
-            ControlMessage::ZoneAdvert { zones, .. } => self.accept_zones(&cert, zones),
+            ControlMessage::ZoneAdvert { zones, .. } => self.accept_zones(&cert, zones, now),
             ControlMessage::ZonesQuery { id, after } => {
                 let (zones, complete) = self.registry.zones_after(after.as_ref());
                 let page = ControlMessage::ZonesReply {
@@ -511,6 +511,7 @@ impl LighthouseCore {
             | ControlMessage::RoutesReply { .. }
             | ControlMessage::RunnersReply { .. }
             | ControlMessage::ZonesReply { .. }
+            | ControlMessage::ZonesChanged { .. }
             | ControlMessage::NameReply { .. }
             | ControlMessage::DnsQuery { .. }
             | ControlMessage::DnsAnswer { .. }
@@ -523,15 +524,28 @@ impl LighthouseCore {
     /// Keeps the advertised zones the node's certificate carries (each
     /// equal to or under one of its zones); the rest are ignored and
     /// logged (once per change).
-    fn accept_zones(&mut self, cert: &VerifiedCert, advertised: Vec<String>) {
+    fn accept_zones(&mut self, cert: &VerifiedCert, advertised: Vec<String>, now: Instant) {
         let (ok, refused): (Vec<String>, Vec<String>) =
             advertised.into_iter().partition(|z| cert.answers_for(z));
         if !refused.is_empty() {
             self.counters.zones_refused += 1;
             tracing::warn!(refused = %list(&refused), authorized = %list(cert.dns_zones()), "node advertises DNS zones its certificate does not carry; ignored");
         }
-        if self.registry.set_zones(cert.overlay_ip(), ok.clone()) && !ok.is_empty() {
+        if !self.registry.set_zones(cert.overlay_ip(), ok.clone()) {
+            return;
+        }
+        if !ok.is_empty() {
             tracing::info!(zones = %list(&ok), "node answers DNS for zones");
+        }
+        // Every registered node reads the list again now: a job that just
+        // joined may ask a name under the new zone at once.
+        for (ip, peer) in self.registry.peers() {
+            if ip == cert.overlay_ip() {
+                continue;
+            }
+            if let Some(to) = self.mesh.peer_cert(peer).cloned() {
+                self.reply(peer, &to, &ControlMessage::ZonesChanged { id: 0 }, now);
+            }
         }
     }
 

@@ -12,7 +12,7 @@
 //! by the node; replies echo the request id.
 //!
 //! The messages for names (zones, node names, DNS between a node and a
-//! gateway) are encoded in [`names`].
+//! gateway) are encoded in `control/names.rs`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -187,6 +187,11 @@ pub enum ControlMessage {
         zones: Vec<AdvertisedZone>,
         complete: bool,
     },
+    /// Lighthouse → node, pushed (id 0): the advertised zones changed; read
+    /// the list again now (a name under a new zone may be asked at once).
+    ZonesChanged {
+        id: u32,
+    },
     /// Node → lighthouse: the node whose certificate has this name (any
     /// case), for mesh DNS.
     NameQuery {
@@ -336,6 +341,7 @@ const T_NAME_QUERY: u8 = 21;
 const T_NAME_REPLY: u8 = 22;
 const T_DNS_QUERY: u8 = 23;
 const T_DNS_ANSWER: u8 = 24;
+const T_ZONES_CHANGED: u8 = 25;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -360,6 +366,7 @@ impl ControlMessage {
             | ControlMessage::ZoneAdvert { id, .. }
             | ControlMessage::ZonesQuery { id, .. }
             | ControlMessage::ZonesReply { id, .. }
+            | ControlMessage::ZonesChanged { id }
             | ControlMessage::NameQuery { id, .. }
             | ControlMessage::NameReply { id, .. }
             | ControlMessage::DnsQuery { id, .. }
@@ -393,6 +400,7 @@ impl ControlMessage {
             ControlMessage::ZoneAdvert { id, .. } => (T_ZONE_ADVERT, id),
             ControlMessage::ZonesQuery { id, .. } => (T_ZONES_QUERY, id),
             ControlMessage::ZonesReply { id, .. } => (T_ZONES_REPLY, id),
+            ControlMessage::ZonesChanged { id } => (T_ZONES_CHANGED, id),
             ControlMessage::NameQuery { id, .. } => (T_NAME_QUERY, id),
             ControlMessage::NameReply { id, .. } => (T_NAME_REPLY, id),
             ControlMessage::DnsQuery { id, .. } => (T_DNS_QUERY, id),
@@ -473,7 +481,8 @@ impl ControlMessage {
             }
             ControlMessage::Deregister { .. }
             | ControlMessage::Ping { .. }
-            | ControlMessage::Pong { .. } => {}
+            | ControlMessage::Pong { .. }
+            | ControlMessage::ZonesChanged { .. } => {}
             ControlMessage::RunnerAdvert { labels, load, .. } => {
                 if labels.len() > MAX_LABELS {
                     return Err(ControlError::TooManyLabels);
@@ -655,6 +664,7 @@ impl ControlMessage {
                     complete,
                 }
             }
+            T_ZONES_CHANGED => ControlMessage::ZonesChanged { id },
             T_NAME_QUERY => ControlMessage::NameQuery {
                 id,
                 name: names::read_name(&mut r)?,

@@ -209,6 +209,7 @@ mod tests {
                 zones: vec!["internal".into(), "svc.cluster.local".into()],
             },
             ControlMessage::ZonesQuery { id: 2, after: None },
+            ControlMessage::ZonesChanged { id: 0 },
             ControlMessage::ZonesQuery {
                 id: 2,
                 after: Some(("internal".into(), gw)),
@@ -312,7 +313,7 @@ mod tests {
     proptest! {
         #[test]
         fn garbage_name_messages_never_panic(
-            ty in 18u8..=24,
+            ty in 18u8..=25,
             body in proptest::collection::vec(any::<u8>(), 0..400),
         ) {
             let mut bytes = vec![ty, 0, 0, 0, 1];

@@ -711,6 +711,10 @@ impl NodeCore {
                 complete,
             } => self.zones_page(from_peer, id, zones, complete, now),
             ControlMessage::NameReply { id, peer } => self.name_reply(from_peer, id, peer, now),
+            ControlMessage::ZonesChanged { .. } => {
+                self.names.next_query = now + ZONES_INTERVAL;
+                self.ask_zones(now);
+            }
             ControlMessage::Ping { id } => {
                 let Some(ip) = self.mesh.peer_cert(from_peer).map(|c| c.overlay_ip()) else {
                     return;
