@@ -182,9 +182,17 @@ fn a_caller_no_rule_lets_into_the_subnets_is_refused_and_outside_names_never_lea
 #[test]
 fn a_lying_lighthouses_zone_advert_is_ignored() {
     let mut lab = lab(&[]);
-    // "liar" routes the subnet but its certificate carries no zone; it
-    // claims one anyway and the lighthouse (lying, or fooled) lists it.
-    add_gateway(&mut lab, "liar", "100.64.0.40/10", LIAR, &[]);
+    // "liar" routes the subnet but its certificate carries no zone; the
+    // lighthouse (lying, or fooled) lists it for one anyway.
+    let liar = lab
+        .ca
+        .node("liar", "100.64.0.40/10", &[], &["198.19.0.0/24"], 86_400);
+    lab.net.add_node(&lab.ca, &liar, LIAR);
+    lab.net.node(LIAR).0.set_policy(
+        &gateway_policy(),
+        vec!["198.19.0.0/24".parse().unwrap()],
+        &[],
+    );
     lab.net.run_for(Duration::from_secs(1));
     lab.net
         .lighthouse()
@@ -277,4 +285,15 @@ fn node_names_come_from_certificates_the_node_verified() {
         dns::summarize(&answer).unwrap().records[0].data,
         "gw-1.tern."
     );
+}
+
+#[test]
+fn a_new_zone_reaches_registered_nodes_at_once() {
+    let mut lab = lab(&[]);
+    assert!(lab.net.node(CI).0.status().dns.zones.is_empty());
+    add_gateway(&mut lab, "gw-1", "100.64.0.30/10", GW1, &["internal"]);
+    // Well within the 3 s between readings of the list: the lighthouse
+    // tells registered nodes the list changed.
+    lab.net.run_for(Duration::from_millis(600));
+    assert_eq!(lab.net.node(CI).0.status().dns.zones["internal"], ["gw-1"]);
 }
