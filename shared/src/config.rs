@@ -2148,6 +2148,7 @@ mod tests {
             "[[gateway.dns]]",
             "zone =",
             "resolver =",
+            "queries_per_sec =",
         ] {
             assert!(
                 gw_text.lines().any(|l| l.trim_start().starts_with(key)),

@@ -19,6 +19,9 @@ use crate::config::{loopback_only, ConfigError};
 pub const DEFAULT_DOMAIN: &str = "tern";
 /// The DNS port, for a resolver given without one.
 pub const DNS_PORT: u16 = 53;
+/// Default `[[gateway.dns]] queries_per_sec`: per caller, with twice that
+/// at once.
+pub const DEFAULT_QUERIES_PER_SEC: u32 = 1000;
 /// Most `[[gateway.dns]]` entries.
 pub const MAX_GATEWAY_DNS: usize = 64;
 
@@ -65,6 +68,14 @@ pub struct GatewayDnsConfig {
     /// the firewall lets into this gateway's subnets.
     #[serde(default)]
     pub groups: Option<Vec<String>>,
+    /// Queries per second one caller may send for this zone (twice that at
+    /// once); more are refused. Default 1000.
+    #[serde(default = "default_queries_per_sec")]
+    pub queries_per_sec: u32,
+}
+
+fn default_queries_per_sec() -> u32 {
+    DEFAULT_QUERIES_PER_SEC
 }
 
 impl DnsConfig {
@@ -114,6 +125,13 @@ pub(crate) fn validate_gateway_dns(
                     "{} is not a resolver's address; give the private network's DNS server, e.g. \"198.19.0.2:53\"",
                     e.resolver
                 ),
+            ));
+        }
+        if e.queries_per_sec == 0 {
+            return Err(invalid(
+                file,
+                format!("gateway.dns[{i}].queries_per_sec"),
+                format!("0 would refuse every query; give a rate, e.g. {DEFAULT_QUERIES_PER_SEC}"),
             ));
         }
         if let Some(groups) = &e.groups {

@@ -62,6 +62,10 @@ fn lab(gateways: &[(&str, &str, &str, &[&str])]) -> Lab {
 }
 
 fn add_gateway(lab: &mut Lab, name: &str, ip: &str, at: &str, zones: &[&str]) {
+    add_gateway_with_rate(lab, name, ip, at, zones, 1000);
+}
+
+fn add_gateway_with_rate(lab: &mut Lab, name: &str, ip: &str, at: &str, zones: &[&str], rate: u32) {
     let node = lab
         .ca
         .node_with_zones(name, ip, &[], &["198.19.0.0/24"], zones, 86_400);
@@ -77,6 +81,7 @@ fn add_gateway(lab: &mut Lab, name: &str, ip: &str, at: &str, zones: &[&str]) {
         vec![ServedZone {
             zone: "internal".into(),
             groups: None,
+            queries_per_sec: rate,
         }],
     );
 }
@@ -296,4 +301,22 @@ fn a_new_zone_reaches_registered_nodes_at_once() {
     // tells registered nodes the list changed.
     lab.net.run_for(Duration::from_millis(600));
     assert_eq!(lab.net.node(CI).0.status().dns.zones["internal"], ["gw-1"]);
+}
+
+#[test]
+fn a_caller_asking_too_fast_is_refused_and_counted() {
+    let mut lab = lab(&[]);
+    add_gateway_with_rate(&mut lab, "gw-1", "100.64.0.30/10", GW1, &["internal"], 5);
+    lab.net.run_for(Duration::from_secs(1));
+    for i in 0..20 {
+        ask(&mut lab, CI, &format!("host{i}.internal"), RecordType::A);
+    }
+    lab.net.run_for(Duration::from_millis(100));
+    assert_eq!(play_resolver(&mut lab, GW1), 10, "twice the rate at once");
+    lab.net.settle();
+    let got = answers(&mut lab, CI);
+    let refused = got.iter().filter(|r| rcode(&r.answer) == "REFUSED").count();
+    assert_eq!((got.len(), refused), (20, 10), "{got:?}");
+    let counters = lab.net.node(GW1).0.status().dns.counters;
+    assert_eq!(counters.rate_limited, 10, "{counters:?}");
 }

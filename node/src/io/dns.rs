@@ -69,17 +69,20 @@ pub fn served_zones(config: &NodeConfig, cert: &VerifiedCert) -> anyhow::Result<
             );
         }
         match served.iter_mut().find(|s| s.zone == entry.zone) {
-            // Several entries for a zone: more resolvers, and the groups of all.
+            // Several entries for a zone: more resolvers, the groups of
+            // all, the highest rate.
             Some(s) => {
                 if let (Some(all), Some(more)) = (&mut s.groups, &entry.groups) {
                     all.extend(more.iter().cloned());
                 } else {
                     s.groups = None;
                 }
+                s.queries_per_sec = s.queries_per_sec.max(entry.queries_per_sec);
             }
             None => served.push(ServedZone {
                 zone: entry.zone.clone(),
                 groups: entry.groups.clone(),
+                queries_per_sec: entry.queries_per_sec,
             }),
         }
     }

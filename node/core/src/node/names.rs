@@ -38,9 +38,6 @@ pub const DNS_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long a node name's answer may be cached (by us and by the asker),
 /// unless the certificate expires sooner.
 pub const NAME_TTL: Duration = Duration::from_secs(60);
-/// Queries per second one caller may send a gateway (and twice that at
-/// once).
-pub const DNS_QUERIES_PER_SEC: u32 = 200;
 /// Questions waiting at once; more are answered SERVFAIL.
 pub const MAX_PENDING_QUESTIONS: usize = 1024;
 /// Most zones a node takes in from a lighthouse's list.
@@ -54,6 +51,9 @@ pub struct ServedZone {
     /// Callers carrying any of these groups may ask; `None`: those its
     /// firewall lets into its subnets.
     pub groups: Option<Vec<String>>,
+    /// Queries per second one caller may send for the zone (twice that at
+    /// once).
+    pub queries_per_sec: u32,
 }
 
 /// What [`NodeCore::resolve`] decided.
@@ -193,7 +193,8 @@ pub(super) struct Names {
     cache: HashMap<String, (Ipv4Addr, Instant)>,
     served: Vec<ServedZone>,
     forwards: BTreeMap<u32, Forward>,
-    buckets: HashMap<Ipv4Addr, TokenBucket>,
+    /// Each caller's queries per served zone.
+    buckets: HashMap<(Ipv4Addr, String), TokenBucket>,
     /// Adverts of a zone for a gateway whose certificate lacks it: ignored
     /// (and counted once).
     ignored: BTreeSet<(String, Ipv4Addr)>,
@@ -774,11 +775,12 @@ impl NodeCore {
             tracing::debug!(caller = cert.name(), zone = %served.zone, "DNS query refused: no allowed group");
             return reply(self, dns::refused(&q));
         }
+        let rate = served.queries_per_sec.max(1);
         let bucket = self
             .names
             .buckets
-            .entry(cert.overlay_ip())
-            .or_insert_with(|| TokenBucket::new(DNS_QUERIES_PER_SEC * 2, now));
+            .entry((cert.overlay_ip(), served.zone.clone()))
+            .or_insert_with(|| TokenBucket::new(rate.saturating_mul(2), now));
         if !bucket.take(now) {
             self.names.counters.rate_limited += 1;
             return reply(self, dns::refused(&q));
