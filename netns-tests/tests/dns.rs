@@ -187,7 +187,7 @@ fn names_resolve_through_the_mesh_and_the_system_resolver_comes_back() {
         "node-dev-1",
     );
     let us_config = format!(
-        "{}[tun]\nmode = \"userspace\"\n[proxy]\nsocks5 = \"127.0.0.1:1080\"\nhttp = \"127.0.0.1:3128\"\n",
+        "{}[tun]\nmode = \"userspace\"\n[proxy]\nsocks5 = \"127.0.0.1:1080\"\nhttp = \"127.0.0.1:3128\"\n[dns]\nlisten = [\"127.0.0.1:5353\"]\n",
         node_config_text("us-1", "ca.crt").replace("[tun]\nname = \"tern0\"\nmtu = 1420\n", "")
     );
     let _us = start_node(
@@ -338,6 +338,24 @@ fn names_resolve_through_the_mesh_and_the_system_resolver_comes_back() {
     );
     assert_eq!(page, "hello from the vpc\n");
     drop(forward);
+    // [dns] listen: a userspace node answers DNS on loopback too.
+    assert_eq!(
+        dig(
+            &usr,
+            &["@127.0.0.1", "-p", "5353", "+short", "api.internal"]
+        )
+        .trim(),
+        SERVER
+    );
+    assert_eq!(
+        dig(&usr, &["@127.0.0.1", "-p", "5353", "+short", "gw-1.tern"]).trim(),
+        "100.64.0.30"
+    );
+    // ... and leaves the namespace's resolver alone.
+    assert_eq!(
+        fs::read_to_string(usr.resolv_conf()).unwrap_or_default(),
+        original
+    );
 
     // 8. Stopped, the node puts the resolver back as it was.
     ci.terminate_and_wait(Duration::from_secs(10));
