@@ -362,38 +362,7 @@ impl LighthouseCore {
         self.registry.moved(cert.overlay_ip(), from);
         match msg {
             ControlMessage::Register { id, local, routes } => {
-                self.counters.registrations += 1;
-                match self.registry.register(
-                    cert.overlay_ip(),
-                    cert.name(),
-                    cert.encoded(),
-                    peer,
-                    from,
-                    &local,
-                    now,
-                ) {
-                    Ok(()) => {
-                        tracing::trace!(%from, ?local, "registered");
-                        self.registry
-                            .set_issued_by(cert.overlay_ip(), cert.issued_by());
-                        self.accept_routes(&cert, routes);
-                        self.reply(
-                            peer,
-                            &cert,
-                            &ControlMessage::RegisterAck {
-                                id,
-                                observed: from,
-                                relay: self.relay.is_some(),
-                                revocations: self.revocations_version(),
-                            },
-                            now,
-                        );
-                    }
-                    Err(e) => {
-                        self.counters.registry_full += 1;
-                        tracing::warn!(error = %e, "registration refused");
-                    }
-                }
+                self.register(peer, &cert, from, id, &local, routes, now)
             }
             ControlMessage::Query { id, overlay_ip } => {
                 self.counters.queries += 1;
@@ -472,36 +441,9 @@ impl LighthouseCore {
                 self.counters.revocations_sent += 1;
                 self.reply(peer, &cert, &answer, now);
             }
-            ControlMessage::ZoneAdvert { zones, .. } => self.accept_zones(&cert, zones, now),
-            ControlMessage::ZonesQuery { id, after } => {
-                let (zones, complete) = self.registry.zones_after(after.as_ref());
-                let page = ControlMessage::ZonesReply {
-                    id,
-                    zones,
-                    complete,
-                };
-                self.reply(peer, &cert, &page, now);
-            }
-            ControlMessage::NameQuery { id, name } => {
-                self.counters.name_queries += 1;
-                let answer = self.registry.by_name(&name);
-                let found = answer.as_ref().and_then(|p| {
-                    tern_shared::cert::Cert::decode(&p.cert)
-                        .ok()
-                        .and_then(|c| c.body.ips.first().map(|n| n.addr()))
-                });
-                let msg = ControlMessage::NameReply { id, peer: answer };
-                self.reply(peer, &cert, &msg, now);
-                // As for an address lookup: the two nodes are about to talk.
-                if let Some(std::net::IpAddr::V4(target)) = found {
-                    if let Some(relay) = self.relay.as_mut() {
-                        if relay.introduce(cert.overlay_ip(), target, now) {
-                            self.relay_counters.introductions_evicted += 1;
-                        }
-                    }
-                    self.punch(target, &cert, from, now);
-                }
-            }
+            msg @ (ControlMessage::ZoneAdvert { .. }
+            | ControlMessage::ZonesQuery { .. }
+            | ControlMessage::NameQuery { .. }) => self.handle_names(peer, &cert, from, msg, now),
             ControlMessage::RegisterAck { .. }
             | ControlMessage::Revocations { .. }
             | ControlMessage::PolicyQuery { .. }
@@ -518,6 +460,99 @@ impl LighthouseCore {
             | ControlMessage::Pong { .. } => {
                 self.counters.bad_control_messages += 1;
             }
+        }
+    }
+
+    /// A node registers (or refreshes its registration): filed under its
+    /// certificate's address, its routes kept as far as the certificate
+    /// authorizes them, and acknowledged.
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &mut self,
+        peer: PeerId,
+        cert: &VerifiedCert,
+        from: SocketAddr,
+        id: u32,
+        local: &[SocketAddr],
+        routes: Vec<Ipv4Net>,
+        now: Instant,
+    ) {
+        self.counters.registrations += 1;
+        match self.registry.register(
+            cert.overlay_ip(),
+            cert.name(),
+            cert.encoded(),
+            peer,
+            from,
+            local,
+            now,
+        ) {
+            Ok(()) => {
+                tracing::trace!(%from, ?local, "registered");
+                self.registry
+                    .set_issued_by(cert.overlay_ip(), cert.issued_by());
+                self.accept_routes(cert, routes);
+                self.reply(
+                    peer,
+                    cert,
+                    &ControlMessage::RegisterAck {
+                        id,
+                        observed: from,
+                        relay: self.relay.is_some(),
+                        revocations: self.revocations_version(),
+                    },
+                    now,
+                );
+            }
+            Err(e) => {
+                self.counters.registry_full += 1;
+                tracing::warn!(error = %e, "registration refused");
+            }
+        }
+    }
+
+    /// The messages for names: a gateway's zones, the zones list, a node
+    /// by its certificate name.
+    fn handle_names(
+        &mut self,
+        peer: PeerId,
+        cert: &VerifiedCert,
+        from: SocketAddr,
+        msg: ControlMessage,
+        now: Instant,
+    ) {
+        match msg {
+            ControlMessage::ZoneAdvert { zones, .. } => self.accept_zones(cert, zones, now),
+            ControlMessage::ZonesQuery { id, after } => {
+                let (zones, complete) = self.registry.zones_after(after.as_ref());
+                let page = ControlMessage::ZonesReply {
+                    id,
+                    zones,
+                    complete,
+                };
+                self.reply(peer, cert, &page, now);
+            }
+            ControlMessage::NameQuery { id, name } => {
+                self.counters.name_queries += 1;
+                let answer = self.registry.by_name(&name);
+                let found = answer.as_ref().and_then(|p| {
+                    tern_shared::cert::Cert::decode(&p.cert)
+                        .ok()
+                        .and_then(|c| c.body.ips.first().map(|n| n.addr()))
+                });
+                let msg = ControlMessage::NameReply { id, peer: answer };
+                self.reply(peer, cert, &msg, now);
+                // As for an address lookup: the two nodes are about to talk.
+                if let Some(std::net::IpAddr::V4(target)) = found {
+                    if let Some(relay) = self.relay.as_mut() {
+                        if relay.introduce(cert.overlay_ip(), target, now) {
+                            self.relay_counters.introductions_evicted += 1;
+                        }
+                    }
+                    self.punch(target, cert, from, now);
+                }
+            }
+            _ => self.counters.bad_control_messages += 1,
         }
     }
 

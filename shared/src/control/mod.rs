@@ -374,11 +374,8 @@ impl ControlMessage {
         }
     }
 
-    /// Encodes the message. Endpoint lists are cut to [`MAX_ENDPOINTS`] and
-    /// certificates longer than [`MAX_CERT_LEN`] refused, so every encoded
-    /// message decodes.
-    pub fn encode(&self) -> Result<Vec<u8>, ControlError> {
-        let mut out = Vec::with_capacity(64);
+    /// The message's type byte and request id.
+    fn type_and_id(&self) -> (u8, u32) {
         let (ty, id) = match self {
             ControlMessage::Register { id, .. } => (T_REGISTER, id),
             ControlMessage::RegisterAck { id, .. } => (T_REGISTER_ACK, id),
@@ -406,6 +403,15 @@ impl ControlMessage {
             ControlMessage::DnsQuery { id, .. } => (T_DNS_QUERY, id),
             ControlMessage::DnsAnswer { id, .. } => (T_DNS_ANSWER, id),
         };
+        (ty, *id)
+    }
+
+    /// Encodes the message. Endpoint lists are cut to [`MAX_ENDPOINTS`] and
+    /// certificates longer than [`MAX_CERT_LEN`] refused, so every encoded
+    /// message decodes.
+    pub fn encode(&self) -> Result<Vec<u8>, ControlError> {
+        let mut out = Vec::with_capacity(64);
+        let (ty, id) = self.type_and_id();
         out.push(ty);
         out.extend_from_slice(&id.to_be_bytes());
         match self {
@@ -481,8 +487,7 @@ impl ControlMessage {
             }
             ControlMessage::Deregister { .. }
             | ControlMessage::Ping { .. }
-            | ControlMessage::Pong { .. }
-            | ControlMessage::ZonesChanged { .. } => {}
+            | ControlMessage::Pong { .. } => {}
             ControlMessage::RunnerAdvert { labels, load, .. } => {
                 if labels.len() > MAX_LABELS {
                     return Err(ControlError::TooManyLabels);
@@ -523,31 +528,14 @@ impl ControlMessage {
             ControlMessage::RoutesReply {
                 routes, complete, ..
             } => put_routes_page(&mut out, routes, *complete)?,
-            ControlMessage::ZoneAdvert { zones, .. } => names::put_zone_advert(&mut out, zones)?,
-            ControlMessage::ZonesQuery { after, .. } => {
-                if let Some((zone, gateway)) = after {
-                    names::put_name(&mut out, zone)?;
-                    out.extend_from_slice(&gateway.octets());
-                }
-            }
-            ControlMessage::ZonesReply {
-                zones, complete, ..
-            } => names::put_zones_page(&mut out, zones, *complete)?,
-            ControlMessage::NameQuery { name, .. } => names::put_name(&mut out, name)?,
-            ControlMessage::NameReply { peer, .. } => match peer {
-                None => out.push(0),
-                Some(p) => {
-                    out.push(1);
-                    put_peer(&mut out, p)?;
-                }
-            },
-            ControlMessage::DnsQuery { query, .. } => names::put_dns_query(&mut out, query)?,
-            ControlMessage::DnsAnswer {
-                part,
-                parts,
-                answer,
-                ..
-            } => names::put_dns_answer(&mut out, *part, *parts, answer)?,
+            ControlMessage::ZoneAdvert { .. }
+            | ControlMessage::ZonesQuery { .. }
+            | ControlMessage::ZonesReply { .. }
+            | ControlMessage::ZonesChanged { .. }
+            | ControlMessage::NameQuery { .. }
+            | ControlMessage::NameReply { .. }
+            | ControlMessage::DnsQuery { .. }
+            | ControlMessage::DnsAnswer { .. } => names::put_body(self, &mut out)?,
         }
         if out.len() > MAX_CONTROL_LEN {
             return Err(ControlError::TooLong);
@@ -643,53 +631,7 @@ impl ControlMessage {
                 ControlMessage::RunnersQuery { id, selector }
             }
             T_RUNNERS_REPLY => read_runners_reply(id, &mut r)?,
-            T_ZONE_ADVERT => ControlMessage::ZoneAdvert {
-                id,
-                zones: names::read_zone_advert(&mut r)?,
-            },
-            T_ZONES_QUERY => {
-                let after = if r.is_empty() {
-                    None
-                } else {
-                    let zone = names::read_name(&mut r)?;
-                    Some((zone, r.ipv4().ok_or(ControlError::Malformed)?))
-                };
-                ControlMessage::ZonesQuery { id, after }
-            }
-            T_ZONES_REPLY => {
-                let (zones, complete) = names::read_zones_page(&mut r)?;
-                ControlMessage::ZonesReply {
-                    id,
-                    zones,
-                    complete,
-                }
-            }
-            T_ZONES_CHANGED => ControlMessage::ZonesChanged { id },
-            T_NAME_QUERY => ControlMessage::NameQuery {
-                id,
-                name: names::read_name(&mut r)?,
-            },
-            T_NAME_REPLY => {
-                let peer = match r.u8() {
-                    Some(0) => None,
-                    Some(1) => Some(read_peer(&mut r)?),
-                    _ => return Err(ControlError::Malformed),
-                };
-                ControlMessage::NameReply { id, peer }
-            }
-            T_DNS_QUERY => ControlMessage::DnsQuery {
-                id,
-                query: names::read_dns_query(&mut r)?,
-            },
-            T_DNS_ANSWER => {
-                let (part, parts, answer) = names::read_dns_answer(&mut r)?;
-                ControlMessage::DnsAnswer {
-                    id,
-                    part,
-                    parts,
-                    answer,
-                }
-            }
+            T_ZONE_ADVERT..=T_ZONES_CHANGED => names::read_body(ty, id, &mut r)?,
             other => return Err(ControlError::UnknownType(other)),
         };
         if !r.is_empty() {

@@ -8,7 +8,10 @@
 
 use std::net::Ipv4Addr;
 
-use super::{ControlError, MAX_CONTROL_LEN};
+use super::{
+    put_peer, read_peer, ControlError, ControlMessage, MAX_CONTROL_LEN, T_DNS_ANSWER, T_DNS_QUERY,
+    T_NAME_QUERY, T_NAME_REPLY, T_ZONES_CHANGED, T_ZONES_QUERY, T_ZONES_REPLY, T_ZONE_ADVERT,
+};
 use crate::cert::{validate_zone, MAX_DNS_ZONES, MAX_ZONE_LEN};
 use crate::codec::{put_blob16, Reader};
 
@@ -44,7 +47,102 @@ impl AdvertisedZone {
 /// flag and count.
 pub const ZONES_PAGE_BUDGET: usize = MAX_CONTROL_LEN - 8;
 
-pub(super) fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), ControlError> {
+/// The body of a message for names (after its type and id).
+pub(super) fn put_body(msg: &ControlMessage, out: &mut Vec<u8>) -> Result<(), ControlError> {
+    match msg {
+        ControlMessage::ZoneAdvert { zones, .. } => put_zone_advert(out, zones),
+        ControlMessage::ZonesQuery { after, .. } => {
+            if let Some((zone, gateway)) = after {
+                put_name(out, zone)?;
+                out.extend_from_slice(&gateway.octets());
+            }
+            Ok(())
+        }
+        ControlMessage::ZonesReply {
+            zones, complete, ..
+        } => put_zones_page(out, zones, *complete),
+        ControlMessage::NameQuery { name, .. } => put_name(out, name),
+        ControlMessage::NameReply { peer, .. } => match peer {
+            None => {
+                out.push(0);
+                Ok(())
+            }
+            Some(p) => {
+                out.push(1);
+                put_peer(out, p)
+            }
+        },
+        ControlMessage::DnsQuery { query, .. } => put_dns_query(out, query),
+        ControlMessage::DnsAnswer {
+            part,
+            parts,
+            answer,
+            ..
+        } => put_dns_answer(out, *part, *parts, answer),
+        // ZonesChanged has no body; the rest are not messages for names.
+        _ => Ok(()),
+    }
+}
+
+/// A message for names of type `ty` (one of `T_ZONE_ADVERT..=T_ZONES_CHANGED`).
+pub(super) fn read_body(
+    ty: u8,
+    id: u32,
+    r: &mut Reader<'_>,
+) -> Result<ControlMessage, ControlError> {
+    Ok(match ty {
+        T_ZONE_ADVERT => ControlMessage::ZoneAdvert {
+            id,
+            zones: read_zone_advert(r)?,
+        },
+        T_ZONES_QUERY => {
+            let after = if r.is_empty() {
+                None
+            } else {
+                let zone = read_name(r)?;
+                Some((zone, r.ipv4().ok_or(ControlError::Malformed)?))
+            };
+            ControlMessage::ZonesQuery { id, after }
+        }
+        T_ZONES_REPLY => {
+            let (zones, complete) = read_zones_page(r)?;
+            ControlMessage::ZonesReply {
+                id,
+                zones,
+                complete,
+            }
+        }
+        T_ZONES_CHANGED => ControlMessage::ZonesChanged { id },
+        T_NAME_QUERY => ControlMessage::NameQuery {
+            id,
+            name: read_name(r)?,
+        },
+        T_NAME_REPLY => {
+            let peer = match r.u8() {
+                Some(0) => None,
+                Some(1) => Some(read_peer(r)?),
+                _ => return Err(ControlError::Malformed),
+            };
+            ControlMessage::NameReply { id, peer }
+        }
+        T_DNS_QUERY => ControlMessage::DnsQuery {
+            id,
+            query: read_dns_query(r)?,
+        },
+        T_DNS_ANSWER => {
+            let (part, parts, answer) = read_dns_answer(r)?;
+            ControlMessage::DnsAnswer {
+                id,
+                part,
+                parts,
+                answer,
+            }
+        }
+        other => return Err(ControlError::UnknownType(other)),
+    })
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), ControlError> {
     if name.is_empty() || name.len() > MAX_ZONE_LEN {
         return Err(ControlError::BadName);
     }
@@ -54,7 +152,7 @@ pub(super) fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), ControlError
 }
 
 /// A name: 1-253 printable ASCII bytes.
-pub(super) fn read_name(r: &mut Reader<'_>) -> Result<String, ControlError> {
+fn read_name(r: &mut Reader<'_>) -> Result<String, ControlError> {
     let len = usize::from(r.u8().ok_or(ControlError::Malformed)?);
     let bytes = r.bytes(len).ok_or(ControlError::Malformed)?;
     if len == 0 || len > MAX_ZONE_LEN || !bytes.iter().all(|b| b.is_ascii_graphic()) {
@@ -69,7 +167,7 @@ fn read_zone(r: &mut Reader<'_>) -> Result<String, ControlError> {
     Ok(zone)
 }
 
-pub(super) fn put_zone_advert(out: &mut Vec<u8>, zones: &[String]) -> Result<(), ControlError> {
+fn put_zone_advert(out: &mut Vec<u8>, zones: &[String]) -> Result<(), ControlError> {
     if zones.len() > MAX_DNS_ZONES {
         return Err(ControlError::TooManyLabels);
     }
@@ -80,7 +178,7 @@ pub(super) fn put_zone_advert(out: &mut Vec<u8>, zones: &[String]) -> Result<(),
     Ok(())
 }
 
-pub(super) fn read_zone_advert(r: &mut Reader<'_>) -> Result<Vec<String>, ControlError> {
+fn read_zone_advert(r: &mut Reader<'_>) -> Result<Vec<String>, ControlError> {
     let n = usize::from(r.u8().ok_or(ControlError::Malformed)?);
     if n > MAX_DNS_ZONES {
         return Err(ControlError::TooManyLabels);
@@ -88,7 +186,7 @@ pub(super) fn read_zone_advert(r: &mut Reader<'_>) -> Result<Vec<String>, Contro
     (0..n).map(|_| read_zone(r)).collect()
 }
 
-pub(super) fn put_zones_page(
+fn put_zones_page(
     out: &mut Vec<u8>,
     zones: &[AdvertisedZone],
     complete: bool,
@@ -106,9 +204,7 @@ pub(super) fn put_zones_page(
     Ok(())
 }
 
-pub(super) fn read_zones_page(
-    r: &mut Reader<'_>,
-) -> Result<(Vec<AdvertisedZone>, bool), ControlError> {
+fn read_zones_page(r: &mut Reader<'_>) -> Result<(Vec<AdvertisedZone>, bool), ControlError> {
     let complete = super::read_bool(r)?;
     let n = usize::from(r.u8().ok_or(ControlError::Malformed)?);
     if n > MAX_ZONES_IN_REPLY {
@@ -128,7 +224,7 @@ pub(super) fn read_zones_page(
     Ok((zones, complete))
 }
 
-pub(super) fn put_dns_query(out: &mut Vec<u8>, query: &[u8]) -> Result<(), ControlError> {
+fn put_dns_query(out: &mut Vec<u8>, query: &[u8]) -> Result<(), ControlError> {
     if query.len() < 12 || query.len() > MAX_DNS_QUERY_LEN {
         return Err(ControlError::BadName);
     }
@@ -136,7 +232,7 @@ pub(super) fn put_dns_query(out: &mut Vec<u8>, query: &[u8]) -> Result<(), Contr
     Ok(())
 }
 
-pub(super) fn read_dns_query(r: &mut Reader<'_>) -> Result<Vec<u8>, ControlError> {
+fn read_dns_query(r: &mut Reader<'_>) -> Result<Vec<u8>, ControlError> {
     let query = r.blob16(MAX_DNS_QUERY_LEN).ok_or(ControlError::BadName)?;
     if query.len() < 12 {
         return Err(ControlError::BadName);
@@ -144,7 +240,7 @@ pub(super) fn read_dns_query(r: &mut Reader<'_>) -> Result<Vec<u8>, ControlError
     Ok(query.to_vec())
 }
 
-pub(super) fn put_dns_answer(
+fn put_dns_answer(
     out: &mut Vec<u8>,
     part: u8,
     parts: u8,
@@ -160,7 +256,7 @@ pub(super) fn put_dns_answer(
     Ok(())
 }
 
-pub(super) fn read_dns_answer(r: &mut Reader<'_>) -> Result<(u8, u8, Vec<u8>), ControlError> {
+fn read_dns_answer(r: &mut Reader<'_>) -> Result<(u8, u8, Vec<u8>), ControlError> {
     let part = r.u8().ok_or(ControlError::Malformed)?;
     let parts = r.u8().ok_or(ControlError::Malformed)?;
     check_part(part, parts)?;

@@ -33,8 +33,10 @@ mod punch;
 mod queries;
 mod revocations;
 mod routes;
+mod serving;
+mod zones;
 
-pub use self::{links::*, names::*, queries::*, routes::*};
+pub use self::{links::*, names::*, queries::*, routes::*, serving::*};
 use self::{lookups::*, punch::*};
 
 /// Counters the node adds to the mesh's.
@@ -194,8 +196,11 @@ pub struct NodeCore {
     /// Pings, runner finds and policy queries: the sub-machine in
     /// `queries.rs`.
     queries: Queries,
-    /// Mesh names and split DNS: the sub-machine in `names.rs`.
+    /// Mesh names and split DNS: the sub-machine in `names.rs` (the
+    /// zones list in `zones.rs`).
     names: Names,
+    /// DNS zones served as a gateway: `serving.rs`.
+    serving: ZoneService,
 }
 
 impl NodeCore {
@@ -239,6 +244,7 @@ impl NodeCore {
             punch: Punching::default(),
             queries: Queries::default(),
             names: Names::new(now),
+            serving: ZoneService::default(),
         }
     }
 
@@ -425,6 +431,7 @@ impl NodeCore {
             self.punch.deadline(),
             self.queries.deadline(),
             Some(self.names.deadline()),
+            self.serving.deadline(),
         ]
         .into_iter()
         .flatten()

@@ -20,12 +20,12 @@
 //! ([`NodeEvent::DnsForward`]), whose resolver's answer comes back in
 //! through [`NodeCore::dns_forwarded`] and goes to the caller in parts.
 
+use super::zones::ZonesFetch;
 use super::*;
 use crate::dns::{self, Parsed, Question};
 use std::collections::BTreeSet;
-use tern_mesh::rate::TokenBucket;
 use tern_shared::cert::name_in_zone;
-use tern_shared::control::{split_answer, AdvertisedZone, MAX_DNS_ANSWER_PARTS};
+use tern_shared::control::MAX_DNS_ANSWER_PARTS;
 
 /// How often a node asks its lighthouses which gateways answer for which
 /// zones.
@@ -42,19 +42,6 @@ pub const NAME_TTL: Duration = Duration::from_secs(60);
 pub const MAX_PENDING_QUESTIONS: usize = 1024;
 /// Most zones a node takes in from a lighthouse's list.
 pub const MAX_LEARNED_ZONES: usize = 1024;
-
-/// A zone this node answers for as a gateway (`[[gateway.dns]]`): checked
-/// against its certificate by the shell before it gets here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServedZone {
-    pub zone: String,
-    /// Callers carrying any of these groups may ask; `None`: those its
-    /// firewall lets into its subnets.
-    pub groups: Option<Vec<String>>,
-    /// Queries per second one caller may send for the zone (twice that at
-    /// once).
-    pub queries_per_sec: u32,
-}
 
 /// What [`NodeCore::resolve`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,17 +65,6 @@ pub struct DnsResult {
     /// Who answered: "mesh (certificate of gw-1)", "gateway gw-1 (zone
     /// internal)", or why nobody did.
     pub source: String,
-}
-
-/// A query for this node's resolver, as a gateway (see [`NodeEvent::DnsForward`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsForward {
-    /// Echo it in [`NodeCore::dns_forwarded`].
-    pub request: u32,
-    /// The served zone the name lies under: the shell's resolvers for it.
-    pub zone: String,
-    /// The query, DNS wire format, as the caller sent it.
-    pub query: Vec<u8>,
 }
 
 /// What `tern status` shows of names.
@@ -135,10 +111,10 @@ pub(super) struct PendingQuestion {
     question: Question,
     query: Vec<u8>,
     started: Instant,
-    how: Pending,
+    pub(super) how: Pending,
 }
 
-enum Pending {
+pub(super) enum Pending {
     /// A node name asked of the registered lighthouses.
     Name {
         label: String,
@@ -160,45 +136,18 @@ enum Pending {
     Local { zone: String },
 }
 
-/// A query handed to the shell's resolver.
-struct Forward {
-    asker: Asker,
-    question: Question,
-    started: Instant,
-}
-
-/// Who waits for a forwarded query's answer.
-enum Asker {
-    /// A peer: its session, address and request id.
-    Peer { peer: PeerId, ip: Ipv4Addr, id: u32 },
-    /// A question of this node's own (it serves the zone itself).
-    Local { id: u32 },
-}
-
-/// The zones list being read from a lighthouse, page by page.
-struct ZonesFetch {
-    lighthouse: PeerId,
-    lighthouse_ip: Ipv4Addr,
-    request: u32,
-    zones: Vec<AdvertisedZone>,
-}
-
 /// Names' state: one owner, [`NodeCore`].
 pub(super) struct Names {
     domain: String,
-    zones: BTreeMap<String, Vec<GatewayCandidate>>,
+    pub(super) zones: BTreeMap<String, Vec<GatewayCandidate>>,
     pub(super) next_query: Instant,
-    fetch: Option<ZonesFetch>,
-    pending: BTreeMap<u32, PendingQuestion>,
+    pub(super) fetch: Option<ZonesFetch>,
+    pub(super) pending: BTreeMap<u32, PendingQuestion>,
     cache: HashMap<String, (Ipv4Addr, Instant)>,
-    served: Vec<ServedZone>,
-    forwards: BTreeMap<u32, Forward>,
-    /// Each caller's queries per served zone.
-    buckets: HashMap<(Ipv4Addr, String), TokenBucket>,
     /// Adverts of a zone for a gateway whose certificate lacks it: ignored
     /// (and counted once).
-    ignored: BTreeSet<(String, Ipv4Addr)>,
-    counters: DnsCounters,
+    pub(super) ignored: BTreeSet<(String, Ipv4Addr)>,
+    pub(super) counters: DnsCounters,
 }
 
 impl Names {
@@ -210,9 +159,6 @@ impl Names {
             fetch: None,
             pending: BTreeMap::new(),
             cache: HashMap::new(),
-            served: Vec::new(),
-            forwards: BTreeMap::new(),
-            buckets: HashMap::new(),
             ignored: BTreeSet::new(),
             counters: DnsCounters::default(),
         }
@@ -229,10 +175,7 @@ impl Names {
                 Pending::Zone { sent: None, .. } | Pending::Local { .. } => timeout,
             }
         });
-        let forwards = self.forwards.values().map(|f| f.started + DNS_TIMEOUT);
-        questions
-            .chain(forwards)
-            .fold(self.next_query, Instant::min)
+        questions.fold(self.next_query, Instant::min)
     }
 
     /// The longest advertised zone `name` lies under.
@@ -243,21 +186,13 @@ impl Names {
             .max_by_key(|z| z.len())
             .cloned()
     }
-
-    /// The longest served zone `name` lies under.
-    fn served_for(&self, name: &str) -> Option<&ServedZone> {
-        self.served
-            .iter()
-            .filter(|s| name_in_zone(name, &s.zone))
-            .max_by_key(|s| s.zone.len())
-    }
 }
 
 impl NodeCore {
     /// `[dns] domain` and, on a gateway, the zones it answers for.
     pub fn set_dns(&mut self, domain: &str, served: Vec<ServedZone>) {
         self.names.domain = tern_shared::cert::canonical_zone(domain);
-        self.names.served = served;
+        self.serving.set(served);
     }
 
     pub fn dns_status(&self) -> DnsStatus {
@@ -269,7 +204,7 @@ impl NodeCore {
                 .iter()
                 .map(|(z, gws)| (z.clone(), gws.iter().map(|g| g.name.clone()).collect()))
                 .collect(),
-            serving: self.names.served.iter().map(|s| s.zone.clone()).collect(),
+            serving: self.serving.zones(),
             counters: self.names.counters.clone(),
         }
     }
@@ -280,7 +215,7 @@ impl NodeCore {
     pub fn is_mesh_name(&self, name: &str) -> bool {
         name_in_zone(name, &self.names.domain)
             || self.names.zone_for(name).is_some()
-            || self.names.served_for(name).is_some()
+            || self.serving.served_for(name).is_some()
     }
 
     /// A DNS query (wire format) from a local program, the CLI or a proxy.
@@ -313,9 +248,8 @@ impl NodeCore {
         {
             return self.resolve_reverse(&question, ip);
         }
-        if let Some(served) = self.names.served_for(&question.name) {
-            let zone = served.zone.clone();
-            return self.resolve_locally(question, query, zone, now);
+        if self.serving.served_for(&question.name).is_some() {
+            return self.resolve_locally(question, query, now);
         }
         match self.names.zone_for(&question.name) {
             Some(zone) => self.resolve_in_zone(question, query, zone, now),
@@ -531,37 +465,23 @@ impl NodeCore {
         DnsStep::Pending(id)
     }
 
-    fn resolve_locally(
-        &mut self,
-        q: Question,
-        query: &[u8],
-        zone: String,
-        now: Instant,
-    ) -> DnsStep {
+    fn resolve_locally(&mut self, q: Question, query: &[u8], now: Instant) -> DnsStep {
         let id = self.request_id();
+        let Some(forward) = self.forward_own(id, q.clone(), query, now) else {
+            return DnsStep::Upstream;
+        };
         self.names.pending.insert(
             id,
             PendingQuestion {
-                question: q.clone(),
+                question: q,
                 query: query.to_vec(),
                 started: now,
-                how: Pending::Local { zone: zone.clone() },
+                how: Pending::Local {
+                    zone: forward.zone.clone(),
+                },
             },
         );
-        let request = self.request_id();
-        self.names.forwards.insert(
-            request,
-            Forward {
-                asker: Asker::Local { id },
-                question: q,
-                started: now,
-            },
-        );
-        self.events.push(NodeEvent::DnsForward(DnsForward {
-            request,
-            zone,
-            query: query.to_vec(),
-        }));
+        self.events.push(NodeEvent::DnsForward(forward));
         DnsStep::Pending(id)
     }
 
@@ -641,22 +561,6 @@ impl NodeCore {
         }
         self.send_control(peer, gateway, &ControlMessage::DnsQuery { id, query }, now);
         Sent::Yes
-    }
-
-    /// A lighthouse listed `gateway` for `zone`, but its certificate does
-    /// not carry the zone: the advert is ignored from now on.
-    fn forged_zone(&mut self, zone: &str, gateway: Ipv4Addr, cert: &VerifiedCert) {
-        if !self.names.ignored.insert((zone.to_string(), gateway)) {
-            return;
-        }
-        self.names.counters.forged_zone_adverts += 1;
-        tracing::warn!(%zone, gateway = cert.name(), %gateway, carries = %list(cert.dns_zones()), "a gateway is advertised for a DNS zone its certificate does not carry; ignored");
-        if let Some(gws) = self.names.zones.get_mut(zone) {
-            gws.retain(|g| g.overlay_ip != gateway);
-            if gws.is_empty() {
-                self.names.zones.remove(zone);
-            }
-        }
     }
 
     /// A gateway became a peer: the zone questions waiting for it go out.
@@ -741,120 +645,6 @@ impl NodeCore {
         }
     }
 
-    /// As a gateway: a peer's query for a name under a zone this node serves.
-    pub(super) fn serve_dns_query(&mut self, peer: PeerId, id: u32, query: Vec<u8>, now: Instant) {
-        let Some(cert) = self.mesh.peer_cert(peer).cloned() else {
-            return;
-        };
-        self.names.counters.served += 1;
-        let reply = |core: &mut NodeCore, answer: Vec<u8>| {
-            core.send_dns_answer(peer, cert.overlay_ip(), id, &answer, now)
-        };
-        let q = match dns::parse_query(&query) {
-            Parsed::Query(q) => q,
-            Parsed::Reply(answer) => {
-                self.names.counters.malformed += 1;
-                return reply(self, answer);
-            }
-            Parsed::Drop => {
-                self.names.counters.malformed += 1;
-                return;
-            }
-        };
-        let Some(served) = self.names.served_for(&q.name).cloned() else {
-            // Never an open resolver into the private network.
-            self.names.counters.refused_outside_zones += 1;
-            return reply(self, dns::refused(&q));
-        };
-        let allowed = match &served.groups {
-            Some(groups) => groups.iter().any(|g| cert.has_group(g)),
-            None => self.firewall.lets_into(&cert, &self.gateway_subnets),
-        };
-        if !allowed {
-            self.names.counters.refused_groups += 1;
-            tracing::debug!(caller = cert.name(), zone = %served.zone, "DNS query refused: no allowed group");
-            return reply(self, dns::refused(&q));
-        }
-        let rate = served.queries_per_sec.max(1);
-        let bucket = self
-            .names
-            .buckets
-            .entry((cert.overlay_ip(), served.zone.clone()))
-            .or_insert_with(|| TokenBucket::new(rate.saturating_mul(2), now));
-        if !bucket.take(now) {
-            self.names.counters.rate_limited += 1;
-            return reply(self, dns::refused(&q));
-        }
-        if self.names.forwards.len() >= MAX_PENDING_QUESTIONS {
-            return reply(self, dns::servfail(&q));
-        }
-        let request = self.request_id();
-        self.names.forwards.insert(
-            request,
-            Forward {
-                asker: Asker::Peer {
-                    peer,
-                    ip: cert.overlay_ip(),
-                    id,
-                },
-                question: q,
-                started: now,
-            },
-        );
-        self.events.push(NodeEvent::DnsForward(DnsForward {
-            request,
-            zone: served.zone,
-            query,
-        }));
-    }
-
-    /// The shell's resolver answered a [`NodeEvent::DnsForward`] (`None`:
-    /// it failed or timed out). The answer goes to whoever asked.
-    pub fn dns_forwarded(&mut self, request: u32, answer: Option<Vec<u8>>, now: Instant) {
-        let Some(f) = self.names.forwards.remove(&request) else {
-            return;
-        };
-        let answer = match answer {
-            Some(a) if dns::answers(&a, &f.question) => a,
-            _ => dns::servfail(&f.question),
-        };
-        match f.asker {
-            Asker::Peer { peer, ip, id } => self.send_dns_answer(peer, ip, id, &answer, now),
-            Asker::Local { id } => {
-                if let Some(p) = self.names.pending.remove(&id) {
-                    let zone = match p.how {
-                        Pending::Local { zone } => zone,
-                        _ => String::new(),
-                    };
-                    self.events.push(NodeEvent::Dns(DnsResult {
-                        id,
-                        answer,
-                        source: format!("this gateway's resolver (zone {zone})"),
-                    }));
-                }
-            }
-        }
-    }
-
-    fn send_dns_answer(
-        &mut self,
-        peer: PeerId,
-        ip: Ipv4Addr,
-        id: u32,
-        answer: &[u8],
-        now: Instant,
-    ) {
-        for (part, parts, chunk) in split_answer(answer) {
-            let msg = ControlMessage::DnsAnswer {
-                id,
-                part,
-                parts,
-                answer: chunk.to_vec(),
-            };
-            self.send_control(peer, ip, &msg, now);
-        }
-    }
-
     /// Reads the zones list now and then; retries, fails over and times
     /// out questions.
     pub(super) fn drive_names(&mut self, now: Instant) {
@@ -918,155 +708,7 @@ impl NodeCore {
                 _ => {}
             }
         }
-        let stale: Vec<u32> = self
-            .names
-            .forwards
-            .iter()
-            .filter(|(_, f)| now.saturating_duration_since(f.started) >= DNS_TIMEOUT)
-            .map(|(r, _)| *r)
-            .collect();
-        for request in stale {
-            self.dns_forwarded(request, None, now);
-        }
-        self.names.buckets.retain(|_, b| !b.is_full(now));
-    }
-
-    /// Starts reading the zones list from a registered lighthouse.
-    pub(super) fn ask_zones(&mut self, now: Instant) {
-        if let Some((lighthouse, lighthouse_ip)) = self.registered_lighthouses().first().copied() {
-            let request = self.request_id();
-            self.names.fetch = Some(ZonesFetch {
-                lighthouse,
-                lighthouse_ip,
-                request,
-                zones: Vec::new(),
-            });
-            let query = ControlMessage::ZonesQuery {
-                id: request,
-                after: None,
-            };
-            self.send_control(lighthouse, lighthouse_ip, &query, now);
-        }
-    }
-
-    /// One page of a lighthouse's zones list: kept until the last page,
-    /// then the whole list replaces what we knew.
-    pub(super) fn zones_page(
-        &mut self,
-        from: PeerId,
-        id: u32,
-        page: Vec<AdvertisedZone>,
-        complete: bool,
-        now: Instant,
-    ) {
-        let Some(fetch) = self.names.fetch.as_mut() else {
-            return;
-        };
-        if fetch.lighthouse != from || fetch.request != id {
-            return;
-        }
-        let mut last = fetch.zones.last().map(|z| (z.zone.clone(), z.gateway));
-        for z in page {
-            let key = (z.zone.clone(), z.gateway);
-            if last.as_ref().is_some_and(|l| &key <= l) {
-                self.counters.bad_control_messages += 1;
-                tracing::warn!("a lighthouse's zones list went backwards; reading it again later");
-                self.names.fetch = None;
-                return;
-            }
-            last = Some(key);
-            fetch.zones.push(z);
-        }
-        let full = fetch.zones.len() >= MAX_LEARNED_ZONES;
-        if complete || full {
-            let zones = std::mem::take(&mut fetch.zones);
-            self.names.fetch = None;
-            self.handle_zones(zones);
-            return;
-        }
-        let (lighthouse, lighthouse_ip) = (fetch.lighthouse, fetch.lighthouse_ip);
-        let request = self.request_id();
-        if let Some(f) = self.names.fetch.as_mut() {
-            f.request = request;
-        }
-        let query = ControlMessage::ZonesQuery {
-            id: request,
-            after: last,
-        };
-        self.send_control(lighthouse, lighthouse_ip, &query, now);
-    }
-
-    /// The lighthouse's zones list replaces what we knew; gateways keep
-    /// their hold-downs. This node's own zones are not listed (it answers
-    /// them itself).
-    fn handle_zones(&mut self, advertised: Vec<AdvertisedZone>) {
-        let mut zones: BTreeMap<String, Vec<GatewayCandidate>> = BTreeMap::new();
-        for a in advertised {
-            if a.gateway == self.overlay_ip {
-                continue;
-            }
-            // A gateway whose certificate we hold decides now; one we do
-            // not know yet is checked before it is asked anything.
-            let known = self
-                .mesh
-                .peer_by_overlay(a.gateway)
-                .and_then(|p| self.mesh.peer_cert(p))
-                .cloned();
-            match known {
-                Some(cert) if !cert.answers_for(&a.zone) || cert.overlay_ip() != a.gateway => {
-                    self.forged_zone(&a.zone, a.gateway, &cert);
-                    continue;
-                }
-                Some(_) => {
-                    self.names.ignored.remove(&(a.zone.clone(), a.gateway));
-                }
-                None if self.names.ignored.contains(&(a.zone.clone(), a.gateway)) => continue,
-                None => {}
-            }
-            let down_until = self
-                .names
-                .zones
-                .get(&a.zone)
-                .and_then(|gws| gws.iter().find(|g| g.overlay_ip == a.gateway))
-                .and_then(|g| g.down_until);
-            zones.entry(a.zone).or_default().push(GatewayCandidate {
-                overlay_ip: a.gateway,
-                name: a.name,
-                down_until,
-            });
-        }
-        for (zone, gws) in &zones {
-            if !self.names.zones.contains_key(zone) {
-                tracing::info!(%zone, gateways = %list(gws.iter().map(|g| &g.name)), "learned DNS zone");
-            }
-        }
-        for zone in self.names.zones.keys() {
-            if !zones.contains_key(zone) {
-                tracing::info!(%zone, "no gateway advertises the DNS zone any more");
-            }
-        }
-        self.names.zones = zones;
-    }
-
-    /// Tells one lighthouse (or every registered one) the zones this node
-    /// answers for.
-    pub(super) fn advertise_zones(&mut self, only: Option<PeerId>, now: Instant) {
-        if self.names.served.is_empty() {
-            return;
-        }
-        let zones: Vec<String> = self.names.served.iter().map(|s| s.zone.clone()).collect();
-        for (peer, ip) in self
-            .registered_lighthouses()
-            .into_iter()
-            .filter(|(p, _)| only.is_none_or(|o| o == *p))
-        {
-            let id = self.request_id();
-            let msg = ControlMessage::ZoneAdvert {
-                id,
-                zones: zones.clone(),
-            };
-            self.send_control(peer, ip, &msg, now);
-        }
+        self.drive_serving(now);
     }
 }
 
