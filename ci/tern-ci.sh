@@ -38,15 +38,17 @@
 #                       the mesh through TERN_FORWARDS or a [proxy]).
 #   TERN_ROUTES         optional subnets to route through gateways,
 #                       comma-separated (tun mode: `[[routes]]`).
-#   TERN_DNS            "true" (the default in tun mode) or "false": the node
-#                       points the job's resolver at itself (`[dns]
-#                       configure_system`), so later steps resolve mesh names
-#                       (NAME.tern) and names under gateways' zones
-#                       (db.internal) with no further setup; every other name
-#                       goes to the job's resolvers as before, and the
-#                       resolver is put back by `down`. In userspace mode
-#                       names resolve through the forwards and proxies only.
-#                       (TERN_EXTRA_CONFIG must then not have a [dns] table.)
+#   TERN_DNS            "true" or "false" (`[dns] configure_system`); empty:
+#                       the node's default, which in tun mode (the node runs
+#                       as root) points the job's resolver at the node, so
+#                       later steps resolve mesh names (NAME.tern) and names
+#                       under gateways' zones (db.internal) with no further
+#                       setup; every other name goes to the job's resolvers
+#                       as before, and the resolver is put back by `down`.
+#                       "true" makes a failure to do so fatal; "false" leaves
+#                       the resolver alone. In userspace mode names resolve
+#                       through the forwards and proxies only. (With TERN_DNS
+#                       set, TERN_EXTRA_CONFIG must not have a [dns] table.)
 #   TERN_FORWARDS       optional LISTEN=TARGET pairs, comma-separated, e.g.
 #                       127.0.0.1:15432=198.19.0.10:5432 (`[[forwards]]`).
 #   TERN_EXTRA_CONFIG   optional TOML appended to the node config as is
@@ -442,9 +444,11 @@ write_config() {
                 echo "target = $(toml_str "${entry#*=}")"
             done
         fi
-        echo
-        echo "[dns]"
-        echo "configure_system = $DNS"
+        if [ -n "$DNS" ]; then
+            echo
+            echo "[dns]"
+            echo "configure_system = $DNS"
+        fi
         if [ -n "${TERN_EXTRA_CONFIG:-}" ]; then
             echo
             printf '%s\n' "$TERN_EXTRA_CONFIG"
@@ -522,11 +526,8 @@ up() {
     *) die 2 "TERN_MODE=$MODE: use tun or userspace" ;;
     esac
     DNS=${TERN_DNS:-}
-    if [ -z "$DNS" ]; then
-        if [ "$MODE" = tun ]; then DNS=true; else DNS=false; fi
-    fi
     case $DNS in
-    true | false) ;;
+    '' | true | false) ;;
     *) die 2 "TERN_DNS=$DNS: use true or false" ;;
     esac
     if [ "$DNS" = true ] && [ "$MODE" = userspace ]; then

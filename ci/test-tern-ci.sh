@@ -251,9 +251,6 @@ endpoint = "127.0.0.1:4242"
 
 [api]
 socket = "$S/api/tern.sock"
-
-[dns]
-configure_system = true
 EOF
     )
     [ "$(cat "$S/node.toml")" = "$want" ] || fail "node.toml:"$'\n'"$(cat "$S/node.toml")"
@@ -555,10 +552,10 @@ test_userspace_and_tun_modes() {
     has "$S/node.toml" 'listen = "127.0.0.1:15432"'
     has "$S/node.toml" 'target = "198.19.0.10:5432"'
     has "$S/node.toml" 'subnet = "198.19.0.0/24"'
-    # Userspace: the node is not the system's resolver.
-    has "$S/node.toml" 'configure_system = false'
+    # Userspace: the node's default (never the system's resolver).
+    hasnt "$S/node.toml" 'configure_system'
 
-    # DNS: on by default in tun mode, off on request; true needs tun mode.
+    # DNS: the node's default unless asked; true needs tun mode.
     setup
     export TERN_MODE=userspace TERN_DNS=true
     PATH=$sys ci up
@@ -569,6 +566,11 @@ test_userspace_and_tun_modes() {
     ci up
     expect_rc 2
     has "$T/err" "TERN_DNS=maybe: use true or false"
+    setup
+    export TERN_DNS=false TERN_WAIT_FOR=198.19.0.10:5432
+    ci up
+    expect_rc 0
+    has "$S/node.toml" 'configure_system = false'
 
     # tun mode as a user without sudo: refused before anything runs.
     setup
@@ -594,7 +596,7 @@ EOF
     has "$FAKE_DIR/sudo-calls" "-n -E $TERN_BIN up --config $S/node.toml"
     hasnt "$FAKE_DIR/calls" "--userspace"
     has "$S/node.toml" "group = \"$(id -gn)\""
-    has "$S/node.toml" 'configure_system = true'
+    hasnt "$S/node.toml" 'configure_system'
     PATH=$T/bin:$sys ci down
     expect_rc 0
     has "$FAKE_DIR/sudo-calls" "-n -E $TERN_BIN down --config $S/node.toml"

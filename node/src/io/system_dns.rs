@@ -133,13 +133,15 @@ fn process_is_tern(pid: u32) -> bool {
 }
 
 /// The nameservers in a resolv.conf text, as resolvers (the node's own
-/// address and resolved's stub left out: asking them would loop).
+/// address left out: asking it would loop). systemd-resolved's stub stays:
+/// it sends only the mesh's routing domains to the node, and the node
+/// sends it only other names.
 fn resolvers_in(text: &str, own: Ipv4Addr) -> Resolvers {
     Resolvers {
         servers: resolv_conf::parse(text)
             .nameservers
             .into_iter()
-            .filter(|ip| *ip != IpAddr::V4(own) && *ip != IpAddr::V4(RESOLVED_STUB))
+            .filter(|ip| *ip != IpAddr::V4(own))
             .map(|ip| SocketAddr::new(ip, DNS_PORT))
             .collect(),
     }
