@@ -28,7 +28,8 @@
 #                       `id_tokens`): `tern up --enroll-oidc`; tern reads the
 #                       variable itself, it is never put on a command line.
 #                       When set, it wins over TERN_OIDC_AUDIENCE.
-#   TERN_WAIT_FOR       optional IPv4:PORT: return only once a TCP connection
+#   TERN_WAIT_FOR       optional HOST:PORT (an IPv4 address, or a name the node
+#                       resolves: NAME.tern, db.internal): return only once a TCP connection
 #                       to it through the mesh succeeded (`tern up --wait-for`).
 #                       Without it: return once the node is registered with a
 #                       lighthouse.
@@ -153,7 +154,7 @@ meaning() {
     local timeout=${TERN_WAIT_TIMEOUT:-30s}
     case $1 in
     1) echo "tern up failed: bad config, identity or environment; check the error above (TERN_CA, TERN_MODE, the node log)" ;;
-    2) echo "tern up was called wrongly (usage); check TERN_WAIT_FOR (IPv4:PORT) and TERN_WAIT_TIMEOUT (e.g. 30s)" ;;
+    2) echo "tern up was called wrongly (usage); check TERN_WAIT_FOR (HOST:PORT) and TERN_WAIT_TIMEOUT (e.g. 30s)" ;;
     68) echo "no path to $target through the mesh; check that a gateway routing it is up and that its certificate and [gateway] subnets carry that address" ;;
     69) echo "no lighthouse answered; check TERN_LIGHTHOUSE (${TERN_LIGHTHOUSE:-}) and that it is reachable over UDP from this runner" ;;
     70) echo "$target refused the connection; check that the service listens there and that the gateway's firewall lets this job's groups in" ;;

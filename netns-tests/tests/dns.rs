@@ -378,18 +378,43 @@ fn names_resolve_through_the_mesh_and_the_system_resolver_comes_back() {
     assert!(fs::read_to_string(job.resolv_conf())
         .unwrap_or_default()
         .contains("nameserver 100.64.0.20"));
-    let ci = start_node(&job, &ci_config, "node-ci-1-third");
-    ci.wait_for_log(
-        "a previous run left the resolver configuration changed; put back",
-        Duration::from_secs(10),
+    // This time in the background, ready once a private name answers.
+    let tern = tern_netns_tests::workspace_bin("tern");
+    let log = dir.join("ci-1-third.log");
+    let up = job.exec(
+        &tern.to_string_lossy(),
+        [
+            "up",
+            "--config",
+            &ci_config.to_string_lossy(),
+            "--wait-for",
+            "api.internal:8080",
+            "--log-file",
+            &log.to_string_lossy(),
+        ],
     );
-    wait_until("ci-1 resolves again", Duration::from_secs(20), || {
-        dig(&job, &["+short", "api.internal"]).trim() == SERVER
-    });
-    ci.terminate_and_wait(Duration::from_secs(10));
-    assert_eq!(
-        fs::read_to_string(job.resolv_conf()).unwrap_or_default(),
-        original
+    assert!(
+        up.status.success(),
+        "tern up --wait-for api.internal:8080: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("a previous run left the resolver configuration changed; put back"));
+    assert_eq!(dig(&job, &["+short", "api.internal"]).trim(), SERVER);
+    let down = job.exec(
+        &tern.to_string_lossy(),
+        ["down", "--config", &ci_config.to_string_lossy()],
+    );
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    wait_until(
+        "ci-1 put the resolver back",
+        Duration::from_secs(10),
+        || fs::read_to_string(job.resolv_conf()).unwrap_or_default() == original,
     );
     drop(gw_proc);
 }

@@ -44,8 +44,9 @@ pub struct UpArgs {
     #[arg(long, value_name = "FILE", requires = "enroll_oidc")]
     pub oidc_token_file: Option<PathBuf>,
     /// Run the node in the background and return only once a TCP
-    /// connection to HOST:PORT through the mesh succeeded (an IPv4 address:
-    /// a peer's, or one a gateway routes). Exit codes in --help.
+    /// connection to HOST:PORT through the mesh succeeded (an IPv4 address,
+    /// a peer's or one a gateway routes; or a name the node resolves: a
+    /// mesh name, or one under a gateway's zone). Exit codes in --help.
     #[arg(long, value_name = "HOST:PORT")]
     pub wait_for: Option<String>,
     /// How long --wait-for may take, e.g. 30s.
@@ -259,9 +260,12 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     if let Some(target) = &args.wait_for {
-        let Ok(target) = target.parse::<std::net::SocketAddrV4>() else {
-            eprintln!("tern up: --wait-for {target:?}: give an IPv4 address and port, e.g. 198.19.0.10:5432");
-            return Ok(ExitCode::from(2));
+        let target = match target.parse::<tern_shared::dns::ForwardTarget>() {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tern up: --wait-for {e}");
+                return Ok(ExitCode::from(2));
+            }
         };
         return super::ready::up_and_wait(
             &socket,

@@ -10,6 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
+use tern_shared::dns::ForwardTarget;
 use tern_shared::exit;
 
 use crate::io::api::{self, ApiRequest};
@@ -164,7 +165,7 @@ fn open_log(
 pub fn up_and_wait(
     socket: &Path,
     group: Option<&str>,
-    target: SocketAddrV4,
+    target: ForwardTarget,
     timeout: Duration,
     log: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
@@ -185,9 +186,17 @@ pub fn up_and_wait(
         // Its own process group: the CI step's Ctrl-C or end does not reach it.
         .process_group(0)
         .spawn()?;
+    let (target, name) = match target {
+        ForwardTarget::Addr(a) => (a, None),
+        ForwardTarget::Name { host, port } => (
+            SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port),
+            Some(host),
+        ),
+    };
     let mut gate = Gate {
         socket,
         target,
+        name,
         timeout,
         started,
         deadline: started + timeout,
@@ -200,13 +209,19 @@ pub fn up_and_wait(
     if let Some(code) = gate.wait_registered()? {
         return Ok(code);
     }
+    if let Some(code) = gate.resolve_name()? {
+        return Ok(code);
+    }
     gate.wait_for_target()
 }
 
 /// The readiness gate around the node it started.
 struct Gate<'a> {
     socket: &'a Path,
+    /// The address dialled (a name's once it resolved).
     target: SocketAddrV4,
+    /// `--wait-for NAME:PORT`: the name, resolved through the node.
+    name: Option<String>,
     timeout: Duration,
     started: Instant,
     deadline: Instant,
@@ -258,6 +273,47 @@ impl Gate<'_> {
                 return fail(&mut self.child, exit::UNAVAILABLE, why, &self.log).map(Some);
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// With a name: it resolves through the node (a mesh name, or one
+    /// under a gateway's zone, which may need a moment to be learned), or
+    /// no path. `None`: resolved, the target set.
+    fn resolve_name(&mut self) -> anyhow::Result<Option<ExitCode>> {
+        let Some(name) = self.name.clone() else {
+            return Ok(None);
+        };
+        loop {
+            let request = ApiRequest::Resolve {
+                name: name.clone(),
+                rtype: "A".into(),
+            };
+            let why = match self
+                .runtime
+                .block_on(api::ask::<api::ResolveReply>(self.socket, &request))
+            {
+                Ok(Ok(reply)) => {
+                    let ip = reply
+                        .records
+                        .iter()
+                        .filter(|r| r.rtype == "A")
+                        .find_map(|r| r.data.parse().ok());
+                    match ip {
+                        Some(ip) => {
+                            self.target = SocketAddrV4::new(ip, self.target.port());
+                            return Ok(None);
+                        }
+                        None => format!("{} ({}, from {})", name, reply.rcode, reply.source),
+                    }
+                }
+                Ok(Err(refusal)) => refusal.to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= self.deadline {
+                let why = format!("{name} did not resolve: {why}");
+                return fail(&mut self.child, exit::NO_PATH, why, &self.log).map(Some);
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
