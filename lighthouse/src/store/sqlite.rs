@@ -1,4 +1,4 @@
-//! The lighthouse's lasting enrollment state in a SQLite file:
+//! The enrollment state in a SQLite file:
 //! [`SqliteStore`] implements [`EnrollStore`] (token hashes and their uses,
 //! leased addresses, issued certificates, used OIDC tokens, revocations).
 
@@ -13,11 +13,7 @@ use tern_lighthouse_core::enroll::{
 use tern_shared::cert::{Cert, Fingerprint};
 use tern_shared::control::Revocation;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("enrollment store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-}
+use super::{grant_of, stored_time, StoreError};
 
 /// [`EnrollStore`] in a SQLite file (WAL, so `tern-lighthouse token create`
 /// can write while the daemon runs).
@@ -398,25 +394,36 @@ impl SqliteStore {
     }
 }
 
-/// A token's grant, from its stored groups and lifetime.
-fn grant_of(groups: &str, cert_ttl: i64) -> Grant {
-    Grant {
-        groups: groups
-            .split(',')
-            .filter(|g| !g.is_empty())
-            .map(str::to_string)
-            .collect(),
-        cert_ttl: cert_ttl.max(0) as u64,
-    }
-}
-
 fn parse_fingerprint(text: &str) -> Option<Fingerprint> {
     text.parse().ok()
 }
 
-/// Stored times are i64; a revocation "forever" is stored as i64::MAX.
-fn stored_time(t: u64) -> i64 {
-    i64::try_from(t).unwrap_or(i64::MAX)
+#[cfg(test)]
+mod suite_tests {
+    use super::*;
+
+    /// A fresh SQLite file; each connection opens it anew.
+    struct SqliteBackend {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    }
+
+    impl SqliteBackend {
+        fn new() -> Option<SqliteBackend> {
+            let dir = tempfile::tempdir().ok()?;
+            let path = dir.path().join("store.db");
+            Some(SqliteBackend { _dir: dir, path })
+        }
+    }
+
+    impl crate::store::suite::Backend for SqliteBackend {
+        type Store = SqliteStore;
+        fn connect(&self) -> SqliteStore {
+            SqliteStore::open(&self.path).unwrap_or_else(|e| panic!("{e}"))
+        }
+    }
+
+    crate::store::suite::store_suite!(SqliteBackend::new());
 }
 
 #[cfg(test)]

@@ -1,0 +1,546 @@
+//! The enrollment state in PostgreSQL, shared by several lighthouses: what
+//! must hold across them is held by the database — a token's uses are
+//! spent by one conditional `UPDATE`, an address is leased by an `INSERT
+//! ... ON CONFLICT` that only takes a lease that expired (the primary key
+//! makes a second live lease of one address impossible), an OIDC token is
+//! marked used by an insert that succeeds once, and revocations are
+//! numbered by a sequence and announced with `NOTIFY tern_revocations`.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use postgres::{Client, NoTls, Transaction};
+use tern_lighthouse_core::enroll::{
+    token_id, EnrollStore, Grant, HostRanges, NewToken, TokenIdPrefix, TokenInfo, TokenRefusal,
+    TokenRevokeRefusal, TOKEN_ID_LEN,
+};
+use tern_shared::cert::{Cert, Fingerprint};
+use tern_shared::control::Revocation;
+
+use super::{grant_of, stored_time, StoreError};
+
+/// The channel revocations are announced on.
+pub const REVOCATIONS_CHANNEL: &str = "tern_revocations";
+
+/// The schema's versions, each applied once, in order, in one transaction
+/// with its version recorded (`tern_schema`).
+const MIGRATIONS: &[&str] = &["CREATE TABLE tokens (
+         hash TEXT PRIMARY KEY, groups TEXT NOT NULL, uses_left BIGINT NOT NULL,
+         expires BIGINT NOT NULL, cert_ttl BIGINT NOT NULL, created BIGINT NOT NULL,
+         seq BIGSERIAL NOT NULL);
+     CREATE TABLE leases (ip TEXT PRIMARY KEY, name TEXT NOT NULL, until BIGINT NOT NULL);
+     CREATE TABLE issued (
+         fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, ip TEXT NOT NULL,
+         groups TEXT NOT NULL, not_after BIGINT NOT NULL, how TEXT NOT NULL, at BIGINT NOT NULL);
+     CREATE INDEX issued_by_name ON issued (name);
+     CREATE TABLE oidc_used (id TEXT PRIMARY KEY, until BIGINT NOT NULL);
+     CREATE INDEX oidc_used_until ON oidc_used (until);
+     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE revocations (
+         version BIGSERIAL PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,
+         name TEXT NOT NULL, not_after BIGINT NOT NULL, at BIGINT NOT NULL);"];
+
+/// [`EnrollStore`] in PostgreSQL.
+pub struct PostgresStore {
+    db: Client,
+}
+
+impl PostgresStore {
+    /// Connects (`postgres://USER@HOST:PORT/DB?sslmode=disable`; the
+    /// password given apart, never in the URL) and brings the schema up to
+    /// date.
+    pub fn connect(url: &str, password: Option<&str>) -> Result<PostgresStore, StoreError> {
+        let mut config: postgres::Config = url.parse()?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        let db = config.connect(NoTls)?;
+        let mut store = PostgresStore { db };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Applies the migrations this database lacks; the schema's version
+    /// after. Lighthouses starting at once wait for each other (an
+    /// advisory lock), so each migration runs once.
+    pub fn migrate(&mut self) -> Result<usize, StoreError> {
+        let mut tx = self.db.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock(7414)", &[])?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS tern_schema (version INTEGER NOT NULL)")?;
+        let current: i32 = tx
+            .query_opt("SELECT max(version) FROM tern_schema", &[])?
+            .and_then(|r| r.get::<_, Option<i32>>(0))
+            .unwrap_or(0);
+        let current = usize::try_from(current).unwrap_or(0);
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            tx.batch_execute(sql)?;
+            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            tx.execute("INSERT INTO tern_schema (version) VALUES ($1)", &[&version])?;
+        }
+        tx.commit()?;
+        Ok(MIGRATIONS.len())
+    }
+
+    fn token_row(&mut self, hash: &str) -> Result<Option<(String, i64, i64, i64)>, StoreError> {
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT groups, uses_left, expires, cert_ttl FROM tokens WHERE hash = $1",
+                &[&hash],
+            )?
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    }
+}
+
+/// Takes `ip` for `name` unless it holds a lease that has not expired by
+/// `now`: one statement, so two lighthouses cannot both take it.
+fn take_lease(
+    tx: &mut Transaction<'_>,
+    ip: Ipv4Addr,
+    name: &str,
+    until: i64,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let taken = tx.query_opt(
+        "INSERT INTO leases (ip, name, until) VALUES ($1, $2, $3)
+         ON CONFLICT (ip) DO UPDATE SET name = EXCLUDED.name, until = EXCLUDED.until
+         WHERE leases.until <= $4
+         RETURNING ip",
+        &[&ip.to_string(), &name, &until, &now],
+    )?;
+    Ok(taken.is_some())
+}
+
+impl EnrollStore for PostgresStore {
+    type Error = StoreError;
+
+    fn create_token(&mut self, t: &NewToken, now: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO tokens (hash, groups, uses_left, expires, cert_ttl, created) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&t.hash, &t.groups.join(","), &i64::from(t.uses), &stored_time(t.expires), &stored_time(t.cert_ttl), &stored_time(now)],
+        )?;
+        Ok(())
+    }
+
+    fn peek_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+        Ok(match self.token_row(hash)? {
+            None => Err(TokenRefusal::Unknown),
+            Some((_, _, expires, _)) if expires <= stored_time(now) => Err(TokenRefusal::Expired),
+            Some((_, uses_left, _, _)) if uses_left <= 0 => Err(TokenRefusal::UsedUp),
+            Some((groups, _, _, ttl)) => Ok(grant_of(&groups, ttl)),
+        })
+    }
+
+    fn use_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+        // One statement: the check and the decrement are one atomic step,
+        // whichever lighthouse runs it.
+        let used = self.db.query_opt(
+            "UPDATE tokens SET uses_left = uses_left - 1
+             WHERE hash = $1 AND uses_left > 0 AND expires > $2
+             RETURNING groups, cert_ttl",
+            &[&hash, &stored_time(now)],
+        )?;
+        if let Some(row) = used {
+            return Ok(Ok(grant_of(&row.get::<_, String>(0), row.get(1))));
+        }
+        Ok(match self.token_row(hash)? {
+            None => Err(TokenRefusal::Unknown),
+            Some((_, _, expires, _)) if expires <= stored_time(now) => Err(TokenRefusal::Expired),
+            Some(_) => Err(TokenRefusal::UsedUp),
+        })
+    }
+
+    fn lease(
+        &mut self,
+        pool: &[Ipv4Net],
+        name: &str,
+        until: u64,
+        now: u64,
+    ) -> Result<Option<Ipv4Addr>, StoreError> {
+        // Round robin from the address leased last, as in SQLite; the
+        // cursor's row lock makes lighthouses leasing at once take turns.
+        let mut tx = self.db.transaction()?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('lease_cursor', '') ON CONFLICT (key) DO NOTHING",
+            &[],
+        )?;
+        let cursor: Option<Ipv4Addr> = tx
+            .query_one(
+                "SELECT value FROM meta WHERE key = 'lease_cursor' FOR UPDATE",
+                &[],
+            )?
+            .get::<_, String>(0)
+            .parse()
+            .ok();
+        let hosts = HostRanges::of(pool);
+        let total = hosts.total();
+        let start = cursor.and_then(|c| hosts.index_of(c)).map_or(0, |i| i + 1);
+        let mut found = None;
+        for ip in (0..total).filter_map(|i| hosts.at((start + i) % total.max(1))) {
+            if take_lease(&mut tx, ip, name, stored_time(until), stored_time(now))? {
+                tx.execute(
+                    "UPDATE meta SET value = $1 WHERE key = 'lease_cursor'",
+                    &[&ip.to_string()],
+                )?;
+                found = Some(ip);
+                break;
+            }
+        }
+        tx.commit()?;
+        Ok(found)
+    }
+
+    fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
+        self.db.execute(
+            "DELETE FROM leases WHERE ip = $1 AND name = $2",
+            &[&ip.to_string(), &name],
+        )?;
+        Ok(())
+    }
+
+    fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
+        let b = &cert.body;
+        self.db.execute(
+            "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (fingerprint) DO UPDATE SET name = EXCLUDED.name, ip = EXCLUDED.ip,
+                 groups = EXCLUDED.groups, not_after = EXCLUDED.not_after, how = EXCLUDED.how, at = EXCLUDED.at",
+            &[
+                &cert.fingerprint().to_string(),
+                &b.name,
+                &b.ips.first().map(|n| n.to_string()).unwrap_or_default(),
+                &b.groups.join(","),
+                &stored_time(b.not_after),
+                &how,
+                &stored_time(now),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT 1 FROM oidc_used WHERE id = $1 AND until >= $2",
+                &[&id, &stored_time(now)],
+            )?
+            .is_some())
+    }
+
+    fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError> {
+        self.db.execute(
+            "DELETE FROM oidc_used WHERE until < $1",
+            &[&stored_time(now)],
+        )?;
+        let added = self.db.execute(
+            "INSERT INTO oidc_used (id, until) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            &[&id, &stored_time(until)],
+        )?;
+        Ok(added == 1)
+    }
+
+    fn issued_named(
+        &mut self,
+        name: &str,
+        now: u64,
+    ) -> Result<Vec<(Fingerprint, u64)>, StoreError> {
+        let rows = self.db.query(
+            "SELECT fingerprint, not_after FROM issued WHERE name = $1 AND not_after >= $2",
+            &[&name, &stored_time(now)],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let fp: String = r.get(0);
+                let not_after: i64 = r.get(1);
+                Some((fp.parse().ok()?, not_after.max(0) as u64))
+            })
+            .collect())
+    }
+
+    fn issued(&mut self, fingerprint: &Fingerprint) -> Result<Option<(String, u64)>, StoreError> {
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT name, not_after FROM issued WHERE fingerprint = $1",
+                &[&fingerprint.to_string()],
+            )?
+            .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64)))
+    }
+
+    fn revoke(
+        &mut self,
+        fingerprint: &Fingerprint,
+        name: &str,
+        not_after: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.transaction()?;
+        let added = tx.execute(
+            "INSERT INTO revocations (fingerprint, name, not_after, at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (fingerprint) DO NOTHING",
+            &[
+                &fingerprint.to_string(),
+                &name,
+                &stored_time(not_after),
+                &stored_time(now),
+            ],
+        )?;
+        if added == 1 {
+            // Delivered at commit, to every lighthouse listening.
+            tx.batch_execute(&format!("NOTIFY {REVOCATIONS_CHANNEL}"))?;
+        }
+        tx.commit()?;
+        Ok(added == 1)
+    }
+
+    fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError> {
+        let rows = self.db.query(
+            "SELECT version, fingerprint, not_after FROM revocations WHERE not_after >= $1 ORDER BY version",
+            &[&stored_time(now)],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let version = u32::try_from(r.get::<_, i64>(0)).ok()?;
+                let fingerprint = r.get::<_, String>(1).parse().ok()?;
+                let not_after = r.get::<_, i64>(2).max(0) as u64;
+                Some((
+                    version,
+                    Revocation {
+                        fingerprint,
+                        not_after,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    fn list_tokens(&mut self, now: u64) -> Result<Vec<TokenInfo>, StoreError> {
+        // The id is cut in the query: the rest of the hash never leaves it.
+        let rows = self.db.query(
+            "SELECT left(hash, $1), groups, uses_left, expires, created, cert_ttl FROM tokens ORDER BY created, seq",
+            &[&(TOKEN_ID_LEN as i32)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let expires: i64 = r.get(3);
+                let grant = grant_of(&r.get::<_, String>(1), r.get(5));
+                TokenInfo {
+                    id: r.get(0),
+                    groups: grant.groups,
+                    uses_left: u32::try_from(r.get::<_, i64>(2).max(0)).unwrap_or(u32::MAX),
+                    expires: expires.max(0) as u64,
+                    created: r.get::<_, i64>(4).max(0) as u64,
+                    cert_ttl: grant.cert_ttl,
+                    expired: expires <= stored_time(now),
+                }
+            })
+            .collect())
+    }
+
+    fn revoke_token(
+        &mut self,
+        id: &TokenIdPrefix,
+    ) -> Result<Result<String, TokenRevokeRefusal>, StoreError> {
+        let prefix = id.as_str();
+        let mut tx = self.db.transaction()?;
+        // No token made meanwhile can turn a unique prefix into an
+        // ambiguous one between the look and the delete.
+        tx.batch_execute("LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE")?;
+        let matching: Vec<String> = tx
+            .query(
+                "SELECT hash FROM tokens WHERE left(hash, $1) = $2",
+                &[&(prefix.len() as i32), &prefix],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let hash = match matching.as_slice() {
+            [] => return Ok(Err(TokenRevokeRefusal::Unknown(prefix.to_string()))),
+            [one] => one.clone(),
+            more => {
+                return Ok(Err(TokenRevokeRefusal::Ambiguous {
+                    id: prefix.to_string(),
+                    count: more.len(),
+                }))
+            }
+        };
+        tx.execute("DELETE FROM tokens WHERE hash = $1", &[&hash])?;
+        tx.commit()?;
+        Ok(Ok(token_id(&hash).to_string()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod tests {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use super::*;
+
+    /// A real PostgreSQL server of this test's own: `initdb` and `pg_ctl`
+    /// from Debian's package, run as the `postgres` user in a temporary
+    /// directory, listening on a Unix socket there only; stopped (by its
+    /// data directory, so only this server) when dropped.
+    pub(crate) struct TestServer {
+        dir: tempfile::TempDir,
+        bin: PathBuf,
+    }
+
+    impl TestServer {
+        /// `None` (with a message) where PostgreSQL is not installed or the
+        /// test cannot run it (not root); under `CI=true` that fails.
+        pub(crate) fn start() -> Option<TestServer> {
+            let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+                d.flatten()
+                    .map(|e| e.path().join("bin"))
+                    .find(|b| b.join("initdb").is_file())
+            });
+            let root = Command::new("id")
+                .arg("-u")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+            let (Some(bin), true) = (bin, root) else {
+                let why = "PostgreSQL store tests need Debian's postgresql package and root (the server runs as the postgres user)";
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+                eprintln!("skipping: {why}");
+                return None;
+            };
+            let dir = tempfile::Builder::new()
+                .prefix("tern-pg-")
+                .tempdir()
+                .unwrap();
+            let (uid, gid) = postgres_ids();
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+            let data = dir.path().join("data");
+            let run = |args: &[&str]| {
+                let out = Command::new("runuser")
+                    .args(["-u", "postgres", "--"])
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            let initdb = bin.join("initdb");
+            run(&[
+                &initdb.to_string_lossy(),
+                "-D",
+                &data.to_string_lossy(),
+                "-A",
+                "trust",
+                "-U",
+                "tern",
+                "--no-sync",
+            ]);
+            let options = format!(
+                "-c listen_addresses='' -k {} -c fsync=off -c max_connections=50",
+                dir.path().display()
+            );
+            let pg_ctl = bin.join("pg_ctl");
+            run(&[
+                &pg_ctl.to_string_lossy(),
+                "-D",
+                &data.to_string_lossy(),
+                "-o",
+                &options,
+                "-l",
+                &dir.path().join("log").to_string_lossy(),
+                "-w",
+                "start",
+            ]);
+            Some(TestServer { dir, bin })
+        }
+
+        fn socket_dir(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// A connection string for database `db`.
+        pub(crate) fn url(&self, db: &str) -> String {
+            format!("host={} user=tern dbname={db}", self.socket_dir().display())
+        }
+
+        /// A new, empty database.
+        pub(crate) fn create_db(&self, db: &str) {
+            let mut c = Client::connect(&self.url("postgres"), NoTls).unwrap();
+            c.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+
+    fn postgres_ids() -> (u32, u32) {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let line = passwd
+            .lines()
+            .find(|l| l.starts_with("postgres:"))
+            .expect("a postgres user");
+        let f: Vec<&str> = line.split(':').collect();
+        (f[2].parse().unwrap(), f[3].parse().unwrap())
+    }
+
+    /// Connections to one fresh database on a server of the test's own.
+    pub(crate) struct PostgresBackend {
+        server: TestServer,
+    }
+
+    impl PostgresBackend {
+        pub(crate) fn new() -> Option<PostgresBackend> {
+            let server = TestServer::start()?;
+            server.create_db("tern");
+            Some(PostgresBackend { server })
+        }
+    }
+
+    impl crate::store::suite::Backend for PostgresBackend {
+        type Store = PostgresStore;
+        fn connect(&self) -> PostgresStore {
+            PostgresStore::connect(&self.server.url("tern"), None).unwrap()
+        }
+    }
+
+    crate::store::suite::store_suite!(PostgresBackend::new());
+
+    #[test]
+    fn migrations_run_once_and_a_second_lighthouse_finds_the_schema_done() {
+        let Some(b) = PostgresBackend::new() else {
+            return;
+        };
+        use crate::store::suite::Backend;
+        let mut one = b.connect();
+        let mut two = b.connect();
+        assert_eq!(one.migrate().unwrap(), MIGRATIONS.len());
+        assert_eq!(two.migrate().unwrap(), MIGRATIONS.len());
+        let versions: i64 = one
+            .db
+            .query_one("SELECT count(*) FROM tern_schema", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(versions, MIGRATIONS.len() as i64);
+    }
+}

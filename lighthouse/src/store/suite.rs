@@ -1,0 +1,284 @@
+//! The test suite every store passes (SQLite and PostgreSQL alike), through
+//! [`EnrollStore`] alone: tokens and their uses, leases, OIDC replay marks,
+//! the issuance log, revocations — and what must hold when two connections
+//! (two lighthouses) race.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use tern_lighthouse_core::enroll::{
+    EnrollStore, NewToken, TokenIdPrefix, TokenRefusal, TokenRevokeRefusal,
+};
+use tern_shared::testing::TestCa;
+
+use super::StoreError;
+
+const NOW: u64 = 1_700_000_000;
+
+/// Fresh connections to one empty store.
+pub(crate) trait Backend {
+    type Store: EnrollStore<Error = StoreError> + Send + 'static;
+    fn connect(&self) -> Self::Store;
+}
+
+fn token(hash: &str, uses: u32, expires: u64) -> NewToken {
+    NewToken {
+        hash: hash.to_string(),
+        groups: vec!["ci".into(), "deploy".into()],
+        uses,
+        expires,
+        cert_ttl: 900,
+    }
+}
+
+fn pool(cidr: &str) -> Vec<Ipv4Net> {
+    vec![cidr.parse().unwrap()]
+}
+
+pub(crate) fn tokens_are_spent_once_and_refused_with_their_reason(b: &impl Backend) {
+    let mut s = b.connect();
+    s.create_token(&token("aa11", 2, NOW + 60), NOW).unwrap();
+    s.create_token(&token("bb22", 1, NOW - 1), NOW - 100)
+        .unwrap();
+    let grant = s.peek_token("aa11", NOW).unwrap().unwrap();
+    assert_eq!(grant.groups, ["ci", "deploy"]);
+    assert_eq!(grant.cert_ttl, 900);
+    assert!(s.use_token("aa11", NOW).unwrap().is_ok());
+    assert!(s.use_token("aa11", NOW).unwrap().is_ok());
+    assert_eq!(s.use_token("aa11", NOW).unwrap(), Err(TokenRefusal::UsedUp));
+    assert_eq!(
+        s.peek_token("aa11", NOW).unwrap(),
+        Err(TokenRefusal::UsedUp)
+    );
+    assert_eq!(
+        s.use_token("bb22", NOW).unwrap(),
+        Err(TokenRefusal::Expired)
+    );
+    assert_eq!(
+        s.peek_token("cc33", NOW).unwrap(),
+        Err(TokenRefusal::Unknown)
+    );
+    let listed = s.list_tokens(NOW).unwrap();
+    let ids: Vec<(&str, u32, bool)> = listed
+        .iter()
+        .map(|t| (t.id.as_str(), t.uses_left, t.expired))
+        .collect();
+    assert_eq!(ids, [("bb22", 1, true), ("aa11", 0, false)], "oldest first");
+}
+
+pub(crate) fn a_token_is_revoked_by_a_unique_prefix_of_its_id(b: &impl Backend) {
+    let mut s = b.connect();
+    let (one, two, other) = (
+        "0123456789abcdef00".to_string(),
+        "0123456789abffff11".to_string(),
+        "fedcba9876543210aa".to_string(),
+    );
+    for h in [&one, &two, &other] {
+        s.create_token(&token(h, 1, NOW + 60), NOW).unwrap();
+    }
+    let prefix = |p: &str| TokenIdPrefix::parse(p).unwrap();
+    assert_eq!(
+        s.revoke_token(&prefix("0123456789ab")).unwrap(),
+        Err(TokenRevokeRefusal::Ambiguous {
+            id: "0123456789ab".into(),
+            count: 2
+        })
+    );
+    assert_eq!(
+        s.revoke_token(&prefix("fedcba98")).unwrap(),
+        Ok("fedcba987654".to_string())
+    );
+    assert_eq!(
+        s.use_token(&other, NOW).unwrap(),
+        Err(TokenRefusal::Unknown)
+    );
+    assert!(matches!(
+        s.revoke_token(&prefix("99999999")).unwrap(),
+        Err(TokenRevokeRefusal::Unknown(_))
+    ));
+    assert!(s.use_token(&one, NOW).unwrap().is_ok(), "the others stay");
+}
+
+/// Two lighthouses spend one single-use token at once: one wins.
+pub(crate) fn a_single_use_token_raced_on_two_connections_is_spent_once(b: &impl Backend) {
+    for round in 0..10 {
+        let hash = format!("race{round}");
+        b.connect()
+            .create_token(&token(&hash, 1, NOW + 60), NOW)
+            .unwrap();
+        let mut stores: Vec<_> = (0..2).map(|_| b.connect()).collect();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let handles: Vec<_> = stores
+            .drain(..)
+            .map(|mut s| {
+                let (hash, barrier) = (hash.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    s.use_token(&hash, NOW).unwrap().is_ok()
+                })
+            })
+            .collect();
+        let wins = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|w| *w)
+            .count();
+        assert_eq!(wins, 1, "round {round}");
+    }
+}
+
+pub(crate) fn addresses_are_leased_round_robin_and_never_twice(b: &impl Backend) {
+    let mut s = b.connect();
+    let p = pool("100.64.100.0/29"); // six hosts
+    let mut got = Vec::new();
+    for i in 0..6 {
+        got.push(
+            s.lease(&p, &format!("n{i}"), NOW + 60, NOW)
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let distinct: BTreeSet<Ipv4Addr> = got.iter().copied().collect();
+    assert_eq!(distinct.len(), 6, "{got:?}");
+    assert_eq!(s.lease(&p, "n6", NOW + 60, NOW).unwrap(), None, "exhausted");
+    // Given back (its certificate never went out): free again.
+    s.release_lease(got[2], "n2").unwrap();
+    assert_eq!(s.lease(&p, "n7", NOW + 60, NOW).unwrap(), Some(got[2]));
+    // Only a lease still held by that name is given back.
+    s.release_lease(got[3], "somebody-else").unwrap();
+    assert_eq!(s.lease(&p, "n8", NOW + 60, NOW).unwrap(), None);
+    // Expired: free again, the longest-free first.
+    let later = NOW + 61;
+    let next = s.lease(&p, "n9", later + 60, later).unwrap().unwrap();
+    assert!(distinct.contains(&next));
+}
+
+/// Two lighthouses lease from one pool at once: every address once.
+pub(crate) fn leases_raced_on_two_connections_never_share_an_address(b: &impl Backend) {
+    let p = pool("100.64.100.0/28"); // fourteen hosts
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|t| {
+            let mut s = b.connect();
+            let (p, barrier) = (p.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                (0..8)
+                    .filter_map(|i| s.lease(&p, &format!("t{t}-{i}"), NOW + 60, NOW).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let all: Vec<Ipv4Addr> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let distinct: BTreeSet<Ipv4Addr> = all.iter().copied().collect();
+    assert_eq!(all.len(), 14, "every host leased once: {all:?}");
+    assert_eq!(distinct.len(), 14, "{all:?}");
+}
+
+pub(crate) fn an_oidc_token_is_used_once_until_it_expires(b: &impl Backend) {
+    let mut s = b.connect();
+    assert!(!s.oidc_token_used("jti-1", NOW).unwrap());
+    assert!(s.use_oidc_token("jti-1", NOW + 300, NOW).unwrap());
+    assert!(s.oidc_token_used("jti-1", NOW).unwrap());
+    assert!(
+        !b.connect().use_oidc_token("jti-1", NOW + 300, NOW).unwrap(),
+        "replayed at another lighthouse"
+    );
+    // Past its expiry the mark goes (the token itself is refused as expired).
+    assert!(!s.oidc_token_used("jti-1", NOW + 301).unwrap());
+    assert!(s.use_oidc_token("jti-1", NOW + 900, NOW + 301).unwrap());
+}
+
+pub(crate) fn issued_certificates_and_revocations_are_kept_in_order(b: &impl Backend) {
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let a = ca.node("ci-a", "100.64.100.1/10", &["ci"], &[], 600);
+    let c = ca.node("ci-c", "100.64.100.3/10", &["ci"], &[], 600);
+    let mut s = b.connect();
+    s.record_issued(&a.cert, "token 0123456789ab", NOW).unwrap();
+    s.record_issued(&c.cert, "oidc github", NOW).unwrap();
+    let (fa, fc) = (a.cert.fingerprint(), c.cert.fingerprint());
+    assert_eq!(
+        s.issued(&fa).unwrap(),
+        Some(("ci-a".to_string(), a.cert.body.not_after))
+    );
+    assert_eq!(
+        s.issued_named("ci-c", NOW).unwrap(),
+        vec![(fc, c.cert.body.not_after)]
+    );
+    assert!(s
+        .issued_named("ci-c", c.cert.body.not_after + 1)
+        .unwrap()
+        .is_empty());
+    assert!(s.revoke(&fa, "ci-a", a.cert.body.not_after, NOW).unwrap());
+    assert!(
+        !b.connect()
+            .revoke(&fa, "ci-a", a.cert.body.not_after, NOW)
+            .unwrap(),
+        "already"
+    );
+    assert!(s.revoke(&fc, "ci-c", u64::MAX, NOW).unwrap());
+    let list = s.revocations(NOW).unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list[0].0 < list[1].0, "versions grow: {list:?}");
+    assert_eq!(list[0].1.fingerprint, fa);
+    // Kept until the certificate would have expired anyway; "forever" stays.
+    let later = b.connect().revocations(a.cert.body.not_after + 1).unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].1.fingerprint, fc);
+    assert_eq!(later[0].1.not_after, i64::MAX as u64, "forever, as stored");
+}
+
+/// The suite as `#[test]`s for a backend expression.
+macro_rules! store_suite {
+    ($backend:expr) => {
+        #[test]
+        fn tokens_are_spent_once_and_refused_with_their_reason() {
+            if let Some(b) = $backend {
+                $crate::store::suite::tokens_are_spent_once_and_refused_with_their_reason(&b);
+            }
+        }
+        #[test]
+        fn a_token_is_revoked_by_a_unique_prefix_of_its_id() {
+            if let Some(b) = $backend {
+                $crate::store::suite::a_token_is_revoked_by_a_unique_prefix_of_its_id(&b);
+            }
+        }
+        #[test]
+        fn a_single_use_token_raced_on_two_connections_is_spent_once() {
+            if let Some(b) = $backend {
+                $crate::store::suite::a_single_use_token_raced_on_two_connections_is_spent_once(&b);
+            }
+        }
+        #[test]
+        fn addresses_are_leased_round_robin_and_never_twice() {
+            if let Some(b) = $backend {
+                $crate::store::suite::addresses_are_leased_round_robin_and_never_twice(&b);
+            }
+        }
+        #[test]
+        fn leases_raced_on_two_connections_never_share_an_address() {
+            if let Some(b) = $backend {
+                $crate::store::suite::leases_raced_on_two_connections_never_share_an_address(&b);
+            }
+        }
+        #[test]
+        fn an_oidc_token_is_used_once_until_it_expires() {
+            if let Some(b) = $backend {
+                $crate::store::suite::an_oidc_token_is_used_once_until_it_expires(&b);
+            }
+        }
+        #[test]
+        fn issued_certificates_and_revocations_are_kept_in_order() {
+            if let Some(b) = $backend {
+                $crate::store::suite::issued_certificates_and_revocations_are_kept_in_order(&b);
+            }
+        }
+    };
+}
+pub(crate) use store_suite;
