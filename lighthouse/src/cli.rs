@@ -12,8 +12,7 @@ use tern_shared::config::{EnrollConfig, LighthouseConfig};
 use tern_shared::duration::{format_duration, parse_duration};
 use tern_udp::daemon::unix_now;
 
-use crate::io::{load_config, runtime, store_path, DEFAULT_SOCKET};
-use crate::store::SqliteStore;
+use crate::io::{load_config, open_store, runtime, DEFAULT_SOCKET};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -104,9 +103,7 @@ pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
         anyhow::anyhow!("give the lighthouse's config: tern-lighthouse revoke --config lighthouse.toml FINGERPRINT|NAME")
     })?;
     let config = load_config(path)?;
-    let store_file = store_path(&config, path);
-    let mut store = SqliteStore::open(&store_file)
-        .with_context(|| format!("opening the lighthouse store {}", store_file.display()))?;
+    let mut store = open_store(&config, path)?;
     let now = unix_now();
     let targets: Vec<(tern_shared::cert::Fingerprint, String, u64)> =
         match what.parse::<tern_shared::cert::Fingerprint>() {
@@ -244,7 +241,7 @@ pub fn token_create(
             )
         },
     )?;
-    let mut store = open_store(&enroll)?;
+    let mut store = open_store(&config, &path)?;
     let token = enroll::new_token();
     let hash = tern_shared::enroll::token_hash(&token);
     let expires = now.saturating_add(ttl.as_secs());
@@ -285,8 +282,8 @@ pub fn token_create(
 /// `tern-lighthouse token list [--json]`.
 pub fn token_list(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let (_, _, enroll) = enroll_config(config_path, "list")?;
-    let tokens = open_store(&enroll)?.list_tokens(unix_now())?;
+    let (path, config, _) = enroll_config(config_path, "list")?;
+    let tokens = open_store(&config, &path)?.list_tokens(unix_now())?;
     let mut out = String::new();
     if json {
         let list: Vec<serde_json::Value> = tokens
@@ -309,7 +306,7 @@ pub fn token_list(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> 
         writeln!(
             out,
             "no tokens in {} (tern-lighthouse token create makes one)",
-            enroll.store.display()
+            crate::io::store_location(&config, &path)?
         )?;
     } else {
         writeln!(
@@ -342,9 +339,9 @@ pub fn token_list(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> 
 /// which the lighthouse reads at every enrollment, so it takes effect at
 /// once.
 pub fn token_revoke(config_path: Option<&Path>, id: &str) -> anyhow::Result<()> {
-    let (_, _, enroll) = enroll_config(config_path, "revoke ID")?;
+    let (path, config, _) = enroll_config(config_path, "revoke ID")?;
     let prefix = TokenIdPrefix::parse(id)?;
-    match open_store(&enroll)?.revoke_token(&prefix)? {
+    match open_store(&config, &path)?.revoke_token(&prefix)? {
         Ok(id) => {
             println!(
                 "revoked token {id}: no node can enroll with it any more (certificates it bought stay valid until they expire; tern-lighthouse revoke NAME ends them)"
@@ -381,10 +378,6 @@ fn enroll_config(
     Ok((path.to_path_buf(), config, enroll))
 }
 
-fn open_store(enroll: &EnrollConfig) -> anyhow::Result<SqliteStore> {
-    SqliteStore::open(&enroll.store)
-        .with_context(|| format!("opening the enrollment store {}", enroll.store.display()))
-}
 
 fn groups_text(groups: &[String]) -> String {
     if groups.is_empty() {

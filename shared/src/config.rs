@@ -245,6 +245,10 @@ pub struct LighthouseConfig {
     /// Enrollment of CI nodes with tokens, signed by an issuer.
     #[serde(default)]
     pub enroll: Option<EnrollConfig>,
+    /// Where the lasting state lives: SQLite (the default) or a PostgreSQL
+    /// database several lighthouses share.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
 }
 
 /// `[pki]`: where the daemon's identity lives. All keys are required; relative
@@ -646,6 +650,9 @@ impl LighthouseConfig {
         let mut config: LighthouseConfig = from_toml(text, file)?;
         let base = base_dir(file);
         config.pki.resolve(&base);
+        if let Some(p) = &mut config.store.password_file {
+            *p = resolve(&base, p);
+        }
         config.api.resolve(&base);
         if let Some(enroll) = &mut config.enroll {
             enroll.resolve(&base);
@@ -657,6 +664,7 @@ impl LighthouseConfig {
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
         self.pki.validate(file, false)?;
+        self.store.validate(file)?;
         if self.listen.addr.port() == 0 {
             return Err(invalid(
                 file,

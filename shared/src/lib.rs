@@ -19,6 +19,7 @@ pub mod keys;
 pub mod packet;
 pub mod policy;
 pub mod show;
+pub mod store;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod toml_error;

@@ -21,7 +21,7 @@ use tern_shared::enroll::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::unix_now;
-use crate::store::SqliteStore;
+use crate::store::AnyStore;
 use tern_lighthouse_core::admission::{AdmissionCounters, SourceLimiter};
 use tern_lighthouse_core::enroll::{Decision, Enroller};
 use tern_lighthouse_core::oidc::Jwks;
@@ -184,6 +184,8 @@ impl DisabledEnrollment {
 /// start, naming what is wrong) and starts the enrollment thread.
 pub fn start(
     config: &EnrollConfig,
+    location: &tern_shared::store::StoreLocation,
+    password_file: Option<&Path>,
     key: &tern_shared::keys::NodeSecretKey,
     cert: &tern_shared::cert::VerifiedCert,
     answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
@@ -199,9 +201,9 @@ pub fn start(
             .with_context(|| format!("[enroll] issuer_key {}", config.issuer_key.display()))?;
     let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())?
         .with_oidc(config.oidc.clone());
-    let store = SqliteStore::open(&config.store)
-        .with_context(|| format!("opening the enrollment store {}", config.store.display()))?;
-    tracing::info!(issuer = %enroller.issuer().body.name, pool = %tern_shared::show::list(&enroller.issuer().body.ips), store = %config.store.display(), "enrolling nodes");
+    let store = crate::store::open(location, password_file)
+        .context("opening the enrollment store")?;
+    tracing::info!(issuer = %enroller.issuer().body.name, pool = %tern_shared::show::list(&enroller.issuer().body.ips), store = %location, "enrolling nodes");
     let (jobs, queue) = sync_channel(QUEUE);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let providers = config.oidc.len();
@@ -252,7 +254,7 @@ pub fn start(
 /// and the provider keys.
 struct Worker {
     enroller: Enroller,
-    store: SqliteStore,
+    store: AnyStore,
     secret: x25519_dalek::StaticSecret,
     /// Answers by enrollment (the request's ephemeral key), so a repeated
     /// request gets the same answer rather than a refusal for a token it

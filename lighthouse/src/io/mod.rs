@@ -16,7 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::SqliteStore;
+use crate::store::AnyStore;
+use tern_shared::store::StoreLocation;
 use tern_lighthouse_core::lighthouse::LighthouseCore;
 use tern_lighthouse_core::registry::Registry;
 use tern_lighthouse_core::relay::RelayTable;
@@ -48,14 +49,34 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     init_logging(&config.log.level);
-    let store = store_path(&config, config_path);
+    let store = store_location(&config, config_path)?;
     runtime()?.block_on(serve(config, config_path, store))
 }
 
-/// Where the lighthouse's lasting state lives: `[enroll] store`, or
-/// "lighthouse.db" beside the config when there is no `[enroll]` (a
-/// lighthouse that enrolls no one can still revoke certificates).
-pub(crate) fn store_path(config: &LighthouseConfig, config_path: &Path) -> PathBuf {
+/// Where the lighthouse's lasting state lives: `[store] url`, else the
+/// SQLite file of `[enroll] store`, or "lighthouse.db" beside the config
+/// when there is no `[enroll]` (a lighthouse that enrolls no one can still
+/// revoke certificates).
+pub(crate) fn store_location(
+    config: &LighthouseConfig,
+    config_path: &Path,
+) -> anyhow::Result<StoreLocation> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    config
+        .store
+        .location(default_store_path(config, config_path), base)
+        .map_err(|e| anyhow::anyhow!("{}: [store] url: {e}", config_path.display()))
+}
+
+/// Opens the configured store (for the CLI's commands).
+pub(crate) fn open_store(config: &LighthouseConfig, config_path: &Path) -> anyhow::Result<AnyStore> {
+    crate::store::open(
+        &store_location(config, config_path)?,
+        config.store.password_file.as_deref(),
+    )
+}
+
+fn default_store_path(config: &LighthouseConfig, config_path: &Path) -> PathBuf {
     match &config.enroll {
         Some(e) => e.store.clone(),
         None => config_path
@@ -66,40 +87,70 @@ pub(crate) fn store_path(config: &LighthouseConfig, config_path: &Path) -> PathB
 }
 
 /// The revocation list in the shell: read from the store when it changed
-/// (`tern-lighthouse revoke` writes it from another process) and handed to
-/// the core, which pushes what is new to the nodes.
+/// (`tern-lighthouse revoke`, or another lighthouse on the same PostgreSQL
+/// database, writes it) and handed to the core, which pushes what is new to
+/// the nodes.
 struct RevocationFeed {
-    path: PathBuf,
-    store: Option<SqliteStore>,
+    location: StoreLocation,
+    password_file: Option<PathBuf>,
+    store: Option<AnyStore>,
     seen: Option<i64>,
     last_full_read: Option<Instant>,
+    /// When a failure to reach the store was last logged.
+    last_warning: Option<Instant>,
 }
 
 impl RevocationFeed {
-    fn new(path: PathBuf, must_exist: bool) -> anyhow::Result<RevocationFeed> {
+    fn new(
+        location: StoreLocation,
+        password_file: Option<PathBuf>,
+        must_exist: bool,
+    ) -> anyhow::Result<RevocationFeed> {
         let mut feed = RevocationFeed {
-            path,
+            location,
+            password_file,
             store: None,
             seen: None,
             last_full_read: None,
+            last_warning: None,
         };
-        if must_exist || feed.path.exists() {
-            feed.store = Some(SqliteStore::open(&feed.path).with_context(|| {
-                format!("opening the lighthouse store {}", feed.path.display())
-            })?);
+        if must_exist || feed.exists() {
+            feed.store = Some(crate::store::open(
+                &feed.location,
+                feed.password_file.as_deref(),
+            )?);
         }
         Ok(feed)
     }
 
+    /// A SQLite store may not exist yet (nothing enrolled, nothing
+    /// revoked); a database always does.
+    fn exists(&self) -> bool {
+        match &self.location {
+            StoreLocation::Sqlite(path) => path.exists(),
+            StoreLocation::Postgres(_) => true,
+        }
+    }
+
+    fn warn(&mut self, now: Instant, what: &str, e: &dyn std::fmt::Display) {
+        if self
+            .last_warning
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(30))
+        {
+            self.last_warning = Some(now);
+            tracing::warn!(store = %self.location, error = %e, "{what}");
+        }
+    }
+
     fn poll(&mut self, core: &mut LighthouseCore, now: Instant) {
         if self.store.is_none() {
-            if !self.path.exists() {
+            if !self.exists() {
                 return;
             }
-            match SqliteStore::open(&self.path) {
+            match crate::store::open(&self.location, self.password_file.as_deref()) {
                 Ok(s) => self.store = Some(s),
                 Err(e) => {
-                    tracing::warn!(store = %self.path.display(), error = %e, "cannot open the store for revocations");
+                    self.warn(now, "cannot open the store for revocations", &format!("{e:#}"));
                     return;
                 }
             }
@@ -107,10 +158,12 @@ impl RevocationFeed {
         let Some(store) = self.store.as_mut() else {
             return;
         };
-        let changed = match store.data_version() {
+        let changed = match store.revocations_changed_token() {
             Ok(v) => self.seen.replace(v) != Some(v),
             Err(e) => {
-                tracing::warn!(error = %e, "reading the store's revocations");
+                // A lost connection is opened again at the next poll.
+                self.store = None;
+                self.warn(now, "reading the store's revocations", &e);
                 return;
             }
         };
@@ -124,7 +177,10 @@ impl RevocationFeed {
         self.last_full_read = Some(now);
         match tern_lighthouse_core::enroll::EnrollStore::revocations(store, unix_now()) {
             Ok(list) => core.set_revocations(list, now),
-            Err(e) => tracing::warn!(error = %e, "reading the store's revocations"),
+            Err(e) => {
+                self.store = None;
+                self.warn(now, "reading the store's revocations", &e);
+            }
         }
     }
 }
@@ -132,7 +188,7 @@ impl RevocationFeed {
 async fn serve(
     mut config: LighthouseConfig,
     config_path: &Path,
-    store_path: PathBuf,
+    store: StoreLocation,
 ) -> anyhow::Result<()> {
     let identity = load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)
         .map_err(anyhow::Error::msg)
@@ -185,6 +241,8 @@ async fn serve(
     let mut enrollment = match &config.enroll {
         Some(e) => Some(enrollment::start(
             e,
+            &store,
+            config.store.password_file.as_deref(),
             &identity.key,
             &cert,
             answers_tx.clone(),
@@ -192,7 +250,11 @@ async fn serve(
         None => None,
     };
     let mut not_enrolling = enrollment::DisabledEnrollment::new(Instant::now());
-    let mut revocations = RevocationFeed::new(store_path, enrollment.is_some())?;
+    let mut revocations = RevocationFeed::new(
+        store.clone(),
+        config.store.password_file.clone(),
+        enrollment.is_some(),
+    )?;
     revocations.poll(&mut core, Instant::now());
     let mut revocation_tick = tokio::time::interval(Duration::from_millis(500));
     revocation_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,6 +271,7 @@ async fn serve(
         path: config_path,
         identity: &identity,
         answers: &answers_tx,
+        store: &store,
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -327,6 +390,8 @@ struct Reload<'a> {
     path: &'a Path,
     identity: &'a Identity,
     answers: &'a mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+    /// The store the lighthouse started with (a new one needs a restart).
+    store: &'a StoreLocation,
 }
 
 impl Reload<'_> {
@@ -348,8 +413,9 @@ impl Reload<'_> {
         if new.enroll != running.enroll {
             // The store holds tokens and leases for whichever config: a
             // new path would split them, so it needs a restart.
-            let store_moved =
-                matches!((&new.enroll, &running.enroll), (Some(a), Some(b)) if a.store != b.store);
+            let store_moved = store_location(&new, self.path)
+                .is_ok_and(|l| l != *self.store)
+                || matches!((&new.enroll, &running.enroll), (Some(a), Some(b)) if a.store != b.store);
             if store_moved {
                 tracing::warn!("[enroll] store changed: it takes effect at the next restart; the rest of [enroll] is reloaded");
             }
@@ -360,6 +426,8 @@ impl Reload<'_> {
             match &wanted {
                 Some(e) => match enrollment::start(
                     e,
+                    self.store,
+                    running.store.password_file.as_deref(),
                     &self.identity.key,
                     &self.identity.cert,
                     self.answers.clone(),

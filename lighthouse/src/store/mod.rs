@@ -8,6 +8,8 @@ mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod suite;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;
@@ -35,4 +37,174 @@ pub(super) fn grant_of(groups: &str, cert_ttl: i64) -> tern_lighthouse_core::enr
 /// Stored times are signed 64-bit; "forever" is stored as i64::MAX.
 pub(super) fn stored_time(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// The store a lighthouse was configured with.
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+/// Opens the store at `location`; a PostgreSQL password comes from
+/// `password_file`, else `TERN_STORE_PASSWORD` (never the URL).
+pub fn open(
+    location: &tern_shared::store::StoreLocation,
+    password_file: Option<&std::path::Path>,
+) -> anyhow::Result<AnyStore> {
+    use anyhow::Context;
+    use tern_shared::store::{StoreLocation, PASSWORD_ENV};
+    match location {
+        StoreLocation::Sqlite(path) => Ok(AnyStore::Sqlite(
+            SqliteStore::open(path)
+                .with_context(|| format!("opening the store {}", path.display()))?,
+        )),
+        StoreLocation::Postgres(url) => {
+            let password = match password_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading [store] password_file {}", f.display()))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                ),
+                None => std::env::var(PASSWORD_ENV).ok(),
+            };
+            Ok(AnyStore::Postgres(
+                PostgresStore::connect(url, password.as_deref())
+                    .with_context(|| format!("connecting to the store {url}"))?,
+            ))
+        }
+    }
+}
+
+impl AnyStore {
+    /// A cheap number that changes whenever a revocation was added (by
+    /// this lighthouse, another one, or `tern-lighthouse revoke`).
+    pub fn revocations_changed_token(&mut self) -> Result<i64, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.data_version(),
+            AnyStore::Postgres(s) => s.revocations_version(),
+        }
+    }
+}
+
+/// Every call goes to the store configured.
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $call,
+            AnyStore::Postgres($s) => $call,
+        }
+    };
+}
+
+impl tern_lighthouse_core::enroll::EnrollStore for AnyStore {
+    type Error = StoreError;
+
+    fn create_token(
+        &mut self,
+        token: &tern_lighthouse_core::enroll::NewToken,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        delegate!(self, s => s.create_token(token, now))
+    }
+
+    fn peek_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<
+        Result<tern_lighthouse_core::enroll::Grant, tern_lighthouse_core::enroll::TokenRefusal>,
+        StoreError,
+    > {
+        delegate!(self, s => s.peek_token(hash, now))
+    }
+
+    fn use_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+    ) -> Result<
+        Result<tern_lighthouse_core::enroll::Grant, tern_lighthouse_core::enroll::TokenRefusal>,
+        StoreError,
+    > {
+        delegate!(self, s => s.use_token(hash, now))
+    }
+
+    fn lease(
+        &mut self,
+        pool: &[ipnet::Ipv4Net],
+        name: &str,
+        until: u64,
+        now: u64,
+    ) -> Result<Option<std::net::Ipv4Addr>, StoreError> {
+        delegate!(self, s => s.lease(pool, name, until, now))
+    }
+
+    fn release_lease(&mut self, ip: std::net::Ipv4Addr, name: &str) -> Result<(), StoreError> {
+        delegate!(self, s => s.release_lease(ip, name))
+    }
+
+    fn record_issued(
+        &mut self,
+        cert: &tern_shared::cert::Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        delegate!(self, s => s.record_issued(cert, how, now))
+    }
+
+    fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError> {
+        delegate!(self, s => s.oidc_token_used(id, now))
+    }
+
+    fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError> {
+        delegate!(self, s => s.use_oidc_token(id, until, now))
+    }
+
+    fn issued_named(
+        &mut self,
+        name: &str,
+        now: u64,
+    ) -> Result<Vec<(tern_shared::cert::Fingerprint, u64)>, StoreError> {
+        delegate!(self, s => s.issued_named(name, now))
+    }
+
+    fn issued(
+        &mut self,
+        fingerprint: &tern_shared::cert::Fingerprint,
+    ) -> Result<Option<(String, u64)>, StoreError> {
+        delegate!(self, s => s.issued(fingerprint))
+    }
+
+    fn revoke(
+        &mut self,
+        fingerprint: &tern_shared::cert::Fingerprint,
+        name: &str,
+        not_after: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.revoke(fingerprint, name, not_after, now))
+    }
+
+    fn revocations(
+        &mut self,
+        now: u64,
+    ) -> Result<Vec<(u32, tern_shared::control::Revocation)>, StoreError> {
+        delegate!(self, s => s.revocations(now))
+    }
+
+    fn list_tokens(
+        &mut self,
+        now: u64,
+    ) -> Result<Vec<tern_lighthouse_core::enroll::TokenInfo>, StoreError> {
+        delegate!(self, s => s.list_tokens(now))
+    }
+
+    fn revoke_token(
+        &mut self,
+        id: &tern_lighthouse_core::enroll::TokenIdPrefix,
+    ) -> Result<Result<String, tern_lighthouse_core::enroll::TokenRevokeRefusal>, StoreError>
+    {
+        delegate!(self, s => s.revoke_token(id))
+    }
 }

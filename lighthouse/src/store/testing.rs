@@ -1,0 +1,139 @@
+//! A real PostgreSQL server for tests (`test-support`): the store suite
+//! and the loopback tests of lighthouses sharing one database.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use postgres::{Client, NoTls};
+
+/// A real PostgreSQL server of this test's own: `initdb` and `pg_ctl`
+/// from Debian's package, run as the `postgres` user in a temporary
+/// directory, listening on a Unix socket there only; stopped (by its
+/// data directory, so only this server) when dropped.
+pub struct TestServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl TestServer {
+    /// `None` (with a message) where PostgreSQL is not installed or the
+    /// test cannot run it (not root); under `CI=true` that fails.
+    pub fn start() -> Option<TestServer> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path().join("bin"))
+                .find(|b| b.join("initdb").is_file())
+        });
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let (Some(bin), true) = (bin, root) else {
+            let why = "PostgreSQL store tests need Debian's postgresql package and root (the server runs as the postgres user)";
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipping: {why}");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("tern-pg-")
+            .tempdir()
+            .unwrap();
+        let (uid, gid) = postgres_ids();
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        let data = dir.path().join("data");
+        let run = |args: &[&str]| {
+            let out = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let initdb = bin.join("initdb");
+        run(&[
+            &initdb.to_string_lossy(),
+            "-D",
+            &data.to_string_lossy(),
+            "-A",
+            "trust",
+            "-U",
+            "tern",
+            "--no-sync",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=100",
+            dir.path().display()
+        );
+        let pg_ctl = bin.join("pg_ctl");
+        run(&[
+            &pg_ctl.to_string_lossy(),
+            "-D",
+            &data.to_string_lossy(),
+            "-o",
+            &options,
+            "-l",
+            &dir.path().join("log").to_string_lossy(),
+            "-w",
+            "start",
+        ]);
+        Some(TestServer { dir, bin, port })
+    }
+
+    fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A connection string for database `db` (its Unix socket).
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user=tern dbname={db}",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// The URL a lighthouse's `[store] url` takes for database `db`.
+    pub fn tcp_url(&self, db: &str) -> String {
+        format!("postgres://tern@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    /// A new, empty database.
+    pub fn create_db(&self, db: &str) {
+        let mut c = Client::connect(&self.url("postgres"), NoTls).unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("a postgres user");
+    let f: Vec<&str> = line.split(':').collect();
+    (f[2].parse().unwrap(), f[3].parse().unwrap())
+}
+
