@@ -378,7 +378,6 @@ fn enroll_config(
     Ok((path.to_path_buf(), config, enroll))
 }
 
-
 fn groups_text(groups: &[String]) -> String {
     if groups.is_empty() {
         "(none)".to_string()

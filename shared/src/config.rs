@@ -2193,6 +2193,9 @@ mod tests {
             "# claims =",
             "# groups =",
             "# cert_ttl =",
+            "# [store]",
+            "# url =",
+            "# password_file =",
         ] {
             assert!(
                 lh_text.lines().any(|l| l.trim_start().starts_with(key)),

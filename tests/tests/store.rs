@@ -41,15 +41,24 @@ fn two_lighthouses_on_one_postgresql_database_spend_each_token_once() {
         &["--config", &d.join("lh2.toml").to_string_lossy()],
         d.join("lh2.log"),
     );
-    wait_until("the second lighthouse answers", Duration::from_secs(20), || {
-        run(
-            "tern-lighthouse",
-            &["status", "--socket", &d.join("lh2.sock").to_string_lossy(), "--json"],
-            Duration::from_secs(5),
-        )
-        .status
-        .success()
-    });
+    wait_until(
+        "the second lighthouse answers",
+        Duration::from_secs(20),
+        || {
+            run(
+                "tern-lighthouse",
+                &[
+                    "status",
+                    "--socket",
+                    &d.join("lh2.sock").to_string_lossy(),
+                    "--json",
+                ],
+                Duration::from_secs(5),
+            )
+            .status
+            .success()
+        },
+    );
     let at_lh2 = |name: &str| {
         let path = lab.ci_config(name, free_tcp());
         let text = fs::read_to_string(&path)

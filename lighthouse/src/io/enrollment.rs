@@ -201,7 +201,7 @@ pub fn start(
             .with_context(|| format!("[enroll] issuer_key {}", config.issuer_key.display()))?;
     let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())?
         .with_oidc(config.oidc.clone());
-    let store = crate::store::open(location, password_file)
+    let store = crate::store::open_off_runtime(location, password_file)
         .context("opening the enrollment store")?;
     tracing::info!(issuer = %enroller.issuer().body.name, pool = %tern_shared::show::list(&enroller.issuer().body.ips), store = %location, "enrolling nodes");
     let (jobs, queue) = sync_channel(QUEUE);

@@ -17,11 +17,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::AnyStore;
-use tern_shared::store::StoreLocation;
 use tern_lighthouse_core::lighthouse::LighthouseCore;
 use tern_lighthouse_core::registry::Registry;
 use tern_lighthouse_core::relay::RelayTable;
 use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
+use tern_shared::store::StoreLocation;
 
 mod enrollment;
 
@@ -69,7 +69,10 @@ pub(crate) fn store_location(
 }
 
 /// Opens the configured store (for the CLI's commands).
-pub(crate) fn open_store(config: &LighthouseConfig, config_path: &Path) -> anyhow::Result<AnyStore> {
+pub(crate) fn open_store(
+    config: &LighthouseConfig,
+    config_path: &Path,
+) -> anyhow::Result<AnyStore> {
     crate::store::open(
         &store_location(config, config_path)?,
         config.store.password_file.as_deref(),
@@ -86,11 +89,30 @@ fn default_store_path(config: &LighthouseConfig, config_path: &Path) -> PathBuf 
     }
 }
 
-/// The revocation list in the shell: read from the store when it changed
-/// (`tern-lighthouse revoke`, or another lighthouse on the same PostgreSQL
-/// database, writes it) and handed to the core, which pushes what is new to
-/// the nodes.
+/// The revocation list, read from the store when it changed (by
+/// `tern-lighthouse revoke`, or another lighthouse on the same PostgreSQL
+/// database) on a thread of its own (a database may be slow or away; the
+/// loop must not wait), and handed to the loop, which gives it to the core
+/// to push what is new to the nodes. Dropped, the thread ends.
 struct RevocationFeed {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for RevocationFeed {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A revocation list as the store gives it: versions and entries.
+type RevocationList = Vec<(u32, tern_shared::control::Revocation)>;
+
+/// How often the watcher looks at the store (a revocation reaches the
+/// loop within this, plus the read).
+const REVOCATIONS_POLL: Duration = Duration::from_millis(250);
+
+/// The watcher thread's state.
+struct RevocationWatcher {
     location: StoreLocation,
     password_file: Option<PathBuf>,
     store: Option<AnyStore>,
@@ -98,31 +120,51 @@ struct RevocationFeed {
     last_full_read: Option<Instant>,
     /// When a failure to reach the store was last logged.
     last_warning: Option<Instant>,
+    lists: mpsc::UnboundedSender<RevocationList>,
 }
 
 impl RevocationFeed {
-    fn new(
+    /// Starts the watcher; the lists arrive on the returned receiver. With
+    /// `must_exist`, a store that cannot be opened stops the lighthouse.
+    fn start(
         location: StoreLocation,
         password_file: Option<PathBuf>,
         must_exist: bool,
-    ) -> anyhow::Result<RevocationFeed> {
-        let mut feed = RevocationFeed {
+    ) -> anyhow::Result<(RevocationFeed, mpsc::UnboundedReceiver<RevocationList>)> {
+        let (lists, rx) = mpsc::unbounded_channel();
+        let mut watcher = RevocationWatcher {
             location,
             password_file,
             store: None,
             seen: None,
             last_full_read: None,
             last_warning: None,
+            lists,
         };
-        if must_exist || feed.exists() {
-            feed.store = Some(crate::store::open(
-                &feed.location,
-                feed.password_file.as_deref(),
+        if must_exist || watcher.exists() {
+            watcher.store = Some(crate::store::open_off_runtime(
+                &watcher.location,
+                watcher.password_file.as_deref(),
             )?);
         }
-        Ok(feed)
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("revocations".into())
+            .spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    if !watcher.poll(Instant::now()) {
+                        return;
+                    }
+                    std::thread::sleep(REVOCATIONS_POLL);
+                }
+            })
+            .context("starting the revocation watcher")?;
+        Ok((RevocationFeed { stop }, rx))
     }
+}
 
+impl RevocationWatcher {
     /// A SQLite store may not exist yet (nothing enrolled, nothing
     /// revoked); a database always does.
     fn exists(&self) -> bool {
@@ -142,29 +184,34 @@ impl RevocationFeed {
         }
     }
 
-    fn poll(&mut self, core: &mut LighthouseCore, now: Instant) {
+    /// One look; false once the loop is gone.
+    fn poll(&mut self, now: Instant) -> bool {
         if self.store.is_none() {
             if !self.exists() {
-                return;
+                return true;
             }
             match crate::store::open(&self.location, self.password_file.as_deref()) {
                 Ok(s) => self.store = Some(s),
                 Err(e) => {
-                    self.warn(now, "cannot open the store for revocations", &format!("{e:#}"));
-                    return;
+                    self.warn(
+                        now,
+                        "cannot open the store for revocations",
+                        &format!("{e:#}"),
+                    );
+                    return true;
                 }
             }
         }
         let Some(store) = self.store.as_mut() else {
-            return;
+            return true;
         };
         let changed = match store.revocations_changed_token() {
             Ok(v) => self.seen.replace(v) != Some(v),
             Err(e) => {
-                // A lost connection is opened again at the next poll.
+                // A lost connection is opened again at the next look.
                 self.store = None;
                 self.warn(now, "reading the store's revocations", &e);
-                return;
+                return true;
             }
         };
         // Also once a minute, so expired entries leave the list.
@@ -172,14 +219,15 @@ impl RevocationFeed {
             .last_full_read
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60));
         if !changed && !stale {
-            return;
+            return true;
         }
         self.last_full_read = Some(now);
         match tern_lighthouse_core::enroll::EnrollStore::revocations(store, unix_now()) {
-            Ok(list) => core.set_revocations(list, now),
+            Ok(list) => self.lists.send(list).is_ok(),
             Err(e) => {
                 self.store = None;
                 self.warn(now, "reading the store's revocations", &e);
+                true
             }
         }
     }
@@ -250,14 +298,11 @@ async fn serve(
         None => None,
     };
     let mut not_enrolling = enrollment::DisabledEnrollment::new(Instant::now());
-    let mut revocations = RevocationFeed::new(
+    let (_revocations, mut revocation_lists) = RevocationFeed::start(
         store.clone(),
         config.store.password_file.clone(),
         enrollment.is_some(),
     )?;
-    revocations.poll(&mut core, Instant::now());
-    let mut revocation_tick = tokio::time::interval(Duration::from_millis(500));
-    revocation_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (api_tx, mut api_rx) = mpsc::channel::<oneshot::Sender<serde_json::Value>>(16);
     let socket_path = config
         .api
@@ -313,8 +358,8 @@ async fn serve(
                 core.handle_timeout(now);
                 next_timer = tokio::time::Instant::from_std(core.poll_timeout(now));
             }
-            _ = revocation_tick.tick() => {
-                revocations.poll(&mut core, Instant::now());
+            Some(list) = revocation_lists.recv() => {
+                core.set_revocations(list, Instant::now());
             }
             Some((to, answer)) = answers_rx.recv() => {
                 sends.push(&socket, to, &answer).await;
@@ -413,8 +458,7 @@ impl Reload<'_> {
         if new.enroll != running.enroll {
             // The store holds tokens and leases for whichever config: a
             // new path would split them, so it needs a restart.
-            let store_moved = store_location(&new, self.path)
-                .is_ok_and(|l| l != *self.store)
+            let store_moved = store_location(&new, self.path).is_ok_and(|l| l != *self.store)
                 || matches!((&new.enroll, &running.enroll), (Some(a), Some(b)) if a.store != b.store);
             if store_moved {
                 tracing::warn!("[enroll] store changed: it takes effect at the next restart; the rest of [enroll] is reloaded");

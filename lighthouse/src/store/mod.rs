@@ -76,6 +76,20 @@ pub fn open(
     }
 }
 
+/// [`open`] on a thread of its own: PostgreSQL's synchronous client runs a
+/// runtime of its own, which it cannot start on a thread that drives the
+/// lighthouse's. The store is then used from threads without one (the
+/// enrollment worker, the revocation watcher).
+pub fn open_off_runtime(
+    location: &tern_shared::store::StoreLocation,
+    password_file: Option<&std::path::Path>,
+) -> anyhow::Result<AnyStore> {
+    let (location, password_file) = (location.clone(), password_file.map(|p| p.to_path_buf()));
+    std::thread::spawn(move || open(&location, password_file.as_deref()))
+        .join()
+        .map_err(|_| anyhow::anyhow!("opening the store: its thread panicked"))?
+}
+
 impl AnyStore {
     /// A cheap number that changes whenever a revocation was added (by
     /// this lighthouse, another one, or `tern-lighthouse revoke`).
@@ -203,8 +217,7 @@ impl tern_lighthouse_core::enroll::EnrollStore for AnyStore {
     fn revoke_token(
         &mut self,
         id: &tern_lighthouse_core::enroll::TokenIdPrefix,
-    ) -> Result<Result<String, tern_lighthouse_core::enroll::TokenRevokeRefusal>, StoreError>
-    {
+    ) -> Result<Result<String, tern_lighthouse_core::enroll::TokenRevokeRefusal>, StoreError> {
         delegate!(self, s => s.revoke_token(id))
     }
 }

@@ -105,7 +105,10 @@ impl TestServer {
 
     /// The URL a lighthouse's `[store] url` takes for database `db`.
     pub fn tcp_url(&self, db: &str) -> String {
-        format!("postgres://tern@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+        format!(
+            "postgres://tern@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
     }
 
     /// A new, empty database.
@@ -136,4 +139,3 @@ fn postgres_ids() -> (u32, u32) {
     let f: Vec<&str> = line.split(':').collect();
     (f[2].parse().unwrap(), f[3].parse().unwrap())
 }
-
