@@ -27,7 +27,7 @@ fn two_lighthouses_on_one_postgresql_database_spend_each_token_once() {
 
     // The token is made on the database, and spent there.
     let token = lab.token("1", "ci");
-    let (_job, _forward) = lab.start_job("job", &token);
+    let (job, _forward) = lab.start_job("job", &token);
 
     // A second lighthouse on the same database.
     let lh2_port = free_udp();
@@ -121,4 +121,39 @@ fn two_lighthouses_on_one_postgresql_database_spend_each_token_once() {
         let _ = r.wait();
     }
     assert_eq!((running, refused), (1, 1));
+
+    // A revocation made at the second lighthouse ends the first job, which
+    // registered with the first: told through it within seconds.
+    let name = lab.node_status("job")["name"].as_str().unwrap().to_string();
+    let out = run(
+        "tern-lighthouse",
+        &[
+            "revoke",
+            "--config",
+            &d.join("lh2.toml").to_string_lossy(),
+            &name,
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked_at = std::time::Instant::now();
+    let mut job = job;
+    let mut code = None;
+    wait_until(
+        "the job revoked at the other lighthouse stops",
+        Duration::from_secs(5),
+        || {
+            code = job.child.try_wait().unwrap().and_then(|s| s.code());
+            code.is_some()
+        },
+    );
+    assert_eq!(code, Some(76), "{}", job.log());
+    eprintln!(
+        "revoked at lh2 → the job on lh1 stopped in {:?}",
+        revoked_at.elapsed()
+    );
 }
