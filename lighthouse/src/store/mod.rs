@@ -14,6 +14,14 @@ pub mod testing;
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;
 
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+use tern_lighthouse_core::enroll::{
+    EnrollStore, Grant, NewToken, TokenIdPrefix, TokenInfo, TokenRefusal, TokenRevokeRefusal,
+};
+use tern_shared::cert::{Cert, Fingerprint};
+use tern_shared::control::Revocation;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("enrollment store: {0}")]
@@ -22,9 +30,30 @@ pub enum StoreError {
     Postgres(#[from] ::postgres::Error),
 }
 
+/// A stored token: groups, uses left, expiry, certificate lifetime.
+pub(super) type TokenRow = (String, i64, i64, i64);
+
+/// What a token would buy at `now`, from its row (none: unknown).
+pub(super) fn token_verdict(row: Option<TokenRow>, now: u64) -> Result<Grant, TokenRefusal> {
+    match row {
+        None => Err(TokenRefusal::Unknown),
+        Some((_, _, expires, _)) if expires <= stored_time(now) => Err(TokenRefusal::Expired),
+        Some((_, uses_left, _, _)) if uses_left <= 0 => Err(TokenRefusal::UsedUp),
+        Some((groups, _, _, ttl)) => Ok(grant_of(&groups, ttl)),
+    }
+}
+
+/// Why a use of the token failed, from its row read after: unknown,
+/// expired, or (spent meanwhile) used up.
+pub(super) fn refusal_after_failed_use(row: Option<TokenRow>, now: u64) -> TokenRefusal {
+    token_verdict(row, now)
+        .err()
+        .unwrap_or(TokenRefusal::UsedUp)
+}
+
 /// A token's grant, from its stored groups and lifetime.
-pub(super) fn grant_of(groups: &str, cert_ttl: i64) -> tern_lighthouse_core::enroll::Grant {
-    tern_lighthouse_core::enroll::Grant {
+pub(super) fn grant_of(groups: &str, cert_ttl: i64) -> Grant {
+    Grant {
         groups: groups
             .split(',')
             .filter(|g| !g.is_empty())
@@ -111,14 +140,10 @@ macro_rules! delegate {
     };
 }
 
-impl tern_lighthouse_core::enroll::EnrollStore for AnyStore {
+impl EnrollStore for AnyStore {
     type Error = StoreError;
 
-    fn create_token(
-        &mut self,
-        token: &tern_lighthouse_core::enroll::NewToken,
-        now: u64,
-    ) -> Result<(), StoreError> {
+    fn create_token(&mut self, token: &NewToken, now: u64) -> Result<(), StoreError> {
         delegate!(self, s => s.create_token(token, now))
     }
 
@@ -126,10 +151,7 @@ impl tern_lighthouse_core::enroll::EnrollStore for AnyStore {
         &mut self,
         hash: &str,
         now: u64,
-    ) -> Result<
-        Result<tern_lighthouse_core::enroll::Grant, tern_lighthouse_core::enroll::TokenRefusal>,
-        StoreError,
-    > {
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
         delegate!(self, s => s.peek_token(hash, now))
     }
 
@@ -137,33 +159,25 @@ impl tern_lighthouse_core::enroll::EnrollStore for AnyStore {
         &mut self,
         hash: &str,
         now: u64,
-    ) -> Result<
-        Result<tern_lighthouse_core::enroll::Grant, tern_lighthouse_core::enroll::TokenRefusal>,
-        StoreError,
-    > {
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
         delegate!(self, s => s.use_token(hash, now))
     }
 
     fn lease(
         &mut self,
-        pool: &[ipnet::Ipv4Net],
+        pool: &[Ipv4Net],
         name: &str,
         until: u64,
         now: u64,
-    ) -> Result<Option<std::net::Ipv4Addr>, StoreError> {
+    ) -> Result<Option<Ipv4Addr>, StoreError> {
         delegate!(self, s => s.lease(pool, name, until, now))
     }
 
-    fn release_lease(&mut self, ip: std::net::Ipv4Addr, name: &str) -> Result<(), StoreError> {
+    fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
         delegate!(self, s => s.release_lease(ip, name))
     }
 
-    fn record_issued(
-        &mut self,
-        cert: &tern_shared::cert::Cert,
-        how: &str,
-        now: u64,
-    ) -> Result<(), StoreError> {
+    fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
         delegate!(self, s => s.record_issued(cert, how, now))
     }
 
@@ -179,20 +193,17 @@ impl tern_lighthouse_core::enroll::EnrollStore for AnyStore {
         &mut self,
         name: &str,
         now: u64,
-    ) -> Result<Vec<(tern_shared::cert::Fingerprint, u64)>, StoreError> {
+    ) -> Result<Vec<(Fingerprint, u64)>, StoreError> {
         delegate!(self, s => s.issued_named(name, now))
     }
 
-    fn issued(
-        &mut self,
-        fingerprint: &tern_shared::cert::Fingerprint,
-    ) -> Result<Option<(String, u64)>, StoreError> {
+    fn issued(&mut self, fingerprint: &Fingerprint) -> Result<Option<(String, u64)>, StoreError> {
         delegate!(self, s => s.issued(fingerprint))
     }
 
     fn revoke(
         &mut self,
-        fingerprint: &tern_shared::cert::Fingerprint,
+        fingerprint: &Fingerprint,
         name: &str,
         not_after: u64,
         now: u64,
@@ -200,24 +211,18 @@ impl tern_lighthouse_core::enroll::EnrollStore for AnyStore {
         delegate!(self, s => s.revoke(fingerprint, name, not_after, now))
     }
 
-    fn revocations(
-        &mut self,
-        now: u64,
-    ) -> Result<Vec<(u32, tern_shared::control::Revocation)>, StoreError> {
+    fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError> {
         delegate!(self, s => s.revocations(now))
     }
 
-    fn list_tokens(
-        &mut self,
-        now: u64,
-    ) -> Result<Vec<tern_lighthouse_core::enroll::TokenInfo>, StoreError> {
+    fn list_tokens(&mut self, now: u64) -> Result<Vec<TokenInfo>, StoreError> {
         delegate!(self, s => s.list_tokens(now))
     }
 
     fn revoke_token(
         &mut self,
-        id: &tern_lighthouse_core::enroll::TokenIdPrefix,
-    ) -> Result<Result<String, tern_lighthouse_core::enroll::TokenRevokeRefusal>, StoreError> {
+        id: &TokenIdPrefix,
+    ) -> Result<Result<String, TokenRevokeRefusal>, StoreError> {
         delegate!(self, s => s.revoke_token(id))
     }
 }

@@ -17,7 +17,7 @@ use tern_lighthouse_core::enroll::{
 use tern_shared::cert::{Cert, Fingerprint};
 use tern_shared::control::Revocation;
 
-use super::{grant_of, stored_time, StoreError};
+use super::{grant_of, refusal_after_failed_use, stored_time, token_verdict, StoreError, TokenRow};
 
 /// The channel revocations are announced on.
 pub const REVOCATIONS_CHANNEL: &str = "tern_revocations";
@@ -90,7 +90,7 @@ impl PostgresStore {
             .get(0))
     }
 
-    fn token_row(&mut self, hash: &str) -> Result<Option<(String, i64, i64, i64)>, StoreError> {
+    fn token_row(&mut self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
         Ok(self
             .db
             .query_opt(
@@ -136,12 +136,7 @@ impl EnrollStore for PostgresStore {
         hash: &str,
         now: u64,
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
-        Ok(match self.token_row(hash)? {
-            None => Err(TokenRefusal::Unknown),
-            Some((_, _, expires, _)) if expires <= stored_time(now) => Err(TokenRefusal::Expired),
-            Some((_, uses_left, _, _)) if uses_left <= 0 => Err(TokenRefusal::UsedUp),
-            Some((groups, _, _, ttl)) => Ok(grant_of(&groups, ttl)),
-        })
+        Ok(token_verdict(self.token_row(hash)?, now))
     }
 
     fn use_token(
@@ -160,11 +155,7 @@ impl EnrollStore for PostgresStore {
         if let Some(row) = used {
             return Ok(Ok(grant_of(&row.get::<_, String>(0), row.get(1))));
         }
-        Ok(match self.token_row(hash)? {
-            None => Err(TokenRefusal::Unknown),
-            Some((_, _, expires, _)) if expires <= stored_time(now) => Err(TokenRefusal::Expired),
-            Some(_) => Err(TokenRefusal::UsedUp),
-        })
+        Ok(Err(refusal_after_failed_use(self.token_row(hash)?, now)))
     }
 
     fn lease(

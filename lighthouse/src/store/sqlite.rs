@@ -13,7 +13,7 @@ use tern_lighthouse_core::enroll::{
 use tern_shared::cert::{Cert, Fingerprint};
 use tern_shared::control::Revocation;
 
-use super::{grant_of, stored_time, StoreError};
+use super::{grant_of, refusal_after_failed_use, stored_time, token_verdict, StoreError, TokenRow};
 
 /// [`EnrollStore`] in a SQLite file (WAL, so `tern-lighthouse token create`
 /// can write while the daemon runs).
@@ -95,13 +95,7 @@ impl EnrollStore for SqliteStore {
         hash: &str,
         now: u64,
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
-        let row = self.token_row(hash)?;
-        Ok(match row {
-            None => Err(TokenRefusal::Unknown),
-            Some((_, _, expires, _)) if expires <= now as i64 => Err(TokenRefusal::Expired),
-            Some((_, uses_left, _, _)) if uses_left <= 0 => Err(TokenRefusal::UsedUp),
-            Some((groups, _, _, ttl)) => Ok(grant_of(&groups, ttl)),
-        })
+        Ok(token_verdict(self.token_row(hash)?, now))
     }
 
     fn use_token(
@@ -116,9 +110,7 @@ impl EnrollStore for SqliteStore {
         let row = self.token_row(hash)?;
         Ok(match (used, row) {
             (1, Some((groups, _, _, ttl))) => Ok(grant_of(&groups, ttl)),
-            (_, None) => Err(TokenRefusal::Unknown),
-            (_, Some((_, _, expires, _))) if expires <= now as i64 => Err(TokenRefusal::Expired),
-            (_, Some(_)) => Err(TokenRefusal::UsedUp),
+            (_, row) => Err(refusal_after_failed_use(row, now)),
         })
     }
 
@@ -375,7 +367,7 @@ impl SqliteStore {
     }
 
     /// A token's groups, uses left, expiry and certificate lifetime.
-    fn token_row(&mut self, hash: &str) -> Result<Option<(String, i64, i64, i64)>, StoreError> {
+    fn token_row(&mut self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
         Self::optional(
             self.db
                 .prepare_cached(

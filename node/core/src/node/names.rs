@@ -178,6 +178,19 @@ impl Names {
         questions.fold(self.next_query, Instant::min)
     }
 
+    /// A question that waits for its answer under `id`.
+    fn pend(&mut self, id: u32, question: Question, query: &[u8], how: Pending, started: Instant) {
+        self.pending.insert(
+            id,
+            PendingQuestion {
+                question,
+                query: query.to_vec(),
+                started,
+                how,
+            },
+        );
+    }
+
     /// The longest advertised zone `name` lies under.
     fn zone_for(&self, name: &str) -> Option<String> {
         self.zones
@@ -276,18 +289,16 @@ impl NodeCore {
             };
         }
         let id = self.request_id();
-        self.names.pending.insert(
+        self.names.pend(
             id,
-            PendingQuestion {
-                question: q,
-                query: query.to_vec(),
-                started: now,
-                how: Pending::Name {
-                    label: label.clone(),
-                    next_retry: now + QUERY_RETRY,
-                    unknown_at: Vec::new(),
-                },
+            q,
+            query,
+            Pending::Name {
+                label: label.clone(),
+                next_retry: now + QUERY_RETRY,
+                unknown_at: Vec::new(),
             },
+            now,
         );
         self.ask_name(id, &label, now);
         DnsStep::Pending(id)
@@ -444,21 +455,19 @@ impl NodeCore {
         now: Instant,
     ) -> DnsStep {
         let id = self.request_id();
-        self.names.pending.insert(
+        self.names.pend(
             id,
-            PendingQuestion {
-                question: q,
-                query: query.to_vec(),
-                started: now,
-                how: Pending::Zone {
-                    zone,
-                    gateway: Ipv4Addr::UNSPECIFIED,
-                    gateway_name: String::new(),
-                    sent: None,
-                    tried: Vec::new(),
-                    parts: Vec::new(),
-                },
+            q,
+            query,
+            Pending::Zone {
+                zone,
+                gateway: Ipv4Addr::UNSPECIFIED,
+                gateway_name: String::new(),
+                sent: None,
+                tried: Vec::new(),
+                parts: Vec::new(),
             },
+            now,
         );
         self.names.counters.forwarded_to_gateways += 1;
         self.next_gateway(id, now);
@@ -470,16 +479,14 @@ impl NodeCore {
         let Some(forward) = self.forward_own(id, q.clone(), query, now) else {
             return DnsStep::Upstream;
         };
-        self.names.pending.insert(
+        self.names.pend(
             id,
-            PendingQuestion {
-                question: q,
-                query: query.to_vec(),
-                started: now,
-                how: Pending::Local {
-                    zone: forward.zone.clone(),
-                },
+            q,
+            query,
+            Pending::Local {
+                zone: forward.zone.clone(),
             },
+            now,
         );
         self.events.push(NodeEvent::DnsForward(forward));
         DnsStep::Pending(id)
