@@ -248,7 +248,16 @@ fn names_resolve_through_the_mesh_and_the_system_resolver_comes_back() {
     );
     let page = job.run(
         "curl",
-        ["-sS", "--max-time", "10", "http://api.internal:8080/"],
+        // The web server in the vpc may still be starting.
+        [
+            "-sS",
+            "--max-time",
+            "10",
+            "--retry",
+            "5",
+            "--retry-connrefused",
+            "http://api.internal:8080/",
+        ],
     );
     assert_eq!(page, "hello from the vpc\n");
     let answer = resolve_json(&dir, "ci-1", "api.internal");
