@@ -78,7 +78,8 @@
 # the node's log): 0 ready; 1 bad config, identity or environment; 2 usage (a
 # missing or contradictory input); 68 no path to TERN_WAIT_FOR; 69 no
 # lighthouse answered; 70 the target refused; 71 denied by policy (the
-# gateway's firewall); 77 the enrollment was refused;
+# gateway's firewall); 75 store unavailable (the lighthouse's database is
+# down; nothing was spent, retry the step); 77 the enrollment was refused;
 # 78 no OIDC ID token was found; 124 no answer in time. With GITHUB_ACTIONS=true an ::error:: annotation too.
 #
 # On success `up` prints the node's name and overlay address and, when the
@@ -159,6 +160,7 @@ meaning() {
     69) echo "no lighthouse answered; check TERN_LIGHTHOUSE (${TERN_LIGHTHOUSE:-}) and that it is reachable over UDP from this runner" ;;
     70) echo "$target refused the connection; check that the service listens there and that the gateway's firewall lets this job's groups in" ;;
     71) echo "the gateway (or peer) in front of $target denies this job by policy; check its [[firewall.inbound]] rules and the groups the job's certificate gets" ;;
+    75) echo "the lighthouse could not reach its store (store unavailable: its database is down); nothing was spent, so retry this step shortly; check the lighthouse's [store] database" ;;
     77) echo "the lighthouse refused the enrollment; check that the token is not used up or expired (or that the job's OIDC claims match an [enroll] rule) and that its groups are within the lighthouse's issuer" ;;
     78) echo "tern found no OIDC ID token; on GitHub Actions give the job 'permissions: id-token: write', on GitLab CI declare id_tokens TERN_OIDC_TOKEN" ;;
     124) echo "no answer from $target within $timeout; check that the service is up, that the gateway reaches it and that no firewall drops the traffic" ;;

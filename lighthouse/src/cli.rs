@@ -394,3 +394,55 @@ fn token_state(t: &TokenInfo) -> &'static str {
         (false, false) => "valid",
     }
 }
+
+/// `tern-lighthouse store migrate`: brings the configured store's schema up
+/// to this version (a lighthouse does it at start too) and says what it did.
+pub fn store_migrate(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let path = config_path.ok_or_else(|| {
+        anyhow::anyhow!(
+            "give the lighthouse's config: tern-lighthouse store migrate --config lighthouse.toml"
+        )
+    })?;
+    let config = load_config(path)?;
+    let location = crate::io::store_location(&config, path)?;
+    let store = open_store(&config, path)?;
+    match store.migrated() {
+        Some((from, to)) if from == to => {
+            println!("store {location}: schema version {to}, up to date")
+        }
+        Some((from, to)) => {
+            println!("store {location}: schema migrated from version {from} to {to}")
+        }
+        None => println!("store {location}: connected"),
+    }
+    Ok(())
+}
+
+/// `tern-lighthouse store copy --from URL --to URL`: a store's whole state
+/// into another, empty, store (a single lighthouse's SQLite file into the
+/// PostgreSQL database several lighthouses will share). Stop the
+/// lighthouses that use the source first, so nothing changes meanwhile.
+pub fn store_copy(from: &str, to: &str, password_file: Option<&Path>) -> anyhow::Result<()> {
+    use tern_shared::store::{parse_store_url, StoreLocation};
+    let here = std::env::current_dir().context("the current directory")?;
+    let from = parse_store_url(from, &here).map_err(|e| anyhow::anyhow!("--from {from}: {e}"))?;
+    let to = parse_store_url(to, &here).map_err(|e| anyhow::anyhow!("--to {to}: {e}"))?;
+    if from == to {
+        anyhow::bail!("--from and --to name the same store ({from})");
+    }
+    if let StoreLocation::Sqlite(path) = &from {
+        if !path.exists() {
+            anyhow::bail!(
+                "--from {from}: no such file (a lighthouse's SQLite store is [store] url, or [enroll] store in older configs)"
+            );
+        }
+    }
+    let mut source = crate::store::open(&from, password_file).context("--from")?;
+    let mut target = crate::store::open(&to, password_file).context("--to")?;
+    let dump = source.dump().with_context(|| format!("reading {from}"))?;
+    target
+        .load(&dump)
+        .with_context(|| format!("writing {to}"))?;
+    println!("copied {} from {from} to {to}", dump.summary());
+    Ok(())
+}

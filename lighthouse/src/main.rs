@@ -3,14 +3,17 @@
 //! `tern-lighthouse --config lighthouse.toml` runs it in the foreground;
 //! `tern-lighthouse status --config lighthouse.toml` asks a running one;
 //! `tern-lighthouse token create|list|revoke` manage enrollment tokens in
-//! the store named by the config (the daemon need not run).
+//! the store named by the config (the daemon need not run);
+//! `tern-lighthouse store migrate|copy` manage the store itself.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use tern_lighthouse::cli::{revoke, status, token_create, token_list, token_revoke};
+use tern_lighthouse::cli::{
+    revoke, status, store_copy, store_migrate, token_create, token_list, token_revoke,
+};
 use tern_lighthouse::io;
 
 #[derive(Parser)]
@@ -41,6 +44,9 @@ enum Command {
         #[arg(value_name = "FINGERPRINT|NAME")]
         what: String,
     },
+    /// The enrollment store: migrate its schema, copy it into another.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Show the running lighthouse's registered nodes.
     Status {
         /// The API socket, instead of the one in --config.
@@ -49,6 +55,29 @@ enum Command {
         /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Bring the configured store's schema up to this version (a lighthouse
+    /// does it at start too); says from which version to which.
+    Migrate,
+    /// Copy a store's whole state (tokens, leases, issued certificates, OIDC
+    /// replay marks, revocations) into another, empty, store: e.g. a single
+    /// lighthouse's SQLite file into the PostgreSQL database several
+    /// lighthouses will share. Stop the lighthouse using --from first. A
+    /// PostgreSQL password comes from TERN_STORE_PASSWORD or --password-file.
+    Copy {
+        /// The store to read: sqlite:PATH or postgres://USER@HOST:PORT/DB?sslmode=disable.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// The store to write, which must be empty (a new file or database).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// A file holding the PostgreSQL password (else TERN_STORE_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
     },
 }
 
@@ -96,6 +125,12 @@ fn main() -> ExitCode {
             )),
         },
         Some(Command::Revoke { what }) => revoke(cli.config.as_deref(), &what),
+        Some(Command::Store(StoreCommand::Migrate)) => store_migrate(cli.config.as_deref()),
+        Some(Command::Store(StoreCommand::Copy {
+            from,
+            to,
+            password_file,
+        })) => store_copy(&from, &to, password_file.as_deref()),
         Some(Command::Status { socket, json }) => status(cli.config.as_deref(), socket.as_deref(), json),
         Some(Command::Token(TokenCommand::Create {
             groups,

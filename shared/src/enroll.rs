@@ -130,7 +130,17 @@ pub struct EnrollReply {
     pub cert: Option<String>,
     /// Why not.
     pub refused: Option<String>,
+    /// What kind of refusal, for the node to act on (absent: the request
+    /// itself was refused): [`REFUSED_STORE_UNAVAILABLE`]. Older nodes
+    /// ignore it; older lighthouses never send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
+
+/// [`EnrollReply::code`]: the lighthouse could not reach its store (its
+/// database is down); nothing was spent, and another lighthouse, or the
+/// same one a little later, may enroll the node.
+pub const REFUSED_STORE_UNAVAILABLE: &str = "store_unavailable";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnrollError {
@@ -324,9 +334,21 @@ mod tests {
         let reply = EnrollReply {
             cert: Some("CERT".into()),
             refused: None,
+            code: None,
         };
         let back = sealer.seal(&reply).unwrap();
         assert_eq!(node.open_reply(&back).unwrap(), reply);
+        // A reply of a lighthouse that knows no codes still opens, and one
+        // with a code an older node does not know is read without it.
+        let old: EnrollReply = serde_json::from_str(r#"{"cert":null,"refused":"no"}"#).unwrap();
+        assert_eq!(old.code, None);
+        let coded = serde_json::to_string(&EnrollReply {
+            cert: None,
+            refused: Some("down".into()),
+            code: Some(REFUSED_STORE_UNAVAILABLE.into()),
+        })
+        .unwrap();
+        assert!(coded.contains(r#""code":"store_unavailable""#), "{coded}");
         // Another enrollment's sealer cannot.
         let other = Sealer::new(StaticSecret::random_from_rng(OsRng), lh_pub);
         assert!(other.open_reply(&back).is_err());
@@ -381,6 +403,7 @@ mod tests {
                 &[0xff; crate::cert::MAX_CERT_LEN],
             )),
             refused: None,
+            code: None,
         };
         let reply = sealer.seal(&longest).unwrap();
         let repeat = node.seal_request(&request(), MAX_ENROLL_REPLY_LEN).unwrap();
@@ -394,6 +417,7 @@ mod tests {
         let refusal = EnrollReply {
             cert: None,
             refused: Some("x".repeat(600)),
+            code: Some(REFUSED_STORE_UNAVAILABLE.into()),
         };
         assert!(may_answer(&repeat, &sealer.seal(&refusal).unwrap()));
         // A request already longer than the minimum is not padded further.

@@ -31,7 +31,13 @@ pub const SOCKET_TAKEN: u8 = 73;
 /// `tern run`: the job ran, but its artifacts could not be written here.
 pub const ARTIFACTS: u8 = 74;
 /// `tern run`: the runner went away in the middle of the job.
-pub const RUNNER_LOST: u8 = 75;
+pub const RUNNER_LOST: u8 = STORE_UNAVAILABLE;
+/// `tern up --enroll-*`: every lighthouse that answered refused the
+/// enrollment because it could not reach its store (its database is down);
+/// nothing was spent, so the same token or ID token may be tried again
+/// shortly (`EX_TEMPFAIL`; `tern run` uses the number for a runner lost
+/// mid-job: a failure that a later try may not meet).
+pub const STORE_UNAVAILABLE: u8 = 75;
 /// `tern up`: a lighthouse said this node's certificate is revoked; the
 /// node stopped.
 pub const REVOKED: u8 = 76;

@@ -30,35 +30,7 @@ fn two_lighthouses_on_one_postgresql_database_spend_each_token_once() {
     let (job, _forward) = lab.start_job("job", &token);
 
     // A second lighthouse on the same database.
-    let lh2_port = free_udp();
-    let lh2 = fs::read_to_string(d.join("lh.toml"))
-        .unwrap()
-        .replace(&format!(":{}\"", lab.lh_port), &format!(":{lh2_port}\""))
-        .replace("socket = \"lh.sock\"", "socket = \"lh2.sock\"");
-    fs::write(d.join("lh2.toml"), lh2).unwrap();
-    let _lh2 = Daemon::start(
-        "tern-lighthouse",
-        &["--config", &d.join("lh2.toml").to_string_lossy()],
-        d.join("lh2.log"),
-    );
-    wait_until(
-        "the second lighthouse answers",
-        Duration::from_secs(20),
-        || {
-            run(
-                "tern-lighthouse",
-                &[
-                    "status",
-                    "--socket",
-                    &d.join("lh2.sock").to_string_lossy(),
-                    "--json",
-                ],
-                Duration::from_secs(5),
-            )
-            .status
-            .success()
-        },
-    );
+    let (_lh2, lh2_port) = second_lighthouse(&lab, "lh2", None);
     let at_lh2 = |name: &str| {
         let path = lab.ci_config(name, free_tcp());
         let text = fs::read_to_string(&path)
@@ -156,4 +128,174 @@ fn two_lighthouses_on_one_postgresql_database_spend_each_token_once() {
         "revoked at lh2 → the job on lh1 stopped in {:?}",
         revoked_at.elapsed()
     );
+}
+
+/// Another lighthouse, `dir/<name>.toml`: the lab's config with another
+/// port and socket, and this `[store] url` if given; once it answers, with
+/// its port.
+fn second_lighthouse(
+    lab: &tern_tests::enroll_lab::Lab,
+    name: &str,
+    store_url: Option<&str>,
+) -> (Daemon, u16) {
+    let d = lab.dir.path();
+    let port = free_udp();
+    let text = fs::read_to_string(d.join("lh.toml"))
+        .unwrap()
+        .replace(&format!(":{}\"", lab.lh_port), &format!(":{port}\""))
+        .replace("socket = \"lh.sock\"", &format!("socket = \"{name}.sock\""))
+        + &store_url.map_or(String::new(), |url| format!("[store]\nurl = \"{url}\"\n"));
+    fs::write(d.join(format!("{name}.toml")), text).unwrap();
+    let daemon = Daemon::start(
+        "tern-lighthouse",
+        &[
+            "--config",
+            &d.join(format!("{name}.toml")).to_string_lossy(),
+        ],
+        d.join(format!("{name}.log")),
+    );
+    wait_until(
+        "the second lighthouse answers",
+        Duration::from_secs(20),
+        || {
+            run(
+                "tern-lighthouse",
+                &[
+                    "status",
+                    "--socket",
+                    &d.join(format!("{name}.sock")).to_string_lossy(),
+                    "--json",
+                ],
+                Duration::from_secs(5),
+            )
+            .status
+            .success()
+        },
+    );
+    (daemon, port)
+}
+
+/// `tern up --enroll-token` for a job whose only lighthouse listens on
+/// `port`: its exit code and stderr if it ended within `within`, else
+/// (it enrolled and runs) None, after stopping it.
+fn enroll_once(
+    lab: &tern_tests::enroll_lab::Lab,
+    name: &str,
+    port: u16,
+    token: &str,
+    within: Duration,
+) -> Option<(Option<i32>, String)> {
+    let path = lab.ci_config(name, free_tcp());
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace(&format!(":{}\"", lab.lh_port), &format!(":{port}\""));
+    fs::write(&path, text).unwrap();
+    let log = lab.dir.path().join(format!("{name}.err"));
+    let mut child = Command::new(bin("tern"))
+        .args([
+            "up",
+            "--config",
+            &path.to_string_lossy(),
+            "--enroll-token",
+            token,
+        ])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some((status.code(), fs::read_to_string(&log).unwrap_or_default()));
+        }
+        // Enrolled: its API answers with a certificate.
+        if lab.node_status(name)["name"].is_string() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{name} neither enrolled nor ended in {within:?}");
+}
+
+#[test]
+fn a_lighthouse_moves_to_postgresql_with_store_copy_and_rides_out_a_database_outage() {
+    let Some(server) = TestServer::start() else {
+        return;
+    };
+    server.create_db("shared");
+    // A single lighthouse on its SQLite file, with a token made there.
+    let lab = lab_with("127.74.0", "store = \"one.db\"\n");
+    let d = lab.dir.path();
+    let token = lab.token("2", "ci");
+    let shared = server.tcp_url("shared");
+
+    // Its state moves into the shared database.
+    let sqlite = format!("sqlite:{}", d.join("one.db").display());
+    let copy = run(
+        "tern-lighthouse",
+        &["store", "copy", "--from", &sqlite, "--to", &shared],
+        Duration::from_secs(20),
+    );
+    assert!(
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    let said = String::from_utf8_lossy(&copy.stdout);
+    assert!(said.contains("copied 1 tokens"), "{said}");
+    // Twice: refused, the database is not empty.
+    let again = run(
+        "tern-lighthouse",
+        &["store", "copy", "--from", &sqlite, "--to", &shared],
+        Duration::from_secs(20),
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+
+    // A lighthouse on the database enrolls with the copied token.
+    let (_lh2, port) = second_lighthouse(&lab, "lh2", Some(&shared));
+    let migrate = run(
+        "tern-lighthouse",
+        &[
+            "store",
+            "migrate",
+            "--config",
+            &d.join("lh2.toml").to_string_lossy(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(
+        String::from_utf8_lossy(&migrate.stdout).contains("up to date"),
+        "{}{}",
+        String::from_utf8_lossy(&migrate.stdout),
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    assert_eq!(
+        enroll_once(&lab, "moved", port, &token, Duration::from_secs(20)),
+        None
+    );
+
+    // The database goes away: registrations go on, enrollment is refused
+    // as "store unavailable" (75), spending nothing.
+    server.stop();
+    let (code, stderr) = enroll_once(&lab, "during", port, &token, Duration::from_secs(20))
+        .expect("refused while the database is down");
+    assert_eq!(code, Some(75), "{stderr}");
+    assert!(stderr.contains("store unavailable"), "{stderr}");
+    // Back: the lighthouse connects again by itself; the token's last use
+    // is there, once.
+    server.start_again();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        enroll_once(&lab, "after", port, &token, Duration::from_secs(20)),
+        None
+    );
+    let (code, stderr) = enroll_once(&lab, "third", port, &token, Duration::from_secs(20))
+        .expect("the token is used up");
+    assert_eq!(code, Some(77), "{stderr}");
+    assert!(stderr.contains("used up"), "{stderr}");
 }

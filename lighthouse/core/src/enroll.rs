@@ -13,7 +13,7 @@ use ipnet::{IpNet, Ipv4Net};
 use tern_shared::cert::{self, Cert, CertBody, CertKind, Fingerprint};
 use tern_shared::config::OidcProviderConfig;
 use tern_shared::control::Revocation;
-use tern_shared::enroll::{token_hash, EnrollReply, EnrollRequest};
+use tern_shared::enroll::{token_hash, EnrollReply, EnrollRequest, REFUSED_STORE_UNAVAILABLE};
 use tern_shared::keys::CaSecretKey;
 
 use crate::oidc::{self, Jwks};
@@ -448,10 +448,14 @@ impl Enroller {
             Ok(cert) => EnrollReply {
                 cert: Some(cert.to_pem()),
                 refused: None,
+                code: None,
             },
-            Err(why) => EnrollReply {
+            Err(refusal) => EnrollReply {
                 cert: None,
-                refused: Some(why),
+                refused: Some(refusal.why),
+                code: refusal
+                    .store_unavailable
+                    .then(|| REFUSED_STORE_UNAVAILABLE.to_string()),
             },
         }
     }
@@ -467,7 +471,7 @@ impl Enroller {
         request: &EnrollRequest,
         store: &mut S,
         now: u64,
-    ) -> Result<Cert, String> {
+    ) -> Result<Cert, Refusal> {
         let issuer = &self.issuer.body;
         // a. What can be checked without the store.
         if request.public_key == [0; 32] {
@@ -508,7 +512,7 @@ impl Enroller {
                 let hash = token_hash(token);
                 let grant = store
                     .peek_token(&hash, now)
-                    .map_err(token_unchecked)?
+                    .map_err(|e| store_down("check the token", e))?
                     .map_err(token_refused)?;
                 (grant, "token".to_string(), Spend::Token(hash))
             }
@@ -524,13 +528,14 @@ impl Enroller {
                     "matching enroll.oidc rule"
                 },
                 issuer.name
-            ));
+            )
+            .into());
         }
         let body = self.dry_run(request, &name, placeholder, &grant, now)?;
         // d. The address.
         let ip = store
             .lease(&pool, &name, body.not_after, now)
-            .map_err(|e| format!("the lighthouse could not lease an address ({e}); try again"))?
+            .map_err(|e| store_down("lease an address", e))?
             .ok_or("the issuer's address pool is exhausted; try again when certificates expire")?;
         // e. The certificate (refused only if the dry run missed something).
         let signed = Ipv4Net::new(ip, self.prefix_len)
@@ -545,16 +550,16 @@ impl Enroller {
             });
         let cert = match signed {
             Ok(cert) => cert,
-            Err(why) => return Err(give_back(store, ip, &name, why)),
+            Err(why) => return Err(give_back(store, ip, &name, why.into())),
         };
         // f. The token, spent at last.
         if let Err(why) = spend.take(store, now) {
             return Err(give_back(store, ip, &name, why));
         }
         // g. The record.
-        store.record_issued(&cert, &how, now).map_err(|e| {
-            format!("the lighthouse could not record the certificate ({e}); try again")
-        })?;
+        store
+            .record_issued(&cert, &how, now)
+            .map_err(|e| store_down("record the certificate", e))?;
         Ok(cert)
     }
 
@@ -611,17 +616,17 @@ enum Spend {
 impl Spend {
     /// Spends it, atomically; why not when it is gone meanwhile (a
     /// simultaneous request took the token's last use, or the ID token).
-    fn take<S: EnrollStore + ?Sized>(&self, store: &mut S, now: u64) -> Result<(), String> {
+    fn take<S: EnrollStore + ?Sized>(&self, store: &mut S, now: u64) -> Result<(), Refusal> {
         match self {
             Spend::Token(hash) => store
                 .use_token(hash, now)
-                .map_err(token_unchecked)?
+                .map_err(|e| store_down("use the token", e))?
                 .map(drop)
-                .map_err(token_refused),
+                .map_err(|r| token_refused(r).into()),
             Spend::Oidc { id, until } => {
-                let fresh = store.use_oidc_token(id, *until, now).map_err(|e| {
-                    format!("the lighthouse could not record the OIDC token ({e}); try again")
-                })?;
+                let fresh = store
+                    .use_oidc_token(id, *until, now)
+                    .map_err(|e| store_down("record the OIDC token", e))?;
                 if fresh {
                     Ok(())
                 } else {
@@ -639,16 +644,48 @@ fn give_back<S: EnrollStore + ?Sized>(
     store: &mut S,
     ip: Ipv4Addr,
     name: &str,
-    why: String,
-) -> String {
+    why: Refusal,
+) -> Refusal {
     if let Err(e) = store.release_lease(ip, name) {
-        tracing::warn!(%ip, name, error = %e, refusal = %why, "could not give back the address of a refused enrollment; it stays leased until its certificate would have expired");
+        tracing::warn!(%ip, name, error = %e, refusal = %why.why, "could not give back the address of a refused enrollment; it stays leased until its certificate would have expired");
     }
     why
 }
 
-fn token_unchecked(e: impl std::fmt::Display) -> String {
-    format!("the lighthouse could not check the token ({e}); try again")
+/// Why a request was refused, and whether because the store could not be
+/// reached (then nothing was spent, and the node may try again or another
+/// lighthouse).
+#[derive(Debug)]
+struct Refusal {
+    why: String,
+    store_unavailable: bool,
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Refusal {
+        Refusal {
+            why,
+            store_unavailable: false,
+        }
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(why: &str) -> Refusal {
+        why.to_string().into()
+    }
+}
+
+/// The store failed while the lighthouse tried to `what`. The detail (a
+/// database's error) is logged here, not sent to the node.
+fn store_down(what: &str, e: impl std::fmt::Display) -> Refusal {
+    tracing::warn!(error = %e, "enrollment store unavailable: could not {what}");
+    Refusal {
+        why: format!(
+            "store unavailable: the lighthouse could not {what} in its store; nothing was spent, try again shortly or through another lighthouse"
+        ),
+        store_unavailable: true,
+    }
 }
 
 fn token_refused(r: TokenRefusal) -> String {
@@ -677,7 +714,7 @@ impl Enroller {
         token: &str,
         store: &mut S,
         now: u64,
-    ) -> Result<(Grant, String, Spend), String> {
+    ) -> Result<(Grant, String, Spend), Refusal> {
         let token = token.trim();
         let peeked = oidc::peek(token).map_err(|e| e.to_string())?;
         let iss = peeked.issuer.ok_or("the OIDC token has no issuer (iss)")?;
@@ -692,14 +729,16 @@ impl Enroller {
                     cut(&iss),
                     accepted.join(", ")
                 )
-            });
+            }
+            .into());
         };
         let Some(jwks) = &provider.jwks else {
             return Err(format!(
                 "the lighthouse has no signing keys for {} yet ({}); try again shortly",
                 provider.config.issuer,
                 provider.keys_error.as_deref().unwrap_or("not fetched")
-            ));
+            )
+            .into());
         };
         let claims = oidc::verify(
             token,
@@ -736,7 +775,8 @@ impl Enroller {
                 "the OIDC token matches no enroll.oidc rule of {} ({}); add a rule for it on the lighthouse",
                 provider.config.issuer,
                 shown.join(", ")
-            ));
+            )
+            .into());
         };
         // One enrollment per ID token: a token copied from a log cannot
         // enroll a second node while it is still valid.
@@ -749,9 +789,9 @@ impl Enroller {
             Some(jti) => format!("{iss} {jti}"),
             None => token_hash(token),
         };
-        let used = store.oidc_token_used(&id, now).map_err(|e| {
-            format!("the lighthouse could not check the OIDC token ({e}); try again")
-        })?;
+        let used = store
+            .oidc_token_used(&id, now)
+            .map_err(|e| store_down("check the OIDC token", e))?;
         if used {
             return Err(OIDC_USED.into());
         }

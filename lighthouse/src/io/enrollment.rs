@@ -374,6 +374,11 @@ impl Worker {
             _ => {}
         }
         let answer = sealer.seal(&reply).ok()?;
+        // A refusal because the store was down is not kept: the node's
+        // repeat is asked again (the database may be back).
+        if reply.code.is_some() {
+            return Some(answer);
+        }
         if self.answered.insert(key, answer.clone()).is_none() {
             self.answered_bytes += answer.len();
             self.answer_order.push_back((now, key, answer.len()));

@@ -4,6 +4,7 @@
 //! ([`PostgresStore`], shared by several lighthouses). Both pass the same
 //! test suite (`suite.rs`).
 
+mod copy;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
@@ -11,6 +12,7 @@ mod suite;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
+pub use self::copy::StoreDump;
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;
 
@@ -26,8 +28,34 @@ use tern_shared::control::Revocation;
 pub enum StoreError {
     #[error("enrollment store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("enrollment store (PostgreSQL): {0}")]
-    Postgres(#[from] ::postgres::Error),
+    /// Shown with its causes (the client's own text for a server's error
+    /// is only "db error").
+    #[error("enrollment store (PostgreSQL): {}", with_causes(.0))]
+    Postgres(::postgres::Error),
+    #[error("enrollment store unavailable: {0}")]
+    Unavailable(String),
+    #[error("the store's schema is version {found}, newer than this lighthouse knows ({known}); run the newer tern-lighthouse, or restore the store from before the upgrade")]
+    TooNew { found: usize, known: usize },
+    #[error("the store to copy into is not empty (it holds {0}); copy only into a new store, so that no lighthouse's state is merged or overwritten")]
+    NotEmpty(String),
+}
+
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> StoreError {
+        StoreError::Postgres(e)
+    }
+}
+
+/// An error and every cause under it, joined by ": ".
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// A stored token: groups, uses left, expiry, certificate lifetime.
@@ -71,7 +99,8 @@ pub(super) fn stored_time(t: u64) -> i64 {
 /// The store a lighthouse was configured with.
 pub enum AnyStore {
     Sqlite(SqliteStore),
-    Postgres(PostgresStore),
+    /// Boxed: its client and configuration are large beside SQLite's handle.
+    Postgres(Box<PostgresStore>),
 }
 
 /// Opens the store at `location`; a PostgreSQL password comes from
@@ -79,6 +108,18 @@ pub enum AnyStore {
 pub fn open(
     location: &tern_shared::store::StoreLocation,
     password_file: Option<&std::path::Path>,
+) -> anyhow::Result<AnyStore> {
+    open_with(location, password_file, false)
+}
+
+/// Whether [`open_with`] may return a PostgreSQL store whose database
+/// cannot be reached yet (it connects at its first use that can).
+type MayWait = bool;
+
+fn open_with(
+    location: &tern_shared::store::StoreLocation,
+    password_file: Option<&std::path::Path>,
+    may_wait: MayWait,
 ) -> anyhow::Result<AnyStore> {
     use anyhow::Context;
     use tern_shared::store::{StoreLocation, PASSWORD_ENV};
@@ -97,29 +138,45 @@ pub fn open(
                 ),
                 None => std::env::var(PASSWORD_ENV).ok(),
             };
-            Ok(AnyStore::Postgres(
+            let store = if may_wait {
+                PostgresStore::connect_or_wait(url, password.as_deref())
+            } else {
                 PostgresStore::connect(url, password.as_deref())
-                    .with_context(|| format!("connecting to the store {url}"))?,
-            ))
+            };
+            Ok(AnyStore::Postgres(Box::new(store.with_context(|| {
+                format!("connecting to the store {url}")
+            })?)))
         }
     }
 }
 
-/// [`open`] on a thread of its own: PostgreSQL's synchronous client runs a
-/// runtime of its own, which it cannot start on a thread that drives the
-/// lighthouse's. The store is then used from threads without one (the
-/// enrollment worker, the revocation watcher).
+/// The running lighthouse's [`open`], on a thread of its own: PostgreSQL's
+/// synchronous client runs a runtime of its own, which it cannot start on
+/// a thread that drives the lighthouse's. The store is then used from
+/// threads without one (the enrollment worker, the revocation watcher). A
+/// database that cannot be reached yet is no error here: the lighthouse
+/// starts (registrations, lookups and relaying need no store) and refuses
+/// enrollments as "store unavailable" until the database answers. One that
+/// answers and refuses (a wrong password, no such database) is.
 pub fn open_off_runtime(
     location: &tern_shared::store::StoreLocation,
     password_file: Option<&std::path::Path>,
 ) -> anyhow::Result<AnyStore> {
     let (location, password_file) = (location.clone(), password_file.map(|p| p.to_path_buf()));
-    std::thread::spawn(move || open(&location, password_file.as_deref()))
+    std::thread::spawn(move || open_with(&location, password_file.as_deref(), true))
         .join()
         .map_err(|_| anyhow::anyhow!("opening the store: its thread panicked"))?
 }
 
 impl AnyStore {
+    /// The schema's version when the store was opened and now.
+    pub fn migrated(&self) -> Option<(usize, usize)> {
+        match self {
+            AnyStore::Sqlite(s) => Some(s.migrated()),
+            AnyStore::Postgres(s) => s.migrated(),
+        }
+    }
+
     /// A cheap number that changes whenever a revocation was added (by
     /// this lighthouse, another one, or `tern-lighthouse revoke`).
     pub fn revocations_changed_token(&mut self) -> Result<i64, StoreError> {

@@ -5,8 +5,16 @@
 //! makes a second live lease of one address impossible), an OIDC token is
 //! marked used by an insert that succeeds once, and revocations are
 //! numbered by a sequence and announced with `NOTIFY tern_revocations`.
+//!
+//! The connection is made again when it is lost (the database restarted,
+//! failed over, or was unreachable for a while): every call first checks
+//! it, and while the database cannot be reached calls fail at once with
+//! [`StoreError::Unavailable`] (one new attempt at most every
+//! [`RECONNECT_EVERY`]), so a lighthouse refuses enrollments with that
+//! reason instead of waiting, and goes on once the database is back.
 
 use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use postgres::{Client, NoTls, Transaction};
@@ -40,9 +48,28 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE tokens (
          version BIGSERIAL PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,
          name TEXT NOT NULL, not_after BIGINT NOT NULL, at BIGINT NOT NULL);"];
 
+/// While the database cannot be reached, a new connection is tried at most
+/// this often (calls in between fail at once).
+pub const RECONNECT_EVERY: Duration = Duration::from_millis(500);
+/// How long one connection attempt may take (a database host that drops
+/// packets must not hold enrollment up for minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long sent data may stay unacknowledged before the connection counts
+/// as lost (a database that vanished without closing it).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection unused this long is checked before its next use.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// [`EnrollStore`] in PostgreSQL.
 pub struct PostgresStore {
-    db: Client,
+    config: postgres::Config,
+    /// None while the database cannot be reached.
+    db: Option<Client>,
+    last_attempt: Option<Instant>,
+    last_used: Option<Instant>,
+    /// The schema's version before and after the first connection's
+    /// migrations.
+    migrated: Option<(usize, usize)>,
 }
 
 impl PostgresStore {
@@ -50,54 +77,164 @@ impl PostgresStore {
     /// password given apart, never in the URL) and brings the schema up to
     /// date.
     pub fn connect(url: &str, password: Option<&str>) -> Result<PostgresStore, StoreError> {
+        let mut store = Self::configure(url, password)?;
+        store.client()?;
+        Ok(store)
+    }
+
+    /// Like [`PostgresStore::connect`], but a database that cannot be
+    /// reached now (down, restarting, unreachable) is not an error: it is
+    /// tried again at each use. One that answers and refuses (a wrong
+    /// password, no such database or user) is.
+    pub fn connect_or_wait(url: &str, password: Option<&str>) -> Result<PostgresStore, StoreError> {
+        let mut store = Self::configure(url, password)?;
+        match store.client() {
+            Ok(_) => {}
+            Err(StoreError::Postgres(e)) if unreachable(&e) => {
+                tracing::warn!(error = %e, "the store's database cannot be reached; enrollments are refused (store unavailable) until it can")
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(store)
+    }
+
+    fn configure(url: &str, password: Option<&str>) -> Result<PostgresStore, StoreError> {
         let mut config: postgres::Config = url.parse()?;
         if let Some(p) = password {
             config.password(p);
         }
-        let db = config.connect(NoTls)?;
-        let mut store = PostgresStore { db };
-        store.migrate()?;
-        Ok(store)
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        config.application_name("tern-lighthouse");
+        Ok(PostgresStore {
+            config,
+            db: None,
+            last_attempt: None,
+            last_used: None,
+            migrated: None,
+        })
     }
 
-    /// Applies the migrations this database lacks; the schema's version
-    /// after. Lighthouses starting at once wait for each other (an
-    /// advisory lock), so each migration runs once.
-    pub fn migrate(&mut self) -> Result<usize, StoreError> {
-        let mut tx = self.db.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock(7414)", &[])?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS tern_schema (version INTEGER NOT NULL)")?;
-        let current: i32 = tx
-            .query_opt("SELECT max(version) FROM tern_schema", &[])?
-            .and_then(|r| r.get::<_, Option<i32>>(0))
-            .unwrap_or(0);
-        let current = usize::try_from(current).unwrap_or(0);
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            tx.batch_execute(sql)?;
-            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
-            tx.execute("INSERT INTO tern_schema (version) VALUES ($1)", &[&version])?;
+    /// The schema's version before and after the first connection's
+    /// migrations (none before a first connection).
+    pub fn migrated(&self) -> Option<(usize, usize)> {
+        self.migrated
+    }
+
+    /// Whether a connection is open now (it may still turn out lost).
+    pub fn is_connected(&self) -> bool {
+        self.db.as_ref().is_some_and(|c| !c.is_closed())
+    }
+
+    /// The open connection, made again (and the schema brought up to date)
+    /// if it was lost.
+    pub(super) fn client(&mut self) -> Result<&mut Client, StoreError> {
+        let now = Instant::now();
+        // The client notices a closed connection only when it uses it: one
+        // idle for a while is checked first (a round trip), so the first
+        // enrollment after a database restart does not fail on the old one.
+        let idle = self
+            .last_used
+            .is_none_or(|t| now.saturating_duration_since(t) >= CHECK_IDLE_AFTER);
+        if let Some(db) = self.db.as_mut() {
+            if db.is_closed() || (idle && db.is_valid(CONNECT_TIMEOUT).is_err()) {
+                self.db = None;
+                tracing::warn!("lost the connection to the store's database; connecting again");
+            }
         }
-        tx.commit()?;
-        Ok(MIGRATIONS.len())
+        self.last_used = Some(now);
+        if self.db.is_none() {
+            if self
+                .last_attempt
+                .is_some_and(|t| now.saturating_duration_since(t) < RECONNECT_EVERY)
+            {
+                return Err(StoreError::Unavailable(
+                    "the database could not be reached a moment ago".into(),
+                ));
+            }
+            let again = self.last_attempt.replace(now).is_some();
+            let mut db = self.config.connect(NoTls)?;
+            let (from, to) = migrate(&mut db)?;
+            if from != to {
+                tracing::info!(from, to, "migrated the store's schema");
+            }
+            self.migrated.get_or_insert((from, to));
+            if again {
+                tracing::info!("connected to the store's database again");
+            }
+            self.db = Some(db);
+        }
+        self.db
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("not connected".into()))
+    }
+
+    /// Applies the migrations this database lacks: the schema's version
+    /// before and after.
+    pub fn migrate(&mut self) -> Result<(usize, usize), StoreError> {
+        migrate(self.client()?)
     }
 
     /// The newest revocation's version: it changes whenever a revocation
     /// is added, at any lighthouse.
     pub fn revocations_version(&mut self) -> Result<i64, StoreError> {
         Ok(self
-            .db
+            .client()?
             .query_one("SELECT coalesce(max(version), 0) FROM revocations", &[])?
             .get(0))
     }
 
     fn token_row(&mut self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
         Ok(self
-            .db
+            .client()?
             .query_opt(
                 "SELECT groups, uses_left, expires, cert_ttl FROM tokens WHERE hash = $1",
                 &[&hash],
             )?
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    }
+}
+
+/// Applies the migrations this database lacks, in one transaction: the
+/// schema's version before and after. Lighthouses starting at once wait for each
+/// other (an advisory lock), so each migration runs once.
+fn migrate(db: &mut Client) -> Result<(usize, usize), StoreError> {
+    let mut tx = db.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7414)", &[])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS tern_schema (version INTEGER NOT NULL)")?;
+    let current: i32 = tx
+        .query_opt("SELECT max(version) FROM tern_schema", &[])?
+        .and_then(|r| r.get::<_, Option<i32>>(0))
+        .unwrap_or(0);
+    let current = usize::try_from(current).unwrap_or(0);
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.batch_execute(sql)?;
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.execute("INSERT INTO tern_schema (version) VALUES ($1)", &[&version])?;
+    }
+    tx.commit()?;
+    Ok((current, MIGRATIONS.len()))
+}
+
+/// Whether `e` says the database could not be reached (down, restarting,
+/// shutting down, the connection lost) rather than that it refused us.
+pub fn unreachable(e: &postgres::Error) -> bool {
+    match e.code() {
+        // Connection exceptions and operator intervention (shutdown,
+        // "the database system is starting up").
+        Some(code) => matches!(&code.code()[..2], "08" | "57"),
+        None => {
+            let text = e.to_string();
+            !(text.starts_with("authentication error") || text.starts_with("invalid configuration"))
+        }
     }
 }
 
@@ -124,7 +261,7 @@ impl EnrollStore for PostgresStore {
     type Error = StoreError;
 
     fn create_token(&mut self, t: &NewToken, now: u64) -> Result<(), StoreError> {
-        self.db.execute(
+        self.client()?.execute(
             "INSERT INTO tokens (hash, groups, uses_left, expires, cert_ttl, created) VALUES ($1, $2, $3, $4, $5, $6)",
             &[&t.hash, &t.groups.join(","), &i64::from(t.uses), &stored_time(t.expires), &stored_time(t.cert_ttl), &stored_time(now)],
         )?;
@@ -146,7 +283,7 @@ impl EnrollStore for PostgresStore {
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
         // One statement: the check and the decrement are one atomic step,
         // whichever lighthouse runs it.
-        let used = self.db.query_opt(
+        let used = self.client()?.query_opt(
             "UPDATE tokens SET uses_left = uses_left - 1
              WHERE hash = $1 AND uses_left > 0 AND expires > $2
              RETURNING groups, cert_ttl",
@@ -167,7 +304,7 @@ impl EnrollStore for PostgresStore {
     ) -> Result<Option<Ipv4Addr>, StoreError> {
         // Round robin from the address leased last, as in SQLite; the
         // cursor's row lock makes lighthouses leasing at once take turns.
-        let mut tx = self.db.transaction()?;
+        let mut tx = self.client()?.transaction()?;
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('lease_cursor', '') ON CONFLICT (key) DO NOTHING",
             &[],
@@ -199,7 +336,7 @@ impl EnrollStore for PostgresStore {
     }
 
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
-        self.db.execute(
+        self.client()?.execute(
             "DELETE FROM leases WHERE ip = $1 AND name = $2",
             &[&ip.to_string(), &name],
         )?;
@@ -208,7 +345,7 @@ impl EnrollStore for PostgresStore {
 
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
         let b = &cert.body;
-        self.db.execute(
+        self.client()?.execute(
             "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (fingerprint) DO UPDATE SET name = EXCLUDED.name, ip = EXCLUDED.ip,
                  groups = EXCLUDED.groups, not_after = EXCLUDED.not_after, how = EXCLUDED.how, at = EXCLUDED.at",
@@ -227,7 +364,7 @@ impl EnrollStore for PostgresStore {
 
     fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError> {
         Ok(self
-            .db
+            .client()?
             .query_opt(
                 "SELECT 1 FROM oidc_used WHERE id = $1 AND until >= $2",
                 &[&id, &stored_time(now)],
@@ -236,11 +373,11 @@ impl EnrollStore for PostgresStore {
     }
 
     fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError> {
-        self.db.execute(
+        self.client()?.execute(
             "DELETE FROM oidc_used WHERE until < $1",
             &[&stored_time(now)],
         )?;
-        let added = self.db.execute(
+        let added = self.client()?.execute(
             "INSERT INTO oidc_used (id, until) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
             &[&id, &stored_time(until)],
         )?;
@@ -252,7 +389,7 @@ impl EnrollStore for PostgresStore {
         name: &str,
         now: u64,
     ) -> Result<Vec<(Fingerprint, u64)>, StoreError> {
-        let rows = self.db.query(
+        let rows = self.client()?.query(
             "SELECT fingerprint, not_after FROM issued WHERE name = $1 AND not_after >= $2",
             &[&name, &stored_time(now)],
         )?;
@@ -268,7 +405,7 @@ impl EnrollStore for PostgresStore {
 
     fn issued(&mut self, fingerprint: &Fingerprint) -> Result<Option<(String, u64)>, StoreError> {
         Ok(self
-            .db
+            .client()?
             .query_opt(
                 "SELECT name, not_after FROM issued WHERE fingerprint = $1",
                 &[&fingerprint.to_string()],
@@ -283,7 +420,7 @@ impl EnrollStore for PostgresStore {
         not_after: u64,
         now: u64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.db.transaction()?;
+        let mut tx = self.client()?.transaction()?;
         let added = tx.execute(
             "INSERT INTO revocations (fingerprint, name, not_after, at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (fingerprint) DO NOTHING",
@@ -303,7 +440,7 @@ impl EnrollStore for PostgresStore {
     }
 
     fn revocations(&mut self, now: u64) -> Result<Vec<(u32, Revocation)>, StoreError> {
-        let rows = self.db.query(
+        let rows = self.client()?.query(
             "SELECT version, fingerprint, not_after FROM revocations WHERE not_after >= $1 ORDER BY version",
             &[&stored_time(now)],
         )?;
@@ -326,7 +463,7 @@ impl EnrollStore for PostgresStore {
 
     fn list_tokens(&mut self, now: u64) -> Result<Vec<TokenInfo>, StoreError> {
         // The id is cut in the query: the rest of the hash never leaves it.
-        let rows = self.db.query(
+        let rows = self.client()?.query(
             "SELECT left(hash, $1), groups, uses_left, expires, created, cert_ttl FROM tokens ORDER BY created, seq",
             &[&(TOKEN_ID_LEN as i32)],
         )?;
@@ -353,7 +490,7 @@ impl EnrollStore for PostgresStore {
         id: &TokenIdPrefix,
     ) -> Result<Result<String, TokenRevokeRefusal>, StoreError> {
         let prefix = id.as_str();
-        let mut tx = self.db.transaction()?;
+        let mut tx = self.client()?.transaction()?;
         // No token made meanwhile can turn a unique prefix into an
         // ambiguous one between the look and the delete.
         tx.batch_execute("LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE")?;
@@ -386,6 +523,9 @@ impl EnrollStore for PostgresStore {
 pub(crate) mod tests {
     use super::*;
     use crate::store::testing::TestServer;
+    use tern_lighthouse_core::enroll::{new_token, Enroller};
+    use tern_shared::enroll::{token_hash, EnrollRequest, REFUSED_STORE_UNAVAILABLE};
+    use tern_shared::testing::{TestCa, TEST_NOW};
 
     /// Connections to one fresh database on a server of the test's own.
     pub(crate) struct PostgresBackend {
@@ -417,13 +557,101 @@ pub(crate) mod tests {
         use crate::store::suite::Backend;
         let mut one = b.connect();
         let mut two = b.connect();
-        assert_eq!(one.migrate().unwrap(), MIGRATIONS.len());
-        assert_eq!(two.migrate().unwrap(), MIGRATIONS.len());
+        let done = (MIGRATIONS.len(), MIGRATIONS.len());
+        assert_eq!(one.migrate().unwrap(), done);
+        assert_eq!(two.migrate().unwrap(), done);
         let versions: i64 = one
-            .db
+            .client()
+            .unwrap()
             .query_one("SELECT count(*) FROM tern_schema", &[])
             .unwrap()
             .get(0);
         assert_eq!(versions, MIGRATIONS.len() as i64);
+    }
+
+    /// An enroller with a one-use token in `store`: (enroller, token).
+    fn enroller_with_token(store: &mut PostgresStore) -> (Enroller, String) {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &["ci"]);
+        let issuer = ca.issuer("lh-issuer", "100.64.100.0/30", &["ci"], "ci-", 3600);
+        let enroller = Enroller::new(issuer.cert, issuer.key, 10).unwrap();
+        let token = new_token();
+        store
+            .create_token(
+                &NewToken {
+                    hash: token_hash(&token),
+                    groups: vec!["ci".into()],
+                    uses: 1,
+                    expires: TEST_NOW + 600,
+                    cert_ttl: 600,
+                },
+                TEST_NOW,
+            )
+            .unwrap();
+        (enroller, token)
+    }
+
+    fn request(token: &str, key: u8) -> EnrollRequest {
+        EnrollRequest {
+            token: Some(token.into()),
+            oidc: None,
+            public_key: [key; 32],
+            name_hint: None,
+        }
+    }
+
+    #[test]
+    fn a_database_outage_refuses_enrollment_as_store_unavailable_and_spends_nothing() {
+        let Some(b) = PostgresBackend::new() else {
+            return;
+        };
+        use crate::store::suite::Backend;
+        let mut store = b.connect();
+        let (enroller, token) = enroller_with_token(&mut store);
+        b.server.stop();
+        let down = enroller.enroll(&request(&token, 1), &mut store, TEST_NOW);
+        assert_eq!(down.cert, None);
+        assert_eq!(down.code.as_deref(), Some(REFUSED_STORE_UNAVAILABLE));
+        let why = down.refused.unwrap();
+        assert!(why.starts_with("store unavailable"), "{why}");
+        assert!(!store.is_connected());
+        // While it is down every call fails at once with the same reason.
+        assert!(matches!(
+            store.peek_token(&token_hash(&token), TEST_NOW),
+            Err(StoreError::Unavailable(_) | StoreError::Postgres(_))
+        ));
+        b.server.start_again();
+        std::thread::sleep(RECONNECT_EVERY);
+        let up = enroller.enroll(&request(&token, 1), &mut store, TEST_NOW);
+        assert!(up.cert.is_some(), "{:?}", up.refused);
+        assert!(store.is_connected());
+        // The token had kept its one use: it is spent now, once.
+        let again = enroller.enroll(&request(&token, 2), &mut store, TEST_NOW);
+        assert!(again.refused.unwrap().contains("used up"));
+        assert_eq!(again.code, None);
+    }
+
+    #[test]
+    fn a_lighthouse_starts_while_its_database_is_down_and_connects_when_it_is_back() {
+        let Some(b) = PostgresBackend::new() else {
+            return;
+        };
+        b.server.stop();
+        let url = b.server.url("tern");
+        assert!(
+            PostgresStore::connect(&url, None).is_err(),
+            "the command line wants the database now"
+        );
+        let mut store = PostgresStore::connect_or_wait(&url, None).unwrap();
+        assert!(!store.is_connected());
+        assert!(store.revocations_version().is_err());
+        b.server.start_again();
+        std::thread::sleep(RECONNECT_EVERY);
+        assert_eq!(store.revocations_version().unwrap(), 0);
+        assert!(store.is_connected());
+        // A database that answers and refuses is an error at once.
+        let err = PostgresStore::connect_or_wait(&b.server.url("no_such_db"), None)
+            .err()
+            .expect("no such database");
+        assert!(err.to_string().contains("no_such_db"), "{err}");
     }
 }

@@ -18,7 +18,8 @@ use super::{grant_of, refusal_after_failed_use, stored_time, token_verdict, Stor
 /// [`EnrollStore`] in a SQLite file (WAL, so `tern-lighthouse token create`
 /// can write while the daemon runs).
 pub struct SqliteStore {
-    db: rusqlite::Connection,
+    pub(super) db: rusqlite::Connection,
+    migrated: (usize, usize),
 }
 
 /// How long [`SqliteStore::open`] keeps trying while another process (the
@@ -49,7 +50,7 @@ impl SqliteStore {
     }
 
     fn open_once(path: &Path) -> Result<SqliteStore, StoreError> {
-        let db = rusqlite::Connection::open(path)?;
+        let mut db = rusqlite::Connection::open(path)?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         // In WAL mode NORMAL syncs at checkpoints, not at every commit: a
@@ -57,26 +58,56 @@ impl SqliteStore {
         // last moments' commits. Full syncs made every enrollment wait for
         // three disk flushes on the lighthouse's one store.
         db.pragma_update(None, "synchronous", "NORMAL")?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS tokens (
-                 hash TEXT PRIMARY KEY, groups TEXT NOT NULL, uses_left INTEGER NOT NULL,
-                 expires INTEGER NOT NULL, cert_ttl INTEGER NOT NULL, created INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS leases (
-                 ip TEXT PRIMARY KEY, name TEXT NOT NULL, until INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS issued (
-                 fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, ip TEXT NOT NULL,
-                 groups TEXT NOT NULL, not_after INTEGER NOT NULL, how TEXT NOT NULL,
-                 at INTEGER NOT NULL);
-             CREATE INDEX IF NOT EXISTS issued_by_name ON issued (name);
-             CREATE TABLE IF NOT EXISTS oidc_used (id TEXT PRIMARY KEY, until INTEGER NOT NULL);
-             CREATE INDEX IF NOT EXISTS oidc_used_until ON oidc_used (until);
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS revocations (
-                 version INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE,
-                 name TEXT NOT NULL, not_after INTEGER NOT NULL, at INTEGER NOT NULL);",
-        )?;
-        Ok(SqliteStore { db })
+        let migrated = migrate(&mut db)?;
+        Ok(SqliteStore { db, migrated })
     }
+
+    /// The schema's version when the store was opened, and now (after the
+    /// migrations it lacked).
+    pub fn migrated(&self) -> (usize, usize) {
+        self.migrated
+    }
+}
+
+/// The schema's versions, each applied once, in order (the version is the
+/// file's `user_version`). The first is the schema before versions were
+/// kept, written so that it also applies to a store made then.
+const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS tokens (
+         hash TEXT PRIMARY KEY, groups TEXT NOT NULL, uses_left INTEGER NOT NULL,
+         expires INTEGER NOT NULL, cert_ttl INTEGER NOT NULL, created INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS leases (
+         ip TEXT PRIMARY KEY, name TEXT NOT NULL, until INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS issued (
+         fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, ip TEXT NOT NULL,
+         groups TEXT NOT NULL, not_after INTEGER NOT NULL, how TEXT NOT NULL,
+         at INTEGER NOT NULL);
+     CREATE INDEX IF NOT EXISTS issued_by_name ON issued (name);
+     CREATE TABLE IF NOT EXISTS oidc_used (id TEXT PRIMARY KEY, until INTEGER NOT NULL);
+     CREATE INDEX IF NOT EXISTS oidc_used_until ON oidc_used (until);
+     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE IF NOT EXISTS revocations (
+         version INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE,
+         name TEXT NOT NULL, not_after INTEGER NOT NULL, at INTEGER NOT NULL);"];
+
+/// Applies the migrations the file lacks, in one transaction that holds the
+/// write lock (two processes opening a new store take turns); the version
+/// before and after.
+fn migrate(db: &mut rusqlite::Connection) -> Result<(usize, usize), StoreError> {
+    let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let found = usize::try_from(found).unwrap_or(0);
+    if found > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for sql in &MIGRATIONS[found..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    tx.commit()?;
+    Ok((found, MIGRATIONS.len()))
 }
 
 impl EnrollStore for SqliteStore {

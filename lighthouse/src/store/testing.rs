@@ -16,6 +16,7 @@ pub struct TestServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
+    options: String,
 }
 
 impl TestServer {
@@ -44,18 +45,6 @@ impl TestServer {
         let (uid, gid) = postgres_ids();
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         let data = dir.path().join("data");
-        let run = |args: &[&str]| {
-            let out = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         let initdb = bin.join("initdb");
         run(&[
             &initdb.to_string_lossy(),
@@ -75,19 +64,46 @@ impl TestServer {
             "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=100",
             dir.path().display()
         );
-        let pg_ctl = bin.join("pg_ctl");
+        let server = TestServer {
+            dir,
+            bin,
+            port,
+            options,
+        };
+        server.start_again();
+        Some(server)
+    }
+
+    /// Stops the server (a fast shutdown: connections are closed), as an
+    /// outage of the database would.
+    pub fn stop(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
         run(&[
             &pg_ctl.to_string_lossy(),
             "-D",
-            &data.to_string_lossy(),
+            &self.dir.path().join("data").to_string_lossy(),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ]);
+    }
+
+    /// Starts the server (again, after [`TestServer::stop`]), on the same
+    /// port with the same data.
+    pub fn start_again(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        run(&[
+            &pg_ctl.to_string_lossy(),
+            "-D",
+            &self.dir.path().join("data").to_string_lossy(),
             "-o",
-            &options,
+            &self.options,
             "-l",
-            &dir.path().join("log").to_string_lossy(),
+            &self.dir.path().join("log").to_string_lossy(),
             "-w",
             "start",
         ]);
-        Some(TestServer { dir, bin, port })
     }
 
     fn socket_dir(&self) -> &Path {
@@ -128,6 +144,20 @@ impl Drop for TestServer {
             .args(["-m", "immediate", "-w", "stop"])
             .output();
     }
+}
+
+/// Runs a PostgreSQL program as the postgres user; it must succeed.
+fn run(args: &[&str]) {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn postgres_ids() -> (u32, u32) {

@@ -11,7 +11,7 @@ use tern_shared::cert::{CaPool, Cert, LIGHTHOUSE_GROUP};
 use tern_shared::config::NodeConfig;
 use tern_shared::enroll::{
     disabled_reason, enroll_hello, EnrollRequest, Sealer, ENROLL_REQUEST_MIN, MAX_ENROLL_REPLY_LEN,
-    TYPE_ENROLL_CERT, TYPE_ENROLL_REPLY,
+    REFUSED_STORE_UNAVAILABLE, TYPE_ENROLL_CERT, TYPE_ENROLL_REPLY,
 };
 use tern_shared::identity::Identity;
 use tern_shared::keys::NodeSecretKey;
@@ -164,20 +164,45 @@ pub async fn enroll(
     if config.lighthouses.is_empty() {
         anyhow::bail!("enrolling needs a lighthouse: add [[lighthouses]] to the config");
     }
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?;
+    // Every lighthouse is greeted at once, each from a socket of its own,
+    // and asked in the order they answer: one that is down costs nothing
+    // when another is up. The request (which spends the credential) goes
+    // to one lighthouse at a time.
+    let mut offers = tokio::task::JoinSet::new();
+    for lh in &config.lighthouses {
+        let endpoint = lh.endpoint;
+        offers.spawn(async move {
+            let hello = enroll_hello();
+            let offer = async {
+                let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?;
+                let offer = ask(&socket, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
+                anyhow::Ok((socket, offer))
+            };
+            (endpoint, offer.await)
+        });
+    }
     let mut last = String::from("no lighthouse answered");
     let mut not_enrolling = Vec::new();
-    for lh in &config.lighthouses {
-        match enroll_with(
-            &socket,
-            lh.endpoint,
-            lh.name.as_deref(),
-            &pool,
-            credential,
-            now_unix,
-        )
-        .await
-        {
+    let mut store_unavailable = Vec::new();
+    while let Some(joined) = offers.join_next().await {
+        let Ok((endpoint, offer)) = joined else {
+            continue;
+        };
+        let pinned = config
+            .lighthouses
+            .iter()
+            .find(|l| l.endpoint == endpoint)
+            .and_then(|l| l.name.as_deref());
+        let result = match offer {
+            Ok((socket, offer)) => {
+                enroll_with(
+                    &socket, endpoint, &offer, pinned, &pool, credential, now_unix,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(identity) => return Ok(identity),
             Err(e)
                 if e.downcast_ref::<Exit>()
@@ -186,13 +211,26 @@ pub async fn enroll(
                 return Err(e)
             }
             Err(e) => {
-                tracing::warn!(lighthouse = %lh.endpoint, "enrollment: {e:#}");
-                last = format!("{}: {e:#}", lh.endpoint);
+                tracing::warn!(lighthouse = %endpoint, "enrollment: {e:#}");
+                last = format!("{endpoint}: {e:#}");
                 if e.downcast_ref::<NotEnrolling>().is_some() {
                     not_enrolling.push(last.clone());
                 }
+                if let Some(StoreUnavailable(why)) = e.downcast_ref() {
+                    store_unavailable.push(why.clone());
+                }
             }
         }
+    }
+    // A lighthouse whose store is down spent nothing: try again shortly.
+    if !store_unavailable.is_empty() {
+        return Err(exit(
+            tern_shared::exit::STORE_UNAVAILABLE,
+            format!(
+                "store unavailable: no lighthouse could enroll this node now ({}); nothing was spent, so the same credential may be tried again shortly",
+                store_unavailable.join("; ")
+            ),
+        ));
     }
     // Every lighthouse that answered said it does not enroll: a refusal
     // with its reason, not "unreachable".
@@ -212,6 +250,12 @@ pub async fn enroll(
 #[derive(Debug, thiserror::Error)]
 #[error("it does not enroll nodes: {0}")]
 struct NotEnrolling(String);
+
+/// A lighthouse refused because it could not reach its store: nothing was
+/// spent, another lighthouse may enroll.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StoreUnavailable(String);
 
 /// Sends `first` and waits for an answer of type `ty` from `to`, repeating
 /// `repeat` a few times.
@@ -246,18 +290,18 @@ async fn ask(
     anyhow::bail!("no answer from {to}")
 }
 
+/// Enrolls with the lighthouse at `endpoint`, whose answer to the hello
+/// (padded: a lighthouse never answers more than it received) was
+/// `offer`: its certificate, verified here like any peer's.
 async fn enroll_with(
     socket: &UdpSocket,
     endpoint: SocketAddr,
+    offer: &[u8],
     pinned: Option<&str>,
     pool: &CaPool,
     credential: &Credential,
     now_unix: u64,
 ) -> anyhow::Result<Identity> {
-    // The lighthouse's certificate, verified like any peer's.
-    // Padded: a lighthouse never answers more than it received.
-    let hello = enroll_hello();
-    let offer = ask(socket, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
     let lh = pool
         .verify_bytes(&offer[1..], now_unix)
         .map_err(|e| anyhow::anyhow!("its certificate does not verify against [pki] ca: {e}"))?;
@@ -297,6 +341,14 @@ async fn enroll_with(
     let repeat = sealer.seal_request(&request, MAX_ENROLL_REPLY_LEN)?;
     let answer = ask(socket, endpoint, &first, &repeat, TYPE_ENROLL_REPLY).await?;
     let reply = sealer.open_reply(&answer)?;
+    if reply.cert.is_none() && reply.code.as_deref() == Some(REFUSED_STORE_UNAVAILABLE) {
+        return Err(StoreUnavailable(format!(
+            "lighthouse {}: {}",
+            lh.name(),
+            reply.refused.unwrap_or_else(|| "store unavailable".into())
+        ))
+        .into());
+    }
     let Some(pem) = reply.cert else {
         return Err(exit(
             tern_shared::exit::REFUSED,
