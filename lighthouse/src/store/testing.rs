@@ -17,12 +17,26 @@ pub struct TestServer {
     bin: PathBuf,
     port: u16,
     options: String,
+    /// The network namespace it runs in (none: the test's own).
+    netns: Option<String>,
+    listen: String,
 }
 
 impl TestServer {
     /// `None` (with a message) where PostgreSQL is not installed or the
     /// test cannot run it (not root); under `CI=true` that fails.
     pub fn start() -> Option<TestServer> {
+        Self::start_at(None, "127.0.0.1")
+    }
+
+    /// [`TestServer::start`] inside network namespace `netns` (made by the
+    /// test), listening on `listen` there (and on its Unix socket, which
+    /// the test reaches from anywhere).
+    pub fn start_in(netns: &str, listen: &str) -> Option<TestServer> {
+        Self::start_at(Some(netns), listen)
+    }
+
+    fn start_at(netns: Option<&str>, listen: &str) -> Option<TestServer> {
         let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
             d.flatten()
                 .map(|e| e.path().join("bin"))
@@ -56,12 +70,22 @@ impl TestServer {
             "tern",
             "--no-sync",
         ]);
+        if listen != "127.0.0.1" {
+            // Clients on the test's underlay (its namespaces) are let in
+            // like local ones.
+            use std::io::Write;
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .unwrap();
+            writeln!(hba, "host all all 198.18.0.0/16 trust").unwrap();
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap();
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=100",
+            "-c listen_addresses={listen} -p {port} -k {} -c fsync=off -c max_connections=100",
             dir.path().display()
         );
         let server = TestServer {
@@ -69,6 +93,8 @@ impl TestServer {
             bin,
             port,
             options,
+            netns: netns.map(str::to_string),
+            listen: listen.to_string(),
         };
         server.start_again();
         Some(server)
@@ -93,17 +119,24 @@ impl TestServer {
     /// port with the same data.
     pub fn start_again(&self) {
         let pg_ctl = self.bin.join("pg_ctl");
-        run(&[
-            &pg_ctl.to_string_lossy(),
-            "-D",
-            &self.dir.path().join("data").to_string_lossy(),
-            "-o",
-            &self.options,
-            "-l",
-            &self.dir.path().join("log").to_string_lossy(),
-            "-w",
-            "start",
-        ]);
+        let in_netns: Vec<&str> = match &self.netns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => vec![],
+        };
+        run_in(
+            &in_netns,
+            &[
+                &pg_ctl.to_string_lossy(),
+                "-D",
+                &self.dir.path().join("data").to_string_lossy(),
+                "-o",
+                &self.options,
+                "-l",
+                &self.dir.path().join("log").to_string_lossy(),
+                "-w",
+                "start",
+            ],
+        );
     }
 
     fn socket_dir(&self) -> &Path {
@@ -122,8 +155,8 @@ impl TestServer {
     /// The URL a lighthouse's `[store] url` takes for database `db`.
     pub fn tcp_url(&self, db: &str) -> String {
         format!(
-            "postgres://tern@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port
+            "postgres://tern@{}:{}/{db}?sslmode=disable",
+            self.listen, self.port
         )
     }
 
@@ -148,7 +181,20 @@ impl Drop for TestServer {
 
 /// Runs a PostgreSQL program as the postgres user; it must succeed.
 fn run(args: &[&str]) {
-    let out = Command::new("runuser")
+    run_in(&[], args)
+}
+
+/// [`run`] under `prefix` (e.g. `ip netns exec NS`).
+fn run_in(prefix: &[&str], args: &[&str]) {
+    let mut cmd = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg("runuser");
+            c
+        }
+        None => Command::new("runuser"),
+    };
+    let out = cmd
         .args(["-u", "postgres", "--"])
         .args(args)
         .output()
