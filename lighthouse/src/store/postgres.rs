@@ -17,7 +17,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use postgres::{Client, NoTls, Transaction};
+use postgres::{Client, NoTls, Statement, Transaction};
 use tern_lighthouse_core::enroll::{
     token_id, EnrollStore, Grant, HostRanges, NewToken, TokenIdPrefix, TokenInfo, TokenRefusal,
     TokenRevokeRefusal, TOKEN_ID_LEN,
@@ -70,6 +70,9 @@ pub struct PostgresStore {
     /// The schema's version before and after the first connection's
     /// migrations.
     migrated: Option<(usize, usize)>,
+    /// Statements of enrollment's path, prepared once per connection (each
+    /// would otherwise cost a round trip more every time).
+    statements: std::collections::HashMap<&'static str, Statement>,
 }
 
 impl PostgresStore {
@@ -114,6 +117,7 @@ impl PostgresStore {
             last_attempt: None,
             last_used: None,
             migrated: None,
+            statements: std::collections::HashMap::new(),
         })
     }
 
@@ -141,6 +145,7 @@ impl PostgresStore {
         if let Some(db) = self.db.as_mut() {
             if db.is_closed() || (idle && db.is_valid(CONNECT_TIMEOUT).is_err()) {
                 self.db = None;
+                self.statements.clear();
                 tracing::warn!("lost the connection to the store's database; connecting again");
             }
         }
@@ -186,13 +191,24 @@ impl PostgresStore {
             .get(0))
     }
 
+    /// `sql` prepared on the current connection (once per connection).
+    fn prepared(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        // Connected first: a new connection forgets the old statements.
+        self.client()?;
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client()?.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
     fn token_row(&mut self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        let statement = self
+            .prepared("SELECT groups, uses_left, expires, cert_ttl FROM tokens WHERE hash = $1")?;
         Ok(self
             .client()?
-            .query_opt(
-                "SELECT groups, uses_left, expires, cert_ttl FROM tokens WHERE hash = $1",
-                &[&hash],
-            )?
+            .query_opt(&statement, &[&hash])?
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     }
 }
@@ -242,20 +258,21 @@ pub fn unreachable(e: &postgres::Error) -> bool {
 /// `now`: one statement, so two lighthouses cannot both take it.
 fn take_lease(
     tx: &mut Transaction<'_>,
+    statement: &Statement,
     ip: Ipv4Addr,
     name: &str,
     until: i64,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let taken = tx.query_opt(
-        "INSERT INTO leases (ip, name, until) VALUES ($1, $2, $3)
-         ON CONFLICT (ip) DO UPDATE SET name = EXCLUDED.name, until = EXCLUDED.until
-         WHERE leases.until <= $4
-         RETURNING ip",
-        &[&ip.to_string(), &name, &until, &now],
-    )?;
+    let taken = tx.query_opt(statement, &[&ip.to_string(), &name, &until, &now])?;
     Ok(taken.is_some())
 }
+
+/// [`take_lease`]'s statement.
+const TAKE_LEASE: &str = "INSERT INTO leases (ip, name, until) VALUES ($1, $2, $3)
+     ON CONFLICT (ip) DO UPDATE SET name = EXCLUDED.name, until = EXCLUDED.until
+     WHERE leases.until <= $4
+     RETURNING ip";
 
 impl EnrollStore for PostgresStore {
     type Error = StoreError;
@@ -283,12 +300,14 @@ impl EnrollStore for PostgresStore {
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
         // One statement: the check and the decrement are one atomic step,
         // whichever lighthouse runs it.
-        let used = self.client()?.query_opt(
+        let statement = self.prepared(
             "UPDATE tokens SET uses_left = uses_left - 1
              WHERE hash = $1 AND uses_left > 0 AND expires > $2
              RETURNING groups, cert_ttl",
-            &[&hash, &stored_time(now)],
         )?;
+        let used = self
+            .client()?
+            .query_opt(&statement, &[&hash, &stored_time(now)])?;
         if let Some(row) = used {
             return Ok(Ok(grant_of(&row.get::<_, String>(0), row.get(1))));
         }
@@ -304,16 +323,17 @@ impl EnrollStore for PostgresStore {
     ) -> Result<Option<Ipv4Addr>, StoreError> {
         // Round robin from the address leased last, as in SQLite; the
         // cursor's row lock makes lighthouses leasing at once take turns.
-        let mut tx = self.client()?.transaction()?;
-        tx.execute(
+        let make_cursor = self.prepared(
             "INSERT INTO meta (key, value) VALUES ('lease_cursor', '') ON CONFLICT (key) DO NOTHING",
-            &[],
         )?;
+        let lock_cursor =
+            self.prepared("SELECT value FROM meta WHERE key = 'lease_cursor' FOR UPDATE")?;
+        let take = self.prepared(TAKE_LEASE)?;
+        let move_cursor = self.prepared("UPDATE meta SET value = $1 WHERE key = 'lease_cursor'")?;
+        let mut tx = self.client()?.transaction()?;
+        tx.execute(&make_cursor, &[])?;
         let cursor: Option<Ipv4Addr> = tx
-            .query_one(
-                "SELECT value FROM meta WHERE key = 'lease_cursor' FOR UPDATE",
-                &[],
-            )?
+            .query_one(&lock_cursor, &[])?
             .get::<_, String>(0)
             .parse()
             .ok();
@@ -322,11 +342,15 @@ impl EnrollStore for PostgresStore {
         let start = cursor.and_then(|c| hosts.index_of(c)).map_or(0, |i| i + 1);
         let mut found = None;
         for ip in (0..total).filter_map(|i| hosts.at((start + i) % total.max(1))) {
-            if take_lease(&mut tx, ip, name, stored_time(until), stored_time(now))? {
-                tx.execute(
-                    "UPDATE meta SET value = $1 WHERE key = 'lease_cursor'",
-                    &[&ip.to_string()],
-                )?;
+            if take_lease(
+                &mut tx,
+                &take,
+                ip,
+                name,
+                stored_time(until),
+                stored_time(now),
+            )? {
+                tx.execute(&move_cursor, &[&ip.to_string()])?;
                 found = Some(ip);
                 break;
             }
@@ -345,10 +369,13 @@ impl EnrollStore for PostgresStore {
 
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
         let b = &cert.body;
-        self.client()?.execute(
+        let statement = self.prepared(
             "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (fingerprint) DO UPDATE SET name = EXCLUDED.name, ip = EXCLUDED.ip,
                  groups = EXCLUDED.groups, not_after = EXCLUDED.not_after, how = EXCLUDED.how, at = EXCLUDED.at",
+        )?;
+        self.client()?.execute(
+            &statement,
             &[
                 &cert.fingerprint().to_string(),
                 &b.name,
@@ -363,24 +390,20 @@ impl EnrollStore for PostgresStore {
     }
 
     fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError> {
+        let statement = self.prepared("SELECT 1 FROM oidc_used WHERE id = $1 AND until >= $2")?;
         Ok(self
             .client()?
-            .query_opt(
-                "SELECT 1 FROM oidc_used WHERE id = $1 AND until >= $2",
-                &[&id, &stored_time(now)],
-            )?
+            .query_opt(&statement, &[&id, &stored_time(now)])?
             .is_some())
     }
 
     fn use_oidc_token(&mut self, id: &str, until: u64, now: u64) -> Result<bool, StoreError> {
-        self.client()?.execute(
-            "DELETE FROM oidc_used WHERE until < $1",
-            &[&stored_time(now)],
-        )?;
-        let added = self.client()?.execute(
+        let forget = self.prepared("DELETE FROM oidc_used WHERE until < $1")?;
+        let mark = self.prepared(
             "INSERT INTO oidc_used (id, until) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-            &[&id, &stored_time(until)],
         )?;
+        self.client()?.execute(&forget, &[&stored_time(now)])?;
+        let added = self.client()?.execute(&mark, &[&id, &stored_time(until)])?;
         Ok(added == 1)
     }
 

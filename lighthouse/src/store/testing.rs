@@ -26,17 +26,25 @@ impl TestServer {
     /// `None` (with a message) where PostgreSQL is not installed or the
     /// test cannot run it (not root); under `CI=true` that fails.
     pub fn start() -> Option<TestServer> {
-        Self::start_at(None, "127.0.0.1")
+        Self::start_at(None, "127.0.0.1", FAST)
+    }
+
+    /// A server for benchmarks: its writes reach the disk (fsync on), but
+    /// a commit does not wait for its flush (`synchronous_commit=off`),
+    /// which is what a lighthouse's SQLite store does (WAL, `synchronous =
+    /// NORMAL`): durable but for the last moments before a power cut.
+    pub fn start_for_bench() -> Option<TestServer> {
+        Self::start_at(None, "127.0.0.1", "-c synchronous_commit=off")
     }
 
     /// [`TestServer::start`] inside network namespace `netns` (made by the
     /// test), listening on `listen` there (and on its Unix socket, which
     /// the test reaches from anywhere).
     pub fn start_in(netns: &str, listen: &str) -> Option<TestServer> {
-        Self::start_at(Some(netns), listen)
+        Self::start_at(Some(netns), listen, FAST)
     }
 
-    fn start_at(netns: Option<&str>, listen: &str) -> Option<TestServer> {
+    fn start_at(netns: Option<&str>, listen: &str, durability: &str) -> Option<TestServer> {
         let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
             d.flatten()
                 .map(|e| e.path().join("bin"))
@@ -85,7 +93,7 @@ impl TestServer {
             .map(|a| a.port())
             .unwrap();
         let options = format!(
-            "-c listen_addresses={listen} -p {port} -k {} -c fsync=off -c max_connections=100",
+            "-c listen_addresses={listen} -p {port} -k {} {durability} -c max_connections=100",
             dir.path().display()
         );
         let server = TestServer {
@@ -205,6 +213,9 @@ fn run_in(prefix: &[&str], args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Tests need no durability: nothing is flushed to disk.
+const FAST: &str = "-c fsync=off";
 
 fn postgres_ids() -> (u32, u32) {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap();

@@ -126,10 +126,18 @@ enum Kind {
     Token,
     Es256,
     Rs256,
+    /// `Token` on a lighthouse whose store is a PostgreSQL database.
+    TokenPostgres,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Hello, Kind::Token, Kind::Es256, Kind::Rs256];
+    const ALL: [Kind; 5] = [
+        Kind::Hello,
+        Kind::Token,
+        Kind::Es256,
+        Kind::Rs256,
+        Kind::TokenPostgres,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -137,6 +145,7 @@ impl Kind {
             Kind::Token => "token",
             Kind::Es256 => "oidc-es256",
             Kind::Rs256 => "oidc-rs256",
+            Kind::TokenPostgres => "token-postgres",
         }
     }
 
@@ -146,6 +155,15 @@ impl Kind {
             Kind::Token => 1,
             Kind::Es256 => 2,
             Kind::Rs256 => 3,
+            Kind::TokenPostgres => 4,
+        }
+    }
+
+    /// The lighthouse config its batches run on.
+    fn config(self) -> &'static str {
+        match self {
+            Kind::TokenPostgres => "lh-pg.toml",
+            _ => "lh.toml",
         }
     }
 }
@@ -338,14 +356,20 @@ struct Lighthouse {
 }
 
 impl Lighthouse {
-    fn start(bin: &Path, dir: &Path, n: usize, addr: SocketAddr) -> Result<Lighthouse, String> {
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        config: &str,
+        n: usize,
+        addr: SocketAddr,
+    ) -> Result<Lighthouse, String> {
         let log = dir.join(format!("lighthouse-{n}.log"));
         let out = fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
             .try_clone()
             .map_err(|e| format!("creating {}: {e}", log.display()))?;
         let child = Command::new(bin)
-            .args(["--config", "lh.toml"])
+            .args(["--config", config])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out)
@@ -572,7 +596,7 @@ fn join_figures(
         node_text("gw", "ca = \"ca.crt\"\ncert = \"gw.crt\"\nkey = \"gw.key\"\n", free_tcp()?)?
     );
     fs::write(dir.join("gw.toml"), gw).map_err(|e| format!("writing gw.toml: {e}"))?;
-    let _lighthouse = Lighthouse::start(lighthouse, dir, 999, addr)?;
+    let _lighthouse = Lighthouse::start(lighthouse, dir, "lh.toml", 999, addr)?;
     let _gateway = Node::start(tern, dir, "gw.toml", None, "gw.log")?;
     let (mut static_s, mut enrolled_s, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps {
@@ -682,13 +706,13 @@ impl Guard {
     }
 
     /// Stops the running lighthouse, if any, and starts a fresh one on the
-    /// same address, config and store.
-    fn restart(&mut self) -> Result<&Lighthouse, String> {
+    /// same address with `config` (and so its store).
+    fn restart(&mut self, config: &str) -> Result<&Lighthouse, String> {
         if let Some(mut old) = self.lighthouse.take() {
             old.stop();
         }
         self.started += 1;
-        let lh = Lighthouse::start(&self.bin, self.dir.path(), self.started, self.addr)?;
+        let lh = Lighthouse::start(&self.bin, self.dir.path(), config, self.started, self.addr)?;
         Ok(self.lighthouse.insert(lh))
     }
 
@@ -968,35 +992,60 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
         ),
     )?;
 
-    // Credentials, all made before anything is timed: one multi-use token,
-    // and one ID token per enrollment (plus the sanity check's).
+    // The same lighthouse on a PostgreSQL database (a server of this run's
+    // own, on loopback), where PostgreSQL can be run.
+    let postgres = tern_lighthouse::store::testing::TestServer::start_for_bench();
+    let pg_skipped = postgres.is_none().then_some(
+        "skipped: PostgreSQL is not installed here (Debian's postgresql) or this is not root",
+    );
+    if let Some(server) = &postgres {
+        server.create_db("bench");
+        let text =
+            fs::read_to_string(d.join("lh.toml")).map_err(|e| format!("reading lh.toml: {e}"))?;
+        write(
+            "lh-pg.toml",
+            &format!("{text}[store]\nurl = \"{}\"\n", server.tcp_url("bench")),
+        )?;
+    }
+
+    // Credentials, all made before anything is timed: one multi-use token
+    // in each store, and one ID token per enrollment (plus the sanity
+    // check's).
     let per_kind = args.reps * args.count + 1;
     let uses = (per_kind + 16).to_string();
-    let token = run(
-        &d,
-        &lighthouse_bin,
-        &[
-            "token",
-            "create",
-            "--config",
-            "lh.toml",
-            "--groups",
-            "ci",
-            "--ttl",
-            "1h",
-            "--uses",
-            &uses,
-            "--cert-ttl",
-            "10m",
-        ],
-    )?
-    .trim()
-    .to_string();
-    if token.is_empty() {
-        return Err(Fail::Step(
-            "tern-lighthouse token create printed no token".into(),
-        ));
-    }
+    let make_token = |config: &str| -> Result<String, Fail> {
+        let token = run(
+            &d,
+            &lighthouse_bin,
+            &[
+                "token",
+                "create",
+                "--config",
+                config,
+                "--groups",
+                "ci",
+                "--ttl",
+                "1h",
+                "--uses",
+                &uses,
+                "--cert-ttl",
+                "10m",
+            ],
+        )?
+        .trim()
+        .to_string();
+        if token.is_empty() {
+            return Err(Fail::Step(
+                "tern-lighthouse token create printed no token".into(),
+            ));
+        }
+        Ok(token)
+    };
+    let token = make_token("lh.toml")?;
+    let pg_token = match &postgres {
+        Some(_) => Some(make_token("lh-pg.toml")?),
+        None => None,
+    };
     let t = Instant::now();
     let mut es_tokens = sign_tokens(&es, per_kind);
     eprintln!(
@@ -1017,7 +1066,7 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
     };
 
     // Start, and check one certificate of each kind.
-    g.restart()?;
+    g.restart("lh.toml")?;
     let lh_pub = lighthouse_key(addr, &pool).map_err(|e| format!("{e}{}", g.tail()))?;
     let mut checks = vec![("token", enroll_item(lh_pub, Some(token.clone()), None)?)];
     if let Some(t) = es_tokens.pop() {
@@ -1038,6 +1087,7 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
         .filter(|k| *k != Kind::Rs256 || rs.is_some())
+        .filter(|k| *k != Kind::TokenPostgres || pg_token.is_some())
         .collect();
     let mut figs: Vec<Figures> = vec![Figures::default(); Kind::ALL.len()];
     let mut failed_total = 0;
@@ -1049,6 +1099,9 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
                 Kind::Hello => (0..args.count).map(|_| Ok(hello_item())).collect(),
                 Kind::Token => (0..args.count)
                     .map(|_| enroll_item(lh_pub, Some(token.clone()), None))
+                    .collect(),
+                Kind::TokenPostgres => (0..args.count)
+                    .map(|_| enroll_item(lh_pub, pg_token.clone(), None))
                     .collect(),
                 Kind::Es256 | Kind::Rs256 => {
                     let tokens = if kind == Kind::Es256 {
@@ -1065,7 +1118,7 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
                 }
             };
             let items: Vec<Item> = items.map_err(Fail::Step)?;
-            let lh = g.restart()?;
+            let lh = g.restart(kind.config())?;
             let rss_start = lh.mem_mib("VmRSS");
             let cpu_before = lh.cpu_s(ticks);
             let batch = run_batch(addr, &items, args.concurrency)
@@ -1159,12 +1212,18 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
         Kind::Token => "token: sealed request with a multi-use token → certificate",
         Kind::Es256 => "oidc-es256: sealed request with an ES256 ID token → certificate",
         Kind::Rs256 => "oidc-rs256: sealed request with an RS256 ID token → certificate",
+        Kind::TokenPostgres => "token-postgres: as token, the store a PostgreSQL database",
     };
     let mut rows = String::new();
     for k in Kind::ALL {
         let f = &figs[k.index()];
-        if k == Kind::Rs256 {
-            if let Some(why) = skipped {
+        let why_skipped = match k {
+            Kind::Rs256 => skipped,
+            Kind::TokenPostgres => pg_skipped,
+            _ => None,
+        };
+        {
+            if let Some(why) = why_skipped {
                 rows.push_str(&format!(
                     "| {} | {why} | — | — | — | — | — | — |\n",
                     describe(k)
@@ -1201,7 +1260,10 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
          the issued certificate are written to the store. **oidc-es256 / oidc-rs256**: the same \
          with a pre-signed ID token of a throwaway provider (JWKS file, one claim rule), whose \
          signature, claims and rule are checked and whose `jti` is recorded (one enrollment per \
-         ID token). Every request has a new node key; requests are sealed and ID tokens signed \
+         ID token). **token-postgres**: as token, on the same lighthouse with `[store] url` \
+         naming a database of a PostgreSQL server this run starts on loopback (Debian's, \
+         initdb's defaults, fsync on and `synchronous_commit=off`, the durability of the SQLite \
+         store's WAL with `synchronous=NORMAL`), over TCP. Every request has a new node key; requests are sealed and ID tokens signed \
          before the clock starts; only the exchanges are timed, and an enrollment counts only if \
          its reply opens and carries a certificate. One certificate of each kind was parsed and \
          verified against the CA first. Each batch of {} requests runs on a freshly started \
