@@ -69,7 +69,7 @@ enum StoreCommand {
     /// lighthouses will share. Stop the lighthouse using --from first. A
     /// PostgreSQL password comes from TERN_STORE_PASSWORD or --password-file.
     Copy {
-        /// The store to read: sqlite:PATH or postgres://USER@HOST:PORT/DB?sslmode=disable.
+        /// The store to read: sqlite:PATH or postgres://USER@HOST:PORT/DB?sslmode=verify-full|disable.
         #[arg(long, value_name = "URL")]
         from: String,
         /// The store to write, which must be empty (a new file or database).

@@ -44,6 +44,13 @@ impl std::fmt::Display for StoreLocation {
     }
 }
 
+/// The `sslmode`s a PostgreSQL URL may name. `prefer` (libpq's default)
+/// speaks without TLS; `require`, `verify-ca` and `verify-full` all use TLS
+/// and verify the server's certificate chain and name (against the CA file
+/// `sslrootcert=PATH`, else the public web's roots): a store that holds
+/// tokens never talks TLS to a server it has not verified.
+pub const SSL_MODES: [&str; 5] = ["disable", "prefer", "require", "verify-ca", "verify-full"];
+
 /// Reads a store URL; relative SQLite paths resolve against `base`.
 pub fn parse_store_url(url: &str, base: &Path) -> Result<StoreLocation, String> {
     let url = url.trim();
@@ -81,12 +88,18 @@ pub fn parse_store_url(url: &str, base: &Path) -> Result<StoreLocation, String> 
     }
     if let Some(query) = rest.split_once('?').map(|(_, q)| q) {
         for pair in query.split('&') {
-            if let Some(("sslmode", mode)) = pair.split_once('=') {
-                if !matches!(mode, "disable" | "prefer") {
+            match pair.split_once('=') {
+                Some(("sslmode", mode)) if !SSL_MODES.contains(&mode) => {
                     return Err(format!(
-                        "sslmode={mode}: this build speaks to PostgreSQL without TLS; use sslmode=disable on a network you trust (or a local socket)"
+                        "sslmode={mode} is not known: use verify-full (TLS, the server's certificate and name verified; require and verify-ca mean the same here) or disable (no TLS: a local socket or a network you trust)"
                     ));
                 }
+                Some(("sslrootcert", path)) if !Path::new(path).is_absolute() => {
+                    return Err(format!(
+                        "sslrootcert={path}: give the CA file's absolute path"
+                    ));
+                }
+                _ => {}
             }
         }
     }
@@ -132,15 +145,25 @@ mod tests {
             parse_store_url("sqlite:/var/lib/tern/lh.db", base),
             Ok(StoreLocation::Sqlite("/var/lib/tern/lh.db".into()))
         );
-        assert!(matches!(
-            parse_store_url("postgres://tern@db:5432/tern?sslmode=disable", base),
-            Ok(StoreLocation::Postgres(_))
-        ));
+        for good in [
+            "postgres://tern@db:5432/tern?sslmode=disable",
+            "postgres://tern@db:5432/tern?sslmode=verify-full&sslrootcert=/etc/tern/db-ca.pem",
+            "postgres://tern@db:5432/tern?sslmode=require",
+        ] {
+            assert!(matches!(
+                parse_store_url(good, base),
+                Ok(StoreLocation::Postgres(_))
+            ));
+        }
         for (bad, says) in [
             ("mysql://x@db/tern", "unknown store scheme \"mysql\""),
             ("postgres://tern:s3cret@db/tern", "carries a password"),
             ("postgres:///tern", "needs a host"),
-            ("postgres://tern@db/tern?sslmode=require", "without TLS"),
+            ("postgres://tern@db/tern?sslmode=verify-some", "not known"),
+            (
+                "postgres://tern@db/tern?sslrootcert=ca.pem",
+                "absolute path",
+            ),
             ("sqlite:", "needs a file"),
         ] {
             let err = parse_store_url(bad, base).unwrap_err();

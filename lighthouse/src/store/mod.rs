@@ -32,6 +32,8 @@ pub enum StoreError {
     /// is only "db error").
     #[error("enrollment store (PostgreSQL): {}", with_causes(.0))]
     Postgres(::postgres::Error),
+    #[error("TLS to the store's database: {0}")]
+    Tls(String),
     #[error("enrollment store unavailable: {0}")]
     Unavailable(String),
     #[error("the store's schema is version {found}, newer than this lighthouse knows ({known}); run the newer tern-lighthouse, or restore the store from before the upgrade")]

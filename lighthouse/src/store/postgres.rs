@@ -63,6 +63,8 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// [`EnrollStore`] in PostgreSQL.
 pub struct PostgresStore {
     config: postgres::Config,
+    /// TLS to the server (`sslmode=verify-full` and its synonyms), or none.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// None while the database cannot be reached.
     db: Option<Client>,
     last_attempt: Option<Instant>,
@@ -76,7 +78,7 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects (`postgres://USER@HOST:PORT/DB?sslmode=disable`; the
+    /// Connects (`postgres://USER@HOST:PORT/DB?sslmode=verify-full|disable`; the
     /// password given apart, never in the URL) and brings the schema up to
     /// date.
     pub fn connect(url: &str, password: Option<&str>) -> Result<PostgresStore, StoreError> {
@@ -102,6 +104,7 @@ impl PostgresStore {
     }
 
     fn configure(url: &str, password: Option<&str>) -> Result<PostgresStore, StoreError> {
+        let (url, tls) = split_tls(url)?;
         let mut config: postgres::Config = url.parse()?;
         if let Some(p) = password {
             config.password(p);
@@ -113,6 +116,7 @@ impl PostgresStore {
         config.application_name("tern-lighthouse");
         Ok(PostgresStore {
             config,
+            tls: tls.map(tokio_postgres_rustls::MakeRustlsConnect::new),
             db: None,
             last_attempt: None,
             last_used: None,
@@ -160,7 +164,10 @@ impl PostgresStore {
                 ));
             }
             let again = self.last_attempt.replace(now).is_some();
-            let mut db = self.config.connect(NoTls)?;
+            let mut db = match &self.tls {
+                Some(tls) => self.config.connect(tls.clone())?,
+                None => self.config.connect(NoTls)?,
+            };
             let (from, to) = migrate(&mut db)?;
             if from != to {
                 tracing::info!(from, to, "migrated the store's schema");
@@ -211,6 +218,68 @@ impl PostgresStore {
             .query_opt(&statement, &[&hash])?
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     }
+}
+
+/// Takes libpq's `sslmode` and `sslrootcert` out of `url` (the client knows
+/// only `disable`, `prefer` and `require`, and no CA file): the URL the
+/// client reads, and the TLS configuration when TLS is asked for — the
+/// server's certificate verified against the CA file, else the public
+/// web's roots, and its name against the URL's host, whatever the mode
+/// says (`require` and `verify-ca` verify less in libpq; a lighthouse's
+/// store is never spoken to unverified).
+fn split_tls(url: &str) -> Result<(String, Option<rustls::ClientConfig>), StoreError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut kept = Vec::new();
+    let (mut tls, mut ca_file) = (false, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", "require" | "verify-ca" | "verify-full")) => tls = true,
+            Some(("sslmode", _)) => kept.push(pair),
+            Some(("sslrootcert", path)) => ca_file = Some(path),
+            _ => kept.push(pair),
+        }
+    }
+    if tls {
+        kept.push("sslmode=require");
+    }
+    let url = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    if !tls {
+        return Ok((url, None));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<_, _>>())
+                .map_err(|e| StoreError::Tls(format!("sslrootcert {path}: {e}")))?;
+            if certs.is_empty() {
+                return Err(StoreError::Tls(format!(
+                    "sslrootcert {path}: no certificate in it"
+                )));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| StoreError::Tls(format!("sslrootcert {path}: {e}")))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok((url, Some(config)))
 }
 
 /// Applies the migrations this database lacks, in one transaction: the
@@ -676,5 +745,73 @@ pub(crate) mod tests {
             .err()
             .expect("no such database");
         assert!(err.to_string().contains("no_such_db"), "{err}");
+    }
+
+    #[test]
+    fn tls_is_used_and_the_server_verified_against_the_named_ca() {
+        let Some(server) = TestServer::start_tls() else {
+            return;
+        };
+        server.create_db("tern");
+        let url = |query: &str| server.tcp_url("tern").replace("sslmode=disable", query);
+        let ca = server.ca_file();
+        let mut store = PostgresStore::connect(
+            &url(&format!("sslmode=verify-full&sslrootcert={}", ca.display())),
+            None,
+        )
+        .unwrap();
+        let ssl: bool = store
+            .client()
+            .unwrap()
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(ssl, "the connection is TLS");
+        assert_eq!(store.revocations_version().unwrap(), 0);
+        // Without TLS the same server is reached in clear.
+        let mut plain = PostgresStore::connect(&url("sslmode=disable"), None).unwrap();
+        let ssl: bool = plain
+            .client()
+            .unwrap()
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(!ssl);
+        // A server whose certificate another CA signed is refused, whatever
+        // the mode's name (require verifies too), as is one the public web's
+        // roots do not know.
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&other, params.self_signed(&key).unwrap().pem()).unwrap();
+        for query in [
+            format!("sslmode=require&sslrootcert={}", other.display()),
+            "sslmode=verify-full".to_string(),
+        ] {
+            let err = PostgresStore::connect(&url(&query), None)
+                .err()
+                .unwrap_or_else(|| panic!("{query}: connected to an unverified server"));
+            assert!(err.to_string().contains("certificate"), "{query}: {err}");
+        }
+        // A CA file that is not one says so.
+        std::fs::write(&other, "not a certificate").unwrap();
+        let err = PostgresStore::connect(
+            &url(&format!(
+                "sslmode=verify-full&sslrootcert={}",
+                other.display()
+            )),
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("sslrootcert"), "{err}");
     }
 }

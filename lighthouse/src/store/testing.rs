@@ -37,6 +37,47 @@ impl TestServer {
         Self::start_at(None, "127.0.0.1", "-c synchronous_commit=off")
     }
 
+    /// [`TestServer::start`] with TLS on: a CA of the test's own signed the
+    /// server's certificate for `localhost` and `127.0.0.1`; its PEM is at
+    /// [`TestServer::ca_file`].
+    pub fn start_tls() -> Option<TestServer> {
+        let mut server = Self::start()?;
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "tern test database CA");
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let data = server.dir.path().join("data");
+        let (uid, gid) = postgres_ids();
+        for (name, pem) in [
+            ("server.crt", cert.pem()),
+            ("server.key", key.serialize_pem()),
+        ] {
+            let path = data.join(name);
+            std::fs::write(&path, pem).unwrap();
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        }
+        std::fs::write(server.ca_file(), ca.pem()).unwrap();
+        server.stop();
+        server.options.push_str(" -c ssl=on");
+        server.start_again();
+        Some(server)
+    }
+
+    /// The PEM of the CA that signed the server's certificate (with
+    /// [`TestServer::start_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     /// [`TestServer::start`] inside network namespace `netns` (made by the
     /// test), listening on `listen` there (and on its Unix socket, which
     /// the test reaches from anywhere).
