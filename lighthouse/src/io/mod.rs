@@ -108,7 +108,8 @@ impl Drop for RevocationFeed {
 type RevocationList = Vec<(u32, tern_shared::control::Revocation)>;
 
 /// How often the watcher looks at the store (a revocation reaches the
-/// loop within this, plus the read).
+/// loop within this, plus the read; on PostgreSQL at once, announced on a
+/// listening connection, with this look as the catch-up after a lost one).
 const REVOCATIONS_POLL: Duration = Duration::from_millis(250);
 
 /// The watcher thread's state.
@@ -116,6 +117,8 @@ struct RevocationWatcher {
     location: StoreLocation,
     password_file: Option<PathBuf>,
     store: Option<AnyStore>,
+    /// On PostgreSQL: the connection that hears revocations announced.
+    listener: Option<crate::store::RevocationListener>,
     seen: Option<i64>,
     last_full_read: Option<Instant>,
     /// When a failure to reach the store was last logged.
@@ -136,6 +139,7 @@ impl RevocationFeed {
             location,
             password_file,
             store: None,
+            listener: None,
             seen: None,
             last_full_read: None,
             last_warning: None,
@@ -156,7 +160,7 @@ impl RevocationFeed {
                     if !watcher.poll(Instant::now()) {
                         return;
                     }
-                    std::thread::sleep(REVOCATIONS_POLL);
+                    watcher.wait(REVOCATIONS_POLL);
                 }
             })
             .context("starting the revocation watcher")?;
@@ -181,6 +185,29 @@ impl RevocationWatcher {
         {
             self.last_warning = Some(now);
             tracing::warn!(store = %self.location, error = %e, "{what}");
+        }
+    }
+
+    /// Until the next look: `at_most`, or less when a revocation is
+    /// announced on the database.
+    fn wait(&mut self, at_most: Duration) {
+        if self.listener.is_none() {
+            if let Some(store) = &self.store {
+                match store.listen_for_revocations() {
+                    Some(Ok(l)) => self.listener = Some(l),
+                    Some(Err(e)) => self.warn(Instant::now(), "listening for revocations", &e),
+                    None => {}
+                }
+            }
+        }
+        match self.listener.as_mut().map(|l| l.wait(at_most)) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                self.listener = None;
+                self.warn(Instant::now(), "listening for revocations", &e);
+                std::thread::sleep(at_most);
+            }
+            None => std::thread::sleep(at_most),
         }
     }
 

@@ -13,7 +13,7 @@ mod suite;
 pub mod testing;
 
 pub use self::copy::StoreDump;
-pub use self::postgres::PostgresStore;
+pub use self::postgres::{PostgresStore, RevocationListener};
 pub use self::sqlite::SqliteStore;
 
 use ipnet::Ipv4Net;
@@ -171,6 +171,15 @@ pub fn open_off_runtime(
 }
 
 impl AnyStore {
+    /// For a database: a connection that hears revocations the moment any
+    /// lighthouse makes one. SQLite has none (its file is looked at).
+    pub fn listen_for_revocations(&self) -> Option<Result<RevocationListener, StoreError>> {
+        match self {
+            AnyStore::Sqlite(_) => None,
+            AnyStore::Postgres(s) => Some(s.listen_for_revocations()),
+        }
+    }
+
     /// The schema's version when the store was opened and now.
     pub fn migrated(&self) -> Option<(usize, usize)> {
         match self {

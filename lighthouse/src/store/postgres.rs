@@ -198,6 +198,17 @@ impl PostgresStore {
             .get(0))
     }
 
+    /// A connection of its own that waits for revocations announced on
+    /// [`REVOCATIONS_CHANNEL`] (by any lighthouse).
+    pub fn listen_for_revocations(&self) -> Result<RevocationListener, StoreError> {
+        let mut client = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone())?,
+            None => self.config.connect(NoTls)?,
+        };
+        client.batch_execute(&format!("LISTEN {REVOCATIONS_CHANNEL}"))?;
+        Ok(RevocationListener { client })
+    }
+
     /// `sql` prepared on the current connection (once per connection).
     fn prepared(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
         // Connected first: a new connection forgets the old statements.
@@ -217,6 +228,29 @@ impl PostgresStore {
             .client()?
             .query_opt(&statement, &[&hash])?
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    }
+}
+
+/// A connection listening for revocation announcements.
+pub struct RevocationListener {
+    client: Client,
+}
+
+impl RevocationListener {
+    /// Waits up to `timeout` for an announcement: whether one came (all
+    /// that came are taken). An error: the connection is lost.
+    pub fn wait(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+        if self.client.is_closed() {
+            return Err(StoreError::Unavailable(
+                "the listening connection closed".into(),
+            ));
+        }
+        use postgres::fallible_iterator::FallibleIterator;
+        let mut notifications = self.client.notifications();
+        let came = notifications.timeout_iter(timeout).next()?.is_some();
+        // Several revocations at once: one read covers them all.
+        while notifications.iter().next()?.is_some() {}
+        Ok(came)
     }
 }
 
@@ -813,5 +847,33 @@ pub(crate) mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("sslrootcert"), "{err}");
+    }
+
+    #[test]
+    fn a_revocation_made_on_one_connection_is_heard_on_a_listening_one() {
+        let Some(b) = PostgresBackend::new() else {
+            return;
+        };
+        use crate::store::suite::Backend;
+        let watcher = b.connect();
+        let mut listener = watcher.listen_for_revocations().unwrap();
+        assert!(
+            !listener.wait(Duration::from_millis(50)).unwrap(),
+            "nothing yet"
+        );
+        let mut other = b.connect();
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &["ci"]);
+        for name in ["one", "two"] {
+            let node = ca.node(name, "100.64.0.9/10", &["ci"], &[], 600);
+            assert!(other
+                .revoke(&node.cert.fingerprint(), name, TEST_NOW + 600, TEST_NOW)
+                .unwrap());
+        }
+        assert!(listener.wait(Duration::from_secs(5)).unwrap());
+        // Both announcements were taken by that one wait.
+        assert!(!listener.wait(Duration::from_millis(50)).unwrap());
+        // The database goes away: the listener says so.
+        b.server.stop();
+        assert!(listener.wait(Duration::from_millis(500)).is_err());
     }
 }
