@@ -201,6 +201,27 @@ pub trait EnrollStore {
     /// looking may stay past the address).
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), Self::Error>;
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), Self::Error>;
+    /// [`EnrollStore::use_token`] and, when the use succeeded,
+    /// [`EnrollStore::record_issued`] of `cert`, as one atomic step: a
+    /// store that fails between the two (its database gone) keeps neither,
+    /// so a token's use is never spent on a certificate nobody got.
+    fn use_token_for(
+        &mut self,
+        hash: &str,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, Self::Error>;
+    /// [`EnrollStore::use_oidc_token`] and, when it was fresh,
+    /// [`EnrollStore::record_issued`] of `cert`, as one atomic step.
+    fn use_oidc_token_for(
+        &mut self,
+        id: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, Self::Error>;
     /// Whether an OIDC token (its id as for [`EnrollStore::use_oidc_token`])
     /// is marked used at `now`, without marking it.
     fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, Self::Error>;
@@ -552,14 +573,11 @@ impl Enroller {
             Ok(cert) => cert,
             Err(why) => return Err(give_back(store, ip, &name, why.into())),
         };
-        // f. The token, spent at last.
-        if let Err(why) = spend.take(store, now) {
+        // f. The token, spent at last, and the certificate recorded, in
+        // one step.
+        if let Err(why) = spend.take(store, &cert, &how, now) {
             return Err(give_back(store, ip, &name, why));
         }
-        // g. The record.
-        store
-            .record_issued(&cert, &how, now)
-            .map_err(|e| store_down("record the certificate", e))?;
         Ok(cert)
     }
 
@@ -614,18 +632,25 @@ enum Spend {
 }
 
 impl Spend {
-    /// Spends it, atomically; why not when it is gone meanwhile (a
-    /// simultaneous request took the token's last use, or the ID token).
-    fn take<S: EnrollStore + ?Sized>(&self, store: &mut S, now: u64) -> Result<(), Refusal> {
+    /// Spends it and records `cert` as issued, atomically; why not when it
+    /// is gone meanwhile (a simultaneous request took the token's last use,
+    /// or the ID token).
+    fn take<S: EnrollStore + ?Sized>(
+        &self,
+        store: &mut S,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<(), Refusal> {
         match self {
             Spend::Token(hash) => store
-                .use_token(hash, now)
+                .use_token_for(hash, cert, how, now)
                 .map_err(|e| store_down("use the token", e))?
                 .map(drop)
                 .map_err(|r| token_refused(r).into()),
             Spend::Oidc { id, until } => {
                 let fresh = store
-                    .use_oidc_token(id, *until, now)
+                    .use_oidc_token_for(id, *until, cert, how, now)
                     .map_err(|e| store_down("record the OIDC token", e))?;
                 if fresh {
                     Ok(())

@@ -241,6 +241,27 @@ impl EnrollStore for AnyStore {
         delegate!(self, s => s.lease(pool, name, until, now))
     }
 
+    fn use_token_for(
+        &mut self,
+        hash: &str,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+        delegate!(self, s => s.use_token_for(hash, cert, how, now))
+    }
+
+    fn use_oidc_token_for(
+        &mut self,
+        id: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.use_oidc_token_for(id, until, cert, how, now))
+    }
+
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
         delegate!(self, s => s.release_lease(ip, name))
     }

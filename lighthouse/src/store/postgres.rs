@@ -75,6 +75,8 @@ pub struct PostgresStore {
     /// Statements of enrollment's path, prepared once per connection (each
     /// would otherwise cost a round trip more every time).
     statements: std::collections::HashMap<&'static str, Statement>,
+    /// Inside [`PostgresStore::atomically`].
+    in_transaction: bool,
 }
 
 impl PostgresStore {
@@ -122,6 +124,7 @@ impl PostgresStore {
             last_used: None,
             migrated: None,
             statements: std::collections::HashMap::new(),
+            in_transaction: false,
         })
     }
 
@@ -146,6 +149,16 @@ impl PostgresStore {
         let idle = self
             .last_used
             .is_none_or(|t| now.saturating_duration_since(t) >= CHECK_IDLE_AFTER);
+        if self.in_transaction {
+            // Inside [`PostgresStore::atomically`]: the connection it began
+            // on, or nothing.
+            return match self.db.as_mut() {
+                Some(db) if !db.is_closed() => Ok(db),
+                _ => Err(StoreError::Unavailable(
+                    "the connection was lost in the middle of a transaction".into(),
+                )),
+            };
+        }
         if let Some(db) = self.db.as_mut() {
             if db.is_closed() || (idle && db.is_valid(CONNECT_TIMEOUT).is_err()) {
                 self.db = None;
@@ -207,6 +220,31 @@ impl PostgresStore {
         };
         client.batch_execute(&format!("LISTEN {REVOCATIONS_CHANNEL}"))?;
         Ok(RevocationListener { client })
+    }
+
+    /// `f` in one transaction on one connection: all it wrote, or (it
+    /// failed, or the connection was lost) nothing. A lost connection is
+    /// not replaced inside it.
+    fn atomically<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.client()?.batch_execute("BEGIN")?;
+        self.in_transaction = true;
+        let result = f(self);
+        self.in_transaction = false;
+        match result {
+            Ok(v) => {
+                self.client()?.batch_execute("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                if let Ok(db) = self.client() {
+                    let _ = db.batch_execute("ROLLBACK");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// `sql` prepared on the current connection (once per connection).
@@ -460,6 +498,39 @@ impl EnrollStore for PostgresStore {
         }
         tx.commit()?;
         Ok(found)
+    }
+
+    fn use_token_for(
+        &mut self,
+        hash: &str,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+        self.atomically(|s| {
+            let used = s.use_token(hash, now)?;
+            if used.is_ok() {
+                s.record_issued(cert, how, now)?;
+            }
+            Ok(used)
+        })
+    }
+
+    fn use_oidc_token_for(
+        &mut self,
+        id: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.atomically(|s| {
+            let fresh = s.use_oidc_token(id, until, now)?;
+            if fresh {
+                s.record_issued(cert, how, now)?;
+            }
+            Ok(fresh)
+        })
     }
 
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {

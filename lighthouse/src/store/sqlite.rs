@@ -203,6 +203,39 @@ impl EnrollStore for SqliteStore {
         Ok(found)
     }
 
+    fn use_token_for(
+        &mut self,
+        hash: &str,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+        self.atomically(|s| {
+            let used = s.use_token(hash, now)?;
+            if used.is_ok() {
+                s.record_issued(cert, how, now)?;
+            }
+            Ok(used)
+        })
+    }
+
+    fn use_oidc_token_for(
+        &mut self,
+        id: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.atomically(|s| {
+            let fresh = s.use_oidc_token(id, until, now)?;
+            if fresh {
+                s.record_issued(cert, how, now)?;
+            }
+            Ok(fresh)
+        })
+    }
+
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
         self.db
             .prepare_cached("DELETE FROM leases WHERE ip = ?1 AND name = ?2")?
@@ -391,6 +424,24 @@ impl EnrollStore for SqliteStore {
 }
 
 impl SqliteStore {
+    /// `f` in one transaction: all it wrote, or (it failed) nothing.
+    fn atomically<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.db.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => {
+                self.db.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.db.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     /// A cheap token that changes whenever another connection (the
     /// `tern-lighthouse revoke` command) wrote to the database.
     pub fn data_version(&mut self) -> Result<i64, StoreError> {
@@ -864,6 +915,31 @@ mod tests {
             .unwrap()
     }
 
+    #[test]
+    fn a_store_that_fails_to_record_the_certificate_keeps_the_token_use() {
+        let (enroller, mut store, _dir, _ca) = setup();
+        let t = token(&mut store, &["ci"], 1, 60);
+        // The issuance log cannot be written (as a disk gone full would).
+        store
+            .db
+            .execute_batch(
+                "CREATE TRIGGER no_room BEFORE INSERT ON issued BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            )
+            .unwrap();
+        let reply = enroller.enroll(&request(&t, 1), &mut store, TEST_NOW);
+        assert_eq!(reply.cert, None);
+        assert_eq!(
+            reply.code.as_deref(),
+            Some(tern_shared::enroll::REFUSED_STORE_UNAVAILABLE)
+        );
+        assert_eq!(uses_left(&store, &t), 1, "the use was not spent");
+        assert!(leases(&store).is_empty(), "the address was given back");
+        store.db.execute_batch("DROP TRIGGER no_room").unwrap();
+        let reply = enroller.enroll(&request(&t, 1), &mut store, TEST_NOW);
+        assert!(reply.cert.is_some(), "{:?}", reply.refused);
+        assert_eq!(uses_left(&store, &t), 0);
+    }
+
     /// The leases held: address and name.
     fn leases(store: &SqliteStore) -> Vec<(String, String)> {
         let mut stmt = store
@@ -1090,6 +1166,25 @@ mod tests {
         }
         fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
             self.store.release_lease(ip, name)
+        }
+        fn use_token_for(
+            &mut self,
+            hash: &str,
+            cert: &Cert,
+            how: &str,
+            now: u64,
+        ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+            self.store.use_token_for(hash, cert, how, now)
+        }
+        fn use_oidc_token_for(
+            &mut self,
+            id: &str,
+            until: u64,
+            cert: &Cert,
+            how: &str,
+            now: u64,
+        ) -> Result<bool, StoreError> {
+            self.store.use_oidc_token_for(id, until, cert, how, now)
         }
         fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
             self.store.record_issued(cert, how, now)

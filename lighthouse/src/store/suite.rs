@@ -235,8 +235,43 @@ pub(crate) fn issued_certificates_and_revocations_are_kept_in_order(b: &impl Bac
 }
 
 /// The suite as `#[test]`s for a backend expression.
+pub(crate) fn a_use_and_its_record_are_one_step(b: &impl Backend) {
+    let mut s = b.connect();
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &["ci"]);
+    let first = ca.node("ci-1", "100.64.100.1/10", &["ci"], &[], 600);
+    let second = ca.node("ci-2", "100.64.100.2/10", &["ci"], &[], 600);
+    s.create_token(&token("cc33", 1, NOW + 60), NOW).unwrap();
+    assert!(s
+        .use_token_for("cc33", &first.cert, "token", NOW)
+        .unwrap()
+        .is_ok());
+    assert!(s.issued(&first.cert.fingerprint()).unwrap().is_some());
+    // Used up: refused, and nothing recorded.
+    assert_eq!(
+        s.use_token_for("cc33", &second.cert, "token", NOW).unwrap(),
+        Err(TokenRefusal::UsedUp)
+    );
+    assert!(s.issued(&second.cert.fingerprint()).unwrap().is_none());
+    // The same for an OIDC token's one enrollment.
+    assert!(s
+        .use_oidc_token_for("iss jti-9", NOW + 60, &second.cert, "oidc", NOW)
+        .unwrap());
+    assert!(s.issued(&second.cert.fingerprint()).unwrap().is_some());
+    let third = ca.node("ci-3", "100.64.100.3/10", &["ci"], &[], 600);
+    assert!(!s
+        .use_oidc_token_for("iss jti-9", NOW + 60, &third.cert, "oidc", NOW)
+        .unwrap());
+    assert!(s.issued(&third.cert.fingerprint()).unwrap().is_none());
+}
+
 macro_rules! store_suite {
     ($backend:expr) => {
+        #[test]
+        fn a_use_and_its_record_are_one_step() {
+            if let Some(b) = $backend {
+                $crate::store::suite::a_use_and_its_record_are_one_step(&b);
+            }
+        }
         #[test]
         fn tokens_are_spent_once_and_refused_with_their_reason() {
             if let Some(b) = $backend {
