@@ -103,7 +103,8 @@ fn enroll(ns: &Ns, dir: &Path, name: &str, token: &str) -> Proc {
     ns.spawn_command(cmd, &format!("node-{name}"))
 }
 
-/// `tern up` expected to end: its exit code and stderr.
+/// `tern up` expected to end (asking once: `--enroll-patience 0s`): its
+/// exit code and stderr.
 fn enroll_refused(ns: &Ns, dir: &Path, name: &str, token: &str) -> (Option<i32>, String) {
     let out = ns
         .exec_timeout(
@@ -116,6 +117,8 @@ fn enroll_refused(ns: &Ns, dir: &Path, name: &str, token: &str) -> (Option<i32>,
                     .into_owned(),
                 "--enroll-token".to_string(),
                 token.to_string(),
+                "--enroll-patience".to_string(),
+                "0s".to_string(),
             ],
             Duration::from_secs(30),
         )

@@ -175,14 +175,15 @@ fn second_lighthouse(
     (daemon, port)
 }
 
-/// `tern up --enroll-token` for a job whose only lighthouse listens on
-/// `port`: its exit code and stderr if it ended within `within`, else
-/// (it enrolled and runs) None, after stopping it.
+/// `tern up --enroll-token` (and `extra` arguments) for a job whose only
+/// lighthouse listens on `port`: its exit code and stderr if it ended
+/// within `within`, else (it enrolled and runs) None, after stopping it.
 fn enroll_once(
     lab: &tern_tests::enroll_lab::Lab,
     name: &str,
     port: u16,
     token: &str,
+    extra: &[&str],
     within: Duration,
 ) -> Option<(Option<i32>, String)> {
     let path = lab.ci_config(name, free_tcp());
@@ -199,6 +200,7 @@ fn enroll_once(
             "--enroll-token",
             token,
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
@@ -275,26 +277,38 @@ fn a_lighthouse_moves_to_postgresql_with_store_copy_and_rides_out_a_database_out
         String::from_utf8_lossy(&migrate.stderr)
     );
     assert_eq!(
-        enroll_once(&lab, "moved", port, &token, Duration::from_secs(20)),
+        enroll_once(&lab, "moved", port, &token, &[], Duration::from_secs(20)),
         None
     );
 
-    // The database goes away: registrations go on, enrollment is refused
-    // as "store unavailable" (75), spending nothing.
+    // The database goes away: enrollment is refused as "store unavailable"
+    // (75), spending nothing ...
     server.stop();
-    let (code, stderr) = enroll_once(&lab, "during", port, &token, Duration::from_secs(20))
-        .expect("refused while the database is down");
+    let (code, stderr) = enroll_once(
+        &lab,
+        "during",
+        port,
+        &token,
+        &["--enroll-patience", "0s"],
+        Duration::from_secs(20),
+    )
+    .expect("refused while the database is down");
     assert_eq!(code, Some(75), "{stderr}");
     assert!(stderr.contains("store unavailable"), "{stderr}");
-    // Back: the lighthouse connects again by itself; the token's last use
-    // is there, once.
-    server.start_again();
-    std::thread::sleep(Duration::from_millis(600));
+    // ... and a job that keeps asking (--enroll-patience, 10 s by default)
+    // enrolls once the database is back: the lighthouse connects again by
+    // itself, and the token's last use is there.
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        server.start_again();
+        server
+    });
     assert_eq!(
-        enroll_once(&lab, "after", port, &token, Duration::from_secs(20)),
+        enroll_once(&lab, "after", port, &token, &[], Duration::from_secs(20)),
         None
     );
-    let (code, stderr) = enroll_once(&lab, "third", port, &token, Duration::from_secs(20))
+    let _server = back.join().unwrap();
+    let (code, stderr) = enroll_once(&lab, "third", port, &token, &[], Duration::from_secs(20))
         .expect("the token is used up");
     assert_eq!(code, Some(77), "{stderr}");
     assert!(stderr.contains("used up"), "{stderr}");

@@ -52,6 +52,12 @@ pub struct UpArgs {
     /// How long --wait-for may take, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_wait, requires = "wait_for")]
     pub wait_timeout: std::time::Duration,
+    /// While every lighthouse that answers refuses the enrollment because
+    /// its store is unavailable (its database down or failing over; nothing
+    /// is spent), keep asking this long, e.g. 30s; then exit 75. 0s: ask
+    /// once.
+    #[arg(long, default_value = "10s", value_parser = parse_wait, value_name = "DURATION")]
+    pub enroll_patience: std::time::Duration,
     /// Where the background node writes its log (with --wait-for). Default:
     /// a file in the temporary directory, named in the output.
     #[arg(long, requires = "wait_for")]
@@ -290,7 +296,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    match runtime.block_on(io::run(&args.config, args.userspace, credential.as_ref())) {
+    let enrollment = credential.map(|credential| io::join::Enrollment {
+        credential,
+        patience: args.enroll_patience,
+    });
+    match runtime.block_on(io::run(&args.config, args.userspace, enrollment.as_ref())) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => exit_for(e),
     }

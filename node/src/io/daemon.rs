@@ -59,14 +59,14 @@ impl Setup {
     pub async fn load(
         config_path: &Path,
         userspace: bool,
-        enrollment: Option<&join::Credential>,
+        enrollment: Option<&join::Enrollment>,
     ) -> anyhow::Result<Setup> {
         let mut config = load_node_config(config_path)?;
         if userspace {
             config.tun.mode = TunMode::Userspace;
         }
         let identity = match (enrollment, config.pki.enrolls()) {
-            (Some(credential), true) => join::enroll(&config, credential, unix_now()).await?,
+            (Some(enrollment), true) => join::enroll(&config, enrollment).await?,
             (None, false) => load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?,
             (None, true) => anyhow::bail!(
                 "{}: [pki] names no cert and key; give them, or enroll: tern up --config {} --enroll-token TOKEN (or --enroll-oidc)",
@@ -582,7 +582,7 @@ impl<P: Plane> Daemon<P> {
 pub async fn run(
     config_path: &Path,
     userspace: bool,
-    enrollment: Option<&join::Credential>,
+    enrollment: Option<&join::Enrollment>,
 ) -> anyhow::Result<()> {
     let setup = Setup::load(config_path, userspace, enrollment).await?;
     if setup.userspace() {

@@ -34,6 +34,14 @@ pub enum Credential {
     Oidc(String),
 }
 
+/// How `tern up` enrolls: the credential, and how long it keeps asking while
+/// every lighthouse that answers says its store is unavailable.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub credential: Credential,
+    pub patience: Duration,
+}
+
 /// Never printed: both are secrets.
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,9 +157,45 @@ fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-/// Trades `credential` for an identity with the first lighthouse that
-/// answers.
-pub async fn enroll(
+/// Trades the credential for an identity with the first lighthouse that
+/// answers. While every lighthouse that answers says its store is
+/// unavailable (a database failing over; nothing was spent), asks again,
+/// 1 s, 2 s, 4 s ... apart, until `patience` has passed.
+pub async fn enroll(config: &NodeConfig, enrollment: &Enrollment) -> anyhow::Result<Identity> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match enroll_once(config, &enrollment.credential, unix_now()).await {
+            Err(e)
+                if e.downcast_ref::<Exit>()
+                    .is_some_and(|x| x.code == tern_shared::exit::STORE_UNAVAILABLE) =>
+            {
+                let left = enrollment.patience.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(e);
+                }
+                let pause_now = pause.min(left);
+                tracing::warn!(
+                    "{e}; asking again in {:.0?} (for up to {:.0?} more)",
+                    pause_now,
+                    left
+                );
+                tokio::time::sleep(pause_now).await;
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One round of [`enroll`]: every lighthouse asked once.
+async fn enroll_once(
     config: &NodeConfig,
     credential: &Credential,
     now_unix: u64,
