@@ -6,7 +6,9 @@
 //!   source-checked IP packet may come back in the caller's buffer;
 //! - an IP packet for a peer → [`Mesh::encapsulate`], which returns the
 //!   ciphertext and where to send it, also in the caller's buffer;
-//! - at least every [`TIMER_TICK`] → [`Mesh::handle_timeout`];
+//! - when [`Mesh::poll_timeout`] says (at least every [`TIMER_TICK`]; more
+//!   often for a large table, whose timers run a slice at a time) →
+//!   [`Mesh::handle_timeout`];
 //! - after each of those, drain [`Mesh::poll_transmit`] (handshakes, hellos,
 //!   keepalives: the rare, owned packets) and [`Mesh::poll_event`].
 //!
@@ -22,8 +24,11 @@
 //! either way they are verified here, so nobody else is trusted for identity.
 //!
 //! boringtun's `Tunn` reads its own clock for WireGuard's timers; those are
-//! treated as opaque. Our own timers (certificate expiry, idle peers, rate
-//! buckets) run on the `now` passed in, so they test deterministically.
+//! treated as opaque, and run for every peer every [`TIMER_TICK`] (once a
+//! second beyond a thousand peers: they count whole seconds, and a
+//! lighthouse holds 100,000 sessions). Our own timers (certificate expiry,
+//! idle peers, rate buckets) run on the `now` passed in, so they test
+//! deterministically.
 
 mod paths;
 pub mod rate;
@@ -45,7 +50,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::{Deserialize, Serialize};
 
 use crate::rate::TokenBucket;
-use tern_shared::cert::{CaPool, CertError, Fingerprint, VerifiedCert};
+use tern_shared::cert::{CaPool, Cert, CertError, Fingerprint, VerifiedCert};
 use tern_shared::show::{list, or_none};
 use tern_shared::wire::{
     classify, relay_header, DatagramKind, Hello, RelayEnvelope, RELAY_HEADER_LEN, TYPE_RELAYED,
@@ -54,12 +59,25 @@ use tern_shared::wire::{
 
 /// How often [`Mesh::handle_timeout`] must run at the latest.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// A call to [`Mesh::handle_timeout`] runs the timers of about this many
+/// peers (all of a smaller table), so that no call holds up the packets
+/// behind it for long (about 0.2 ms): a larger table is walked in slices.
+const TIMER_SLICE: usize = 256;
+/// Up to this many peers, each peer's timers run every [`TIMER_TICK`];
+/// beyond, every [`TIMER_SWEEP`].
+const TICK_EVERY_PEER_UP_TO: usize = 1024;
+/// How often each peer's timers run in a large table (a lighthouse's):
+/// boringtun counts its timers in seconds (retries after 5 s, keepalives,
+/// re-keys after 120 s), so each fires at most a second late, and walking
+/// 100,000 sessions four times a second would cost a quarter of a core.
+const TIMER_SWEEP: Duration = Duration::from_secs(1);
 /// Room a caller's output buffer needs beyond the packet it carries.
 pub const OVERHEAD: usize = 32;
 /// Smallest output buffer any call accepts (a handshake initiation is 148 bytes).
 pub const MIN_BUFFER: usize = 256;
 
-/// Handshakes accepted per second across all peers before cookies are demanded.
+/// Handshake messages (initiations, and answers to ours) accepted per
+/// second across all peers before cookies are demanded; each counted once.
 const HANDSHAKE_RATE_LIMIT: u64 = 500;
 /// A direct path that brought nothing for this long gives way to the relay
 /// when the peer's packets start coming through it.
@@ -299,7 +317,13 @@ pub struct Mesh {
     by_key: HashMap<[u8; 32], u32>,
     known_certs: HashMap<[u8; 32], KnownCert>,
     next_index: u32,
+    /// Admission of handshake messages: every one counts here, once.
     rate_limiter: Arc<RateLimiter>,
+    /// What each `Tunn` checks its handshake messages with: their MACs
+    /// only (its limit is never reached), since `rate_limiter` already
+    /// counted them. Sharing `rate_limiter` instead counted each
+    /// initiation twice, halving the limit.
+    session_limiter: Arc<RateLimiter>,
     hello_bucket: TokenBucket,
     transmits: VecDeque<Transmit>,
     events: VecDeque<MeshEvent>,
@@ -311,6 +335,10 @@ pub struct Mesh {
     last_now: Instant,
     /// When [`Mesh::handle_timeout`] last ran.
     last_tick: Instant,
+    /// Every peer's index in the order their timers run, and where the
+    /// next slice starts (see [`Mesh::handle_timeout`]).
+    timer_ring: Vec<u32>,
+    timer_cursor: usize,
     scratch: Vec<u8>,
     /// Addresses whose relayed datagrams (0x12) this mesh accepts.
     relays: Vec<SocketAddr>,
@@ -344,6 +372,8 @@ struct Peer {
     /// certificates cannot keep each other busy.
     last_forced_handshake: Option<Instant>,
     spoofed_source_drops: u64,
+    /// Where it is in `Mesh::timer_ring`.
+    ring_pos: usize,
 }
 
 struct KnownCert {
@@ -388,6 +418,7 @@ impl Mesh {
         .encode();
         Mesh {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            session_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             secret,
             public,
             own_hello,
@@ -406,9 +437,26 @@ impl Mesh {
             last_second: now,
             last_now: now,
             last_tick: now,
+            timer_ring: Vec::new(),
+            timer_cursor: 0,
             relays: Vec::new(),
             scratch: vec![0u8; 2048],
         }
+    }
+
+    /// How many strangers this mesh takes on per second: hellos verified
+    /// (each an Ed25519 verification) or answered, and handshake messages
+    /// before WireGuard's cookies are demanded. A node's defaults suit a
+    /// node; a lighthouse, which every node joins at once when it restarts
+    /// and which re-keys with every node every two minutes, asks for more.
+    pub fn set_admission_rates(
+        &mut self,
+        hellos_per_sec: u32,
+        handshakes_per_sec: u64,
+        now: Instant,
+    ) {
+        self.hello_bucket = TokenBucket::new(hellos_per_sec, now);
+        self.rate_limiter = Arc::new(RateLimiter::new(&self.public, handshakes_per_sec));
     }
 
     /// Wall-clock seconds at `now`, derived from the origin given at construction.
@@ -475,7 +523,7 @@ impl Mesh {
             None,
             self.settings.keepalive.filter(|k| *k > 0),
             idx,
-            Some(self.rate_limiter.clone()),
+            Some(self.session_limiter.clone()),
         );
         let mut unique = Vec::with_capacity(candidates.len());
         for c in candidates.iter().take(16) {
@@ -507,8 +555,10 @@ impl Mesh {
                 init_sent: None,
                 handshake_rtt: None,
                 spoofed_source_drops: 0,
+                ring_pos: self.timer_ring.len(),
             }),
         );
+        self.timer_ring.push(idx);
         Some(PeerId(idx))
     }
 
@@ -721,21 +771,46 @@ impl Mesh {
     }
 
     /// Runs timers: WireGuard's (handshake retries, rekeys, keepalives) and
-    /// ours (certificate expiry, idle peers, rate buckets).
+    /// ours (certificate expiry, idle peers, rate buckets). A table of up
+    /// to 256 peers is walked whole; a larger one a slice at a time, in
+    /// proportion to the time since the last call, so that each peer comes
+    /// up every [`TIMER_TICK`] (every second beyond 1,024 peers) when
+    /// called by [`Mesh::poll_timeout`].
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
+        let elapsed = now.saturating_duration_since(self.last_tick);
         self.last_tick = now;
         if now.saturating_duration_since(self.last_second) >= Duration::from_secs(1) {
             self.last_second = now;
             self.rate_limiter.reset_count();
             self.expire_certs(now);
         }
+        let n = self.timer_ring.len();
+        let quota = if n <= TIMER_SLICE {
+            n
+        } else {
+            // Called late (the caller was busy), a call catches up on a few
+            // slices, not on all it missed at once.
+            let share = elapsed.as_secs_f64() / self.sweep(n).as_secs_f64();
+            ((n as f64 * share).ceil() as usize).clamp(1, n.min(4 * TIMER_SLICE))
+        };
+        let unix = self.unix_time(now);
         let mut expired = Vec::new();
-        let indexes: Vec<u32> = self.peers.keys().copied().collect();
-        for idx in indexes {
+        for _ in 0..quota {
+            if self.timer_cursor >= self.timer_ring.len() {
+                self.timer_cursor = 0;
+            }
+            let Some(&idx) = self.timer_ring.get(self.timer_cursor) else {
+                break;
+            };
+            self.timer_cursor += 1;
             let Some(p) = self.peers.get_mut(&idx) else {
                 continue;
             };
+            if p.cert.not_after() < unix {
+                expired.push((idx, RemoveReason::CertExpired));
+                continue;
+            }
             match p.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(bytes) => {
                     if bytes.first() == Some(&1) {
@@ -763,21 +838,37 @@ impl Mesh {
             }
         }
         for (idx, reason) in expired {
+            if reason == RemoveReason::CertExpired && self.peers.contains_key(&idx) {
+                self.counters.expired_peers += 1;
+            }
             self.remove_index(idx, reason);
+        }
+    }
+
+    /// How often each of `n` peers' timers run.
+    fn sweep(&self, n: usize) -> Duration {
+        if n <= TICK_EVERY_PEER_UP_TO {
+            TIMER_TICK
+        } else {
+            TIMER_SWEEP
         }
     }
 
     /// When [`Mesh::handle_timeout`] wants to run next: [`TIMER_TICK`]
     /// after it last ran while there are peers (boringtun's WireGuard
-    /// timers are opaque and want that), else a second after its last
+    /// timers are opaque and want that), sooner for a table walked in
+    /// slices (the next slice), else a second after its last
     /// once-a-second bookkeeping. A fixed point in time (earlier than
     /// `now` when overdue), so a caller that asks after every input still
     /// runs the timers under a steady stream of packets.
     pub fn poll_timeout(&self, _now: Instant) -> Instant {
-        if self.peers.is_empty() {
+        let n = self.timer_ring.len();
+        if n == 0 {
             self.last_second + Duration::from_secs(1)
-        } else {
+        } else if n <= TIMER_SLICE {
             self.last_tick + TIMER_TICK
+        } else {
+            self.last_tick + self.sweep(n).mul_f64(TIMER_SLICE as f64 / n as f64)
         }
     }
 
@@ -1165,6 +1256,107 @@ mod tests {
         b.mesh
             .handle_datagram("198.18.0.66:1".parse().unwrap(), &forged, &mut buf, now);
         assert_eq!(b.mesh.peer_endpoint(pa), Some(a.addr));
+    }
+
+    #[test]
+    fn a_large_table_runs_its_timers_a_slice_at_a_time_each_peer_within_a_sweep() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let us = ca.node("lh", "100.64.0.1/10", &[], &[], 86_400);
+        let now = Instant::now();
+        let idle = Duration::from_secs(10);
+        let mut mesh = Mesh::new(
+            us.key.static_secret(),
+            &us.verified(&ca.pool()),
+            ca.pool(),
+            MeshSettings {
+                idle_timeout: idle,
+                ..MeshSettings::default()
+            },
+            now,
+            TEST_NOW,
+        );
+        let n = 2000u32;
+        for i in 0..n {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 65, 0, 0)) + i);
+            let node = ca.node(&format!("p{i}"), &format!("{ip}/10"), &[], &[], 86_400);
+            let endpoint = SocketAddr::from(([198, 18, 1, 1], 1000 + i as u16));
+            mesh.add_peer(node.verified(&ca.pool()), &[endpoint], PeerRole::Node, now)
+                .unwrap();
+        }
+        let step = mesh.poll_timeout(now) - now;
+        assert!(step < TIMER_TICK, "a slice at a time: {step:?}");
+        // Driven by poll_timeout: once idle, the peers go a slice per call,
+        // all of them within a sweep.
+        let mut t = now;
+        let mut calls_after_idle = 0;
+        while mesh.peer_count() > 0 {
+            t = mesh.poll_timeout(t);
+            let before = mesh.peer_count();
+            mesh.handle_timeout(t);
+            if t >= now + idle {
+                calls_after_idle += 1;
+                assert!(
+                    before - mesh.peer_count() <= 2 * TIMER_SLICE,
+                    "one slice a call"
+                );
+            }
+            assert!(
+                t < now + idle + TIMER_SWEEP + step * 2,
+                "all gone within a sweep"
+            );
+        }
+        assert!(calls_after_idle > 1);
+    }
+
+    #[test]
+    fn a_handshake_counts_once_against_the_rate_limit() {
+        let (mut a, mut b, now) = setup(&[]);
+        // One handshake message a second: counted twice (once by the mesh,
+        // once by the session), the initiation would get a cookie reply.
+        b.mesh.set_admission_rates(100, 1, now);
+        let pb = connect(&mut a, &mut b, now);
+        assert!(a.mesh.is_connected(pb));
+    }
+
+    #[test]
+    fn hellos_with_a_certificate_verified_already_cost_no_token() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let na = ca.node("a", "100.64.0.5/10", &[], &[], 86_400);
+        let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let nc = ca.node("c", "100.64.0.7/10", &[], &[], 86_400);
+        let now = Instant::now();
+        let mut b = side(&nb, ca.pool(), "198.18.0.3:4242", now);
+        b.mesh.set_admission_rates(1, 500, now);
+        let hello = |n: &TestNode, wants_reply| {
+            Hello {
+                wants_reply,
+                cert: n.verified(&ca.pool()).encoded(),
+            }
+            .encode()
+        };
+        let mut buf = vec![0u8; 4096];
+        let from: SocketAddr = "198.18.0.2:4242".parse().unwrap();
+        for _ in 0..3 {
+            b.mesh
+                .handle_datagram(from, &hello(&na, false), &mut buf, now);
+        }
+        assert_eq!(
+            b.mesh.counters().rate_limited,
+            0,
+            "verified once, then known"
+        );
+        b.mesh
+            .handle_datagram(from, &hello(&nc, false), &mut buf, now);
+        assert_eq!(b.mesh.counters().rate_limited, 1, "a stranger waits");
+        // Answering takes a token, known or not.
+        b.mesh
+            .handle_datagram(from, &hello(&na, true), &mut buf, now);
+        assert_eq!(b.mesh.counters().rate_limited, 2);
+        assert!(b.mesh.poll_transmit().is_none());
+        let later = now + Duration::from_secs(1);
+        b.mesh
+            .handle_datagram(from, &hello(&na, true), &mut buf, later);
+        assert!(b.mesh.poll_transmit().is_some(), "answered");
     }
 
     #[test]

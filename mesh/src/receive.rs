@@ -19,6 +19,9 @@ impl Mesh {
                 None => return Received::Nothing,
             }
         } else {
+            if datagram[0] == 2 && !self.admit_response(from, datagram) {
+                return Received::Nothing;
+            }
             // Our session index: bytes 8..12 of a handshake response (after
             // the sender's), bytes 4..8 of a cookie reply or transport packet.
             let at = if datagram[0] == 2 { 8 } else { 4 };
@@ -36,6 +39,27 @@ impl Mesh {
             idx
         };
         self.decapsulate(idx, from, datagram, out, now)
+    }
+
+    /// Counts an answer to our handshake against the handshake rate limit
+    /// (the sessions' own limiter only checks MACs): under load, only with
+    /// a valid cookie MAC, else a cookie reply goes back.
+    pub(crate) fn admit_response(&mut self, via: Via, datagram: &[u8]) -> bool {
+        let mut cookie = [0u8; 64];
+        match self
+            .rate_limiter
+            .verify_packet(Some(via.addr().ip()), datagram, &mut cookie)
+        {
+            Ok(_) => true,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                self.transmits.push_back(via.transmit(reply));
+                false
+            }
+            Err(_) => {
+                self.counters.wireguard_errors += 1;
+                false
+            }
+        }
     }
 
     /// Checks a handshake initiation's MACs and rate limit, reveals the
@@ -298,17 +322,27 @@ impl Mesh {
                 return;
             }
         };
-        if !self.hello_bucket.take(now) {
+        // A certificate verified already (a peer's, or remembered from an
+        // earlier hello) is not verified again: a node sends its hello
+        // before every handshake (the second step of its join, each
+        // re-key). Answering still takes a token, whatever the
+        // certificate: the bucket also bounds what we send to a source
+        // nobody verified.
+        let known = self.verified_already(hello.cert, now);
+        if (hello.wants_reply || known.is_none()) && !self.hello_bucket.take(now) {
             self.counters.rate_limited += 1;
             return;
         }
-        let cert = match self.ca.verify_bytes(hello.cert, self.unix_time(now)) {
-            Ok(c) => c,
-            Err(e) => {
-                self.counters.rejected_certs += 1;
-                tracing::debug!(%from, reason = %e, "hello with a certificate we do not accept");
-                return;
-            }
+        let cert = match known {
+            Some(c) => c,
+            None => match self.ca.verify_bytes(hello.cert, self.unix_time(now)) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.counters.rejected_certs += 1;
+                    tracing::debug!(%from, reason = %e, "hello with a certificate we do not accept");
+                    return;
+                }
+            },
         };
         let key = cert.public_key();
         if key == self.public.to_bytes() {
@@ -340,6 +374,20 @@ impl Mesh {
             None => self.remember(cert.clone(), now),
         }
         self.events.push_back(MeshEvent::HelloCert { from, cert });
+    }
+
+    /// The certificate with exactly these bytes, if this mesh verified it
+    /// before and it is still good: a peer's, or one remembered.
+    fn verified_already(&self, bytes: &[u8], now: Instant) -> Option<VerifiedCert> {
+        let key = Cert::decode(bytes).ok()?.body.public_key;
+        let cert = match self.by_key.get(&key) {
+            Some(idx) => &self.peers.get(idx)?.cert,
+            None => &self.known_certs.get(&key)?.cert,
+        };
+        let good = cert.encoded() == bytes
+            && cert.not_after() >= self.unix_time(now)
+            && !self.ca.revokes(cert);
+        good.then(|| cert.clone())
     }
 
     pub(crate) fn remember(&mut self, cert: VerifiedCert, now: Instant) {

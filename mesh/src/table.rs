@@ -31,19 +31,12 @@ impl Mesh {
         new
     }
 
+    /// The once-a-second part of certificate expiry: revocations of
+    /// expired certificates are dropped, and remembered certificates that
+    /// expired. Peers' certificates are checked as their timers run.
     pub(crate) fn expire_certs(&mut self, now: Instant) {
         let unix = self.unix_time(now);
         self.ca.prune_revoked(unix);
-        let expired: Vec<u32> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.cert.not_after() < unix)
-            .map(|(i, _)| *i)
-            .collect();
-        for idx in expired {
-            self.counters.expired_peers += 1;
-            self.remove_index(idx, RemoveReason::CertExpired);
-        }
         self.known_certs.retain(|_, k| k.cert.not_after() >= unix);
     }
 
@@ -51,6 +44,15 @@ impl Mesh {
         let Some(p) = self.peers.remove(&idx) else {
             return;
         };
+        // Its place in the timers' ring goes to the last peer's.
+        if self.timer_ring.get(p.ring_pos) == Some(&idx) {
+            self.timer_ring.swap_remove(p.ring_pos);
+            if let Some(&moved) = self.timer_ring.get(p.ring_pos) {
+                if let Some(m) = self.peers.get_mut(&moved) {
+                    m.ring_pos = p.ring_pos;
+                }
+            }
+        }
         let ip = p.cert.overlay_ip();
         if self.by_overlay.get(&ip) == Some(&idx) {
             self.by_overlay.remove(&ip);

@@ -3,9 +3,17 @@
 //! Entries are keyed by the overlay address of the certificate that
 //! authenticated the registering session, never by anything a message says.
 //! After a restart it is empty and fills again as nodes re-register.
+//!
+//! Every query costs its answer, not a walk of every node: the advertised
+//! routes and zones, the names and the runners are kept in indexes beside
+//! the entries, and silent nodes are found from a queue of when each may
+//! fall silent. A lighthouse holds 100,000 nodes, each of which reads the
+//! route and zone lists every few seconds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
@@ -23,6 +31,20 @@ pub struct Registry {
     /// Which node registered from which address: how a relay knows who
     /// sent a relay request.
     by_observed: HashMap<SocketAddr, Ipv4Addr>,
+    /// Every advertised route, by subnet then gateway.
+    routes: BTreeSet<(Ipv4Net, Ipv4Addr)>,
+    /// Every advertised zone, by zone then gateway.
+    zones: BTreeSet<(String, Ipv4Addr)>,
+    /// Certificate names in lower case (names are matched in any case).
+    names: BTreeSet<(Box<str>, Ipv4Addr)>,
+    /// The nodes that advertised a runner.
+    runners: BTreeSet<Ipv4Addr>,
+    /// Each entry's last registration as last looked at, oldest first: an
+    /// entry refreshed since is queued again with its newer time when it
+    /// comes up (the sequence number tells the entry's one live item from
+    /// those of an entry removed and registered again).
+    silence: BinaryHeap<Reverse<(Instant, u64, Ipv4Addr)>>,
+    next_seq: u64,
     expiry: Duration,
     max_entries: usize,
 }
@@ -45,6 +67,8 @@ struct Entry {
     issued_by: Option<String>,
     registered: Instant,
     last_seen: Instant,
+    /// Its item in `Registry::silence`.
+    silence_seq: u64,
 }
 
 /// What a runner node advertised.
@@ -82,11 +106,22 @@ pub enum RegistryError {
     Full(usize),
 }
 
+/// A name as the index keeps it.
+fn name_key(name: &str) -> Box<str> {
+    name.to_ascii_lowercase().into_boxed_str()
+}
+
 impl Registry {
     pub fn new(expiry: Duration, max_entries: usize) -> Self {
         Registry {
             entries: BTreeMap::new(),
             by_observed: HashMap::new(),
+            routes: BTreeSet::new(),
+            zones: BTreeSet::new(),
+            names: BTreeSet::new(),
+            runners: BTreeSet::new(),
+            silence: BinaryHeap::new(),
+            next_seq: 0,
             expiry,
             max_entries,
         }
@@ -114,26 +149,43 @@ impl Registry {
             .take(MAX_ENDPOINTS)
             .copied()
             .collect();
-        let entry = self.entries.entry(overlay_ip).or_insert_with(|| Entry {
-            name: name.to_string(),
-            cert: cert.to_vec(),
-            peer,
-            observed,
-            local: Vec::new(),
-            routes: Vec::new(),
-            refused: Vec::new(),
-            zones: Vec::new(),
-            runner: None,
-            issued_by: None,
-            registered: now,
-            last_seen: now,
-        });
+        let entry = match self.entries.entry(overlay_ip) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                self.next_seq += 1;
+                self.silence.push(Reverse((now, self.next_seq, overlay_ip)));
+                self.names.insert((name_key(name), overlay_ip));
+                v.insert(Entry {
+                    name: name.to_string(),
+                    cert: cert.to_vec(),
+                    peer,
+                    observed,
+                    local: Vec::new(),
+                    routes: Vec::new(),
+                    refused: Vec::new(),
+                    zones: Vec::new(),
+                    runner: None,
+                    issued_by: None,
+                    registered: now,
+                    last_seen: now,
+                    silence_seq: self.next_seq,
+                })
+            }
+        };
         if entry.cert != cert {
             entry.cert = cert.to_vec();
-            entry.name = name.to_string();
+            if entry.name != name {
+                self.names.remove(&(name_key(&entry.name), overlay_ip));
+                self.names.insert((name_key(name), overlay_ip));
+                entry.name = name.to_string();
+            }
             entry.registered = now;
-            entry.runner = None;
-            entry.zones.clear();
+            if entry.runner.take().is_some() {
+                self.runners.remove(&overlay_ip);
+            }
+            for zone in entry.zones.drain(..) {
+                self.zones.remove(&(zone, overlay_ip));
+            }
         }
         entry.peer = peer;
         if entry.observed != observed && self.by_observed.get(&entry.observed) == Some(&overlay_ip)
@@ -159,6 +211,12 @@ impl Registry {
     ) -> bool {
         match self.entries.get_mut(&overlay_ip) {
             Some(e) if e.routes != routes || e.refused != refused => {
+                for subnet in &e.routes {
+                    self.routes.remove(&(*subnet, overlay_ip));
+                }
+                for subnet in &routes {
+                    self.routes.insert((*subnet, overlay_ip));
+                }
                 e.routes = routes;
                 e.refused = refused;
                 true
@@ -172,6 +230,12 @@ impl Registry {
     pub fn set_zones(&mut self, overlay_ip: Ipv4Addr, zones: Vec<String>) -> bool {
         match self.entries.get_mut(&overlay_ip) {
             Some(e) if e.zones != zones => {
+                for zone in e.zones.drain(..) {
+                    self.zones.remove(&(zone, overlay_ip));
+                }
+                for zone in &zones {
+                    self.zones.insert((zone.clone(), overlay_ip));
+                }
                 e.zones = zones;
                 true
             }
@@ -183,41 +247,54 @@ impl Registry {
     /// those after `after`, as many as fit a control message (at most
     /// [`MAX_ZONES_IN_REPLY`]), and whether that was the last page.
     pub fn zones_after(&self, after: Option<&(String, Ipv4Addr)>) -> (Vec<AdvertisedZone>, bool) {
-        let mut all: Vec<AdvertisedZone> = self
-            .entries
-            .iter()
-            .flat_map(|(ip, e)| {
-                e.zones.iter().map(move |zone| AdvertisedZone {
-                    zone: zone.clone(),
-                    gateway: *ip,
-                    name: e.name.clone(),
-                })
-            })
-            .filter(|z| after.is_none_or(|(zone, gw)| (&z.zone, z.gateway) > (zone, *gw)))
-            .collect();
-        all.sort();
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
         let mut page = Vec::new();
         let mut used = 0;
-        for z in &all {
+        for (zone, gateway) in self
+            .zones
+            .range::<(String, Ipv4Addr), _>((from, Bound::Unbounded))
+        {
+            let z = AdvertisedZone {
+                zone: zone.clone(),
+                gateway: *gateway,
+                name: self.name_of(*gateway),
+            };
             if page.len() == MAX_ZONES_IN_REPLY || used + z.encoded_len() > ZONES_PAGE_BUDGET {
-                break;
+                return (page, false);
             }
             used += z.encoded_len();
-            page.push(z.clone());
+            page.push(z);
         }
-        let complete = page.len() == all.len();
-        (page, complete)
+        (page, true)
     }
 
     /// The node whose certificate has this name, any case (the most
     /// recently registered when several share it).
     pub fn by_name(&self, name: &str) -> Option<PeerInfo> {
-        let (ip, _) = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.name.eq_ignore_ascii_case(name))
-            .max_by_key(|(_, e)| e.registered)?;
-        self.lookup(*ip)
+        let ip = self
+            .named(name)
+            .filter_map(|ip| self.entries.get(&ip).map(|e| (ip, e)))
+            .max_by_key(|(_, e)| e.registered)
+            .map(|(ip, _)| ip)?;
+        self.lookup(ip)
+    }
+
+    /// The addresses of the nodes with this name (any case), in order.
+    fn named(&self, name: &str) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let key = name_key(name);
+        let from = (key.clone(), Ipv4Addr::UNSPECIFIED);
+        let to = (key, Ipv4Addr::BROADCAST);
+        self.names.range(from..=to).map(|(_, ip)| *ip)
+    }
+
+    fn name_of(&self, overlay_ip: Ipv4Addr) -> String {
+        self.entries
+            .get(&overlay_ip)
+            .map(|e| e.name.clone())
+            .unwrap_or_default()
     }
 
     /// Marks a registered node as enrolled under `issuer` (or not).
@@ -240,6 +317,7 @@ impl Registry {
         match self.entries.get_mut(&overlay_ip) {
             Some(e) => {
                 e.runner = Some(ad);
+                self.runners.insert(overlay_ip);
                 true
             }
             None => false,
@@ -250,15 +328,19 @@ impl Registry {
     /// most [`MAX_RUNNERS_IN_REPLY`]. By name, any registered node with
     /// that certificate name matches, runner or not (`load` then `None`).
     pub fn runners(&self, selector: &RunnerSelector) -> Vec<RunnerInfo> {
-        let mut out: Vec<RunnerInfo> = self
-            .entries
-            .iter()
+        let candidates: Vec<Ipv4Addr> = match selector {
+            RunnerSelector::Label(_) => self.runners.iter().copied().collect(),
+            RunnerSelector::Name(n) => self.named(n).collect(),
+        };
+        let mut out: Vec<RunnerInfo> = candidates
+            .into_iter()
+            .filter_map(|ip| self.entries.get(&ip).map(|e| (ip, e)))
             .filter(|(_, e)| match selector {
                 RunnerSelector::Label(l) => e.runner.as_ref().is_some_and(|r| r.labels.contains(l)),
                 RunnerSelector::Name(n) => &e.name == n,
             })
             .map(|(ip, e)| RunnerInfo {
-                overlay_ip: *ip,
+                overlay_ip: ip,
                 name: e.name.clone(),
                 load: e.runner.as_ref().map(|r| r.load),
             })
@@ -274,24 +356,21 @@ impl Registry {
     /// advertises at most [`tern_shared::control::MAX_ADVERTISED`]): none
     /// can push another's out of the list.
     pub fn routes_after(&self, after: Option<(Ipv4Net, Ipv4Addr)>) -> (Vec<AdvertisedRoute>, bool) {
-        let mut out: Vec<AdvertisedRoute> = self
-            .entries
-            .iter()
-            .flat_map(|(ip, e)| {
-                e.routes
-                    .iter()
-                    .filter(move |subnet| after.is_none_or(|a| (**subnet, *ip) > a))
-                    .map(|subnet| AdvertisedRoute {
-                        subnet: *subnet,
-                        gateway: *ip,
-                        name: e.name.clone(),
-                    })
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut them = self.routes.range((from, Bound::Unbounded));
+        let out: Vec<AdvertisedRoute> = them
+            .by_ref()
+            .take(MAX_ROUTES_IN_REPLY)
+            .map(|&(subnet, gateway)| AdvertisedRoute {
+                subnet,
+                gateway,
+                name: self.name_of(gateway),
             })
             .collect();
-        out.sort();
-        let complete = out.len() <= MAX_ROUTES_IN_REPLY;
-        out.truncate(MAX_ROUTES_IN_REPLY);
-        (out, complete)
+        (out, them.next().is_none())
     }
 
     /// Where the node is: the observed address first, then its local ones.
@@ -315,15 +394,24 @@ impl Registry {
     }
 
     pub fn remove(&mut self, overlay_ip: Ipv4Addr) -> bool {
-        match self.entries.remove(&overlay_ip) {
-            Some(e) => {
-                if self.by_observed.get(&e.observed) == Some(&overlay_ip) {
-                    self.by_observed.remove(&e.observed);
-                }
-                true
-            }
-            None => false,
+        let Some(e) = self.entries.remove(&overlay_ip) else {
+            return false;
+        };
+        if self.by_observed.get(&e.observed) == Some(&overlay_ip) {
+            self.by_observed.remove(&e.observed);
         }
+        for subnet in &e.routes {
+            self.routes.remove(&(*subnet, overlay_ip));
+        }
+        for zone in e.zones {
+            self.zones.remove(&(zone, overlay_ip));
+        }
+        self.names.remove(&(name_key(&e.name), overlay_ip));
+        if e.runner.is_some() {
+            self.runners.remove(&overlay_ip);
+        }
+        // Its item in `silence` goes when it comes up.
+        true
     }
 
     /// A registered node's authenticated packet came from `observed`: it
@@ -353,15 +441,39 @@ impl Registry {
         self.entries.get(&overlay_ip).map(|e| e.observed)
     }
 
-    /// Drops nodes silent for longer than the expiry; returns them.
+    /// Drops nodes silent for longer than the expiry; returns them, by
+    /// address. Looks only at the entries whose time may be up.
     pub fn expire(&mut self, now: Instant) -> Vec<(Ipv4Addr, PeerId)> {
-        let expiry = self.expiry;
-        let gone: Vec<(Ipv4Addr, PeerId)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| now.saturating_duration_since(e.last_seen) > expiry)
-            .map(|(ip, e)| (*ip, e.peer))
-            .collect();
+        self.expire_some(now, usize::MAX)
+    }
+
+    /// [`Registry::expire`], looking at no more than `max` entries: nodes
+    /// that registered at once come up at once, and a caller that runs
+    /// this often (a lighthouse: at each of its timer slices) spreads
+    /// them over several calls.
+    pub fn expire_some(&mut self, now: Instant, max: usize) -> Vec<(Ipv4Addr, PeerId)> {
+        let mut gone = Vec::new();
+        for _ in 0..max {
+            let Some(&Reverse((seen, seq, ip))) = self.silence.peek() else {
+                break;
+            };
+            if now.saturating_duration_since(seen) <= self.expiry {
+                break;
+            }
+            self.silence.pop();
+            let Some(e) = self.entries.get_mut(&ip).filter(|e| e.silence_seq == seq) else {
+                continue; // removed since
+            };
+            if now.saturating_duration_since(e.last_seen) > self.expiry {
+                gone.push((ip, e.peer));
+            } else {
+                // Registered again since: its turn comes at its new time.
+                self.next_seq += 1;
+                e.silence_seq = self.next_seq;
+                self.silence.push(Reverse((e.last_seen, self.next_seq, ip)));
+            }
+        }
+        gone.sort();
         for (ip, _) in &gone {
             self.remove(*ip);
         }
@@ -655,5 +767,115 @@ mod tests {
         r.register(ip, "n", b"c", PeerId(1), addr("198.18.0.2:1"), &many, t0)
             .unwrap();
         assert_eq!(r.lookup(ip).unwrap().endpoints.len(), MAX_ENDPOINTS);
+    }
+
+    #[test]
+    fn indexes_follow_removals_and_new_certificates() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 10);
+        let gw = Ipv4Addr::new(100, 64, 0, 7);
+        r.register(gw, "Gw-1", b"c1", PeerId(7), addr("198.18.0.7:1"), &[], t0)
+            .unwrap();
+        r.set_routes(gw, vec!["198.19.0.0/24".parse().unwrap()], vec![]);
+        r.set_zones(gw, vec!["internal".into()]);
+        r.set_runner(
+            gw,
+            RunnerAd {
+                labels: vec!["linux".into()],
+                load: RunnerLoad {
+                    running: 0,
+                    queued: 0,
+                    concurrency: 1,
+                },
+            },
+        );
+        assert_eq!(r.routes_after(None).0.len(), 1);
+        assert_eq!(r.zones_after(None).0.len(), 1);
+        assert!(r.by_name("gw-1").is_some(), "any case");
+        assert_eq!(r.runners(&RunnerSelector::Label("linux".into())).len(), 1);
+        // A new certificate at the address: its zones and runner go, and
+        // its new name is the one found.
+        r.register(gw, "gw-2", b"c2", PeerId(7), addr("198.18.0.7:1"), &[], t0)
+            .unwrap();
+        assert_eq!(r.zones_after(None), (vec![], true));
+        assert!(r.runners(&RunnerSelector::Label("linux".into())).is_empty());
+        assert!(r.by_name("gw-1").is_none());
+        assert!(r.by_name("GW-2").is_some());
+        assert_eq!(r.routes_after(None).0.len(), 1, "routes stay until set");
+        assert!(r.remove(gw));
+        assert_eq!(r.routes_after(None), (vec![], true));
+        assert!(r.by_name("gw-2").is_none());
+        assert!(r.runners(&RunnerSelector::Name("gw-2".into())).is_empty());
+    }
+
+    #[test]
+    fn by_name_finds_the_most_recent_of_a_name_in_any_case() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 10);
+        let (a, b) = (Ipv4Addr::new(100, 64, 0, 9), Ipv4Addr::new(100, 64, 0, 3));
+        r.register(a, "web", b"a", PeerId(1), addr("198.18.0.9:1"), &[], t0)
+            .unwrap();
+        r.register(
+            b,
+            "WEB",
+            b"b",
+            PeerId(2),
+            addr("198.18.0.3:1"),
+            &[],
+            t0 + Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(r.by_name("Web").unwrap().cert, b"b");
+        assert_eq!(
+            r.runners(&RunnerSelector::Name("web".into()))
+                .iter()
+                .map(|x| x.overlay_ip)
+                .collect::<Vec<_>>(),
+            vec![a],
+            "by name, exactly"
+        );
+    }
+
+    #[test]
+    fn a_node_removed_and_registered_again_expires_once_on_its_new_time() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 10);
+        let ip = Ipv4Addr::new(100, 64, 0, 5);
+        let at = |s| t0 + Duration::from_secs(s);
+        r.register(ip, "a", b"c", PeerId(1), addr("198.18.0.2:1"), &[], t0)
+            .unwrap();
+        assert!(r.remove(ip));
+        r.register(ip, "a", b"c", PeerId(2), addr("198.18.0.2:1"), &[], at(10))
+            .unwrap();
+        assert!(r.expire(at(35)).is_empty(), "silent 25 s only");
+        r.register(ip, "a", b"c", PeerId(2), addr("198.18.0.2:1"), &[], at(36))
+            .unwrap();
+        assert!(r.expire(at(50)).is_empty());
+        assert_eq!(r.expire(at(67)), vec![(ip, PeerId(2))]);
+        assert!(r.expire(at(200)).is_empty(), "gone once");
+        assert!(r.silence.is_empty(), "nothing left queued");
+    }
+
+    #[test]
+    fn nodes_that_fall_silent_together_go_a_slice_per_call() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 100);
+        for i in 0..10u8 {
+            r.register(
+                Ipv4Addr::new(100, 64, 0, i),
+                "n",
+                b"c",
+                PeerId(i.into()),
+                addr("198.18.0.2:1"),
+                &[],
+                t0,
+            )
+            .unwrap();
+        }
+        let later = t0 + Duration::from_secs(31);
+        assert_eq!(r.expire_some(later, 4).len(), 4);
+        assert_eq!(r.expire_some(later, 4).len(), 4);
+        assert_eq!(r.expire_some(later, 4).len(), 2);
+        assert!(r.is_empty());
     }
 }
