@@ -212,7 +212,7 @@ impl PostgresStore {
     }
 
     /// A connection of its own that waits for revocations announced on
-    /// [`REVOCATIONS_CHANNEL`] (by any lighthouse).
+    /// `tern_revocations` (by any lighthouse).
     pub fn listen_for_revocations(&self) -> Result<RevocationListener, StoreError> {
         let mut client = match &self.tls {
             Some(tls) => self.config.connect(tls.clone())?,
