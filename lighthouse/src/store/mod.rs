@@ -93,6 +93,38 @@ pub(super) fn grant_of(groups: &str, cert_ttl: i64) -> Grant {
     }
 }
 
+/// The steps of [`EnrollStore::use_token_for`], for a store to run inside
+/// one transaction of its own.
+pub(super) fn use_token_then_record<S: EnrollStore<Error = StoreError>>(
+    s: &mut S,
+    hash: &str,
+    cert: &Cert,
+    how: &str,
+    now: u64,
+) -> Result<Result<Grant, TokenRefusal>, StoreError> {
+    let used = s.use_token(hash, now)?;
+    if used.is_ok() {
+        s.record_issued(cert, how, now)?;
+    }
+    Ok(used)
+}
+
+/// The steps of [`EnrollStore::use_oidc_token_for`], likewise.
+pub(super) fn use_oidc_token_then_record<S: EnrollStore<Error = StoreError>>(
+    s: &mut S,
+    id: &str,
+    until: u64,
+    cert: &Cert,
+    how: &str,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let fresh = s.use_oidc_token(id, until, now)?;
+    if fresh {
+        s.record_issued(cert, how, now)?;
+    }
+    Ok(fresh)
+}
+
 /// Stored times are signed 64-bit; "forever" is stored as i64::MAX.
 pub(super) fn stored_time(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)

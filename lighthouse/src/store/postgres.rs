@@ -507,13 +507,7 @@ impl EnrollStore for PostgresStore {
         how: &str,
         now: u64,
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
-        self.atomically(|s| {
-            let used = s.use_token(hash, now)?;
-            if used.is_ok() {
-                s.record_issued(cert, how, now)?;
-            }
-            Ok(used)
-        })
+        self.atomically(|s| super::use_token_then_record(s, hash, cert, how, now))
     }
 
     fn use_oidc_token_for(
@@ -524,13 +518,7 @@ impl EnrollStore for PostgresStore {
         how: &str,
         now: u64,
     ) -> Result<bool, StoreError> {
-        self.atomically(|s| {
-            let fresh = s.use_oidc_token(id, until, now)?;
-            if fresh {
-                s.record_issued(cert, how, now)?;
-            }
-            Ok(fresh)
-        })
+        self.atomically(|s| super::use_oidc_token_then_record(s, id, until, cert, how, now))
     }
 
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
@@ -941,8 +929,13 @@ pub(crate) mod tests {
                 .unwrap());
         }
         assert!(listener.wait(Duration::from_secs(5)).unwrap());
-        // Both announcements were taken by that one wait.
-        assert!(!listener.wait(Duration::from_millis(50)).unwrap());
+        // That wait took what had arrived; the second announcement may
+        // still have been on its way (a loaded machine): at most one more
+        // wait hears something, then nothing comes.
+        let more = (0..3)
+            .take_while(|_| listener.wait(Duration::from_millis(200)).unwrap())
+            .count();
+        assert!(more <= 1, "{more} announcements beyond the two revocations");
         // The database goes away: the listener says so.
         b.server.stop();
         assert!(listener.wait(Duration::from_millis(500)).is_err());

@@ -210,13 +210,7 @@ impl EnrollStore for SqliteStore {
         how: &str,
         now: u64,
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
-        self.atomically(|s| {
-            let used = s.use_token(hash, now)?;
-            if used.is_ok() {
-                s.record_issued(cert, how, now)?;
-            }
-            Ok(used)
-        })
+        self.atomically(|s| super::use_token_then_record(s, hash, cert, how, now))
     }
 
     fn use_oidc_token_for(
@@ -227,13 +221,7 @@ impl EnrollStore for SqliteStore {
         how: &str,
         now: u64,
     ) -> Result<bool, StoreError> {
-        self.atomically(|s| {
-            let fresh = s.use_oidc_token(id, until, now)?;
-            if fresh {
-                s.record_issued(cert, how, now)?;
-            }
-            Ok(fresh)
-        })
+        self.atomically(|s| super::use_oidc_token_then_record(s, id, until, cert, how, now))
     }
 
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
