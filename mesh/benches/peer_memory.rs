@@ -59,7 +59,7 @@ fn main() {
     println!("  known (certificate, no session):   {known:>7.0} B/peer");
     println!("  connected (live WireGuard session): {connected:>7.0} B/peer");
     println!(
-        "  of which boringtun's Tunn (inline, eight session slots): {} B",
+        "  of which boringtun's Tunn, without its boxed sessions: {} B",
         std::mem::size_of::<boringtun::noise::Tunn>()
     );
 }

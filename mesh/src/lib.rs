@@ -891,6 +891,19 @@ mod tests {
     const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
     const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 6);
 
+    /// The workspace builds boringtun from `vendor/boringtun`, whose `Tunn` boxes its
+    /// session slots; the published crate's is 11,040 bytes. A lighthouse holds one per
+    /// registered node, so losing the patch (a `cargo update`, the `[patch]` entry
+    /// dropped) would cost 10 KB per node: this is the alarm.
+    #[test]
+    fn wireguard_session_slots_are_boxed() {
+        let tunn = std::mem::size_of::<Tunn>();
+        assert!(
+            tunn < 2_048,
+            "boringtun's Tunn is {tunn} bytes: the vendored patch (vendor/boringtun/PATCHES.md) is not in use"
+        );
+    }
+
     struct Side {
         mesh: Mesh,
         addr: SocketAddr,
