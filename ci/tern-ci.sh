@@ -9,6 +9,9 @@
 #   ci/tern-ci.sh down   the node leaves the mesh (`tern down`); the state
 #                        directory is removed. Always exits 0: it is a cleanup
 #                        step and must not fail the job.
+#   ci/tern-ci.sh install  only find or download (and verify) tern, as `up`
+#                        does, and print its path; for jobs that only run
+#                        `tern run` or `tern cert`. Exit codes 0, 1, 2, 66.
 #
 # Inputs (environment variables; empty means unset):
 #   TERN_LIGHTHOUSE     required: HOST:PORT of the lighthouse(s), comma-separated.
@@ -64,7 +67,15 @@
 #                       holding `tern`); {version} and {arch} (uname -m) are
 #                       replaced. Default on GitHub Actions:
 #                       $GITHUB_SERVER_URL/<the action's repository>/releases/
-#                       download/v{version}/tern-{arch}-linux.tar.gz
+#                       download/v{version}/tern-{version}-{arch}-linux.tar.gz
+#                       (what ci/package.sh builds).
+#   TERN_SHA256         optional: the archive's SHA-256 (64 hex digits), pinned.
+#                       A download is always checked against the SHA256SUMS
+#                       file beside it (TERN_SHA256SUMS_URL to name another
+#                       URL) and, when this is set, against this too; with it
+#                       set a missing SHA256SUMS is allowed. Any mismatch, an
+#                       archive SHA256SUMS does not list, or no SHA256SUMS and
+#                       no pin: exit 66, nothing unpacked.
 #   TERN_STATE_DIR      default ${RUNNER_TEMP:-${TMPDIR:-/tmp}}/tern-ci; made
 #                       mode 0700. Holds ca.crt, node.toml (the node's config),
 #                       tern.log (the node's log), api/tern.sock (its API
@@ -78,7 +89,9 @@
 # the node's log): 0 ready; 1 bad config, identity or environment; 2 usage (a
 # missing or contradictory input); 68 no path to TERN_WAIT_FOR; 69 no
 # lighthouse answered; 70 the target refused; 71 denied by policy (the
-# gateway's firewall); 75 store unavailable (the lighthouse's database is
+# gateway's firewall); 66 the downloaded tern does not match its checksum
+# (SHA256SUMS or TERN_SHA256; refused, nothing unpacked); 75 store
+# unavailable (the lighthouse's database is
 # down; nothing was spent, retry the step); 77 the enrollment was refused;
 # 78 no OIDC ID token was found; 124 no answer in time. With GITHUB_ACTIONS=true an ::error:: annotation too.
 #
@@ -106,9 +119,10 @@ SUDO=()
 
 usage() {
     cat <<'EOF'
-usage: tern-ci.sh up|down
-  up    join the mesh (inputs from TERN_* variables; see this script's header)
-  down  leave the mesh and remove the state directory (always exits 0)
+usage: tern-ci.sh up|down|install
+  up       join the mesh (inputs from TERN_* variables; see this script's header)
+  down     leave the mesh and remove the state directory (always exits 0)
+  install  find or download (and verify) tern, print its path
 EOF
 }
 
@@ -316,24 +330,22 @@ find_tern() {
         local repo
         repo=$(action_repository)
         if [ -n "$repo" ]; then
-            if [ -n "$want" ]; then
-                url="$GITHUB_SERVER_URL/$repo/releases/download/v$want/tern-$arch-linux.tar.gz"
-            else
-                url="$GITHUB_SERVER_URL/$repo/releases/latest/download/tern-$arch-linux.tar.gz"
+            if [ -z "$want" ]; then
+                want=$(latest_release "$GITHUB_SERVER_URL/$repo")
             fi
+            url="$GITHUB_SERVER_URL/$repo/releases/download/v$want/tern-$want-$arch-linux.tar.gz"
         fi
     fi
     if [ -z "$url" ]; then
         die 2 "no tern binary: set TERN_BIN (a path), put tern on PATH, or set TERN_DOWNLOAD_URL (and TERN_VERSION)"
     fi
-    if ! command -v curl >/dev/null 2>&1 || ! command -v tar >/dev/null 2>&1; then
-        die 2 "downloading tern needs curl and tar; install them, or set TERN_BIN"
-    fi
+    need_download_tools
     local archive=$STATE/tern.tar.gz dir=$STATE/bin
     say "downloading tern from $url"
     if ! curl --fail --silent --show-error --location --retry 3 --output "$archive" "$url"; then
         die 1 "downloading tern from $url failed; check TERN_VERSION (a release with that archive must exist) or set TERN_BIN / TERN_DOWNLOAD_URL"
     fi
+    verify_download "$archive" "$url"
     mkdir -p "$dir.x"
     if ! tar -xzf "$archive" -C "$dir.x"; then
         die 1 "$url is not a .tar.gz archive; check TERN_DOWNLOAD_URL"
@@ -351,6 +363,72 @@ find_tern() {
     if ! "$TERN" --version >/dev/null 2>&1; then
         die 1 "the downloaded $TERN does not run here (tern-$arch-linux); set TERN_BIN"
     fi
+}
+
+need_download_tools() {
+    local tool
+    for tool in curl tar sha256sum; do
+        if ! command -v "$tool" >/dev/null 2>&1; then
+            die 2 "downloading tern needs curl, tar and sha256sum; install them, or set TERN_BIN"
+        fi
+    done
+}
+
+# The newest release's version, from where GitHub's releases/latest redirects
+# (.../releases/tag/v1.2.3).
+latest_release() {
+    local base=$1 where
+    need_download_tools
+    if ! where=$(curl --fail --silent --show-error --location --retry 3 --head \
+        --output /dev/null --write-out '%{url_effective}' "$base/releases/latest"); then
+        die 1 "asking $base for its latest release failed; set TERN_VERSION"
+    fi
+    case $where in
+    */releases/tag/v*) printf '%s' "${where##*/releases/tag/v}" ;;
+    *) die 1 "$base has no release to download (releases/latest led to $where); set TERN_VERSION or TERN_BIN" ;;
+    esac
+}
+
+# verify_download ARCHIVE URL: the archive's SHA-256 must be the one the
+# release's SHA256SUMS (beside it, or TERN_SHA256SUMS_URL) lists for its name,
+# and TERN_SHA256 when that is set. Exits 66 otherwise; nothing is unpacked.
+verify_download() {
+    local archive=$1 url=$2 name sums_url sums=$STATE/SHA256SUMS got listed="" pinned
+    name=${url##*/}
+    name=${name%%\?*}
+    sums_url=${TERN_SHA256SUMS_URL:-${url%/*}/SHA256SUMS}
+    got=$(sha256sum "$archive") || die 1 "sha256sum $archive failed"
+    got=${got%% *}
+    pinned=${TERN_SHA256:-}
+    pinned=$(printf '%s' "$pinned" | tr 'A-F' 'a-f' | tr -d '[:space:]')
+    if [ -n "$pinned" ] && ! [[ $pinned =~ ^[0-9a-f]{64}$ ]]; then
+        rm -f "$archive"
+        die 2 "TERN_SHA256 is not a SHA-256 (64 hex digits): ${TERN_SHA256:-}"
+    fi
+    if curl --fail --silent --show-error --location --retry 3 --output "$sums" "$sums_url" 2>"$STATE/sums.err"; then
+        # Lines are "<sha256>  <name>" (a '*' before the name in binary mode).
+        listed=$(awk -v n="$name" '{ f = $2; sub(/^\*/, "", f); if (f == n) { print tolower($1); exit } }' "$sums")
+        rm -f "$sums" "$STATE/sums.err"
+        if [ -z "$listed" ]; then
+            rm -f "$archive"
+            die 66 "$sums_url does not list $name: refusing to install an archive its release does not vouch for; check TERN_VERSION and TERN_DOWNLOAD_URL"
+        fi
+        if [ "$listed" != "$got" ]; then
+            rm -f "$archive"
+            die 66 "$name does not match its release's SHA256SUMS (listed $listed, downloaded $got): refusing it; the download was altered or the release is broken"
+        fi
+    elif [ -z "$pinned" ]; then
+        rm -f "$archive"
+        die 66 "no SHA256SUMS at $sums_url ($(tr -d '\n' <"$STATE/sums.err" 2>/dev/null)): cannot verify $name, refusing it; set TERN_SHA256 to the archive's SHA-256, or TERN_SHA256SUMS_URL"
+    else
+        rm -f "$STATE/sums.err"
+        say "no SHA256SUMS at $sums_url; checking $name against TERN_SHA256 alone"
+    fi
+    if [ -n "$pinned" ] && [ "$pinned" != "$got" ]; then
+        rm -f "$archive"
+        die 66 "$name does not match TERN_SHA256 (pinned $pinned, downloaded $got): refusing it"
+    fi
+    say "verified $name: sha256 $got${pinned:+ (pinned)}${listed:+ (SHA256SUMS)}"
 }
 
 # Sets SUDO for tun mode when not root.
@@ -636,6 +714,17 @@ up() {
     fi
 }
 
+# Find or download tern as `up` does; print its path (and add a downloaded
+# one's directory to $GITHUB_PATH).
+install() {
+    make_state_dir
+    find_tern
+    if [ "$TERN" = "$STATE/bin/tern" ]; then
+        append_github "${GITHUB_PATH:-}" "$STATE/bin"
+    fi
+    printf '%s\n' "$TERN"
+}
+
 down() {
     if [ ! -d "$STATE" ]; then
         say "no state directory $STATE: no node to stop"
@@ -717,6 +806,9 @@ down)
     # A cleanup step: whatever happens, exit 0.
     down || say "down: something went wrong (exit $?); ignored"
     exit 0
+    ;;
+install)
+    install
     ;;
 -h | --help | help)
     usage

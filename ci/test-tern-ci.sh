@@ -631,6 +631,7 @@ test_binary_on_path_and_download() {
     mkdir -p "$T/pkg/tern-1.2.3" "$T/srv"
     cp "$T/bin/fake-tern" "$T/pkg/tern-1.2.3/tern"
     tar -czf "$T/srv/tern-1.2.3-$arch.tar.gz" -C "$T/pkg" .
+    (cd "$T/srv" && sha256sum "tern-1.2.3-$arch.tar.gz" >SHA256SUMS)
     export TERN_VERSION=1.2.3 TERN_WAIT_FOR=198.19.0.10:5432 GITHUB_PATH=$T/github_path
     export TERN_DOWNLOAD_URL="file://$T/srv/tern-{version}-{arch}.tar.gz"
     PATH=$sys ci up
@@ -645,12 +646,14 @@ test_binary_on_path_and_download() {
     local rel=$T/srv/acme/tern/releases/download/v1.2.3
     mkdir -p "$rel" "$T/pkg"
     cp "$T/bin/fake-tern" "$T/pkg/tern"
-    tar -czf "$rel/tern-$arch-linux.tar.gz" -C "$T/pkg" tern
+    tar -czf "$rel/tern-1.2.3-$arch-linux.tar.gz" -C "$T/pkg" tern
+    (cd "$rel" && sha256sum "tern-1.2.3-$arch-linux.tar.gz" >SHA256SUMS)
     export TERN_VERSION=1.2.3 TERN_WAIT_FOR=198.19.0.10:5432 GITHUB_ACTIONS=true
     export GITHUB_SERVER_URL="file://$T/srv" GITHUB_ACTION_PATH=$T/actions/_actions/acme/tern/v1
     PATH=$sys ci up
     expect_rc 0
-    has "$T/err" "downloading tern from file://$rel/tern-$arch-linux.tar.gz"
+    has "$T/err" "downloading tern from file://$rel/tern-1.2.3-$arch-linux.tar.gz"
+    has "$T/err" "verified tern-1.2.3-$arch-linux.tar.gz: sha256"
     [ "$(cat "$S/tern.bin")" = "$S/bin/tern" ] || fail "used $(cat "$S/tern.bin")"
 
     # A release that does not exist.

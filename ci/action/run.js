@@ -20,6 +20,7 @@ const INPUTS = {
   'wait-timeout': 'TERN_WAIT_TIMEOUT',
   mode: 'TERN_MODE',
   version: 'TERN_VERSION',
+  sha256: 'TERN_SHA256',
   routes: 'TERN_ROUTES',
   dns: 'TERN_DNS',
   forwards: 'TERN_FORWARDS',

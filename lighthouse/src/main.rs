@@ -26,6 +26,10 @@ struct Cli {
     /// The lighthouse's config file (see config/lighthouse.toml).
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// How the lighthouse logs to stderr: text (for a person) or json (one
+    /// object a line, for a log pipeline). Overrides `[log] format`.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<tern_shared::ops::LogFormat>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -119,7 +123,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => match cli.config {
-            Some(config) => io::run(&config),
+            Some(config) => io::run(&config, cli.log_format),
             None => Err(anyhow::anyhow!(
                 "no config given: run `tern-lighthouse --config lighthouse.toml` (see config/lighthouse.toml)"
             )),

@@ -168,6 +168,14 @@ impl Mesh {
         let mut direct_lost = false;
         if !matches!(result, TunnResult::Err(_)) {
             p.last_rx = Some(now);
+            // A response accepted (we initiated), or an initiation answered
+            // (a session on our side).
+            if datagram.first() == Some(&2)
+                || (datagram.first() == Some(&1)
+                    && matches!(&result, TunnResult::WriteToNetwork(r) if r.first() == Some(&2)))
+            {
+                self.counters.handshakes += 1;
+            }
             if datagram.first() == Some(&2) {
                 if let Some(sent) = p.init_sent.take() {
                     p.handshake_rtt = Some(now.saturating_duration_since(sent));
@@ -269,6 +277,8 @@ impl Mesh {
                     tracing::debug!(peer = p.cert.name(), inner_source = %src, "dropped packet: inner source not in the peer's certificate");
                     return Received::Nothing;
                 }
+                self.counters.packets_in += 1;
+                self.counters.bytes_in += packet.len() as u64;
                 let connected = p.connected;
                 if !connected {
                     self.note_connected(idx);

@@ -14,6 +14,7 @@ pub use tern_runner_core::{pipeline, protocol, scheduler};
 pub mod archive;
 pub mod client;
 pub mod job;
+pub mod metrics;
 pub mod server;
 pub mod step;
 

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::archive::{self, ChunkReader, Limits};
 use crate::job::{append_audit, pipeline_sha256, run_job, AuditRecord, JobSpec, Transfer};
+use crate::metrics::JobMetrics;
 use crate::scheduler::{authorize, Admission, Caller, JobId, Scheduler};
 use crate::step::KILL_GRACE;
 
@@ -76,7 +77,11 @@ pub async fn start(
     overlay_ip: Ipv4Addr,
     identities: mpsc::Sender<IdentityQuery>,
     listener: Listener,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, watch::Receiver<RunnerLoad>)> {
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<()>,
+    watch::Receiver<RunnerLoad>,
+    JobMetrics,
+)> {
     let addr = SocketAddr::new(IpAddr::V4(overlay_ip), RUNNER_PORT);
     let mut listener = match listener {
         Listener::Kernel => Accept::Kernel(
@@ -93,6 +98,8 @@ pub async fn start(
     let (load_tx, load_rx) = watch::channel(load(&Scheduler::new(config.concurrency)));
     tokio::spawn(queue_owner(config.concurrency, queue_rx, load_tx));
     let config = std::sync::Arc::new(config);
+    let job_metrics = JobMetrics::new().context("the runner's metrics")?;
+    let metrics = job_metrics.clone();
     let task = tokio::spawn(async move {
         loop {
             let (stream, peer): Incoming = match &mut listener {
@@ -116,14 +123,16 @@ pub async fn start(
             let identities = identities.clone();
             let queue = queue_tx.clone();
             let name = name.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve(stream, peer, config, identities, queue, name).await {
+                if let Err(e) = serve(stream, peer, config, identities, queue, name, metrics).await
+                {
                     tracing::debug!(%peer, error = %e, "runner connection ended");
                 }
             });
         }
     });
-    Ok((task, load_rx))
+    Ok((task, load_rx, job_metrics))
 }
 
 fn load(scheduler: &Scheduler) -> RunnerLoad {
@@ -198,6 +207,7 @@ async fn serve(
     identities: mpsc::Sender<IdentityQuery>,
     queue: mpsc::Sender<QueueEvent>,
     runner_name: String,
+    metrics: JobMetrics,
 ) -> anyhow::Result<()> {
     let (mut read, mut write) = tokio::io::split(stream);
     let mut reader = FrameReader::new();
@@ -212,6 +222,7 @@ async fn serve(
     )
     .await?;
     let Some((caller, pipeline)) = admit(&config, ip, caller, &submit, &mut write).await? else {
+        metrics.refused();
         return Ok(());
     };
     // Accepted: a place in the queue, a job id, a workspace.
@@ -304,6 +315,7 @@ async fn serve(
         record
     };
     let (record, ()) = tokio::join!(job, write_messages(&mut write, msg_rx));
+    metrics.ended(&record);
     if let Err(e) = append_audit(&config.audit_log, &record) {
         tracing::error!(error = %e, path = %config.audit_log.display(), "audit log write failed");
     }

@@ -76,6 +76,9 @@ pub struct NodeConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: crate::ops::MetricsConfig,
     /// Timers for peer sessions.
     #[serde(default)]
     pub peers: PeersConfig,
@@ -235,6 +238,9 @@ pub struct LighthouseConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: crate::ops::MetricsConfig,
     /// The registry of live nodes.
     #[serde(default)]
     pub registry: RegistryConfig,
@@ -483,6 +489,8 @@ pub struct LogConfig {
     /// One of [`LOG_LEVELS`], stored lower-case (the file may use any case).
     /// Default [`DEFAULT_LOG_LEVEL`].
     pub level: String,
+    /// `text` (the default) or `json`; `--log-format` overrides it.
+    pub format: crate::ops::LogFormat,
 }
 
 /// `[peers]` of a node config.
@@ -716,6 +724,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: DEFAULT_LOG_LEVEL.to_string(),
+            format: crate::ops::LogFormat::default(),
         }
     }
 }
@@ -1365,8 +1374,10 @@ mod tests {
                     group: None,
                 },
                 log: LogConfig {
-                    level: "debug".into()
+                    level: "debug".into(),
+                    format: crate::ops::LogFormat::Text,
                 },
+                metrics: crate::ops::MetricsConfig::default(),
                 peers: PeersConfig {
                     keepalive: Duration::ZERO,
                     idle_timeout: Duration::from_secs(5400),

@@ -11,6 +11,12 @@ pub const SUCCESS: u8 = 0;
 /// `tern run`: the pipeline file or the command line is wrong; nothing was
 /// sent (`EX_DATAERR`).
 pub const BAD_PIPELINE: u8 = 65;
+/// Not `tern`'s own: `ci/tern-ci.sh` (and so the GitHub Action and the GitLab
+/// template) exits with it when a downloaded release archive does not match
+/// its release's `SHA256SUMS` or the pinned `TERN_SHA256`; nothing was
+/// unpacked or run. Reserved here so that no command of `tern` takes it
+/// (`EX_NOINPUT`: the input is not what it must be).
+pub const DOWNLOAD_UNVERIFIED: u8 = 66;
 /// No way to the address: no gateway routes the target (`tern up
 /// --wait-for`), no lighthouse knows the address or name (`tern ping`)
 /// (`EX_NOHOST`).

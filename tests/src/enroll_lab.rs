@@ -53,6 +53,32 @@ pub fn lab() -> Lab {
 /// and `lh_extra` appended to the lighthouse's config (inside its
 /// `[enroll]`, which comes last).
 pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
+    lab_custom(
+        subnet,
+        &LabExtra {
+            lh_enroll: lh_extra,
+            ..LabExtra::default()
+        },
+    )
+}
+
+/// What a test adds to the lab's configs.
+#[derive(Default)]
+pub struct LabExtra<'a> {
+    /// Tables for the lighthouse's config, before its `[enroll]`.
+    pub lh_head: &'a str,
+    /// Keys inside the lighthouse's `[enroll]` (which comes last).
+    pub lh_enroll: &'a str,
+    /// Tables appended to the gateway's config.
+    pub gw: &'a str,
+    /// Arguments `tern-lighthouse` and the gateway's `tern up` start with,
+    /// after their config.
+    pub args: &'a [&'a str],
+}
+
+/// The lab, with `extra` in its configs.
+pub fn lab_custom(subnet: &str, extra: &LabExtra<'_>) -> Lab {
+    let lh_extra = extra.lh_enroll;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     tern(
@@ -138,14 +164,16 @@ pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
     fs::write(
         d.join("lh.toml"),
         format!(
-            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n{lh_extra}"
+            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n{}[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n{lh_extra}",
+            extra.lh_head
         ),
     )
     .unwrap();
     fs::write(
         d.join("gw.toml"),
         format!(
-            "[pki]\nca = \"ca.crt\"\ncert = \"gw.crt\"\nkey = \"gw.key\"\n[listen]\naddr = \"127.0.0.1:{gw_port}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{lh_port}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"gw.sock\"\n[gateway]\nsubnets = [\"{subnet}.0/24\"]\n[[firewall.inbound]]\nproto = \"tcp\"\nlocal_cidr = \"{subnet}.0/24\"\ngroups = [\"ci\"]\n"
+            "[pki]\nca = \"ca.crt\"\ncert = \"gw.crt\"\nkey = \"gw.key\"\n[listen]\naddr = \"127.0.0.1:{gw_port}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{lh_port}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"gw.sock\"\n[gateway]\nsubnets = [\"{subnet}.0/24\"]\n[[firewall.inbound]]\nproto = \"tcp\"\nlocal_cidr = \"{subnet}.0/24\"\ngroups = [\"ci\"]\n{}",
+            extra.gw
         ),
     )
     .unwrap();
@@ -167,17 +195,15 @@ pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
             );
         }
     });
+    let lh_config = d.join("lh.toml").to_string_lossy().into_owned();
+    let gw_config = d.join("gw.toml").to_string_lossy().into_owned();
+    let mut lh_args = vec!["--config", lh_config.as_str()];
+    lh_args.extend_from_slice(extra.args);
+    let mut gw_args = vec!["up", "--config", gw_config.as_str()];
+    gw_args.extend_from_slice(extra.args);
     let daemons = vec![
-        Daemon::start(
-            "tern-lighthouse",
-            &["--config", &d.join("lh.toml").to_string_lossy()],
-            d.join("lh.log"),
-        ),
-        Daemon::start(
-            "tern",
-            &["up", "--config", &d.join("gw.toml").to_string_lossy()],
-            d.join("gw.log"),
-        ),
+        Daemon::start("tern-lighthouse", &lh_args, d.join("lh.log")),
+        Daemon::start("tern", &gw_args, d.join("gw.log")),
     ];
     let lab = Lab {
         dir,

@@ -5,7 +5,7 @@ pub mod enroll_lab;
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The built binary `name` (`tern`, `tern-lighthouse`): `$TERN_BIN_DIR/name`
@@ -50,6 +50,96 @@ pub fn run(name: &str, args: &[&str], timeout: Duration) -> Output {
     child
         .wait_with_output()
         .unwrap_or_else(|e| panic!("collecting {name} output: {e}"))
+}
+
+/// Runs `cmd` with a time limit, collecting its output.
+#[allow(clippy::unwrap_used)]
+pub fn run_bounded(mut cmd: Command, what: &str, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    // Drain the pipes while waiting, so that a chatty child cannot block.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break status,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {timeout:?}");
+            }
+        }
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+/// The repository's root (for its scripts and files).
+pub fn repo_root() -> PathBuf {
+    let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    tests.parent().map(PathBuf::from).unwrap_or(tests)
+}
+
+/// A process's stdout and stderr, as text, one after the other.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `tool`'s path, if it is on PATH.
+pub fn tool_on_path(tool: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Something a test needs is missing: a failure under `CI=true` (CI
+/// installs it), a skip with a message elsewhere (written straight to
+/// stderr, so that a passing run shows it).
+pub fn skip_or_fail(test: &str, problem: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: {problem} (CI=true, so this is a failure, not a skip)"
+    );
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("{test}: skipped: {problem}\n").as_bytes(),
+    );
+}
+
+/// Whether `tool` is on PATH; when not, [`skip_or_fail`] with `package`
+/// named.
+pub fn need_tool(test: &str, tool: &str, package: &str) -> bool {
+    let there = tool_on_path(tool).is_some();
+    if !there {
+        skip_or_fail(
+            test,
+            &format!("{tool} is not installed (Debian package {package})"),
+        );
+    }
+    there
 }
 
 /// A daemon started by a test; killed (by its PID, which we own) on drop.

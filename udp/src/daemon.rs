@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tern_shared::identity::Identity;
+use tern_shared::ops::LogFormat;
 
 /// Receives per wake-up before a loop looks at its timers and API again.
 pub const READS_PER_WAKEUP: usize = 16;
@@ -31,9 +32,12 @@ pub fn seed() -> u64 {
 type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 static LOG_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
 
-/// Logs go to stderr at `level`; `RUST_LOG` overrides it. The level can be
-/// changed later with [`set_log_level`] (unless `RUST_LOG` is set).
-pub fn init_logging(level: &str) {
+/// Logs go to stderr at `level` in `format`; `RUST_LOG` overrides the level.
+/// The level can be changed later with [`set_log_level`] (unless `RUST_LOG`
+/// is set). JSON lines carry the timestamp, level, target, the event's
+/// fields (`message` among them) at the top level, and the spans the event
+/// is in (`spans`: e.g. the peer's name) — the same fields the text shows.
+pub fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colour for a person at a terminal only.
@@ -43,17 +47,38 @@ pub fn init_logging(level: &str) {
     );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_filter_reloading();
-    let handle = builder.reload_handle();
-    if builder.try_init().is_ok() {
-        let _ = LOG_LEVEL.set(Box::new(move |level: &str| {
-            let filter = tracing_subscriber::EnvFilter::try_new(level)
-                .map_err(|e| format!("[log] level {level:?}: {e}"))?;
-            handle.reload(filter).map_err(|e| e.to_string())
-        }));
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let builder = builder.with_ansi(ansi).with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                keep_level_handle(move |filter| handle.reload(filter).map_err(|e| e.to_string()));
+            }
+        }
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(true)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                keep_level_handle(move |filter| handle.reload(filter).map_err(|e| e.to_string()));
+            }
+        }
     }
+}
+
+fn keep_level_handle(
+    reload: impl Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync + 'static,
+) {
+    let _ = LOG_LEVEL.set(Box::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level)
+            .map_err(|e| format!("[log] level {level:?}: {e}"))?;
+        reload(filter)
+    }));
 }
 
 /// Changes the log level of [`init_logging`]'s logger (an error names the

@@ -9,6 +9,7 @@
 pub mod api_socket;
 pub mod daemon;
 pub mod gso;
+pub mod metrics;
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;

@@ -67,6 +67,38 @@ pub struct EnrollmentHandle {
     undersized: u64,
 }
 
+/// Enrollment requests decided, by result: counted by the enrollment
+/// thread, read at each metrics scrape; one set for the lighthouse's life
+/// (an `[enroll]` reloaded keeps counting). A repeated request answered
+/// from the cache is not counted again.
+#[derive(Debug, Default)]
+pub struct EnrollResults {
+    pub issued: std::sync::atomic::AtomicU64,
+    /// Refused by the rules (a token used up, a claim not matched, ...).
+    pub refused: std::sync::atomic::AtomicU64,
+    /// Refused because the store could not be reached.
+    pub store_unavailable: std::sync::atomic::AtomicU64,
+    /// Requests that did not open (not sealed to this lighthouse, garbage).
+    pub unreadable: std::sync::atomic::AtomicU64,
+}
+
+impl EnrollResults {
+    fn add(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `(result, count)` pairs in a fixed order.
+    pub fn snapshot(&self) -> [(&'static str, u64); 4] {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        [
+            ("issued", get(&self.issued)),
+            ("refused", get(&self.refused)),
+            ("store_unavailable", get(&self.store_unavailable)),
+            ("unreadable", get(&self.unreadable)),
+        ]
+    }
+}
+
 /// What enrollment admitted and dropped, for `tern-lighthouse status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EnrollmentCounters {
@@ -189,6 +221,7 @@ pub fn start(
     key: &tern_shared::keys::NodeSecretKey,
     cert: &tern_shared::cert::VerifiedCert,
     answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
+    results: std::sync::Arc<EnrollResults>,
 ) -> anyhow::Result<EnrollmentHandle> {
     let read = |p: &Path, what: &str| {
         std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
@@ -219,6 +252,7 @@ pub fn start(
         jobs: jobs.clone(),
         answers,
         stop: stop.clone(),
+        results,
     };
     let now = Instant::now();
     for (i, p) in config.oidc.iter().enumerate() {
@@ -271,6 +305,7 @@ struct Worker {
     jobs: SyncSender<Job>,
     answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    results: std::sync::Arc<EnrollResults>,
 }
 
 impl Worker {
@@ -341,6 +376,7 @@ impl Worker {
         let (request, sealer) = match open_request(datagram, &self.secret) {
             Ok(r) => r,
             Err(e) => {
+                EnrollResults::add(&self.results.unreadable);
                 tracing::debug!(error = %e, "enrollment request refused");
                 return None;
             }
@@ -359,6 +395,11 @@ impl Worker {
                 }
             }
         };
+        EnrollResults::add(match (&reply.cert, &reply.code) {
+            (Some(_), _) => &self.results.issued,
+            (None, Some(_)) => &self.results.store_unavailable,
+            (None, None) => &self.results.refused,
+        });
         match (&reply.cert, &reply.refused) {
             (Some(pem), _) => match tern_shared::cert::Cert::from_pem(pem) {
                 Ok(cert) => tracing::info!(

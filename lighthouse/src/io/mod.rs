@@ -9,6 +9,7 @@ use anyhow::Context;
 use tern_mesh::{Mesh, MeshSettings};
 use tern_shared::config::LighthouseConfig;
 use tern_shared::identity::Identity;
+use tern_shared::ops::LogFormat;
 use tern_udp::daemon::{
     init_logging, load_identity, seed, set_log_level, unix_now, READS_PER_WAKEUP,
 };
@@ -24,6 +25,7 @@ use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 use tern_shared::store::StoreLocation;
 
 mod enrollment;
+mod metrics;
 
 pub(crate) const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
 /// A relay introduction unused this long is forgotten (nodes keep a relayed
@@ -46,9 +48,9 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-pub fn run(config_path: &Path) -> anyhow::Result<()> {
+pub fn run(config_path: &Path, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
-    init_logging(&config.log.level);
+    init_logging(&config.log.level, log_format.unwrap_or(config.log.format));
     let store = store_location(&config, config_path)?;
     runtime()?.block_on(serve(config, config_path, store))
 }
@@ -282,37 +284,12 @@ async fn serve(
         .context("setting up the UDP socket's batching and offloads")?;
     tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), listen = %socket.local_addr()?, "lighthouse up");
 
-    let now = Instant::now();
-    let settings = MeshSettings {
-        // Nodes keep their sessions alive by registering; no keepalives needed.
-        keepalive: None,
-        idle_timeout: config.registry.expiry * 4,
-        seed: seed(),
-        max_peers: MAX_NODES,
-        ..MeshSettings::default()
-    };
-    let mesh = Mesh::for_identity(&identity, settings, now, unix_now());
-    let mut core = LighthouseCore::new(
-        mesh,
-        &cert,
-        Registry::new(config.registry.expiry, MAX_NODES),
-        now,
-    );
-    if config.relay.enabled {
-        core.enable_relay(RelayTable::new(
-            MAX_NODES * 4,
-            RELAY_IDLE_EXPIRY,
-            config.relay.packets_per_sec,
-        ));
-        tracing::info!(
-            packets_per_sec = config.relay.packets_per_sec,
-            "relaying for registered nodes that find no direct path"
-        );
-    }
+    let mut core = build_core(&config, &identity);
 
     // Enrollment runs on a thread of its own: its store writes wait on the
     // disk, and registrations and relaying must not wait with them.
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
+    let enroll_results = std::sync::Arc::new(enrollment::EnrollResults::default());
     let mut enrollment = match &config.enroll {
         Some(e) => Some(enrollment::start(
             e,
@@ -321,6 +298,7 @@ async fn serve(
             &identity.key,
             &cert,
             answers_tx.clone(),
+            enroll_results.clone(),
         )?),
         None => None,
     };
@@ -337,12 +315,18 @@ async fn serve(
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     let _api = serve_api(&socket_path, config.api.group.as_deref(), api_tx)?;
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<oneshot::Sender<String>>(4);
+    let _metrics = match config.metrics.listen {
+        Some(listen) => Some(serve_metrics(listen, metrics_tx).await?),
+        None => None,
+    };
 
     let mut sighup = signal(SignalKind::hangup())?;
     let reload = Reload {
         path: config_path,
         identity: &identity,
         answers: &answers_tx,
+        results: &enroll_results,
         store: &store,
     };
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -394,6 +378,9 @@ async fn serve(
             Some(reply) = api_rx.recv() => {
                 let _ = reply.send(status_json(&core, enrollment.as_ref()));
             }
+            Some(reply) = metrics_rx.recv() => {
+                let _ = reply.send(metrics::render(&core, cert.not_after(), enrollment.as_ref(), &enroll_results));
+            }
             _ = sighup.recv() => reload.apply(&mut config, &mut core, &mut enrollment),
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
@@ -409,6 +396,68 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// The `[metrics] listen` endpoint; each scrape asks the event loop. Stops
+/// when the guard is dropped.
+async fn serve_metrics(
+    listen: SocketAddr,
+    calls: mpsc::Sender<oneshot::Sender<String>>,
+) -> anyhow::Result<AbortOnDrop> {
+    let listener = tern_udp::metrics::bind(listen)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(%listen, "metrics at http://{listen}/metrics");
+    Ok(AbortOnDrop(tern_udp::metrics::serve(listener, move || {
+        let calls = calls.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            calls.send(tx).await.ok()?;
+            rx.await.ok()
+        }
+    })))
+}
+
+/// A task that stops with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The core for this config and identity: its mesh sized for a lighthouse,
+/// the registry, and the relay when `[relay]` enables it.
+fn build_core(config: &LighthouseConfig, identity: &Identity) -> LighthouseCore {
+    let now = Instant::now();
+    let settings = MeshSettings {
+        // Nodes keep their sessions alive by registering; no keepalives needed.
+        keepalive: None,
+        idle_timeout: config.registry.expiry * 4,
+        seed: seed(),
+        max_peers: MAX_NODES,
+        ..MeshSettings::default()
+    };
+    let mesh = Mesh::for_identity(identity, settings, now, unix_now());
+    let mut core = LighthouseCore::new(
+        mesh,
+        &identity.cert,
+        Registry::new(config.registry.expiry, MAX_NODES),
+        now,
+    );
+    if config.relay.enabled {
+        core.enable_relay(RelayTable::new(
+            MAX_NODES * 4,
+            RELAY_IDLE_EXPIRY,
+            config.relay.packets_per_sec,
+        ));
+        tracing::info!(
+            packets_per_sec = config.relay.packets_per_sec,
+            "relaying for registered nodes that find no direct path"
+        );
+    }
+    core
 }
 
 /// One datagram: enrollment's (answered here, or handed to its thread) or
@@ -462,6 +511,7 @@ struct Reload<'a> {
     path: &'a Path,
     identity: &'a Identity,
     answers: &'a mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+    results: &'a std::sync::Arc<enrollment::EnrollResults>,
     /// The store the lighthouse started with (a new one needs a restart).
     store: &'a StoreLocation,
 }
@@ -502,6 +552,7 @@ impl Reload<'_> {
                     &self.identity.key,
                     &self.identity.cert,
                     self.answers.clone(),
+                    self.results.clone(),
                 ) {
                     Ok(handle) => {
                         *enrollment = Some(handle);

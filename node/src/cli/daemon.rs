@@ -62,6 +62,10 @@ pub struct UpArgs {
     /// a file in the temporary directory, named in the output.
     #[arg(long, requires = "wait_for")]
     pub log_file: Option<PathBuf>,
+    /// How the node logs to stderr: text (for a person) or json (one object
+    /// a line, for a log pipeline). Overrides `[log] format`.
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<tern_shared::ops::LogFormat>,
 }
 
 /// Where `tern up` also finds `--enroll-token`'s value.
@@ -281,7 +285,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             args.log_file,
         );
     }
-    crate::init_logging(&config.log.level);
+    crate::init_logging(
+        &config.log.level,
+        args.log_format.unwrap_or(config.log.format),
+    );
     let runtime = runtime()?;
     let credential = if let Some(token) = &args.enroll_token {
         Some(io::join::Credential::Token(token.clone()))

@@ -49,6 +49,9 @@ pub enum ApiRequest {
     },
     /// `tern down`: leave the mesh and stop.
     Shutdown,
+    /// The node's Prometheus metrics, as `{"text": "..."}` (what
+    /// `[metrics] listen` serves at /metrics).
+    Metrics,
     /// `tern resolve`: a name's records of one type (A, AAAA, SRV, TXT,
     /// ...), through the mesh or the system's resolvers; answered with a
     /// [`ResolveReply`].

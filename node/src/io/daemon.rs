@@ -154,6 +154,9 @@ pub struct Daemon<P: Plane> {
     api_rx: mpsc::Receiver<ApiCall>,
     identity_rx: mpsc::Receiver<runner::IdentityQuery>,
     runner_load: Option<watch::Receiver<tern_shared::control::RunnerLoad>>,
+    runner_metrics: Option<tern_runner::metrics::JobMetrics>,
+    /// When this node's certificate expires (Unix seconds), for metrics.
+    cert_not_after: u64,
     signals: Signals,
     /// Answers the core owes the API (pings, policy queries, runner
     /// finds), by request id (one counter for all three).
@@ -166,6 +169,7 @@ pub struct Daemon<P: Plane> {
     dns: Dns,
     _gateway: Option<gateway::GatewaySetup>,
     _runner: Option<Task>,
+    _metrics: Option<Task>,
     _proxies: Vec<Task>,
     _api: api::SocketGuard,
 }
@@ -238,9 +242,9 @@ impl<P: Plane> Daemon<P> {
             );
         }
         let (identity_tx, identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
-        let (runner, runner_load) = match &config.runner {
+        let (runner, runner_load, runner_metrics) = match &config.runner {
             Some(r) => {
-                let (task, load) = runner::start(
+                let (task, load, jobs) = runner::start(
                     r.clone(),
                     cert.name().to_string(),
                     cert.overlay_ip(),
@@ -258,9 +262,9 @@ impl<P: Plane> Daemon<P> {
                          `tern run --on LABEL` will not pick it (`--node NAME` still works); sign it with --groups {RUNNER_GROUP},..."
                     );
                 }
-                (Some(Task(task)), Some(load))
+                (Some(Task(task)), Some(load), Some(jobs))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let (dns, names) = Dns::start(&config, &cert, &mut core, plane.routes_device())
             .await
@@ -268,6 +272,10 @@ impl<P: Plane> Daemon<P> {
         let dialer = plane.dialer();
         let (api_tx, api_rx) = mpsc::channel::<ApiCall>(16);
         let proxies = proxy::start(&config, &dialer, api_tx.clone(), &names).await?;
+        let metrics = match config.metrics.listen {
+            Some(listen) => Some(Task(serve_metrics(listen, api_tx.clone()).await?)),
+            None => None,
+        };
         let socket_path = api::socket_path_for(&config);
         let api_guard = api::serve(
             &socket_path,
@@ -290,6 +298,8 @@ impl<P: Plane> Daemon<P> {
             api_rx,
             identity_rx,
             runner_load,
+            runner_metrics,
+            cert_not_after: cert.not_after(),
             signals,
             waiting: Waiting::new(),
             next_timer: tokio::time::Instant::now(),
@@ -298,6 +308,7 @@ impl<P: Plane> Daemon<P> {
             dns,
             _gateway: gateway,
             _runner: runner,
+            _metrics: metrics,
             _proxies: proxies.into_iter().map(Task).collect(),
             _api: api_guard,
         })
@@ -491,6 +502,18 @@ impl<P: Plane> Daemon<P> {
                 let _ = reply.send(serde_json::to_value(status).unwrap_or_default());
                 return Flow::Continue;
             }
+            ApiRequest::Metrics => {
+                let runner = match (&self.runner_metrics, &self.runner_load) {
+                    (Some(jobs), Some(load)) => Some(super::metrics::RunnerPart {
+                        jobs,
+                        load: *load.borrow(),
+                    }),
+                    _ => None,
+                };
+                let text = super::metrics::render(&self.core, self.cert_not_after, runner);
+                let _ = reply.send(serde_json::json!({ "text": text }));
+                return Flow::Continue;
+            }
             ApiRequest::Ping { peer } => self.core.ping(&peer, now),
             ApiRequest::FindRunners { selector } => self.core.find_runners(selector, now),
             ApiRequest::Policy { target } => self.core.ask_policy(*target.ip(), target.port(), now),
@@ -621,6 +644,27 @@ fn warn_closed_subnets(config: &NodeConfig) {
             "[gateway] subnets: no [[firewall.inbound]] rule lets anything into {subnet}, so no client can reach it (rules without local_cidr cover only this node's own address); add one, e.g. [[firewall.inbound]] proto = \"tcp\" port = \"443\" groups = [\"ci\"] local_cidr = \"{subnet}\""
         );
     }
+}
+
+/// The `[metrics] listen` endpoint: each scrape asks the event loop (the
+/// core's one owner) through the same channel the API socket uses.
+async fn serve_metrics(
+    listen: std::net::SocketAddr,
+    calls: mpsc::Sender<ApiCall>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tern_udp::metrics::bind(listen)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(%listen, "metrics at http://{listen}/metrics");
+    Ok(tern_udp::metrics::serve(listener, move || {
+        let calls = calls.clone();
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            calls.send((ApiRequest::Metrics, tx)).await.ok()?;
+            let reply = rx.await.ok()?;
+            reply.get("text")?.as_str().map(str::to_string)
+        }
+    }))
 }
 
 /// SIGHUP: re-reads the config and applies its `[firewall]` without touching

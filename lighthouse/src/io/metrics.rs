@@ -1,0 +1,135 @@
+//! The lighthouse's Prometheus metrics (`[metrics] listen`): built by the
+//! event loop, the core's one owner, at each scrape, from counters only
+//! (no list of nodes is copied, however many are registered). The names
+//! are documented in docs/metrics.md.
+
+use tern_lighthouse_core::lighthouse::LighthouseCore;
+use tern_udp::metrics::{self as m, Exposition};
+
+use super::enrollment::{EnrollResults, EnrollmentHandle};
+
+/// Every metric of a lighthouse, in Prometheus' text format.
+pub fn render(
+    core: &LighthouseCore,
+    cert_not_after: u64,
+    enrollment: Option<&EnrollmentHandle>,
+    results: &EnrollResults,
+) -> String {
+    let s = core.metrics();
+    let c = s.counters;
+    let mut e = Exposition::new();
+    m::identity(&mut e, "lighthouse", cert_not_after);
+    m::mesh(
+        &mut e,
+        s.mesh_counters,
+        s.peer_paths,
+        &[
+            ("not_control", c.non_control_drops),
+            ("bad_control_message", c.bad_control_messages),
+        ],
+    );
+    e.gauge(
+        "tern_lighthouse_registered_nodes",
+        "Nodes registered with this lighthouse now.",
+        s.registered as f64,
+    );
+    e.counter(
+        "tern_lighthouse_registrations_total",
+        "Registrations received (each node re-registers every few seconds).",
+        c.registrations,
+    );
+    e.counter_by(
+        "tern_lighthouse_lookups_total",
+        "Lookups of a node by overlay address, by outcome (unanswered: no such node registered).",
+        "outcome",
+        &[
+            ("answered", c.queries.saturating_sub(c.queries_unanswered)),
+            ("unanswered", c.queries_unanswered),
+        ],
+    );
+    e.counter(
+        "tern_lighthouse_name_queries_total",
+        "Lookups of a node by name (mesh DNS).",
+        c.name_queries,
+    );
+    e.counter(
+        "tern_lighthouse_punches_total",
+        "Introductions sent so that two nodes punch toward each other.",
+        c.punches,
+    );
+    e.counter_by(
+        "tern_lighthouse_refusals_total",
+        "What registered nodes asked for and were refused, by what.",
+        "what",
+        &[
+            ("routes", c.routes_refused),
+            ("zones", c.zones_refused),
+            ("runner_advert", c.runner_adverts_refused),
+            ("registry_full", c.registry_full),
+        ],
+    );
+    e.counter_by(
+        "tern_lighthouse_enrollments_total",
+        "Enrollment requests decided, by result (zero when [enroll] is off).",
+        "result",
+        &results.snapshot(),
+    );
+    let (hellos, requests) = enrollment.map_or((0, 0), |h| {
+        let c = h.counters();
+        (
+            c.hellos.limited_per_source + c.hellos.limited_total,
+            c.requests.limited_per_source + c.requests.limited_total + c.undersized,
+        )
+    });
+    e.counter_by(
+        "tern_lighthouse_enrollment_drops_total",
+        "Enrollment datagrams dropped before any work (over a rate, or shorter than their padding).",
+        "message",
+        &[("hello", hellos), ("request", requests)],
+    );
+    e.gauge(
+        "tern_lighthouse_revocation_version",
+        "The version of the revocation list this lighthouse serves (the store's sequence).",
+        f64::from(s.revocations_version),
+    );
+    e.gauge(
+        "tern_lighthouse_revoked_certificates",
+        "Certificates revoked and not yet expired.",
+        s.revoked as f64,
+    );
+    let r = s.relay;
+    e.gauge(
+        "tern_relay_introductions",
+        "Pairs of nodes this lighthouse may relay for now (0 when relaying is off).",
+        s.relay_introductions as f64,
+    );
+    e.counter_by(
+        "tern_relay_forwarded_total",
+        "WireGuard messages relayed between nodes, by message type.",
+        "message",
+        &[
+            ("handshake_initiation", r.forwarded_handshake_initiation),
+            ("handshake_response", r.forwarded_handshake_response),
+            ("cookie_reply", r.forwarded_cookie_reply),
+            ("data", r.forwarded_data),
+        ],
+    );
+    e.counter(
+        "tern_relay_bytes_total",
+        "Bytes of the WireGuard messages relayed.",
+        r.forwarded_bytes,
+    );
+    e.counter_by(
+        "tern_relay_refusals_total",
+        "Relay requests refused, by reason.",
+        "reason",
+        &[
+            ("unregistered_sender", r.refused_unregistered_sender),
+            ("unregistered_target", r.refused_unregistered_target),
+            ("not_introduced", r.refused_not_introduced),
+            ("malformed", r.refused_malformed),
+            ("rate_limited", r.refused_rate_limited),
+        ],
+    );
+    e.render()
+}
