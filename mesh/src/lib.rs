@@ -173,6 +173,8 @@ pub enum RemoveReason {
     Requested,
     /// Its certificate (or its issuer) was revoked.
     Revoked,
+    /// The CAs this daemon reloaded do not accept its certificate.
+    Refused,
 }
 
 /// As `tern status --json` spells it, for logs.
@@ -185,6 +187,7 @@ impl std::fmt::Display for RemoveReason {
             RemoveReason::Replaced => "replaced",
             RemoveReason::Requested => "requested",
             RemoveReason::Revoked => "revoked",
+            RemoveReason::Refused => "refused",
         })
     }
 }
@@ -196,6 +199,17 @@ pub enum Received<'b> {
     Nothing,
     /// A decrypted IPv4 packet whose inner source the peer's cert allows.
     Packet { peer: PeerId, packet: &'b [u8] },
+}
+
+/// What [`Mesh::replace_identity`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityChange {
+    /// The key changed: every session was re-keyed.
+    pub new_key: bool,
+    /// Peers asked to handshake again (with our hello first).
+    pub rehandshakes: usize,
+    /// Peers dropped because the new CAs do not accept their certificates.
+    pub peers_refused: usize,
 }
 
 /// How packets to a peer travel.
@@ -415,6 +429,65 @@ impl Mesh {
             timer_cursor: 0,
             relays: Vec::new(),
             scratch: vec![0u8; 2048],
+        }
+    }
+
+    /// A new identity for this daemon (a certificate reloaded or renewed):
+    /// new handshakes and hellos carry `own_cert`, signed by one of `ca`.
+    /// With the same key, sessions stay and every peer re-handshakes with a
+    /// hello first, which brings it the new certificate; with a new key,
+    /// every session is re-keyed (packets wait behind the new handshake in
+    /// boringtun's queue, as after any expiry). The caller checks that the
+    /// certificate is its own to use (verified, same overlay address).
+    pub fn replace_identity(
+        &mut self,
+        secret: StaticSecret,
+        own_cert: &VerifiedCert,
+        ca: CaPool,
+        now: Instant,
+    ) -> IdentityChange {
+        self.last_now = now;
+        let public = PublicKey::from(&secret);
+        let new_key = public != self.public;
+        self.own_hello = Hello {
+            wants_reply: false,
+            cert: own_cert.encoded(),
+        }
+        .encode();
+        self.ca = ca;
+        if new_key {
+            self.rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+            self.session_limiter = Arc::new(RateLimiter::new(&public, u64::MAX));
+            for p in self.peers.values_mut() {
+                p.tunn.set_static_private(
+                    secret.clone(),
+                    public,
+                    Some(self.session_limiter.clone()),
+                );
+                p.connected = false;
+            }
+            self.secret = secret;
+            self.public = public;
+        }
+        // Peers whose certificates the new CAs no longer accept go.
+        let unix = self.unix_time(now);
+        let refused: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| self.ca.verify_bytes(p.cert.encoded(), unix).is_err())
+            .map(|(idx, _)| *idx)
+            .collect();
+        for idx in &refused {
+            self.remove_index(*idx, RemoveReason::Refused);
+        }
+        let ids: Vec<u32> = self.peers.keys().copied().collect();
+        for idx in &ids {
+            self.connect(PeerId(*idx), true);
+        }
+        IdentityChange {
+            new_key,
+            rehandshakes: ids.len(),
+            peers_refused: refused.len(),
         }
     }
 
@@ -1014,6 +1087,115 @@ mod tests {
         assert_eq!(b.mesh.counters().packets_in, 3);
         assert_eq!(b.delivered.len(), 2);
         assert_eq!(a.mesh.counters().packets_in, 0);
+    }
+
+    /// Both sides send each other a packet; both arrive.
+    fn both_ways(a: &mut Side, b: &mut Side, now: Instant) {
+        let (pa, pb) = (
+            a.mesh.peer_by_overlay(B_IP).expect("a knows b"),
+            b.mesh.peer_by_overlay(A_IP).expect("b knows a"),
+        );
+        let to_b = build_udp_ipv4(A_IP, B_IP, 1000, 2000, b"to b");
+        let to_a = build_udp_ipv4(B_IP, A_IP, 2000, 1000, b"to a");
+        send(a, b, pa, &to_b, now);
+        send(b, a, pb, &to_a, now);
+        assert_eq!(b.delivered.pop(), Some(to_b));
+        assert_eq!(a.delivered.pop(), Some(to_a));
+    }
+
+    #[test]
+    fn a_renewed_certificate_reaches_the_peer_and_the_session_goes_on() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let na = ca.node("a", "100.64.0.5/10", &["ci"], &[], 3_600);
+        let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let now = Instant::now();
+        let mut a = side(&na, ca.pool(), "198.18.0.2:4242", now);
+        let mut b = side(&nb, ca.pool(), "198.18.0.3:4242", now);
+        connect(&mut a, &mut b, now);
+        both_ways(&mut a, &mut b, now);
+        // Renewed: the same key, later validity.
+        let renewed = ca.resign(&na, TEST_NOW, 86_400);
+        let change = a.mesh.replace_identity(
+            renewed.key.static_secret(),
+            &renewed.verified(&ca.pool()),
+            ca.pool(),
+            now,
+        );
+        assert_eq!(
+            change,
+            IdentityChange {
+                new_key: false,
+                rehandshakes: 1,
+                peers_refused: 0
+            }
+        );
+        // Packets keep flowing on the old session before the new handshake.
+        both_ways(&mut a, &mut b, now);
+        exchange(&mut a, &mut b, now, None);
+        let pa = b.mesh.peer_by_overlay(A_IP).unwrap();
+        assert_eq!(
+            b.mesh.peer_cert(pa).unwrap().not_after(),
+            TEST_NOW + 86_400,
+            "b holds the renewed certificate"
+        );
+        both_ways(&mut a, &mut b, now);
+        // The old certificate again (a replay) does not take its place.
+        let old = Hello {
+            wants_reply: false,
+            cert: na.verified(&ca.pool()).encoded(),
+        }
+        .encode();
+        let mut buf = vec![0u8; 4096];
+        b.mesh.handle_datagram(a.addr, &old, &mut buf, now);
+        assert_eq!(b.mesh.peer_cert(pa).unwrap().not_after(), TEST_NOW + 86_400);
+    }
+
+    #[test]
+    fn a_new_key_rekeys_every_session_and_the_peer_follows() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let (mut a, mut b, now) = {
+            let na = ca.node("a", "100.64.0.5/10", &["ci"], &[], 86_400);
+            let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+            let now = Instant::now();
+            (
+                side(&na, ca.pool(), "198.18.0.2:4242", now),
+                side(&nb, ca.pool(), "198.18.0.3:4242", now),
+                now,
+            )
+        };
+        connect(&mut a, &mut b, now);
+        let fresh = ca.node("a", "100.64.0.5/10", &["ci"], &[], 86_400);
+        let change = a.mesh.replace_identity(
+            fresh.key.static_secret(),
+            &fresh.verified(&ca.pool()),
+            ca.pool(),
+            now,
+        );
+        assert!(change.new_key);
+        exchange(&mut a, &mut b, now, None);
+        let pa = b.mesh.peer_by_overlay(A_IP).unwrap();
+        assert_eq!(
+            b.mesh.peer_cert(pa).unwrap().public_key(),
+            fresh.key.public_bytes(),
+            "b talks to a's new key"
+        );
+        both_ways(&mut a, &mut b, now);
+    }
+
+    #[test]
+    fn peers_the_new_cas_do_not_accept_are_dropped() {
+        let (mut a, mut b, now) = setup(&[]);
+        connect(&mut a, &mut b, now);
+        let other = TestCa::new("other", &["100.64.0.0/10"], &[]);
+        let na = other.node("a", "100.64.0.5/10", &["ci"], &[], 86_400);
+        let change = a.mesh.replace_identity(
+            na.key.static_secret(),
+            &na.verified(&other.pool()),
+            other.pool(),
+            now,
+        );
+        assert_eq!(change.peers_refused, 1);
+        assert_eq!(a.mesh.peer_count(), 0);
     }
 
     #[test]

@@ -361,6 +361,9 @@ impl Mesh {
         if hello.wants_reply {
             self.send_hello(from, false);
         }
+        if let Some(&idx) = self.by_key.get(&key) {
+            self.refresh_cert(idx, &cert);
+        }
         match self.by_key.get(&key).copied() {
             Some(idx) if hello.wants_reply => {
                 // The peer does not know our certificate: it restarted, or our
@@ -384,6 +387,31 @@ impl Mesh {
             None => self.remember(cert.clone(), now),
         }
         self.events.push_back(MeshEvent::HelloCert { from, cert });
+    }
+
+    /// A peer sent (in a hello, verified) another certificate for the key
+    /// we know it by: it reloaded or renewed its certificate. A newer one
+    /// (later `not_before`, else later `not_after`) for the same overlay
+    /// address replaces ours; an older one (a replay) or one for another
+    /// address changes nothing.
+    fn refresh_cert(&mut self, idx: u32, cert: &VerifiedCert) {
+        let Some(p) = self.peers.get_mut(&idx) else {
+            return;
+        };
+        if p.cert.encoded() == cert.encoded() {
+            return;
+        }
+        let age = |c: &VerifiedCert| (c.cert().body.not_before, c.cert().body.not_after);
+        if cert.overlay_ip() != p.cert.overlay_ip() || age(cert) <= age(&p.cert) {
+            tracing::debug!(peer = p.cert.name(), "hello with an older or re-addressed certificate for a known key; kept the one we hold");
+            return;
+        }
+        tracing::info!(
+            peer = p.cert.name(),
+            until = %tern_shared::cert::format_unix_time(cert.not_after()),
+            "peer's certificate renewed"
+        );
+        p.cert = cert.clone();
     }
 
     /// The certificate with exactly these bytes, if this mesh verified it

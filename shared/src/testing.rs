@@ -92,6 +92,22 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// `node`'s certificate signed again for the same key, name, address
+    /// and groups, valid from `not_before` for `lifetime_secs` (a renewal).
+    pub fn resign(&self, node: &TestNode, not_before: u64, lifetime_secs: u64) -> TestNode {
+        let mut body = node.cert.body.clone();
+        body.not_before = not_before;
+        body.not_after = not_before + lifetime_secs;
+        let cert = sign_node(&self.cert, &self.key, body, not_before)
+            .unwrap_or_else(|e| panic!("test node cert: {e}"));
+        TestNode {
+            cert,
+            key: node.key.clone(),
+        }
+    }
+}
+
 /// An issuer under a [`TestCa`] (a lighthouse's enrollment key).
 pub struct TestIssuer {
     pub cert: Cert,

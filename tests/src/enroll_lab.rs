@@ -257,15 +257,25 @@ impl Lab {
 
     /// A CI node's config: the CA only, a forward to the private service.
     pub fn ci_config(&self, name: &str, forward: u16) -> std::path::PathBuf {
+        let target = format!("{}:{}", self.service_ip, self.http_port);
+        self.ci_config_to(name, &[(forward, target.as_str())])
+    }
+
+    /// A CI node's config (API socket `<name>.sock`): the CA only, and a
+    /// forward from each local port to its target.
+    pub fn ci_config_to(&self, name: &str, forwards: &[(u16, &str)]) -> std::path::PathBuf {
         let path = self.dir.path().join(format!("{name}.toml"));
-        fs::write(
-            &path,
-            format!(
-                "[pki]\nca = \"ca.crt\"\n[listen]\naddr = \"127.0.0.1:{}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"{name}.sock\"\n[[forwards]]\nlisten = \"127.0.0.1:{forward}\"\ntarget = \"{}:{}\"\n",
-                free_udp(), self.lh_port, self.service_ip, self.http_port
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "[pki]\nca = \"ca.crt\"\n[listen]\naddr = \"127.0.0.1:{}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"{name}.sock\"\n",
+            free_udp(),
+            self.lh_port
+        );
+        for (port, target) in forwards {
+            text.push_str(&format!(
+                "[[forwards]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"{target}\"\n"
+            ));
+        }
+        fs::write(&path, text).unwrap();
         path
     }
 }
@@ -308,6 +318,16 @@ impl Lab {
             || get(forward).is_some_and(|r| r.contains("private hello")),
         );
         (job, forward)
+    }
+
+    /// The gateway daemon's PID (for signals).
+    pub fn gateway_pid(&self) -> u32 {
+        self._daemons[1].child.id()
+    }
+
+    /// The gateway's log so far.
+    pub fn gateway_log(&self) -> String {
+        self._daemons[1].log()
     }
 
     /// `tern-lighthouse status --json` of the lab's lighthouse.

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tern_tests::enroll_lab::{get, lab_custom, Down, LabExtra};
-use tern_tests::{bin, free_tcp, free_udp, need_tool, repo_root, wait_until, Daemon};
+use tern_tests::{bin, free_tcp, need_tool, repo_root, wait_until, Daemon};
 
 /// `GET /metrics` on 127.0.0.1:`port`: the body of a 200, else None.
 fn scrape(port: u16) -> Option<String> {
@@ -165,21 +165,8 @@ fn counters_move_endpoints_pass_promtool_and_match_the_docs_and_logs_are_json() 
     // (TCP to the gateway's own address: only its subnet is allowed).
     let token = lab.token("1", "ci");
     let (forward, denied) = (free_tcp(), free_tcp());
-    let ci = d.join("ci.toml");
-    fs::write(
-        &ci,
-        format!(
-            "[pki]\nca = \"ca.crt\"\n[listen]\naddr = \"127.0.0.1:{}\"\n[[lighthouses]]\nendpoint = \"127.0.0.1:{}\"\n\
-             [tun]\nmode = \"userspace\"\n[api]\nsocket = \"ci.sock\"\n\
-             [[forwards]]\nlisten = \"127.0.0.1:{forward}\"\ntarget = \"{}:{}\"\n\
-             [[forwards]]\nlisten = \"127.0.0.1:{denied}\"\ntarget = \"100.64.0.2:9\"\n",
-            free_udp(),
-            lab.lh_port,
-            lab.service_ip,
-            lab.http_port
-        ),
-    )
-    .unwrap();
+    let service = format!("{}:{}", lab.service_ip, lab.http_port);
+    let ci = lab.ci_config_to("ci", &[(forward, &service), (denied, "100.64.0.2:9")]);
     let _down = Down(d.join("ci.sock"));
     let _job = Daemon::start(
         "tern",

@@ -109,3 +109,74 @@ pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> Result<Identity, Str
         )
     })
 }
+
+/// How long before its certificate expires a daemon warns, and how long a
+/// certificate must live for the warning to apply (a 30-minute CI
+/// certificate is not warned about when it starts).
+const EXPIRY_WARNINGS: [(u64, &str); 2] = [(7 * 86_400, "7 days"), (86_400, "1 day")];
+
+/// Warnings before this daemon's certificate expires: at 7 days and at 1
+/// day left, each once per certificate (a new certificate starts afresh),
+/// and only for a certificate that lives at least twice that long.
+#[derive(Debug, Default)]
+pub struct ExpiryWarnings {
+    given: usize,
+}
+
+impl ExpiryWarnings {
+    /// Logs the warning now due, if any; returns whether it did.
+    pub fn check(&mut self, cert: &tern_shared::cert::VerifiedCert, now_unix: u64) -> bool {
+        let body = &cert.cert().body;
+        let lifetime = body.not_after.saturating_sub(body.not_before);
+        let left = body.not_after.saturating_sub(now_unix);
+        let mut warned = false;
+        while let Some(&(before, said)) = EXPIRY_WARNINGS.get(self.given) {
+            if left > before {
+                break;
+            }
+            self.given += 1;
+            if lifetime >= 2 * before && !warned {
+                tracing::warn!(
+                    name = cert.name(),
+                    until = %tern_shared::cert::format_unix_time(body.not_after),
+                    "this daemon's certificate expires in less than {said}: sign a new one and send SIGHUP (or set [pki] renew where its issuer renews)"
+                );
+                warned = true;
+            }
+        }
+        warned
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod expiry_tests {
+    use super::*;
+    use tern_shared::testing::{TestCa, TEST_NOW};
+
+    #[test]
+    fn warnings_come_once_at_seven_days_and_at_one_day() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        // Valid from TEST_NOW - 3600 for 30 days.
+        let node = ca.node("gw", "100.64.0.9/10", &[], &[], 30 * 86_400);
+        let cert = node.verified(&ca.pool());
+        let end = TEST_NOW + 30 * 86_400;
+        let mut w = ExpiryWarnings::default();
+        assert!(!w.check(&cert, TEST_NOW), "a month left");
+        assert!(w.check(&cert, end - 7 * 86_400 + 1), "under 7 days");
+        assert!(!w.check(&cert, end - 6 * 86_400), "once");
+        assert!(w.check(&cert, end - 3600), "under a day");
+        assert!(!w.check(&cert, end - 60), "once");
+    }
+
+    #[test]
+    fn a_short_lived_certificate_is_not_warned_about() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        // A CI job's certificate: 30 minutes.
+        let node = ca.node("ci-1", "100.64.0.9/10", &[], &[], 1800);
+        let cert = node.verified(&ca.pool());
+        let mut w = ExpiryWarnings::default();
+        assert!(!w.check(&cert, TEST_NOW));
+        assert!(!w.check(&cert, TEST_NOW + 1700));
+    }
+}

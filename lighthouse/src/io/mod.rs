@@ -334,6 +334,7 @@ async fn serve(
     let mut received = tern_udp::RecvBatch::default();
     let mut sends = tern_udp::SendBatch::default();
     let mut next_timer = tokio::time::Instant::now();
+    let mut expiry = tern_udp::daemon::ExpiryWarnings::default();
     loop {
         tokio::select! {
             ready = socket.readable() => match ready {
@@ -367,6 +368,7 @@ async fn serve(
             _ = tokio::time::sleep_until(next_timer) => {
                 let now = Instant::now();
                 core.handle_timeout(now);
+                expiry.check(&cert, unix_now());
                 next_timer = tokio::time::Instant::from_std(core.poll_timeout(now));
             }
             Some(list) = revocation_lists.recv() => {

@@ -24,6 +24,10 @@ pub enum CertCommand {
     Ca(CaArgs),
     /// Create a node key pair (X25519, also the node's WireGuard key).
     Keygen(KeygenArgs),
+    /// Write the public key of an existing node key, for `tern cert sign
+    /// --in-pub` (a new certificate for the same key: renewing a gateway's
+    /// certificate without touching its key).
+    Pubkey(PubkeyArgs),
     /// Sign a node certificate with the CA.
     Sign(SignArgs),
     /// Print the certificates in a file.
@@ -56,6 +60,19 @@ pub struct CaArgs {
     #[arg(long)]
     out_key: PathBuf,
     /// Overwrite existing output files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PubkeyArgs {
+    /// The node's private key (only read).
+    #[arg(long)]
+    key: PathBuf,
+    /// Where to write its public key.
+    #[arg(long)]
+    out_pub: PathBuf,
+    /// Overwrite an existing output file.
     #[arg(long)]
     force: bool,
 }
@@ -219,6 +236,7 @@ pub fn run(cmd: CertCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         CertCommand::Ca(args) => ca(args),
         CertCommand::Keygen(args) => keygen(args),
+        CertCommand::Pubkey(args) => pubkey(args),
         CertCommand::Sign(args) => sign(args),
         CertCommand::Print(args) => print(args),
         CertCommand::Verify(args) => verify(args),
@@ -274,6 +292,24 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<ExitCode> {
     println!(
         "created node key {} and public key {}",
         args.out_key.display(),
+        args.out_pub.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pubkey(args: PubkeyArgs) -> anyhow::Result<ExitCode> {
+    check_outputs(&[&args.out_pub], args.force)?;
+    let key = NodeSecretKey::from_pem(&read_text(&args.key)?)
+        .map_err(|e| anyhow!("{} is not a node private key: {e}", args.key.display()))?;
+    write_file(
+        &args.out_pub,
+        &key.public().to_pem(),
+        PUBLIC_MODE,
+        args.force,
+    )?;
+    println!(
+        "wrote the public key of {} to {}",
+        args.key.display(),
         args.out_pub.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -155,8 +155,10 @@ pub struct Daemon<P: Plane> {
     identity_rx: mpsc::Receiver<runner::IdentityQuery>,
     runner_load: Option<watch::Receiver<tern_shared::control::RunnerLoad>>,
     runner_metrics: Option<tern_runner::metrics::JobMetrics>,
-    /// When this node's certificate expires (Unix seconds), for metrics.
-    cert_not_after: u64,
+    /// The certificate this node runs with now (replaced by SIGHUP), and
+    /// the expiry warnings already given for it.
+    own_cert: tern_shared::cert::VerifiedCert,
+    expiry: tern_udp::daemon::ExpiryWarnings,
     signals: Signals,
     /// Answers the core owes the API (pings, policy queries, runner
     /// finds), by request id (one counter for all three).
@@ -299,7 +301,8 @@ impl<P: Plane> Daemon<P> {
             identity_rx,
             runner_load,
             runner_metrics,
-            cert_not_after: cert.not_after(),
+            own_cert: cert.clone(),
+            expiry: tern_udp::daemon::ExpiryWarnings::default(),
             signals,
             waiting: Waiting::new(),
             next_timer: tokio::time::Instant::now(),
@@ -349,6 +352,7 @@ impl<P: Plane> Daemon<P> {
             _ = tokio::time::sleep_until(self.next_timer) => {
                 let now = Instant::now();
                 self.core.handle_timeout(now);
+                self.expiry.check(&self.own_cert, unix_now());
                 self.dns.refresh_domains(&self.core);
                 let mut next = self.core.poll_timeout(now);
                 if let Some(d) = self.plane.poll_delay() {
@@ -379,6 +383,7 @@ impl<P: Plane> Daemon<P> {
             }
             _ = self.signals.hup.recv() => {
                 reload(&mut self.core, &self.config_path);
+                self.reload_identity();
                 Flow::Continue
             }
             _ = self.signals.int.recv() => {
@@ -510,7 +515,7 @@ impl<P: Plane> Daemon<P> {
                     }),
                     _ => None,
                 };
-                let text = super::metrics::render(&self.core, self.cert_not_after, runner);
+                let text = super::metrics::render(&self.core, self.own_cert.not_after(), runner);
                 let _ = reply.send(serde_json::json!({ "text": text }));
                 return Flow::Continue;
             }
@@ -561,6 +566,60 @@ impl<P: Plane> Daemon<P> {
 
     /// Leaves the mesh (lighthouses told), or, revoked, leaves a note
     /// beside the API socket and stops with its own exit code.
+    /// SIGHUP, `[pki]`: the certificate, key and CAs read again. A new
+    /// identity that verifies, for the same overlay address, replaces the
+    /// running one without dropping a session; anything else is refused
+    /// with its reason and the running identity stays.
+    fn reload_identity(&mut self) {
+        let config = match load_node_config(&self.config_path) {
+            Ok(c) => c,
+            Err(_) => return, // `reload` logged why
+        };
+        if config.pki.enrolls() {
+            return; // an enrolled identity lives in memory only
+        }
+        let identity = match load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!("SIGHUP: [pki] refused, keeping the running certificate: {e}");
+                return;
+            }
+        };
+        let cas = |pool: &tern_shared::cert::CaPool| {
+            let mut v: Vec<[u8; 32]> = pool.fingerprints().map(|f| f.0).collect();
+            v.sort_unstable();
+            v
+        };
+        let same_cas = cas(&identity.ca) == cas(self.core.mesh().ca());
+        if identity.cert.encoded() == self.own_cert.encoded() && same_cas {
+            tracing::debug!("SIGHUP: [pki] unchanged");
+            return;
+        }
+        match self.core.replace_identity(
+            identity.key.static_secret(),
+            &identity.cert,
+            identity.ca.clone(),
+            Instant::now(),
+        ) {
+            Ok(change) => {
+                tracing::info!(
+                    name = identity.cert.name(),
+                    until = %tern_shared::cert::format_unix_time(identity.cert.not_after()),
+                    fingerprint = %identity.cert.fingerprint(),
+                    new_key = change.new_key,
+                    peers = change.rehandshakes,
+                    peers_refused = change.peers_refused,
+                    "SIGHUP: certificate reloaded; every peer re-handshakes with it"
+                );
+                self.own_cert = identity.cert;
+                self.expiry = tern_udp::daemon::ExpiryWarnings::default();
+            }
+            Err(why) => {
+                tracing::error!("SIGHUP: new certificate refused, keeping the running one: {why}")
+            }
+        }
+    }
+
     async fn stop(mut self) -> anyhow::Result<()> {
         let userspace = self.plane.routes_device().is_none();
         if self.revoked.is_none() {

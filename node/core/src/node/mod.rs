@@ -248,6 +248,50 @@ impl NodeCore {
         }
     }
 
+    /// A reloaded or renewed identity (`[pki]` on SIGHUP): new handshakes
+    /// and hellos carry `cert`, and every peer re-handshakes with it. A
+    /// certificate for another overlay address, or one that no longer
+    /// carries the subnets this node routes as a gateway, is refused with
+    /// the reason; the running identity stays. `cert` was verified against
+    /// `ca` by the caller.
+    pub fn replace_identity(
+        &mut self,
+        secret: x25519_dalek::StaticSecret,
+        cert: &VerifiedCert,
+        ca: tern_shared::cert::CaPool,
+        now: Instant,
+    ) -> Result<tern_mesh::IdentityChange, String> {
+        if cert.overlay_ip() != self.overlay_ip || cert.overlay_net() != self.overlay_net {
+            return Err(format!(
+                "the new certificate is for {}, this node runs as {}; an address change needs a restart",
+                cert.overlay_net(),
+                self.overlay_net
+            ));
+        }
+        let missing: Vec<String> = self
+            .gateway_subnets
+            .iter()
+            .filter(|s| {
+                !cert
+                    .subnets()
+                    .iter()
+                    .any(|c| matches!(c, ipnet::IpNet::V4(c) if c.contains(*s)))
+            })
+            .map(|s| s.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "the new certificate does not carry {}, which this gateway routes; sign it with --subnets, or change [gateway] subnets and restart",
+                missing.join(", ")
+            ));
+        }
+        self.own_fingerprints = std::iter::once(cert.fingerprint())
+            .chain(cert.issuer_fingerprint())
+            .collect();
+        self.name = cert.name().to_string();
+        Ok(self.mesh.replace_identity(secret, cert, ca, now))
+    }
+
     /// Firewall rules, the subnets this node routes as a gateway (already
     /// checked against its certificate by the caller), and the subnets it
     /// reaches through gateways.
