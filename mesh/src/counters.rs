@@ -56,7 +56,7 @@ impl MeshCounters {
     }
 }
 
-/// Peers counted by how packets reach them ([`Mesh::peer_paths`]).
+/// Peers counted by how packets reach them ([`Mesh::peer_paths`](crate::Mesh::peer_paths)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeerPaths {
     pub direct: usize,
