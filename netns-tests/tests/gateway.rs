@@ -241,7 +241,15 @@ fn ci_node_reaches_the_private_network_through_gateways_within_policy() {
         .run("iptables", ["-t", "nat", "-S", "POSTROUTING"])
         .contains("MASQUERADE"));
 
-    // 1. curl through the gateway, hash-checked.
+    // 1. curl through the gateway, hash-checked. ci-1 sends its first
+    //    packet once it knows both gateways, so it picks gw-1 (the first by
+    //    name), which the checks below look at; on a loaded machine gw-2 may
+    //    otherwise be the only one known when the first packet leaves.
+    wait_until("ci-1 knows both gateways", Duration::from_secs(10), || {
+        status(&dir, "ci-1")["routes"][0]["gateways"]
+            .as_array()
+            .is_some_and(|g| g.len() == 2)
+    });
     let url = format!("http://{SERVER}:8080/blob.bin");
     wait_until(
         "ci-1 reaches the vpc web server",

@@ -235,3 +235,84 @@ fn a_gateway_certificate_replaced_under_load_keeps_the_transfer_going() {
     );
     assert_eq!(Sha256::digest(&whole), want);
 }
+
+#[test]
+fn a_lighthouse_certificate_replaced_keeps_its_nodes_and_enrollment() {
+    let lab = lab_custom("127.84.0", &LabExtra::default());
+    let d = lab.dir.path();
+    wait_until("the gateway registers", Duration::from_secs(20), || {
+        lab.registered().iter().any(|n| n == "gw")
+    });
+    let lh_pid = lab.lighthouse_status()["pid"].as_u64().unwrap() as u32;
+    tern(
+        d,
+        &["cert", "pubkey", "--key", "lh1.key", "--out-pub", "lh1.pub"],
+    );
+    let resign = |ip: &str| {
+        tern(
+            d,
+            &[
+                "cert",
+                "sign",
+                "--ca-crt",
+                "ca.crt",
+                "--ca-key",
+                "ca.key",
+                "--name",
+                "lh1",
+                "--ip",
+                ip,
+                "--groups",
+                "lighthouse",
+                "--duration",
+                "4000h",
+                "--in-pub",
+                "lh1.pub",
+                "--out-crt",
+                "lh1.crt",
+                "--force",
+            ],
+        );
+    };
+    let log = || fs::read_to_string(d.join("lh.log")).unwrap_or_default();
+
+    // Another address: refused, nothing changes.
+    let original = fs::read(d.join("lh1.crt")).unwrap();
+    resign("100.64.0.77/10");
+    hup(lh_pid);
+    wait_until("the lighthouse refuses it", Duration::from_secs(10), || {
+        log().contains("an address change needs a restart")
+    });
+    fs::write(d.join("lh1.crt"), &original).unwrap();
+
+    // Renewed: reloaded; the gateway stays registered and learns it; a job
+    // still enrolls (enrollment restarted with the new certificate). Peers
+    // take a certificate that starts later than the one they hold: sign it
+    // a second after the lab's.
+    std::thread::sleep(Duration::from_millis(1100));
+    resign("100.64.0.1/10");
+    hup(lh_pid);
+    wait_until("the lighthouse reloads", Duration::from_secs(10), || {
+        log().contains("SIGHUP: certificate reloaded")
+    });
+    let renewed = tern(d, &["cert", "print", "lh1.crt", "--json"]);
+    let until = serde_json::from_str::<serde_json::Value>(&renewed).unwrap()["not_after_unix"]
+        .as_u64()
+        .expect("not_after_unix in tern cert print --json");
+    wait_until(
+        "the gateway holds the lighthouse's renewed certificate",
+        Duration::from_secs(15),
+        || {
+            lab.node_status("gw")["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == "lh1" && p["cert_not_after"].as_u64() == Some(until))
+        },
+    );
+    assert!(lab.registered().iter().any(|n| n == "gw"));
+    let token = lab.token("1", "ci");
+    let (_job, forward) = lab.start_job("ci-after", &token);
+    assert!(get(forward).is_some_and(|r| r.contains("private hello")));
+    let _down = Down(d.join("ci-after.sock"));
+}

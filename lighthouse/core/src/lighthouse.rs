@@ -307,6 +307,27 @@ impl LighthouseCore {
         &self.registry
     }
 
+    /// A reloaded identity (`[pki]` on SIGHUP): see
+    /// [`Mesh::replace_identity`]. One for another overlay address is
+    /// refused (nodes know their lighthouses by address and name).
+    pub fn replace_identity(
+        &mut self,
+        secret: x25519_dalek::StaticSecret,
+        cert: &VerifiedCert,
+        ca: tern_shared::cert::CaPool,
+        now: Instant,
+    ) -> Result<tern_mesh::IdentityChange, String> {
+        if cert.overlay_ip() != self.overlay_ip {
+            return Err(format!(
+                "the new certificate is for {}, this lighthouse runs as {}; an address change needs a restart",
+                cert.overlay_ip(),
+                self.overlay_ip
+            ));
+        }
+        self.name = cert.name().to_string();
+        Ok(self.mesh.replace_identity(secret, cert, ca, now))
+    }
+
     /// What metrics need, without the lists `status` carries (a scrape of a
     /// lighthouse holding 100,000 nodes copies no node).
     pub fn metrics(&self) -> LighthouseMetrics<'_> {

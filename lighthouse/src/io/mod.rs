@@ -267,7 +267,7 @@ async fn serve(
     config_path: &Path,
     store: StoreLocation,
 ) -> anyhow::Result<()> {
-    let identity = load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)
+    let mut identity = load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)
         .map_err(anyhow::Error::msg)
         .context("the lighthouse's identity")?;
     let cert = identity.cert.clone();
@@ -324,7 +324,6 @@ async fn serve(
     let mut sighup = signal(SignalKind::hangup())?;
     let reload = Reload {
         path: config_path,
-        identity: &identity,
         answers: &answers_tx,
         results: &enroll_results,
         store: &store,
@@ -368,7 +367,7 @@ async fn serve(
             _ = tokio::time::sleep_until(next_timer) => {
                 let now = Instant::now();
                 core.handle_timeout(now);
-                expiry.check(&cert, unix_now());
+                expiry.check(&identity.cert, unix_now());
                 next_timer = tokio::time::Instant::from_std(core.poll_timeout(now));
             }
             Some(list) = revocation_lists.recv() => {
@@ -381,9 +380,13 @@ async fn serve(
                 let _ = reply.send(status_json(&core, enrollment.as_ref()));
             }
             Some(reply) = metrics_rx.recv() => {
-                let _ = reply.send(metrics::render(&core, cert.not_after(), enrollment.as_ref(), &enroll_results));
+                let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results));
             }
-            _ = sighup.recv() => reload.apply(&mut config, &mut core, &mut enrollment),
+            _ = sighup.recv() => {
+                if reload.apply(&mut config, &mut core, &mut enrollment, &mut identity) {
+                    expiry = tern_udp::daemon::ExpiryWarnings::default();
+                }
+            }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
@@ -511,7 +514,6 @@ fn status_json(
 /// change is named.
 struct Reload<'a> {
     path: &'a Path,
-    identity: &'a Identity,
     answers: &'a mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
     results: &'a std::sync::Arc<enrollment::EnrollResults>,
     /// The store the lighthouse started with (a new one needs a restart).
@@ -519,18 +521,20 @@ struct Reload<'a> {
 }
 
 impl Reload<'_> {
+    /// Whether the identity was replaced.
     fn apply(
         &self,
         running: &mut LighthouseConfig,
         core: &mut LighthouseCore,
         enrollment: &mut Option<enrollment::EnrollmentHandle>,
-    ) {
+        identity: &mut Identity,
+    ) -> bool {
         tracing::info!(config = %self.path.display(), "SIGHUP: reading the config again");
         let new = match load_config(self.path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "config not reloaded; the running one stays");
-                return;
+                return false;
             }
         };
         let mut changed = Vec::new();
@@ -551,8 +555,8 @@ impl Reload<'_> {
                     e,
                     self.store,
                     running.store.password_file.as_deref(),
-                    &self.identity.key,
-                    &self.identity.cert,
+                    &identity.key,
+                    &identity.cert,
                     self.answers.clone(),
                     self.results.clone(),
                 ) {
@@ -589,8 +593,12 @@ impl Reload<'_> {
                 None => tracing::warn!("[log] changed, but RUST_LOG sets the level; unchanged"),
             }
         }
+        let replaced = self.reload_pki(&new, core, enrollment, identity);
+        if replaced {
+            running.pki = new.pki.clone();
+            changed.push("[pki]");
+        }
         for (what, differs) in [
-            ("[pki]", new.pki != running.pki),
             ("[listen]", new.listen != running.listen),
             ("[api]", new.api != running.api),
             ("[registry]", new.registry != running.registry),
@@ -607,6 +615,72 @@ impl Reload<'_> {
         } else {
             tracing::info!(changed = %changed.join(", "), "config reloaded");
         }
+        replaced
+    }
+
+    /// `[pki]` read again: a certificate that verifies, for the same
+    /// overlay address, replaces the running one (enrollment restarts with
+    /// it, as it seals to the lighthouse's key); anything else is refused
+    /// and logged. Whether it was replaced.
+    fn reload_pki(
+        &self,
+        new: &LighthouseConfig,
+        core: &mut LighthouseCore,
+        enrollment: &mut Option<enrollment::EnrollmentHandle>,
+        identity: &mut Identity,
+    ) -> bool {
+        let fresh = match load_identity(&new.pki.ca, &new.pki.cert, &new.pki.key) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!("SIGHUP: [pki] refused, keeping the running certificate: {e}");
+                return false;
+            }
+        };
+        let cas = |pool: &tern_shared::cert::CaPool| {
+            let mut v: Vec<[u8; 32]> = pool.fingerprints().map(|f| f.0).collect();
+            v.sort_unstable();
+            v
+        };
+        if fresh.cert.encoded() == identity.cert.encoded() && cas(&fresh.ca) == cas(&identity.ca) {
+            return false;
+        }
+        let change = match core.replace_identity(
+            fresh.key.static_secret(),
+            &fresh.cert,
+            fresh.ca.clone(),
+            Instant::now(),
+        ) {
+            Ok(c) => c,
+            Err(why) => {
+                tracing::error!("SIGHUP: new certificate refused, keeping the running one: {why}");
+                return false;
+            }
+        };
+        tracing::info!(
+            name = fresh.cert.name(),
+            until = %tern_shared::cert::format_unix_time(fresh.cert.not_after()),
+            new_key = change.new_key,
+            peers = change.rehandshakes,
+            "SIGHUP: certificate reloaded; every node re-handshakes with it"
+        );
+        if let (Some(_), Some(e)) = (enrollment.as_ref(), new.enroll.as_ref()) {
+            match enrollment::start(
+                e,
+                self.store,
+                new.store.password_file.as_deref(),
+                &fresh.key,
+                &fresh.cert,
+                self.answers.clone(),
+                self.results.clone(),
+            ) {
+                Ok(handle) => *enrollment = Some(handle),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "enrollment not restarted with the new certificate; it goes on with the old one")
+                }
+            }
+        }
+        *identity = fresh;
+        true
     }
 }
 
