@@ -657,6 +657,21 @@ impl Proc {
 
     /// Waits until its log contains `needle`; panics (showing the log) after
     /// `timeout`, or early if the process exits first.
+    /// Waits until the log holds `needle` more often than `seen` times
+    /// (what it held before a signal, say).
+    pub fn wait_for_another_log(&self, needle: &str, seen: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.log().matches(needle).count() <= seen {
+            assert!(
+                Instant::now() < deadline && self.is_running(),
+                "{} logged {needle:?} no more than {seen} times; its log:\n{}",
+                self.inner.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {

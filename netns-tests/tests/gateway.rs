@@ -399,6 +399,59 @@ fn ci_node_reaches_the_private_network_through_gateways_within_policy() {
         .arg(&url);
     let transfer = ci.spawn_command(transfer, "slow-transfer");
     std::thread::sleep(Duration::from_millis(800));
+    // The gateway's certificate renewed in the middle of it (the same key,
+    // signed now) and SIGHUP sent; then one for another address, refused
+    // with the reason while the renewed one goes on.
+    tern(
+        &dir,
+        &[
+            "cert",
+            "pubkey",
+            "--key",
+            "gw-1.key",
+            "--out-pub",
+            "gw-1.pub",
+        ],
+    );
+    let resign = |ip: &str| {
+        tern(
+            &dir,
+            &[
+                "cert",
+                "sign",
+                "--ca-crt",
+                "ca.crt",
+                "--ca-key",
+                "ca.key",
+                "--name",
+                "gw-1",
+                "--ip",
+                ip,
+                "--subnets",
+                "198.19.0.0/24",
+                "--duration",
+                "4000h",
+                "--in-pub",
+                "gw-1.pub",
+                "--out-crt",
+                "gw-1.crt",
+                "--force",
+            ],
+        );
+    };
+    resign("100.64.0.30/10");
+    let renewed = fs::read(dir.join("gw-1.crt")).unwrap_or_else(|e| panic!("gw-1.crt: {e}"));
+    hup(&gw1_proc);
+    gw1_proc.wait_for_log("SIGHUP: certificate reloaded", Duration::from_secs(5));
+    resign("100.64.0.99/10");
+    hup(&gw1_proc);
+    gw1_proc.wait_for_log("new certificate refused", Duration::from_secs(5));
+    assert!(gw1_proc.log().contains("an address change needs a restart"));
+    fs::write(dir.join("gw-1.crt"), &renewed).unwrap_or_else(|e| panic!("gw-1.crt: {e}"));
+    assert!(
+        transfer.is_running(),
+        "the transfer was in flight during both"
+    );
     assert!(
         !curl(
             &ci,
@@ -410,8 +463,9 @@ fn ci_node_reaches_the_private_network_through_gateways_within_policy() {
     let open_9090 = "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9090\"\ngroups = [\"ci\"]\nlocal_cidr = \"198.19.0.10/32\"\n";
     fs::write(&gw1_config, gateway_config("gw-1", open_9090))
         .unwrap_or_else(|e| panic!("rewrite gw-1.toml: {e}"));
+    let reloads = gw1_proc.log().matches("firewall rules reloaded").count();
     hup(&gw1_proc);
-    gw1_proc.wait_for_log("firewall rules reloaded", Duration::from_secs(5));
+    gw1_proc.wait_for_another_log("firewall rules reloaded", reloads, Duration::from_secs(5));
     assert!(
         curl(
             &ci,
@@ -460,7 +514,7 @@ fn ci_node_reaches_the_private_network_through_gateways_within_policy() {
     assert_eq!(
         sha256_file(&slow),
         sha256_file(&blob),
-        "the transfer ran through both reloads intact"
+        "the transfer ran through the certificate's and the rules' reloads intact"
     );
     fs::write(&gw1_config, gateway_config("gw-1", open_9090))
         .unwrap_or_else(|e| panic!("restore gw-1.toml: {e}"));
