@@ -112,9 +112,19 @@ pub fn setup(
     };
     if previous_forward.as_deref() != Some("1") {
         std::fs::write(FORWARD_SYSCTL, "1").with_context(|| {
-            format!(
-                "enabling IP forwarding ({FORWARD_SYSCTL}): a gateway needs root or CAP_NET_ADMIN"
-            )
+            if std::fs::metadata(FORWARD_SYSCTL).is_ok_and(|m| !m.permissions().readonly())
+                && read_only_proc_sys()
+            {
+                format!(
+                    "enabling IP forwarding ({FORWARD_SYSCTL}): /proc/sys is read-only here (a service \
+                     manager's ProtectKernelTunables, or a container); enable it before the gateway \
+                     starts: sysctl -w net.ipv4.ip_forward=1 (or net.ipv4.ip_forward=1 in /etc/sysctl.d/)"
+                )
+            } else {
+                format!(
+                    "enabling IP forwarding ({FORWARD_SYSCTL}): a gateway needs root or CAP_NET_ADMIN"
+                )
+            }
         })?;
         setup.previous_forward = previous_forward;
     }
@@ -135,6 +145,21 @@ pub fn setup(
     }
     tracing::info!(subnets = %tern_shared::show::list(subnets), masquerade, "gateway forwarding set up");
     Ok(setup)
+}
+
+/// Whether /proc/sys is mounted read-only in this process's view (systemd's
+/// ProtectKernelTunables, a container's default).
+fn read_only_proc_sys() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| proc_sys_read_only_in(&m))
+}
+
+/// [`read_only_proc_sys`] on the text of a mounts table.
+fn proc_sys_read_only_in(mounts: &str) -> bool {
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, _, opts) = (f.next(), f.next(), f.next(), f.next());
+        at == Some("/proc/sys") && opts.is_some_and(|o| o.split(',').any(|x| x == "ro"))
+    })
 }
 
 /// Runs `iptables -t TABLE <action> CHAIN rest...` for a spec written as
@@ -170,6 +195,25 @@ impl Drop for GatewaySetup {
                 tracing::warn!(error = %e, "could not restore {FORWARD_SYSCTL}");
             }
         }
-        tracing::info!("gateway forwarding removed");
+        if !self.rules.is_empty() || self.previous_forward.is_some() {
+            tracing::info!("gateway forwarding removed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_only_proc_sys_is_seen_in_the_mounts_table() {
+        let systemd = "proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0\n\
+                       proc /proc/sys proc ro,nosuid,nodev,noexec,relatime 0 0\n";
+        assert!(proc_sys_read_only_in(systemd));
+        let plain = "proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0\n";
+        assert!(!proc_sys_read_only_in(plain));
+        let rw = "proc /proc/sys proc rw,relatime 0 0\n";
+        assert!(!proc_sys_read_only_in(rw));
+        assert!(!proc_sys_read_only_in("garbage\n\n /proc/sys\n"));
     }
 }
