@@ -245,7 +245,7 @@ pub fn mesh(
     );
     e.counter_by(
         "tern_bytes_total",
-        "Bytes of those IP packets (before encryption, after decryption).",
+        "Bytes of the IP packets through the tunnels (inner packets: in after decryption, out before encryption).",
         "direction",
         &[("in", c.bytes_in), ("out", c.bytes_out)],
     );
