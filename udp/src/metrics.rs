@@ -109,6 +109,12 @@ impl Exposition {
 
 /// Binds `[metrics] listen`, with an error that says what to change.
 pub async fn bind(listen: SocketAddr) -> Result<TcpListener, String> {
+    if !listen.ip().is_loopback() {
+        tracing::warn!(
+            %listen,
+            "[metrics] listen is not a loopback address: the endpoint has no authentication, so whoever reaches it reads this daemon's counters; make sure only the scraper can"
+        );
+    }
     TcpListener::bind(listen).await.map_err(|e| {
         format!("[metrics] listen = \"{listen}\": {e}; choose a free address, or remove [metrics]")
     })
