@@ -294,6 +294,7 @@ pub struct PeerStatus {
 pub struct Mesh {
     secret: StaticSecret,
     public: PublicKey,
+    own_cert: VerifiedCert,
     own_hello: Vec<u8>,
     ca: CaPool,
     settings: MeshSettings,
@@ -409,6 +410,7 @@ impl Mesh {
             session_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             secret,
             public,
+            own_cert: own_cert.clone(),
             own_hello,
             ca,
             next_index: (settings.seed as u32) & 0x00ff_ffff,
@@ -455,6 +457,7 @@ impl Mesh {
         }
         .encode();
         self.ca = ca;
+        self.own_cert = own_cert.clone();
         if new_key {
             self.rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
             self.session_limiter = Arc::new(RateLimiter::new(&public, u64::MAX));
@@ -510,6 +513,11 @@ impl Mesh {
     pub fn unix_time(&self, now: Instant) -> u64 {
         let (origin, unix) = self.clock_origin;
         unix + now.saturating_duration_since(origin).as_secs()
+    }
+
+    /// This daemon's own certificate (the one its hellos carry).
+    pub fn own_cert(&self) -> &VerifiedCert {
+        &self.own_cert
     }
 
     /// The CAs this mesh trusts.

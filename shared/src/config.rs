@@ -271,6 +271,12 @@ pub struct PkiConfig {
     /// This daemon's private key.
     #[serde(default)]
     pub key: PathBuf,
+    /// A node whose certificate a lighthouse's `[enroll]` issuer signed asks
+    /// a lighthouse for a fresh one (same name, address, groups and
+    /// lifetime) at two thirds of its lifetime, writes it over `cert` and
+    /// swaps it in without dropping a session. Nodes only. Default false.
+    #[serde(default)]
+    pub renew: bool,
 }
 
 impl PkiConfig {
@@ -758,6 +764,20 @@ impl PkiConfig {
 
     /// `may_enroll`: a node may leave out both `cert` and `key`.
     fn validate(&self, file: &Path, may_enroll: bool) -> Result<(), ConfigError> {
+        if self.renew && !may_enroll {
+            return Err(invalid(
+                file,
+                "pki.renew",
+                "renewal is for nodes; a lighthouse's certificate is replaced by hand (SIGHUP reloads it)",
+            ));
+        }
+        if self.renew && self.enrolls() {
+            return Err(invalid(
+                file,
+                "pki.renew",
+                "an enrolling node gets a new certificate each time it enrolls; renew is for a node with [pki] cert and key",
+            ));
+        }
         if may_enroll && self.enrolls() && !self.ca.as_os_str().is_empty() {
             return Ok(());
         }
@@ -1286,6 +1306,21 @@ mod tests {
         node(&format!("{MINIMAL_NODE}{extra}"))
     }
 
+    #[test]
+    fn renew_is_for_nodes_with_a_certificate_of_their_own() {
+        let renewing =
+            MINIMAL_NODE.replace("key = \"node.key\"\n", "key = \"node.key\"\nrenew = true\n");
+        assert!(node(&renewing).unwrap().pki.renew);
+        assert!(!node(MINIMAL_NODE).unwrap().pki.renew);
+        let enrolling = "[pki]\nca = \"ca.crt\"\nrenew = true\n";
+        assert_eq!(invalid_key(node(enrolling)), "pki.renew");
+        let lh = "[pki]\nca = \"ca.crt\"\ncert = \"lh.crt\"\nkey = \"lh.key\"\nrenew = true\n[listen]\naddr = \"0.0.0.0:4242\"\n";
+        match LighthouseConfig::parse(lh, Path::new("/etc/tern/lighthouse.toml")) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "pki.renew"),
+            other => panic!("expected pki.renew refused, got {other:?}"),
+        }
+    }
+
     fn invalid_key(result: Result<NodeConfig, ConfigError>) -> String {
         match result {
             Err(ConfigError::Invalid { key, .. }) => key,
@@ -1348,6 +1383,7 @@ mod tests {
                     ca: "/pki/ca.crt".into(),
                     cert: "/pki/node.crt".into(),
                     key: "/pki/node.key".into(),
+                    renew: false,
                 },
                 listen: ListenConfig {
                     addr: "198.18.1.5:5000".parse().unwrap()

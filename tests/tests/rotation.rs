@@ -316,3 +316,107 @@ fn a_lighthouse_certificate_replaced_keeps_its_nodes_and_enrollment() {
     assert!(get(forward).is_some_and(|r| r.contains("private hello")));
     let _down = Down(d.join("ci-after.sock"));
 }
+
+/// `[pki] renew`: a node whose 45-second certificate the lighthouse's
+/// issuer signed asks for a fresh one two thirds into its life, writes it
+/// over its file, and keeps talking to a CI job past the first
+/// certificate's expiry.
+#[test]
+fn a_short_certificate_is_renewed_before_it_expires_and_peers_stay() {
+    let lab = lab_custom("127.85.0", &LabExtra::default());
+    let d = lab.dir.path();
+    tern(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--ca-crt",
+            "issuer.crt",
+            "--ca-key",
+            "issuer.key",
+            "--name",
+            "ci-renewing",
+            "--ip",
+            "100.64.100.200/10",
+            "--groups",
+            "ci",
+            "--duration",
+            "45s",
+            "--out-key",
+            "r.key",
+            "--out-crt",
+            "r.crt",
+        ],
+    );
+    let first = fs::read_to_string(d.join("r.crt")).unwrap();
+    let config = d.join("r.toml");
+    fs::write(
+        &config,
+        format!(
+            "[pki]\nca = \"ca.crt\"\ncert = \"r.crt\"\nkey = \"r.key\"\nrenew = true\n[listen]\naddr = \"127.0.0.1:{}\"\n\
+             [[lighthouses]]\nendpoint = \"127.0.0.1:{}\"\n[tun]\nmode = \"userspace\"\n[api]\nsocket = \"r.sock\"\n",
+            tern_tests::free_udp(),
+            lab.lh_port
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let _down_r = Down(d.join("r.sock"));
+    let renewing = Daemon::start(
+        "tern",
+        &["up", "--config", &config.to_string_lossy()],
+        d.join("r.log"),
+    );
+    let token = lab.token("1", "ci");
+    let (_job, _forward) = lab.start_job("ci-job", &token);
+    let _down_job = Down(d.join("ci-job.sock"));
+    let ping = || {
+        Command::new(tern_tests::bin("tern"))
+            .args(["ping", "ci-renewing", "-n", "1", "--socket"])
+            .arg(d.join("ci-job.sock"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    wait_until(
+        "the job reaches the renewing node",
+        Duration::from_secs(20),
+        ping,
+    );
+
+    // Two thirds into its 45 s: renewed, written over r.crt (mode 0600).
+    wait_until(
+        "the certificate is renewed",
+        Duration::from_secs(40),
+        || {
+            renewing
+                .log()
+                .contains("certificate renewed; every peer re-handshakes with it")
+        },
+    );
+    let second = fs::read_to_string(d.join("r.crt")).unwrap();
+    assert_ne!(first, second, "r.crt was replaced");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(d.join("r.crt")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let printed: serde_json::Value =
+        serde_json::from_str(&tern(d, &["cert", "print", "r.crt", "--json"])).unwrap();
+    let until = printed["not_after_unix"].as_u64().unwrap();
+
+    // Past the first certificate's end, the job still reaches it, and
+    // holds the renewed certificate for it.
+    let past = Duration::from_secs(47).saturating_sub(started.elapsed());
+    std::thread::sleep(past);
+    wait_until("the job still reaches it", Duration::from_secs(10), ping);
+    let holds = lab.node_status("ci-job")["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| p["name"] == "ci-renewing" && p["cert_not_after"].as_u64() == Some(until));
+    assert!(holds, "the job holds the renewed certificate");
+    let lh_log = fs::read_to_string(d.join("lh.log")).unwrap();
+    assert!(lh_log.contains("certificate renewed"), "{lh_log}");
+}

@@ -201,6 +201,19 @@ pub trait EnrollStore {
     /// looking may stay past the address).
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), Self::Error>;
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), Self::Error>;
+    /// A renewal (`[pki] renew`): the lease of `ip` for `name` extended to
+    /// `until` (taken, when no lease holds it or the one that does has
+    /// run out) and `cert` recorded, as one atomic step. False, changing
+    /// nothing, when another name holds `ip`.
+    fn renew_for(
+        &mut self,
+        ip: Ipv4Addr,
+        name: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, Self::Error>;
     /// [`EnrollStore::use_token`] and, when the use succeeded,
     /// [`EnrollStore::record_issued`] of `cert`, as one atomic step: a
     /// store that fails between the two (its database gone) keeps neither,
@@ -325,8 +338,8 @@ pub enum IssuerError {
 
 /// Signs what enrollment grants.
 pub struct Enroller {
-    issuer: Cert,
-    key: CaSecretKey,
+    pub(crate) issuer: Cert,
+    pub(crate) key: CaSecretKey,
     /// The mesh prefix nodes' addresses carry (the root CA's overlay net).
     prefix_len: u8,
     /// `[[enroll.oidc]]`, each with the signing keys last read or fetched.
@@ -681,9 +694,9 @@ fn give_back<S: EnrollStore + ?Sized>(
 /// reached (then nothing was spent, and the node may try again or another
 /// lighthouse).
 #[derive(Debug)]
-struct Refusal {
-    why: String,
-    store_unavailable: bool,
+pub(crate) struct Refusal {
+    pub(crate) why: String,
+    pub(crate) store_unavailable: bool,
 }
 
 impl From<String> for Refusal {
@@ -703,7 +716,7 @@ impl From<&str> for Refusal {
 
 /// The store failed while the lighthouse tried to `what`. The detail (a
 /// database's error) is logged here, not sent to the node.
-fn store_down(what: &str, e: impl std::fmt::Display) -> Refusal {
+pub(crate) fn store_down(what: &str, e: impl std::fmt::Display) -> Refusal {
     tracing::warn!(error = %e, "enrollment store unavailable: could not {what}");
     Refusal {
         why: format!(

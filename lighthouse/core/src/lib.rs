@@ -19,3 +19,4 @@ pub mod lighthouse;
 pub mod oidc;
 pub mod registry;
 pub mod relay;
+pub mod renew;

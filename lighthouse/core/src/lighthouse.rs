@@ -15,7 +15,8 @@ use serde::Serialize;
 use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
 use tern_shared::cert::{VerifiedCert, RUNNER_GROUP};
 use tern_shared::control::{
-    ControlMessage, PeerInfo, Revocation, CONTROL_PORT, MAX_LABELS, MAX_REVOCATIONS_IN_REPLY,
+    ControlMessage, PeerInfo, RenewOutcome, Revocation, CONTROL_PORT, MAX_LABELS,
+    MAX_REVOCATIONS_IN_REPLY,
 };
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
 use tern_shared::show::list;
@@ -77,6 +78,19 @@ pub struct LighthouseStatus {
     pub revocations_version: u32,
 }
 
+/// Renewal requests waiting for the shell at most (one per node).
+const MAX_RENEWALS_WAITING: usize = 256;
+
+/// A node's request to renew the certificate that authenticated its
+/// session ([`LighthouseCore::poll_renewal`]).
+#[derive(Debug, Clone)]
+pub struct RenewAsk {
+    pub peer: PeerId,
+    /// The certificate the session proved: what is renewed.
+    pub cert: VerifiedCert,
+    pub id: u32,
+}
+
 /// [`LighthouseCore::metrics`]: counters and sizes, borrowed.
 #[derive(Debug, Clone)]
 pub struct LighthouseMetrics<'a> {
@@ -105,6 +119,8 @@ pub struct LighthouseCore {
     last_expiry: Instant,
     /// Revoked certificates by version (the store's sequence), oldest first.
     revocations: Vec<(u32, Revocation)>,
+    /// Renewal requests for the shell.
+    renewals: std::collections::VecDeque<RenewAsk>,
 }
 
 impl LighthouseCore {
@@ -122,6 +138,7 @@ impl LighthouseCore {
             scratch: vec![0u8; 65_536],
             last_expiry: now,
             revocations: Vec::new(),
+            renewals: std::collections::VecDeque::new(),
         }
     }
 
@@ -528,10 +545,36 @@ impl LighthouseCore {
             | ControlMessage::NameReply { .. }
             | ControlMessage::DnsQuery { .. }
             | ControlMessage::DnsAnswer { .. }
+            | ControlMessage::RenewReply { .. }
             | ControlMessage::Pong { .. } => {
                 self.counters.bad_control_messages += 1;
             }
+            ControlMessage::RenewRequest { id } => {
+                // At most one waiting per node: a node repeats its request
+                // until answered, and the shell's answer is one.
+                if self.renewals.len() < MAX_RENEWALS_WAITING
+                    && !self.renewals.iter().any(|r| r.peer == peer)
+                {
+                    self.renewals.push_back(RenewAsk { peer, cert, id });
+                }
+            }
         }
+    }
+
+    /// The next certificate a node asked to renew (`[pki] renew`), for the
+    /// shell to decide with its issuer and store; answered with
+    /// [`LighthouseCore::answer_renewal`].
+    pub fn poll_renewal(&mut self) -> Option<RenewAsk> {
+        self.renewals.pop_front()
+    }
+
+    /// Sends the decision on `ask` to its node, in its session.
+    pub fn answer_renewal(&mut self, ask: &RenewAsk, outcome: RenewOutcome, now: Instant) {
+        let msg = ControlMessage::RenewReply {
+            id: ask.id,
+            outcome,
+        };
+        self.reply(ask.peer, &ask.cert, &msg, now);
     }
 
     /// A node registers (or refreshes its registration): filed under its

@@ -24,7 +24,9 @@ use super::unix_now;
 use crate::store::AnyStore;
 use tern_lighthouse_core::admission::{AdmissionCounters, SourceLimiter};
 use tern_lighthouse_core::enroll::{Decision, Enroller};
+use tern_lighthouse_core::lighthouse::RenewAsk;
 use tern_lighthouse_core::oidc::Jwks;
+use tern_shared::control::RenewOutcome;
 
 /// Requests waiting for the enrollment thread; beyond this they are dropped
 /// (the node repeats its request).
@@ -50,6 +52,8 @@ enum Job {
         provider: usize,
         keys: Result<Jwks, String>,
     },
+    /// A node asks to renew its certificate (`[pki] renew`).
+    Renew(RenewAsk),
     /// The handle was dropped (a reload replaced it, or the lighthouse
     /// stops): the thread ends.
     Stop,
@@ -65,6 +69,16 @@ pub struct EnrollmentHandle {
     hellos: SourceLimiter,
     requests: SourceLimiter,
     undersized: u64,
+}
+
+/// Where the enrollment thread's work goes: answers to send, the counts of
+/// results (one set for the lighthouse's life), renewal decisions for the
+/// core to send in their sessions.
+#[derive(Clone)]
+pub struct Outlets {
+    pub answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
+    pub results: std::sync::Arc<EnrollResults>,
+    pub renewals: UnboundedSender<(RenewAsk, RenewOutcome)>,
 }
 
 /// Enrollment requests decided, by result: counted by the enrollment
@@ -155,6 +169,17 @@ impl EnrollmentHandle {
         }
     }
 
+    /// Hands a renewal request to the enrollment thread; its answer comes
+    /// back on the renewals channel. A full queue drops it (the node asks
+    /// again).
+    pub fn renew(&self, ask: RenewAsk) {
+        if self.jobs.try_send(Job::Renew(ask)).is_err() {
+            tracing::debug!(
+                "enrollment queue full: a renewal request dropped (the node asks again)"
+            );
+        }
+    }
+
     pub fn counters(&self) -> EnrollmentCounters {
         EnrollmentCounters {
             hellos: self.hellos.counters().clone(),
@@ -220,9 +245,13 @@ pub fn start(
     password_file: Option<&Path>,
     key: &tern_shared::keys::NodeSecretKey,
     cert: &tern_shared::cert::VerifiedCert,
-    answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
-    results: std::sync::Arc<EnrollResults>,
+    outlets: Outlets,
 ) -> anyhow::Result<EnrollmentHandle> {
+    let Outlets {
+        answers,
+        results,
+        renewals,
+    } = outlets;
     let read = |p: &Path, what: &str| {
         std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
     };
@@ -253,6 +282,7 @@ pub fn start(
         answers,
         stop: stop.clone(),
         results,
+        renewals,
     };
     let now = Instant::now();
     for (i, p) in config.oidc.iter().enumerate() {
@@ -306,6 +336,7 @@ struct Worker {
     answers: UnboundedSender<(SocketAddr, Vec<u8>)>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     results: std::sync::Arc<EnrollResults>,
+    renewals: UnboundedSender<(RenewAsk, RenewOutcome)>,
 }
 
 impl Worker {
@@ -323,6 +354,26 @@ impl Worker {
                     }
                 }
                 Ok(Job::Keys { provider, keys }) => self.keys_arrived(provider, keys),
+                Ok(Job::Renew(ask)) => {
+                    let outcome = match self.enroller.renew(&ask.cert, &mut self.store, unix_now())
+                    {
+                        Ok(cert) => {
+                            tracing::info!(
+                                name = %cert.body.name,
+                                until = %tern_shared::cert::format_unix_time(cert.body.not_after),
+                                "certificate renewed"
+                            );
+                            RenewOutcome::Renewed(cert.encode())
+                        }
+                        Err(refusal) => {
+                            tracing::warn!(node = ask.cert.name(), reason = %refusal.why, "renewal refused");
+                            RenewOutcome::Refused(refusal.why)
+                        }
+                    };
+                    if self.renewals.send((ask, outcome)).is_err() {
+                        return;
+                    }
+                }
                 Ok(Job::Stop) => return,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,

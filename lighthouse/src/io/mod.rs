@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::AnyStore;
-use tern_lighthouse_core::lighthouse::LighthouseCore;
+use tern_lighthouse_core::lighthouse::{LighthouseCore, RenewAsk};
 use tern_lighthouse_core::registry::Registry;
 use tern_lighthouse_core::relay::RelayTable;
 use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
@@ -290,6 +290,13 @@ async fn serve(
     // disk, and registrations and relaying must not wait with them.
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
     let enroll_results = std::sync::Arc::new(enrollment::EnrollResults::default());
+    let (renewals_tx, mut renewals_rx) =
+        mpsc::unbounded_channel::<(RenewAsk, tern_shared::control::RenewOutcome)>();
+    let outlets = enrollment::Outlets {
+        answers: answers_tx.clone(),
+        results: enroll_results.clone(),
+        renewals: renewals_tx,
+    };
     let mut enrollment = match &config.enroll {
         Some(e) => Some(enrollment::start(
             e,
@@ -297,8 +304,7 @@ async fn serve(
             config.store.password_file.as_deref(),
             &identity.key,
             &cert,
-            answers_tx.clone(),
-            enroll_results.clone(),
+            outlets.clone(),
         )?),
         None => None,
     };
@@ -324,8 +330,7 @@ async fn serve(
     let mut sighup = signal(SignalKind::hangup())?;
     let reload = Reload {
         path: config_path,
-        answers: &answers_tx,
-        results: &enroll_results,
+        outlets: &outlets,
         store: &store,
     };
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -376,6 +381,9 @@ async fn serve(
             Some((to, answer)) = answers_rx.recv() => {
                 sends.push(&socket, to, &answer).await;
             }
+            Some((ask, outcome)) = renewals_rx.recv() => {
+                core.answer_renewal(&ask, outcome, Instant::now());
+            }
             Some(reply) = api_rx.recv() => {
                 let _ = reply.send(status_json(&core, enrollment.as_ref()));
             }
@@ -390,6 +398,7 @@ async fn serve(
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
+        route_renewals(&mut core, enrollment.as_ref());
         while let Some(t) = core.poll_transmit() {
             sends.push(&socket, t.dst, &t.payload).await;
         }
@@ -465,6 +474,23 @@ fn build_core(config: &LighthouseConfig, identity: &Identity) -> LighthouseCore 
     core
 }
 
+/// Renewal requests the core collected go to the enrollment thread (it owns
+/// the issuer and the store); without `[enroll]` they are refused at once.
+fn route_renewals(core: &mut LighthouseCore, enrollment: Option<&enrollment::EnrollmentHandle>) {
+    while let Some(ask) = core.poll_renewal() {
+        match enrollment {
+            Some(e) => e.renew(ask),
+            None => core.answer_renewal(
+                &ask,
+                tern_shared::control::RenewOutcome::Refused(
+                    "this lighthouse renews no certificates: it has no [enroll] issuer".into(),
+                ),
+                Instant::now(),
+            ),
+        }
+    }
+}
+
 /// One datagram: enrollment's (answered here, or handed to its thread) or
 /// the core's. An answer to send back at once, if any.
 fn dispatch(
@@ -514,8 +540,7 @@ fn status_json(
 /// change is named.
 struct Reload<'a> {
     path: &'a Path,
-    answers: &'a mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
-    results: &'a std::sync::Arc<enrollment::EnrollResults>,
+    outlets: &'a enrollment::Outlets,
     /// The store the lighthouse started with (a new one needs a restart).
     store: &'a StoreLocation,
 }
@@ -557,8 +582,7 @@ impl Reload<'_> {
                     running.store.password_file.as_deref(),
                     &identity.key,
                     &identity.cert,
-                    self.answers.clone(),
-                    self.results.clone(),
+                    self.outlets.clone(),
                 ) {
                     Ok(handle) => {
                         *enrollment = Some(handle);
@@ -670,8 +694,7 @@ impl Reload<'_> {
                 new.store.password_file.as_deref(),
                 &fresh.key,
                 &fresh.cert,
-                self.answers.clone(),
-                self.results.clone(),
+                self.outlets.clone(),
             ) {
                 Ok(handle) => *enrollment = Some(handle),
                 Err(e) => {

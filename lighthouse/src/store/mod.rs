@@ -298,6 +298,18 @@ impl EnrollStore for AnyStore {
         delegate!(self, s => s.release_lease(ip, name))
     }
 
+    fn renew_for(
+        &mut self,
+        ip: Ipv4Addr,
+        name: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.renew_for(ip, name, until, cert, how, now))
+    }
+
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
         delegate!(self, s => s.record_issued(cert, how, now))
     }

@@ -521,6 +521,32 @@ impl EnrollStore for PostgresStore {
         self.atomically(|s| super::use_oidc_token_then_record(s, id, until, cert, how, now))
     }
 
+    fn renew_for(
+        &mut self,
+        ip: Ipv4Addr,
+        name: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.atomically(|s| {
+            let statement = s.prepared(
+                "INSERT INTO leases (ip, name, until) VALUES ($1, $2, $3)
+                 ON CONFLICT (ip) DO UPDATE SET name = EXCLUDED.name, until = GREATEST(leases.until, EXCLUDED.until)
+                 WHERE leases.name = EXCLUDED.name OR leases.until <= $4",
+            )?;
+            let held = s.client()?.execute(
+                &statement,
+                &[&ip.to_string(), &name, &stored_time(until), &stored_time(now)],
+            )? == 1;
+            if held {
+                s.record_issued(cert, how, now)?;
+            }
+            Ok(held)
+        })
+    }
+
     fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
         self.client()?.execute(
             "DELETE FROM leases WHERE ip = $1 AND name = $2",

@@ -231,6 +231,29 @@ impl EnrollStore for SqliteStore {
         Ok(())
     }
 
+    fn renew_for(
+        &mut self,
+        ip: Ipv4Addr,
+        name: &str,
+        until: u64,
+        cert: &Cert,
+        how: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.atomically(|s| {
+            let held = s.db.execute(
+                "INSERT INTO leases (ip, name, until) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (ip) DO UPDATE SET name = excluded.name, until = max(leases.until, excluded.until)
+                 WHERE leases.name = excluded.name OR leases.until <= ?4",
+                rusqlite::params![ip.to_string(), name, stored_time(until), stored_time(now)],
+            )? == 1;
+            if held {
+                s.record_issued(cert, how, now)?;
+            }
+            Ok(held)
+        })
+    }
+
     fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
         let b = &cert.body;
         self.db.execute(
@@ -1154,6 +1177,17 @@ mod tests {
         }
         fn release_lease(&mut self, ip: Ipv4Addr, name: &str) -> Result<(), StoreError> {
             self.store.release_lease(ip, name)
+        }
+        fn renew_for(
+            &mut self,
+            ip: Ipv4Addr,
+            name: &str,
+            until: u64,
+            cert: &Cert,
+            how: &str,
+            now: u64,
+        ) -> Result<bool, StoreError> {
+            self.store.renew_for(ip, name, until, cert, how, now)
         }
         fn use_token_for(
             &mut self,

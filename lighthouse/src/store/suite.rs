@@ -234,6 +234,75 @@ pub(crate) fn issued_certificates_and_revocations_are_kept_in_order(b: &impl Bac
     assert_eq!(later[0].1.not_after, i64::MAX as u64, "forever, as stored");
 }
 
+/// `[pki] renew`, decided by the enroller against the store: the same
+/// certificate for longer, its lease extended and the renewal recorded;
+/// refused for an address another node holds, a revoked certificate, and
+/// one another issuer signed.
+pub(crate) fn a_certificate_is_renewed_with_its_lease(b: &impl Backend) {
+    use tern_lighthouse_core::enroll::Enroller;
+    use tern_shared::testing::TEST_NOW;
+    let mut s = b.connect();
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let issuer = ca.issuer("lh-issuer", "100.64.100.0/24", &["gw"], "gw-", 7 * 86_400);
+    let enroller = Enroller::new(issuer.cert.clone(), issuer.key.clone(), 10).unwrap();
+    let gw = issuer.node("gw-1", "100.64.100.7/10", &["gw"], 3_600);
+    let current = gw.verified(&ca.pool());
+    let now = TEST_NOW + 2_400;
+    let renewed = enroller.renew(&current, &mut s, now).unwrap();
+    assert_eq!(renewed.body.public_key, current.public_key());
+    assert_eq!(renewed.body.name, "gw-1");
+    assert_eq!(renewed.body.ips, current.cert().body.ips);
+    assert_eq!(renewed.body.groups, ["gw"]);
+    assert_eq!(renewed.body.not_before, now);
+    assert_eq!(renewed.body.not_after, now + 3_600, "as long as it was");
+    assert!(
+        s.issued(&renewed.fingerprint()).unwrap().is_some(),
+        "recorded"
+    );
+    // The lease runs until the renewed certificate's end: nobody else gets
+    // the address meanwhile.
+    let only = pool("100.64.100.7/32");
+    assert_eq!(
+        s.lease(&only, "gw-other", now + 7_200, now + 3_500)
+            .unwrap(),
+        None
+    );
+    // Renewed again later (its own lease), fine.
+    assert!(enroller.renew(&current, &mut s, now + 600).is_ok());
+
+    // An address another node holds: refused, nothing recorded.
+    let taken = pool("100.64.100.9/32");
+    let far = TEST_NOW + 86_400;
+    assert!(s
+        .lease(&taken, "gw-9-old", far, TEST_NOW)
+        .unwrap()
+        .is_some());
+    let gw9 = issuer.node("gw-9", "100.64.100.9/10", &["gw"], 3_600);
+    let err = enroller
+        .renew(&gw9.verified(&ca.pool()), &mut s, now)
+        .unwrap_err();
+    assert!(err.why.contains("leased to another node"), "{}", err.why);
+    assert!(!err.store_unavailable);
+
+    // Revoked: refused.
+    s.revoke(&current.fingerprint(), "gw-1", current.not_after(), now)
+        .unwrap();
+    let err = enroller.renew(&current, &mut s, now).unwrap_err();
+    assert!(err.why.contains("revoked"), "{}", err.why);
+
+    // Another issuer's certificate: refused.
+    let other = ca.issuer("other", "100.64.101.0/24", &["gw"], "gw-", 86_400);
+    let stranger = other.node("gw-5", "100.64.101.5/10", &["gw"], 3_600);
+    let err = enroller
+        .renew(&stranger.verified(&ca.pool()), &mut s, now)
+        .unwrap_err();
+    assert!(
+        err.why.contains("not signed by this lighthouse's issuer"),
+        "{}",
+        err.why
+    );
+}
+
 /// The suite as `#[test]`s for a backend expression.
 pub(crate) fn a_use_and_its_record_are_one_step(b: &impl Backend) {
     let mut s = b.connect();
@@ -266,6 +335,12 @@ pub(crate) fn a_use_and_its_record_are_one_step(b: &impl Backend) {
 
 macro_rules! store_suite {
     ($backend:expr) => {
+        #[test]
+        fn a_certificate_is_renewed_with_its_lease() {
+            if let Some(b) = $backend {
+                $crate::store::suite::a_certificate_is_renewed_with_its_lease(&b);
+            }
+        }
         #[test]
         fn a_use_and_its_record_are_one_step() {
             if let Some(b) = $backend {

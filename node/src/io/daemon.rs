@@ -225,6 +225,13 @@ impl<P: Plane> Daemon<P> {
         core.set_relay_after(config.peers.relay_after);
         core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
         core.set_accept_routes(config.tun.accept_routes);
+        if config.pki.renew {
+            core.enable_renewal(&cert);
+            tracing::info!(
+                at = %tern_shared::cert::format_unix_time(tern_node_core::node::renewal_due(&cert)),
+                "[pki] renew: a lighthouse is asked for a fresh certificate two thirds into this one's life"
+            );
+        }
         let gateway = match (&config.gateway, plane.routes_device()) {
             (Some(_), None) => {
                 tracing::info!(subnets = %tern_shared::show::list(&gateway_subnets), "gateway in userspace: flows to these subnets are proxied with ordinary sockets (no ip_forward, no NAT rules)");
@@ -464,6 +471,10 @@ impl<P: Plane> Daemon<P> {
                     self.dns.forward(forward);
                     continue;
                 }
+                NodeEvent::Renewed(cert) => {
+                    self.renewed(cert);
+                    continue;
+                }
                 NodeEvent::AddRoute(subnet) => {
                     if let Some(device) = self.plane.routes_device() {
                         add_route(subnet, device);
@@ -611,6 +622,7 @@ impl<P: Plane> Daemon<P> {
                     peers_refused = change.peers_refused,
                     "SIGHUP: certificate reloaded; every peer re-handshakes with it"
                 );
+                self.core.renewal_done(&identity.cert);
                 self.own_cert = identity.cert;
                 self.expiry = tern_udp::daemon::ExpiryWarnings::default();
             }
@@ -618,6 +630,54 @@ impl<P: Plane> Daemon<P> {
                 tracing::error!("SIGHUP: new certificate refused, keeping the running one: {why}")
             }
         }
+    }
+
+    /// `[pki] renew`: the lighthouse renewed our certificate (the core
+    /// checked it renews ours exactly). It is swapped in at once, with the
+    /// key from `[pki] key`, then written over `[pki] cert` atomically (mode
+    /// 0600), so a restart starts with it. A file that cannot be written
+    /// leaves the node running with the renewed certificate in memory, and
+    /// the log says what to change.
+    fn renewed(&mut self, cert: tern_shared::cert::VerifiedCert) {
+        let key = match std::fs::read_to_string(&self.config.pki.key)
+            .map_err(|e| e.to_string())
+            .and_then(|t| tern_shared::keys::NodeSecretKey::from_pem(&t).map_err(|e| e.to_string()))
+        {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(key = %self.config.pki.key.display(), error = %e, "renewed certificate not used: the key file does not read");
+                self.core.renewal_done(&self.own_cert);
+                return;
+            }
+        };
+        let ca = self.core.mesh().ca().clone();
+        match self
+            .core
+            .replace_identity(key.static_secret(), &cert, ca, Instant::now())
+        {
+            Ok(change) => {
+                tracing::info!(
+                    until = %tern_shared::cert::format_unix_time(cert.not_after()),
+                    peers = change.rehandshakes,
+                    "certificate renewed; every peer re-handshakes with it"
+                );
+                self.own_cert = cert.clone();
+                self.expiry = tern_udp::daemon::ExpiryWarnings::default();
+            }
+            Err(why) => {
+                tracing::error!("renewed certificate not used: {why}");
+                self.core.renewal_done(&self.own_cert);
+                return;
+            }
+        }
+        if let Err(e) = write_atomically(&self.config.pki.cert, &cert.cert().to_pem()) {
+            tracing::error!(
+                cert = %self.config.pki.cert.display(),
+                error = %e,
+                "renewed certificate in use but not saved (the node starts with the old one): make its directory writable by the daemon (systemd: ReadWritePaths=)"
+            );
+        }
+        self.core.renewal_done(&cert);
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
@@ -703,6 +763,34 @@ fn warn_closed_subnets(config: &NodeConfig) {
             "[gateway] subnets: no [[firewall.inbound]] rule lets anything into {subnet}, so no client can reach it (rules without local_cidr cover only this node's own address); add one, e.g. [[firewall.inbound]] proto = \"tcp\" port = \"443\" groups = [\"ci\"] local_cidr = \"{subnet}\""
         );
     }
+}
+
+/// Replaces `path` with `text` (mode 0600): written to a file beside it,
+/// synced, then renamed over it, so a crash leaves the old or the new file,
+/// never half of one.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// The `[metrics] listen` endpoint: each scrape asks the event loop (the

@@ -219,7 +219,30 @@ pub enum ControlMessage {
         parts: u8,
         answer: Vec<u8>,
     },
+    /// Node → lighthouse (`[pki] renew`): a fresh certificate for the one
+    /// that authenticated this session. Nothing else is asked: the
+    /// lighthouse renews exactly what the session proves.
+    RenewRequest {
+        id: u32,
+    },
+    /// Lighthouse → node: the renewed certificate, or why not.
+    RenewReply {
+        id: u32,
+        outcome: RenewOutcome,
+    },
 }
+
+/// The answer to [`ControlMessage::RenewRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewOutcome {
+    /// The new certificate, binary encoding (the node verifies it itself).
+    Renewed(Vec<u8>),
+    /// Refused, and why (at most [`MAX_RENEW_REASON`] bytes).
+    Refused(String),
+}
+
+/// Longest reason in a [`RenewOutcome::Refused`], in bytes.
+pub const MAX_RENEW_REASON: usize = 512;
 
 /// Whether a peer's inbound firewall lets the asker open a TCP connection
 /// to `dst:port` (answered by any daemon on its control port, from its
@@ -342,6 +365,8 @@ const T_NAME_REPLY: u8 = 22;
 const T_DNS_QUERY: u8 = 23;
 const T_DNS_ANSWER: u8 = 24;
 const T_ZONES_CHANGED: u8 = 25;
+const T_RENEW_REQUEST: u8 = 26;
+const T_RENEW_REPLY: u8 = 27;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -370,7 +395,9 @@ impl ControlMessage {
             | ControlMessage::NameQuery { id, .. }
             | ControlMessage::NameReply { id, .. }
             | ControlMessage::DnsQuery { id, .. }
-            | ControlMessage::DnsAnswer { id, .. } => *id,
+            | ControlMessage::DnsAnswer { id, .. }
+            | ControlMessage::RenewRequest { id }
+            | ControlMessage::RenewReply { id, .. } => *id,
         }
     }
 
@@ -402,6 +429,8 @@ impl ControlMessage {
             ControlMessage::NameReply { id, .. } => (T_NAME_REPLY, id),
             ControlMessage::DnsQuery { id, .. } => (T_DNS_QUERY, id),
             ControlMessage::DnsAnswer { id, .. } => (T_DNS_ANSWER, id),
+            ControlMessage::RenewRequest { id } => (T_RENEW_REQUEST, id),
+            ControlMessage::RenewReply { id, .. } => (T_RENEW_REPLY, id),
         };
         (ty, *id)
     }
@@ -487,7 +516,9 @@ impl ControlMessage {
             }
             ControlMessage::Deregister { .. }
             | ControlMessage::Ping { .. }
-            | ControlMessage::Pong { .. } => {}
+            | ControlMessage::Pong { .. }
+            | ControlMessage::RenewRequest { .. } => {}
+            ControlMessage::RenewReply { outcome, .. } => put_renew_outcome(&mut out, outcome)?,
             ControlMessage::RunnerAdvert { labels, load, .. } => {
                 if labels.len() > MAX_LABELS {
                     return Err(ControlError::TooManyLabels);
@@ -632,6 +663,24 @@ impl ControlMessage {
             }
             T_RUNNERS_REPLY => read_runners_reply(id, &mut r)?,
             T_ZONE_ADVERT..=T_ZONES_CHANGED => names::read_body(ty, id, &mut r)?,
+            T_RENEW_REQUEST => ControlMessage::RenewRequest { id },
+            T_RENEW_REPLY => {
+                let outcome = match r.u8() {
+                    Some(0) => RenewOutcome::Renewed(
+                        r.blob16(MAX_CERT_LEN)
+                            .ok_or(ControlError::Malformed)?
+                            .to_vec(),
+                    ),
+                    Some(1) => {
+                        let why = r.blob16(MAX_RENEW_REASON).ok_or(ControlError::Malformed)?;
+                        RenewOutcome::Refused(
+                            String::from_utf8(why.to_vec()).map_err(|_| ControlError::Malformed)?,
+                        )
+                    }
+                    _ => return Err(ControlError::Malformed),
+                };
+                ControlMessage::RenewReply { id, outcome }
+            }
             other => return Err(ControlError::UnknownType(other)),
         };
         if !r.is_empty() {
@@ -738,6 +787,29 @@ fn put_endpoints(out: &mut Vec<u8>, endpoints: &[SocketAddr]) -> Result<(), Cont
     out.push(endpoints.len() as u8);
     for e in endpoints {
         put_socket_addr(out, e);
+    }
+    Ok(())
+}
+
+/// A renewal's answer: 0 and the certificate, or 1 and the reason (cut at a
+/// character boundary to [`MAX_RENEW_REASON`] bytes).
+fn put_renew_outcome(out: &mut Vec<u8>, outcome: &RenewOutcome) -> Result<(), ControlError> {
+    match outcome {
+        RenewOutcome::Renewed(cert) => {
+            if cert.len() > MAX_CERT_LEN {
+                return Err(ControlError::TooLong);
+            }
+            out.push(0);
+            put_blob16(out, cert);
+        }
+        RenewOutcome::Refused(why) => {
+            out.push(1);
+            let mut end = why.len().min(MAX_RENEW_REASON);
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            put_blob16(out, &why.as_bytes()[..end]);
+        }
     }
     Ok(())
 }
@@ -907,6 +979,15 @@ mod tests {
             },
             ControlMessage::Ping { id: 10 },
             ControlMessage::Pong { id: 11 },
+            ControlMessage::RenewRequest { id: 40 },
+            ControlMessage::RenewReply {
+                id: 40,
+                outcome: RenewOutcome::Renewed(vec![9; MAX_CERT_LEN]),
+            },
+            ControlMessage::RenewReply {
+                id: 41,
+                outcome: RenewOutcome::Refused("revoked: ask for a new certificate".into()),
+            },
             ControlMessage::RoutesReply {
                 id: 9,
                 routes: vec![AdvertisedRoute {
@@ -1093,7 +1174,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(ty in 0u8..19, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn typed_garbage_never_panics(ty in 0u8..30, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = vec![ty, 0, 0, 0, 1];
             bytes.extend(rest);
             let _ = ControlMessage::decode(&bytes);

@@ -31,6 +31,8 @@ mod lookups;
 mod names;
 mod punch;
 mod queries;
+mod renew;
+pub use renew::{renewal_due, RENEW_RETRY};
 mod revocations;
 mod routes;
 mod serving;
@@ -89,6 +91,11 @@ pub enum NodeEvent {
     /// As a gateway: ask the resolver for this zone, then call
     /// [`NodeCore::dns_forwarded`].
     DnsForward(DnsForward),
+    /// `[pki] renew`: a lighthouse renewed this node's certificate (checked:
+    /// the same key, name, address, groups and subnets, a later expiry).
+    /// The shell writes it where `[pki] cert` says, swaps it in, and calls
+    /// [`NodeCore::renewal_done`].
+    Renewed(VerifiedCert),
 }
 
 /// The queue behind [`NodeCore::poll_event`].
@@ -201,6 +208,8 @@ pub struct NodeCore {
     names: Names,
     /// DNS zones served as a gateway: `serving.rs`.
     serving: ZoneService,
+    /// `[pki] renew`: the sub-machine in `renew.rs`.
+    renewal: renew::Renewal,
 }
 
 impl NodeCore {
@@ -245,6 +254,7 @@ impl NodeCore {
             queries: Queries::default(),
             names: Names::new(now),
             serving: ZoneService::default(),
+            renewal: renew::Renewal::default(),
         }
     }
 
@@ -460,6 +470,7 @@ impl NodeCore {
         self.drive_finds(now);
         self.drive_policies(now);
         self.drive_names(now);
+        self.drive_renewal(now);
     }
 
     /// The earliest moment [`NodeCore::handle_timeout`] has work: the
@@ -476,6 +487,7 @@ impl NodeCore {
             self.queries.deadline(),
             Some(self.names.deadline()),
             self.serving.deadline(),
+            self.renewal_deadline(now),
         ]
         .into_iter()
         .flatten()
@@ -756,6 +768,7 @@ impl NodeCore {
                 complete,
             } => self.routes_page(from_peer, id, routes, complete, now),
             ControlMessage::Pong { id } => self.pong(from_peer, id, now),
+            ControlMessage::RenewReply { id, outcome } => self.renew_reply(id, outcome, now),
             ControlMessage::ZonesReply {
                 id,
                 zones,
@@ -785,6 +798,7 @@ impl NodeCore {
             | ControlMessage::NameQuery { .. }
             | ControlMessage::DnsQuery { .. }
             | ControlMessage::DnsAnswer { .. }
+            | ControlMessage::RenewRequest { .. }
             | ControlMessage::Deregister { .. } => {
                 self.counters.bad_control_messages += 1;
             }
@@ -891,13 +905,17 @@ fn may_receive(cert: &VerifiedCert, dst: Ipv4Addr) -> bool {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tern_mesh::MeshSettings;
-    use tern_shared::testing::{TestCa, TEST_NOW};
+    use tern_shared::testing::{TestCa, TestNode, TEST_NOW};
 
     fn node(ca: &TestCa) -> NodeCore {
-        let me = ca.node("me", "100.64.0.5/10", &[], &[], 86_400);
+        node_as(ca, &ca.node("me", "100.64.0.5/10", &[], &[], 86_400))
+    }
+
+    /// A core for `me`, with one lighthouse configured.
+    pub(in crate::node) fn node_as(ca: &TestCa, me: &TestNode) -> NodeCore {
         let pool = ca.pool();
         let cert = me.verified(&pool);
         let now = Instant::now();
