@@ -1,5 +1,5 @@
-//! `[pki] renew`: a long-lived node (a gateway, a runner) whose certificate
-//! a lighthouse's issuer signed asks a lighthouse for a fresh one at two
+//! `[pki] renew`: a long-lived node (a runner; not a gateway, whose subnets
+//! an issuer may not sign) whose certificate a lighthouse's issuer signed asks a lighthouse for a fresh one at two
 //! thirds of its lifetime, inside the session that certificate
 //! authenticated; the answer is verified here like any certificate, must be
 //! for the same key, name, address and groups, and goes to the shell
