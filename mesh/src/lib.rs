@@ -445,9 +445,13 @@ impl Mesh {
         &mut self,
         secret: StaticSecret,
         own_cert: &VerifiedCert,
-        ca: CaPool,
+        mut ca: CaPool,
         now: Instant,
     ) -> IdentityChange {
+        // Revocations learned from lighthouses stay: a pool read from files
+        // knows none of them, and lighthouses send only newer ones.
+        ca.keep_revocations_of(&self.ca);
+        let same_cas = ca.trusts_same_cas(&self.ca);
         self.last_now = now;
         let public = PublicKey::from(&secret);
         let new_key = public != self.public;
@@ -472,14 +476,18 @@ impl Mesh {
             self.secret = secret;
             self.public = public;
         }
-        // Peers whose certificates the new CAs no longer accept go.
+        // Peers whose certificates new CAs no longer accept go (the same CAs
+        // accept what they accepted: nothing to verify again).
         let unix = self.unix_time(now);
-        let refused: Vec<u32> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| self.ca.verify_bytes(p.cert.encoded(), unix).is_err())
-            .map(|(idx, _)| *idx)
-            .collect();
+        let refused: Vec<u32> = if same_cas {
+            Vec::new()
+        } else {
+            self.peers
+                .iter()
+                .filter(|(_, p)| self.ca.verify_bytes(p.cert.encoded(), unix).is_err())
+                .map(|(idx, _)| *idx)
+                .collect()
+        };
         for idx in &refused {
             self.remove_index(*idx, RemoveReason::Refused);
         }
@@ -1188,6 +1196,26 @@ mod tests {
             "b talks to a's new key"
         );
         both_ways(&mut a, &mut b, now);
+    }
+
+    #[test]
+    fn revocations_learned_survive_a_reloaded_identity() {
+        let (mut a, _b, now) = setup(&[]);
+        let revoked = Fingerprint([9; 32]);
+        a.mesh.revoke(&[(revoked, TEST_NOW + 86_400)], now);
+        assert!(a.mesh.ca().is_revoked(&revoked));
+        let ca = TestCa::new("ca2", &["100.64.0.0/10"], &[]);
+        let na = ca.node("a", "100.64.0.5/10", &["ci"], &[], 86_400);
+        a.mesh.replace_identity(
+            na.key.static_secret(),
+            &na.verified(&ca.pool()),
+            ca.pool(),
+            now,
+        );
+        assert!(
+            a.mesh.ca().is_revoked(&revoked),
+            "still refused after the reload"
+        );
     }
 
     #[test]

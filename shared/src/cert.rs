@@ -848,6 +848,19 @@ impl CaPool {
                 .is_some_and(|f| self.is_revoked(&f))
     }
 
+    /// Whether both pools trust exactly the same CAs (revocations aside).
+    pub fn trusts_same_cas(&self, other: &CaPool) -> bool {
+        self.cas.keys().eq(other.cas.keys())
+    }
+
+    /// Takes on `old`'s revocations (a pool read again from its files knows
+    /// none of those learned since).
+    pub fn keep_revocations_of(&mut self, old: &CaPool) {
+        for (fingerprint, not_after) in &old.revoked {
+            self.revoke(*fingerprint, *not_after);
+        }
+    }
+
     pub fn revoked_count(&self) -> usize {
         self.revoked.len()
     }

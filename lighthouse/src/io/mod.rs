@@ -660,12 +660,8 @@ impl Reload<'_> {
                 return false;
             }
         };
-        let cas = |pool: &tern_shared::cert::CaPool| {
-            let mut v: Vec<[u8; 32]> = pool.fingerprints().map(|f| f.0).collect();
-            v.sort_unstable();
-            v
-        };
-        if fresh.cert.encoded() == identity.cert.encoded() && cas(&fresh.ca) == cas(&identity.ca) {
+        if fresh.cert.encoded() == identity.cert.encoded() && fresh.ca.trusts_same_cas(&identity.ca)
+        {
             return false;
         }
         let change = match core.replace_identity(

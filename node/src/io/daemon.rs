@@ -596,12 +596,7 @@ impl<P: Plane> Daemon<P> {
                 return;
             }
         };
-        let cas = |pool: &tern_shared::cert::CaPool| {
-            let mut v: Vec<[u8; 32]> = pool.fingerprints().map(|f| f.0).collect();
-            v.sort_unstable();
-            v
-        };
-        let same_cas = cas(&identity.ca) == cas(self.core.mesh().ca());
+        let same_cas = identity.ca.trusts_same_cas(self.core.mesh().ca());
         if identity.cert.encoded() == self.own_cert.encoded() && same_cas {
             tracing::debug!("SIGHUP: [pki] unchanged");
             return;
