@@ -601,12 +601,7 @@ impl<P: Plane> Daemon<P> {
             tracing::debug!("SIGHUP: [pki] unchanged");
             return;
         }
-        match self.core.replace_identity(
-            identity.key.static_secret(),
-            &identity.cert,
-            identity.ca.clone(),
-            Instant::now(),
-        ) {
+        match self.swap_identity(&identity.key, &identity.cert, identity.ca.clone()) {
             Ok(change) => {
                 tracing::info!(
                     name = identity.cert.name(),
@@ -617,9 +612,6 @@ impl<P: Plane> Daemon<P> {
                     peers_refused = change.peers_refused,
                     "SIGHUP: certificate reloaded; every peer re-handshakes with it"
                 );
-                self.core.renewal_done(&identity.cert);
-                self.own_cert = identity.cert;
-                self.expiry = tern_udp::daemon::ExpiryWarnings::default();
             }
             Err(why) => {
                 tracing::error!("SIGHUP: new certificate refused, keeping the running one: {why}")
@@ -646,19 +638,12 @@ impl<P: Plane> Daemon<P> {
             }
         };
         let ca = self.core.mesh().ca().clone();
-        match self
-            .core
-            .replace_identity(key.static_secret(), &cert, ca, Instant::now())
-        {
-            Ok(change) => {
-                tracing::info!(
-                    until = %tern_shared::cert::format_unix_time(cert.not_after()),
-                    peers = change.rehandshakes,
-                    "certificate renewed; every peer re-handshakes with it"
-                );
-                self.own_cert = cert.clone();
-                self.expiry = tern_udp::daemon::ExpiryWarnings::default();
-            }
+        match self.swap_identity(&key, &cert, ca) {
+            Ok(change) => tracing::info!(
+                until = %tern_shared::cert::format_unix_time(cert.not_after()),
+                peers = change.rehandshakes,
+                "certificate renewed; every peer re-handshakes with it"
+            ),
             Err(why) => {
                 tracing::error!("renewed certificate not used: {why}");
                 self.core.renewal_done(&self.own_cert);
@@ -672,7 +657,23 @@ impl<P: Plane> Daemon<P> {
                 "renewed certificate in use but not saved (the node starts with the old one): make its directory writable by the daemon (systemd: ReadWritePaths=)"
             );
         }
-        self.core.renewal_done(&cert);
+    }
+
+    /// The core takes `cert` (see `NodeCore::replace_identity`); then it is
+    /// this node's: metrics, expiry warnings and the next renewal follow it.
+    fn swap_identity(
+        &mut self,
+        key: &tern_shared::keys::NodeSecretKey,
+        cert: &tern_shared::cert::VerifiedCert,
+        ca: tern_shared::cert::CaPool,
+    ) -> Result<tern_mesh::IdentityChange, String> {
+        let change = self
+            .core
+            .replace_identity(key.static_secret(), cert, ca, Instant::now())?;
+        self.core.renewal_done(cert);
+        self.own_cert = cert.clone();
+        self.expiry = tern_udp::daemon::ExpiryWarnings::default();
+        Ok(change)
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
