@@ -237,3 +237,85 @@ pub fn lighthouse_status(dir: &Path) -> Value {
         .unwrap_or_else(|e| panic!("tern-lighthouse status: {e}"));
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
+
+/// The usual gateway topology: a lighthouse ([`LH_UNDERLAY`]), a CI host
+/// (198.18.0.2) and a gateway (198.18.0.4) on the wan; the gateway also on
+/// the vpc's bridge (198.19.0.2/24), where the vpc holds `server`/24 and no
+/// route to the overlay.
+pub struct GatewayLab {
+    pub lab: crate::Lab,
+    pub dir: PathBuf,
+    pub lh: Ns,
+    pub ci: Ns,
+    pub gw: Ns,
+    pub vpc: Ns,
+}
+
+pub fn gateway_lab(prefix: &str, server: &str) -> GatewayLab {
+    let lab = crate::Lab::new(prefix);
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let ci = lab.add_ns("ci");
+    let gw = lab.add_ns("gw");
+    let vpc = lab.add_ns("vpc");
+    lab.connect_to_wan(&lh, &format!("{LH_UNDERLAY}/24"));
+    lab.connect_to_wan(&ci, "198.18.0.2/24");
+    lab.connect_to_wan(&gw, "198.18.0.4/24");
+    lab.bridge(&vpc, "br1", &format!("{server}/24"));
+    lab.connect_to_bridge(&gw, "198.19.0.2/24", &vpc, "br1");
+    GatewayLab {
+        lab,
+        dir,
+        lh,
+        ci,
+        gw,
+        vpc,
+    }
+}
+
+/// python's http.server in `ns` on `server`:8080, serving `files` (name,
+/// contents) from `dir`/www.
+pub fn web_server(ns: &Ns, dir: &Path, server: &str, files: &[(&str, &[u8])]) -> Proc {
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap_or_else(|e| panic!("mkdir {}: {e}", www.display()));
+    for (name, contents) in files {
+        fs::write(www.join(name), contents).unwrap_or_else(|e| panic!("write www/{name}: {e}"));
+    }
+    let mut cmd = ns.command("python3");
+    cmd.args(["-m", "http.server", "--bind", server, "8080", "--directory"])
+        .arg(&www);
+    ns.spawn_command(cmd, "http")
+}
+
+/// The CA (ca.crt, ca.key) and, under it, the lighthouse lh1 (100.64.0.1,
+/// group lighthouse).
+pub fn make_ca_and_lighthouse(dir: &Path) {
+    make_ca(dir, "ca");
+    sign(
+        dir,
+        "ca",
+        "lh1",
+        "100.64.0.1/10",
+        &["--groups", "lighthouse"],
+    );
+}
+
+/// The lighthouse config of [`write_lighthouse_config`] with `extra`
+/// appended (an `[enroll]`, say), started in `ns`.
+pub fn start_lighthouse_with(ns: &Ns, dir: &Path, extra: &str) -> Proc {
+    let config = write_lighthouse_config(dir);
+    let mut text = fs::read_to_string(&config).unwrap_or_default();
+    text.push_str(extra);
+    fs::write(&config, text).unwrap_or_else(|e| panic!("write lighthouse config: {e}"));
+    start_lighthouse(ns, &config)
+}
+
+/// A TUN-mode gateway `name`'s config: routes 198.19.0.0/24 with
+/// masquerade and lets group ci reach port 8080 there.
+pub fn gateway_8080_config(node_text: &str) -> String {
+    format!(
+        "{node_text}[gateway]\nsubnets = [\"198.19.0.0/24\"]\nmasquerade = true\n\
+         [[firewall.inbound]]\nproto = \"tcp\"\nport = \"8080\"\ngroups = [\"ci\"]\nlocal_cidr = \"198.19.0.0/24\"\n"
+    )
+}

@@ -4,7 +4,6 @@
 //! revoked, and leaves; a spent token is refused; two nodes racing with one
 //! single-use token get one certificate. Needs root.
 
-use std::fs;
 use std::time::{Duration, Instant};
 
 use tern_netns_tests::tern::*;
@@ -28,39 +27,21 @@ struct World {
 /// of the vpc (198.19.0.0/24) that lets group ci reach port 8080, and two
 /// empty CI hosts.
 fn world() -> World {
-    let lab = Lab::new("enrl");
-    let dir = lab.dir().to_path_buf();
-    lab.wan("wan");
-    let lh = lab.add_ns("lh");
-    let ci = lab.add_ns("ci");
+    let GatewayLab {
+        lab,
+        dir,
+        lh,
+        ci,
+        gw,
+        vpc,
+    } = gateway_lab("enrl", SERVER);
     let ci2 = lab.add_ns("ci2");
-    let gw = lab.add_ns("gw");
-    let vpc = lab.add_ns("vpc");
-    lab.connect_to_wan(&lh, &format!("{LH_UNDERLAY}/24"));
-    lab.connect_to_wan(&ci, "198.18.0.2/24");
     lab.connect_to_wan(&ci2, "198.18.0.3/24");
-    lab.connect_to_wan(&gw, "198.18.0.4/24");
-    lab.bridge(&vpc, "br1", &format!("{SERVER}/24"));
-    lab.connect_to_bridge(&gw, "198.19.0.2/24", &vpc, "br1");
-    let www = dir.join("www");
-    fs::create_dir_all(&www).unwrap_or_else(|e| panic!("mkdir www: {e}"));
     let bytes = vpc.exec("head", ["-c", "5242880", "/dev/urandom"]).stdout;
-    fs::write(www.join("blob.bin"), &bytes).unwrap_or_else(|e| panic!("write blob: {e}"));
-    fs::write(www.join("hi"), "hi\n").unwrap_or_else(|e| panic!("write hi: {e}"));
-    let want = sha256_file(&www.join("blob.bin"));
-    let mut cmd = vpc.command("python3");
-    cmd.args(["-m", "http.server", "--bind", SERVER, "8080", "--directory"])
-        .arg(&www);
-    let http = vpc.spawn_command(cmd, "http");
+    let http = web_server(&vpc, &dir, SERVER, &[("blob.bin", &bytes), ("hi", b"hi\n")]);
+    let want = sha256_file(&dir.join("www/blob.bin"));
 
-    make_ca(&dir, "ca");
-    sign(
-        &dir,
-        "ca",
-        "lh1",
-        "100.64.0.1/10",
-        &["--groups", "lighthouse"],
-    );
+    make_ca_and_lighthouse(&dir);
     sign(
         &dir,
         "ca",
@@ -69,19 +50,12 @@ fn world() -> World {
         &["--subnets", "198.19.0.0/24"],
     );
     sign_issuer(&dir, "ca", "lh-issuer", "100.64.100.0/24", "ci,deploy");
-    let lh_config = write_lighthouse_config(&dir);
-    let mut text = fs::read_to_string(&lh_config).unwrap_or_default();
-    text.push_str(
+    let lh_proc = start_lighthouse_with(
+        &lh,
+        &dir,
         "[enroll]\nissuer_cert = \"lh-issuer.crt\"\nissuer_key = \"lh-issuer.key\"\nstore = \"lh.db\"\n",
     );
-    fs::write(&lh_config, text).unwrap_or_else(|e| panic!("write lighthouse config: {e}"));
-    let lh_proc = start_lighthouse(&lh, &lh_config);
-
-    let gateway = format!(
-        "{}[gateway]\nsubnets = [\"198.19.0.0/24\"]\nmasquerade = true\n\
-         [[firewall.inbound]]\nproto = \"tcp\"\nport = \"8080\"\ngroups = [\"ci\"]\nlocal_cidr = \"198.19.0.0/24\"\n",
-        node_config_text("gw", "ca.crt")
-    );
+    let gateway = gateway_8080_config(&node_config_text("gw", "ca.crt"));
     let gw_proc = start_node(&gw, &write_file(&dir, "gw.toml", &gateway), "node-gw");
     for name in ["job", "job2"] {
         // Only the CA: the key is made in memory, the certificate enrolled.

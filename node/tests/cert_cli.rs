@@ -619,7 +619,7 @@ fn an_issuer_signs_short_lived_ci_identities_only_within_its_constraints() {
             "ci-job-5",
             "100.64.100.9/10",
             &["--subnets", "198.19.0.0/24"][..],
-            "route no subnets",
+            "delegates no subnets",
         ),
     ] {
         let out = sign(name, ip, extra);
@@ -694,4 +694,97 @@ fn an_issuer_signs_short_lived_ci_identities_only_within_its_constraints() {
         ],
     );
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_issuer_with_subnets_and_zones_signs_gateways_inside_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d, "ca", &["--ips", "100.64.0.0/10"]);
+    let out = ok(
+        d,
+        &[
+            "cert",
+            "sign",
+            "--issuer",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            "gw-issuer",
+            "--ips",
+            "100.64.200.0/24",
+            "--subnets",
+            "198.19.0.0/16",
+            "--dns-zones",
+            "internal",
+            "--name-prefix",
+            "gw-",
+            "--max-duration",
+            "720h",
+            "--out-key",
+            "gwi.key",
+            "--out-crt",
+            "gwi.crt",
+        ],
+    );
+    assert!(
+        out.contains("delegating subnets 198.19.0.0/16, delegating DNS zones internal"),
+        "{out}"
+    );
+    let printed = ok(d, &["cert", "print", "gwi.crt"]);
+    assert!(printed.contains("subnets:     198.19.0.0/16"), "{printed}");
+    let sign = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "cert",
+            "sign",
+            "--ca-crt",
+            "gwi.crt",
+            "--ca-key",
+            "gwi.key",
+            "--name",
+            name,
+            "--ip",
+            "100.64.200.2/10",
+            "--duration",
+            "2m",
+            "--out-key",
+            "gw.key",
+            "--out-crt",
+            "gw.crt",
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        tern(d, &args)
+    };
+    let good = sign(
+        "gw-1",
+        &["--subnets", "198.19.1.0/24", "--dns-zones", "db.internal"],
+    );
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let verified = ok(d, &["cert", "verify", "--ca", "ca.crt", "gw.crt"]);
+    assert!(
+        verified.contains("subnets=198.19.1.0/24") && verified.contains("dns_zones=db.internal"),
+        "{verified}"
+    );
+    for (extra, why) in [
+        (
+            &["--subnets", "198.18.0.0/24"][..],
+            "outside the subnets it delegates (198.19.0.0/16)",
+        ),
+        (
+            &["--dns-zones", "example.org"][..],
+            "not under the zones it delegates (internal)",
+        ),
+    ] {
+        let out = sign("gw-1", extra);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    }
 }

@@ -58,8 +58,21 @@
 //! CA, the zones its nodes' zones must lie under (none named: any). Zones
 //! are lower case, without a trailing dot, sorted and de-duplicated. A
 //! certificate with zones is version 3 and one without stays version 1 (or
-//! 2), so every older certificate still verifies byte for byte. Issuers and
-//! the nodes they sign carry no zones.
+//! 2), so every older certificate still verifies byte for byte.
+//!
+//! # Version 4: issuers that delegate subnets and zones
+//!
+//! An issuer may carry `subnets` and `dns_zones`: the subnets and zones it
+//! may delegate. A node it signs may then route subnets inside them and
+//! answer for zones under them, so a long-lived gateway whose certificate
+//! the issuer signed can have it renewed by the lighthouse (`[pki] renew`);
+//! enrollment never puts either in a CI job's certificate. Such an issuer,
+//! and a node under an issuer that carries zones, is version 4: the version
+//! 2 layout with `dns_zones` (u16 count, then `str` each; an issuer may list
+//! none when it delegates only subnets) right after `subnets`, as in
+//! version 3. An issuer that delegates nothing stays version 2, so older
+//! verifiers keep reading it; one that delegates is refused by them with
+//! "unsupported version 4, upgrade tern" rather than misread.
 
 use crate::armor::{self, ArmorError};
 use crate::keys::CaSecretKey;
@@ -95,6 +108,9 @@ pub const VERSION: u8 = 1;
 pub const VERSION_ISSUED: u8 = 2;
 /// The format version of CAs and nodes that carry DNS zones.
 pub const VERSION_ZONES: u8 = 3;
+/// The format version of issuers that delegate subnets or zones, and of
+/// nodes with zones under an issuer.
+pub const VERSION_DELEGATED: u8 = 4;
 /// Most DNS zones in one cert.
 pub const MAX_DNS_ZONES: usize = 16;
 /// Longest DNS zone, in bytes (a DNS name's limit).
@@ -176,7 +192,7 @@ pub enum CertError {
     TrailingBytes { extra: usize },
     #[error("certificate is {len} bytes, more than the {max}-byte limit; use fewer groups, subnets or ips")]
     TooLarge { len: usize, max: usize },
-    #[error("unsupported certificate format version {version} (this build reads versions {VERSION} to {VERSION_ZONES}); upgrade tern")]
+    #[error("unsupported certificate format version {version} (this build reads versions {VERSION} to {VERSION_DELEGATED}); upgrade tern")]
     UnsupportedVersion { version: u8 },
     #[error("unknown certificate kind {kind}; upgrade tern or check the certificate's origin")]
     UnknownKind { kind: u8 },
@@ -253,7 +269,10 @@ impl Cert {
             return Err(malformed("magic", "not a Tern certificate"));
         }
         let version = r.u8()?;
-        if !matches!(version, VERSION | VERSION_ISSUED | VERSION_ZONES) {
+        if !matches!(
+            version,
+            VERSION | VERSION_ISSUED | VERSION_ZONES | VERSION_DELEGATED
+        ) {
             return Err(CertError::UnsupportedVersion { version });
         }
         let kind = match r.u8()? {
@@ -264,10 +283,10 @@ impl Cert {
         };
         // Each kind has one version per shape, so the encoding stays
         // canonical: zones make a CA or node version 3, an issuer makes
-        // itself and its nodes version 2.
+        // itself and its nodes version 2, or 4 with delegation or zones.
         let allowed = match kind {
             CertKind::Ca => matches!(version, VERSION | VERSION_ZONES),
-            CertKind::Issuer => version == VERSION_ISSUED,
+            CertKind::Issuer => matches!(version, VERSION_ISSUED | VERSION_DELEGATED),
             CertKind::Node => true,
         };
         if !allowed {
@@ -285,12 +304,13 @@ impl Cert {
         }
         let subnets = r.nets("subnets", MAX_SUBNETS)?;
         let mut dns_zones = Vec::new();
-        if version == VERSION_ZONES {
+        if matches!(version, VERSION_ZONES | VERSION_DELEGATED) {
             let count = r.count("dns_zones", MAX_DNS_ZONES)?;
-            if count == 0 {
+            // Only an issuer delegating subnets alone lists no zone.
+            if count == 0 && !(kind == CertKind::Issuer && version == VERSION_DELEGATED) {
                 return Err(malformed(
                     "dns_zones",
-                    "a version 3 certificate carries at least one zone",
+                    format!("a version {version} certificate carries at least one zone"),
                 ));
             }
             for _ in 0..count {
@@ -316,7 +336,7 @@ impl Cert {
                     .to_string();
                 max_lifetime = r.u64()?;
             }
-            (CertKind::Node, VERSION_ISSUED) => {
+            (CertKind::Node, VERSION_ISSUED | VERSION_DELEGATED) => {
                 let len = usize::from(r.u16()?);
                 let inner = Cert::decode(r.take(len)?)?;
                 if inner.body.kind != CertKind::Issuer {
@@ -334,7 +354,7 @@ impl Cert {
         if extra != 0 {
             return Err(CertError::TrailingBytes { extra });
         }
-        Ok(Cert {
+        let cert = Cert {
             body: CertBody {
                 kind,
                 name,
@@ -351,7 +371,19 @@ impl Cert {
                 chain,
             },
             signature,
-        })
+        };
+        // One version per shape: an issuer that delegates nothing written
+        // as version 4, or one that does as version 2, is not canonical.
+        if format_version(&cert.body) != version {
+            return Err(malformed(
+                "version",
+                format!(
+                    "this {kind} certificate is written as version {version}, not {}",
+                    format_version(&cert.body)
+                ),
+            ));
+        }
+        Ok(cert)
     }
 
     pub fn to_pem(&self) -> String {
@@ -474,18 +506,7 @@ impl CertBody {
                     ));
                 }
                 no_host_bits(&self.ips, "pool")?;
-                if !self.subnets.is_empty() {
-                    return Err(malformed(
-                        "subnets",
-                        "an issuer's certificates route no subnets",
-                    ));
-                }
-                if !self.dns_zones.is_empty() {
-                    return Err(malformed(
-                        "dns_zones",
-                        "an issuer's certificates answer for no DNS zones",
-                    ));
-                }
+                subnets_without_host_bits(&self.subnets)?;
                 if self.issuer == Fingerprint::ZERO {
                     return Err(malformed("issuer", "an issuer is signed by a root CA"));
                 }
@@ -513,14 +534,7 @@ impl CertBody {
             }
             CertKind::Node => {
                 self.node_net()?;
-                for subnet in &self.subnets {
-                    if subnet.trunc() != *subnet {
-                        return Err(CertError::SubnetInvalid {
-                            subnet: *subnet,
-                            reason: format!("host bits are set; did you mean {}?", subnet.trunc()),
-                        });
-                    }
-                }
+                subnets_without_host_bits(&self.subnets)?;
                 if self.public_key == [0; 32] {
                     return Err(malformed("public_key", "all zero"));
                 }
@@ -528,12 +542,6 @@ impl CertBody {
                     return Err(malformed("kind", "a node has no issuer constraints"));
                 }
                 if let Some(chain) = &self.chain {
-                    if !self.dns_zones.is_empty() {
-                        return Err(malformed(
-                            "dns_zones",
-                            "a node signed by an issuer answers for no DNS zones",
-                        ));
-                    }
                     if chain.fingerprint() != self.issuer {
                         return Err(malformed(
                             "issuer",
@@ -573,6 +581,17 @@ impl CertBody {
             ));
         }
         Ok(net)
+    }
+}
+
+/// Routed (or delegated) subnets are networks: no host bits set.
+fn subnets_without_host_bits(subnets: &[IpNet]) -> Result<(), CertError> {
+    match subnets.iter().find(|s| s.trunc() != **s) {
+        Some(subnet) => Err(CertError::SubnetInvalid {
+            subnet: *subnet,
+            reason: format!("host bits are set; did you mean {}?", subnet.trunc()),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -708,8 +727,9 @@ fn prepare_under_issuer(
 }
 
 /// A node's place under its issuer: an address from the pool, only the
-/// issuer's groups, a name with its prefix, no subnets, and a lifetime
-/// within both its maximum and its own validity.
+/// issuer's groups, a name with its prefix, subnets inside the ones it
+/// delegates and zones under its zones (none, for an issuer that delegates
+/// none), and a lifetime within both its maximum and its own validity.
 fn check_under_issuer(issuer: &CertBody, node: &CertBody) -> Result<(), CertError> {
     let beyond = |what: String| CertError::BeyondIssuer {
         issuer: issuer.name.clone(),
@@ -736,11 +756,33 @@ fn check_under_issuer(issuer: &CertBody, node: &CertBody) -> Result<(), CertErro
             node.name, issuer.name_prefix
         )));
     }
-    if !node.subnets.is_empty() {
-        return Err(beyond("its certificates route no subnets".into()));
+    if let Some(s) = node
+        .subnets
+        .iter()
+        .find(|s| !issuer.subnets.iter().any(|d| d.contains(*s)))
+    {
+        return Err(beyond(if issuer.subnets.is_empty() {
+            format!("subnet {s}: it delegates no subnets, so its certificates route none (sign the issuer with --subnets)")
+        } else {
+            format!(
+                "subnet {s} is outside the subnets it delegates ({})",
+                nets(&issuer.subnets)
+            )
+        }));
     }
-    if !node.dns_zones.is_empty() {
-        return Err(beyond("its certificates answer for no DNS zones".into()));
+    if let Some(z) = node
+        .dns_zones
+        .iter()
+        .find(|z| !issuer.dns_zones.iter().any(|d| name_in_zone(z, d)))
+    {
+        return Err(beyond(if issuer.dns_zones.is_empty() {
+            format!("DNS zone {z:?}: it delegates no zones, so its certificates answer for none (sign the issuer with --dns-zones)")
+        } else {
+            format!(
+                "DNS zone {z:?} is not under the zones it delegates ({})",
+                issuer.dns_zones.join(", ")
+            )
+        }));
     }
     let lifetime = node.not_after.saturating_sub(node.not_before);
     if lifetime > issuer.max_lifetime {
@@ -1328,17 +1370,24 @@ pub fn signed_bytes(body: &CertBody) -> Vec<u8> {
 
 /// The signed bytes. Lengths that do not fit a u16 saturate; such a body is
 /// far over [`MAX_CERT_LEN`], so signing and decoding refuse it anyway.
+/// The one format version a body is written in (see the module docs).
+fn format_version(body: &CertBody) -> u8 {
+    let delegates = body.kind == CertKind::Issuer && !body.subnets.is_empty();
+    match (
+        body.kind == CertKind::Issuer || body.chain.is_some(),
+        body.dns_zones.is_empty(),
+    ) {
+        (true, true) if !delegates => VERSION_ISSUED,
+        (true, _) => VERSION_DELEGATED,
+        (false, true) => VERSION,
+        (false, false) => VERSION_ZONES,
+    }
+}
+
 fn encode_body(body: &CertBody) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
-    let issued = body.kind == CertKind::Issuer || body.chain.is_some();
-    let version = if issued {
-        VERSION_ISSUED
-    } else if body.dns_zones.is_empty() {
-        VERSION
-    } else {
-        VERSION_ZONES
-    };
+    let version = format_version(body);
     out.push(version);
     out.push(match body.kind {
         CertKind::Ca => KIND_CA,
@@ -1352,7 +1401,7 @@ fn encode_body(body: &CertBody) -> Vec<u8> {
         put_str(&mut out, group);
     }
     put_nets(&mut out, &body.subnets);
-    if version == VERSION_ZONES {
+    if matches!(version, VERSION_ZONES | VERSION_DELEGATED) {
         put_u16(&mut out, body.dns_zones.len());
         for zone in &body.dns_zones {
             put_str(&mut out, zone);
@@ -1651,12 +1700,12 @@ mod tests {
             .verify_bytes(&unsorted.encode(), NOW)
             .unwrap_err();
         assert!(err.to_string().contains("sorted"), "{err}");
-        // Nodes an issuer signs carry none: the signer refuses them.
+        // Nodes an issuer that delegates no zones signs carry none.
         let (_, issuer, issuer_key) = issuer_setup();
         let mut body = ci_body("100.64.100.7/10", &["ci"]);
         body.dns_zones = vec!["internal".into()];
         let err = sign_under_issuer(&issuer, &issuer_key, body, NOW).unwrap_err();
-        assert!(err.to_string().contains("no DNS zones"), "{err}");
+        assert!(err.to_string().contains("delegates no zones"), "{err}");
     }
 
     #[test]
@@ -2143,7 +2192,11 @@ mod tests {
     fn arb_body() -> impl Strategy<Value = CertBody> {
         let name = "[A-Za-z0-9._-]{1,64}";
         (
-            prop_oneof![Just(CertKind::Ca), Just(CertKind::Node)],
+            prop_oneof![
+                Just(CertKind::Ca),
+                Just(CertKind::Node),
+                Just(CertKind::Issuer)
+            ],
             name,
             proptest::collection::vec(arb_net(), 0..=4),
             proptest::collection::btree_set("[a-z0-9._-]{1,20}", 0..=6),
@@ -2171,8 +2224,14 @@ mod tests {
                     not_after: a.max(b),
                     public_key,
                     issuer: Fingerprint(issuer),
-                    name_prefix: String::new(),
-                    max_lifetime: 0,
+                    // Issuers carry their constraints (any subnets and
+                    // zones: delegation); the others none.
+                    name_prefix: if kind == CertKind::Issuer {
+                        "ci-".into()
+                    } else {
+                        String::new()
+                    },
+                    max_lifetime: if kind == CertKind::Issuer { a } else { 0 },
                     chain: None,
                 },
             )
@@ -2292,7 +2351,7 @@ mod tests {
                 Box::new(|b| b.name = "prod-db".into()),
             ),
             (
-                "route no subnets",
+                "delegates no subnets",
                 Box::new(|b| b.subnets = vec![net("198.19.0.0/24")]),
             ),
             (
@@ -2390,12 +2449,163 @@ mod tests {
         let mut bad_issuer = issuer.encode();
         bad_issuer[4] = VERSION;
         assert!(Cert::decode(&bad_issuer).is_err());
+        // Version 4 is an issuer's that delegates, or a node's with zones
+        // under one: neither of these.
         let mut v4 = cert.encode();
-        v4[4] = 4;
+        v4[4] = VERSION_DELEGATED;
+        assert!(Cert::decode(&v4).is_err());
+        let mut v4 = issuer.encode();
+        v4[4] = VERSION_DELEGATED;
+        assert!(Cert::decode(&v4).is_err());
+        let mut v5 = cert.encode();
+        v5[4] = 5;
         assert!(matches!(
-            Cert::decode(&v4),
-            Err(CertError::UnsupportedVersion { version: 4 })
+            Cert::decode(&v5),
+            Err(CertError::UnsupportedVersion { version: 5 })
         ));
+    }
+
+    /// An issuer for gateways: the setup's, delegating 198.19.0.0/16 and
+    /// the zone `internal`, names `gw-*`, 1 day.
+    fn delegating_issuer(subnets: &[&str], zones: &[&str]) -> (Cert, Cert, CaSecretKey) {
+        let (ca, ca_key) = make_ca(&["100.64.0.0/10"], &["ci", "deploy", "db"]);
+        let key = CaSecretKey::generate();
+        let mut body = issuer_body(&key);
+        body.subnets = subnets.iter().map(|s| net(s)).collect();
+        body.dns_zones = zones.iter().map(|z| z.to_string()).collect();
+        body.name_prefix = "gw-".into();
+        body.max_lifetime = DAY;
+        let issuer = sign_issuer(&ca, &ca_key, body, NOW).unwrap();
+        (ca, issuer, key)
+    }
+
+    fn gateway_body(subnets: &[&str], zones: &[&str]) -> CertBody {
+        let mut body = ci_body("100.64.100.9/10", &["db"]);
+        body.name = "gw-1".into();
+        body.groups = vec!["ci".into()];
+        body.subnets = subnets.iter().map(|s| net(s)).collect();
+        body.dns_zones = zones.iter().map(|z| z.to_string()).collect();
+        body
+    }
+
+    #[test]
+    fn an_issuer_delegates_subnets_and_zones_to_the_gateways_it_signs() {
+        let (ca, issuer, key) = delegating_issuer(&["198.19.0.0/16"], &["internal"]);
+        let issuer_bytes = issuer.encode();
+        assert_eq!(issuer_bytes[4], VERSION_DELEGATED);
+        assert_eq!(Cert::decode(&issuer_bytes).unwrap(), issuer);
+        // A gateway routing part of it and answering for a zone under it.
+        let gw = sign_under_issuer(
+            &issuer,
+            &key,
+            gateway_body(&["198.19.1.0/24", "198.19.9.0/24"], &["db.internal"]),
+            NOW,
+        )
+        .unwrap();
+        let bytes = gw.encode();
+        assert_eq!(bytes[4], VERSION_DELEGATED, "zones under an issuer");
+        assert!(bytes.len() <= MAX_CERT_LEN);
+        assert_eq!(Cert::decode(&bytes).unwrap(), gw);
+        let v = pool(&[&ca]).verify_bytes(&bytes, NOW).unwrap();
+        assert_eq!(v.subnets(), [net("198.19.1.0/24"), net("198.19.9.0/24")]);
+        assert_eq!(v.dns_zones(), ["db.internal".to_string()]);
+        // Subnets without zones: version 2, the issuer inside still 4.
+        let plain =
+            sign_under_issuer(&issuer, &key, gateway_body(&["198.19.1.0/24"], &[]), NOW).unwrap();
+        assert_eq!(plain.encode()[4], VERSION_ISSUED);
+        pool(&[&ca]).verify(&plain, NOW).unwrap();
+        // A CI job's certificate under it still routes nothing unless asked.
+        let job = sign_under_issuer(&issuer, &key, gateway_body(&[], &[]), NOW).unwrap();
+        assert_eq!(job.encode()[4], VERSION_ISSUED);
+        // Beyond the delegation: refused when signing, and when a hostile
+        // key holder signs anyway.
+        for (subnets, zones, why) in [
+            (
+                &["198.18.0.0/24"][..],
+                &[][..],
+                "outside the subnets it delegates",
+            ),
+            (
+                &["198.0.0.0/8"][..],
+                &[][..],
+                "outside the subnets it delegates",
+            ),
+            (
+                &[][..],
+                &["example.org"][..],
+                "not under the zones it delegates",
+            ),
+        ] {
+            let body = gateway_body(subnets, zones);
+            let err = sign_under_issuer(&issuer, &key, body.clone(), NOW).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+            let mut body = body;
+            body.issuer = issuer.fingerprint();
+            body.chain = Some(Box::new(issuer.clone()));
+            let forged = Cert {
+                signature: key.sign(&encode_body(&body)),
+                body,
+            };
+            let err = pool(&[&ca]).verify(&forged, NOW).unwrap_err();
+            assert!(err.to_string().contains(why), "verifying: {err}");
+        }
+        // An issuer delegating subnets alone lists no zone, and is 4 too.
+        let (ca, issuer, key) = delegating_issuer(&["198.19.0.0/16"], &[]);
+        assert_eq!(issuer.encode()[4], VERSION_DELEGATED);
+        assert_eq!(Cert::decode(&issuer.encode()).unwrap(), issuer);
+        let err =
+            sign_under_issuer(&issuer, &key, gateway_body(&[], &["internal"]), NOW).unwrap_err();
+        assert!(err.to_string().contains("delegates no zones"), "{err}");
+        let gw =
+            sign_under_issuer(&issuer, &key, gateway_body(&["198.19.0.0/16"], &[]), NOW).unwrap();
+        pool(&[&ca]).verify(&gw, NOW).unwrap();
+        // The issuer's zones sit under the root's, its subnets have no host bits.
+        let (ca, ca_key) = make_ca(&[], &[]);
+        let mut body = issuer_body(&CaSecretKey::generate());
+        body.subnets = vec![IpNet::V4(
+            Ipv4Net::new(Ipv4Addr::new(198, 19, 0, 1), 16).unwrap(),
+        )];
+        let err = sign_issuer(&ca, &ca_key, body, NOW).unwrap_err();
+        assert!(err.to_string().contains("host bits"), "{err}");
+        let (zoned, zoned_key) = {
+            let key = CaSecretKey::generate();
+            let mut body = ca_body(&key, &[], &[]);
+            body.dns_zones = vec!["internal".into()];
+            (self_sign_ca(body, &key).unwrap(), key)
+        };
+        let mut body = issuer_body(&CaSecretKey::generate());
+        body.dns_zones = vec!["example.org".into()];
+        assert!(matches!(
+            sign_issuer(&zoned, &zoned_key, body, NOW),
+            Err(CertError::ZoneOutsideCa { .. })
+        ));
+    }
+
+    #[test]
+    fn a_delegating_issuer_is_never_read_as_an_older_version() {
+        let (_, issuer, key) = delegating_issuer(&["198.19.0.0/16"], &[]);
+        let gw =
+            sign_under_issuer(&issuer, &key, gateway_body(&["198.19.1.0/24"], &[]), NOW).unwrap();
+        // Relabelled version 2, the delegating issuer does not decode; an
+        // older verifier sees version 4 and says to upgrade.
+        let mut as_v2 = issuer.encode();
+        as_v2[4] = VERSION_ISSUED;
+        assert!(Cert::decode(&as_v2).is_err());
+        let bytes = gw.encode();
+        let at = bytes
+            .windows(4)
+            .rposition(|w| w == MAGIC)
+            .expect("the embedded issuer");
+        assert_eq!(bytes[at + 4], VERSION_DELEGATED);
+        // An issuer without delegation written as 4 (an empty zones field
+        // after its empty subnets) is not canonical either.
+        let (_, plain, _) = issuer_setup();
+        let mut body = encode_body(&plain.body);
+        body[4] = VERSION_DELEGATED;
+        let after_subnets = body.len() - (8 + 8 + 32 + 32 + 2 + plain.body.name_prefix.len() + 8);
+        body.splice(after_subnets..after_subnets, [0, 0]);
+        let err = Cert::decode(&[body, plain.signature.to_vec()].concat()).unwrap_err();
+        assert!(err.to_string().contains("not 2"), "{err}");
     }
 
     proptest! {

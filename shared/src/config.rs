@@ -272,8 +272,8 @@ pub struct PkiConfig {
     #[serde(default)]
     pub key: PathBuf,
     /// A node whose certificate a lighthouse's `[enroll]` issuer signed asks
-    /// a lighthouse for a fresh one (same name, address, groups and
-    /// lifetime) at two thirds of its lifetime, writes it over `cert` and
+    /// a lighthouse for a fresh one (same name, address, groups, subnets,
+    /// zones and lifetime) at two thirds of its lifetime, writes it over `cert` and
     /// swaps it in without dropping a session. Nodes only. Default false.
     #[serde(default)]
     pub renew: bool,
@@ -302,6 +302,18 @@ pub struct EnrollConfig {
     /// "lighthouse.db" beside the config file.
     #[serde(default = "default_store")]
     pub store: PathBuf,
+    /// The addresses enrollment leases, inside the issuer's pool. Default:
+    /// the whole pool. Certificates signed by hand under the issuer
+    /// (gateways and runners with `[pki] renew`) take addresses outside it,
+    /// so no enrolling node is ever leased one of theirs.
+    #[serde(default)]
+    pub pool: Vec<ipnet::Ipv4Net>,
+    /// `[[enroll.renew]]`: issuers that only renew (`[pki] renew` on their
+    /// nodes) and never enroll, such as one that delegates subnets to
+    /// long-lived gateways: its key never signs a token's or an ID token's
+    /// certificate.
+    #[serde(default)]
+    pub renew: Vec<RenewIssuerConfig>,
     /// `[[enroll.oidc]]`: CI providers whose OIDC ID tokens are traded for
     /// certificates (no stored secret in the job).
     #[serde(default)]
@@ -315,6 +327,17 @@ pub struct EnrollConfig {
     /// [`DEFAULT_ENROLL_TOTAL`].
     #[serde(default = "default_enroll_total")]
     pub total_per_sec: u32,
+}
+
+/// One `[[enroll.renew]]`: an issuer whose certificates this lighthouse
+/// renews, and nothing else.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewIssuerConfig {
+    /// The issuer's certificate (`tern cert sign --issuer`).
+    pub issuer_cert: PathBuf,
+    /// The issuer's private key.
+    pub issuer_key: PathBuf,
 }
 
 /// Default `[enroll] per_source_per_sec`: room for a burst of CI jobs that
@@ -806,6 +829,11 @@ impl EnrollConfig {
         for path in [&mut self.issuer_cert, &mut self.issuer_key, &mut self.store] {
             *path = resolve(base, path);
         }
+        for renewing in &mut self.renew {
+            for path in [&mut renewing.issuer_cert, &mut renewing.issuer_key] {
+                *path = resolve(base, path);
+            }
+        }
         for provider in &mut self.oidc {
             if !provider.jwks_is_url() && !provider.jwks.is_empty() {
                 provider.jwks = resolve(base, Path::new(&provider.jwks))
@@ -816,6 +844,13 @@ impl EnrollConfig {
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(net) = self.pool.iter().find(|n| n.trunc() != **n) {
+            return Err(invalid(
+                file,
+                "enroll.pool".to_string(),
+                format!("{net} has host bits set; did you mean {}?", net.trunc()),
+            ));
+        }
         for (key, value) in [
             ("enroll.per_source_per_sec", self.per_source_per_sec),
             ("enroll.total_per_sec", self.total_per_sec),
@@ -2109,6 +2144,30 @@ mod tests {
         .unwrap();
         let enroll = lh.enroll.unwrap();
         assert_eq!(enroll.store, PathBuf::from("/etc/tern/lighthouse.db"));
+        assert!(enroll.pool.is_empty(), "the issuer's whole pool");
+        let base = "[pki]\nca = \"ca.crt\"\ncert = \"l.crt\"\nkey = \"l.key\"\n[enroll]\nissuer_cert = \"i.crt\"\nissuer_key = \"i.key\"\n";
+        let narrowed = LighthouseConfig::parse(
+            &format!("{base}pool = [\"100.64.100.128/25\"]\n"),
+            Path::new("l.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            narrowed.enroll.unwrap().pool,
+            ["100.64.100.128/25".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
+        for (bad, why) in [
+            (
+                "pool = [\"100.64.100.129/25\"]",
+                "did you mean 100.64.100.128/25",
+            ),
+            ("pool = [\"nonsense\"]", "pool"),
+            ("pool = \"100.64.100.0/24\"", "pool"),
+        ] {
+            let err = LighthouseConfig::parse(&format!("{base}{bad}\n"), Path::new("l.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
         assert_eq!(enroll.issuer_key, PathBuf::from("/etc/tern/i.key"));
         assert!(
             LighthouseConfig::parse("[pki]\nca = \"ca.crt\"\n", Path::new("l.toml")).is_err(),
@@ -2231,7 +2290,9 @@ mod tests {
             "# [enroll]",
             "# issuer_cert =",
             "# issuer_key =",
+            "# pool =",
             "# store =",
+            "# [[enroll.renew]]",
             "# [[enroll.oidc]]",
             "# issuer =",
             "# audience =",
@@ -2279,6 +2340,11 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         let enroll = config.enroll.unwrap();
         assert_eq!(enroll.oidc.len(), 1);
+        assert_eq!(enroll.renew.len(), 1);
+        assert_eq!(
+            enroll.renew[0].issuer_key,
+            PathBuf::from("/etc/tern/gw-issuer.key")
+        );
         let gh = &enroll.oidc[0];
         assert!(gh.jwks_is_url());
         assert_eq!(gh.rules.len(), 2);

@@ -125,14 +125,30 @@ impl TestCa {
         prefix: &str,
         max_lifetime: u64,
     ) -> TestIssuer {
+        self.delegating_issuer(name, pool, groups, prefix, max_lifetime, &[], &[])
+    }
+
+    /// An issuer as [`TestCa::issuer`] that also delegates `subnets` and
+    /// DNS `zones` (for gateways it signs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn delegating_issuer(
+        &self,
+        name: &str,
+        pool: &str,
+        groups: &[&str],
+        prefix: &str,
+        max_lifetime: u64,
+        subnets: &[&str],
+        zones: &[&str],
+    ) -> TestIssuer {
         let key = CaSecretKey::generate();
         let body = CertBody {
             kind: CertKind::Issuer,
             name: name.to_string(),
             ips: vec![parse_net(pool)],
             groups: groups.iter().map(|s| s.to_string()).collect(),
-            subnets: vec![],
-            dns_zones: vec![],
+            subnets: subnets.iter().map(|s| parse_net(s)).collect(),
+            dns_zones: zones.iter().map(|z| z.to_string()).collect(),
             not_before: TEST_NOW - 86_400,
             not_after: TEST_NOW + 30 * 86_400,
             public_key: key.public_bytes(),
@@ -179,6 +195,27 @@ impl TestIssuer {
         let body = self.body(name, ip, groups, lifetime_secs, &key);
         let cert = sign_under_issuer(&self.cert, &self.key, body, TEST_NOW)
             .unwrap_or_else(|e| panic!("test issued cert: {e}"));
+        TestNode { cert, key }
+    }
+
+    /// A gateway's cert within the issuer's constraints, routing `subnets`
+    /// and answering for `zones` (inside what the issuer delegates).
+    pub fn gateway(
+        &self,
+        name: &str,
+        ip: &str,
+        subnets: &[&str],
+        zones: &[&str],
+        lifetime_secs: u64,
+    ) -> TestNode {
+        let key = NodeSecretKey::generate();
+        let body = CertBody {
+            subnets: subnets.iter().map(|s| parse_net(s)).collect(),
+            dns_zones: zones.iter().map(|z| z.to_string()).collect(),
+            ..self.body(name, ip, &[], lifetime_secs, &key)
+        };
+        let cert = sign_under_issuer(&self.cert, &self.key, body, TEST_NOW)
+            .unwrap_or_else(|e| panic!("test issued gateway cert: {e}"));
         TestNode { cert, key }
     }
 

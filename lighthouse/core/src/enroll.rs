@@ -329,11 +329,28 @@ impl HostRanges {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IssuerError {
     #[error(
-        "[enroll] issuer_cert is not an issuer certificate; make one with tern cert sign --issuer"
+        "{section} issuer_cert is not an issuer certificate; make one with tern cert sign --issuer"
     )]
-    NotAnIssuer,
-    #[error("[enroll] issuer_key does not belong to issuer_cert")]
-    KeyMismatch,
+    NotAnIssuer { section: &'static str },
+    #[error("{section} issuer_key does not belong to issuer_cert")]
+    KeyMismatch { section: &'static str },
+    #[error("[enroll] pool {net} is not inside the issuer's address pool ({pool}); pick addresses from it, or sign an issuer with a wider --ips")]
+    PoolOutsideIssuer { net: Ipv4Net, pool: String },
+}
+
+/// An issuer certificate with its key, for the config `section` it came from.
+fn check_issuer(
+    issuer: &Cert,
+    key: &CaSecretKey,
+    section: &'static str,
+) -> Result<(), IssuerError> {
+    if issuer.body.kind != CertKind::Issuer {
+        return Err(IssuerError::NotAnIssuer { section });
+    }
+    if issuer.body.public_key != key.public_bytes() {
+        return Err(IssuerError::KeyMismatch { section });
+    }
+    Ok(())
 }
 
 /// Signs what enrollment grants.
@@ -342,8 +359,14 @@ pub struct Enroller {
     pub(crate) key: CaSecretKey,
     /// The mesh prefix nodes' addresses carry (the root CA's overlay net).
     prefix_len: u8,
+    /// The addresses enrollment leases (`[enroll] pool`): the issuer's IPv4
+    /// pool unless narrowed by [`Enroller::with_lease_pool`].
+    lease_pool: Vec<Ipv4Net>,
     /// `[[enroll.oidc]]`, each with the signing keys last read or fetched.
     oidc: Vec<OidcProvider>,
+    /// `[[enroll.renew]]`: issuers whose certificates are renewed, never
+    /// enrolled with (their certificate and key).
+    pub(crate) renewing: Vec<(Cert, CaSecretKey)>,
 }
 
 /// One OIDC provider and what is known of its keys.
@@ -375,18 +398,61 @@ impl Enroller {
     /// `prefix_len`: the mesh's prefix (this lighthouse's own overlay
     /// prefix), which every node's address carries.
     pub fn new(issuer: Cert, key: CaSecretKey, prefix_len: u8) -> Result<Enroller, IssuerError> {
-        if issuer.body.kind != CertKind::Issuer {
-            return Err(IssuerError::NotAnIssuer);
-        }
-        if issuer.body.public_key != key.public_bytes() {
-            return Err(IssuerError::KeyMismatch);
-        }
+        check_issuer(&issuer, &key, "[enroll]")?;
+        let lease_pool = issuer
+            .body
+            .ips
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect();
         Ok(Enroller {
             issuer,
             key,
             prefix_len,
+            lease_pool,
             oidc: Vec::new(),
+            renewing: Vec::new(),
         })
+    }
+
+    /// Also renews certificates this issuer signed (`[[enroll.renew]]`),
+    /// and never enrolls with it.
+    pub fn with_renewing(
+        mut self,
+        issuer: Cert,
+        key: CaSecretKey,
+    ) -> Result<Enroller, IssuerError> {
+        check_issuer(&issuer, &key, "[[enroll.renew]]")?;
+        self.renewing.push((issuer, key));
+        Ok(self)
+    }
+
+    /// Leases only from `pool` (`[enroll] pool`; empty: the issuer's whole
+    /// pool), which must lie inside the issuer's pool: the rest is left for
+    /// certificates signed by hand under the issuer.
+    pub fn with_lease_pool(mut self, pool: &[Ipv4Net]) -> Result<Enroller, IssuerError> {
+        if pool.is_empty() {
+            return Ok(self);
+        }
+        if let Some(net) = pool
+            .iter()
+            .find(|net| !self.lease_pool.iter().any(|p| p.contains(*net)))
+        {
+            return Err(IssuerError::PoolOutsideIssuer {
+                net: *net,
+                pool: tern_shared::show::list(&self.issuer.body.ips).to_string(),
+            });
+        }
+        self.lease_pool = pool.to_vec();
+        Ok(self)
+    }
+
+    /// The addresses enrollment leases.
+    pub fn lease_pool(&self) -> &[Ipv4Net] {
+        &self.lease_pool
     }
 
     /// Accepts OIDC ID tokens from these providers (their keys come later,
@@ -522,14 +588,7 @@ impl Enroller {
             }
         };
         let name = node_name(&issuer.name_prefix, request, now)?;
-        let pool: Vec<Ipv4Net> = issuer
-            .ips
-            .iter()
-            .filter_map(|n| match n {
-                IpNet::V4(n) => Some(*n),
-                IpNet::V6(_) => None,
-            })
-            .collect();
+        let pool = self.lease_pool.clone();
         // The dry runs sign for the pool's first host; the lease picks the
         // real one, which differs only in the host part.
         let placeholder = HostRanges::of(&pool).at(0).ok_or(

@@ -29,30 +29,34 @@ impl Enroller {
     /// A fresh certificate for `current` (which the session proved the node
     /// holds): the same key, name, addresses, groups, subnets and zones,
     /// valid from `now` for as long as `current` was (at most the issuer's
-    /// longest lifetime, and not past the issuer). Only a certificate this
-    /// lighthouse's issuer signed, and not revoked; its address lease is
-    /// extended (or taken, if free) and the new certificate recorded, in
-    /// one step of the store.
+    /// longest lifetime, and not past the issuer). Only a certificate one
+    /// of this lighthouse's issuers signed (`[enroll]`'s or one of
+    /// `[[enroll.renew]]`), and not revoked; its address lease is extended
+    /// (or taken, if free) and the new certificate recorded, in one step of
+    /// the store.
     pub fn renew<S: EnrollStore + ?Sized>(
         &self,
         current: &VerifiedCert,
         store: &mut S,
         now: u64,
     ) -> Result<Cert, RenewRefusal> {
-        let issuer = &self.issuer.body;
-        if current.issuer_fingerprint() != Some(self.issuer.fingerprint()) {
-            return Err(refused(format!(
-                "this certificate was not signed by this lighthouse's issuer {:?}; renew it where it was signed",
-                issuer.name
-            )));
-        }
+        let (issuer_cert, issuer_key) = std::iter::once((&self.issuer, &self.key))
+            .chain(self.renewing.iter().map(|(cert, key)| (cert, key)))
+            .find(|(cert, _)| current.issuer_fingerprint() == Some(cert.fingerprint()))
+            .ok_or_else(|| {
+                refused(format!(
+                    "this certificate was not signed by this lighthouse's issuer {:?} (nor one of [[enroll.renew]]); renew it where it was signed",
+                    self.issuer.body.name
+                ))
+            })?;
+        let issuer = &issuer_cert.body;
         let fingerprint = current.fingerprint();
         let revoked = store
             .revocations(now)
             .map_err(|e| RenewRefusal::from(store_down("read the revocations", e)))?
             .iter()
             .any(|(_, r)| {
-                r.fingerprint == fingerprint || r.fingerprint == self.issuer.fingerprint()
+                r.fingerprint == fingerprint || r.fingerprint == issuer_cert.fingerprint()
             });
         if revoked {
             return Err(refused(
@@ -78,7 +82,7 @@ impl Enroller {
             not_after,
             ..old.clone()
         };
-        let renewed = cert::sign_under_issuer(&self.issuer, &self.key, body, now)
+        let renewed = cert::sign_under_issuer(issuer_cert, issuer_key, body, now)
             .map_err(|e| refused(format!("the issuer refused: {e}")))?;
         let ip = old
             .ips

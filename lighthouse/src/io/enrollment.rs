@@ -261,11 +261,25 @@ pub fn start(
     let issuer_key =
         tern_shared::keys::CaSecretKey::from_pem(&read(&config.issuer_key, "[enroll] issuer_key")?)
             .with_context(|| format!("[enroll] issuer_key {}", config.issuer_key.display()))?;
-    let enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())?
+    let mut enroller = Enroller::new(issuer, issuer_key, cert.overlay_net().prefix_len())?
+        .with_lease_pool(&config.pool)?
         .with_oidc(config.oidc.clone());
+    for renewing in &config.renew {
+        let (cert_path, key_path) = (&renewing.issuer_cert, &renewing.issuer_key);
+        let issuer =
+            tern_shared::cert::Cert::from_pem(&read(cert_path, "[[enroll.renew]] issuer_cert")?)
+                .with_context(|| format!("[[enroll.renew]] issuer_cert {}", cert_path.display()))?;
+        let key = tern_shared::keys::CaSecretKey::from_pem(&read(
+            key_path,
+            "[[enroll.renew]] issuer_key",
+        )?)
+        .with_context(|| format!("[[enroll.renew]] issuer_key {}", key_path.display()))?;
+        tracing::info!(issuer = %issuer.body.name, "renewing the certificates this issuer signed ([[enroll.renew]])");
+        enroller = enroller.with_renewing(issuer, key)?;
+    }
     let store = crate::store::open_off_runtime(location, password_file)
         .context("opening the enrollment store")?;
-    tracing::info!(issuer = %enroller.issuer().body.name, pool = %tern_shared::show::list(&enroller.issuer().body.ips), store = %location, "enrolling nodes");
+    tracing::info!(issuer = %enroller.issuer().body.name, pool = %tern_shared::show::list(enroller.lease_pool()), store = %location, "enrolling nodes");
     let (jobs, queue) = sync_channel(QUEUE);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let providers = config.oidc.len();

@@ -1111,6 +1111,42 @@ mod tests {
     }
 
     #[test]
+    fn enroll_pool_leaves_the_rest_of_the_issuers_pool_to_hand_signed_nodes() {
+        let (enroller, mut store, _dir, ca) = setup_with("ci-", "100.64.100.0/24");
+        let outside: Ipv4Net = "100.64.101.0/25".parse().unwrap();
+        let issuer = ca.issuer("lh-issuer", "100.64.100.0/24", &["ci"], "ci-", 3600);
+        let err = Enroller::new(issuer.cert, issuer.key, 10)
+            .unwrap()
+            .with_lease_pool(&[outside])
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("not inside the issuer's address pool (100.64.100.0/24)"),
+            "{err}"
+        );
+        let dynamic: Ipv4Net = "100.64.100.128/30".parse().unwrap();
+        let enroller = enroller.with_lease_pool(&[dynamic]).unwrap();
+        let t = token(&mut store, &["ci"], 3, 600);
+        let mut got = Vec::new();
+        for key in 1..=3 {
+            let reply = enroller.enroll(&request(&t, key), &mut store, TEST_NOW);
+            match reply.cert {
+                Some(pem) => got.push(Cert::from_pem(&pem).unwrap().body.ips[0].addr()),
+                None => assert!(reply.refused.unwrap().contains("exhausted")),
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                "100.64.100.129".parse::<std::net::IpAddr>().unwrap(),
+                "100.64.100.130".parse().unwrap()
+            ],
+            "only the /30's two hosts"
+        );
+    }
+
+    #[test]
     fn an_oidc_token_refused_after_verification_is_not_marked_used() {
         let (enroller, mut store, _dir, signer) = oidc_setup();
         let fill = token(&mut store, &["ci"], 2, 60);

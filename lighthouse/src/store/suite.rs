@@ -290,6 +290,49 @@ pub(crate) fn a_certificate_is_renewed_with_its_lease(b: &impl Backend) {
     let err = enroller.renew(&current, &mut s, now).unwrap_err();
     assert!(err.why.contains("revoked"), "{}", err.why);
 
+    // A gateway under an issuer that delegates its subnet and zone, one
+    // that only renews ([[enroll.renew]]): the renewal routes and answers
+    // for the same.
+    let delegating = ca.delegating_issuer(
+        "gw-issuer",
+        "100.64.102.0/24",
+        &[],
+        "gw-",
+        86_400,
+        &["198.19.0.0/16"],
+        &["internal"],
+    );
+    let enroller = Enroller::new(issuer.cert.clone(), issuer.key.clone(), 10)
+        .unwrap()
+        .with_renewing(delegating.cert.clone(), delegating.key.clone())
+        .unwrap();
+    let routing = delegating
+        .gateway(
+            "gw-2",
+            "100.64.102.2/10",
+            &["198.19.1.0/24"],
+            &["db.internal"],
+            120,
+        )
+        .verified(&ca.pool());
+    let renewed = enroller.renew(&routing, &mut s, TEST_NOW + 30).unwrap();
+    assert_eq!(renewed.body.subnets, routing.subnets());
+    assert_eq!(renewed.body.dns_zones, routing.dns_zones());
+    assert_eq!(renewed.body.not_after, TEST_NOW + 30 + 120);
+    ca.pool()
+        .verify(&renewed, TEST_NOW + 30)
+        .expect("the renewed gateway verifies");
+    // That issuer revoked: nothing it signed is renewed.
+    s.revoke(
+        &delegating.cert.fingerprint(),
+        "gw-issuer",
+        delegating.cert.body.not_after,
+        TEST_NOW + 31,
+    )
+    .unwrap();
+    let err = enroller.renew(&routing, &mut s, TEST_NOW + 32).unwrap_err();
+    assert!(err.why.contains("revoked"), "{}", err.why);
+
     // Another issuer's certificate: refused.
     let other = ca.issuer("other", "100.64.101.0/24", &["gw"], "gw-", 86_400);
     let stranger = other.node("gw-5", "100.64.101.5/10", &["gw"], 3_600);

@@ -96,8 +96,10 @@ pub struct SignArgs {
     /// Make an issuer instead of a node certificate: signed by the root CA,
     /// it signs short-lived node certificates (a lighthouse's [enroll]),
     /// only with addresses from --ips, groups from --groups, names starting
-    /// with --name-prefix and lifetimes up to --max-duration.
-    #[arg(long, requires_all = ["ips", "max_duration"], conflicts_with_all = ["ip", "subnets", "dns_zones", "in_pub"])]
+    /// with --name-prefix and lifetimes up to --max-duration; with
+    /// --subnets/--dns-zones it may delegate those to nodes it signs
+    /// (gateways whose certificates the lighthouse renews).
+    #[arg(long, requires_all = ["ips", "max_duration"], conflicts_with_all = ["ip", "in_pub"])]
     issuer: bool,
     /// The issuer's address pool(s), e.g. 100.64.100.0/24 (with --issuer).
     #[arg(
@@ -135,11 +137,13 @@ pub struct SignArgs {
     /// Groups the node belongs to (firewall rules match on them).
     #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
     groups: Vec<String>,
-    /// Private subnets the node may route for the mesh.
+    /// Private subnets the node may route for the mesh (with --issuer: the
+    /// subnets its nodes' subnets must lie inside).
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     subnets: Vec<IpNet>,
     /// DNS zones the node may answer for as a gateway ([[gateway.dns]]),
-    /// e.g. internal,svc.cluster.local.
+    /// e.g. internal,svc.cluster.local (with --issuer: the zones its nodes'
+    /// zones must lie under).
     #[arg(long, value_delimiter = ',', value_name = "ZONE,...")]
     dns_zones: Vec<String>,
     /// How long the certificate is valid (default: until 1 second before the CA expires).
@@ -186,8 +190,8 @@ fn sign_issuer(args: SignArgs, ca: Cert, ca_key: CaSecretKey) -> anyhow::Result<
         name: args.name,
         ips: args.ips.iter().map(|n| IpNet::V4(n.trunc())).collect(),
         groups: args.groups,
-        subnets: vec![],
-        dns_zones: vec![],
+        subnets: args.subnets,
+        dns_zones: args.dns_zones,
         not_before: now,
         not_after,
         public_key: key.public_bytes(),
@@ -200,18 +204,32 @@ fn sign_issuer(args: SignArgs, ca: Cert, ca_key: CaSecretKey) -> anyhow::Result<
     write_file(out_key, &key.to_pem(), SECRET_MODE, args.force)?;
     write_file(&args.out_crt, &cert.to_pem(), PUBLIC_MODE, args.force)?;
     println!(
-        "signed issuer {:?}: pool {}, groups {}, names {}*, at most {} s each; valid until {}, fingerprint {}\n  certificate: {}\n  private key: {}",
+        "signed issuer {:?}: pool {}, groups {}, names {}*, at most {} s each{}; valid until {}, fingerprint {}\n  certificate: {}\n  private key: {}",
         cert.body.name,
         join_or(cert.body.ips.iter(), "-"),
         join_or(cert.body.groups.iter(), "(none)"),
         cert.body.name_prefix,
         cert.body.max_lifetime,
+        delegation(&cert.body),
         cert::format_unix_time(cert.body.not_after),
         cert.fingerprint(),
         args.out_crt.display(),
         out_key.display(),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// What an issuer delegates, for `sign --issuer`'s summary: nothing for
+/// one that delegates nothing.
+fn delegation(b: &CertBody) -> String {
+    let mut out = String::new();
+    if !b.subnets.is_empty() {
+        out += &format!(", delegating subnets {}", join_or(b.subnets.iter(), "-"));
+    }
+    if !b.dns_zones.is_empty() {
+        out += &format!(", delegating DNS zones {}", b.dns_zones.join(","));
+    }
+    out
 }
 
 #[derive(clap::Args, Debug)]

@@ -92,7 +92,7 @@ pub enum NodeEvent {
     /// [`NodeCore::dns_forwarded`].
     DnsForward(DnsForward),
     /// `[pki] renew`: a lighthouse renewed this node's certificate (checked:
-    /// the same key, name, address, groups and subnets, a later expiry).
+    /// the same key, name, address, groups, subnets and zones, a later expiry).
     /// The shell writes it where `[pki] cert` says, swaps it in, and calls
     /// [`NodeCore::renewal_done`].
     Renewed(VerifiedCert),

@@ -1,8 +1,9 @@
-//! `[pki] renew`: a long-lived node (a runner; not a gateway, whose subnets
-//! an issuer may not sign) whose certificate a lighthouse's issuer signed asks a lighthouse for a fresh one at two
-//! thirds of its lifetime, inside the session that certificate
-//! authenticated; the answer is verified here like any certificate, must be
-//! for the same key, name, address and groups, and goes to the shell
+//! `[pki] renew`: a long-lived node (a runner, or a gateway under an issuer
+//! that delegates its subnets and zones) whose certificate a lighthouse's
+//! issuer signed asks a lighthouse for a fresh one at two thirds of its
+//! lifetime, inside the session that certificate authenticated; the answer
+//! is verified here like any certificate, must be for the same key, name,
+//! address, groups, subnets and zones, and goes to the shell
 //! ([`NodeEvent::Renewed`]) to be written and swapped in. Asked again every
 //! [`RENEW_RETRY`] until it succeeds or the certificate expires.
 
@@ -79,7 +80,7 @@ impl NodeCore {
     }
 
     /// A lighthouse's answer: a certificate that verifies and renews ours
-    /// exactly (key, name, address, groups, subnets) goes to the shell.
+    /// exactly (key, name, address, groups, subnets, zones) goes to the shell.
     pub(super) fn renew_reply(&mut self, id: u32, outcome: RenewOutcome, now: Instant) {
         if self.renewal.asked.map(|(i, _)| i) != Some(id) {
             return; // an answer to a request we no longer wait for
@@ -106,9 +107,10 @@ impl NodeCore {
             && renewed.overlay_net() == own.overlay_net()
             && renewed.groups() == own.groups()
             && renewed.subnets() == own.subnets()
+            && renewed.dns_zones() == own.dns_zones()
             && renewed.not_after() > own.not_after();
         if !same {
-            tracing::warn!("the lighthouse's renewed certificate is not a renewal of ours (another key, name, address, groups or subnets, or no later expiry); kept the running one");
+            tracing::warn!("the lighthouse's renewed certificate is not a renewal of ours (another key, name, address, groups, subnets or zones, or no later expiry); kept the running one");
             return;
         }
         self.renewal.handed_over = true;
