@@ -30,6 +30,7 @@
 //! idle peers, rate buckets) run on the `now` passed in, so they test
 //! deterministically.
 
+pub mod admission;
 mod counters;
 mod paths;
 pub mod rate;
@@ -51,7 +52,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::{Deserialize, Serialize};
 
-use crate::rate::TokenBucket;
+use crate::admission::{SourceLimiter, HOST_PREFIXES};
 use tern_shared::cert::{CaPool, Cert, CertError, Fingerprint, VerifiedCert};
 use tern_shared::show::{list, or_none};
 use tern_shared::wire::{
@@ -88,6 +89,10 @@ const DIRECT_PATH_STALE: Duration = Duration::from_secs(1);
 const FORCED_HANDSHAKE_INTERVAL: Duration = Duration::from_secs(1);
 /// Hellos verified or answered per second (each costs an Ed25519 verification).
 const HELLO_RATE: u32 = 100;
+/// Of those, from one source address (an IPv4 address, an IPv6 /64): a
+/// flood from one address takes its share and no more, and the others
+/// still join (many nodes behind one NAT address join at this pace).
+const HELLOS_PER_SOURCE: u32 = 50;
 
 /// A peer's slot in the table. It is also the upper 24 bits of the WireGuard
 /// session index, so an incoming transport packet finds its peer in one lookup.
@@ -313,7 +318,8 @@ pub struct Mesh {
     /// counted them. Sharing `rate_limiter` instead counted each
     /// initiation twice, halving the limit.
     session_limiter: Arc<RateLimiter>,
-    hello_bucket: TokenBucket,
+    /// Hellos answered or verified: per source address, and all together.
+    hello_admission: SourceLimiter,
     transmits: VecDeque<Transmit>,
     events: VecDeque<MeshEvent>,
     counters: MeshCounters,
@@ -419,7 +425,7 @@ impl Mesh {
             by_overlay: HashMap::new(),
             by_key: HashMap::new(),
             known_certs: HashMap::new(),
-            hello_bucket: TokenBucket::new(HELLO_RATE, now),
+            hello_admission: hello_admission(HELLO_RATE, now),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: MeshCounters::default(),
@@ -503,7 +509,8 @@ impl Mesh {
     }
 
     /// How many strangers this mesh takes on per second: hellos verified
-    /// (each an Ed25519 verification) or answered, and handshake messages
+    /// (each an Ed25519 verification) or answered (at most
+    /// [`HELLOS_PER_SOURCE`] of them from one address), and handshake messages
     /// before WireGuard's cookies are demanded. A node's defaults suit a
     /// node; a lighthouse, which every node joins at once when it restarts
     /// and which re-keys with every node every two minutes, asks for more.
@@ -513,7 +520,7 @@ impl Mesh {
         handshakes_per_sec: u64,
         now: Instant,
     ) {
-        self.hello_bucket = TokenBucket::new(hellos_per_sec, now);
+        self.hello_admission = hello_admission(hellos_per_sec, now);
         self.rate_limiter = Arc::new(RateLimiter::new(&self.public, handshakes_per_sec));
     }
 
@@ -959,6 +966,12 @@ impl Mesh {
     pub fn poll_event(&mut self) -> Option<MeshEvent> {
         self.events.pop_front()
     }
+}
+
+/// Hello admission: `total` a second, at most [`HELLOS_PER_SOURCE`] of
+/// them from one source address.
+fn hello_admission(total: u32, now: Instant) -> SourceLimiter {
+    SourceLimiter::by(HOST_PREFIXES, HELLOS_PER_SOURCE.min(total), total, now)
 }
 
 #[cfg(test)]
@@ -1557,6 +1570,46 @@ mod tests {
         b.mesh.set_admission_rates(100, 1, now);
         let pb = connect(&mut a, &mut b, now);
         assert!(a.mesh.is_connected(pb));
+    }
+
+    #[test]
+    fn a_hello_flood_from_one_address_leaves_room_for_other_addresses() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let na = ca.node("a", "100.64.0.5/10", &[], &[], 86_400);
+        let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);
+        let nc = ca.node("c", "100.64.0.7/10", &[], &[], 86_400);
+        let now = Instant::now();
+        let mut b = side(&nb, ca.pool(), "198.18.0.3:4242", now);
+        b.mesh.set_admission_rates(2_000, 500, now);
+        let hello = |n: &TestNode| {
+            Hello {
+                wants_reply: true,
+                cert: n.verified(&ca.pool()).encoded(),
+            }
+            .encode()
+        };
+        let (flood, mut buf) = (hello(&na), vec![0u8; 4096]);
+        let flooder: SocketAddr = "198.18.0.66:4242".parse().unwrap();
+        // 20,000 hellos within a second, from one address and many ports.
+        let mut answered = 0;
+        for i in 0..20_000u32 {
+            let at = now + Duration::from_micros(50 * u64::from(i));
+            let from = SocketAddr::new(flooder.ip(), 1024 + (i % 5000) as u16);
+            b.mesh.handle_datagram(from, &flood, &mut buf, at);
+            while b.mesh.poll_transmit().is_some() {
+                answered += 1;
+            }
+        }
+        assert!(
+            answered <= 2 * HELLOS_PER_SOURCE as usize + 1,
+            "the flood got its share and no more: {answered}"
+        );
+        // Another address is answered at once, in the same second.
+        let at = now + Duration::from_millis(999);
+        let other: SocketAddr = "198.18.0.7:4242".parse().unwrap();
+        b.mesh.handle_datagram(other, &hello(&nc), &mut buf, at);
+        let reply = b.mesh.poll_transmit().expect("the other node is answered");
+        assert_eq!(reply.dst, other);
     }
 
     #[test]

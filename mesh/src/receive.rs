@@ -136,7 +136,7 @@ impl Mesh {
             None => {
                 self.counters.unknown_handshake_keys += 1;
                 tracing::debug!(%from, "handshake from a key with no verified certificate; asking for it");
-                if self.hello_bucket.take(now) {
+                if self.hello_admission.admit(from, now) {
                     self.send_hello(from, true);
                 } else {
                     self.counters.rate_limited += 1;
@@ -339,7 +339,7 @@ impl Mesh {
         // certificate: the bucket also bounds what we send to a source
         // nobody verified.
         let known = self.verified_already(hello.cert, now);
-        if (hello.wants_reply || known.is_none()) && !self.hello_bucket.take(now) {
+        if (hello.wants_reply || known.is_none()) && !self.hello_admission.admit(from, now) {
             self.counters.rate_limited += 1;
             return;
         }

@@ -400,3 +400,87 @@ fn status_without_a_daemon_says_what_is_missing() {
         "{err}"
     );
 }
+
+/// A flood of hellos from one address (127.0.0.2, far over the
+/// lighthouse's rate) does not keep a node on another address from
+/// joining within its usual time: hellos are admitted per source address.
+#[test]
+fn a_hello_flood_from_one_address_does_not_keep_another_node_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pki(dir);
+    let port = free_udp();
+    let config = dir.join("lighthouse.toml");
+    fs::write(
+        &config,
+        format!("[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{port}\"\n[api]\nsocket = \"lh.sock\"\n"),
+    )
+    .unwrap();
+    let _lh = Daemon::start(
+        "tern-lighthouse",
+        &["--config", &config.to_string_lossy()],
+        dir.join("lh.log"),
+    );
+    wait_until("lighthouse API socket", Duration::from_secs(10), || {
+        dir.join("lh.sock").exists()
+    });
+    let lh_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // b's hello, valid and asking for an answer, sent from 127.0.0.2 at
+    // 20,000 a second (ten times the lighthouse's whole hello rate) for at
+    // most 6 s: bounded in count and time.
+    let cert = fs::read_to_string(dir.join("b.crt")).unwrap();
+    let cert = tern_shared::cert::Cert::from_pem(&cert).unwrap().encode();
+    let hello = tern_shared::wire::Hello {
+        wants_reply: true,
+        cert: &cert,
+    }
+    .encode();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let socket = UdpSocket::bind("127.0.0.2:0").unwrap();
+            let start = Instant::now();
+            let mut sent = 0u64;
+            // Evenly paced (one every 50 us), not in bursts: a burst
+            // leaves gaps in which anyone's hello finds a token.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(6)
+                && sent < 120_000
+            {
+                if start.elapsed() < Duration::from_micros(50 * sent) {
+                    std::thread::yield_now();
+                    continue;
+                }
+                let _ = socket.send_to(&hello, lh_addr);
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // Long enough for the flood to drain the lighthouse's whole bucket (2000
+    // deep) even when the lighthouse is slower than the flood.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let started = Instant::now();
+    let mut a = LoopNode::new(dir, "a", lh_addr);
+    wait_until(
+        "a registers during the flood",
+        Duration::from_secs(3),
+        || {
+            a.poll();
+            a.core.status().lighthouses[0].registered
+        },
+    );
+    let joined = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flooder.join().unwrap();
+    let st = lighthouse_status(dir);
+    let limited = st["mesh_counters"]["rate_limited"].as_u64().unwrap();
+    assert!(
+        limited >= sent / 2,
+        "the flood met the limit: {limited} of {sent} limited"
+    );
+    eprintln!("a joined {joined:?} into a flood of {sent} hellos ({limited} limited)");
+}

@@ -7,13 +7,14 @@
 //!   runner lists, revocations, introductions.
 //! - [`registry`]: the live nodes, their endpoints, routes and runner adverts.
 //! - [`relay`]: relaying WireGuard between introduced pairs, on a budget.
-//! - [`admission`]: rate buckets for enrollment before anyone is verified.
+//! - [`admission`]: rate buckets for enrollment before anyone is verified
+//!   (the mesh's, which its hellos use too).
 //! - [`enroll`]: what a token or an ID token buys (`Enroller`), and the
 //!   store it needs (`EnrollStore`, implemented by the lighthouse).
 //! - [`oidc`]: ID-token checks (signature, issuer, audience, expiry) and
 //!   the claim rules.
 
-pub mod admission;
+pub use tern_mesh::admission;
 pub mod enroll;
 pub mod lighthouse;
 pub mod oidc;

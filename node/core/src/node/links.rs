@@ -2,6 +2,7 @@
 //! backoff until it answers with a lighthouse certificate), registering
 //! with it, noticing it restarted or went away, and the relays it offers.
 
+use super::backoff::Backoff;
 use super::*;
 
 /// How often a node re-registers with each lighthouse.
@@ -11,6 +12,10 @@ pub const REGISTER_INTERVAL: Duration = Duration::from_secs(4);
 /// or gone: its session is dropped and it is discovered anew.
 pub const LIGHTHOUSE_DEAD_AFTER: Duration = Duration::from_secs(9);
 
+/// Hellos to a lighthouse that has not answered are sent again after this
+/// (a mesh starting at once: the lighthouse may not listen yet) ...
+pub(super) const HELLO_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// ... then twice as late each time, up to this.
 pub(super) const HELLO_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A lighthouse this node was configured with.
@@ -46,7 +51,7 @@ pub(super) enum LinkState {
     /// Sending hellos until the lighthouse answers with an acceptable certificate.
     Discovering {
         next_hello: Instant,
-        backoff: Duration,
+        backoff: Backoff,
     },
     /// Session set up (or being set up); registering periodically.
     Up {
@@ -56,6 +61,17 @@ pub(super) enum LinkState {
         acked: bool,
         next_register: Instant,
     },
+}
+
+impl LinkState {
+    /// Looking for the lighthouse from `now` on: a hello at once, then
+    /// again on the fast first schedule.
+    pub(super) fn discovering(now: Instant) -> LinkState {
+        LinkState::Discovering {
+            next_hello: now,
+            backoff: Backoff::new(HELLO_RETRY_FIRST, HELLO_BACKOFF_MAX),
+        }
+    }
 }
 
 impl NodeCore {
@@ -87,15 +103,15 @@ impl NodeCore {
         match self.links[i].state {
             LinkState::Discovering {
                 next_hello,
-                backoff,
+                mut backoff,
             } => {
                 if next_hello <= now {
                     let endpoint = self.links[i].target.endpoint;
                     tracing::debug!(%endpoint, "hello to lighthouse");
                     self.mesh.send_hello(endpoint, true);
                     self.links[i].state = LinkState::Discovering {
-                        next_hello: now + backoff,
-                        backoff: (backoff * 2).min(HELLO_BACKOFF_MAX),
+                        next_hello: now + backoff.step(&mut self.jitter),
+                        backoff,
                     };
                 }
             }
@@ -108,10 +124,7 @@ impl NodeCore {
             } => {
                 if now.saturating_duration_since(last_ack) >= LIGHTHOUSE_DEAD_AFTER {
                     tracing::warn!(endpoint = %self.links[i].target.endpoint, "lighthouse stopped answering; reconnecting");
-                    self.links[i].state = LinkState::Discovering {
-                        next_hello: now,
-                        backoff: Duration::from_millis(500),
-                    };
+                    self.links[i].state = LinkState::discovering(now);
                     self.mesh.remove_peer(peer);
                     self.drain_mesh_events(now);
                     return;

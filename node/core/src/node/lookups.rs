@@ -2,9 +2,13 @@
 //! an overlay address, with the packets that wait for the answer, and
 //! checking that answer before a peer is made of it.
 
+use super::backoff::Backoff;
 use super::*;
 
-/// A lookup is retried this often ...
+/// A lookup is asked again after this (the peer may not have registered
+/// yet when a mesh comes up at once) ...
+pub(super) const QUERY_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// ... then twice as late each time, up to this ...
 pub(super) const QUERY_RETRY: Duration = Duration::from_secs(1);
 
 /// ... and given up after this long, dropping the packets that waited on it.
@@ -19,6 +23,7 @@ pub(super) struct Lookup {
     pub(super) packets: VecDeque<Vec<u8>>,
     pub(super) started: Instant,
     pub(super) next_query: Instant,
+    pub(super) retry: Backoff,
     /// Lighthouses that answered they do not know the address.
     pub(super) unknown_at: Vec<PeerId>,
     /// All of them did: pings to it are answered "unknown".
@@ -41,6 +46,7 @@ impl NodeCore {
             packets: VecDeque::new(),
             started: now,
             next_query: now,
+            retry: Backoff::new(QUERY_RETRY_FIRST, QUERY_RETRY),
             unknown_at: Vec::new(),
             reported_unknown: false,
         });
@@ -50,7 +56,7 @@ impl NodeCore {
         }
         lookup.packets.push_back(packet.to_vec());
         if lookup.next_query <= now {
-            lookup.next_query = now + QUERY_RETRY;
+            lookup.next_query = now + lookup.retry.step(&mut self.jitter);
             self.send_query(dst, now);
         }
     }
@@ -60,12 +66,14 @@ impl NodeCore {
         if self.lookups.contains_key(&dst) || self.lookups.len() >= MAX_LOOKUPS {
             return;
         }
+        let mut retry = Backoff::new(QUERY_RETRY_FIRST, QUERY_RETRY);
         self.lookups.insert(
             dst,
             Lookup {
                 packets: VecDeque::new(),
                 started: now,
-                next_query: now + QUERY_RETRY,
+                next_query: now + retry.step(&mut self.jitter),
+                retry,
                 unknown_at: Vec::new(),
                 reported_unknown: false,
             },
@@ -131,7 +139,7 @@ impl NodeCore {
                 return false;
             }
             if l.next_query <= now {
-                l.next_query = now + QUERY_RETRY;
+                l.next_query = now + l.retry.step(&mut self.jitter);
                 retry.push(*ip);
             }
             true

@@ -26,6 +26,7 @@ use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Rec
 use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
 use tern_shared::show::list;
 
+mod backoff;
 mod links;
 mod lookups;
 mod names;
@@ -210,6 +211,8 @@ pub struct NodeCore {
     serving: ZoneService,
     /// `[pki] renew`: the sub-machine in `renew.rs`.
     renewal: renew::Renewal,
+    /// Jitter for this node's retry schedules (`backoff.rs`).
+    jitter: backoff::Jitter,
 }
 
 impl NodeCore {
@@ -232,10 +235,7 @@ impl NodeCore {
                 .into_iter()
                 .map(|target| LighthouseLink {
                     target,
-                    state: LinkState::Discovering {
-                        next_hello: now,
-                        backoff: Duration::from_millis(500),
-                    },
+                    state: LinkState::discovering(now),
                     observed: None,
                     relay: false,
                     revocations: 0,
@@ -255,6 +255,11 @@ impl NodeCore {
             names: Names::new(now),
             serving: ZoneService::default(),
             renewal: renew::Renewal::default(),
+            // Seeded by the node's key: different per node, the same
+            // in every run of a test.
+            jitter: backoff::Jitter::new(u64::from_le_bytes(
+                own_cert.public_key()[..8].try_into().unwrap_or([0; 8]),
+            )),
         }
     }
 
@@ -587,10 +592,7 @@ impl NodeCore {
                     self.queries.rtts.remove(&overlay_ip);
                     for link in &mut self.links {
                         if matches!(link.state, LinkState::Up { peer: p, .. } if p == peer) {
-                            link.state = LinkState::Discovering {
-                                next_hello: now,
-                                backoff: Duration::from_millis(500),
-                            };
+                            link.state = LinkState::discovering(now);
                         }
                     }
                 }
@@ -942,11 +944,11 @@ pub(super) mod tests {
         // The first hello to the lighthouse is due at once.
         assert!(core.poll_timeout(now) <= now);
         core.handle_timeout(now);
-        // Then: the next hello (half a second), not sooner; and it stays
-        // put however late it is asked.
+        // Then: the next hello (50 ms on), not sooner; and it stays put
+        // however late it is asked.
         let next = core.poll_timeout(now);
         assert!(next > now, "{:?}", next - now);
-        assert_eq!(core.poll_timeout(now + Duration::from_millis(100)), next);
+        assert_eq!(core.poll_timeout(now + Duration::from_millis(40)), next);
         // A packet for an unknown address starts a lookup: asking again
         // and giving up are deadlines too.
         let ip: Ipv4Addr = "100.64.0.9".parse().unwrap();
@@ -956,6 +958,54 @@ pub(super) mod tests {
         let lookup = core.lookups_deadline().expect("a lookup waits");
         assert!(lookup <= now + QUERY_RETRY, "{:?}", lookup - now);
         assert!(core.poll_timeout(now) <= lookup);
+    }
+
+    /// The moments (ms after start) at which `core` sends a datagram to
+    /// `dst` over `span`, driven by its own deadlines.
+    fn sends_to(core: &mut NodeCore, dst: SocketAddr, start: Instant, span: Duration) -> Vec<u64> {
+        let mut at = Vec::new();
+        let mut now = start;
+        while now <= start + span {
+            core.handle_timeout(now);
+            while let Some(t) = core.poll_transmit() {
+                if t.dst == dst {
+                    at.push(now.duration_since(start).as_millis() as u64);
+                }
+            }
+            let next = core.poll_timeout(now);
+            now = next.max(now + Duration::from_millis(1));
+        }
+        at
+    }
+
+    #[test]
+    fn a_lighthouse_that_is_not_up_yet_is_asked_again_fast_then_slower() {
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let mut core = node(&ca);
+        let lh: SocketAddr = "198.18.0.1:4242".parse().unwrap();
+        let start = Instant::now();
+        let hellos = sends_to(&mut core, lh, start, Duration::from_secs(30));
+        // 0, then about 50, 150, 350, 750 ms ... (each gap 1 to 1.25 times
+        // the plain doubling), and no faster than every 5 s once grown.
+        assert_eq!(hellos[0], 0);
+        assert!((50..=63).contains(&hellos[1]), "{hellos:?}");
+        let gaps: Vec<u64> = hellos.windows(2).map(|w| w[1] - w[0]).collect();
+        for (gap, nominal) in gaps
+            .iter()
+            .zip([50u64, 100, 200, 400, 800, 1600, 3200, 5000, 5000])
+        {
+            assert!(
+                *gap >= nominal && *gap <= nominal + nominal / 4 + 1,
+                "{gaps:?}"
+            );
+        }
+        // The old schedule (500 ms, doubling to 5 s) sent 9 in 30 s; this
+        // one sends 3 more in its first second, and the same after.
+        assert!(
+            hellos.len() <= 12,
+            "{} hellos in 30 s: {hellos:?}",
+            hellos.len()
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! Admission of datagrams from sources nobody has verified yet (enrollment
-//! hellos and requests): a token bucket per source prefix, so one address
-//! (or one forged range) cannot take more than its share, and one for all
-//! sources together, so many cannot take the lighthouse. Sans-IO: the
+//! Admission of datagrams from sources nobody has verified yet (hellos,
+//! enrollment hellos and requests): a token bucket per source prefix, so one
+//! address (or one forged range) cannot take more than its share, and one
+//! for all sources together, so many cannot take the daemon. Sans-IO: the
 //! caller passes the time.
 //!
 //! Drive it with [`SourceLimiter::admit`] for each datagram; it forgets
@@ -11,13 +11,22 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::rate::TokenBucket;
 use serde::Serialize;
-use tern_mesh::rate::TokenBucket;
 
-/// Prefixes a source is counted by: an IPv4 /24, an IPv6 /48 (what one
-/// site or one NAT pool usually holds).
-const V4_PREFIX: u32 = 24;
-const V6_PREFIX: u32 = 48;
+/// The prefixes enrollment counts a source by: an IPv4 /24, an IPv6 /48
+/// (what one site or one NAT pool usually holds).
+pub const SITE_PREFIXES: SourcePrefixes = SourcePrefixes { v4: 24, v6: 48 };
+/// The prefixes hellos are counted by: one IPv4 address, one IPv6 /64
+/// (the least one host is given, and can pick any address in).
+pub const HOST_PREFIXES: SourcePrefixes = SourcePrefixes { v4: 32, v6: 64 };
+
+/// How many leading bits of a source address make it the same source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePrefixes {
+    pub v4: u32,
+    pub v6: u32,
+}
 
 /// Most prefixes tracked at once; beyond this, new prefixes share one
 /// bucket until idle ones are forgotten.
@@ -36,6 +45,7 @@ pub struct AdmissionCounters {
 /// Token buckets per source prefix and for all sources.
 pub struct SourceLimiter {
     per_source: u32,
+    prefixes: SourcePrefixes,
     buckets: HashMap<IpAddr, (TokenBucket, Instant)>,
     /// Shared by new prefixes while the table is full.
     overflow: TokenBucket,
@@ -45,11 +55,22 @@ pub struct SourceLimiter {
 }
 
 impl SourceLimiter {
-    /// `per_source` datagrams a second from one prefix, `total` from all
-    /// (each bucket one second deep).
+    /// `per_source` datagrams a second from one prefix ([`SITE_PREFIXES`]),
+    /// `total` from all (each bucket one second deep).
     pub fn new(per_source: u32, total: u32, now: Instant) -> SourceLimiter {
+        SourceLimiter::by(SITE_PREFIXES, per_source, total, now)
+    }
+
+    /// As [`SourceLimiter::new`], counting sources by `prefixes`.
+    pub fn by(
+        prefixes: SourcePrefixes,
+        per_source: u32,
+        total: u32,
+        now: Instant,
+    ) -> SourceLimiter {
         SourceLimiter {
             per_source: per_source.max(1),
+            prefixes,
             buckets: HashMap::new(),
             overflow: TokenBucket::new(per_source.max(1), now),
             total: TokenBucket::new(total.max(1), now),
@@ -61,7 +82,7 @@ impl SourceLimiter {
     /// Whether a datagram from `from` may be answered now.
     pub fn admit(&mut self, from: SocketAddr, now: Instant) -> bool {
         self.sweep(now);
-        let prefix = prefix_of(from.ip());
+        let prefix = prefix_of(from.ip(), self.prefixes);
         let full = self.buckets.len() >= MAX_PREFIXES;
         let allowed = match self.buckets.get_mut(&prefix) {
             Some((bucket, seen)) => {
@@ -109,17 +130,19 @@ impl SourceLimiter {
     }
 }
 
-fn prefix_of(ip: IpAddr) -> IpAddr {
+fn prefix_of(ip: IpAddr, prefixes: SourcePrefixes) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
-            let bits = u32::from(v4) & (u32::MAX << (32 - V4_PREFIX));
-            IpAddr::V4(bits.into())
+            let mask = u32::MAX.checked_shl(32 - prefixes.v4.min(32)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
         }
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => prefix_of(IpAddr::V4(v4)),
+            Some(v4) => prefix_of(IpAddr::V4(v4), prefixes),
             None => {
-                let bits = u128::from(v6) & (u128::MAX << (128 - V6_PREFIX));
-                IpAddr::V6(bits.into())
+                let mask = u128::MAX
+                    .checked_shl(128 - prefixes.v6.min(128))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
             }
         },
     }
@@ -185,17 +208,14 @@ mod tests {
 
     #[test]
     fn sources_are_counted_by_prefix() {
-        assert_eq!(
-            prefix_of("198.18.7.99".parse().unwrap()),
-            "198.18.7.0".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            prefix_of("2001:db8:1:2::5".parse().unwrap()),
-            "2001:db8:1::".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            prefix_of("::ffff:198.18.7.99".parse().unwrap()),
-            "198.18.7.0".parse::<IpAddr>().unwrap()
-        );
+        let of = |ip: &str, p| prefix_of(ip.parse().unwrap(), p).to_string();
+        assert_eq!(of("198.18.7.99", SITE_PREFIXES), "198.18.7.0");
+        assert_eq!(of("2001:db8:1:2::5", SITE_PREFIXES), "2001:db8:1::");
+        assert_eq!(of("::ffff:198.18.7.99", SITE_PREFIXES), "198.18.7.0");
+        assert_eq!(of("198.18.7.99", HOST_PREFIXES), "198.18.7.99");
+        assert_eq!(of("2001:db8:1:2:3::5", HOST_PREFIXES), "2001:db8:1:2::");
+        let all = SourcePrefixes { v4: 0, v6: 0 };
+        assert_eq!(of("198.18.7.99", all), "0.0.0.0");
+        assert_eq!(of("2001:db8::1", all), "::");
     }
 }

@@ -1,0 +1,196 @@
+//! `coldstart-bench`: how soon a whole mesh that starts at once carries
+//! traffic. A lighthouse and two nodes on one flat underlay (no NAT) are
+//! launched at the same moment; a pings b from the launch on (every 5 ms)
+//! and the figure is the time from the launch to b's first answer. Needs
+//! root and ping.
+//!
+//! ```text
+//! cargo build --release --workspace
+//! sudo target/release/coldstart-bench [--reps N] [--baseline-bin-dir DIR] [--write]
+//! ```
+//!
+//! `--baseline-bin-dir DIR` runs every repetition a second time with the
+//! `tern` and `tern-lighthouse` in DIR (another build, say the previous
+//! release), interleaved, so both are measured in the same run on the same
+//! machine. `--write` replaces the cold-start section of BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tern_netns_tests::report::{cell, machine_line, median, number, write_section};
+use tern_netns_tests::tern::{
+    make_ca_and_lighthouse, node_config_text, sign, write_file, LH_UNDERLAY,
+};
+use tern_netns_tests::{require_root, require_tools, workspace_bin, Lab};
+
+const B_OVERLAY: &str = "100.64.0.6";
+/// Longest a repetition waits for the first answer.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+struct Args {
+    reps: usize,
+    baseline: Option<PathBuf>,
+    write: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        reps: 5,
+        baseline: None,
+        write: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--reps" => args.reps = number(it.next(), "--reps", 1, 50)?,
+            "--baseline-bin-dir" => {
+                let dir = PathBuf::from(it.next().ok_or("--baseline-bin-dir needs a directory")?);
+                for bin in ["tern", "tern-lighthouse"] {
+                    if !dir.join(bin).is_file() {
+                        return Err(format!("{} has no {bin}", dir.display()));
+                    }
+                }
+                args.baseline = Some(dir);
+            }
+            "--write" => args.write = true,
+            "-h" | "--help" => {
+                return Err("usage: coldstart-bench [--reps N (1-50, default 5)] [--baseline-bin-dir DIR] [--write]".into())
+            }
+            other => return Err(format!("unknown argument {other:?}; see --help")),
+        }
+    }
+    Ok(args)
+}
+
+/// One cold start with the binaries in `bins`: milliseconds from launching
+/// the lighthouse and both nodes to a's first answer from b.
+fn cold_start(bins: &Path) -> Option<f64> {
+    let lab = Lab::new("cold");
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let a = lab.add_ns("a");
+    let b = lab.add_ns("b");
+    lab.connect_to_wan(&lh, &format!("{LH_UNDERLAY}/24"));
+    lab.connect_to_wan(&a, "198.18.0.2/24");
+    lab.connect_to_wan(&b, "198.18.0.3/24");
+    make_ca_and_lighthouse(&dir);
+    sign(&dir, "ca", "a", "100.64.0.5/10", &[]);
+    sign(&dir, "ca", "b", "100.64.0.6/10", &[]);
+    let open = "[dns]\nconfigure_system = false\n[[firewall.inbound]]\nproto = \"any\"\n[log]\nlevel = \"warn\"\n";
+    let node = |name: &str| {
+        let text = node_config_text(name, "ca.crt").replace("[log]\nlevel = \"debug\"\n", "");
+        write_file(&dir, &format!("{name}.toml"), &format!("{text}{open}"))
+    };
+    let (a_config, b_config) = (node("a"), node("b"));
+    let lh_config = tern_netns_tests::tern::write_lighthouse_config(&dir);
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let (tern, lighthouse) = (bins.join("tern"), bins.join("tern-lighthouse"));
+
+    let launch = Instant::now();
+    let _lh = lh.spawn(
+        &path(&lighthouse),
+        ["--config", &path(&lh_config)],
+        "lighthouse",
+    );
+    let _a = a.spawn(&path(&tern), ["up", "--config", &path(&a_config)], "node-a");
+    let _b = b.spawn(&path(&tern), ["up", "--config", &path(&b_config)], "node-b");
+    while launch.elapsed() < PATIENCE {
+        // Until a's TUN device exists ping fails at once; then each run
+        // pings every 5 ms for up to 2 s and ends at the first answer.
+        let out = a.exec(
+            "ping",
+            ["-n", "-q", "-c", "1", "-i", "0.005", "-w", "2", B_OVERLAY],
+        );
+        if out.status.success() {
+            return Some(launch.elapsed().as_secs_f64() * 1000.0);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    lab.dump_logs();
+    None
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("coldstart-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !require_root("coldstart-bench") || !require_tools("coldstart-bench", &["ping"]) {
+        return ExitCode::from(2);
+    }
+    let this = workspace_bin("tern")
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let (mut now_ms, mut base_ms) = (Vec::new(), Vec::new());
+    for rep in 1..=args.reps {
+        match cold_start(&this) {
+            Some(ms) => now_ms.push(ms),
+            None => eprintln!("coldstart-bench: rep {rep}: no answer within {PATIENCE:?}"),
+        }
+        if let Some(dir) = &args.baseline {
+            match cold_start(dir) {
+                Some(ms) => base_ms.push(ms),
+                None => {
+                    eprintln!("coldstart-bench: rep {rep}, baseline: no answer within {PATIENCE:?}")
+                }
+            }
+        }
+        eprintln!(
+            "coldstart-bench: rep {rep}/{}: {:?} ms (baseline {:?} ms)",
+            args.reps,
+            now_ms.last(),
+            base_ms.last()
+        );
+    }
+    let baseline_rows = match &args.baseline {
+        Some(dir) if !base_ms.is_empty() && !now_ms.is_empty() => {
+            let ratio = median(&mut base_ms.clone()) / median(&mut now_ms.clone());
+            format!(
+                "| the same with the baseline build (`{}`) (ms) | {} |\n\
+                 | baseline / this build | {ratio:.1}× |\n",
+                dir.display(),
+                cell(&base_ms, 0)
+            )
+        }
+        _ => String::new(),
+    };
+    let table = format!(
+        "## Cold start: a whole mesh launched at once\n\n\
+         {}\n\
+         Command: `coldstart-bench --reps {}{}` (a lighthouse and two nodes on one flat \
+         underlay, launched at the same moment, built afresh for every repetition).\n\n\
+         | metric | median (min–max) |\n|---|---|\n\
+         | launch → a's first ping answered by b (ms) | {} |\n{baseline_rows}\n\
+         The ping runs from the launch on, every 5 ms once a's TUN device exists; the figure \
+         includes each daemon's start, the lighthouse's hello and handshake, registration, the \
+         lookup of b and the handshake between a and b.\n",
+        machine_line(),
+        args.reps,
+        if args.baseline.is_some() {
+            " --baseline-bin-dir DIR"
+        } else {
+            ""
+        },
+        cell(&now_ms, 0),
+    );
+    println!("{table}");
+    if args.write {
+        match write_section("coldstart", &table) {
+            Ok(path) => eprintln!("coldstart-bench: wrote the section into {}", path.display()),
+            Err(e) => {
+                eprintln!("coldstart-bench: writing BENCHMARKS.md: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if now_ms.is_empty() {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
