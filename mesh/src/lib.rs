@@ -357,6 +357,11 @@ struct Peer {
     last_rx: Option<Instant>,
     last_tx: Option<Instant>,
     /// Last authenticated packet that came straight from the peer.
+    /// We just left the relay for a direct path the peer's packet proved:
+    /// the next transport packet from it is answered with one keepalive
+    /// over that path, so the peer, which may still send through the
+    /// relay, leaves it too (once per switch: no keepalive ping-pong).
+    announce_direct: bool,
     last_direct_rx: Option<Instant>,
     /// When our last handshake initiation left, and the round trip of the
     /// last one answered: an RTT for every session, no ping needed.
@@ -510,7 +515,7 @@ impl Mesh {
 
     /// How many strangers this mesh takes on per second: hellos verified
     /// (each an Ed25519 verification) or answered (at most
-    /// [`HELLOS_PER_SOURCE`] of them from one address), and handshake messages
+    /// 50 of them a second from one address), and handshake messages
     /// before WireGuard's cookies are demanded. A node's defaults suit a
     /// node; a lighthouse, which every node joins at once when it restarts
     /// and which re-keys with every node every two minutes, asks for more.
@@ -622,6 +627,7 @@ impl Mesh {
                 last_tx: None,
                 last_forced_handshake: None,
                 last_direct_rx: None,
+                announce_direct: false,
                 init_sent: None,
                 handshake_rtt: None,
                 spoofed_source_drops: 0,

@@ -181,40 +181,13 @@ impl Mesh {
                     p.handshake_rtt = Some(now.saturating_duration_since(sent));
                 }
             }
-            if let Via::Direct(_) = via {
-                p.last_direct_rx = Some(now);
-            }
-            // The peer reaches us only through the relay now (its address
-            // changed, or a NAT forgot it): answer the same way. A relayed
-            // packet overtaken by direct ones (the path just moved) does not
-            // count.
-            if let Via::Relay { .. } = via {
-                let direct_quiet = p
-                    .last_direct_rx
-                    .is_none_or(|t| now.saturating_duration_since(t) >= DIRECT_PATH_STALE);
-                if p.endpoint.is_some() && direct_quiet {
-                    tracing::info!(peer = p.cert.name(), endpoint = %or_none(p.endpoint), "peer now comes through the relay; direct path dropped");
-                    p.endpoint = None;
-                    direct_lost = true;
-                }
-            }
-            match via {
-                Via::Direct(from) if p.endpoint != Some(from) => {
-                    // Authenticated by the session: the peer is reachable
-                    // here (roaming, or a direct path found while relayed).
-                    match p.endpoint {
-                        Some(old) => {
-                            tracing::info!(peer = p.cert.name(), %old, new = %from, "peer endpoint moved")
-                        }
-                        None if p.relay.is_some() => {
-                            tracing::info!(peer = p.cert.name(), endpoint = %from, "direct path found; leaving the relay")
-                        }
-                        None => {}
-                    }
-                    p.endpoint = Some(from);
-                }
-                Via::Relay { relay, .. } if p.relay != Some(relay) => p.relay = Some(relay),
-                _ => {}
+            direct_lost = follow_path(p, via, now);
+            // Over a confirmed session (a transport packet came; a
+            // responder must not start a handshake here).
+            if p.announce_direct && datagram.first() == Some(&4) {
+                p.announce_direct = false;
+                self.transmits
+                    .extend(direct_keepalive(p, &mut self.scratch));
             }
         }
         if direct_lost {
@@ -458,13 +431,16 @@ impl Mesh {
         p.last_init = Some(init.to_vec());
         p.init_sent = Some(now);
         let p = &**p;
-        if let Some(relay) = p.relay {
-            let via = Via::Relay {
+        // Through the relay last: where a direct path works, its copy
+        // leaves first, and usually arrives first, so the peer answers
+        // that way and the session starts direct.
+        let relayed = p.relay.map(|relay| {
+            Via::Relay {
                 relay,
                 peer: p.cert.overlay_ip(),
-            };
-            self.transmits.push_back(via.transmit(init));
-        }
+            }
+            .transmit(init)
+        });
         let mut targets: Vec<SocketAddr> = p.endpoint.into_iter().collect();
         for c in &p.candidates {
             if !targets.contains(c) {
@@ -483,5 +459,62 @@ impl Mesh {
                 payload: init.to_vec(),
             });
         }
+        self.transmits.extend(relayed);
+    }
+}
+
+/// Where an authenticated packet came from tells where the peer is: a
+/// direct packet fixes (or moves) its endpoint, leaving the relay; a relayed
+/// one, with the direct path quiet, means the peer reaches us only through
+/// the relay now. True when the direct path was dropped.
+fn follow_path(p: &mut Peer, via: Via, now: Instant) -> bool {
+    let mut direct_lost = false;
+    if let Via::Direct(_) = via {
+        p.last_direct_rx = Some(now);
+    }
+    // A relayed packet overtaken by direct ones (the path just moved) does
+    // not count.
+    if let Via::Relay { .. } = via {
+        let direct_quiet = p
+            .last_direct_rx
+            .is_none_or(|t| now.saturating_duration_since(t) >= DIRECT_PATH_STALE);
+        if p.endpoint.is_some() && direct_quiet {
+            tracing::info!(peer = p.cert.name(), endpoint = %or_none(p.endpoint), "peer now comes through the relay; direct path dropped");
+            p.endpoint = None;
+            direct_lost = true;
+        }
+    }
+    match via {
+        Via::Direct(from) if p.endpoint != Some(from) => {
+            // Authenticated by the session: the peer is reachable here
+            // (roaming, or a direct path found while relayed).
+            match p.endpoint {
+                Some(old) => {
+                    tracing::info!(peer = p.cert.name(), %old, new = %from, "peer endpoint moved")
+                }
+                None if p.relay.is_some() => {
+                    tracing::info!(peer = p.cert.name(), endpoint = %from, "direct path found; leaving the relay");
+                    p.announce_direct = true;
+                }
+                None => {}
+            }
+            p.endpoint = Some(from);
+        }
+        Via::Relay { relay, .. } if p.relay != Some(relay) => p.relay = Some(relay),
+        _ => {}
+    }
+    direct_lost
+}
+
+/// One keepalive over the peer's direct path, which it takes as proof of
+/// that path (see `Peer::announce_direct`).
+fn direct_keepalive(p: &mut Peer, scratch: &mut [u8]) -> Option<Transmit> {
+    let dst = p.endpoint?;
+    match p.tunn.encapsulate(&[], scratch) {
+        TunnResult::WriteToNetwork(k) if k.first() == Some(&4) => Some(Transmit {
+            dst,
+            payload: k.to_vec(),
+        }),
+        _ => None,
     }
 }

@@ -536,13 +536,16 @@ pub struct PeersConfig {
     pub idle_timeout: Duration,
     /// A peer with no direct path this long after the first attempt is
     /// reached through a relay (a lighthouse that offers relaying) while
-    /// punching goes on. Must be positive. Default [`DEFAULT_RELAY_AFTER`].
+    /// punching goes on; zero: at once, so the first packet never waits for
+    /// punching (the session moves to a direct path when one is proven).
+    /// Default [`DEFAULT_RELAY_AFTER`] (zero).
     #[serde(deserialize_with = "duration")]
     pub relay_after: Duration,
 }
 
-/// Default `peers.relay_after`.
-pub const DEFAULT_RELAY_AFTER: Duration = Duration::from_secs(2);
+/// Default `peers.relay_after`: none, the relay carries the first packets
+/// while punching runs.
+pub const DEFAULT_RELAY_AFTER: Duration = Duration::ZERO;
 
 /// `[registry]` of a lighthouse config.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -1084,13 +1087,6 @@ impl PeersConfig {
                 file,
                 "peers.idle_timeout",
                 "must be longer than zero, e.g. \"5m\"",
-            ));
-        }
-        if self.relay_after.is_zero() {
-            return Err(invalid(
-                file,
-                "peers.relay_after",
-                "must be longer than zero, e.g. \"2s\" (a relay is a fallback; give direct paths a moment)",
             ));
         }
         Ok(())

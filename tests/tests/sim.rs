@@ -160,6 +160,35 @@ fn node_from_another_ca_registers_nowhere_and_reaches_no_one() {
     assert!(lab.net.node(A).1.is_empty());
 }
 
+/// A mesh coming up at once: a asks for b a moment before b registers.
+/// The lighthouse says "unknown" at once and, when b registers, answers a
+/// right then, without a's next retry.
+#[test]
+fn a_lookup_just_before_its_node_registers_is_answered_when_it_does() {
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let mut net = Net::new();
+    net.add_lighthouse(
+        &ca,
+        &ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
+    );
+    net.add_node(&ca, &ca.node("a", "100.64.0.5/10", &[], &[], 86_400), A);
+    net.run_for(Duration::from_secs(1));
+    let p = build_udp_ipv4(A_IP, B_IP, 1, 2, b"before b is up");
+    net.send_from_tun(A, &p);
+    let now = net.now;
+    let asked = net.lighthouse().status(now).counters;
+    assert_eq!(asked.queries_unanswered, 1);
+    // b starts and registers, and the clock does not move.
+    net.add_node(&ca, &ca.node("b", "100.64.0.6/10", &[], &[], 86_400), B);
+    net.node(B).0.handle_timeout(now);
+    net.settle();
+    assert!(net.registered(B));
+    assert_eq!(net.node(B).1, &vec![p], "the waiting packet arrived");
+    let counters = net.lighthouse().status(now).counters;
+    assert_eq!(counters.queries, asked.queries, "a did not ask again");
+    assert_eq!(counters.queries_answered_late, 1);
+}
+
 #[test]
 fn unknown_address_times_out_and_waiting_packets_are_dropped() {
     let mut lab = lab();
@@ -757,8 +786,8 @@ fn symmetric_nats_fall_back_to_the_relay_and_it_carries_only_wireguard() {
     }
     let took = relayed_after.expect("the packet arrives through the relay within 5 s");
     assert!(
-        took >= Duration::from_secs(2),
-        "not before relay_after: {took:?}"
+        took <= Duration::from_millis(300),
+        "through the relay from the first packet: {took:?}"
     );
     assert_eq!(net.node(B_INSIDE).1, &vec![first]);
     assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Relayed));
@@ -822,7 +851,10 @@ fn a_node_behind_nat_reaches_a_public_node_directly() {
     let back = build_udp_ipv4(B_IP, A_IP, 2, 1, b"and back in");
     net.send_from_tun(B, &back);
     assert_eq!(net.node(A_INSIDE).1, &vec![back]);
-    assert_eq!(net.relay_counters().forwarded_data, 0);
+    // The relay carried the first packets (the session started both
+    // ways at once), a handful, until the direct path was proven.
+    let relayed = net.relay_counters().forwarded_data;
+    assert!(relayed <= 4, "{relayed} data packets relayed");
 }
 
 #[test]

@@ -7,6 +7,8 @@
 //!   runner lists, revocations, introductions.
 //! - [`registry`]: the live nodes, their endpoints, routes and runner adverts.
 //! - [`relay`]: relaying WireGuard between introduced pairs, on a budget.
+//! - [`waiting`]: lookups for addresses not registered yet, answered when
+//!   they register.
 //! - [`admission`]: rate buckets for enrollment before anyone is verified
 //!   (the mesh's, which its hellos use too).
 //! - [`enroll`]: what a token or an ID token buys (`Enroller`), and the
@@ -21,3 +23,4 @@ pub mod oidc;
 pub mod registry;
 pub mod relay;
 pub mod renew;
+pub mod waiting;

@@ -24,6 +24,7 @@ use tern_shared::wire::{classify, DatagramKind, RelayEnvelope, TYPE_RELAYED, TYP
 
 use super::registry::{RegisteredNode, Registry, RunnerAd};
 use super::relay::{Refusal, RelayCounters, RelayTable};
+use super::waiting::WaitingQueries;
 
 /// Hellos a lighthouse verifies or answers per second (a node's mesh takes
 /// 100): after a restart every node joins again at once, each beginning
@@ -58,6 +59,9 @@ pub struct LighthouseCounters {
     pub zones_refused: u64,
     /// Node names asked for (mesh DNS).
     pub name_queries: u64,
+    /// Lookups answered when their address registered, a moment after
+    /// they were answered "unknown" (`waiting.rs`).
+    pub queries_answered_late: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,6 +125,8 @@ pub struct LighthouseCore {
     revocations: Vec<(u32, Revocation)>,
     /// Renewal requests for the shell.
     renewals: std::collections::VecDeque<RenewAsk>,
+    /// Lookups for addresses not registered yet (`waiting.rs`).
+    waiting: WaitingQueries,
 }
 
 impl LighthouseCore {
@@ -139,6 +145,7 @@ impl LighthouseCore {
             last_expiry: now,
             revocations: Vec::new(),
             renewals: std::collections::VecDeque::new(),
+            waiting: WaitingQueries::default(),
         }
     }
 
@@ -454,28 +461,10 @@ impl LighthouseCore {
             }
             ControlMessage::Query { id, overlay_ip } => {
                 self.counters.queries += 1;
-                let answer = self.registry.lookup(overlay_ip);
-                if answer.is_none() {
+                if !self.answer_query(peer, &cert, from, id, overlay_ip, now) {
                     self.counters.queries_unanswered += 1;
-                }
-                let found = answer.is_some();
-                self.reply(
-                    peer,
-                    &cert,
-                    &ControlMessage::QueryReply {
-                        id,
-                        overlay_ip,
-                        peer: answer,
-                    },
-                    now,
-                );
-                if found {
-                    if let Some(relay) = self.relay.as_mut() {
-                        if relay.introduce(cert.overlay_ip(), overlay_ip, now) {
-                            self.relay_counters.introductions_evicted += 1;
-                        }
-                    }
-                    self.punch(overlay_ip, &cert, from, now);
+                    self.waiting
+                        .remember(overlay_ip, cert.overlay_ip(), id, now);
                 }
             }
             ControlMessage::Deregister { .. } => {
@@ -580,6 +569,61 @@ impl LighthouseCore {
     /// A node registers (or refreshes its registration): filed under its
     /// certificate's address, its routes kept as far as the certificate
     /// authorizes them, and acknowledged.
+    /// Answers `asker`'s query `id` for `target`: the registered node's
+    /// certificate and endpoints, or unknown; for a node found, the two are
+    /// introduced to the relay and the target is asked to punch toward the
+    /// asker. Whether it was found.
+    fn answer_query(
+        &mut self,
+        asker_peer: PeerId,
+        asker: &VerifiedCert,
+        asker_from: SocketAddr,
+        id: u32,
+        target: Ipv4Addr,
+        now: Instant,
+    ) -> bool {
+        let answer = self.registry.lookup(target);
+        let found = answer.is_some();
+        let reply = ControlMessage::QueryReply {
+            id,
+            overlay_ip: target,
+            peer: answer,
+        };
+        self.reply(asker_peer, asker, &reply, now);
+        if found {
+            if let Some(relay) = self.relay.as_mut() {
+                if relay.introduce(asker.overlay_ip(), target, now) {
+                    self.relay_counters.introductions_evicted += 1;
+                }
+            }
+            self.punch(target, asker, asker_from, now);
+        }
+        found
+    }
+
+    /// `target` just registered: the nodes that asked for it a moment ago
+    /// and were told "unknown" get the answer now.
+    fn answer_waiting(&mut self, target: Ipv4Addr, now: Instant) {
+        for w in self.waiting.take(target, now) {
+            let Some(asker_peer) = self.registry.peer(w.asker) else {
+                continue;
+            };
+            let Some(asker) = self.mesh.peer_cert(asker_peer).cloned() else {
+                continue;
+            };
+            let Some(from) = self
+                .registry
+                .lookup(w.asker)
+                .and_then(|i| i.endpoints.first().copied())
+            else {
+                continue;
+            };
+            if self.answer_query(asker_peer, &asker, from, w.id, target, now) {
+                self.counters.queries_answered_late += 1;
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
@@ -617,6 +661,9 @@ impl LighthouseCore {
                     },
                     now,
                 );
+                if !self.waiting.is_empty() {
+                    self.answer_waiting(cert.overlay_ip(), now);
+                }
             }
             Err(e) => {
                 self.counters.registry_full += 1;

@@ -48,6 +48,11 @@ pub fn render(
         ],
     );
     e.counter(
+        "tern_lighthouse_lookups_answered_late_total",
+        "Unanswered lookups answered when their node registered a moment later.",
+        c.queries_answered_late,
+    );
+    e.counter(
         "tern_lighthouse_name_queries_total",
         "Lookups of a node by name (mesh DNS).",
         c.name_queries,

@@ -753,10 +753,12 @@ impl NodeCore {
                         if let Some(peer) =
                             self.mesh.add_peer(cert, &endpoints, PeerRole::Node, now)
                         {
+                            // The attempt first: it may set the relay the
+                            // handshake goes through as well.
+                            self.start_attempt(peer, introducer, now);
                             if !self.mesh.is_connected(peer) {
                                 self.mesh.connect(peer, false);
                             }
-                            self.start_attempt(peer, introducer, now);
                         }
                     }
                     Err(e) => {

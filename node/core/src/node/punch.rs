@@ -1,6 +1,6 @@
 //! Direct paths: hole punching toward peers without one (through the
-//! relay meanwhile, after `relay_after`), and noticing a direct path that
-//! stopped working.
+//! relay meanwhile: at once by default, else after `relay_after`), and
+//! noticing a direct path that stopped working.
 
 use super::*;
 
@@ -30,6 +30,10 @@ pub(super) struct Attempt {
     pub(super) introducer: Option<SocketAddr>,
     pub(super) next_punch: Instant,
     pub(super) interval: Duration,
+    /// `relay_after` has passed (or the relay was set at once): the turn
+    /// to the relay is no longer a deadline (a relay that comes later is
+    /// taken on the next tick).
+    pub(super) relay_due: bool,
 }
 
 impl NodeCore {
@@ -105,7 +109,23 @@ impl NodeCore {
             introducer,
             next_punch: now + PUNCH_INTERVAL_FIRST,
             interval: PUNCH_INTERVAL_FIRST,
+            relay_due: false,
         });
+        // Relayed from the first packet (`relay_after` zero): the relay is
+        // set before the handshake leaves, so the initiation goes through
+        // it and to every candidate at once, and whichever way answers
+        // first carries the session until a direct path is proven.
+        if self.punch.relay_after.is_zero()
+            && self.mesh.peer_path(peer).is_some_and(|(_, r)| r.is_none())
+        {
+            let relays = self.mesh.relays();
+            let relay = introducer
+                .filter(|r| relays.contains(r))
+                .or(relays.first().copied());
+            if relay.is_some() {
+                self.mesh.set_relay(peer, relay);
+            }
+        }
     }
 
     /// Punch on schedule; after `relay_after` without a session, go through a
@@ -141,9 +161,8 @@ impl NodeCore {
             }
             // The relay in use went away: another one, or none.
             let usable = |r: &SocketAddr| relays.contains(r);
-            let wanted = if relay.is_some()
-                || now.saturating_duration_since(a.started) >= self.punch.relay_after
-            {
+            a.relay_due |= now.saturating_duration_since(a.started) >= self.punch.relay_after;
+            let wanted = if relay.is_some() || a.relay_due {
                 relay
                     .filter(usable)
                     .or(a.introducer.filter(usable))
@@ -205,8 +224,10 @@ impl Punching {
     /// on the mesh's own tick.)
     pub(super) fn deadline(&self) -> Option<Instant> {
         let attempts = self.attempts.values().map(|a| {
-            a.next_punch
-                .min(a.started + self.relay_after)
+            let relay_turn = (!a.relay_due).then(|| a.started + self.relay_after);
+            relay_turn
+                .into_iter()
+                .fold(a.next_punch, Instant::min)
                 .min(a.started + ATTEMPT_GIVE_UP)
         });
         let probes = self
@@ -234,19 +255,25 @@ mod tests {
                 introducer: None,
                 next_punch: now + Duration::from_millis(200),
                 interval: PUNCH_INTERVAL_FIRST,
+                relay_due: false,
             },
         );
+        punch.relay_after = Duration::from_secs(2);
         assert_eq!(punch.deadline(), Some(now + Duration::from_millis(200)));
         // Past its punches, the attempt still turns to the relay in time.
         if let Some(a) = punch.attempts.get_mut(&PeerId(1)) {
             a.next_punch = now + PUNCH_INTERVAL_LONG;
         }
         assert_eq!(punch.deadline(), Some(now + punch.relay_after));
+        // Once the relay's turn has come it is no deadline any more (a
+        // deadline in the past would keep the daemon awake): the next
+        // punch is.
+        if let Some(a) = punch.attempts.get_mut(&PeerId(1)) {
+            a.relay_due = true;
+        }
+        assert_eq!(punch.deadline(), Some(now + PUNCH_INTERVAL_LONG));
         // A probe of a direct path that fell silent ends at GATEWAY_SILENCE.
         punch.direct_probes.insert(PeerId(2), now);
-        assert_eq!(
-            punch.deadline(),
-            Some(now + GATEWAY_SILENCE.min(punch.relay_after))
-        );
+        assert_eq!(punch.deadline(), Some(now + GATEWAY_SILENCE));
     }
 }
