@@ -144,14 +144,10 @@ fn udp_between_nats(w: &World, op: &str) {
     }
 }
 
-/// A firewall drops all UDP between the two NATs: relayed.
-#[test]
-fn udp_blocked_between_the_nats_goes_through_the_relay() {
-    if !tools("nat_blocked") {
-        return;
-    }
-    let _serial = serial();
-    let w = world("natblock", Nat::PortPreserving, Nat::PortPreserving);
+/// Two port-preserving NATs with all UDP between them dropped: a reaches
+/// b, through the relay.
+fn blocked_world(name: &str) -> World {
+    let w = world(name, Nat::PortPreserving, Nat::PortPreserving);
     udp_between_nats(&w, "-I");
     wait_until(
         "a pings b through the relay",
@@ -159,6 +155,17 @@ fn udp_blocked_between_the_nats_goes_through_the_relay() {
         || pings(&w.a.node, B_OVERLAY),
     );
     w.wait_path("relayed", Duration::from_secs(5));
+    w
+}
+
+/// A firewall drops all UDP between the two NATs: relayed.
+#[test]
+fn udp_blocked_between_the_nats_goes_through_the_relay() {
+    if !tools("nat_blocked") {
+        return;
+    }
+    let _serial = serial();
+    let w = blocked_world("natblock");
     w.fetch(None, 90);
     assert!(relay_counter(&w.relay(), "forwarded_data") > 0);
 }
@@ -173,14 +180,7 @@ fn a_relayed_transfer_moves_to_the_direct_path_when_one_opens() {
         return;
     }
     let _serial = serial();
-    let w = world("natswitch", Nat::PortPreserving, Nat::PortPreserving);
-    udp_between_nats(&w, "-I");
-    wait_until(
-        "a pings b through the relay",
-        Duration::from_secs(15),
-        || pings(&w.a.node, B_OVERLAY),
-    );
-    w.wait_path("relayed", Duration::from_secs(5));
+    let w = blocked_world("natswitch");
     let handshakes = |name: &str| counter(&status(&w.dir, name), "mesh_counters", "handshakes");
     let before = handshakes("a");
     let relayed_before = relay_counter(&w.relay(), "forwarded_bytes");
