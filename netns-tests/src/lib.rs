@@ -70,6 +70,9 @@ pub const ALLOWED_RANGES: [(Ipv4Addr, u8); 3] = [
     (Ipv4Addr::new(198, 19, 0, 0), 16),
     (Ipv4Addr::new(100, 64, 0, 0), 10),
 ];
+/// The IPv6 range a lab may use: the documentation prefix 2001:db8::/32.
+pub const ALLOWED_RANGE_V6: (std::net::Ipv6Addr, u8) =
+    (std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32);
 
 /// Returns true when the test can build a lab: running as root with `ip`
 /// available. Otherwise, with `CI=true` in the environment it panics (CI must
@@ -307,8 +310,9 @@ impl Lab {
     }
 
     /// Plugs `ns` into the wan bridge with a veth pair, gives the `ns` end the
-    /// address `addr_cidr` (e.g. `"198.18.0.2/24"`) and brings both ends up.
-    /// Returns the interface name inside `ns`.
+    /// address `addr_cidr` (e.g. `"198.18.0.2/24"`, or `"2001:db8::2/64"`,
+    /// usable at once: no duplicate address detection) and brings both ends
+    /// up. Returns the interface name inside `ns`.
     pub fn connect_to_wan(&self, ns: &Ns, addr_cidr: &str) -> String {
         check_lab_cidr(addr_cidr);
         let wan = self
@@ -318,7 +322,19 @@ impl Lab {
         let (inside, port) = self.veth(ns, &wan);
         wan.ip(["link", "set", port.as_str(), "master", WAN_BRIDGE]);
         wan.ip(["link", "set", port.as_str(), "up"]);
-        ns.ip(["addr", "add", addr_cidr, "dev", inside.as_str()]);
+        if addr_cidr.contains(':') {
+            ns.ip([
+                "-6",
+                "addr",
+                "add",
+                addr_cidr,
+                "dev",
+                inside.as_str(),
+                "nodad",
+            ]);
+        } else {
+            ns.ip(["addr", "add", addr_cidr, "dev", inside.as_str()]);
+        }
         ns.ip(["link", "set", inside.as_str(), "up"]);
         inside
     }
@@ -1073,8 +1089,25 @@ fn stale_pid(name: &str, prefix: &str) -> Option<u32> {
     pid.parse().ok().filter(|&p| p > 0)
 }
 
-/// Panics unless `cidr` is `a.b.c.d/len` inside one of [`ALLOWED_RANGES`].
+/// Panics unless `cidr` is `a.b.c.d/len` inside one of [`ALLOWED_RANGES`],
+/// or an IPv6 address with a prefix length inside [`ALLOWED_RANGE_V6`].
 fn check_lab_cidr(cidr: &str) {
+    if cidr.contains(':') {
+        let (net, net_len) = ALLOWED_RANGE_V6;
+        let inside = cidr.split_once('/').is_some_and(|(addr, len)| {
+            let mask = u128::MAX << (128 - u32::from(net_len));
+            addr.parse::<std::net::Ipv6Addr>()
+                .is_ok_and(|a| u128::from(a) & mask == u128::from(net))
+                && len
+                    .parse::<u8>()
+                    .is_ok_and(|l| (net_len..=128).contains(&l))
+        });
+        assert!(
+            inside,
+            "{cidr} is outside the lab's IPv6 range 2001:db8::/32"
+        );
+        return;
+    }
     let parsed = cidr.split_once('/').and_then(|(addr, len)| {
         let addr: Ipv4Addr = addr.parse().ok()?;
         let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
@@ -1116,6 +1149,8 @@ mod tests {
             "198.19.255.1/16",
             "100.64.0.5/10",
             "100.127.1.1/32",
+            "2001:db8::1/64",
+            "2001:db8:ffff::9/128",
         ] {
             check_lab_cidr(good);
         }
@@ -1128,7 +1163,10 @@ mod tests {
             "198.18.0.1/15",
             "198.18.0.1",
             "198.18.0.1/33",
-            "2001:db8::1/64",
+            "2001:db9::1/64",
+            "fe80::1/64",
+            "2001:db8::1/16",
+            "2001:db8::1",
         ] {
             let result = std::panic::catch_unwind(|| check_lab_cidr(bad));
             assert!(result.is_err(), "{bad} was accepted");

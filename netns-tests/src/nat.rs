@@ -34,6 +34,9 @@ pub struct Site {
     /// The NAT's interface on the internet, and its address there.
     pub nat_wan_if: Option<String>,
     pub public_ip: String,
+    /// The interfaces of the link between the NAT and the node (router's
+    /// end, node's end); for a public node, its interface on the internet.
+    pub lan_ifs: (String, String),
 }
 
 /// Puts a node called `name` on the internet at `public_ip`, or behind a
@@ -41,18 +44,19 @@ pub struct Site {
 pub fn site(lab: &Lab, name: &str, nat: Nat, public_ip: &str, inside: u8) -> Site {
     if nat == Nat::Public {
         let node = lab.add_ns(name);
-        lab.connect_to_wan(&node, &format!("{public_ip}/24"));
+        let wan_if = lab.connect_to_wan(&node, &format!("{public_ip}/24"));
         return Site {
             node,
             nat: None,
             nat_wan_if: None,
             public_ip: public_ip.to_string(),
+            lan_ifs: (String::new(), wan_if),
         };
     }
     let router = lab.add_ns(&format!("nat-{name}"));
     let wan_if = lab.connect_to_wan(&router, &format!("{public_ip}/24"));
     let node = lab.add_ns(name);
-    lab.link(
+    let lan_ifs = lab.link(
         &router,
         &format!("198.18.{inside}.1/24"),
         &node,
@@ -105,7 +109,48 @@ pub fn site(lab: &Lab, name: &str, nat: Nat, public_ip: &str, inside: u8) -> Sit
         nat: Some(router),
         nat_wan_if: Some(wan_if),
         public_ip: public_ip.to_string(),
+        lan_ifs,
     }
+}
+
+/// The lab's IPv6 internet: 2001:db8::/64 on the wan, where host `n` of
+/// [`world_v6`] is 2001:db8::`n`.
+fn wan_v6(n: u8) -> String {
+    format!("2001:db8::{n}")
+}
+
+/// Gives a site IPv6 as many homes have it: global addresses, routed, no
+/// NAT, and its router lets everything through (an open IPv6 firewall).
+/// The node is 2001:db8:`inside`::2 behind its router, 2001:db8::`wan` on
+/// the wan; a public node is 2001:db8::`wan` itself. Returns the site's
+/// prefix and the router's wan address (the route others need), or None
+/// for a public node.
+fn site_v6(site: &Site, wan: u8, inside: u8) -> Option<(String, String)> {
+    let add = |ns: &Ns, cidr: &str, dev: &str| {
+        ns.ip(["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
+    };
+    let Some(router) = &site.nat else {
+        add(&site.node, &format!("{}/64", wan_v6(wan)), &site.lan_ifs.1);
+        return None;
+    };
+    let wan_if = site.nat_wan_if.as_deref().unwrap_or_default();
+    add(router, &format!("{}/64", wan_v6(wan)), wan_if);
+    add(router, &format!("2001:db8:{inside}::1/64"), &site.lan_ifs.0);
+    add(
+        &site.node,
+        &format!("2001:db8:{inside}::2/64"),
+        &site.lan_ifs.1,
+    );
+    site.node.ip([
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("2001:db8:{inside}::1"),
+    ]);
+    router.sysctl("net.ipv6.conf.all.forwarding", "1");
+    Some((format!("2001:db8:{inside}::/64"), wan_v6(wan)))
 }
 
 pub struct World {
@@ -129,13 +174,57 @@ pub fn open_config(name: &str) -> String {
 /// Lighthouse, nodes a and b behind NATs of the given kinds, b serving a
 /// `BLOB_MB` MB file over HTTP on its overlay address; both registered.
 pub fn world(prefix: &str, nat_a: Nat, nat_b: Nat) -> World {
+    world_with(prefix, nat_a, nat_b, false)
+}
+
+/// [`world`] with IPv6 too: global, routed, open (no NAT) beside the
+/// IPv4 NATs; the nodes listen dual-stack (`[::]:4242`) and reach the
+/// lighthouse over IPv4.
+pub fn world_v6(prefix: &str, nat_a: Nat, nat_b: Nat) -> World {
+    world_with(prefix, nat_a, nat_b, true)
+}
+
+fn world_with(prefix: &str, nat_a: Nat, nat_b: Nat, v6: bool) -> World {
     let lab = Lab::new(prefix);
     let dir = lab.dir().to_path_buf();
     lab.wan("wan");
     let lh_ns = lab.add_ns("lh");
-    lab.connect_to_wan(&lh_ns, &format!("{LH_UNDERLAY}/24"));
+    let lh_if = lab.connect_to_wan(&lh_ns, &format!("{LH_UNDERLAY}/24"));
     let a = site(&lab, "a", nat_a, "198.18.0.2", 1);
     let b = site(&lab, "b", nat_b, "198.18.0.3", 2);
+    let listen = if v6 { "[::]:4242" } else { "0.0.0.0:4242" };
+    let open_config = |name: &str| {
+        self::open_config(name).replace("addr = \"0.0.0.0:4242\"", &format!("addr = \"{listen}\""))
+    };
+    if v6 {
+        lh_ns.ip([
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", wan_v6(1)),
+            "dev",
+            &lh_if,
+            "nodad",
+        ]);
+        let routes: Vec<(String, String)> = [site_v6(&a, 2, 1), site_v6(&b, 3, 2)]
+            .into_iter()
+            .flatten()
+            .collect();
+        // Everyone on the wan routes each site's prefix to its router.
+        let wan_hosts = [Some(&lh_ns), a.nat.as_ref(), b.nat.as_ref()];
+        let public = [
+            a.nat.is_none().then_some(&a.node),
+            b.nat.is_none().then_some(&b.node),
+        ];
+        for host in wan_hosts.into_iter().chain(public).flatten() {
+            for (prefix, via) in &routes {
+                if host.ip(["-6", "addr", "show"]).contains(via.as_str()) {
+                    continue;
+                }
+                host.ip(["-6", "route", "add", prefix, "via", via]);
+            }
+        }
+    }
 
     make_ca(&dir, "ca");
     sign(

@@ -482,3 +482,32 @@ fn with_two_lighthouses_losing_one_changes_nothing() {
         || pings(&sites[2].0.node, &sites[0].1),
     );
 }
+
+/// Dual stack: IPv4 through two `--random-fully` NATs (no direct IPv4 path
+/// exists), IPv6 global and open. The nodes listen on `[::]:4242`, offer
+/// their IPv6 addresses as candidates, and the path goes direct over IPv6
+/// instead of staying on the relay; the transfer is hash-checked.
+#[test]
+fn symmetric_ipv4_nats_with_open_ipv6_go_direct_over_ipv6() {
+    if !tools("nat_dual_stack") {
+        return;
+    }
+    let _serial = serial();
+    let w = world_v6("natdual", Nat::RandomFully, Nat::RandomFully);
+    wait_until("a pings b", Duration::from_secs(10), || {
+        pings(&w.a.node, B_OVERLAY)
+    });
+    w.wait_path("direct", Duration::from_secs(15));
+    let peers = status(&w.dir, "a")["peers"].clone();
+    let to_b = peers
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["overlay_ip"] == B_OVERLAY))
+        .unwrap_or_else(|| panic!("a has no peer b: {peers}"));
+    assert_eq!(to_b["endpoint"], "[2001:db8:2::2]:4242", "{to_b}");
+    let relayed_before = relay_counter(&w.relay(), "forwarded_bytes");
+    w.fetch(None, 60);
+    assert!(
+        relay_counter(&w.relay(), "forwarded_bytes") < relayed_before + 100_000,
+        "the transfer did not go through the relay"
+    );
+}

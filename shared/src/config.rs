@@ -642,6 +642,12 @@ impl NodeConfig {
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
         self.pki.validate(file, true)?;
+        // `[::ffff:198.18.0.1]:4242` is 198.18.0.1:4242: one lighthouse, one
+        // address, however it was written (datagrams arrive as plain IPv4).
+        for entry in &mut self.lighthouses {
+            entry.endpoint =
+                SocketAddr::new(entry.endpoint.ip().to_canonical(), entry.endpoint.port());
+        }
         for (i, entry) in self.lighthouses.iter().enumerate() {
             entry.validate(file, i)?;
             if let Some(first) = self.lighthouses[..i]
@@ -1904,6 +1910,14 @@ mod tests {
             node_with(v6).unwrap().lighthouses[0].endpoint,
             "[2001:db8::1]:4242".parse().unwrap()
         );
+        // An IPv4-mapped literal is the IPv4 address, and a duplicate of it.
+        let mapped = "[[lighthouses]]\nendpoint = \"[::ffff:198.18.0.1]:4242\"\n";
+        assert_eq!(
+            node_with(mapped).unwrap().lighthouses[0].endpoint,
+            "198.18.0.1:4242".parse().unwrap()
+        );
+        let twice = format!("{mapped}[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\n");
+        assert_eq!(invalid_key(node_with(&twice)), "lighthouses[1].endpoint");
     }
 
     #[test]

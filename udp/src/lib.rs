@@ -9,6 +9,7 @@
 pub mod api_socket;
 pub mod daemon;
 pub mod gso;
+pub mod local;
 pub mod metrics;
 
 use std::io::{self, IoSliceMut};
@@ -35,10 +36,16 @@ pub const RX_BATCH: usize = 8;
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Binds a non-blocking UDP socket with [`SOCKET_BUFFER`]-sized buffers.
+/// An IPv6 address (`[::]:4242`) gives a dual-stack socket, whatever the
+/// host's `net.ipv6.bindv6only`: IPv4 peers reach it too, and their
+/// addresses come out of [`RecvBatch::datagrams`] as plain IPv4.
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     use nix::sys::socket::{setsockopt, sockopt};
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
         let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     }
@@ -183,9 +190,19 @@ impl RecvBatch {
                 } else {
                     meta.stride
                 };
-                data.chunks(stride).map(move |d| (meta.addr, d))
+                // An IPv4 peer on a dual-stack socket arrives as
+                // ::ffff:a.b.c.d; everything above compares plain IPv4.
+                let from = canonical(meta.addr);
+                data.chunks(stride).map(move |d| (from, d))
             })
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) turned into
+/// the IPv4 address it is, so one peer has one address whichever socket
+/// family it came through.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Gathers datagrams into runs (same destination, same size, the last one
@@ -237,6 +254,48 @@ impl SendBatch {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// The first datagram `outer` receives within 5 s, with its source.
+    async fn recv_one(outer: &Outer) -> Option<(SocketAddr, Vec<u8>)> {
+        let mut recv = RecvBatch::default();
+        for _ in 0..50 {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(100), outer.readable()).await;
+            if recv.recv(outer).is_ok() {
+                return recv.datagrams().map(|(f, d)| (f, d.to_vec())).next();
+            }
+        }
+        None
+    }
+
+    /// A dual-stack socket hears an IPv4 peer as plain IPv4 and answers it
+    /// at that address.
+    #[tokio::test]
+    async fn a_dual_stack_socket_speaks_plain_ipv4_to_ipv4_peers() {
+        let Ok(socket) = bind("[::]:0".parse().unwrap()) else {
+            eprintln!("no IPv6 on this host: skipped");
+            return;
+        };
+        let dual = Outer::new(socket).unwrap();
+        let port = dual.local_addr().unwrap().port();
+        let v4 = Outer::new(bind("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
+        let v4_addr = v4.local_addr().unwrap();
+        v4.send(format!("127.0.0.1:{port}").parse().unwrap(), b"hi", None)
+            .await;
+        let (from, data) = recv_one(&dual).await.expect("the IPv4 datagram arrives");
+        assert_eq!((from, data.as_slice()), (v4_addr, &b"hi"[..]));
+        assert!(from.is_ipv4(), "{from}");
+        dual.send(from, b"back", None).await;
+        let (from, data) = recv_one(&v4).await.expect("the answer arrives");
+        assert_eq!(data, b"back");
+        assert_eq!(from.port(), port);
+        assert_eq!(
+            canonical("[::ffff:198.18.0.1]:4242".parse().unwrap()),
+            "198.18.0.1:4242".parse::<SocketAddr>().unwrap()
+        );
+        let v6: SocketAddr = "[2001:db8::1]:4242".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
 
     /// Runs of different sizes and destinations arrive whole, in order,
     /// datagram by datagram, on a real loopback socket.

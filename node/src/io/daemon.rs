@@ -835,12 +835,19 @@ async fn flush(core: &mut NodeCore, outer: &Outer) {
 
 /// The addresses other nodes on our own networks can reach us at: the
 /// listen address when it names one, else the source address the kernel
-/// would pick toward each lighthouse.
+/// would pick toward each lighthouse, and, listening dual-stack (`[::]`),
+/// the host's global IPv6 addresses (a direct IPv6 path where IPv4 goes
+/// through NATs).
 fn local_endpoints(listen: SocketAddr, lighthouses: &[LighthouseTarget]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     if !listen.ip().is_unspecified() {
         out.push(listen);
         return out;
+    }
+    if listen.is_ipv6() {
+        for ip in tern_udp::local::interface_ipv6() {
+            out.push(SocketAddr::new(IpAddr::V6(ip), listen.port()));
+        }
     }
     for lh in lighthouses {
         let bind: SocketAddr = match lh.endpoint.ip() {

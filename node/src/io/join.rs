@@ -218,7 +218,13 @@ async fn enroll_once(
         offers.spawn(async move {
             let hello = enroll_hello();
             let offer = async {
-                let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?;
+                // A socket of the lighthouse's own family.
+                let any: SocketAddr = if endpoint.is_ipv6() {
+                    SocketAddr::from(([0u16; 8], 0))
+                } else {
+                    SocketAddr::from(([0, 0, 0, 0], 0))
+                };
+                let socket = UdpSocket::bind(any).await?;
                 let offer = ask(&socket, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
                 anyhow::Ok((socket, offer))
             };
