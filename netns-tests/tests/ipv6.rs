@@ -3,13 +3,13 @@
 //! the wire at all), listening dual-stack on `[::]:4242`, with the
 //! lighthouse named by an IPv6 literal. The nodes meet over IPv6 and carry
 //! 20 MB between them, hash-checked (real curl and python's http.server on
-//! the overlay). Needs root.
+//! the overlay), and a third enrolls with a token over IPv6. Needs root.
 
 use std::fs;
 use std::time::Duration;
 
 use tern_netns_tests::tern::*;
-use tern_netns_tests::{require_root, require_tools, serial, wait_until, Lab};
+use tern_netns_tests::{require_root, require_tools, serial, wait_until, workspace_bin, Lab};
 
 const LH_V6: &str = "2001:db8::1";
 const B_OVERLAY: &str = "100.64.0.6";
@@ -39,10 +39,12 @@ fn nodes_on_an_ipv6_only_underlay_meet_and_carry_twenty_megabytes() {
     let lh = lab.add_ns("lh");
     let a = lab.add_ns("a");
     let b = lab.add_ns("b");
+    let c = lab.add_ns("c");
     lab.connect_to_wan(&lh, &format!("{LH_V6}/64"));
     lab.connect_to_wan(&a, "2001:db8::2/64");
     lab.connect_to_wan(&b, "2001:db8::3/64");
-    for ns in [&lh, &a, &b] {
+    lab.connect_to_wan(&c, "2001:db8::4/64");
+    for ns in [&lh, &a, &b, &c] {
         let v4 = ns.ip(["-4", "addr", "show", "scope", "global"]);
         assert!(v4.trim().is_empty(), "no IPv4 underlay: {v4}");
     }
@@ -50,11 +52,13 @@ fn nodes_on_an_ipv6_only_underlay_meet_and_carry_twenty_megabytes() {
     make_ca_and_lighthouse(&dir);
     sign(&dir, "ca", "a", "100.64.0.5/10", &[]);
     sign(&dir, "ca", "b", "100.64.0.6/10", &[]);
+    sign_issuer(&dir, "ca", "lh-issuer", "100.64.100.0/24", "ci");
     let lh_config = write_lighthouse_config(&dir);
     let text = fs::read_to_string(&lh_config).unwrap_or_default();
     fs::write(
         &lh_config,
-        text.replace("addr = \"0.0.0.0:4242\"", "addr = \"[::]:4242\""),
+        text.replace("addr = \"0.0.0.0:4242\"", "addr = \"[::]:4242\"")
+            + "[enroll]\nissuer_cert = \"lh-issuer.crt\"\nissuer_key = \"lh-issuer.key\"\nstore = \"lh.db\"\n",
     )
     .unwrap_or_else(|e| panic!("write lighthouse config: {e}"));
     let _lh = start_lighthouse(&lh, &lh_config);
@@ -116,4 +120,38 @@ fn nodes_on_an_ipv6_only_underlay_meet_and_carry_twenty_megabytes() {
         nodes.contains("2001:db8::2") && nodes.contains("2001:db8::3"),
         "{nodes}"
     );
+
+    // c has only the CA: it enrolls with a one-time token, over IPv6.
+    let out = std::process::Command::new(workspace_bin("tern-lighthouse"))
+        .args(["token", "create", "--config"])
+        .arg(&lh_config)
+        .args([
+            "--groups",
+            "ci",
+            "--ttl",
+            "1h",
+            "--uses",
+            "1",
+            "--cert-ttl",
+            "30m",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("token create: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let c_config = v6_node_config("c")
+        .replace("cert = \"c.crt\"\n", "")
+        .replace("key = \"c.key\"\n", "");
+    let mut cmd = c.command(workspace_bin("tern"));
+    cmd.args(["up", "--config"])
+        .arg(write_file(&dir, "c.toml", &c_config))
+        .args(["--enroll-token", &token]);
+    let _c = c.spawn_command(cmd, "node-c");
+    wait_until("c enrolls and pings a", Duration::from_secs(20), || {
+        pings(&c, "100.64.0.5")
+    });
 }
