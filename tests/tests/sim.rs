@@ -796,6 +796,16 @@ fn symmetric_nats_fall_back_to_the_relay_and_it_carries_only_wireguard() {
     // Punching goes on and never finds a path through two symmetric NATs.
     net.run_for(Duration::from_secs(12));
     assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Relayed));
+    // Long relayed, past every deadline the attempt once had, a node still
+    // sleeps until its next timer: none in the past that would keep it
+    // awake.
+    net.run_for(Duration::from_secs(60));
+    for at in [A_INSIDE, B_INSIDE] {
+        let now = net.now;
+        let next = net.node(at).0.poll_timeout(now);
+        assert!(next > now, "{at} would wake at once, relayed for 72 s");
+    }
+    assert_eq!(path_to(&mut net, A_INSIDE, B_IP), Some(PathKind::Relayed));
     let relay = net.relay_counters();
     assert!(relay.forwarded_data >= 20, "{relay:?}");
     assert!(relay.forwarded_handshake_initiation >= 1 && relay.forwarded_handshake_response >= 1);

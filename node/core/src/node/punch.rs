@@ -34,6 +34,11 @@ pub(super) struct Attempt {
     /// to the relay is no longer a deadline (a relay that comes later is
     /// taken on the next tick).
     pub(super) relay_due: bool,
+    /// Neither connected nor relayed when last looked at: the attempt is
+    /// given up at `started + ATTEMPT_GIVE_UP`, which is a deadline only
+    /// then (a relayed peer's attempt lives on, punching now and then, and
+    /// a deadline in the past would keep the daemon awake).
+    pub(super) may_give_up: bool,
 }
 
 impl NodeCore {
@@ -110,6 +115,7 @@ impl NodeCore {
             next_punch: now + PUNCH_INTERVAL_FIRST,
             interval: PUNCH_INTERVAL_FIRST,
             relay_due: false,
+            may_give_up: true,
         });
         // Relayed from the first packet (`relay_after` zero): the relay is
         // set before the handshake leaves, so the initiation goes through
@@ -152,10 +158,8 @@ impl NodeCore {
             let Some(a) = self.punch.attempts.get_mut(&peer) else {
                 continue;
             };
-            if !connected
-                && relay.is_none()
-                && now.saturating_duration_since(a.started) > ATTEMPT_GIVE_UP
-            {
+            a.may_give_up = !connected && relay.is_none();
+            if a.may_give_up && now.saturating_duration_since(a.started) > ATTEMPT_GIVE_UP {
                 self.punch.attempts.remove(&peer);
                 continue;
             }
@@ -225,10 +229,11 @@ impl Punching {
     pub(super) fn deadline(&self) -> Option<Instant> {
         let attempts = self.attempts.values().map(|a| {
             let relay_turn = (!a.relay_due).then(|| a.started + self.relay_after);
+            let give_up = a.may_give_up.then(|| a.started + ATTEMPT_GIVE_UP);
             relay_turn
                 .into_iter()
+                .chain(give_up)
                 .fold(a.next_punch, Instant::min)
-                .min(a.started + ATTEMPT_GIVE_UP)
         });
         let probes = self
             .direct_probes
@@ -256,6 +261,7 @@ mod tests {
                 next_punch: now + Duration::from_millis(200),
                 interval: PUNCH_INTERVAL_FIRST,
                 relay_due: false,
+                may_give_up: true,
             },
         );
         punch.relay_after = Duration::from_secs(2);
@@ -270,6 +276,19 @@ mod tests {
         // punch is.
         if let Some(a) = punch.attempts.get_mut(&PeerId(1)) {
             a.relay_due = true;
+        }
+        assert_eq!(punch.deadline(), Some(now + PUNCH_INTERVAL_LONG));
+        // Not connected, not relayed: given up in time, before a far punch.
+        if let Some(a) = punch.attempts.get_mut(&PeerId(1)) {
+            a.next_punch = now + 2 * ATTEMPT_GIVE_UP;
+        }
+        assert_eq!(punch.deadline(), Some(now + ATTEMPT_GIVE_UP));
+        // Relayed (or connected) long after it started, it is not given up:
+        // the next punch is the deadline, never one in the past.
+        if let Some(a) = punch.attempts.get_mut(&PeerId(1)) {
+            a.may_give_up = false;
+            a.started = now.checked_sub(2 * ATTEMPT_GIVE_UP).unwrap_or(now);
+            a.next_punch = now + PUNCH_INTERVAL_LONG;
         }
         assert_eq!(punch.deadline(), Some(now + PUNCH_INTERVAL_LONG));
         // A probe of a direct path that fell silent ends at GATEWAY_SILENCE.
