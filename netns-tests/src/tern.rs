@@ -319,3 +319,29 @@ pub fn gateway_8080_config(node_text: &str) -> String {
          [[firewall.inbound]]\nproto = \"tcp\"\nport = \"8080\"\ngroups = [\"ci\"]\nlocal_cidr = \"198.19.0.0/24\"\n"
     )
 }
+
+/// `tern-lighthouse token create` against the lighthouse config `config`:
+/// a one-time token for group ci (valid 1 h, certificates of 30 min).
+pub fn create_token(config: &Path) -> String {
+    let out = std::process::Command::new(workspace_bin("tern-lighthouse"))
+        .args(["token", "create", "--config"])
+        .arg(config)
+        .args([
+            "--groups",
+            "ci",
+            "--ttl",
+            "1h",
+            "--uses",
+            "1",
+            "--cert-ttl",
+            "30m",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("token create: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

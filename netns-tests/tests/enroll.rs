@@ -83,27 +83,7 @@ fn world() -> World {
 
 impl World {
     fn token(&self) -> String {
-        let out = std::process::Command::new(workspace_bin("tern-lighthouse"))
-            .args(["token", "create", "--config"])
-            .arg(self.dir.join("lighthouse.toml"))
-            .args([
-                "--groups",
-                "ci",
-                "--ttl",
-                "1h",
-                "--uses",
-                "1",
-                "--cert-ttl",
-                "30m",
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("token create: {e}"));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        create_token(&self.dir.join("lighthouse.toml"))
     }
 
     fn enroll(&self, ns: &Ns, name: &str, token: &str) -> Proc {

@@ -122,27 +122,7 @@ fn nodes_on_an_ipv6_only_underlay_meet_and_carry_twenty_megabytes() {
     );
 
     // c has only the CA: it enrolls with a one-time token, over IPv6.
-    let out = std::process::Command::new(workspace_bin("tern-lighthouse"))
-        .args(["token", "create", "--config"])
-        .arg(&lh_config)
-        .args([
-            "--groups",
-            "ci",
-            "--ttl",
-            "1h",
-            "--uses",
-            "1",
-            "--cert-ttl",
-            "30m",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("token create: {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let token = create_token(&lh_config);
     let c_config = v6_node_config("c")
         .replace("cert = \"c.crt\"\n", "")
         .replace("key = \"c.key\"\n", "");

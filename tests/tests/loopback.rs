@@ -173,16 +173,14 @@ fn lighthouse_status(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
-#[test]
-fn node_cores_meet_through_a_real_lighthouse_process_on_loopback() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    pki(dir);
+/// A `tern-lighthouse` on 127.0.0.1 (a free port) with `dir`'s lh1
+/// identity and `extra` config, once its API socket is there.
+fn start_lighthouse(dir: &Path, extra: &str) -> (Daemon, SocketAddr) {
     let port = free_udp();
     let config = dir.join("lighthouse.toml");
     fs::write(
         &config,
-        format!("[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{port}\"\n[api]\nsocket = \"lh.sock\"\n[log]\nlevel = \"debug\"\n"),
+        format!("[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{port}\"\n[api]\nsocket = \"lh.sock\"\n{extra}"),
     )
     .unwrap();
     let lh = Daemon::start(
@@ -193,7 +191,15 @@ fn node_cores_meet_through_a_real_lighthouse_process_on_loopback() {
     wait_until("lighthouse API socket", Duration::from_secs(10), || {
         dir.join("lh.sock").exists()
     });
-    let lh_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    (lh, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+#[test]
+fn node_cores_meet_through_a_real_lighthouse_process_on_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pki(dir);
+    let (lh, lh_addr) = start_lighthouse(dir, "[log]\nlevel = \"debug\"\n");
 
     // Garbage first: the lighthouse counts it and carries on.
     let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -409,22 +415,7 @@ fn a_hello_flood_from_one_address_does_not_keep_another_node_out() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     pki(dir);
-    let port = free_udp();
-    let config = dir.join("lighthouse.toml");
-    fs::write(
-        &config,
-        format!("[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{port}\"\n[api]\nsocket = \"lh.sock\"\n"),
-    )
-    .unwrap();
-    let _lh = Daemon::start(
-        "tern-lighthouse",
-        &["--config", &config.to_string_lossy()],
-        dir.join("lh.log"),
-    );
-    wait_until("lighthouse API socket", Duration::from_secs(10), || {
-        dir.join("lh.sock").exists()
-    });
-    let lh_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_lh, lh_addr) = start_lighthouse(dir, "");
 
     // b's hello, valid and asking for an answer, sent from 127.0.0.2 at
     // 20,000 a second (ten times the lighthouse's whole hello rate) for at
