@@ -407,6 +407,52 @@ pub struct ListenConfig {
     /// UDP address, shared by WireGuard and control traffic. Default
     /// [`DEFAULT_LISTEN`] (`0.0.0.0:4242`).
     pub addr: SocketAddr,
+    /// Lighthouse only: a TCP address (e.g. `0.0.0.0:443`) carrying the
+    /// same datagrams in TLS, for nodes whose networks drop UDP.
+    pub tcp: Option<SocketAddr>,
+    /// Lighthouse only: the TLS certificate chain (PEM) the TCP listener
+    /// shows; without it, a self-signed one made at start (nodes
+    /// authenticate the lighthouse inside, by its Tern certificate).
+    pub tls_cert: Option<PathBuf>,
+    /// The key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ListenConfig {
+    fn resolve(&mut self, base: &Path) {
+        for p in [&mut self.tls_cert, &mut self.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            *p = resolve(base, p);
+        }
+    }
+
+    /// The lighthouse's keys; `tcp` on a node is refused by the node.
+    fn validate_lighthouse(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(tcp) = self.tcp {
+            if tcp.port() == 0 {
+                return Err(invalid(
+                    file,
+                    "listen.tcp",
+                    "port 0 picks a random port, but nodes need a fixed one; set one, e.g. \"0.0.0.0:443\"",
+                ));
+            }
+        }
+        match (&self.tls_cert, &self.tls_key, self.tcp) {
+            (Some(_), None, _) | (None, Some(_), _) => Err(invalid(
+                file,
+                if self.tls_cert.is_some() { "listen.tls_key" } else { "listen.tls_cert" },
+                "tls_cert and tls_key go together; give both, or neither for a self-signed certificate",
+            )),
+            (Some(_), Some(_), None) => Err(invalid(
+                file,
+                "listen.tls_cert",
+                "a TLS certificate without [listen] tcp is unused; add tcp = \"0.0.0.0:443\" or remove it",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// One `[[lighthouses]]` entry of a node config.
@@ -419,6 +465,13 @@ pub struct LighthouseEntry {
     /// name is accepted at this endpoint.
     #[serde(default)]
     pub name: Option<String>,
+    /// The lighthouse's TCP listener (`HOST:PORT`, a name allowed), used
+    /// when UDP gets no answer, through `HTTPS_PROXY` when that is set.
+    #[serde(default)]
+    pub tcp: Option<crate::transport::StreamTarget>,
+    /// `auto` (UDP, TCP while UDP gets no answer), `udp` or `tcp`.
+    #[serde(default)]
+    pub transport: crate::transport::Transport,
 }
 
 /// `[tun]`.
@@ -642,6 +695,16 @@ impl NodeConfig {
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
         self.pki.validate(file, true)?;
+        if self.listen.tcp.is_some()
+            || self.listen.tls_cert.is_some()
+            || self.listen.tls_key.is_some()
+        {
+            return Err(invalid(
+                file,
+                "listen.tcp",
+                "only a lighthouse listens on TCP; a node reaches a lighthouse's TCP listener with [[lighthouses]] tcp = \"HOST:443\"",
+            ));
+        }
         // `[::ffff:198.18.0.1]:4242` is 198.18.0.1:4242: one lighthouse, one
         // address, however it was written (datagrams arrive as plain IPv4).
         for entry in &mut self.lighthouses {
@@ -700,6 +763,7 @@ impl LighthouseConfig {
             *p = resolve(&base, p);
         }
         config.api.resolve(&base);
+        config.listen.resolve(&base);
         if let Some(enroll) = &mut config.enroll {
             enroll.resolve(&base);
             enroll.validate(file)?;
@@ -721,6 +785,7 @@ impl LighthouseConfig {
                 ),
             ));
         }
+        self.listen.validate_lighthouse(file)?;
         self.api.validate(file)?;
         self.log.validate(file)?;
         self.registry.validate(file)?;
@@ -742,6 +807,9 @@ impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             addr: DEFAULT_LISTEN,
+            tcp: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -971,6 +1039,13 @@ impl LighthouseEntry {
                     "the name is empty; give the lighthouse certificate's name or remove the key",
                 ));
             }
+        }
+        if self.transport == crate::transport::Transport::Tcp && self.tcp.is_none() {
+            return Err(invalid(
+                file,
+                format!("lighthouses[{index}].transport"),
+                "transport = \"tcp\" needs the lighthouse's TCP listener: add tcp = \"HOST:443\"",
+            ));
         }
         Ok(())
     }
@@ -1344,6 +1419,53 @@ mod tests {
     }
 
     #[test]
+    fn tcp_transport_keys() {
+        let lh = lighthouse(&format!(
+            "{MINIMAL_NODE}[listen]\naddr = \"[::]:4242\"\ntcp = \"0.0.0.0:443\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n"
+        ))
+        .unwrap();
+        assert_eq!(lh.listen.tcp, Some("0.0.0.0:443".parse().unwrap()));
+        assert_eq!(lh.listen.tls_cert, Some(PathBuf::from("/etc/tern/tls.crt")));
+        for (extra, key) in [
+            ("tcp = \"0.0.0.0:0\"\n", "listen.tcp"),
+            (
+                "tcp = \"0.0.0.0:443\"\ntls_cert = \"c\"\n",
+                "listen.tls_key",
+            ),
+            ("tls_cert = \"c\"\ntls_key = \"k\"\n", "listen.tls_cert"),
+        ] {
+            let err = lighthouse(&format!("{MINIMAL_NODE}[listen]\n{extra}")).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if k == key),
+                "{extra}: {err}"
+            );
+        }
+        let node = node_with(
+            "[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\ntcp = \"lh.example.com:443\"\ntransport = \"tcp\"\n",
+        )
+        .unwrap();
+        let entry = &node.lighthouses[0];
+        assert_eq!(entry.transport, crate::transport::Transport::Tcp);
+        assert_eq!(
+            entry.tcp.as_ref().unwrap().to_string(),
+            "lh.example.com:443"
+        );
+        let err =
+            node_with("[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\ntransport = \"tcp\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("tcp = \"HOST:443\""), "{err}");
+        let err = node_with("[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\ntcp = \"lh\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("HOST:PORT"), "{err}");
+        let err =
+            node_with("[[lighthouses]]\nendpoint = \"198.18.0.1:4242\"\ntransport = \"quic\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("auto"), "{err}");
+        let err = node_with("[listen]\ntcp = \"0.0.0.0:443\"\n").unwrap_err();
+        assert!(err.to_string().contains("only a lighthouse"), "{err}");
+    }
+
+    #[test]
     fn renew_is_for_nodes_with_a_certificate_of_their_own() {
         let renewing =
             MINIMAL_NODE.replace("key = \"node.key\"\n", "key = \"node.key\"\nrenew = true\n");
@@ -1423,16 +1545,21 @@ mod tests {
                     renew: false,
                 },
                 listen: ListenConfig {
-                    addr: "198.18.1.5:5000".parse().unwrap()
+                    addr: "198.18.1.5:5000".parse().unwrap(),
+                    ..ListenConfig::default()
                 },
                 lighthouses: vec![
                     LighthouseEntry {
                         endpoint: "198.18.0.1:4242".parse().unwrap(),
                         name: Some("lh-1".into()),
+                        tcp: None,
+                        transport: Default::default(),
                     },
                     LighthouseEntry {
                         endpoint: "198.18.0.3:4242".parse().unwrap(),
                         name: None,
+                        tcp: None,
+                        transport: Default::default(),
                     },
                 ],
                 tun: TunConfig {

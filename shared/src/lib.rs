@@ -24,6 +24,7 @@ pub mod store;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod toml_error;
+pub mod transport;
 pub mod wire;
 
 mod codec;

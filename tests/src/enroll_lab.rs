@@ -65,6 +65,8 @@ pub fn lab_with(subnet: &str, lh_extra: &str) -> Lab {
 /// What a test adds to the lab's configs.
 #[derive(Default)]
 pub struct LabExtra<'a> {
+    /// Keys for the lighthouse's `[listen]`, after its `addr`.
+    pub lh_listen: &'a str,
     /// Tables for the lighthouse's config, before its `[enroll]`.
     pub lh_head: &'a str,
     /// Keys inside the lighthouse's `[enroll]` (which comes last).
@@ -164,8 +166,8 @@ pub fn lab_custom(subnet: &str, extra: &LabExtra<'_>) -> Lab {
     fs::write(
         d.join("lh.toml"),
         format!(
-            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n[api]\nsocket = \"lh.sock\"\n{}[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n{lh_extra}",
-            extra.lh_head
+            "[pki]\nca = \"ca.crt\"\ncert = \"lh1.crt\"\nkey = \"lh1.key\"\n[listen]\naddr = \"127.0.0.1:{lh_port}\"\n{}[api]\nsocket = \"lh.sock\"\n{}[enroll]\nissuer_cert = \"issuer.crt\"\nissuer_key = \"issuer.key\"\n{lh_extra}",
+            extra.lh_listen, extra.lh_head
         ),
     )
     .unwrap();

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod gso;
 pub mod local;
 pub mod metrics;
+pub mod stream;
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -67,6 +68,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 pub struct Outer {
     socket: UdpSocket,
     state: UdpSocketState,
+    /// TCP links standing for some addresses ([`stream`]).
+    streams: std::sync::Arc<stream::Streams>,
 }
 
 impl Outer {
@@ -77,15 +80,31 @@ impl Outer {
             gro_segments = state.gro_segments(),
             "UDP offloads"
         );
-        Ok(Outer { socket, state })
+        Ok(Outer {
+            socket,
+            state,
+            streams: Default::default(),
+        })
+    }
+
+    /// The TCP links beside the socket.
+    pub fn streams(&self) -> &std::sync::Arc<stream::Streams> {
+        &self.streams
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 
+    /// Resolves when the socket, or a TCP link, has datagrams.
     pub async fn readable(&self) -> io::Result<()> {
-        self.socket.readable().await
+        if self.streams.has_inbound() {
+            return Ok(());
+        }
+        tokio::select! {
+            r = self.socket.readable() => r,
+            () = self.streams.arrived() => Ok(()),
+        }
     }
 
     /// Most segments one send may carry.
@@ -97,8 +116,15 @@ impl Outer {
     /// of datagrams of `segment` bytes (the last may be shorter). Waits while
     /// the socket buffer is full. When the kernel refuses the segmented send,
     /// the datagrams go one by one.
+    /// A datagram for an address a TCP link stands for goes over the link.
     pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
         let segment = segment.filter(|s| *s < contents.len());
+        if self.streams.is_active() {
+            match self.streams.send(dst, contents, segment) {
+                stream::Routed::Unrouted | stream::Routed::Udp => {}
+                stream::Routed::Link => return,
+            }
+        }
         match self.send_once(dst, contents, segment).await {
             Ok(()) => {}
             Err(e) => match segment {
@@ -154,6 +180,9 @@ pub struct RecvBatch {
     datagrams: [Vec<u8>; RX_BATCH],
     meta: [RecvMeta; RX_BATCH],
     count: usize,
+    /// Take from the TCP links first this time (turns alternate, so
+    /// neither the socket nor the links starve the other).
+    links_first: bool,
 }
 
 impl Default for RecvBatch {
@@ -162,6 +191,7 @@ impl Default for RecvBatch {
             datagrams: std::array::from_fn(|_| vec![0; MAX_DATAGRAM]),
             meta: [RecvMeta::default(); RX_BATCH],
             count: 0,
+            links_first: false,
         }
     }
 }
@@ -169,12 +199,43 @@ impl Default for RecvBatch {
 impl RecvBatch {
     /// Receives what the socket has (one `recvmmsg`); returns how many
     /// buffers were filled, each maybe holding several datagrams (GRO).
+    /// Datagrams from TCP links come in turn with the socket's.
     pub fn recv(&mut self, outer: &Outer) -> io::Result<usize> {
-        let mut slices = self.datagrams.each_mut().map(|b| IoSliceMut::new(b));
         self.count = 0;
-        let n = outer.try_recv(&mut slices, &mut self.meta)?;
+        self.links_first = !self.links_first;
+        if self.links_first && outer.streams.has_inbound() {
+            return Ok(self.recv_links(outer));
+        }
+        let mut slices = self.datagrams.each_mut().map(|b| IoSliceMut::new(b));
+        let n = match outer.try_recv(&mut slices, &mut self.meta) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && outer.streams.has_inbound() => {
+                return Ok(self.recv_links(outer))
+            }
+            r => r?,
+        };
         self.count = n;
+        if outer.streams.is_active() {
+            outer
+                .streams
+                .saw_udp(self.meta[..n].iter().map(|m| canonical(m.addr)));
+        }
         Ok(n)
+    }
+
+    fn recv_links(&mut self, outer: &Outer) -> usize {
+        let mut i = 0;
+        let (bufs, meta) = (&mut self.datagrams, &mut self.meta);
+        let n = outer.streams.take_inbound(RX_BATCH, |from, datagram| {
+            let len = datagram.len().min(bufs[i].len());
+            bufs[i][..len].copy_from_slice(&datagram[..len]);
+            meta[i] = RecvMeta::default();
+            meta[i].addr = from;
+            meta[i].len = len;
+            meta[i].stride = len;
+            i += 1;
+        });
+        self.count = n;
+        n
     }
 
     /// The datagrams of the last receive, with their sources, in order.

@@ -611,11 +611,7 @@ impl LighthouseCore {
             let Some(asker) = self.mesh.peer_cert(asker_peer).cloned() else {
                 continue;
             };
-            let Some(from) = self
-                .registry
-                .lookup(w.asker)
-                .and_then(|i| i.endpoints.first().copied())
-            else {
+            let Some(from) = self.registry.observed(w.asker) else {
                 continue;
             };
             if self.answer_query(asker_peer, &asker, from, w.id, target, now) {

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
+use tern_shared::transport::is_stream_endpoint;
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
@@ -374,11 +375,16 @@ impl Registry {
     }
 
     /// Where the node is: the observed address first, then its local ones.
+    /// A node registered over a TCP link has no observed address another
+    /// node could send to (its link's address is this lighthouse's alone).
     pub fn lookup(&self, overlay_ip: Ipv4Addr) -> Option<PeerInfo> {
         let e = self.entries.get(&overlay_ip)?;
-        let mut endpoints = vec![e.observed];
+        let mut endpoints = Vec::with_capacity(1 + e.local.len());
+        if !is_stream_endpoint(&e.observed) {
+            endpoints.push(e.observed);
+        }
         for l in &e.local {
-            if !endpoints.contains(l) && endpoints.len() < MAX_ENDPOINTS {
+            if !is_stream_endpoint(l) && !endpoints.contains(l) && endpoints.len() < MAX_ENDPOINTS {
                 endpoints.push(*l);
             }
         }
@@ -767,6 +773,25 @@ mod tests {
         r.register(ip, "n", b"c", PeerId(1), addr("198.18.0.2:1"), &many, t0)
             .unwrap();
         assert_eq!(r.lookup(ip).unwrap().endpoints.len(), MAX_ENDPOINTS);
+    }
+
+    /// A node on a TCP link is found, but its link's address is never
+    /// handed out as a place to punch to; its local addresses are.
+    #[test]
+    fn a_tcp_link_is_no_endpoint_for_others() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 2);
+        let ip = Ipv4Addr::new(100, 64, 0, 5);
+        let link = tern_shared::transport::stream_endpoint(3);
+        let local = [
+            addr("198.18.1.2:4242"),
+            tern_shared::transport::stream_endpoint(4),
+        ];
+        r.register(ip, "n", b"c", PeerId(1), link, &local, t0)
+            .unwrap();
+        assert_eq!(r.lookup(ip).unwrap().endpoints, vec![local[0]]);
+        assert_eq!(r.observed(ip), Some(link));
+        assert_eq!(r.node_at(link), Some(ip));
     }
 
     #[test]

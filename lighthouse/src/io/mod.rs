@@ -25,6 +25,7 @@ use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 use tern_shared::store::StoreLocation;
 
 mod enrollment;
+mod links;
 mod metrics;
 
 pub(crate) const DEFAULT_SOCKET: &str = "/run/tern/lighthouse.sock";
@@ -283,6 +284,7 @@ async fn serve(
     let socket = tern_udp::Outer::new(socket)
         .context("setting up the UDP socket's batching and offloads")?;
     tracing::info!(name = cert.name(), overlay_ip = %cert.overlay_ip(), listen = %socket.local_addr()?, "lighthouse up");
+    let _links = links::start(&config.listen, cert.name(), socket.streams().clone()).await?;
 
     let mut core = build_core(&config, &identity);
 

@@ -257,7 +257,11 @@ fn describe_ping(r: &tern_node_core::node::PingResult) -> String {
         Some(PathKind::Probing) => "probing".to_string(),
         None => "unknown path".to_string(),
     };
-    format!("answer from {who}: {rtt:.3} ms, {path}")
+    let over = match r.transport {
+        Some(t) => format!(" over {t}"),
+        None => String::new(),
+    };
+    format!("answer from {who}: {rtt:.3} ms, {path}{over}")
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -358,7 +362,7 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
     println!("lighthouses:");
     for lh in &s.lighthouses {
         println!(
-            "  {:<22} {:<16} {:<14} observed {}{}",
+            "  {:<22} {:<16} {:<14} observed {}{}, over {}",
             lh.endpoint.to_string(),
             dash(lh.name.clone()),
             if lh.registered {
@@ -368,6 +372,7 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
             },
             dash(lh.observed.map(|o| o.to_string())),
             if lh.relay { ", relays" } else { "" },
+            lh.transport.as_deref().unwrap_or("udp"),
         );
     }
     println!(
@@ -381,7 +386,21 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
             .unwrap_or_else(|| "never".into());
         let path = match p.path {
             PathKind::Direct => format!("direct {}", dash(p.endpoint.map(|e| e.to_string()))),
-            PathKind::Relayed => format!("relayed via {}", dash(p.relay.map(|r| r.to_string()))),
+            PathKind::Relayed => {
+                // Through a lighthouse reached over TCP, the relayed path is too.
+                let over_tcp = s.lighthouses.iter().any(|lh| {
+                    Some(lh.endpoint) == p.relay
+                        && lh
+                            .transport
+                            .as_deref()
+                            .is_some_and(|t| t.starts_with("tcp"))
+                });
+                format!(
+                    "relayed via {} ({})",
+                    dash(p.relay.map(|r| r.to_string())),
+                    if over_tcp { "tcp" } else { "udp" }
+                )
+            }
             PathKind::Probing => "probing".to_string(),
         };
         let rtt = p

@@ -169,6 +169,8 @@ pub struct Daemon<P: Plane> {
     socket_path: PathBuf,
     /// Listeners, the system resolver's setup, questions waiting.
     dns: Dns,
+    /// TCP links to lighthouses, when UDP gets no answer.
+    links: super::links::LighthouseLinks,
     _gateway: Option<gateway::GatewaySetup>,
     _runner: Option<Task>,
     _metrics: Option<Task>,
@@ -221,6 +223,7 @@ impl<P: Plane> Daemon<P> {
             })
             .collect();
         let mut core = NodeCore::new(mesh, &cert, targets.clone(), now);
+        let links = super::links::LighthouseLinks::new(&config.lighthouses, &outer, now)?;
         core.set_local_endpoints(local_endpoints(listen, &targets));
         core.set_relay_after(config.peers.relay_after);
         core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
@@ -316,6 +319,7 @@ impl<P: Plane> Daemon<P> {
             revoked: None,
             socket_path,
             dns,
+            links,
             _gateway: gateway,
             _runner: runner,
             _metrics: metrics,
@@ -359,10 +363,11 @@ impl<P: Plane> Daemon<P> {
             _ = tokio::time::sleep_until(self.next_timer) => {
                 let now = Instant::now();
                 self.core.handle_timeout(now);
+                self.links.tick(&mut self.core, &self.outer, now);
                 self.expiry.check(&self.own_cert, unix_now());
                 self.dns.refresh_domains(&self.core);
                 let mut next = self.core.poll_timeout(now);
-                if let Some(d) = self.plane.poll_delay() {
+                for d in [self.plane.poll_delay(), self.links.poll_delay()].into_iter().flatten() {
                     next = next.min(now + d);
                 }
                 self.next_timer = tokio::time::Instant::from_std(next);
@@ -456,7 +461,15 @@ impl<P: Plane> Daemon<P> {
                     packets.push(packet);
                     continue;
                 }
-                NodeEvent::Ping(r) => (r.id, serde_json::to_value(&r)),
+                NodeEvent::Ping(mut r) => {
+                    let via = match r.path {
+                        Some(tern_mesh::PathKind::Direct) => r.endpoint,
+                        Some(tern_mesh::PathKind::Relayed) => r.relay,
+                        _ => None,
+                    };
+                    r.transport = via.map(|a| super::links::transport_to(&self.outer, a));
+                    (r.id, serde_json::to_value(&r))
+                }
                 NodeEvent::Policy(r) => (r.id, serde_json::to_value(&r)),
                 NodeEvent::Runners(r) => (r.id, serde_json::to_value(&r)),
                 NodeEvent::Revoked { lighthouse } => {
@@ -510,8 +523,12 @@ impl<P: Plane> Daemon<P> {
         let now = Instant::now();
         let pending = match request {
             ApiRequest::Status => {
+                let mut status = self.core.status();
+                for lh in &mut status.lighthouses {
+                    lh.transport = Some(self.links.describe(&self.outer, lh.endpoint));
+                }
                 let status = api::StatusReply {
-                    status: self.core.status(),
+                    status,
                     mode: self.config.tun.mode,
                     pid: std::process::id(),
                 };

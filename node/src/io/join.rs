@@ -7,14 +7,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context;
 use tern_shared::cert::{CaPool, Cert, LIGHTHOUSE_GROUP};
-use tern_shared::config::NodeConfig;
+use tern_shared::config::{LighthouseEntry, NodeConfig};
 use tern_shared::enroll::{
     disabled_reason, enroll_hello, EnrollRequest, Sealer, ENROLL_REQUEST_MIN, MAX_ENROLL_REPLY_LEN,
     REFUSED_STORE_UNAVAILABLE, TYPE_ENROLL_CERT, TYPE_ENROLL_REPLY,
 };
 use tern_shared::identity::Identity;
 use tern_shared::keys::NodeSecretKey;
+use tern_shared::transport::{ProxyUrl, StreamTarget, Transport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
 /// How `tern up` ends when it cannot start: a documented exit code and why.
@@ -215,21 +218,8 @@ async fn enroll_once(
     let mut offers = tokio::task::JoinSet::new();
     for lh in &config.lighthouses {
         let endpoint = lh.endpoint;
-        offers.spawn(async move {
-            let hello = enroll_hello();
-            let offer = async {
-                // A socket of the lighthouse's own family.
-                let any: SocketAddr = if endpoint.is_ipv6() {
-                    SocketAddr::from(([0u16; 8], 0))
-                } else {
-                    SocketAddr::from(([0, 0, 0, 0], 0))
-                };
-                let socket = UdpSocket::bind(any).await?;
-                let offer = ask(&socket, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
-                anyhow::Ok((socket, offer))
-            };
-            (endpoint, offer.await)
-        });
+        let route = Route::of(lh)?;
+        offers.spawn(async move { (endpoint, route.offer(endpoint).await) });
     }
     let mut last = String::from("no lighthouse answered");
     let mut not_enrolling = Vec::new();
@@ -244,9 +234,15 @@ async fn enroll_once(
             .find(|l| l.endpoint == endpoint)
             .and_then(|l| l.name.as_deref());
         let result = match offer {
-            Ok((socket, offer)) => {
+            Ok((mut channel, offer)) => {
                 enroll_with(
-                    &socket, endpoint, &offer, pinned, &pool, credential, now_unix,
+                    &mut channel,
+                    endpoint,
+                    &offer,
+                    pinned,
+                    &pool,
+                    credential,
+                    now_unix,
                 )
                 .await
             }
@@ -307,22 +303,162 @@ struct NotEnrolling(String);
 #[error("{0}")]
 struct StoreUnavailable(String);
 
+/// How enrollment reaches one lighthouse: UDP, its TCP listener (through
+/// the environment's proxy), or UDP first and TCP when UDP stays silent.
+struct Route {
+    transport: Transport,
+    tcp: Option<(StreamTarget, Option<ProxyUrl>)>,
+}
+
+/// A lighthouse silent over UDP this long is asked over TCP as well.
+const UDP_PATIENCE: Duration = Duration::from_millis(1000);
+
+impl Route {
+    fn of(lh: &LighthouseEntry) -> anyhow::Result<Route> {
+        let tcp = match (&lh.tcp, lh.transport) {
+            (Some(target), Transport::Auto | Transport::Tcp) => Some((
+                target.clone(),
+                tern_udp::stream::proxy_from_env(target).map_err(anyhow::Error::msg)?,
+            )),
+            _ => None,
+        };
+        Ok(Route {
+            transport: lh.transport,
+            tcp,
+        })
+    }
+
+    /// The lighthouse's answer to a hello, and the channel it came on.
+    async fn offer(self, endpoint: SocketAddr) -> anyhow::Result<(Channel, Vec<u8>)> {
+        let hello = enroll_hello();
+        let udp = async {
+            let mut channel = Channel::udp(endpoint).await?;
+            let offer = ask(&mut channel, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
+            anyhow::Ok((channel, offer))
+        };
+        let Some((target, proxy)) = self.tcp else {
+            return udp.await;
+        };
+        let tcp = async {
+            let link = tern_udp::stream::dial(&target, proxy.as_ref())
+                .await
+                .with_context(|| match &proxy {
+                    Some(p) => format!("TCP {target} through proxy {p}"),
+                    None => format!("TCP {target}"),
+                })?;
+            let mut channel = Channel::Link(Box::new(link));
+            let offer = ask(&mut channel, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
+            tracing::info!(lighthouse = %endpoint, "enrolling over TCP {target}");
+            anyhow::Ok((channel, offer))
+        };
+        if self.transport == Transport::Tcp {
+            return tcp.await;
+        }
+        // UDP first; TCP too once UDP has been silent a moment. The first
+        // answer wins; both failing is the UDP failure with TCP's beside it.
+        let tcp = async {
+            tokio::time::sleep(UDP_PATIENCE).await;
+            tcp.await
+        };
+        tokio::pin!(udp, tcp);
+        let mut udp_error = None;
+        let mut tcp_error = None;
+        loop {
+            tokio::select! {
+                r = &mut udp, if udp_error.is_none() => match r {
+                    Ok(found) => return Ok(found),
+                    Err(e) => udp_error = Some(e),
+                },
+                r = &mut tcp, if tcp_error.is_none() => match r {
+                    Ok(found) => return Ok(found),
+                    Err(e) => tcp_error = Some(e),
+                },
+            }
+            if let (Some(u), Some(t)) = (&udp_error, &tcp_error) {
+                anyhow::bail!("over UDP: {u:#}; over TCP: {t:#}");
+            }
+        }
+    }
+}
+
+/// A lighthouse's UDP socket, or a TCP link carrying the same datagrams.
+enum Channel {
+    Udp(UdpSocket),
+    Link(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl Channel {
+    /// A socket of the lighthouse's own family.
+    async fn udp(endpoint: SocketAddr) -> std::io::Result<Channel> {
+        let any: SocketAddr = if endpoint.is_ipv6() {
+            SocketAddr::from(([0u16; 8], 0))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
+        Ok(Channel::Udp(UdpSocket::bind(any).await?))
+    }
+
+    async fn send(&mut self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        match self {
+            Channel::Udp(socket) => socket.send_to(datagram, to).await.map(drop),
+            Channel::Link(link) => {
+                let header =
+                    tern_shared::transport::frame_header(datagram.len()).ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidInput, "datagram too long")
+                    })?;
+                link.write_all(&header).await?;
+                link.write_all(datagram).await?;
+                link.flush().await
+            }
+        }
+    }
+
+    /// One datagram and its source (over a link: the lighthouse, `to`).
+    async fn recv(
+        &mut self,
+        buf: &mut [u8],
+        to: SocketAddr,
+    ) -> std::io::Result<(usize, SocketAddr)> {
+        match self {
+            Channel::Udp(socket) => socket.recv_from(buf).await,
+            Channel::Link(link) => loop {
+                let len = usize::from(link.read_u16().await?);
+                let mut frame = vec![0u8; len];
+                link.read_exact(&mut frame).await?;
+                if len == 0 {
+                    continue;
+                }
+                let n = len.min(buf.len());
+                buf[..n].copy_from_slice(&frame[..n]);
+                return Ok((n, to));
+            },
+        }
+    }
+}
+
 /// Sends `first` and waits for an answer of type `ty` from `to`, repeating
 /// `repeat` a few times.
 async fn ask(
-    socket: &UdpSocket,
+    channel: &mut Channel,
     to: SocketAddr,
     first: &[u8],
     repeat: &[u8],
     ty: u8,
 ) -> anyhow::Result<Vec<u8>> {
     let mut buf = vec![0u8; 8192];
-    for attempt in 0..TRIES {
+    // A link loses nothing, so asks once and waits as long as all the UDP
+    // tries (and a wait cut short mid-frame leaves the link unusable, so
+    // it is never cut short and then read again).
+    let (tries, wait) = match channel {
+        Channel::Udp(_) => (TRIES, WAIT),
+        Channel::Link(_) => (1, WAIT * TRIES as u32),
+    };
+    for attempt in 0..tries {
         let datagram = if attempt == 0 { first } else { repeat };
-        socket.send_to(datagram, to).await?;
-        let deadline = tokio::time::Instant::now() + WAIT;
+        channel.send(datagram, to).await?;
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+            match tokio::time::timeout_at(deadline, channel.recv(&mut buf, to)).await {
                 Ok(Ok((n, from))) if from == to && buf.first() == Some(&ty) => {
                     return Ok(buf[..n].to_vec())
                 }
@@ -344,7 +480,7 @@ async fn ask(
 /// (padded: a lighthouse never answers more than it received) was
 /// `offer`: its certificate, verified here like any peer's.
 async fn enroll_with(
-    socket: &UdpSocket,
+    channel: &mut Channel,
     endpoint: SocketAddr,
     offer: &[u8],
     pinned: Option<&str>,
@@ -389,7 +525,7 @@ async fn enroll_with(
     // keeps the answer for this enrollment, so a repeat spends nothing).
     let first = sealer.seal_request(&request, ENROLL_REQUEST_MIN)?;
     let repeat = sealer.seal_request(&request, MAX_ENROLL_REPLY_LEN)?;
-    let answer = ask(socket, endpoint, &first, &repeat, TYPE_ENROLL_REPLY).await?;
+    let answer = ask(channel, endpoint, &first, &repeat, TYPE_ENROLL_REPLY).await?;
     let reply = sealer.open_reply(&answer)?;
     if reply.cert.is_none() && reply.code.as_deref() == Some(REFUSED_STORE_UNAVAILABLE) {
         return Err(StoreUnavailable(format!(

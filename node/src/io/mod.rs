@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod dns;
 pub mod gateway;
 pub mod join;
+pub mod links;
 pub mod metrics;
 pub mod names;
 pub mod plane;

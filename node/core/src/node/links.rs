@@ -35,6 +35,10 @@ pub struct LighthouseStatus {
     pub observed: Option<SocketAddr>,
     /// It relays for us when a peer has no direct path.
     pub relay: bool,
+    /// How it is reached: `udp`, or `tcp HOST:PORT [via proxy URL]` (the
+    /// node's shell says; the core does not know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 pub(super) struct LighthouseLink {
@@ -90,6 +94,37 @@ impl NodeCore {
                 _ => None,
             })
             .collect()
+    }
+
+    /// When the lighthouse at `endpoint` last acknowledged a registration
+    /// (none while it is being looked for).
+    pub fn lighthouse_last_ack(&self, endpoint: SocketAddr) -> Option<Instant> {
+        self.links.iter().find_map(|l| match l.state {
+            LinkState::Up {
+                last_ack,
+                acked: true,
+                ..
+            } if l.target.endpoint == endpoint => Some(last_ack),
+            _ => None,
+        })
+    }
+
+    /// The way to the lighthouse at `endpoint` changed (a TCP link opened
+    /// or closed): say hello, or register, at once, so that it learns
+    /// where this node is now without waiting for the next interval.
+    pub fn lighthouse_path_changed(&mut self, endpoint: SocketAddr, now: Instant) {
+        let Some(i) = self
+            .links
+            .iter()
+            .position(|l| l.target.endpoint == endpoint)
+        else {
+            return;
+        };
+        match &mut self.links[i].state {
+            LinkState::Discovering { .. } => self.links[i].state = LinkState::discovering(now),
+            LinkState::Up { next_register, .. } => *next_register = now,
+        }
+        self.drive_link(i, now);
     }
 
     pub(super) fn connected_lighthouses(&self) -> usize {

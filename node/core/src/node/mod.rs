@@ -536,6 +536,7 @@ impl NodeCore {
                     registered: matches!(l.state, LinkState::Up { acked: true, .. }),
                     observed: l.observed,
                     relay: l.relay,
+                    transport: None,
                 })
                 .collect(),
             revoked_certs: self.mesh.ca().revoked_count(),

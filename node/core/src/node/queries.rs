@@ -24,6 +24,9 @@ pub struct PingResult {
     pub path: Option<tern_mesh::PathKind>,
     pub endpoint: Option<SocketAddr>,
     pub relay: Option<SocketAddr>,
+    /// The transport of that path (the node's shell says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<tern_shared::transport::PathTransport>,
     /// Every lighthouse said it does not know the address: no answer can
     /// come.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -41,6 +44,7 @@ impl PingResult {
             path: None,
             endpoint: None,
             relay: None,
+            transport: None,
             unknown: true,
         }
     }
@@ -346,6 +350,7 @@ impl NodeCore {
                 path: path.map(|(kind, _)| kind),
                 endpoint: self.mesh.peer_endpoint(peer),
                 relay: path.and_then(|(_, relay)| relay),
+                transport: None,
                 unknown: false,
             });
         }
@@ -377,6 +382,7 @@ impl NodeCore {
                     path: None,
                     endpoint: None,
                     relay: None,
+                    transport: None,
                     unknown: false,
                 });
             }
