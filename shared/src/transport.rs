@@ -327,7 +327,8 @@ impl ConnectAnswer {
     /// What a person should do about a refusal.
     pub fn refusal(&self) -> String {
         let hint = match self.status {
-            407 => "; the proxy wants credentials: give them in the URL, http://USER:PASSWORD@HOST:PORT",
+            // 401: what some proxies (tinyproxy) answer instead of 407.
+            401 | 407 => "; the proxy wants credentials, or refused these: give them in the URL, http://USER:PASSWORD@HOST:PORT (percent-encode @ and : inside them)",
             403 => "; the proxy refuses this destination (many allow CONNECT to port 443 only)",
             _ => "",
         };

@@ -342,10 +342,7 @@ impl Route {
         let tcp = async {
             let link = tern_udp::stream::dial(&target, proxy.as_ref())
                 .await
-                .with_context(|| match &proxy {
-                    Some(p) => format!("TCP {target} through proxy {p}"),
-                    None => format!("TCP {target}"),
-                })?;
+                .with_context(|| format!("TCP {target}"))?;
             let mut channel = Channel::Link(Box::new(link));
             let offer = ask(&mut channel, endpoint, &hello, &hello, TYPE_ENROLL_CERT).await?;
             tracing::info!(lighthouse = %endpoint, "enrolling over TCP {target}");

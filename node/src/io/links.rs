@@ -26,7 +26,7 @@ const FIRST_ANSWER_PATIENCE: Duration = Duration::from_millis(1000);
 /// A registered lighthouse silent this long (it answers every 4 s): try TCP.
 const SILENCE_PATIENCE: Duration = Duration::from_secs(7);
 /// While on TCP, how often to see whether UDP works again.
-pub const UDP_PROBE_EVERY: Duration = Duration::from_secs(30);
+pub const UDP_PROBE_EVERY: Duration = Duration::from_secs(15);
 /// After a failed dial, the next waits this long, doubling up to a minute.
 const REDIAL_FIRST: Duration = Duration::from_secs(1);
 const REDIAL_MAX: Duration = Duration::from_secs(60);
