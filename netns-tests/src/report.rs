@@ -1,4 +1,5 @@
-//! What the benchmark binaries (`nat-bench`, `runner-bench`) share: argument
+//! What the benchmark binaries share: their `--reps/--seconds/--write`
+//! arguments, an iperf3 run, argument
 //! numbers, medians and percentiles, table cells, the machine line, and the
 //! replacement of their section in BENCHMARKS.md.
 
@@ -99,6 +100,58 @@ pub fn write_section(name: &str, table: &str) -> std::io::Result<PathBuf> {
     };
     std::fs::write(&path, new)?;
     Ok(path)
+}
+
+/// `--reps N --seconds S --write`, the arguments of the benchmarks that
+/// repeat timed runs.
+pub struct RepsArgs {
+    pub reps: usize,
+    pub seconds: u32,
+    pub write: bool,
+}
+
+impl RepsArgs {
+    /// The process's arguments for the benchmark `name` (3 repetitions of
+    /// 5 s by default).
+    pub fn parse(name: &str) -> Result<RepsArgs, String> {
+        let mut args = RepsArgs {
+            reps: 3,
+            seconds: 5,
+            write: false,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--reps" => args.reps = number(it.next(), "--reps", 1, 20)?,
+                "--seconds" => args.seconds = number(it.next(), "--seconds", 1, 60)?,
+                "--write" => args.write = true,
+                "-h" | "--help" => {
+                    return Err(format!(
+                        "usage: {name} [--reps N (1-20, default 3)] [--seconds S (1-60, default 5)] [--write]"
+                    ))
+                }
+                other => return Err(format!("unknown argument {other:?}; see --help")),
+            }
+        }
+        Ok(args)
+    }
+}
+
+/// iperf3 TCP from `client` to a one-shot server in `server` bound to `ip`,
+/// for `seconds`: Gbit/s received.
+pub fn iperf_gbps(client: &crate::Ns, server: &crate::Ns, ip: &str, seconds: u32) -> Option<f64> {
+    let _server = server.spawn("iperf3", ["-s", "-1", "-B", ip], "iperf3-server");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let secs = seconds.to_string();
+    let out = client.exec_timeout(
+        "iperf3",
+        ["-c", ip, "-t", secs.as_str(), "-J"],
+        std::time::Duration::from_secs(seconds as u64 + 20),
+    )?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
 }
 
 #[cfg(test)]

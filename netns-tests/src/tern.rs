@@ -274,6 +274,29 @@ pub fn gateway_lab(prefix: &str, server: &str) -> GatewayLab {
     }
 }
 
+/// The flat topology: a lighthouse ([`LH_UNDERLAY`]), a (198.18.0.2) and
+/// b (198.18.0.3) on one wan, no NAT between them.
+pub struct FlatLab {
+    pub lab: crate::Lab,
+    pub dir: PathBuf,
+    pub lh: Ns,
+    pub a: Ns,
+    pub b: Ns,
+}
+
+pub fn flat_lab(prefix: &str) -> FlatLab {
+    let lab = crate::Lab::new(prefix);
+    let dir = lab.dir().to_path_buf();
+    lab.wan("wan");
+    let lh = lab.add_ns("lh");
+    let a = lab.add_ns("a");
+    let b = lab.add_ns("b");
+    lab.connect_to_wan(&lh, &format!("{LH_UNDERLAY}/24"));
+    lab.connect_to_wan(&a, "198.18.0.2/24");
+    lab.connect_to_wan(&b, "198.18.0.3/24");
+    FlatLab { lab, dir, lh, a, b }
+}
+
 /// python's http.server in `ns` on `server`:8080, serving `files` (name,
 /// contents) from `dir`/www.
 pub fn web_server(ns: &Ns, dir: &Path, server: &str, files: &[(&str, &[u8])]) -> Proc {

@@ -41,7 +41,13 @@ fn world(prefix: &str) -> World {
     let http = web_server(&vpc, &dir, SERVER, &[("blob.bin", &bytes)]);
     let want = sha256_file(&dir.join("www/blob.bin"));
     make_ca_and_lighthouse(&dir);
-    sign(&dir, "ca", "gw", "100.64.0.30/10", &["--subnets", "198.19.0.0/24"]);
+    sign(
+        &dir,
+        "ca",
+        "gw",
+        "100.64.0.30/10",
+        &["--subnets", "198.19.0.0/24"],
+    );
     sign_issuer(&dir, "ca", "lh-issuer", "100.64.100.0/24", "ci");
     let lh_config = write_lighthouse_config(&dir);
     let text = std::fs::read_to_string(&lh_config).unwrap_or_default().replace(
@@ -153,7 +159,10 @@ fn with_udp_dropped_a_job_reaches_the_private_server_over_tcp() {
     });
     w.download_checks();
     let log = job.log();
-    assert!(log.contains("enrolling over TCP"), "enrollment went over TCP");
+    assert!(
+        log.contains("enrolling over TCP"),
+        "enrollment went over TCP"
+    );
     assert_eq!(w.lighthouse_transport(), format!("tcp {LH_UNDERLAY}:443"));
     let gw = status(&w.dir, "job")["peers"]
         .as_array()
@@ -172,7 +181,10 @@ fn with_udp_dropped_a_job_reaches_the_private_server_over_tcp() {
         ],
     );
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(shown.contains("relayed via") && shown.contains("over tcp"), "{shown}");
+    assert!(
+        shown.contains("relayed via") && shown.contains("over tcp"),
+        "{shown}"
+    );
 
     // UDP let through again: back on UDP (a probe every 15 s), direct.
     for chain in ["OUTPUT", "INPUT"] {
@@ -187,8 +199,7 @@ fn with_udp_dropped_a_job_reaches_the_private_server_over_tcp() {
 
 #[test]
 fn through_an_http_proxy_alone_with_proxy_authentication() {
-    if !require_root("tcp")
-        || !require_tools("tcp", &["iptables", "curl", "python3", "tinyproxy"])
+    if !require_root("tcp") || !require_tools("tcp", &["iptables", "curl", "python3", "tinyproxy"])
     {
         return;
     }
@@ -229,8 +240,14 @@ fn through_an_http_proxy_alone_with_proxy_authentication() {
         !refused.is_running()
     });
     let log = refused.log();
-    assert!(log.contains("refused CONNECT") && log.contains("USER:PASSWORD"), "{log}");
-    assert!(!log.contains("Wr0ngPw"), "the password is not logged: {log}");
+    assert!(
+        log.contains("refused CONNECT") && log.contains("USER:PASSWORD"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("Wr0ngPw"),
+        "the password is not logged: {log}"
+    );
 
     let job = w.job(Some(&format!("http://ci:s3cret@{PROXY}:8888")));
     w.wait_up();
@@ -244,6 +261,9 @@ fn through_an_http_proxy_alone_with_proxy_authentication() {
         w.lighthouse_transport(),
         format!("tcp {LH_UNDERLAY}:443 via proxy http://ci@{PROXY}:8888")
     );
-    assert!(proxy.log().contains("CONNECT"), "the proxy carried the link");
+    assert!(
+        proxy.log().contains("CONNECT"),
+        "the proxy carried the link"
+    );
     assert!(!job.log().contains("s3cret"), "the password is not logged");
 }

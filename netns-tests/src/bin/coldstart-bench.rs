@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use tern_netns_tests::report::{machine_line, median, number, percentile, write_section};
 use tern_netns_tests::tern::{
-    make_ca_and_lighthouse, node_config_text, sign, write_file, LH_UNDERLAY,
+    flat_lab, make_ca_and_lighthouse, node_config_text, sign, write_file, FlatLab,
 };
-use tern_netns_tests::{require_root, require_tools, workspace_bin, Lab};
+use tern_netns_tests::{require_root, require_tools, workspace_bin};
 
 const B_OVERLAY: &str = "100.64.0.6";
 /// Longest a repetition waits for the first answer.
@@ -85,15 +85,7 @@ fn parse_args() -> Result<Args, String> {
 /// One cold start with the binaries in `bins`: milliseconds from launching
 /// the lighthouse and both nodes to a's first answer from b.
 fn cold_start(bins: &Path) -> Option<f64> {
-    let lab = Lab::new("cold");
-    let dir = lab.dir().to_path_buf();
-    lab.wan("wan");
-    let lh = lab.add_ns("lh");
-    let a = lab.add_ns("a");
-    let b = lab.add_ns("b");
-    lab.connect_to_wan(&lh, &format!("{LH_UNDERLAY}/24"));
-    lab.connect_to_wan(&a, "198.18.0.2/24");
-    lab.connect_to_wan(&b, "198.18.0.3/24");
+    let FlatLab { lab, dir, lh, a, b } = flat_lab("cold");
     make_ca_and_lighthouse(&dir);
     sign(&dir, "ca", "a", "100.64.0.5/10", &[]);
     sign(&dir, "ca", "b", "100.64.0.6/10", &[]);

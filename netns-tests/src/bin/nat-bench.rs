@@ -21,39 +21,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use tern_netns_tests::nat::{world, Nat, World, B_OVERLAY};
-use tern_netns_tests::report::{cell, machine_line, median, number, write_section};
+use tern_netns_tests::report::{cell, iperf_gbps, machine_line, median, write_section, RepsArgs};
 use tern_netns_tests::{require_root, require_tools};
-
-struct Args {
-    reps: usize,
-    seconds: u32,
-    write: bool,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        reps: 3,
-        seconds: 5,
-        write: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--reps" => {
-                args.reps = number(it.next(), "--reps", 1, 20)?;
-            }
-            "--seconds" => {
-                args.seconds = number(it.next(), "--seconds", 1, 60)?;
-            }
-            "--write" => args.write = true,
-            "-h" | "--help" => {
-                return Err("usage: nat-bench [--reps N (1-20, default 3)] [--seconds S (1-60, default 5)] [--write]".into())
-            }
-            other => return Err(format!("unknown argument {other:?}; see --help")),
-        }
-    }
-    Ok(args)
-}
 
 /// Pings sent every this many milliseconds from the first packet on.
 const PING_EVERY_MS: f64 = 10.0;
@@ -96,24 +65,11 @@ fn first_answer_ms(log: &str) -> Option<f64> {
 
 /// iperf3 a→b over the overlay for `seconds`: Gbit/s received.
 fn iperf(w: &World, seconds: u32) -> Option<f64> {
-    let _server =
-        w.b.node
-            .spawn("iperf3", ["-s", "-1", "-B", B_OVERLAY], "iperf3-server");
-    std::thread::sleep(Duration::from_millis(300));
-    let secs = seconds.to_string();
-    let out = w.a.node.exec_timeout(
-        "iperf3",
-        ["-c", B_OVERLAY, "-t", secs.as_str(), "-J"],
-        Duration::from_secs(seconds as u64 + 20),
-    )?;
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
+    iperf_gbps(&w.a.node, &w.b.node, B_OVERLAY, seconds)
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
+    let args = match RepsArgs::parse("nat-bench") {
         Ok(a) => a,
         Err(e) => {
             eprintln!("nat-bench: {e}");

@@ -19,42 +19,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tern_netns_tests::report::{cell, machine_line, median, number, write_section};
+use tern_netns_tests::report::{cell, machine_line, median, write_section, RepsArgs};
 use tern_netns_tests::tern::*;
 use tern_netns_tests::{require_root, require_tools, wait_until, Lab, Ns, Proc};
 
 const SERVER: &str = "198.19.0.10";
 const CONNECTS: usize = 100;
-
-struct Args {
-    reps: usize,
-    seconds: u32,
-    write: bool,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        reps: 3,
-        seconds: 5,
-        write: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--reps" => args.reps = number(it.next(), "--reps", 1, 20)?,
-            "--seconds" => args.seconds = number(it.next(), "--seconds", 1, 60)?,
-            "--write" => args.write = true,
-            "-h" | "--help" => {
-                return Err(
-                    "usage: userspace-bench [--reps N (1-20, default 3)] [--seconds S (1-60, default 5)] [--write]"
-                        .into(),
-                )
-            }
-            other => return Err(format!("unknown argument {other:?}; see --help")),
-        }
-    }
-    Ok(args)
-}
 
 /// A lighthouse, a vpc with iperf3 and an echo server on 198.19.0.10, and a
 /// client and a gateway, both in TUN mode or both in userspace mode.
@@ -201,7 +171,7 @@ fn connect_times(w: &World, n: usize) -> Option<Vec<f64>> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
+    let args = match RepsArgs::parse("userspace-bench") {
         Ok(a) => a,
         Err(e) => {
             eprintln!("userspace-bench: {e}");
