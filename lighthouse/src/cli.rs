@@ -49,6 +49,17 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
         "NAME", "OVERLAY IP", "OBSERVED", "LAST SEEN"
     );
     for n in reply["nodes"].as_array().into_iter().flatten() {
+        // A TCP link's own address means nothing outside this lighthouse.
+        let observed = match n["observed"].as_str() {
+            Some(o)
+                if o.parse()
+                    .is_ok_and(|a| tern_shared::transport::is_stream_endpoint(&a)) =>
+            {
+                "(over TCP)"
+            }
+            Some(o) => o,
+            None => "-",
+        };
         let kind = match n["issued_by"].as_str() {
             Some(issuer) => format!("ephemeral (issued by {issuer})"),
             None => "long-lived".to_string(),
@@ -57,9 +68,12 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
             "  {:<16} {:<15} {:<22} {:>9}s  {kind}",
             n["name"].as_str().unwrap_or("-"),
             n["overlay_ip"].as_str().unwrap_or("-"),
-            n["observed"].as_str().unwrap_or("-"),
+            observed,
             n["last_seen_secs_ago"]
         );
+    }
+    if let Some(links) = reply["tcp_links"].as_u64().filter(|&n| n > 0) {
+        println!("TCP links ([listen] tcp): {links}");
     }
     if let Some(revoked) = reply["revoked"].as_u64().filter(|&r| r > 0) {
         println!(

@@ -1072,6 +1072,17 @@ impl Ns {
     pub fn resolv_conf(&self) -> PathBuf {
         etc_netns(&self.name).join("resolv.conf")
     }
+
+    /// Gives this namespace an /etc/hosts of its own with `lines` (what
+    /// programs in it read as `/etc/hosts`; removed with the lab).
+    pub fn write_hosts(&self, lines: &str) {
+        let path = etc_netns(&self.name).join("hosts");
+        fs::write(
+            &path,
+            format!("127.0.0.1 localhost\n::1 localhost\n{lines}"),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
 }
 
 /// The creating PID encoded in a lab namespace name of `prefix`, if `name`

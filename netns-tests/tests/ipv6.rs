@@ -1,7 +1,8 @@
 //! An IPv6 underlay on real kernels: a lighthouse and two nodes whose only
 //! addresses are in the documentation prefix 2001:db8::/32 (no IPv4 on
 //! the wire at all), listening dual-stack on `[::]:4242`, with the
-//! lighthouse named by an IPv6 literal. The nodes meet over IPv6 and carry
+//! lighthouse named by an IPv6 literal (a) or a host name whose IPv6
+//! address is preferred (b). The nodes meet over IPv6 and carry
 //! 20 MB between them, hash-checked (real curl and python's http.server on
 //! the overlay), and a third enrolls with a token over IPv6. Needs root.
 
@@ -67,11 +68,15 @@ fn nodes_on_an_ipv6_only_underlay_meet_and_carry_twenty_megabytes() {
         &write_file(&dir, "a.toml", &v6_node_config("a")),
         "node-a",
     );
-    let _b = start_node(
-        &b,
-        &write_file(&dir, "b.toml", &v6_node_config("b")),
-        "node-b",
+    // b knows the lighthouse by name (its /etc/hosts), with IPv4 too.
+    b.write_hosts(&format!(
+        "{LH_V6} lighthouse.lab.test\n198.18.0.99 lighthouse.lab.test\n"
+    ));
+    let b_config = v6_node_config("b").replace(
+        &format!("endpoint = \"[{LH_V6}]:4242\""),
+        "endpoint = \"lighthouse.lab.test:4242\"",
     );
+    let b_node = start_node(&b, &write_file(&dir, "b.toml", &b_config), "node-b");
 
     wait_until("a pings b over IPv6", Duration::from_secs(15), || {
         pings(&a, B_OVERLAY)
@@ -115,6 +120,12 @@ fn nodes_on_an_ipv6_only_underlay_meet_and_carry_twenty_megabytes() {
         .unwrap_or_else(|| panic!("a has no peer b: {peers}"));
     assert_eq!(to_b["path"], "direct", "{to_b}");
     assert_eq!(to_b["endpoint"], "[2001:db8::3]:4242", "{to_b}");
+    assert!(
+        b_node.log().contains(&format!(
+            "lighthouse resolved lighthouse=lighthouse.lab.test endpoint=[{LH_V6}]:4242"
+        )),
+        "b resolved the lighthouse's name to its IPv6 address"
+    );
     let nodes = lighthouse_status(&dir)["nodes"].to_string();
     assert!(
         nodes.contains("2001:db8::2") && nodes.contains("2001:db8::3"),

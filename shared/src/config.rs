@@ -457,10 +457,14 @@ impl ListenConfig {
 
 /// One `[[lighthouses]]` entry of a node config.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "LighthouseEntryText")]
 pub struct LighthouseEntry {
-    /// The lighthouse's underlay UDP endpoint (required).
+    /// The lighthouse's underlay UDP endpoint (required). Written as a
+    /// host name, it is `0.0.0.0` with the port until the node resolves
+    /// [`host`](Self::host) ([`LighthouseEntry::resolved`]) at start.
     pub endpoint: SocketAddr,
+    /// The host name `endpoint` was written with, if it was one.
+    pub host: Option<String>,
     /// Optional pin: when set, only a lighthouse certificate with exactly this
     /// name is accepted at this endpoint.
     #[serde(default)]
@@ -472,6 +476,68 @@ pub struct LighthouseEntry {
     /// `auto` (UDP, TCP while UDP gets no answer), `udp` or `tcp`.
     #[serde(default)]
     pub transport: crate::transport::Transport,
+}
+
+/// A `[[lighthouses]]` entry as written: its endpoint an address or a
+/// host name, with the port.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LighthouseEntryText {
+    endpoint: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    tcp: Option<crate::transport::StreamTarget>,
+    #[serde(default)]
+    transport: crate::transport::Transport,
+}
+
+impl TryFrom<LighthouseEntryText> for LighthouseEntry {
+    type Error = String;
+
+    fn try_from(t: LighthouseEntryText) -> Result<Self, String> {
+        let (endpoint, host) = match t.endpoint.trim().parse::<SocketAddr>() {
+            Ok(addr) => (addr, None),
+            Err(_) => match crate::transport::StreamTarget::parse(&t.endpoint) {
+                Ok(target) if target.ip().is_none() => (
+                    SocketAddr::from(([0, 0, 0, 0], target.port)),
+                    Some(target.host.to_ascii_lowercase()),
+                ),
+                _ => {
+                    return Err(format!(
+                        "[[lighthouses]] endpoint {:?} is neither ADDRESS:PORT nor HOST:PORT; write e.g. \"198.18.0.1:{DEFAULT_PORT}\", \"[2001:db8::1]:{DEFAULT_PORT}\" or \"lighthouse.example.com:{DEFAULT_PORT}\"",
+                        t.endpoint
+                    ))
+                }
+            },
+        };
+        Ok(LighthouseEntry {
+            endpoint,
+            host,
+            name: t.name,
+            tcp: t.tcp,
+            transport: t.transport,
+        })
+    }
+}
+
+impl LighthouseEntry {
+    /// What `endpoint` names: the address itself, or the host name with
+    /// its port (to resolve).
+    pub fn written(&self) -> String {
+        match &self.host {
+            Some(host) => format!("{host}:{}", self.endpoint.port()),
+            None => self.endpoint.to_string(),
+        }
+    }
+
+    /// This entry with its host name resolved to `addr`.
+    pub fn resolved(&self, addr: SocketAddr) -> LighthouseEntry {
+        LighthouseEntry {
+            endpoint: SocketAddr::new(addr.ip().to_canonical(), self.endpoint.port()),
+            ..self.clone()
+        }
+    }
 }
 
 /// `[tun]`.
@@ -715,14 +781,14 @@ impl NodeConfig {
             entry.validate(file, i)?;
             if let Some(first) = self.lighthouses[..i]
                 .iter()
-                .position(|e| e.endpoint == entry.endpoint)
+                .position(|e| e.written() == entry.written())
             {
                 return Err(invalid(
                     file,
                     format!("lighthouses[{i}].endpoint"),
                     format!(
                         "{} is listed twice (also lighthouses[{first}]); remove the duplicate entry",
-                        entry.endpoint
+                        entry.written()
                     ),
                 ));
             }
@@ -1020,7 +1086,8 @@ pub fn http_url_is_loopback(url: &str) -> bool {
 
 impl LighthouseEntry {
     fn validate(&self, file: &Path, index: usize) -> Result<(), ConfigError> {
-        if self.endpoint.ip().is_unspecified() || self.endpoint.port() == 0 {
+        if (self.host.is_none() && self.endpoint.ip().is_unspecified()) || self.endpoint.port() == 0
+        {
             return Err(invalid(
                 file,
                 format!("lighthouses[{index}].endpoint"),
@@ -1419,6 +1486,37 @@ mod tests {
     }
 
     #[test]
+    fn lighthouse_endpoints_by_name() {
+        let config = node_with(
+            "[[lighthouses]]\nendpoint = \"LH.example.com:4242\"\n[[lighthouses]]\nendpoint = \"[2001:db8::1]:4242\"\n",
+        )
+        .unwrap();
+        let named = &config.lighthouses[0];
+        assert_eq!(named.host.as_deref(), Some("lh.example.com"));
+        assert_eq!(named.written(), "lh.example.com:4242");
+        assert_eq!(named.endpoint.port(), 4242);
+        let resolved = named.resolved("[::ffff:198.18.0.1]:1".parse().unwrap());
+        assert_eq!(resolved.endpoint, "198.18.0.1:4242".parse().unwrap());
+        assert_eq!(config.lighthouses[1].host, None);
+        let twice = "[[lighthouses]]\nendpoint = \"lh.example.com:4242\"\n".repeat(2);
+        assert_eq!(invalid_key(node_with(&twice)), "lighthouses[1].endpoint");
+        for bad in [
+            "lh.example.com",
+            "lh.example.com:0",
+            "lh example:4242",
+            "198.18.0.1",
+        ] {
+            let err = node_with(&format!("[[lighthouses]]\nendpoint = \"{bad}\"\n")).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("HOST:PORT") || text.contains("cannot be dialled"),
+                "{bad}: {text}"
+            );
+            assert!(text.contains("lighthouses"), "{bad}: {text}");
+        }
+    }
+
+    #[test]
     fn tcp_transport_keys() {
         let lh = lighthouse(&format!(
             "{MINIMAL_NODE}[listen]\naddr = \"[::]:4242\"\ntcp = \"0.0.0.0:443\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n"
@@ -1552,12 +1650,14 @@ mod tests {
                     LighthouseEntry {
                         endpoint: "198.18.0.1:4242".parse().unwrap(),
                         name: Some("lh-1".into()),
+                        host: None,
                         tcp: None,
                         transport: Default::default(),
                     },
                     LighthouseEntry {
                         endpoint: "198.18.0.3:4242".parse().unwrap(),
                         name: None,
+                        host: None,
                         tcp: None,
                         transport: Default::default(),
                     },

@@ -14,6 +14,7 @@ pub fn render(
     cert_not_after: u64,
     enrollment: Option<&EnrollmentHandle>,
     results: &EnrollResults,
+    links: &tern_udp::stream::Streams,
 ) -> String {
     let s = core.metrics();
     let c = s.counters;
@@ -32,6 +33,16 @@ pub fn render(
         "tern_lighthouse_registered_nodes",
         "Nodes registered with this lighthouse now.",
         s.registered as f64,
+    );
+    e.gauge(
+        "tern_lighthouse_tcp_links",
+        "Nodes connected over TCP ([listen] tcp) now.",
+        links.links() as f64,
+    );
+    e.counter(
+        "tern_lighthouse_tcp_link_drops_total",
+        "Datagrams to or from TCP links dropped because a queue was full.",
+        links.dropped(),
     );
     e.counter(
         "tern_lighthouse_registrations_total",

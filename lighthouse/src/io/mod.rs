@@ -387,10 +387,10 @@ async fn serve(
                 core.answer_renewal(&ask, outcome, Instant::now());
             }
             Some(reply) = api_rx.recv() => {
-                let _ = reply.send(status_json(&core, enrollment.as_ref()));
+                let _ = reply.send(status_json(&core, enrollment.as_ref(), socket.streams()));
             }
             Some(reply) = metrics_rx.recv() => {
-                let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results));
+                let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams()));
             }
             _ = sighup.recv() => {
                 if reload.apply(&mut config, &mut core, &mut enrollment, &mut identity) {
@@ -522,10 +522,12 @@ fn dispatch(
 fn status_json(
     core: &LighthouseCore,
     enrollment: Option<&enrollment::EnrollmentHandle>,
+    links: &tern_udp::stream::Streams,
 ) -> serde_json::Value {
     let mut status = serde_json::to_value(core.status(Instant::now())).unwrap_or_default();
     if let Some(fields) = status.as_object_mut() {
         fields.insert("pid".into(), std::process::id().into());
+        fields.insert("tcp_links".into(), links.links().into());
         if let Some(e) = enrollment {
             fields.insert(
                 "enrollment".into(),

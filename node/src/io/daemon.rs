@@ -65,6 +65,7 @@ impl Setup {
         if userspace {
             config.tun.mode = TunMode::Userspace;
         }
+        super::resolve_lighthouses(&mut config).await?;
         let identity = match (enrollment, config.pki.enrolls()) {
             (Some(enrollment), true) => join::enroll(&config, enrollment).await?,
             (None, false) => load_identity(&config.pki.ca, &config.pki.cert, &config.pki.key)?,
