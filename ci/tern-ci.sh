@@ -17,6 +17,13 @@
 #   TERN_LIGHTHOUSE     required: HOST:PORT of the lighthouse(s), comma-separated.
 #                       Names are resolved here (getent ahostsv4, first IPv4
 #                       address): the node's config takes IP:PORT only.
+#   TERN_LIGHTHOUSE_TCP optional: HOST:PORT of each lighthouse's TCP listener
+#                       ([listen] tcp), comma-separated in TERN_LIGHTHOUSE's
+#                       order, for runners whose network drops UDP (tern
+#                       resolves these names itself; through HTTPS_PROXY,
+#                       which tern up inherits, the proxy does).
+#   TERN_TRANSPORT      "auto" (default: UDP, TCP while UDP gets no answer),
+#                       "udp" or "tcp" ([[lighthouses]] transport).
 #   TERN_CA             required: the CA certificate, as PEM text (starting
 #                       with -----BEGIN) or the path of a file.
 #   Identity, exactly one of:
@@ -482,10 +489,17 @@ write_config() {
         echo
         echo "[listen]"
         echo "addr = $(toml_str "$listen")"
-        for ep in "${endpoints[@]}"; do
+        for entry in "${endpoints[@]}"; do
+            ep=${entry%%|*}
             echo
             echo "[[lighthouses]]"
             echo "endpoint = $(toml_str "$ep")"
+            if [ "$entry" != "$ep" ]; then
+                echo "tcp = $(toml_str "${entry#*|}")"
+            fi
+            if [ -n "${TERN_TRANSPORT:-}" ]; then
+                echo "transport = $(toml_str "$TERN_TRANSPORT")"
+            fi
         done
         if [ "$MODE" = userspace ]; then
             echo
@@ -619,16 +633,34 @@ up() {
         die 2 "TERN_WAIT_TIMEOUT=$timeout is not a duration; e.g. 30s, 2m, 1m30s"
     fi
 
-    local endpoints=() entries entry ep seen
+    case ${TERN_TRANSPORT:-auto} in
+    auto | udp | tcp) ;;
+    *) die 2 "TERN_TRANSPORT=$TERN_TRANSPORT: give auto, udp or tcp" ;;
+    esac
+    local endpoints=() entries tcps entry ep seen i=0 tcp
     IFS=',' read -r -a entries <<<"$TERN_LIGHTHOUSE"
+    IFS=',' read -r -a tcps <<<"${TERN_LIGHTHOUSE_TCP:-}"
+    if [ "${#tcps[@]}" -gt "${#entries[@]}" ]; then
+        die 2 "TERN_LIGHTHOUSE_TCP has more entries than TERN_LIGHTHOUSE; give one TCP listener per lighthouse, in the same order"
+    fi
     for entry in "${entries[@]}"; do
+        tcp=$(trim "${tcps[$i]:-}")
+        i=$((i + 1))
         entry=$(trim "$entry")
         if [ -z "$entry" ]; then continue; fi
         resolve_endpoint "$entry"
         ep=$RESOLVED
+        if [ -n "$tcp" ]; then
+            if ! [[ $tcp =~ ^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]+$ ]]; then
+                die 2 "TERN_LIGHTHOUSE_TCP: \"$tcp\" is not HOST:PORT, e.g. lighthouse.example.com:443"
+            fi
+            ep="$ep|$tcp"
+        elif [ "${TERN_TRANSPORT:-}" = tcp ]; then
+            die 2 "TERN_TRANSPORT=tcp needs TERN_LIGHTHOUSE_TCP for $entry"
+        fi
         seen=""
         for e in "${endpoints[@]+"${endpoints[@]}"}"; do
-            if [ "$e" = "$ep" ]; then seen=1; fi
+            if [ "${e%%|*}" = "${ep%%|*}" ]; then seen=1; fi
         done
         if [ -z "$seen" ]; then endpoints+=("$ep"); fi
     done
@@ -659,12 +691,12 @@ up() {
     local rc=0
     if [ -n "${TERN_WAIT_FOR:-}" ]; then
         args+=(--wait-for "$TERN_WAIT_FOR" --wait-timeout "$timeout" --log-file "$LOG")
-        say "joining the mesh (${endpoints[*]}, $MODE mode), waiting up to $timeout for $TERN_WAIT_FOR"
+        say "joining the mesh (${endpoints[*]//|/ tcp }, $MODE mode), waiting up to $timeout for $TERN_WAIT_FOR"
         run_tern "${args[@]}" </dev/null >"$STATE/up.out" 2>"$STATE/up.err" || rc=$?
         show_output
         if [ "$rc" -ne 0 ]; then fail_up "$rc"; fi
     else
-        say "joining the mesh (${endpoints[*]}, $MODE mode), waiting up to $timeout for a lighthouse"
+        say "joining the mesh (${endpoints[*]//|/ tcp }, $MODE mode), waiting up to $timeout for a lighthouse"
         local launch=()
         if command -v setsid >/dev/null 2>&1; then
             launch=(setsid)

@@ -408,6 +408,22 @@ test_lighthouse_names() {
     [ "$(grep -c '^\[\[lighthouses\]\]' "$S/node.toml")" = 2 ] || fail "duplicates kept: $(cat "$S/node.toml")"
 
     setup
+    export TERN_LIGHTHOUSE="127.0.0.1:4242,127.0.0.2:5000" TERN_LIGHTHOUSE_TCP="lh.example.com:443" TERN_TRANSPORT=auto
+    ci up
+    expect_rc 0
+    has "$S/node.toml" 'tcp = "lh.example.com:443"'
+    has "$S/node.toml" 'transport = "auto"'
+    [ "$(grep -c '^tcp = ' "$S/node.toml")" = 1 ] || fail "tcp for the first lighthouse only: $(cat "$S/node.toml")"
+    unset TERN_LIGHTHOUSE_TCP TERN_TRANSPORT
+
+    setup
+    export TERN_LIGHTHOUSE="127.0.0.1:4242" TERN_TRANSPORT=tcp
+    ci up
+    expect_rc 2
+    has "$T/err" 'TERN_TRANSPORT=tcp needs TERN_LIGHTHOUSE_TCP'
+    unset TERN_TRANSPORT
+
+    setup
     export TERN_LIGHTHOUSE="no-such-lighthouse.invalid:4242"
     ci up
     expect_rc 69

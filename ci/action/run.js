@@ -13,6 +13,8 @@ const path = require('path');
 // Input name -> tern-ci.sh variable.
 const INPUTS = {
   lighthouse: 'TERN_LIGHTHOUSE',
+  'lighthouse-tcp': 'TERN_LIGHTHOUSE_TCP',
+  transport: 'TERN_TRANSPORT',
   ca: 'TERN_CA',
   token: 'TERN_TOKEN',
   'oidc-audience': 'TERN_OIDC_AUDIENCE',
