@@ -36,6 +36,7 @@ mod paths;
 pub mod rate;
 pub use counters::{MeshCounters, PeerPaths};
 mod receive;
+pub mod relay;
 mod table;
 
 use paths::{path_kind, route, shown_endpoint};

@@ -511,3 +511,57 @@ fn symmetric_ipv4_nats_with_open_ipv6_go_direct_over_ipv6() {
         "the transfer did not go through the relay"
     );
 }
+
+/// Two nodes behind `--random-fully` NATs and a public node r with
+/// `[relay]` and the relay group: the lighthouse hands the pair to r, both
+/// open sessions with it, and r carries their 20 MB (hash-checked); the
+/// lighthouse's relay carries at most the first packets.
+#[test]
+fn a_node_with_relay_carries_a_pair_the_lighthouse_hands_it() {
+    if !tools("nat_node_relay") {
+        return;
+    }
+    let _serial = serial();
+    let w = world("natnrel", Nat::RandomFully, Nat::RandomFully);
+    let r = w.lab.add_ns("r");
+    w.lab.connect_to_wan(&r, "198.18.0.9/24");
+    sign(&w.dir, "ca", "r", "100.64.0.9/10", &["--groups", "relay"]);
+    let config = open_config("r") + "[relay]\nenabled = true\n";
+    let r_node = start_node(&r, &write_file(&w.dir, "r.toml", &config), "node-r");
+    r_node.wait_for_log("relaying for pairs", Duration::from_secs(10));
+    wait_until("r registers", Duration::from_secs(15), || {
+        lighthouse_status(&w.dir)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3)
+    });
+    // r has offered (with its registration) before a asks for b.
+    std::thread::sleep(Duration::from_millis(500));
+    wait_until("a pings b through r", Duration::from_secs(15), || {
+        pings(&w.a.node, B_OVERLAY)
+    });
+    w.wait_path("relayed", Duration::from_secs(5));
+    wait_until("a and b go through r", Duration::from_secs(10), || {
+        ["a", "b"].iter().all(|n| {
+            status(&w.dir, n)["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["overlay_ip"] == B_OVERLAY || p["overlay_ip"] == "100.64.0.5")
+                .all(|p| p["relay"] == "198.18.0.9:4242")
+        })
+    });
+    let lh_before = relay_counter(&w.relay(), "forwarded_data");
+    w.fetch(None, 90);
+    let by_r = status(&w.dir, "r")["relaying"].clone();
+    assert!(
+        relay_counter(&by_r, "forwarded_data") > (BLOB_MB as u64 * 1_000_000) / 1500,
+        "{by_r}"
+    );
+    let lh = w.relay();
+    assert!(
+        relay_counter(&lh, "forwarded_data") - lh_before < 10,
+        "the lighthouse carried the transfer: {lh}"
+    );
+    let (ping, _) = w.ping_and_status("a", "b");
+    assert!(ping.contains("relayed via 198.18.0.9:4242"), "{ping}");
+}

@@ -100,6 +100,9 @@ pub const LIGHTHOUSE_GROUP: &str = "lighthouse";
 /// an ordinary identity (a CI job's, say) cannot pose as a runner and
 /// receive other jobs' pipelines and secrets.
 pub const RUNNER_GROUP: &str = "runner";
+/// Nodes in this group may relay for others (`[relay]` in a node's
+/// config): a lighthouse hands pairs only to relays with it.
+pub const RELAY_GROUP: &str = "relay";
 /// Armor label of a certificate; the kind is inside the body.
 pub const CERT_LABEL: &str = "TERN CERTIFICATE";
 /// The format version of CAs and nodes they sign directly.

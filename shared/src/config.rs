@@ -82,6 +82,10 @@ pub struct NodeConfig {
     /// Timers for peer sessions.
     #[serde(default)]
     pub peers: PeersConfig,
+    /// Relaying for other nodes (off by default; needs the `relay` group
+    /// in this node's certificate).
+    #[serde(default)]
+    pub relay: NodeRelayConfig,
     /// What may come in and go out (reloaded on SIGHUP).
     #[serde(default)]
     pub firewall: FirewallConfig,
@@ -700,6 +704,29 @@ impl Default for RelayConfig {
     }
 }
 
+/// `[relay]` of a node config: relay WireGuard messages between pairs of
+/// other nodes that a lighthouse hands to this node (a node on a public
+/// address, a gateway say), so that not all relayed traffic goes through
+/// the lighthouses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeRelayConfig {
+    /// Offer to relay. Default false.
+    pub enabled: bool,
+    /// WireGuard messages one node may have relayed per second (burst as
+    /// large). Must be positive. Default [`DEFAULT_RELAY_PACKETS_PER_SEC`].
+    pub packets_per_sec: u32,
+}
+
+impl Default for NodeRelayConfig {
+    fn default() -> Self {
+        NodeRelayConfig {
+            enabled: false,
+            packets_per_sec: DEFAULT_RELAY_PACKETS_PER_SEC,
+        }
+    }
+}
+
 /// Why a config was refused. Every variant names the file; the message says
 /// what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -797,6 +824,13 @@ impl NodeConfig {
         self.api.validate(file)?;
         self.log.validate(file)?;
         self.peers.validate(file)?;
+        if self.relay.packets_per_sec == 0 {
+            return Err(invalid(
+                file,
+                "relay.packets_per_sec",
+                "0 would relay nothing; give a positive rate or set enabled = false",
+            ));
+        }
         self.firewall.validate(file)?;
         if let Some(gateway) = &mut self.gateway {
             gateway.validate(file)?;
@@ -1517,6 +1551,23 @@ mod tests {
     }
 
     #[test]
+    fn a_node_may_relay() {
+        assert!(!node_with("").unwrap().relay.enabled);
+        let config = node_with("[relay]\nenabled = true\npackets_per_sec = 5000\n").unwrap();
+        assert_eq!(
+            config.relay,
+            NodeRelayConfig {
+                enabled: true,
+                packets_per_sec: 5000
+            }
+        );
+        assert_eq!(
+            invalid_key(node_with("[relay]\nenabled = true\npackets_per_sec = 0\n")),
+            "relay.packets_per_sec"
+        );
+    }
+
+    #[test]
     fn tcp_transport_keys() {
         let lh = lighthouse(&format!(
             "{MINIMAL_NODE}[listen]\naddr = \"[::]:4242\"\ntcp = \"0.0.0.0:443\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n"
@@ -1683,6 +1734,7 @@ mod tests {
                     idle_timeout: Duration::from_secs(5400),
                     relay_after: DEFAULT_RELAY_AFTER,
                 },
+                relay: NodeRelayConfig::default(),
                 firewall: FirewallConfig::default(),
                 gateway: None,
                 routes: vec![],

@@ -383,6 +383,33 @@ fn tern_up_refuses_an_expired_certificate_and_a_wrong_key_before_touching_the_ne
     );
 }
 
+/// `[relay]` needs the relay group in the node's certificate: without it,
+/// the node says so and does not start.
+#[test]
+fn tern_up_refuses_relay_without_the_relay_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pki(dir);
+    let cfg = write(
+        dir,
+        "relay.toml",
+        &format!(
+            "{}[listen]\naddr = \"127.0.0.1:0\"\n[relay]\nenabled = true\n",
+            NODE_OK.replace(
+                "[tun]\nname = \"terntest0\"\n",
+                "[tun]\nmode = \"userspace\"\n"
+            )
+        ),
+    );
+    let out = run("tern", &["up", "--config", &cfg], Duration::from_secs(10));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lacks the 'relay' group") && err.contains("--groups relay"),
+        "{err}"
+    );
+}
+
 #[test]
 fn lighthouse_without_config_says_how_to_run_it() {
     let out = run("tern-lighthouse", &[], Duration::from_secs(10));

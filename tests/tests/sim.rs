@@ -901,6 +901,107 @@ fn nat_rebinding_moves_the_session_to_the_new_address() {
     assert_eq!(stream(&mut net, 20, Duration::from_millis(50)), 20);
 }
 
+/// Two nodes behind symmetric NATs and a public node r with `[relay]`
+/// (and the relay group): the lighthouse hands the pair to r, which
+/// carries their traffic from the first packet; the lighthouse's own relay
+/// carries none of their data. r relays only for the pair it was handed,
+/// and a node without the group that offers is ignored.
+#[test]
+fn a_node_with_the_relay_group_relays_for_pairs_the_lighthouse_hands_it() {
+    use tern_shared::cert::RELAY_GROUP;
+    use tern_shared::wire::{RelayEnvelope, TYPE_RELAY_REQUEST};
+    const R_AT: &str = "198.18.0.9:4242";
+    const S_AT: &str = "198.18.0.10:4242";
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let mut net = Net::new();
+    net.add_lighthouse(
+        &ca,
+        &ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
+    );
+    // s offers too, without the group: never chosen.
+    for (name, ip, groups, at) in [
+        ("s", "100.64.0.10/10", &[][..], S_AT),
+        ("r", "100.64.0.9/10", &[RELAY_GROUP][..], R_AT),
+    ] {
+        net.add_node(&ca, &ca.node(name, ip, groups, &[], 86_400), at);
+        net.node(at).0.enable_relay(100_000);
+    }
+    let nat_a = net.add_nat("198.18.0.2", NatKind::Symmetric);
+    let nat_b = net.add_nat("198.18.0.3", NatKind::Symmetric);
+    net.add_node_behind(
+        &ca,
+        &ca.node("a", "100.64.0.5/10", &[], &[], 86_400),
+        A_INSIDE,
+        nat_a,
+    );
+    net.add_node_behind(
+        &ca,
+        &ca.node("b", "100.64.0.6/10", &[], &[], 86_400),
+        B_INSIDE,
+        nat_b,
+    );
+    net.run_for(Duration::from_secs(5));
+
+    let start = net.now;
+    let first = build_udp_ipv4(A_IP, B_IP, 5000, 6000, b"through the relay node");
+    net.send_from_tun(A_INSIDE, &first);
+    let mut arrived = None;
+    for _ in 0..50 {
+        net.run_for(Duration::from_millis(20));
+        if !net.node(B_INSIDE).1.is_empty() {
+            arrived = Some(net.now - start);
+            break;
+        }
+    }
+    let took = arrived.expect("the first packet arrives within 1 s");
+    assert!(took <= Duration::from_millis(300), "{took:?}");
+    assert_eq!(stream(&mut net, 50, Duration::from_millis(20)), 50);
+    for (at, peer) in [(A_INSIDE, B_IP), (B_INSIDE, A_IP)] {
+        let status = net.node(at).0.status();
+        let p = status.peers.iter().find(|p| p.overlay_ip == peer).unwrap();
+        assert_eq!(p.path, PathKind::Relayed, "{at}");
+        assert_eq!(p.relay, Some(addr(R_AT)), "{at} goes through r");
+    }
+    let by_r = net.node(R_AT).0.status().relaying.unwrap();
+    assert!(by_r.forwarded_data >= 50, "{by_r:?}");
+    assert_eq!(
+        net.node(S_AT).0.status().relaying.unwrap().forwarded_data,
+        0
+    );
+    let lh = net.relay_counters();
+    // The lighthouse's relay carries the first packets, until the pair's
+    // sessions with r are up (a round trip), and nothing after.
+    assert!(
+        lh.forwarded_data <= 5,
+        "the lighthouse carried the pair's data: {lh:?}"
+    );
+    let now = net.now;
+    assert!(net.lighthouse().status(now).counters.relay_offers_refused > 0);
+
+    // r forwards nothing from an address that is not the session of one of
+    // the pair (a stranger, or a's NAT on another port).
+    let refused_before = by_r.refused_unregistered_sender + by_r.refused_not_introduced;
+    let stray = RelayEnvelope {
+        peer: B_IP,
+        message: &[
+            4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+        ],
+    }
+    .encode(TYPE_RELAY_REQUEST);
+    let mut out = vec![0u8; 2048];
+    for from in ["198.18.0.2:1", "198.18.0.77:4242"] {
+        net.node(R_AT)
+            .0
+            .handle_datagram(addr(from), &stray, &mut out, now);
+    }
+    let by_r = net.node(R_AT).0.status().relaying.unwrap();
+    assert_eq!(
+        by_r.refused_unregistered_sender + by_r.refused_not_introduced,
+        refused_before + 2,
+        "{by_r:?}"
+    );
+}
+
 #[test]
 fn the_relay_refuses_strangers_unintroduced_pairs_and_non_wireguard() {
     use tern_shared::wire::{RelayEnvelope, TYPE_RELAY_REQUEST};

@@ -195,6 +195,39 @@ where
 
 /// What both daemons report first: the build, and when their certificate
 /// expires.
+/// What a relay forwarded and refused: a lighthouse's relay, or a node's
+/// with `[relay]`.
+pub fn relay(e: &mut Exposition, r: &tern_mesh::relay::RelayCounters) {
+    e.counter_by(
+        "tern_relay_forwarded_total",
+        "WireGuard messages relayed between nodes, by message type.",
+        "message",
+        &[
+            ("handshake_initiation", r.forwarded_handshake_initiation),
+            ("handshake_response", r.forwarded_handshake_response),
+            ("cookie_reply", r.forwarded_cookie_reply),
+            ("data", r.forwarded_data),
+        ],
+    );
+    e.counter(
+        "tern_relay_bytes_total",
+        "Bytes of the WireGuard messages relayed.",
+        r.forwarded_bytes,
+    );
+    e.counter_by(
+        "tern_relay_refusals_total",
+        "Relay requests refused, by reason.",
+        "reason",
+        &[
+            ("unregistered_sender", r.refused_unregistered_sender),
+            ("unregistered_target", r.refused_unregistered_target),
+            ("not_introduced", r.refused_not_introduced),
+            ("malformed", r.refused_malformed),
+            ("rate_limited", r.refused_rate_limited),
+        ],
+    );
+}
+
 pub fn identity(e: &mut Exposition, daemon: &str, cert_not_after: u64) {
     e.info(
         "tern_build_info",

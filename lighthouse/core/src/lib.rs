@@ -21,6 +21,8 @@ pub mod enroll;
 pub mod lighthouse;
 pub mod oidc;
 pub mod registry;
-pub mod relay;
+/// The relay table, shared with nodes that relay (it lives in `tern-mesh`).
+pub use tern_mesh::relay;
+pub mod relay_nodes;
 pub mod renew;
 pub mod waiting;

@@ -13,17 +13,19 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerStatus, Received, Transmit};
-use tern_shared::cert::{VerifiedCert, RUNNER_GROUP};
+use tern_shared::cert::{VerifiedCert, RELAY_GROUP, RUNNER_GROUP};
 use tern_shared::control::{
     ControlMessage, PeerInfo, RenewOutcome, Revocation, CONTROL_PORT, MAX_LABELS,
     MAX_REVOCATIONS_IN_REPLY,
 };
 use tern_shared::packet::{build_udp_ipv4, parse_udp_ipv4};
 use tern_shared::show::list;
+use tern_shared::transport::is_stream_endpoint;
 use tern_shared::wire::{classify, DatagramKind, RelayEnvelope, TYPE_RELAYED, TYPE_RELAY_REQUEST};
 
 use super::registry::{RegisteredNode, Registry, RunnerAd};
 use super::relay::{Refusal, RelayCounters, RelayTable};
+use super::relay_nodes::RelayNodes;
 use super::waiting::WaitingQueries;
 
 /// Hellos a lighthouse verifies or answers per second (a node's mesh takes
@@ -62,6 +64,10 @@ pub struct LighthouseCounters {
     /// Lookups answered when their address registered, a moment after
     /// they were answered "unknown" (`waiting.rs`).
     pub queries_answered_late: u64,
+    /// Pairs given a relay node of their own (`relay_nodes.rs`).
+    pub relay_node_introductions: u64,
+    /// Relay offers from certificates without the relay group.
+    pub relay_offers_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +110,8 @@ pub struct LighthouseMetrics<'a> {
     pub counters: &'a LighthouseCounters,
     pub relay_introductions: usize,
     pub relay: &'a RelayCounters,
+    /// Relay nodes that offered lately.
+    pub relay_nodes: usize,
     pub revoked: usize,
     pub revocations_version: u32,
 }
@@ -127,6 +135,8 @@ pub struct LighthouseCore {
     renewals: std::collections::VecDeque<RenewAsk>,
     /// Lookups for addresses not registered yet (`waiting.rs`).
     waiting: WaitingQueries,
+    /// Nodes that relay for others (`relay_nodes.rs`).
+    relay_nodes: RelayNodes,
 }
 
 impl LighthouseCore {
@@ -146,6 +156,7 @@ impl LighthouseCore {
             revocations: Vec::new(),
             renewals: std::collections::VecDeque::new(),
             waiting: WaitingQueries::default(),
+            relay_nodes: RelayNodes::default(),
         }
     }
 
@@ -273,6 +284,7 @@ impl LighthouseCore {
                     .is_some_and(|p| self.mesh.peer_cert(p).is_none())
                 {
                     self.registry.remove(overlay_ip);
+                    self.relay_nodes.remove(overlay_ip);
                     if let Some(relay) = self.relay.as_mut() {
                         relay.forget(overlay_ip);
                     }
@@ -290,6 +302,7 @@ impl LighthouseCore {
         for (ip, peer) in self.registry.expire_some(now, EXPIRY_SLICE) {
             tracing::info!(overlay_ip = %ip, "node silent; dropped from the registry");
             self.mesh.remove_peer(peer);
+            self.relay_nodes.remove(ip);
             if let Some(relay) = self.relay.as_mut() {
                 relay.forget(ip);
             }
@@ -299,6 +312,7 @@ impl LighthouseCore {
         }
         if now.saturating_duration_since(self.last_expiry) >= Duration::from_secs(1) {
             self.last_expiry = now;
+            self.relay_nodes.expire(now);
             if let Some(relay) = self.relay.as_mut() {
                 relay.drop_full_budgets(now);
             }
@@ -362,6 +376,7 @@ impl LighthouseCore {
             counters: &self.counters,
             relay_introductions: self.relay.as_ref().map_or(0, |r| r.introductions()),
             relay: &self.relay_counters,
+            relay_nodes: self.relay_nodes.len(),
             revoked: self.revocations.len(),
             revocations_version: self.revocations_version(),
         }
@@ -470,6 +485,7 @@ impl LighthouseCore {
             ControlMessage::Deregister { .. } => {
                 tracing::info!("node left");
                 self.registry.remove(cert.overlay_ip());
+                self.relay_nodes.remove(cert.overlay_ip());
                 if let Some(relay) = self.relay.as_mut() {
                     relay.forget(cert.overlay_ip());
                 }
@@ -538,6 +554,19 @@ impl LighthouseCore {
             | ControlMessage::Pong { .. } => {
                 self.counters.bad_control_messages += 1;
             }
+            ControlMessage::RelayOffer { .. } => {
+                if cert.has_group(RELAY_GROUP) {
+                    self.relay_nodes.offer(cert.overlay_ip(), now);
+                } else {
+                    self.counters.relay_offers_refused += 1;
+                    tracing::debug!(
+                        "relay offer from a certificate without the '{RELAY_GROUP}' group; ignored"
+                    );
+                }
+            }
+            ControlMessage::RelayIntroduce { .. } | ControlMessage::UseRelay { .. } => {
+                self.counters.bad_control_messages += 1;
+            }
             ControlMessage::RenewRequest { id } => {
                 // At most one waiting per node: a node repeats its request
                 // until answered, and the shell's answer is one.
@@ -584,6 +613,11 @@ impl LighthouseCore {
     ) -> bool {
         let answer = self.registry.lookup(target);
         let found = answer.is_some();
+        if found {
+            // Before the answer, so the asker knows its relay when it
+            // starts toward the target.
+            self.introduce_relay_node(asker.overlay_ip(), target, now);
+        }
         let reply = ControlMessage::QueryReply {
             id,
             overlay_ip: target,
@@ -701,6 +735,7 @@ impl LighthouseCore {
                 self.reply(peer, cert, &msg, now);
                 // As for an address lookup: the two nodes are about to talk.
                 if let Some(std::net::IpAddr::V4(target)) = found {
+                    self.introduce_relay_node(cert.overlay_ip(), target, now);
                     if let Some(relay) = self.relay.as_mut() {
                         if relay.introduce(cert.overlay_ip(), target, now) {
                             self.relay_counters.introductions_evicted += 1;
@@ -762,6 +797,57 @@ impl LighthouseCore {
             if !refused.is_empty() {
                 tracing::warn!(refused = %list(&refused), authorized = %list(cert.subnets()), "node advertises subnets its certificate does not carry; ignored");
             }
+        }
+    }
+
+    /// Gives the pair `a`, `b` a relay node, when one offered and both
+    /// reach it over UDP (neither registered over a TCP link, which ends
+    /// here): it is told to forward between them, and they to use it (with
+    /// its certificate: they open sessions with it, by which it knows them).
+    fn introduce_relay_node(&mut self, a: Ipv4Addr, b: Ipv4Addr, now: Instant) {
+        if self.relay_nodes.is_empty() {
+            return;
+        }
+        let udp_at = |ip: Ipv4Addr| {
+            self.registry
+                .observed(ip)
+                .filter(|at| !is_stream_endpoint(at))
+        };
+        // Both reach the relay over UDP (a TCP link ends here).
+        if udp_at(a).is_none() || udp_at(b).is_none() {
+            return;
+        }
+        let Some(relay) = self.relay_nodes.choose(a, b, now, |r| udp_at(r).is_some()) else {
+            return;
+        };
+        let Some(relay_at) = udp_at(relay) else {
+            return;
+        };
+        let mut sessions = Vec::with_capacity(3);
+        for ip in [relay, a, b] {
+            let Some(peer) = self.registry.peer(ip) else {
+                return;
+            };
+            let Some(cert) = self.mesh.peer_cert(peer).cloned() else {
+                return;
+            };
+            sessions.push((peer, cert));
+        }
+        self.counters.relay_node_introductions += 1;
+        tracing::debug!(%a, %b, %relay, "relay node for the pair");
+        let introduce = ControlMessage::RelayIntroduce { id: 0, a, b };
+        self.reply(sessions[0].0, &sessions[0].1, &introduce, now);
+        let relay_info = PeerInfo {
+            cert: sessions[0].1.encoded().to_vec(),
+            endpoints: vec![relay_at],
+        };
+        for (i, other) in [(1, b), (2, a)] {
+            let msg = ControlMessage::UseRelay {
+                id: 0,
+                peer: other,
+                relay: relay_info.clone(),
+            };
+            self.reply(sessions[i].0, &sessions[i].1, &msg, now);
         }
     }
 

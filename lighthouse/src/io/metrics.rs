@@ -115,37 +115,20 @@ pub fn render(
     );
     let r = s.relay;
     e.gauge(
+        "tern_lighthouse_relay_nodes",
+        "Nodes that offered to relay for others within the last 10 s.",
+        s.relay_nodes as f64,
+    );
+    e.counter(
+        "tern_lighthouse_relay_node_introductions_total",
+        "Pairs handed to a relay node instead of this lighthouse's relay.",
+        c.relay_node_introductions,
+    );
+    e.gauge(
         "tern_relay_introductions",
         "Pairs of nodes this lighthouse may relay for now (0 when relaying is off).",
         s.relay_introductions as f64,
     );
-    e.counter_by(
-        "tern_relay_forwarded_total",
-        "WireGuard messages relayed between nodes, by message type.",
-        "message",
-        &[
-            ("handshake_initiation", r.forwarded_handshake_initiation),
-            ("handshake_response", r.forwarded_handshake_response),
-            ("cookie_reply", r.forwarded_cookie_reply),
-            ("data", r.forwarded_data),
-        ],
-    );
-    e.counter(
-        "tern_relay_bytes_total",
-        "Bytes of the WireGuard messages relayed.",
-        r.forwarded_bytes,
-    );
-    e.counter_by(
-        "tern_relay_refusals_total",
-        "Relay requests refused, by reason.",
-        "reason",
-        &[
-            ("unregistered_sender", r.refused_unregistered_sender),
-            ("unregistered_target", r.refused_unregistered_target),
-            ("not_introduced", r.refused_not_introduced),
-            ("malformed", r.refused_malformed),
-            ("rate_limited", r.refused_rate_limited),
-        ],
-    );
+    m::relay(&mut e, r);
     e.render()
 }

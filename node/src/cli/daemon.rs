@@ -423,6 +423,18 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
             p.tx_bytes,
         );
     }
+    if let Some(r) = &s.relaying {
+        println!(
+            "relaying for others ([relay]): {} data messages ({} bytes), {} handshakes forwarded; refused: {} from no session of a pair, {} to a node without a session here, {} not handed to this node, {} over budget",
+            r.forwarded_data,
+            r.forwarded_bytes,
+            r.forwarded_handshake_initiation + r.forwarded_handshake_response,
+            r.refused_unregistered_sender,
+            r.refused_unregistered_target,
+            r.refused_not_introduced,
+            r.refused_rate_limited,
+        );
+    }
     if !s.routes.is_empty() {
         println!(
             "routes:\n  {:<18} {:<10} {:<24} {:<12} KERNEL ROUTE",

@@ -227,6 +227,20 @@ impl<P: Plane> Daemon<P> {
         let links = super::links::LighthouseLinks::new(&config.lighthouses, &outer, now)?;
         core.set_local_endpoints(local_endpoints(listen, &targets));
         core.set_relay_after(config.peers.relay_after);
+        if config.relay.enabled {
+            if !cert.has_group(tern_shared::cert::RELAY_GROUP) {
+                anyhow::bail!(
+                    "[relay] enabled, but this node's certificate lacks the '{}' group: sign it with --groups {} (lighthouses hand pairs only to relays with it), or remove [relay]",
+                    tern_shared::cert::RELAY_GROUP,
+                    tern_shared::cert::RELAY_GROUP
+                );
+            }
+            core.enable_relay(config.relay.packets_per_sec);
+            tracing::info!(
+                packets_per_sec = config.relay.packets_per_sec,
+                "relaying for pairs the lighthouses hand to this node"
+            );
+        }
         core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
         core.set_accept_routes(config.tun.accept_routes);
         if config.pki.renew {

@@ -34,6 +34,10 @@ pub fn render(core: &NodeCore, cert_not_after: u64, runner: Option<RunnerPart<'_
             ("bad_control_message", n.bad_control_messages),
         ],
     );
+    // A node with `[relay]` serves the same relay metrics as a lighthouse.
+    if let Some(r) = &status.relaying {
+        m::relay(&mut e, r);
+    }
     let registered = status.lighthouses.iter().filter(|l| l.registered).count();
     e.gauge_by(
         "tern_lighthouses",

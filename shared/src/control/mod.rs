@@ -230,6 +230,27 @@ pub enum ControlMessage {
         id: u32,
         outcome: RenewOutcome,
     },
+    /// Node → lighthouse, with each registration: this node relays for
+    /// others (`[relay]`; the lighthouse checks its certificate carries the
+    /// `relay` group).
+    RelayOffer {
+        id: u32,
+    },
+    /// Lighthouse → relay node: forward between nodes `a` and `b` (each
+    /// known by the session it will open with the relay).
+    RelayIntroduce {
+        id: u32,
+        a: Ipv4Addr,
+        b: Ipv4Addr,
+    },
+    /// Lighthouse → node: until a direct path is proven, reach `peer`
+    /// through the relay node `relay` (its certificate and address; the
+    /// node opens a session with it, which is how the relay knows it).
+    UseRelay {
+        id: u32,
+        peer: Ipv4Addr,
+        relay: PeerInfo,
+    },
 }
 
 /// The answer to [`ControlMessage::RenewRequest`].
@@ -367,6 +388,9 @@ const T_DNS_ANSWER: u8 = 24;
 const T_ZONES_CHANGED: u8 = 25;
 const T_RENEW_REQUEST: u8 = 26;
 const T_RENEW_REPLY: u8 = 27;
+const T_RELAY_OFFER: u8 = 28;
+const T_RELAY_INTRODUCE: u8 = 29;
+const T_USE_RELAY: u8 = 30;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -397,7 +421,10 @@ impl ControlMessage {
             | ControlMessage::DnsQuery { id, .. }
             | ControlMessage::DnsAnswer { id, .. }
             | ControlMessage::RenewRequest { id }
-            | ControlMessage::RenewReply { id, .. } => *id,
+            | ControlMessage::RenewReply { id, .. }
+            | ControlMessage::RelayOffer { id }
+            | ControlMessage::RelayIntroduce { id, .. }
+            | ControlMessage::UseRelay { id, .. } => *id,
         }
     }
 
@@ -431,6 +458,9 @@ impl ControlMessage {
             ControlMessage::DnsAnswer { id, .. } => (T_DNS_ANSWER, id),
             ControlMessage::RenewRequest { id } => (T_RENEW_REQUEST, id),
             ControlMessage::RenewReply { id, .. } => (T_RENEW_REPLY, id),
+            ControlMessage::RelayOffer { id } => (T_RELAY_OFFER, id),
+            ControlMessage::RelayIntroduce { id, .. } => (T_RELAY_INTRODUCE, id),
+            ControlMessage::UseRelay { id, .. } => (T_USE_RELAY, id),
         };
         (ty, *id)
     }
@@ -517,8 +547,17 @@ impl ControlMessage {
             ControlMessage::Deregister { .. }
             | ControlMessage::Ping { .. }
             | ControlMessage::Pong { .. }
-            | ControlMessage::RenewRequest { .. } => {}
+            | ControlMessage::RenewRequest { .. }
+            | ControlMessage::RelayOffer { .. } => {}
             ControlMessage::RenewReply { outcome, .. } => put_renew_outcome(&mut out, outcome)?,
+            ControlMessage::RelayIntroduce { a, b, .. } => {
+                out.extend_from_slice(&a.octets());
+                out.extend_from_slice(&b.octets());
+            }
+            ControlMessage::UseRelay { peer, relay, .. } => {
+                out.extend_from_slice(&peer.octets());
+                put_peer(&mut out, relay)?;
+            }
             ControlMessage::RunnerAdvert { labels, load, .. } => {
                 if labels.len() > MAX_LABELS {
                     return Err(ControlError::TooManyLabels);
@@ -681,6 +720,17 @@ impl ControlMessage {
                 };
                 ControlMessage::RenewReply { id, outcome }
             }
+            T_RELAY_OFFER => ControlMessage::RelayOffer { id },
+            T_RELAY_INTRODUCE => ControlMessage::RelayIntroduce {
+                id,
+                a: r.ipv4().ok_or(ControlError::Malformed)?,
+                b: r.ipv4().ok_or(ControlError::Malformed)?,
+            },
+            T_USE_RELAY => ControlMessage::UseRelay {
+                id,
+                peer: r.ipv4().ok_or(ControlError::Malformed)?,
+                relay: read_peer(&mut r)?,
+            },
             other => return Err(ControlError::UnknownType(other)),
         };
         if !r.is_empty() {
@@ -980,6 +1030,17 @@ mod tests {
             ControlMessage::Ping { id: 10 },
             ControlMessage::Pong { id: 11 },
             ControlMessage::RenewRequest { id: 40 },
+            ControlMessage::RelayOffer { id: 50 },
+            ControlMessage::RelayIntroduce {
+                id: 51,
+                a: ip,
+                b: Ipv4Addr::new(100, 64, 0, 8),
+            },
+            ControlMessage::UseRelay {
+                id: 52,
+                peer: ip,
+                relay: sample_peer(),
+            },
             ControlMessage::RenewReply {
                 id: 40,
                 outcome: RenewOutcome::Renewed(vec![9; MAX_CERT_LEN]),

@@ -177,6 +177,9 @@ impl NodeCore {
                         &ControlMessage::Register { id, local, routes },
                         now,
                     );
+                    if let Some(offer) = self.relay_offer() {
+                        self.send_control(peer, overlay_ip, &offer, now);
+                    }
                 }
             }
         }
@@ -240,13 +243,27 @@ impl NodeCore {
         self.link_for(peer).map(|i| self.links[i].target.endpoint)
     }
 
-    /// The lighthouses that relay for us now (registered, and said so).
+    /// The relays we use now: the lighthouses that relay for us
+    /// (registered, and said so), then the relay nodes they named for our
+    /// peers.
     pub(super) fn relays(&self) -> Vec<SocketAddr> {
-        self.links
+        let mut relays: Vec<SocketAddr> = self
+            .links
             .iter()
             .filter(|l| l.relay && matches!(l.state, LinkState::Up { acked: true, .. }))
             .map(|l| l.target.endpoint)
-            .collect()
+            .collect();
+        if self.registered_lighthouses().is_empty() {
+            // Relay nodes are named by lighthouses: with none registered,
+            // none is used either.
+            return relays;
+        }
+        for r in self.assigned_relay_addrs() {
+            if !relays.contains(&r) {
+                relays.push(r);
+            }
+        }
+        relays
     }
 
     pub(super) fn refresh_relays(&mut self) {

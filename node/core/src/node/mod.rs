@@ -32,6 +32,7 @@ mod lookups;
 mod names;
 mod punch;
 mod queries;
+mod relaying;
 mod renew;
 pub use renew::{renewal_due, RENEW_RETRY};
 mod revocations;
@@ -62,6 +63,9 @@ pub struct NodeCounters {
     pub gateway_failovers: u64,
     /// Revoked certificates learned from lighthouses.
     pub revocations_learned: u64,
+    /// Relay requests to a node that does not relay (`[relay]` off).
+    #[serde(default)]
+    pub relay_requests_refused: u64,
 }
 
 /// What the core tells its shell besides datagrams to send: one queue,
@@ -177,6 +181,9 @@ pub struct NodeStatus {
     /// Mesh names and split DNS.
     #[serde(default)]
     pub dns: DnsStatus,
+    /// What this node relayed for others (`[relay]`), when it relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relaying: Option<tern_mesh::relay::RelayCounters>,
 }
 
 pub struct NodeCore {
@@ -213,6 +220,10 @@ pub struct NodeCore {
     renewal: renew::Renewal,
     /// Jitter for this node's retry schedules (`backoff.rs`).
     jitter: backoff::Jitter,
+    /// Relaying for others (`[relay]`): `relaying.rs`.
+    relaying: Option<relaying::NodeRelay>,
+    /// The relay nodes lighthouses named for our peers: `relaying.rs`.
+    assigned_relays: relaying::AssignedRelays,
 }
 
 impl NodeCore {
@@ -255,6 +266,8 @@ impl NodeCore {
             names: Names::new(now),
             serving: ZoneService::default(),
             renewal: renew::Renewal::default(),
+            relaying: None,
+            assigned_relays: relaying::AssignedRelays::default(),
             // Seeded by the node's key: different per node, the same
             // in every run of a test.
             jitter: backoff::Jitter::new(u64::from_le_bytes(
@@ -374,6 +387,10 @@ impl NodeCore {
         out: &'b mut [u8],
         now: Instant,
     ) -> Option<&'b [u8]> {
+        if datagram.first() == Some(&tern_shared::wire::TYPE_RELAY_REQUEST) {
+            self.relay_request(from, datagram, now);
+            return None;
+        }
         let received = self.mesh.handle_datagram(from, datagram, out, now);
         self.drain_mesh_events(now);
         let Received::Packet { peer, packet } = received else {
@@ -476,6 +493,8 @@ impl NodeCore {
         self.drive_policies(now);
         self.drive_names(now);
         self.drive_renewal(now);
+        self.relay_upkeep(now);
+        self.follow_assigned_relays();
     }
 
     /// The earliest moment [`NodeCore::handle_timeout`] has work: the
@@ -542,6 +561,7 @@ impl NodeCore {
             revoked_certs: self.mesh.ca().revoked_count(),
             revoked: self.revoked,
             dns: self.dns_status(),
+            relaying: self.relay_counters(),
             looking_up: {
                 let mut ips: Vec<Ipv4Addr> = self.lookups.keys().copied().collect();
                 ips.sort();
@@ -790,7 +810,10 @@ impl NodeCore {
                 };
                 self.send_control(from_peer, ip, &ControlMessage::Pong { id }, now);
             }
+            ControlMessage::RelayIntroduce { a, b, .. } => self.relay_introduce(a, b, now),
+            ControlMessage::UseRelay { peer, relay, .. } => self.use_relay(peer, relay, now),
             ControlMessage::Register { .. }
+            | ControlMessage::RelayOffer { .. }
             | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Query { .. }
             | ControlMessage::RunnerAdvert { .. }

@@ -125,7 +125,9 @@ impl NodeCore {
             && self.mesh.peer_path(peer).is_some_and(|(_, r)| r.is_none())
         {
             let relays = self.mesh.relays();
-            let relay = introducer
+            let relay = self
+                .assigned_relay(peer)
+                .or(introducer)
                 .filter(|r| relays.contains(r))
                 .or(relays.first().copied());
             if relay.is_some() {
@@ -155,6 +157,7 @@ impl NodeCore {
                 self.punch.attempts.remove(&peer);
                 continue;
             }
+            let assigned = self.assigned_relay(peer);
             let Some(a) = self.punch.attempts.get_mut(&peer) else {
                 continue;
             };
@@ -169,6 +172,7 @@ impl NodeCore {
             let wanted = if relay.is_some() || a.relay_due {
                 relay
                     .filter(usable)
+                    .or(assigned.filter(usable))
                     .or(a.introducer.filter(usable))
                     .or(relays.first().copied())
             } else {

@@ -1,4 +1,5 @@
-//! Which pairs of nodes a lighthouse relays for, and how much.
+//! Which pairs of nodes a relay (a lighthouse, or a node with `[relay]`)
+//! serves, and how much.
 //!
 //! A relay forwards WireGuard messages between two registered nodes only
 //! after it introduced them to each other (one asked the lighthouse where the
@@ -10,8 +11,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use crate::rate::TokenBucket;
 use serde::Serialize;
-use tern_mesh::rate::TokenBucket;
 
 /// Why a relay request was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +24,7 @@ pub enum Refusal {
 }
 
 /// Relay counters for `tern-lighthouse status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RelayCounters {
     /// Forwarded messages by WireGuard type: handshake initiation, handshake
     /// response, cookie reply, transport data.
@@ -195,6 +196,11 @@ impl RelayTable {
     /// new one.
     pub fn drop_full_budgets(&mut self, now: Instant) {
         self.budgets.retain(|_, b| !b.is_full(now));
+    }
+
+    /// The nodes `node` was introduced to.
+    pub fn partners(&self, node: Ipv4Addr) -> &[Ipv4Addr] {
+        self.partners.get(&node).map_or(&[], Vec::as_slice)
     }
 
     pub fn introductions(&self) -> usize {
