@@ -24,9 +24,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 
-/// Datagrams waiting for a link's writer; beyond, they are dropped (as a
-/// full UDP socket buffer would).
-const LINK_QUEUE: usize = 4096;
+/// Datagrams waiting for a link's writer (about 1.5 MB of full-size ones,
+/// whatever the far side stops reading); beyond, they are dropped, as a
+/// full UDP socket buffer would drop them.
+const LINK_QUEUE: usize = 1024;
 /// The first byte of a WireGuard transport data message.
 const WIREGUARD_DATA: u8 = 4;
 /// Datagrams received on links waiting for the event loop; beyond, dropped.

@@ -316,10 +316,16 @@ const UDP_PATIENCE: Duration = Duration::from_millis(1000);
 impl Route {
     fn of(lh: &LighthouseEntry) -> anyhow::Result<Route> {
         let tcp = match (&lh.tcp, lh.transport) {
-            (Some(target), Transport::Auto | Transport::Tcp) => Some((
-                target.clone(),
-                tern_udp::stream::proxy_from_env(target).map_err(anyhow::Error::msg)?,
-            )),
+            (Some(target), Transport::Auto | Transport::Tcp) => {
+                match tern_udp::stream::proxy_from_env(target) {
+                    Ok(proxy) => Some((target.clone(), proxy)),
+                    Err(e) if lh.transport == Transport::Tcp => anyhow::bail!("{e}"),
+                    Err(e) => {
+                        tracing::warn!(lighthouse = %lh.endpoint, "{e}; enrolling over UDP only");
+                        None
+                    }
+                }
+            }
             _ => None,
         };
         Ok(Route {

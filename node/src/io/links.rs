@@ -51,6 +51,11 @@ struct Fallback {
     /// When the current link was attached.
     attached_at: Option<Instant>,
     next_probe: Instant,
+    /// UDP got no answer and has not since: a link that closes is dialled
+    /// again at once, not after another wait for UDP.
+    udp_failed: bool,
+    /// When the last link closed.
+    link_closed_at: Option<Instant>,
 }
 
 impl LighthouseLinks {
@@ -69,7 +74,15 @@ impl LighthouseLinks {
             if lh.transport == Transport::Udp {
                 continue;
             }
-            let proxy = tern_udp::stream::proxy_from_env(target).map_err(anyhow::Error::msg)?;
+            let proxy = match tern_udp::stream::proxy_from_env(target) {
+                Ok(proxy) => proxy,
+                Err(e) if lh.transport == Transport::Tcp => anyhow::bail!("{e}"),
+                Err(e) => {
+                    // UDP may well work: only the fallback is lost.
+                    tracing::warn!(lighthouse = %lh.endpoint, "{e}; no TCP fallback to this lighthouse");
+                    continue;
+                }
+            };
             if lh.transport == Transport::Tcp {
                 outer.streams().hold(lh.endpoint);
             }
@@ -83,6 +96,8 @@ impl LighthouseLinks {
                 failures: 0,
                 attached_at: None,
                 next_probe: now + UDP_PROBE_EVERY,
+                udp_failed: false,
+                link_closed_at: None,
             });
         }
         Ok(LighthouseLinks {
@@ -132,6 +147,7 @@ impl Fallback {
         self.collect_dial(core, outer, now);
         let attached = streams.is_attached(self.endpoint);
         if !attached && self.attached_at.take().is_some() {
+            self.link_closed_at = Some(now);
             tracing::warn!(lighthouse = %self.endpoint, tcp = %self.target, "TCP link to the lighthouse closed");
             core.lighthouse_path_changed(self.endpoint, now);
         }
@@ -144,6 +160,8 @@ impl Fallback {
                     tracing::info!(lighthouse = %self.endpoint, "the lighthouse answers over UDP again; leaving the TCP link");
                     streams.detach(self.endpoint);
                     self.attached_at = None;
+                    self.link_closed_at = Some(now);
+                    self.udp_failed = false;
                     core.lighthouse_path_changed(self.endpoint, now);
                     return;
                 }
@@ -155,14 +173,30 @@ impl Fallback {
                 }
                 true
             }
-            Transport::Auto => match core.lighthouse_last_ack(self.endpoint) {
-                Some(t) => now.saturating_duration_since(t) >= SILENCE_PATIENCE,
-                None => now.saturating_duration_since(started) >= FIRST_ANSWER_PATIENCE,
-            },
+            Transport::Auto => {
+                // Not on a link: any answer came over UDP.
+                let silent = match core.lighthouse_last_ack(self.endpoint) {
+                    Some(t) => now.saturating_duration_since(t) >= SILENCE_PATIENCE,
+                    None => now.saturating_duration_since(started) >= FIRST_ANSWER_PATIENCE,
+                };
+                // Once failed, UDP counts as failed until it answers (a
+                // link that closed is dialled again at once).
+                let acked_over_udp = core
+                    .lighthouse_last_ack(self.endpoint)
+                    .is_some_and(|t| self.ack_came_over_udp(t));
+                self.udp_failed = (self.udp_failed && !acked_over_udp) || silent;
+                self.udp_failed
+            }
         };
         if want_tcp && !attached && self.dialing.is_none() && now >= self.next_dial {
             self.dial();
         }
+    }
+
+    /// Whether an acknowledgement at `t` came after the last link closed
+    /// (so over UDP).
+    fn ack_came_over_udp(&self, t: Instant) -> bool {
+        self.link_closed_at.is_none_or(|closed| t > closed)
     }
 
     fn dial(&mut self) {
