@@ -354,27 +354,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn print_status(reply: &api::StatusReply, path: &Path) {
+/// The peers table of `tern status`.
+fn print_peers(s: &tern_node_core::node::NodeStatus) {
     use tern_mesh::PathKind;
-    let s = &reply.status;
     let dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
-    println!("node {} {}  (api {})", s.name, s.overlay_ip, path.display());
-    println!("lighthouses:");
-    for lh in &s.lighthouses {
-        println!(
-            "  {:<22} {:<16} {:<14} observed {}{}, over {}",
-            lh.endpoint.to_string(),
-            dash(lh.name.clone()),
-            if lh.registered {
-                "registered"
-            } else {
-                "not registered"
-            },
-            dash(lh.observed.map(|o| o.to_string())),
-            if lh.relay { ", relays" } else { "" },
-            lh.transport.as_deref().unwrap_or("udp"),
-        );
-    }
     println!(
         "peers:\n  {:<16} {:<15} {:<11} {:<30} {:>9} {:>10} {:>12} {:>12}",
         "NAME", "OVERLAY IP", "ROLE", "PATH", "RTT", "HANDSHAKE", "RX BYTES", "TX BYTES"
@@ -423,6 +406,29 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
             p.tx_bytes,
         );
     }
+}
+
+fn print_status(reply: &api::StatusReply, path: &Path) {
+    let s = &reply.status;
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+    println!("node {} {}  (api {})", s.name, s.overlay_ip, path.display());
+    println!("lighthouses:");
+    for lh in &s.lighthouses {
+        println!(
+            "  {:<22} {:<16} {:<14} observed {}{}, over {}",
+            lh.endpoint.to_string(),
+            dash(lh.name.clone()),
+            if lh.registered {
+                "registered"
+            } else {
+                "not registered"
+            },
+            dash(lh.observed.map(|o| o.to_string())),
+            if lh.relay { ", relays" } else { "" },
+            lh.transport.as_deref().unwrap_or("udp"),
+        );
+    }
+    print_peers(s);
     if let Some(r) = &s.relaying {
         println!(
             "relaying for others ([relay]): {} data messages ({} bytes), {} handshakes forwarded; refused: {} from no session of a pair, {} to a node without a session here, {} not handed to this node, {} over budget",
