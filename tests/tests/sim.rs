@@ -978,6 +978,32 @@ fn a_node_with_the_relay_group_relays_for_pairs_the_lighthouse_hands_it() {
     let now = net.now;
     assert!(net.lighthouse().status(now).counters.relay_offers_refused > 0);
 
+    // r goes away: within a few seconds both ask it, hear nothing, and go
+    // back to the lighthouse's relay.
+    for nat in ["198.18.0.2", "198.18.0.3"] {
+        net.blocked
+            .push((nat.parse().unwrap(), "198.18.0.9".parse().unwrap()));
+    }
+    let arrived = stream(&mut net, 100, Duration::from_millis(50));
+    assert!(arrived >= 50, "{arrived} of 100 after r went away");
+    // b answers (as a TCP receiver would): it finds r silent too.
+    for i in 0..60 {
+        let p = build_udp_ipv4(B_IP, A_IP, 6000, 5000, format!("ack {i}").as_bytes());
+        net.send_from_tun(B_INSIDE, &p);
+        net.run_for(Duration::from_millis(50));
+    }
+    for (at, peer) in [(A_INSIDE, B_IP), (B_INSIDE, A_IP)] {
+        let status = net.node(at).0.status();
+        let p = status.peers.iter().find(|p| p.overlay_ip == peer).unwrap();
+        assert_eq!(
+            p.relay,
+            Some(addr(LH_ADDR)),
+            "{at} is back on the lighthouse"
+        );
+    }
+    assert_eq!(stream(&mut net, 20, Duration::from_millis(50)), 20);
+    net.blocked.clear();
+
     // r forwards nothing from an address that is not the session of one of
     // the pair (a stranger, or a's NAT on another port).
     let refused_before = by_r.refused_unregistered_sender + by_r.refused_not_introduced;

@@ -494,7 +494,7 @@ impl NodeCore {
         self.drive_names(now);
         self.drive_renewal(now);
         self.relay_upkeep(now);
-        self.follow_assigned_relays();
+        self.drive_relay_nodes(now);
     }
 
     /// The earliest moment [`NodeCore::handle_timeout`] has work: the

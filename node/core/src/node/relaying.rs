@@ -23,6 +23,7 @@ use tern_shared::control::PeerInfo;
 use tern_shared::wire::{RelayEnvelope, TYPE_RELAYED, TYPE_RELAY_REQUEST};
 
 use super::*;
+use GATEWAY_SILENCE;
 
 /// Most pairs one relay node serves at once.
 const MAX_PAIRS: usize = 65_536;
@@ -43,6 +44,8 @@ pub(super) struct NodeRelay {
 #[derive(Default)]
 pub(super) struct AssignedRelays {
     by_peer: HashMap<Ipv4Addr, (PeerId, SocketAddr)>,
+    /// Relay nodes asked whether they are alive, and when.
+    probes: HashMap<PeerId, Instant>,
 }
 
 impl NodeCore {
@@ -196,8 +199,10 @@ impl NodeCore {
 
     /// Peers whose relay node's session is up and that have no direct
     /// path go through it (the relays list first, so their relayed
-    /// answers are taken).
-    pub(super) fn follow_assigned_relays(&mut self) {
+    /// answers are taken), also when the other side's packets still come
+    /// through a lighthouse's relay for a moment: both converge on the relay
+    /// node until it is found silent.
+    fn follow_assigned_relays(&mut self) {
         if self.assigned_relays.by_peer.is_empty() {
             return;
         }
@@ -215,6 +220,72 @@ impl NodeCore {
             .collect();
         for (peer, at) in moves {
             self.mesh.set_relay(peer, Some(at));
+        }
+    }
+
+    /// A relay node that carries our traffic to peers that stopped
+    /// answering is asked (a control ping over our session with it); one
+    /// that does not answer within [`GATEWAY_SILENCE`] is dropped, and its
+    /// peers go back to the lighthouses' relay (as a silent direct path
+    /// is dropped).
+    pub(super) fn drive_relay_nodes(&mut self, now: Instant) {
+        self.follow_assigned_relays();
+        if self.assigned_relays.by_peer.is_empty() {
+            return;
+        }
+        let recent = |t: Option<Instant>| {
+            t.is_some_and(|t| now.saturating_duration_since(t) < super::routes::PROBE_AFTER)
+        };
+        let mut relay_nodes: Vec<(PeerId, SocketAddr)> =
+            self.assigned_relays.by_peer.values().copied().collect();
+        relay_nodes.sort_by_key(|(p, _)| p.0);
+        relay_nodes.dedup();
+        for (relay_peer, at) in relay_nodes {
+            // Peers relayed through it that we send to and no longer hear.
+            let users: Vec<PeerId> = self
+                .assigned_relays
+                .by_peer
+                .iter()
+                .filter(|(_, (p, _))| *p == relay_peer)
+                .filter_map(|(ip, _)| self.mesh.peer_by_overlay(*ip))
+                .collect();
+            let stalled = users.iter().copied().any(|peer| {
+                matches!(self.mesh.peer_path(peer), Some((tern_mesh::PathKind::Relayed, Some(r))) if r == at)
+                    && self
+                        .mesh
+                        .peer_activity(peer)
+                        .is_some_and(|(rx, tx)| recent(tx) && !recent(rx))
+            });
+            let heard = self.mesh.peer_activity(relay_peer).and_then(|(rx, _)| rx);
+            match self.assigned_relays.probes.get(&relay_peer).copied() {
+                None if stalled => {
+                    self.assigned_relays.probes.insert(relay_peer, now);
+                    if let Some(ip) = self.mesh.peer_cert(relay_peer).map(|c| c.overlay_ip()) {
+                        let id = self.request_id();
+                        self.send_control(relay_peer, ip, &ControlMessage::Ping { id }, now);
+                    }
+                }
+                None => {}
+                Some(sent) if heard.is_some_and(|h| h >= sent) => {
+                    self.assigned_relays.probes.remove(&relay_peer);
+                }
+                Some(sent) if now.saturating_duration_since(sent) >= GATEWAY_SILENCE => {
+                    tracing::info!(relay = %at, "relay node silent; its peers go back to the lighthouses' relay");
+                    self.assigned_relays.probes.remove(&relay_peer);
+                    self.assigned_relays
+                        .by_peer
+                        .retain(|_, (p, _)| *p != relay_peer);
+                    self.refresh_relays();
+                    let fallback = self.mesh.relays().first().copied();
+                    for peer in users {
+                        if !matches!(self.mesh.peer_path(peer), Some((_, Some(r))) if r == at) {
+                            continue;
+                        }
+                        self.mesh.set_relay(peer, fallback);
+                    }
+                }
+                Some(_) => {}
+            }
         }
     }
 
