@@ -104,6 +104,10 @@ pub struct NodeConfig {
     /// Local ports forwarded to targets in the mesh.
     #[serde(default)]
     pub forwards: Vec<ForwardConfig>,
+    /// HTTP APIs this node forwards to with its own credential, for
+    /// callers in the mesh (`crate::services`).
+    #[serde(default)]
+    pub services: Vec<crate::services::ServiceConfig>,
     /// Mesh names and where this node answers DNS.
     #[serde(default)]
     pub dns: crate::dns::DnsConfig,
@@ -782,6 +786,9 @@ impl NodeConfig {
         if let Some(runner) = &mut config.runner {
             runner.resolve(&base);
         }
+        for service in &mut config.services {
+            service.resolve(&base);
+        }
         config.validate(file)?;
         Ok(config)
     }
@@ -848,6 +855,7 @@ impl NodeConfig {
         for (i, f) in self.forwards.iter().enumerate() {
             loopback_only(file, &format!("forwards[{i}].listen"), &f.listen)?;
         }
+        crate::services::validate_all(&self.services, file)?;
         validate_routes(&self.routes, file)
     }
 }
@@ -1380,7 +1388,11 @@ fn classify(text: &str, file: &Path, err: &toml::de::Error) -> ConfigError {
     ConfigError::Syntax { file, at, message }
 }
 
-fn invalid(file: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(
+    file: &Path,
+    key: impl Into<String>,
+    message: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         file: file.to_path_buf(),
         key: key.into(),
@@ -1392,7 +1404,7 @@ fn base_dir(file: &Path) -> PathBuf {
     file.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-fn resolve(base: &Path, path: &Path) -> PathBuf {
+pub(crate) fn resolve(base: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() || path.as_os_str().is_empty() {
         path.to_path_buf()
     } else {
@@ -1741,6 +1753,7 @@ mod tests {
                 runner: None,
                 proxy: ProxyConfig::default(),
                 forwards: vec![],
+                services: vec![],
                 dns: crate::dns::DnsConfig::default(),
             }
         );

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod ops;
 pub mod packet;
 pub mod policy;
+pub mod services;
 pub mod show;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]

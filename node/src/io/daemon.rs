@@ -174,6 +174,8 @@ pub struct Daemon<P: Plane> {
     links: super::links::LighthouseLinks,
     _gateway: Option<gateway::GatewaySetup>,
     _runner: Option<Task>,
+    /// `[[services]]`, forwarding until dropped.
+    services: Vec<super::services::RunningService>,
     _metrics: Option<Task>,
     _proxies: Vec<Task>,
     _api: api::SocketGuard,
@@ -269,6 +271,11 @@ impl<P: Plane> Daemon<P> {
             );
         }
         let (identity_tx, identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
+        let services =
+            super::services::start(&config.services, cert.overlay_ip(), &identity_tx, |port| {
+                plane.listener(port)
+            })
+            .await?;
         let (runner, runner_load, runner_metrics) = match &config.runner {
             Some(r) => {
                 let (task, load, jobs) = runner::start(
@@ -337,6 +344,7 @@ impl<P: Plane> Daemon<P> {
             links,
             _gateway: gateway,
             _runner: runner,
+            services,
             _metrics: metrics,
             _proxies: proxies.into_iter().map(Task).collect(),
             _api: api_guard,
@@ -558,7 +566,12 @@ impl<P: Plane> Daemon<P> {
                     }),
                     _ => None,
                 };
-                let text = super::metrics::render(&self.core, self.own_cert.not_after(), runner);
+                let text = super::metrics::render(
+                    &self.core,
+                    self.own_cert.not_after(),
+                    runner,
+                    &self.services,
+                );
                 let _ = reply.send(serde_json::json!({ "text": text }));
                 return Flow::Continue;
             }

@@ -17,7 +17,12 @@ pub struct RunnerPart<'a> {
 }
 
 /// Every metric of a node, in Prometheus' text format.
-pub fn render(core: &NodeCore, cert_not_after: u64, runner: Option<RunnerPart<'_>>) -> String {
+pub fn render(
+    core: &NodeCore,
+    cert_not_after: u64,
+    runner: Option<RunnerPart<'_>>,
+    services: &[super::services::RunningService],
+) -> String {
     let status = core.status();
     let n = &status.node_counters;
     let mut e = Exposition::new();
@@ -134,6 +139,33 @@ pub fn render(core: &NodeCore, cert_not_after: u64, runner: Option<RunnerPart<'_
         for c in r.jobs.collectors() {
             e.collector(c);
         }
+    }
+    if !services.is_empty() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let by = |f: fn(&super::services::ServiceCounters) -> u64| -> Vec<(&str, u64)> {
+            services
+                .iter()
+                .map(|s| (s.name.as_str(), f(&s.counters)))
+                .collect()
+        };
+        e.counter_by(
+            "tern_service_requests_total",
+            "Requests a [[services]] entry forwarded upstream, by service.",
+            "service",
+            &by(|c| c.forwarded.load(Relaxed)),
+        );
+        e.counter_by(
+            "tern_service_denied_total",
+            "Requests refused (403) because the caller's certificate lacks the service's groups, by service.",
+            "service",
+            &by(|c| c.denied.load(Relaxed)),
+        );
+        e.counter_by(
+            "tern_service_upstream_errors_total",
+            "Requests whose upstream did not answer (502), by service.",
+            "service",
+            &by(|c| c.upstream_errors.load(Relaxed)),
+        );
     }
     e.render()
 }

@@ -15,6 +15,7 @@ pub mod names;
 pub mod plane;
 pub mod proxy;
 pub mod routes;
+pub mod services;
 pub mod system_dns;
 pub mod userpath;
 pub mod userspace;

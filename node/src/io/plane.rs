@@ -41,8 +41,13 @@ pub trait Plane {
     /// How the node opens connections into the mesh (forwards, proxies,
     /// `tern run`, the readiness gate).
     fn dialer(&self) -> Dialer;
+    /// How a service on the overlay address takes connections on `port`
+    /// (the runner, `[[services]]`).
+    fn listener(&mut self, port: u16) -> runner::Listener;
     /// How the runner takes connections.
-    fn runner_listener(&mut self) -> runner::Listener;
+    fn runner_listener(&mut self) -> runner::Listener {
+        self.listener(tern_runner::protocol::RUNNER_PORT)
+    }
     /// The device kernel routes go to; none in userspace mode (the stack
     /// hands every packet to the core).
     fn routes_device(&self) -> Option<&str>;
@@ -125,7 +130,7 @@ impl Plane for TunPlane {
         }
     }
 
-    fn runner_listener(&mut self) -> runner::Listener {
+    fn listener(&mut self, _port: u16) -> runner::Listener {
         runner::Listener::Kernel
     }
 
@@ -185,9 +190,9 @@ impl Plane for UserPlane {
         Dialer::Userspace(self.stack.handle())
     }
 
-    fn runner_listener(&mut self) -> runner::Listener {
-        // The stack's connections, handed to the runner as byte streams.
-        let mut conns = self.stack.listen(tern_runner::protocol::RUNNER_PORT);
+    fn listener(&mut self, port: u16) -> runner::Listener {
+        // The stack's connections, handed over as byte streams.
+        let mut conns = self.stack.listen(port);
         let (tx, rx) = tokio::sync::mpsc::channel::<runner::Incoming>(16);
         tokio::spawn(async move {
             while let Some(conn) = conns.recv().await {

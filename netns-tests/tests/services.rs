@@ -1,0 +1,291 @@
+//! `[[services]]` on real kernels: a TUN-mode gateway forwards an HTTP API
+//! in the private network (python, requiring a bearer token the gateway
+//! holds) to callers in the mesh. A CI node in group ci calls it with curl
+//! holding no credential: the upstream sees the gateway's token and the
+//! caller's name and groups from its certificate, never the caller's own
+//! Authorization, Cookie or forged identity headers; a streamed response
+//! arrives line by line; an HTTP/1.1 upgrade becomes an echo tunnel both
+//! ways. A node in group dev gets 403 naming the group and nothing reaches
+//! the upstream. Every request is a line in the audit log; the token is in
+//! no output, log or audit line. Needs root, curl and python3.
+
+use std::time::Duration;
+
+use tern_netns_tests::tern::*;
+use tern_netns_tests::{require_root, require_tools, serial, wait_until, Ns};
+
+const SERVER: &str = "198.19.0.10";
+const GW_OVERLAY: &str = "100.64.0.30";
+const TOKEN: &str = "upstream-token-7f3a9c";
+
+/// The upstream: answers only the gateway's token; /whoami returns the
+/// headers it got, /stream five lines 200 ms apart, an upgrade to
+/// tern-echo becomes an echo; every request it saw is counted in a file.
+const UPSTREAM: &str = r#"
+import http.server, json, sys, time
+TOKEN, COUNT = sys.argv[1], sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        with open(COUNT, "a") as f: f.write(self.path + "\n")
+        if self.headers.get("Authorization") != "Bearer " + TOKEN:
+            self.send_response(401); self.send_header("Content-Length", "0"); self.end_headers(); return
+        if self.headers.get("Upgrade") == "tern-echo":
+            self.send_response(101); self.send_header("Upgrade", "tern-echo")
+            self.send_header("Connection", "Upgrade"); self.end_headers(); self.wfile.flush()
+            while True:
+                data = self.connection.recv(4096)
+                if not data: break
+                self.connection.sendall(data)
+            self.close_connection = True; return
+        if self.path.startswith("/stream"):
+            self.send_response(200); self.send_header("Transfer-Encoding", "chunked"); self.end_headers()
+            for i in range(5):
+                line = ("tick %d\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line)); self.wfile.flush(); time.sleep(0.2)
+            self.wfile.write(b"0\r\n\r\n"); return
+        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+http.server.ThreadingHTTPServer((sys.argv[3], 8080), H).serve_forever()
+"#;
+
+/// Reads /stream through the service and prints when the first and the
+/// last line came.
+const STREAM_CLIENT: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET /stream HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+t0 = time.time(); first = None; data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk: break
+    data += chunk
+    if first is None and b"tick 0" in data: first = time.time() - t0
+print("first=%.3f last=%.3f lines=%d" % (first or -1, time.time() - t0, data.count(b"tick ")))
+"#;
+
+/// Upgrades to tern-echo through the service and prints what came back.
+const ECHO_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET /echo HTTP/1.1\r\nHost: api\r\nUpgrade: tern-echo\r\nConnection: Upgrade\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head: head += s.recv(1)
+print(head.split(b"\r\n")[0].decode())
+for msg in [b"hello through the tunnel", b"and back again"]:
+    s.sendall(msg); got = b""
+    while len(got) < len(msg): got += s.recv(4096)
+    print("echo:" + got.decode())
+"#;
+
+fn curl(ns: &Ns, args: &[&str]) -> String {
+    let out = ns.exec("curl", args);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
+    if !require_root("services") || !require_tools("services", &["curl", "python3"]) {
+        return;
+    }
+    let _serial = serial();
+    let GatewayLab {
+        lab,
+        dir,
+        lh,
+        ci,
+        gw,
+        vpc,
+    } = gateway_lab("svc", SERVER);
+    let dev = lab.add_ns("dev");
+    lab.connect_to_wan(&dev, "198.18.0.3/24");
+    let count = dir.join("upstream-requests");
+    write_file(&dir, "upstream.py", UPSTREAM);
+    let mut cmd = vpc.command("python3");
+    cmd.arg(dir.join("upstream.py"))
+        .args([TOKEN, &count.to_string_lossy(), SERVER]);
+    let _upstream = vpc.spawn_command(cmd, "upstream");
+
+    make_ca_and_lighthouse(&dir);
+    sign(
+        &dir,
+        "ca",
+        "gw",
+        &format!("{GW_OVERLAY}/10"),
+        &["--subnets", "198.19.0.0/24"],
+    );
+    sign(&dir, "ca", "job", "100.64.0.5/10", &["--groups", "ci"]);
+    sign(&dir, "ca", "dev", "100.64.0.6/10", &["--groups", "dev"]);
+    let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
+    let token_file = write_file(&dir, "api.token", &format!("{TOKEN}\n"));
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap_or_else(|e| panic!("chmod: {e}"));
+    let gateway = gateway_8080_config(&node_config_text("gw", "ca.crt"))
+        + "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9000\"\n\
+           [[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://198.19.0.10:8080\"\n\
+           groups = [\"ci\"]\nbearer_token_file = \"api.token\"\naudit_log = \"services.jsonl\"\n";
+    let gw_node = start_node(&gw, &write_file(&dir, "gw.toml", &gateway), "node-gw");
+    gw_node.wait_for_log("service forwarding", Duration::from_secs(15));
+    let _job = start_node(
+        &ci,
+        &write_file(&dir, "job.toml", &node_config_text("job", "ca.crt")),
+        "node-job",
+    );
+    let _dev = start_node(
+        &dev,
+        &write_file(&dir, "dev.toml", &node_config_text("dev", "ca.crt")),
+        "node-dev",
+    );
+    let url = format!("http://{GW_OVERLAY}:9000");
+    wait_until(
+        "the job reaches the service",
+        Duration::from_secs(20),
+        || {
+            curl(&ci, &["-s", "--max-time", "3", &format!("{url}/whoami")])
+                .contains("tern-caller-name")
+        },
+    );
+
+    // What reached the upstream: the gateway's token and the caller's
+    // identity, nothing the caller sent to pose as someone else.
+    let seen = curl(
+        &ci,
+        &[
+            "-s",
+            "--max-time",
+            "5",
+            "-H",
+            "Authorization: Bearer caller-secret",
+            "-H",
+            "Cookie: session=caller-cookie",
+            "-H",
+            "Tern-Caller-Name: admin",
+            "-H",
+            "Tern-Caller-Groups: admin",
+            &format!("{url}/whoami?x=1"),
+        ],
+    );
+    let headers: serde_json::Value =
+        serde_json::from_str(&seen).unwrap_or_else(|e| panic!("{e}: {seen}"));
+    assert_eq!(headers["tern-caller-name"], "job", "{headers}");
+    assert_eq!(headers["tern-caller-groups"], "ci", "{headers}");
+    assert_eq!(
+        headers["authorization"],
+        format!("Bearer {TOKEN}"),
+        "{headers}"
+    );
+    assert!(headers.get("cookie").is_none(), "{headers}");
+    assert_eq!(headers["host"], "198.19.0.10:8080", "{headers}");
+
+    // A streamed answer arrives as it is written.
+    write_file(&dir, "stream.py", STREAM_CLIENT);
+    let out = ci.exec(
+        "python3",
+        [&dir.join("stream.py").to_string_lossy(), GW_OVERLAY, "9000"],
+    );
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| -> f64 {
+        shown
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(field("lines="), 5.0, "{shown}");
+    assert!(
+        field("first=") >= 0.0 && field("first=") < 0.5 && field("last=") >= 0.8,
+        "the first line before the rest: {shown}"
+    );
+
+    // An upgrade becomes a tunnel both ways.
+    write_file(&dir, "echo.py", ECHO_CLIENT);
+    let out = ci.exec(
+        "python3",
+        [&dir.join("echo.py").to_string_lossy(), GW_OVERLAY, "9000"],
+    );
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(shown.contains(" 101 "), "{shown}");
+    assert!(
+        shown.contains("echo:hello through the tunnel") && shown.contains("echo:and back again"),
+        "{shown}"
+    );
+
+    // dev is not in group ci: 403 naming it, nothing upstream.
+    let before = std::fs::read_to_string(&count)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    wait_until("dev reaches the gateway", Duration::from_secs(20), || {
+        curl(
+            &dev,
+            &[
+                "-s",
+                "--max-time",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("{url}/whoami"),
+            ],
+        ) == "403"
+    });
+    let refused = curl(&dev, &["-s", "--max-time", "3", &format!("{url}/whoami")]);
+    assert!(
+        refused.contains("group ci") && refused.contains("dev"),
+        "{refused}"
+    );
+    let after = std::fs::read_to_string(&count)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert_eq!(before, after, "a refused caller reached the upstream");
+
+    // The audit log: one line per request, callers by certificate.
+    let audit = std::fs::read_to_string(dir.join("services.jsonl")).unwrap_or_default();
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let whoami = lines
+        .iter()
+        .find(|l| l["path"] == "/whoami" && l["caller"] == "job" && l["status"] == 200)
+        .unwrap_or_else(|| panic!("no audit line for job's /whoami: {audit}"));
+    assert_eq!(whoami["groups"], serde_json::json!(["ci"]));
+    assert_eq!(whoami["method"], "GET");
+    assert!(
+        whoami["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.len() == 64),
+        "{whoami}"
+    );
+    assert!(whoami["bytes"].as_u64().is_some_and(|b| b > 0), "{whoami}");
+    assert!(lines
+        .iter()
+        .any(|l| l["path"] == "/stream" && l["status"] == 200));
+    assert!(lines
+        .iter()
+        .any(|l| l["path"] == "/echo" && l["status"] == 101));
+    assert!(lines
+        .iter()
+        .any(|l| l["caller"] == "dev" && l["status"] == 403 && l["refused"].as_str().is_some()));
+    assert!(!audit.contains("x=1"), "no query strings in the audit log");
+
+    // The token appears nowhere but in its file.
+    for (what, text) in [
+        ("the audit log", audit.clone()),
+        ("the gateway's log", gw_node.log()),
+        (
+            "the caller's answer",
+            seen.replace(&format!("Bearer {TOKEN}"), ""),
+        ),
+        ("the refusal", refused),
+    ] {
+        assert!(!text.contains(TOKEN), "the token is in {what}");
+    }
+}

@@ -1,0 +1,556 @@
+//! `[[services]]`: HTTP APIs in the private network that this node
+//! forwards to from its overlay address, with its own credential. The
+//! caller is the peer whose certificate the mesh verified for the
+//! connection's overlay source address; its `Authorization` never reaches
+//! the upstream, which is told who is asking instead (`Tern-Caller-Name`,
+//! `Tern-Caller-Groups`). A caller outside the service's groups gets 403
+//! naming them, and nothing reaches the upstream. Streaming responses pass
+//! as they come, and HTTP/1.1 upgrades (WebSocket) become a byte tunnel
+//! both ways. Every request is one JSON line in the audit log (the path
+//! without its query, never a credential).
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tern_runner::scheduler::Caller;
+use tern_runner::server::{IdentityQuery, Incoming as Conn, Listener};
+use tern_shared::services::{authorize, ServiceConfig, Upstream};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// How long connecting to the upstream may take.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Headers that belong to one hop, never forwarded as they are.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Requests by result, for the node's metrics.
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    pub forwarded: AtomicU64,
+    pub denied: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+/// One service, ready to forward.
+struct Service {
+    config: ServiceConfig,
+    upstream: Upstream,
+    /// The `Authorization` value the node sends upstream, if any.
+    credential: Option<HeaderValue>,
+    name_header: HeaderName,
+    groups_header: HeaderName,
+    audit: Mutex<std::fs::File>,
+    identities: mpsc::Sender<IdentityQuery>,
+    counters: Arc<ServiceCounters>,
+}
+
+/// A running service: its name and counters; the task stops when dropped.
+pub struct RunningService {
+    pub name: String,
+    pub counters: Arc<ServiceCounters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts every configured service on `overlay_ip`, each taking
+/// connections from `listener(port)`.
+pub async fn start(
+    services: &[ServiceConfig],
+    overlay_ip: Ipv4Addr,
+    identities: &mpsc::Sender<IdentityQuery>,
+    mut listener: impl FnMut(u16) -> Listener,
+) -> anyhow::Result<Vec<RunningService>> {
+    let mut running = Vec::new();
+    for config in services {
+        let service = Arc::new(
+            Service::new(config, identities.clone())
+                .with_context(|| format!("[[services]] {}", config.name))?,
+        );
+        let addr = SocketAddr::new(IpAddr::V4(overlay_ip), config.listen);
+        let accept = match listener(config.listen) {
+            Listener::Kernel => Accept::Kernel(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("[[services]] {}: binding {addr}", config.name))?,
+            ),
+            Listener::Streams(conns) => Accept::Streams(conns),
+        };
+        tracing::info!(service = %config.name, %addr, upstream = %config.upstream, groups = %tern_shared::show::list(&config.groups), "service forwarding");
+        let counters = service.counters.clone();
+        let task = tokio::spawn(serve(accept, service));
+        running.push(RunningService {
+            name: config.name.clone(),
+            counters,
+            task,
+        });
+    }
+    Ok(running)
+}
+
+enum Accept {
+    Kernel(TcpListener),
+    Streams(mpsc::Receiver<Conn>),
+}
+
+async fn serve(mut accept: Accept, service: Arc<Service>) {
+    loop {
+        let (stream, peer): Conn = match &mut accept {
+            Accept::Kernel(l) => match l.accept().await {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    (Box::new(s), peer)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "service accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Accept::Streams(conns) => match conns.recv().await {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let IpAddr::V4(peer_ip) = peer.ip() else {
+            continue;
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let handler = hyper::service::service_fn(move |req| {
+                let service = service.clone();
+                async move { Ok::<_, Infallible>(service.handle(peer_ip, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), handler)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+/// Reads a credential file, refusing one that others on this host could
+/// read (jobs on the same node must not see it).
+fn read_secret(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "{} is readable by others (mode {:o}); chmod 600 it: the credential is this node's alone",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let secret = text.trim().to_string();
+    if secret.is_empty() {
+        anyhow::bail!("{} is empty", path.display());
+    }
+    Ok(secret)
+}
+
+impl Service {
+    fn new(
+        config: &ServiceConfig,
+        identities: mpsc::Sender<IdentityQuery>,
+    ) -> anyhow::Result<Service> {
+        let upstream = Upstream::parse(&config.upstream).map_err(anyhow::Error::msg)?;
+        let credential = match (&config.bearer_token_file, &config.basic_auth_file) {
+            (Some(path), _) => Some(format!("Bearer {}", read_secret(path)?)),
+            (None, Some(path)) => {
+                let pair = read_secret(path)?;
+                if !pair.contains(':') {
+                    anyhow::bail!("{}: expected user:password", path.display());
+                }
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ))
+            }
+            (None, None) => None,
+        };
+        let credential = credential
+            .map(|c| {
+                let mut v = HeaderValue::from_str(&c)
+                    .map_err(|_| anyhow::anyhow!("the credential is not a valid header value"))?;
+                v.set_sensitive(true);
+                anyhow::Ok(v)
+            })
+            .transpose()?;
+        if let Some(dir) = config.audit_log.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the audit log's directory {}", dir.display()))?;
+        }
+        let audit = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&config.audit_log)
+                .with_context(|| format!("opening the audit log {}", config.audit_log.display()))?
+        };
+        Ok(Service {
+            upstream,
+            credential,
+            name_header: HeaderName::try_from(config.caller_name_header.as_str())?,
+            groups_header: HeaderName::try_from(config.caller_groups_header.as_str())?,
+            audit: Mutex::new(audit),
+            identities,
+            counters: Arc::default(),
+            config: config.clone(),
+        })
+    }
+
+    async fn caller(&self, ip: Ipv4Addr) -> Option<Caller> {
+        let (tx, rx) = oneshot::channel();
+        self.identities.send((ip, tx)).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        peer: Ipv4Addr,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let mut record = AuditRecord {
+            service: self.config.name.clone(),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            caller: None,
+            started,
+        };
+        let Some(caller) = self.caller(peer).await else {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            let why = format!("no verified certificate for {peer}");
+            self.audit(&record, 403, 0, Some(&why));
+            return text(StatusCode::FORBIDDEN, &why);
+        };
+        record.caller = Some(caller.clone());
+        if let Err(why) = authorize(&self.config.groups, &caller.groups) {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.audit(&record, 403, 0, Some(&why));
+            return text(StatusCode::FORBIDDEN, &why);
+        }
+        let upgrade = req.headers().get(hyper::header::UPGRADE).cloned();
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let upstream_req = match self.upstream_request(req, &caller, upgrade) {
+            Ok(r) => r,
+            Err(e) => {
+                self.audit(&record, 400, 0, Some(&e));
+                return text(StatusCode::BAD_REQUEST, &e);
+            }
+        };
+        let mut resp = match self.send(upstream_req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.counters
+                    .upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let why = format!(
+                    "the upstream of service {} did not answer: {e}",
+                    self.config.name
+                );
+                tracing::warn!(service = %self.config.name, error = %e, "upstream failed");
+                self.audit(&record, 502, 0, Some(&why));
+                return text(StatusCode::BAD_GATEWAY, &why);
+            }
+        };
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        let status = resp.status();
+        let mut out = Response::builder().status(status);
+        if let Some(headers) = out.headers_mut() {
+            copy_end_to_end(resp.headers(), headers);
+        }
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(headers) = out.headers_mut() {
+                for h in [hyper::header::UPGRADE, hyper::header::CONNECTION] {
+                    if let Some(v) = resp.headers().get(&h) {
+                        headers.insert(h, v.clone());
+                    }
+                }
+            }
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let service = self.clone();
+            tokio::spawn(async move {
+                let bytes = match (client_upgrade, upstream_upgrade.await) {
+                    (Some(client), Ok(upstream)) => match client.await {
+                        Ok(client) => tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(client),
+                            &mut TokioIo::new(upstream),
+                        )
+                        .await
+                        .map(|(up, down)| up + down)
+                        .unwrap_or(0),
+                        Err(_) => 0,
+                    },
+                    _ => 0,
+                };
+                service.audit(&record, 101, bytes, None);
+            });
+            return out
+                .body(empty())
+                .unwrap_or_else(|_| text(StatusCode::BAD_GATEWAY, "bad upstream answer"));
+        }
+        let body = AuditedBody {
+            inner: resp.into_body(),
+            bytes: 0,
+            done: Some((self.clone(), record, status.as_u16())),
+        };
+        out.body(body.boxed())
+            .unwrap_or_else(|_| text(StatusCode::BAD_GATEWAY, "bad upstream answer"))
+    }
+
+    /// The request as the upstream gets it: its path under the upstream's,
+    /// end-to-end headers only, the caller's credentials and identity
+    /// claims removed, ours added.
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        caller: &Caller,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<Request<Incoming>, String> {
+        let (parts, body) = req.into_parts();
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = format!("{}{}", self.upstream.base_path, path_and_query);
+        let mut out = Request::builder()
+            .method(parts.method)
+            .uri(uri)
+            .version(hyper::Version::HTTP_11);
+        let headers = out
+            .headers_mut()
+            .ok_or_else(|| "the request could not be rebuilt".to_string())?;
+        copy_end_to_end(&parts.headers, headers);
+        for h in [&self.name_header, &self.groups_header] {
+            headers.remove(h);
+        }
+        headers.remove(hyper::header::AUTHORIZATION);
+        headers.remove(hyper::header::COOKIE);
+        if let Ok(host) = HeaderValue::from_str(&self.upstream.authority()) {
+            headers.insert(hyper::header::HOST, host);
+        }
+        if let Some(c) = &self.credential {
+            headers.insert(hyper::header::AUTHORIZATION, c.clone());
+        }
+        let name = HeaderValue::from_str(&caller.name).map_err(|_| "caller name".to_string())?;
+        headers.insert(self.name_header.clone(), name);
+        let groups = HeaderValue::from_str(&caller.groups.join(","))
+            .map_err(|_| "caller groups".to_string())?;
+        headers.insert(self.groups_header.clone(), groups);
+        if let Some(u) = upgrade {
+            headers.insert(hyper::header::UPGRADE, u);
+            headers.insert(
+                hyper::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+        }
+        out.body(body).map_err(|e| e.to_string())
+    }
+
+    async fn send(&self, req: Request<Incoming>) -> anyhow::Result<Response<Incoming>> {
+        let tcp = tokio::time::timeout(
+            UPSTREAM_CONNECT_TIMEOUT,
+            TcpStream::connect((self.upstream.host.as_str(), self.upstream.port)),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection within {UPSTREAM_CONNECT_TIMEOUT:?}"))??;
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender.send_request(req).await?)
+    }
+
+    /// One line in the audit log.
+    fn audit(&self, r: &AuditRecord, status: u16, bytes: u64, refused: Option<&str>) {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut line = serde_json::json!({
+            "time": tern_shared::cert::format_unix_time(unix),
+            "service": r.service,
+            "caller": r.caller.as_ref().map(|c| c.name.clone()),
+            "groups": r.caller.as_ref().map(|c| c.groups.clone()),
+            "fingerprint": r.caller.as_ref().map(|c| c.fingerprint.clone()),
+            "method": r.method,
+            "path": r.path,
+            "status": status,
+            "bytes": bytes,
+            "duration_ms": r.started.elapsed().as_millis() as u64,
+        });
+        if let (Some(why), Some(obj)) = (refused, line.as_object_mut()) {
+            obj.insert("refused".into(), why.into());
+        }
+        let mut text = line.to_string();
+        text.push('\n');
+        let mut file = self
+            .audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = file.write_all(text.as_bytes()) {
+            tracing::warn!(service = %self.config.name, error = %e, "writing the audit log failed");
+        }
+    }
+}
+
+/// What the audit line says about a request, gathered as it goes.
+struct AuditRecord {
+    service: String,
+    method: String,
+    path: String,
+    caller: Option<Caller>,
+    started: Instant,
+}
+
+/// A response body passed on frame by frame as the upstream sends it,
+/// counted; its audit line is written when it ends or is dropped.
+struct AuditedBody {
+    inner: Incoming,
+    bytes: u64,
+    done: Option<(Arc<Service>, AuditRecord, u16)>,
+}
+
+impl Body for AuditedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for AuditedBody {
+    fn drop(&mut self) {
+        if let Some((service, record, status)) = self.done.take() {
+            service.audit(&record, status, self.bytes, None);
+        }
+    }
+}
+
+/// `from`'s headers but those of one hop.
+fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<String> = from
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || named.iter().any(|h| h == n) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+fn empty() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn text(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        from.insert("x-secret-hop", HeaderValue::from_static("1"));
+        from.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        from.insert("accept", HeaderValue::from_static("application/json"));
+        let mut to = HeaderMap::new();
+        copy_end_to_end(&from, &mut to);
+        assert_eq!(to.len(), 1);
+        assert_eq!(to["accept"], "application/json");
+    }
+
+    #[test]
+    fn credential_files_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("chmod 600") && !err.contains("s3cret"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret(&path).unwrap(), "s3cret");
+    }
+}

@@ -1,0 +1,285 @@
+//! `[[services]]` of a node config: HTTP APIs inside the private network
+//! that the node forwards to on its overlay address, adding its own
+//! credential and the verified caller's identity, so that callers (CI jobs)
+//! hold no credential for them.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+
+/// Default header carrying the caller's certificate name.
+pub const DEFAULT_CALLER_NAME_HEADER: &str = "Tern-Caller-Name";
+/// Default header carrying the caller's certificate groups (comma-separated).
+pub const DEFAULT_CALLER_GROUPS_HEADER: &str = "Tern-Caller-Groups";
+/// Default `audit_log`.
+pub const DEFAULT_SERVICES_AUDIT_LOG: &str = "/var/log/tern/services.jsonl";
+
+/// One `[[services]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The service's name: lower-case letters, digits and `-`.
+    pub name: String,
+    /// The TCP port on the node's overlay address callers connect to.
+    pub listen: u16,
+    /// Where requests go: `http://HOST[:PORT][/PATH]`; the caller's path is
+    /// appended to PATH.
+    pub upstream: String,
+    /// Certificate groups allowed to call (any one of them). Empty: every
+    /// verified peer the firewall lets in.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// A file holding the bearer token the node sends upstream
+    /// (`Authorization: Bearer ...`); mode 0600 or 0400.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// A file holding `user:password` the node sends upstream (basic auth);
+    /// mode 0600 or 0400.
+    #[serde(default)]
+    pub basic_auth_file: Option<PathBuf>,
+    /// The header naming the caller. Default [`DEFAULT_CALLER_NAME_HEADER`].
+    #[serde(default = "default_name_header")]
+    pub caller_name_header: String,
+    /// The header listing the caller's groups. Default
+    /// [`DEFAULT_CALLER_GROUPS_HEADER`].
+    #[serde(default = "default_groups_header")]
+    pub caller_groups_header: String,
+    /// The JSON-lines audit file, one line per request. Default
+    /// [`DEFAULT_SERVICES_AUDIT_LOG`].
+    #[serde(default = "default_audit_log")]
+    pub audit_log: PathBuf,
+}
+
+fn default_name_header() -> String {
+    DEFAULT_CALLER_NAME_HEADER.into()
+}
+
+fn default_groups_header() -> String {
+    DEFAULT_CALLER_GROUPS_HEADER.into()
+}
+
+fn default_audit_log() -> PathBuf {
+    PathBuf::from(DEFAULT_SERVICES_AUDIT_LOG)
+}
+
+/// An upstream URL, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    /// The path prefix, without a trailing `/` (empty for none).
+    pub base_path: String,
+}
+
+impl Upstream {
+    /// Parses `http://HOST[:PORT][/PATH]`.
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        let rest = match url.strip_prefix("http://") {
+            Some(rest) => rest,
+            None if url.starts_with("https://") => {
+                return Err("https upstreams are not supported yet; reach the API over http inside the private network, or put a TLS-terminating proxy beside it".into())
+            }
+            None => return Err("expected http://HOST[:PORT][/PATH]".into()),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if path.contains(['?', '#']) {
+            return Err("the upstream URL may not carry a query or fragment".into());
+        }
+        let target = if authority
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !p.is_empty() && (!h.contains(':') || h.ends_with(']')))
+        {
+            crate::transport::StreamTarget::parse(authority)
+        } else {
+            crate::transport::StreamTarget::parse(&format!("{authority}:80"))
+        }
+        .map_err(|_| "expected http://HOST[:PORT][/PATH]".to_string())?;
+        Ok(Upstream {
+            host: target.host,
+            port: target.port,
+            base_path: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// `HOST:PORT` as a Host header says it.
+    pub fn authority(&self) -> String {
+        crate::transport::StreamTarget {
+            host: self.host.clone(),
+            port: self.port,
+        }
+        .to_string()
+    }
+}
+
+impl ServiceConfig {
+    pub(crate) fn resolve(&mut self, base: &Path) {
+        for p in [&mut self.bearer_token_file, &mut self.basic_auth_file]
+            .into_iter()
+            .flatten()
+        {
+            *p = crate::config::resolve(base, p);
+        }
+        self.audit_log = crate::config::resolve(base, &self.audit_log);
+    }
+
+    pub(crate) fn validate(&self, file: &Path, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("services[{i}].{k}");
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 63
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !name_ok {
+            return Err(crate::config::invalid(
+                file,
+                key("name"),
+                format!(
+                    "{:?}: use 1 to 63 lower-case letters, digits and '-'",
+                    self.name
+                ),
+            ));
+        }
+        if self.listen == 0 || self.listen == crate::control::CONTROL_PORT {
+            return Err(crate::config::invalid(
+                file,
+                key("listen"),
+                format!("{}: give a port for the service on this node's overlay address (not 0, not {})", self.listen, crate::control::CONTROL_PORT),
+            ));
+        }
+        Upstream::parse(&self.upstream).map_err(|e| {
+            crate::config::invalid(file, key("upstream"), format!("{:?}: {e}", self.upstream))
+        })?;
+        if self.bearer_token_file.is_some() && self.basic_auth_file.is_some() {
+            return Err(crate::config::invalid(
+                file,
+                key("basic_auth_file"),
+                "give one credential: bearer_token_file or basic_auth_file",
+            ));
+        }
+        for (k, header) in [
+            ("caller_name_header", &self.caller_name_header),
+            ("caller_groups_header", &self.caller_groups_header),
+        ] {
+            let ok = !header.is_empty()
+                && header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !header.eq_ignore_ascii_case("authorization")
+                && !header.eq_ignore_ascii_case("host");
+            if !ok {
+                return Err(crate::config::invalid(
+                    file,
+                    key(k),
+                    format!("{header:?} is not a header name this node may set (letters, digits and '-')"),
+                ));
+            }
+        }
+        if self.groups.iter().any(|g| g.trim().is_empty()) {
+            return Err(crate::config::invalid(
+                file,
+                key("groups"),
+                "a group is empty",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the `[[services]]` list as a whole: each entry, and no two with
+/// one name or one port.
+pub(crate) fn validate_all(services: &[ServiceConfig], file: &Path) -> Result<(), ConfigError> {
+    for (i, s) in services.iter().enumerate() {
+        s.validate(file, i)?;
+        if let Some(j) = services[..i].iter().position(|o| o.name == s.name) {
+            return Err(crate::config::invalid(
+                file,
+                format!("services[{i}].name"),
+                format!(
+                    "{:?} is also services[{j}]; give each service its own name",
+                    s.name
+                ),
+            ));
+        }
+        if let Some(j) = services[..i].iter().position(|o| o.listen == s.listen) {
+            return Err(crate::config::invalid(
+                file,
+                format!("services[{i}].listen"),
+                format!("port {} is also services[{j}]'s", s.listen),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a caller with `caller_groups` may use a service allowing
+/// `allowed` (empty: everyone); when not, why, naming the groups.
+pub fn authorize(allowed: &[String], caller_groups: &[String]) -> Result<(), String> {
+    if allowed.is_empty() || allowed.iter().any(|g| caller_groups.contains(g)) {
+        return Ok(());
+    }
+    let have = if caller_groups.is_empty() {
+        "none".to_string()
+    } else {
+        caller_groups.join(", ")
+    };
+    Err(format!(
+        "this service is for group {}; your certificate's groups: {have}",
+        allowed.join(" or ")
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn upstreams() {
+        let u = Upstream::parse("http://198.19.0.10:8080/api/").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.base_path.as_str()),
+            ("198.19.0.10", 8080, "/api")
+        );
+        assert_eq!(u.authority(), "198.19.0.10:8080");
+        let u = Upstream::parse("http://api.internal").unwrap();
+        assert_eq!((u.port, u.base_path.as_str()), (80, ""));
+        assert!(Upstream::parse("https://api:443")
+            .unwrap_err()
+            .contains("https"));
+        for bad in [
+            "",
+            "api:80",
+            "http://",
+            "http://api:0",
+            "http://api/x?y=1",
+            "ftp://x",
+        ] {
+            assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn callers_outside_the_groups_are_told_which() {
+        let allowed = vec!["ci".to_string(), "deploy".to_string()];
+        assert!(authorize(&allowed, &["deploy".into()]).is_ok());
+        assert!(authorize(&[], &[]).is_ok());
+        let why = authorize(&allowed, &["dev".into()]).unwrap_err();
+        assert!(why.contains("ci or deploy") && why.contains("dev"), "{why}");
+        assert!(authorize(&allowed, &[]).unwrap_err().contains("none"));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_upstreams_never_panic(text in ".{0,60}") {
+            let _ = Upstream::parse(&text);
+            let _ = Upstream::parse(&format!("http://{text}"));
+        }
+    }
+}
