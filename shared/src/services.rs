@@ -275,6 +275,76 @@ mod tests {
         assert!(authorize(&allowed, &[]).unwrap_err().contains("none"));
     }
 
+    fn node(extra: &str) -> Result<crate::config::NodeConfig, ConfigError> {
+        crate::config::NodeConfig::parse(
+            &format!("[pki]\nca = \"ca.crt\"\ncert = \"n.crt\"\nkey = \"n.key\"\n{extra}"),
+            Path::new("/etc/tern/node.toml"),
+        )
+    }
+
+    fn invalid_key(r: Result<crate::config::NodeConfig, ConfigError>) -> String {
+        match r {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn services_in_a_node_config() {
+        let config = node(
+            "[[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://198.19.0.10:8080/v1\"\ngroups = [\"ci\"]\nbearer_token_file = \"api.token\"\n",
+        )
+        .unwrap();
+        let s = &config.services[0];
+        assert_eq!(
+            s.bearer_token_file,
+            Some(PathBuf::from("/etc/tern/api.token"))
+        );
+        assert_eq!(s.caller_name_header, DEFAULT_CALLER_NAME_HEADER);
+        assert_eq!(s.audit_log, PathBuf::from(DEFAULT_SERVICES_AUDIT_LOG));
+        let base = "name = \"api\"\nlisten = 9000\nupstream = \"http://api:80\"\n";
+        for (extra, key) in [
+            (
+                "name = \"API\"\nlisten = 9000\nupstream = \"http://api\"\n",
+                "services[0].name",
+            ),
+            (
+                "name = \"api\"\nlisten = 0\nupstream = \"http://api\"\n",
+                "services[0].listen",
+            ),
+            (
+                "name = \"api\"\nlisten = 9000\nupstream = \"api:80\"\n",
+                "services[0].upstream",
+            ),
+            (
+                &format!("{base}bearer_token_file = \"a\"\nbasic_auth_file = \"b\"\n"),
+                "services[0].basic_auth_file",
+            ),
+            (
+                &format!("{base}caller_name_header = \"Authorization\"\n"),
+                "services[0].caller_name_header",
+            ),
+            (
+                &format!("{base}caller_groups_header = \"x y\"\n"),
+                "services[0].caller_groups_header",
+            ),
+            (&format!("{base}groups = [\"\"]\n"), "services[0].groups"),
+        ] {
+            assert_eq!(
+                invalid_key(node(&format!("[[services]]\n{extra}"))),
+                key,
+                "{extra}"
+            );
+        }
+        let twice = format!("[[services]]\n{base}[[services]]\n{base}");
+        assert_eq!(invalid_key(node(&twice)), "services[1].name");
+        let same_port = format!(
+            "[[services]]\n{base}[[services]]\n{}",
+            base.replace("\"api\"", "\"other\"")
+        );
+        assert_eq!(invalid_key(node(&same_port)), "services[1].listen");
+    }
+
     proptest! {
         #[test]
         fn garbage_upstreams_never_panic(text in ".{0,60}") {
