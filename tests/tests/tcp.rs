@@ -12,7 +12,7 @@ use tern_tests::enroll_lab::{get, lab_custom, LabExtra};
 use tern_tests::{free_tcp, run, wait_until, Daemon};
 
 /// This file's private network (each test file its own).
-const SUBNET: &str = "127.83.0";
+const SUBNET: &str = "127.86.0";
 
 #[test]
 fn a_job_enrolls_and_registers_over_tcp() {
