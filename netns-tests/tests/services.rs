@@ -48,8 +48,42 @@ class H(http.server.BaseHTTPRequestHandler):
         body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
         self.send_response(200); self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
-http.server.ThreadingHTTPServer((sys.argv[3], 8080), H).serve_forever()
+server = http.server.ThreadingHTTPServer((sys.argv[3], int(sys.argv[4])), H)
+if len(sys.argv) > 5:
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[5], sys.argv[6])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(sys.argv[7])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
+
+/// A CA, the upstream's certificate for its address and the gateway's
+/// client certificate, as PEM files in `dir`.
+fn tls_files(dir: &std::path::Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let mut ca =
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "services test CA");
+    let ca = ca.self_signed(&ca_key).unwrap_or_else(|e| panic!("{e}"));
+    let mut files = vec![("tls-ca.pem".to_string(), ca.pem())];
+    for (name, san) in [("server", SERVER), ("client", "gw")] {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = rcgen::CertificateParams::new(vec![san.to_string()])
+            .and_then(|p| p.signed_by(&key, &ca, &ca_key))
+            .unwrap_or_else(|e| panic!("{e}"));
+        files.push((format!("{name}.pem"), cert.pem()));
+        files.push((format!("{name}.key"), key.serialize_pem()));
+    }
+    for (name, pem) in files {
+        let path = write_file(dir, &name, &pem);
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("chmod {name}: {e}"));
+    }
+}
 
 /// Reads /stream through the service and prints when the first and the
 /// last line came.
@@ -105,8 +139,15 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
     write_file(&dir, "upstream.py", UPSTREAM);
     let mut cmd = vpc.command("python3");
     cmd.arg(dir.join("upstream.py"))
-        .args([TOKEN, &count.to_string_lossy(), SERVER]);
+        .args([TOKEN, &count.to_string_lossy(), SERVER, "8080"]);
     let _upstream = vpc.spawn_command(cmd, "upstream");
+    // The same API over https, wanting a client certificate.
+    tls_files(&dir);
+    let mut cmd = vpc.command("python3");
+    cmd.arg(dir.join("upstream.py"))
+        .args([TOKEN, &count.to_string_lossy(), SERVER, "8443"])
+        .args(["server.pem", "server.key", "tls-ca.pem"].map(|f| dir.join(f)));
+    let _upstream_tls = vpc.spawn_command(cmd, "upstream-tls");
 
     make_ca_and_lighthouse(&dir);
     sign(
@@ -128,7 +169,11 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
     let gateway = gateway_8080_config(&node_config_text("gw", "ca.crt"))
         + "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9000\"\n\
            [[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://198.19.0.10:8080\"\n\
-           groups = [\"ci\"]\nbearer_token_file = \"api.token\"\naudit_log = \"services.jsonl\"\n";
+           groups = [\"ci\"]\nbearer_token_file = \"api.token\"\naudit_log = \"services.jsonl\"\n\
+           [[firewall.inbound]]\nproto = \"tcp\"\nport = \"9001\"\n\
+           [[services]]\nname = \"api-tls\"\nlisten = 9001\nupstream = \"https://198.19.0.10:8443\"\n\
+           groups = [\"ci\"]\nbearer_token_file = \"api.token\"\naudit_log = \"services.jsonl\"\n\
+           upstream_ca = \"tls-ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n";
     let gw_node = start_node(&gw, &write_file(&dir, "gw.toml", &gateway), "node-gw");
     gw_node.wait_for_log("service forwarding", Duration::from_secs(15));
     let _job = start_node(
@@ -181,6 +226,25 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
     );
     assert!(headers.get("cookie").is_none(), "{headers}");
     assert_eq!(headers["host"], "198.19.0.10:8080", "{headers}");
+
+    // Over https, with the gateway's client certificate: the same.
+    let seen_tls = curl(
+        &ci,
+        &[
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{GW_OVERLAY}:9001/whoami"),
+        ],
+    );
+    let headers_tls: serde_json::Value =
+        serde_json::from_str(&seen_tls).unwrap_or_else(|e| panic!("{e}: {seen_tls}"));
+    assert_eq!(headers_tls["tern-caller-name"], "job", "{headers_tls}");
+    assert_eq!(
+        headers_tls["authorization"],
+        format!("Bearer {TOKEN}"),
+        "{headers_tls}"
+    );
 
     // A streamed answer arrives as it is written.
     write_file(&dir, "stream.py", STREAM_CLIENT);

@@ -39,6 +39,16 @@ pub struct ServiceConfig {
     /// mode 0600 or 0400.
     #[serde(default)]
     pub basic_auth_file: Option<PathBuf>,
+    /// An https upstream: the CA certificates (PEM) its certificate must
+    /// chain to. Default: the public web roots.
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
+    /// An https upstream that wants a client certificate: this node's
+    /// (PEM chain), with `client_key` (PEM, mode 0600 or 0400).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// The header naming the caller. Default [`DEFAULT_CALLER_NAME_HEADER`].
     #[serde(default = "default_name_header")]
     pub caller_name_header: String,
@@ -67,6 +77,8 @@ fn default_audit_log() -> PathBuf {
 /// An upstream URL, split.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
+    /// https.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// The path prefix, without a trailing `/` (empty for none).
@@ -74,14 +86,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Parses `http://HOST[:PORT][/PATH]`.
+    /// Parses `http[s]://HOST[:PORT][/PATH]`.
     pub fn parse(url: &str) -> Result<Upstream, String> {
-        let rest = match url.strip_prefix("http://") {
-            Some(rest) => rest,
-            None if url.starts_with("https://") => {
-                return Err("https upstreams are not supported yet; reach the API over http inside the private network, or put a TLS-terminating proxy beside it".into())
-            }
-            None => return Err("expected http://HOST[:PORT][/PATH]".into()),
+        let (tls, rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest, 80)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest, 443)
+        } else {
+            return Err("expected http[s]://HOST[:PORT][/PATH]".into());
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -96,10 +108,11 @@ impl Upstream {
         {
             crate::transport::StreamTarget::parse(authority)
         } else {
-            crate::transport::StreamTarget::parse(&format!("{authority}:80"))
+            crate::transport::StreamTarget::parse(&format!("{authority}:{default_port}"))
         }
-        .map_err(|_| "expected http://HOST[:PORT][/PATH]".to_string())?;
+        .map_err(|_| "expected http[s]://HOST[:PORT][/PATH]".to_string())?;
         Ok(Upstream {
+            tls,
             host: target.host,
             port: target.port,
             base_path: path.trim_end_matches('/').to_string(),
@@ -118,9 +131,15 @@ impl Upstream {
 
 impl ServiceConfig {
     pub(crate) fn resolve(&mut self, base: &Path) {
-        for p in [&mut self.bearer_token_file, &mut self.basic_auth_file]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.bearer_token_file,
+            &mut self.basic_auth_file,
+            &mut self.upstream_ca,
+            &mut self.client_cert,
+            &mut self.client_key,
+        ]
+        .into_iter()
+        .flatten()
         {
             *p = crate::config::resolve(base, p);
         }
@@ -152,9 +171,30 @@ impl ServiceConfig {
                 format!("{}: give a port for the service on this node's overlay address (not 0, not {})", self.listen, crate::control::CONTROL_PORT),
             ));
         }
-        Upstream::parse(&self.upstream).map_err(|e| {
+        let upstream = Upstream::parse(&self.upstream).map_err(|e| {
             crate::config::invalid(file, key("upstream"), format!("{:?}: {e}", self.upstream))
         })?;
+        if !upstream.tls {
+            for (k, set) in [
+                ("upstream_ca", self.upstream_ca.is_some()),
+                ("client_cert", self.client_cert.is_some()),
+            ] {
+                if set {
+                    return Err(crate::config::invalid(
+                        file,
+                        key(k),
+                        "only an https upstream uses it; write the upstream as https://... or remove it",
+                    ));
+                }
+            }
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(crate::config::invalid(
+                file,
+                key("client_key"),
+                "client_cert and client_key go together",
+            ));
+        }
         if self.bearer_token_file.is_some() && self.basic_auth_file.is_some() {
             return Err(crate::config::invalid(
                 file,
@@ -250,9 +290,9 @@ mod tests {
         assert_eq!(u.authority(), "198.19.0.10:8080");
         let u = Upstream::parse("http://api.internal").unwrap();
         assert_eq!((u.port, u.base_path.as_str()), (80, ""));
-        assert!(Upstream::parse("https://api:443")
-            .unwrap_err()
-            .contains("https"));
+        let u = Upstream::parse("https://api.internal/k8s").unwrap();
+        assert_eq!((u.tls, u.port, u.base_path.as_str()), (true, 443, "/k8s"));
+        assert!(!Upstream::parse("http://api").unwrap().tls);
         for bad in [
             "",
             "api:80",
@@ -329,6 +369,11 @@ mod tests {
                 "services[0].caller_groups_header",
             ),
             (&format!("{base}groups = [\"\"]\n"), "services[0].groups"),
+            (&format!("{base}upstream_ca = \"ca.pem\"\n"), "services[0].upstream_ca"),
+            (
+                "name = \"api\"\nlisten = 9000\nupstream = \"https://api\"\nclient_cert = \"c.pem\"\n",
+                "services[0].client_key",
+            ),
         ] {
             assert_eq!(
                 invalid_key(node(&format!("[[services]]\n{extra}"))),

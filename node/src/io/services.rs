@@ -69,6 +69,8 @@ struct Service {
     audit: Mutex<std::fs::File>,
     identities: mpsc::Sender<IdentityQuery>,
     counters: Arc<ServiceCounters>,
+    /// For an https upstream.
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// A running service: its name and counters; the task stops when dropped.
@@ -181,6 +183,47 @@ fn read_secret(path: &Path) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// The TLS client for an https upstream: its certificate checked against
+/// `upstream_ca` (else the public web roots), this node's client
+/// certificate when configured; HTTP/1.1 (upgrades pass through it).
+fn upstream_tls(config: &ServiceConfig) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.upstream_ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("upstream_ca {}: {e}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                anyhow::bail!("upstream_ca {}: no CA certificate in it", path.display());
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let mut tls = match (&config.client_cert, &config.client_key) {
+        (Some(cert), Some(key)) => {
+            // The key is a credential too: this node's alone.
+            read_secret(key)?;
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("client_cert {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| anyhow::anyhow!("client_key {}: {e}", key.display()))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls)))
+}
+
 impl Service {
     fn new(
         config: &ServiceConfig,
@@ -222,7 +265,13 @@ impl Service {
                 .open(&config.audit_log)
                 .with_context(|| format!("opening the audit log {}", config.audit_log.display()))?
         };
+        let tls = if upstream.tls {
+            Some(upstream_tls(config)?)
+        } else {
+            None
+        };
         Ok(Service {
+            tls,
             upstream,
             credential,
             name_header: HeaderName::try_from(config.caller_name_header.as_str())?,
@@ -388,7 +437,21 @@ impl Service {
         .await
         .map_err(|_| anyhow::anyhow!("no connection within {UPSTREAM_CONNECT_TIMEOUT:?}"))??;
         let _ = tcp.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        let Some(tls) = &self.tls else {
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            return Ok(sender.send_request(req).await?);
+        };
+        let name = match self.upstream.host.parse::<IpAddr>() {
+            Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
+            Err(_) => rustls::pki_types::ServerName::try_from(self.upstream.host.clone())?,
+        };
+        let stream = tls.connect(name, tcp).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
