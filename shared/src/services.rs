@@ -16,12 +16,40 @@ pub const DEFAULT_CALLER_GROUPS_HEADER: &str = "Tern-Caller-Groups";
 /// Default `audit_log`.
 pub const DEFAULT_SERVICES_AUDIT_LOG: &str = "/var/log/tern/services.jsonl";
 
+/// Default `impersonate_prefix`.
+pub const DEFAULT_IMPERSONATE_PREFIX: &str = "tern:";
+/// Where a pod finds its ServiceAccount's token and the cluster's CA.
+pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+
+/// What a service's upstream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// Any HTTP API: the caller named in `caller_name_header` and
+    /// `caller_groups_header`.
+    #[default]
+    Http,
+    /// A Kubernetes API server: the node authenticates as its
+    /// ServiceAccount (in-cluster by default) and impersonates the caller
+    /// (`Impersonate-User: tern:NAME`, one `Impersonate-Group: tern:GROUP`
+    /// per group), so the cluster's RBAC and audit see the CI job.
+    Kubernetes,
+}
+
 /// One `[[services]]` entry.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// The service's name: lower-case letters, digits and `-`.
     pub name: String,
+    /// `http` (default) or `kubernetes`.
+    #[serde(default)]
+    pub kind: ServiceKind,
+    /// Kubernetes: what the impersonated user and groups start with.
+    /// Default [`DEFAULT_IMPERSONATE_PREFIX`].
+    #[serde(default = "default_impersonate_prefix")]
+    pub impersonate_prefix: String,
     /// The TCP port on the node's overlay address callers connect to.
     pub listen: u16,
     /// Where requests go: `http://HOST[:PORT][/PATH]`; the caller's path is
@@ -60,6 +88,10 @@ pub struct ServiceConfig {
     /// [`DEFAULT_SERVICES_AUDIT_LOG`].
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
+}
+
+fn default_impersonate_prefix() -> String {
+    DEFAULT_IMPERSONATE_PREFIX.into()
 }
 
 fn default_name_header() -> String {
@@ -219,6 +251,23 @@ impl ServiceConfig {
                     format!("{header:?} is not a header name this node may set (letters, digits and '-')"),
                 ));
             }
+        }
+        if self.kind == ServiceKind::Kubernetes
+            && (self.impersonate_prefix.is_empty()
+                || self.impersonate_prefix.starts_with("system:")
+                || self
+                    .impersonate_prefix
+                    .chars()
+                    .any(|c| c.is_control() || c == ','))
+        {
+            return Err(crate::config::invalid(
+                file,
+                key("impersonate_prefix"),
+                format!(
+                    "{:?}: give a prefix of your own (default \"{DEFAULT_IMPERSONATE_PREFIX}\"), never one of Kubernetes' system: names",
+                    self.impersonate_prefix
+                ),
+            ));
         }
         if self.groups.iter().any(|g| g.trim().is_empty()) {
             return Err(crate::config::invalid(
@@ -381,6 +430,18 @@ mod tests {
                 "{extra}"
             );
         }
+        let k8s = node(
+            "[[services]]\nname = \"k8s\"\nkind = \"kubernetes\"\nlisten = 6443\nupstream = \"https://kubernetes.default.svc\"\n",
+        )
+        .unwrap();
+        assert_eq!(k8s.services[0].kind, ServiceKind::Kubernetes);
+        assert_eq!(k8s.services[0].impersonate_prefix, "tern:");
+        assert_eq!(
+            invalid_key(node(&format!(
+                "[[services]]\n{base}kind = \"kubernetes\"\nimpersonate_prefix = \"system:\"\n"
+            ))),
+            "services[0].impersonate_prefix"
+        );
         let twice = format!("[[services]]\n{base}[[services]]\n{base}");
         assert_eq!(invalid_key(node(&twice)), "services[1].name");
         let same_port = format!(

@@ -723,6 +723,32 @@ fn k8s_manifests_are_locked_down() {
         writable(&mounts, Path::new("/tmp")),
         "runner.yaml: the steps get a writable /tmp"
     );
+
+    // The ClusterRole for kubernetes services: impersonation of users and
+    // groups, nothing more, bound to the gateway's ServiceAccount.
+    let rbac = yaml_documents(test, &k8s.join("impersonate.yaml")).unwrap();
+    let role = rbac
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .unwrap_or_else(|| panic!("impersonate.yaml: no ClusterRole"));
+    let rules = role["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{role}");
+    assert_eq!(
+        rules[0]["verbs"],
+        serde_json::json!(["impersonate"]),
+        "{role}"
+    );
+    assert_eq!(
+        rules[0]["resources"],
+        serde_json::json!(["users", "groups"]),
+        "{role}"
+    );
+    let binding = rbac
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .unwrap_or_else(|| panic!("impersonate.yaml: no ClusterRoleBinding"));
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], "tern-gateway");
 }
 
 // --- The container image -------------------------------------------------------

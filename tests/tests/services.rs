@@ -72,9 +72,12 @@ fn a_userspace_gateway_forwards_a_service_with_its_own_token() {
     let gw = format!(
         "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9000\"\n\
          [[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://{SUBNET}.20:{upstream_port}\"\n\
-         groups = [\"ci\"]\nbearer_token_file = \"{}\"\naudit_log = \"{}\"\n",
-        token.display(),
-        audit.display()
+         groups = [\"ci\"]\nbearer_token_file = \"{tok}\"\naudit_log = \"{aud}\"\n\
+         [[firewall.inbound]]\nproto = \"tcp\"\nport = \"6443\"\n\
+         [[services]]\nname = \"k8s\"\nkind = \"kubernetes\"\nlisten = 6443\n\
+         upstream = \"http://{SUBNET}.20:{upstream_port}\"\nbearer_token_file = \"{tok}\"\naudit_log = \"{aud}\"\n",
+        tok = token.display(),
+        aud = audit.display()
     );
     let lab = lab_custom(
         SUBNET,
@@ -83,8 +86,14 @@ fn a_userspace_gateway_forwards_a_service_with_its_own_token() {
             ..LabExtra::default()
         },
     );
-    let forward = free_tcp();
-    let config = lab.ci_config_to("job", &[(forward, "100.64.0.2:9000")]);
+    let (forward, k8s_forward) = (free_tcp(), free_tcp());
+    let config = lab.ci_config_to(
+        "job",
+        &[
+            (forward, "100.64.0.2:9000"),
+            (k8s_forward, "100.64.0.2:6443"),
+        ],
+    );
     let job_token = lab.token("1", "ci");
     let _job = Daemon::start(
         "tern",
@@ -140,4 +149,25 @@ fn a_userspace_gateway_forwards_a_service_with_its_own_token() {
     );
     assert!(!log.contains(TOKEN) && !log.contains("secret=q"), "{log}");
     assert!(!lab.gateway_log().contains(TOKEN));
+
+    // kind = "kubernetes": the API server is told to impersonate the job
+    // (prefixed), whatever the job claims.
+    let answer = get(
+        k8s_forward,
+        "Impersonate-User: system:admin\r\nImpersonate-Group: system:masters\r\nAuthorization: Bearer job-secret\r\n",
+    )
+    .unwrap_or_default();
+    assert!(answer.contains("upstream ok"), "{answer}");
+    let head = seen.lock().unwrap().last().unwrap().to_ascii_lowercase();
+    assert!(head.contains("impersonate-user: tern:ci-"), "{head}");
+    assert!(head.contains("impersonate-group: tern:ci\r\n"), "{head}");
+    assert!(!head.contains("system:"), "{head}");
+    assert!(!head.contains("tern-caller-name"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "authorization: bearer {}",
+            TOKEN.to_ascii_lowercase()
+        )),
+        "{head}"
+    );
 }

@@ -7,7 +7,10 @@
 //! naming them, and nothing reaches the upstream. Streaming responses pass
 //! as they come, and HTTP/1.1 upgrades (WebSocket) become a byte tunnel
 //! both ways. Every request is one JSON line in the audit log (the path
-//! without its query, never a credential).
+//! without its query, never a credential). `kind = "kubernetes"`: the node
+//! is its pod's ServiceAccount and impersonates the caller instead
+//! (`Impersonate-User`/`-Group`, prefixed); whatever `Impersonate-*` a
+//! caller sends is removed for every kind.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -29,7 +32,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tern_runner::scheduler::Caller;
 use tern_runner::server::{IdentityQuery, Incoming as Conn, Listener};
-use tern_shared::services::{authorize, ServiceConfig, Upstream};
+use tern_shared::services::{
+    authorize, ServiceConfig, ServiceKind, Upstream, IN_CLUSTER_CA, IN_CLUSTER_TOKEN,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -63,7 +68,7 @@ struct Service {
     config: ServiceConfig,
     upstream: Upstream,
     /// The `Authorization` value the node sends upstream, if any.
-    credential: Option<HeaderValue>,
+    credential: Option<Credential>,
     name_header: HeaderName,
     groups_header: HeaderName,
     audit: Mutex<std::fs::File>,
@@ -162,12 +167,83 @@ async fn serve(mut accept: Accept, service: Arc<Service>) {
     }
 }
 
+/// A credential file is read again this often (tokens rotate: a
+/// Kubernetes ServiceAccount's projected token every hour or so).
+const CREDENTIAL_REREAD: Duration = Duration::from_secs(60);
+
+/// Where the node's credential comes from, and its value as last read.
+struct Credential {
+    path: std::path::PathBuf,
+    basic: bool,
+    value: Mutex<(HeaderValue, Instant)>,
+}
+
+impl Credential {
+    fn load(path: &Path, basic: bool) -> anyhow::Result<Credential> {
+        let value = Credential::read(path, basic)?;
+        Ok(Credential {
+            path: path.to_path_buf(),
+            basic,
+            value: Mutex::new((value, Instant::now())),
+        })
+    }
+
+    fn read(path: &Path, basic: bool) -> anyhow::Result<HeaderValue> {
+        let secret = read_secret(path)?;
+        let text = if basic {
+            if !secret.contains(':') {
+                anyhow::bail!("{}: expected user:password", path.display());
+            }
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(secret)
+            )
+        } else {
+            format!("Bearer {secret}")
+        };
+        let mut v = HeaderValue::from_str(&text)
+            .map_err(|_| anyhow::anyhow!("{}: not a valid header value", path.display()))?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+
+    /// The value, read again when it is older than [`CREDENTIAL_REREAD`]
+    /// (a file that cannot be read now keeps the last value).
+    fn value(&self, service: &str) -> HeaderValue {
+        let mut cached = self
+            .value
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.1.elapsed() >= CREDENTIAL_REREAD {
+            cached.1 = Instant::now();
+            match Credential::read(&self.path, self.basic) {
+                Ok(v) => cached.0 = v,
+                Err(e) => {
+                    tracing::warn!(service, error = %e, "re-reading the credential failed; keeping the last one")
+                }
+            }
+        }
+        cached.0.clone()
+    }
+}
+
+/// Files the kubelet mounts into a pod (its ServiceAccount's token): mode
+/// 0644 by default, and seen only inside the pod's own mount namespace.
+fn kubelet_managed(path: &Path) -> bool {
+    [
+        "/var/run/secrets/kubernetes.io/",
+        "/run/secrets/kubernetes.io/",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
+}
+
 /// Reads a credential file, refusing one that others on this host could
 /// read (jobs on the same node must not see it).
 fn read_secret(path: &Path) -> anyhow::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if meta.mode() & 0o077 != 0 {
+    if meta.mode() & 0o077 != 0 && !kubelet_managed(path) {
         anyhow::bail!(
             "{} is readable by others (mode {:o}); chmod 600 it: the credential is this node's alone",
             path.display(),
@@ -230,28 +306,18 @@ impl Service {
         identities: mpsc::Sender<IdentityQuery>,
     ) -> anyhow::Result<Service> {
         let upstream = Upstream::parse(&config.upstream).map_err(anyhow::Error::msg)?;
+        let kubernetes = config.kind == ServiceKind::Kubernetes;
         let credential = match (&config.bearer_token_file, &config.basic_auth_file) {
-            (Some(path), _) => Some(format!("Bearer {}", read_secret(path)?)),
-            (None, Some(path)) => {
-                let pair = read_secret(path)?;
-                if !pair.contains(':') {
-                    anyhow::bail!("{}: expected user:password", path.display());
-                }
-                Some(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(pair)
-                ))
-            }
+            (Some(path), _) => Some(Credential::load(path, false)?),
+            (None, Some(path)) => Some(Credential::load(path, true)?),
+            // In a pod: its ServiceAccount.
+            (None, None) if kubernetes => Some(
+                Credential::load(Path::new(IN_CLUSTER_TOKEN), false).context(
+                    "a kubernetes service without bearer_token_file uses the pod's ServiceAccount token",
+                )?,
+            ),
             (None, None) => None,
         };
-        let credential = credential
-            .map(|c| {
-                let mut v = HeaderValue::from_str(&c)
-                    .map_err(|_| anyhow::anyhow!("the credential is not a valid header value"))?;
-                v.set_sensitive(true);
-                anyhow::Ok(v)
-            })
-            .transpose()?;
         if let Some(dir) = config.audit_log.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the audit log's directory {}", dir.display()))?;
@@ -266,7 +332,11 @@ impl Service {
                 .with_context(|| format!("opening the audit log {}", config.audit_log.display()))?
         };
         let tls = if upstream.tls {
-            Some(upstream_tls(config)?)
+            let mut config = config.clone();
+            if kubernetes && config.upstream_ca.is_none() && Path::new(IN_CLUSTER_CA).exists() {
+                config.upstream_ca = Some(IN_CLUSTER_CA.into());
+            }
+            Some(upstream_tls(&config)?)
         } else {
             None
         };
@@ -408,17 +478,43 @@ impl Service {
         }
         headers.remove(hyper::header::AUTHORIZATION);
         headers.remove(hyper::header::COOKIE);
+        // Whoever the caller claims to be is not who it is.
+        let claims: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("impersonate-"))
+            .cloned()
+            .collect();
+        for k in claims {
+            headers.remove(k);
+        }
         if let Ok(host) = HeaderValue::from_str(&self.upstream.authority()) {
             headers.insert(hyper::header::HOST, host);
         }
         if let Some(c) = &self.credential {
-            headers.insert(hyper::header::AUTHORIZATION, c.clone());
+            headers.insert(hyper::header::AUTHORIZATION, c.value(&self.config.name));
         }
-        let name = HeaderValue::from_str(&caller.name).map_err(|_| "caller name".to_string())?;
-        headers.insert(self.name_header.clone(), name);
-        let groups = HeaderValue::from_str(&caller.groups.join(","))
-            .map_err(|_| "caller groups".to_string())?;
-        headers.insert(self.groups_header.clone(), groups);
+        let header = |v: String| {
+            HeaderValue::from_str(&v).map_err(|_| format!("{v:?} is not a header value"))
+        };
+        match self.config.kind {
+            ServiceKind::Http => {
+                headers.insert(self.name_header.clone(), header(caller.name.clone())?);
+                headers.insert(self.groups_header.clone(), header(caller.groups.join(","))?);
+            }
+            ServiceKind::Kubernetes => {
+                let prefix = &self.config.impersonate_prefix;
+                headers.insert(
+                    HeaderName::from_static("impersonate-user"),
+                    header(format!("{prefix}{}", caller.name))?,
+                );
+                for g in &caller.groups {
+                    headers.append(
+                        HeaderName::from_static("impersonate-group"),
+                        header(format!("{prefix}{g}"))?,
+                    );
+                }
+            }
+        }
         if let Some(u) = upgrade {
             headers.insert(hyper::header::UPGRADE, u);
             headers.insert(
