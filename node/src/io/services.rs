@@ -74,8 +74,9 @@ struct Service {
     audit: Mutex<std::fs::File>,
     identities: mpsc::Sender<IdentityQuery>,
     counters: Arc<ServiceCounters>,
-    /// For an https upstream.
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// For an https upstream: offering HTTP/2 and HTTP/1.1, and HTTP/1.1
+    /// alone (for upgrades, which HTTP/2 carries differently).
+    tls: Option<(tokio_rustls::TlsConnector, tokio_rustls::TlsConnector)>,
 }
 
 /// A running service: its name and counters; the task stops when dropped.
@@ -261,8 +262,11 @@ fn read_secret(path: &Path) -> anyhow::Result<String> {
 
 /// The TLS client for an https upstream: its certificate checked against
 /// `upstream_ca` (else the public web roots), this node's client
-/// certificate when configured; HTTP/1.1 (upgrades pass through it).
-fn upstream_tls(config: &ServiceConfig) -> anyhow::Result<tokio_rustls::TlsConnector> {
+/// certificate when configured, offering the protocols `alpn`.
+fn upstream_tls(
+    config: &ServiceConfig,
+    alpn: &[&[u8]],
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -296,7 +300,7 @@ fn upstream_tls(config: &ServiceConfig) -> anyhow::Result<tokio_rustls::TlsConne
         }
         _ => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(tls)))
 }
 
@@ -336,7 +340,10 @@ impl Service {
             if kubernetes && config.upstream_ca.is_none() && Path::new(IN_CLUSTER_CA).exists() {
                 config.upstream_ca = Some(IN_CLUSTER_CA.into());
             }
-            Some(upstream_tls(&config)?)
+            Some((
+                upstream_tls(&config, &[b"h2", b"http/1.1"])?,
+                upstream_tls(&config, &[b"http/1.1"])?,
+            ))
         } else {
             None
         };
@@ -525,7 +532,9 @@ impl Service {
         out.body(body).map_err(|e| e.to_string())
     }
 
-    async fn send(&self, req: Request<Incoming>) -> anyhow::Result<Response<Incoming>> {
+    /// Sends `req` on a new connection to the upstream: HTTP/2 when an
+    /// https upstream offers it (not for an upgrade), else HTTP/1.1.
+    async fn send(&self, mut req: Request<Incoming>) -> anyhow::Result<Response<Incoming>> {
         let tcp = tokio::time::timeout(
             UPSTREAM_CONNECT_TIMEOUT,
             TcpStream::connect((self.upstream.host.as_str(), self.upstream.port)),
@@ -533,7 +542,7 @@ impl Service {
         .await
         .map_err(|_| anyhow::anyhow!("no connection within {UPSTREAM_CONNECT_TIMEOUT:?}"))??;
         let _ = tcp.set_nodelay(true);
-        let Some(tls) = &self.tls else {
+        let Some((tls_any, tls_h1)) = &self.tls else {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
             tokio::spawn(async move {
@@ -545,7 +554,29 @@ impl Service {
             Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
             Err(_) => rustls::pki_types::ServerName::try_from(self.upstream.host.clone())?,
         };
+        let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+        let tls = if upgrade { tls_h1 } else { tls_any };
         let stream = tls.connect(name, tcp).await?;
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            // HTTP/2: the authority in the URI, no Host header.
+            let uri = format!(
+                "https://{}{}",
+                self.upstream.authority(),
+                req.uri().path_and_query().map_or("/", |p| p.as_str())
+            );
+            *req.uri_mut() = uri.parse()?;
+            *req.version_mut() = hyper::Version::HTTP_2;
+            req.headers_mut().remove(hyper::header::HOST);
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
+            .await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(sender.send_request(req).await?);
+        }
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
@@ -695,6 +726,116 @@ mod tests {
         copy_end_to_end(&from, &mut to);
         assert_eq!(to.len(), 1);
         assert_eq!(to["accept"], "application/json");
+    }
+
+    /// An https upstream that speaks HTTP/2 (hyper's server, behind TLS
+    /// with a CA of the test's own) gets the request over HTTP/2, with the
+    /// node's token and the caller's name, from an HTTP/1.1 caller.
+    #[tokio::test]
+    async fn an_https_upstream_offering_http2_gets_http2() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "h2-token").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        // The upstream: HTTP/2 only, answering with what it saw.
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        server_tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_port = upstream.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = upstream.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let answer = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let seen = format!(
+                            "{:?} {} auth={} caller={}",
+                            req.version(),
+                            req.uri(),
+                            req.headers()
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-"),
+                            req.headers()
+                                .get("tern-caller-name")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-"),
+                        );
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(seen))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(tls), answer)
+                    .await;
+                });
+            }
+        });
+
+        let config: ServiceConfig = toml::from_str(&format!(
+            "name = \"api\"\nlisten = 9000\nupstream = \"https://127.0.0.1:{upstream_port}/base\"\n\
+             bearer_token_file = \"{}\"\nupstream_ca = \"{}\"\naudit_log = \"{}\"\n",
+            token.display(),
+            dir.path().join("ca.pem").display(),
+            dir.path().join("audit.jsonl").display()
+        ))
+        .unwrap();
+        let (identities, mut asked) = mpsc::channel::<IdentityQuery>(4);
+        tokio::spawn(async move {
+            while let Some((_, reply)) = asked.recv().await {
+                let _ = reply.send(Some(Caller {
+                    name: "job-1".into(),
+                    groups: vec!["ci".into()],
+                    fingerprint: "00".repeat(32),
+                }));
+            }
+        });
+        let service = Arc::new(Service::new(&config, identities).unwrap());
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_port = proxy.local_addr().unwrap().port();
+        tokio::spawn(serve(Accept::Kernel(proxy), service));
+
+        let mut caller = TcpStream::connect(("127.0.0.1", proxy_port)).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        caller
+            .write_all(b"GET /v1/x?y=2 HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer mine\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), caller.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.contains(&format!("HTTP/2.0 https://127.0.0.1:{upstream_port}/base/v1/x?y=2 auth=Bearer h2-token caller=job-1")),
+            "{answer}"
+        );
     }
 
     #[test]
