@@ -229,20 +229,7 @@ impl<P: Plane> Daemon<P> {
         let links = super::links::LighthouseLinks::new(&config.lighthouses, &outer, now)?;
         core.set_local_endpoints(local_endpoints(listen, &targets));
         core.set_relay_after(config.peers.relay_after);
-        if config.relay.enabled {
-            if !cert.has_group(tern_shared::cert::RELAY_GROUP) {
-                anyhow::bail!(
-                    "[relay] enabled, but this node's certificate lacks the '{}' group: sign it with --groups {} (lighthouses hand pairs only to relays with it), or remove [relay]",
-                    tern_shared::cert::RELAY_GROUP,
-                    tern_shared::cert::RELAY_GROUP
-                );
-            }
-            core.enable_relay(config.relay.packets_per_sec);
-            tracing::info!(
-                packets_per_sec = config.relay.packets_per_sec,
-                "relaying for pairs the lighthouses hand to this node"
-            );
-        }
+        enable_relay(&config, &cert, &mut core)?;
         core.set_policy(&config.firewall, gateway_subnets.clone(), &config.routes);
         core.set_accept_routes(config.tun.accept_routes);
         if config.pki.renew {
@@ -870,6 +857,30 @@ fn reload(core: &mut NodeCore, config_path: &Path) {
         }
         Err(e) => tracing::error!("SIGHUP: config reload refused, keeping the old rules: {e:#}"),
     }
+}
+
+/// `[relay]`: relaying for others, with the relay group only.
+fn enable_relay(
+    config: &NodeConfig,
+    cert: &tern_shared::cert::VerifiedCert,
+    core: &mut NodeCore,
+) -> anyhow::Result<()> {
+    if !config.relay.enabled {
+        return Ok(());
+    }
+    if !cert.has_group(tern_shared::cert::RELAY_GROUP) {
+        anyhow::bail!(
+            "[relay] enabled, but this node's certificate lacks the '{}' group: sign it with --groups {} (lighthouses hand pairs only to relays with it), or remove [relay]",
+            tern_shared::cert::RELAY_GROUP,
+            tern_shared::cert::RELAY_GROUP
+        );
+    }
+    core.enable_relay(config.relay.packets_per_sec);
+    tracing::info!(
+        packets_per_sec = config.relay.packets_per_sec,
+        "relaying for pairs the lighthouses hand to this node"
+    );
+    Ok(())
 }
 
 async fn flush(core: &mut NodeCore, outer: &Outer) {

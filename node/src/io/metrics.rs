@@ -140,6 +140,12 @@ pub fn render(
             e.collector(c);
         }
     }
+    services_part(&mut e, services);
+    e.render()
+}
+
+/// `[[services]]`: requests by service and result.
+fn services_part(e: &mut Exposition, services: &[super::services::RunningService]) {
     if !services.is_empty() {
         use std::sync::atomic::Ordering::Relaxed;
         let by = |f: fn(&super::services::ServiceCounters) -> u64| -> Vec<(&str, u64)> {
@@ -155,11 +161,11 @@ pub fn render(
             &by(|c| c.forwarded.load(Relaxed)),
         );
         e.counter_by(
-            "tern_service_denied_total",
-            "Requests refused (403) because the caller's certificate lacks the service's groups, by service.",
-            "service",
-            &by(|c| c.denied.load(Relaxed)),
-        );
+        "tern_service_denied_total",
+        "Requests refused (403) because the caller's certificate lacks the service's groups, by service.",
+        "service",
+        &by(|c| c.denied.load(Relaxed)),
+    );
         e.counter_by(
             "tern_service_upstream_errors_total",
             "Requests whose upstream did not answer (502), by service.",
@@ -167,5 +173,4 @@ pub fn render(
             &by(|c| c.upstream_errors.load(Relaxed)),
         );
     }
-    e.render()
 }
