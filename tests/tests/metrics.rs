@@ -121,7 +121,8 @@ fn counters_move_endpoints_pass_promtool_and_match_the_docs_and_logs_are_json() 
     let gw = format!(
         "[metrics]\nlisten = \"127.0.0.1:{gw_metrics}\"\n\
          [[firewall.inbound]]\nproto = \"tcp\"\nport = 4245\ngroups = [\"ci\"]\n\
-         [runner]\nallow_groups = [\"ci\"]\nwork_dir = \"jobs\"\naudit_log = \"audit.jsonl\"\n"
+         [runner]\nallow_groups = [\"ci\"]\nwork_dir = \"jobs\"\naudit_log = \"audit.jsonl\"\n\
+         [[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://127.81.0.10:1\"\naudit_log = \"services.jsonl\"\n"
     );
     let lab = lab_custom(
         "127.81.0",
