@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use tern_netns_tests::tern::*;
-use tern_netns_tests::{require_root, require_tools, serial, wait_until, Ns};
+use tern_netns_tests::{require_root, require_tools, serial, wait_until, workspace_bin, Ns};
 
 const SERVER: &str = "198.19.0.10";
 const GW_OVERLAY: &str = "100.64.0.30";
@@ -121,7 +121,7 @@ fn curl(ns: &Ns, args: &[&str]) -> String {
 
 #[test]
 fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
-    if !require_root("services") || !require_tools("services", &["curl", "python3"]) {
+    if !require_root("services") || !require_tools("services", &["curl", "python3", "kubectl"]) {
         return;
     }
     let _serial = serial();
@@ -173,7 +173,10 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
            [[firewall.inbound]]\nproto = \"tcp\"\nport = \"9001\"\n\
            [[services]]\nname = \"api-tls\"\nlisten = 9001\nupstream = \"https://198.19.0.10:8443\"\n\
            groups = [\"ci\"]\nbearer_token_file = \"api.token\"\naudit_log = \"services.jsonl\"\n\
-           upstream_ca = \"tls-ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n";
+           upstream_ca = \"tls-ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n\
+           [[firewall.inbound]]\nproto = \"tcp\"\nport = \"6443\"\n\
+           [[services]]\nname = \"k8s\"\nkind = \"kubernetes\"\nlisten = 6443\nupstream = \"http://198.19.0.10:8080\"\n\
+           groups = [\"ci\"]\nbearer_token_file = \"api.token\"\naudit_log = \"services.jsonl\"\n";
     let gw_node = start_node(&gw, &write_file(&dir, "gw.toml", &gateway), "node-gw");
     gw_node.wait_for_log("service forwarding", Duration::from_secs(15));
     let _job = start_node(
@@ -339,6 +342,96 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
         .iter()
         .any(|l| l["caller"] == "dev" && l["status"] == 403 && l["refused"].as_str().is_some()));
     assert!(!audit.contains("x=1"), "no query strings in the audit log");
+
+    // Offers through the lighthouse: what each may call.
+    let tern = |ns: &Ns, args: &[&str]| -> String {
+        let out = ns.exec(&workspace_bin("tern").to_string_lossy(), args);
+        assert!(
+            out.status.success(),
+            "tern {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let job_socket = dir.join("job.sock").to_string_lossy().into_owned();
+    let dev_socket = dir.join("dev.sock").to_string_lossy().into_owned();
+    let offers: serde_json::Value =
+        serde_json::from_str(&tern(&ci, &["services", "--socket", &job_socket, "--json"]))
+            .unwrap_or_default();
+    let names: Vec<(String, String, bool)> = offers["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["service"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e["node_name"].as_str().unwrap_or_default().to_string(),
+                e["allowed"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    for name in ["api", "api-tls", "k8s"] {
+        assert!(
+            names.contains(&(name.to_string(), "gw".to_string(), true)),
+            "{offers}"
+        );
+    }
+    let for_dev: serde_json::Value = serde_json::from_str(&tern(
+        &dev,
+        &["services", "--socket", &dev_socket, "api", "--json"],
+    ))
+    .unwrap_or_default();
+    assert_eq!(for_dev["services"][0]["allowed"], false, "{for_dev}");
+
+    // A kubeconfig through the mesh, and kubectl with it: the API server
+    // (the python upstream, standing in) sees the job impersonated.
+    let kubeconfig = dir.join("kubeconfig.yaml");
+    tern(
+        &ci,
+        &[
+            "kubeconfig",
+            "k8s",
+            "--socket",
+            &job_socket,
+            "--namespace",
+            "staging",
+            "--out",
+            &kubeconfig.to_string_lossy(),
+        ],
+    );
+    let written = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
+    assert!(
+        written.contains(&format!("http://{GW_OVERLAY}:6443")) && !written.contains(TOKEN),
+        "{written}"
+    );
+    let out = ci.exec(
+        "kubectl",
+        [
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "get",
+            "--raw",
+            "/whoami",
+        ],
+    );
+    let seen_by_api = String::from_utf8_lossy(&out.stdout).into_owned();
+    let api_headers: serde_json::Value = serde_json::from_str(&seen_by_api).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {seen_by_api} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(api_headers["impersonate-user"], "tern:job", "{api_headers}");
+    assert_eq!(api_headers["impersonate-group"], "tern:ci", "{api_headers}");
+    assert!(
+        api_headers["user-agent"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("kubectl")),
+        "{api_headers}"
+    );
 
     // The token appears nowhere but in its file.
     for (what, text) in [

@@ -43,6 +43,10 @@ enum Command {
         after_help = "Exit codes: 0 the name resolved (NOERROR); 1 it did not (NXDOMAIN, SERVFAIL, REFUSED: the message says who answered); 2 bad arguments; 68 no answer at all (no gateway serves the name's zone and no resolver answered)."
     )]
     Resolve(cli::resolve::ResolveArgs),
+    /// List the [[services]] nodes offer through the mesh, and whether this node may call them.
+    Services(cli::services::ServicesArgs),
+    /// Write a kubeconfig for a kubernetes service through the mesh (no credential in it).
+    Kubeconfig(cli::services::KubeconfigArgs),
     /// Try Tern in one command, without root or config: a throwaway mesh on this machine's loopback.
     Demo(cli::demo::DemoArgs),
 }
@@ -58,6 +62,8 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run::run(args),
         Command::Forward(args) => cli::forward::run(args),
         Command::Resolve(args) => cli::resolve::run(args),
+        Command::Services(args) => cli::services::services(args),
+        Command::Kubeconfig(args) => cli::services::kubeconfig(args),
         Command::Demo(args) => cli::demo::run(args),
     };
     match result {

@@ -564,7 +564,21 @@ impl LighthouseCore {
                     );
                 }
             }
-            ControlMessage::RelayIntroduce { .. } | ControlMessage::UseRelay { .. } => {
+            ControlMessage::ServicesAdvert { services, .. } => {
+                self.registry.set_services(cert.overlay_ip(), services);
+            }
+            ControlMessage::ServicesQuery { id, name } => {
+                let (services, complete) = self.registry.services(&name);
+                let reply = ControlMessage::ServicesReply {
+                    id,
+                    services,
+                    complete,
+                };
+                self.reply(peer, &cert, &reply, now);
+            }
+            ControlMessage::RelayIntroduce { .. }
+            | ControlMessage::UseRelay { .. }
+            | ControlMessage::ServicesReply { .. } => {
                 self.counters.bad_control_messages += 1;
             }
             ControlMessage::RenewRequest { id } => {

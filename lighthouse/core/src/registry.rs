@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
+use tern_shared::control::{AdvertisedService, ServiceEntry, SERVICES_PAGE_BUDGET};
 use tern_shared::transport::is_stream_endpoint;
 
 use ipnet::Ipv4Net;
@@ -40,6 +41,8 @@ pub struct Registry {
     names: BTreeSet<(Box<str>, Ipv4Addr)>,
     /// The nodes that advertised a runner.
     runners: BTreeSet<Ipv4Addr>,
+    /// Every advertised `[[services]]` entry, by name then node.
+    services: BTreeSet<(String, Ipv4Addr)>,
     /// Each entry's last registration as last looked at, oldest first: an
     /// entry refreshed since is queued again with its newer time when it
     /// comes up (the sequence number tells the entry's one live item from
@@ -64,6 +67,8 @@ struct Entry {
     zones: Vec<String>,
     /// The runner it offers (only from a certificate in the runner group).
     runner: Option<RunnerAd>,
+    /// The `[[services]]` it offers.
+    services: Vec<AdvertisedService>,
     /// The issuer that signed its certificate: an enrolled, short-lived node.
     issued_by: Option<String>,
     registered: Instant,
@@ -121,6 +126,7 @@ impl Registry {
             zones: BTreeSet::new(),
             names: BTreeSet::new(),
             runners: BTreeSet::new(),
+            services: BTreeSet::new(),
             silence: BinaryHeap::new(),
             next_seq: 0,
             expiry,
@@ -166,6 +172,7 @@ impl Registry {
                     refused: Vec::new(),
                     zones: Vec::new(),
                     runner: None,
+                    services: Vec::new(),
                     issued_by: None,
                     registered: now,
                     last_seen: now,
@@ -312,6 +319,54 @@ impl Registry {
         self.entries.iter().map(|(ip, e)| (*ip, e.peer)).collect()
     }
 
+    /// Records the services a registered node offers (replacing what it
+    /// offered before).
+    pub fn set_services(&mut self, overlay_ip: Ipv4Addr, services: Vec<AdvertisedService>) {
+        let Some(e) = self.entries.get_mut(&overlay_ip) else {
+            return;
+        };
+        if e.services == services {
+            return;
+        }
+        for s in e.services.drain(..) {
+            self.services.remove(&(s.name, overlay_ip));
+        }
+        for s in &services {
+            self.services.insert((s.name.clone(), overlay_ip));
+        }
+        e.services = services;
+    }
+
+    /// The offers of the service `name` (empty: every service), by name
+    /// then node, as many as fit in one reply; whether that was all.
+    pub fn services(&self, name: &str) -> (Vec<ServiceEntry>, bool) {
+        let mut out = Vec::new();
+        let mut used = 0;
+        let from = (name.to_string(), Ipv4Addr::UNSPECIFIED);
+        for (n, ip) in self.services.range(from..) {
+            if !name.is_empty() && n != name {
+                break;
+            }
+            let Some(e) = self.entries.get(ip) else {
+                continue;
+            };
+            let Some(service) = e.services.iter().find(|s| &s.name == n) else {
+                continue;
+            };
+            let entry = ServiceEntry {
+                service: service.clone(),
+                node: *ip,
+                node_name: e.name.clone(),
+            };
+            used += entry.encoded_len();
+            if used > SERVICES_PAGE_BUDGET {
+                return (out, false);
+            }
+            out.push(entry);
+        }
+        (out, true)
+    }
+
     /// Records the runner a registered node offers; false when the node is
     /// not registered.
     pub fn set_runner(&mut self, overlay_ip: Ipv4Addr, ad: RunnerAd) -> bool {
@@ -415,6 +470,9 @@ impl Registry {
         self.names.remove(&(name_key(&e.name), overlay_ip));
         if e.runner.is_some() {
             self.runners.remove(&overlay_ip);
+        }
+        for s in e.services {
+            self.services.remove(&(s.name, overlay_ip));
         }
         // Its item in `silence` goes when it comes up.
         true
@@ -773,6 +831,49 @@ mod tests {
         r.register(ip, "n", b"c", PeerId(1), addr("198.18.0.2:1"), &many, t0)
             .unwrap();
         assert_eq!(r.lookup(ip).unwrap().endpoints.len(), MAX_ENDPOINTS);
+    }
+
+    /// Services are listed by name then node, replaced by a new advert and
+    /// gone with their node.
+    #[test]
+    fn services_by_name_until_their_node_goes() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 4);
+        let svc = |name: &str| AdvertisedService {
+            name: name.into(),
+            kind: "http".into(),
+            port: 9000,
+            groups: vec!["ci".into()],
+        };
+        for (i, ip) in [Ipv4Addr::new(100, 64, 0, 5), Ipv4Addr::new(100, 64, 0, 6)]
+            .into_iter()
+            .enumerate()
+        {
+            r.register(
+                ip,
+                &format!("gw-{i}"),
+                b"c",
+                PeerId(i as u32),
+                addr(&format!("198.18.0.{}:1", i + 2)),
+                &[],
+                t0,
+            )
+            .unwrap();
+            r.set_services(ip, vec![svc("api"), svc("k8s")]);
+        }
+        let (api, complete) = r.services("api");
+        assert!(complete);
+        assert_eq!(
+            api.iter().map(|e| e.node_name.as_str()).collect::<Vec<_>>(),
+            ["gw-0", "gw-1"]
+        );
+        assert_eq!(r.services("").0.len(), 4);
+        assert!(r.services("nope").0.is_empty());
+        r.set_services(Ipv4Addr::new(100, 64, 0, 5), vec![svc("k8s")]);
+        assert_eq!(r.services("api").0.len(), 1);
+        r.remove(Ipv4Addr::new(100, 64, 0, 6));
+        assert!(r.services("api").0.is_empty());
+        assert_eq!(r.services("k8s").0.len(), 1);
     }
 
     /// A node on a TCP link is found, but its link's address is never

@@ -8,3 +8,4 @@ pub mod forward;
 pub mod ready;
 pub mod resolve;
 pub mod run;
+pub mod services;

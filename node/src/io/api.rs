@@ -25,6 +25,13 @@ pub enum ApiRequest {
     FindRunners {
         selector: tern_shared::control::RunnerSelector,
     },
+    /// Who offers the service `name` (empty: any), asked of every
+    /// lighthouse (`tern services`, `tern kubeconfig`); answered with the
+    /// merged offers and this node's own groups (`my_groups`).
+    Services {
+        #[serde(default)]
+        name: String,
+    },
     /// The verified identity behind a peer's overlay address: certificate
     /// name, groups, fingerprint (`null` when no such peer is in the table).
     Peer {

@@ -258,6 +258,7 @@ impl<P: Plane> Daemon<P> {
             );
         }
         let (identity_tx, identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
+        core.set_services(super::services::adverts(&config.services), now);
         let services =
             super::services::start(&config.services, cert.overlay_ip(), &identity_tx, |port| {
                 plane.listener(port)
@@ -482,6 +483,13 @@ impl<P: Plane> Daemon<P> {
                 }
                 NodeEvent::Policy(r) => (r.id, serde_json::to_value(&r)),
                 NodeEvent::Runners(r) => (r.id, serde_json::to_value(&r)),
+                NodeEvent::Services(r) => {
+                    let mut value = serde_json::to_value(&r).unwrap_or_default();
+                    if let Some(fields) = value.as_object_mut() {
+                        fields.insert("my_groups".into(), self.own_cert.groups().into());
+                    }
+                    (r.id, Ok(value))
+                }
                 NodeEvent::Revoked { lighthouse } => {
                     self.revoked = Some(lighthouse);
                     continue;
@@ -564,6 +572,7 @@ impl<P: Plane> Daemon<P> {
             }
             ApiRequest::Ping { peer } => self.core.ping(&peer, now),
             ApiRequest::FindRunners { selector } => self.core.find_runners(selector, now),
+            ApiRequest::Services { name } => self.core.find_services(&name, now),
             ApiRequest::Policy { target } => self.core.ask_policy(*target.ip(), target.port(), now),
             ApiRequest::Peer { overlay_ip } => {
                 let caller = self

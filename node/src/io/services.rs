@@ -92,6 +92,28 @@ impl Drop for RunningService {
     }
 }
 
+/// What the lighthouses are told this node offers.
+pub fn adverts(services: &[ServiceConfig]) -> Vec<tern_shared::control::AdvertisedService> {
+    services
+        .iter()
+        .map(|s| tern_shared::control::AdvertisedService {
+            name: s.name.clone(),
+            kind: match s.kind {
+                ServiceKind::Http => "http",
+                ServiceKind::Kubernetes => "kubernetes",
+            }
+            .into(),
+            port: s.listen,
+            groups: s
+                .groups
+                .iter()
+                .take(tern_shared::control::MAX_SERVICE_GROUPS)
+                .cloned()
+                .collect(),
+        })
+        .collect()
+}
+
 /// Starts every configured service on `overlay_ip`, each taking
 /// connections from `listener(port)`.
 pub async fn start(

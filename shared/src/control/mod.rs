@@ -22,9 +22,14 @@ use crate::cert::{Fingerprint, MAX_CERT_LEN};
 use crate::codec::{put_blob16, put_socket_addr, Reader};
 
 mod names;
+mod services;
 pub use names::{
     split_answer, AdvertisedZone, DNS_ANSWER_CHUNK, MAX_DNS_ANSWER_PARTS, MAX_DNS_QUERY_LEN,
     MAX_ZONES_IN_REPLY, ZONES_PAGE_BUDGET,
+};
+pub use services::{
+    AdvertisedService, ServiceEntry, MAX_SERVICES_ADVERTISED, MAX_SERVICE_GROUPS,
+    SERVICES_PAGE_BUDGET,
 };
 
 /// UDP port on overlay addresses where daemons exchange control messages.
@@ -243,6 +248,23 @@ pub enum ControlMessage {
         a: Ipv4Addr,
         b: Ipv4Addr,
     },
+    /// Node → lighthouse, with each registration: the `[[services]]` it
+    /// offers.
+    ServicesAdvert {
+        id: u32,
+        services: Vec<AdvertisedService>,
+    },
+    /// Node → lighthouse: who offers the service `name` (empty: any).
+    ServicesQuery {
+        id: u32,
+        name: String,
+    },
+    /// Lighthouse → node: the offers, as many as fit (`complete`: all).
+    ServicesReply {
+        id: u32,
+        services: Vec<ServiceEntry>,
+        complete: bool,
+    },
     /// Lighthouse → node: until a direct path is proven, reach `peer`
     /// through the relay node `relay` (its certificate and address; the
     /// node opens a session with it, which is how the relay knows it).
@@ -391,6 +413,9 @@ const T_RENEW_REPLY: u8 = 27;
 const T_RELAY_OFFER: u8 = 28;
 const T_RELAY_INTRODUCE: u8 = 29;
 const T_USE_RELAY: u8 = 30;
+const T_SERVICES_ADVERT: u8 = 31;
+const T_SERVICES_QUERY: u8 = 32;
+const T_SERVICES_REPLY: u8 = 33;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -424,7 +449,10 @@ impl ControlMessage {
             | ControlMessage::RenewReply { id, .. }
             | ControlMessage::RelayOffer { id }
             | ControlMessage::RelayIntroduce { id, .. }
-            | ControlMessage::UseRelay { id, .. } => *id,
+            | ControlMessage::UseRelay { id, .. }
+            | ControlMessage::ServicesAdvert { id, .. }
+            | ControlMessage::ServicesQuery { id, .. }
+            | ControlMessage::ServicesReply { id, .. } => *id,
         }
     }
 
@@ -461,6 +489,9 @@ impl ControlMessage {
             ControlMessage::RelayOffer { id } => (T_RELAY_OFFER, id),
             ControlMessage::RelayIntroduce { id, .. } => (T_RELAY_INTRODUCE, id),
             ControlMessage::UseRelay { id, .. } => (T_USE_RELAY, id),
+            ControlMessage::ServicesAdvert { id, .. } => (T_SERVICES_ADVERT, id),
+            ControlMessage::ServicesQuery { id, .. } => (T_SERVICES_QUERY, id),
+            ControlMessage::ServicesReply { id, .. } => (T_SERVICES_REPLY, id),
         };
         (ty, *id)
     }
@@ -606,6 +637,9 @@ impl ControlMessage {
             | ControlMessage::NameReply { .. }
             | ControlMessage::DnsQuery { .. }
             | ControlMessage::DnsAnswer { .. } => names::put_body(self, &mut out)?,
+            ControlMessage::ServicesAdvert { .. }
+            | ControlMessage::ServicesQuery { .. }
+            | ControlMessage::ServicesReply { .. } => services::put_body(self, &mut out)?,
         }
         if out.len() > MAX_CONTROL_LEN {
             return Err(ControlError::TooLong);
@@ -702,6 +736,7 @@ impl ControlMessage {
             }
             T_RUNNERS_REPLY => read_runners_reply(id, &mut r)?,
             T_ZONE_ADVERT..=T_ZONES_CHANGED => names::read_body(ty, id, &mut r)?,
+            T_SERVICES_ADVERT..=T_SERVICES_REPLY => services::read_body(ty, id, &mut r)?,
             T_RENEW_REQUEST => ControlMessage::RenewRequest { id },
             T_RENEW_REPLY => {
                 let outcome = match r.u8() {
@@ -790,7 +825,7 @@ fn read_routes_page(r: &mut Reader<'_>) -> Result<(Vec<AdvertisedRoute>, bool), 
     Ok((routes, complete))
 }
 
-fn put_label(out: &mut Vec<u8>, label: &str) -> Result<(), ControlError> {
+pub(super) fn put_label(out: &mut Vec<u8>, label: &str) -> Result<(), ControlError> {
     if label.len() > MAX_LABEL_LEN {
         return Err(ControlError::TooManyLabels);
     }
@@ -799,7 +834,7 @@ fn put_label(out: &mut Vec<u8>, label: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
-fn read_label(r: &mut Reader<'_>) -> Result<String, ControlError> {
+pub(super) fn read_label(r: &mut Reader<'_>) -> Result<String, ControlError> {
     let len = r.u8().ok_or(ControlError::Malformed)? as usize;
     if len > MAX_LABEL_LEN {
         return Err(ControlError::TooManyLabels);
@@ -884,7 +919,7 @@ fn read_net(r: &mut Reader<'_>) -> Result<Ipv4Net, ControlError> {
 }
 
 /// A flag: 0 or 1, anything else malformed.
-fn read_bool(r: &mut Reader<'_>) -> Result<bool, ControlError> {
+pub(super) fn read_bool(r: &mut Reader<'_>) -> Result<bool, ControlError> {
     match r.u8() {
         Some(0) => Ok(false),
         Some(1) => Ok(true),
@@ -1031,6 +1066,33 @@ mod tests {
             ControlMessage::Pong { id: 11 },
             ControlMessage::RenewRequest { id: 40 },
             ControlMessage::RelayOffer { id: 50 },
+            ControlMessage::ServicesAdvert {
+                id: 60,
+                services: vec![AdvertisedService {
+                    name: "k8s".into(),
+                    kind: "kubernetes".into(),
+                    port: 6443,
+                    groups: vec!["ci".into(), "deploy".into()],
+                }],
+            },
+            ControlMessage::ServicesQuery {
+                id: 61,
+                name: "k8s".into(),
+            },
+            ControlMessage::ServicesReply {
+                id: 62,
+                services: vec![ServiceEntry {
+                    service: AdvertisedService {
+                        name: "api".into(),
+                        kind: "http".into(),
+                        port: 9000,
+                        groups: vec![],
+                    },
+                    node: ip,
+                    node_name: "gw-1".into(),
+                }],
+                complete: true,
+            },
             ControlMessage::RelayIntroduce {
                 id: 51,
                 a: ip,

@@ -30,6 +30,7 @@ mod backoff;
 mod links;
 mod lookups;
 mod names;
+mod offers;
 mod punch;
 mod queries;
 mod relaying;
@@ -40,7 +41,7 @@ mod routes;
 mod serving;
 mod zones;
 
-pub use self::{links::*, names::*, queries::*, routes::*, serving::*};
+pub use self::{links::*, names::*, offers::ServicesResult, queries::*, routes::*, serving::*};
 use self::{lookups::*, punch::*};
 
 /// Counters the node adds to the mesh's.
@@ -91,6 +92,8 @@ pub enum NodeEvent {
     Policy(PolicyResult),
     /// The answer to [`NodeCore::find_runners`].
     Runners(RunnersResult),
+    /// The answer to [`NodeCore::find_services`].
+    Services(ServicesResult),
     /// The answer to a question [`NodeCore::resolve`] left pending.
     Dns(DnsResult),
     /// As a gateway: ask the resolver for this zone, then call
@@ -224,6 +227,8 @@ pub struct NodeCore {
     relaying: Option<relaying::NodeRelay>,
     /// The relay nodes lighthouses named for our peers: `relaying.rs`.
     assigned_relays: relaying::AssignedRelays,
+    /// `[[services]]` offered and looked for: `offers.rs`.
+    offers: offers::Offers,
 }
 
 impl NodeCore {
@@ -268,6 +273,7 @@ impl NodeCore {
             renewal: renew::Renewal::default(),
             relaying: None,
             assigned_relays: relaying::AssignedRelays::default(),
+            offers: offers::Offers::default(),
             // Seeded by the node's key: different per node, the same
             // in every run of a test.
             jitter: backoff::Jitter::new(u64::from_le_bytes(
@@ -490,6 +496,7 @@ impl NodeCore {
         self.drive_attempts(now);
         self.drive_pings(now);
         self.drive_finds(now);
+        self.drive_service_finds(now);
         self.drive_policies(now);
         self.drive_names(now);
         self.drive_renewal(now);
@@ -729,6 +736,7 @@ impl NodeCore {
                 // With every registration: a restarted lighthouse learns
                 // the runner again within one interval.
                 self.advertise_runner(Some(from_peer), now);
+                self.advertise_services(Some(from_peer), now);
                 self.advertise_zones(Some(from_peer), now);
                 if first_registration {
                     // Learn the routes and zones now, not an interval
@@ -741,6 +749,11 @@ impl NodeCore {
                 }
             }
             ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
+            ControlMessage::ServicesReply {
+                id,
+                services,
+                complete,
+            } => self.services_reply(id, services, complete),
             ControlMessage::Revocations {
                 since,
                 version,
@@ -814,6 +827,8 @@ impl NodeCore {
             ControlMessage::UseRelay { peer, relay, .. } => self.use_relay(peer, relay, now),
             ControlMessage::Register { .. }
             | ControlMessage::RelayOffer { .. }
+            | ControlMessage::ServicesAdvert { .. }
+            | ControlMessage::ServicesQuery { .. }
             | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Query { .. }
             | ControlMessage::RunnerAdvert { .. }

@@ -145,31 +145,44 @@ impl NodeCore {
         selector: RunnerSelector,
         now: Instant,
     ) -> Result<u32, CoreError> {
-        let targets = self.registered_lighthouses();
-        if targets.is_empty() {
-            return Err(CoreError::NoLighthouse);
-        }
-        let id = self.request_id();
-        let mut waiting = Vec::new();
-        for (peer, ip) in &targets {
-            let request = self.request_id();
-            waiting.push(request);
-            let msg = ControlMessage::RunnersQuery {
+        let waiting = self.ask_lighthouses(
+            |request| ControlMessage::RunnersQuery {
                 id: request,
                 selector: selector.clone(),
-            };
-            self.send_control(*peer, *ip, &msg, now);
-        }
+            },
+            now,
+        )?;
+        let id = self.request_id();
         self.queries.finds.insert(
             id,
             PendingFind {
                 sent: now,
+                asked: waiting.len(),
                 waiting,
-                asked: targets.len(),
                 runners: Vec::new(),
             },
         );
         Ok(id)
+    }
+
+    /// Sends `question(request id)` to every registered lighthouse; the
+    /// request ids, one per lighthouse asked.
+    pub(super) fn ask_lighthouses(
+        &mut self,
+        question: impl Fn(u32) -> ControlMessage,
+        now: Instant,
+    ) -> Result<Vec<u32>, CoreError> {
+        let targets = self.registered_lighthouses();
+        if targets.is_empty() {
+            return Err(CoreError::NoLighthouse);
+        }
+        let mut requests = Vec::with_capacity(targets.len());
+        for (peer, ip) in targets {
+            let request = self.request_id();
+            requests.push(request);
+            self.send_control(peer, ip, &question(request), now);
+        }
+        Ok(requests)
     }
 
     pub(super) fn runners_reply(&mut self, request: u32, runners: Vec<RunnerInfo>) {
