@@ -694,6 +694,54 @@ impl NodeCore {
         }
     }
 
+    /// A lighthouse acknowledged our registration.
+    fn registered(
+        &mut self,
+        from_peer: PeerId,
+        observed: SocketAddr,
+        relay: bool,
+        revocations: u32,
+        now: Instant,
+    ) {
+        self.catch_up_revocations(from_peer, revocations, now);
+        let mut first_registration = false;
+        for link in &mut self.links {
+            if let LinkState::Up {
+                peer,
+                last_ack,
+                acked,
+                ..
+            } = &mut link.state
+            {
+                if *peer == from_peer {
+                    if !*acked {
+                        tracing::info!(lighthouse = %link.target.endpoint, %observed, "registered with lighthouse");
+                        first_registration = true;
+                    }
+                    *last_ack = now;
+                    *acked = true;
+                    link.observed = Some(observed);
+                    link.relay = relay;
+                }
+            }
+        }
+        self.refresh_relays();
+        // With every registration: a restarted lighthouse learns
+        // the runner again within one interval.
+        self.advertise_runner(Some(from_peer), now);
+        self.advertise_services(Some(from_peer), now);
+        self.advertise_zones(Some(from_peer), now);
+        if first_registration {
+            // Learn the routes and zones now, not an interval
+            // later: a CI job's first connection (and its first
+            // name) follows `tern up` at once.
+            self.routes.next_query = now;
+            self.drive_routes(now);
+            self.names.next_query = now + ZONES_INTERVAL;
+            self.ask_zones(now);
+        }
+    }
+
     fn handle_control(&mut self, from_peer: PeerId, payload: &[u8], now: Instant) {
         let msg = match ControlMessage::decode(payload) {
             Ok(m) => m,
@@ -709,45 +757,7 @@ impl NodeCore {
                 relay,
                 revocations,
                 ..
-            } => {
-                self.catch_up_revocations(from_peer, revocations, now);
-                let mut first_registration = false;
-                for link in &mut self.links {
-                    if let LinkState::Up {
-                        peer,
-                        last_ack,
-                        acked,
-                        ..
-                    } = &mut link.state
-                    {
-                        if *peer == from_peer {
-                            if !*acked {
-                                tracing::info!(lighthouse = %link.target.endpoint, %observed, "registered with lighthouse");
-                                first_registration = true;
-                            }
-                            *last_ack = now;
-                            *acked = true;
-                            link.observed = Some(observed);
-                            link.relay = relay;
-                        }
-                    }
-                }
-                self.refresh_relays();
-                // With every registration: a restarted lighthouse learns
-                // the runner again within one interval.
-                self.advertise_runner(Some(from_peer), now);
-                self.advertise_services(Some(from_peer), now);
-                self.advertise_zones(Some(from_peer), now);
-                if first_registration {
-                    // Learn the routes and zones now, not an interval
-                    // later: a CI job's first connection (and its first
-                    // name) follows `tern up` at once.
-                    self.routes.next_query = now;
-                    self.drive_routes(now);
-                    self.names.next_query = now + ZONES_INTERVAL;
-                    self.ask_zones(now);
-                }
-            }
+            } => self.registered(from_peer, observed, relay, revocations, now),
             ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
             ControlMessage::ServicesReply {
                 id,
