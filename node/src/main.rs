@@ -43,7 +43,7 @@ enum Command {
         after_help = "Exit codes: 0 the name resolved (NOERROR); 1 it did not (NXDOMAIN, SERVFAIL, REFUSED: the message says who answered); 2 bad arguments; 68 no answer at all (no gateway serves the name's zone and no resolver answered)."
     )]
     Resolve(cli::resolve::ResolveArgs),
-    /// List the [[services]] nodes offer through the mesh, and whether this node may call them.
+    /// List the `[[services]]` nodes offer through the mesh, and whether this node may call them.
     Services(cli::services::ServicesArgs),
     /// Write a kubeconfig for a kubernetes service through the mesh (no credential in it).
     Kubeconfig(cli::services::KubeconfigArgs),
