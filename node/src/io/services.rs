@@ -861,6 +861,28 @@ mod tests {
     }
 
     #[test]
+    fn basic_credentials_are_user_colon_password() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("basic");
+        std::fs::write(&path, "deploy:pa ss\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let v = Credential::read(&path, true).unwrap();
+        // base64("deploy:pa ss")
+        assert_eq!(v.to_str().unwrap(), "Basic ZGVwbG95OnBhIHNz");
+        assert!(v.is_sensitive());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "no-colon").unwrap();
+        let err = Credential::read(&path, true).unwrap_err().to_string();
+        assert!(
+            err.contains("user:password") && !err.contains("no-colon"),
+            "{err}"
+        );
+        assert!(kubelet_managed(Path::new(IN_CLUSTER_TOKEN)));
+        assert!(!kubelet_managed(Path::new("/etc/tern/token")));
+    }
+
+    #[test]
     fn credential_files_must_be_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
