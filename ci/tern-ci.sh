@@ -24,6 +24,11 @@
 #                       which tern up inherits, the proxy does).
 #   TERN_TRANSPORT      "auto" (default: UDP, TCP while UDP gets no answer),
 #                       "udp" or "tcp" ([[lighthouses]] transport).
+#   TERN_KUBECONFIG     optional: a `[[services]] kind = "kubernetes"` service
+#                       name. Once the node is up, `tern kubeconfig` writes
+#                       $TERN_STATE_DIR/kubeconfig (mode 0600, no credential
+#                       in it), exported as KUBECONFIG to later steps (and
+#                       the `kubeconfig` output). Tun mode.
 #   TERN_CA             required: the CA certificate, as PEM text (starting
 #                       with -----BEGIN) or the path of a file.
 #   Identity, exactly one of:
@@ -744,6 +749,25 @@ up() {
     if [ "$TERN" = "$STATE/bin/tern" ]; then
         append_github "${GITHUB_PATH:-}" "$STATE/bin"
     fi
+    if [ -n "${TERN_KUBECONFIG:-}" ]; then
+        write_kubeconfig "$TERN_KUBECONFIG"
+    fi
+}
+
+# A kubeconfig for the kubernetes service $1 through the mesh, for the
+# job's later steps (the job's own user writes it: the API socket lets its
+# group in).
+write_kubeconfig() {
+    local kc=$STATE/kubeconfig out
+    if ! out=$("$TERN" kubeconfig "$1" --config "$CFG" --out "$kc" 2>&1); then
+        printf '%s\n' "$out" | redact >&2
+        die 1 "tern kubeconfig $1 failed (TERN_KUBECONFIG): the message above says why; \`tern services --config $CFG\` lists the services offered"
+    fi
+    append_github "${GITHUB_ENV:-}" "KUBECONFIG=$kc"
+    if [ -n "${GITHUB_OUTPUT:-}" ]; then
+        append_github "$GITHUB_OUTPUT" "kubeconfig=$kc"
+    fi
+    say "kubeconfig for service $1: $kc (exported as KUBECONFIG)"
 }
 
 # Find or download tern as `up` does; print its path (and add a downloaded

@@ -96,6 +96,18 @@ status)
 }
 JSON
     ;;
+kubeconfig)
+    if [ "${FAKE_KUBECONFIG_EXIT:-0}" != 0 ]; then
+        echo "error: no node offers a service named \"$2\"" >&2
+        exit "$FAKE_KUBECONFIG_EXIT"
+    fi
+    out="" prev=""
+    for a in "$@"; do
+        if [ "$prev" = --out ]; then out=$a; fi
+        prev=$a
+    done
+    echo "fake kubeconfig for $2" >"$out"
+    ;;
 down)
     if [ "${FAKE_DOWN_EXIT:-0}" != 0 ]; then
         echo "error: no node answers" >&2
@@ -396,6 +408,24 @@ test_secrets_in_tern_output_are_masked() {
     # Never xtrace (it would print the token): no `set -x`, `set -o xtrace`.
     ! grep -qE '^[^#]*set[[:space:]]+(-[a-zA-Z]*x|-o[[:space:]]+xtrace)' "$SCRIPT" ||
         fail "the script enables xtrace"
+}
+
+test_kubeconfig() {
+    setup
+    export TERN_KUBECONFIG=k8s GITHUB_ENV=$T/github_env GITHUB_OUTPUT=$T/github_output
+    ci up
+    expect_rc 0
+    has "$T/github_env" "KUBECONFIG=$S/kubeconfig"
+    has "$T/github_output" "kubeconfig=$S/kubeconfig"
+    has "$S/kubeconfig" "fake kubeconfig for k8s"
+    has "$FAKE_DIR/calls" "kubeconfig k8s --config $S/node.toml --out $S/kubeconfig"
+
+    setup
+    export TERN_KUBECONFIG=nope FAKE_KUBECONFIG_EXIT=1
+    ci up
+    expect_rc 1
+    has "$T/err" 'no node offers a service named "nope"'
+    has "$T/err" "tern services"
 }
 
 test_lighthouse_names() {

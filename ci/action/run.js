@@ -15,6 +15,7 @@ const INPUTS = {
   lighthouse: 'TERN_LIGHTHOUSE',
   'lighthouse-tcp': 'TERN_LIGHTHOUSE_TCP',
   transport: 'TERN_TRANSPORT',
+  kubeconfig: 'TERN_KUBECONFIG',
   ca: 'TERN_CA',
   token: 'TERN_TOKEN',
   'oidc-audience': 'TERN_OIDC_AUDIENCE',
