@@ -248,9 +248,12 @@ fn a_gateway_renewed_by_the_lighthouse_keeps_its_transfer_and_outlives_its_first
         Duration::from_secs(15),
         reaches,
     );
-    assert_eq!(
-        peer_not_after(&dir, "ci-1", "gw-1"),
-        Some(until),
-        "ci-1 holds the renewed certificate"
+    // The renewed certificate, or a later renewal of it (one falls due
+    // two thirds into the renewed one's life, which a slow machine reaches
+    // before this point).
+    let held = peer_not_after(&dir, "ci-1", "gw-1");
+    assert!(
+        held.is_some_and(|t| t >= until),
+        "ci-1 holds a renewed certificate: {held:?}, the first renewal lasts until {until}"
     );
 }
