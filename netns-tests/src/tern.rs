@@ -238,6 +238,16 @@ pub fn lighthouse_status(dir: &Path) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// Waits until the node `name` is registered with the lighthouse whose API
+/// socket is in `dir`.
+pub fn wait_registered(dir: &Path, name: &str, timeout: std::time::Duration) {
+    crate::wait_until(&format!("{name} registers"), timeout, || {
+        lighthouse_status(dir)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["name"] == name))
+    });
+}
+
 /// The usual gateway topology: a lighthouse ([`LH_UNDERLAY`]), a CI host
 /// (198.18.0.2) and a gateway (198.18.0.4) on the wan; the gateway also on
 /// the vpc's bridge (198.19.0.2/24), where the vpc holds `server`/24 and no

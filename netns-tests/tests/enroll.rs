@@ -65,11 +65,7 @@ fn world() -> World {
             + "[[routes]]\nsubnet = \"198.19.0.0/24\"\n";
         write_file(&dir, &format!("{name}.toml"), &text);
     }
-    wait_until("the gateway registers", Duration::from_secs(20), || {
-        lighthouse_status(&dir)["nodes"]
-            .as_array()
-            .is_some_and(|n| n.iter().any(|n| n["name"] == "gw"))
-    });
+    wait_registered(&dir, "gw", Duration::from_secs(20));
     World {
         lab,
         dir,

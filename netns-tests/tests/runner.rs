@@ -831,11 +831,7 @@ fn tern_run_never_leaves_the_mesh_and_tells_a_runner_from_an_http_server() {
         &write_file(dir, "decoy.toml", &decoy_cfg),
         "node-decoy",
     );
-    wait_until("the decoy registers", Duration::from_secs(15), || {
-        lighthouse_status(dir)["nodes"]
-            .as_array()
-            .is_some_and(|n| n.iter().any(|n| n["name"] == "decoy"))
-    });
+    wait_registered(dir, "decoy", Duration::from_secs(15));
     let decoy_http = decoy.spawn(
         "python3",
         ["-m", "http.server", "4245", "--bind", "100.64.0.7"],

@@ -63,11 +63,7 @@ fn world(prefix: &str) -> World {
         .replace("key = \"job.key\"\n", "")
         + &format!("tcp = \"{LH_UNDERLAY}:443\"\n[[routes]]\nsubnet = \"198.19.0.0/24\"\n");
     write_file(&dir, "job.toml", &job);
-    wait_until("the gateway registers", Duration::from_secs(20), || {
-        lighthouse_status(&dir)["nodes"]
-            .as_array()
-            .is_some_and(|n| n.iter().any(|n| n["name"] == "gw"))
-    });
+    wait_registered(&dir, "gw", Duration::from_secs(20));
     World {
         lab,
         dir,
