@@ -114,6 +114,36 @@ for msg in [b"hello through the tunnel", b"and back again"]:
     print("echo:" + got.decode())
 "#;
 
+/// The upstream API on `SERVER:port` in the vpc (https with `tls`:
+/// server.pem, server.key and tls-ca.pem in `dir`), counting requests in
+/// `dir/upstream-requests`.
+fn start_upstream(
+    vpc: &Ns,
+    dir: &std::path::Path,
+    port: &str,
+    tls: bool,
+) -> tern_netns_tests::Proc {
+    let count = dir.join("upstream-requests");
+    write_file(dir, "upstream.py", UPSTREAM);
+    let mut cmd = vpc.command("python3");
+    cmd.arg(dir.join("upstream.py"))
+        .args([TOKEN, &count.to_string_lossy(), SERVER, port]);
+    if tls {
+        cmd.args(["server.pem", "server.key", "tls-ca.pem"].map(|f| dir.join(f)));
+    }
+    vpc.spawn_command(cmd, &format!("upstream-{port}"))
+}
+
+/// The token the offering nodes hold, in `dir/api.token` (mode 0600).
+fn write_token(dir: &std::path::Path) {
+    let token_file = write_file(dir, "api.token", &format!("{TOKEN}\n"));
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap_or_else(|e| panic!("chmod: {e}"));
+}
+
 fn curl(ns: &Ns, args: &[&str]) -> String {
     let out = ns.exec("curl", args);
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -136,18 +166,10 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
     let dev = lab.add_ns("dev");
     lab.connect_to_wan(&dev, "198.18.0.3/24");
     let count = dir.join("upstream-requests");
-    write_file(&dir, "upstream.py", UPSTREAM);
-    let mut cmd = vpc.command("python3");
-    cmd.arg(dir.join("upstream.py"))
-        .args([TOKEN, &count.to_string_lossy(), SERVER, "8080"]);
-    let _upstream = vpc.spawn_command(cmd, "upstream");
+    let _upstream = start_upstream(&vpc, &dir, "8080", false);
     // The same API over https, wanting a client certificate.
     tls_files(&dir);
-    let mut cmd = vpc.command("python3");
-    cmd.arg(dir.join("upstream.py"))
-        .args([TOKEN, &count.to_string_lossy(), SERVER, "8443"])
-        .args(["server.pem", "server.key", "tls-ca.pem"].map(|f| dir.join(f)));
-    let _upstream_tls = vpc.spawn_command(cmd, "upstream-tls");
+    let _upstream_tls = start_upstream(&vpc, &dir, "8443", true);
 
     make_ca_and_lighthouse(&dir);
     sign(
@@ -160,12 +182,7 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
     sign(&dir, "ca", "job", "100.64.0.5/10", &["--groups", "ci"]);
     sign(&dir, "ca", "dev", "100.64.0.6/10", &["--groups", "dev"]);
     let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
-    let token_file = write_file(&dir, "api.token", &format!("{TOKEN}\n"));
-    std::fs::set_permissions(
-        &token_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap_or_else(|e| panic!("chmod: {e}"));
+    write_token(&dir);
     let gateway = gateway_8080_config(&node_config_text("gw", "ca.crt"))
         + "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9000\"\n\
            [[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://198.19.0.10:8080\"\n\
@@ -445,4 +462,195 @@ fn a_gateway_forwards_an_api_with_its_own_credential_to_callers_by_group() {
     ] {
         assert!(!text.contains(TOKEN), "the token is in {what}");
     }
+}
+
+/// Asks `URL` again and again, each time on a new connection, for
+/// `SECONDS`; prints how many answers were 200 and what went wrong.
+const LOAD_CLIENT: &str = r#"
+import json, sys, time, urllib.request
+url, seconds = sys.argv[1], float(sys.argv[2])
+ok, failed, errors, slowest = 0, 0, [], 0.0
+end = time.time() + seconds
+while time.time() < end:
+    t0 = time.time()
+    try:
+        with urllib.request.urlopen(url, timeout=15) as r:
+            r.read()
+            if r.status == 200: ok += 1
+            else: failed += 1; errors.append(r.status)
+    except Exception as e:
+        failed += 1; errors.append(str(e))
+    slowest = max(slowest, time.time() - t0)
+    time.sleep(0.05)
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5], "slowest": slowest}))
+"#;
+
+/// What a background process printed, once it ended.
+fn output_when_done(p: &tern_netns_tests::Proc, what: &str, timeout: Duration) -> String {
+    wait_until(what, timeout, || p.try_wait().is_some());
+    p.log()
+}
+
+/// How many requests a node's audit log holds for `path`.
+fn audited(path: &std::path::Path, what: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+#[test]
+fn two_nodes_offering_one_service_share_its_load_and_one_stopping_loses_nothing() {
+    if !require_root("services") || !require_tools("services", &["curl", "python3"]) {
+        return;
+    }
+    let _serial = serial();
+    let GatewayLab {
+        lab,
+        dir,
+        lh,
+        ci,
+        gw,
+        vpc,
+    } = gateway_lab("svc2", SERVER);
+    let gw2 = lab.add_ns("gw2");
+    lab.connect_to_wan(&gw2, "198.18.0.5/24");
+    lab.connect_to_bridge(&gw2, "198.19.0.3/24", &vpc, "br1");
+    let _upstream = start_upstream(&vpc, &dir, "8080", false);
+
+    make_ca_and_lighthouse(&dir);
+    const GW2_OVERLAY: &str = "100.64.0.31";
+    sign(&dir, "ca", "gw-1", &format!("{GW_OVERLAY}/10"), &[]);
+    sign(&dir, "ca", "gw-2", &format!("{GW2_OVERLAY}/10"), &[]);
+    sign(&dir, "ca", "job", "100.64.0.5/10", &["--groups", "ci"]);
+    let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
+    write_token(&dir);
+    let offering = |name: &str| {
+        node_config_text(name, "ca.crt")
+            + &format!(
+                "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"9000\"\n\
+                 [[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://{SERVER}:8080\"\n\
+                 groups = [\"ci\"]\nbearer_token_file = \"api.token\"\naudit_log = \"{name}.jsonl\"\n"
+            )
+    };
+    let gw1_node = start_node(
+        &gw,
+        &write_file(&dir, "gw-1.toml", &offering("gw-1")),
+        "node-gw-1",
+    );
+    let gw2_node = start_node(
+        &gw2,
+        &write_file(&dir, "gw-2.toml", &offering("gw-2")),
+        "node-gw-2",
+    );
+    gw1_node.wait_for_log("service forwarding", Duration::from_secs(15));
+    gw2_node.wait_for_log("service forwarding", Duration::from_secs(15));
+    // The job reaches the service by name: a forward on its loopback.
+    let job = node_config_text("job", "ca.crt")
+        + "[[forwards]]\nlisten = \"127.0.0.1:18000\"\ntarget = \"service:api\"\n";
+    let _job = start_node(&ci, &write_file(&dir, "job.toml", &job), "node-job");
+    let url = "http://127.0.0.1:18000";
+    let (audit1, audit2) = (dir.join("gw-1.jsonl"), dir.join("gw-2.jsonl"));
+    wait_until(
+        "both nodes advertise the service and the job reaches it",
+        Duration::from_secs(20),
+        || {
+            curl(&ci, &["-s", "--max-time", "3", &format!("{url}/whoami")])
+                .contains("tern-caller-name")
+                && tern(
+                    &dir,
+                    &[
+                        "services",
+                        "--socket",
+                        &dir.join("job.sock").to_string_lossy(),
+                        "api",
+                        "--json",
+                    ],
+                )
+                .matches("\"node_name\"")
+                .count()
+                    == 2
+        },
+    );
+
+    // Twenty requests, each on its own connection: both nodes take some.
+    let before = (audited(&audit1, "/spread"), audited(&audit2, "/spread"));
+    for i in 0..20 {
+        let seen = curl(
+            &ci,
+            &["-s", "--max-time", "5", &format!("{url}/spread?{i}")],
+        );
+        assert!(
+            seen.contains("\"tern-caller-name\": \"job\""),
+            "request {i}: {seen}"
+        );
+    }
+    let spread = || {
+        (
+            audited(&audit1, "/spread") - before.0,
+            audited(&audit2, "/spread") - before.1,
+        )
+    };
+    // A request's audit line is written once its answer has gone out.
+    wait_until("twenty audit lines", Duration::from_secs(5), || {
+        let (a, b) = spread();
+        a + b == 20
+    });
+    let spread = spread();
+    assert!(
+        spread.0 >= 5 && spread.1 >= 5,
+        "twenty requests should be spread over both nodes: {spread:?}"
+    );
+
+    // gw-2 stops in the middle of a run of requests, with a streamed
+    // answer in flight on it: the stream finishes, and every request of
+    // the run is answered (by gw-1 once gw-2 is gone).
+    write_file(&dir, "load.py", LOAD_CLIENT);
+    write_file(&dir, "stream.py", STREAM_CLIENT);
+    let mut load = ci.command("python3");
+    load.arg(dir.join("load.py"))
+        .args([&format!("{url}/during"), "8"]);
+    let load = ci.spawn_command(load, "load");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Five lines 200 ms apart: gw-2 stops while they come.
+    let mut stream = ci.command("python3");
+    stream
+        .arg(dir.join("stream.py"))
+        .args([GW2_OVERLAY, "9000"]);
+    let stream = ci.spawn_command(stream, "stream");
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = gw2_node.terminate_and_wait(Duration::from_secs(10));
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "gw-2 stops cleanly: {stopped:?}\n{}",
+        gw2_node.log()
+    );
+    assert!(
+        gw2_node.log().contains("finishing the requests in flight"),
+        "gw-2 drained its service: {}",
+        gw2_node.log()
+    );
+    let after_stop = audited(&audit1, "/during");
+    let streamed = output_when_done(&stream, "the stream ends", Duration::from_secs(20));
+    assert!(
+        streamed.contains("lines=5"),
+        "the stream in flight on gw-2 finished: {streamed}"
+    );
+    let shown = output_when_done(&load, "the run of requests ends", Duration::from_secs(30));
+    let result: serde_json::Value =
+        serde_json::from_str(shown.trim()).unwrap_or_else(|e| panic!("{e}: {shown}"));
+    assert_eq!(
+        result["failed"], 0,
+        "no request failed while gw-2 stopped: {result}"
+    );
+    assert!(result["ok"].as_u64().unwrap_or(0) >= 20, "{result}");
+    assert!(
+        audited(&audit1, "/during") > after_stop,
+        "gw-1 answered after gw-2 stopped"
+    );
+    assert!(
+        audited(&audit2, "/during") > 0,
+        "gw-2 answered before it stopped"
+    );
 }

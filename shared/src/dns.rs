@@ -174,19 +174,44 @@ fn resolver_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAdd
 }
 
 /// Where a forward (`[[forwards]] target`, `tern forward`) goes: an IPv4
-/// address, or a host name resolved at each connection (through the mesh
-/// when it is a mesh name or lies under a gateway's zone).
+/// address, a host name resolved at each connection (through the mesh
+/// when it is a mesh name or lies under a gateway's zone), or a
+/// `[[services]]` entry by name (`service:NAME`), whichever node offering
+/// it answers: connections are spread over them and skip one that does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardTarget {
     Addr(SocketAddrV4),
     Name { host: String, port: u16 },
+    Service { name: String },
 }
+
+/// How a forward names a service: `service:NAME`.
+pub const SERVICE_TARGET_PREFIX: &str = "service:";
 
 impl FromStr for ForwardTarget {
     type Err = String;
 
     fn from_str(s: &str) -> Result<ForwardTarget, String> {
         let s = s.trim();
+        // `service:NAME`; `service:8080` stays the host "service", port 8080.
+        if let Some(name) = s.strip_prefix(SERVICE_TARGET_PREFIX) {
+            if name.parse::<u16>().is_err() {
+                let ok = !name.is_empty()
+                    && name.len() <= 63
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                return if ok {
+                    Ok(ForwardTarget::Service {
+                        name: name.to_string(),
+                    })
+                } else {
+                    Err(format!(
+                        "{s:?}: a service name is 1 to 63 lower-case letters, digits and '-' (as in `tern services`)"
+                    ))
+                };
+            }
+        }
         if let Ok(addr) = s.parse::<SocketAddrV4>() {
             return if addr.port() == 0 {
                 Err(format!("{s:?}: the target needs a port"))
@@ -224,6 +249,7 @@ impl fmt::Display for ForwardTarget {
         match self {
             ForwardTarget::Addr(a) => write!(f, "{a}"),
             ForwardTarget::Name { host, port } => write!(f, "{host}:{port}"),
+            ForwardTarget::Service { name } => write!(f, "{SERVICE_TARGET_PREFIX}{name}"),
         }
     }
 }
@@ -236,7 +262,9 @@ impl<'de> Deserialize<'de> for ForwardTarget {
             type Value = ForwardTarget;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a target such as \"198.19.4.20:5432\" or \"db.internal:5432\"")
+                f.write_str(
+                    "a target such as \"198.19.4.20:5432\", \"db.internal:5432\" or \"service:k8s\"",
+                )
             }
 
             fn visit_str<E: de::Error>(self, s: &str) -> Result<ForwardTarget, E> {
@@ -308,7 +336,24 @@ mod tests {
                 port: 8080
             })
         );
+        assert_eq!(
+            "service:k8s".parse(),
+            Ok(ForwardTarget::Service { name: "k8s".into() })
+        );
+        assert_eq!(
+            "service:8080".parse(),
+            Ok(ForwardTarget::Name {
+                host: "service".into(),
+                port: 8080
+            })
+        );
+        assert_eq!(
+            ForwardTarget::Service { name: "k8s".into() }.to_string(),
+            "service:k8s"
+        );
         for (bad, says) in [
+            ("service:", "a service name is"),
+            ("service:K8S", "a service name is"),
             ("db", "not a target with a port"),
             ("db:0", "needs a port"),
             ("198.19.0.1:0", "needs a port"),

@@ -170,4 +170,70 @@ fn a_userspace_gateway_forwards_a_service_with_its_own_token() {
         )),
         "{head}"
     );
+
+    // `tern kubeconfig` in userspace mode: the overlay address is not this
+    // host's, so the kubeconfig's server is a forward the node runs on
+    // loopback (asked for once; asked again, the same one).
+    let socket = lab.dir.path().join("job.sock");
+    let kubeconfig = lab.dir.path().join("kubeconfig.yaml");
+    let write = || {
+        let out = std::process::Command::new(tern_tests::bin("tern"))
+            .args(["kubeconfig", "k8s", "--socket"])
+            .arg(&socket)
+            .arg("--out")
+            .arg(&kubeconfig)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(&kubeconfig).unwrap()
+    };
+    let written = write();
+    let server = written
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert!(server.starts_with("http://127.0.0.1:"), "{written}");
+    assert!(!written.contains(TOKEN), "{written}");
+    assert_eq!(write(), written, "asked again, the same forward");
+    let port: u16 = server.rsplit(':').next().unwrap().parse().unwrap();
+    let answer = get(port, "").unwrap_or_default();
+    assert!(answer.contains("upstream ok"), "{answer}");
+    let head = seen.lock().unwrap().last().unwrap().to_ascii_lowercase();
+    assert!(head.contains("impersonate-user: tern:ci-"), "{head}");
+
+    // `tern up --wait-for service:NAME`: ready once a node offers it to
+    // this one; a node outside its groups is told so (exit 71).
+    for (name, groups, code) in [("waiter", "ci", 0), ("outsider", "deploy", 71)] {
+        let config = lab.ci_config(name, free_tcp());
+        let token = lab.token("1", groups);
+        let _down = tern_tests::enroll_lab::Down(lab.dir.path().join(format!("{name}.sock")));
+        let out = tern_tests::run(
+            "tern",
+            &[
+                "up",
+                "--config",
+                &config.to_string_lossy(),
+                "--enroll-token",
+                &token,
+                "--wait-for",
+                "service:api",
+                "--wait-timeout",
+                "20s",
+            ],
+            Duration::from_secs(30),
+        );
+        let text = tern_tests::output_text(&out);
+        assert_eq!(out.status.code(), Some(code), "{name}: {text}");
+        if code == 0 {
+            assert!(text.contains(":9000 answered through the mesh"), "{text}");
+        } else {
+            assert!(text.contains("not in") || text.contains("group"), "{text}");
+        }
+    }
 }

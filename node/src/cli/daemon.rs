@@ -46,7 +46,9 @@ pub struct UpArgs {
     /// Run the node in the background and return only once a TCP
     /// connection to HOST:PORT through the mesh succeeded (an IPv4 address,
     /// a peer's or one a gateway routes; or a name the node resolves: a
-    /// mesh name, or one under a gateway's zone). Exit codes in --help.
+    /// mesh name, or one under a gateway's zone), or to a node offering
+    /// the service `service:NAME` (a `[[services]]` entry this node may
+    /// call). Exit codes in --help.
     #[arg(long, value_name = "HOST:PORT")]
     pub wait_for: Option<String>,
     /// How long --wait-for may take, e.g. 30s.

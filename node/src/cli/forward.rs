@@ -2,7 +2,7 @@
 //! connections the running node carries to targets in the mesh (a peer's
 //! overlay address, an address a gateway routes, or a name the node
 //! resolves at each connection: a mesh name or one under a gateway's
-//! zone), so `psql`, `kubectl` or `git` reach them unmodified, without
+//! zone, or `service:NAME`, the nodes offering a `[[services]]` entry), so `psql`, `kubectl` or `git` reach them unmodified, without
 //! root in userspace mode.
 
 use std::net::SocketAddr;
@@ -20,8 +20,9 @@ use tern_shared::dns::ForwardTarget;
 #[derive(Args)]
 pub struct ForwardArgs {
     /// LOCAL_ADDR:PORT=TARGET:PORT, e.g. 127.0.0.1:15432=198.19.4.20:5432
-    /// or 127.0.0.1:18080=api.internal:8080 (repeatable). Local addresses
-    /// must be loopback.
+    /// or 127.0.0.1:18080=api.internal:8080, or LOCAL_ADDR:PORT=service:NAME
+    /// for a `[[services]]` entry, spread over the nodes offering it
+    /// (repeatable). Local addresses must be loopback.
     #[arg(required = true, value_name = "LOCAL=TARGET")]
     pub forwards: Vec<String>,
     /// The node's config file: its [api] socket says where to ask.
@@ -95,6 +96,17 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
                         Err(e) => Some(e.to_string()),
                     }
                 }
+                // Some node must offer it to this one now (which one is
+                // chosen again for each connection).
+                ForwardTarget::Service { name } => {
+                    let request = ApiRequest::Services { name: name.clone() };
+                    match api::ask::<api::ServicesReply>(&socket, &request).await? {
+                        Ok(reply) => crate::io::balance::allowed_offers(&reply, name)
+                            .err()
+                            .map(|e| e.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    }
+                }
             };
             if let Some(e) = problem {
                 eprintln!("tern forward: {target}: {e}");
@@ -124,6 +136,9 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
                             ForwardTarget::Addr(a) => api::dial(&socket, *a).await,
                             ForwardTarget::Name { host, port } => {
                                 api::dial_name(&socket, host, *port).await
+                            }
+                            ForwardTarget::Service { name } => {
+                                api::dial_service(&socket, name).await
                             }
                         };
                         match remote {

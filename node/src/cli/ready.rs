@@ -186,17 +186,17 @@ pub fn up_and_wait(
         // Its own process group: the CI step's Ctrl-C or end does not reach it.
         .process_group(0)
         .spawn()?;
-    let (target, name) = match target {
-        ForwardTarget::Addr(a) => (a, None),
-        ForwardTarget::Name { host, port } => (
-            SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port),
-            Some(host),
-        ),
+    let unresolved = |port| SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+    let (target, name, service) = match target {
+        ForwardTarget::Addr(a) => (a, None, None),
+        ForwardTarget::Name { host, port } => (unresolved(port), Some(host), None),
+        ForwardTarget::Service { name } => (unresolved(0), None, Some(name)),
     };
     let mut gate = Gate {
         socket,
         target,
         name,
+        service,
         timeout,
         started,
         deadline: started + timeout,
@@ -212,6 +212,9 @@ pub fn up_and_wait(
     if let Some(code) = gate.resolve_name()? {
         return Ok(code);
     }
+    if let Some(code) = gate.find_service()? {
+        return Ok(code);
+    }
     gate.wait_for_target()
 }
 
@@ -222,6 +225,8 @@ struct Gate<'a> {
     target: SocketAddrV4,
     /// `--wait-for NAME:PORT`: the name, resolved through the node.
     name: Option<String>,
+    /// `--wait-for service:NAME`: a node offering it, asked through the node.
+    service: Option<String>,
     timeout: Duration,
     started: Instant,
     deadline: Instant,
@@ -311,6 +316,47 @@ impl Gate<'_> {
             };
             if Instant::now() >= self.deadline {
                 let why = format!("{name} did not resolve: {why}");
+                return fail(&mut self.child, exit::NO_PATH, why, &self.log).map(Some);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// With a service: some node offers it to this one (one that joins
+    /// later may need a moment to advertise), or no path. `None`: found,
+    /// the target set to the first offering node.
+    fn find_service(&mut self) -> anyhow::Result<Option<ExitCode>> {
+        let Some(name) = self.service.clone() else {
+            return Ok(None);
+        };
+        loop {
+            let request = ApiRequest::Services { name: name.clone() };
+            let why = match self
+                .runtime
+                .block_on(api::ask::<api::ServicesReply>(self.socket, &request))
+            {
+                Ok(Ok(reply)) => match crate::io::balance::allowed_offers(&reply, &name) {
+                    Ok(offers) if !offers.is_empty() => {
+                        self.target = offers[0];
+                        return Ok(None);
+                    }
+                    Ok(_) => format!("no node offers service {name:?}"),
+                    // Not in its groups: asking again will not change that.
+                    Err(refusal) if refusal.kind == api::ErrorKind::Denied => {
+                        return fail(
+                            &mut self.child,
+                            exit::DENIED_BY_POLICY,
+                            refusal.to_string(),
+                            &self.log,
+                        )
+                        .map(Some);
+                    }
+                    Err(refusal) => refusal.to_string(),
+                },
+                Ok(Err(refusal)) => refusal.to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= self.deadline {
                 return fail(&mut self.child, exit::NO_PATH, why, &self.log).map(Some);
             }
             std::thread::sleep(Duration::from_millis(200));

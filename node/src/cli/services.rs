@@ -8,7 +8,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use serde::Deserialize;
 use tern_shared::control::ServiceEntry;
 use tern_shared::services::authorize;
 
@@ -40,6 +39,11 @@ pub struct KubeconfigArgs {
     /// The namespace kubectl uses by default.
     #[arg(long, short)]
     pub namespace: Option<String>,
+    /// Where the node's local forward to the service listens, when there
+    /// is one (userspace mode, or several nodes offering the service):
+    /// a loopback address and port. Default: a free port on 127.0.0.1.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
     /// The node's config file: its [api] socket (or TUN name) says where to ask.
     #[arg(long, short, conflicts_with = "socket")]
     pub config: Option<PathBuf>,
@@ -48,17 +52,7 @@ pub struct KubeconfigArgs {
     pub socket: Option<PathBuf>,
 }
 
-/// The daemon's answer to [`api::ApiRequest::Services`].
-#[derive(Debug, Deserialize)]
-struct Offers {
-    services: Vec<ServiceEntry>,
-    asked: usize,
-    answered: usize,
-    #[serde(default)]
-    incomplete: bool,
-    #[serde(default)]
-    my_groups: Vec<String>,
-}
+use crate::io::api::ServicesReply as Offers;
 
 fn ask(
     socket: &Option<PathBuf>,
@@ -186,14 +180,47 @@ pub fn kubeconfig(args: KubeconfigArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         anyhow::bail!("{:?}: {why}", args.service);
     };
-    if status.mode == tern_shared::config::TunMode::Userspace {
-        anyhow::bail!(
-            "this node runs in userspace mode, where the overlay address is not this host's: run `tern forward 127.0.0.1:6443={}:{}` and use a kubeconfig whose server is http://127.0.0.1:6443",
-            entry.node,
-            entry.service.port
-        );
-    }
-    let text = kubeconfig_text(&args.service, entry, args.namespace.as_deref());
+    let offering = kubernetes
+        .iter()
+        .filter(|e| authorize(&e.service.groups, &offers.my_groups).is_ok())
+        .count();
+    // The overlay address when it is this host's and one node offers the
+    // service; else the node's own forward, which spreads connections
+    // over the nodes and passes over one that stopped.
+    let forward = status.mode == tern_shared::config::TunMode::Userspace
+        || offering > 1
+        || args.listen.is_some();
+    let (server, via) = if forward {
+        let request = api::ApiRequest::Forward {
+            target: format!(
+                "{}{}",
+                tern_shared::dns::SERVICE_TARGET_PREFIX,
+                args.service
+            ),
+            listen: args.listen,
+        };
+        let path = api_socket(&args.socket, &args.config)?;
+        let reply = match runtime()?.block_on(api::ask::<api::ForwardReply>(&path, &request))? {
+            Ok(r) => r,
+            Err(refusal) => anyhow::bail!(
+                "the node would not forward to {:?}: {refusal}",
+                args.service
+            ),
+        };
+        (
+            format!("http://{}", reply.listen),
+            format!(
+                "the node's forward at {} to the {offering} node(s) offering {}",
+                reply.listen, args.service
+            ),
+        )
+    } else {
+        (
+            format!("http://{}:{}", entry.node, entry.service.port),
+            format!("{} on {}", args.service, entry.node_name),
+        )
+    };
+    let text = kubeconfig_text(&args.service, &server, &via, args.namespace.as_deref());
     match &args.out {
         Some(path) => {
             use std::io::Write;
@@ -208,12 +235,8 @@ pub fn kubeconfig(args: KubeconfigArgs) -> anyhow::Result<ExitCode> {
             f.write_all(text.as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!(
-                "wrote {} (server http://{}:{}, {} on {}): kubectl --kubeconfig {} get pods",
+                "wrote {} (server {server}, {via}): kubectl --kubeconfig {} get pods",
                 path.display(),
-                entry.node,
-                entry.service.port,
-                args.service,
-                entry.node_name,
                 path.display()
             );
         }
@@ -222,10 +245,11 @@ pub fn kubeconfig(args: KubeconfigArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A kubeconfig whose server is the service's node through the mesh
-/// (WireGuard encrypts it; the node adds the credential) and whose user
-/// carries nothing.
-fn kubeconfig_text(service: &str, entry: &ServiceEntry, namespace: Option<&str>) -> String {
+/// A kubeconfig whose server is the service through the mesh (WireGuard
+/// encrypts it; the node offering it adds the credential): `server`, the
+/// offering node's overlay address or this node's forward (`via` says
+/// which), and whose user carries nothing.
+fn kubeconfig_text(service: &str, server: &str, via: &str, namespace: Option<&str>) -> String {
     let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
     let name = format!("tern-{service}");
     let namespace = namespace
@@ -233,7 +257,7 @@ fn kubeconfig_text(service: &str, entry: &ServiceEntry, namespace: Option<&str>)
         .unwrap_or_default();
     format!(
         "# Written by `tern kubeconfig {service}`: the API server through the mesh,\n\
-         # at {node_name}, which authenticates for you. No credential here.\n\
+         # {via}; the node offering it authenticates for you. No credential here.\n\
          apiVersion: v1\n\
          kind: Config\n\
          clusters:\n\
@@ -243,9 +267,9 @@ fn kubeconfig_text(service: &str, entry: &ServiceEntry, namespace: Option<&str>)
          current-context: {n}\n\
          users:\n\
          - name: {n}\n  user: {{}}\n",
-        node_name = entry.node_name,
+        via = via.replace('\n', " "),
         n = quote(&name),
-        server = quote(&format!("http://{}:{}", entry.node, entry.service.port)),
+        server = quote(server),
     )
 }
 
@@ -256,17 +280,13 @@ mod tests {
 
     #[test]
     fn kubeconfigs_carry_no_credential_and_quote_what_they_name() {
-        let entry = ServiceEntry {
-            service: tern_shared::control::AdvertisedService {
-                name: "k8s".into(),
-                kind: "kubernetes".into(),
-                port: 6443,
-                groups: vec!["ci".into()],
-            },
-            node: "100.64.0.30".parse().unwrap(),
-            node_name: "gw-1".into(),
-        };
-        let text = kubeconfig_text("k8s", &entry, Some("staging: x"));
+        let text = kubeconfig_text(
+            "k8s",
+            "http://100.64.0.30:6443",
+            "k8s on gw-1\nkind: x",
+            Some("staging: x"),
+        );
+        assert!(text.contains("# k8s on gw-1 kind: x;"), "{text}");
         assert!(
             text.contains("server: \"http://100.64.0.30:6443\""),
             "{text}"

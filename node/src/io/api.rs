@@ -73,6 +73,31 @@ pub enum ApiRequest {
         host: String,
         port: u16,
     },
+    /// `Dial` to a `[[services]]` entry by name: to one of the nodes
+    /// offering it that this node may call, spread and failed over (see
+    /// `balance.rs`); `tern forward LOCAL=service:NAME`.
+    DialService {
+        name: String,
+    },
+    /// A forward that lives as long as the daemon (as `[[forwards]]` does):
+    /// `listen` (loopback; port 0 or absent: any free port) to `target`
+    /// (as `[[forwards]] target`). Asked again for the same target without
+    /// `listen`, the one running is answered. Answered with a
+    /// [`ForwardReply`]; `tern kubeconfig` asks for one.
+    Forward {
+        target: String,
+        #[serde(default)]
+        listen: Option<std::net::SocketAddr>,
+    },
+}
+
+/// The answer to [`ApiRequest::Forward`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardReply {
+    pub listen: std::net::SocketAddr,
+    pub target: String,
+    /// It ran already (asked before for the same target).
+    pub existing: bool,
 }
 
 fn a_record() -> String {
@@ -151,15 +176,103 @@ fn choose_default_socket(root: bool, user: &Path, exists: impl Fn(&Path) -> bool
     }
 }
 
+/// How the API server opens connections into the mesh (`Dial`,
+/// `DialName`, `DialService`) and runs the forwards it is asked for.
+#[derive(Clone)]
+pub struct Dialing {
+    pub dialer: super::proxy::Dialer,
+    pub names: super::names::NameService,
+    pub services: super::balance::ServiceDialer,
+    /// Forwards started through the API, by target: where they listen.
+    forwards:
+        std::sync::Arc<tokio::sync::Mutex<std::collections::HashMap<String, std::net::SocketAddr>>>,
+}
+
+impl Dialing {
+    pub fn new(
+        dialer: super::proxy::Dialer,
+        names: super::names::NameService,
+        services: super::balance::ServiceDialer,
+    ) -> Dialing {
+        Dialing {
+            dialer,
+            names,
+            services,
+            forwards: Default::default(),
+        }
+    }
+
+    /// A connection to `target` in the mesh.
+    pub async fn connect(
+        &self,
+        target: &tern_shared::dns::ForwardTarget,
+    ) -> Result<Box<dyn super::proxy::ByteStream>, ApiError> {
+        use tern_shared::dns::ForwardTarget;
+        let addr = match target {
+            ForwardTarget::Addr(a) => *a,
+            ForwardTarget::Name { host, port } => match self.names.lookup_v4(host).await {
+                Ok(ip) => std::net::SocketAddrV4::new(ip, *port),
+                Err(why) => return Err(ApiError::new(ErrorKind::NotResolved, why)),
+            },
+            ForwardTarget::Service { name } => {
+                return self.services.connect(name).await.map(|(stream, _)| stream)
+            }
+        };
+        self.dialer
+            .connect(addr)
+            .await
+            .map_err(|e| ApiError::new(e.kind(), e.to_string()))
+    }
+
+    /// [`ApiRequest::Forward`]: starts it (or finds it running).
+    async fn forward(
+        &self,
+        target: &str,
+        listen: Option<std::net::SocketAddr>,
+    ) -> Result<ForwardReply, ApiError> {
+        let parsed: tern_shared::dns::ForwardTarget = target
+            .parse()
+            .map_err(|e: String| ApiError::new(ErrorKind::Other, e))?;
+        let mut forwards = self.forwards.lock().await;
+        if let (None, Some(listen)) = (listen, forwards.get(target)) {
+            return Ok(ForwardReply {
+                listen: *listen,
+                target: target.to_string(),
+                existing: true,
+            });
+        }
+        let listen = listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        if !listen.ip().is_loopback() {
+            return Err(ApiError::new(
+                ErrorKind::Other,
+                format!("{listen} is not a loopback address; forwards serve this machine only"),
+            ));
+        }
+        let listener = super::proxy::bind(listen, "forward")
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Other, format!("{e:#}")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| ApiError::new(ErrorKind::Other, e.to_string()))?;
+        tracing::info!(listen = %bound, %target, "forwarding (asked through the API)");
+        tokio::spawn(super::proxy::serve_forward(listener, parsed, self.clone()));
+        forwards.insert(target.to_string(), bound);
+        Ok(ForwardReply {
+            listen: bound,
+            target: target.to_string(),
+            existing: false,
+        })
+    }
+}
+
 /// Binds the socket (mode 0660, and `group`'s when given) and serves it
 /// until the returned guard is dropped. `Dial` requests are served here,
-/// with `dialer`; everything else goes to the event loop.
+/// with `dialing`; everything else goes to the event loop.
 pub fn serve(
     path: &Path,
     group: Option<&str>,
     calls: mpsc::Sender<ApiCall>,
-    dialer: super::proxy::Dialer,
-    names: super::names::NameService,
+    dialing: Dialing,
 ) -> anyhow::Result<SocketGuard> {
     let listener = tern_udp::api_socket::bind(path, group)?;
     // A node runs here now: what the last one said when it stopped is old.
@@ -170,10 +283,9 @@ pub fn serve(
                 continue;
             };
             let calls = calls.clone();
-            let dialer = dialer.clone();
-            let names = names.clone();
+            let dialing = dialing.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, calls, dialer, names).await {
+                if let Err(e) = answer(stream, calls, dialing).await {
                     tracing::debug!(error = %e, "API connection failed");
                 }
             });
@@ -188,8 +300,7 @@ pub fn serve(
 async fn answer(
     stream: UnixStream,
     calls: mpsc::Sender<ApiCall>,
-    dialer: super::proxy::Dialer,
-    names: super::names::NameService,
+    dialing: Dialing,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -204,37 +315,39 @@ async fn answer(
         }
         let request = serde_json::from_str::<ApiRequest>(&line);
         if let Ok(ApiRequest::Resolve { name, rtype }) = &request {
-            let reply = resolve(&names, name, rtype).await;
+            let reply = resolve(&dialing.names, name, rtype).await;
             let mut bytes = serde_json::to_vec(&reply)?;
             bytes.push(b'\n');
             write.write_all(&bytes).await?;
             continue;
         }
+        if let Ok(ApiRequest::Forward { target, listen }) = &request {
+            let reply = match dialing.forward(target, *listen).await {
+                Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+                Err(e) => e.to_value(),
+            };
+            let mut bytes = serde_json::to_vec(&reply)?;
+            bytes.push(b'\n');
+            write.write_all(&bytes).await?;
+            continue;
+        }
+        use tern_shared::dns::ForwardTarget;
         let target = match request {
-            Ok(ApiRequest::Dial { target }) => Some(Ok(target)),
-            Ok(ApiRequest::DialName { ref host, port }) => Some(
-                names
-                    .lookup_v4(host)
-                    .await
-                    .map(|ip| std::net::SocketAddrV4::new(ip, port)),
-            ),
+            Ok(ApiRequest::Dial { target }) => Some(ForwardTarget::Addr(target)),
+            Ok(ApiRequest::DialName { ref host, port }) => Some(ForwardTarget::Name {
+                host: host.clone(),
+                port,
+            }),
+            Ok(ApiRequest::DialService { ref name }) => {
+                Some(ForwardTarget::Service { name: name.clone() })
+            }
             _ => None,
         };
         if let Some(target) = target {
-            let target = match target {
-                Ok(t) => t,
-                Err(why) => {
-                    let reply = ApiError::new(ErrorKind::NotResolved, why).to_value();
-                    let mut bytes = serde_json::to_vec(&reply)?;
-                    bytes.push(b'\n');
-                    write.write_all(&bytes).await?;
-                    return Ok(());
-                }
-            };
-            let remote = match dialer.connect(target).await {
+            let remote = match dialing.connect(&target).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let reply = ApiError::new(e.kind(), e.to_string()).to_value();
+                    let reply = e.to_value();
                     let mut bytes = serde_json::to_vec(&reply)?;
                     bytes.push(b'\n');
                     write.write_all(&bytes).await?;
@@ -307,6 +420,15 @@ pub async fn dial(path: &Path, target: std::net::SocketAddrV4) -> anyhow::Result
     dial_request(path, &ApiRequest::Dial { target }).await
 }
 
+/// Client side of `DialService`: as [`dial`], to a node offering the
+/// service `name`.
+pub async fn dial_service(path: &Path, name: &str) -> anyhow::Result<UnixStream> {
+    let request = ApiRequest::DialService {
+        name: name.to_string(),
+    };
+    dial_request(path, &request).await
+}
+
 /// Client side of `DialName`: as [`dial`], to a host name the daemon
 /// resolves for this connection.
 pub async fn dial_name(path: &Path, host: &str, port: u16) -> anyhow::Result<UnixStream> {
@@ -372,8 +494,24 @@ pub enum ErrorKind {
     Stopping,
     /// A name did not resolve (no gateway serves its zone, no answer).
     NotResolved,
+    /// This node's certificate lacks a group the target requires (a
+    /// service's `groups`).
+    Denied,
     #[default]
     Other,
+}
+
+/// The answer to [`ApiRequest::Services`]: the offers every lighthouse
+/// asked gave, merged, and this node's own groups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServicesReply {
+    pub services: Vec<tern_shared::control::ServiceEntry>,
+    pub asked: usize,
+    pub answered: usize,
+    #[serde(default)]
+    pub incomplete: bool,
+    #[serde(default)]
+    pub my_groups: Vec<String>,
 }
 
 /// A reply the daemon refused with: `{"error": MESSAGE, "kind": KIND}`.
@@ -690,15 +828,12 @@ mod tests {
         // A node binding the socket again removes it.
         let (calls, _rx) = mpsc::channel(1);
         let (dns_calls, _dns_rx) = mpsc::channel(1);
-        let guard = serve(
-            &path,
-            None,
-            calls,
-            super::super::proxy::Dialer::Kernel {
-                device: "tern-test0".into(),
-            },
-            super::super::names::NameService::new(dns_calls, Default::default()),
-        );
+        let dialer = super::super::proxy::Dialer::Kernel {
+            device: "tern-test0".into(),
+        };
+        let services = super::super::balance::ServiceDialer::new(calls.clone(), dialer.clone());
+        let names = super::super::names::NameService::new(dns_calls, Default::default());
+        let guard = serve(&path, None, calls, Dialing::new(dialer, names, services));
         let _guard = guard.unwrap_or_else(|e| panic!("{e}"));
         assert!(!stop_note_path(&path).exists());
     }

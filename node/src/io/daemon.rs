@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
@@ -29,6 +29,10 @@ use super::dns::Dns;
 use super::plane::{Plane, TunPlane, UserPlane};
 use super::{gateway, join, load_identity, load_node_config, proxy, routes, userspace};
 use tern_runner::server as runner;
+
+/// How long a stopping node lets its `[[services]]` finish the requests
+/// in flight.
+const SERVICE_DRAIN: Duration = Duration::from_secs(5);
 
 /// What a step decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +180,8 @@ pub struct Daemon<P: Plane> {
     _runner: Option<Task>,
     /// `[[services]]`, forwarding until dropped.
     services: Vec<super::services::RunningService>,
+    /// Stopping, with services finishing their requests.
+    draining: bool,
     _metrics: Option<Task>,
     _proxies: Vec<Task>,
     _api: api::SocketGuard,
@@ -293,19 +299,15 @@ impl<P: Plane> Daemon<P> {
             .context("starting DNS ([dns], [[gateway.dns]])")?;
         let dialer = plane.dialer();
         let (api_tx, api_rx) = mpsc::channel::<ApiCall>(16);
-        let proxies = proxy::start(&config, &dialer, api_tx.clone(), &names).await?;
+        let service_dialer = super::balance::ServiceDialer::new(api_tx.clone(), dialer.clone());
+        let dialing = api::Dialing::new(dialer, names, service_dialer);
+        let proxies = proxy::start(&config, &dialing, api_tx.clone()).await?;
         let metrics = match config.metrics.listen {
             Some(listen) => Some(Task(serve_metrics(listen, api_tx.clone()).await?)),
             None => None,
         };
         let socket_path = api::socket_path_for(&config);
-        let api_guard = api::serve(
-            &socket_path,
-            config.api.group.as_deref(),
-            api_tx,
-            dialer,
-            names,
-        )?;
+        let api_guard = api::serve(&socket_path, config.api.group.as_deref(), api_tx, dialing)?;
         let signals = Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
@@ -333,6 +335,7 @@ impl<P: Plane> Daemon<P> {
             _gateway: gateway,
             _runner: runner,
             services,
+            draining: false,
             _metrics: metrics,
             _proxies: proxies.into_iter().map(Task).collect(),
             _api: api_guard,
@@ -343,7 +346,33 @@ impl<P: Plane> Daemon<P> {
     /// with its own exit code).
     pub async fn run(mut self) -> anyhow::Result<()> {
         while self.step().await == Flow::Continue {}
+        self.drain_services().await;
         self.stop().await
+    }
+
+    /// Before leaving: `[[services]]` take no new connection and the
+    /// requests in flight finish (for up to [`SERVICE_DRAIN`]; a second
+    /// SIGINT or SIGTERM stops at once), the mesh still carrying them.
+    async fn drain_services(&mut self) {
+        if self.revoked.is_some() {
+            return;
+        }
+        let open: usize = self.services.iter().map(|s| s.stop_accepting()).sum();
+        if open == 0 {
+            return;
+        }
+        tracing::info!(
+            open,
+            "services: finishing the requests in flight before leaving (a second signal stops at once)"
+        );
+        let deadline = Instant::now() + SERVICE_DRAIN;
+        self.draining = true;
+        while Instant::now() < deadline && self.services.iter().any(|s| s.open_connections() > 0) {
+            if self.step().await == Flow::Stop {
+                break;
+            }
+        }
+        self.draining = false;
     }
 
     /// Waits for one input and handles it, then drains in the fixed order.
@@ -385,6 +414,14 @@ impl<P: Plane> Daemon<P> {
                 Flow::Continue
             }
             Some((request, reply)) = self.api_rx.recv() => self.answer(request, reply),
+            // While draining: look again at what is still open.
+            _ = async {
+                if self.draining {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                } else {
+                    std::future::pending().await
+                }
+            } => Flow::Continue,
             Some(input) = self.dns.recv() => {
                 self.dns.handle(&mut self.core, input, Instant::now());
                 Flow::Continue
@@ -598,7 +635,11 @@ impl<P: Plane> Daemon<P> {
                 let _ = reply.send(serde_json::json!({ "ok": true }));
                 return Flow::Stop;
             }
-            ApiRequest::Dial { .. } | ApiRequest::DialName { .. } | ApiRequest::Resolve { .. } => {
+            ApiRequest::Dial { .. }
+            | ApiRequest::DialName { .. }
+            | ApiRequest::DialService { .. }
+            | ApiRequest::Forward { .. }
+            | ApiRequest::Resolve { .. } => {
                 // Answered by the API server itself with the dialer.
                 let refusal = api::ApiError::new(api::ErrorKind::Other, "not a loop request");
                 let _ = reply.send(refusal.to_value());

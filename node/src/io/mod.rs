@@ -4,6 +4,7 @@
 //! kernel setup and routes, proxies, DNS, enrollment, and the runner.
 
 pub mod api;
+pub mod balance;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;

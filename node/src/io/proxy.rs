@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::api::Dialing;
 use super::names::NameService;
 use super::userspace::{DialError, NetstackHandle};
 use tern_node_core::http_connect;
@@ -84,31 +85,17 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves a forwarded port: every connection to `listener` is spliced to
-/// `target` in the mesh (a name resolved anew for each connection).
-pub async fn serve_forward(
-    listener: TcpListener,
-    target: ForwardTarget,
-    dialer: Dialer,
-    names: NameService,
-) {
+/// `target` in the mesh (a name resolved anew for each connection, a
+/// service's node chosen anew).
+pub async fn serve_forward(listener: TcpListener, target: ForwardTarget, dialing: Dialing) {
     loop {
         let Ok((local, from)) = listener.accept().await else {
             continue;
         };
-        let (dialer, names, target) = (dialer.clone(), names.clone(), target.clone());
+        let (dialing, target) = (dialing.clone(), target.clone());
         tokio::spawn(async move {
             let _ = local.set_nodelay(true);
-            let addr = match &target {
-                ForwardTarget::Addr(a) => *a,
-                ForwardTarget::Name { host, port } => match names.lookup_v4(host).await {
-                    Ok(ip) => SocketAddrV4::new(ip, *port),
-                    Err(e) => {
-                        tracing::warn!(%from, %target, "forward: cannot resolve {e}");
-                        return;
-                    }
-                },
-            };
-            match dialer.connect(addr).await {
+            match dialing.connect(&target).await {
                 Ok(remote) => splice(local, remote).await,
                 Err(e) => tracing::warn!(%from, %target, "forward: {e}"),
             }
@@ -458,10 +445,10 @@ async fn http_session(
 /// the daemon at start with the reason.
 pub async fn start(
     config: &tern_shared::config::NodeConfig,
-    dialer: &Dialer,
+    dialing: &Dialing,
     api: tokio::sync::mpsc::Sender<super::api::ApiCall>,
-    names: &NameService,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (dialer, names) = (&dialing.dialer, &dialing.names);
     let mut tasks = Vec::new();
     for (i, f) in config.forwards.iter().enumerate() {
         let listener = bind(f.listen, &format!("[[forwards]] {i}")).await?;
@@ -469,8 +456,7 @@ pub async fn start(
         tasks.push(tokio::spawn(serve_forward(
             listener,
             f.target.clone(),
-            dialer.clone(),
-            names.clone(),
+            dialing.clone(),
         )));
     }
     if let Some(addr) = config.proxy.socks5 {

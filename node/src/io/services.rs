@@ -17,13 +17,12 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
@@ -41,6 +40,9 @@ use tokio::sync::{mpsc, oneshot};
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// How long connecting to the upstream may take.
+mod credentials;
+use credentials::{upstream_tls, Credential};
+
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Headers that belong to one hop, never forwarded as they are.
@@ -84,6 +86,26 @@ pub struct RunningService {
     pub name: String,
     pub counters: Arc<ServiceCounters>,
     task: tokio::task::JoinHandle<()>,
+    /// HTTP connections open now (not counting upgraded tunnels).
+    open: Arc<AtomicUsize>,
+    /// Set when the node stops: open connections finish the request in
+    /// flight and close.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl RunningService {
+    /// The node is stopping: take no new connection (callers' forwards
+    /// then go to another node offering the service), finish the requests
+    /// in flight, close idle connections. Returns how many are open.
+    pub fn stop_accepting(&self) -> usize {
+        self.task.abort();
+        let _ = self.stopping.send(true);
+        self.open_connections()
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for RunningService {
@@ -139,11 +161,15 @@ pub async fn start(
         };
         tracing::info!(service = %config.name, %addr, upstream = %config.upstream, groups = %tern_shared::show::list(&config.groups), "service forwarding");
         let counters = service.counters.clone();
-        let task = tokio::spawn(serve(accept, service));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (stopping, stop) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(serve(accept, service, open.clone(), stop));
         running.push(RunningService {
             name: config.name.clone(),
             counters,
             task,
+            open,
+            stopping,
         });
     }
     Ok(running)
@@ -154,7 +180,21 @@ enum Accept {
     Streams(mpsc::Receiver<Conn>),
 }
 
-async fn serve(mut accept: Accept, service: Arc<Service>) {
+/// Counts one open connection while it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve(
+    mut accept: Accept,
+    service: Arc<Service>,
+    open: Arc<AtomicUsize>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer): Conn = match &mut accept {
             Accept::Kernel(l) => match l.accept().await {
@@ -177,153 +217,33 @@ async fn serve(mut accept: Accept, service: Arc<Service>) {
             continue;
         };
         let service = service.clone();
+        open.fetch_add(1, Ordering::Relaxed);
+        let counted = OpenConnection(open.clone());
+        let mut stop = stop.clone();
         tokio::spawn(async move {
+            let _counted = counted;
             let handler = hyper::service::service_fn(move |req| {
                 let service = service.clone();
                 async move { Ok::<_, Infallible>(service.handle(peer_ip, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), handler)
-                .with_upgrades()
-                .await;
-        });
-    }
-}
-
-/// A credential file is read again this often (tokens rotate: a
-/// Kubernetes ServiceAccount's projected token every hour or so).
-const CREDENTIAL_REREAD: Duration = Duration::from_secs(60);
-
-/// Where the node's credential comes from, and its value as last read.
-struct Credential {
-    path: std::path::PathBuf,
-    basic: bool,
-    value: Mutex<(HeaderValue, Instant)>,
-}
-
-impl Credential {
-    fn load(path: &Path, basic: bool) -> anyhow::Result<Credential> {
-        let value = Credential::read(path, basic)?;
-        Ok(Credential {
-            path: path.to_path_buf(),
-            basic,
-            value: Mutex::new((value, Instant::now())),
-        })
-    }
-
-    fn read(path: &Path, basic: bool) -> anyhow::Result<HeaderValue> {
-        let secret = read_secret(path)?;
-        let text = if basic {
-            if !secret.contains(':') {
-                anyhow::bail!("{}: expected user:password", path.display());
-            }
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(secret)
-            )
-        } else {
-            format!("Bearer {secret}")
-        };
-        let mut v = HeaderValue::from_str(&text)
-            .map_err(|_| anyhow::anyhow!("{}: not a valid header value", path.display()))?;
-        v.set_sensitive(true);
-        Ok(v)
-    }
-
-    /// The value, read again when it is older than [`CREDENTIAL_REREAD`]
-    /// (a file that cannot be read now keeps the last value).
-    fn value(&self, service: &str) -> HeaderValue {
-        let mut cached = self
-            .value
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cached.1.elapsed() >= CREDENTIAL_REREAD {
-            cached.1 = Instant::now();
-            match Credential::read(&self.path, self.basic) {
-                Ok(v) => cached.0 = v,
-                Err(e) => {
-                    tracing::warn!(service, error = %e, "re-reading the credential failed; keeping the last one")
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = async {
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        // The service is gone: the connection may finish.
+                        std::future::pending::<()>().await;
+                    }
+                } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
                 }
             }
-        }
-        cached.0.clone()
+        });
     }
-}
-
-/// Files the kubelet mounts into a pod (its ServiceAccount's token): mode
-/// 0644 by default, and seen only inside the pod's own mount namespace.
-fn kubelet_managed(path: &Path) -> bool {
-    [
-        "/var/run/secrets/kubernetes.io/",
-        "/run/secrets/kubernetes.io/",
-    ]
-    .iter()
-    .any(|p| path.starts_with(p))
-}
-
-/// Reads a credential file, refusing one that others on this host could
-/// read (jobs on the same node must not see it).
-fn read_secret(path: &Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if meta.mode() & 0o077 != 0 && !kubelet_managed(path) {
-        anyhow::bail!(
-            "{} is readable by others (mode {:o}); chmod 600 it: the credential is this node's alone",
-            path.display(),
-            meta.mode() & 0o777
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let secret = text.trim().to_string();
-    if secret.is_empty() {
-        anyhow::bail!("{} is empty", path.display());
-    }
-    Ok(secret)
-}
-
-/// The TLS client for an https upstream: its certificate checked against
-/// `upstream_ca` (else the public web roots), this node's client
-/// certificate when configured, offering the protocols `alpn`.
-fn upstream_tls(
-    config: &ServiceConfig,
-    alpn: &[&[u8]],
-) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    match &config.upstream_ca {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| anyhow::anyhow!("upstream_ca {}: {e}", path.display()))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                anyhow::bail!("upstream_ca {}: no CA certificate in it", path.display());
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
-    let mut tls = match (&config.client_cert, &config.client_key) {
-        (Some(cert), Some(key)) => {
-            // The key is a credential too: this node's alone.
-            read_secret(key)?;
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| anyhow::anyhow!("client_cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| anyhow::anyhow!("client_key {}: {e}", key.display()))?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls)))
 }
 
 impl Service {
@@ -840,7 +760,8 @@ mod tests {
         let service = Arc::new(Service::new(&config, identities).unwrap());
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_port = proxy.local_addr().unwrap().port();
-        tokio::spawn(serve(Accept::Kernel(proxy), service));
+        let (_stopping, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve(Accept::Kernel(proxy), service, Arc::default(), stop));
 
         let mut caller = TcpStream::connect(("127.0.0.1", proxy_port)).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -858,43 +779,5 @@ mod tests {
             answer.contains(&format!("HTTP/2.0 https://127.0.0.1:{upstream_port}/base/v1/x?y=2 auth=Bearer h2-token caller=job-1")),
             "{answer}"
         );
-    }
-
-    #[test]
-    fn basic_credentials_are_user_colon_password() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("basic");
-        std::fs::write(&path, "deploy:pa ss\n").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
-        let v = Credential::read(&path, true).unwrap();
-        // base64("deploy:pa ss")
-        assert_eq!(v.to_str().unwrap(), "Basic ZGVwbG95OnBhIHNz");
-        assert!(v.is_sensitive());
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::write(&path, "no-colon").unwrap();
-        let err = Credential::read(&path, true).unwrap_err().to_string();
-        assert!(
-            err.contains("user:password") && !err.contains("no-colon"),
-            "{err}"
-        );
-        assert!(kubelet_managed(Path::new(IN_CLUSTER_TOKEN)));
-        assert!(!kubelet_managed(Path::new("/etc/tern/token")));
-    }
-
-    #[test]
-    fn credential_files_must_be_private() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "s3cret\n").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_secret(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("chmod 600") && !err.contains("s3cret"),
-            "{err}"
-        );
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_secret(&path).unwrap(), "s3cret");
     }
 }
