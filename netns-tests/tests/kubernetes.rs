@@ -1,5 +1,7 @@
 //! kubectl through the mesh, on real kernels: a TUN-mode gateway offers a
-//! `kind = "kubernetes"` service whose upstream is the API-server stand-in
+//! `kind = "kubernetes"` service, configured by a kubeconfig file of its own
+//! (server over https, the CA inline, a token), whose upstream is the
+//! API-server stand-in
 //! written for these tests (`fixtures/kube_apiserver_standin.py`: there is
 //! no real API server on these machines; it answers the discovery,
 //! resource, watch, log, exec and port-forward requests kubectl makes, and
@@ -62,6 +64,31 @@ fn records(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A CA and the API server's certificate for its address
+/// (`apiserver.pem`, `apiserver.key` in `dir`); returns the CA's PEM.
+fn api_server_certificate(dir: &Path) -> String {
+    let ca_key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let mut ca =
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "cluster CA");
+    let ca = ca.self_signed(&ca_key).unwrap_or_else(|e| panic!("{e}"));
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let cert = rcgen::CertificateParams::new(vec![SERVER.to_string()])
+        .and_then(|p| p.signed_by(&key, &ca, &ca_key))
+        .unwrap_or_else(|e| panic!("{e}"));
+    write_file(dir, "apiserver.pem", &cert.pem());
+    write_file(dir, "apiserver.key", &key.serialize_pem());
+    ca.pem()
+}
+
+/// Standard base64, as kubeconfigs carry certificates inline.
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 const CONFIGMAP: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: NAME\n  namespace: default\ndata:\n  release: \"42\"\n";
 
 #[test]
@@ -81,8 +108,19 @@ fn kubectl_works_through_the_mesh_with_the_gateways_credential_and_the_jobs_iden
     } = gateway_lab("k8s", SERVER);
     std::fs::create_dir_all(dir.join("home")).unwrap_or_else(|e| panic!("{e}"));
     let token_file = write_file(&dir, "sa.token", &format!("{TOKEN}\n"));
+    // The API server's certificate, from a CA of the cluster's; the
+    // gateway's kubeconfig carries that CA inline and the token.
+    let ca_pem = api_server_certificate(&dir);
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+         clusters:\n- name: lab\n  cluster:\n    server: https://{SERVER}:6443\n    certificate-authority-data: {}\n\
+         contexts:\n- name: lab\n  context:\n    cluster: lab\n    user: tern-gateway\n\
+         users:\n- name: tern-gateway\n  user:\n    token: {TOKEN}\n",
+        base64(ca_pem.as_bytes())
+    );
+    let gw_kubeconfig = write_file(&dir, "gw-kubeconfig.yaml", &kubeconfig);
     std::fs::set_permissions(
-        &token_file,
+        &gw_kubeconfig,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap_or_else(|e| panic!("chmod: {e}"));
@@ -103,7 +141,11 @@ fn kubectl_works_through_the_mesh_with_the_gateways_credential_and_the_jobs_iden
         .arg(&token_file)
         .arg("--record")
         .arg(dir.join("record.jsonl"))
-        .args(["--portforward-target", &format!("{SERVER}:8081")]);
+        .args(["--portforward-target", &format!("{SERVER}:8081")])
+        .arg("--tls-cert")
+        .arg(dir.join("apiserver.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("apiserver.key"));
     let api = vpc.spawn_command(api, "apiserver-standin");
     api.wait_for_log("ready", Duration::from_secs(15));
 
@@ -112,12 +154,10 @@ fn kubectl_works_through_the_mesh_with_the_gateways_credential_and_the_jobs_iden
     sign(&dir, "ca", "job", "100.64.0.5/10", &["--groups", "ci"]);
     let _lh = start_lighthouse(&lh, &write_lighthouse_config(&dir));
     let gateway = node_config_text("gw", "ca.crt")
-        + &format!(
-            "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"6443\"\n\
-             [[services]]\nname = \"k8s\"\nkind = \"kubernetes\"\nlisten = 6443\n\
-             upstream = \"http://{SERVER}:6443\"\ngroups = [\"ci\"]\n\
-             bearer_token_file = \"sa.token\"\naudit_log = \"k8s-audit.jsonl\"\n"
-        );
+        + "[[firewall.inbound]]\nproto = \"tcp\"\nport = \"6443\"\n\
+           [[services]]\nname = \"k8s\"\nkind = \"kubernetes\"\nlisten = 6443\n\
+           kubeconfig = \"gw-kubeconfig.yaml\"\ngroups = [\"ci\"]\n\
+           audit_log = \"k8s-audit.jsonl\"\n";
     let gw_node = start_node(&gw, &write_file(&dir, "gw.toml", &gateway), "node-gw");
     gw_node.wait_for_log("service forwarding", Duration::from_secs(15));
     let _job = start_node(
@@ -256,7 +296,8 @@ fn kubectl_works_through_the_mesh_with_the_gateways_credential_and_the_jobs_iden
             "%{http_code}",
             "-H",
             "Authorization: Bearer not-the-token",
-            &format!("http://{SERVER}:6443/api"),
+            "-k",
+            &format!("https://{SERVER}:6443/api"),
         ],
     );
     assert_eq!(String::from_utf8_lossy(&direct.stdout), "401");

@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod exit;
 pub mod identity;
 pub mod keys;
+pub mod kubeconfig;
 pub mod ops;
 pub mod packet;
 pub mod policy;

@@ -53,8 +53,18 @@ pub struct ServiceConfig {
     /// The TCP port on the node's overlay address callers connect to.
     pub listen: u16,
     /// Where requests go: `http://HOST[:PORT][/PATH]`; the caller's path is
-    /// appended to PATH.
+    /// appended to PATH. With `kubeconfig`, default: its cluster's server.
+    #[serde(default)]
     pub upstream: String,
+    /// Kubernetes: a kubeconfig file (mode 0600) whose context gives the
+    /// API server, its CA and the node's credential (token, tokenFile,
+    /// client certificate, or user and password), instead of the pod's
+    /// ServiceAccount and the keys above.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig's context to use. Default: its current-context.
+    #[serde(default)]
+    pub kubeconfig_context: Option<String>,
     /// Certificate groups allowed to call (any one of them). Empty: every
     /// verified peer the firewall lets in.
     #[serde(default)]
@@ -169,6 +179,7 @@ impl ServiceConfig {
             &mut self.upstream_ca,
             &mut self.client_cert,
             &mut self.client_key,
+            &mut self.kubeconfig,
         ]
         .into_iter()
         .flatten()
@@ -203,20 +214,59 @@ impl ServiceConfig {
                 format!("{}: give a port for the service on this node's overlay address (not 0, not {})", self.listen, crate::control::CONTROL_PORT),
             ));
         }
-        let upstream = Upstream::parse(&self.upstream).map_err(|e| {
-            crate::config::invalid(file, key("upstream"), format!("{:?}: {e}", self.upstream))
-        })?;
-        if !upstream.tls {
+        if self.kubeconfig.is_some() {
+            if self.kind != ServiceKind::Kubernetes {
+                return Err(crate::config::invalid(
+                    file,
+                    key("kubeconfig"),
+                    "only a kind = \"kubernetes\" service reads a kubeconfig",
+                ));
+            }
             for (k, set) in [
+                ("bearer_token_file", self.bearer_token_file.is_some()),
+                ("basic_auth_file", self.basic_auth_file.is_some()),
                 ("upstream_ca", self.upstream_ca.is_some()),
                 ("client_cert", self.client_cert.is_some()),
+                ("client_key", self.client_key.is_some()),
             ] {
                 if set {
                     return Err(crate::config::invalid(
                         file,
                         key(k),
-                        "only an https upstream uses it; write the upstream as https://... or remove it",
+                        "the kubeconfig gives the credential and the CA; remove this key or the kubeconfig",
                     ));
+                }
+            }
+        } else if self.kubeconfig_context.is_some() {
+            return Err(crate::config::invalid(
+                file,
+                key("kubeconfig_context"),
+                "names a context of `kubeconfig`, which is not set",
+            ));
+        }
+        if self.upstream.is_empty() && self.kubeconfig.is_none() {
+            return Err(crate::config::invalid(
+                file,
+                key("upstream"),
+                "missing: give the URL requests go to, e.g. upstream = \"http://198.19.4.30:8080\"",
+            ));
+        }
+        if !self.upstream.is_empty() {
+            let upstream = Upstream::parse(&self.upstream).map_err(|e| {
+                crate::config::invalid(file, key("upstream"), format!("{:?}: {e}", self.upstream))
+            })?;
+            if !upstream.tls {
+                for (k, set) in [
+                    ("upstream_ca", self.upstream_ca.is_some()),
+                    ("client_cert", self.client_cert.is_some()),
+                ] {
+                    if set {
+                        return Err(crate::config::invalid(
+                            file,
+                            key(k),
+                            "only an https upstream uses it; write the upstream as https://... or remove it",
+                        ));
+                    }
                 }
             }
         }
@@ -384,6 +434,15 @@ mod tests {
             "[[services]]\nname = \"api\"\nlisten = 9000\nupstream = \"http://198.19.0.10:8080/v1\"\ngroups = [\"ci\"]\nbearer_token_file = \"api.token\"\n",
         )
         .unwrap();
+        let k8s = node(
+            "[[services]]\nname = \"k8s\"\nkind = \"kubernetes\"\nlisten = 6443\nkubeconfig = \"kc.yaml\"\nkubeconfig_context = \"ci\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            k8s.services[0].kubeconfig,
+            Some(PathBuf::from("/etc/tern/kc.yaml"))
+        );
+        assert_eq!(k8s.services[0].upstream, "");
         let s = &config.services[0];
         assert_eq!(
             s.bearer_token_file,
@@ -422,6 +481,19 @@ mod tests {
             (
                 "name = \"api\"\nlisten = 9000\nupstream = \"https://api\"\nclient_cert = \"c.pem\"\n",
                 "services[0].client_key",
+            ),
+            ("name = \"api\"\nlisten = 9000\n", "services[0].upstream"),
+            (
+                "name = \"api\"\nlisten = 9000\nkubeconfig = \"kc\"\n",
+                "services[0].kubeconfig",
+            ),
+            (
+                "name = \"k\"\nkind = \"kubernetes\"\nlisten = 9000\nkubeconfig = \"kc\"\nbearer_token_file = \"t\"\n",
+                "services[0].bearer_token_file",
+            ),
+            (
+                &format!("{base}kubeconfig_context = \"ci\"\n"),
+                "services[0].kubeconfig_context",
             ),
         ] {
             assert_eq!(

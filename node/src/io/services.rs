@@ -41,7 +41,7 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// How long connecting to the upstream may take.
 mod credentials;
-use credentials::{upstream_tls, Credential};
+use credentials::{upstream_tls, Credential, CredentialSource, TlsMaterial};
 
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -159,7 +159,7 @@ pub async fn start(
             ),
             Listener::Streams(conns) => Accept::Streams(conns),
         };
-        tracing::info!(service = %config.name, %addr, upstream = %config.upstream, groups = %tern_shared::show::list(&config.groups), "service forwarding");
+        tracing::info!(service = %config.name, %addr, upstream = %service.upstream.authority(), tls = service.upstream.tls, groups = %tern_shared::show::list(&config.groups), "service forwarding");
         let counters = service.counters.clone();
         let open = Arc::new(AtomicUsize::new(0));
         let (stopping, stop) = tokio::sync::watch::channel(false);
@@ -251,19 +251,50 @@ impl Service {
         config: &ServiceConfig,
         identities: mpsc::Sender<IdentityQuery>,
     ) -> anyhow::Result<Service> {
-        let upstream = Upstream::parse(&config.upstream).map_err(anyhow::Error::msg)?;
         let kubernetes = config.kind == ServiceKind::Kubernetes;
-        let credential = match (&config.bearer_token_file, &config.basic_auth_file) {
-            (Some(path), _) => Some(Credential::load(path, false)?),
-            (None, Some(path)) => Some(Credential::load(path, true)?),
+        let mut tls_material = TlsMaterial::from_config(config);
+        let mut upstream_url = config.upstream.clone();
+        let credential = match (&config.kubeconfig, &config.bearer_token_file, &config.basic_auth_file) {
+            (Some(path), ..) => {
+                let access = credentials::read_kubeconfig(path, config.kubeconfig_context.as_deref())?;
+                if upstream_url.is_empty() {
+                    upstream_url = access.server.clone();
+                }
+                tls_material.ca = access.ca.clone();
+                match access.auth {
+                    Some(tern_shared::kubeconfig::KubeAuth::ClientCert { cert, key }) => {
+                        tls_material.client = Some((cert, key));
+                        None
+                    }
+                    Some(_) => Some(Credential::load(CredentialSource::Kubeconfig {
+                        path: path.clone(),
+                        context: config.kubeconfig_context.clone(),
+                    })?),
+                    None => None,
+                }
+            }
+            (None, Some(path), _) => Some(Credential::load(CredentialSource::File {
+                path: path.clone(),
+                basic: false,
+            })?),
+            (None, None, Some(path)) => Some(Credential::load(CredentialSource::File {
+                path: path.clone(),
+                basic: true,
+            })?),
             // In a pod: its ServiceAccount.
-            (None, None) if kubernetes => Some(
-                Credential::load(Path::new(IN_CLUSTER_TOKEN), false).context(
-                    "a kubernetes service without bearer_token_file uses the pod's ServiceAccount token",
+            (None, None, None) if kubernetes => Some(
+                Credential::load(CredentialSource::File {
+                    path: IN_CLUSTER_TOKEN.into(),
+                    basic: false,
+                })
+                .context(
+                    "a kubernetes service without bearer_token_file or kubeconfig uses the pod's ServiceAccount token",
                 )?,
             ),
-            (None, None) => None,
+            (None, None, None) => None,
         };
+        let upstream = Upstream::parse(&upstream_url)
+            .map_err(|e| anyhow::anyhow!("upstream {upstream_url:?}: {e}"))?;
         if let Some(dir) = config.audit_log.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the audit log's directory {}", dir.display()))?;
@@ -278,13 +309,16 @@ impl Service {
                 .with_context(|| format!("opening the audit log {}", config.audit_log.display()))?
         };
         let tls = if upstream.tls {
-            let mut config = config.clone();
-            if kubernetes && config.upstream_ca.is_none() && Path::new(IN_CLUSTER_CA).exists() {
-                config.upstream_ca = Some(IN_CLUSTER_CA.into());
+            if kubernetes
+                && config.kubeconfig.is_none()
+                && tls_material.ca.is_none()
+                && Path::new(IN_CLUSTER_CA).exists()
+            {
+                tls_material.ca = Some(tern_shared::kubeconfig::Pem::File(IN_CLUSTER_CA.into()));
             }
             Some((
-                upstream_tls(&config, &[b"h2", b"http/1.1"])?,
-                upstream_tls(&config, &[b"http/1.1"])?,
+                upstream_tls(&tls_material, &[b"h2", b"http/1.1"])?,
+                upstream_tls(&tls_material, &[b"http/1.1"])?,
             ))
         } else {
             None
