@@ -207,6 +207,46 @@ fn a_userspace_gateway_forwards_a_service_with_its_own_token() {
     let head = seen.lock().unwrap().last().unwrap().to_ascii_lowercase();
     assert!(head.contains("impersonate-user: tern:ci-"), "{head}");
 
+    // `tern forward LOCAL=service:NAME`: the same service by name.
+    let by_name = free_tcp();
+    let _forward = Daemon::start(
+        "tern",
+        &[
+            "forward",
+            &format!("127.0.0.1:{by_name}=service:api"),
+            "--socket",
+            &socket.to_string_lossy(),
+        ],
+        lab.dir.path().join("forward.log"),
+    );
+    let mut answer = String::new();
+    wait_until(
+        "tern forward to service:api",
+        Duration::from_secs(10),
+        || {
+            answer = get(by_name, "").unwrap_or_default();
+            answer.contains("upstream ok")
+        },
+    );
+    let head = seen.lock().unwrap().last().unwrap().to_ascii_lowercase();
+    assert!(head.contains("tern-caller-groups: ci\r\n"), "{head}");
+    let refused = tern_tests::run(
+        "tern",
+        &[
+            "forward",
+            &format!("127.0.0.1:{}=service:nothing-here", free_tcp()),
+            "--socket",
+            &socket.to_string_lossy(),
+        ],
+        Duration::from_secs(10),
+    );
+    let text = tern_tests::output_text(&refused);
+    assert!(
+        !refused.status.success()
+            && text.contains("no node offers a service named \"nothing-here\""),
+        "{text}"
+    );
+
     // `tern up --wait-for service:NAME`: ready once a node offers it to
     // this one; a node outside its groups is told so (exit 71).
     for (name, groups, code) in [("waiter", "ci", 0), ("outsider", "deploy", 71)] {
