@@ -68,7 +68,20 @@ fn http_server(ns: &Ns, dir: &Path, port: u16) -> Proc {
         "--directory",
     ])
     .arg(dir);
-    ns.spawn_command(cmd, &format!("http-{port}"))
+    let server = ns.spawn_command(cmd, &format!("http-{port}"));
+    wait_listening(ns, port);
+    server
+}
+
+/// Until the server in `ns` answers on SERVER:port (python takes a moment
+/// to start; a test that asks sooner sees a refusal, not the mesh).
+fn wait_listening(ns: &Ns, port: u16) {
+    let url = format!("http://{SERVER}:{port}/");
+    wait_until("the http server listens", Duration::from_secs(10), || {
+        ns.exec("curl", ["-s", "-o", "/dev/null", "--max-time", "1", &url])
+            .status
+            .success()
+    });
 }
 
 /// sshd on 198.19.0.10:22 with key authentication only; returns the client key path.

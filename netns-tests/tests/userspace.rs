@@ -16,7 +16,15 @@ fn http_server(ns: &Ns, dir: &std::path::Path) -> Proc {
     let mut cmd = ns.command("python3");
     cmd.args(["-m", "http.server", "--bind", SERVER, "8080", "--directory"])
         .arg(dir);
-    ns.spawn_command(cmd, "http")
+    let server = ns.spawn_command(cmd, "http");
+    // Python takes a moment to listen; a test asking sooner sees a refusal.
+    let url = format!("http://{SERVER}:8080/");
+    tern_netns_tests::wait_until("the http server listens", Duration::from_secs(10), || {
+        ns.exec("curl", ["-s", "-o", "/dev/null", "--max-time", "1", &url])
+            .status
+            .success()
+    });
+    server
 }
 
 fn gateway(name: &str, userspace: bool) -> String {
