@@ -775,6 +775,9 @@ impl ControlMessage {
     }
 }
 
+/// A gateway's name in a page of routes is cut at this many bytes.
+const MAX_ROUTE_NAME_LEN: usize = 64;
+
 /// One page of routes: whether it is the last, then the routes.
 fn put_routes_page(
     out: &mut Vec<u8>,
@@ -790,7 +793,7 @@ fn put_routes_page(
         put_net(out, &r.subnet);
         out.extend_from_slice(&r.gateway.octets());
         let name = r.name.as_bytes();
-        let name = &name[..name.len().min(64)];
+        let name = &name[..name.len().min(MAX_ROUTE_NAME_LEN)];
         out.push(name.len() as u8);
         out.extend_from_slice(name);
     }
@@ -812,6 +815,11 @@ fn read_routes_page(r: &mut Reader<'_>) -> Result<(Vec<AdvertisedRoute>, bool), 
         let subnet = read_net(r)?;
         let gateway = r.ipv4().ok_or(ControlError::Malformed)?;
         let len = r.u8().ok_or(ControlError::Malformed)? as usize;
+        // Longer than a sender writes (it cuts names at the limit): not
+        // from a Tern lighthouse.
+        if len > MAX_ROUTE_NAME_LEN {
+            return Err(ControlError::Malformed);
+        }
         let name = r.bytes(len).ok_or(ControlError::Malformed)?;
         let name = std::str::from_utf8(name)
             .map_err(|_| ControlError::Malformed)?
@@ -1288,6 +1296,32 @@ mod tests {
         v.sort_by_key(RunnerLoad::busyness);
         assert_eq!(v, vec![idle_big, half, full, queued]);
         assert!(load(0, 0, 0).busyness() < load(1, 0, 0).busyness());
+    }
+
+    /// Found by the `control` fuzz target: a route's name longer than any
+    /// sender writes decoded, and re-encoded to another message.
+    #[test]
+    fn a_route_name_longer_than_a_sender_writes_is_refused() {
+        let reply = ControlMessage::RoutesReply {
+            id: 11,
+            routes: vec![AdvertisedRoute {
+                subnet: "198.19.0.0/24".parse().unwrap(),
+                gateway: "100.64.0.30".parse().unwrap(),
+                name: "n".repeat(MAX_ROUTE_NAME_LEN),
+            }],
+            complete: true,
+        };
+        let bytes = reply.encode().unwrap();
+        assert_eq!(ControlMessage::decode(&bytes).unwrap(), reply);
+        let at = bytes.iter().position(|b| *b == b'n').unwrap() - 1;
+        assert_eq!(usize::from(bytes[at]), MAX_ROUTE_NAME_LEN);
+        let mut longer = bytes.clone();
+        longer[at] += 1;
+        longer.insert(at + 1, b'n');
+        assert_eq!(
+            ControlMessage::decode(&longer),
+            Err(ControlError::Malformed)
+        );
     }
 
     proptest! {
