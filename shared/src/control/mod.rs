@@ -1301,6 +1301,7 @@ mod tests {
     /// Found by the `control` fuzz target: a route's name longer than any
     /// sender writes decoded, and re-encoded to another message.
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn a_route_name_longer_than_a_sender_writes_is_refused() {
         let reply = ControlMessage::RoutesReply {
             id: 11,

@@ -33,6 +33,46 @@ pub struct Net {
     pub nats: Vec<Nat>,
     /// Public addresses that cannot reach each other (a firewall between them).
     pub blocked: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Loss, duplication and reordering on every path (none by default).
+    pub faults: Faults,
+    /// Called with each step the clock takes (the model simulator moves
+    /// boringtun's mock clock with it).
+    pub on_advance: Option<fn(Duration)>,
+    /// Datagrams that reached an address with no host (the last thousand):
+    /// what a node sent toward a stranger.
+    pub unclaimed: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+/// What the network does to datagrams, decided by a seeded generator so
+/// that a run replays exactly.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Datagrams lost, per thousand.
+    pub loss_per_mille: u32,
+    /// Datagrams delivered twice, per thousand.
+    pub duplicate_per_mille: u32,
+    /// Each round's datagrams delivered in a shuffled order.
+    pub reorder: bool,
+    pub seed: u64,
+    /// What was done, for the figures.
+    pub lost: u64,
+    pub duplicated: u64,
+}
+
+impl Faults {
+    /// The next number from the generator (xorshift64*).
+    fn next(&mut self) -> u64 {
+        let mut x = self.seed | 1;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.seed = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn roll(&mut self, per_mille: u32) -> bool {
+        per_mille > 0 && (self.next() % 1000) < u64::from(per_mille)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +150,9 @@ impl Net {
             delivered: 0,
             nats: Vec::new(),
             blocked: Vec::new(),
+            faults: Faults::default(),
+            on_advance: None,
+            unclaimed: Vec::new(),
         }
     }
 
@@ -165,6 +208,25 @@ impl Net {
 
     /// Hands one datagram to the host it reaches.
     pub fn deliver(&mut self, from: SocketAddr, t: Transmit, buf: &mut [u8]) {
+        if self.faults.roll(self.faults.loss_per_mille) {
+            self.faults.lost += 1;
+            return;
+        }
+        if self.faults.roll(self.faults.duplicate_per_mille) {
+            self.faults.duplicated += 1;
+            self.deliver_once(
+                from,
+                Transmit {
+                    dst: t.dst,
+                    payload: t.payload.clone(),
+                },
+                buf,
+            );
+        }
+        self.deliver_once(from, t, buf);
+    }
+
+    fn deliver_once(&mut self, from: SocketAddr, t: Transmit, buf: &mut [u8]) {
         let Some((source, host)) = self.route(from, t.dst) else {
             return;
         };
@@ -176,7 +238,12 @@ impl Net {
                 }
             }
             Some(Host::Lighthouse(core)) => core.handle_datagram(source, &t.payload, self.now),
-            None => {}
+            None => {
+                if self.unclaimed.len() >= 1000 {
+                    self.unclaimed.remove(0);
+                }
+                self.unclaimed.push((host, t.payload));
+            }
         }
     }
 
@@ -260,6 +327,12 @@ impl Net {
             if queue.is_empty() {
                 return;
             }
+            if self.faults.reorder {
+                for i in (1..queue.len()).rev() {
+                    let j = (self.faults.next() % (i as u64 + 1)) as usize;
+                    queue.swap(i, j);
+                }
+            }
             for (from, t) in queue {
                 self.deliver(from, t, &mut buf);
             }
@@ -272,6 +345,9 @@ impl Net {
         let end = self.now + d;
         while self.now < end {
             self.now += TIMER_TICK;
+            if let Some(advance) = self.on_advance {
+                advance(TIMER_TICK);
+            }
             for host in self.hosts.values_mut() {
                 match host {
                     Host::Node { core, .. } => core.handle_timeout(self.now),
