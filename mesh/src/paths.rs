@@ -70,6 +70,21 @@ impl Mesh {
             .collect()
     }
 
+    /// Node peers with no direct path (relayed, or not yet anywhere) that
+    /// we sent to within `silence` but that sent nothing back for longer:
+    /// WireGuard answers data within its keepalive time, so the way there
+    /// (the relay's introduction, the peer's process) is gone.
+    pub fn silent_relayed_peers(&self, now: Instant, silence: Duration) -> Vec<PeerId> {
+        let recent =
+            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < silence);
+        self.peers
+            .values()
+            .filter(|p| p.endpoint.is_none() && p.role == crate::PeerRole::Node)
+            .filter(|p| recent(p.last_tx) && !recent(p.last_rx))
+            .map(|p| p.id)
+            .collect()
+    }
+
     /// One round of hole punching toward the peer: before a session, our
     /// certificate and the last handshake initiation again to every
     /// candidate (and through the relay); with a session but no direct path,

@@ -231,6 +231,7 @@ impl Net {
             return;
         };
         self.delivered += 1;
+        let _host = tracing::debug_span!("host", at = %host).entered();
         match self.hosts.get_mut(&host) {
             Some(Host::Node { core, tun }) => {
                 if let Some(p) = core.handle_datagram(source, &t.payload, buf, self.now) {
@@ -348,7 +349,8 @@ impl Net {
             if let Some(advance) = self.on_advance {
                 advance(TIMER_TICK);
             }
-            for host in self.hosts.values_mut() {
+            for (at, host) in self.hosts.iter_mut() {
+                let _host = tracing::debug_span!("host", %at).entered();
                 match host {
                     Host::Node { core, .. } => core.handle_timeout(self.now),
                     Host::Lighthouse(core) => core.handle_timeout(self.now),
@@ -381,6 +383,7 @@ impl Net {
         let now = self.now;
         let mut out = vec![0u8; 65_536];
         let from = addr(at);
+        let _host = tracing::debug_span!("host", at).entered();
         let (core, _) = self.node(at);
         let sent = core
             .handle_tun_packet(packet, &mut out, now)

@@ -493,6 +493,7 @@ impl NodeCore {
         self.drive_routes(now);
         self.refresh_relays();
         self.drive_direct_liveness(now);
+        self.drive_relayed_liveness(now);
         self.drive_attempts(now);
         self.drive_pings(now);
         self.drive_finds(now);
@@ -732,6 +733,23 @@ impl NodeCore {
         self.advertise_services(Some(from_peer), now);
         self.advertise_zones(Some(from_peer), now);
         if first_registration {
+            // A lighthouse that restarted (or one met anew) relays only
+            // for pairs it introduced itself: ask again for every peer
+            // with no direct path (reached through a relay, whose
+            // choice waits on this registration), so that it introduces
+            // the pair
+            // once both are registered (the peer does the same when it
+            // registers), instead of the path staying dead.
+            let relayed: Vec<Ipv4Addr> = self
+                .mesh
+                .peer_statuses()
+                .into_iter()
+                .filter(|p| p.role == PeerRole::Node && p.endpoint.is_none())
+                .map(|p| p.overlay_ip)
+                .collect();
+            for ip in relayed {
+                self.send_query(ip, now);
+            }
             // Learn the routes and zones now, not an interval
             // later: a CI job's first connection (and its first
             // name) follows `tern up` at once.

@@ -41,6 +41,11 @@ pub(super) struct Attempt {
     pub(super) may_give_up: bool,
 }
 
+/// WireGuard answers data within its keepalive time (10 s) and starts a
+/// new handshake after 15 s without an answer: a peer silent this long is
+/// not reached.
+pub const RELAYED_SILENCE: Duration = Duration::from_secs(15);
+
 impl NodeCore {
     /// How long a peer may go without a direct path before it is relayed.
     pub fn set_relay_after(&mut self, relay_after: Duration) {
@@ -92,6 +97,34 @@ impl NodeCore {
                     self.drain_mesh_events(now);
                 }
                 Some(_) => {}
+            }
+        }
+    }
+
+    /// A peer with no direct path that has answered nothing for
+    /// [`RELAYED_SILENCE`] while we send (its relay no longer introduces
+    /// us — a lighthouse restarted —, or its process restarted and knows
+    /// us no more) is asked of the lighthouses again, at most every
+    /// [`RELAYED_SILENCE`]: the answer introduces the pair anew and has the
+    /// peer punch (and learn us) again.
+    pub(super) fn drive_relayed_liveness(&mut self, now: Instant) {
+        let silent = self.mesh.silent_relayed_peers(now, RELAYED_SILENCE);
+        self.punch
+            .relayed_requeries
+            .retain(|p, _| silent.contains(p));
+        for peer in silent {
+            let due = self
+                .punch
+                .relayed_requeries
+                .get(&peer)
+                .is_none_or(|t| now.saturating_duration_since(*t) >= RELAYED_SILENCE);
+            if !due {
+                continue;
+            }
+            self.punch.relayed_requeries.insert(peer, now);
+            if let Some(ip) = self.mesh.peer_cert(peer).map(|c| c.overlay_ip()) {
+                tracing::debug!(overlay_ip = %ip, "relayed peer silent; asking the lighthouses again");
+                self.send_query(ip, now);
             }
         }
     }
@@ -213,6 +246,9 @@ pub(super) struct Punching {
     pub(super) relay_after: Duration,
     /// Direct paths asked whether they still work, and when.
     pub(super) direct_probes: HashMap<PeerId, Instant>,
+    /// Silent peers without a direct path asked of the lighthouses again,
+    /// and when.
+    pub(super) relayed_requeries: HashMap<PeerId, Instant>,
 }
 
 impl Default for Punching {
@@ -221,6 +257,7 @@ impl Default for Punching {
             attempts: HashMap::new(),
             relay_after: tern_shared::config::DEFAULT_RELAY_AFTER,
             direct_probes: HashMap::new(),
+            relayed_requeries: HashMap::new(),
         }
     }
 }

@@ -46,7 +46,13 @@ pub(super) struct AssignedRelays {
     by_peer: HashMap<Ipv4Addr, (PeerId, SocketAddr)>,
     /// Relay nodes asked whether they are alive, and when.
     probes: HashMap<PeerId, Instant>,
+    /// Relay nodes found silent, and when: a lighthouse naming one again
+    /// soon (its choice is the same for the same pair) is not followed.
+    silent: HashMap<SocketAddr, Instant>,
 }
+
+/// How long a relay node found silent is not used again.
+const SILENT_RELAY_SHUNNED: Duration = Duration::from_secs(60);
 
 impl NodeCore {
     /// Relays for pairs that lighthouses hand to this node, `packets_per_sec`
@@ -182,6 +188,12 @@ impl NodeCore {
         if relay_ip == peer_ip || relay_ip == self.overlay_ip {
             return;
         }
+        let shunned = &mut self.assigned_relays.silent;
+        shunned.retain(|_, at| now.saturating_duration_since(*at) < SILENT_RELAY_SHUNNED);
+        if shunned.contains_key(&relay_at) {
+            tracing::debug!(peer = %peer_ip, relay = %relay_at, "a lighthouse names a relay node found silent lately; staying on the lighthouses' relay");
+            return;
+        }
         let Some(relay_peer) = self.mesh.add_peer(cert, &[relay_at], PeerRole::Node, now) else {
             return;
         };
@@ -272,6 +284,9 @@ impl NodeCore {
                 Some(sent) if now.saturating_duration_since(sent) >= GATEWAY_SILENCE => {
                     tracing::info!(relay = %at, "relay node silent; its peers go back to the lighthouses' relay");
                     self.assigned_relays.probes.remove(&relay_peer);
+                    if self.assigned_relays.silent.len() < MAX_ASSIGNED {
+                        self.assigned_relays.silent.insert(at, now);
+                    }
                     self.assigned_relays
                         .by_peer
                         .retain(|_, (p, _)| *p != relay_peer);
