@@ -14,10 +14,16 @@ use chacha20poly1305::XChaCha20Poly1305;
 use rand_core::OsRng;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use std::convert::TryInto;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+#[cfg(not(feature = "mock-instant"))]
+use std::time::SystemTime;
 
 #[cfg(feature = "mock-instant")]
 use mock_instant::Instant;
+// Tern's change (PATCHES.md): with the mock clock, the handshake timestamp's
+// wall-clock part is mocked too, so that it moves with the mocked Instant.
+#[cfg(feature = "mock-instant")]
+use mock_instant::SystemTime;
 
 pub(crate) const LABEL_MAC1: &[u8; 8] = b"mac1----";
 pub(crate) const LABEL_COOKIE: &[u8; 8] = b"cookie--";
