@@ -73,8 +73,9 @@ fn hostile_payload(rng: &mut Rng, i: usize) -> Vec<u8> {
     }
 }
 
-#[test]
-fn a_peer_with_a_valid_certificate_sending_garbage_is_counted_and_dropped() {
+/// A lighthouse, honest nodes a and b, and h, whose certificate is as
+/// valid as theirs; `relayed`: a and b cannot reach each other directly.
+fn mesh_with_hostile_node(relayed: bool) -> Net {
     let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
     let mut net = Net::new();
     net.add_lighthouse(
@@ -84,7 +85,17 @@ fn a_peer_with_a_valid_certificate_sending_garbage_is_counted_and_dropped() {
     net.add_node(&ca, &ca.node("a", "100.64.0.5/10", &[], &[], 86_400), A);
     net.add_node(&ca, &ca.node("b", "100.64.0.6/10", &[], &[], 86_400), B);
     net.add_node(&ca, &ca.node("h", "100.64.0.66/10", &[], &[], 86_400), H);
+    if relayed {
+        net.blocked
+            .push(("198.18.0.2".parse().unwrap(), "198.18.0.3".parse().unwrap()));
+    }
     net.run_for(Duration::from_secs(1));
+    net
+}
+
+#[test]
+fn a_peer_with_a_valid_certificate_sending_garbage_is_counted_and_dropped() {
+    let mut net = mesh_with_hostile_node(false);
 
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let rounds = 40;
@@ -174,19 +185,8 @@ fn a_peer_with_a_valid_certificate_sending_garbage_is_counted_and_dropped() {
 /// valid certificate: the honest pair goes on.
 #[test]
 fn replayed_datagrams_deliver_once_and_a_lookup_flood_changes_nothing_for_others() {
-    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
-    let mut net = Net::new();
-    net.add_lighthouse(
-        &ca,
-        &ca.node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400),
-    );
     // a and b cannot reach each other directly: the lighthouse relays.
-    net.add_node(&ca, &ca.node("a", "100.64.0.5/10", &[], &[], 86_400), A);
-    net.add_node(&ca, &ca.node("b", "100.64.0.6/10", &[], &[], 86_400), B);
-    net.add_node(&ca, &ca.node("h", "100.64.0.66/10", &[], &[], 86_400), H);
-    net.blocked
-        .push(("198.18.0.2".parse().unwrap(), "198.18.0.3".parse().unwrap()));
-    net.run_for(Duration::from_secs(1));
+    let mut net = mesh_with_hostile_node(true);
     let first = build_udp_ipv4(A_IP, B_IP, 5000, 6000, b"first");
     net.send_from_tun(A, &first);
     net.run_for(Duration::from_secs(3));
