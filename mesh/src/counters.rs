@@ -45,6 +45,11 @@ pub struct MeshCounters {
     pub packets_out: u64,
     #[serde(default)]
     pub bytes_out: u64,
+    /// Handshake messages answered with a cookie reply because the node was
+    /// under load (past its handshake rate limit, without a valid cookie
+    /// MAC): not processed, the sender asked to prove its address first.
+    #[serde(default)]
+    pub cookie_replies: u64,
 }
 
 impl MeshCounters {

@@ -1580,6 +1580,44 @@ mod tests {
     }
 
     #[test]
+    fn an_initiation_flood_past_the_limit_gets_cookie_replies_and_they_are_counted() {
+        let (_, mut b, now) = setup(&[]);
+        let limit = 5;
+        b.mesh.set_admission_rates(100, limit, now);
+        // Initiations from a key no certificate carries, each with a fresh
+        // ephemeral key, all within boringtun's one-second window.
+        let stranger = StaticSecret::from([7u8; 32]);
+        let mut initiation = vec![0u8; 256];
+        let from: SocketAddr = "198.18.0.66:4242".parse().unwrap();
+        let (mut buf, mut cookie_replies_sent) = (vec![0u8; 4096], 0);
+        let flood = 20;
+        for i in 0..flood {
+            let mut tunn = Tunn::new(stranger.clone(), b.mesh.public, None, None, i, None);
+            let TunnResult::WriteToNetwork(init) =
+                tunn.format_handshake_initiation(&mut initiation, true)
+            else {
+                panic!("no initiation formatted");
+            };
+            let init = init.to_vec();
+            b.mesh.handle_datagram(from, &init, &mut buf, now);
+            while let Some(t) = b.mesh.poll_transmit() {
+                if t.payload.first() == Some(&3) {
+                    assert_eq!(t.payload.len(), 64, "a cookie reply");
+                    assert_eq!(t.dst, from);
+                    cookie_replies_sent += 1;
+                }
+            }
+        }
+        let counters = b.mesh.counters();
+        assert_eq!(
+            counters.unknown_handshake_keys, limit,
+            "under the limit, opened"
+        );
+        assert_eq!(counters.cookie_replies, u64::from(flood) - limit);
+        assert_eq!(cookie_replies_sent, counters.cookie_replies);
+    }
+
+    #[test]
     fn a_hello_flood_from_one_address_leaves_room_for_other_addresses() {
         let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
         let na = ca.node("a", "100.64.0.5/10", &[], &[], 86_400);

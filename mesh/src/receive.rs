@@ -52,6 +52,7 @@ impl Mesh {
         {
             Ok(_) => true,
             Err(TunnResult::WriteToNetwork(reply)) => {
+                self.counters.cookie_replies += 1;
                 self.transmits.push_back(via.transmit(reply));
                 false
             }
@@ -81,6 +82,7 @@ impl Mesh {
             Ok(Packet::HandshakeInit(init)) => init,
             Ok(_) => return None,
             Err(TunnResult::WriteToNetwork(reply)) => {
+                self.counters.cookie_replies += 1;
                 self.transmits.push_back(via.transmit(reply));
                 return None;
             }

@@ -1216,4 +1216,5 @@ mod tests {
 }
 pub mod nat;
 pub mod report;
+pub mod soak;
 pub mod tern;

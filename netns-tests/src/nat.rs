@@ -113,6 +113,27 @@ pub fn site(lab: &Lab, name: &str, nat: Nat, public_ip: &str, inside: u8) -> Sit
     }
 }
 
+/// Drops 5 % of the packets `router` forwards, both ways (`on`), or
+/// stops dropping them.
+pub fn forward_loss(router: &Ns, on: bool) {
+    let op = if on { "-I" } else { "-D" };
+    router.run(
+        "iptables",
+        [
+            op,
+            "FORWARD",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.05",
+            "-j",
+            "DROP",
+        ],
+    );
+}
+
 /// The lab's IPv6 internet: 2001:db8::/64 on the wan, where host `n` of
 /// [`world_v6`] is 2001:db8::`n`.
 fn wan_v6(n: u8) -> String {

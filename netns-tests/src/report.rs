@@ -82,10 +82,70 @@ pub fn machine_line() -> String {
     )
 }
 
+/// A field of `/proc/PID/status` in kB (`VmRSS`, `VmHWM`), if readable.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 if unreadable).
+pub fn clock_ticks() -> f64 {
+    command_output("getconf", &["CLK_TCK"])
+        .parse()
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (utime + stime, all threads) process `pid` has used.
+pub fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// Busy and total jiffies of the whole machine (`/proc/stat`'s cpu line).
+pub fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle and iowait are the fourth and fifth.
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Jain's fairness index of `v`: 1 when all are equal, 1/n when one has all.
+pub fn jain_fairness(v: &[f64]) -> f64 {
+    let sum: f64 = v.iter().sum();
+    let squares: f64 = v.iter().map(|x| x * x).sum();
+    if v.is_empty() || squares == 0.0 {
+        return f64::NAN;
+    }
+    sum * sum / (v.len() as f64 * squares)
+}
+
 /// Replaces the section between `<!-- bench:NAME:start -->` and its end
 /// marker in BENCHMARKS.md with `table` (appends it when missing).
 pub fn write_section(name: &str, table: &str) -> std::io::Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    write_section_in("BENCHMARKS.md", name, table)
+}
+
+/// [`write_section`] in another file at the repository's root
+/// (RELIABILITY.md, say).
+pub fn write_section_in(file: &str, name: &str, table: &str) -> std::io::Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let (start, end) = (
         format!("<!-- bench:{name}:start -->"),
@@ -171,5 +231,10 @@ mod tests {
         assert!(number::<u32>(Some("0".into()), "--reps", 1, 20).is_err());
         assert!(number::<u32>(Some("x".into()), "--reps", 1, 20).is_err());
         assert!(number::<u32>(None, "--reps", 1, 20).is_err());
+        assert_eq!(jain_fairness(&[2.0, 2.0, 2.0]), 1.0);
+        assert_eq!(jain_fairness(&[4.0, 0.0, 0.0, 0.0]), 0.25);
+        assert!(jain_fairness(&[]).is_nan());
+        assert!(proc_status_kb(std::process::id(), "VmRSS").is_some_and(|kb| kb > 0));
+        assert!(proc_cpu_seconds(std::process::id()).is_some());
     }
 }

@@ -286,21 +286,7 @@ fn handshake_and_transfer_complete_with_five_percent_loss() {
     let w = world("natloss", Nat::PortPreserving, Nat::PortPreserving);
     for site in [&w.a, &w.b] {
         let nat = site.nat.as_ref().unwrap_or_else(|| unreachable!());
-        nat.run(
-            "iptables",
-            [
-                "-I",
-                "FORWARD",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                "0.05",
-                "-j",
-                "DROP",
-            ],
-        );
+        forward_loss(nat, true);
     }
     wait_until(
         "a pings b despite the loss",

@@ -274,6 +274,7 @@ pub fn mesh(
             ("unknown_key", c.unknown_handshake_keys),
             ("rate_limited", c.rate_limited),
             ("wireguard_error", c.wireguard_errors),
+            ("cookie_reply", c.cookie_replies),
         ],
     );
     e.counter_by(

@@ -87,8 +87,13 @@ pub fn render(
     );
     e.counter(
         "tern_gateway_failovers_total",
-        "Routed subnets moved to another gateway because the one in use stopped answering.",
+        "Routed subnets moved to another gateway because the one in use stopped answering or left.",
         n.gateway_failovers,
+    );
+    e.counter(
+        "tern_peers_left_total",
+        "Peers that said they were leaving (a stopping daemon), forgotten at once.",
+        n.peers_left,
     );
     e.counter(
         "tern_gateways_unauthorized_total",

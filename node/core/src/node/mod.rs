@@ -67,6 +67,10 @@ pub struct NodeCounters {
     /// Relay requests to a node that does not relay (`[relay]` off).
     #[serde(default)]
     pub relay_requests_refused: u64,
+    /// Peers that said they were leaving (`tern down`, a stopping
+    /// daemon), forgotten at once.
+    #[serde(default)]
+    pub peers_left: u64,
 }
 
 /// What the core tells its shell besides datagrams to send: one queue,
@@ -533,6 +537,9 @@ impl NodeCore {
     }
 
     /// Tells every lighthouse we are leaving, so peers stop being sent our way.
+    /// Leaving: the lighthouses forget this node, and so does every peer
+    /// it has a session with (at once, instead of when the session idles
+    /// out; a gateway's clients fail over at once).
     pub fn shutdown(&mut self, now: Instant) {
         for i in 0..self.links.len() {
             if let LinkState::Up {
@@ -543,6 +550,30 @@ impl NodeCore {
                 self.send_control(peer, overlay_ip, &ControlMessage::Deregister { id }, now);
             }
         }
+        let peers: Vec<(PeerId, Ipv4Addr)> = self
+            .mesh
+            .peer_statuses()
+            .into_iter()
+            .filter(|p| p.role == PeerRole::Node && self.mesh.is_connected(p.id))
+            .map(|p| (p.id, p.overlay_ip))
+            .collect();
+        for (peer, overlay_ip) in peers {
+            let id = self.request_id();
+            self.send_control(peer, overlay_ip, &ControlMessage::Deregister { id }, now);
+        }
+    }
+
+    /// A peer said it is leaving (over its own session, so only about
+    /// itself): forgotten at once, and routes through it move on.
+    fn peer_left(&mut self, peer: PeerId, now: Instant) {
+        let Some(cert) = self.mesh.peer_cert(peer) else {
+            return;
+        };
+        let (ip, name) = (cert.overlay_ip(), cert.name().to_string());
+        tracing::info!(peer = %name, overlay_ip = %ip, "peer left");
+        self.counters.peers_left += 1;
+        self.gateway_left(ip, now);
+        self.mesh.remove_peer(peer);
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -682,6 +713,7 @@ impl NodeCore {
             }
             // Its arrival already counted as hearing from the peer.
             Ok(ControlMessage::Pong { id }) => self.pong(peer, id, now),
+            Ok(ControlMessage::Deregister { .. }) => self.peer_left(peer, now),
             Ok(ControlMessage::DnsQuery { id, query }) => {
                 self.serve_dns_query(peer, id, query, now)
             }

@@ -23,6 +23,15 @@ pub const GATEWAY_SILENCE: Duration = Duration::from_millis(1500);
 /// How long a silent gateway is passed over.
 pub(super) const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
 
+/// How long a gateway stays a candidate for a subnet after a lighthouse's
+/// route list stops naming it. A lighthouse that has just restarted lists
+/// only the gateways that registered with it again since (they do within
+/// a few registration intervals); taking its list at its word would move
+/// the route, and cut every connection through the gateway in use. A
+/// gateway that really stopped advertising the subnet is dropped after
+/// this.
+pub const ROUTE_GRACE: Duration = Duration::from_secs(20);
+
 /// A routed subnet as `tern status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouteStatus {
@@ -68,6 +77,8 @@ pub(super) struct GatewayCandidate {
     pub(super) overlay_ip: Ipv4Addr,
     pub(super) name: String,
     pub(super) down_until: Option<Instant>,
+    /// Since when the route lists no longer name it (see [`ROUTE_GRACE`]).
+    pub(super) missing_since: Option<Instant>,
 }
 
 impl NodeCore {
@@ -121,6 +132,24 @@ impl NodeCore {
             r.active = Some(ip);
         }
         Some(ip)
+    }
+
+    /// A gateway said it is leaving: routes through it move to another
+    /// gateway at once (it is passed over like a silent one), instead of
+    /// after the probe finds it silent.
+    pub(super) fn gateway_left(&mut self, gateway: Ipv4Addr, now: Instant) {
+        for r in &mut self.routes.list {
+            let listed = r.gateways.iter().any(|g| g.overlay_ip == gateway);
+            for g in r.gateways.iter_mut().filter(|g| g.overlay_ip == gateway) {
+                g.down_until = Some(now + GATEWAY_HOLD_DOWN);
+            }
+            if listed && r.active == Some(gateway) {
+                tracing::info!(subnet = %r.subnet, %gateway, "gateway left; failing over");
+                r.active = None;
+                r.probe_sent = None;
+                self.counters.gateway_failovers += 1;
+            }
+        }
     }
 
     pub(super) fn refuse_gateway(&mut self, gateway: Ipv4Addr, dst: Ipv4Addr) {
@@ -337,7 +366,7 @@ impl NodeCore {
         for r in &mut self.routes.list {
             let fresh = by_subnet.remove(&r.subnet).unwrap_or_default();
             let old = std::mem::take(&mut r.gateways);
-            r.gateways = fresh
+            let mut gateways: Vec<GatewayCandidate> = fresh
                 .iter()
                 .map(|a| GatewayCandidate {
                     overlay_ip: a.gateway,
@@ -346,8 +375,24 @@ impl NodeCore {
                         .iter()
                         .find(|g| g.overlay_ip == a.gateway)
                         .and_then(|g| g.down_until),
+                    missing_since: None,
                 })
                 .collect();
+            // Those the list no longer names stay a while (ROUTE_GRACE),
+            // after the ones it names.
+            for g in old {
+                if gateways.iter().any(|n| n.overlay_ip == g.overlay_ip) {
+                    continue;
+                }
+                let since = g.missing_since.unwrap_or(now);
+                if now.saturating_duration_since(since) < ROUTE_GRACE {
+                    gateways.push(GatewayCandidate {
+                        missing_since: Some(since),
+                        ..g
+                    });
+                }
+            }
+            r.gateways = gateways;
             if r.active
                 .is_some_and(|a| !r.gateways.iter().any(|g| g.overlay_ip == a))
             {
@@ -395,6 +440,7 @@ impl NodeCore {
                         overlay_ip: a.gateway,
                         name: a.name.clone(),
                         down_until: None,
+                        missing_since: None,
                     })
                     .collect(),
                 active: None,

@@ -117,6 +117,7 @@ impl NodeCore {
                 overlay_ip: a.gateway,
                 name: a.name,
                 down_until,
+                missing_since: None,
             });
         }
         for (zone, gws) in &zones {
