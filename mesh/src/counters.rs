@@ -50,6 +50,10 @@ pub struct MeshCounters {
     /// MAC): not processed, the sender asked to prove its address first.
     #[serde(default)]
     pub cookie_replies: u64,
+    /// Handshake messages under load that got no cookie reply either: over
+    /// the budget of their source address or of all sources (dropped).
+    #[serde(default)]
+    pub cookie_replies_withheld: u64,
 }
 
 impl MeshCounters {

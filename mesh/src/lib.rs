@@ -94,6 +94,16 @@ const HELLO_RATE: u32 = 100;
 /// flood from one address takes its share and no more, and the others
 /// still join (many nodes behind one NAT address join at this pace).
 const HELLOS_PER_SOURCE: u32 = 50;
+/// Cookie replies sent per second from one source address (an IPv4
+/// address, an IPv6 /64) while under load. WireGuard retries an
+/// initiation after 5 s, so an honest initiator needs one; a flood from an
+/// address gets no more than this, and the rest of it costs no send.
+const COOKIE_REPLIES_PER_SOURCE: u32 = 2;
+/// Cookie replies sent per second from all sources together: each is a
+/// datagram of its own, so without a bound a flood of initiations costs a
+/// send each, and the socket's buffer overflows with what the daemon has
+/// no time left to read: honest peers' packets among them.
+const COOKIE_REPLIES_PER_SEC: u32 = 10_000;
 
 /// A peer's slot in the table. It is also the upper 24 bits of the WireGuard
 /// session index, so an incoming transport packet finds its peer in one lookup.
@@ -321,6 +331,10 @@ pub struct Mesh {
     session_limiter: Arc<RateLimiter>,
     /// Hellos answered or verified: per source address, and all together.
     hello_admission: SourceLimiter,
+    /// Cookie replies sent under load: per source address, and all together.
+    cookie_admission: SourceLimiter,
+    /// Handshake messages a second before cookies are demanded.
+    handshake_rate: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<MeshEvent>,
     counters: MeshCounters,
@@ -432,6 +446,13 @@ impl Mesh {
             by_key: HashMap::new(),
             known_certs: HashMap::new(),
             hello_admission: hello_admission(HELLO_RATE, now),
+            cookie_admission: SourceLimiter::by(
+                HOST_PREFIXES,
+                COOKIE_REPLIES_PER_SOURCE,
+                COOKIE_REPLIES_PER_SEC,
+                now,
+            ),
+            handshake_rate: HANDSHAKE_RATE_LIMIT,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: MeshCounters::default(),
@@ -475,7 +496,7 @@ impl Mesh {
         self.ca = ca;
         self.own_cert = own_cert.clone();
         if new_key {
-            self.rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+            self.rate_limiter = Arc::new(RateLimiter::new(&public, self.handshake_rate));
             self.session_limiter = Arc::new(RateLimiter::new(&public, u64::MAX));
             for p in self.peers.values_mut() {
                 p.tunn.set_static_private(
@@ -527,6 +548,7 @@ impl Mesh {
         now: Instant,
     ) {
         self.hello_admission = hello_admission(hellos_per_sec, now);
+        self.handshake_rate = handshakes_per_sec;
         self.rate_limiter = Arc::new(RateLimiter::new(&self.public, handshakes_per_sec));
     }
 
@@ -1613,8 +1635,45 @@ mod tests {
             counters.unknown_handshake_keys, limit,
             "under the limit, opened"
         );
-        assert_eq!(counters.cookie_replies, u64::from(flood) - limit);
+        // One source address: its two cookie replies this second, and the
+        // rest dropped unanswered.
+        assert_eq!(
+            counters.cookie_replies,
+            u64::from(COOKIE_REPLIES_PER_SOURCE)
+        );
+        assert_eq!(
+            counters.cookie_replies_withheld,
+            u64::from(flood) - limit - u64::from(COOKIE_REPLIES_PER_SOURCE)
+        );
         assert_eq!(cookie_replies_sent, counters.cookie_replies);
+
+        // Another address still gets its cookie; a second later the first
+        // one gets its two again.
+        let other: SocketAddr = "198.18.0.67:4242".parse().unwrap();
+        let mut tunn = Tunn::new(stranger.clone(), b.mesh.public, None, None, 99, None);
+        let TunnResult::WriteToNetwork(init) =
+            tunn.format_handshake_initiation(&mut initiation, true)
+        else {
+            panic!("no initiation formatted");
+        };
+        let init = init.to_vec();
+        b.mesh.handle_datagram(other, &init, &mut buf, now);
+        let replies: Vec<Transmit> = std::iter::from_fn(|| b.mesh.poll_transmit()).collect();
+        assert!(
+            replies
+                .iter()
+                .any(|t| t.dst == other && t.payload.first() == Some(&3)),
+            "{replies:?}"
+        );
+        let later = now + Duration::from_millis(1100);
+        b.mesh.handle_timeout(later);
+        for _ in 0..limit + 3 {
+            b.mesh.handle_datagram(from, &init, &mut buf, later);
+        }
+        assert_eq!(
+            b.mesh.counters().cookie_replies,
+            u64::from(2 * COOKIE_REPLIES_PER_SOURCE) + 1
+        );
     }
 
     #[test]

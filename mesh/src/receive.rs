@@ -19,7 +19,7 @@ impl Mesh {
                 None => return Received::Nothing,
             }
         } else {
-            if datagram[0] == 2 && !self.admit_response(from, datagram) {
+            if datagram[0] == 2 && !self.admit_response(from, datagram, now) {
                 return Received::Nothing;
             }
             // Our session index: bytes 8..12 of a handshake response (after
@@ -44,7 +44,7 @@ impl Mesh {
     /// Counts an answer to our handshake against the handshake rate limit
     /// (the sessions' own limiter only checks MACs): under load, only with
     /// a valid cookie MAC, else a cookie reply goes back.
-    pub(crate) fn admit_response(&mut self, via: Via, datagram: &[u8]) -> bool {
+    pub(crate) fn admit_response(&mut self, via: Via, datagram: &[u8], now: Instant) -> bool {
         let mut cookie = [0u8; 64];
         match self
             .rate_limiter
@@ -52,14 +52,25 @@ impl Mesh {
         {
             Ok(_) => true,
             Err(TunnResult::WriteToNetwork(reply)) => {
-                self.counters.cookie_replies += 1;
-                self.transmits.push_back(via.transmit(reply));
+                self.send_cookie_reply(via, reply, now);
                 false
             }
             Err(_) => {
                 self.counters.wireguard_errors += 1;
                 false
             }
+        }
+    }
+
+    /// Under load: a cookie reply goes back while the source's and
+    /// everyone's budgets allow; past them the message is dropped
+    /// unanswered (its sender retries as after a loss).
+    fn send_cookie_reply(&mut self, via: Via, reply: &[u8], now: Instant) {
+        if self.cookie_admission.admit(via.addr(), now) {
+            self.counters.cookie_replies += 1;
+            self.transmits.push_back(via.transmit(reply));
+        } else {
+            self.counters.cookie_replies_withheld += 1;
         }
     }
 
@@ -82,8 +93,7 @@ impl Mesh {
             Ok(Packet::HandshakeInit(init)) => init,
             Ok(_) => return None,
             Err(TunnResult::WriteToNetwork(reply)) => {
-                self.counters.cookie_replies += 1;
-                self.transmits.push_back(via.transmit(reply));
+                self.send_cookie_reply(via, reply, now);
                 return None;
             }
             Err(_) => {

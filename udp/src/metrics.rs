@@ -275,6 +275,7 @@ pub fn mesh(
             ("rate_limited", c.rate_limited),
             ("wireguard_error", c.wireguard_errors),
             ("cookie_reply", c.cookie_replies),
+            ("cookie_withheld", c.cookie_replies_withheld),
         ],
     );
     e.counter_by(

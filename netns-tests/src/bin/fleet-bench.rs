@@ -46,6 +46,8 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(60);
 struct Args {
     nodes: usize,
     seconds: u32,
+    /// Each node's offered load in the paced round, Mbit/s.
+    rate: u32,
     write: bool,
 }
 
@@ -53,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         nodes: 50,
         seconds: 10,
+        rate: 10,
         write: false,
     };
     let mut it = std::env::args().skip(1);
@@ -60,10 +63,11 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--nodes" => args.nodes = number(it.next(), "--nodes", 1, 100)?,
             "--seconds" => args.seconds = number(it.next(), "--seconds", 1, 60)?,
+            "--rate" => args.rate = number(it.next(), "--rate", 1, 10_000)?,
             "--write" => args.write = true,
             "-h" | "--help" => {
                 return Err(
-                    "usage: fleet-bench [--nodes N (1-100, default 50)] [--seconds S (1-60, default 10)] [--write]"
+                    "usage: fleet-bench [--nodes N (1-100, default 50)] [--seconds S (1-60, default 10)] [--rate MBIT (per node in the paced round, default 10)] [--write]"
                         .into(),
                 )
             }
@@ -166,6 +170,12 @@ struct Throughput {
     machine_cpu_s: f64,
     /// The gateway daemon's CPU seconds over the round (tunnel only).
     gateway_cpu_s: Option<f64>,
+    /// The CI nodes' daemons' CPU seconds over the round, together.
+    nodes_cpu_s: Option<f64>,
+    /// Datagrams the gateway's UDP socket had no room for.
+    gateway_rcvbuf_errors: u64,
+    /// TCP retransmits iperf3 reported, all streams.
+    retransmits: u64,
 }
 
 impl Throughput {
@@ -191,11 +201,45 @@ impl Throughput {
     }
 }
 
+/// UDP datagrams dropped for want of socket buffer in `ns`
+/// (`RcvbufErrors` of its `/proc/net/snmp`).
+fn rcvbuf_errors(ns: &Ns) -> u64 {
+    let snmp = ns.exec("cat", ["/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&snmp.stdout);
+    let udp: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("Udp:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    match udp.as_slice() {
+        [names, values, ..] => names
+            .iter()
+            .position(|n| *n == "RcvbufErrors")
+            .and_then(|i| values.get(i)?.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// CPU seconds the processes `pids` used, together (None if one is gone).
+fn cpu_of(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|p| proc_cpu_seconds(*p)).sum()
+}
+
 /// Every CI host runs iperf3 to its own server port for `seconds`, all at
-/// once.
-fn throughput(f: &Fleet, seconds: u32, gateway_pid: Option<u32>, label: &str) -> Throughput {
+/// once, as fast as it can or at `rate_mbit` each. `gateway_pid` and
+/// `node_pids`: the daemons whose CPU is counted.
+fn throughput(
+    f: &Fleet,
+    seconds: u32,
+    rate_mbit: Option<u32>,
+    gateway_pid: Option<u32>,
+    node_pids: &[u32],
+    label: &str,
+) -> Throughput {
     let busy = |j: Option<(u64, u64)>| j.map_or(0, |(b, _)| b);
     let (j0, g0) = (machine_jiffies(), gateway_pid.and_then(proc_cpu_seconds));
+    let (n0, r0) = (cpu_of(node_pids), rcvbuf_errors(&f.gw));
     let secs = seconds.to_string();
     let clients: Vec<Proc> = f
         .cis
@@ -203,11 +247,12 @@ fn throughput(f: &Fleet, seconds: u32, gateway_pid: Option<u32>, label: &str) ->
         .enumerate()
         .map(|(i, ns)| {
             let port = (FIRST_PORT + i as u16).to_string();
-            ns.spawn(
-                "iperf3",
-                ["-c", SERVER, "-p", port.as_str(), "-t", secs.as_str(), "-J"],
-                &format!("iperf3-{label}-{}", ci_name(i)),
-            )
+            let mut args = vec!["-c", SERVER, "-p", port.as_str(), "-t", secs.as_str(), "-J"];
+            let rate = rate_mbit.map(|r| format!("{r}M"));
+            if let Some(r) = &rate {
+                args.extend(["-b", r.as_str()]);
+            }
+            ns.spawn("iperf3", args, &format!("iperf3-{label}-{}", ci_name(i)))
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 30);
@@ -215,11 +260,14 @@ fn throughput(f: &Fleet, seconds: u32, gateway_pid: Option<u32>, label: &str) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     let (j1, g1) = (machine_jiffies(), gateway_pid.and_then(proc_cpu_seconds));
+    let (n1, r1) = (cpu_of(node_pids), rcvbuf_errors(&f.gw));
     let ticks = tern_netns_tests::report::clock_ticks();
     let mut gbps = Vec::new();
     let mut bytes = 0.0;
+    let mut retransmits = 0;
     for c in &clients {
         let json: serde_json::Value = serde_json::from_str(&c.log()).unwrap_or_default();
+        retransmits += json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
         let received = &json["end"]["sum_received"];
         match (
             received["bits_per_second"].as_f64(),
@@ -240,6 +288,13 @@ fn throughput(f: &Fleet, seconds: u32, gateway_pid: Option<u32>, label: &str) ->
         bytes,
         machine_cpu_s: busy(j1).saturating_sub(busy(j0)) as f64 / ticks,
         gateway_cpu_s: g0.zip(g1).map(|(a, b)| b - a),
+        nodes_cpu_s: if node_pids.is_empty() {
+            None
+        } else {
+            n0.zip(n1).map(|(a, b)| b - a)
+        },
+        gateway_rcvbuf_errors: r1.saturating_sub(r0),
+        retransmits,
     }
 }
 
@@ -327,6 +382,210 @@ fn join_row(label: &str, times: &[Option<f64>]) -> String {
     )
 }
 
+/// Everything one run measured.
+struct Figures {
+    raw: Throughput,
+    tern: Throughput,
+    paced: Throughput,
+    join1: Vec<Option<f64>>,
+    join2: Vec<Option<f64>>,
+    /// Start to the last node's first answer, wave 1 (s).
+    span1: f64,
+    /// Handshakes the gateway completed while wave 1 joined.
+    handshakes: u64,
+    /// The gateway's VmRSS (kB): idle, wave 1 joined, after the streams,
+    /// wave 2 joined; and its VmHWM.
+    rss: [u64; 4],
+    hwm: u64,
+    /// The fleet at rest: the machine busy (% of all cores) and the node
+    /// daemons together (% of one core).
+    idle_machine_pct: f64,
+    idle_nodes_pct: f64,
+    /// Node peers still on the gateway 30 s after wave 2 stopped.
+    peers_left: usize,
+}
+
+/// Busy % of the machine and CPU % of `pids` (of one core) over `window`.
+fn at_rest(pids: &[u32], window: Duration) -> (f64, f64) {
+    let (j0, c0) = (machine_jiffies(), cpu_of(pids));
+    std::thread::sleep(window);
+    let (j1, c1) = (machine_jiffies(), cpu_of(pids));
+    let machine = j0.zip(j1).map_or(f64::NAN, |((b0, t0), (b1, t1))| {
+        100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64
+    });
+    let nodes = c0
+        .zip(c1)
+        .map_or(f64::NAN, |(a, b)| 100.0 * (b - a) / window.as_secs_f64());
+    (machine, nodes)
+}
+
+fn stop_all(nodes: Vec<Proc>) {
+    for p in &nodes {
+        p.terminate_and_wait(Duration::from_secs(10));
+    }
+}
+
+fn measure(args: &Args) -> Figures {
+    let f = build(args.nodes);
+    let dir = f.lab.dir().to_path_buf();
+    plain_routes(&f, true);
+    let raw = throughput(&f, args.seconds, None, None, &[], "raw");
+    plain_routes(&f, false);
+
+    let gw_proc = start_node(&f.gw, &dir.join("gw.toml"), "node-gw");
+    gw_proc.wait_for_log("gateway forwarding set up", Duration::from_secs(20));
+    wait_registered(&dir, "gw", Duration::from_secs(20));
+    let gw = gw_proc.pid();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle = proc_status_kb(gw, "VmRSS").unwrap_or(0);
+    let hs0 = gateway_handshakes(&dir);
+    let (wave1, join1, span1) = join(&f, 1);
+    let handshakes = gateway_handshakes(&dir).saturating_sub(hs0);
+    let rss_joined = proc_status_kb(gw, "VmRSS").unwrap_or(0);
+    let node_pids: Vec<u32> = wave1.iter().map(Proc::pid).collect();
+    let (idle_machine_pct, idle_nodes_pct) = at_rest(&node_pids, Duration::from_secs(3));
+    let tern = throughput(&f, args.seconds, None, Some(gw), &node_pids, "tern");
+    let rate = Some(args.rate);
+    let paced = throughput(&f, args.seconds, rate, Some(gw), &node_pids, "paced");
+    let rss_after_load = proc_status_kb(gw, "VmRSS").unwrap_or(0);
+    stop_all(wave1);
+    let (wave2, join2, _) = join(&f, 2);
+    let rss_wave2 = proc_status_kb(gw, "VmRSS").unwrap_or(0);
+    let hwm = proc_status_kb(gw, "VmHWM").unwrap_or(0);
+    stop_all(wave2);
+    // Nodes that said goodbye leave the gateway's peer list (the
+    // lighthouse stays).
+    let gateway_peers = || {
+        status(&dir, "gw")["peers"]
+            .as_array()
+            .map_or(usize::MAX, Vec::len)
+    };
+    let left_by = Instant::now() + Duration::from_secs(30);
+    while gateway_peers() > 1 && Instant::now() < left_by {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Figures {
+        raw,
+        tern,
+        paced,
+        join1,
+        join2,
+        span1,
+        handshakes,
+        rss: [rss_idle, rss_joined, rss_after_load, rss_wave2],
+        hwm,
+        idle_machine_pct,
+        idle_nodes_pct,
+        peers_left: gateway_peers().saturating_sub(1),
+    }
+}
+
+/// Slowest and fastest node of a round, Mbit/s.
+fn spread(t: &Throughput) -> (f64, f64) {
+    let ok: Vec<f64> = t.gbps.iter().copied().filter(|g| g.is_finite()).collect();
+    (
+        percentile(&ok, 1.0 / ok.len().max(1) as f64) * 1000.0,
+        percentile(&ok, 1.0) * 1000.0,
+    )
+}
+
+fn per_gb(cpu_s: Option<f64>, t: &Throughput) -> f64 {
+    cpu_s.map_or(f64::NAN, |s| s / (t.bytes / 1e9))
+}
+
+fn report(args: &Args, fig: &Figures) -> String {
+    let n = args.nodes;
+    let (raw, tern, paced) = (&fig.raw, &fig.tern, &fig.paced);
+    let ((raw_min, raw_max), (tern_min, tern_max)) = (spread(raw), spread(tern));
+    let (paced_min, paced_max) = spread(paced);
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    let offered = n as f64 * args.rate as f64 / 1000.0;
+    format!(
+        "## Fleet: {n} CI nodes through one gateway at once\n\n\
+         {}\n\
+         Command: `fleet-bench --nodes {n} --seconds {} --rate {}` (release build; a lighthouse, one \
+         TUN-mode gateway and {n} CI nodes, each in its own namespace on one wan; all of them \
+         and every iperf3 share this machine's cores).\n\n\
+         Join: all {n} nodes start at the same moment; the figure is each one's time from its \
+         start to its first ping answered by the private server through the gateway. Then \
+         every node runs iperf3 (one TCP stream, {} s) to its own server port in the private \
+         network, all at once, as fast as it can; the baseline is the same runs over the plain \
+         path through the gateway's namespace (routed, no tunnel), in the same run. Then the \
+         same through Tern paced at {} Mbit/s per node (iperf3 `-b`), as CI jobs fetching \
+         and pushing rather than racing. Then all nodes stop and a second wave of {n} joins.\n\n\
+         | join (ms from start to first answer) | connected | median | p90 | worst |\n\
+         |---|---|---|---|---|\n{}{}\n\
+         | {n} streams at once, as fast as they can | plain path (baseline) | through Tern | Tern / plain |\n\
+         |---|---|---|---|\n\
+         | aggregate throughput (Gbit/s) | {:.2} | {:.2} | {:.2} |\n\
+         | slowest / fastest node (Mbit/s) | {:.0} / {:.0} | {:.0} / {:.0} | |\n\
+         | fairness (Jain's index, 1 = all equal) | {:.3} | {:.3} | |\n\
+         | streams that failed | {} | {} | |\n\
+         | TCP retransmits (iperf3), all streams | {} | {} | |\n\
+         | whole machine's CPU per GB moved (s) | {:.2} | {:.2} | {:.2} |\n\
+         | the {n} CI nodes' daemons' CPU per GB, together (s) | | {:.2} | |\n\
+         | the gateway daemon's CPU per GB forwarded (s) | | {:.2} | |\n\
+         | datagrams the gateway's UDP socket dropped (no room) | | {} | |\n\n\
+         | {n} streams at once, {} Mbit/s each, through Tern | |\n|---|---|\n\
+         | delivered of offered (Gbit/s) | {:.3} of {:.3} ({:.1} %) |\n\
+         | slowest / fastest node (Mbit/s); fairness | {:.1} / {:.1}; {:.3} |\n\
+         | the gateway daemon's CPU per GB forwarded (s); whole machine's (s) | {:.2}; {:.2} |\n\n\
+         | gateway | |\n|---|---|\n\
+         | handshakes completed while wave 1 joined | {} in {:.2} s ({:.0} per second) |\n\
+         | the fleet at rest, {n} nodes joined: machine busy; the {n} daemons together (% of one core) | {:.1} %; {:.1} % |\n\
+         | RSS idle → {n} peers joined (MiB) | {:.1} → {:.1} ({:.0} KiB per peer) |\n\
+         | RSS after the streams; after wave 2 joined; high-water mark (MiB) | {:.1}; {:.1}; {:.1} |\n\
+         | node peers left on the gateway 30 s after wave 2 stopped | {} |\n",
+        machine_line(),
+        args.seconds,
+        args.rate,
+        args.seconds,
+        args.rate,
+        join_row("wave 1", &fig.join1),
+        join_row("wave 2 (after wave 1 left)", &fig.join2),
+        raw.sum_gbps(),
+        tern.sum_gbps(),
+        tern.sum_gbps() / raw.sum_gbps(),
+        raw_min,
+        raw_max,
+        tern_min,
+        tern_max,
+        raw.fairness(),
+        tern.fairness(),
+        raw.failed(),
+        tern.failed(),
+        raw.retransmits,
+        tern.retransmits,
+        raw.machine_cpu_per_gb(),
+        tern.machine_cpu_per_gb(),
+        tern.machine_cpu_per_gb() / raw.machine_cpu_per_gb(),
+        per_gb(tern.nodes_cpu_s, tern),
+        per_gb(tern.gateway_cpu_s, tern),
+        tern.gateway_rcvbuf_errors,
+        args.rate,
+        paced.sum_gbps(),
+        offered,
+        100.0 * paced.sum_gbps() / offered,
+        paced_min,
+        paced_max,
+        paced.fairness(),
+        per_gb(paced.gateway_cpu_s, paced),
+        paced.machine_cpu_per_gb(),
+        fig.handshakes,
+        fig.span1,
+        fig.handshakes as f64 / fig.span1.max(0.001),
+        fig.idle_machine_pct,
+        fig.idle_nodes_pct,
+        mib(fig.rss[0]),
+        mib(fig.rss[1]),
+        (fig.rss[1] as f64 - fig.rss[0] as f64) / n as f64,
+        mib(fig.rss[2]),
+        mib(fig.rss[3]),
+        mib(fig.hwm),
+        fig.peers_left,
+    )
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
@@ -340,120 +599,8 @@ fn main() -> ExitCode {
     {
         return ExitCode::from(2);
     }
-    let n = args.nodes;
-    let f = build(n);
-    let dir = f.lab.dir().to_path_buf();
-
-    plain_routes(&f, true);
-    let raw = throughput(&f, args.seconds, None, "raw");
-    plain_routes(&f, false);
-
-    let gw_proc = start_node(&f.gw, &dir.join("gw.toml"), "node-gw");
-    gw_proc.wait_for_log("gateway forwarding set up", Duration::from_secs(20));
-    wait_registered(&dir, "gw", Duration::from_secs(20));
-    let gw_pid = gw_proc.pid();
-    std::thread::sleep(Duration::from_secs(1));
-    let rss_idle = proc_status_kb(gw_pid, "VmRSS").unwrap_or(0);
-    let hs0 = gateway_handshakes(&dir);
-    let (wave1, join1, span1) = join(&f, 1);
-    let hs1 = gateway_handshakes(&dir);
-    let rss_joined = proc_status_kb(gw_pid, "VmRSS").unwrap_or(0);
-    let tern = throughput(&f, args.seconds, Some(gw_pid), "tern");
-    let rss_after_load = proc_status_kb(gw_pid, "VmRSS").unwrap_or(0);
-    for p in &wave1 {
-        p.terminate_and_wait(Duration::from_secs(10));
-    }
-    drop(wave1);
-    let (wave2, join2, _) = join(&f, 2);
-    let rss_wave2 = proc_status_kb(gw_pid, "VmRSS").unwrap_or(0);
-    let hwm = proc_status_kb(gw_pid, "VmHWM").unwrap_or(0);
-    for p in &wave2 {
-        p.terminate_and_wait(Duration::from_secs(10));
-    }
-    drop(wave2);
-    // Nodes that said goodbye leave the gateway's peer list (the
-    // lighthouse stays).
-    let gateway_peers = || {
-        status(&dir, "gw")["peers"]
-            .as_array()
-            .map_or(usize::MAX, Vec::len)
-    };
-    let left_by = Instant::now() + Duration::from_secs(30);
-    while gateway_peers() > 1 && Instant::now() < left_by {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let peers_left = gateway_peers().saturating_sub(1);
-
-    let connected = join1.iter().flatten().count() + join2.iter().flatten().count();
-    let per_peer_kb = (rss_joined as f64 - rss_idle as f64) / n as f64;
-    let gw_cpu_per_gb = tern
-        .gateway_cpu_s
-        .map_or(f64::NAN, |s| s / (tern.bytes / 1e9));
-    let gb = |t: &Throughput| {
-        let ok: Vec<f64> = t.gbps.iter().copied().filter(|g| g.is_finite()).collect();
-        (
-            percentile(&ok, 1.0 / ok.len().max(1) as f64) * 1000.0,
-            percentile(&ok, 1.0) * 1000.0,
-        )
-    };
-    let ((raw_min, raw_max), (tern_min, tern_max)) = (gb(&raw), gb(&tern));
-    let section = format!(
-        "## Fleet: {n} CI nodes through one gateway at once\n\n\
-         {}\n\
-         Command: `fleet-bench --nodes {n} --seconds {}` (release build; a lighthouse, one TUN-mode \
-         gateway and {n} CI nodes, each in its own namespace on one wan).\n\n\
-         Join: all {n} nodes start at the same moment; the figure is each one's time from its \
-         start to its first ping answered by the private server through the gateway. Then \
-         every node runs iperf3 (one TCP stream, {} s) to its own server port in the private \
-         network, all at once; the baseline is the same runs over the plain path through the \
-         gateway's namespace (routed, no tunnel), in the same run. Then all nodes stop and a \
-         second wave of {n} joins.\n\n\
-         | join (ms from start to first answer) | connected | median | p90 | worst |\n\
-         |---|---|---|---|---|\n{}{}\n\
-         | {n} streams at once | plain path (baseline) | through Tern | Tern / plain |\n\
-         |---|---|---|---|\n\
-         | aggregate throughput (Gbit/s) | {:.2} | {:.2} | {:.2} |\n\
-         | slowest / fastest node (Mbit/s) | {:.0} / {:.0} | {:.0} / {:.0} | |\n\
-         | fairness (Jain's index, 1 = all equal) | {:.3} | {:.3} | |\n\
-         | streams that failed | {} | {} | |\n\
-         | whole machine's CPU per GB moved (s) | {:.2} | {:.2} | {:.2} |\n\n\
-         | gateway | |\n|---|---|\n\
-         | handshakes completed while wave 1 joined | {} in {:.2} s ({:.0} per second) |\n\
-         | CPU per GB forwarded (gateway daemon, s) | {:.2} |\n\
-         | RSS idle → {n} peers joined (MiB) | {:.1} → {:.1} ({:.0} KiB per peer) |\n\
-         | RSS after the streams; after wave 2 joined; high-water mark (MiB) | {:.1}; {:.1}; {:.1} |\n\
-         | peers left on the gateway after wave 2 stopped | {} |\n",
-        machine_line(),
-        args.seconds,
-        args.seconds,
-        join_row("wave 1", &join1),
-        join_row("wave 2 (after wave 1 left)", &join2),
-        raw.sum_gbps(),
-        tern.sum_gbps(),
-        tern.sum_gbps() / raw.sum_gbps(),
-        raw_min,
-        raw_max,
-        tern_min,
-        tern_max,
-        raw.fairness(),
-        tern.fairness(),
-        raw.failed(),
-        tern.failed(),
-        raw.machine_cpu_per_gb(),
-        tern.machine_cpu_per_gb(),
-        tern.machine_cpu_per_gb() / raw.machine_cpu_per_gb(),
-        hs1.saturating_sub(hs0),
-        span1,
-        hs1.saturating_sub(hs0) as f64 / span1.max(0.001),
-        gw_cpu_per_gb,
-        rss_idle as f64 / 1024.0,
-        rss_joined as f64 / 1024.0,
-        per_peer_kb,
-        rss_after_load as f64 / 1024.0,
-        rss_wave2 as f64 / 1024.0,
-        hwm as f64 / 1024.0,
-        peers_left,
-    );
+    let fig = measure(&args);
+    let section = report(&args, &fig);
     println!("{section}");
     if args.write {
         match write_section("fleet", &section) {
@@ -464,11 +611,13 @@ fn main() -> ExitCode {
             }
         }
     }
-    if connected != 2 * n || tern.failed() > 0 {
+    let connected = fig.join1.iter().flatten().count() + fig.join2.iter().flatten().count();
+    let failed = fig.tern.failed() + fig.paced.failed();
+    if connected != 2 * args.nodes || failed > 0 || fig.peers_left > 0 {
         eprintln!(
-            "fleet-bench: {connected} of {} joins reached the private server, {} streams failed",
-            2 * n,
-            tern.failed()
+            "fleet-bench: {connected} of {} joins reached the private server, {failed} streams failed, {} peers left behind",
+            2 * args.nodes,
+            fig.peers_left
         );
         return ExitCode::FAILURE;
     }
