@@ -3,7 +3,8 @@
 //! restarting, NATs rebinding, loss, duplication and reordering coming and
 //! going, the clock jumping by up to ten minutes, packets sent (some with a
 //! forged source), a stranger with a foreign certificate trying to
-//! handshake — and runs them against the real sans-IO cores (NodeCore,
+//! handshake, certificates revoked and expiring — and runs them against
+//! the real sans-IO cores (NodeCore,
 //! LighthouseCore, Mesh, boringtun on a mock clock the simulation moves)
 //! on the simulated network of `tests/tests/simnet`. After every step the
 //! reference model's rules are checked:
@@ -12,6 +13,8 @@
 //!   names, to this node, and was not forged (no spoofed source, nothing
 //!   from the stranger);
 //! - no node ever answers the stranger's handshake;
+//! - nothing of a revoked certificate reaches a node that knew of the
+//!   revocation, and nothing sent after a certificate expired is delivered;
 //! - `Check(a, b)`: once the network heals, two running nodes reach each
 //!   other within [`CONVERGE`] of simulated time, whatever came before.
 //!
@@ -52,6 +55,12 @@ const STRANGER: &str = "198.18.0.66:4242";
 /// How long two running nodes may take to reach each other once the
 /// network heals.
 const CONVERGE: Duration = Duration::from_secs(90);
+/// Slot 2's certificate lives this long (simulated time); the others a
+/// year. A sequence's clock jumps reach it often.
+const SHORT_LIFETIME: u64 = 600;
+/// How long after it is made a revocation must have reached every running
+/// node (the network heals for it).
+const REVOCATION_SPREAD: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 enum Transition {
@@ -77,15 +86,25 @@ enum Transition {
     },
     /// The stranger sends its hello and a handshake initiation to a node.
     Stranger(usize),
-    /// The network heals; the two nodes must reach each other.
+    /// The network heals; the two nodes must reach each other (unless a
+    /// certificate of theirs has expired: then nothing may pass).
     Check(usize, usize),
+    /// `tern-lighthouse revoke`: the node's certificate is revoked. The
+    /// network heals while the revocation spreads.
+    Revoke(usize),
 }
 
-/// What the model knows: which nodes run.
+/// What the model knows: which nodes run, whose certificate is revoked.
 #[derive(Debug, Clone)]
 struct Model {
     up: [bool; SLOTS],
+    revoked: [bool; SLOTS],
 }
+
+const FRESH: Model = Model {
+    up: [true; SLOTS],
+    revoked: [false; SLOTS],
+};
 
 struct ModelMachine;
 
@@ -94,7 +113,7 @@ impl ReferenceStateMachine for ModelMachine {
     type Transition = Transition;
 
     fn init_state() -> BoxedStrategy<Model> {
-        Just(Model { up: [true; SLOTS] }).boxed()
+        Just(FRESH).boxed()
     }
 
     fn transitions(_state: &Model) -> BoxedStrategy<Transition> {
@@ -125,7 +144,8 @@ impl ReferenceStateMachine for ModelMachine {
             1 => (slot.clone(), slot.clone(), slot.clone())
                 .prop_map(|(from, claimed, to)| Transition::Spoof { from, claimed, to }),
             1 => slot.clone().prop_map(Transition::Stranger),
-            3 => (slot.clone(), slot).prop_map(|(a, b)| Transition::Check(a, b)),
+            3 => (slot.clone(), slot.clone()).prop_map(|(a, b)| Transition::Check(a, b)),
+            1 => slot.prop_map(Transition::Revoke),
         ]
         .boxed()
     }
@@ -134,7 +154,14 @@ impl ReferenceStateMachine for ModelMachine {
         match *t {
             Transition::Start(i) => !state.up[i],
             Transition::Stop(i) | Transition::Crash(i) => state.up[i],
-            Transition::Send(a, b) | Transition::Check(a, b) => a != b && state.up[a],
+            Transition::Send(a, b) => a != b && state.up[a],
+            Transition::Check(a, b) => {
+                a != b && state.up[a] && !state.revoked[a] && !state.revoked[b]
+            }
+            // At most two: the rest of the mesh must still have pairs.
+            Transition::Revoke(i) => {
+                !state.revoked[i] && state.revoked.iter().filter(|r| **r).count() < 2
+            }
             Transition::Spoof { from, claimed, to } => {
                 state.up[from] && from != claimed && from != to
             }
@@ -146,6 +173,7 @@ impl ReferenceStateMachine for ModelMachine {
         match *t {
             Transition::Start(i) => state.up[i] = true,
             Transition::Stop(i) | Transition::Crash(i) => state.up[i] = false,
+            Transition::Revoke(i) => state.revoked[i] = true,
             _ => {}
         }
         state
@@ -158,6 +186,8 @@ struct Sent {
     from: usize,
     to: usize,
     forged: bool,
+    /// The simulation's wall clock when it was sent (unix seconds).
+    unix: u64,
 }
 
 /// The real cores on the simulated network, and what was sent.
@@ -170,6 +200,14 @@ struct System {
     sent: HashMap<u64, Sent>,
     delivered: HashMap<u64, usize>,
     next_id: u64,
+    /// The lighthouse's revocation list (versioned, as its store keeps it
+    /// across restarts).
+    revocations: Vec<(u32, tern_shared::control::Revocation)>,
+    /// Nodes whose revocation has spread: nothing of theirs may be
+    /// delivered from then on.
+    revoked: [bool; SLOTS],
+    /// How many revocations each node knew when the step began.
+    knew: [usize; SLOTS],
 }
 
 /// Each case starts boringtun's clocks afresh: the wall clock at the
@@ -197,7 +235,7 @@ impl System {
                     &format!("{}/10", OVERLAY[i]),
                     &["ci"],
                     &[],
-                    365 * 86_400,
+                    if i == 2 { SHORT_LIFETIME } else { 365 * 86_400 },
                 )
             })
             .collect();
@@ -222,6 +260,9 @@ impl System {
             sent: HashMap::new(),
             delivered: HashMap::new(),
             next_id: 1,
+            revocations: Vec::new(),
+            revoked: [false; SLOTS],
+            knew: [0; SLOTS],
         };
         for i in 0..SLOTS {
             system.start(i);
@@ -250,12 +291,14 @@ impl System {
     fn send(&mut self, from: usize, claimed: usize, to: usize) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
+        let unix = self.unix_now();
         self.sent.insert(
             id,
             Sent {
                 from,
                 to,
                 forged: from != claimed,
+                unix,
             },
         );
         let ip = |i: usize| {
@@ -338,6 +381,22 @@ impl System {
                     OVERLAY[sent.from],
                     "packet {id}'s source is not its sender's"
                 );
+                // Once a node knows of a revocation (when a step began),
+                // nothing of that certificate reaches it. A node started
+                // after the revocation learns it when it registers; until
+                // then it is open (RELIABILITY.md, "Not yet").
+                assert!(
+                    !self.revoked[sent.from] || self.knew[i] < self.revocations.len(),
+                    "n{i} got packet {id} from n{} after its certificate's revocation spread",
+                    sent.from
+                );
+                let not_after = self.nodes[sent.from].cert.body.not_after;
+                assert!(
+                    sent.unix <= not_after + 1,
+                    "n{i} got packet {id}, sent by n{} at {} when its certificate had expired at {not_after}",
+                    sent.from,
+                    sent.unix
+                );
                 *self.delivered.entry(id).or_default() += 1;
             }
         }
@@ -352,11 +411,69 @@ impl System {
         }
     }
 
-    /// The network heals; `a` sends to `b` once a second until it arrives.
-    fn converge(&mut self, a: usize, b: usize) -> Result<(), String> {
+    fn unix_now(&self) -> u64 {
+        self.net.unix_now()
+    }
+
+    /// Whether `i`'s certificate expires before `within` has passed.
+    fn expires_within(&self, i: usize, within: Duration) -> bool {
+        self.unix_now() + within.as_secs() + 1 >= self.nodes[i].cert.body.not_after
+    }
+
+    /// How many revocations node `i` has learned (0 when it is not running).
+    fn revocations_known(&mut self, i: usize) -> usize {
+        match self.net.hosts.get_mut(&addr(AT[i])) {
+            Some(Host::Node { core, .. }) => core.status().revoked_certs,
+            _ => 0,
+        }
+    }
+
+    /// The lighthouse revokes `i`'s certificate (it keeps the list across
+    /// restarts, as its store does); the network heals while it spreads,
+    /// and from then on nothing of `i`'s may be delivered.
+    fn revoke(&mut self, i: usize) {
+        self.heal();
+        let version = self.revocations.len() as u32 + 1;
+        self.revocations.push((
+            version,
+            tern_shared::control::Revocation {
+                fingerprint: self.nodes[i].cert.fingerprint(),
+                not_after: self.nodes[i].cert.body.not_after,
+            },
+        ));
+        self.restore_revocations();
+        self.net.run_for(REVOCATION_SPREAD);
+        // What arrived while it spread is the last that may.
+        self.check_deliveries();
+        self.revoked[i] = true;
+    }
+
+    fn restore_revocations(&mut self) {
+        let now = self.net.now;
+        let list = self.revocations.clone();
+        self.net.lighthouse().set_revocations(list, now);
+        self.net.settle();
+    }
+
+    fn heal(&mut self) {
         self.net.faults.loss_per_mille = 0;
         self.net.faults.duplicate_per_mille = 0;
         self.net.faults.reorder = false;
+    }
+
+    /// The network heals; `a` sends to `b` once a second until it arrives.
+    fn converge(&mut self, a: usize, b: usize) -> Result<(), String> {
+        self.heal();
+        if self.expires_within(a, CONVERGE) || self.expires_within(b, CONVERGE) {
+            // Nothing may pass: a sends for a while, and every delivery
+            // is checked against the certificates' expiry.
+            for _ in 0..20 {
+                self.send(a, a, b);
+                self.net.run_for(Duration::from_secs(1));
+                self.check_deliveries();
+            }
+            return Ok(());
+        }
         let deadline = self.net.now + CONVERGE;
         while self.net.now < deadline {
             let id = self.send(a, a, b);
@@ -390,6 +507,9 @@ impl StateMachineTest for System {
     }
 
     fn apply(mut sys: System, model: &Model, t: Transition) -> System {
+        for i in 0..SLOTS {
+            sys.knew[i] = sys.revocations_known(i);
+        }
         match t {
             Transition::Start(i) => sys.start(i),
             Transition::Stop(i) => sys.stop(i, true),
@@ -398,7 +518,9 @@ impl StateMachineTest for System {
                 sys.net.hosts.remove(&addr(LH_ADDR));
                 let (ca, lh) = (&sys.ca, &sys.lighthouse);
                 sys.net.add_lighthouse(ca, lh);
+                sys.restore_revocations();
             }
+            Transition::Revoke(i) => sys.revoke(i),
             Transition::Rebind(nat) => sys.net.nats[nat].rebind(),
             Transition::Faults {
                 loss_per_mille,
@@ -448,7 +570,7 @@ fn replay(transitions: &[Transition]) {
     let mut model = ModelMachine::init_state()
         .new_tree(&mut proptest::test_runner::TestRunner::deterministic())
         .map(|t| t.current())
-        .unwrap_or(Model { up: [true; SLOTS] });
+        .unwrap_or(FRESH);
     let mut sys = System::new();
     for t in transitions {
         assert!(ModelMachine::preconditions(&model, t), "{t:?}");

@@ -28,6 +28,8 @@ pub enum Host {
 pub struct Net {
     pub hosts: BTreeMap<SocketAddr, Host>,
     pub now: Instant,
+    /// When the simulation started: its wall clock is [`TEST_NOW`] then.
+    pub origin: Instant,
     /// Datagrams delivered, by first byte, for assertions.
     pub delivered: usize,
     pub nats: Vec<Nat>,
@@ -143,10 +145,18 @@ pub fn ip4(a: SocketAddr) -> Ipv4Addr {
 }
 
 impl Net {
+    /// The simulation's wall clock: [`TEST_NOW`] at its start, moving with
+    /// its time. A host started later (a restart) starts from it too.
+    pub fn unix_now(&self) -> u64 {
+        TEST_NOW + self.now.saturating_duration_since(self.origin).as_secs()
+    }
+
     pub fn new() -> Net {
+        let start = Instant::now();
         Net {
             hosts: BTreeMap::new(),
-            now: Instant::now(),
+            now: start,
+            origin: start,
             delivered: 0,
             nats: Vec::new(),
             blocked: Vec::new(),
@@ -264,7 +274,7 @@ impl Net {
                 ..MeshSettings::default()
             },
             self.now,
-            TEST_NOW,
+            self.unix_now(),
         );
         let mut core = LighthouseCore::new(
             mesh,
@@ -290,7 +300,7 @@ impl Net {
             pool,
             MeshSettings::default(),
             self.now,
-            TEST_NOW,
+            self.unix_now(),
         );
         let targets = lighthouses
             .iter()
