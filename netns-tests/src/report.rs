@@ -126,6 +126,16 @@ pub fn machine_jiffies() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// UDP datagrams the kernel dropped in `ns` because a socket's receive
+/// buffer was full (`RcvbufErrors` in the namespace's /proc/net/snmp).
+pub fn udp_rcvbuf_errors(ns: &crate::Ns) -> Option<u64> {
+    let snmp = String::from_utf8_lossy(&ns.exec("cat", ["/proc/net/snmp"]).stdout).into_owned();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// Jain's fairness index of `v`: 1 when all are equal, 1/n when one has all.
 pub fn jain_fairness(v: &[f64]) -> f64 {
     let sum: f64 = v.iter().sum();

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tern_netns_tests::report::{
     jain_fairness, machine_jiffies, machine_line, median, number, percentile, proc_cpu_seconds,
-    proc_status_kb, write_section,
+    proc_status_kb, udp_rcvbuf_errors, write_section,
 };
 use tern_netns_tests::tern::*;
 use tern_netns_tests::{require_root, require_tools, Lab, Ns, Proc};
@@ -201,26 +201,6 @@ impl Throughput {
     }
 }
 
-/// UDP datagrams dropped for want of socket buffer in `ns`
-/// (`RcvbufErrors` of its `/proc/net/snmp`).
-fn rcvbuf_errors(ns: &Ns) -> u64 {
-    let snmp = ns.exec("cat", ["/proc/net/snmp"]);
-    let text = String::from_utf8_lossy(&snmp.stdout);
-    let udp: Vec<Vec<&str>> = text
-        .lines()
-        .filter(|l| l.starts_with("Udp:"))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    match udp.as_slice() {
-        [names, values, ..] => names
-            .iter()
-            .position(|n| *n == "RcvbufErrors")
-            .and_then(|i| values.get(i)?.parse().ok())
-            .unwrap_or(0),
-        _ => 0,
-    }
-}
-
 /// CPU seconds the processes `pids` used, together (None if one is gone).
 fn cpu_of(pids: &[u32]) -> Option<f64> {
     pids.iter().map(|p| proc_cpu_seconds(*p)).sum()
@@ -239,7 +219,7 @@ fn throughput(
 ) -> Throughput {
     let busy = |j: Option<(u64, u64)>| j.map_or(0, |(b, _)| b);
     let (j0, g0) = (machine_jiffies(), gateway_pid.and_then(proc_cpu_seconds));
-    let (n0, r0) = (cpu_of(node_pids), rcvbuf_errors(&f.gw));
+    let (n0, r0) = (cpu_of(node_pids), udp_rcvbuf_errors(&f.gw).unwrap_or(0));
     let secs = seconds.to_string();
     let clients: Vec<Proc> = f
         .cis
@@ -260,7 +240,7 @@ fn throughput(
         std::thread::sleep(Duration::from_millis(100));
     }
     let (j1, g1) = (machine_jiffies(), gateway_pid.and_then(proc_cpu_seconds));
-    let (n1, r1) = (cpu_of(node_pids), rcvbuf_errors(&f.gw));
+    let (n1, r1) = (cpu_of(node_pids), udp_rcvbuf_errors(&f.gw).unwrap_or(0));
     let ticks = tern_netns_tests::report::clock_ticks();
     let mut gbps = Vec::new();
     let mut bytes = 0.0;

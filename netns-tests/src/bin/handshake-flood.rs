@@ -25,7 +25,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::PublicKey;
 use serde_json::{json, Value};
-use tern_netns_tests::report::{command_output, iperf_gbps, machine_line, number, write_section};
+use tern_netns_tests::report::{
+    iperf_gbps, machine_line, number, proc_cpu_seconds, proc_status_kb, udp_rcvbuf_errors,
+    write_section,
+};
 use tern_netns_tests::tern::{
     flat_lab, make_ca_and_lighthouse, node_config_text, pings, sign, start_lighthouse, start_node,
     wait_registered, write_file, write_lighthouse_config, FlatLab, LH_UNDERLAY,
@@ -584,7 +587,7 @@ impl FloodCost {
 fn flood_with_new_peer(w: &mut World, c: &Ns, args: &BenchArgs) -> FloodCost {
     let before = counters(w);
     let rss_before = mem_mib(w.pid, "VmRSS");
-    let ticks_before = cpu_ticks(w.pid);
+    let cpu_before = proc_cpu_seconds(w.pid);
     let started = Instant::now();
     let flood_secs = u64::from(args.seconds) + PATIENCE.as_secs() + 5;
     let flood = w.start_flood(TERN_PORT, flood_secs, args.sources, "peer");
@@ -595,15 +598,12 @@ fn flood_with_new_peer(w: &mut World, c: &Ns, args: &BenchArgs) -> FloodCost {
     std::thread::sleep(length.saturating_sub(started.elapsed()));
     let flooder = flood.finish();
     let seconds = started.elapsed().as_secs_f64();
-    let ticks_after = cpu_ticks(w.pid);
+    let cpu_after = proc_cpu_seconds(w.pid);
     let memory = [rss_before, mem_mib(w.pid, "VmRSS"), mem_mib(w.pid, "VmHWM")];
     let after = counters(w);
-    let ticks_per_sec: f64 = command_output("getconf", &["CLK_TCK"])
-        .parse()
-        .unwrap_or(100.0);
-    let cpu_percent = ticks_before
-        .zip(ticks_after)
-        .map(|(b, a)| (a - b) as f64 / ticks_per_sec / seconds * 100.0);
+    let cpu_percent = cpu_before
+        .zip(cpu_after)
+        .map(|(b, a)| (a - b) / seconds * 100.0);
     FloodCost {
         peer,
         seconds,
@@ -620,36 +620,6 @@ fn counters(w: &World) -> Option<Value> {
     let mut counters = w.target_status()?["mesh_counters"].take();
     counters["rcvbuf_errors"] = udp_rcvbuf_errors(&w.target_ns)?.into();
     Some(counters)
-}
-
-/// UDP datagrams the kernel dropped in `ns` because a socket's receive
-/// buffer was full (`RcvbufErrors` in the namespace's /proc/net/snmp).
-fn udp_rcvbuf_errors(ns: &Ns) -> Option<u64> {
-    let snmp = String::from_utf8_lossy(&ns.exec("cat", ["/proc/net/snmp"]).stdout).into_owned();
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next()?, udp.next()?);
-    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
-    values.split_whitespace().nth(at)?.parse().ok()
-}
-
-/// User plus system CPU time of process `pid` (all its threads), in clock
-/// ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command's closing parenthesis: state is field 3, utime 14
-    // and stime 15.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-/// A memory field of `/proc/PID/status` (VmRSS, VmHWM), in MiB.
-fn mem_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
-    let kib: f64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// Everything measured against one target.
@@ -893,4 +863,9 @@ fn bench_main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `field` of `/proc/PID/status` in MiB.
+fn mem_mib(pid: u32, field: &str) -> Option<f64> {
+    proc_status_kb(pid, field).map(|kb| kb as f64 / 1024.0)
 }
