@@ -54,6 +54,11 @@ pub struct MeshCounters {
     /// the budget of their source address or of all sources (dropped).
     #[serde(default)]
     pub cookie_replies_withheld: u64,
+    /// Handshakes with nodes, either way, held because the revocation list
+    /// was not current yet (a node that just started, before its first
+    /// lighthouse brought the list): answered or sent once it is.
+    #[serde(default)]
+    pub held_handshakes: u64,
 }
 
 impl MeshCounters {

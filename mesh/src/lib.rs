@@ -32,6 +32,7 @@
 
 pub mod admission;
 mod counters;
+mod hold;
 mod paths;
 pub mod rate;
 pub use counters::{MeshCounters, PeerPaths};
@@ -352,6 +353,9 @@ pub struct Mesh {
     scratch: Vec<u8>,
     /// Addresses whose relayed datagrams (0x12) this mesh accepts.
     relays: Vec<SocketAddr>,
+    /// Sessions with nodes held until the revocation list is current
+    /// (`hold.rs`).
+    hold: Option<hold::NodeHold>,
 }
 
 struct Peer {
@@ -463,6 +467,7 @@ impl Mesh {
             timer_ring: Vec::new(),
             timer_cursor: 0,
             relays: Vec::new(),
+            hold: None,
             scratch: vec![0u8; 2048],
         }
     }
@@ -1005,13 +1010,13 @@ fn hello_admission(total: u32, now: Instant) -> SourceLimiter {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tern_shared::packet::build_udp_ipv4;
     use tern_shared::testing::{TestCa, TestNode, TEST_NOW};
 
-    const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
-    const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 6);
+    pub(crate) const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
+    pub(crate) const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 6);
 
     /// The workspace builds boringtun from `vendor/boringtun`, whose `Tunn` boxes its
     /// session slots; the published crate's is 11,040 bytes. A lighthouse holds one per
@@ -1026,11 +1031,11 @@ mod tests {
         );
     }
 
-    struct Side {
-        mesh: Mesh,
-        addr: SocketAddr,
-        cert: VerifiedCert,
-        delivered: Vec<Vec<u8>>,
+    pub(crate) struct Side {
+        pub(crate) mesh: Mesh,
+        pub(crate) addr: SocketAddr,
+        pub(crate) cert: VerifiedCert,
+        pub(crate) delivered: Vec<Vec<u8>>,
     }
 
     fn side(node: &TestNode, pool: CaPool, addr: &str, now: Instant) -> Side {
@@ -1057,7 +1062,7 @@ mod tests {
 
     /// Moves queued transmits between the two sides until both are quiet.
     /// `drop_first` drops the first datagram of that kind seen (by first byte).
-    fn exchange(a: &mut Side, b: &mut Side, now: Instant, mut drop_first: Option<u8>) {
+    pub(crate) fn exchange(a: &mut Side, b: &mut Side, now: Instant, mut drop_first: Option<u8>) {
         for _ in 0..100 {
             let moved_ab = pump(a, b, now, &mut drop_first);
             let moved_ba = pump(b, a, now, &mut drop_first);
@@ -1090,7 +1095,7 @@ mod tests {
         moved
     }
 
-    fn setup(a_subnets: &[&str]) -> (Side, Side, Instant) {
+    pub(crate) fn setup(a_subnets: &[&str]) -> (Side, Side, Instant) {
         let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
         let na = ca.node("a", "100.64.0.5/10", &["ci"], a_subnets, 86_400);
         let nb = ca.node("b", "100.64.0.6/10", &[], &[], 86_400);

@@ -110,6 +110,9 @@ impl Mesh {
             }
         };
         let key = half.peer_static_public;
+        if self.hold_initiation(key, via, datagram) {
+            return None;
+        }
         if let Some(&idx) = self.by_key.get(&key) {
             return Some(idx);
         }
@@ -437,6 +440,9 @@ impl Mesh {
 
     pub(crate) fn send_handshake(&mut self, idx: u32, init: &[u8]) {
         let now = self.last_now;
+        if self.withhold_handshake(idx) {
+            return;
+        }
         let Some(p) = self.peers.get_mut(&idx) else {
             return;
         };

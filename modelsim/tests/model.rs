@@ -206,8 +206,12 @@ struct System {
     /// Nodes whose revocation has spread: nothing of theirs may be
     /// delivered from then on.
     revoked: [bool; SLOTS],
-    /// How many revocations each node knew when the step began.
+    /// How many revocations each node knew when the step began: those it
+    /// learned, or all there were when it started (a node just started
+    /// must not take a peer revoked before, even before it registers).
     knew: [usize; SLOTS],
+    /// How many revocations there were when each node last started.
+    started_with: [usize; SLOTS],
 }
 
 /// Each case starts boringtun's clocks afresh: the wall clock at the
@@ -263,6 +267,7 @@ impl System {
             revocations: Vec::new(),
             revoked: [false; SLOTS],
             knew: [0; SLOTS],
+            started_with: [0; SLOTS],
         };
         for i in 0..SLOTS {
             system.start(i);
@@ -272,6 +277,7 @@ impl System {
     }
 
     fn start(&mut self, i: usize) {
+        self.started_with[i] = self.revocations.len();
         self.net.add_node(&self.ca, &self.nodes[i], AT[i]);
     }
 
@@ -382,9 +388,9 @@ impl System {
                     "packet {id}'s source is not its sender's"
                 );
                 // Once a node knows of a revocation (when a step began),
-                // nothing of that certificate reaches it. A node started
-                // after the revocation learns it when it registers; until
-                // then it is open (RELIABILITY.md, "Not yet").
+                // or was started after it, nothing of that certificate
+                // reaches it: a node just started holds sessions with
+                // nodes until its lighthouse brought the list.
                 assert!(
                     !self.revoked[sent.from] || self.knew[i] < self.revocations.len(),
                     "n{i} got packet {id} from n{} after its certificate's revocation spread",
@@ -508,7 +514,7 @@ impl StateMachineTest for System {
 
     fn apply(mut sys: System, model: &Model, t: Transition) -> System {
         for i in 0..SLOTS {
-            sys.knew[i] = sys.revocations_known(i);
+            sys.knew[i] = sys.revocations_known(i).max(sys.started_with[i]);
         }
         match t {
             Transition::Start(i) => sys.start(i),
@@ -624,5 +630,22 @@ fn a_pair_meets_again_after_minutes_of_heavy_loss() {
         Transition::Advance(Duration::from_secs(82)),
         Transition::Advance(Duration::from_secs(323)),
         Transition::Check(1, 3),
+    ]);
+}
+
+/// Found by the model: a node that came back after a revocation took the
+/// revoked peer's retried handshake (its certificate still verifies: same
+/// CA, not expired) and delivered the packet waiting behind it, all before
+/// its first registration brought the revocation list. A node now holds
+/// every session with a node until a lighthouse's list is in.
+#[test]
+fn a_node_started_after_a_revocation_never_takes_the_revoked_peer() {
+    replay(&[
+        Transition::Send(3, 0),
+        Transition::Crash(0),
+        Transition::Advance(Duration::from_millis(2751)),
+        Transition::Revoke(3),
+        Transition::Start(0),
+        Transition::Check(2, 1),
     ]);
 }

@@ -278,6 +278,12 @@ pub fn mesh(
             ("cookie_withheld", c.cookie_replies_withheld),
         ],
     );
+    e.counter(
+        "tern_handshakes_held_total",
+        "Handshakes with nodes, either way, held until a lighthouse brought the revocation list \
+         (a node just started): answered or sent once it did.",
+        c.held_handshakes,
+    );
     e.counter_by(
         "tern_packets_total",
         "IP packets through the tunnels: in = decrypted and delivered, out = encrypted toward a peer.",

@@ -430,6 +430,11 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
             lh.transport.as_deref().unwrap_or("udp"),
         );
     }
+    if s.awaiting_revocations {
+        println!(
+            "waiting for a lighthouse's revocation list: no session with another node opens until it is in"
+        );
+    }
     print_peers(s);
     if let Some(r) = &s.relaying {
         println!(

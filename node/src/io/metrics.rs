@@ -56,6 +56,12 @@ pub fn render(
             ),
         ],
     );
+    e.gauge(
+        "tern_revocations_awaited",
+        "1 while no lighthouse has brought its revocation list since the node started: \
+         sessions with other nodes wait for it (handshakes held: tern_handshakes_held_total).",
+        f64::from(u8::from(status.awaiting_revocations)),
+    );
     e.counter_by(
         "tern_lookups_total",
         "Overlay addresses asked of the lighthouses that found no node, by outcome.",

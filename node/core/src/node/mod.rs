@@ -182,6 +182,10 @@ pub struct NodeStatus {
     pub revoked_certs: usize,
     /// This node's own certificate was revoked (it stops).
     pub revoked: bool,
+    /// No lighthouse has brought its revocation list yet: sessions with
+    /// other nodes wait for it.
+    #[serde(default)]
+    pub awaiting_revocations: bool,
     /// Overlay addresses being asked of the lighthouses (packets may wait
     /// on them), in order.
     pub looking_up: Vec<Ipv4Addr>,
@@ -242,6 +246,12 @@ impl NodeCore {
         lighthouses: Vec<LighthouseTarget>,
         now: Instant,
     ) -> Self {
+        let mut mesh = mesh;
+        if !lighthouses.is_empty() {
+            // Nothing revoked is known yet: no session with a node until a
+            // lighthouse brought the list (`revocations.rs`).
+            mesh.hold_node_sessions();
+        }
         NodeCore {
             own_fingerprints: std::iter::once(own_cert.fingerprint())
                 .chain(own_cert.issuer_fingerprint())
@@ -599,6 +609,7 @@ impl NodeCore {
                 .collect(),
             revoked_certs: self.mesh.ca().revoked_count(),
             revoked: self.revoked,
+            awaiting_revocations: self.mesh.holds_node_sessions(),
             dns: self.dns_status(),
             relaying: self.relay_counters(),
             looking_up: {

@@ -13,6 +13,7 @@ impl NodeCore {
             return;
         };
         if link.revocations == version {
+            self.revocations_current(now);
             return;
         }
         let since = if version < link.revocations {
@@ -77,7 +78,11 @@ impl NodeCore {
         } else if since <= link.revocations {
             link.revocations = link.revocations.max(version);
         }
-        if !complete {
+        if complete {
+            if link.revocations == version {
+                self.revocations_current(now);
+            }
+        } else {
             let since = link.revocations;
             if let LinkState::Up { overlay_ip, .. } = link.state {
                 let id = self.request_id();
@@ -88,6 +93,17 @@ impl NodeCore {
                     now,
                 );
             }
+        }
+    }
+
+    /// A lighthouse's revocation list is all here: sessions with nodes,
+    /// held since the start, may open (lists from other lighthouses still
+    /// apply as they come, since revocations only take trust away).
+    fn revocations_current(&mut self, now: Instant) {
+        if self.mesh.holds_node_sessions() {
+            tracing::debug!("revocation list current: sessions with nodes may open");
+            self.mesh.release_node_sessions(now);
+            self.drain_mesh_events(now);
         }
     }
 }
