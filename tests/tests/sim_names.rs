@@ -320,3 +320,67 @@ fn a_caller_asking_too_fast_is_refused_and_counted() {
     let counters = lab.net.node(GW1).0.status().dns.counters;
     assert_eq!(counters.rate_limited, 10, "{counters:?}");
 }
+
+/// Found beside the routes' case (`sim_leaving.rs`): a lighthouse that has
+/// just restarted lists only the gateways that registered with it again.
+/// A client took that list at its word and forgot the zone, so names under
+/// it went to the system's resolvers (out of the mesh) until the gateway
+/// was back. A gateway missing from the list now stays for `ROUTE_GRACE`.
+#[test]
+fn a_restarted_lighthouse_that_does_not_list_the_zones_gateway_yet_keeps_the_zone() {
+    let mut lab = lab(&[("gw-1", "100.64.0.30/10", GW1, &["internal"])]);
+    // ci-1 is using gw-1 for the zone.
+    let DnsStep::Pending(_) = ask(&mut lab, CI, "db.internal", RecordType::A) else {
+        panic!("pending");
+    };
+    for _ in 0..20 {
+        lab.net.run_for(Duration::from_millis(100));
+        if play_resolver(&mut lab, GW1) > 0 {
+            break;
+        }
+    }
+    assert_eq!(answers(&mut lab, CI).len(), 1);
+    let lighthouse = lab
+        .ca
+        .node("lh1", "100.64.0.1/10", &[LIGHTHOUSE_GROUP], &[], 86_400);
+    lab.net.hosts.remove(&simnet::addr(LH_ADDR));
+    lab.net
+        .blocked
+        .push((ip4(simnet::addr(GW1)), ip4(simnet::addr(LH_ADDR))));
+    lab.net.add_lighthouse(&lab.ca, &lighthouse);
+    // ci-1 registers with the new lighthouse and reads its zones list.
+    let ci_ip = Ipv4Addr::new(100, 64, 0, 20);
+    let mut waited = 0;
+    while lab.net.lighthouse().registry().lookup(ci_ip).is_none() {
+        assert!(waited < 60, "ci-1 never registered with the new lighthouse");
+        lab.net.run_for(Duration::from_millis(500));
+        waited += 1;
+    }
+    lab.net.run_for(Duration::from_secs(4));
+    assert!(
+        lab.net
+            .lighthouse()
+            .registry()
+            .zones_after(None)
+            .0
+            .is_empty(),
+        "the new lighthouse lists no zone"
+    );
+    let zones = lab.net.node(CI).0.status().dns.zones;
+    assert_eq!(zones.get("internal").map(Vec::len), Some(1), "{zones:?}");
+    // A name under it still goes to gw-1.
+    let DnsStep::Pending(id) = ask(&mut lab, CI, "db.internal", RecordType::A) else {
+        panic!("pending");
+    };
+    assert_eq!(play_resolver(&mut lab, GW1), 1);
+    let got = answers(&mut lab, CI);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].id, id);
+    assert_eq!(got[0].source, "gateway gw-1 (zone internal)");
+
+    // gw-1 never gets through: after the grace no list names it, and the
+    // zone goes.
+    lab.net.run_for(Duration::from_secs(25));
+    let zones = lab.net.node(CI).0.status().dns.zones;
+    assert!(!zones.contains_key("internal"), "{zones:?}");
+}

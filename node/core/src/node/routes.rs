@@ -29,7 +29,7 @@ pub(super) const GATEWAY_HOLD_DOWN: Duration = Duration::from_secs(30);
 /// a few registration intervals); taking its list at its word would move
 /// the route, and cut every connection through the gateway in use. A
 /// gateway that really stopped advertising the subnet is dropped after
-/// this.
+/// this. The zones list keeps a zone's gateways the same way (`zones.rs`).
 pub const ROUTE_GRACE: Duration = Duration::from_secs(20);
 
 /// A routed subnet as `tern status` shows it.

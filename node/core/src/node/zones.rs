@@ -65,7 +65,7 @@ impl NodeCore {
         if complete || full {
             let zones = std::mem::take(&mut fetch.zones);
             self.names.fetch = None;
-            self.handle_zones(zones);
+            self.handle_zones(zones, now);
             return;
         }
         let (lighthouse, lighthouse_ip) = (fetch.lighthouse, fetch.lighthouse_ip);
@@ -81,9 +81,12 @@ impl NodeCore {
     }
 
     /// The lighthouse's zones list replaces what we knew; gateways keep
-    /// their hold-downs. This node's own zones are not listed (it answers
-    /// them itself).
-    fn handle_zones(&mut self, advertised: Vec<AdvertisedZone>) {
+    /// their hold-downs. A gateway the list no longer names stays, after
+    /// those it names, for [`ROUTE_GRACE`]: a lighthouse that has just
+    /// restarted lists only the gateways registered with it again, and a
+    /// zone forgotten sends its names to the system's resolvers. This
+    /// node's own zones are not listed (it answers them itself).
+    fn handle_zones(&mut self, advertised: Vec<AdvertisedZone>, now: Instant) {
         let mut zones: BTreeMap<String, Vec<GatewayCandidate>> = BTreeMap::new();
         for a in advertised {
             if a.gateway == self.overlay_ip {
@@ -120,6 +123,22 @@ impl NodeCore {
                 missing_since: None,
             });
         }
+        for (zone, old) in &self.names.zones {
+            for g in old {
+                let gws = zones.entry(zone.clone()).or_default();
+                if gws.iter().any(|n| n.overlay_ip == g.overlay_ip) {
+                    continue;
+                }
+                let since = g.missing_since.unwrap_or(now);
+                if now.saturating_duration_since(since) < ROUTE_GRACE {
+                    gws.push(GatewayCandidate {
+                        missing_since: Some(since),
+                        ..g.clone()
+                    });
+                }
+            }
+        }
+        zones.retain(|_, gws| !gws.is_empty());
         for (zone, gws) in &zones {
             if !self.names.zones.contains_key(zone) {
                 tracing::info!(%zone, gateways = %list(gws.iter().map(|g| &g.name)), "learned DNS zone");
