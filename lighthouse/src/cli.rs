@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use tern_lighthouse_core::enroll::{self, EnrollStore, NewToken, TokenIdPrefix, TokenInfo};
-use tern_shared::cert::{format_unix_time, Cert};
+
+use tern_shared::cert::format_unix_time;
 use tern_shared::config::{EnrollConfig, LighthouseConfig};
-use tern_shared::duration::{format_duration, parse_duration};
+use tern_shared::duration::format_duration;
 use tern_udp::daemon::unix_now;
 
 use crate::io::{load_config, open_store, runtime, DEFAULT_SOCKET};
+use crate::ops;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -112,54 +113,27 @@ pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyho
 /// every registered node, which tears down its sessions with that
 /// certificate.
 pub fn revoke(config_path: Option<&Path>, what: &str) -> anyhow::Result<()> {
-    use tern_lighthouse_core::enroll::EnrollStore;
     let path = config_path.ok_or_else(|| {
         anyhow::anyhow!("give the lighthouse's config: tern-lighthouse revoke --config lighthouse.toml FINGERPRINT|NAME")
     })?;
-    let config = load_config(path)?;
-    let mut store = open_store(&config, path)?;
-    let now = unix_now();
-    let targets: Vec<(tern_shared::cert::Fingerprint, String, u64)> =
-        match what.parse::<tern_shared::cert::Fingerprint>() {
-            Ok(fp) => {
-                // Not issued here (a long-lived certificate signed by the
-                // root): its expiry is unknown, so it is kept for good.
-                let (name, not_after) = store.issued(&fp)?.unwrap_or((String::new(), u64::MAX));
-                vec![(fp, name, not_after)]
-            }
-            Err(_) => {
-                let found = store.issued_named(what, now)?;
-                if found.is_empty() {
-                    anyhow::bail!(
-                        "no unexpired certificate named {what:?} was issued by this lighthouse; \
-                         revoke it by its fingerprint (64 hex digits; `tern cert print` shows it)"
-                    );
-                }
-                found
-                    .into_iter()
-                    .map(|(fp, not_after)| (fp, what.to_string(), not_after))
-                    .collect()
-            }
-        };
-    for (fp, name, not_after) in targets {
-        let new = store.revoke(&fp, &name, not_after, now)?;
-        let until = if not_after == u64::MAX {
+    for r in ops::revoke(path, what, unix_now())? {
+        let until = if r.not_after == u64::MAX {
             "for good".to_string()
         } else {
             format!(
                 "until it expires at {}",
-                tern_shared::cert::format_unix_time(not_after)
+                tern_shared::cert::format_unix_time(r.not_after)
             )
         };
-        let who = if name.is_empty() {
+        let who = if r.name.is_empty() {
             String::new()
         } else {
-            format!("{name} ")
+            format!("{} ", r.name)
         };
-        if new {
-            println!("revoked {who}{fp} {until}");
+        if r.new {
+            println!("revoked {who}{} {until}", r.fingerprint);
         } else {
-            println!("{who}{fp} was already revoked");
+            println!("{who}{} was already revoked", r.fingerprint);
         }
     }
     println!("a running lighthouse pushes revocations to its nodes within a second");
@@ -217,66 +191,16 @@ pub fn token_create(
     uses: u32,
     cert_ttl: &str,
 ) -> anyhow::Result<()> {
-    let (path, config, enroll) = enroll_config(config_path, "create --groups ci")?;
-    let ttl = parse_duration(ttl).map_err(|e| anyhow::anyhow!("--ttl {ttl:?}: {e}"))?;
-    let cert_ttl =
-        parse_duration(cert_ttl).map_err(|e| anyhow::anyhow!("--cert-ttl {cert_ttl:?}: {e}"))?;
-    if ttl.as_secs() == 0 {
-        anyhow::bail!("--ttl under a second would make a token nobody can use; give e.g. 1h");
-    }
-    if cert_ttl.as_secs() == 0 {
-        anyhow::bail!(
-            "--cert-ttl under a second would buy certificates that are never valid; give e.g. 30m"
-        );
-    }
-    if uses == 0 {
-        anyhow::bail!("--uses 0 would make a token nobody can use; give 1 or more");
-    }
-    for g in groups {
-        let ok = !g.is_empty()
-            && g.len() <= 64
-            && g.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !ok {
-            anyhow::bail!("--groups: {g:?} is not a group name (1-64 of A-Z a-z 0-9 . _ -)");
-        }
-    }
-    let issuer_file = &enroll.issuer_cert;
-    let issuer = std::fs::read_to_string(issuer_file)
-        .map_err(anyhow::Error::from)
-        .and_then(|pem| Ok(Cert::from_pem(&pem)?))
-        .with_context(|| format!("reading [enroll] issuer_cert {}", issuer_file.display()))?;
-    let now = unix_now();
-    enroll::check_token_against_issuer(&issuer, groups, cert_ttl.as_secs(), now).map_err(
-        |why| {
-            anyhow::anyhow!(
-                "{why} ([enroll] issuer_cert {}); no token was created",
-                issuer_file.display()
-            )
-        },
-    )?;
-    let mut store = open_store(&config, &path)?;
-    let token = enroll::new_token();
-    let hash = tern_shared::enroll::token_hash(&token);
-    let expires = now.saturating_add(ttl.as_secs());
-    store.create_token(
-        &NewToken {
-            hash: hash.clone(),
-            groups: groups.to_vec(),
-            uses,
-            expires,
-            cert_ttl: cert_ttl.as_secs(),
-        },
-        now,
-    )?;
-    println!("{token}");
+    let (path, config, _) = enroll_config(config_path, "create --groups ci")?;
+    let t = ops::create_token(&path, groups, ttl, uses, cert_ttl, unix_now())?;
+    println!("{}", t.token);
     eprintln!(
         "token id {}, groups {}, {uses} use{}, expires {}, certificates for {}",
-        enroll::token_id(&hash),
+        t.id,
         groups_text(groups),
         if uses == 1 { "" } else { "s" },
-        format_unix_time(expires),
-        format_duration(Duration::from_secs(cert_ttl.as_secs())),
+        format_unix_time(t.expires),
+        format_duration(Duration::from_secs(t.cert_ttl_secs)),
     );
     // A lighthouse started before [enroll] was added answers enrollment
     // with nothing: say so now rather than let the job time out. Nothing
@@ -297,25 +221,10 @@ pub fn token_create(
 pub fn token_list(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     use std::fmt::Write as _;
     let (path, config, _) = enroll_config(config_path, "list")?;
-    let tokens = open_store(&config, &path)?.list_tokens(unix_now())?;
+    let tokens = ops::list_tokens(&path, unix_now())?;
     let mut out = String::new();
     if json {
-        let list: Vec<serde_json::Value> = tokens
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "id": t.id,
-                    "groups": t.groups,
-                    "uses_left": t.uses_left,
-                    "expires": format_unix_time(t.expires),
-                    "created": format_unix_time(t.created),
-                    "cert_ttl_secs": t.cert_ttl,
-                    "expired": t.expired,
-                    "used_up": t.uses_left == 0,
-                })
-            })
-            .collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&tokens)?)?;
     } else if tokens.is_empty() {
         writeln!(
             out,
@@ -335,9 +244,9 @@ pub fn token_list(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> 
                 t.id,
                 groups_text(&t.groups),
                 t.uses_left,
-                format_unix_time(t.expires),
-                format_unix_time(t.created),
-                format_duration(Duration::from_secs(t.cert_ttl)),
+                t.expires,
+                t.created,
+                format_duration(Duration::from_secs(t.cert_ttl_secs)),
                 token_state(t)
             )?;
         }
@@ -353,17 +262,12 @@ pub fn token_list(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> 
 /// which the lighthouse reads at every enrollment, so it takes effect at
 /// once.
 pub fn token_revoke(config_path: Option<&Path>, id: &str) -> anyhow::Result<()> {
-    let (path, config, _) = enroll_config(config_path, "revoke ID")?;
-    let prefix = TokenIdPrefix::parse(id)?;
-    match open_store(&config, &path)?.revoke_token(&prefix)? {
-        Ok(id) => {
-            println!(
-                "revoked token {id}: no node can enroll with it any more (certificates it bought stay valid until they expire; tern-lighthouse revoke NAME ends them)"
-            );
-            Ok(())
-        }
-        Err(refusal) => Err(anyhow::anyhow!("{refusal}; nothing was revoked")),
-    }
+    let (path, _, _) = enroll_config(config_path, "revoke ID")?;
+    let id = ops::delete_token(&path, id)?;
+    println!(
+        "revoked token {id}: no node can enroll with it any more (certificates it bought stay valid until they expire; tern-lighthouse revoke NAME ends them)"
+    );
+    Ok(())
 }
 
 /// The config's path, the config and its `[enroll]`, or why not: tokens
@@ -378,17 +282,7 @@ fn enroll_config(
             "give the lighthouse's config: tern-lighthouse token {usage} --config lighthouse.toml"
         )
     })?;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
-    let config = LighthouseConfig::parse(&text, path)?;
-    let enroll = config.enroll.clone().ok_or_else(|| {
-        anyhow::anyhow!(
-            "{} has no [enroll] section, so this lighthouse enrolls no one and takes no tokens: \
-             add [enroll] with issuer_cert and issuer_key (see config/lighthouse.toml; \
-             tern cert sign --issuer makes them), then restart the lighthouse or send it SIGHUP",
-            path.display()
-        )
-    })?;
+    let (config, enroll) = ops::enroll_config(path)?;
     Ok((path.to_path_buf(), config, enroll))
 }
 
@@ -400,8 +294,8 @@ fn groups_text(groups: &[String]) -> String {
     }
 }
 
-fn token_state(t: &TokenInfo) -> &'static str {
-    match (t.expired, t.uses_left == 0) {
+fn token_state(t: &ops::ListedToken) -> &'static str {
+    match (t.expired, t.used_up) {
         (true, true) => "expired, used up",
         (true, false) => "expired",
         (false, true) => "used up",

@@ -382,6 +382,53 @@ impl LighthouseCore {
         }
     }
 
+    /// A page of registered nodes for the admin API, each with what its
+    /// verified certificate says (`admin.rs`).
+    pub fn admin_nodes(
+        &self,
+        after: Option<Ipv4Addr>,
+        limit: usize,
+        now: Instant,
+    ) -> crate::admin::NodesPage {
+        let (page, next) = self.registry.nodes_after(after, limit, now);
+        let nodes = page
+            .into_iter()
+            .map(|(n, peer)| {
+                let cert = self.mesh.peer_cert(peer);
+                let not_after = cert.map_or(0, |c| c.not_after());
+                crate::admin::AdminNode {
+                    groups: cert.map(|c| c.groups().to_vec()).unwrap_or_default(),
+                    fingerprint: cert
+                        .map(|c| c.fingerprint().to_string())
+                        .unwrap_or_default(),
+                    not_after,
+                    expires: tern_shared::cert::format_unix_time(not_after),
+                    ephemeral: n.ephemeral,
+                    issued_by: n.issued_by,
+                    transport: if tern_shared::transport::is_stream_endpoint(&n.observed) {
+                        "tcp"
+                    } else {
+                        "udp"
+                    },
+                    observed: n.observed,
+                    local: n.local,
+                    routes: n.routes.iter().map(ToString::to_string).collect(),
+                    zones: n.zones,
+                    runner: n.runner,
+                    registered_secs_ago: n.registered_secs_ago,
+                    last_seen_secs_ago: n.last_seen_secs_ago,
+                    name: n.name,
+                    overlay_ip: n.overlay_ip,
+                }
+            })
+            .collect();
+        crate::admin::NodesPage {
+            nodes,
+            total: self.registry.len(),
+            next,
+        }
+    }
+
     pub fn status(&self, now: Instant) -> LighthouseStatus {
         LighthouseStatus {
             name: self.name.clone(),

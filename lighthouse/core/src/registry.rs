@@ -555,20 +555,49 @@ impl Registry {
     pub fn nodes(&self, now: Instant) -> Vec<RegisteredNode> {
         self.entries
             .iter()
-            .map(|(ip, e)| RegisteredNode {
-                name: e.name.clone(),
-                overlay_ip: *ip,
-                observed: e.observed,
-                local: e.local.clone(),
-                routes: e.routes.clone(),
-                zones: e.zones.clone(),
-                runner: e.runner.clone(),
-                ephemeral: e.issued_by.is_some(),
-                issued_by: e.issued_by.clone(),
-                registered_secs_ago: now.saturating_duration_since(e.registered).as_secs(),
-                last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
-            })
+            .map(|(ip, e)| shown(*ip, e, now))
             .collect()
+    }
+
+    /// At most `limit` nodes with overlay addresses after `after`, in
+    /// order, each with its session, and the `after` of the next page
+    /// (none at the end): a page costs its rows, not the registry.
+    pub fn nodes_after(
+        &self,
+        after: Option<Ipv4Addr>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<(RegisteredNode, PeerId)>, Option<Ipv4Addr>) {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut range = self.entries.range((from, Bound::Unbounded));
+        let page: Vec<(RegisteredNode, PeerId)> = range
+            .by_ref()
+            .take(limit)
+            .map(|(ip, e)| (shown(*ip, e, now), e.peer))
+            .collect();
+        let next = if range.next().is_some() {
+            page.last().map(|(n, _)| n.overlay_ip)
+        } else {
+            None
+        };
+        (page, next)
+    }
+}
+
+/// A registry entry as status and the admin API show it.
+fn shown(ip: Ipv4Addr, e: &Entry, now: Instant) -> RegisteredNode {
+    RegisteredNode {
+        name: e.name.clone(),
+        overlay_ip: ip,
+        observed: e.observed,
+        local: e.local.clone(),
+        routes: e.routes.clone(),
+        zones: e.zones.clone(),
+        runner: e.runner.clone(),
+        ephemeral: e.issued_by.is_some(),
+        issued_by: e.issued_by.clone(),
+        registered_secs_ago: now.saturating_duration_since(e.registered).as_secs(),
+        last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
     }
 }
 
@@ -594,6 +623,42 @@ mod tests {
             }
         }
         panic!("the pages never ended");
+    }
+
+    #[test]
+    fn nodes_are_listed_a_page_at_a_time_each_once() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 1000);
+        for i in 0..250u16 {
+            let ip = Ipv4Addr::new(100, 64, (i / 200) as u8, (i % 200) as u8);
+            let observed = addr(&format!("198.18.{}.{}:4242", i / 200, i % 200));
+            r.register(
+                ip,
+                &format!("n-{i}"),
+                b"c",
+                PeerId(u32::from(i)),
+                observed,
+                &[],
+                t0,
+            )
+            .unwrap();
+        }
+        let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (page, next) = r.nodes_after(after, 100, t0);
+            assert!(page.len() <= 100);
+            pages += 1;
+            seen.extend(page.iter().map(|(n, _)| n.overlay_ip));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(seen.len(), 250);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order, none twice");
+        let (page, next) = r.nodes_after(Some(Ipv4Addr::new(100, 64, 1, 49)), 10, t0);
+        assert!(page.is_empty() && next.is_none(), "past the last node");
     }
 
     #[test]

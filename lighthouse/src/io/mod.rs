@@ -13,7 +13,6 @@ use tern_shared::ops::LogFormat;
 use tern_udp::daemon::{
     init_logging, load_identity, seed, set_log_level, unix_now, READS_PER_WAKEUP,
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,6 +23,7 @@ use tern_lighthouse_core::relay::RelayTable;
 use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 use tern_shared::store::StoreLocation;
 
+mod admin;
 mod enrollment;
 mod links;
 mod metrics;
@@ -316,13 +316,17 @@ async fn serve(
         config.store.password_file.clone(),
         enrollment.is_some(),
     )?;
-    let (api_tx, mut api_rx) = mpsc::channel::<oneshot::Sender<serde_json::Value>>(16);
+    let (api_tx, mut api_rx) = mpsc::channel::<admin::LoopCall>(16);
     let socket_path = config
         .api
         .socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    let _api = serve_api(&socket_path, config.api.group.as_deref(), api_tx)?;
+    let _api = serve_api(
+        &socket_path,
+        config.api.group.as_deref(),
+        admin::Admin::new(api_tx, config_path),
+    )?;
     let (metrics_tx, mut metrics_rx) = mpsc::channel::<oneshot::Sender<String>>(4);
     let _metrics = match config.metrics.listen {
         Some(listen) => Some(serve_metrics(listen, metrics_tx).await?),
@@ -386,9 +390,14 @@ async fn serve(
             Some((ask, outcome)) = renewals_rx.recv() => {
                 core.answer_renewal(&ask, outcome, Instant::now());
             }
-            Some(reply) = api_rx.recv() => {
-                let _ = reply.send(status_json(&core, enrollment.as_ref(), socket.streams()));
-            }
+            Some(call) = api_rx.recv() => match call {
+                admin::LoopCall::Status(reply) => {
+                    let _ = reply.send(status_json(&core, enrollment.as_ref(), socket.streams()));
+                }
+                admin::LoopCall::Nodes { after, limit, reply } => {
+                    let _ = reply.send(core.admin_nodes(after, limit, Instant::now()));
+                }
+            },
             Some(reply) = metrics_rx.recv() => {
                 let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams()));
             }
@@ -707,7 +716,8 @@ impl Reload<'_> {
     }
 }
 
-/// Serves `{"cmd":"status"}` lines on the Unix socket until dropped.
+/// Serves the API socket (`admin.rs`: status lines and the admin API
+/// over HTTP) until dropped.
 struct ApiGuard {
     path: PathBuf,
     task: tokio::task::JoinHandle<()>,
@@ -723,30 +733,12 @@ impl Drop for ApiGuard {
 fn serve_api(
     path: &Path,
     group: Option<&str>,
-    calls: mpsc::Sender<oneshot::Sender<serde_json::Value>>,
+    admin: std::sync::Arc<admin::Admin>,
 ) -> anyhow::Result<ApiGuard> {
     let listener = tern_udp::api_socket::bind(path, group)?;
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let calls = calls.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let reply = if line.contains("\"status\"") {
-                        let (tx, rx) = oneshot::channel();
-                        calls.send(tx).await.ok();
-                        rx.await.unwrap_or_default()
-                    } else {
-                        serde_json::json!({"error": "unknown request; send {\"cmd\":\"status\"}"})
-                    };
-                    let mut bytes = serde_json::to_vec(&reply).unwrap_or_default();
-                    bytes.push(b'\n');
-                    if write.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            tokio::spawn(admin::serve_socket_connection(admin.clone(), stream));
         }
     });
     Ok(ApiGuard {

@@ -1,0 +1,482 @@
+//! The admin API, sans IO: what a request under `/api/v1/` asks for
+//! ([`parse`]), the errors it can get (a stable kind, an HTTP status, a
+//! message), and the pages of registered nodes ([`LighthouseCore::admin_nodes`],
+//! bounded: a lighthouse with 100,000 nodes builds no 100,000-row reply).
+//! The lighthouse's shell serves it over HTTP and runs the store's part.
+//!
+//! [`LighthouseCore::admin_nodes`]: crate::lighthouse::LighthouseCore::admin_nodes
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::RunnerAd;
+
+/// Where the API lives.
+pub const API_PREFIX: &str = "/api/v1";
+/// The largest request body read (a token or a revocation is a few hundred
+/// bytes).
+pub const MAX_BODY: usize = 16 * 1024;
+/// Rows in a page when the caller gives no `limit`, and at most.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// `GET /api/v1/nodes?after=IP&limit=N`: registered nodes by overlay
+    /// address, a page at a time.
+    Nodes {
+        after: Option<Ipv4Addr>,
+        limit: usize,
+    },
+    /// `GET /api/v1/tokens`: enrollment tokens, without their secrets.
+    Tokens,
+    /// `POST /api/v1/tokens`: a new token; its secret is in the answer
+    /// once and never again.
+    CreateToken(NewTokenRequest),
+    /// `DELETE /api/v1/tokens/ID`: the token with that id (or unique id
+    /// prefix of at least 8 hex digits).
+    DeleteToken { id: String },
+    /// `GET /api/v1/revocations`: revoked certificates not expired yet.
+    Revocations,
+    /// `POST /api/v1/revocations`: revoke by fingerprint or by the name of
+    /// certificates this lighthouse issued.
+    Revoke(RevokeRequest),
+}
+
+impl AdminRequest {
+    /// Whether it changes anything (audited; needs the write groups).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            AdminRequest::CreateToken(_)
+                | AdminRequest::DeleteToken { .. }
+                | AdminRequest::Revoke(_)
+        )
+    }
+
+    /// The action's name in the audit log.
+    pub fn action(&self) -> &'static str {
+        match self {
+            AdminRequest::Nodes { .. } => "nodes.list",
+            AdminRequest::Tokens => "tokens.list",
+            AdminRequest::CreateToken(_) => "tokens.create",
+            AdminRequest::DeleteToken { .. } => "tokens.delete",
+            AdminRequest::Revocations => "revocations.list",
+            AdminRequest::Revoke(_) => "revocations.create",
+        }
+    }
+
+    /// The object acted on, for the audit log.
+    pub fn object(&self) -> String {
+        match self {
+            AdminRequest::CreateToken(t) => format!("groups={}", t.groups.join(",")),
+            AdminRequest::DeleteToken { id } => id.clone(),
+            AdminRequest::Revoke(r) => r.what.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// `POST /api/v1/tokens`'s body. Durations as `tern-lighthouse token
+/// create` takes them ("1h", "30m").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTokenRequest {
+    pub groups: Vec<String>,
+    #[serde(default = "one")]
+    pub uses: u32,
+    #[serde(default = "default_ttl")]
+    pub ttl: String,
+    #[serde(default = "default_cert_ttl")]
+    pub cert_ttl: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_ttl() -> String {
+    "1h".into()
+}
+
+fn default_cert_ttl() -> String {
+    "1h".into()
+}
+
+/// `POST /api/v1/revocations`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// A certificate fingerprint (64 hex digits) or an issued
+    /// certificate's name.
+    pub what: String,
+}
+
+/// An error's stable kind: what a script matches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    BadRequest,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::BadRequest => 400,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::UnsupportedMediaType => 415,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+}
+
+/// An error answer: `{"error": {"kind": ..., "message": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::BadRequest, message)
+    }
+
+    pub fn status(&self) -> u16 {
+        self.kind.status()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self })
+    }
+}
+
+/// Reads a request: `method` and `path` as they came, `query` without its
+/// `?`, `content_type` if given, `body` already bounded by the caller to
+/// [`MAX_BODY`] (a longer one is the caller's 413).
+pub fn parse(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<AdminRequest, ApiError> {
+    let Some(rest) = path.strip_prefix(API_PREFIX) else {
+        return Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("no such resource {path:?}: the API is under {API_PREFIX}/"),
+        ));
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let allow = |allowed: &str| {
+        ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("{method} is not allowed on {path}; allowed: {allowed}"),
+        )
+    };
+    match segments.as_slice() {
+        ["nodes"] => match method {
+            "GET" => {
+                let (after, limit) = page_params(query)?;
+                let after = after
+                    .map(|a| {
+                        a.parse::<Ipv4Addr>().map_err(|_| {
+                            ApiError::bad_request(format!(
+                                "after={a:?} is not an overlay address (give the last address of the previous page)"
+                            ))
+                        })
+                    })
+                    .transpose()?;
+                Ok(AdminRequest::Nodes { after, limit })
+            }
+            _ => Err(allow("GET")),
+        },
+        ["tokens"] => match method {
+            "GET" => Ok(AdminRequest::Tokens),
+            "POST" => Ok(AdminRequest::CreateToken(json_body(content_type, body)?)),
+            _ => Err(allow("GET, POST")),
+        },
+        ["tokens", id] => match method {
+            "DELETE" => {
+                let ok =
+                    id.len() >= 8 && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+                if !ok {
+                    return Err(ApiError::bad_request(format!(
+                        "{id:?} is not a token id (8 to 64 hex digits, from the token list)"
+                    )));
+                }
+                Ok(AdminRequest::DeleteToken {
+                    id: id.to_ascii_lowercase(),
+                })
+            }
+            _ => Err(allow("DELETE")),
+        },
+        ["revocations"] => match method {
+            "GET" => Ok(AdminRequest::Revocations),
+            "POST" => {
+                let r: RevokeRequest = json_body(content_type, body)?;
+                if r.what.is_empty() || r.what.len() > 253 {
+                    return Err(ApiError::bad_request(
+                        "what: give a certificate fingerprint (64 hex digits) or an issued certificate's name",
+                    ));
+                }
+                Ok(AdminRequest::Revoke(r))
+            }
+            _ => Err(allow("GET, POST")),
+        },
+        _ => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("no such resource {path:?}; see {API_PREFIX}/nodes, tokens, revocations"),
+        )),
+    }
+}
+
+/// `after` and `limit` from a query string; nothing else is accepted.
+fn page_params(query: Option<&str>) -> Result<(Option<String>, usize), ApiError> {
+    let (mut after, mut limit) = (None, DEFAULT_PAGE);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "after" => after = Some(value.to_string()),
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("limit={value:?}: give 1 to {MAX_PAGE}"))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (this list takes after and limit)"
+                )))
+            }
+        }
+    }
+    Ok((after, limit))
+}
+
+/// A JSON body of type `T`, unknown fields refused.
+fn json_body<T: serde::de::DeserializeOwned>(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let json = content_type
+        .map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+        .unwrap_or(false);
+    if !json {
+        return Err(ApiError::new(
+            ErrorKind::UnsupportedMediaType,
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the JSON body: {e}")))
+}
+
+/// One registered node, as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminNode {
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub groups: Vec<String>,
+    /// The certificate's fingerprint (hex) and when it expires (Unix
+    /// seconds and RFC 3339).
+    pub fingerprint: String,
+    pub not_after: u64,
+    pub expires: String,
+    /// Enrolled through an issuer (short-lived), and which.
+    pub ephemeral: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued_by: Option<String>,
+    /// Where it registered from, and the addresses it offered.
+    pub observed: SocketAddr,
+    pub local: Vec<SocketAddr>,
+    /// `udp`, or `tcp` for a node that reaches the lighthouse over a TCP
+    /// link.
+    pub transport: &'static str,
+    pub routes: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerAd>,
+    pub registered_secs_ago: u64,
+    pub last_seen_secs_ago: u64,
+}
+
+/// A page of nodes: `next` is the `after` of the next page, none at the
+/// end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodesPage {
+    pub nodes: Vec<AdminNode>,
+    pub total: usize,
+    pub next: Option<Ipv4Addr>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str, query: Option<&str>) -> Result<AdminRequest, ApiError> {
+        parse("GET", path, query, None, b"")
+    }
+
+    fn post(path: &str, body: &str) -> Result<AdminRequest, ApiError> {
+        parse(
+            "POST",
+            path,
+            None,
+            Some("application/json"),
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn every_resource_and_its_methods() {
+        assert_eq!(
+            get("/api/v1/nodes", Some("after=100.64.0.9&limit=5")).unwrap(),
+            AdminRequest::Nodes {
+                after: Some(Ipv4Addr::new(100, 64, 0, 9)),
+                limit: 5
+            }
+        );
+        assert_eq!(
+            get("/api/v1/nodes/", None).unwrap(),
+            AdminRequest::Nodes {
+                after: None,
+                limit: DEFAULT_PAGE
+            }
+        );
+        assert_eq!(get("/api/v1/tokens", None).unwrap(), AdminRequest::Tokens);
+        assert_eq!(
+            post("/api/v1/tokens", r#"{"groups":["ci"]}"#).unwrap(),
+            AdminRequest::CreateToken(NewTokenRequest {
+                groups: vec!["ci".into()],
+                uses: 1,
+                ttl: "1h".into(),
+                cert_ttl: "1h".into()
+            })
+        );
+        assert_eq!(
+            parse("DELETE", "/api/v1/tokens/ABCDEF0123", None, None, b"").unwrap(),
+            AdminRequest::DeleteToken {
+                id: "abcdef0123".into()
+            }
+        );
+        assert_eq!(
+            get("/api/v1/revocations", None).unwrap(),
+            AdminRequest::Revocations
+        );
+        let r = post("/api/v1/revocations", r#"{"what":"ci-job-1"}"#).unwrap();
+        assert!(r.is_write());
+        assert_eq!(r.action(), "revocations.create");
+        assert_eq!(r.object(), "ci-job-1");
+    }
+
+    #[test]
+    fn bad_requests_get_a_kind_and_a_message_naming_what_is_wrong() {
+        let cases: &[(Result<AdminRequest, ApiError>, ErrorKind, &str)] = &[
+            (get("/nope", None), ErrorKind::NotFound, "/api/v1/"),
+            (
+                get("/api/v1/secrets", None),
+                ErrorKind::NotFound,
+                "no such resource",
+            ),
+            (
+                parse("PUT", "/api/v1/nodes", None, None, b""),
+                ErrorKind::MethodNotAllowed,
+                "allowed: GET",
+            ),
+            (
+                get("/api/v1/nodes", Some("limit=0")),
+                ErrorKind::BadRequest,
+                "limit",
+            ),
+            (
+                get("/api/v1/nodes", Some("limit=5000")),
+                ErrorKind::BadRequest,
+                "1 to 1000",
+            ),
+            (
+                get("/api/v1/nodes", Some("after=nope")),
+                ErrorKind::BadRequest,
+                "overlay address",
+            ),
+            (
+                get("/api/v1/nodes", Some("sort=name")),
+                ErrorKind::BadRequest,
+                "unknown query parameter",
+            ),
+            (
+                post("/api/v1/tokens", "{"),
+                ErrorKind::BadRequest,
+                "JSON body",
+            ),
+            (
+                post("/api/v1/tokens", r#"{"groups":["ci"],"admin":true}"#),
+                ErrorKind::BadRequest,
+                "unknown field",
+            ),
+            (
+                parse("POST", "/api/v1/tokens", None, Some("text/plain"), b"{}"),
+                ErrorKind::UnsupportedMediaType,
+                "application/json",
+            ),
+            (
+                parse("DELETE", "/api/v1/tokens/xyz", None, None, b""),
+                ErrorKind::BadRequest,
+                "token id",
+            ),
+            (
+                post("/api/v1/revocations", r#"{"what":""}"#),
+                ErrorKind::BadRequest,
+                "fingerprint",
+            ),
+        ];
+        for (got, kind, says) in cases {
+            let e = got.as_ref().unwrap_err();
+            assert_eq!(e.kind, *kind, "{e:?}");
+            assert!(e.message.contains(says), "{e:?} should say {says:?}");
+            assert!(e.to_json()["error"]["kind"].is_string());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_never_panics(
+            method in "[A-Z]{0,8}",
+            path in "(/api/v1/)?[a-z/0-9.%]{0,40}",
+            query in proptest::option::of("[a-z=&0-9.]{0,40}"),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let _ = parse(&method, &path, query.as_deref(), Some("application/json"), &body);
+        }
+    }
+}

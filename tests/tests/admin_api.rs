@@ -1,0 +1,228 @@
+//! The lighthouse's admin API (`/api/v1/`) on its Unix API socket, with
+//! curl, on loopback, no root: the registered nodes a page at a time with
+//! what their certificates say; a token made through the API (its secret
+//! shown once) enrolls a CI job, which then appears in the list, and is
+//! gone from the token list once deleted; a revocation made through the
+//! API ends the job's session at the gateway; garbage gets a 4xx with a
+//! stable kind, never a crash; `tern-lighthouse status` (JSON lines on the
+//! same socket) keeps working; every write is audited in the log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tern_tests::enroll_lab::{lab_with, Lab};
+use tern_tests::{need_tool, run_bounded, wait_until};
+
+/// This file's private network (each test file its own).
+const SUBNET: &str = "127.84.0";
+
+/// `curl` against the lab's lighthouse socket: the status and the body.
+fn curl(lab: &Lab, method: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, String) {
+    let socket = lab.dir.path().join("lh.sock");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .args(["--unix-socket", &socket.to_string_lossy()])
+        .args(["-X", method]);
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+    }
+    cmd.args(extra);
+    cmd.arg(format!("http://lighthouse{path}"));
+    let out = run_bounded(cmd, "curl", Duration::from_secs(15));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn node_names(lab: &Lab) -> Vec<String> {
+    let (code, body) = curl(lab, "GET", "/api/v1/nodes", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    json(&body)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn lighthouse_log(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.dir.path().join("lh.log")).unwrap_or_default()
+}
+
+#[test]
+fn an_admin_lists_nodes_makes_a_token_that_enrolls_a_job_and_revokes_the_job() {
+    if !need_tool("admin_api", "curl", "curl") {
+        return;
+    }
+    let lab = lab_with(SUBNET, "");
+    wait_until("the gateway registered", Duration::from_secs(20), || {
+        node_names(&lab).contains(&"gw".to_string())
+    });
+
+    // The nodes, with what the gateway's certificate says.
+    let (code, body) = curl(&lab, "GET", "/api/v1/nodes?limit=10", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let page = json(&body);
+    assert_eq!(page["total"], 1);
+    assert!(page["next"].is_null());
+    let gw = &page["nodes"][0];
+    assert_eq!(gw["name"], "gw");
+    assert_eq!(gw["transport"], "udp");
+    assert_eq!(gw["fingerprint"].as_str().unwrap().len(), 64);
+    assert_eq!(gw["ephemeral"], false);
+    assert_eq!(gw["routes"][0], format!("{SUBNET}.0/24"));
+
+    // A token through the API: the secret once, in the answer.
+    let (code, body) = curl(
+        &lab,
+        "POST",
+        "/api/v1/tokens",
+        Some(r#"{"groups":["ci"],"uses":1,"ttl":"10m","cert_ttl":"10m"}"#),
+        &[],
+    );
+    assert_eq!(code, 201, "{body}");
+    let created = json(&body);
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    let (code, body) = curl(&lab, "GET", "/api/v1/tokens", None, &[]);
+    assert_eq!(code, 200);
+    assert!(body.contains(&id), "{body}");
+    assert!(!body.contains(&token), "the secret never again: {body}");
+
+    // The job enrolls with it and appears in the list, ephemeral.
+    let (_job, forward) = lab.start_job("job", &token);
+    wait_until(
+        "the job reached the private service",
+        Duration::from_secs(20),
+        || tern_tests::enroll_lab::get(forward).is_some(),
+    );
+    let (_, body) = curl(&lab, "GET", "/api/v1/nodes", None, &[]);
+    let nodes = json(&body);
+    let job = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["ephemeral"] == true)
+        .unwrap_or_else(|| panic!("the job is listed: {body}"))
+        .clone();
+    assert_eq!(job["issued_by"], "lh-issuer");
+    assert_eq!(job["groups"][0], "ci");
+    // Used up: deleting it works once, then it is not found.
+    let (code, body) = curl(&lab, "DELETE", &format!("/api/v1/tokens/{id}"), None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl(&lab, "DELETE", &format!("/api/v1/tokens/{id}"), None, &[]);
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(json(&body)["error"]["kind"], "not_found");
+
+    // Revoked through the API by its name: its session at the gateway ends.
+    let name = job["name"].as_str().unwrap();
+    let (code, body) = curl(
+        &lab,
+        "POST",
+        "/api/v1/revocations",
+        Some(&format!(r#"{{"what":"{name}"}}"#)),
+        &[],
+    );
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(json(&body)["revoked"][0]["new"], true);
+    wait_until(
+        "the gateway dropped the job",
+        Duration::from_secs(10),
+        || {
+            !node_names(&lab).contains(&name.to_string())
+                && tern_tests::enroll_lab::get(forward).is_none()
+        },
+    );
+    let (_, body) = curl(&lab, "GET", "/api/v1/revocations", None, &[]);
+    assert!(
+        body.contains(job["fingerprint"].as_str().unwrap()),
+        "{body}"
+    );
+
+    // Every write is audited.
+    let log = lighthouse_log(&lab);
+    for action in ["tokens.create", "tokens.delete", "revocations.create"] {
+        assert!(log.contains(action), "audited {action}: {log}");
+    }
+    // The old status lines still work on the same socket.
+    let status = lab.lighthouse_status();
+    assert!(status["nodes"].is_array(), "{status}");
+}
+
+#[test]
+fn garbage_gets_a_4xx_with_a_kind_and_the_lighthouse_goes_on() {
+    if !need_tool("admin_api", "curl", "curl") {
+        return;
+    }
+    let lab = lab_with(SUBNET, "");
+    let huge = "x".repeat(100_000);
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("GET", "/", None, 404, "not_found"),
+        ("GET", "/api/v1/secrets", None, 404, "not_found"),
+        ("PUT", "/api/v1/nodes", None, 405, "method_not_allowed"),
+        ("GET", "/api/v1/nodes?limit=0", None, 400, "bad_request"),
+        (
+            "POST",
+            "/api/v1/tokens",
+            Some("{not json"),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/tokens",
+            Some(r#"{"groups":["ci"],"admin":true}"#),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/tokens",
+            Some(r#"{"groups":["root"]}"#),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/api/v1/tokens",
+            Some(&huge),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "POST",
+            "/api/v1/revocations",
+            Some(r#"{"what":"nobody"}"#),
+            404,
+            "not_found",
+        ),
+        ("DELETE", "/api/v1/tokens/zz", None, 400, "bad_request"),
+    ];
+    for (method, path, body, want, kind) in cases {
+        let (code, answer) = curl(&lab, method, path, body, &[]);
+        assert_eq!(code, want, "{method} {path}: {answer}");
+        assert_eq!(
+            json(&answer)["error"]["kind"],
+            kind,
+            "{method} {path}: {answer}"
+        );
+        assert!(json(&answer)["error"]["message"].as_str().unwrap().len() > 10);
+    }
+    // Not JSON at all, not HTTP at all: the connection closes, nothing
+    // breaks.
+    let socket = lab.dir.path().join("lh.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::io::Write::write_all(&mut s, b"\x00\x01garbage\r\n\r\n").unwrap();
+    drop(s);
+    let (code, _) = curl(&lab, "GET", "/api/v1/nodes", None, &[]);
+    assert_eq!(code, 200, "the API still answers");
+    assert!(Path::new(&socket).exists());
+}
