@@ -161,11 +161,7 @@ pub fn running_status(
     config: &LighthouseConfig,
     timeout: Duration,
 ) -> anyhow::Result<(PathBuf, serde_json::Value)> {
-    let path = config
-        .api
-        .socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let path = crate::io::api_socket_path(config);
     tern_udp::api_socket::check_before_connect(&path)
         .with_context(|| format!("the lighthouse's API socket {}", path.display()))?;
     let reply = runtime()?.block_on(async {

@@ -140,11 +140,7 @@ pub fn create_token(
         ));
     }
     for g in groups {
-        let ok = !g.is_empty()
-            && g.len() <= 64
-            && g.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !ok {
+        if !tern_shared::admin::is_group_name(g) {
             return Err(OpError::Invalid(format!(
                 "groups: {g:?} is not a group name (1-64 of A-Z a-z 0-9 . _ -)"
             )));

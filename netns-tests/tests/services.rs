@@ -96,7 +96,9 @@ while True:
     chunk = s.recv(4096)
     if not chunk: break
     data += chunk
-    if first is None and b"tick 0" in data: first = time.time() - t0
+    if first is None and b"tick 0" in data:
+        first = time.time() - t0
+        print("got the first tick", flush=True)
 print("first=%.3f last=%.3f lines=%d" % (first or -1, time.time() - t0, data.count(b"tick ")))
 "#;
 
@@ -619,7 +621,9 @@ fn two_nodes_offering_one_service_share_its_load_and_one_stopping_loses_nothing(
         .arg(dir.join("stream.py"))
         .args([GW2_OVERLAY, "9000"]);
     let stream = ci.spawn_command(stream, "stream");
-    std::thread::sleep(Duration::from_millis(300));
+    // Only once the stream is under way on gw-2 (a fixed sleep was too
+    // short on a loaded machine).
+    stream.wait_for_log("got the first tick", Duration::from_secs(10));
     let stopped = gw2_node.terminate_and_wait(Duration::from_secs(10));
     assert!(
         stopped.is_some_and(|s| s.success()),

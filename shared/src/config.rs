@@ -243,6 +243,9 @@ pub struct LighthouseConfig {
     /// The local API the CLI talks to.
     #[serde(default)]
     pub api: ApiConfig,
+    /// The admin API on the overlay address, through the mesh.
+    #[serde(default)]
+    pub admin: crate::admin::AdminConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -895,6 +898,7 @@ impl LighthouseConfig {
         }
         self.listen.validate_lighthouse(file)?;
         self.api.validate(file)?;
+        self.admin.validate(file)?;
         self.log.validate(file)?;
         self.registry.validate(file)?;
         if self.relay.packets_per_sec == 0 {
@@ -1666,6 +1670,8 @@ mod tests {
         let config = lighthouse(MINIMAL_NODE).unwrap();
         assert_eq!(config.listen, ListenConfig::default());
         assert_eq!(config.api, ApiConfig::default());
+        assert_eq!(config.admin, crate::admin::AdminConfig::default());
+        assert_eq!(config.admin.port, 80);
         assert_eq!(config.log.level, "info");
         assert_eq!(config.registry.expiry, Duration::from_secs(30));
     }
@@ -1770,12 +1776,19 @@ mod tests {
             addr = "198.18.0.1:4242"
             [api]
             socket = "run/lh.sock"
+            [admin]
+            port = 8080
+            groups = ["net-admin"]
+            read_groups = ["auditor"]
             [log]
             level = "trace"
             [registry]
             expiry = "45s"
         "#;
         let config = lighthouse(text).unwrap();
+        assert_eq!(config.admin.port, 8080);
+        assert_eq!(config.admin.groups, vec!["net-admin"]);
+        assert_eq!(config.admin.read_groups, vec!["auditor"]);
         assert_eq!(config.pki.cert, PathBuf::from("/etc/tern/lh.crt"));
         assert_eq!(config.listen.addr, "198.18.0.1:4242".parse().unwrap());
         assert_eq!(
@@ -2589,6 +2602,10 @@ mod tests {
             "addr =",
             "[api]",
             "socket =",
+            "[admin]",
+            "port =",
+            "groups =",
+            "read_groups =",
             "[log]",
             "level =",
             "[registry]",

@@ -6,6 +6,7 @@
 //! sessions with them is `tern-mesh`. Nothing here opens a socket, reads a
 //! clock or a file: callers pass bytes and time in.
 
+pub mod admin;
 pub mod armor;
 pub mod cert;
 pub mod config;

@@ -28,6 +28,33 @@ pub fn tern(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `NAME.crt` and `NAME.key` in `dir`, signed by the lab's root CA
+/// (`ca.crt`, `ca.key` there), for `ip` in `groups` (comma-separated).
+pub fn sign_by_root(dir: &Path, name: &str, ip: &str, groups: &str) {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    tern(
+        dir,
+        &[
+            "cert",
+            "sign",
+            "--ca-crt",
+            "ca.crt",
+            "--ca-key",
+            "ca.key",
+            "--name",
+            name,
+            "--ip",
+            ip,
+            "--groups",
+            groups,
+            "--out-key",
+            &key,
+            "--out-crt",
+            &crt,
+        ],
+    );
+}
+
 /// A root CA, a lighthouse with an issuer for 100.64.100.0/24 (groups ci,
 /// deploy; names ci-*; at most 1 h), and a userspace gateway into
 /// a private /24 that lets group ci reach an HTTP server there.
@@ -96,27 +123,7 @@ pub fn lab_custom(subnet: &str, extra: &LabExtra<'_>) -> Lab {
             "ca.key",
         ],
     );
-    tern(
-        d,
-        &[
-            "cert",
-            "sign",
-            "--ca-crt",
-            "ca.crt",
-            "--ca-key",
-            "ca.key",
-            "--name",
-            "lh1",
-            "--ip",
-            "100.64.0.1/10",
-            "--groups",
-            "lighthouse",
-            "--out-key",
-            "lh1.key",
-            "--out-crt",
-            "lh1.crt",
-        ],
-    );
+    sign_by_root(d, "lh1", "100.64.0.1/10", "lighthouse");
     tern(
         d,
         &[

@@ -1,5 +1,8 @@
-//! The lighthouse's admin API (`/api/v1/`) on its Unix API socket, with
-//! curl, on loopback, no root: the registered nodes a page at a time with
+//! The lighthouse's admin API (`/api/v1/`), with curl, on loopback, no
+//! root. Through the mesh (userspace nodes forwarding to the lighthouse's
+//! overlay address, port 80): the caller is its certificate, admins read
+//! and act, auditors only read, a CI node gets 403 naming the groups it
+//! lacks. On the Unix API socket: the registered nodes a page at a time with
 //! what their certificates say; a token made through the API (its secret
 //! shown once) enrolls a CI job, which then appears in the list, and is
 //! gone from the token list once deleted; a revocation made through the
@@ -13,8 +16,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tern_tests::enroll_lab::{lab_with, Lab};
-use tern_tests::{need_tool, run_bounded, wait_until};
+use tern_tests::enroll_lab::{lab_with, sign_by_root, Lab};
+use tern_tests::{free_tcp, need_tool, run_bounded, wait_until, Daemon};
 
 /// This file's private network (each test file its own).
 const SUBNET: &str = "127.84.0";
@@ -22,15 +25,28 @@ const SUBNET: &str = "127.84.0";
 /// `curl` against the lab's lighthouse socket: the status and the body.
 fn curl(lab: &Lab, method: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, String) {
     let socket = lab.dir.path().join("lh.sock");
+    let socket = socket.to_string_lossy();
+    let mut args = vec!["--unix-socket", &*socket];
+    args.extend_from_slice(extra);
+    curl_at("http://lighthouse", method, path, body, &args)
+}
+
+/// `curl` to `base` + `path`: the status and the body.
+fn curl_at(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    extra: &[&str],
+) -> (u16, String) {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
-        .args(["--unix-socket", &socket.to_string_lossy()])
         .args(["-X", method]);
     if let Some(b) = body {
         cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
     }
     cmd.args(extra);
-    cmd.arg(format!("http://lighthouse{path}"));
+    cmd.arg(format!("{base}{path}"));
     let out = run_bounded(cmd, "curl", Duration::from_secs(15));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
@@ -225,4 +241,104 @@ fn garbage_gets_a_4xx_with_a_kind_and_the_lighthouse_goes_on() {
     let (code, _) = curl(&lab, "GET", "/api/v1/nodes", None, &[]);
     assert_eq!(code, 200, "the API still answers");
     assert!(Path::new(&socket).exists());
+}
+
+/// A node with a certificate of the lab's root CA (`groups`), in userspace
+/// mode, with a local forward to the lighthouse's admin port through the
+/// mesh; returns it and the forward's port.
+fn node_to_the_lighthouse(lab: &Lab, name: &str, ip: &str, groups: &str) -> (Daemon, u16) {
+    let d = lab.dir.path();
+    sign_by_root(d, name, ip, groups);
+    let forward = free_tcp();
+    let config = lab.ci_config_to(name, &[(forward, "100.64.0.1:80")]);
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[pki]\nca = \"ca.crt\"\n",
+        &format!("[pki]\nca = \"ca.crt\"\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\n"),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let node = Daemon::start(
+        "tern",
+        &["up", "--config", &config.to_string_lossy()],
+        d.join(format!("{name}.log")),
+    );
+    (node, forward)
+}
+
+#[test]
+fn through_the_mesh_the_caller_is_its_certificate_admins_act_auditors_read_others_get_403() {
+    if !need_tool("admin_api", "curl", "curl") {
+        return;
+    }
+    let lab = lab_with(SUBNET, "");
+    let (_admin, admin_port) = node_to_the_lighthouse(&lab, "admin-1", "100.64.0.9/10", "admin");
+    let (_auditor, auditor_port) =
+        node_to_the_lighthouse(&lab, "audit-1", "100.64.0.10/10", "auditor");
+    let (_ci, ci_port) = node_to_the_lighthouse(&lab, "ci-1", "100.64.0.11/10", "ci");
+    let at = |port: u16| format!("http://127.0.0.1:{port}");
+    wait_until(
+        "the admin reaches the API through the mesh",
+        Duration::from_secs(20),
+        || curl_at(&at(admin_port), "GET", "/api/v1/nodes", None, &[]).0 == 200,
+    );
+
+    // The admin reads and acts.
+    let (code, body) = curl_at(&at(admin_port), "GET", "/api/v1/nodes?limit=2", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["nodes"].as_array().unwrap().len(), 2);
+    let (code, body) = curl_at(
+        &at(admin_port),
+        "POST",
+        "/api/v1/tokens",
+        Some(r#"{"groups":["ci"]}"#),
+        &[],
+    );
+    assert_eq!(code, 201, "{body}");
+    // The auditor reads, and may not act.
+    let (code, body) = curl_at(&at(auditor_port), "GET", "/api/v1/tokens", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl_at(
+        &at(auditor_port),
+        "POST",
+        "/api/v1/revocations",
+        Some(r#"{"what":"ci-1"}"#),
+        &[],
+    );
+    assert_eq!(code, 403, "{body}");
+    let message = json(&body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("audit-1") && message.contains("admin"),
+        "{message}"
+    );
+    // The CI node may do nothing, and is told which groups would let it.
+    wait_until(
+        "the CI node reaches the lighthouse",
+        Duration::from_secs(20),
+        || curl_at(&at(ci_port), "GET", "/api/v1/nodes", None, &[]).0 != 0,
+    );
+    let (code, body) = curl_at(&at(ci_port), "GET", "/api/v1/nodes", None, &[]);
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(json(&body)["error"]["kind"], "forbidden");
+    let message = json(&body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("ci-1 (groups ci)") && message.contains("auditor"),
+        "{message}"
+    );
+    // The refused write is audited with the caller's certificate.
+    let log = lighthouse_log(&lab);
+    let line = log
+        .lines()
+        .find(|l| l.contains("revocations.create") && l.contains("audit-1"))
+        .unwrap_or_else(|| panic!("the refused write is audited: {log}"));
+    assert!(line.contains("403") && line.contains("mesh"), "{line}");
+    let refused = lab.lighthouse_status()["admin"]["refused"]
+        .as_u64()
+        .unwrap();
+    assert!(refused >= 2, "refusals are counted: {refused}");
 }

@@ -339,6 +339,85 @@ pub struct NodesPage {
     pub next: Option<Ipv4Addr>,
 }
 
+/// Packets queued for the shell's stack before it takes them; past this
+/// they are dropped (TCP sends again).
+pub const MAX_QUEUED_PACKETS: usize = 4096;
+
+/// The admin listener's packets between the mesh and the shell's TCP/IP
+/// stack: TCP to the lighthouse's overlay address on the admin port, from
+/// a peer's own overlay address (never a subnet it routes: the caller is
+/// the certificate), in; the stack's answers, to such a peer, out.
+#[derive(Debug, Default)]
+pub struct AdminPlane {
+    port: Option<u16>,
+    inbound: std::collections::VecDeque<Vec<u8>>,
+    /// Packets for the stack dropped because it fell behind.
+    pub dropped: u64,
+    /// Packets the stack sent that were not to a peer's own address from
+    /// the admin port (dropped).
+    pub refused_out: u64,
+}
+
+impl AdminPlane {
+    /// Listens on `port` of the overlay address (None: not at all).
+    pub fn set_port(&mut self, port: Option<u16>) {
+        self.port = port;
+        if port.is_none() {
+            self.inbound.clear();
+        }
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// Takes `packet` if it is for the admin listener: TCP from
+    /// `peer_ip` (the sender's certificate's address) to `own_ip`'s admin
+    /// port.
+    pub fn take(&mut self, packet: &[u8], own_ip: Ipv4Addr, peer_ip: Ipv4Addr) -> bool {
+        let Some(port) = self.port else {
+            return false;
+        };
+        let Some(flow) = tern_shared::packet::flow_of(packet) else {
+            return false;
+        };
+        let ours = flow.proto == tern_shared::packet::PROTO_TCP
+            && !flow.fragment
+            && flow.dst == own_ip
+            && flow.dst_port == port
+            && flow.src == peer_ip;
+        if !ours {
+            return false;
+        }
+        if self.inbound.len() >= MAX_QUEUED_PACKETS {
+            self.dropped += 1;
+        } else {
+            self.inbound.push_back(packet.to_vec());
+        }
+        true
+    }
+
+    pub fn poll(&mut self) -> Option<Vec<u8>> {
+        self.inbound.pop_front()
+    }
+
+    /// Whether the stack's `packet` may leave: TCP from `own_ip`'s admin
+    /// port; its destination, the caller checks, a peer's own address.
+    pub fn may_send(&mut self, packet: &[u8], own_ip: Ipv4Addr) -> Option<Ipv4Addr> {
+        let flow = tern_shared::packet::flow_of(packet);
+        let ok = self.port.is_some_and(|port| {
+            flow.is_some_and(|f| {
+                f.proto == tern_shared::packet::PROTO_TCP && f.src == own_ip && f.src_port == port
+            })
+        });
+        if !ok {
+            self.refused_out += 1;
+            return None;
+        }
+        flow.map(|f| f.dst)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

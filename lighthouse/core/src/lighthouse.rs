@@ -137,6 +137,8 @@ pub struct LighthouseCore {
     waiting: WaitingQueries,
     /// Nodes that relay for others (`relay_nodes.rs`).
     relay_nodes: RelayNodes,
+    /// The admin listener's packets (`admin.rs`).
+    admin: crate::admin::AdminPlane,
 }
 
 impl LighthouseCore {
@@ -155,6 +157,7 @@ impl LighthouseCore {
             last_expiry: now,
             revocations: Vec::new(),
             renewals: std::collections::VecDeque::new(),
+            admin: crate::admin::AdminPlane::default(),
             waiting: WaitingQueries::default(),
             relay_nodes: RelayNodes::default(),
         }
@@ -382,6 +385,43 @@ impl LighthouseCore {
         }
     }
 
+    /// The admin listener on `port` of the overlay address (None: off):
+    /// TCP to it from a peer's own address goes to [`Self::poll_admin_packet`].
+    pub fn set_admin_port(&mut self, port: Option<u16>) {
+        self.admin.set_port(port);
+    }
+
+    /// A packet for the shell's admin stack, as a TUN device would get it.
+    pub fn poll_admin_packet(&mut self) -> Option<Vec<u8>> {
+        self.admin.poll()
+    }
+
+    /// A packet the admin stack sends: to a peer's own overlay address,
+    /// from the admin port, through that peer's session. Anything else is
+    /// dropped and counted.
+    pub fn send_admin_packet(&mut self, packet: &[u8], now: Instant) {
+        let Some(dst) = self.admin.may_send(packet, self.overlay_ip) else {
+            return;
+        };
+        match self.mesh.peer_by_overlay(dst) {
+            Some(peer) => self.mesh.send_packet(peer, packet, now),
+            None => self.admin.refused_out += 1,
+        }
+    }
+
+    /// The verified certificate of the peer whose own overlay address is
+    /// `ip`: who an admin connection's caller is.
+    pub fn peer_identity(&self, ip: Ipv4Addr) -> Option<VerifiedCert> {
+        let cert = self.mesh.peer_cert(self.mesh.peer_by_overlay(ip)?)?;
+        (cert.overlay_ip() == ip).then(|| cert.clone())
+    }
+
+    /// The admin listener's packet counts: dropped in (the stack behind),
+    /// refused out.
+    pub fn admin_packet_drops(&self) -> (u64, u64) {
+        (self.admin.dropped, self.admin.refused_out)
+    }
+
     /// A page of registered nodes for the admin API, each with what its
     /// verified certificate says (`admin.rs`).
     pub fn admin_nodes(
@@ -499,6 +539,9 @@ impl LighthouseCore {
         let Some(cert) = self.mesh.peer_cert(peer).cloned() else {
             return;
         };
+        if self.admin.take(packet, self.overlay_ip, cert.overlay_ip()) {
+            return;
+        }
         let Some(udp) = parse_udp_ipv4(packet).filter(|u| {
             u.dst == self.overlay_ip && u.dst_port == CONTROL_PORT && u.src == cert.overlay_ip()
         }) else {

@@ -1,5 +1,9 @@
-//! The admin API over HTTP/1.1 (hyper), on the lighthouse's Unix API
-//! socket: a connection whose first byte is `{` speaks the old JSON lines
+//! The admin API over HTTP/1.1 (hyper), on the lighthouse's overlay
+//! address through the mesh ([`AdminListener`]: a userspace TCP/IP stack,
+//! `tern-netstack`, fed by the core with TCP to `[admin] port` from a
+//! peer's own address; the caller is that peer's verified certificate, its
+//! groups checked against `[admin] groups` and `read_groups`), and on the
+//! lighthouse's Unix API socket: a connection whose first byte is `{` speaks the old JSON lines
 //! (`{"cmd":"status"}`, what `tern-lighthouse status` sends); any other
 //! speaks HTTP, so `curl --unix-socket /run/tern-lighthouse.sock
 //! http://lighthouse/api/v1/nodes` works on the lighthouse's host. The
@@ -13,17 +17,23 @@
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
+use ipnet::Ipv4Net;
 use tern_lighthouse_core::admin::{self, AdminRequest, ApiError, ErrorKind, NodesPage};
+use tern_lighthouse_core::lighthouse::LighthouseCore;
+use tern_netstack::{Conn, Netstack};
+use tern_shared::admin::{Access, AdminConfig};
 use tern_udp::daemon::unix_now;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::ops;
 
@@ -39,14 +49,31 @@ pub enum LoopCall {
     },
 }
 
-/// Who is asking, for the audit log.
+/// Who is asking, for the access check and the audit log.
 #[derive(Debug, Clone)]
 pub enum Caller {
-    /// A process on the lighthouse's host, through the Unix socket.
+    /// A process on the lighthouse's host, through the Unix socket (the
+    /// socket's permissions let it in: it may read and act).
     Local { uid: Option<u32> },
+    /// A peer through the mesh: the certificate this lighthouse verified
+    /// for the session its connection came over.
+    Peer {
+        name: String,
+        overlay_ip: Ipv4Addr,
+        fingerprint: String,
+        groups: Vec<String>,
+        access: Access,
+    },
 }
 
 impl Caller {
+    fn access(&self) -> Access {
+        match self {
+            Caller::Local { .. } => Access::Write,
+            Caller::Peer { access, .. } => *access,
+        }
+    }
+
     fn audit_fields(&self) -> serde_json::Value {
         match self {
             Caller::Local { uid } => serde_json::json!({
@@ -56,7 +83,45 @@ impl Caller {
                 },
                 "via": "api socket",
             }),
+            Caller::Peer {
+                name,
+                overlay_ip,
+                fingerprint,
+                groups,
+                ..
+            } => serde_json::json!({
+                "caller": name,
+                "overlay_ip": overlay_ip.to_string(),
+                "fingerprint": fingerprint,
+                "groups": groups,
+                "via": "mesh",
+            }),
         }
+    }
+
+    /// The 403 for a request this caller may not make, naming the groups
+    /// that would let it.
+    fn refusal(&self, write: bool, config: &AdminConfig) -> ApiError {
+        let (name, groups) = match self {
+            Caller::Peer { name, groups, .. } => (name.as_str(), groups.join(",")),
+            Caller::Local { .. } => ("local", String::new()),
+        };
+        let (what, key, needed) = if write {
+            ("act on", "groups", config.groups.join(", "))
+        } else {
+            ("read", "read_groups", config.read_groups.join(", "))
+        };
+        let groups = if groups.is_empty() {
+            "no groups".to_string()
+        } else {
+            format!("groups {groups}")
+        };
+        ApiError::new(
+            ErrorKind::Forbidden,
+            format!(
+                "{name} ({groups}) may not {what} the admin API: it needs one of the groups {needed} ([admin] {key})"
+            ),
+        )
     }
 }
 
@@ -64,15 +129,110 @@ impl Caller {
 pub struct Admin {
     calls: mpsc::Sender<LoopCall>,
     config_path: PathBuf,
+    config: AdminConfig,
+    /// Requests refused because the caller's groups do not allow them.
+    pub refused: AtomicU64,
 }
 
 impl Admin {
-    pub fn new(calls: mpsc::Sender<LoopCall>, config_path: &Path) -> Arc<Admin> {
+    pub fn new(
+        calls: mpsc::Sender<LoopCall>,
+        config_path: &Path,
+        config: &AdminConfig,
+    ) -> Arc<Admin> {
         Arc::new(Admin {
             calls,
             config_path: config_path.to_path_buf(),
+            config: config.clone(),
+            refused: AtomicU64::new(0),
         })
     }
+}
+
+/// Connections to the overlay address's admin port, through the mesh:
+/// the stack that terminates them, fed by the core.
+pub struct AdminListener {
+    stack: Netstack,
+    conns: mpsc::Receiver<Conn>,
+    wake: Arc<Notify>,
+}
+
+/// Bytes each way per admin connection, and most at once: an admin API
+/// needs little, and the lighthouse's memory is for its nodes.
+const ADMIN_TCP_BUFFER: usize = 64 * 1024;
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// The stack's MTU: a node's default TUN MTU.
+const ADMIN_MTU: u16 = 1420;
+
+impl AdminListener {
+    /// Listens on `[admin] port` of `overlay` (the lighthouse's address and
+    /// the mesh's prefix); None when the port is 0. The connections come
+    /// out of the returned receiver.
+    pub fn start(
+        core: &mut LighthouseCore,
+        overlay: Ipv4Net,
+        config: &AdminConfig,
+        seed: u64,
+    ) -> Option<AdminListener> {
+        if config.port == 0 {
+            core.set_admin_port(None);
+            return None;
+        }
+        let mut stack = Netstack::new(overlay, ADMIN_MTU, Vec::new(), seed)
+            .with_limits(ADMIN_TCP_BUFFER, ADMIN_MAX_CONNECTIONS);
+        let conns = stack.listen(config.port);
+        core.set_admin_port(Some(config.port));
+        tracing::info!(address = %overlay.addr(), port = config.port, groups = %config.groups.join(","), read_groups = %config.read_groups.join(","), "admin API on the overlay address, through the mesh");
+        let wake = stack.wake();
+        Some(AdminListener { stack, conns, wake })
+    }
+
+    /// Moves packets both ways between the core and the stack.
+    pub fn pump(&mut self, core: &mut LighthouseCore, now: Instant) {
+        while let Some(p) = core.poll_admin_packet() {
+            self.stack.handle_inbound(&p, now);
+        }
+        self.stack.poll(now, &|_| Ok(()));
+        while let Some(p) = self.stack.poll_outbound() {
+            core.send_admin_packet(&p, now);
+        }
+    }
+
+    /// When the stack wants polling again (its timers).
+    pub fn poll_delay(&mut self) -> Option<Duration> {
+        self.stack.poll_delay()
+    }
+}
+
+/// What the event loop waits for from the admin listener: a new
+/// connection, or the stack having work (None; the loop pumps it after
+/// every step). Never, without a listener.
+pub async fn next_event(listener: Option<&mut AdminListener>) -> Option<Conn> {
+    let Some(l) = listener else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        conn = l.conns.recv() => conn,
+        () = l.wake.notified() => None,
+    }
+}
+
+/// A connection through the mesh: who it is from, then its requests.
+pub fn accept(admin: &Arc<Admin>, core: &LighthouseCore, conn: Conn) {
+    let ip = *conn.peer.ip();
+    let Some(cert) = core.peer_identity(ip) else {
+        tracing::debug!(%ip, "admin connection from an address with no verified certificate; closed");
+        return;
+    };
+    let groups = cert.groups().to_vec();
+    let caller = Caller::Peer {
+        name: cert.name().to_string(),
+        overlay_ip: ip,
+        fingerprint: cert.fingerprint().to_string(),
+        access: admin.config.access(&groups),
+        groups,
+    };
+    tokio::spawn(serve_http(admin.clone(), caller, conn.into_stream()));
 }
 
 /// Serves one connection on the API socket: JSON lines or HTTP, told by
@@ -156,6 +316,19 @@ async fn handle(admin: &Admin, caller: &Caller, req: Request<Incoming>) -> Respo
         Ok(r) => r,
         Err(e) => return error(&e),
     };
+    let allowed = match caller.access() {
+        Access::Write => true,
+        Access::Read => !request.is_write(),
+        Access::None => false,
+    };
+    if !allowed {
+        admin.refused.fetch_add(1, Ordering::Relaxed);
+        let refusal = caller.refusal(request.is_write(), &admin.config);
+        if request.is_write() {
+            audit(caller, &request, &Err(refusal.clone()));
+        }
+        return error(&refusal);
+    }
     let result = answer(admin, &request).await;
     if request.is_write() {
         audit(caller, &request, &result);

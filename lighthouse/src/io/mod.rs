@@ -317,21 +317,13 @@ async fn serve(
         enrollment.is_some(),
     )?;
     let (api_tx, mut api_rx) = mpsc::channel::<admin::LoopCall>(16);
-    let socket_path = config
-        .api
-        .socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    let _api = serve_api(
-        &socket_path,
-        config.api.group.as_deref(),
-        admin::Admin::new(api_tx, config_path),
-    )?;
+    let socket_path = api_socket_path(&config);
+    let admin_api = admin::Admin::new(api_tx, config_path, &config.admin);
+    let _api = serve_api(&socket_path, config.api.group.as_deref(), admin_api.clone())?;
+    let mut admin_listener =
+        admin::AdminListener::start(&mut core, cert.overlay_net(), &config.admin, seed());
     let (metrics_tx, mut metrics_rx) = mpsc::channel::<oneshot::Sender<String>>(4);
-    let _metrics = match config.metrics.listen {
-        Some(listen) => Some(serve_metrics(listen, metrics_tx).await?),
-        None => None,
-    };
+    let _metrics = serve_metrics(config.metrics.listen, metrics_tx).await?;
 
     let mut sighup = signal(SignalKind::hangup())?;
     let reload = Reload {
@@ -390,9 +382,14 @@ async fn serve(
             Some((ask, outcome)) = renewals_rx.recv() => {
                 core.answer_renewal(&ask, outcome, Instant::now());
             }
+            conn = admin::next_event(admin_listener.as_mut()) => {
+                if let Some(conn) = conn {
+                    admin::accept(&admin_api, &core, conn);
+                }
+            }
             Some(call) = api_rx.recv() => match call {
                 admin::LoopCall::Status(reply) => {
-                    let _ = reply.send(status_json(&core, enrollment.as_ref(), socket.streams()));
+                    let _ = reply.send(status_json(&core, enrollment.as_ref(), socket.streams(), &admin_api));
                 }
                 admin::LoopCall::Nodes { after, limit, reply } => {
                     let _ = reply.send(core.admin_nodes(after, limit, Instant::now()));
@@ -410,37 +407,71 @@ async fn serve(
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
         route_renewals(&mut core, enrollment.as_ref());
-        while let Some(t) = core.poll_transmit() {
-            sends.push(&socket, t.dst, &t.payload).await;
-        }
-        sends.flush(&socket).await;
-        // A new peer may want the clock sooner than the sleep in progress.
-        let deadline = tokio::time::Instant::from_std(core.poll_timeout(Instant::now()));
-        if deadline < next_timer {
-            next_timer = deadline;
-        }
+        let deadline = end_step(&mut core, admin_listener.as_mut(), &socket, &mut sends).await;
+        next_timer = next_timer.min(deadline);
     }
     Ok(())
 }
 
+/// After every step: the admin stack pumped, everything the core has to
+/// send sent; gives when the core (or the admin stack's timers) want the
+/// clock next, which may be sooner than the sleep in progress (a new peer).
+async fn end_step(
+    core: &mut LighthouseCore,
+    admin_listener: Option<&mut admin::AdminListener>,
+    socket: &tern_udp::Outer,
+    sends: &mut tern_udp::SendBatch,
+) -> tokio::time::Instant {
+    let mut admin_delay = None;
+    if let Some(l) = admin_listener {
+        l.pump(core, Instant::now());
+        admin_delay = l.poll_delay();
+    }
+    while let Some(t) = core.poll_transmit() {
+        sends.push(socket, t.dst, &t.payload).await;
+    }
+    sends.flush(socket).await;
+    let now = Instant::now();
+    let mut deadline = core.poll_timeout(now);
+    if let Some(d) = admin_delay {
+        deadline = deadline.min(now + d);
+    }
+    tokio::time::Instant::from_std(deadline)
+}
+
 /// The `[metrics] listen` endpoint; each scrape asks the event loop. Stops
 /// when the guard is dropped.
+/// The API socket's path: `[api] socket`, or the default.
+pub(crate) fn api_socket_path(config: &LighthouseConfig) -> PathBuf {
+    config
+        .api
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
 async fn serve_metrics(
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     calls: mpsc::Sender<oneshot::Sender<String>>,
-) -> anyhow::Result<AbortOnDrop> {
+) -> anyhow::Result<Option<AbortOnDrop>> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
     let listener = tern_udp::metrics::bind(listen)
         .await
         .map_err(anyhow::Error::msg)?;
     tracing::info!(%listen, "metrics at http://{listen}/metrics");
-    Ok(AbortOnDrop(tern_udp::metrics::serve(listener, move || {
-        let calls = calls.clone();
-        async move {
-            let (tx, rx) = oneshot::channel();
-            calls.send(tx).await.ok()?;
-            rx.await.ok()
-        }
-    })))
+    Ok(Some(AbortOnDrop(tern_udp::metrics::serve(
+        listener,
+        move || {
+            let calls = calls.clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                calls.send(tx).await.ok()?;
+                rx.await.ok()
+            }
+        },
+    ))))
 }
 
 /// A task that stops with its owner.
@@ -532,11 +563,21 @@ fn status_json(
     core: &LighthouseCore,
     enrollment: Option<&enrollment::EnrollmentHandle>,
     links: &tern_udp::stream::Streams,
+    admin: &admin::Admin,
 ) -> serde_json::Value {
     let mut status = serde_json::to_value(core.status(Instant::now())).unwrap_or_default();
     if let Some(fields) = status.as_object_mut() {
         fields.insert("pid".into(), std::process::id().into());
         fields.insert("tcp_links".into(), links.links().into());
+        let (dropped, refused_out) = core.admin_packet_drops();
+        fields.insert(
+            "admin".into(),
+            serde_json::json!({
+                "refused": admin.refused.load(std::sync::atomic::Ordering::Relaxed),
+                "packets_dropped": dropped,
+                "packets_refused_out": refused_out,
+            }),
+        );
         if let Some(e) = enrollment {
             fields.insert(
                 "enrollment".into(),
@@ -638,6 +679,7 @@ impl Reload<'_> {
         for (what, differs) in [
             ("[listen]", new.listen != running.listen),
             ("[api]", new.api != running.api),
+            ("[admin]", new.admin != running.admin),
             ("[registry]", new.registry != running.registry),
         ] {
             if differs {

@@ -221,7 +221,7 @@ impl Dialing {
         self.dialer
             .connect(addr)
             .await
-            .map_err(|e| ApiError::new(e.kind(), e.to_string()))
+            .map_err(|e| ApiError::new(dial_error_kind(&e), e.to_string()))
     }
 
     /// [`ApiRequest::Forward`]: starts it (or finds it running).
@@ -724,6 +724,19 @@ pub async fn call(path: &Path, request: &ApiRequest) -> anyhow::Result<serde_jso
         .await?
         .context("the daemon closed the API connection without answering")?;
     Ok(serde_json::from_str(&reply)?)
+}
+
+/// What kind of failure a dial through the userspace stack was, as the
+/// API tells a client.
+fn dial_error_kind(e: &super::userspace::DialError) -> ErrorKind {
+    use super::userspace::DialError;
+    match e {
+        DialError::Refused(_) => ErrorKind::Refused,
+        DialError::TimedOut(..) => ErrorKind::TimedOut,
+        DialError::NoRoute(_) => ErrorKind::NoRoute,
+        DialError::Stopped => ErrorKind::Stopping,
+        DialError::TooMany => ErrorKind::Other,
+    }
 }
 
 #[cfg(test)]
