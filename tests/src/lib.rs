@@ -2,6 +2,7 @@
 //! them, and stop what we started.
 
 pub mod enroll_lab;
+pub mod openapi;
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;

@@ -28,7 +28,12 @@ fn curl(lab: &Lab, method: &str, path: &str, body: Option<&str>, extra: &[&str])
     let socket = socket.to_string_lossy();
     let mut args = vec!["--unix-socket", &*socket];
     args.extend_from_slice(extra);
-    curl_at("http://lighthouse", method, path, body, &args)
+    let (code, answer) = curl_at("http://lighthouse", method, path, body, &args);
+    // Every answer under /api/v1/ is held to the OpenAPI document.
+    if path.starts_with("/api/v1/") && !path.ends_with("openapi.json") && code != 0 {
+        conforms(lab, method, path, code, &answer);
+    }
+    (code, answer)
 }
 
 /// `curl` to `base` + `path`: the status and the body.
@@ -51,6 +56,32 @@ fn curl_at(
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The path as the OpenAPI document names it.
+fn doc_path(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let path = path.strip_prefix("/api/v1").unwrap_or(path);
+    match path.strip_prefix("/tokens/") {
+        Some(_) => "/tokens/{id}".to_string(),
+        None => path.to_string(),
+    }
+}
+
+/// Holds an answer to the lighthouse's own OpenAPI document (fetched once
+/// per lab).
+fn conforms(lab: &Lab, method: &str, path: &str, code: u16, body: &str) {
+    let (_, doc) = curl(lab, "GET", "/api/v1/openapi.json", None, &[]);
+    let doc = json(&doc);
+    let documented = !doc["paths"][doc_path(path)][method.to_ascii_lowercase()].is_null();
+    let result = if documented {
+        tern_tests::openapi::check(&doc, &doc_path(path), method, code, &json(body))
+    } else {
+        tern_tests::openapi::check_error(&doc, &json(body))
+    };
+    if let Err(e) = result {
+        panic!("the answer does not match the OpenAPI document: {e}\n{body}");
+    }
 }
 
 fn json(body: &str) -> serde_json::Value {
@@ -161,6 +192,16 @@ fn an_admin_lists_nodes_makes_a_token_that_enrolls_a_job_and_revokes_the_job() {
         body.contains(job["fingerprint"].as_str().unwrap()),
         "{body}"
     );
+
+    // Gateways with their subnets; no runner here.
+    let (code, body) = curl(&lab, "GET", "/api/v1/gateways", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let gateways = json(&body);
+    assert_eq!(gateways["items"][0]["name"], "gw");
+    assert_eq!(gateways["items"][0]["routes"][0], format!("{SUBNET}.0/24"));
+    let (code, body) = curl(&lab, "GET", "/api/v1/runners", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["items"], serde_json::json!([]));
 
     // Every write is audited.
     let log = lighthouse_log(&lab);
@@ -330,6 +371,7 @@ fn through_the_mesh_the_caller_is_its_certificate_admins_act_auditors_read_other
         message.contains("ci-1 (groups ci)") && message.contains("auditor"),
         "{message}"
     );
+    conforms(&lab, "GET", "/api/v1/nodes", code, &body);
     // The refused write is audited with the caller's certificate.
     let log = lighthouse_log(&lab);
     let line = log

@@ -43,6 +43,20 @@ pub enum AdminRequest {
     /// `POST /api/v1/revocations`: revoke by fingerprint or by the name of
     /// certificates this lighthouse issued.
     Revoke(RevokeRequest),
+    /// `GET /api/v1/gateways?after=IP&limit=N`: nodes advertising subnets
+    /// or DNS zones, with them.
+    Gateways {
+        after: Option<Ipv4Addr>,
+        limit: usize,
+    },
+    /// `GET /api/v1/runners?after=IP&limit=N`: runners, their labels and
+    /// load.
+    Runners {
+        after: Option<Ipv4Addr>,
+        limit: usize,
+    },
+    /// `GET /api/v1/openapi.json`: the document describing all of this.
+    OpenApi,
 }
 
 impl AdminRequest {
@@ -65,6 +79,9 @@ impl AdminRequest {
             AdminRequest::DeleteToken { .. } => "tokens.delete",
             AdminRequest::Revocations => "revocations.list",
             AdminRequest::Revoke(_) => "revocations.create",
+            AdminRequest::Gateways { .. } => "gateways.list",
+            AdminRequest::Runners { .. } => "runners.list",
+            AdminRequest::OpenApi => "openapi",
         }
     }
 
@@ -194,21 +211,33 @@ pub fn parse(
             format!("{method} is not allowed on {path}; allowed: {allowed}"),
         )
     };
+    let by_address = || -> Result<(Option<Ipv4Addr>, usize), ApiError> {
+        let (after, limit) = page_params(query)?;
+        let after = after
+            .map(|a| {
+                a.parse::<Ipv4Addr>().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "after={a:?} is not an overlay address (give the `next` of the previous page)"
+                    ))
+                })
+            })
+            .transpose()?;
+        Ok((after, limit))
+    };
     match segments.as_slice() {
-        ["nodes"] => match method {
+        [list @ ("nodes" | "gateways" | "runners")] => match method {
             "GET" => {
-                let (after, limit) = page_params(query)?;
-                let after = after
-                    .map(|a| {
-                        a.parse::<Ipv4Addr>().map_err(|_| {
-                            ApiError::bad_request(format!(
-                                "after={a:?} is not an overlay address (give the last address of the previous page)"
-                            ))
-                        })
-                    })
-                    .transpose()?;
-                Ok(AdminRequest::Nodes { after, limit })
+                let (after, limit) = by_address()?;
+                Ok(match *list {
+                    "nodes" => AdminRequest::Nodes { after, limit },
+                    "gateways" => AdminRequest::Gateways { after, limit },
+                    _ => AdminRequest::Runners { after, limit },
+                })
             }
+            _ => Err(allow("GET")),
+        },
+        ["openapi.json"] => match method {
+            "GET" => Ok(AdminRequest::OpenApi),
             _ => Err(allow("GET")),
         },
         ["tokens"] => match method {
@@ -246,7 +275,7 @@ pub fn parse(
         },
         _ => Err(ApiError::new(
             ErrorKind::NotFound,
-            format!("no such resource {path:?}; see {API_PREFIX}/nodes, tokens, revocations"),
+            format!("no such resource {path:?}; {API_PREFIX}/openapi.json lists them"),
         )),
     }
 }
@@ -328,6 +357,14 @@ pub struct AdminNode {
     pub runner: Option<RunnerAd>,
     pub registered_secs_ago: u64,
     pub last_seen_secs_ago: u64,
+}
+
+/// A page of gateways or runners: `next` is the `after` of the next
+/// page, none at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Ipv4Addr>,
 }
 
 /// A page of nodes: `next` is the `after` of the next page, none at the

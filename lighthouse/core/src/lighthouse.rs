@@ -422,6 +422,28 @@ impl LighthouseCore {
         (self.admin.dropped, self.admin.refused_out)
     }
 
+    /// A page of gateways for the admin API.
+    pub fn admin_gateways(
+        &self,
+        after: Option<Ipv4Addr>,
+        limit: usize,
+        now: Instant,
+    ) -> crate::admin::Page<crate::registry::GatewayEntry> {
+        let (items, next) = self.registry.gateways_after(after, limit, now);
+        crate::admin::Page { items, next }
+    }
+
+    /// A page of runners for the admin API.
+    pub fn admin_runners(
+        &self,
+        after: Option<Ipv4Addr>,
+        limit: usize,
+        now: Instant,
+    ) -> crate::admin::Page<crate::registry::RunnerEntry> {
+        let (items, next) = self.registry.runners_after(after, limit, now);
+        crate::admin::Page { items, next }
+    }
+
     /// A page of registered nodes for the admin API, each with what its
     /// verified certificate says (`admin.rs`).
     pub fn admin_nodes(

@@ -584,6 +584,93 @@ impl Registry {
     }
 }
 
+/// A gateway as the admin API lists it: the subnets and zones it
+/// advertises (already checked against its certificate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GatewayEntry {
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub routes: Vec<Ipv4Net>,
+    pub zones: Vec<String>,
+    pub last_seen_secs_ago: u64,
+}
+
+/// A runner as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunnerEntry {
+    pub name: String,
+    pub overlay_ip: Ipv4Addr,
+    pub labels: Vec<String>,
+    pub load: RunnerLoad,
+    pub last_seen_secs_ago: u64,
+}
+
+impl Registry {
+    /// At most `limit` gateways (nodes advertising routes or zones) with
+    /// addresses after `after`, and the next page's `after`. Costs the
+    /// advertised routes and zones, never the registry.
+    pub fn gateways_after(
+        &self,
+        after: Option<Ipv4Addr>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<GatewayEntry>, Option<Ipv4Addr>) {
+        let all: BTreeSet<Ipv4Addr> = self
+            .routes
+            .iter()
+            .map(|(_, g)| *g)
+            .chain(self.zones.iter().map(|(_, g)| *g))
+            .collect();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut them = all.range((from, Bound::Unbounded));
+        let page: Vec<GatewayEntry> = them
+            .by_ref()
+            .take(limit)
+            .filter_map(|ip| {
+                let e = self.entries.get(ip)?;
+                Some(GatewayEntry {
+                    name: e.name.clone(),
+                    overlay_ip: *ip,
+                    routes: e.routes.clone(),
+                    zones: e.zones.clone(),
+                    last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
+                })
+            })
+            .collect();
+        let next = them.next().and(page.last().map(|g| g.overlay_ip));
+        (page, next)
+    }
+
+    /// At most `limit` runners with addresses after `after`, and the next
+    /// page's `after`.
+    pub fn runners_after(
+        &self,
+        after: Option<Ipv4Addr>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<RunnerEntry>, Option<Ipv4Addr>) {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut them = self.runners.range((from, Bound::Unbounded));
+        let page: Vec<RunnerEntry> = them
+            .by_ref()
+            .take(limit)
+            .filter_map(|ip| {
+                let e = self.entries.get(ip)?;
+                let r = e.runner.as_ref()?;
+                Some(RunnerEntry {
+                    name: e.name.clone(),
+                    overlay_ip: *ip,
+                    labels: r.labels.clone(),
+                    load: r.load,
+                    last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
+                })
+            })
+            .collect();
+        let next = them.next().and(page.last().map(|r| r.overlay_ip));
+        (page, next)
+    }
+}
+
 /// A registry entry as status and the admin API show it.
 fn shown(ip: Ipv4Addr, e: &Entry, now: Instant) -> RegisteredNode {
     RegisteredNode {
@@ -623,6 +710,42 @@ mod tests {
             }
         }
         panic!("the pages never ended");
+    }
+
+    #[test]
+    fn gateways_are_listed_a_page_at_a_time_with_their_routes() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(30), 1000);
+        for i in 0..30u8 {
+            let ip = Ipv4Addr::new(100, 64, 2, i);
+            let observed = addr(&format!("198.18.2.{i}:4242"));
+            r.register(
+                ip,
+                &format!("n-{i}"),
+                b"c",
+                PeerId(u32::from(i)),
+                observed,
+                &[],
+                t0,
+            )
+            .unwrap();
+            // Every third node is a gateway.
+            if i % 3 == 0 {
+                r.set_routes(
+                    ip,
+                    vec![format!("198.19.{i}.0/24").parse().unwrap()],
+                    vec![],
+                );
+            }
+        }
+        let (first, next) = r.gateways_after(None, 4, t0);
+        assert_eq!(first.len(), 4);
+        assert_eq!(first[1].name, "n-3");
+        assert_eq!(first[1].routes[0].to_string(), "198.19.3.0/24");
+        let (rest, end) = r.gateways_after(next, 100, t0);
+        assert_eq!(rest.len(), 6);
+        assert!(end.is_none());
+        assert_eq!(r.runners_after(None, 10, t0), (vec![], None));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use ipnet::Ipv4Net;
-use tern_lighthouse_core::admin::{self, AdminRequest, ApiError, ErrorKind, NodesPage};
+use tern_lighthouse_core::admin::{self, AdminRequest, ApiError, ErrorKind};
 use tern_lighthouse_core::lighthouse::LighthouseCore;
 use tern_netstack::{Conn, Netstack};
 use tern_shared::admin::{Access, AdminConfig};
@@ -41,12 +41,29 @@ use crate::ops;
 pub enum LoopCall {
     /// The status `tern-lighthouse status` prints.
     Status(oneshot::Sender<serde_json::Value>),
-    /// A page of registered nodes.
-    Nodes {
-        after: Option<Ipv4Addr>,
-        limit: usize,
-        reply: oneshot::Sender<NodesPage>,
+    /// A page of registered nodes, gateways or runners (the request says
+    /// which), as JSON.
+    List {
+        request: AdminRequest,
+        reply: oneshot::Sender<serde_json::Value>,
     },
+}
+
+/// The OpenAPI document of the admin API (served as is; the tests hold
+/// the real answers to it).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The registry's part of a request, answered by the event loop (the core's
+/// one owner): a page of what it asks for.
+pub fn list(core: &LighthouseCore, request: &AdminRequest, now: Instant) -> serde_json::Value {
+    match *request {
+        AdminRequest::Nodes { after, limit } => to_value(&core.admin_nodes(after, limit, now)),
+        AdminRequest::Gateways { after, limit } => {
+            to_value(&core.admin_gateways(after, limit, now))
+        }
+        AdminRequest::Runners { after, limit } => to_value(&core.admin_runners(after, limit, now)),
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// Who is asking, for the access check and the audit log.
@@ -346,19 +363,28 @@ async fn answer(
     request: &AdminRequest,
 ) -> Result<(u16, serde_json::Value), ApiError> {
     let unavailable = || ApiError::new(ErrorKind::Unavailable, "the lighthouse is stopping");
-    if let AdminRequest::Nodes { after, limit } = request {
-        let (reply, rx) = oneshot::channel();
-        admin
-            .calls
-            .send(LoopCall::Nodes {
-                after: *after,
-                limit: *limit,
-                reply,
-            })
-            .await
-            .map_err(|_| unavailable())?;
-        let page = rx.await.map_err(|_| unavailable())?;
-        return Ok((200, to_value(&page)));
+    match request {
+        AdminRequest::Nodes { .. }
+        | AdminRequest::Gateways { .. }
+        | AdminRequest::Runners { .. } => {
+            let (reply, rx) = oneshot::channel();
+            admin
+                .calls
+                .send(LoopCall::List {
+                    request: request.clone(),
+                    reply,
+                })
+                .await
+                .map_err(|_| unavailable())?;
+            return Ok((200, rx.await.map_err(|_| unavailable())?));
+        }
+        AdminRequest::OpenApi => {
+            let doc = serde_json::from_str(OPENAPI).map_err(|_| {
+                ApiError::new(ErrorKind::Internal, "the OpenAPI document is broken")
+            })?;
+            return Ok((200, doc));
+        }
+        _ => {}
     }
     let path = admin.config_path.clone();
     let request = request.clone();
@@ -396,7 +422,10 @@ fn store_op(path: &Path, request: &AdminRequest) -> Result<(u16, serde_json::Val
             201,
             serde_json::json!({ "revoked": ops::revoke(path, &r.what, now)? }),
         ),
-        AdminRequest::Nodes { .. } => (500, serde_json::Value::Null),
+        AdminRequest::Nodes { .. }
+        | AdminRequest::Gateways { .. }
+        | AdminRequest::Runners { .. }
+        | AdminRequest::OpenApi => (500, serde_json::Value::Null),
     })
 }
 

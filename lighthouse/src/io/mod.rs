@@ -391,8 +391,8 @@ async fn serve(
                 admin::LoopCall::Status(reply) => {
                     let _ = reply.send(status_json(&core, enrollment.as_ref(), socket.streams(), &admin_api));
                 }
-                admin::LoopCall::Nodes { after, limit, reply } => {
-                    let _ = reply.send(core.admin_nodes(after, limit, Instant::now()));
+                admin::LoopCall::List { request, reply } => {
+                    let _ = reply.send(admin::list(&core, &request, Instant::now()));
                 }
             },
             Some(reply) = metrics_rx.recv() => {
