@@ -15,6 +15,7 @@ pub fn render(
     enrollment: Option<&EnrollmentHandle>,
     results: &EnrollResults,
     links: &tern_udp::stream::Streams,
+    admin: &super::admin::Admin,
 ) -> String {
     let s = core.metrics();
     let c = s.counters;
@@ -27,6 +28,21 @@ pub fn render(
         &[
             ("not_control", c.non_control_drops),
             ("bad_control_message", c.bad_control_messages),
+        ],
+    );
+    let (dropped, refused_out) = core.admin_packet_drops();
+    e.counter_by(
+        "tern_lighthouse_admin_refused_total",
+        "Admin API requests refused because the caller's groups do not allow them (403), \
+         and the admin listener's packets dropped (the stack behind, or an answer to no peer's own address).",
+        "what",
+        &[
+            (
+                "request",
+                admin.refused.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            ("packet_in", dropped),
+            ("packet_out", refused_out),
         ],
     );
     e.gauge(

@@ -396,7 +396,7 @@ async fn serve(
                 }
             },
             Some(reply) = metrics_rx.recv() => {
-                let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams()));
+                let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams(), &admin_api));
             }
             _ = sighup.recv() => {
                 if reload.apply(&mut config, &mut core, &mut enrollment, &mut identity) {
