@@ -280,3 +280,70 @@ pub fn list_revocations(path: &Path, now: u64) -> Result<Vec<ListedRevocation>, 
         })
         .collect())
 }
+
+/// One record of the issuance log.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedEntry {
+    pub fingerprint: String,
+    pub name: String,
+    pub overlay_ip: String,
+    pub groups: Vec<String>,
+    pub not_after: i64,
+    pub expires: String,
+    /// How it was bought: `token ID`, `oidc ISSUER rule N: claim=value ...`
+    /// (the claims the rule matched), or a renewal.
+    pub how: String,
+    pub at: i64,
+    pub issued: String,
+}
+
+/// A page of the issuance log, newest first; `next` is the `after` of the
+/// following page.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedPage {
+    pub items: Vec<IssuedEntry>,
+    pub next: Option<String>,
+}
+
+/// At most `limit` records of the issuance log older than `after`.
+pub fn issued_page(
+    path: &Path,
+    after: Option<&(i64, String)>,
+    limit: usize,
+) -> Result<IssuedPage, OpError> {
+    let config = load_config(path)?;
+    let mut store = open_store(&config, path)?;
+    let records = store
+        .issued_page(after.map(|(a, f)| (*a, f.as_str())), limit)
+        .map_err(failed)?;
+    let time = |t: i64| format_unix_time(t.max(0) as u64);
+    let next = (records.len() == limit)
+        .then(|| {
+            records
+                .last()
+                .map(|r| format!("{}:{}", r.at, r.fingerprint))
+        })
+        .flatten();
+    Ok(IssuedPage {
+        items: records
+            .into_iter()
+            .map(|r| IssuedEntry {
+                expires: time(r.not_after),
+                issued: time(r.at),
+                groups: r
+                    .groups
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                fingerprint: r.fingerprint,
+                name: r.name,
+                overlay_ip: r.ip,
+                not_after: r.not_after,
+                how: r.how,
+                at: r.at,
+            })
+            .collect(),
+        next,
+    })
+}

@@ -161,6 +161,16 @@ fn an_admin_lists_nodes_makes_a_token_that_enrolls_a_job_and_revokes_the_job() {
         .clone();
     assert_eq!(job["issued_by"], "lh-issuer");
     assert_eq!(job["groups"][0], "ci");
+    // The issuance log says how it was bought.
+    let (code, body) = curl(&lab, "GET", "/api/v1/issued?limit=5", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let issued = json(&body);
+    assert_eq!(issued["items"][0]["name"], job["name"]);
+    assert_eq!(issued["items"][0]["fingerprint"], job["fingerprint"]);
+    assert_eq!(
+        issued["items"][0]["how"], "token",
+        "bought with a token: {body}"
+    );
     // Used up: deleting it works once, then it is not found.
     let (code, body) = curl(&lab, "DELETE", &format!("/api/v1/tokens/{id}"), None, &[]);
     assert_eq!(code, 200, "{body}");

@@ -55,6 +55,12 @@ pub enum AdminRequest {
         after: Option<Ipv4Addr>,
         limit: usize,
     },
+    /// `GET /api/v1/issued?after=AT:FINGERPRINT&limit=N`: the issuance
+    /// log, newest first (`after`: the `next` of the previous page).
+    Issued {
+        after: Option<(i64, String)>,
+        limit: usize,
+    },
     /// `GET /api/v1/openapi.json`: the document describing all of this.
     OpenApi,
 }
@@ -81,6 +87,7 @@ impl AdminRequest {
             AdminRequest::Revoke(_) => "revocations.create",
             AdminRequest::Gateways { .. } => "gateways.list",
             AdminRequest::Runners { .. } => "runners.list",
+            AdminRequest::Issued { .. } => "issued.list",
             AdminRequest::OpenApi => "openapi",
         }
     }
@@ -236,6 +243,14 @@ pub fn parse(
             }
             _ => Err(allow("GET")),
         },
+        ["issued"] => match method {
+            "GET" => {
+                let (after, limit) = page_params(query)?;
+                let after = after.map(|a| issued_cursor(&a)).transpose()?;
+                Ok(AdminRequest::Issued { after, limit })
+            }
+            _ => Err(allow("GET")),
+        },
         ["openapi.json"] => match method {
             "GET" => Ok(AdminRequest::OpenApi),
             _ => Err(allow("GET")),
@@ -278,6 +293,21 @@ pub fn parse(
             format!("no such resource {path:?}; {API_PREFIX}/openapi.json lists them"),
         )),
     }
+}
+
+/// The issuance log's cursor, `AT:FINGERPRINT` (the `next` of a page).
+fn issued_cursor(a: &str) -> Result<(i64, String), ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "after={a:?} is not an issuance log cursor (give the `next` of the previous page, AT:FINGERPRINT)"
+        ))
+    };
+    let (at, fp) = a.split_once(':').ok_or_else(bad)?;
+    let at = at.parse::<i64>().map_err(|_| bad())?;
+    if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok((at, fp.to_ascii_lowercase()))
 }
 
 /// `after` and `limit` from a query string; nothing else is accepted.
@@ -514,6 +544,31 @@ mod tests {
         assert!(r.is_write());
         assert_eq!(r.action(), "revocations.create");
         assert_eq!(r.object(), "ci-job-1");
+    }
+
+    #[test]
+    fn the_issuance_log_takes_its_cursor() {
+        let fp = "ab".repeat(32);
+        assert_eq!(
+            get(
+                "/api/v1/issued",
+                Some(&format!("after=1700000000:{fp}&limit=20"))
+            )
+            .unwrap(),
+            AdminRequest::Issued {
+                after: Some((1_700_000_000, fp.clone())),
+                limit: 20
+            }
+        );
+        for bad in [
+            "x".to_string(),
+            "1:zz".to_string(),
+            format!("x:{fp}"),
+            format!("1{fp}"),
+        ] {
+            let e = get("/api/v1/issued", Some(&format!("after={bad}"))).unwrap_err();
+            assert!(e.message.contains("cursor"), "{e:?}");
+        }
     }
 
     #[test]

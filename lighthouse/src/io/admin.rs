@@ -418,6 +418,10 @@ fn store_op(path: &Path, request: &AdminRequest) -> Result<(u16, serde_json::Val
             200,
             serde_json::json!({ "revocations": ops::list_revocations(path, now)? }),
         ),
+        AdminRequest::Issued { after, limit } => (
+            200,
+            to_value(&ops::issued_page(path, after.as_ref(), *limit)?),
+        ),
         AdminRequest::Revoke(r) => (
             201,
             serde_json::json!({ "revoked": ops::revoke(path, &r.what, now)? }),

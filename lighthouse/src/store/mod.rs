@@ -12,7 +12,7 @@ mod suite;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
-pub use self::copy::StoreDump;
+pub use self::copy::{IssuedRecord, StoreDump};
 pub use self::postgres::{PostgresStore, RevocationListener};
 pub use self::sqlite::SqliteStore;
 
@@ -202,6 +202,18 @@ pub fn open_off_runtime(
         .map_err(|_| anyhow::anyhow!("opening the store: its thread panicked"))?
 }
 
+impl From<SqliteStore> for AnyStore {
+    fn from(s: SqliteStore) -> AnyStore {
+        AnyStore::Sqlite(s)
+    }
+}
+
+impl From<PostgresStore> for AnyStore {
+    fn from(s: PostgresStore) -> AnyStore {
+        AnyStore::Postgres(Box::new(s))
+    }
+}
+
 impl AnyStore {
     /// For a database: a connection that hears revocations the moment any
     /// lighthouse makes one. SQLite has none (its file is looked at).
@@ -217,6 +229,20 @@ impl AnyStore {
         match self {
             AnyStore::Sqlite(s) => Some(s.migrated()),
             AnyStore::Postgres(s) => s.migrated(),
+        }
+    }
+
+    /// At most `limit` issuance records older than `before` (at,
+    /// fingerprint), newest first: the admin API's issuance log, a page at
+    /// a time.
+    pub fn issued_page(
+        &mut self,
+        before: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<IssuedRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.issued_page(before, limit),
+            AnyStore::Postgres(s) => s.issued_page(before, limit),
         }
     }
 

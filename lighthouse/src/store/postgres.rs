@@ -211,6 +211,34 @@ impl PostgresStore {
             .get(0))
     }
 
+    /// At most `limit` issuance records older than `before` (at,
+    /// fingerprint), newest first.
+    pub fn issued_page(
+        &mut self,
+        before: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<super::copy::IssuedRecord>, StoreError> {
+        let (at, fp) = before.unwrap_or((i64::MAX, ""));
+        let rows = self.client()?.query(
+            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+             WHERE at < $1 OR (at = $1 AND fingerprint < $2)
+             ORDER BY at DESC, fingerprint DESC LIMIT $3",
+            &[&at, &fp, &(limit as i64)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| super::copy::IssuedRecord {
+                fingerprint: r.get(0),
+                name: r.get(1),
+                ip: r.get(2),
+                groups: r.get(3),
+                not_after: r.get(4),
+                how: r.get(5),
+                at: r.get(6),
+            })
+            .collect())
+    }
+
     /// A connection of its own that waits for revocations announced on
     /// `tern_revocations` (by any lighthouse).
     pub fn listen_for_revocations(&self) -> Result<RevocationListener, StoreError> {

@@ -67,6 +67,33 @@ impl SqliteStore {
     pub fn migrated(&self) -> (usize, usize) {
         self.migrated
     }
+
+    /// At most `limit` issuance records older than `before` (at,
+    /// fingerprint), newest first.
+    pub fn issued_page(
+        &mut self,
+        before: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<super::copy::IssuedRecord>, StoreError> {
+        let (at, fp) = before.unwrap_or((i64::MAX, ""));
+        let mut q = self.db.prepare_cached(
+            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+             WHERE at < ?1 OR (at = ?1 AND fingerprint < ?2)
+             ORDER BY at DESC, fingerprint DESC LIMIT ?3",
+        )?;
+        let rows = q.query_map(rusqlite::params![at, fp, limit as i64], |r| {
+            Ok(super::copy::IssuedRecord {
+                fingerprint: r.get(0)?,
+                name: r.get(1)?,
+                ip: r.get(2)?,
+                groups: r.get(3)?,
+                not_after: r.get(4)?,
+                how: r.get(5)?,
+                at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
 }
 
 /// The schema's versions, each applied once, in order (the version is the

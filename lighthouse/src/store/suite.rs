@@ -20,7 +20,7 @@ const NOW: u64 = 1_700_000_000;
 
 /// Fresh connections to one empty store.
 pub(crate) trait Backend {
-    type Store: EnrollStore<Error = StoreError> + Send + 'static;
+    type Store: EnrollStore<Error = StoreError> + Into<super::AnyStore> + Send + 'static;
     fn connect(&self) -> Self::Store;
 }
 
@@ -234,6 +234,47 @@ pub(crate) fn issued_certificates_and_revocations_are_kept_in_order(b: &impl Bac
     assert_eq!(later[0].1.not_after, i64::MAX as u64, "forever, as stored");
 }
 
+/// The admin API's issuance log: newest first, a page at a time, each
+/// record once, whatever the page size.
+pub(crate) fn the_issuance_log_pages_newest_first_each_record_once(b: &impl Backend) {
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+    let mut s = b.connect();
+    let mut made = Vec::new();
+    for i in 0..7u64 {
+        let n = ca.node(
+            &format!("ci-{i}"),
+            &format!("100.64.100.{}/10", i + 1),
+            &["ci"],
+            &[],
+            600,
+        );
+        // Two at each second: the fingerprint breaks the tie.
+        s.record_issued(&n.cert, &format!("token {i}"), NOW + i / 2)
+            .unwrap();
+        made.push(n.cert.fingerprint().to_string());
+    }
+    let mut any: super::AnyStore = b.connect().into();
+    let (mut seen, mut before) = (Vec::new(), None::<(i64, String)>);
+    for _ in 0..10 {
+        let page = any
+            .issued_page(before.as_ref().map(|(a, f)| (*a, f.as_str())), 3)
+            .unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        before = Some((last.at, last.fingerprint.clone()));
+        seen.extend(page.into_iter().map(|r| (r.at, r.fingerprint)));
+    }
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] > w[1]),
+        "newest first, none twice: {seen:?}"
+    );
+    let mut fps: Vec<String> = seen.into_iter().map(|(_, f)| f).collect();
+    fps.sort();
+    made.sort();
+    assert_eq!(fps, made);
+}
+
 /// `[pki] renew`, decided by the enroller against the store: the same
 /// certificate for longer, its lease extended and the renewal recorded;
 /// refused for an address another node holds, a revoked certificate, and
@@ -424,6 +465,12 @@ macro_rules! store_suite {
         fn an_oidc_token_is_used_once_until_it_expires() {
             if let Some(b) = $backend {
                 $crate::store::suite::an_oidc_token_is_used_once_until_it_expires(&b);
+            }
+        }
+        #[test]
+        fn the_issuance_log_pages_newest_first_each_record_once() {
+            if let Some(b) = $backend {
+                $crate::store::suite::the_issuance_log_pages_newest_first_each_record_once(&b);
             }
         }
         #[test]
