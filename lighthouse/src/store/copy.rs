@@ -39,6 +39,35 @@ pub struct IssuedRecord {
     pub at: i64,
 }
 
+impl IssuedRecord {
+    /// A row of `SELECT fingerprint, name, ip, groups, not_after, how, at
+    /// FROM issued`.
+    pub(super) fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<IssuedRecord> {
+        Ok(IssuedRecord {
+            fingerprint: r.get(0)?,
+            name: r.get(1)?,
+            ip: r.get(2)?,
+            groups: r.get(3)?,
+            not_after: r.get(4)?,
+            how: r.get(5)?,
+            at: r.get(6)?,
+        })
+    }
+
+    /// The same row from PostgreSQL.
+    pub(super) fn from_postgres(r: &postgres::Row) -> IssuedRecord {
+        IssuedRecord {
+            fingerprint: r.get(0),
+            name: r.get(1),
+            ip: r.get(2),
+            groups: r.get(3),
+            not_after: r.get(4),
+            how: r.get(5),
+            at: r.get(6),
+        }
+    }
+}
+
 /// One revocation, with its version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevocationRecord {
@@ -136,17 +165,7 @@ fn sqlite_dump(s: &mut SqliteStore) -> Result<StoreDump, StoreError> {
             .collect::<Result<_, _>>()?,
         issued: tx
             .prepare("SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued ORDER BY at, fingerprint")?
-            .query_map([], |r| {
-                Ok(IssuedRecord {
-                    fingerprint: r.get(0)?,
-                    name: r.get(1)?,
-                    ip: r.get(2)?,
-                    groups: r.get(3)?,
-                    not_after: r.get(4)?,
-                    how: r.get(5)?,
-                    at: r.get(6)?,
-                })
-            })?
+            .query_map([], IssuedRecord::from_sqlite)?
             .collect::<Result<_, _>>()?,
         oidc_used: tx
             .prepare("SELECT id, until FROM oidc_used ORDER BY id")?
@@ -258,15 +277,7 @@ fn postgres_dump(s: &mut PostgresStore) -> Result<StoreDump, StoreError> {
                 &[],
             )?
             .iter()
-            .map(|r| IssuedRecord {
-                fingerprint: r.get(0),
-                name: r.get(1),
-                ip: r.get(2),
-                groups: r.get(3),
-                not_after: r.get(4),
-                how: r.get(5),
-                at: r.get(6),
-            })
+            .map(IssuedRecord::from_postgres)
             .collect(),
         oidc_used: tx
             .query("SELECT id, until FROM oidc_used ORDER BY id", &[])?

@@ -227,15 +227,7 @@ impl PostgresStore {
         )?;
         Ok(rows
             .iter()
-            .map(|r| super::copy::IssuedRecord {
-                fingerprint: r.get(0),
-                name: r.get(1),
-                ip: r.get(2),
-                groups: r.get(3),
-                not_after: r.get(4),
-                how: r.get(5),
-                at: r.get(6),
-            })
+            .map(super::copy::IssuedRecord::from_postgres)
             .collect())
     }
 

@@ -81,17 +81,10 @@ impl SqliteStore {
              WHERE at < ?1 OR (at = ?1 AND fingerprint < ?2)
              ORDER BY at DESC, fingerprint DESC LIMIT ?3",
         )?;
-        let rows = q.query_map(rusqlite::params![at, fp, limit as i64], |r| {
-            Ok(super::copy::IssuedRecord {
-                fingerprint: r.get(0)?,
-                name: r.get(1)?,
-                ip: r.get(2)?,
-                groups: r.get(3)?,
-                not_after: r.get(4)?,
-                how: r.get(5)?,
-                at: r.get(6)?,
-            })
-        })?;
+        let rows = q.query_map(
+            rusqlite::params![at, fp, limit as i64],
+            super::copy::IssuedRecord::from_sqlite,
+        )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }
