@@ -1238,6 +1238,15 @@ pub(super) mod tests {
         );
         assert!(core.mesh.peer_by_overlay(wanted).is_some());
         assert!(!core.lookups.contains_key(&wanted));
+        // No lighthouse has brought its revocation list yet: the handshake
+        // waits for it, then leaves.
+        let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
+        assert!(
+            !sent.iter().any(|t| t.dst == endpoint),
+            "nothing to a node before the revocation list is in"
+        );
+        assert!(core.status().awaiting_revocations);
+        core.revocations_current(Instant::now());
         let sent: Vec<Transmit> = std::iter::from_fn(|| core.poll_transmit()).collect();
         assert!(
             sent.iter()

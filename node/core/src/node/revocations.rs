@@ -99,7 +99,7 @@ impl NodeCore {
     /// A lighthouse's revocation list is all here: sessions with nodes,
     /// held since the start, may open (lists from other lighthouses still
     /// apply as they come, since revocations only take trust away).
-    fn revocations_current(&mut self, now: Instant) {
+    pub(super) fn revocations_current(&mut self, now: Instant) {
         if self.mesh.holds_node_sessions() {
             tracing::debug!("revocation list current: sessions with nodes may open");
             self.mesh.release_node_sessions(now);
