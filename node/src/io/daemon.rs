@@ -720,18 +720,16 @@ impl<P: Plane> Daemon<P> {
             }
         };
         let ca = self.core.mesh().ca().clone();
-        match self.swap_identity(&key, &cert, ca) {
-            Ok(change) => tracing::info!(
-                until = %tern_shared::cert::format_unix_time(cert.not_after()),
-                peers = change.rehandshakes,
-                "certificate renewed; every peer re-handshakes with it"
-            ),
+        let change = match self.swap_identity(&key, &cert, ca) {
+            Ok(change) => change,
             Err(why) => {
                 tracing::error!("renewed certificate not used: {why}");
                 self.core.renewal_done(&self.own_cert);
                 return;
             }
-        }
+        };
+        // Saved before it is announced: whoever reads the log line finds
+        // the new file.
         if let Err(e) = write_atomically(&self.config.pki.cert, &cert.cert().to_pem()) {
             tracing::error!(
                 cert = %self.config.pki.cert.display(),
@@ -739,6 +737,11 @@ impl<P: Plane> Daemon<P> {
                 "renewed certificate in use but not saved (the node starts with the old one): make its directory writable by the daemon (systemd: ReadWritePaths=)"
             );
         }
+        tracing::info!(
+            until = %tern_shared::cert::format_unix_time(cert.not_after()),
+            peers = change.rehandshakes,
+            "certificate renewed; every peer re-handshakes with it"
+        );
     }
 
     /// The core takes `cert` (see `NodeCore::replace_identity`); then it is
