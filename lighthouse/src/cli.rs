@@ -20,10 +20,7 @@ use tokio::net::UnixStream;
 pub fn status(config: Option<&Path>, socket: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let path = match (socket, config) {
         (Some(s), _) => s.to_path_buf(),
-        (None, Some(c)) => load_config(c)?
-            .api
-            .socket
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        (None, Some(c)) => crate::io::api_socket_path(&load_config(c)?),
         (None, None) => PathBuf::from(DEFAULT_SOCKET),
     };
     // Refuse a socket another user could have put in place of the daemon's.

@@ -445,6 +445,10 @@ impl AdminPlane {
         let Some(port) = self.port else {
             return false;
         };
+        // Every control message passes here: only TCP is parsed further.
+        if packet.get(9) != Some(&tern_shared::packet::PROTO_TCP) {
+            return false;
+        }
         let Some(flow) = tern_shared::packet::flow_of(packet) else {
             return false;
         };
