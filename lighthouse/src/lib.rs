@@ -4,6 +4,7 @@
 //! `main.rs` only parses it).
 
 pub mod cli;
+pub mod console;
 pub mod io;
 pub mod ops;
 pub mod store;

@@ -316,7 +316,6 @@ pub fn issued_page(
     let records = store
         .issued_page(after.map(|(a, f)| (*a, f.as_str())), limit)
         .map_err(failed)?;
-    let time = |t: i64| format_unix_time(t.max(0) as u64);
     let next = (records.len() == limit)
         .then(|| {
             records
@@ -325,25 +324,44 @@ pub fn issued_page(
         })
         .flatten();
     Ok(IssuedPage {
-        items: records
-            .into_iter()
-            .map(|r| IssuedEntry {
-                expires: time(r.not_after),
-                issued: time(r.at),
-                groups: r
-                    .groups
-                    .split(',')
-                    .filter(|g| !g.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                fingerprint: r.fingerprint,
-                name: r.name,
-                overlay_ip: r.ip,
-                not_after: r.not_after,
-                how: r.how,
-                at: r.at,
-            })
-            .collect(),
+        items: records.into_iter().map(issued_entry).collect(),
         next,
     })
+}
+
+fn issued_entry(r: crate::store::IssuedRecord) -> IssuedEntry {
+    let time = |t: i64| format_unix_time(t.max(0) as u64);
+    IssuedEntry {
+        expires: time(r.not_after),
+        issued: time(r.at),
+        groups: r
+            .groups
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(str::to_string)
+            .collect(),
+        fingerprint: r.fingerprint,
+        name: r.name,
+        overlay_ip: r.ip,
+        not_after: r.not_after,
+        how: r.how,
+        at: r.at,
+    }
+}
+
+/// The issuance record of one certificate, if this mesh issued it.
+pub fn issued_record(path: &Path, fingerprint: &str) -> Result<Option<IssuedEntry>, OpError> {
+    let config = load_config(path)?;
+    let mut store = open_store(&config, path)?;
+    Ok(store
+        .issued_record(fingerprint)
+        .map_err(failed)?
+        .map(issued_entry))
+}
+
+/// How many certificates were issued at or after `since` (Unix seconds).
+pub fn issued_since(path: &Path, since: i64) -> Result<u64, OpError> {
+    let config = load_config(path)?;
+    let mut store = open_store(&config, path)?;
+    store.issued_since(since).map_err(failed)
 }

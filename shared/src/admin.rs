@@ -25,6 +25,13 @@ pub struct AdminConfig {
     pub groups: Vec<String>,
     /// Groups whose members may only read.
     pub read_groups: Vec<String>,
+    /// Host names the console and API answer to through the mesh, besides
+    /// the overlay address, loopback (a local forward) and the
+    /// lighthouse's own name with and without `.tern`. Any other `Host`
+    /// is refused: a page elsewhere cannot point a name of its own at the
+    /// lighthouse (DNS rebinding) and read the console with the admin's
+    /// certificate.
+    pub hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -33,6 +40,7 @@ impl Default for AdminConfig {
             port: DEFAULT_ADMIN_PORT,
             groups: vec!["admin".into()],
             read_groups: vec!["admin".into(), "auditor".into()],
+            hosts: Vec::new(),
         }
     }
 }
@@ -43,6 +51,20 @@ pub fn is_group_name(g: &str) -> bool {
         && g.len() <= 64
         && g.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `h` is a DNS host name: 1-253 bytes of labels of A-Z a-z 0-9
+/// and '-', separated by dots.
+pub fn is_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// What a caller may do.
@@ -79,6 +101,15 @@ impl AdminConfig {
                         format!("{g:?} is not a group name (1-64 of A-Z a-z 0-9 . _ -)"),
                     ));
                 }
+            }
+        }
+        for h in &self.hosts {
+            if !is_host_name(h) {
+                return Err(invalid(
+                    file,
+                    "admin.hosts",
+                    format!("{h:?} is not a host name (letters, digits, '-' and '.', no port)"),
+                ));
             }
         }
         if self.port != 0 && self.groups.is_empty() && self.read_groups.is_empty() {
@@ -131,5 +162,16 @@ mod tests {
             .contains("port = 0"));
         let off = AdminConfig { port: 0, ..nobody };
         assert!(off.validate(file).is_ok());
+        let bad_host = AdminConfig {
+            hosts: vec!["console.example:80".into()],
+            ..AdminConfig::default()
+        };
+        assert!(bad_host
+            .validate(file)
+            .unwrap_err()
+            .to_string()
+            .contains("admin.hosts"));
+        assert!(is_host_name("lh-1.mesh.example"));
+        assert!(!is_host_name("a..b") && !is_host_name("") && !is_host_name("a b"));
     }
 }

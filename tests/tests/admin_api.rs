@@ -232,8 +232,16 @@ fn garbage_gets_a_4xx_with_a_kind_and_the_lighthouse_goes_on() {
     let huge = "x".repeat(100_000);
     type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, &'a str);
     let cases: Vec<Case> = vec![
-        ("GET", "/", None, 404, "not_found"),
+        ("GET", "/api/v1", None, 404, "not_found"),
         ("GET", "/api/v1/secrets", None, 404, "not_found"),
+        (
+            "GET",
+            "/api/v1/nodes?ephemeral=maybe",
+            None,
+            400,
+            "bad_request",
+        ),
+        ("GET", "/api/v1/nodes?sort=name", None, 400, "bad_request"),
         ("PUT", "/api/v1/nodes", None, 405, "method_not_allowed"),
         ("GET", "/api/v1/nodes?limit=0", None, 400, "bad_request"),
         (
@@ -393,4 +401,167 @@ fn through_the_mesh_the_caller_is_its_certificate_admins_act_auditors_read_other
         .as_u64()
         .unwrap();
     assert!(refused >= 2, "refusals are counted: {refused}");
+}
+
+/// The value of the first `<input>` with `name="NAME"` (or `id="NAME"`)
+/// in a page.
+fn form_value(page: &str, name: &str) -> String {
+    let at = page
+        .find(&format!("name=\"{name}\""))
+        .or_else(|| page.find(&format!("id=\"{name}\"")))
+        .unwrap_or_else(|| panic!("no {name} in {page}"));
+    let page = &page[at..];
+    let key = "value=\"";
+    let at = page
+        .find(key)
+        .unwrap_or_else(|| panic!("no {name} in {page}"));
+    let rest = &page[at + key.len()..];
+    rest[..rest.find('"').unwrap()].to_string()
+}
+
+#[test]
+fn the_console_is_for_the_groups_only_and_its_forms_only_from_its_own_pages() {
+    if !need_tool("admin_api", "curl", "curl") {
+        return;
+    }
+    let lab = lab_with(SUBNET, "");
+    let (_admin, admin_port) = node_to_the_lighthouse(&lab, "admin-1", "100.64.0.9/10", "admin");
+    let (_ci, ci_port) = node_to_the_lighthouse(&lab, "ci-1", "100.64.0.11/10", "ci");
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    wait_until(
+        "the admin reaches the console through the mesh",
+        Duration::from_secs(20),
+        || curl_at(&admin, "GET", "/", None, &[]).0 == 200,
+    );
+    // The overview, with the page's security headers.
+    let out = run_bounded(
+        {
+            let mut c = Command::new("curl");
+            c.args(["-sS", "--max-time", "10", "-D", "-", &format!("{admin}/")]);
+            c
+        },
+        "curl",
+        Duration::from_secs(15),
+    );
+    let page = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(
+        page.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+        "{page}"
+    );
+    assert!(page.contains("x-frame-options: deny") && page.contains("cache-control: no-store"));
+    assert!(
+        page.contains("you are <strong>admin-1</strong> (groups admin)"),
+        "{page}"
+    );
+    // The node list filters by group; the API does too.
+    let (code, page) = curl_at(&admin, "GET", "/nodes?group=ci", None, &[]);
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains(">ci-1<") && !page.contains("/nodes/100.64.0.9"),
+        "{page}"
+    );
+    let (code, body) = curl_at(
+        &admin,
+        "GET",
+        "/api/v1/nodes?group=admin&q=ADMIN",
+        None,
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["total"], 1, "{body}");
+    assert_eq!(json(&body)["nodes"][0]["name"], "admin-1");
+    conforms(&lab, "GET", "/api/v1/nodes", code, &body);
+
+    // A CI node gets a 403 page naming what it lacks.
+    wait_until(
+        "the CI node reaches the lighthouse",
+        Duration::from_secs(20),
+        || {
+            curl_at(
+                &format!("http://127.0.0.1:{ci_port}"),
+                "GET",
+                "/",
+                None,
+                &[],
+            )
+            .0 != 0
+        },
+    );
+    let (code, page) = curl_at(
+        &format!("http://127.0.0.1:{ci_port}"),
+        "GET",
+        "/tokens",
+        None,
+        &[],
+    );
+    assert_eq!(code, 403, "{page}");
+    assert!(
+        page.contains("ci-1 (groups ci) may not read") && page.contains("auditor"),
+        "{page}"
+    );
+    assert!(!page.contains("<form"), "{page}");
+
+    // A form needs the token its page carried, from a page of this origin.
+    let (_, tokens) = curl_at(&admin, "GET", "/tokens", None, &[]);
+    let csrf = form_value(&tokens, "csrf");
+    let form = |extra: &[&str], body: &str| {
+        let mut args = vec![
+            "-H",
+            "Content-Type: application/x-www-form-urlencoded",
+            "--data-binary",
+            body,
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+        ])
+        .args(&args)
+        .arg(format!("{admin}/tokens"));
+        let out = run_bounded(cmd, "curl", Duration::from_secs(15));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse::<u16>().unwrap(), body.to_string())
+    };
+    let good = format!("csrf={csrf}&groups=ci&uses=1");
+    let (code, page) = form(&["-H", "Origin: http://evil.example"], &good);
+    assert_eq!(code, 403, "a cross-origin POST is refused: {page}");
+    let (code, page) = form(&["-H", "Sec-Fetch-Site: cross-site"], &good);
+    assert_eq!(code, 403, "{page}");
+    let (code, page) = form(&["-H", "Host: lh.evil.example"], &good);
+    assert_eq!(code, 403, "a name of someone else's is refused: {page}");
+    let (code, page) = form(&[], "groups=ci&uses=1");
+    assert_eq!(code, 403, "no token: {page}");
+    assert!(page.contains("reload the page"), "{page}");
+    let (code, page) = form(&[], &format!("csrf={}x&groups=ci", &csrf[..csrf.len() - 1]));
+    assert_eq!(code, 403, "a forged token: {page}");
+    let origin = format!("Origin: http://127.0.0.1:{admin_port}");
+    let (code, page) = form(&["-H", &origin, "-H", "Sec-Fetch-Site: same-origin"], &good);
+    assert_eq!(code, 201, "{page}");
+    let secret = form_value(&page, "secret");
+    assert!(secret.len() > 20, "{secret}");
+    // The secret is on that page only.
+    let (_, tokens) = curl_at(&admin, "GET", "/tokens", None, &[]);
+    assert!(!tokens.contains(&secret));
+    // A CSRF token is the admin's own: another caller's page cannot use it
+    // (the CI node is refused before that, by its groups).
+    let log = lighthouse_log(&lab);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tokens.create") && l.contains("403 csrf")),
+        "the refused form is audited: {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tokens.create") && l.contains("\"result\":\"ok\"")),
+        "the form's write is audited: {log}"
+    );
 }

@@ -24,11 +24,13 @@ pub const MAX_PAGE: usize = 1000;
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminRequest {
-    /// `GET /api/v1/nodes?after=IP&limit=N`: registered nodes by overlay
-    /// address, a page at a time.
+    /// `GET /api/v1/nodes?after=IP&limit=N&q=TEXT&group=G&ephemeral=B`:
+    /// registered nodes by overlay address, a page at a time, those the
+    /// filter lets through.
     Nodes {
         after: Option<Ipv4Addr>,
         limit: usize,
+        filter: NodeFilter,
     },
     /// `GET /api/v1/tokens`: enrollment tokens, without their secrets.
     Tokens,
@@ -103,7 +105,87 @@ impl AdminRequest {
     }
 }
 
-/// `POST /api/v1/tokens`'s body. Durations as `tern-lighthouse token
+/// Which nodes a list shows: those whose name or overlay address
+/// contains `text` (any case), with `group` among their certificate's
+/// groups, ephemeral (enrolled) or not. Empty: all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFilter {
+    pub text: Option<String>,
+    pub group: Option<String>,
+    pub ephemeral: Option<bool>,
+}
+
+/// The longest search text taken (a name is at most 253 bytes).
+pub const MAX_FILTER_TEXT: usize = 253;
+
+impl NodeFilter {
+    /// Lets every node through.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_none() && self.group.is_none() && self.ephemeral.is_none()
+    }
+
+    /// Whether a node with these properties passes (`text` is compared in
+    /// lower case: give it lower-cased, as [`NodeFilter::from_params`] does).
+    pub fn matches(&self, name: &str, ip: Ipv4Addr, ephemeral: bool, groups: &[String]) -> bool {
+        if self.ephemeral.is_some_and(|e| e != ephemeral) {
+            return false;
+        }
+        if let Some(g) = &self.group {
+            if !groups.iter().any(|have| have == g) {
+                return false;
+            }
+        }
+        match &self.text {
+            None => true,
+            Some(t) => {
+                name.to_ascii_lowercase().contains(t.as_str())
+                    || ip.to_string().contains(t.as_str())
+            }
+        }
+    }
+
+    /// From the query's `q`, `group` and `ephemeral` (`true`, `false`, or
+    /// empty for either); an empty value is no filter.
+    pub fn from_params(
+        q: Option<&str>,
+        group: Option<&str>,
+        ephemeral: Option<&str>,
+    ) -> Result<NodeFilter, ApiError> {
+        let text = q.map(str::trim).filter(|t| !t.is_empty());
+        if let Some(t) = text {
+            if t.len() > MAX_FILTER_TEXT {
+                return Err(ApiError::bad_request(format!(
+                    "q: at most {MAX_FILTER_TEXT} bytes (part of a name or an overlay address)"
+                )));
+            }
+        }
+        let group = group.map(str::trim).filter(|g| !g.is_empty());
+        if let Some(g) = group {
+            if !tern_shared::admin::is_group_name(g) {
+                return Err(ApiError::bad_request(format!(
+                    "group={g:?} is not a group name (letters, digits, '-', '_', '.')"
+                )));
+            }
+        }
+        let ephemeral = match ephemeral.map(str::trim).unwrap_or("") {
+            "" | "any" => None,
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "ephemeral={other:?}: give true, false or leave it out"
+                )))
+            }
+        };
+        Ok(NodeFilter {
+            text: text.map(str::to_ascii_lowercase),
+            group: group.map(str::to_string),
+            ephemeral,
+        })
+    }
+}
+
+/// `POST /api/v1/revocations`'s body. Durations as `tern-lighthouse token
 /// create` takes them ("1h", "30m").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -218,8 +300,8 @@ pub fn parse(
             format!("{method} is not allowed on {path}; allowed: {allowed}"),
         )
     };
-    let by_address = || -> Result<(Option<Ipv4Addr>, usize), ApiError> {
-        let (after, limit) = page_params(query)?;
+    let by_address = |extra: &[&str]| -> Result<(Option<Ipv4Addr>, usize, Params), ApiError> {
+        let (after, limit, params) = page_params(query, extra)?;
         let after = after
             .map(|a| {
                 a.parse::<Ipv4Addr>().map_err(|_| {
@@ -229,14 +311,27 @@ pub fn parse(
                 })
             })
             .transpose()?;
-        Ok((after, limit))
+        Ok((after, limit, params))
     };
     match segments.as_slice() {
         [list @ ("nodes" | "gateways" | "runners")] => match method {
             "GET" => {
-                let (after, limit) = by_address()?;
+                let extra: &[&str] = if *list == "nodes" {
+                    &["q", "group", "ephemeral"]
+                } else {
+                    &[]
+                };
+                let (after, limit, params) = by_address(extra)?;
                 Ok(match *list {
-                    "nodes" => AdminRequest::Nodes { after, limit },
+                    "nodes" => AdminRequest::Nodes {
+                        after,
+                        limit,
+                        filter: NodeFilter::from_params(
+                            params.get("q"),
+                            params.get("group"),
+                            params.get("ephemeral"),
+                        )?,
+                    },
                     "gateways" => AdminRequest::Gateways { after, limit },
                     _ => AdminRequest::Runners { after, limit },
                 })
@@ -245,7 +340,7 @@ pub fn parse(
         },
         ["issued"] => match method {
             "GET" => {
-                let (after, limit) = page_params(query)?;
+                let (after, limit, _) = page_params(query, &[])?;
                 let after = after.map(|a| issued_cursor(&a)).transpose()?;
                 Ok(AdminRequest::Issued { after, limit })
             }
@@ -296,7 +391,7 @@ pub fn parse(
 }
 
 /// The issuance log's cursor, `AT:FINGERPRINT` (the `next` of a page).
-fn issued_cursor(a: &str) -> Result<(i64, String), ApiError> {
+pub fn issued_cursor(a: &str) -> Result<(i64, String), ApiError> {
     let bad = || {
         ApiError::bad_request(format!(
             "after={a:?} is not an issuance log cursor (give the `next` of the previous page, AT:FINGERPRINT)"
@@ -310,13 +405,40 @@ fn issued_cursor(a: &str) -> Result<(i64, String), ApiError> {
     Ok((at, fp.to_ascii_lowercase()))
 }
 
-/// `after` and `limit` from a query string; nothing else is accepted.
-fn page_params(query: Option<&str>) -> Result<(Option<String>, usize), ApiError> {
-    let (mut after, mut limit) = (None, DEFAULT_PAGE);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "after" => after = Some(value.to_string()),
+/// A query's (or a form's) parameters, decoded (the last of each name
+/// counts).
+#[derive(Debug, Default)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    /// All the parameters of `text` (`a=1&b=x+y`), percent-decoded.
+    pub fn parse(text: &[u8]) -> Params {
+        Params(
+            form_urlencoded::parse(text)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `after` and `limit` from a query string, and the parameters named in
+/// `extra`; nothing else is accepted. Values are percent-decoded.
+fn page_params(
+    query: Option<&str>,
+    extra: &[&str],
+) -> Result<(Option<String>, usize, Params), ApiError> {
+    let (mut after, mut limit, mut params) = (None, DEFAULT_PAGE, Params::default());
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "after" => after = Some(value.into_owned()),
             "limit" => {
                 limit = value
                     .parse::<usize>()
@@ -326,14 +448,21 @@ fn page_params(query: Option<&str>) -> Result<(Option<String>, usize), ApiError>
                         ApiError::bad_request(format!("limit={value:?}: give 1 to {MAX_PAGE}"))
                     })?;
             }
+            k if extra.contains(&k) => params.0.push((key.into_owned(), value.into_owned())),
             other => {
+                let takes = ["after", "limit"]
+                    .iter()
+                    .chain(extra)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 return Err(ApiError::bad_request(format!(
-                    "unknown query parameter {other:?} (this list takes after and limit)"
-                )))
+                    "unknown query parameter {other:?} (this list takes {takes})"
+                )));
             }
         }
     }
-    Ok((after, limit))
+    Ok((after, limit, params))
 }
 
 /// A JSON body of type `T`, unknown fields refused.
@@ -385,9 +514,35 @@ pub struct AdminNode {
     pub zones: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerAd>,
+    /// The nodes this lighthouse relays this node's traffic with (its
+    /// path to them is relayed, not direct); empty when it relays none.
+    pub relayed_with: Vec<Ipv4Addr>,
     pub registered_secs_ago: u64,
     pub last_seen_secs_ago: u64,
 }
+
+/// What the console's overview shows, from the registry: counts, the
+/// first gateways and runners, and the registry's change count (the live
+/// views re-render when it moves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminOverview {
+    pub nodes: usize,
+    pub ephemeral: usize,
+    pub over_tcp: usize,
+    /// Pairs of nodes this lighthouse may relay for now (their path is
+    /// relayed, not direct).
+    pub relayed_pairs: usize,
+    pub gateways: Page<crate::registry::GatewayEntry>,
+    pub runners: Page<crate::registry::RunnerEntry>,
+    pub changes: u64,
+}
+
+/// A gateway or runner counts as reachable while its registrations keep
+/// coming (nodes register every 25 s or so; a node silent longer is late).
+pub const REACHABLE_SECS: u64 = 60;
+
+/// Gateways and runners the overview lists (their own pages list all).
+pub const OVERVIEW_ROWS: usize = 20;
 
 /// A page of gateways or runners: `next` is the `after` of the next
 /// page, none at the end.
@@ -514,14 +669,16 @@ mod tests {
             get("/api/v1/nodes", Some("after=100.64.0.9&limit=5")).unwrap(),
             AdminRequest::Nodes {
                 after: Some(Ipv4Addr::new(100, 64, 0, 9)),
-                limit: 5
+                limit: 5,
+                filter: NodeFilter::default(),
             }
         );
         assert_eq!(
             get("/api/v1/nodes/", None).unwrap(),
             AdminRequest::Nodes {
                 after: None,
-                limit: DEFAULT_PAGE
+                limit: DEFAULT_PAGE,
+                filter: NodeFilter::default(),
             }
         );
         assert_eq!(get("/api/v1/tokens", None).unwrap(), AdminRequest::Tokens);

@@ -444,51 +444,107 @@ impl LighthouseCore {
         crate::admin::Page { items, next }
     }
 
-    /// A page of registered nodes for the admin API, each with what its
-    /// verified certificate says (`admin.rs`).
+    /// A page of registered nodes for the admin API, those `filter` lets
+    /// through, each with what its verified certificate says (`admin.rs`).
+    /// Unfiltered, a page costs its rows; filtered, the count of matches
+    /// costs a pass over the registry (cheap fields, no copies).
     pub fn admin_nodes(
         &self,
+        filter: &crate::admin::NodeFilter,
         after: Option<Ipv4Addr>,
         limit: usize,
         now: Instant,
     ) -> crate::admin::NodesPage {
-        let (page, next) = self.registry.nodes_after(after, limit, now);
-        let nodes = page
-            .into_iter()
-            .map(|(n, peer)| {
-                let cert = self.mesh.peer_cert(peer);
-                let not_after = cert.map_or(0, |c| c.not_after());
-                crate::admin::AdminNode {
-                    groups: cert.map(|c| c.groups().to_vec()).unwrap_or_default(),
-                    fingerprint: cert
-                        .map(|c| c.fingerprint().to_string())
-                        .unwrap_or_default(),
-                    not_after,
-                    expires: tern_shared::cert::format_unix_time(not_after),
-                    ephemeral: n.ephemeral,
-                    issued_by: n.issued_by,
-                    transport: if tern_shared::transport::is_stream_endpoint(&n.observed) {
-                        "tcp"
-                    } else {
-                        "udp"
-                    },
-                    observed: n.observed,
-                    local: n.local,
-                    routes: n.routes.iter().map(ToString::to_string).collect(),
-                    zones: n.zones,
-                    runner: n.runner,
-                    registered_secs_ago: n.registered_secs_ago,
-                    last_seen_secs_ago: n.last_seen_secs_ago,
-                    name: n.name,
-                    overlay_ip: n.overlay_ip,
-                }
-            })
+        let passes = |n: &crate::registry::NodeBrief<'_>| {
+            filter.is_empty() || {
+                let groups = self.mesh.peer_cert(n.peer).map(|c| c.groups());
+                filter.matches(n.name, n.overlay_ip, n.ephemeral, groups.unwrap_or(&[]))
+            }
+        };
+        let mut matching = self.registry.scan_after(after).filter(passes);
+        let page: Vec<Ipv4Addr> = matching
+            .by_ref()
+            .take(limit)
+            .map(|n| n.overlay_ip)
             .collect();
+        let next = if matching.next().is_some() {
+            page.last().copied()
+        } else {
+            None
+        };
+        let total = if filter.is_empty() {
+            self.registry.len()
+        } else {
+            self.registry.scan_after(None).filter(passes).count()
+        };
         crate::admin::NodesPage {
-            nodes,
-            total: self.registry.len(),
+            nodes: page
+                .into_iter()
+                .filter_map(|ip| self.admin_node(ip, now))
+                .collect(),
+            total,
             next,
         }
+    }
+
+    /// One registered node as the admin API shows it.
+    pub fn admin_node(&self, ip: Ipv4Addr, now: Instant) -> Option<crate::admin::AdminNode> {
+        let (n, peer) = self.registry.node(ip, now)?;
+        let cert = self.mesh.peer_cert(peer);
+        let not_after = cert.map_or(0, |c| c.not_after());
+        Some(crate::admin::AdminNode {
+            groups: cert.map(|c| c.groups().to_vec()).unwrap_or_default(),
+            fingerprint: cert
+                .map(|c| c.fingerprint().to_string())
+                .unwrap_or_default(),
+            not_after,
+            expires: tern_shared::cert::format_unix_time(not_after),
+            ephemeral: n.ephemeral,
+            issued_by: n.issued_by,
+            transport: if is_stream_endpoint(&n.observed) {
+                "tcp"
+            } else {
+                "udp"
+            },
+            observed: n.observed,
+            local: n.local,
+            routes: n.routes.iter().map(ToString::to_string).collect(),
+            zones: n.zones,
+            runner: n.runner,
+            relayed_with: self
+                .relay
+                .as_ref()
+                .map(|r| r.partners(ip).to_vec())
+                .unwrap_or_default(),
+            registered_secs_ago: n.registered_secs_ago,
+            last_seen_secs_ago: n.last_seen_secs_ago,
+            name: n.name,
+            overlay_ip: n.overlay_ip,
+        })
+    }
+
+    /// The console's overview: counts over the registry (one pass), the
+    /// first gateways and runners, the registry's change count.
+    pub fn admin_overview(&self, now: Instant) -> crate::admin::AdminOverview {
+        let (mut ephemeral, mut over_tcp) = (0, 0);
+        for n in self.registry.scan_after(None) {
+            ephemeral += usize::from(n.ephemeral);
+            over_tcp += usize::from(is_stream_endpoint(&n.observed));
+        }
+        crate::admin::AdminOverview {
+            nodes: self.registry.len(),
+            ephemeral,
+            over_tcp,
+            relayed_pairs: self.relay.as_ref().map_or(0, |r| r.introductions()),
+            gateways: self.admin_gateways(None, crate::admin::OVERVIEW_ROWS, now),
+            runners: self.admin_runners(None, crate::admin::OVERVIEW_ROWS, now),
+            changes: self.registry.changes(),
+        }
+    }
+
+    /// The registry's change count (see [`crate::admin::AdminOverview`]).
+    pub fn admin_changes(&self) -> u64 {
+        self.registry.changes()
     }
 
     pub fn status(&self, now: Instant) -> LighthouseStatus {

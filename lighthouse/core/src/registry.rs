@@ -51,6 +51,10 @@ pub struct Registry {
     next_seq: u64,
     expiry: Duration,
     max_entries: usize,
+    /// Counts every change a watcher would see (a node in or out, a new
+    /// certificate, routes, zones or a runner changed): the console's live
+    /// views follow it.
+    changes: u64,
 }
 
 struct Entry {
@@ -75,6 +79,16 @@ struct Entry {
     last_seen: Instant,
     /// Its item in `Registry::silence`.
     silence_seq: u64,
+}
+
+/// A registered node in brief, for a pass over the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeBrief<'a> {
+    pub overlay_ip: Ipv4Addr,
+    pub name: &'a str,
+    pub ephemeral: bool,
+    pub peer: PeerId,
+    pub observed: SocketAddr,
 }
 
 /// What a runner node advertised.
@@ -131,6 +145,7 @@ impl Registry {
             next_seq: 0,
             expiry,
             max_entries,
+            changes: 0,
         }
     }
 
@@ -159,6 +174,7 @@ impl Registry {
         let entry = match self.entries.entry(overlay_ip) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
+                self.changes += 1;
                 self.next_seq += 1;
                 self.silence.push(Reverse((now, self.next_seq, overlay_ip)));
                 self.names.insert((name_key(name), overlay_ip));
@@ -181,6 +197,7 @@ impl Registry {
             }
         };
         if entry.cert != cert {
+            self.changes += 1;
             entry.cert = cert.to_vec();
             if entry.name != name {
                 self.names.remove(&(name_key(&entry.name), overlay_ip));
@@ -227,6 +244,7 @@ impl Registry {
                 }
                 e.routes = routes;
                 e.refused = refused;
+                self.changes += 1;
                 true
             }
             _ => false,
@@ -245,6 +263,7 @@ impl Registry {
                     self.zones.insert((zone.clone(), overlay_ip));
                 }
                 e.zones = zones;
+                self.changes += 1;
                 true
             }
             _ => false,
@@ -372,6 +391,9 @@ impl Registry {
     pub fn set_runner(&mut self, overlay_ip: Ipv4Addr, ad: RunnerAd) -> bool {
         match self.entries.get_mut(&overlay_ip) {
             Some(e) => {
+                if e.runner.as_ref() != Some(&ad) {
+                    self.changes += 1;
+                }
                 e.runner = Some(ad);
                 self.runners.insert(overlay_ip);
                 true
@@ -458,6 +480,7 @@ impl Registry {
         let Some(e) = self.entries.remove(&overlay_ip) else {
             return false;
         };
+        self.changes += 1;
         if self.by_observed.get(&e.observed) == Some(&overlay_ip) {
             self.by_observed.remove(&e.observed);
         }
@@ -557,6 +580,32 @@ impl Registry {
             .iter()
             .map(|(ip, e)| shown(*ip, e, now))
             .collect()
+    }
+
+    /// How many changes a watcher would see there have been (see
+    /// `changes`); equal counts, same registry as far as the console shows.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The nodes with overlay addresses after `after`, in order, lazily,
+    /// each in brief (no copies).
+    pub fn scan_after(&self, after: Option<Ipv4Addr>) -> impl Iterator<Item = NodeBrief<'_>> + '_ {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.entries
+            .range((from, Bound::Unbounded))
+            .map(|(ip, e)| NodeBrief {
+                overlay_ip: *ip,
+                name: &e.name,
+                ephemeral: e.issued_by.is_some(),
+                peer: e.peer,
+                observed: e.observed,
+            })
+    }
+
+    /// One node as the admin API shows it, with its session.
+    pub fn node(&self, ip: Ipv4Addr, now: Instant) -> Option<(RegisteredNode, PeerId)> {
+        self.entries.get(&ip).map(|e| (shown(ip, e, now), e.peer))
     }
 
     /// At most `limit` nodes with overlay addresses after `after`, in

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use ipnet::Ipv4Net;
-use tern_lighthouse_core::admin::{self, AdminRequest, ApiError, ErrorKind};
+use tern_lighthouse_core::admin::{self, AdminRequest, ApiError, ErrorKind, API_PREFIX};
 use tern_lighthouse_core::lighthouse::LighthouseCore;
 use tern_netstack::{Conn, Netstack};
 use tern_shared::admin::{Access, AdminConfig};
@@ -35,6 +35,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::console::{self as console_io, Body, Console, ConsoleData, ConsoleQuery};
 use crate::ops;
 
 /// What the API asks of the event loop, the core's one owner.
@@ -47,6 +48,11 @@ pub enum LoopCall {
         request: AdminRequest,
         reply: oneshot::Sender<serde_json::Value>,
     },
+    /// What a console page shows of the registry.
+    Console {
+        query: ConsoleQuery,
+        reply: oneshot::Sender<ConsoleData>,
+    },
 }
 
 /// The OpenAPI document of the admin API (served as is; the tests hold
@@ -57,7 +63,11 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// one owner): a page of what it asks for.
 pub fn list(core: &LighthouseCore, request: &AdminRequest, now: Instant) -> serde_json::Value {
     match *request {
-        AdminRequest::Nodes { after, limit } => to_value(&core.admin_nodes(after, limit, now)),
+        AdminRequest::Nodes {
+            after,
+            limit,
+            ref filter,
+        } => to_value(&core.admin_nodes(filter, after, limit, now)),
         AdminRequest::Gateways { after, limit } => {
             to_value(&core.admin_gateways(after, limit, now))
         }
@@ -84,7 +94,7 @@ pub enum Caller {
 }
 
 impl Caller {
-    fn access(&self) -> Access {
+    pub(super) fn access(&self) -> Access {
         match self {
             Caller::Local { .. } => Access::Write,
             Caller::Peer { access, .. } => *access,
@@ -118,7 +128,7 @@ impl Caller {
 
     /// The 403 for a request this caller may not make, naming the groups
     /// that would let it.
-    fn refusal(&self, write: bool, config: &AdminConfig) -> ApiError {
+    pub(super) fn refusal(&self, write: bool, config: &AdminConfig) -> ApiError {
         let (name, groups) = match self {
             Caller::Peer { name, groups, .. } => (name.as_str(), groups.join(",")),
             Caller::Local { .. } => ("local", String::new()),
@@ -144,9 +154,10 @@ impl Caller {
 
 /// What every connection's requests need.
 pub struct Admin {
-    calls: mpsc::Sender<LoopCall>,
-    config_path: PathBuf,
-    config: AdminConfig,
+    pub(super) calls: mpsc::Sender<LoopCall>,
+    pub(super) config_path: PathBuf,
+    pub(super) config: AdminConfig,
+    pub(super) console: Console,
     /// Requests refused because the caller's groups do not allow them.
     pub refused: AtomicU64,
 }
@@ -156,11 +167,13 @@ impl Admin {
         calls: mpsc::Sender<LoopCall>,
         config_path: &Path,
         config: &AdminConfig,
+        console: Console,
     ) -> Arc<Admin> {
         Arc::new(Admin {
             calls,
             config_path: config_path.to_path_buf(),
             config: config.clone(),
+            console,
             refused: AtomicU64::new(0),
         })
     }
@@ -302,15 +315,41 @@ where
     }
 }
 
-async fn handle(admin: &Admin, caller: &Caller, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(admin: &Arc<Admin>, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
-    let content_type = req
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header = |name: hyper::header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let content_type = header(hyper::header::CONTENT_TYPE);
+    let api = path == API_PREFIX || path.starts_with(&format!("{API_PREFIX}/"));
+    // Through the mesh, a browser is a confused deputy waiting to happen:
+    // only this lighthouse's own names, and writes from its own pages.
+    if let Caller::Peer { .. } = caller {
+        let write = !matches!(method.as_str(), "GET" | "HEAD");
+        let checked = crate::console::check_origin(
+            write,
+            header(hyper::header::HOST).as_deref(),
+            header(hyper::header::ORIGIN).as_deref(),
+            header(hyper::header::HeaderName::from_static("sec-fetch-site")).as_deref(),
+            &admin.console.hosts,
+        );
+        if let Err(message) = checked {
+            admin.refused.fetch_add(1, Ordering::Relaxed);
+            if write {
+                audit(caller, "request", &path, "403 origin");
+            }
+            return if api {
+                error(&ApiError::new(ErrorKind::Forbidden, message))
+            } else {
+                console_io::refused_origin(admin, &message)
+            };
+        }
+    }
     let body = match Limited::new(req.into_body(), admin::MAX_BODY)
         .collect()
         .await
@@ -323,6 +362,18 @@ async fn handle(admin: &Admin, caller: &Caller, req: Request<Incoming>) -> Respo
             ))
         }
     };
+    if !api {
+        return console_io::handle(
+            admin,
+            caller,
+            &method,
+            &path,
+            query.as_deref(),
+            content_type.as_deref(),
+            &body,
+        )
+        .await;
+    }
     let request = match admin::parse(
         &method,
         &path,
@@ -342,13 +393,23 @@ async fn handle(admin: &Admin, caller: &Caller, req: Request<Incoming>) -> Respo
         admin.refused.fetch_add(1, Ordering::Relaxed);
         let refusal = caller.refusal(request.is_write(), &admin.config);
         if request.is_write() {
-            audit(caller, &request, &Err(refusal.clone()));
+            audit(
+                caller,
+                request.action(),
+                &request.object(),
+                &outcome(&Err(refusal.clone())),
+            );
         }
         return error(&refusal);
     }
     let result = answer(admin, &request).await;
     if request.is_write() {
-        audit(caller, &request, &result);
+        audit(
+            caller,
+            request.action(),
+            &request.object(),
+            &outcome(&result),
+        );
     }
     match result {
         Ok((status, value)) => json(status, &value),
@@ -433,18 +494,10 @@ fn store_op(path: &Path, request: &AdminRequest) -> Result<(u16, serde_json::Val
     })
 }
 
-/// One JSON line per write: when, who, what, on what, and how it ended.
-fn audit(
-    caller: &Caller,
-    request: &AdminRequest,
-    result: &Result<(u16, serde_json::Value), ApiError>,
-) {
-    let mut line = caller.audit_fields();
-    line["time"] = tern_shared::cert::format_unix_time(unix_now()).into();
-    line["action"] = request.action().into();
-    line["object"] = request.object().into();
-    line["result"] = match result {
-        Ok((status, _)) => format!("ok {status}").into(),
+/// How an API write ended, for the audit log.
+fn outcome(result: &Result<(u16, serde_json::Value), ApiError>) -> String {
+    match result {
+        Ok((status, _)) => format!("ok {status}"),
         Err(e) => format!(
             "{} {}",
             e.status(),
@@ -452,9 +505,18 @@ fn audit(
                 .unwrap_or_default()
                 .as_str()
                 .unwrap_or("")
-        )
-        .into(),
-    };
+        ),
+    }
+}
+
+/// One JSON line per write (API or console): when, who, what, on what,
+/// and how it ended.
+pub(super) fn audit(caller: &Caller, action: &str, object: &str, result: &str) {
+    let mut line = caller.audit_fields();
+    line["time"] = tern_shared::cert::format_unix_time(unix_now()).into();
+    line["action"] = action.into();
+    line["object"] = object.into();
+    line["result"] = result.into();
     tracing::info!(target: "tern_lighthouse::audit", audit = %line, "admin write");
 }
 
@@ -462,11 +524,11 @@ fn to_value<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or_default()
 }
 
-fn error(e: &ApiError) -> Response<Full<Bytes>> {
+fn error(e: &ApiError) -> Response<Body> {
     json(e.status(), &e.to_json())
 }
 
-fn json(status: u16, value: &serde_json::Value) -> Response<Full<Bytes>> {
+fn json(status: u16, value: &serde_json::Value) -> Response<Body> {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
     Response::builder()
@@ -474,6 +536,6 @@ fn json(status: u16, value: &serde_json::Value) -> Response<Full<Bytes>> {
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header("x-content-type-options", "nosniff")
         .header(hyper::header::CACHE_CONTROL, "no-store")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }

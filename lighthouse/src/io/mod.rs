@@ -24,6 +24,7 @@ use tern_shared::enroll::{TYPE_ENROLL_HELLO, TYPE_ENROLL_REQUEST};
 use tern_shared::store::StoreLocation;
 
 mod admin;
+mod console;
 mod enrollment;
 mod links;
 mod metrics;
@@ -318,7 +319,16 @@ async fn serve(
     )?;
     let (api_tx, mut api_rx) = mpsc::channel::<admin::LoopCall>(16);
     let socket_path = api_socket_path(&config);
-    let admin_api = admin::Admin::new(api_tx, config_path, &config.admin);
+    let (changes_tx, changes_rx) = tokio::sync::watch::channel(core.admin_changes());
+    let console = console::Console::new(
+        crate::console::pages::Site {
+            name: cert.name().to_string(),
+            overlay_ip: cert.overlay_ip(),
+        },
+        crate::console::AllowedHosts::new(cert.overlay_ip(), cert.name(), &config.admin.hosts),
+        changes_rx,
+    )?;
+    let admin_api = admin::Admin::new(api_tx, config_path, &config.admin, console);
     let _api = serve_api(&socket_path, config.api.group.as_deref(), admin_api.clone())?;
     let mut admin_listener =
         admin::AdminListener::start(&mut core, cert.overlay_net(), &config.admin, seed());
@@ -394,6 +404,9 @@ async fn serve(
                 admin::LoopCall::List { request, reply } => {
                     let _ = reply.send(admin::list(&core, &request, Instant::now()));
                 }
+                admin::LoopCall::Console { query, reply } => {
+                    let _ = reply.send(console::answer(&core, &query, Instant::now()));
+                }
             },
             Some(reply) = metrics_rx.recv() => {
                 let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams(), &admin_api));
@@ -409,6 +422,9 @@ async fn serve(
         route_renewals(&mut core, enrollment.as_ref());
         let deadline = end_step(&mut core, admin_listener.as_mut(), &socket, &mut sends).await;
         next_timer = next_timer.min(deadline);
+        // The console's live views follow the registry.
+        let changes = core.admin_changes();
+        changes_tx.send_if_modified(|seen| std::mem::replace(seen, changes) != changes);
     }
     Ok(())
 }

@@ -246,6 +246,23 @@ impl AnyStore {
         }
     }
 
+    /// How many certificates were issued at or after `since` (Unix
+    /// seconds): the console's enrollments in the last hour.
+    pub fn issued_since(&mut self, since: i64) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.issued_since(since),
+            AnyStore::Postgres(s) => s.issued_since(since),
+        }
+    }
+
+    /// The issuance record of one certificate, if this mesh issued it.
+    pub fn issued_record(&mut self, fingerprint: &str) -> Result<Option<IssuedRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.issued_record(fingerprint),
+            AnyStore::Postgres(s) => s.issued_record(fingerprint),
+        }
+    }
+
     /// A cheap number that changes whenever a revocation was added (by
     /// this lighthouse, another one, or `tern-lighthouse revoke`).
     pub fn revocations_changed_token(&mut self) -> Result<i64, StoreError> {

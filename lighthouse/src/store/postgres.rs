@@ -231,6 +231,28 @@ impl PostgresStore {
             .collect())
     }
 
+    /// How many certificates were issued at or after `since` (Unix seconds).
+    pub fn issued_since(&mut self, since: i64) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .client()?
+            .query_one("SELECT count(*) FROM issued WHERE at >= $1", &[&since])?
+            .get(0);
+        Ok(n.max(0) as u64)
+    }
+
+    /// The issuance record of the certificate with this fingerprint.
+    pub fn issued_record(
+        &mut self,
+        fingerprint: &str,
+    ) -> Result<Option<super::copy::IssuedRecord>, StoreError> {
+        let row = self.client()?.query_opt(
+            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+             WHERE fingerprint = $1",
+            &[&fingerprint],
+        )?;
+        Ok(row.as_ref().map(super::copy::IssuedRecord::from_postgres))
+    }
+
     /// A connection of its own that waits for revocations announced on
     /// `tern_revocations` (by any lighthouse).
     pub fn listen_for_revocations(&self) -> Result<RevocationListener, StoreError> {

@@ -87,6 +87,27 @@ impl SqliteStore {
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+    /// How many certificates were issued at or after `since` (Unix seconds).
+    pub fn issued_since(&mut self, since: i64) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .db
+            .prepare_cached("SELECT count(*) FROM issued WHERE at >= ?1")?
+            .query_row([since], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The issuance record of the certificate with this fingerprint.
+    pub fn issued_record(
+        &mut self,
+        fingerprint: &str,
+    ) -> Result<Option<super::copy::IssuedRecord>, StoreError> {
+        let mut q = self.db.prepare_cached(
+            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+             WHERE fingerprint = ?1",
+        )?;
+        let mut rows = q.query_map([fingerprint], super::copy::IssuedRecord::from_sqlite)?;
+        Ok(rows.next().transpose()?)
+    }
 }
 
 /// The schema's versions, each applied once, in order (the version is the
