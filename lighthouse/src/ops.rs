@@ -295,6 +295,22 @@ pub struct IssuedEntry {
     pub how: String,
     pub at: i64,
     pub issued: String,
+    /// The id of the token that bought it.
+    pub token: Option<String>,
+    /// The claims of the OIDC ID token that bought it.
+    pub claims: std::collections::BTreeMap<String, String>,
+}
+
+impl IssuedEntry {
+    /// As a node's enrollment in the admin API.
+    pub fn enrollment(&self) -> tern_lighthouse_core::admin::NodeEnrollment {
+        tern_lighthouse_core::admin::NodeEnrollment {
+            issued: self.issued.clone(),
+            how: self.how.clone(),
+            token: self.token.clone(),
+            claims: self.claims.clone(),
+        }
+    }
 }
 
 /// A page of the issuance log, newest first; `next` is the `after` of the
@@ -346,7 +362,24 @@ fn issued_entry(r: crate::store::IssuedRecord) -> IssuedEntry {
         not_after: r.not_after,
         how: r.how,
         at: r.at,
+        token: Some(r.token).filter(|t| !t.is_empty()),
+        claims: tern_lighthouse_core::enroll::Issuance::claims_from_json(&r.claims),
     }
+}
+
+/// The issuance records of these certificates (those this mesh issued).
+pub fn issued_records(path: &Path, fingerprints: &[String]) -> Result<Vec<IssuedEntry>, OpError> {
+    if fingerprints.is_empty() {
+        return Ok(Vec::new());
+    }
+    let config = load_config(path)?;
+    let mut store = open_store(&config, path)?;
+    Ok(store
+        .issued_records(fingerprints)
+        .map_err(failed)?
+        .into_iter()
+        .map(issued_entry)
+        .collect())
 }
 
 /// The issuance record of one certificate, if this mesh issued it.

@@ -73,6 +73,13 @@ fn matches(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), Strin
             matches(doc, p, value, &format!("{at}.{key}"))?;
         }
     }
+    if let (Some(obj), Some(values)) = (v.as_object(), schema["additionalProperties"].as_object()) {
+        // A map: any keys, each value of the schema given.
+        let values = Value::Object(values.clone());
+        for (key, value) in obj {
+            matches(doc, &values, value, &format!("{at}.{key}"))?;
+        }
+    }
     if let Some(items) = v.as_array() {
         for (i, item) in items.iter().enumerate() {
             matches(doc, &schema["items"], item, &format!("{at}[{i}]"))?;

@@ -161,6 +161,9 @@ fn an_admin_lists_nodes_makes_a_token_that_enrolls_a_job_and_revokes_the_job() {
         .clone();
     assert_eq!(job["issued_by"], "lh-issuer");
     assert_eq!(job["groups"][0], "ci");
+    // With which token it enrolled.
+    assert_eq!(job["enrollment"]["token"], id.as_str(), "{body}");
+    assert_eq!(job["enrollment"]["claims"], serde_json::json!({}), "{body}");
     // The issuance log says how it was bought.
     let (code, body) = curl(&lab, "GET", "/api/v1/issued?limit=5", None, &[]);
     assert_eq!(code, 200, "{body}");
@@ -168,9 +171,11 @@ fn an_admin_lists_nodes_makes_a_token_that_enrolls_a_job_and_revokes_the_job() {
     assert_eq!(issued["items"][0]["name"], job["name"]);
     assert_eq!(issued["items"][0]["fingerprint"], job["fingerprint"]);
     assert_eq!(
-        issued["items"][0]["how"], "token",
+        issued["items"][0]["how"],
+        format!("token {id}"),
         "bought with a token: {body}"
     );
+    assert_eq!(issued["items"][0]["token"], id.as_str(), "{body}");
     // Used up: deleting it works once, then it is not found.
     let (code, body) = curl(&lab, "DELETE", &format!("/api/v1/tokens/{id}"), None, &[]);
     assert_eq!(code, 200, "{body}");

@@ -406,6 +406,17 @@ fn a_github_job_enrolls_with_its_oidc_id_token_and_the_gate_opens_once_the_targe
         .unwrap_or_else(|| panic!("{status}"));
     assert_eq!(job["ephemeral"], true);
     assert_eq!(job["issued_by"], "lh-issuer");
+    // The admin API lists it with the claims it enrolled with.
+    let page = lab.admin_get("/api/v1/nodes?ephemeral=true");
+    let enrollment = &page["nodes"][0]["enrollment"];
+    assert_eq!(enrollment["claims"]["repository"], "acme/app", "{page}");
+    assert_eq!(enrollment["claims"]["ref"], "refs/heads/main", "{page}");
+    assert!(enrollment["claims"]["run_id"].is_string(), "{page}");
+    assert!(enrollment["token"].is_null(), "{page}");
+    assert!(
+        enrollment["how"].as_str().unwrap().starts_with("oidc "),
+        "{page}"
+    );
     // The key never touched the disk; the token never reached a log.
     let log = fs::read_to_string(lab.dir.path().join("gh.log")).unwrap();
     assert!(!log.contains("eyJ"), "an ID token in the node's log");

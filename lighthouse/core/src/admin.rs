@@ -517,8 +517,21 @@ pub struct AdminNode {
     /// The nodes this lighthouse relays this node's traffic with (its
     /// path to them is relayed, not direct); empty when it relays none.
     pub relayed_with: Vec<Ipv4Addr>,
+    /// How its certificate was bought, from the issuance log (the shell
+    /// fills it in from the store; none for a certificate signed by hand).
+    pub enrollment: Option<NodeEnrollment>,
     pub registered_secs_ago: u64,
     pub last_seen_secs_ago: u64,
+}
+
+/// A node's record in the issuance log: when and how its certificate was
+/// bought, with which token or which OIDC claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeEnrollment {
+    pub issued: String,
+    pub how: String,
+    pub token: Option<String>,
+    pub claims: std::collections::BTreeMap<String, String>,
 }
 
 /// What the console's overview shows, from the registry: counts, the

@@ -516,6 +516,7 @@ impl LighthouseCore {
                 .as_ref()
                 .map(|r| r.partners(ip).to_vec())
                 .unwrap_or_default(),
+            enrollment: None,
             registered_secs_ago: n.registered_secs_ago,
             last_seen_secs_ago: n.last_seen_secs_ago,
             name: n.name,

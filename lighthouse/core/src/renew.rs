@@ -93,7 +93,7 @@ impl Enroller {
             })
             .ok_or_else(|| refused("the certificate has no IPv4 address".into()))?;
         let held = store
-            .renew_for(ip, &old.name, not_after, &renewed, "renewal", now)
+            .renew_for(ip, &old.name, not_after, &renewed, &"renewal".into(), now)
             .map_err(|e| RenewRefusal::from(store_down("extend the address lease", e)))?;
         if !held {
             return Err(refused(format!(

@@ -401,7 +401,7 @@ pub fn check_origin(
     if let Some(site) = fetch_site {
         if site != "same-origin" && site != "none" {
             return Err(format!(
-                "a write from another site (Sec-Fetch-Site: {site}) is refused"
+                "A write from another site's page (Sec-Fetch-Site: {site}) is refused"
             ));
         }
     }
@@ -410,7 +410,9 @@ pub fn check_origin(
             .strip_prefix("http://")
             .is_some_and(|o| o.eq_ignore_ascii_case(host));
         if !same {
-            return Err(format!("a write from origin {origin:?} is refused: only pages of http://{host} may send one"));
+            return Err(format!(
+                "A write from a page of {origin:?} is refused: only pages of http://{host} may send one"
+            ));
         }
     }
     Ok(())

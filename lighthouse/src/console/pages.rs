@@ -58,7 +58,7 @@ pub fn layout(
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="referrer" content="no-referrer";
+                meta name="referrer" content="same-origin";
                 title { (title) " · " (site.name) " · Tern" }
                 link rel="stylesheet" href="/static/console.css";
                 script src="/static/console.js" defer {}
@@ -141,10 +141,10 @@ pub fn overview_live(o: &AdminOverview, enrolled_last_hour: Option<u64>) -> Mark
             div { dt { "CI jobs and other enrolled nodes" } dd { (o.ephemeral) } }
             div { dt { "Enrollments in the last hour" } dd {
                 @match enrolled_last_hour { Some(n) => (n), None => "unknown" } } }
-            div { dt { "Node pairs relayed by this lighthouse" } dd { (o.relayed_pairs) } }
+            div { dt { "Node pairs introduced for relaying here" } dd { (o.relayed_pairs) } }
             div { dt { "Nodes reaching it over TCP" } dd { (o.over_tcp) } }
         }
-        p.note { "Paths not relayed here go direct between the nodes, or through a relay node." }
+        p.note { "Pairs with no direct path are introduced for relaying; they leave the relay once a direct path works. All other paths are direct, or through a relay node." }
         h2 { "Gateways" }
         (gateways_table(&o.gateways.items))
         @if o.gateways.next.is_some() { p { a href="/gateways" { "All gateways" } } }
@@ -262,7 +262,7 @@ pub fn nodes_live(page: &NodesPage, filter: &NodeFilter) -> Markup {
                                 td { (n.overlay_ip) }
                                 td { (list_text(n.groups.iter())) }
                                 td { @if n.ephemeral { "enrolled (ephemeral)" } @else { "long-lived" } }
-                                td { (n.transport) @if !n.relayed_with.is_empty() { ", relayed with " (n.relayed_with.len()) } }
+                                td { (n.transport) @if !n.relayed_with.is_empty() { ", relay for " (n.relayed_with.len()) } }
                                 td { (ago(n.last_seen_secs_ago)) }
                             }
                         }
@@ -322,9 +322,9 @@ pub fn node(n: &AdminNode, issued: Option<&IssuedEntry>, viewer: &Viewer) -> Mar
         }
         h2 { "Paths" }
         @if n.relayed_with.is_empty() {
-            p { "This lighthouse relays none of its traffic: its paths to other nodes are direct (or through a relay node)." }
+            p { "It was introduced for relaying with no node here: its paths are direct (or through a relay node)." }
         } @else {
-            p { "This lighthouse relays its traffic with: "
+            p { "Introduced for relaying through this lighthouse with (it leaves the relay once a direct path works): "
                 @for (i, ip) in n.relayed_with.iter().enumerate() {
                     @if i > 0 { ", " }
                     a href={ "/nodes/" (ip) } { (ip) }
@@ -347,8 +347,18 @@ pub fn node(n: &AdminNode, issued: Option<&IssuedEntry>, viewer: &Viewer) -> Mar
             Some(i) => dl.facts {
                 dt { "Issued" } dd { (i.issued) }
                 dt { "How" } dd { (i.how) }
+                @if let Some(t) = &i.token { dt { "Token" } dd { code { (t) } } }
             },
             None => p { "This mesh's issuance log has no record of this certificate: it was signed by hand (tern cert sign)." },
+        }
+        @if let Some(i) = issued.filter(|i| !i.claims.is_empty()) {
+            h3 { "Claims of the ID token it enrolled with" }
+            div.scroll {
+                table #claims {
+                    thead { tr { th scope="col" { "Claim" } th scope="col" { "Value" } } }
+                    tbody { @for (k, v) in &i.claims { tr { td { code { (k) } } td { (v) } } } }
+                }
+            }
         }
         @if viewer.can_write {
             p { a.button.danger href={ "/nodes/" (n.overlay_ip) "/revoke" } { "Revoke this certificate…" } }
@@ -540,6 +550,22 @@ pub fn forbidden(site: &Site, message: &str) -> Markup {
         html! {
             p role="alert" { (message) }
             p { "Ask an admin of this mesh for a certificate in one of those groups." }
+        },
+    )
+}
+
+/// The page for a request from somewhere else: a name that is not this
+/// lighthouse's, or a form from another site's page.
+pub fn refused_origin(site: &Site, message: &str) -> Markup {
+    layout(
+        site,
+        None,
+        "",
+        "Refused",
+        html! {
+            p role="alert" { (message) "." }
+            p { "The console acts with your certificate, so it takes forms only from its own pages: this keeps pages elsewhere from acting in your name. "
+                "Open it at " a href={ "http://" (site.overlay_ip) "/" } { "http://" (site.overlay_ip) "/" } " and use its forms." }
         },
     )
 }

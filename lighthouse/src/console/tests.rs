@@ -215,6 +215,7 @@ fn pages_escape_what_nodes_and_stores_say() {
         zones: vec![],
         runner: None,
         relayed_with: vec![Ipv4Addr::new(100, 64, 0, 6)],
+        enrollment: None,
         registered_secs_ago: 5,
         last_seen_secs_ago: 1,
     };
@@ -230,7 +231,7 @@ fn pages_escape_what_nodes_and_stores_say() {
     let html = pages::nodes(&page, &filter, None).0;
     assert!(!html.contains("<script>"), "{html}");
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
-    assert!(html.contains("relayed with 1"));
+    assert!(html.contains("relay for 1"));
     assert!(
         html.contains("q=%22%3E%3Cscript%3E"),
         "the next link keeps the filter, encoded: {html}"

@@ -341,7 +341,7 @@ async fn handle(admin: &Arc<Admin>, caller: &Caller, req: Request<Incoming>) -> 
         if let Err(message) = checked {
             admin.refused.fetch_add(1, Ordering::Relaxed);
             if write {
-                audit(caller, "request", &path, "403 origin");
+                audit(caller, "request", &path, &format!("403 origin: {message}"));
             }
             return if api {
                 error(&ApiError::new(ErrorKind::Forbidden, message))
@@ -437,7 +437,11 @@ async fn answer(
                 })
                 .await
                 .map_err(|_| unavailable())?;
-            return Ok((200, rx.await.map_err(|_| unavailable())?));
+            let mut page = rx.await.map_err(|_| unavailable())?;
+            if matches!(request, AdminRequest::Nodes { .. }) {
+                with_enrollments(admin, &mut page).await;
+            }
+            return Ok((200, page));
         }
         AdminRequest::OpenApi => {
             let doc = serde_json::from_str(OPENAPI).map_err(|_| {
@@ -458,6 +462,41 @@ async fn answer(
         }
         e.to_api()
     })
+}
+
+/// Fills in each node's `enrollment` from the issuance log (one query
+/// for the page); a store that cannot answer leaves them null, logged.
+async fn with_enrollments(admin: &Admin, page: &mut serde_json::Value) {
+    let Some(nodes) = page["nodes"].as_array_mut() else {
+        return;
+    };
+    let fingerprints: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| n["fingerprint"].as_str().map(str::to_string))
+        .collect();
+    let path = admin.config_path.clone();
+    let found =
+        tokio::task::spawn_blocking(move || ops::issued_records(&path, &fingerprints)).await;
+    let records = match found {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "admin API: the issuance log could not be read; nodes listed without their enrollment");
+            return;
+        }
+        Err(_) => return,
+    };
+    let by_fingerprint: std::collections::HashMap<&str, &ops::IssuedEntry> = records
+        .iter()
+        .map(|r| (r.fingerprint.as_str(), r))
+        .collect();
+    for n in nodes {
+        if let Some(r) = n["fingerprint"]
+            .as_str()
+            .and_then(|f| by_fingerprint.get(f))
+        {
+            n["enrollment"] = to_value(&r.enrollment());
+        }
+    }
 }
 
 fn store_op(path: &Path, request: &AdminRequest) -> Result<(u16, serde_json::Value), ops::OpError> {

@@ -56,7 +56,16 @@ pub struct Console {
     pub site: Site,
     changes: watch::Receiver<u64>,
     streams: Arc<Semaphore>,
-    enrolled: Mutex<Option<(Instant, Option<u64>)>>,
+    enrolled: Mutex<Option<EnrolledCount>>,
+}
+
+/// The store's last count of enrollments in the last hour.
+#[derive(Debug, Clone, Copy)]
+struct EnrolledCount {
+    at: Instant,
+    /// The registry's change count then.
+    changes: u64,
+    count: Option<u64>,
 }
 
 impl Console {
@@ -159,24 +168,33 @@ async fn store<T: Send + 'static>(
     })
 }
 
-/// Enrollments in the last hour, asked of the store at most every
-/// [`ENROLLED_CACHE`]; None when the store cannot say.
+/// Enrollments in the last hour, asked of the store again when the
+/// registry changed (an enrollment is followed by its registration) or
+/// the answer is [`ENROLLED_CACHE`] old, and at most every
+/// [`LIVE_MIN_INTERVAL`]; None when the store cannot say.
 async fn enrolled_last_hour(admin: &Admin) -> Option<u64> {
+    let changes = *admin.console.changes.borrow();
     if let Ok(cached) = admin.console.enrolled.lock() {
-        if let Some((at, n)) = *cached {
-            if at.elapsed() < ENROLLED_CACHE {
-                return n;
+        if let Some(c) = *cached {
+            let age = c.at.elapsed();
+            let fresh = age < ENROLLED_CACHE && c.changes == changes;
+            if fresh || age < LIVE_MIN_INTERVAL {
+                return c.count;
             }
         }
     }
     let since = unix_now().saturating_sub(3600) as i64;
-    let n = store(admin, move |p| ops::issued_since(p, since))
+    let count = store(admin, move |p| ops::issued_since(p, since))
         .await
         .ok();
     if let Ok(mut cached) = admin.console.enrolled.lock() {
-        *cached = Some((Instant::now(), n));
+        *cached = Some(EnrolledCount {
+            at: Instant::now(),
+            changes,
+            count,
+        });
     }
-    n
+    count
 }
 
 /// Who a caller is for the forms' tokens.
@@ -515,7 +533,9 @@ fn respond(status: u16, content_type: &str, body: Bytes) -> Response<Body> {
         .header("content-security-policy", console::CSP)
         .header("x-frame-options", "DENY")
         .header("x-content-type-options", "nosniff")
-        .header("referrer-policy", "no-referrer")
+        // Not no-referrer: with it a browser sends `Origin: null` on a form
+        // POST, and the origin check could not tell its own pages.
+        .header("referrer-policy", "same-origin")
         .header("cross-origin-opener-policy", "same-origin")
         .header("cross-origin-resource-policy", "same-origin")
         .header(hyper::header::CACHE_CONTROL, "no-store")

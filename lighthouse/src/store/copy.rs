@@ -37,11 +37,15 @@ pub struct IssuedRecord {
     pub not_after: i64,
     pub how: String,
     pub at: i64,
+    /// The token's id, or empty.
+    pub token: String,
+    /// The OIDC claims, a JSON object.
+    pub claims: String,
 }
 
 impl IssuedRecord {
-    /// A row of `SELECT fingerprint, name, ip, groups, not_after, how, at
-    /// FROM issued`.
+    /// A row of `SELECT fingerprint, name, ip, groups, not_after, how, at,
+    /// token, claims FROM issued`.
     pub(super) fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<IssuedRecord> {
         Ok(IssuedRecord {
             fingerprint: r.get(0)?,
@@ -51,6 +55,8 @@ impl IssuedRecord {
             not_after: r.get(4)?,
             how: r.get(5)?,
             at: r.get(6)?,
+            token: r.get(7)?,
+            claims: r.get(8)?,
         })
     }
 
@@ -64,6 +70,8 @@ impl IssuedRecord {
             not_after: r.get(4),
             how: r.get(5),
             at: r.get(6),
+            token: r.get(7),
+            claims: r.get(8),
         }
     }
 }
@@ -164,7 +172,7 @@ fn sqlite_dump(s: &mut SqliteStore) -> Result<StoreDump, StoreError> {
             })?
             .collect::<Result<_, _>>()?,
         issued: tx
-            .prepare("SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued ORDER BY at, fingerprint")?
+            .prepare("SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued ORDER BY at, fingerprint")?
             .query_map([], IssuedRecord::from_sqlite)?
             .collect::<Result<_, _>>()?,
         oidc_used: tx
@@ -215,8 +223,8 @@ fn sqlite_load(s: &mut SqliteStore, d: &StoreDump) -> Result<(), StoreError> {
     }
     for i in &d.issued {
         tx.execute(
-            "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![i.fingerprint, i.name, i.ip, i.groups, i.not_after, i.how, i.at],
+            "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at, token, claims) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![i.fingerprint, i.name, i.ip, i.groups, i.not_after, i.how, i.at, i.token, i.claims],
         )?;
     }
     for (id, until) in &d.oidc_used {
@@ -273,7 +281,7 @@ fn postgres_dump(s: &mut PostgresStore) -> Result<StoreDump, StoreError> {
             .collect(),
         issued: tx
             .query(
-                "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued ORDER BY at, fingerprint",
+                "SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued ORDER BY at, fingerprint",
                 &[],
             )?
             .iter()
@@ -327,8 +335,8 @@ fn postgres_load(s: &mut PostgresStore, d: &StoreDump) -> Result<(), StoreError>
     }
     for i in &d.issued {
         tx.execute(
-            "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[&i.fingerprint, &i.name, &i.ip, &i.groups, &i.not_after, &i.how, &i.at],
+            "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at, token, claims) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[&i.fingerprint, &i.name, &i.ip, &i.groups, &i.not_after, &i.how, &i.at, &i.token, &i.claims],
         )?;
     }
     for (id, until) in &d.oidc_used {
@@ -394,7 +402,7 @@ mod tests {
         let ca = TestCa::new("ca", &["100.64.0.0/10"], &["ci"]);
         for name in ["job-1", "job-2"] {
             let node = ca.node(name, "100.64.100.1/10", &["ci"], &[], 600);
-            s.record_issued(&node.cert, "token", NOW).unwrap();
+            s.record_issued(&node.cert, &"token".into(), NOW).unwrap();
             s.revoke(&node.cert.fingerprint(), name, NOW + 300, NOW)
                 .unwrap();
         }

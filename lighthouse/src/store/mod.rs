@@ -19,7 +19,8 @@ pub use self::sqlite::SqliteStore;
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 use tern_lighthouse_core::enroll::{
-    EnrollStore, Grant, NewToken, TokenIdPrefix, TokenInfo, TokenRefusal, TokenRevokeRefusal,
+    EnrollStore, Grant, Issuance, NewToken, TokenIdPrefix, TokenInfo, TokenRefusal,
+    TokenRevokeRefusal,
 };
 use tern_shared::cert::{Cert, Fingerprint};
 use tern_shared::control::Revocation;
@@ -99,7 +100,7 @@ pub(super) fn use_token_then_record<S: EnrollStore<Error = StoreError>>(
     s: &mut S,
     hash: &str,
     cert: &Cert,
-    how: &str,
+    how: &Issuance,
     now: u64,
 ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
     let used = s.use_token(hash, now)?;
@@ -115,7 +116,7 @@ pub(super) fn use_oidc_token_then_record<S: EnrollStore<Error = StoreError>>(
     id: &str,
     until: u64,
     cert: &Cert,
-    how: &str,
+    how: &Issuance,
     now: u64,
 ) -> Result<bool, StoreError> {
     let fresh = s.use_oidc_token(id, until, now)?;
@@ -246,6 +247,17 @@ impl AnyStore {
         }
     }
 
+    /// The issuance records of these certificates (a page of nodes').
+    pub fn issued_records(
+        &mut self,
+        fingerprints: &[String],
+    ) -> Result<Vec<IssuedRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.issued_records(fingerprints),
+            AnyStore::Postgres(s) => s.issued_records(fingerprints),
+        }
+    }
+
     /// How many certificates were issued at or after `since` (Unix
     /// seconds): the console's enrollments in the last hour.
     pub fn issued_since(&mut self, since: i64) -> Result<u64, StoreError> {
@@ -320,7 +332,7 @@ impl EnrollStore for AnyStore {
         &mut self,
         hash: &str,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
         delegate!(self, s => s.use_token_for(hash, cert, how, now))
@@ -331,7 +343,7 @@ impl EnrollStore for AnyStore {
         id: &str,
         until: u64,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<bool, StoreError> {
         delegate!(self, s => s.use_oidc_token_for(id, until, cert, how, now))
@@ -347,13 +359,13 @@ impl EnrollStore for AnyStore {
         name: &str,
         until: u64,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<bool, StoreError> {
         delegate!(self, s => s.renew_for(ip, name, until, cert, how, now))
     }
 
-    fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
+    fn record_issued(&mut self, cert: &Cert, how: &Issuance, now: u64) -> Result<(), StoreError> {
         delegate!(self, s => s.record_issued(cert, how, now))
     }
 

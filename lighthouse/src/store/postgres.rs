@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use postgres::{Client, NoTls, Statement, Transaction};
 use tern_lighthouse_core::enroll::{
-    token_id, EnrollStore, Grant, HostRanges, NewToken, TokenIdPrefix, TokenInfo, TokenRefusal,
-    TokenRevokeRefusal, TOKEN_ID_LEN,
+    token_id, EnrollStore, Grant, HostRanges, Issuance, NewToken, TokenIdPrefix, TokenInfo,
+    TokenRefusal, TokenRevokeRefusal, TOKEN_ID_LEN,
 };
 use tern_shared::cert::{Cert, Fingerprint};
 use tern_shared::control::Revocation;
@@ -32,7 +32,8 @@ pub const REVOCATIONS_CHANNEL: &str = "tern_revocations";
 
 /// The schema's versions, each applied once, in order, in one transaction
 /// with its version recorded (`tern_schema`).
-const MIGRATIONS: &[&str] = &["CREATE TABLE tokens (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE tokens (
          hash TEXT PRIMARY KEY, groups TEXT NOT NULL, uses_left BIGINT NOT NULL,
          expires BIGINT NOT NULL, cert_ttl BIGINT NOT NULL, created BIGINT NOT NULL,
          seq BIGSERIAL NOT NULL);
@@ -46,7 +47,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE tokens (
      CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE revocations (
          version BIGSERIAL PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,
-         name TEXT NOT NULL, not_after BIGINT NOT NULL, at BIGINT NOT NULL);"];
+         name TEXT NOT NULL, not_after BIGINT NOT NULL, at BIGINT NOT NULL);",
+    // 2: which token bought a certificate, and the OIDC claims; the
+    // issuance log read newest first without a sort.
+    "ALTER TABLE issued ADD COLUMN token TEXT NOT NULL DEFAULT '';
+     ALTER TABLE issued ADD COLUMN claims TEXT NOT NULL DEFAULT '{}';
+     CREATE INDEX issued_by_time ON issued (at, fingerprint);",
+];
 
 /// While the database cannot be reached, a new connection is tried at most
 /// this often (calls in between fail at once).
@@ -220,10 +227,26 @@ impl PostgresStore {
     ) -> Result<Vec<super::copy::IssuedRecord>, StoreError> {
         let (at, fp) = before.unwrap_or((i64::MAX, ""));
         let rows = self.client()?.query(
-            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+            "SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued
              WHERE at < $1 OR (at = $1 AND fingerprint < $2)
              ORDER BY at DESC, fingerprint DESC LIMIT $3",
             &[&at, &fp, &(limit as i64)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(super::copy::IssuedRecord::from_postgres)
+            .collect())
+    }
+
+    /// The issuance records of these certificates.
+    pub fn issued_records(
+        &mut self,
+        fingerprints: &[String],
+    ) -> Result<Vec<super::copy::IssuedRecord>, StoreError> {
+        let rows = self.client()?.query(
+            "SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued
+             WHERE fingerprint = ANY($1)",
+            &[&fingerprints],
         )?;
         Ok(rows
             .iter()
@@ -246,7 +269,7 @@ impl PostgresStore {
         fingerprint: &str,
     ) -> Result<Option<super::copy::IssuedRecord>, StoreError> {
         let row = self.client()?.query_opt(
-            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+            "SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued
              WHERE fingerprint = $1",
             &[&fingerprint],
         )?;
@@ -546,7 +569,7 @@ impl EnrollStore for PostgresStore {
         &mut self,
         hash: &str,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
         self.atomically(|s| super::use_token_then_record(s, hash, cert, how, now))
@@ -557,7 +580,7 @@ impl EnrollStore for PostgresStore {
         id: &str,
         until: u64,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<bool, StoreError> {
         self.atomically(|s| super::use_oidc_token_then_record(s, id, until, cert, how, now))
@@ -569,7 +592,7 @@ impl EnrollStore for PostgresStore {
         name: &str,
         until: u64,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<bool, StoreError> {
         self.atomically(|s| {
@@ -597,12 +620,13 @@ impl EnrollStore for PostgresStore {
         Ok(())
     }
 
-    fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
+    fn record_issued(&mut self, cert: &Cert, how: &Issuance, now: u64) -> Result<(), StoreError> {
         let b = &cert.body;
         let statement = self.prepared(
-            "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at, token, claims) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (fingerprint) DO UPDATE SET name = EXCLUDED.name, ip = EXCLUDED.ip,
-                 groups = EXCLUDED.groups, not_after = EXCLUDED.not_after, how = EXCLUDED.how, at = EXCLUDED.at",
+                 groups = EXCLUDED.groups, not_after = EXCLUDED.not_after, how = EXCLUDED.how, at = EXCLUDED.at,
+                 token = EXCLUDED.token, claims = EXCLUDED.claims",
         )?;
         self.client()?.execute(
             &statement,
@@ -612,8 +636,10 @@ impl EnrollStore for PostgresStore {
                 &b.ips.first().map(|n| n.to_string()).unwrap_or_default(),
                 &b.groups.join(","),
                 &stored_time(b.not_after),
-                &how,
+                &how.how,
                 &stored_time(now),
+                &how.token.as_deref().unwrap_or(""),
+                &how.claims_json(),
             ],
         )?;
         Ok(())

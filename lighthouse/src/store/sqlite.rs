@@ -7,8 +7,8 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 use tern_lighthouse_core::enroll::{
-    token_id, EnrollStore, Grant, HostRanges, NewToken, TokenIdPrefix, TokenInfo, TokenRefusal,
-    TokenRevokeRefusal, TOKEN_ID_LEN,
+    token_id, EnrollStore, Grant, HostRanges, Issuance, NewToken, TokenIdPrefix, TokenInfo,
+    TokenRefusal, TokenRevokeRefusal, TOKEN_ID_LEN,
 };
 use tern_shared::cert::{Cert, Fingerprint};
 use tern_shared::control::Revocation;
@@ -77,7 +77,7 @@ impl SqliteStore {
     ) -> Result<Vec<super::copy::IssuedRecord>, StoreError> {
         let (at, fp) = before.unwrap_or((i64::MAX, ""));
         let mut q = self.db.prepare_cached(
-            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+            "SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued
              WHERE at < ?1 OR (at = ?1 AND fingerprint < ?2)
              ORDER BY at DESC, fingerprint DESC LIMIT ?3",
         )?;
@@ -87,6 +87,30 @@ impl SqliteStore {
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+    /// The issuance records of these certificates.
+    pub fn issued_records(
+        &mut self,
+        fingerprints: &[String],
+    ) -> Result<Vec<super::copy::IssuedRecord>, StoreError> {
+        let mut found = Vec::new();
+        // SQLite takes at most 32,766 parameters; a page has at most 1,000.
+        for chunk in fingerprints.chunks(1000) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let mut q = self.db.prepare(&format!(
+                "SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued
+                 WHERE fingerprint IN ({marks})"
+            ))?;
+            let rows = q.query_map(
+                rusqlite::params_from_iter(chunk.iter()),
+                super::copy::IssuedRecord::from_sqlite,
+            )?;
+            for r in rows {
+                found.push(r?);
+            }
+        }
+        Ok(found)
+    }
+
     /// How many certificates were issued at or after `since` (Unix seconds).
     pub fn issued_since(&mut self, since: i64) -> Result<u64, StoreError> {
         let n: i64 = self
@@ -102,7 +126,7 @@ impl SqliteStore {
         fingerprint: &str,
     ) -> Result<Option<super::copy::IssuedRecord>, StoreError> {
         let mut q = self.db.prepare_cached(
-            "SELECT fingerprint, name, ip, groups, not_after, how, at FROM issued
+            "SELECT fingerprint, name, ip, groups, not_after, how, at, token, claims FROM issued
              WHERE fingerprint = ?1",
         )?;
         let mut rows = q.query_map([fingerprint], super::copy::IssuedRecord::from_sqlite)?;
@@ -113,7 +137,8 @@ impl SqliteStore {
 /// The schema's versions, each applied once, in order (the version is the
 /// file's `user_version`). The first is the schema before versions were
 /// kept, written so that it also applies to a store made then.
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS tokens (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS tokens (
          hash TEXT PRIMARY KEY, groups TEXT NOT NULL, uses_left INTEGER NOT NULL,
          expires INTEGER NOT NULL, cert_ttl INTEGER NOT NULL, created INTEGER NOT NULL);
      CREATE TABLE IF NOT EXISTS leases (
@@ -128,7 +153,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS tokens (
      CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE IF NOT EXISTS revocations (
          version INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE,
-         name TEXT NOT NULL, not_after INTEGER NOT NULL, at INTEGER NOT NULL);"];
+         name TEXT NOT NULL, not_after INTEGER NOT NULL, at INTEGER NOT NULL);",
+    // 2: which token bought a certificate, and the OIDC claims; the
+    // issuance log read newest first without a sort.
+    "ALTER TABLE issued ADD COLUMN token TEXT NOT NULL DEFAULT '';
+     ALTER TABLE issued ADD COLUMN claims TEXT NOT NULL DEFAULT '{}';
+     CREATE INDEX IF NOT EXISTS issued_by_time ON issued (at, fingerprint);",
+];
 
 /// Applies the migrations the file lacks, in one transaction that holds the
 /// write lock (two processes opening a new store take turns); the version
@@ -248,7 +279,7 @@ impl EnrollStore for SqliteStore {
         &mut self,
         hash: &str,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
         self.atomically(|s| super::use_token_then_record(s, hash, cert, how, now))
@@ -259,7 +290,7 @@ impl EnrollStore for SqliteStore {
         id: &str,
         until: u64,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<bool, StoreError> {
         self.atomically(|s| super::use_oidc_token_then_record(s, id, until, cert, how, now))
@@ -278,7 +309,7 @@ impl EnrollStore for SqliteStore {
         name: &str,
         until: u64,
         cert: &Cert,
-        how: &str,
+        how: &Issuance,
         now: u64,
     ) -> Result<bool, StoreError> {
         self.atomically(|s| {
@@ -295,18 +326,20 @@ impl EnrollStore for SqliteStore {
         })
     }
 
-    fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
+    fn record_issued(&mut self, cert: &Cert, how: &Issuance, now: u64) -> Result<(), StoreError> {
         let b = &cert.body;
         self.db.execute(
-            "INSERT OR REPLACE INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR REPLACE INTO issued (fingerprint, name, ip, groups, not_after, how, at, token, claims) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             rusqlite::params![
                 cert.fingerprint().to_string(),
                 b.name,
                 b.ips.first().map(|n| n.to_string()).unwrap_or_default(),
                 b.groups.join(","),
                 b.not_after as i64,
-                how,
-                now as i64
+                how.how,
+                now as i64,
+                how.token.as_deref().unwrap_or(""),
+                how.claims_json()
             ],
         )?;
         Ok(())
@@ -601,6 +634,46 @@ mod tests {
             )
             .unwrap();
         t
+    }
+
+    #[test]
+    fn a_version_one_store_gains_the_token_and_claims_of_its_issuance_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let db = rusqlite::Connection::open(&path).unwrap();
+            db.execute_batch(MIGRATIONS[0]).unwrap();
+            db.pragma_update(None, "user_version", 1).unwrap();
+            db.execute(
+                "INSERT INTO issued (fingerprint, name, ip, groups, not_after, how, at) VALUES ('ab', 'ci-1', '100.64.100.1/10', 'ci', 9, 'token', 5)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.migrated(), (1, MIGRATIONS.len()));
+        let old = store.issued_record("ab").unwrap().unwrap();
+        assert_eq!(
+            (old.how.as_str(), old.token.as_str(), old.claims.as_str()),
+            ("token", "", "{}")
+        );
+        // A new record keeps which token, and the claims.
+        let ca = TestCa::new("ca", &["100.64.0.0/10"], &[]);
+        let n = ca.node("ci-2", "100.64.100.2/10", &["ci"], &[], 600);
+        let how = Issuance {
+            how: "oidc https://issuer rule 0: repository=acme/app".into(),
+            token: None,
+            claims: [("repository".to_string(), "acme/app".to_string())].into(),
+        };
+        store.record_issued(&n.cert, &how, 7).unwrap();
+        let fp = n.cert.fingerprint().to_string();
+        let got = store
+            .issued_records(&[fp.clone(), "ab".into(), "none".into()])
+            .unwrap();
+        assert_eq!(got.len(), 2);
+        let new = got.iter().find(|r| r.fingerprint == fp).unwrap();
+        assert_eq!(Issuance::claims_from_json(&new.claims), how.claims);
+        assert_eq!(store.issued_since(6).unwrap(), 1);
     }
 
     #[test]
@@ -1261,7 +1334,7 @@ mod tests {
             name: &str,
             until: u64,
             cert: &Cert,
-            how: &str,
+            how: &Issuance,
             now: u64,
         ) -> Result<bool, StoreError> {
             self.store.renew_for(ip, name, until, cert, how, now)
@@ -1270,7 +1343,7 @@ mod tests {
             &mut self,
             hash: &str,
             cert: &Cert,
-            how: &str,
+            how: &Issuance,
             now: u64,
         ) -> Result<Result<Grant, TokenRefusal>, StoreError> {
             self.store.use_token_for(hash, cert, how, now)
@@ -1280,12 +1353,17 @@ mod tests {
             id: &str,
             until: u64,
             cert: &Cert,
-            how: &str,
+            how: &Issuance,
             now: u64,
         ) -> Result<bool, StoreError> {
             self.store.use_oidc_token_for(id, until, cert, how, now)
         }
-        fn record_issued(&mut self, cert: &Cert, how: &str, now: u64) -> Result<(), StoreError> {
+        fn record_issued(
+            &mut self,
+            cert: &Cert,
+            how: &Issuance,
+            now: u64,
+        ) -> Result<(), StoreError> {
             self.store.record_issued(cert, how, now)
         }
         fn oidc_token_used(&mut self, id: &str, now: u64) -> Result<bool, StoreError> {

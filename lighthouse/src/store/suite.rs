@@ -200,8 +200,10 @@ pub(crate) fn issued_certificates_and_revocations_are_kept_in_order(b: &impl Bac
     let a = ca.node("ci-a", "100.64.100.1/10", &["ci"], &[], 600);
     let c = ca.node("ci-c", "100.64.100.3/10", &["ci"], &[], 600);
     let mut s = b.connect();
-    s.record_issued(&a.cert, "token 0123456789ab", NOW).unwrap();
-    s.record_issued(&c.cert, "oidc github", NOW).unwrap();
+    s.record_issued(&a.cert, &"token 0123456789ab".into(), NOW)
+        .unwrap();
+    s.record_issued(&c.cert, &"oidc github".into(), NOW)
+        .unwrap();
     let (fa, fc) = (a.cert.fingerprint(), c.cert.fingerprint());
     assert_eq!(
         s.issued(&fa).unwrap(),
@@ -249,8 +251,12 @@ pub(crate) fn the_issuance_log_pages_newest_first_each_record_once(b: &impl Back
             600,
         );
         // Two at each second: the fingerprint breaks the tie.
-        s.record_issued(&n.cert, &format!("token {i}"), NOW + i / 2)
-            .unwrap();
+        s.record_issued(
+            &n.cert,
+            &tern_lighthouse_core::enroll::Issuance::from(format!("token {i}").as_str()),
+            NOW + i / 2,
+        )
+        .unwrap();
         made.push(n.cert.fingerprint().to_string());
     }
     let mut any: super::AnyStore = b.connect().into();
@@ -273,6 +279,31 @@ pub(crate) fn the_issuance_log_pages_newest_first_each_record_once(b: &impl Back
     fps.sort();
     made.sort();
     assert_eq!(fps, made);
+    // Which token, and the OIDC claims, come back as they went in; a page
+    // of nodes' records is one query; the last hour's count.
+    let n = ca.node("ci-oidc", "100.64.100.99/10", &["ci"], &[], 600);
+    let how = tern_lighthouse_core::enroll::Issuance {
+        how: "oidc https://token.actions.example rule 0: repository=acme/app".into(),
+        token: None,
+        claims: [
+            ("repository".to_string(), "acme/app".to_string()),
+            ("run_id".to_string(), "4242".to_string()),
+        ]
+        .into(),
+    };
+    s.record_issued(&n.cert, &how, NOW + 100).unwrap();
+    let fp = n.cert.fingerprint().to_string();
+    let got = any.issued_records(&[fp.clone(), made[0].clone()]).unwrap();
+    assert_eq!(got.len(), 2);
+    let oidc = got.iter().find(|r| r.fingerprint == fp).unwrap();
+    assert_eq!(
+        tern_lighthouse_core::enroll::Issuance::claims_from_json(&oidc.claims),
+        how.claims
+    );
+    let token = got.iter().find(|r| r.fingerprint == made[0]).unwrap();
+    assert_eq!((token.token.as_str(), token.claims.as_str()), ("", "{}"));
+    assert_eq!(any.issued_since((NOW + 100) as i64).unwrap(), 1);
+    assert_eq!(any.issued_since(NOW as i64).unwrap(), 8);
 }
 
 /// `[pki] renew`, decided by the enroller against the store: the same
@@ -395,24 +426,25 @@ pub(crate) fn a_use_and_its_record_are_one_step(b: &impl Backend) {
     let second = ca.node("ci-2", "100.64.100.2/10", &["ci"], &[], 600);
     s.create_token(&token("cc33", 1, NOW + 60), NOW).unwrap();
     assert!(s
-        .use_token_for("cc33", &first.cert, "token", NOW)
+        .use_token_for("cc33", &first.cert, &"token".into(), NOW)
         .unwrap()
         .is_ok());
     assert!(s.issued(&first.cert.fingerprint()).unwrap().is_some());
     // Used up: refused, and nothing recorded.
     assert_eq!(
-        s.use_token_for("cc33", &second.cert, "token", NOW).unwrap(),
+        s.use_token_for("cc33", &second.cert, &"token".into(), NOW)
+            .unwrap(),
         Err(TokenRefusal::UsedUp)
     );
     assert!(s.issued(&second.cert.fingerprint()).unwrap().is_none());
     // The same for an OIDC token's one enrollment.
     assert!(s
-        .use_oidc_token_for("iss jti-9", NOW + 60, &second.cert, "oidc", NOW)
+        .use_oidc_token_for("iss jti-9", NOW + 60, &second.cert, &"oidc".into(), NOW)
         .unwrap());
     assert!(s.issued(&second.cert.fingerprint()).unwrap().is_some());
     let third = ca.node("ci-3", "100.64.100.3/10", &["ci"], &[], 600);
     assert!(!s
-        .use_oidc_token_for("iss jti-9", NOW + 60, &third.cert, "oidc", NOW)
+        .use_oidc_token_for("iss jti-9", NOW + 60, &third.cert, &"oidc".into(), NOW)
         .unwrap());
     assert!(s.issued(&third.cert.fingerprint()).unwrap().is_none());
 }
