@@ -1214,6 +1214,7 @@ mod tests {
         assert_eq!(state.next_ifname("a"), "eth1");
     }
 }
+pub mod console_load;
 pub mod nat;
 pub mod report;
 pub mod soak;

@@ -123,6 +123,8 @@ struct Args {
     lookups: usize,
     sansio: bool,
     udp: bool,
+    /// `--mode console`: the admin console's pages and live views instead.
+    console: bool,
     join_deadline: Duration,
     quick: bool,
     write: bool,
@@ -132,7 +134,7 @@ fn usage() -> String {
     format!(
         "usage: lighthouse-bench [--nodes N[,N...] (each 100-{MAX_NODES}, default 10000,100000)] \
          [--cycles C (4 s each, 1-10, default 3)] [--lookups L (0-100000, default 5000)] \
-         [--mode both|sansio|udp] [--join-deadline SECS (10-1800, default 300)] \
+         [--mode both|sansio|udp|console] [--join-deadline SECS (10-1800, default 300)] \
          [--quick (1000 nodes, 1 cycle, 500 lookups)] [--write]"
     )
 }
@@ -156,8 +158,8 @@ fn parse_args() -> Result<Args, String> {
             "--lookups" => lookups = Some(number(it.next(), "--lookups", 0, 100_000)?),
             "--mode" => {
                 mode = it.next().ok_or("--mode needs a value")?;
-                if !["both", "sansio", "udp"].contains(&mode.as_str()) {
-                    return Err(format!("--mode {mode:?}: use both, sansio or udp"));
+                if !["both", "sansio", "udp", "console"].contains(&mode.as_str()) {
+                    return Err(format!("--mode {mode:?}: use both, sansio, udp or console"));
                 }
             }
             "--join-deadline" => deadline = number(it.next(), "--join-deadline", 10, 1800)?,
@@ -171,14 +173,17 @@ fn parse_args() -> Result<Args, String> {
         nodes: nodes.unwrap_or_else(|| {
             if quick {
                 vec![1000]
+            } else if mode == "console" {
+                vec![10_000]
             } else {
                 vec![10_000, 100_000]
             }
         }),
         cycles: cycles.unwrap_or(if quick { 1 } else { 3 }),
         lookups: lookups.unwrap_or(if quick { 500 } else { 5000 }),
-        sansio: mode != "udp",
-        udp: mode != "sansio",
+        sansio: mode == "both" || mode == "sansio",
+        udp: mode == "both" || mode == "udp",
+        console: mode == "console",
         join_deadline: Duration::from_secs(deadline),
         quick,
         write,
@@ -1788,7 +1793,15 @@ impl<'p> Gen<'p> {
 
     /// Every node joins (at most [`JOIN_WINDOW`] at a time), the joined
     /// ones re-registering every 4 s meanwhile.
-    fn join_all(&mut self, deadline: Duration, lh: &mut Lighthouse) -> Result<(f64, u64), String> {
+    /// Joins every node (at most `rate` joins begun per second, if given),
+    /// re-registering the joined ones meanwhile: the time it took, and the
+    /// cookie replies met.
+    fn join_all(
+        &mut self,
+        deadline: Duration,
+        lh: &mut Lighthouse,
+        rate: Option<f64>,
+    ) -> Result<(f64, u64), String> {
         let start = Instant::now();
         let mut rereg: VecDeque<(Instant, usize)> = VecDeque::with_capacity(self.n);
         let (mut next, mut in_flight, mut joined, mut failed) = (0usize, 0usize, 0usize, 0usize);
@@ -1811,7 +1824,10 @@ impl<'p> Gen<'p> {
                     return Err(format!("the lighthouse exited{}", lh.tail()));
                 }
             }
-            while in_flight < JOIN_WINDOW && next < self.n {
+            let allowed = rate.map_or(self.n, |r| {
+                (now.duration_since(start).as_secs_f64() * r) as usize + 1
+            });
+            while in_flight < JOIN_WINDOW && next < self.n && next < allowed {
                 self.start_join(next, now);
                 next += 1;
                 in_flight += 1;
@@ -1962,7 +1978,18 @@ struct UdpRun {
     counters: Option<serde_json::Value>,
 }
 
-fn udp(pki: &Pki, n: usize, args: &Args, bin: &Path) -> Result<UdpRun, String> {
+/// A lighthouse in a temporary directory (its API socket `lh.sock`
+/// there) and `n` simulated nodes ready to join it, and the clock ticks
+/// per second of /proc's CPU times.
+struct UdpLab<'p> {
+    dir: tempfile::TempDir,
+    lh: Lighthouse,
+    g: Gen<'p>,
+    ticks: f64,
+    rss_fresh: f64,
+}
+
+fn udp_lab<'p>(pki: &'p Pki, n: usize, bin: &Path) -> Result<UdpLab<'p>, String> {
     let dir = tempfile::Builder::new()
         .prefix("lighthouse-bench-")
         .tempdir()
@@ -1995,7 +2022,7 @@ fn udp(pki: &Pki, n: usize, args: &Args, bin: &Path) -> Result<UdpRun, String> {
     let ports = (0..SOCKETS)
         .map(|s| net.port(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut lh = Lighthouse::start(bin, d, SocketAddr::V4(addr), &pki.probe)?;
+    let lh = Lighthouse::start(bin, d, SocketAddr::V4(addr), &pki.probe)?;
     thread::sleep(Duration::from_millis(300));
     let rss_fresh = lh.mem_mib("VmRSS").unwrap_or(f64::NAN);
     let mut g = Gen {
@@ -2021,9 +2048,27 @@ fn udp(pki: &Pki, n: usize, args: &Args, bin: &Path) -> Result<UdpRun, String> {
     for slots in &mut g.pending {
         *slots = vec![None; n];
     }
+    Ok(UdpLab {
+        dir,
+        lh,
+        g,
+        ticks,
+        rss_fresh,
+    })
+}
+
+fn udp(pki: &Pki, n: usize, args: &Args, bin: &Path) -> Result<UdpRun, String> {
+    let UdpLab {
+        dir,
+        mut lh,
+        mut g,
+        ticks,
+        rss_fresh,
+    } = udp_lab(pki, n, bin)?;
+    let d = dir.path();
     let cpu0 = lh.cpu_s(ticks);
     let (join_s, cookies) = g
-        .join_all(args.join_deadline, &mut lh)
+        .join_all(args.join_deadline, &mut lh, None)
         .map_err(|e| format!("{e}{}", lh.tail()))?;
     let join_cpu_s = match (cpu0, lh.cpu_s(ticks)) {
         (Some(a), Some(b)) => b - a,
@@ -2621,7 +2666,7 @@ fn problems(results: &Results) -> Vec<String> {
 }
 
 fn bench(args: &Args) -> Result<Outcome, Fail> {
-    let bin = if args.udp {
+    let bin = if args.udp || args.console {
         Some(find_bin("tern-lighthouse").map_err(Fail::Missing)?)
     } else {
         None
@@ -2633,6 +2678,12 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
         "lighthouse-bench: {max} node certificates signed in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    if let (true, Some(bin)) = (args.console, &bin) {
+        return Ok(Outcome {
+            table: console_bench(&pki, max, args, bin)?,
+            problems: Vec::new(),
+        });
+    }
     let mut results: Results = Vec::new();
     for &n in &args.nodes {
         let s = if args.sansio {
@@ -2651,6 +2702,143 @@ fn bench(args: &Args) -> Result<Outcome, Fail> {
         table: table(args, &results),
         problems,
     })
+}
+
+/// `--mode console`: the admin console on a lighthouse holding `n`
+/// nodes, over its API socket (the lighthouse's own work: no mesh path in
+/// front): time to first byte and to the last of its pages, against a
+/// static file of the same server (the baseline); then the lighthouse's
+/// CPU while nodes join at 100 per second, with no console open and with
+/// 10 watching live views (5 overviews, 5 node lists), each from a fresh
+/// lighthouse.
+fn console_bench(pki: &Pki, n: usize, args: &Args, bin: &Path) -> Result<String, String> {
+    use tern_netns_tests::console_load::{median_p90, timed_get, Watchers};
+    let samples = if args.quick { 5 } else { 25 };
+    let joins = if args.quick { 200 } else { n.min(2000) };
+    let mut lab = udp_lab(pki, n, bin)?;
+    let (join_s, _) = lab
+        .g
+        .join_all(args.join_deadline, &mut lab.lh, None)
+        .map_err(|e| format!("{e}{}", lab.lh.tail()))?;
+    eprintln!("lighthouse-bench: console: {n} nodes joined in {join_s:.1} s");
+    let pages: Vec<(&str, &str)> = vec![
+        ("static file (baseline)", "/static/console.css"),
+        ("overview", "/"),
+        ("node list, first page (100 rows)", "/nodes"),
+        (
+            "node list, searched (\"100.65.1.\": a pass over all)",
+            "/nodes?q=100.65.1.",
+        ),
+        ("API: nodes, a page of 1,000", "/api/v1/nodes?limit=1000"),
+    ];
+    let socket = lab.dir.path().join("lh.sock");
+    let wanted: Vec<(String, String)> = pages
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    // The nodes keep registering (as `tern up` does) while the pages are
+    // fetched, one at a time.
+    let measurer = thread::spawn(move || {
+        let mut rows = Vec::new();
+        for (label, path) in wanted {
+            timed_get(&socket, &path)?;
+            let (mut first, mut full, mut bytes) = (Vec::new(), Vec::new(), 0);
+            for _ in 0..samples {
+                let f = timed_get(&socket, &path)?;
+                if f.status != 200 {
+                    return Err(format!("GET {path}: {}", f.status));
+                }
+                first.push(f.first_byte);
+                full.push(f.full);
+                bytes = f.bytes;
+            }
+            rows.push((label, median_p90(&mut first), median_p90(&mut full), bytes));
+        }
+        Ok::<_, String>(rows)
+    });
+    let cycles = if args.quick { 1 } else { 3 };
+    lab.g.run_phase(
+        &[(Kind::Register, REGISTER_INTERVAL)],
+        REGISTER_INTERVAL * cycles,
+        0,
+        &mut lab.lh,
+        lab.ticks,
+    )?;
+    let rows = measurer
+        .join()
+        .map_err(|_| "the page measurer panicked".to_string())??;
+    lab.lh.stop();
+    drop(lab);
+
+    let mut cpu = Vec::new();
+    for watching in [0usize, 10] {
+        let mut lab = udp_lab(pki, joins, bin)?;
+        let socket = lab.dir.path().join("lh.sock");
+        let views = ["overview", "nodes"].repeat(watching / 2);
+        let watchers = if watching > 0 {
+            Some(Watchers::start(&socket, &views)?)
+        } else {
+            None
+        };
+        let c0 = lab.lh.cpu_s(lab.ticks);
+        let (join_s, _) = lab
+            .g
+            .join_all(args.join_deadline, &mut lab.lh, Some(100.0))
+            .map_err(|e| format!("{e}{}", lab.lh.tail()))?;
+        let c1 = lab.lh.cpu_s(lab.ticks);
+        let updates = watchers
+            .map(Watchers::stop)
+            .transpose()?
+            .unwrap_or_default();
+        let used = match (c0, c1) {
+            (Some(a), Some(b)) => b - a,
+            _ => f64::NAN,
+        };
+        eprintln!("lighthouse-bench: console: {joins} joins at 100/s with {watching} consoles: {used:.2} s CPU over {join_s:.1} s");
+        cpu.push((watching, used, join_s, updates));
+    }
+
+    let ms = |d: Duration| fmt(d.as_secs_f64() * 1000.0, 2);
+    let base = rows.first().map_or(f64::NAN, |r| r.2 .0.as_secs_f64());
+    let mut t = format!(
+        "Admin console, `lighthouse-bench --mode console` ({n} registered nodes, each \
+         re-registering every 4 s meanwhile; {samples} fetches each over the lighthouse's \
+         API socket, so the figures are the lighthouse's own work, not the mesh path):\n\n\
+         | page | first byte, median (p90) | full load, median (p90) | bytes | full load ÷ static file |\n\
+         |---|---|---|---|---|\n"
+    );
+    for (label, (f50, f90), (l50, l90), bytes) in &rows {
+        t.push_str(&format!(
+            "| {label} | {} ms ({}) | {} ms ({}) | {bytes} | {} |\n",
+            ms(*f50),
+            ms(*f90),
+            ms(*l50),
+            ms(*l90),
+            fmt(l50.as_secs_f64() / base, 1)
+        ));
+    }
+    let none = cpu.first().map_or(f64::NAN, |c| c.1);
+    t.push_str(&format!(
+        "\nThe lighthouse's CPU while {joins} nodes join at 100 per second (a fresh \
+         lighthouse each time; the live views re-render at most every 0.5 s):\n\n\
+         | consoles watching | lighthouse CPU (s) | over (s) | CPU ÷ none | updates each console got |\n\
+         |---|---|---|---|---|\n"
+    ));
+    for (watching, used, secs, updates) in &cpu {
+        let got = if updates.is_empty() {
+            "—".to_string()
+        } else {
+            let (lo, hi) = (updates.iter().min(), updates.iter().max());
+            format!("{}–{}", lo.unwrap_or(&0), hi.unwrap_or(&0))
+        };
+        t.push_str(&format!(
+            "| {watching} | {} | {} | {} | {got} |\n",
+            fmt(*used, 2),
+            fmt(*secs, 1),
+            fmt(used / none, 2)
+        ));
+    }
+    Ok(t)
 }
 
 /// [`workspace_bin`] without its panic: the path, or how to get it.
@@ -2696,7 +2884,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if args.write {
-        match write_section("lighthouse", &outcome.table) {
+        let section = if args.console {
+            "lighthouse-console"
+        } else {
+            "lighthouse"
+        };
+        match write_section(section, &outcome.table) {
             Ok(path) => eprintln!(
                 "lighthouse-bench: wrote the section into {}",
                 path.display()
