@@ -8,6 +8,7 @@
 //!   audit record. [`step`]: one step's process group.
 //! - [`archive`]: the tar streams for uploads and artifacts.
 //! - [`client`]: `tern run`'s side of a job.
+//! - [`recent`]: the runner's newest jobs, for its lighthouses.
 
 pub use tern_runner_core::{pipeline, protocol, scheduler};
 
@@ -15,6 +16,7 @@ pub mod archive;
 pub mod client;
 pub mod job;
 pub mod metrics;
+pub mod recent;
 pub mod server;
 pub mod step;
 

@@ -16,7 +16,9 @@ use crate::protocol::{
 };
 use anyhow::Context;
 use tern_shared::config::RunnerConfig;
-use tern_shared::control::RunnerLoad;
+use tern_shared::control::{RecentJob, RunnerLoad};
+
+use crate::recent::RecentJobs;
 use tern_shared::show::list;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -81,6 +83,7 @@ pub async fn start(
     tokio::task::JoinHandle<()>,
     watch::Receiver<RunnerLoad>,
     JobMetrics,
+    watch::Receiver<Vec<RecentJob>>,
 )> {
     let addr = SocketAddr::new(IpAddr::V4(overlay_ip), RUNNER_PORT);
     let mut listener = match listener {
@@ -99,7 +102,11 @@ pub async fn start(
     tokio::spawn(queue_owner(config.concurrency, queue_rx, load_tx));
     let config = std::sync::Arc::new(config);
     let job_metrics = JobMetrics::new().context("the runner's metrics")?;
-    let metrics = job_metrics.clone();
+    let (recent, recent_rx) = RecentJobs::new();
+    let reports = Reports {
+        metrics: job_metrics.clone(),
+        recent,
+    };
     let task = tokio::spawn(async move {
         loop {
             let (stream, peer): Incoming = match &mut listener {
@@ -123,16 +130,16 @@ pub async fn start(
             let identities = identities.clone();
             let queue = queue_tx.clone();
             let name = name.clone();
-            let metrics = metrics.clone();
+            let reports = reports.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve(stream, peer, config, identities, queue, name, metrics).await
+                if let Err(e) = serve(stream, peer, config, identities, queue, name, reports).await
                 {
                     tracing::debug!(%peer, error = %e, "runner connection ended");
                 }
             });
         }
     });
-    Ok((task, load_rx, job_metrics))
+    Ok((task, load_rx, job_metrics, recent_rx))
 }
 
 fn load(scheduler: &Scheduler) -> RunnerLoad {
@@ -207,8 +214,9 @@ async fn serve(
     identities: mpsc::Sender<IdentityQuery>,
     queue: mpsc::Sender<QueueEvent>,
     runner_name: String,
-    metrics: JobMetrics,
+    reports: Reports,
 ) -> anyhow::Result<()> {
+    let metrics = &reports.metrics;
     let (mut read, mut write) = tokio::io::split(stream);
     let mut reader = FrameReader::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -244,6 +252,9 @@ async fn serve(
     };
     std::fs::create_dir_all(&workspace)
         .with_context(|| format!("creating the workspace {}", workspace.display()))?;
+    let listed = reports
+        .recent
+        .accepted(&job_id, &caller.name, &pipeline.name, unix_secs());
     send(
         &mut write,
         &Message::Accepted {
@@ -271,6 +282,7 @@ async fn serve(
         Some(unpacking) => wait_for_upload(unpacking, limit, &mut cancel_rx).await,
         None => (None, None),
     };
+    listed.started(unix_secs());
     send(
         &mut write,
         &Message::Started {
@@ -316,12 +328,26 @@ async fn serve(
     };
     let (record, ()) = tokio::join!(job, write_messages(&mut write, msg_rx));
     metrics.ended(&record);
+    listed.ended(&record.result, record.exit_code, unix_secs());
     if let Err(e) = append_audit(&config.audit_log, &record) {
         tracing::error!(error = %e, path = %config.audit_log.display(), "audit log write failed");
     }
     tracing::info!(job = %job_id, caller = %caller.name, result = ?record.result, "job ended");
     drop(done);
     Ok(())
+}
+
+/// What a connection reports to: the metrics, and the newest jobs.
+#[derive(Clone)]
+struct Reports {
+    metrics: JobMetrics,
+    recent: RecentJobs,
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Greetings first (a caller that does not speak the job protocol gets

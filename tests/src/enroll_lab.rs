@@ -354,22 +354,9 @@ impl Lab {
         serde_json::from_slice(&out.stdout).unwrap_or_default()
     }
 
-    /// `GET path` of the lighthouse's admin API, on its socket (plain
-    /// HTTP/1.1 over the Unix socket): the JSON answer.
+    /// `GET path` of the lighthouse's admin API, on its socket.
     pub fn admin_get(&self, path: &str) -> serde_json::Value {
-        use std::io::{Read, Write};
-        let mut s =
-            std::os::unix::net::UnixStream::connect(self.dir.path().join("lh.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: lighthouse\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("GET {path}: {e}: {answer}"))
+        crate::admin_get(&self.dir.path().join("lh.sock"), path)
     }
 
     /// The names of the nodes the lighthouse has registered.

@@ -223,3 +223,21 @@ pub fn free_tcp() -> u16 {
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("no free TCP port: {e}"))
 }
+
+/// `GET path` of a lighthouse's admin API on its Unix socket (plain
+/// HTTP/1.1): the JSON answer, or null when there is none (yet).
+pub fn admin_get(socket: &std::path::Path, path: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return serde_json::Value::Null;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lighthouse\r\nConnection: close\r\n\r\n"
+    );
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_default()
+}

@@ -594,6 +594,21 @@ fn a_pipeline_runs_on_a_userspace_runner_from_a_userspace_client() {
             "{last}"
         );
         assert!(last.contains("[fail] failing"), "{last}");
+        // The lighthouse knows the runner's newest job (the admin console
+        // and API show it): who ran which pipeline, and how it ended.
+        let mut runners = serde_json::Value::Null;
+        tern_tests::wait_until("the runner told its job", Duration::from_secs(10), || {
+            runners = tern_tests::admin_get(&lab.file("lh.sock"), "/api/v1/runners");
+            runners["items"][0]["jobs"][0]["state"] == "failed"
+        });
+        let job = &runners["items"][0]["jobs"][0];
+        assert_eq!(job["caller"], "client", "{runners}");
+        assert_eq!(job["pipeline"], "p", "{runners}");
+        assert_eq!(job["exit_code"], 3, "{runners}");
+        assert!(
+            job["ended"].as_u64() >= job["started"].as_u64(),
+            "{runners}"
+        );
         return;
     }
     panic!("the runner was never found: {last}");

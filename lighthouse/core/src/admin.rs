@@ -115,6 +115,17 @@ pub struct NodeFilter {
     pub ephemeral: Option<bool>,
 }
 
+/// Whether `hay` contains `needle` (given in lower case), ASCII case
+/// ignored.
+fn contains_ignoring_case(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty()
+        || hay.windows(needle.len()).any(|w| {
+            w.iter()
+                .zip(needle)
+                .all(|(a, b)| a.to_ascii_lowercase() == *b)
+        })
+}
+
 /// The longest search text taken (a name is at most 253 bytes).
 pub const MAX_FILTER_TEXT: usize = 253;
 
@@ -138,8 +149,14 @@ impl NodeFilter {
         match &self.text {
             None => true,
             Some(t) => {
-                name.to_ascii_lowercase().contains(t.as_str())
-                    || ip.to_string().contains(t.as_str())
+                contains_ignoring_case(name.as_bytes(), t.as_bytes()) || {
+                    // The address as text, without an allocation per node.
+                    let mut buf = [0u8; 15];
+                    let mut w = std::io::Cursor::new(&mut buf[..]);
+                    let _ = std::io::Write::write_fmt(&mut w, format_args!("{ip}"));
+                    let len = w.position() as usize;
+                    contains_ignoring_case(&buf[..len], t.as_bytes())
+                }
             }
         }
     }
@@ -674,6 +691,35 @@ mod tests {
             Some("application/json"),
             body.as_bytes(),
         )
+    }
+
+    #[test]
+    fn a_node_filter_matches_name_any_case_address_group_and_kind() {
+        let f = NodeFilter::from_params(Some(" CI-Vm "), None, None).unwrap();
+        let ip = Ipv4Addr::new(100, 64, 100, 17);
+        let groups = vec!["ci".to_string()];
+        assert!(f.matches("ci-vm-1a", ip, true, &groups));
+        assert!(f.matches("build-CI-VM", ip, false, &[]));
+        assert!(!f.matches("gw-1", ip, false, &groups));
+        let by_ip = NodeFilter::from_params(Some("100.17"), None, None).unwrap();
+        assert!(by_ip.matches("gw", ip, false, &[]));
+        assert!(!by_ip.matches("gw", Ipv4Addr::new(100, 64, 100, 18), false, &[]));
+        let g = NodeFilter::from_params(None, Some("ci"), Some("true")).unwrap();
+        assert!(g.matches("x", ip, true, &groups));
+        assert!(!g.matches("x", ip, false, &groups), "not enrolled");
+        assert!(!g.matches("x", ip, true, &[]), "not in the group");
+        assert!(NodeFilter::from_params(Some(""), Some(""), Some(""))
+            .unwrap()
+            .is_empty());
+        for (q, group, eph) in [
+            (Some("x".repeat(300)), None, None),
+            (None, Some("a b".to_string()), None),
+            (None, None, Some("yes".to_string())),
+        ] {
+            let e = NodeFilter::from_params(q.as_deref(), group.as_deref(), eph.as_deref())
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+        }
     }
 
     #[test]

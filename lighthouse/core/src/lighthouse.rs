@@ -689,6 +689,18 @@ impl LighthouseCore {
                     tracing::trace!(?load, "runner load");
                 }
             }
+            ControlMessage::RunnerJobs { jobs, .. } => {
+                let jobs: Vec<_> = jobs
+                    .into_iter()
+                    .take(tern_shared::control::MAX_RECENT_JOBS)
+                    .collect();
+                if !cert.has_group(RUNNER_GROUP)
+                    || !self.registry.set_runner_jobs(cert.overlay_ip(), jobs)
+                {
+                    self.counters.runner_adverts_refused += 1;
+                    tracing::debug!("runner jobs from a node that advertised no runner; ignored");
+                }
+            }
             ControlMessage::RunnersQuery { id, selector } => {
                 let runners = self.registry.runners(&selector);
                 self.reply(

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
-use tern_shared::control::{AdvertisedService, ServiceEntry, SERVICES_PAGE_BUDGET};
+use tern_shared::control::{AdvertisedService, RecentJob, ServiceEntry, SERVICES_PAGE_BUDGET};
 use tern_shared::transport::is_stream_endpoint;
 
 use ipnet::Ipv4Net;
@@ -71,6 +71,8 @@ struct Entry {
     zones: Vec<String>,
     /// The runner it offers (only from a certificate in the runner group).
     runner: Option<RunnerAd>,
+    /// Its runner's newest jobs, as it last told.
+    runner_jobs: Vec<RecentJob>,
     /// The `[[services]]` it offers.
     services: Vec<AdvertisedService>,
     /// The issuer that signed its certificate: an enrolled, short-lived node.
@@ -188,6 +190,7 @@ impl Registry {
                     refused: Vec::new(),
                     zones: Vec::new(),
                     runner: None,
+                    runner_jobs: Vec::new(),
                     services: Vec::new(),
                     issued_by: None,
                     registered: now,
@@ -208,6 +211,7 @@ impl Registry {
             if entry.runner.take().is_some() {
                 self.runners.remove(&overlay_ip);
             }
+            entry.runner_jobs.clear();
             for zone in entry.zones.drain(..) {
                 self.zones.remove(&(zone, overlay_ip));
             }
@@ -399,6 +403,21 @@ impl Registry {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Sets the newest jobs of a registered runner (a node that advertised
+    /// one); false, keeping nothing, for any other node.
+    pub fn set_runner_jobs(&mut self, overlay_ip: Ipv4Addr, jobs: Vec<RecentJob>) -> bool {
+        match self.entries.get_mut(&overlay_ip) {
+            Some(e) if e.runner.is_some() => {
+                if e.runner_jobs != jobs {
+                    self.changes += 1;
+                    e.runner_jobs = jobs;
+                }
+                true
+            }
+            _ => false,
         }
     }
 
@@ -651,6 +670,8 @@ pub struct RunnerEntry {
     pub overlay_ip: Ipv4Addr,
     pub labels: Vec<String>,
     pub load: RunnerLoad,
+    /// Its newest jobs, newest first, as it last told.
+    pub jobs: Vec<RecentJob>,
     pub last_seen_secs_ago: u64,
 }
 
@@ -711,6 +732,7 @@ impl Registry {
                     overlay_ip: *ip,
                     labels: r.labels.clone(),
                     load: r.load,
+                    jobs: e.runner_jobs.clone(),
                     last_seen_secs_ago: now.saturating_duration_since(e.last_seen).as_secs(),
                 })
             })

@@ -525,9 +525,47 @@ pub fn gateways(page: &Page<GatewayEntry>) -> Markup {
 
 pub fn runners(page: &Page<RunnerEntry>) -> Markup {
     html! {
-        p.note { "A runner's jobs are in its own log (tern runner): the lighthouse sees its load, not its jobs." }
         (runners_table(&page.items))
         @if let Some(next) = page.next { p { a rel="next" href={ "/runners?after=" (next) } { "Next page" } } }
+        @for r in &page.items {
+            h2 { "Jobs on " (r.name) }
+            @if r.jobs.is_empty() {
+                p { "No job since it started." }
+            } @else {
+                div.scroll {
+                    table {
+                        caption.visually-hidden { "The newest jobs on " (r.name) ", newest first" }
+                        thead { tr { th scope="col" { "Job" } th scope="col" { "Pipeline" } th scope="col" { "Caller" }
+                            th scope="col" { "Started" } th scope="col" { "State" } th scope="col" { "Took" } } }
+                        tbody {
+                            @for j in &r.jobs {
+                                tr {
+                                    td { code { (j.job_id) } }
+                                    td { (j.pipeline) }
+                                    td { (j.caller) }
+                                    td { (tern_shared::cert::format_unix_time(j.started)) }
+                                    td { (job_state(j)) }
+                                    td { @match j.ended { Some(e) => { (e.saturating_sub(j.started)) " s" }, None => "—" } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        p.note { "A runner tells its six newest jobs; its audit log (" code { "[runner] audit_log" } ") has every one, with each step." }
+    }
+}
+
+fn job_state(j: &tern_shared::control::RecentJob) -> Markup {
+    use tern_shared::control::RecentJobState as S;
+    html! {
+        @match j.state {
+            S::Succeeded => span.ok { "succeeded" },
+            S::Failed => span.bad { "failed (exit " (j.exit_code) ")" },
+            S::TimedOut | S::Error => span.bad { (j.state.as_str()) },
+            S::Queued | S::Running | S::Cancelled => (j.state.as_str()),
+        }
     }
 }
 

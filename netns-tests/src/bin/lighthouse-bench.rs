@@ -2801,7 +2801,8 @@ fn console_bench(pki: &Pki, n: usize, args: &Args, bin: &Path) -> Result<String,
     let ms = |d: Duration| fmt(d.as_secs_f64() * 1000.0, 2);
     let base = rows.first().map_or(f64::NAN, |r| r.2 .0.as_secs_f64());
     let mut t = format!(
-        "Admin console, `lighthouse-bench --mode console` ({n} registered nodes, each \
+        "## Admin console: its pages on {n} nodes, live views while nodes join\n\n\
+         `lighthouse-bench --mode console` ({n} registered nodes, each \
          re-registering every 4 s meanwhile; {samples} fetches each over the lighthouse's \
          API socket, so the figures are the lighthouse's own work, not the mesh path):\n\n\
          | page | first byte, median (p90) | full load, median (p90) | bytes | full load ÷ static file |\n\

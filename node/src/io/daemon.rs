@@ -159,6 +159,8 @@ pub struct Daemon<P: Plane> {
     api_rx: mpsc::Receiver<ApiCall>,
     identity_rx: mpsc::Receiver<runner::IdentityQuery>,
     runner_load: Option<watch::Receiver<tern_shared::control::RunnerLoad>>,
+    /// The runner's newest jobs, told to the lighthouses.
+    runner_jobs: Option<watch::Receiver<Vec<tern_shared::control::RecentJob>>>,
     runner_metrics: Option<tern_runner::metrics::JobMetrics>,
     /// The certificate this node runs with now (replaced by SIGHUP), and
     /// the expiry warnings already given for it.
@@ -270,9 +272,9 @@ impl<P: Plane> Daemon<P> {
                 plane.listener(port)
             })
             .await?;
-        let (runner, runner_load, runner_metrics) = match &config.runner {
+        let (runner, runner_load, runner_metrics, runner_jobs) = match &config.runner {
             Some(r) => {
-                let (task, load, jobs) = runner::start(
+                let (task, load, jobs, recent) = runner::start(
                     r.clone(),
                     cert.name().to_string(),
                     cert.overlay_ip(),
@@ -290,9 +292,9 @@ impl<P: Plane> Daemon<P> {
                          `tern run --on LABEL` will not pick it (`--node NAME` still works); sign it with --groups {RUNNER_GROUP},..."
                     );
                 }
-                (Some(Task(task)), Some(load), Some(jobs))
+                (Some(Task(task)), Some(load), Some(jobs), Some(recent))
             }
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
         let (dns, names) = Dns::start(&config, &cert, &mut core, plane.routes_device())
             .await
@@ -322,6 +324,7 @@ impl<P: Plane> Daemon<P> {
             api_rx,
             identity_rx,
             runner_load,
+            runner_jobs,
             runner_metrics,
             own_cert: cert.clone(),
             expiry: tern_udp::daemon::ExpiryWarnings::default(),
@@ -434,6 +437,17 @@ impl<P: Plane> Daemon<P> {
             } => {
                 if let Some(load) = self.runner_load.as_mut().map(|l| *l.borrow_and_update()) {
                     self.core.set_runner_load(load, Instant::now());
+                }
+                Flow::Continue
+            }
+            Ok(()) = async {
+                match self.runner_jobs.as_mut() {
+                    Some(j) => j.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(jobs) = self.runner_jobs.as_mut().map(|j| j.borrow_and_update().clone()) {
+                    self.core.set_runner_jobs(jobs, Instant::now());
                 }
                 Flow::Continue
             }

@@ -21,8 +21,10 @@ use ipnet::Ipv4Net;
 use crate::cert::{Fingerprint, MAX_CERT_LEN};
 use crate::codec::{put_blob16, put_socket_addr, Reader};
 
+mod jobs;
 mod names;
 mod services;
+pub use jobs::{job_text, RecentJob, RecentJobState, MAX_JOB_TEXT, MAX_RECENT_JOBS};
 pub use names::{
     split_answer, AdvertisedZone, DNS_ANSWER_CHUNK, MAX_DNS_ANSWER_PARTS, MAX_DNS_QUERY_LEN,
     MAX_ZONES_IN_REPLY, ZONES_PAGE_BUDGET,
@@ -132,6 +134,13 @@ pub enum ControlMessage {
         id: u32,
         labels: Vec<String>,
         load: RunnerLoad,
+    },
+    /// Node → lighthouse: the runner's newest jobs (`jobs.rs`), after
+    /// each registration and whenever one starts or ends. A lighthouse
+    /// keeps them for the admin console; nothing else depends on them.
+    RunnerJobs {
+        id: u32,
+        jobs: Vec<RecentJob>,
     },
     /// Node → lighthouse: which runners match?
     RunnersQuery {
@@ -416,6 +425,7 @@ const T_USE_RELAY: u8 = 30;
 const T_SERVICES_ADVERT: u8 = 31;
 const T_SERVICES_QUERY: u8 = 32;
 const T_SERVICES_REPLY: u8 = 33;
+const T_RUNNER_JOBS: u8 = 34;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -431,6 +441,7 @@ impl ControlMessage {
             | ControlMessage::Ping { id }
             | ControlMessage::Pong { id }
             | ControlMessage::RunnerAdvert { id, .. }
+            | ControlMessage::RunnerJobs { id, .. }
             | ControlMessage::RunnersQuery { id, .. }
             | ControlMessage::RunnersReply { id, .. }
             | ControlMessage::RevocationsQuery { id, .. }
@@ -470,6 +481,7 @@ impl ControlMessage {
             ControlMessage::Ping { id } => (T_PING, id),
             ControlMessage::Pong { id } => (T_PONG, id),
             ControlMessage::RunnerAdvert { id, .. } => (T_RUNNER_ADVERT, id),
+            ControlMessage::RunnerJobs { id, .. } => (T_RUNNER_JOBS, id),
             ControlMessage::RunnersQuery { id, .. } => (T_RUNNERS_QUERY, id),
             ControlMessage::RunnersReply { id, .. } => (T_RUNNERS_REPLY, id),
             ControlMessage::RevocationsQuery { id, .. } => (T_REVOCATIONS_QUERY, id),
@@ -640,6 +652,7 @@ impl ControlMessage {
             ControlMessage::ServicesAdvert { .. }
             | ControlMessage::ServicesQuery { .. }
             | ControlMessage::ServicesReply { .. } => services::put_body(self, &mut out)?,
+            ControlMessage::RunnerJobs { .. } => jobs::put_body(self, &mut out)?,
         }
         if out.len() > MAX_CONTROL_LEN {
             return Err(ControlError::TooLong);
@@ -737,6 +750,7 @@ impl ControlMessage {
             T_RUNNERS_REPLY => read_runners_reply(id, &mut r)?,
             T_ZONE_ADVERT..=T_ZONES_CHANGED => names::read_body(ty, id, &mut r)?,
             T_SERVICES_ADVERT..=T_SERVICES_REPLY => services::read_body(ty, id, &mut r)?,
+            T_RUNNER_JOBS => jobs::read_body(id, &mut r)?,
             T_RENEW_REQUEST => ControlMessage::RenewRequest { id },
             T_RENEW_REPLY => {
                 let outcome = match r.u8() {
@@ -1188,6 +1202,29 @@ mod tests {
                     concurrency: 2,
                 },
             },
+            ControlMessage::RunnerJobs {
+                id: 34,
+                jobs: vec![
+                    RecentJob {
+                        job_id: "runner-1-412-7".into(),
+                        caller: "ci-vm-1a2b".into(),
+                        pipeline: "deploy é".into(),
+                        started: 1_800_000_000,
+                        ended: None,
+                        state: RecentJobState::Running,
+                        exit_code: 0,
+                    },
+                    RecentJob {
+                        job_id: "runner-1-412-6".into(),
+                        caller: "ci-vm-9f".into(),
+                        pipeline: "test".into(),
+                        started: 1_799_999_000,
+                        ended: Some(1_799_999_100),
+                        state: RecentJobState::Failed,
+                        exit_code: -2,
+                    },
+                ],
+            },
             ControlMessage::RunnersQuery {
                 id: 13,
                 selector: RunnerSelector::Label("linux".into()),
@@ -1279,6 +1316,39 @@ mod tests {
             selector: RunnerSelector::Label(format!("{long}x")),
         };
         assert_eq!(too_long.encode(), Err(ControlError::TooManyLabels));
+        let long = job_text(&"é".repeat(MAX_JOB_TEXT));
+        assert!(long.len() <= MAX_JOB_TEXT);
+        let jobs = ControlMessage::RunnerJobs {
+            id: 1,
+            jobs: vec![
+                RecentJob {
+                    job_id: long.clone(),
+                    caller: long.clone(),
+                    pipeline: long,
+                    started: u64::MAX,
+                    ended: Some(u64::MAX),
+                    state: RecentJobState::Error,
+                    exit_code: i32::MIN,
+                };
+                MAX_RECENT_JOBS
+            ],
+        };
+        let Ok(bytes) = jobs.encode() else {
+            panic!("six of the longest jobs must fit");
+        };
+        assert_eq!(ControlMessage::decode(&bytes), Ok(jobs));
+        let mut too_many = bytes.clone();
+        too_many[5] = (MAX_RECENT_JOBS + 1) as u8;
+        assert_eq!(
+            ControlMessage::decode(&too_many),
+            Err(ControlError::Malformed)
+        );
+        let mut bad_state = bytes;
+        bad_state.truncate(bad_state.len() - 1);
+        assert_eq!(
+            ControlMessage::decode(&bad_state),
+            Err(ControlError::Malformed)
+        );
     }
 
     #[test]
@@ -1332,7 +1402,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(ty in 0u8..30, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn typed_garbage_never_panics(ty in 0u8..40, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = vec![ty, 0, 0, 0, 1];
             bytes.extend(rest);
             let _ = ControlMessage::decode(&bytes);

@@ -903,6 +903,7 @@ impl NodeCore {
             | ControlMessage::RoutesQuery { .. }
             | ControlMessage::Query { .. }
             | ControlMessage::RunnerAdvert { .. }
+            | ControlMessage::RunnerJobs { .. }
             | ControlMessage::RunnersQuery { .. }
             | ControlMessage::RevocationsQuery { .. }
             | ControlMessage::PolicyQuery { .. }

@@ -3,6 +3,7 @@
 //! the peer in front of a target.
 
 use super::*;
+use tern_shared::control::{RecentJob, MAX_RECENT_JOBS};
 
 /// How long [`NodeCore::find_runners`] waits for every lighthouse to answer.
 pub const FIND_RUNNERS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -72,6 +73,8 @@ pub(super) struct PendingFind {
 pub(super) struct RunnerAdvert {
     pub(super) labels: Vec<String>,
     pub(super) load: RunnerLoad,
+    /// Its newest jobs, sent after the advert when there are any.
+    pub(super) jobs: Vec<RecentJob>,
 }
 
 pub(super) struct PendingPing {
@@ -102,7 +105,11 @@ impl NodeCore {
     /// Advertises a runner with these labels to every lighthouse (after
     /// each registration, and at once when its load changes).
     pub fn set_runner(&mut self, labels: Vec<String>, load: RunnerLoad, now: Instant) {
-        self.queries.runner = Some(RunnerAdvert { labels, load });
+        self.queries.runner = Some(RunnerAdvert {
+            labels,
+            load,
+            jobs: Vec::new(),
+        });
         self.advertise_runner(None, now);
     }
 
@@ -115,12 +122,25 @@ impl NodeCore {
         }
     }
 
-    /// Sends the runner advert to one lighthouse peer, or to all registered.
+    /// The runner's newest jobs changed (newest first; at most
+    /// [`MAX_RECENT_JOBS`] are told): tells every lighthouse.
+    pub fn set_runner_jobs(&mut self, mut jobs: Vec<RecentJob>, now: Instant) {
+        jobs.truncate(MAX_RECENT_JOBS);
+        if let Some(r) = &mut self.queries.runner {
+            if r.jobs != jobs {
+                r.jobs = jobs;
+                self.advertise_runner(None, now);
+            }
+        }
+    }
+
+    /// Sends the runner advert (and its jobs) to one lighthouse peer, or to
+    /// all registered.
     pub(super) fn advertise_runner(&mut self, only: Option<PeerId>, now: Instant) {
         let Some(r) = &self.queries.runner else {
             return;
         };
-        let (labels, load) = (r.labels.clone(), r.load);
+        let (labels, load, jobs) = (r.labels.clone(), r.load, r.jobs.clone());
         let targets = self.registered_lighthouses();
         for (peer, ip) in targets
             .into_iter()
@@ -133,6 +153,14 @@ impl NodeCore {
                 load,
             };
             self.send_control(peer, ip, &msg, now);
+            if !jobs.is_empty() {
+                let id = self.request_id();
+                let msg = ControlMessage::RunnerJobs {
+                    id,
+                    jobs: jobs.clone(),
+                };
+                self.send_control(peer, ip, &msg, now);
+            }
         }
     }
 
