@@ -13,14 +13,17 @@
 //!   (the mesh's, which its hellos use too).
 //! - [`enroll`]: what a token or an ID token buys (`Enroller`), and the
 //!   store it needs (`EnrollStore`, implemented by the lighthouse).
-//! - [`admin`]: the admin API's requests, errors and pages of nodes
-//!   (served over HTTP by the shell).
+//! - [`issuance`]: what the issuance log keeps of how a certificate was
+//!   bought (which token, which OIDC claims).
+//! - [`admin`]: the admin API's requests, errors and pages of nodes, and
+//!   what the console shows (served over HTTP by the shell).
 //! - [`oidc`]: ID-token checks (signature, issuer, audience, expiry) and
 //!   the claim rules.
 
 pub use tern_mesh::admission;
 pub mod admin;
 pub mod enroll;
+pub mod issuance;
 pub mod lighthouse;
 pub mod oidc;
 pub mod registry;

@@ -457,8 +457,12 @@ impl LighthouseCore {
     ) -> crate::admin::NodesPage {
         let passes = |n: &crate::registry::NodeBrief<'_>| {
             filter.is_empty() || {
-                let groups = self.mesh.peer_cert(n.peer).map(|c| c.groups());
-                filter.matches(n.name, n.overlay_ip, n.ephemeral, groups.unwrap_or(&[]))
+                // The certificate only when a group is asked for.
+                let groups = match filter.group {
+                    Some(_) => self.mesh.peer_cert(n.peer).map_or(&[][..], |c| c.groups()),
+                    None => &[],
+                };
+                filter.matches(n.name, n.overlay_ip, n.ephemeral, groups)
             }
         };
         let mut matching = self.registry.scan_after(after).filter(passes);
@@ -546,6 +550,42 @@ impl LighthouseCore {
     /// The registry's change count (see [`crate::admin::AdminOverview`]).
     pub fn admin_changes(&self) -> u64 {
         self.registry.changes()
+    }
+
+    /// A runner's advert (its labels and load) or its newest jobs, kept
+    /// for lookups and the admin console; only from a certificate with the
+    /// runner group (and jobs only from a node that advertised a runner).
+    fn runner_message(&mut self, cert: &VerifiedCert, msg: ControlMessage) {
+        match msg {
+            ControlMessage::RunnerAdvert { labels, load, .. } => {
+                if !cert.has_group(RUNNER_GROUP) {
+                    self.counters.runner_adverts_refused += 1;
+                    tracing::debug!("runner advert from a certificate without the '{RUNNER_GROUP}' group; ignored");
+                    return;
+                }
+                let labels: Vec<String> = labels
+                    .into_iter()
+                    .filter(|l| !l.is_empty())
+                    .take(MAX_LABELS)
+                    .collect();
+                if self
+                    .registry
+                    .set_runner(cert.overlay_ip(), RunnerAd { labels, load })
+                {
+                    tracing::trace!(?load, "runner load");
+                }
+            }
+            ControlMessage::RunnerJobs { mut jobs, .. } => {
+                jobs.truncate(tern_shared::control::MAX_RECENT_JOBS);
+                if !cert.has_group(RUNNER_GROUP)
+                    || !self.registry.set_runner_jobs(cert.overlay_ip(), jobs)
+                {
+                    self.counters.runner_adverts_refused += 1;
+                    tracing::debug!("runner jobs from a node that advertised no runner; ignored");
+                }
+            }
+            _ => {}
+        }
     }
 
     pub fn status(&self, now: Instant) -> LighthouseStatus {
@@ -671,35 +711,8 @@ impl LighthouseCore {
             ControlMessage::Ping { id } => {
                 self.reply(peer, &cert, &ControlMessage::Pong { id }, now);
             }
-            ControlMessage::RunnerAdvert { labels, load, .. } => {
-                if !cert.has_group(RUNNER_GROUP) {
-                    self.counters.runner_adverts_refused += 1;
-                    tracing::debug!("runner advert from a certificate without the '{RUNNER_GROUP}' group; ignored");
-                    return;
-                }
-                let labels: Vec<String> = labels
-                    .into_iter()
-                    .filter(|l| !l.is_empty())
-                    .take(MAX_LABELS)
-                    .collect();
-                if self
-                    .registry
-                    .set_runner(cert.overlay_ip(), RunnerAd { labels, load })
-                {
-                    tracing::trace!(?load, "runner load");
-                }
-            }
-            ControlMessage::RunnerJobs { jobs, .. } => {
-                let jobs: Vec<_> = jobs
-                    .into_iter()
-                    .take(tern_shared::control::MAX_RECENT_JOBS)
-                    .collect();
-                if !cert.has_group(RUNNER_GROUP)
-                    || !self.registry.set_runner_jobs(cert.overlay_ip(), jobs)
-                {
-                    self.counters.runner_adverts_refused += 1;
-                    tracing::debug!("runner jobs from a node that advertised no runner; ignored");
-                }
+            msg @ (ControlMessage::RunnerAdvert { .. } | ControlMessage::RunnerJobs { .. }) => {
+                self.runner_message(&cert, msg);
             }
             ControlMessage::RunnersQuery { id, selector } => {
                 let runners = self.registry.runners(&selector);

@@ -426,7 +426,7 @@ pub struct Csrf {
 }
 
 /// Hours a form's token stays good.
-const CSRF_HOURS: u64 = 12;
+pub const CSRF_HOURS: u64 = 12;
 
 impl Csrf {
     pub fn new() -> Result<Csrf, ring::error::Unspecified> {

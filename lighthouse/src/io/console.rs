@@ -86,6 +86,48 @@ impl Console {
     }
 }
 
+/// What [`start_admin`] gives the event loop.
+pub type AdminParts = (
+    Arc<Admin>,
+    mpsc::Receiver<LoopCall>,
+    Option<super::admin::AdminListener>,
+    watch::Sender<u64>,
+);
+
+/// The admin API and console: the shared state of their connections,
+/// the event loop's end of their calls, the listener on the overlay
+/// address (none with `[admin] port = 0`), and where the loop publishes
+/// the registry's change count for the live views.
+pub fn start_admin(
+    core: &mut LighthouseCore,
+    cert: &tern_shared::cert::VerifiedCert,
+    config: &tern_shared::config::LighthouseConfig,
+    config_path: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<AdminParts> {
+    let (calls_tx, calls_rx) = mpsc::channel::<LoopCall>(16);
+    let (changes_tx, changes_rx) = watch::channel(core.admin_changes());
+    let console = Console::new(
+        Site {
+            name: cert.name().to_string(),
+            overlay_ip: cert.overlay_ip(),
+        },
+        AllowedHosts::new(cert.overlay_ip(), cert.name(), &config.admin.hosts),
+        changes_rx,
+    )?;
+    let admin = Admin::new(calls_tx, config_path, &config.admin, console);
+    let listener =
+        super::admin::AdminListener::start(core, cert.overlay_net(), &config.admin, seed);
+    Ok((admin, calls_rx, listener, changes_tx))
+}
+
+/// Tells the live views the registry's change count (after every step of
+/// the event loop; they wake only when it moved).
+pub fn publish_changes(changes: &watch::Sender<u64>, core: &LighthouseCore) {
+    let now = core.admin_changes();
+    changes.send_if_modified(|seen| std::mem::replace(seen, now) != now);
+}
+
 /// What a page asks of the event loop (the registry's owner).
 #[derive(Debug, Clone)]
 pub enum ConsoleQuery {

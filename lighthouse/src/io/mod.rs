@@ -317,21 +317,13 @@ async fn serve(
         config.store.password_file.clone(),
         enrollment.is_some(),
     )?;
-    let (api_tx, mut api_rx) = mpsc::channel::<admin::LoopCall>(16);
-    let socket_path = api_socket_path(&config);
-    let (changes_tx, changes_rx) = tokio::sync::watch::channel(core.admin_changes());
-    let console = console::Console::new(
-        crate::console::pages::Site {
-            name: cert.name().to_string(),
-            overlay_ip: cert.overlay_ip(),
-        },
-        crate::console::AllowedHosts::new(cert.overlay_ip(), cert.name(), &config.admin.hosts),
-        changes_rx,
+    let (admin_api, mut api_rx, mut admin_listener, changes_tx) =
+        console::start_admin(&mut core, &cert, &config, config_path, seed())?;
+    let _api = serve_api(
+        &api_socket_path(&config),
+        config.api.group.as_deref(),
+        admin_api.clone(),
     )?;
-    let admin_api = admin::Admin::new(api_tx, config_path, &config.admin, console);
-    let _api = serve_api(&socket_path, config.api.group.as_deref(), admin_api.clone())?;
-    let mut admin_listener =
-        admin::AdminListener::start(&mut core, cert.overlay_net(), &config.admin, seed());
     let (metrics_tx, mut metrics_rx) = mpsc::channel::<oneshot::Sender<String>>(4);
     let _metrics = serve_metrics(config.metrics.listen, metrics_tx).await?;
 
@@ -397,17 +389,9 @@ async fn serve(
                     admin::accept(&admin_api, &core, conn);
                 }
             }
-            Some(call) = api_rx.recv() => match call {
-                admin::LoopCall::Status(reply) => {
-                    let _ = reply.send(status_json(&core, enrollment.as_ref(), socket.streams(), &admin_api));
-                }
-                admin::LoopCall::List { request, reply } => {
-                    let _ = reply.send(admin::list(&core, &request, Instant::now()));
-                }
-                admin::LoopCall::Console { query, reply } => {
-                    let _ = reply.send(console::answer(&core, &query, Instant::now()));
-                }
-            },
+            Some(call) = api_rx.recv() => {
+                answer_call(call, &core, enrollment.as_ref(), socket.streams(), &admin_api);
+            }
             Some(reply) = metrics_rx.recv() => {
                 let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams(), &admin_api));
             }
@@ -422,11 +406,30 @@ async fn serve(
         route_renewals(&mut core, enrollment.as_ref());
         let deadline = end_step(&mut core, admin_listener.as_mut(), &socket, &mut sends).await;
         next_timer = next_timer.min(deadline);
-        // The console's live views follow the registry.
-        let changes = core.admin_changes();
-        changes_tx.send_if_modified(|seen| std::mem::replace(seen, changes) != changes);
+        console::publish_changes(&changes_tx, &core);
     }
     Ok(())
+}
+
+/// Answers what the API and console ask of the event loop.
+fn answer_call(
+    call: admin::LoopCall,
+    core: &LighthouseCore,
+    enrollment: Option<&enrollment::EnrollmentHandle>,
+    streams: &tern_udp::stream::Streams,
+    admin_api: &admin::Admin,
+) {
+    match call {
+        admin::LoopCall::Status(reply) => {
+            let _ = reply.send(status_json(core, enrollment, streams, admin_api));
+        }
+        admin::LoopCall::List { request, reply } => {
+            let _ = reply.send(admin::list(core, &request, Instant::now()));
+        }
+        admin::LoopCall::Console { query, reply } => {
+            let _ = reply.send(console::answer(core, &query, Instant::now()));
+        }
+    }
 }
 
 /// After every step: the admin stack pumped, everything the core has to
