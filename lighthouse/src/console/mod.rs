@@ -436,18 +436,16 @@ impl Csrf {
         })
     }
 
-    fn tag(&self, who: &str, hour: u64) -> ring::hmac::Tag {
-        ring::hmac::sign(
-            &self.key,
-            format!("tern-console-csrf\n{hour}\n{who}").as_bytes(),
-        )
+    /// What a token signs: its purpose, its hour, its caller.
+    fn message(who: &str, hour: u64) -> String {
+        format!("tern-console-csrf\n{hour}\n{who}")
     }
 
     /// A token for forms shown to `who` (a certificate fingerprint) at
     /// `now` (Unix seconds).
     pub fn token(&self, who: &str, now: u64) -> String {
         let hour = now / 3600;
-        let tag = self.tag(who, hour);
+        let tag = ring::hmac::sign(&self.key, Self::message(who, hour).as_bytes());
         format!(
             "{hour}.{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
@@ -470,12 +468,7 @@ impl Csrf {
         if hour > current || current - hour >= CSRF_HOURS {
             return false;
         }
-        ring::hmac::verify(
-            &self.key,
-            format!("tern-console-csrf\n{hour}\n{who}").as_bytes(),
-            &tag,
-        )
-        .is_ok()
+        ring::hmac::verify(&self.key, Self::message(who, hour).as_bytes(), &tag).is_ok()
     }
 }
 

@@ -384,22 +384,13 @@ async fn handle(admin: &Arc<Admin>, caller: &Caller, req: Request<Incoming>) -> 
         Ok(r) => r,
         Err(e) => return error(&e),
     };
-    let allowed = match caller.access() {
-        Access::Write => true,
-        Access::Read => !request.is_write(),
-        Access::None => false,
-    };
-    if !allowed {
-        admin.refused.fetch_add(1, Ordering::Relaxed);
-        let refusal = caller.refusal(request.is_write(), &admin.config);
-        if request.is_write() {
-            audit(
-                caller,
-                request.action(),
-                &request.object(),
-                &outcome(&Err(refusal.clone())),
-            );
-        }
+    if let Err(refusal) = permit(
+        admin,
+        caller,
+        request.is_write(),
+        request.action(),
+        &request.object(),
+    ) {
         return error(&refusal);
     }
     let result = answer(admin, &request).await;
@@ -451,17 +442,53 @@ async fn answer(
         }
         _ => {}
     }
-    let path = admin.config_path.clone();
     let request = request.clone();
-    let done = tokio::task::spawn_blocking(move || store_op(&path, &request))
+    on_store(admin, move |path| store_op(path, &request)).await
+}
+
+/// A store operation (`crate::ops`) on a blocking thread, for the API and
+/// the console alike: its answer, or the API's error for why not (a
+/// failure's detail goes to the log).
+pub(super) async fn on_store<T: Send + 'static>(
+    admin: &Admin,
+    op: impl FnOnce(&Path) -> Result<T, ops::OpError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let path = admin.config_path.clone();
+    let done = tokio::task::spawn_blocking(move || op(&path))
         .await
         .map_err(|_| ApiError::new(ErrorKind::Internal, "the store's thread failed"))?;
     done.map_err(|e| {
         if let ops::OpError::Failed(err) = &e {
-            tracing::error!(error = %format!("{err:#}"), "admin API: the store failed");
+            tracing::error!(error = %format!("{err:#}"), "admin: the store failed");
         }
         e.to_api()
     })
+}
+
+/// Whether `caller` may make a request (a write, or a read); a refusal is
+/// counted, audited when it was a write, and answered with the groups
+/// that would let the caller in.
+pub(super) fn permit(
+    admin: &Admin,
+    caller: &Caller,
+    write: bool,
+    action: &str,
+    object: &str,
+) -> Result<(), ApiError> {
+    let allowed = match caller.access() {
+        Access::Write => true,
+        Access::Read => !write,
+        Access::None => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    admin.refused.fetch_add(1, Ordering::Relaxed);
+    let refusal = caller.refusal(write, &admin.config);
+    if write {
+        audit(caller, action, object, &outcome(&Err(refusal.clone())));
+    }
+    Err(refusal)
 }
 
 /// Fills in each node's `enrollment` from the issuance log (one query
@@ -474,16 +501,12 @@ async fn with_enrollments(admin: &Admin, page: &mut serde_json::Value) {
         .iter()
         .filter_map(|n| n["fingerprint"].as_str().map(str::to_string))
         .collect();
-    let path = admin.config_path.clone();
-    let found =
-        tokio::task::spawn_blocking(move || ops::issued_records(&path, &fingerprints)).await;
-    let records = match found {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "admin API: the issuance log could not be read; nodes listed without their enrollment");
-            return;
-        }
-        Err(_) => return,
+    let found = on_store(admin, move |path| ops::issued_records(path, &fingerprints)).await;
+    let Ok(records) = found else {
+        tracing::warn!(
+            "admin API: the issuance log could not be read; nodes listed without their enrollment"
+        );
+        return;
     };
     let by_fingerprint: std::collections::HashMap<&str, &ops::IssuedEntry> = records
         .iter()

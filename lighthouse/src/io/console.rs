@@ -28,7 +28,7 @@ use tern_shared::admin::Access;
 use tern_udp::daemon::unix_now;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use super::admin::{audit, Admin, Caller, LoopCall};
+use super::admin::{audit, on_store, permit, Admin, Caller, LoopCall};
 use crate::console::pages::{self, Site, Viewer};
 use crate::console::{self, AllowedHosts, Csrf, LiveView, PageError, Route};
 use crate::ops;
@@ -191,15 +191,7 @@ async fn store<T: Send + 'static>(
     admin: &Admin,
     op: impl FnOnce(&std::path::Path) -> Result<T, ops::OpError> + Send + 'static,
 ) -> Result<T, PageError> {
-    let path = admin.config_path.clone();
-    let done = tokio::task::spawn_blocking(move || op(&path))
-        .await
-        .map_err(|_| PageError::new(500, "Internal error", "The store's thread failed."))?;
-    done.map_err(|e| {
-        if let ops::OpError::Failed(err) = &e {
-            tracing::error!(error = %format!("{err:#}"), "console: the store failed");
-        }
-        let api = e.to_api();
+    on_store(admin, op).await.map_err(|api| {
         let title = match api.status() {
             400 => "Bad request",
             404 => "Not found",
@@ -278,25 +270,17 @@ pub async fn handle(
     if let Route::Asset(a) = route {
         return respond(200, a.content_type, Bytes::from_static(a.body.as_bytes()));
     }
-    let access = caller.access();
-    let allowed = match access {
-        Access::Write => true,
-        Access::Read => !route.is_write(),
-        Access::None => false,
-    };
-    if !allowed {
-        admin.refused.fetch_add(1, Ordering::Relaxed);
-        let refusal = caller.refusal(route.is_write(), &admin.config);
-        if route.is_write() {
-            audit(
-                caller,
-                route.action(),
-                &route.object(),
-                &format!("403 {}", "forbidden"),
-            );
-        }
-        let page = pages::forbidden(&admin.console.site, &refusal.message);
-        return html(403, &page);
+    if let Err(refusal) = permit(
+        admin,
+        caller,
+        route.is_write(),
+        route.action(),
+        &route.object(),
+    ) {
+        return html(
+            403,
+            &pages::forbidden(&admin.console.site, &refusal.message),
+        );
     }
     if route.is_write() {
         let good = csrf
