@@ -321,6 +321,16 @@ fn the_quickstart_and_the_lab_run_as_written() {
             && stderr.contains("Failed to connect to 198.19.0.20 port 8000"),
         "the gateway's reject rule answers port 8000 at once:\n{stdout}\n{stderr}"
     );
+    assert_eq!(
+        stdout.matches("4 tests: 4 passed, 0 failed").count(),
+        2,
+        "tern policy test passes the README's tests:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("198.19.0.20:22/tcp denied by inbound rule-1 (gw-1.toml:")
+            && stdout.contains("denied: exit 1"),
+        "tern policy explain names the reject rule:\n{stdout}"
+    );
     assert!(
         stdout.contains("198.19.0.0/24") && stdout.contains("gw-1"),
         "alice's status shows the route through gw-1:\n{stdout}"

@@ -47,6 +47,9 @@ enum Command {
     Services(cli::services::ServicesArgs),
     /// Write a kubeconfig for a kubernetes service through the mesh (no credential in it).
     Kubeconfig(cli::services::KubeconfigArgs),
+    /// Check firewall and gateway rules before a change ships: tests of who may reach what, and why.
+    #[command(subcommand)]
+    Policy(cli::policy::PolicyCommand),
     /// Try Tern in one command, without root or config: a throwaway mesh on this machine's loopback.
     Demo(cli::demo::DemoArgs),
 }
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Resolve(args) => cli::resolve::run(args),
         Command::Services(args) => cli::services::services(args),
         Command::Kubeconfig(args) => cli::services::kubeconfig(args),
+        Command::Policy(cmd) => cli::policy::run(cmd),
         Command::Demo(args) => cli::demo::run(args),
     };
     match result {

@@ -21,6 +21,7 @@ pub mod kubeconfig;
 pub mod ops;
 pub mod packet;
 pub mod policy;
+pub mod policy_tests;
 pub mod services;
 pub mod show;
 pub mod store;

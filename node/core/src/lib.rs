@@ -11,6 +11,8 @@
 //! - [`dns`]: DNS messages for mesh names and split DNS (hickory-proto's
 //!   wire format): reading queries, the answers a node makes itself.
 //! - [`firewall`]: the stateful inbound/outbound firewall.
+//! - [`policy_check`]: `tern policy test|explain`, what configs decide for
+//!   a caller and a destination, with the firewall's own decision.
 //! - [`resolv_conf`]: `/etc/resolv.conf` as a node rewrites it (and puts
 //!   it back).
 //! - [`socks`] and [`http_connect`]: the proxies' request parsers.
@@ -19,5 +21,6 @@ pub mod dns;
 pub mod firewall;
 pub mod http_connect;
 pub mod node;
+pub mod policy_check;
 pub mod resolv_conf;
 pub mod socks;

@@ -5,6 +5,7 @@ pub mod cert;
 pub mod daemon;
 pub mod demo;
 pub mod forward;
+pub mod policy;
 pub mod ready;
 pub mod resolve;
 pub mod run;

@@ -53,7 +53,6 @@ pub fn served_zones(config: &NodeConfig, cert: &VerifiedCert) -> anyhow::Result<
     let Some(gw) = &config.gateway else {
         return Ok(Vec::new());
     };
-    let mut served: Vec<ServedZone> = Vec::new();
     for entry in &gw.dns {
         if !cert.answers_for(&entry.zone) {
             anyhow::bail!(
@@ -68,24 +67,8 @@ pub fn served_zones(config: &NodeConfig, cert: &VerifiedCert) -> anyhow::Result<
                 entry.zone
             );
         }
-        match served.iter_mut().find(|s| s.zone == entry.zone) {
-            // Several entries for a zone: more resolvers, the groups of
-            // all, the highest rate.
-            Some(s) => {
-                if let (Some(all), Some(more)) = (&mut s.groups, &entry.groups) {
-                    all.extend(more.iter().cloned());
-                } else {
-                    s.groups = None;
-                }
-                s.queries_per_sec = s.queries_per_sec.max(entry.queries_per_sec);
-            }
-            None => served.push(ServedZone {
-                zone: entry.zone.clone(),
-                groups: entry.groups.clone(),
-                queries_per_sec: entry.queries_per_sec,
-            }),
-        }
     }
+    let served = ServedZone::from_config(gw);
     if served.len() > tern_shared::cert::MAX_DNS_ZONES {
         anyhow::bail!(
             "[[gateway.dns]] names {} zones; at most {} can be advertised",

@@ -21,7 +21,7 @@ use tern_shared::control::{
 };
 use tern_shared::policy::{FirewallConfig, RouteConfig};
 
-use super::firewall::{Firewall, FirewallStatus, PolicyDecision, Verdict};
+use super::firewall::{Caller, Firewall, FirewallStatus, PolicyDecision, Unknown, Verdict};
 use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
 use tern_shared::show::list;

@@ -37,6 +37,57 @@ pub struct DnsForward {
     pub query: Vec<u8>,
 }
 
+impl ServedZone {
+    /// The zones a gateway's `[[gateway.dns]]` entries serve: several
+    /// entries for a zone are more resolvers, the groups of all (none
+    /// named in one: the firewall's callers), the highest rate.
+    pub fn from_config(gateway: &tern_shared::policy::GatewayConfig) -> Vec<ServedZone> {
+        let mut served: Vec<ServedZone> = Vec::new();
+        for entry in &gateway.dns {
+            match served.iter_mut().find(|s| s.zone == entry.zone) {
+                Some(s) => {
+                    if let (Some(all), Some(more)) = (&mut s.groups, &entry.groups) {
+                        all.extend(more.iter().cloned());
+                    } else {
+                        s.groups = None;
+                    }
+                    s.queries_per_sec = s.queries_per_sec.max(entry.queries_per_sec);
+                }
+                None => served.push(ServedZone {
+                    zone: entry.zone.clone(),
+                    groups: entry.groups.clone(),
+                    queries_per_sec: entry.queries_per_sec,
+                }),
+            }
+        }
+        served
+    }
+
+    /// The longest of `served` that `name` lies under.
+    pub fn for_name<'a>(served: &'a [ServedZone], name: &str) -> Option<&'a ServedZone> {
+        served
+            .iter()
+            .filter(|s| name_in_zone(name, &s.zone))
+            .max_by_key(|s| s.zone.len())
+    }
+
+    /// Whether `caller` (at `caller_ip`) may ask this zone: it carries one
+    /// of the zone's groups, or, the zone naming none, `firewall` lets it
+    /// into the gateway's `subnets`.
+    pub fn admits<C: Caller + ?Sized>(
+        &self,
+        caller: &C,
+        caller_ip: Ipv4Addr,
+        firewall: &Firewall,
+        subnets: &[Ipv4Net],
+    ) -> Result<bool, Unknown> {
+        match &self.groups {
+            Some(groups) => Ok(groups.iter().any(|g| caller.has_group(g))),
+            None => firewall.lets_caller_into(caller, caller_ip, subnets),
+        }
+    }
+}
+
 /// A query handed to the shell's resolver.
 struct Forward {
     asker: Asker,
@@ -73,10 +124,7 @@ impl ZoneService {
 
     /// The longest served zone `name` lies under.
     pub(super) fn served_for(&self, name: &str) -> Option<&ServedZone> {
-        self.served
-            .iter()
-            .filter(|s| name_in_zone(name, &s.zone))
-            .max_by_key(|s| s.zone.len())
+        ServedZone::for_name(&self.served, name)
     }
 
     /// When the oldest query in the resolver's hands is given up.
@@ -140,10 +188,14 @@ impl NodeCore {
             self.names.counters.refused_outside_zones += 1;
             return reply(self, dns::refused(&q));
         };
-        let allowed = match &served.groups {
-            Some(groups) => groups.iter().any(|g| cert.has_group(g)),
-            None => self.firewall.lets_into(&cert, &self.gateway_subnets),
-        };
+        let allowed = served
+            .admits(
+                &cert,
+                cert.overlay_ip(),
+                &self.firewall,
+                &self.gateway_subnets,
+            )
+            .unwrap_or(false);
         if !allowed {
             self.names.counters.refused_groups += 1;
             tracing::debug!(caller = cert.name(), zone = %served.zone, "DNS query refused: no allowed group");
