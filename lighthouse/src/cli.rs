@@ -347,3 +347,111 @@ pub fn store_copy(from: &str, to: &str, password_file: Option<&Path>) -> anyhow:
     println!("copied {} from {from} to {to}", dump.summary());
     Ok(())
 }
+
+/// `tern-lighthouse flows`: the flow records the store holds, newest first.
+pub fn flows(
+    config_path: Option<&Path>,
+    query: &tern_lighthouse_core::flows::FlowQuery,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let path = config_path.ok_or_else(|| {
+        anyhow::anyhow!(
+            "give the lighthouse's config: tern-lighthouse flows --config lighthouse.toml"
+        )
+    })?;
+    let (found, sources) = ops::flows(path, query)?;
+    let mut out = String::new();
+    if json {
+        for f in &found {
+            writeln!(out, "{}", serde_json::to_string(f)?)?;
+        }
+    } else if found.is_empty() {
+        writeln!(out, "no flow records match")?;
+    } else {
+        writeln!(
+            out,
+            "{:<24}  {:<12}  {:<16}  {:<26}  {:<15}  {:<7}  {:>16}  {:>16}  ENROLLED",
+            "END",
+            "NODE",
+            "CALLER",
+            "TO",
+            "VERDICT",
+            "REASON",
+            "IN (BYTES/PKTS)",
+            "OUT (BYTES/PKTS)"
+        )?;
+        for f in &found {
+            writeln!(
+                out,
+                "{:<24}  {:<12}  {:<16}  {:<26}  {:<15}  {:<7}  {:>16}  {:>16}  {}",
+                f.end,
+                f.node,
+                f.caller,
+                flow_destination(f),
+                match f.rule {
+                    Some(r) => format!("{} rule-{r}", f.verdict),
+                    None if f.verdict == "deny" => "deny default".to_string(),
+                    None => f.verdict.clone(),
+                },
+                f.reason.as_str(),
+                format!("{}/{}", f.bytes_in, f.packets_in),
+                format!("{}/{}", f.bytes_out, f.packets_out),
+                enrolled_text(f.enrollment.as_ref()),
+            )?;
+        }
+    }
+    if !json {
+        for s in sources.iter().filter(|s| s.dropped > 0) {
+            writeln!(
+                out,
+                "note: node {} dropped {} flow records (its queue was full) since it started",
+                s.node, s.dropped
+            )?;
+        }
+    }
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `198.19.0.10:5432/tcp`, `198.19.0.10:20-25/tcp` (refusals), `198.19.0.10/icmp`.
+fn flow_destination(f: &tern_shared::flows::FlowView) -> String {
+    let dst = if f.dst.is_unspecified() {
+        "many".to_string()
+    } else {
+        f.dst.to_string()
+    };
+    match (f.proto.as_str(), f.dst_port_last) {
+        ("tcp" | "udp", Some(last)) => format!("{dst}:{}-{last}/{}", f.dst_port, f.proto),
+        ("tcp" | "udp", None) => format!("{dst}:{}/{}", f.dst_port, f.proto),
+        _ => format!("{dst}/{}", f.proto),
+    }
+}
+
+/// The claims (or the token) a caller enrolled with, on one line.
+fn enrolled_text(enrollment: Option<&serde_json::Value>) -> String {
+    let Some(e) = enrollment else {
+        return "-".into();
+    };
+    if let Some(claims) = e.get("claims").and_then(|c| c.as_object()) {
+        let mut parts: Vec<String> = claims
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect();
+        parts.sort();
+        return parts.join(" ");
+    }
+    match e.get("token").and_then(|t| t.as_str()) {
+        Some(t) => format!("token {t}"),
+        None => e
+            .get("how")
+            .and_then(|h| h.as_str())
+            .unwrap_or("-")
+            .to_string(),
+    }
+}

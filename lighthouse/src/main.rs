@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use tern_lighthouse::cli::{
-    revoke, status, store_copy, store_migrate, token_create, token_list, token_revoke,
+    flows, revoke, status, store_copy, store_migrate, token_create, token_list, token_revoke,
 };
 use tern_lighthouse::io;
 
@@ -51,6 +51,10 @@ enum Command {
     /// The enrollment store: migrate its schema, copy it into another.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Flow records nodes sent (who reached what, through which rule, how
+    /// much), newest first, each with the claims or token its caller
+    /// enrolled with; read from the store (the daemon need not run).
+    Flows(FlowsArgs),
     /// Show the running lighthouse's registered nodes.
     Status {
         /// The API socket, instead of the one in --config.
@@ -60,6 +64,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct FlowsArgs {
+    /// The caller's certificate name (a CI job's node).
+    #[arg(long)]
+    name: Option<String>,
+    /// The caller's certificate fingerprint, or its first 8 or more hex digits.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// An OIDC claim the caller enrolled with, e.g. repository=org/repo.
+    #[arg(long, value_name = "CLAIM=VALUE")]
+    claim: Option<String>,
+    /// The destination: an address or subnet, with :PORT if you like.
+    #[arg(long, value_name = "CIDR[:PORT]")]
+    dest: Option<String>,
+    /// Records that ended this recently, e.g. 1h, 7d.
+    #[arg(long, value_name = "DURATION")]
+    since: Option<String>,
+    /// Refusals only.
+    #[arg(long)]
+    denied: bool,
+    /// The node whose rules decided (it made the record).
+    #[arg(long)]
+    node: Option<String>,
+    /// At most this many records (1-1000, default 100).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +154,22 @@ enum TokenCommand {
     },
 }
 
+fn run_flows(config: Option<&std::path::Path>, a: FlowsArgs) -> anyhow::Result<()> {
+    let limit = a.limit.map(|l| l.to_string());
+    let query = tern_lighthouse_core::flows::FlowQuery::from_params(
+        a.name.as_deref(),
+        a.fingerprint.as_deref(),
+        a.claim.as_deref(),
+        a.dest.as_deref(),
+        a.since.as_deref(),
+        Some(if a.denied { "true" } else { "false" }),
+        a.node.as_deref(),
+        limit.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("tern-lighthouse flows: {e}"))?;
+    flows(config, &query, a.json)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -135,6 +186,7 @@ fn main() -> ExitCode {
             to,
             password_file,
         })) => store_copy(&from, &to, password_file.as_deref()),
+        Some(Command::Flows(a)) => run_flows(cli.config.as_deref(), a),
         Some(Command::Status { socket, json }) => status(cli.config.as_deref(), socket.as_deref(), json),
         Some(Command::Token(TokenCommand::Create {
             groups,

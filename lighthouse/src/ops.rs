@@ -398,3 +398,23 @@ pub fn issued_since(path: &Path, since: i64) -> Result<u64, OpError> {
     let mut store = open_store(&config, path)?;
     store.issued_since(since).map_err(failed)
 }
+
+/// Flow records the store holds, newest first, each with how its caller
+/// enrolled; and the nodes that dropped records (their count).
+pub fn flows(
+    path: &Path,
+    query: &tern_lighthouse_core::flows::FlowQuery,
+) -> Result<
+    (
+        Vec<tern_shared::flows::FlowView>,
+        Vec<crate::store::FlowSource>,
+    ),
+    OpError,
+> {
+    let config = load_config(path)?;
+    let mut store = open_store(&config, path)?;
+    let now_ms = tern_udp::daemon::unix_now().saturating_mul(1000);
+    let found = store.flows(query, now_ms).map_err(failed)?;
+    let sources = store.flow_sources().map_err(failed)?;
+    Ok((found.iter().map(|f| f.view()).collect(), sources))
+}

@@ -111,6 +111,9 @@ pub struct NodeConfig {
     /// Mesh names and where this node answers DNS.
     #[serde(default)]
     pub dns: crate::dns::DnsConfig,
+    /// Records of the flows peers start through its inbound rules.
+    #[serde(default)]
+    pub flows: crate::flows::FlowsConfig,
 }
 
 /// `[runner]`: this node runs pipelines for callers across the mesh
@@ -266,6 +269,9 @@ pub struct LighthouseConfig {
     /// database several lighthouses share.
     #[serde(default)]
     pub store: crate::store::StoreConfig,
+    /// How long flow records nodes send are kept.
+    #[serde(default)]
+    pub flows: crate::flows::LighthouseFlowsConfig,
 }
 
 /// `[pki]`: where the daemon's identity lives. All keys are required; relative
@@ -792,12 +798,14 @@ impl NodeConfig {
         for service in &mut config.services {
             service.resolve(&base);
         }
+        config.flows.resolve(&base);
         config.validate(file)?;
         Ok(config)
     }
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
         self.pki.validate(file, true)?;
+        self.flows.validate(file)?;
         if self.listen.tcp.is_some()
             || self.listen.tls_cert.is_some()
             || self.listen.tls_key.is_some()
@@ -901,6 +909,13 @@ impl LighthouseConfig {
         self.admin.validate(file)?;
         self.log.validate(file)?;
         self.registry.validate(file)?;
+        if self.flows.retain < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key: "flows.retain".into(),
+                message: "keep flow records at least a minute (e.g. \"30d\")".into(),
+            });
+        }
         if self.relay.packets_per_sec == 0 {
             return Err(invalid(
                 file,
@@ -1761,6 +1776,7 @@ mod tests {
                 forwards: vec![],
                 services: vec![],
                 dns: crate::dns::DnsConfig::default(),
+                flows: crate::flows::FlowsConfig::default(),
             }
         );
     }
@@ -2570,6 +2586,13 @@ mod tests {
             "[dns]",
             "domain =",
             "configure_system =",
+            "[flows]",
+            "record =",
+            "ship =",
+            "# path =",
+            "rotate_size_mb =",
+            "rotate_keep =",
+            "queue =",
         ] {
             assert!(
                 node_text.lines().any(|l| l.trim_start().starts_with(key)),
@@ -2630,6 +2653,8 @@ mod tests {
             "# cert_ttl =",
             "# [store]",
             "# url =",
+            "[flows]",
+            "retain =",
             "# password_file =",
         ] {
             assert!(

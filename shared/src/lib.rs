@@ -15,6 +15,7 @@ pub mod dns;
 pub mod duration;
 pub mod enroll;
 pub mod exit;
+pub mod flows;
 pub mod identity;
 pub mod keys;
 pub mod kubeconfig;

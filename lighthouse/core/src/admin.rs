@@ -63,6 +63,9 @@ pub enum AdminRequest {
         after: Option<(i64, String)>,
         limit: usize,
     },
+    /// `GET /api/v1/flows?name=&fingerprint=&claim=K%3DV&dest=&since=&denied=&node=&limit=`:
+    /// flow records, newest first, with how each caller enrolled.
+    Flows(crate::flows::FlowQuery),
     /// `GET /api/v1/openapi.json`: the document describing all of this.
     OpenApi,
 }
@@ -90,6 +93,7 @@ impl AdminRequest {
             AdminRequest::Gateways { .. } => "gateways.list",
             AdminRequest::Runners { .. } => "runners.list",
             AdminRequest::Issued { .. } => "issued.list",
+            AdminRequest::Flows(_) => "flows.list",
             AdminRequest::OpenApi => "openapi",
         }
     }
@@ -360,6 +364,39 @@ pub fn parse(
                 let (after, limit, _) = page_params(query, &[])?;
                 let after = after.map(|a| issued_cursor(&a)).transpose()?;
                 Ok(AdminRequest::Issued { after, limit })
+            }
+            _ => Err(allow("GET")),
+        },
+        ["flows"] => match method {
+            "GET" => {
+                let keys = [
+                    "name",
+                    "fingerprint",
+                    "claim",
+                    "dest",
+                    "since",
+                    "denied",
+                    "node",
+                ];
+                let (after, limit, params) = page_params(query, &keys)?;
+                if after.is_some() {
+                    return Err(ApiError::bad_request(
+                        "flows take no `after`: narrow them with since, or more filters",
+                    ));
+                }
+                let limit = limit.to_string();
+                let q = crate::flows::FlowQuery::from_params(
+                    params.get("name"),
+                    params.get("fingerprint"),
+                    params.get("claim"),
+                    params.get("dest"),
+                    params.get("since"),
+                    params.get("denied"),
+                    params.get("node"),
+                    Some(&limit),
+                )
+                .map_err(ApiError::bad_request)?;
+                Ok(AdminRequest::Flows(q))
             }
             _ => Err(allow("GET")),
         },

@@ -23,6 +23,7 @@
 pub use tern_mesh::admission;
 pub mod admin;
 pub mod enroll;
+pub mod flows;
 pub mod issuance;
 pub mod lighthouse;
 pub mod oidc;

@@ -68,6 +68,11 @@ pub struct LighthouseCounters {
     pub relay_node_introductions: u64,
     /// Relay offers from certificates without the relay group.
     pub relay_offers_refused: u64,
+    /// Flow records nodes sent, taken for the store.
+    pub flow_records_received: u64,
+    /// Batches of flow records not taken (the store's queue full): not
+    /// acknowledged, so the node sends them again.
+    pub flow_batches_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,6 +95,19 @@ pub struct LighthouseStatus {
 
 /// Renewal requests waiting for the shell at most (one per node).
 const MAX_RENEWALS_WAITING: usize = 256;
+/// Batches of flow records waiting for the shell's store, at most.
+const MAX_FLOW_BATCHES_WAITING: usize = 1024;
+
+/// Flow records one node sent in one message, for the store.
+#[derive(Debug, Clone)]
+pub struct FlowBatch {
+    /// The node that made them (its verified certificate).
+    pub node: String,
+    pub node_fingerprint: tern_shared::cert::Fingerprint,
+    /// The records the node dropped since it started.
+    pub dropped: u64,
+    pub flows: Vec<tern_shared::flows::FlowEntry>,
+}
 
 /// A node's request to renew the certificate that authenticated its
 /// session ([`LighthouseCore::poll_renewal`]).
@@ -133,6 +151,7 @@ pub struct LighthouseCore {
     revocations: Vec<(u32, Revocation)>,
     /// Renewal requests for the shell.
     renewals: std::collections::VecDeque<RenewAsk>,
+    flow_batches: std::collections::VecDeque<FlowBatch>,
     /// Lookups for addresses not registered yet (`waiting.rs`).
     waiting: WaitingQueries,
     /// Nodes that relay for others (`relay_nodes.rs`).
@@ -157,6 +176,7 @@ impl LighthouseCore {
             last_expiry: now,
             revocations: Vec::new(),
             renewals: std::collections::VecDeque::new(),
+            flow_batches: std::collections::VecDeque::new(),
             admin: crate::admin::AdminPlane::default(),
             waiting: WaitingQueries::default(),
             relay_nodes: RelayNodes::default(),
@@ -775,6 +795,24 @@ impl LighthouseCore {
             | ControlMessage::ServicesReply { .. } => {
                 self.counters.bad_control_messages += 1;
             }
+            ControlMessage::FlowRecords { id, dropped, flows } => {
+                // Not taken: not acknowledged, so the node tries again.
+                if self.flow_batches.len() >= MAX_FLOW_BATCHES_WAITING {
+                    self.counters.flow_batches_refused += 1;
+                    return;
+                }
+                self.counters.flow_records_received += flows.len() as u64;
+                self.flow_batches.push_back(FlowBatch {
+                    node: cert.name().to_string(),
+                    node_fingerprint: cert.fingerprint(),
+                    dropped,
+                    flows,
+                });
+                self.reply(peer, &cert, &ControlMessage::FlowRecordsAck { id }, now);
+            }
+            ControlMessage::FlowRecordsAck { .. } => {
+                self.counters.bad_control_messages += 1;
+            }
             ControlMessage::RenewRequest { id } => {
                 // At most one waiting per node: a node repeats its request
                 // until answered, and the shell's answer is one.
@@ -785,6 +823,18 @@ impl LighthouseCore {
                 }
             }
         }
+    }
+
+    /// The next batch of flow records a node sent, for the shell's store.
+    pub fn poll_flow_batch(&mut self) -> Option<FlowBatch> {
+        self.flow_batches.pop_front()
+    }
+
+    /// A batch the shell could not take yet (its store's queue full): first
+    /// again. While batches wait, new ones beyond the bound are not
+    /// acknowledged, so nodes keep them.
+    pub fn return_flow_batch(&mut self, batch: FlowBatch) {
+        self.flow_batches.push_front(batch);
     }
 
     /// The next certificate a node asked to renew (`[pki] renew`), for the

@@ -70,6 +70,8 @@ pub enum Route {
     Issued {
         after: Option<(i64, String)>,
     },
+    /// Flow records, filtered as `tern-lighthouse flows` filters them.
+    Flows(tern_lighthouse_core::flows::FlowQuery),
     Gateways {
         after: Option<Ipv4Addr>,
     },
@@ -198,6 +200,19 @@ pub fn parse(
                     .map(issued_cursor)
                     .transpose()?,
             },
+            ["flows"] => Route::Flows(
+                tern_lighthouse_core::flows::FlowQuery::from_params(
+                    q.get("name"),
+                    q.get("fingerprint"),
+                    q.get("claim"),
+                    q.get("dest"),
+                    q.get("since"),
+                    q.get("denied"),
+                    q.get("node"),
+                    q.get("limit"),
+                )
+                .map_err(PageError::bad)?,
+            ),
             ["gateways"] => Route::Gateways {
                 after: address(q.get("after"), "after")?,
             },

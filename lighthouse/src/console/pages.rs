@@ -11,6 +11,8 @@ use tern_lighthouse_core::admin::{
 use tern_lighthouse_core::registry::{GatewayEntry, RunnerEntry};
 
 use crate::ops::{CreatedToken, IssuedEntry, IssuedPage, ListedRevocation, ListedToken};
+use tern_lighthouse_core::flows::FlowQuery;
+use tern_shared::flows::FlowView;
 
 /// Who is looking, and what they may do.
 #[derive(Debug, Clone)]
@@ -41,6 +43,7 @@ const NAV: &[(&str, &str)] = &[
     ("/tokens", "Tokens"),
     ("/revocations", "Revocations"),
     ("/issued", "Issuance log"),
+    ("/flows", "Flows"),
 ];
 
 /// A whole page: head, navigation (the current page marked), who is
@@ -301,7 +304,12 @@ pub fn nodes(page: &NodesPage, filter: &NodeFilter, after: Option<std::net::Ipv4
 }
 
 /// One node: its certificate, where it is, its paths, how it enrolled.
-pub fn node(n: &AdminNode, issued: Option<&IssuedEntry>, viewer: &Viewer) -> Markup {
+pub fn node(
+    n: &AdminNode,
+    issued: Option<&IssuedEntry>,
+    flows: &[FlowView],
+    viewer: &Viewer,
+) -> Markup {
     html! {
         h2 { "Certificate" }
         dl.facts {
@@ -360,6 +368,13 @@ pub fn node(n: &AdminNode, issued: Option<&IssuedEntry>, viewer: &Viewer) -> Mar
                 }
             }
         }
+        h2 { "Flows" }
+        @if flows.is_empty() {
+            p { "No flow records of this certificate yet (a record is made when a flow ends)." }
+        } @else {
+            (flows_table(flows))
+        }
+        p { a href={ "/flows?fingerprint=" (n.fingerprint) } { "Every flow of this certificate" } }
         @if viewer.can_write {
             p { a.button.danger href={ "/nodes/" (n.overlay_ip) "/revoke" } { "Revoke this certificate…" } }
         }
@@ -499,7 +514,7 @@ pub fn issued(page: &IssuedPage) -> Markup {
                         @for i in &page.items {
                             tr {
                                 td { (i.issued) }
-                                td { (i.name) }
+                                td { a href={ "/flows?fingerprint=" (i.fingerprint) } title="Its flows" { (i.name) } }
                                 td { (i.overlay_ip) }
                                 td { (list_text(i.groups.iter())) }
                                 td { (i.how) }
@@ -513,6 +528,113 @@ pub fn issued(page: &IssuedPage) -> Markup {
         @if let Some(next) = &page.next {
             p { a rel="next" href={ "/issued?after=" (next) } { "Older" } }
         }
+    }
+}
+
+/// Flow records and the form that filters them (a GET: the URL is the
+/// question, to bookmark or share).
+pub fn flows(found: &[FlowView], q: &FlowQuery, dropped: &[crate::store::FlowSource]) -> Markup {
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let claim = q
+        .claim
+        .as_ref()
+        .map(|(k, v)| format!("{k}={v}"))
+        .unwrap_or_default();
+    let dest = q
+        .dest
+        .map(|(net, port)| match port {
+            Some(p) => format!("{net}:{p}"),
+            None => net.to_string(),
+        })
+        .unwrap_or_default();
+    let since = q
+        .since
+        .map(tern_shared::duration::format_duration)
+        .unwrap_or_default();
+    html! {
+        form.filters method="get" action="/flows" role="search" {
+            div { label for="name" { "Caller" }
+                input #name type="text" name="name" value=(text(&q.name)) autocomplete="off"; }
+            div { label for="fingerprint" { "Fingerprint" }
+                input #fingerprint type="text" name="fingerprint" value=(text(&q.fingerprint)) autocomplete="off"; }
+            div { label for="claim" { "Enrolled with claim" }
+                input #claim type="text" name="claim" value=(claim) placeholder="repository=org/repo" autocomplete="off"; }
+            div { label for="dest" { "Destination" }
+                input #dest type="text" name="dest" value=(dest) placeholder="198.19.0.0/24:5432" autocomplete="off"; }
+            div { label for="since" { "Ended within" }
+                input #since type="text" name="since" value=(since) placeholder="1h" autocomplete="off"; }
+            div { label for="denied" { "Refusals only" }
+                input #denied type="checkbox" name="denied" value="true" checked[q.denied]; }
+            div { button type="submit" { "Show" } }
+        }
+        @for s in dropped {
+            p.note { "Node " (s.node) " dropped " (s.dropped) " flow records since it started (its queues were full)." }
+        }
+        @if found.is_empty() {
+            p { "No flow records match." }
+        } @else {
+            (flows_table(found))
+        }
+    }
+}
+
+/// Flow records as a table, newest first.
+pub fn flows_table(found: &[FlowView]) -> Markup {
+    html! {
+        div.scroll {
+            table #flows {
+                caption.visually-hidden { "Flow records, newest first" }
+                thead { tr {
+                    th scope="col" { "Ended" } th scope="col" { "Node" } th scope="col" { "Caller" }
+                    th scope="col" { "To" } th scope="col" { "Verdict" } th scope="col" { "Reason" }
+                    th scope="col" { "In" } th scope="col" { "Out" } th scope="col" { "Enrolled with" }
+                } }
+                tbody {
+                    @for f in found {
+                        tr {
+                            td { (f.end) }
+                            td { (f.node) }
+                            td { a href={ "/flows?fingerprint=" (f.fingerprint) } { (f.caller) } }
+                            td { (f.dst) @if f.proto == "tcp" || f.proto == "udp" { ":" (f.dst_port)
+                                @if let Some(l) = f.dst_port_last { "-" (l) } } "/" (f.proto) }
+                            td { (f.verdict) @match f.rule { Some(r) => { " (rule-" (r) ")" }, None => { @if f.verdict == "deny" { " (no rule)" } } } }
+                            td { (f.reason.as_str()) }
+                            td { (f.bytes_in) " B, " (f.packets_in) " pkts" }
+                            td { (f.bytes_out) " B, " (f.packets_out) " pkts" }
+                            td { (enrolled(f.enrollment.as_ref())) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The claims (or the token) a caller enrolled with.
+fn enrolled(e: Option<&serde_json::Value>) -> String {
+    let Some(e) = e else {
+        return "signed by hand".into();
+    };
+    if let Some(c) = e.get("claims").and_then(|c| c.as_object()) {
+        let mut parts: Vec<String> = c
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                )
+            })
+            .collect();
+        parts.sort();
+        return parts.join(", ");
+    }
+    match e.get("token").and_then(|t| t.as_str()) {
+        Some(t) => format!("token {t}"),
+        None => e
+            .get("how")
+            .and_then(|h| h.as_str())
+            .unwrap_or("")
+            .to_string(),
     }
 }
 

@@ -243,7 +243,7 @@ fn pages_escape_what_nodes_and_stores_say() {
         csrf: "TOKEN".into(),
         by_certificate: true,
     };
-    let html = pages::node(&node, None, &viewer).0;
+    let html = pages::node(&node, None, &[], &viewer).0;
     assert!(!html.contains("<script>") && !html.contains("<i>") && !html.contains("<b>"));
     assert!(html.contains("/nodes/100.64.0.5/revoke"));
     let html = pages::confirm_revoke(&node, &viewer).0;
@@ -253,8 +253,66 @@ fn pages_escape_what_nodes_and_stores_say() {
         can_write: false,
         ..viewer
     };
-    assert!(!pages::node(&node, None, &reader).0.contains("/revoke"));
+    assert!(!pages::node(&node, None, &[], &reader).0.contains("/revoke"));
     assert!(!pages::tokens(&[], &reader).0.contains("<form"));
+}
+
+#[test]
+fn flows_are_filtered_by_the_url_and_shown_escaped_with_their_claims() {
+    let route = |query: &str| get("/flows", Some(query));
+    let Ok(Route::Flows(q)) =
+        route("claim=repository%3Dacme%2Fapp&dest=198.19.0.0%2F24%3A5432&denied=true&since=1h")
+    else {
+        panic!("{:?}", route("claim=repository%3Dacme%2Fapp"))
+    };
+    assert_eq!(q.claim, Some(("repository".into(), "acme/app".into())));
+    assert!(q.denied);
+    assert_eq!(route("dest=nowhere").unwrap_err().status, 400);
+    assert_eq!(route("limit=0").unwrap_err().status, 400);
+    let mut view = tern_shared::flows::FlowView::new(
+        "gw-1",
+        &tern_shared::flows::FlowEntry {
+            seq: 1,
+            start_ms: 1_800_000_000_000,
+            end_ms: 1_800_000_000_900,
+            caller: "<b>ci</b>".into(),
+            fingerprint: tern_shared::cert::Fingerprint([1; 32]),
+            groups: vec!["ci".into()],
+            src: Ipv4Addr::new(100, 64, 100, 7),
+            src_port: 40000,
+            dst: Ipv4Addr::new(198, 19, 0, 10),
+            dst_port: 22,
+            dst_port_last: 25,
+            proto: 6,
+            allowed: false,
+            rule: Some(2),
+            reason: tern_shared::flows::FlowEnd::Denied,
+            bytes_in: 120,
+            packets_in: 2,
+            bytes_out: 0,
+            packets_out: 0,
+        },
+    );
+    view.enrollment =
+        Some(serde_json::json!({"how": "oidc", "claims": {"repository": "<i>acme</i>/app"}}));
+    let html = pages::flows(&[view], &q, &[]).0;
+    assert!(
+        !html.contains("<b>ci") && !html.contains("<i>acme"),
+        "{html}"
+    );
+    assert!(html.contains("198.19.0.10:22-25/tcp"), "{html}");
+    assert!(html.contains("deny (rule-2)"), "{html}");
+    assert!(
+        html.contains("repository=&lt;i&gt;acme&lt;/i&gt;/app"),
+        "{html}"
+    );
+    assert!(
+        html.contains("value=\"repository=acme/app\""),
+        "the form keeps the question: {html}"
+    );
+    assert!(pages::flows(&[], &q, &[])
+        .0
+        .contains("No flow records match"));
 }
 
 #[test]

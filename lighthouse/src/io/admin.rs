@@ -549,6 +549,14 @@ fn store_op(path: &Path, request: &AdminRequest) -> Result<(u16, serde_json::Val
             201,
             serde_json::json!({ "revoked": ops::revoke(path, &r.what, now)? }),
         ),
+        AdminRequest::Flows(q) => {
+            let (flows, sources) = ops::flows(path, q)?;
+            let dropped: Vec<_> = sources.into_iter().filter(|s| s.dropped > 0).collect();
+            (
+                200,
+                serde_json::json!({ "flows": flows, "dropped": dropped }),
+            )
+        }
         AdminRequest::Nodes { .. }
         | AdminRequest::Gateways { .. }
         | AdminRequest::Runners { .. }

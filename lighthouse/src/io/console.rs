@@ -363,12 +363,18 @@ async fn page(admin: &Admin, route: &Route, viewer: &Viewer) -> PageResult {
             }
             let fp = n.fingerprint.clone();
             let issued = store(admin, move |p| ops::issued_record(p, &fp)).await?;
+            let query = tern_lighthouse_core::flows::FlowQuery {
+                fingerprint: Some(n.fingerprint.clone()),
+                limit: 20,
+                ..Default::default()
+            };
+            let (flows, _) = store(admin, move |p| ops::flows(p, &query)).await?;
             let title = format!("Node {}", n.name);
             (
                 200,
                 title,
                 "/nodes",
-                pages::node(&n, issued.as_ref(), viewer),
+                pages::node(&n, issued.as_ref(), &flows, viewer),
             )
         }
         Route::Revoke { fingerprint } => {
@@ -413,6 +419,17 @@ async fn page(admin: &Admin, route: &Route, viewer: &Viewer) -> PageResult {
                 "Revocations".into(),
                 "/revocations",
                 pages::revocations(&list),
+            )
+        }
+        Route::Flows(query) => {
+            let q = query.clone();
+            let (flows, sources) = store(admin, move |p| ops::flows(p, &q)).await?;
+            let dropped: Vec<_> = sources.into_iter().filter(|s| s.dropped > 0).collect();
+            (
+                200,
+                "Flows".into(),
+                "/flows",
+                pages::flows(&flows, &query, &dropped),
             )
         }
         Route::Issued { after } => {

@@ -16,6 +16,7 @@ pub fn render(
     results: &EnrollResults,
     links: &tern_udp::stream::Streams,
     admin: &super::admin::Admin,
+    flows: &super::flows::FlowStore,
 ) -> String {
     let s = core.metrics();
     let c = s.counters;
@@ -128,6 +129,23 @@ pub fn render(
         "tern_lighthouse_revoked_certificates",
         "Certificates revoked and not yet expired.",
         s.revoked as f64,
+    );
+    let (stored, failed, pruned) = flows.counts();
+    e.counter_by(
+        "tern_lighthouse_flow_records_total",
+        "Flow records nodes sent, by what became of them.",
+        "outcome",
+        &[
+            ("received", c.flow_records_received),
+            ("stored", stored),
+            ("failed", failed),
+            ("pruned", pruned),
+        ],
+    );
+    e.counter(
+        "tern_lighthouse_flow_batches_refused_total",
+        "Messages of flow records not acknowledged because the store's queue was full (the node sends them again).",
+        c.flow_batches_refused,
     );
     let r = s.relay;
     e.gauge(

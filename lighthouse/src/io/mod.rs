@@ -26,6 +26,7 @@ use tern_shared::store::StoreLocation;
 mod admin;
 mod console;
 mod enrollment;
+mod flows;
 mod links;
 mod metrics;
 
@@ -317,6 +318,11 @@ async fn serve(
         config.store.password_file.clone(),
         enrollment.is_some(),
     )?;
+    let flow_store = flows::FlowStore::start(
+        store.clone(),
+        config.store.password_file.clone(),
+        config.flows.retain,
+    )?;
     let (admin_api, mut api_rx, mut admin_listener, changes_tx) =
         console::start_admin(&mut core, &cert, &config, config_path, seed())?;
     let _api = serve_api(
@@ -393,7 +399,7 @@ async fn serve(
                 answer_call(call, &core, enrollment.as_ref(), socket.streams(), &admin_api);
             }
             Some(reply) = metrics_rx.recv() => {
-                let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams(), &admin_api));
+                let _ = reply.send(metrics::render(&core, identity.cert.not_after(), enrollment.as_ref(), &enroll_results, socket.streams(), &admin_api, &flow_store));
             }
             _ = sighup.recv() => {
                 if reload.apply(&mut config, &mut core, &mut enrollment, &mut identity) {
@@ -404,10 +410,12 @@ async fn serve(
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
         route_renewals(&mut core, enrollment.as_ref());
+        flow_store.take(&mut core);
         let deadline = end_step(&mut core, admin_listener.as_mut(), &socket, &mut sends).await;
         next_timer = next_timer.min(deadline);
         console::publish_changes(&changes_tx, &core);
     }
+    flow_store.finish(&mut core);
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! test suite (`suite.rs`).
 
 mod copy;
+mod flows;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
@@ -13,6 +14,7 @@ mod suite;
 pub mod testing;
 
 pub use self::copy::{IssuedRecord, StoreDump};
+pub use self::flows::{FlowSource, StoredFlow};
 pub use self::postgres::{PostgresStore, RevocationListener};
 pub use self::sqlite::SqliteStore;
 

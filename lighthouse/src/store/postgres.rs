@@ -53,6 +53,24 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE issued ADD COLUMN token TEXT NOT NULL DEFAULT '';
      ALTER TABLE issued ADD COLUMN claims TEXT NOT NULL DEFAULT '{}';
      CREATE INDEX issued_by_time ON issued (at, fingerprint);",
+    // 3: flow records nodes send (`flows.rs`), once per node and sequence
+    // number; which nodes dropped how many.
+    "CREATE TABLE flows (
+         id BIGSERIAL PRIMARY KEY, node TEXT NOT NULL, node_fingerprint TEXT NOT NULL,
+         seq BIGINT NOT NULL, start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL,
+         caller TEXT NOT NULL, fingerprint TEXT NOT NULL, groups TEXT NOT NULL,
+         src BIGINT NOT NULL, src_port INTEGER NOT NULL, dst BIGINT NOT NULL,
+         dst_port INTEGER NOT NULL, dst_port_last INTEGER NOT NULL, proto INTEGER NOT NULL,
+         allowed INTEGER NOT NULL, rule INTEGER, reason TEXT NOT NULL,
+         bytes_in BIGINT NOT NULL, packets_in BIGINT NOT NULL,
+         bytes_out BIGINT NOT NULL, packets_out BIGINT NOT NULL,
+         UNIQUE (node, seq));
+     CREATE INDEX flows_by_end ON flows (end_ms);
+     CREATE INDEX flows_by_caller ON flows (fingerprint, end_ms);
+     CREATE INDEX flows_by_name ON flows (caller, end_ms);
+     CREATE TABLE flow_sources (
+         node TEXT PRIMARY KEY, node_fingerprint TEXT NOT NULL,
+         dropped BIGINT NOT NULL, seen BIGINT NOT NULL);",
 ];
 
 /// While the database cannot be reached, a new connection is tried at most

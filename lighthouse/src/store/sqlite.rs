@@ -159,6 +159,24 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE issued ADD COLUMN token TEXT NOT NULL DEFAULT '';
      ALTER TABLE issued ADD COLUMN claims TEXT NOT NULL DEFAULT '{}';
      CREATE INDEX IF NOT EXISTS issued_by_time ON issued (at, fingerprint);",
+    // 3: flow records nodes send (`flows.rs`), once per node and sequence
+    // number; which nodes dropped how many.
+    "CREATE TABLE IF NOT EXISTS flows (
+         id INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT NOT NULL, node_fingerprint TEXT NOT NULL,
+         seq INTEGER NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
+         caller TEXT NOT NULL, fingerprint TEXT NOT NULL, groups TEXT NOT NULL,
+         src INTEGER NOT NULL, src_port INTEGER NOT NULL, dst INTEGER NOT NULL,
+         dst_port INTEGER NOT NULL, dst_port_last INTEGER NOT NULL, proto INTEGER NOT NULL,
+         allowed INTEGER NOT NULL, rule INTEGER, reason TEXT NOT NULL,
+         bytes_in INTEGER NOT NULL, packets_in INTEGER NOT NULL,
+         bytes_out INTEGER NOT NULL, packets_out INTEGER NOT NULL,
+         UNIQUE (node, seq));
+     CREATE INDEX IF NOT EXISTS flows_by_end ON flows (end_ms);
+     CREATE INDEX IF NOT EXISTS flows_by_caller ON flows (fingerprint, end_ms);
+     CREATE INDEX IF NOT EXISTS flows_by_name ON flows (caller, end_ms);
+     CREATE TABLE IF NOT EXISTS flow_sources (
+         node TEXT PRIMARY KEY, node_fingerprint TEXT NOT NULL,
+         dropped INTEGER NOT NULL, seen INTEGER NOT NULL);",
 ];
 
 /// Applies the migrations the file lacks, in one transaction that holds the

@@ -449,8 +449,144 @@ pub(crate) fn a_use_and_its_record_are_one_step(b: &impl Backend) {
     assert!(s.issued(&third.cert.fingerprint()).unwrap().is_none());
 }
 
+/// Flow records: kept once per node and sequence number, found by each
+/// filter, joined to the issuance log's claims, pruned by age.
+pub(crate) fn flow_records_are_kept_once_found_by_filter_and_pruned(b: &impl Backend) {
+    use tern_lighthouse_core::flows::FlowQuery;
+    use tern_lighthouse_core::lighthouse::FlowBatch;
+    use tern_shared::flows::{FlowEnd, FlowEntry};
+    let mut s = b.connect();
+    let ca = TestCa::new("ca", &["100.64.0.0/10"], &["ci"]);
+    let job = ca.node("ci-job-7", "100.64.100.7/10", &["ci"], &[], 600);
+    let other = ca.node("dev-1", "100.64.0.9/10", &["ci"], &[], 600);
+    let how = tern_lighthouse_core::enroll::Issuance {
+        how: "oidc https://token.actions.example rule 0".into(),
+        token: None,
+        claims: [
+            ("repository".to_string(), "acme/app".to_string()),
+            ("run_id".to_string(), "4242".to_string()),
+        ]
+        .into(),
+    };
+    s.record_issued(&job.cert, &how, NOW).unwrap();
+    let entry =
+        |seq: u64, who: &tern_shared::testing::TestNode, port: u16, allowed: bool, end_ms: u64| {
+            FlowEntry {
+                seq,
+                start_ms: end_ms - 500,
+                end_ms,
+                caller: who.cert.body.name.clone(),
+                fingerprint: who.cert.fingerprint(),
+                groups: vec!["ci".into()],
+                src: Ipv4Addr::new(100, 64, 100, 7),
+                src_port: 40000,
+                dst: Ipv4Addr::new(198, 19, 0, 10),
+                dst_port: port,
+                dst_port_last: if allowed { port } else { port + 10 },
+                proto: 6,
+                allowed,
+                rule: allowed.then_some(1),
+                reason: if allowed {
+                    FlowEnd::Closed
+                } else {
+                    FlowEnd::Denied
+                },
+                bytes_in: if seq == u64::MAX { u64::MAX } else { 1200 },
+                packets_in: 3,
+                bytes_out: 4000,
+                packets_out: 4,
+            }
+        };
+    let ms = NOW * 1000;
+    let batch = FlowBatch {
+        node: "gw-1".into(),
+        node_fingerprint: tern_shared::cert::Fingerprint([9; 32]),
+        dropped: 5,
+        flows: vec![
+            entry(u64::MAX, &job, 5432, true, ms + 1000),
+            entry(2, &job, 22, false, ms + 2000),
+            entry(3, &other, 8080, true, ms - 3_600_000),
+        ],
+    };
+    let mut any: super::AnyStore = s.into();
+    assert_eq!(any.insert_flows(&batch, ms).unwrap(), 3);
+    assert_eq!(
+        any.insert_flows(&batch, ms).unwrap(),
+        0,
+        "sent again: kept once"
+    );
+    let q = |f: &dyn Fn(&mut FlowQuery)| {
+        let mut q = FlowQuery {
+            limit: 100,
+            ..FlowQuery::default()
+        };
+        f(&mut q);
+        q
+    };
+    let all = any.flows(&q(&|_| {}), ms).unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0].entry, batch.flows[1], "newest first, as it went in");
+    assert_eq!(all[1].entry.seq, u64::MAX);
+    assert_eq!(
+        all[1].entry.bytes_in,
+        i64::MAX as u64,
+        "counts beyond i64 are capped"
+    );
+    let enrolled = all[0].enrollment.as_ref().unwrap();
+    assert_eq!(enrolled["claims"]["repository"], "acme/app");
+    assert!(all[2].enrollment.is_none(), "dev-1 was not issued here");
+    let mut count = |f: &dyn Fn(&mut FlowQuery)| any.flows(&q(f), ms + 10_000).unwrap().len();
+    assert_eq!(count(&|q| q.name = Some("ci-job-7".into())), 2);
+    assert_eq!(
+        count(&|q| q.fingerprint = Some(job.cert.fingerprint().to_string()[..10].into())),
+        2
+    );
+    assert_eq!(
+        count(&|q| q.claim = Some(("repository".into(), "acme/app".into()))),
+        2
+    );
+    assert_eq!(
+        count(&|q| q.claim = Some(("run_id".into(), "4242".into()))),
+        2
+    );
+    assert_eq!(
+        count(&|q| q.claim = Some(("repository".into(), "acme/other".into()))),
+        0
+    );
+    assert_eq!(
+        count(&|q| q.dest = Some(("198.19.0.0/24".parse().unwrap(), Some(5432)))),
+        1
+    );
+    assert_eq!(
+        count(&|q| q.dest = Some(("198.19.0.0/24".parse().unwrap(), Some(25)))),
+        1,
+        "within a refusal's ports"
+    );
+    assert_eq!(
+        count(&|q| q.dest = Some(("198.19.1.0/24".parse().unwrap(), None))),
+        0
+    );
+    assert_eq!(count(&|q| q.denied = true), 1);
+    assert_eq!(
+        count(&|q| q.since = Some(std::time::Duration::from_secs(10))),
+        2
+    );
+    assert_eq!(count(&|q| q.node = Some("gw-2".into())), 0);
+    assert_eq!(count(&|q| q.limit = 1), 1);
+    let sources = any.flow_sources().unwrap();
+    assert_eq!((sources[0].node.as_str(), sources[0].dropped), ("gw-1", 5));
+    assert_eq!(any.prune_flows(ms).unwrap(), 1);
+    assert_eq!(any.flows(&q(&|_| {}), ms).unwrap().len(), 2);
+}
+
 macro_rules! store_suite {
     ($backend:expr) => {
+        #[test]
+        fn flow_records_are_kept_once_found_by_filter_and_pruned() {
+            if let Some(b) = $backend {
+                $crate::store::suite::flow_records_are_kept_once_found_by_filter_and_pruned(&b);
+            }
+        }
         #[test]
         fn a_certificate_is_renewed_with_its_lease() {
             if let Some(b) = $backend {

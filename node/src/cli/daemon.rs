@@ -515,6 +515,13 @@ fn print_status(reply: &api::StatusReply, path: &Path) {
         let list: Vec<String> = fw.denied.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  denied: {}", list.join(" "));
     }
+    let flows = &s.flows;
+    if flows.recorded > 0 || flows.dropped > 0 {
+        println!(
+            "  flow records: {} made, {} sent to a lighthouse, {} waiting, {} dropped",
+            flows.recorded, flows.shipped, flows.waiting, flows.dropped
+        );
+    }
     let as_map = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
     let counters = as_map(serde_json::to_value(&s.mesh_counters).unwrap_or_default())
         .into_iter()

@@ -14,7 +14,7 @@ use anyhow::Context;
 use ipnet::Ipv4Net;
 use tern_mesh::{Mesh, MeshSettings};
 use tern_node_core::firewall::{subnet_within, subnets_no_rule_opens};
-use tern_node_core::node::{LighthouseTarget, NodeCore, NodeEvent};
+use tern_node_core::node::{FlowLogSettings, LighthouseTarget, NodeCore, NodeEvent};
 use tern_runner::scheduler::Caller;
 use tern_shared::cert::RUNNER_GROUP;
 use tern_shared::config::{NodeConfig, TunMode};
@@ -161,6 +161,8 @@ pub struct Daemon<P: Plane> {
     runner_load: Option<watch::Receiver<tern_shared::control::RunnerLoad>>,
     /// The runner's newest jobs, told to the lighthouses.
     runner_jobs: Option<watch::Receiver<Vec<tern_shared::control::RecentJob>>>,
+    /// `[flows] path`'s writer.
+    flow_file: Option<super::flowfile::FlowFile>,
     runner_metrics: Option<tern_runner::metrics::JobMetrics>,
     /// The certificate this node runs with now (replaced by SIGHUP), and
     /// the expiry warnings already given for it.
@@ -267,6 +269,14 @@ impl<P: Plane> Daemon<P> {
         }
         let (identity_tx, identity_rx) = mpsc::channel::<runner::IdentityQuery>(64);
         core.set_services(super::services::adverts(&config.services), now);
+        core.set_flow_log(FlowLogSettings {
+            record: records_flows(&config),
+            ship: config.flows.ship,
+            file: config.flows.path.is_some(),
+            seq_base: seed(),
+            queue: config.flows.queue,
+        });
+        let flow_file = super::flowfile::FlowFile::start(&config.flows, cert.name())?;
         let services =
             super::services::start(&config.services, cert.overlay_ip(), &identity_tx, |port| {
                 plane.listener(port)
@@ -339,6 +349,7 @@ impl<P: Plane> Daemon<P> {
             _runner: runner,
             services,
             draining: false,
+            flow_file,
             _metrics: metrics,
             _proxies: proxies.into_iter().map(Task).collect(),
             _api: api_guard,
@@ -486,6 +497,7 @@ impl<P: Plane> Daemon<P> {
     /// out); the datagrams that made, and anything the core said meanwhile;
     /// then the timer from the earliest deadline.
     async fn drain(&mut self) {
+        self.take_flows();
         flush(&mut self.core, &self.outer).await;
         let packets = self.take_events();
         self.plane
@@ -509,6 +521,24 @@ impl<P: Plane> Daemon<P> {
         let deadline = tokio::time::Instant::from_std(deadline);
         if deadline < self.next_timer {
             self.next_timer = deadline;
+        }
+    }
+
+    /// Flow records the core holds: timed, sent on to the lighthouses by
+    /// the core, and handed to the file's writer (never waited for).
+    fn take_flows(&mut self) {
+        if !self.core.flow_records_waiting() {
+            return;
+        }
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let entries = self.core.take_flow_records(Instant::now(), unix_ms);
+        if let Some(file) = &self.flow_file {
+            if !entries.is_empty() {
+                let lost = file.send(entries);
+                self.core.flow_records_lost(lost);
+            }
         }
     }
 
@@ -779,6 +809,13 @@ impl<P: Plane> Daemon<P> {
         let userspace = self.plane.routes_device().is_none();
         if self.revoked.is_none() {
             self.core.shutdown(Instant::now());
+        } else {
+            self.core.stop_recording_flows(Instant::now());
+        }
+        // The flows still open, recorded as stopped: to the file, and sent
+        // once (to a lighthouse still listening).
+        self.take_flows();
+        if self.revoked.is_none() {
             flush(&mut self.core, &self.outer).await;
         }
         let revoked = self.revoked.take();
@@ -916,6 +953,7 @@ fn reload(core: &mut NodeCore, config_path: &Path) {
         Ok(config) => {
             warn_closed_subnets(&config);
             core.reload_firewall(&config.firewall);
+            core.record_flows(records_flows(&config));
             tracing::info!(
                 inbound = config.firewall.inbound.len(),
                 outbound = config.firewall.outbound.len(),
@@ -924,6 +962,12 @@ fn reload(core: &mut NodeCore, config_path: &Path) {
         }
         Err(e) => tracing::error!("SIGHUP: config reload refused, keeping the old rules: {e:#}"),
     }
+}
+
+/// Whether flows are recorded: `[flows] record`, on a node with inbound
+/// rules (without, nothing comes in).
+fn records_flows(config: &NodeConfig) -> bool {
+    config.flows.record && !config.firewall.inbound.is_empty()
 }
 
 /// `[relay]`: relaying for others, with the relay group only.

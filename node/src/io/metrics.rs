@@ -91,6 +91,27 @@ pub fn render(
         "Flows the firewall tracks now (a gateway's flows into its subnets among them).",
         fw.flows as f64,
     );
+    let flows = &status.flows;
+    e.counter(
+        "tern_flow_records_total",
+        "Flow records made (a flow a peer started ended, or a sum of refusals).",
+        flows.recorded,
+    );
+    e.counter(
+        "tern_flow_records_dropped_total",
+        "Flow records dropped because a queue was full (the data path never waits for them).",
+        flows.dropped,
+    );
+    e.counter(
+        "tern_flow_records_shipped_total",
+        "Flow records a lighthouse acknowledged.",
+        flows.shipped,
+    );
+    e.gauge(
+        "tern_flow_records_waiting",
+        "Flow records waiting for a lighthouse (sent and not yet acknowledged among them).",
+        flows.waiting as f64,
+    );
     e.counter(
         "tern_gateway_failovers_total",
         "Routed subnets moved to another gateway because the one in use stopped answering or left.",

@@ -8,6 +8,7 @@ pub mod balance;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod flowfile;
 pub mod gateway;
 pub mod join;
 pub mod links;

@@ -21,9 +21,13 @@ use ipnet::Ipv4Net;
 use crate::cert::{Fingerprint, MAX_CERT_LEN};
 use crate::codec::{put_blob16, put_socket_addr, Reader};
 
+mod flows;
 mod jobs;
 mod names;
 mod services;
+pub use flows::{
+    fits as flow_records_fit, flow_text, MAX_FLOW_CALLERS, MAX_FLOW_GROUPS, MAX_FLOW_RECORDS,
+};
 pub use jobs::{job_text, RecentJob, RecentJobState, MAX_JOB_TEXT, MAX_RECENT_JOBS};
 pub use names::{
     split_answer, AdvertisedZone, DNS_ANSWER_CHUNK, MAX_DNS_ANSWER_PARTS, MAX_DNS_QUERY_LEN,
@@ -141,6 +145,18 @@ pub enum ControlMessage {
     RunnerJobs {
         id: u32,
         jobs: Vec<RecentJob>,
+    },
+    /// Node → lighthouse: flow records its firewall made (`flows.rs`), and
+    /// how many it dropped since it started. Answered with
+    /// [`ControlMessage::FlowRecordsAck`]; sent again until then.
+    FlowRecords {
+        id: u32,
+        dropped: u64,
+        flows: Vec<crate::flows::FlowEntry>,
+    },
+    /// Lighthouse → node: the records of that id are in its hands.
+    FlowRecordsAck {
+        id: u32,
     },
     /// Node → lighthouse: which runners match?
     RunnersQuery {
@@ -426,6 +442,8 @@ const T_SERVICES_ADVERT: u8 = 31;
 const T_SERVICES_QUERY: u8 = 32;
 const T_SERVICES_REPLY: u8 = 33;
 const T_RUNNER_JOBS: u8 = 34;
+const T_FLOW_RECORDS: u8 = 35;
+const T_FLOW_RECORDS_ACK: u8 = 36;
 
 impl ControlMessage {
     pub fn id(&self) -> u32 {
@@ -442,6 +460,8 @@ impl ControlMessage {
             | ControlMessage::Pong { id }
             | ControlMessage::RunnerAdvert { id, .. }
             | ControlMessage::RunnerJobs { id, .. }
+            | ControlMessage::FlowRecords { id, .. }
+            | ControlMessage::FlowRecordsAck { id }
             | ControlMessage::RunnersQuery { id, .. }
             | ControlMessage::RunnersReply { id, .. }
             | ControlMessage::RevocationsQuery { id, .. }
@@ -482,6 +502,8 @@ impl ControlMessage {
             ControlMessage::Pong { id } => (T_PONG, id),
             ControlMessage::RunnerAdvert { id, .. } => (T_RUNNER_ADVERT, id),
             ControlMessage::RunnerJobs { id, .. } => (T_RUNNER_JOBS, id),
+            ControlMessage::FlowRecords { id, .. } => (T_FLOW_RECORDS, id),
+            ControlMessage::FlowRecordsAck { id } => (T_FLOW_RECORDS_ACK, id),
             ControlMessage::RunnersQuery { id, .. } => (T_RUNNERS_QUERY, id),
             ControlMessage::RunnersReply { id, .. } => (T_RUNNERS_REPLY, id),
             ControlMessage::RevocationsQuery { id, .. } => (T_REVOCATIONS_QUERY, id),
@@ -653,6 +675,8 @@ impl ControlMessage {
             | ControlMessage::ServicesQuery { .. }
             | ControlMessage::ServicesReply { .. } => services::put_body(self, &mut out)?,
             ControlMessage::RunnerJobs { .. } => jobs::put_body(self, &mut out)?,
+            ControlMessage::FlowRecords { .. } => flows::put_body(self, &mut out)?,
+            ControlMessage::FlowRecordsAck { .. } => {}
         }
         if out.len() > MAX_CONTROL_LEN {
             return Err(ControlError::TooLong);
@@ -751,6 +775,8 @@ impl ControlMessage {
             T_ZONE_ADVERT..=T_ZONES_CHANGED => names::read_body(ty, id, &mut r)?,
             T_SERVICES_ADVERT..=T_SERVICES_REPLY => services::read_body(ty, id, &mut r)?,
             T_RUNNER_JOBS => jobs::read_body(id, &mut r)?,
+            T_FLOW_RECORDS => flows::read_body(id, &mut r)?,
+            T_FLOW_RECORDS_ACK => ControlMessage::FlowRecordsAck { id },
             T_RENEW_REQUEST => ControlMessage::RenewRequest { id },
             T_RENEW_REPLY => {
                 let outcome = match r.u8() {
@@ -1225,6 +1251,32 @@ mod tests {
                     },
                 ],
             },
+            ControlMessage::FlowRecords {
+                id: 35,
+                dropped: 12,
+                flows: vec![crate::flows::FlowEntry {
+                    seq: 1 << 40,
+                    start_ms: 1_800_000_000_000,
+                    end_ms: 1_800_000_000_250,
+                    caller: "ci-vm-1a2b".into(),
+                    fingerprint: crate::cert::Fingerprint([7; 32]),
+                    groups: vec!["ci".into()],
+                    src: ip,
+                    src_port: 40000,
+                    dst: Ipv4Addr::new(198, 19, 0, 10),
+                    dst_port: 5432,
+                    dst_port_last: 5432,
+                    proto: 6,
+                    allowed: true,
+                    rule: Some(2),
+                    reason: crate::flows::FlowEnd::Closed,
+                    bytes_in: 1200,
+                    packets_in: 9,
+                    bytes_out: 88_000,
+                    packets_out: 61,
+                }],
+            },
+            ControlMessage::FlowRecordsAck { id: 36 },
             ControlMessage::RunnersQuery {
                 id: 13,
                 selector: RunnerSelector::Label("linux".into()),

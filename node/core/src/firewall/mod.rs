@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tern_mesh::rate::TokenBucket;
-use tern_shared::cert::VerifiedCert;
+use tern_shared::cert::{Fingerprint, VerifiedCert};
 use tern_shared::packet::{
     flow_of, icmp_error_quote, icmp_unreachable_for, tcp_reset_for, Flow, PROTO_ICMP, PROTO_TCP,
     PROTO_UDP,
@@ -26,8 +26,11 @@ use tern_shared::packet::{
 use tern_shared::policy::{Action, FirewallConfig};
 use tern_shared::show::list;
 
+mod records;
 mod rules;
 
+use records::{Counted, OpenFlow, Records};
+pub use records::{EndReason, FlowRecord, RECORD_QUEUE};
 use rules::{decide, Rule};
 pub use rules::{
     ip_proto_name, proto_name, subnet_within, subnets_no_rule_opens, Caller, Decided,
@@ -85,7 +88,10 @@ pub struct Firewall {
     log: bool,
     timeouts: Timeouts,
     own_ip: Ipv4Addr,
-    flows: HashMap<FlowKey, Instant>,
+    flows: HashMap<FlowKey, FlowState>,
+    /// Whether flows peers start, and refusals, are recorded.
+    record_flows: bool,
+    records: Records,
     denied: BTreeMap<String, u64>,
     allowed_new_flows: u64,
     log_bucket: TokenBucket,
@@ -97,6 +103,18 @@ struct Timeouts {
     tcp: Duration,
     udp: Duration,
     icmp: Duration,
+}
+
+/// A flow in the table: when it expires, and, for a flow a peer started
+/// while records are on, what it carried so far (boxed: most of the table
+/// is this small without).
+#[derive(Debug)]
+struct FlowState {
+    expires: Instant,
+    open: Option<Box<OpenFlow>>,
+    /// A TCP flow recorded as closed: its last packets pass until
+    /// `expires`, which they do not push back.
+    closed: bool,
 }
 
 /// A flow seen from this node: its local and remote ends.
@@ -122,6 +140,8 @@ impl Firewall {
             },
             own_ip,
             flows: HashMap::new(),
+            record_flows: false,
+            records: Records::default(),
             denied: BTreeMap::new(),
             allowed_new_flows: 0,
             log_bucket: TokenBucket::new(LOG_RATE, now),
@@ -232,9 +252,74 @@ impl Firewall {
         Ok(false)
     }
 
-    /// Forgets flows past their timeout.
+    /// Forgets flows past their timeout (recording those a peer started as
+    /// idle), and makes records of refusals summed long enough.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.flows.retain(|_, expires| *expires > now);
+        let records = &mut self.records;
+        self.flows.retain(|key, state| {
+            if state.expires > now {
+                return true;
+            }
+            if let Some(open) = state.open.take() {
+                records.push(open.record(key, EndReason::Idle));
+            }
+            false
+        });
+        self.records.flush_denied(now, false);
+    }
+
+    /// Records each flow a peer starts (inbound) and sums refusals, from
+    /// now on; off: no more records (flows open keep theirs).
+    pub fn record_flows(&mut self, on: bool) {
+        self.record_flows = on;
+    }
+
+    /// Ends the flows of these certificates (revoked): each is recorded
+    /// with `reason` and forgotten, so that no further packet of it passes
+    /// without the rules; their sums of refusals are recorded now too.
+    pub fn end_flows_of(&mut self, fingerprints: &[Fingerprint], reason: EndReason) {
+        if fingerprints.is_empty() {
+            return;
+        }
+        let records = &mut self.records;
+        self.flows.retain(|key, state| {
+            let Some(open) = &state.open else {
+                return true;
+            };
+            if !fingerprints.contains(&open.fingerprint()) {
+                return true;
+            }
+            records.push(open.record(key, reason));
+            false
+        });
+        self.records.flush_denied_of(fingerprints);
+    }
+
+    /// The node stops: every open flow is recorded as stopped, every sum
+    /// of refusals as it stands.
+    pub fn stop_recording(&mut self, now: Instant) {
+        for (key, state) in self.flows.iter_mut() {
+            if let Some(open) = state.open.take() {
+                self.records.push(open.record(key, EndReason::Stopped));
+            }
+        }
+        self.records.flush_denied(now, true);
+    }
+
+    /// Up to `max` records, oldest first.
+    pub fn take_records(&mut self, max: usize) -> Vec<FlowRecord> {
+        self.records.take(max).collect()
+    }
+
+    /// Records waiting to be taken.
+    pub fn records_waiting(&self) -> usize {
+        self.records.waiting()
+    }
+
+    /// Records made, and dropped (the queue full, or no room to sum a
+    /// refusal), since the start.
+    pub fn record_counts(&self) -> (u64, u64) {
+        (self.records.made, self.records.dropped)
     }
 
     pub fn status(&self) -> FirewallStatus {
@@ -258,12 +343,43 @@ impl Firewall {
             return self.deny(dir, "malformed", None, packet, peer, now, Action::Allow);
         };
         let key = FlowKey::new(dir, &flow);
-        if let Some(expires) = self.flows.get_mut(&key) {
-            if *expires > now {
-                *expires = now + self.timeouts.of(flow.proto);
+        if let Some(state) = self.flows.get_mut(&key) {
+            if state.expires > now {
+                if state.closed {
+                    // A new connection on the same ports is a new flow.
+                    if records::tcp_flags(packet).is_some_and(|f| f & 0x12 == 0x02) {
+                        self.flows.remove(&key);
+                        return self.check_new(dir, key, flow, packet, peer, now);
+                    }
+                    return Verdict::Allow;
+                }
+                state.expires = now + self.timeouts.of(flow.proto);
+                if let Some(open) = &mut state.open {
+                    if open.count(dir == Direction::Inbound, packet, now) == Counted::Closed {
+                        self.records.push(open.record(&key, EndReason::Closed));
+                        state.open = None;
+                        // Its last ACKs still pass; recorded already.
+                        state.closed = true;
+                        state.expires = now + records::CLOSED_LINGER.min(self.timeouts.tcp);
+                    }
+                }
                 return Verdict::Allow;
             }
         }
+        self.check_new(dir, key, flow, packet, peer, now)
+    }
+
+    /// A packet of no flow in the table: an ICMP error tied to a flow, or
+    /// the first packet of a new one.
+    fn check_new(
+        &mut self,
+        dir: Direction,
+        key: FlowKey,
+        flow: Flow,
+        packet: &[u8],
+        peer: &VerifiedCert,
+        now: Instant,
+    ) -> Verdict {
         // An ICMP error about a flow we carry (e.g. "fragmentation needed",
         // which path MTU discovery lives on) belongs to that flow, if it is
         // tied to it: sent to the host that sent the quoted packet, about
@@ -277,7 +393,7 @@ impl Firewall {
                     Direction::Outbound => Direction::Inbound,
                 };
                 let qkey = FlowKey::new(opposite, &quoted);
-                if self.flows.get(&qkey).is_some_and(|e| *e > now) {
+                if self.flows.get(&qkey).is_some_and(|e| e.expires > now) {
                     let peer_end = match dir {
                         Direction::Inbound => quoted.dst,
                         Direction::Outbound => quoted.src,
@@ -298,12 +414,17 @@ impl Firewall {
             }
         }
         // A verified certificate tells everything a rule asks about.
-        match self.decide(dir, &flow, peer).unwrap_or(Decided::NoRule) {
+        let decided = self.decide(dir, &flow, peer).unwrap_or(Decided::NoRule);
+        if dir == Direction::Inbound && self.record_flows && !decided.allows() {
+            self.records
+                .denied(peer, &flow, packet.len(), decided.rule(), now);
+        }
+        match decided {
             Decided::OpenOutbound
             | Decided::Rule {
                 action: Action::Allow,
                 ..
-            } => self.admit(key, flow.proto, dir, packet, peer, now),
+            } => self.admit(key, &flow, dir, packet, peer, decided.rule(), now),
             Decided::Rule { index, .. } => {
                 let reason = format!("rule-{index}/reject");
                 self.deny(dir, &reason, Some(&flow), packet, peer, now, Action::Reject)
@@ -320,18 +441,23 @@ impl Firewall {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
         key: FlowKey,
-        proto: u8,
+        flow: &Flow,
         dir: Direction,
         packet: &[u8],
         peer: &VerifiedCert,
+        rule: Option<usize>,
         now: Instant,
     ) -> Verdict {
         if self.flows.len() >= MAX_FLOWS {
             self.handle_timeout(now);
             if self.flows.len() >= MAX_FLOWS {
+                if dir == Direction::Inbound && self.record_flows {
+                    self.records.denied(peer, flow, packet.len(), None, now);
+                }
                 return self.deny(
                     dir,
                     "flow-table-full",
@@ -344,7 +470,23 @@ impl Firewall {
             }
         }
         self.allowed_new_flows += 1;
-        self.flows.insert(key, now + self.timeouts.of(proto));
+        let open = (dir == Direction::Inbound && self.record_flows).then(|| {
+            let mut open = OpenFlow::new(peer, rule, now);
+            open.count(true, packet, now);
+            Box::new(open)
+        });
+        let state = FlowState {
+            expires: now + self.timeouts.of(flow.proto),
+            open,
+            closed: false,
+        };
+        // An entry past its timeout that no sweep removed yet: its flow
+        // ended idle.
+        if let Some(old) = self.flows.insert(key, state) {
+            if let Some(open) = old.open {
+                self.records.push(open.record(&key, EndReason::Idle));
+            }
+        }
         Verdict::Allow
     }
 

@@ -492,3 +492,244 @@ proptest::proptest! {
         let _ = fw.check_outbound(&bytes, &p.ci, now);
     }
 }
+
+fn recording(rules_text: &str, now: Instant) -> Firewall {
+    let mut fw = Firewall::new(&rules(rules_text), GW, now);
+    fw.record_flows(true);
+    fw
+}
+
+#[test]
+fn a_tcp_flow_is_recorded_when_it_closes_with_its_bytes_each_way() {
+    let p = peers();
+    let t0 = Instant::now();
+    let mut fw = recording(GATEWAY_RULES, t0);
+    let syn = tcp(CI, DB, 40000, 8080, 0x02);
+    let synack = tcp(DB, CI, 8080, 40000, 0x12);
+    let mut data = tcp(CI, DB, 40000, 8080, 0x18);
+    data.extend_from_slice(&[7u8; 100]);
+    let fin_in = tcp(CI, DB, 40000, 8080, 0x11);
+    let fin_out = tcp(DB, CI, 8080, 40000, 0x11);
+    let last_ack = tcp(CI, DB, 40000, 8080, 0x10);
+    let t = |ms: u64| t0 + Duration::from_millis(ms);
+    assert_eq!(fw.check_inbound(&syn, &p.ci, t(0)), Verdict::Allow);
+    assert_eq!(fw.check_outbound(&synack, &p.ci, t(1)), Verdict::Allow);
+    assert_eq!(fw.check_inbound(&data, &p.ci, t(2)), Verdict::Allow);
+    assert_eq!(fw.check_inbound(&fin_in, &p.ci, t(3)), Verdict::Allow);
+    assert_eq!(fw.records_waiting(), 0, "half closed: still open");
+    assert_eq!(fw.check_outbound(&fin_out, &p.ci, t(4)), Verdict::Allow);
+    assert_eq!(
+        fw.check_inbound(&last_ack, &p.ci, t(5)),
+        Verdict::Allow,
+        "the last ACK passes"
+    );
+    let records = fw.take_records(10);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(
+        (r.reason, r.allowed, r.rule),
+        (EndReason::Closed, true, Some(0))
+    );
+    assert_eq!(
+        (r.src, r.src_port, r.dst, r.dst_port, r.proto),
+        (CI, 40000, DB, 8080, 6)
+    );
+    assert_eq!(r.caller.name(), "ci-1");
+    assert_eq!((r.packets_in, r.bytes_in), (3, 40 + 140 + 40));
+    assert_eq!((r.packets_out, r.bytes_out), (2, 80));
+    assert_eq!((r.started, r.ended), (t(0), t(4)));
+    // The ACK after the record made no second one, and the entry goes.
+    fw.handle_timeout(t(20_000));
+    assert!(fw.take_records(10).is_empty());
+    assert_eq!(fw.status().flows, 0);
+    assert_eq!(fw.record_counts(), (1, 0));
+}
+
+#[test]
+fn a_reset_closes_and_idle_flows_are_recorded_as_idle() {
+    let p = peers();
+    let t0 = Instant::now();
+    let mut fw = recording(GATEWAY_RULES, t0);
+    fw.check_inbound(&tcp(CI, DB, 40000, 8080, 0x02), &p.ci, t0);
+    fw.check_outbound(&tcp(DB, CI, 8080, 40000, 0x04), &p.ci, t0);
+    assert_eq!(fw.take_records(10)[0].reason, EndReason::Closed);
+
+    let udp_rules = "[[firewall.inbound]]\nproto = \"udp\"\nport = \"53\"\nlocal_cidr = \"198.19.0.0/24\"\n[[firewall.inbound]]\nproto = \"icmp\"\n";
+    let mut fw = recording(udp_rules, t0);
+    let q = build_udp_ipv4(CI, DB, 5353, 53, b"query");
+    let a = build_udp_ipv4(DB, CI, 53, 5353, b"answer!");
+    assert_eq!(fw.check_inbound(&q, &p.ci, t0), Verdict::Allow);
+    assert_eq!(
+        fw.check_outbound(&a, &p.ci, t0 + Duration::from_secs(1)),
+        Verdict::Allow
+    );
+    assert_eq!(
+        fw.check_inbound(&ping(CI, GW, 8, 77), &p.ci, t0),
+        Verdict::Allow
+    );
+    fw.handle_timeout(t0 + Duration::from_secs(60));
+    let icmp = fw.take_records(10);
+    assert_eq!(icmp.len(), 1, "ICMP times out first: {icmp:?}");
+    assert_eq!(
+        (icmp[0].proto, icmp[0].dst_port, icmp[0].src_port),
+        (1, 0, 0),
+        "no echo id as a port"
+    );
+    fw.handle_timeout(t0 + Duration::from_secs(3 * 60 + 2));
+    let records = fw.take_records(10);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(
+        (r.reason, r.rule, r.dst_port, r.proto),
+        (EndReason::Idle, Some(0), 53, 17)
+    );
+    assert_eq!(
+        (r.packets_in, r.bytes_in, r.packets_out, r.bytes_out),
+        (1, 33, 1, 35)
+    );
+    assert_eq!(
+        r.ended,
+        t0 + Duration::from_secs(1),
+        "ended with its last packet"
+    );
+}
+
+#[test]
+fn refusals_are_summed_per_destination_and_rule_over_a_window() {
+    let p = peers();
+    let t0 = Instant::now();
+    let mut fw = recording(GATEWAY_RULES, t0);
+    // A scan of ports 9000-9099 on DB (default deny), three attempts at 5432 (rule 2 rejects).
+    for port in 9000..9100 {
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, 40000, port, 0x02), &p.ci, t0),
+            Verdict::Drop
+        );
+    }
+    for i in 0..3 {
+        let at = t0 + Duration::from_secs(i);
+        assert!(matches!(
+            fw.check_inbound(&tcp(CI, DB, 40001, 5432, 0x02), &p.ci, at),
+            Verdict::Reject(_)
+        ));
+    }
+    fw.handle_timeout(t0 + Duration::from_secs(30));
+    assert!(fw.take_records(10).is_empty(), "summed for a minute");
+    fw.handle_timeout(t0 + records::DENIED_WINDOW);
+    let mut records = fw.take_records(10);
+    records.sort_by_key(|r| r.rule);
+    assert_eq!(records.len(), 2, "{records:?}");
+    let scan = &records[0];
+    assert_eq!(
+        (scan.allowed, scan.rule, scan.reason),
+        (false, None, EndReason::Denied)
+    );
+    assert_eq!(
+        (scan.dst, scan.dst_port, scan.dst_port_last, scan.packets_in),
+        (DB, 9000, 9099, 100)
+    );
+    let reject = &records[1];
+    assert_eq!(
+        (reject.rule, reject.packets_in, reject.dst_port),
+        (Some(2), 3, 5432)
+    );
+    assert_eq!(reject.ended, t0 + Duration::from_secs(2));
+}
+
+#[test]
+fn a_flood_of_destinations_is_summed_wide_and_never_grows_past_its_bounds() {
+    let p = peers();
+    let t0 = Instant::now();
+    let mut fw = recording(GATEWAY_RULES, t0);
+    let n = records::MAX_DENIED_SUMS as u32 + 500;
+    for i in 0..n {
+        let dst = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+        fw.check_inbound(&tcp(CI, dst, 40000, 9999, 0x02), &p.ci, t0);
+    }
+    fw.handle_timeout(t0 + records::DENIED_WINDOW);
+    let records = fw.take_records(usize::MAX);
+    assert_eq!(records.len(), records::MAX_DENIED_SUMS + 1);
+    let wide: Vec<_> = records
+        .iter()
+        .filter(|r| r.dst == Ipv4Addr::UNSPECIFIED)
+        .collect();
+    assert_eq!(wide.len(), 1);
+    assert_eq!(wide[0].packets_in, 500);
+    assert_eq!(
+        records.iter().map(|r| r.packets_in).sum::<u64>(),
+        u64::from(n)
+    );
+}
+
+#[test]
+fn revoked_callers_flows_end_and_stopping_records_the_rest() {
+    let p = peers();
+    let t0 = Instant::now();
+    let mut fw = recording(GATEWAY_RULES, t0);
+    fw.check_inbound(&tcp(CI, DB, 40000, 8080, 0x02), &p.ci, t0);
+    fw.check_inbound(&tcp(CI, DB, 40001, 8080, 0x02), &p.ci, t0);
+    fw.check_inbound(
+        &tcp(Ipv4Addr::new(100, 64, 0, 6), DB, 40000, 8080, 0x02),
+        &p.dev,
+        t0,
+    );
+    fw.end_flows_of(&[p.ci.fingerprint()], EndReason::Revoked);
+    let revoked = fw.take_records(10);
+    assert_eq!(revoked.len(), 2);
+    assert!(revoked
+        .iter()
+        .all(|r| r.reason == EndReason::Revoked && r.caller.name() == "ci-1"));
+    assert_eq!(
+        fw.status().flows,
+        0,
+        "dev-1 was denied; ci-1's flows are gone"
+    );
+    // A packet of the ended flow is checked afresh (here: allowed, a new flow).
+    fw.check_inbound(&tcp(CI, DB, 40000, 8080, 0x10), &p.ci, t0);
+    fw.stop_recording(t0);
+    let stopped = fw.take_records(10);
+    assert_eq!(stopped.len(), 2, "{stopped:?}");
+    assert!(stopped.iter().any(|r| r.reason == EndReason::Stopped));
+    assert!(stopped
+        .iter()
+        .any(|r| r.reason == EndReason::Denied && r.caller.name() == "dev-1"));
+}
+
+#[test]
+fn a_full_queue_drops_records_never_packets() {
+    let p = peers();
+    let t0 = Instant::now();
+    let mut fw = recording(GATEWAY_RULES, t0);
+    let n = RECORD_QUEUE as u16 + 100;
+    for port in 0..n {
+        let sport = 1000 + port;
+        assert_eq!(
+            fw.check_inbound(&tcp(CI, DB, sport, 8080, 0x02), &p.ci, t0),
+            Verdict::Allow
+        );
+        assert_eq!(
+            fw.check_outbound(&tcp(DB, CI, 8080, sport, 0x04), &p.ci, t0),
+            Verdict::Allow
+        );
+    }
+    assert_eq!(fw.records_waiting(), RECORD_QUEUE);
+    assert_eq!(fw.record_counts(), (RECORD_QUEUE as u64, 100));
+    // Without records, nothing is kept.
+    let mut quiet = Firewall::new(&rules(GATEWAY_RULES), GW, t0);
+    quiet.check_inbound(&tcp(CI, DB, 1, 8080, 0x02), &p.ci, t0);
+    quiet.check_inbound(&tcp(CI, DB, 1, 9, 0x02), &p.ci, t0);
+    quiet.stop_recording(t0);
+    assert_eq!(quiet.records_waiting(), 0);
+}
+
+#[test]
+fn a_new_connection_on_a_closed_flows_ports_is_a_new_flow() {
+    let p = peers();
+    let t0 = Instant::now();
+    let mut fw = recording(GATEWAY_RULES, t0);
+    for _ in 0..2 {
+        fw.check_inbound(&tcp(CI, DB, 40000, 8080, 0x02), &p.ci, t0);
+        fw.check_outbound(&tcp(DB, CI, 8080, 40000, 0x04), &p.ci, t0);
+    }
+    assert_eq!(fw.take_records(10).len(), 2);
+}

@@ -21,12 +21,16 @@ use tern_shared::control::{
 };
 use tern_shared::policy::{FirewallConfig, RouteConfig};
 
-use super::firewall::{Caller, Firewall, FirewallStatus, PolicyDecision, Unknown, Verdict};
+use super::firewall::{
+    Caller, EndReason, Firewall, FirewallStatus, PolicyDecision, Unknown, Verdict, RECORD_QUEUE,
+};
 use tern_mesh::{Mesh, MeshCounters, MeshEvent, PeerId, PeerRole, PeerStatus, Received, Transmit};
 use tern_shared::packet::{build_udp_ipv4, ipv4_addrs, parse_udp_ipv4};
 use tern_shared::show::list;
 
 mod backoff;
+mod flowlog;
+pub use flowlog::{FlowLogSettings, FlowLogStatus, FILE_QUEUE};
 mod links;
 mod lookups;
 mod names;
@@ -176,6 +180,9 @@ pub struct NodeStatus {
     pub mesh_counters: MeshCounters,
     pub node_counters: NodeCounters,
     pub firewall: FirewallStatus,
+    /// Flow records: made, dropped, sent to a lighthouse, waiting.
+    #[serde(default)]
+    pub flows: FlowLogStatus,
     pub gateway_subnets: Vec<Ipv4Net>,
     pub routes: Vec<RouteStatus>,
     /// Certificates refused because a lighthouse revoked them.
@@ -213,6 +220,7 @@ pub struct NodeCore {
     counters: NodeCounters,
     transmits: VecDeque<Transmit>,
     firewall: Firewall,
+    flow_log: flowlog::FlowLog,
     gateway_subnets: Vec<Ipv4Net>,
     /// Gateway routes: the sub-machine in `routes.rs`.
     routes: RouteTable,
@@ -277,6 +285,7 @@ impl NodeCore {
             counters: NodeCounters::default(),
             transmits: VecDeque::new(),
             firewall: Firewall::new(&FirewallConfig::default(), own_cert.overlay_ip(), now),
+            flow_log: flowlog::FlowLog::new(),
             gateway_subnets: Vec::new(),
             routes: RouteTable::new(now),
             events: Events::default(),
@@ -517,6 +526,7 @@ impl NodeCore {
         self.drive_renewal(now);
         self.relay_upkeep(now);
         self.drive_relay_nodes(now);
+        self.ship_flows(now);
     }
 
     /// The earliest moment [`NodeCore::handle_timeout`] has work: the
@@ -534,6 +544,7 @@ impl NodeCore {
             Some(self.names.deadline()),
             self.serving.deadline(),
             self.renewal_deadline(now),
+            self.flow_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -551,6 +562,7 @@ impl NodeCore {
     /// it has a session with (at once, instead of when the session idles
     /// out; a gateway's clients fail over at once).
     pub fn shutdown(&mut self, now: Instant) {
+        self.stop_flows(now);
         for i in 0..self.links.len() {
             if let LinkState::Up {
                 peer, overlay_ip, ..
@@ -632,6 +644,7 @@ impl NodeCore {
             mesh_counters: self.mesh.counters().clone(),
             node_counters: self.counters.clone(),
             firewall: self.firewall.status(),
+            flows: self.flow_log_status(),
             gateway_subnets: self.gateway_subnets.clone(),
             routes: self
                 .routes
@@ -820,6 +833,7 @@ impl NodeCore {
                 ..
             } => self.registered(from_peer, observed, relay, revocations, now),
             ControlMessage::RunnersReply { id, runners } => self.runners_reply(id, runners),
+            ControlMessage::FlowRecordsAck { id } => self.flow_records_acked(id),
             ControlMessage::ServicesReply {
                 id,
                 services,
@@ -904,6 +918,7 @@ impl NodeCore {
             | ControlMessage::Query { .. }
             | ControlMessage::RunnerAdvert { .. }
             | ControlMessage::RunnerJobs { .. }
+            | ControlMessage::FlowRecords { .. }
             | ControlMessage::RunnersQuery { .. }
             | ControlMessage::RevocationsQuery { .. }
             | ControlMessage::PolicyQuery { .. }

@@ -59,6 +59,9 @@ impl NodeCore {
             self.events.push(NodeEvent::Revoked { lighthouse: name });
         }
         let new = self.mesh.revoke(&list, now);
+        let fingerprints: Vec<_> = list.iter().map(|(f, _)| *f).collect();
+        self.firewall
+            .end_flows_of(&fingerprints, EndReason::Revoked);
         if new > 0 {
             self.counters.revocations_learned += new as u64;
             tracing::info!(
