@@ -397,7 +397,7 @@ pub fn flows(
                 f.reason.as_str(),
                 format!("{}/{}", f.bytes_in, f.packets_in),
                 format!("{}/{}", f.bytes_out, f.packets_out),
-                enrolled_text(f.enrollment.as_ref()),
+                crate::store::enrollment_summary(f.enrollment.as_ref()),
             )?;
         }
     }
@@ -427,31 +427,5 @@ fn flow_destination(f: &tern_shared::flows::FlowView) -> String {
         ("tcp" | "udp", Some(last)) => format!("{dst}:{}-{last}/{}", f.dst_port, f.proto),
         ("tcp" | "udp", None) => format!("{dst}:{}/{}", f.dst_port, f.proto),
         _ => format!("{dst}/{}", f.proto),
-    }
-}
-
-/// The claims (or the token) a caller enrolled with, on one line.
-fn enrolled_text(enrollment: Option<&serde_json::Value>) -> String {
-    let Some(e) = enrollment else {
-        return "-".into();
-    };
-    if let Some(claims) = e.get("claims").and_then(|c| c.as_object()) {
-        let mut parts: Vec<String> = claims
-            .iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(s) => format!("{k}={s}"),
-                other => format!("{k}={other}"),
-            })
-            .collect();
-        parts.sort();
-        return parts.join(" ");
-    }
-    match e.get("token").and_then(|t| t.as_str()) {
-        Some(t) => format!("token {t}"),
-        None => e
-            .get("how")
-            .and_then(|h| h.as_str())
-            .unwrap_or("-")
-            .to_string(),
     }
 }

@@ -352,6 +352,12 @@ fn the_quickstart_and_the_lab_run_as_written() {
         stdout.contains("ephemeral"),
         "the job in the lighthouse's status:\n{stdout}"
     );
+    assert!(
+        stdout.lines().any(|l| l.contains("198.19.0.20:8080/tcp")
+            && l.contains("allow rule-0")
+            && l.contains("token ")),
+        "tern-lighthouse flows shows the job's request through gw-1, with its token:\n{stdout}"
+    );
     let left = walk.namespaces_left();
     assert!(left.is_empty(), "namespaces left behind: {left}");
 }

@@ -601,40 +601,12 @@ pub fn flows_table(found: &[FlowView]) -> Markup {
                             td { (f.reason.as_str()) }
                             td { (f.bytes_in) " B, " (f.packets_in) " pkts" }
                             td { (f.bytes_out) " B, " (f.packets_out) " pkts" }
-                            td { (enrolled(f.enrollment.as_ref())) }
+                            td { (crate::store::enrollment_summary(f.enrollment.as_ref())) }
                         }
                     }
                 }
             }
         }
-    }
-}
-
-/// The claims (or the token) a caller enrolled with.
-fn enrolled(e: Option<&serde_json::Value>) -> String {
-    let Some(e) = e else {
-        return "signed by hand".into();
-    };
-    if let Some(c) = e.get("claims").and_then(|c| c.as_object()) {
-        let mut parts: Vec<String> = c
-            .iter()
-            .map(|(k, v)| {
-                format!(
-                    "{k}={}",
-                    v.as_str().map_or_else(|| v.to_string(), str::to_string)
-                )
-            })
-            .collect();
-        parts.sort();
-        return parts.join(", ");
-    }
-    match e.get("token").and_then(|t| t.as_str()) {
-        Some(t) => format!("token {t}"),
-        None => e
-            .get("how")
-            .and_then(|h| h.as_str())
-            .unwrap_or("")
-            .to_string(),
     }
 }
 

@@ -36,6 +36,50 @@ impl StoredFlow {
     }
 }
 
+/// The claims that say which job a certificate was for, in this order
+/// (GitHub's and GitLab's names): what a one-line summary shows.
+const JOB_CLAIMS: &[&str] = &[
+    "repository",
+    "project_path",
+    "workflow",
+    "ref",
+    "run_id",
+    "pipeline_id",
+    "job_id",
+    "actor",
+    "user_login",
+];
+
+/// How a caller enrolled, on one line: the claims that name its job
+/// (`repository=acme/app ref=refs/heads/main run_id=42 actor=octocat`),
+/// else every claim, else its token, else how; `-` for a certificate
+/// signed by hand.
+pub fn enrollment_summary(enrollment: Option<&serde_json::Value>) -> String {
+    let Some(e) = enrollment else {
+        return "-".into();
+    };
+    let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    if let Some(claims) = e.get("claims").and_then(|c| c.as_object()) {
+        let named: Vec<String> = JOB_CLAIMS
+            .iter()
+            .filter_map(|k| claims.get(*k).map(|v| format!("{k}={}", text(v))))
+            .collect();
+        if !named.is_empty() {
+            return named.join(" ");
+        }
+        let mut all: Vec<String> = claims
+            .iter()
+            .map(|(k, v)| format!("{k}={}", text(v)))
+            .collect();
+        all.sort();
+        return all.join(" ");
+    }
+    match e.get("token").and_then(|t| t.as_str()) {
+        Some(t) => format!("token {t}"),
+        None => e.get("how").map(text).unwrap_or_else(|| "-".into()),
+    }
+}
+
 /// A node that sends records, and how many it said it dropped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FlowSource {
@@ -469,6 +513,20 @@ impl AnyStore {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jobs_claims_are_summed_up_on_one_line() {
+        let e = serde_json::json!({"how": "oidc", "claims": {"actor": "octocat", "jti": "x", "repository": "acme/app", "ref": "refs/heads/main", "run_id": "42"}});
+        assert_eq!(
+            enrollment_summary(Some(&e)),
+            "repository=acme/app ref=refs/heads/main run_id=42 actor=octocat"
+        );
+        let other = serde_json::json!({"how": "oidc", "claims": {"b": "2", "a": 1}});
+        assert_eq!(enrollment_summary(Some(&other)), "a=1 b=2");
+        let token = serde_json::json!({"how": "token abc", "token": "abc"});
+        assert_eq!(enrollment_summary(Some(&token)), "token abc");
+        assert_eq!(enrollment_summary(None), "-");
+    }
 
     #[test]
     fn placeholders_follow_the_dialect_and_leave_words_alone() {

@@ -14,7 +14,7 @@ mod suite;
 pub mod testing;
 
 pub use self::copy::{IssuedRecord, StoreDump};
-pub use self::flows::{FlowSource, StoredFlow};
+pub use self::flows::{enrollment_summary, FlowSource, StoredFlow};
 pub use self::postgres::{PostgresStore, RevocationListener};
 pub use self::sqlite::SqliteStore;
 

@@ -128,6 +128,9 @@ impl TestServer {
                 .open(data.join("pg_hba.conf"))
                 .unwrap();
             writeln!(hba, "host all all 198.18.0.0/16 trust").unwrap();
+            // And those of its simulated private networks (a server behind
+            // a gateway sees the gateway's address there).
+            writeln!(hba, "host all all 198.19.0.0/16 trust").unwrap();
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -957,7 +957,8 @@ fn reload(core: &mut NodeCore, config_path: &Path) {
             tracing::info!(
                 inbound = config.firewall.inbound.len(),
                 outbound = config.firewall.outbound.len(),
-                "SIGHUP: firewall rules reloaded (other settings take effect at restart)"
+                flow_records = records_flows(&config),
+                "SIGHUP: firewall rules reloaded, and [flows] record (other settings take effect at restart)"
             );
         }
         Err(e) => tracing::error!("SIGHUP: config reload refused, keeping the old rules: {e:#}"),

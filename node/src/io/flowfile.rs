@@ -17,6 +17,9 @@ use tern_shared::flows::{FlowEntry, FlowView, FlowsConfig};
 
 /// Batches of records waiting for the writer, at most.
 const BATCHES_WAITING: usize = 256;
+/// Written lines reach the file within this long (one write for many
+/// records, not one each).
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The writer thread and the way to it. Dropped: the thread writes what
 /// it holds, closes the file and is joined.
@@ -46,14 +49,25 @@ impl FlowFile {
         let thread = std::thread::Builder::new()
             .name("tern-flows".into())
             .spawn(move || {
-                while let Ok(batch) = rx.recv() {
-                    writer.write(&batch);
-                    // More waiting: write on before flushing.
-                    while let Ok(more) = rx.try_recv() {
-                        writer.write(&more);
+                use std::sync::mpsc::RecvTimeoutError;
+                let mut unflushed: Option<std::time::Instant> = None;
+                loop {
+                    let wait = unflushed.map_or(FLUSH_EVERY * 3600, |t| {
+                        (t + FLUSH_EVERY).saturating_duration_since(std::time::Instant::now())
+                    });
+                    match rx.recv_timeout(wait) {
+                        Ok(batch) => {
+                            writer.write(&batch);
+                            unflushed.get_or_insert_with(std::time::Instant::now);
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
                     }
-                    if let Err(e) = writer.out.flush() {
-                        tracing::warn!(error = %e, path = %writer.path.display(), "flow records: write failed");
+                    if unflushed.is_some_and(|t| t.elapsed() >= FLUSH_EVERY) {
+                        if let Err(e) = writer.out.flush() {
+                            tracing::warn!(error = %e, path = %writer.path.display(), "flow records: write failed");
+                        }
+                        unflushed = None;
                     }
                 }
                 let _ = writer.out.flush();

@@ -27,6 +27,7 @@ mod names;
 mod services;
 pub use flows::{
     fits as flow_records_fit, flow_text, MAX_FLOW_CALLERS, MAX_FLOW_GROUPS, MAX_FLOW_RECORDS,
+    RECORD_LEN as FLOW_RECORD_LEN,
 };
 pub use jobs::{job_text, RecentJob, RecentJobState, MAX_JOB_TEXT, MAX_RECENT_JOBS};
 pub use names::{

@@ -19,6 +19,12 @@ const IN_FLIGHT: usize = 8;
 /// [`RESEND_MAX`]).
 const RESEND_FIRST: Duration = Duration::from_secs(2);
 const RESEND_MAX: Duration = Duration::from_secs(60);
+/// A record waits at most this long for others to share its message (a
+/// message per record would cost a gateway making many short flows more
+/// than the records themselves).
+const SHIP_DELAY: Duration = Duration::from_secs(1);
+/// Records that fill a message well: sent without waiting for more.
+const SHIP_BATCH: usize = 16;
 /// The drop count is logged at most this often, when it grew.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -69,6 +75,10 @@ pub(super) struct FlowLog {
     recorded: u64,
     logged_drops: u64,
     next_drop_log: Option<Instant>,
+    /// Since when the oldest record in `to_ship` waits.
+    waiting_since: Option<Instant>,
+    /// The node stops: everything goes at once.
+    stopping: bool,
 }
 
 impl FlowLog {
@@ -90,6 +100,8 @@ impl FlowLog {
             recorded: 0,
             logged_drops: 0,
             next_drop_log: None,
+            waiting_since: None,
+            stopping: false,
         }
     }
 
@@ -172,8 +184,14 @@ impl NodeCore {
                 }
             }
             if log.settings.ship {
+                if log.to_ship.len() >= log.settings.queue {
+                    // Into messages first, while few are in flight.
+                    self.ship_flows(now);
+                }
+                let log = &mut self.flow_log;
                 if log.to_ship.len() < log.settings.queue {
                     log.to_ship.push_back(entry);
+                    log.waiting_since.get_or_insert(now);
                 } else {
                     log.dropped_here += 1;
                 }
@@ -249,6 +267,12 @@ impl NodeCore {
             self.send_control(peer, ip, &msg, now);
             self.flow_log.in_flight.insert(id, f);
         }
+        let log = &self.flow_log;
+        let full = log.to_ship.len() >= SHIP_BATCH.min(log.settings.queue);
+        let waited = log.waiting_since.is_some_and(|t| now >= t + SHIP_DELAY);
+        if !(full || waited || log.stopping) {
+            return;
+        }
         while self.flow_log.in_flight.len() < IN_FLIGHT && !self.flow_log.to_ship.is_empty() {
             let queue = self.flow_log.to_ship.make_contiguous();
             let n = flow_records_fit(queue).max(1).min(queue.len());
@@ -269,6 +293,8 @@ impl NodeCore {
                 },
             );
         }
+        // What is left waits from now (or for room in flight).
+        self.flow_log.waiting_since = (!self.flow_log.to_ship.is_empty()).then_some(now);
     }
 
     fn log_flow_drops(&mut self, now: Instant) {
@@ -286,18 +312,30 @@ impl NodeCore {
         log.next_drop_log = Some(now + DROP_LOG_INTERVAL);
     }
 
+    /// A lighthouse registered us anew: what waits for an acknowledgement
+    /// is sent again at once.
+    pub(super) fn resend_flows_now(&mut self, now: Instant) {
+        for f in self.flow_log.in_flight.values_mut() {
+            f.sent = now.checked_sub(f.wait).unwrap_or(f.sent);
+        }
+        self.ship_flows(now);
+    }
+
     /// When records wait to be sent again, or to be sent at all.
     pub(super) fn flow_deadline(&self) -> Option<Instant> {
         let log = &self.flow_log;
         if !log.settings.ship {
             return None;
         }
-        log.in_flight.values().map(|f| f.sent + f.wait).min()
+        let resend = log.in_flight.values().map(|f| f.sent + f.wait).min();
+        let batch = log.waiting_since.map(|t| t + SHIP_DELAY);
+        [resend, batch].into_iter().flatten().min()
     }
 
     /// The node stops: every open flow and sum of refusals is recorded,
     /// and sent once.
     pub(super) fn stop_flows(&mut self, now: Instant) {
+        self.flow_log.stopping = true;
         self.firewall.stop_recording(now);
     }
 }

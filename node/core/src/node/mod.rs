@@ -789,6 +789,9 @@ impl NodeCore {
         self.advertise_services(Some(from_peer), now);
         self.advertise_zones(Some(from_peer), now);
         if first_registration {
+            // Flow records that waited for a lighthouse go now, not when
+            // their backed-off resend comes.
+            self.resend_flows_now(now);
             // A lighthouse that restarted (or one met anew) relays only
             // for pairs it introduced itself: ask again for every peer
             // with no direct path (reached through a relay, whose
