@@ -200,19 +200,7 @@ pub fn parse(
                     .map(issued_cursor)
                     .transpose()?,
             },
-            ["flows"] => Route::Flows(
-                tern_lighthouse_core::flows::FlowQuery::from_params(
-                    q.get("name"),
-                    q.get("fingerprint"),
-                    q.get("claim"),
-                    q.get("dest"),
-                    q.get("since"),
-                    q.get("denied"),
-                    q.get("node"),
-                    q.get("limit"),
-                )
-                .map_err(PageError::bad)?,
-            ),
+            ["flows"] => Route::Flows(flow_query(&q)?),
             ["gateways"] => Route::Gateways {
                 after: address(q.get("after"), "after")?,
             },
@@ -316,6 +304,21 @@ pub fn parse(
         _ => return Err(PageError::not_found(path)),
     };
     Ok((route, csrf))
+}
+
+/// The Flows page's question, from its URL.
+fn flow_query(q: &Params) -> Result<tern_lighthouse_core::flows::FlowQuery, PageError> {
+    tern_lighthouse_core::flows::FlowQuery::from_params(
+        q.get("name"),
+        q.get("fingerprint"),
+        q.get("claim"),
+        q.get("dest"),
+        q.get("since"),
+        q.get("denied"),
+        q.get("node"),
+        q.get("limit"),
+    )
+    .map_err(PageError::bad)
 }
 
 fn node_filter(q: &Params) -> Result<NodeFilter, PageError> {

@@ -130,23 +130,7 @@ pub fn render(
         "Certificates revoked and not yet expired.",
         s.revoked as f64,
     );
-    let (stored, failed, pruned) = flows.counts();
-    e.counter_by(
-        "tern_lighthouse_flow_records_total",
-        "Flow records nodes sent, by what became of them.",
-        "outcome",
-        &[
-            ("received", c.flow_records_received),
-            ("stored", stored),
-            ("failed", failed),
-            ("pruned", pruned),
-        ],
-    );
-    e.counter(
-        "tern_lighthouse_flow_batches_refused_total",
-        "Messages of flow records not acknowledged because the store's queue was full (the node sends them again).",
-        c.flow_batches_refused,
-    );
+    flow_records(&mut e, c, flows);
     let r = s.relay;
     e.gauge(
         "tern_lighthouse_relay_nodes",
@@ -165,4 +149,29 @@ pub fn render(
     );
     m::relay(&mut e, r);
     e.render()
+}
+
+/// What became of the flow records nodes sent.
+fn flow_records(
+    e: &mut Exposition,
+    c: &tern_lighthouse_core::lighthouse::LighthouseCounters,
+    flows: &super::flows::FlowStore,
+) {
+    let (stored, failed, pruned) = flows.counts();
+    e.counter_by(
+        "tern_lighthouse_flow_records_total",
+        "Flow records nodes sent, by what became of them.",
+        "outcome",
+        &[
+            ("received", c.flow_records_received),
+            ("stored", stored),
+            ("failed", failed),
+            ("pruned", pruned),
+        ],
+    );
+    e.counter(
+        "tern_lighthouse_flow_batches_refused_total",
+        "Messages of flow records not acknowledged because the store's queue was full (the node sends them again).",
+        c.flow_batches_refused,
+    );
 }

@@ -265,6 +265,17 @@ impl RevocationWatcher {
     }
 }
 
+/// Nodes use only a lighthouse whose certificate carries the group.
+fn warn_without_lighthouse_group(cert: &tern_shared::cert::VerifiedCert) {
+    if !cert.has_group(tern_shared::cert::LIGHTHOUSE_GROUP) {
+        tracing::warn!(
+            "this certificate lacks the '{}' group: nodes will not use this lighthouse; sign it with --groups {}",
+            tern_shared::cert::LIGHTHOUSE_GROUP,
+            tern_shared::cert::LIGHTHOUSE_GROUP
+        );
+    }
+}
+
 async fn serve(
     mut config: LighthouseConfig,
     config_path: &Path,
@@ -274,13 +285,7 @@ async fn serve(
         .map_err(anyhow::Error::msg)
         .context("the lighthouse's identity")?;
     let cert = identity.cert.clone();
-    if !cert.has_group(tern_shared::cert::LIGHTHOUSE_GROUP) {
-        tracing::warn!(
-            "this certificate lacks the '{}' group: nodes will not use this lighthouse; sign it with --groups {}",
-            tern_shared::cert::LIGHTHOUSE_GROUP,
-            tern_shared::cert::LIGHTHOUSE_GROUP
-        );
-    }
+    warn_without_lighthouse_group(&cert);
     let socket = tern_udp::bind(config.listen.addr)
         .with_context(|| format!("binding UDP {} ([listen] addr)", config.listen.addr))?;
     let socket = tern_udp::Outer::new(socket)

@@ -11,6 +11,11 @@
 //!   gateway's CPU per thousand connections (each makes a record);
 //! - bytes of log per flow (the file's, and on the wire to the lighthouse).
 //!
+//! And first, without IO (so without this machine's noise): the firewall's
+//! own work per packet of one long flow and per short flow, records off
+//! and on, and what a record costs after the firewall (its JSON line, its
+//! share of a `FlowRecords` message).
+//!
 //! ```text
 //! cargo build --release --workspace
 //! sudo TERN_BIN_DIR=target/release target/release/flow-bench [--reps N] [--seconds S] [--write]
@@ -20,7 +25,7 @@
 //! briefly as a smoke run (`--reps 1 --seconds 1`).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -29,6 +34,11 @@ use tern_netns_tests::report::{
 };
 use tern_netns_tests::tern::*;
 use tern_netns_tests::{require_root, require_tools, wait_until, Ns, Proc};
+use tern_node_core::firewall::{Firewall, Verdict};
+use tern_shared::cert::{CaPool, Cert};
+use tern_shared::config::NodeConfig;
+use tern_shared::control::ControlMessage;
+use tern_shared::flows::{FlowEntry, FlowView};
 
 const SERVER: &str = "198.19.0.10";
 const SHORT_PORT: u16 = 7000;
@@ -73,6 +83,201 @@ fn connect(addr: &str, seconds: &str) -> ExitCode {
     }
     println!("{done} {failed}");
     ExitCode::SUCCESS
+}
+
+/// A TCP packet of `len` bytes (`flags`: SYN 0x02, ACK 0x10, FIN 0x11).
+fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8, len: usize) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    p.resize(len.max(40), 0);
+    p
+}
+
+/// A verified certificate for the caller (group ci), made with `tern cert`.
+fn caller_cert() -> tern_shared::cert::VerifiedCert {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    make_ca(dir.path(), "ca");
+    sign(
+        dir.path(),
+        "ca",
+        "ci",
+        "100.64.0.40/10",
+        &["--groups", "ci"],
+    );
+    let read = |f: &str| {
+        let text = std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+        Cert::from_pem(&text).unwrap_or_else(|e| panic!("{f}: {e}"))
+    };
+    let pool = CaPool::new(vec![read("ca.crt")]).unwrap_or_else(|e| panic!("{e}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    pool.verify(&read("ci.crt"), now)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The firewall's work, records off then on: ns per packet of one long
+/// flow, ns per short flow (seven packets, its record taken).
+fn firewall_costs(caller: &tern_shared::cert::VerifiedCert, on: bool, scale: usize) -> (f64, f64) {
+    let rules = format!(
+        "[pki]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n[[firewall.inbound]]\nproto = \"tcp\"\nport = \"5432\"\ngroups = [\"ci\"]\nlocal_cidr = \"{SERVER}/32\"\n"
+    );
+    let config = NodeConfig::parse(&rules, std::path::Path::new("/bench/gw.toml"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .firewall;
+    let (ci, db, gw) = (
+        Ipv4Addr::new(100, 64, 0, 40),
+        Ipv4Addr::new(198, 19, 0, 10),
+        Ipv4Addr::new(100, 64, 0, 30),
+    );
+    let t0 = Instant::now();
+    let mut fw = Firewall::new(&config, gw, t0);
+    fw.record_flows(on);
+    fw.check_inbound(&tcp(ci, db, 40000, 5432, 0x02, 40), caller, t0);
+    let (data_in, data_out) = (
+        tcp(ci, db, 40000, 5432, 0x10, 1400),
+        tcp(db, ci, 5432, 40000, 0x10, 1400),
+    );
+    let packets = 200_000 * scale;
+    let started = Instant::now();
+    for n in 0..packets {
+        let v = if n % 2 == 0 {
+            fw.check_inbound(&data_in, caller, t0)
+        } else {
+            fw.check_outbound(&data_out, caller, t0)
+        };
+        assert_eq!(v, Verdict::Allow);
+    }
+    let per_packet = started.elapsed().as_nanos() as f64 / packets as f64;
+    let mut fw = Firewall::new(&config, gw, t0);
+    fw.record_flows(on);
+    let flows = 20_000 * scale;
+    let made: Vec<Vec<(bool, Vec<u8>)>> = (0..60_000u16)
+        .take(flows.min(60_000))
+        .map(|i| {
+            let port = 1024 + i;
+            vec![
+                (true, tcp(ci, db, port, 5432, 0x02, 60)),
+                (false, tcp(db, ci, 5432, port, 0x12, 60)),
+                (true, tcp(ci, db, port, 5432, 0x10, 52)),
+                (true, tcp(ci, db, port, 5432, 0x18, 200)),
+                (false, tcp(db, ci, 5432, port, 0x18, 300)),
+                (true, tcp(ci, db, port, 5432, 0x11, 52)),
+                (false, tcp(db, ci, 5432, port, 0x11, 52)),
+            ]
+        })
+        .collect();
+    let started = Instant::now();
+    let mut at = t0;
+    for f in 0..flows {
+        for (inbound, p) in &made[f % made.len()] {
+            if *inbound {
+                fw.check_inbound(p, caller, at);
+            } else {
+                fw.check_outbound(p, caller, at);
+            }
+        }
+        let _ = fw.take_records(usize::MAX);
+        if f % made.len() == made.len() - 1 {
+            // The same ports again: the old flows are gone by then.
+            at += Duration::from_secs(3600);
+            fw.handle_timeout(at);
+        }
+    }
+    (
+        per_packet,
+        started.elapsed().as_nanos() as f64 / flows as f64,
+    )
+}
+
+/// What a record costs after the firewall: its JSON line and its share of
+/// a 16-record `FlowRecords` message, ns.
+fn record_cost(caller: &tern_shared::cert::VerifiedCert, scale: usize) -> f64 {
+    let entry = FlowEntry {
+        seq: 1,
+        start_ms: 1_800_000_000_000,
+        end_ms: 1_800_000_000_100,
+        caller: caller.name().to_string(),
+        fingerprint: caller.fingerprint(),
+        groups: caller.groups().to_vec(),
+        src: Ipv4Addr::new(100, 64, 0, 40),
+        src_port: 40000,
+        dst: Ipv4Addr::new(198, 19, 0, 10),
+        dst_port: 5432,
+        dst_port_last: 5432,
+        proto: 6,
+        allowed: true,
+        rule: Some(0),
+        reason: tern_shared::flows::FlowEnd::Closed,
+        bytes_in: 1200,
+        packets_in: 9,
+        bytes_out: 88_000,
+        packets_out: 61,
+    };
+    let batch: Vec<FlowEntry> = (0..16)
+        .map(|i| FlowEntry {
+            seq: i,
+            ..entry.clone()
+        })
+        .collect();
+    let rounds = 1_000 * scale;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for e in &batch {
+            let line = serde_json::to_vec(&FlowView::new("gw", e)).unwrap_or_default();
+            assert!(!line.is_empty());
+        }
+        let msg = ControlMessage::FlowRecords {
+            id: 1,
+            dropped: 0,
+            flows: batch.clone(),
+        };
+        assert!(msg.encode().is_ok());
+    }
+    started.elapsed().as_nanos() as f64 / (rounds * 16) as f64
+}
+
+/// The figures without IO, as Markdown.
+fn sans_io(reps: usize, scale: usize) -> String {
+    let caller = caller_cert();
+    let (mut long, mut short, mut after) = (
+        [Vec::new(), Vec::new()],
+        [Vec::new(), Vec::new()],
+        Vec::new(),
+    );
+    for _ in 0..reps {
+        for (i, on) in [false, true].into_iter().enumerate() {
+            let (p, f) = firewall_costs(&caller, on, scale);
+            long[i].push(p);
+            short[i].push(f);
+        }
+        after.push(record_cost(&caller, scale));
+    }
+    let [l_off, l_on] = &mut long;
+    let [s_off, s_on] = &mut short;
+    format!(
+        "Without IO (this build, one core; {reps} runs, median (min–max)): a gateway's firewall with one rule; \
+         {} packets of 1,400 bytes of one flow, alternating in and out; {} short flows of seven packets \
+         (SYN, SYN-ACK, ACK, a request, an answer, two FINs), each making a record when on, taken from the queue.\n\n\
+         | | records off | records on | on / off |\n|---|---|---|---|\n\
+         | firewall, ns per packet of a long flow | {} | {} | {} |\n\
+         | firewall, ns per short flow | {} | {} | {} |\n\n\
+         After the firewall, a record's JSON line and its share of a 16-record `FlowRecords` message: {} ns.\n\n",
+        200_000 * scale,
+        20_000 * scale,
+        cell(l_off, 1),
+        cell(l_on, 1),
+        ratio(l_on, l_off),
+        cell(s_off, 0),
+        cell(s_on, 0),
+        ratio(s_on, s_off),
+        cell(&after, 0),
+    )
 }
 
 struct Bench {
@@ -261,6 +466,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let without_io = sans_io(args.reps.max(3), if args.seconds >= 5 { 5 } else { 1 });
+    eprint!("{without_io}");
     if !require_root("flow-bench") || !require_tools("flow-bench", &["iperf3", "iptables", "ping"])
     {
         return ExitCode::from(2);
@@ -292,15 +499,16 @@ fn main() -> ExitCode {
         flows["shipped"].as_u64().unwrap_or(0),
     );
     let wire = tern_shared::control::FLOW_RECORD_LEN as f64;
-    let mut table = format!(
-        "Flow records at a TUN-mode gateway, off and on (`[flows] record`, switched by SIGHUP; on, also \
+    let mut table = format!("## Flow records: a gateway with records off and on\n\n{without_io}");
+    table.push_str(&format!(
+        "On real kernels: flow records at a TUN-mode gateway, off and on (`[flows] record`, switched by SIGHUP; on, also \
          written to a file and sent to the lighthouse), interleaved, {} repetitions of {} s each; \
          median (min–max). {}\n\n\
          | | records off | records on | on / off |\n|---|---|---|---|\n",
         args.reps,
         args.seconds,
         machine_line()
-    );
+    ));
     let row = |label: &str, a: &mut Vec<f64>, z: &mut Vec<f64>, digits: usize| {
         format!(
             "| {label} | {} | {} | {} |\n",

@@ -91,27 +91,7 @@ pub fn render(
         "Flows the firewall tracks now (a gateway's flows into its subnets among them).",
         fw.flows as f64,
     );
-    let flows = &status.flows;
-    e.counter(
-        "tern_flow_records_total",
-        "Flow records made (a flow a peer started ended, or a sum of refusals).",
-        flows.recorded,
-    );
-    e.counter(
-        "tern_flow_records_dropped_total",
-        "Flow records dropped because a queue was full (the data path never waits for them).",
-        flows.dropped,
-    );
-    e.counter(
-        "tern_flow_records_shipped_total",
-        "Flow records a lighthouse acknowledged.",
-        flows.shipped,
-    );
-    e.gauge(
-        "tern_flow_records_waiting",
-        "Flow records waiting for a lighthouse (sent and not yet acknowledged among them).",
-        flows.waiting as f64,
-    );
+    flow_records(&mut e, &status.flows);
     e.counter(
         "tern_gateway_failovers_total",
         "Routed subnets moved to another gateway because the one in use stopped answering or left.",
@@ -205,4 +185,28 @@ fn services_part(e: &mut Exposition, services: &[super::services::RunningService
             &by(|c| c.upstream_errors.load(Relaxed)),
         );
     }
+}
+
+/// What became of the flow records the firewall made.
+fn flow_records(e: &mut Exposition, flows: &tern_node_core::node::FlowLogStatus) {
+    e.counter(
+        "tern_flow_records_total",
+        "Flow records made (a flow a peer started ended, or a sum of refusals).",
+        flows.recorded,
+    );
+    e.counter(
+        "tern_flow_records_dropped_total",
+        "Flow records dropped because a queue was full (the data path never waits for them).",
+        flows.dropped,
+    );
+    e.counter(
+        "tern_flow_records_shipped_total",
+        "Flow records a lighthouse acknowledged.",
+        flows.shipped,
+    );
+    e.gauge(
+        "tern_flow_records_waiting",
+        "Flow records waiting for a lighthouse (sent and not yet acknowledged among them).",
+        flows.waiting as f64,
+    );
 }

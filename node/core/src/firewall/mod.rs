@@ -30,7 +30,9 @@ mod records;
 mod rules;
 
 use records::{Counted, OpenFlow, Records};
-pub use records::{EndReason, FlowRecord, RECORD_QUEUE};
+pub use records::{
+    EndReason, FlowRecord, CLOSED_LINGER, DENIED_WINDOW, MAX_DENIED_SUMS, RECORD_QUEUE,
+};
 use rules::{decide, Rule};
 pub use rules::{
     ip_proto_name, proto_name, subnet_within, subnets_no_rule_opens, Caller, Decided,
