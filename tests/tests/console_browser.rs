@@ -290,10 +290,23 @@ async fn the_walk(c: &Client, lab: &Lab, evil_port: u16) {
         .unwrap();
     check_page(c, "nodes").await;
     // The only enrolled node is the job (its name is its own: ci-vm-...).
-    let link = c.find(Locator::Css("#nodes tbody a")).await.unwrap();
-    let job = link.text().await.unwrap();
+    // The list is live: its rows may be drawn anew between finding the
+    // link and reading it, so it is read again until it holds still.
+    let mut found = None;
+    for _ in 0..20 {
+        let Ok(link) = c.find(Locator::Css("#nodes tbody a")).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if let (Ok(name), Ok(Some(href))) = (link.text().await, link.attr("href").await) {
+            found = Some((name, href));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (job, href) = found.expect("the job's row in the node list");
     assert!(job.starts_with("ci-"), "{job}");
-    link.click().await.unwrap();
+    c.goto(&format!("{CONSOLE}{href}")).await.unwrap();
     c.wait().for_element(Locator::Css("code.fp")).await.unwrap();
     let page = c.source().await.unwrap();
     assert!(
@@ -338,7 +351,7 @@ async fn the_walk(c: &Client, lab: &Lab, evil_port: u16) {
         },
     )
     .await;
-    for page in ["revocations", "issued", "gateways", "runners"] {
+    for page in ["revocations", "issued", "flows", "gateways", "runners"] {
         c.goto(&format!("{CONSOLE}/{page}")).await.unwrap();
         check_page(c, page).await;
     }

@@ -417,6 +417,38 @@ fn a_github_job_enrolls_with_its_oidc_id_token_and_the_gate_opens_once_the_targe
         enrollment["how"].as_str().unwrap().starts_with("oidc "),
         "{page}"
     );
+    // The userspace gateway recorded the job's flows (the gate's
+    // connection and the GET); the lighthouse keeps them with its claims,
+    // as its OpenAPI document says.
+    let mut flows = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        flows = lab.admin_get("/api/v1/flows?claim=repository%3Dacme%2Fapp");
+        if flows["flows"].as_array().is_some_and(|f| f.len() >= 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listed = flows["flows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{flows}"));
+    assert!(listed.len() >= 2, "{flows}");
+    for f in listed {
+        assert_eq!(
+            (f["node"].as_str(), f["verdict"].as_str()),
+            (Some("gw"), Some("allow")),
+            "{f}"
+        );
+        assert_eq!(f["enrollment"]["claims"]["repository"], "acme/app", "{f}");
+        assert!(
+            f["bytes_in"].as_u64().unwrap_or(0) > 0 && f["packets_out"].as_u64().unwrap_or(0) > 0,
+            "{f}"
+        );
+    }
+    let doc = lab.admin_get("/api/v1/openapi.json");
+    if let Err(e) = tern_tests::openapi::check(&doc, "/flows", "GET", 200, &flows) {
+        panic!("the answer does not match the OpenAPI document: {e}\n{flows}");
+    }
     // The key never touched the disk; the token never reached a log.
     let log = fs::read_to_string(lab.dir.path().join("gh.log")).unwrap();
     assert!(!log.contains("eyJ"), "an ID token in the node's log");

@@ -200,3 +200,72 @@ fn past_the_queue_records_are_dropped_and_counted_and_flows_pass() {
     assert_eq!(kept as u64, status.waiting);
     assert_eq!(got.iter().map(|b| b.dropped).max(), Some(status.dropped));
 }
+
+#[test]
+fn a_node_flooding_the_lighthouse_with_records_is_held_to_its_rate() {
+    use tern_shared::control::{ControlMessage, CONTROL_PORT};
+    use tern_shared::packet::build_udp_ipv4;
+    let mut net = lab(1024);
+    let entry = tern_shared::flows::FlowEntry {
+        seq: 0,
+        start_ms: 1,
+        end_ms: 2,
+        caller: "forged".into(),
+        fingerprint: tern_shared::cert::Fingerprint([5; 32]),
+        groups: vec![],
+        src: CI_IP,
+        src_port: 1,
+        dst: SERVER,
+        dst_port: 2,
+        dst_port_last: 2,
+        proto: 6,
+        allowed: true,
+        rule: None,
+        reason: FlowEnd::Closed,
+        bytes_in: 0,
+        packets_in: 0,
+        bytes_out: 0,
+        packets_out: 0,
+    };
+    // ci-1 (no rules of its own, so no records) sends 1,000 messages at once.
+    for i in 0..1000u32 {
+        let msg = ControlMessage::FlowRecords {
+            id: i,
+            dropped: 0,
+            flows: vec![tern_shared::flows::FlowEntry {
+                seq: u64::from(i),
+                ..entry.clone()
+            }],
+        }
+        .encode()
+        .unwrap();
+        let packet = build_udp_ipv4(
+            CI_IP,
+            Ipv4Addr::new(100, 64, 0, 1),
+            40_000,
+            CONTROL_PORT,
+            &msg,
+        );
+        net.send_from_tun(CI, &packet);
+    }
+    net.run_for(Duration::from_millis(100));
+    let taken = batches(&mut net).len();
+    let now = net.now;
+    let refused = net.lighthouse().status(now).counters.flow_batches_refused;
+    assert!(
+        (150..=250).contains(&taken),
+        "about one second's rate taken: {taken}"
+    );
+    assert_eq!(taken as u64 + refused, 1000);
+    // The gateway's own records still get through.
+    flow(&mut net, 43000);
+    take(&mut net);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(
+        batches(&mut net)
+            .iter()
+            .map(|b| b.flows.len())
+            .sum::<usize>(),
+        1
+    );
+}

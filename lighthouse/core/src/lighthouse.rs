@@ -97,6 +97,13 @@ pub struct LighthouseStatus {
 const MAX_RENEWALS_WAITING: usize = 256;
 /// Batches of flow records waiting for the shell's store, at most.
 const MAX_FLOW_BATCHES_WAITING: usize = 1024;
+/// Messages of flow records one node may send a second (up to 64 records
+/// each): more are not acknowledged, so it sends them again later, and one
+/// node cannot fill the store's queue for the others.
+const FLOW_MESSAGES_PER_SEC: u32 = 200;
+/// Nodes whose flow-record rate is tracked at once; past it, full buckets
+/// are forgotten.
+const MAX_FLOW_SENDERS: usize = 65_536;
 
 /// Flow records one node sent in one message, for the store.
 #[derive(Debug, Clone)]
@@ -152,6 +159,7 @@ pub struct LighthouseCore {
     /// Renewal requests for the shell.
     renewals: std::collections::VecDeque<RenewAsk>,
     flow_batches: std::collections::VecDeque<FlowBatch>,
+    flow_senders: std::collections::HashMap<Ipv4Addr, tern_mesh::rate::TokenBucket>,
     /// Lookups for addresses not registered yet (`waiting.rs`).
     waiting: WaitingQueries,
     /// Nodes that relay for others (`relay_nodes.rs`).
@@ -177,6 +185,7 @@ impl LighthouseCore {
             revocations: Vec::new(),
             renewals: std::collections::VecDeque::new(),
             flow_batches: std::collections::VecDeque::new(),
+            flow_senders: std::collections::HashMap::new(),
             admin: crate::admin::AdminPlane::default(),
             waiting: WaitingQueries::default(),
             relay_nodes: RelayNodes::default(),
@@ -797,7 +806,9 @@ impl LighthouseCore {
             }
             ControlMessage::FlowRecords { id, dropped, flows } => {
                 // Not taken: not acknowledged, so the node tries again.
-                if self.flow_batches.len() >= MAX_FLOW_BATCHES_WAITING {
+                if self.flow_batches.len() >= MAX_FLOW_BATCHES_WAITING
+                    || !self.flow_sender_may_send(cert.overlay_ip(), now)
+                {
                     self.counters.flow_batches_refused += 1;
                     return;
                 }
@@ -823,6 +834,20 @@ impl LighthouseCore {
                 }
             }
         }
+    }
+
+    /// Whether the node at `ip` is within its rate of flow-record messages.
+    fn flow_sender_may_send(&mut self, ip: Ipv4Addr, now: Instant) -> bool {
+        if self.flow_senders.len() >= MAX_FLOW_SENDERS && !self.flow_senders.contains_key(&ip) {
+            self.flow_senders.retain(|_, b| !b.is_full(now));
+            if self.flow_senders.len() >= MAX_FLOW_SENDERS {
+                return false;
+            }
+        }
+        self.flow_senders
+            .entry(ip)
+            .or_insert_with(|| tern_mesh::rate::TokenBucket::new(FLOW_MESSAGES_PER_SEC, now))
+            .take(now)
     }
 
     /// The next batch of flow records a node sent, for the shell's store.
