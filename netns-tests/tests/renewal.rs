@@ -1,7 +1,7 @@
 //! A gateway whose certificate the lighthouse renews (`[pki] renew`), on
 //! real kernels: an issuer that only renews (`[[enroll.renew]]`, beside
 //! the lighthouse's enrollment issuer) delegates the vpc's subnet, the
-//! gateway's 60-second certificate is renewed two thirds into its life
+//! gateway's 90-second certificate is renewed two thirds into its life
 //! while a hash-checked transfer through it runs, and past the first
 //! certificate's end the CI node still reaches the vpc through the gateway,
 //! holding the renewed certificate. Real curl and python's http.server.
@@ -16,8 +16,8 @@ use tern_netns_tests::tern::*;
 use tern_netns_tests::{require_root, require_tools, serial, wait_until};
 
 const SERVER: &str = "198.19.0.10";
-/// The gateway certificate's lifetime: renewed at two thirds (40 s).
-const LIFETIME_SECS: u64 = 60;
+/// The gateway certificate's lifetime: renewed at two thirds (60 s).
+const LIFETIME_SECS: u64 = 90;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -63,8 +63,7 @@ fn a_gateway_renewed_by_the_lighthouse_keeps_its_transfer_and_outlives_its_first
     } = gateway_lab("renw", SERVER);
 
     // 12 MiB served at 160 KiB/s: about 77 s, across the renewal.
-    // 5 MB at 160 KB/s: about 32 s, started 15 s before the renewal.
-    let bytes = vpc.exec("head", ["-c", "5242880", "/dev/urandom"]).stdout;
+    let bytes = vpc.exec("head", ["-c", "12582912", "/dev/urandom"]).stdout;
     let _http = web_server(&vpc, &dir, SERVER, &[("blob.bin", &bytes), ("hi", b"hi\n")]);
     let want = sha256_file(&dir.join("www/blob.bin"));
 
