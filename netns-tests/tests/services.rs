@@ -554,12 +554,16 @@ fn two_nodes_offering_one_service_share_its_load_and_one_stopping_loses_nothing(
     let _job = start_node(&ci, &write_file(&dir, "job.toml", &job), "node-job");
     let url = "http://127.0.0.1:18000";
     let (audit1, audit2) = (dir.join("gw-1.jsonl"), dir.join("gw-2.jsonl"));
+    // Each node has answered the job once: a node dialled before its
+    // path was up is passed over for a while, and would skew the spread.
     wait_until(
-        "both nodes advertise the service and the job reaches it",
-        Duration::from_secs(20),
+        "both nodes advertise the service and the job reaches each",
+        Duration::from_secs(30),
         || {
             curl(&ci, &["-s", "--max-time", "3", &format!("{url}/whoami")])
                 .contains("tern-caller-name")
+                && audited(&audit1, "/whoami") > 0
+                && audited(&audit2, "/whoami") > 0
                 && tern(
                     &dir,
                     &[
