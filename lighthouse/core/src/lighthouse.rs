@@ -805,21 +805,7 @@ impl LighthouseCore {
                 self.counters.bad_control_messages += 1;
             }
             ControlMessage::FlowRecords { id, dropped, flows } => {
-                // Not taken: not acknowledged, so the node tries again.
-                if self.flow_batches.len() >= MAX_FLOW_BATCHES_WAITING
-                    || !self.flow_sender_may_send(cert.overlay_ip(), now)
-                {
-                    self.counters.flow_batches_refused += 1;
-                    return;
-                }
-                self.counters.flow_records_received += flows.len() as u64;
-                self.flow_batches.push_back(FlowBatch {
-                    node: cert.name().to_string(),
-                    node_fingerprint: cert.fingerprint(),
-                    dropped,
-                    flows,
-                });
-                self.reply(peer, &cert, &ControlMessage::FlowRecordsAck { id }, now);
+                self.flow_records(peer, &cert, id, dropped, flows, now)
             }
             ControlMessage::FlowRecordsAck { .. } => {
                 self.counters.bad_control_messages += 1;
@@ -834,6 +820,34 @@ impl LighthouseCore {
                 }
             }
         }
+    }
+
+    /// A node's flow records: taken for the store and acknowledged, or
+    /// (too many waiting, or the node over its rate) neither, so that it
+    /// sends them again.
+    fn flow_records(
+        &mut self,
+        peer: PeerId,
+        cert: &VerifiedCert,
+        id: u32,
+        dropped: u64,
+        flows: Vec<tern_shared::flows::FlowEntry>,
+        now: Instant,
+    ) {
+        if self.flow_batches.len() >= MAX_FLOW_BATCHES_WAITING
+            || !self.flow_sender_may_send(cert.overlay_ip(), now)
+        {
+            self.counters.flow_batches_refused += 1;
+            return;
+        }
+        self.counters.flow_records_received += flows.len() as u64;
+        self.flow_batches.push_back(FlowBatch {
+            node: cert.name().to_string(),
+            node_fingerprint: cert.fingerprint(),
+            dropped,
+            flows,
+        });
+        self.reply(peer, cert, &ControlMessage::FlowRecordsAck { id }, now);
     }
 
     /// Whether the node at `ip` is within its rate of flow-record messages.
